@@ -1,0 +1,155 @@
+//! Attention implementations and the masks that keep packed rows apart.
+
+use std::str::FromStr;
+
+use burn::tensor::{
+    Bool, FloatDType, Int, Tensor, activation::softmax, backend::Backend, module::attention,
+    ops::AttentionModuleOptions,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ModelError;
+
+/// Which attention kernel to use (the seed's flash-attention probe).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttentionImpl {
+    /// The backend's fused kernel where it is correct for the pass at hand, else the standard
+    /// path. Under autodiff burn 0.21 always decomposes attention into matmul + softmax, so
+    /// training uses the standard path; inference (eval, generation) uses the fused kernel.
+    #[default]
+    Auto,
+    /// Always call the backend's fused attention op (`burn::tensor::module::attention`).
+    Fused,
+    /// Matmul, f32 softmax, matmul: the `transformers` "eager" path.
+    Standard,
+}
+
+impl FromStr for AttentionImpl {
+    type Err = ModelError;
+
+    fn from_str(s: &str) -> Result<Self, ModelError> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "fused" | "flash" | "sdpa" => Ok(Self::Fused),
+            "standard" | "eager" => Ok(Self::Standard),
+            other => Err(ModelError::InvalidInput(format!(
+                "attention implementation `{other}` is unknown (expected auto, fused or standard)"
+            ))),
+        }
+    }
+}
+
+impl AttentionImpl {
+    /// True when this choice runs the fused kernel on `device`.
+    pub fn is_fused<B: Backend>(self, device: &B::Device) -> bool {
+        match self {
+            Self::Fused => true,
+            Self::Standard => false,
+            Self::Auto => !B::ad_enabled(device),
+        }
+    }
+}
+
+/// Where each query may look: causal order, and only within its own segment (packed row).
+///
+/// `None` stands for "plain causal" (no segments, no cache), which the fused kernels handle
+/// without materialising a mask.
+#[derive(Debug, Clone)]
+pub struct AttentionMask<B: Backend> {
+    /// `[batch, 1, seq_q, seq_k]`, `true` where attention is forbidden.
+    pub(crate) mask: Option<Tensor<B, 4, Bool>>,
+}
+
+impl<B: Backend> AttentionMask<B> {
+    /// Causal attention over one row per batch entry, no cache.
+    pub fn causal() -> Self {
+        Self { mask: None }
+    }
+
+    /// Causal attention restricted to equal segment ids; queries start at absolute index
+    /// `past` (the number of cached keys before them).
+    pub fn segmented(
+        segments_q: Tensor<B, 2, Int>,
+        segments_k: Tensor<B, 2, Int>,
+        past: usize,
+    ) -> Self {
+        let [b, sq] = segments_q.dims();
+        let sk = segments_k.dims()[1];
+        let device = segments_q.device();
+        let q_idx = Tensor::<B, 1, Int>::arange(past as i64..(past + sq) as i64, &device)
+            .reshape([1, sq, 1])
+            .expand([b, sq, sk]);
+        let k_idx = Tensor::<B, 1, Int>::arange(0..sk as i64, &device)
+            .reshape([1, 1, sk])
+            .expand([b, sq, sk]);
+        let future = k_idx.greater(q_idx);
+        let other_segment = segments_q
+            .reshape([b, sq, 1])
+            .expand([b, sq, sk])
+            .not_equal(segments_k.reshape([b, 1, sk]).expand([b, sq, sk]));
+        Self {
+            mask: Some(future.bool_or(other_segment).unsqueeze_dim(1)),
+        }
+    }
+}
+
+/// Scaled dot-product attention of `q [b, h, sq, d]` against `k`, `v` `[b, h, sk, d]`.
+pub fn scaled_dot_product<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: &AttentionMask<B>,
+    fused: bool,
+) -> Tensor<B, 4> {
+    let [b, h, sq, d] = q.dims();
+    let sk = k.dims()[2];
+    let scale = 1.0 / (d as f64).sqrt();
+    let full_mask = mask.mask.clone().map(|m| m.expand([b, h, sq, sk]));
+    if fused {
+        let full_mask = full_mask.map(|m| {
+            if mask_means_attend::<B>(&m.device()) {
+                m.bool_not()
+            } else {
+                m
+            }
+        });
+        let options = AttentionModuleOptions {
+            scale: Some(scale),
+            is_causal: full_mask.is_none(),
+            softcap: None,
+        };
+        return attention(q, k, v, full_mask, None, options);
+    }
+    let dtype = q.dtype();
+    let scores = q.matmul(k.transpose()) * scale;
+    let mut scores = scores.cast(FloatDType::F32);
+    let forbidden = match full_mask {
+        Some(m) => m,
+        None => Tensor::<B, 2, Bool>::tril_mask([sq, sk], 0, &scores.device())
+            .reshape([1, 1, sq, sk])
+            .expand([b, h, sq, sk]),
+    };
+    scores = scores.mask_fill(forbidden, f32::MIN);
+    let probs = softmax(scores, 3).cast(dtype);
+    probs.matmul(v)
+}
+
+/// burn-tch 0.21 hands burn's boolean mask (`true` = masked) straight to
+/// `torch.scaled_dot_product_attention`, where `true` means "may attend"; the mask must be
+/// inverted for that backend's fused kernel (under autodiff burn uses its own decomposition, which
+/// follows burn's convention, and the backend name starts with `autodiff<`).
+fn mask_means_attend<B: Backend>(device: &B::Device) -> bool {
+    B::name(device).starts_with("libtorch")
+}
+
+/// Repeats each key/value head `n` times (`kv0, kv0, kv1, kv1`), as `transformers`' `repeat_kv`.
+pub fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n: usize) -> Tensor<B, 4> {
+    if n == 1 {
+        return x;
+    }
+    let [b, kvh, s, d] = x.dims();
+    x.unsqueeze_dim::<5>(2)
+        .expand([b, kvh, n, s, d])
+        .reshape([b, kvh * n, s, d])
+}

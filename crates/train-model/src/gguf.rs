@@ -1,0 +1,821 @@
+//! Importing llama.cpp GGUF checkpoints as Hugging Face model directories.
+//!
+//! The reader validates every length and offset against the file size before it allocates, so
+//! a hostile file gives an error, not a panic or a huge allocation. Supported tensor types:
+//! F32, F16, BF16, Q8_0, Q4_0 and Q4_1 (dequantised to f32, exactly as `gguf-py` does).
+//! Supported architectures: `llama` (whose q/k rows llama.cpp permuted for its rotary layout;
+//! the permutation is undone here), `qwen2` and `qwen3`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+
+use crate::error::{ModelError, Result};
+use crate::pretrained::{write_atomically, write_json};
+
+/// A metadata value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MetaValue {
+    /// Any unsigned integer type.
+    UInt(u64),
+    /// Any signed integer type.
+    Int(i64),
+    /// f32 or f64.
+    Float(f64),
+    /// A boolean.
+    Bool(bool),
+    /// A UTF-8 string.
+    Str(String),
+    /// An array of values.
+    Array(Vec<MetaValue>),
+}
+
+impl MetaValue {
+    fn as_u64(&self) -> Option<u64> {
+        match self {
+            Self::UInt(v) => Some(*v),
+            Self::Int(v) => u64::try_from(*v).ok(),
+            _ => None,
+        }
+    }
+    fn as_f64(&self) -> Option<f64> {
+        match self {
+            Self::Float(v) => Some(*v),
+            Self::UInt(v) => Some(*v as f64),
+            Self::Int(v) => Some(*v as f64),
+            _ => None,
+        }
+    }
+    fn as_str(&self) -> Option<&str> {
+        match self {
+            Self::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// One tensor's header entry.
+#[derive(Debug, Clone)]
+pub struct GgufTensorInfo {
+    /// GGUF name (e.g. `blk.0.attn_q.weight`).
+    pub name: String,
+    /// Dimensions, innermost first (ggml's `ne`).
+    pub dims: Vec<u64>,
+    /// ggml type id.
+    pub ggml_type: u32,
+    /// Offset of the data from the start of the data section.
+    pub offset: u64,
+}
+
+/// A parsed GGUF file: metadata, tensor infos and the raw bytes.
+pub struct GgufFile {
+    path: PathBuf,
+    bytes: Vec<u8>,
+    /// Key/value metadata.
+    pub metadata: BTreeMap<String, MetaValue>,
+    /// Tensor infos, in file order.
+    pub tensors: Vec<GgufTensorInfo>,
+    data_start: usize,
+}
+
+impl std::fmt::Debug for GgufFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufFile")
+            .field("path", &self.path)
+            .field("tensors", &self.tensors.len())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    path: &'a Path,
+}
+
+impl<'a> Reader<'a> {
+    fn err(&self, what: &str) -> ModelError {
+        ModelError::weights(self.path, format!("GGUF: {what} (at byte {})", self.pos))
+    }
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .ok_or_else(|| self.err("length overflow"))?;
+        let s = self
+            .bytes
+            .get(self.pos..end)
+            .ok_or_else(|| self.err("unexpected end of file"))?;
+        self.pos = end;
+        Ok(s)
+    }
+    fn remaining(&self) -> usize {
+        self.bytes.len().saturating_sub(self.pos)
+    }
+    fn u8(&mut self) -> Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+    fn arr<const N: usize>(&mut self) -> Result<[u8; N]> {
+        let s = self.take(N)?;
+        let mut a = [0u8; N];
+        a.copy_from_slice(s);
+        Ok(a)
+    }
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.arr()?))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.arr()?))
+    }
+    fn len(&mut self, min_item: usize) -> Result<usize> {
+        let n = self.u64()?;
+        let n = usize::try_from(n).map_err(|_| self.err("count too large"))?;
+        // Every item needs at least `min_item` bytes: a count the file cannot hold is rejected
+        // before anything is allocated for it.
+        if n.saturating_mul(min_item.max(1)) > self.remaining() {
+            return Err(self.err(&format!("count {n} exceeds the file size")));
+        }
+        Ok(n)
+    }
+    fn string(&mut self) -> Result<String> {
+        let n = self.len(1)?;
+        let s = self.take(n)?;
+        String::from_utf8(s.to_vec()).map_err(|_| self.err("string is not UTF-8"))
+    }
+    fn value(&mut self, ty: u32, depth: usize) -> Result<MetaValue> {
+        Ok(match ty {
+            0 => MetaValue::UInt(u64::from(self.u8()?)),
+            1 => MetaValue::Int(i64::from(i8::from_le_bytes(self.arr()?))),
+            2 => MetaValue::UInt(u64::from(u16::from_le_bytes(self.arr()?))),
+            3 => MetaValue::Int(i64::from(i16::from_le_bytes(self.arr()?))),
+            4 => MetaValue::UInt(u64::from(self.u32()?)),
+            5 => MetaValue::Int(i64::from(i32::from_le_bytes(self.arr()?))),
+            6 => MetaValue::Float(f64::from(f32::from_le_bytes(self.arr()?))),
+            7 => MetaValue::Bool(self.u8()? != 0),
+            8 => MetaValue::Str(self.string()?),
+            9 => {
+                if depth > 4 {
+                    return Err(self.err("arrays nested too deeply"));
+                }
+                let inner = self.u32()?;
+                let min = match inner {
+                    0 | 1 | 7 => 1,
+                    2 | 3 => 2,
+                    4..=6 => 4,
+                    8 | 10..=12 => 8,
+                    9 => 12,
+                    other => return Err(self.err(&format!("unknown metadata type {other}"))),
+                };
+                let n = self.len(min)?;
+                let mut v = Vec::with_capacity(n);
+                for _ in 0..n {
+                    v.push(self.value(inner, depth + 1)?);
+                }
+                MetaValue::Array(v)
+            }
+            10 => MetaValue::UInt(self.u64()?),
+            11 => MetaValue::Int(i64::from_le_bytes(self.arr()?)),
+            12 => MetaValue::Float(f64::from_le_bytes(self.arr()?)),
+            other => return Err(self.err(&format!("unknown metadata type {other}"))),
+        })
+    }
+}
+
+/// (elements per block, bytes per block) of the ggml types we read.
+fn block_layout(ggml_type: u32) -> Option<(usize, usize)> {
+    match ggml_type {
+        0 => Some((1, 4)),   // F32
+        1 => Some((1, 2)),   // F16
+        30 => Some((1, 2)),  // BF16
+        2 => Some((32, 18)), // Q4_0
+        3 => Some((32, 20)), // Q4_1
+        8 => Some((32, 34)), // Q8_0
+        _ => None,
+    }
+}
+
+fn ggml_type_name(t: u32) -> String {
+    match t {
+        0 => "F32".into(),
+        1 => "F16".into(),
+        2 => "Q4_0".into(),
+        3 => "Q4_1".into(),
+        6 => "Q5_0".into(),
+        7 => "Q5_1".into(),
+        8 => "Q8_0".into(),
+        10..=15 => format!("K-quant type {t}"),
+        30 => "BF16".into(),
+        other => format!("type {other}"),
+    }
+}
+
+impl GgufFile {
+    /// Reads and validates `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
+        Self::parse(path, bytes)
+    }
+
+    /// Parses GGUF `bytes`; `path` is only used in messages.
+    pub fn parse(path: &Path, bytes: Vec<u8>) -> Result<Self> {
+        let mut r = Reader {
+            bytes: &bytes,
+            pos: 0,
+            path,
+        };
+        if r.take(4)? != b"GGUF" {
+            return Err(r.err("not a GGUF file (bad magic)"));
+        }
+        let version = r.u32()?;
+        if !(2..=3).contains(&version) {
+            return Err(r.err(&format!("unsupported GGUF version {version}")));
+        }
+        let n_tensors = r.len(24)?;
+        let n_kv = r.len(12)?;
+        let mut metadata = BTreeMap::new();
+        for _ in 0..n_kv {
+            let key = r.string()?;
+            let ty = r.u32()?;
+            let value = r.value(ty, 0)?;
+            metadata.insert(key, value);
+        }
+        let mut tensors = Vec::with_capacity(n_tensors);
+        for _ in 0..n_tensors {
+            let name = r.string()?;
+            let n_dims = r.u32()? as usize;
+            if n_dims == 0 || n_dims > 4 {
+                return Err(r.err(&format!("tensor {name}: {n_dims} dimensions")));
+            }
+            let mut dims = Vec::with_capacity(n_dims);
+            for _ in 0..n_dims {
+                dims.push(r.u64()?);
+            }
+            let ggml_type = r.u32()?;
+            let offset = r.u64()?;
+            tensors.push(GgufTensorInfo {
+                name,
+                dims,
+                ggml_type,
+                offset,
+            });
+        }
+        let alignment = metadata
+            .get("general.alignment")
+            .and_then(MetaValue::as_u64)
+            .unwrap_or(32)
+            .max(1) as usize;
+        let data_start = r.pos.div_ceil(alignment) * alignment;
+        let file = Self {
+            path: path.to_path_buf(),
+            bytes,
+            metadata,
+            tensors,
+            data_start,
+        };
+        for t in &file.tensors {
+            file.tensor_bytes(t)?;
+        }
+        Ok(file)
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn tensor_bytes(&self, t: &GgufTensorInfo) -> Result<&[u8]> {
+        let (block, size) = block_layout(t.ggml_type).ok_or_else(|| {
+            ModelError::weights(
+                &self.path,
+                format!(
+                    "tensor {}: {} is not supported (F32, F16, BF16, Q8_0, Q4_0, Q4_1 are)",
+                    t.name,
+                    ggml_type_name(t.ggml_type)
+                ),
+            )
+        })?;
+        let n = t
+            .dims
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d))
+            .and_then(|n| usize::try_from(n).ok())
+            .ok_or_else(|| {
+                ModelError::weights(&self.path, format!("tensor {}: size overflows", t.name))
+            })?;
+        if n % block != 0 {
+            return Err(ModelError::weights(
+                &self.path,
+                format!(
+                    "tensor {}: {n} elements is not a whole number of blocks",
+                    t.name
+                ),
+            ));
+        }
+        let len = (n / block).checked_mul(size);
+        let start = usize::try_from(t.offset)
+            .ok()
+            .and_then(|o| o.checked_add(self.data_start));
+        let range = match (start, len) {
+            (Some(s), Some(l)) => s.checked_add(l).map(|e| s..e),
+            _ => None,
+        };
+        range.and_then(|r| self.bytes.get(r)).ok_or_else(|| {
+            ModelError::weights(
+                &self.path,
+                format!("tensor {}: data lies outside the file", t.name),
+            )
+        })
+    }
+
+    /// The tensor's values as f32 (dequantised), innermost dimension fastest.
+    pub fn dequantize(&self, t: &GgufTensorInfo) -> Result<Vec<f32>> {
+        let bytes = self.tensor_bytes(t)?;
+        let f16 = |b: &[u8]| half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+        Ok(match t.ggml_type {
+            0 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            1 => bytes.chunks_exact(2).map(f16).collect(),
+            30 => bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            2 => {
+                let mut out = Vec::with_capacity(bytes.len() / 18 * 32);
+                for b in bytes.chunks_exact(18) {
+                    let d = f16(&b[0..2]);
+                    let qs = &b[2..18];
+                    out.extend(qs.iter().map(|q| d * (f32::from(q & 0x0F) - 8.0)));
+                    out.extend(qs.iter().map(|q| d * (f32::from(q >> 4) - 8.0)));
+                }
+                out
+            }
+            3 => {
+                let mut out = Vec::with_capacity(bytes.len() / 20 * 32);
+                for b in bytes.chunks_exact(20) {
+                    let (d, m) = (f16(&b[0..2]), f16(&b[2..4]));
+                    let qs = &b[4..20];
+                    out.extend(qs.iter().map(|q| d * f32::from(q & 0x0F) + m));
+                    out.extend(qs.iter().map(|q| d * f32::from(q >> 4) + m));
+                }
+                out
+            }
+            8 => {
+                let mut out = Vec::with_capacity(bytes.len() / 34 * 32);
+                for b in bytes.chunks_exact(34) {
+                    let d = f16(&b[0..2]);
+                    out.extend(b[2..34].iter().map(|&q| d * f32::from(q as i8)));
+                }
+                out
+            }
+            other => {
+                return Err(ModelError::weights(
+                    &self.path,
+                    format!("tensor {}: {}", t.name, ggml_type_name(other)),
+                ));
+            }
+        })
+    }
+
+    fn meta(&self, key: &str) -> Option<&MetaValue> {
+        self.metadata.get(key)
+    }
+
+    fn meta_u64(&self, key: &str) -> Result<u64> {
+        self.meta(key).and_then(MetaValue::as_u64).ok_or_else(|| {
+            ModelError::weights(
+                &self.path,
+                format!("GGUF metadata `{key}` missing or not an integer"),
+            )
+        })
+    }
+
+    fn meta_f64(&self, key: &str) -> Result<f64> {
+        self.meta(key).and_then(MetaValue::as_f64).ok_or_else(|| {
+            ModelError::weights(
+                &self.path,
+                format!("GGUF metadata `{key}` missing or not a number"),
+            )
+        })
+    }
+
+    fn meta_str_array(&self, key: &str) -> Result<Vec<&str>> {
+        match self.meta(key) {
+            Some(MetaValue::Array(items)) => items
+                .iter()
+                .map(|v| {
+                    v.as_str().ok_or_else(|| {
+                        ModelError::weights(
+                            &self.path,
+                            format!("GGUF metadata `{key}` holds a non-string"),
+                        )
+                    })
+                })
+                .collect(),
+            _ => Err(ModelError::weights(
+                &self.path,
+                format!("GGUF metadata `{key}` missing or not an array"),
+            )),
+        }
+    }
+}
+
+/// What [`convert_to_hf`] wrote.
+#[derive(Debug, Clone)]
+pub struct GgufImport {
+    /// The output directory.
+    pub dir: PathBuf,
+    /// `model_type` of the checkpoint.
+    pub model_type: String,
+    /// Number of tensors written.
+    pub tensors: usize,
+}
+
+/// Inverse of llama.cpp's `permute` of q/k rows: GGUF row `h*hd + 2i + j` is Hugging Face row
+/// `h*hd + j*hd/2 + i`.
+fn unpermute_rows(data: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+    let hd = rows / heads;
+    let half = hd / 2;
+    let mut out = vec![0f32; data.len()];
+    for h in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                let src = h * hd + 2 * i + j;
+                let dst = h * hd + j * half + i;
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+fn hf_name(gguf: &str) -> Option<String> {
+    let top = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(t) = top {
+        return Some(t.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, leaf) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, kind) = leaf.rsplit_once('.')?;
+    let hf = match module {
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
+/// Converts a GGUF checkpoint into a Hugging Face directory (`config.json`,
+/// `model.safetensors` in f32, `tokenizer.json`, `tokenizer_config.json`,
+/// `generation_config.json`).
+pub fn convert_to_hf(gguf_path: &Path, out_dir: &Path) -> Result<GgufImport> {
+    let g = GgufFile::open(gguf_path)?;
+    let arch = g
+        .meta("general.architecture")
+        .and_then(MetaValue::as_str)
+        .ok_or_else(|| {
+            ModelError::weights(gguf_path, "GGUF metadata `general.architecture` missing")
+        })?
+        .to_string();
+    let model_type = match arch.as_str() {
+        "llama" | "qwen2" | "qwen3" => arch.clone(),
+        other => {
+            return Err(ModelError::UnsupportedArchitecture {
+                path: gguf_path.to_path_buf(),
+                model_type: other.to_string(),
+                hint: " for GGUF import (supported: llama, qwen2, qwen3)".into(),
+            });
+        }
+    };
+    let key = |k: &str| format!("{arch}.{k}");
+    let hidden = g.meta_u64(&key("embedding_length"))?;
+    let heads = g.meta_u64(&key("attention.head_count"))?;
+    let kv_heads = g
+        .meta(&key("attention.head_count_kv"))
+        .and_then(MetaValue::as_u64)
+        .unwrap_or(heads);
+    if heads == 0 || kv_heads == 0 {
+        return Err(ModelError::weights(
+            gguf_path,
+            "GGUF head counts must be positive",
+        ));
+    }
+    let head_dim = g
+        .meta(&key("attention.key_length"))
+        .and_then(MetaValue::as_u64)
+        .unwrap_or(hidden / heads);
+    let tokens = g.meta_str_array("tokenizer.ggml.tokens")?;
+    let vocab = g
+        .meta(&key("vocab_size"))
+        .and_then(MetaValue::as_u64)
+        .unwrap_or(tokens.len() as u64);
+    let tied = !g.tensors.iter().any(|t| t.name == "output.weight");
+    if g.meta(&key("rope.scaling.type"))
+        .and_then(MetaValue::as_str)
+        .is_some_and(|t| t != "none")
+        || g.tensors.iter().any(|t| t.name == "rope_freqs.weight")
+    {
+        return Err(ModelError::weights(
+            gguf_path,
+            "GGUF RoPE scaling is not supported by the importer",
+        ));
+    }
+    let token_id = |k: &str| g.meta(k).and_then(MetaValue::as_u64);
+    let bos = token_id("tokenizer.ggml.bos_token_id");
+    let eos = token_id("tokenizer.ggml.eos_token_id");
+    let pad = token_id("tokenizer.ggml.padding_token_id");
+    let unk = token_id("tokenizer.ggml.unknown_token_id");
+    let mut config = json!({
+        "architectures": [match arch.as_str() { "llama" => "LlamaForCausalLM", "qwen2" => "Qwen2ForCausalLM", _ => "Qwen3ForCausalLM" }],
+        "model_type": model_type,
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": g.meta_u64(&key("feed_forward_length"))?,
+        "num_hidden_layers": g.meta_u64(&key("block_count"))?,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": g.meta_u64(&key("context_length"))?,
+        "rms_norm_eps": g.meta_f64(&key("attention.layer_norm_rms_epsilon"))?,
+        "rope_theta": g.meta(&key("rope.freq_base")).and_then(MetaValue::as_f64).unwrap_or(10_000.0),
+        "rope_scaling": null,
+        "tie_word_embeddings": tied,
+        "torch_dtype": "float32",
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "pad_token_id": pad,
+        "use_cache": true,
+    });
+    if arch == "llama"
+        && let Value::Object(m) = &mut config
+    {
+        m.insert("attention_bias".into(), Value::Bool(false));
+        m.insert("mlp_bias".into(), Value::Bool(false));
+    }
+    // Check the config before converting gigabytes of weights.
+    crate::config::ModelConfig::from_json(&out_dir.join("config.json"), &config)?;
+
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for t in &g.tensors {
+        if t.name == "rope_freqs.weight" {
+            continue;
+        }
+        let name = hf_name(&t.name).ok_or_else(|| {
+            ModelError::weights(
+                gguf_path,
+                format!("tensor `{}` has no Hugging Face counterpart", t.name),
+            )
+        })?;
+        let mut values = g.dequantize(t)?;
+        let shape: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
+        if arch == "llama" && shape.len() == 2 {
+            let (rows, cols) = (shape[0], shape[1]);
+            if t.name.ends_with("attn_q.weight") {
+                values = unpermute_rows(&values, rows, cols, heads as usize);
+            } else if t.name.ends_with("attn_k.weight") {
+                values = unpermute_rows(&values, rows, cols, kv_heads as usize);
+            }
+        }
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        tensors.push((name, shape, bytes));
+    }
+    std::fs::create_dir_all(out_dir).map_err(|e| ModelError::io(out_dir, e))?;
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, s, b)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| ModelError::weights(gguf_path, format!("tensor {n}: {e}")))
+        })
+        .collect::<Result<_>>()?;
+    let weights = out_dir.join("model.safetensors");
+    let bytes = safetensors::serialize(
+        views,
+        Some([("format".to_string(), "pt".to_string())].into()),
+    )
+    .map_err(|e| ModelError::weights(&weights, e.to_string()))?;
+    write_atomically(&weights, &bytes)?;
+    write_json(&out_dir.join("config.json"), &config)?;
+
+    let tokenizer = tokenizer_json(&g, &tokens)?;
+    write_json(&out_dir.join("tokenizer.json"), &tokenizer)?;
+    let name_of =
+        |id: Option<u64>| id.and_then(|i| tokens.get(i as usize).map(|s| (*s).to_string()));
+    let mut tok_cfg = json!({
+        "add_bos_token": matches!(g.meta("tokenizer.ggml.add_bos_token"), Some(MetaValue::Bool(true))),
+        "add_prefix_space": false,
+        "bos_token": name_of(bos),
+        "eos_token": name_of(eos),
+        "pad_token": name_of(pad),
+        "unk_token": name_of(unk),
+        "clean_up_tokenization_spaces": false,
+        "model_max_length": config["max_position_embeddings"],
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    });
+    if let (Some(t), Value::Object(m)) = (
+        g.meta("tokenizer.chat_template")
+            .and_then(MetaValue::as_str),
+        &mut tok_cfg,
+    ) {
+        m.insert("chat_template".into(), Value::from(t));
+    }
+    write_json(&out_dir.join("tokenizer_config.json"), &tok_cfg)?;
+    write_json(
+        &out_dir.join("generation_config.json"),
+        &json!({"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad}),
+    )?;
+    Ok(GgufImport {
+        dir: out_dir.to_path_buf(),
+        model_type,
+        tensors: tensors.len(),
+    })
+}
+
+/// Rebuilds a Hugging Face `tokenizer.json` from the GGUF tokenizer metadata (byte-level BPE).
+fn tokenizer_json(g: &GgufFile, tokens: &[&str]) -> Result<Value> {
+    let model = g
+        .meta("tokenizer.ggml.model")
+        .and_then(MetaValue::as_str)
+        .unwrap_or("");
+    if model != "gpt2" {
+        return Err(ModelError::weights(
+            &g.path,
+            format!(
+                "GGUF tokenizer model `{model}` is not supported (only byte-level BPE, `gpt2`)"
+            ),
+        ));
+    }
+    let merges = g.meta_str_array("tokenizer.ggml.merges")?;
+    let types: Vec<i64> = match g.meta("tokenizer.ggml.token_type") {
+        Some(MetaValue::Array(v)) => v
+            .iter()
+            .map(|x| match x {
+                MetaValue::Int(i) => *i,
+                MetaValue::UInt(u) => *u as i64,
+                _ => 1,
+            })
+            .collect(),
+        _ => vec![1; tokens.len()],
+    };
+    let mut vocab = serde_json::Map::new();
+    for (i, t) in tokens.iter().enumerate() {
+        vocab.insert((*t).to_string(), Value::from(i));
+    }
+    // Control (3) and user-defined (4) tokens are added tokens in Hugging Face terms.
+    let added: Vec<Value> = tokens
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| matches!(types.get(*i), Some(3 | 4)))
+        .map(|(i, t)| {
+            json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                   "normalized": false, "special": types.get(i) == Some(&3)})
+        })
+        .collect();
+    let pre = g
+        .meta("tokenizer.ggml.pre")
+        .and_then(MetaValue::as_str)
+        .unwrap_or("default");
+    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+    let pre_tokenizer = match pre {
+        // llama.cpp's "smollm" pre-tokenizer: every digit alone, then GPT-2's regex.
+        "smollm" | "starcoder" | "refact" => json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": true}, byte_level]}),
+        "default" | "gpt-2" | "gpt2" => byte_level,
+        other => {
+            return Err(ModelError::weights(
+                &g.path,
+                format!("GGUF pre-tokenizer `{other}` is not supported by the importer"),
+            ));
+        }
+    };
+    Ok(json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": merges}
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permute() {
+        // llama.cpp: reshape(heads, 2, hd/2, cols).swapaxes(1, 2)
+        let (heads, hd, cols) = (2, 4, 3);
+        let rows = heads * hd;
+        let hf: Vec<f32> = (0..rows * cols).map(|x| x as f32).collect();
+        let mut permuted = vec![0f32; hf.len()];
+        for h in 0..heads {
+            for j in 0..2 {
+                for i in 0..hd / 2 {
+                    let src = h * hd + j * (hd / 2) + i;
+                    let dst = h * hd + i * 2 + j;
+                    permuted[dst * cols..(dst + 1) * cols]
+                        .copy_from_slice(&hf[src * cols..(src + 1) * cols]);
+                }
+            }
+        }
+        assert_eq!(unpermute_rows(&permuted, rows, cols, heads), hf);
+    }
+
+    #[test]
+    fn names_map_to_hugging_face() {
+        assert_eq!(
+            hf_name("blk.3.attn_q.weight").unwrap(),
+            "model.layers.3.self_attn.q_proj.weight"
+        );
+        assert_eq!(
+            hf_name("blk.0.ffn_norm.weight").unwrap(),
+            "model.layers.0.post_attention_layernorm.weight"
+        );
+        assert_eq!(
+            hf_name("token_embd.weight").unwrap(),
+            "model.embed_tokens.weight"
+        );
+        assert!(hf_name("blk.x.attn_q.weight").is_none());
+    }
+
+    #[test]
+    fn hostile_headers_are_errors() {
+        let p = Path::new("x.gguf");
+        assert!(GgufFile::parse(p, b"GGML".to_vec()).is_err());
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend(u64::MAX.to_le_bytes()); // tensor count the file cannot hold
+        b.extend(0u64.to_le_bytes());
+        let e = GgufFile::parse(p, b).unwrap_err().to_string();
+        assert!(e.contains("count") || e.contains("end of file"), "{e}");
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend(0u64.to_le_bytes());
+        b.extend(1u64.to_le_bytes());
+        b.extend(5u64.to_le_bytes());
+        b.extend(b"key");
+        let e = GgufFile::parse(p, b).unwrap_err().to_string();
+        assert!(e.contains("end of file") || e.contains("exceeds"), "{e}");
+    }
+
+    #[test]
+    fn q4_1_and_q8_0_dequantise_per_block() {
+        let p = Path::new("t.gguf");
+        let mut bytes = b"GGUF".to_vec();
+        bytes.extend(3u32.to_le_bytes());
+        bytes.extend(2u64.to_le_bytes());
+        bytes.extend(0u64.to_le_bytes());
+        for (name, ty, off) in [("a", 3u32, 0u64), ("b", 8u32, 32u64)] {
+            bytes.extend((name.len() as u64).to_le_bytes());
+            bytes.extend(name.as_bytes());
+            bytes.extend(1u32.to_le_bytes());
+            bytes.extend(32u64.to_le_bytes());
+            bytes.extend(ty.to_le_bytes());
+            bytes.extend(off.to_le_bytes());
+        }
+        while bytes.len() % 32 != 0 {
+            bytes.push(0);
+        }
+        // Q4_1: d = 0.5, m = -1, nibbles 0..15 low, 15..0 high.
+        bytes.extend(half::f16::from_f32(0.5).to_le_bytes());
+        bytes.extend(half::f16::from_f32(-1.0).to_le_bytes());
+        bytes.extend((0u8..16).map(|i| i | ((15 - i) << 4)));
+        bytes.extend([0u8; 12]); // pad to the next tensor's 32-byte offset
+        // Q8_0: d = 0.25, q = -16..16.
+        bytes.extend(half::f16::from_f32(0.25).to_le_bytes());
+        bytes.extend((-16i8..16).map(|q| q as u8));
+        let g = GgufFile::parse(p, bytes).unwrap();
+        let a = g.dequantize(&g.tensors[0]).unwrap();
+        assert_eq!(a[0], -1.0);
+        assert_eq!(a[3], 0.5);
+        assert_eq!(a[16], 6.5);
+        let b = g.dequantize(&g.tensors[1]).unwrap();
+        assert_eq!(b[0], -4.0);
+        assert_eq!(b[31], 3.75);
+    }
+}

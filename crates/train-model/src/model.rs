@@ -1,0 +1,598 @@
+//! The decoder: embeddings, RMSNorm, rotary attention with GQA, SwiGLU MLP and the LM head.
+//!
+//! Parameters keep the Hugging Face layout (`[out, in]` projections) and names, so loading and
+//! saving are plain copies and gradients can be reported under the names users know.
+
+use std::collections::HashMap;
+
+use burn::module::{Module, Param};
+use burn::tensor::{
+    DType, FloatDType, Int, Tensor, TensorData, activation::silu, backend::Backend, module::linear,
+};
+
+use crate::attention::{AttentionImpl, AttentionMask, repeat_kv, scaled_dot_product};
+use crate::cache::KvCache;
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::names::{TensorSpec, tensor_specs};
+use crate::rope::{Rotary, apply_rotary};
+
+/// A linear projection stored as Hugging Face stores it: weight `[out, in]`, optional bias.
+#[derive(Module, Debug)]
+pub struct Projection<B: Backend> {
+    /// `[out, in]`.
+    pub weight: Param<Tensor<B, 2>>,
+    /// `[out]`.
+    pub bias: Option<Param<Tensor<B, 1>>>,
+}
+
+impl<B: Backend> Projection<B> {
+    /// `x @ weight^T + bias`.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        linear(
+            x,
+            self.weight.val().transpose(),
+            self.bias.as_ref().map(Param::val),
+        )
+    }
+}
+
+/// Root-mean-square normalisation, computed in f32 whatever the input dtype (as `transformers`).
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    /// The scale, `[dim]`.
+    pub weight: Param<Tensor<B, 1>>,
+    /// Added to the mean square before the square root.
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    /// Normalises over the last dimension.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let dtype = x.dtype();
+        let xf = x.cast(FloatDType::F32);
+        let variance = xf.clone().square().mean_dim(D - 1);
+        let normed = xf * (variance + self.eps).sqrt().recip();
+        let w = self.weight.val();
+        let dims = normed.dims();
+        let mut shape = [1usize; D];
+        shape[D - 1] = dims[D - 1];
+        normed.cast(dtype) * w.reshape(shape)
+    }
+}
+
+/// Multi-head attention with grouped key/value heads, optional per-head q/k RMSNorm (Qwen3).
+#[derive(Module, Debug)]
+pub struct SelfAttention<B: Backend> {
+    /// Query projection.
+    pub q_proj: Projection<B>,
+    /// Key projection.
+    pub k_proj: Projection<B>,
+    /// Value projection.
+    pub v_proj: Projection<B>,
+    /// Output projection.
+    pub o_proj: Projection<B>,
+    /// Per-head RMSNorm of queries (Qwen3).
+    pub q_norm: Option<RmsNorm<B>>,
+    /// Per-head RMSNorm of keys (Qwen3).
+    pub k_norm: Option<RmsNorm<B>>,
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads.
+    pub num_kv_heads: usize,
+    /// Width of a head.
+    pub head_dim: usize,
+}
+
+/// Per-forward context shared by every layer.
+pub(crate) struct LayerContext<'a, B: Backend> {
+    pub cos: &'a Tensor<B, 4>,
+    pub sin: &'a Tensor<B, 4>,
+    pub mask: &'a AttentionMask<B>,
+    pub fused: bool,
+}
+
+impl<B: Backend> SelfAttention<B> {
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        ctx: &LayerContext<'_, B>,
+        cache: Option<&mut (Option<Tensor<B, 4>>, Option<Tensor<B, 4>>)>,
+    ) -> Tensor<B, 3> {
+        let [b, s, _] = x.dims();
+        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let mut q = self.q_proj.forward(x.clone()).reshape([b, s, h, d]);
+        let mut k = self.k_proj.forward(x.clone()).reshape([b, s, kvh, d]);
+        let v = self
+            .v_proj
+            .forward(x)
+            .reshape([b, s, kvh, d])
+            .swap_dims(1, 2);
+        if let Some(n) = &self.q_norm {
+            q = n.forward(q);
+        }
+        if let Some(n) = &self.k_norm {
+            k = n.forward(k);
+        }
+        let q = apply_rotary(q.swap_dims(1, 2), ctx.cos, ctx.sin);
+        let mut k = apply_rotary(k.swap_dims(1, 2), ctx.cos, ctx.sin);
+        let mut v = v;
+        if let Some((ck, cv)) = cache {
+            if let (Some(pk), Some(pv)) = (ck.take(), cv.take()) {
+                k = Tensor::cat(vec![pk, k], 2);
+                v = Tensor::cat(vec![pv, v], 2);
+            }
+            *ck = Some(k.clone());
+            *cv = Some(v.clone());
+        }
+        let k = repeat_kv(k, h / kvh);
+        let v = repeat_kv(v, h / kvh);
+        let out = scaled_dot_product(q, k, v, ctx.mask, ctx.fused);
+        self.o_proj
+            .forward(out.swap_dims(1, 2).reshape([b, s, h * d]))
+    }
+}
+
+/// The SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    /// Gate projection (through SiLU).
+    pub gate_proj: Projection<B>,
+    /// Up projection.
+    pub up_proj: Projection<B>,
+    /// Down projection.
+    pub down_proj: Projection<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    /// Applies the block.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let gate = silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate * self.up_proj.forward(x))
+    }
+}
+
+/// One pre-norm decoder layer.
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    /// Attention block.
+    pub self_attn: SelfAttention<B>,
+    /// Feed-forward block.
+    pub mlp: Mlp<B>,
+    /// Norm before attention.
+    pub input_layernorm: RmsNorm<B>,
+    /// Norm before the MLP.
+    pub post_attention_layernorm: RmsNorm<B>,
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        ctx: &LayerContext<'_, B>,
+        cache: Option<&mut (Option<Tensor<B, 4>>, Option<Tensor<B, 4>>)>,
+    ) -> Tensor<B, 3> {
+        let h = x.clone()
+            + self
+                .self_attn
+                .forward(self.input_layernorm.forward(x), ctx, cache);
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    }
+}
+
+/// The inputs of one forward pass.
+///
+/// `position_ids` restart at 0 for each packed row and `segment_ids` say which packed row a
+/// token belongs to: a token only attends to earlier tokens of its own segment.
+#[derive(Debug, Clone)]
+pub struct ModelInput<B: Backend> {
+    /// `[batch, seq]` token ids.
+    pub input_ids: Tensor<B, 2, Int>,
+    /// `[batch, seq]` rotary positions.
+    pub position_ids: Tensor<B, 2, Int>,
+    /// `[batch, seq]` segment (packed row) ids; `None` means one segment per batch row.
+    pub segment_ids: Option<Tensor<B, 2, Int>>,
+}
+
+impl<B: Backend> ModelInput<B> {
+    /// Unpacked rows of equal length: positions `0..seq`, one segment per row.
+    pub fn from_rows(rows: &[Vec<u32>], device: &B::Device) -> Result<Self> {
+        let seq = rows.first().map_or(0, Vec::len);
+        if seq == 0 || rows.iter().any(|r| r.len() != seq) {
+            return Err(ModelError::InvalidInput(
+                "rows must be non-empty and of equal length".into(),
+            ));
+        }
+        let ids: Vec<i64> = rows.iter().flatten().map(|&t| i64::from(t)).collect();
+        let pos: Vec<i64> = (0..rows.len()).flat_map(|_| 0..seq as i64).collect();
+        Ok(Self {
+            input_ids: int_tensor(ids, [rows.len(), seq], device),
+            position_ids: int_tensor(pos, [rows.len(), seq], device),
+            segment_ids: None,
+        })
+    }
+
+    /// Packed rows: every batch row is a concatenation of segments; `segments[b][t]` is the
+    /// segment of token `t`. Positions restart at 0 at each segment boundary.
+    pub fn packed(rows: &[Vec<u32>], segments: &[Vec<u32>], device: &B::Device) -> Result<Self> {
+        let seq = rows.first().map_or(0, Vec::len);
+        if seq == 0
+            || rows.iter().any(|r| r.len() != seq)
+            || segments.len() != rows.len()
+            || segments.iter().any(|s| s.len() != seq)
+        {
+            return Err(ModelError::InvalidInput(
+                "rows and segments must be non-empty and of equal shape".into(),
+            ));
+        }
+        let ids: Vec<i64> = rows.iter().flatten().map(|&t| i64::from(t)).collect();
+        let pos: Vec<i64> = segments
+            .iter()
+            .flat_map(|s| positions_from_segments(s).into_iter().map(i64::from))
+            .collect();
+        let seg: Vec<i64> = segments.iter().flatten().map(|&s| i64::from(s)).collect();
+        let shape = [rows.len(), seq];
+        Ok(Self {
+            input_ids: int_tensor(ids, shape, device),
+            position_ids: int_tensor(pos, shape, device),
+            segment_ids: Some(int_tensor(seg, shape, device)),
+        })
+    }
+}
+
+/// Position ids that restart at 0 whenever the segment id changes.
+pub fn positions_from_segments(segments: &[u32]) -> Vec<u32> {
+    let mut out = Vec::with_capacity(segments.len());
+    let mut pos = 0u32;
+    for (i, s) in segments.iter().enumerate() {
+        if i > 0 && segments[i - 1] != *s {
+            pos = 0;
+        }
+        out.push(pos);
+        pos += 1;
+    }
+    out
+}
+
+pub(crate) fn int_tensor<B: Backend>(
+    values: Vec<i64>,
+    shape: [usize; 2],
+    device: &B::Device,
+) -> Tensor<B, 2, Int> {
+    Tensor::from_data(TensorData::new(values, shape), device)
+}
+
+/// Hidden states of every stage, as `transformers` reports them with `output_hidden_states`
+/// (embeddings, each layer's output) plus the final norm's output.
+#[derive(Debug, Clone)]
+pub struct HiddenStates<B: Backend> {
+    /// Output of the embedding lookup.
+    pub embeddings: Tensor<B, 3>,
+    /// Output of each decoder layer.
+    pub layers: Vec<Tensor<B, 3>>,
+    /// Output of the final norm (the LM head's input).
+    pub final_norm: Tensor<B, 3>,
+}
+
+/// A decoder-only causal language model (Qwen3, Qwen2 or Llama).
+#[derive(Module, Debug)]
+pub struct CausalLm<B: Backend> {
+    /// `[vocab, hidden]` token embeddings (`model.embed_tokens.weight`).
+    pub embed_tokens: Param<Tensor<B, 2>>,
+    /// The decoder layers.
+    pub layers: Vec<DecoderLayer<B>>,
+    /// The final norm.
+    pub norm: RmsNorm<B>,
+    /// The LM head; `None` when tied to the embeddings.
+    pub lm_head: Option<Projection<B>>,
+    /// The configuration the model was built from.
+    pub config: ModelConfig,
+    /// Which attention kernel the forward uses.
+    pub attention: AttentionImpl,
+}
+
+/// A parameter of either rank, with its Hugging Face name.
+pub enum NamedParam<'a, B: Backend> {
+    /// A vector (norm scale or bias).
+    Vector(&'a str, &'a Param<Tensor<B, 1>>),
+    /// A matrix (projection or embedding).
+    Matrix(&'a str, &'a Param<Tensor<B, 2>>),
+}
+
+impl<B: Backend> CausalLm<B> {
+    /// Builds a model, asking `source` for the host data of each tensor (in Hugging Face layout)
+    /// and uploading it in `dtype`.
+    pub fn from_source(
+        config: &ModelConfig,
+        dtype: DType,
+        device: &B::Device,
+        mut source: impl FnMut(&TensorSpec) -> Result<TensorData>,
+    ) -> Result<Self> {
+        let specs: HashMap<String, TensorSpec> = tensor_specs(config)
+            .into_iter()
+            .map(|s| (s.name.clone(), s))
+            .collect();
+        let mut fetch = |name: &str| -> Result<TensorData> {
+            let spec = specs.get(name).ok_or_else(|| {
+                ModelError::InvalidInput(format!("internal: no tensor spec named {name}"))
+            })?;
+            let data = source(spec)?;
+            if data.shape.as_slice() != spec.shape.as_slice() {
+                return Err(ModelError::ShapeMismatch {
+                    path: "<source>".into(),
+                    tensor: name.to_string(),
+                    expected: spec.shape.clone(),
+                    found: data.shape.to_vec(),
+                });
+            }
+            Ok(data)
+        };
+        let mut p2 = |name: &str| -> Result<Param<Tensor<B, 2>>> {
+            Ok(Param::from_tensor(Tensor::from_data(
+                fetch(name)?,
+                (device, dtype),
+            )))
+        };
+        let embed_tokens = p2("model.embed_tokens.weight")?;
+        let mut layers = Vec::with_capacity(config.num_layers);
+        // The closures borrow `fetch` mutably; rebuild them per use through small helpers.
+        drop(p2);
+        for l in 0..config.num_layers {
+            let p = format!("model.layers.{l}");
+            let mut proj = |name: &str, bias: bool| -> Result<Projection<B>> {
+                let weight = Param::from_tensor(Tensor::from_data(
+                    fetch(&format!("{p}.{name}.weight"))?,
+                    (device, dtype),
+                ));
+                let bias = if bias {
+                    Some(Param::from_tensor(Tensor::from_data(
+                        fetch(&format!("{p}.{name}.bias"))?,
+                        (device, dtype),
+                    )))
+                } else {
+                    None
+                };
+                Ok(Projection { weight, bias })
+            };
+            let q_proj = proj("self_attn.q_proj", config.qkv_bias)?;
+            let k_proj = proj("self_attn.k_proj", config.qkv_bias)?;
+            let v_proj = proj("self_attn.v_proj", config.qkv_bias)?;
+            let o_proj = proj("self_attn.o_proj", config.o_bias)?;
+            let gate_proj = proj("mlp.gate_proj", config.mlp_bias)?;
+            let up_proj = proj("mlp.up_proj", config.mlp_bias)?;
+            let down_proj = proj("mlp.down_proj", config.mlp_bias)?;
+            drop(proj);
+            let mut norm = |name: &str| -> Result<RmsNorm<B>> {
+                Ok(RmsNorm {
+                    weight: Param::from_tensor(Tensor::from_data(
+                        fetch(&format!("{p}.{name}.weight"))?,
+                        (device, dtype),
+                    )),
+                    eps: config.rms_norm_eps,
+                })
+            };
+            let (q_norm, k_norm) = if config.qk_norm {
+                (
+                    Some(norm("self_attn.q_norm")?),
+                    Some(norm("self_attn.k_norm")?),
+                )
+            } else {
+                (None, None)
+            };
+            let input_layernorm = norm("input_layernorm")?;
+            let post_attention_layernorm = norm("post_attention_layernorm")?;
+            layers.push(DecoderLayer {
+                self_attn: SelfAttention {
+                    q_proj,
+                    k_proj,
+                    v_proj,
+                    o_proj,
+                    q_norm,
+                    k_norm,
+                    num_heads: config.num_heads,
+                    num_kv_heads: config.num_kv_heads,
+                    head_dim: config.head_dim,
+                },
+                mlp: Mlp {
+                    gate_proj,
+                    up_proj,
+                    down_proj,
+                },
+                input_layernorm,
+                post_attention_layernorm,
+            });
+        }
+        let norm = RmsNorm {
+            weight: Param::from_tensor(Tensor::from_data(
+                fetch("model.norm.weight")?,
+                (device, dtype),
+            )),
+            eps: config.rms_norm_eps,
+        };
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(Projection {
+                weight: Param::from_tensor(Tensor::from_data(
+                    fetch("lm_head.weight")?,
+                    (device, dtype),
+                )),
+                bias: None,
+            })
+        };
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            config: config.clone(),
+            attention: AttentionImpl::default(),
+        })
+    }
+
+    /// A randomly initialised model (`transformers`' scheme: normal(0, `std`) matrices, zero
+    /// biases, unit norms), deterministic in `seed`.
+    pub fn random(
+        config: &ModelConfig,
+        std: f32,
+        seed: u64,
+        dtype: DType,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let mut rng = crate::init::NormalRng::new(seed);
+        Self::from_source(config, dtype, device, |spec| Ok(rng.init(spec, std)))
+    }
+
+    /// Selects the attention kernel.
+    #[must_use]
+    pub fn with_attention(mut self, attention: AttentionImpl) -> Self {
+        self.attention = attention;
+        self
+    }
+
+    /// The float type the parameters are stored in.
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.val().dtype()
+    }
+
+    /// Visits every parameter with its Hugging Face name, in checkpoint order.
+    pub fn visit_named(&self, mut f: impl FnMut(NamedParam<'_, B>)) {
+        f(NamedParam::Matrix(
+            "model.embed_tokens.weight",
+            &self.embed_tokens,
+        ));
+        for (l, layer) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{l}");
+            let mut proj = |name: &str, proj: &Projection<B>| {
+                f(NamedParam::Matrix(
+                    &format!("{p}.{name}.weight"),
+                    &proj.weight,
+                ));
+                if let Some(b) = &proj.bias {
+                    f(NamedParam::Vector(&format!("{p}.{name}.bias"), b));
+                }
+            };
+            let a = &layer.self_attn;
+            proj("self_attn.q_proj", &a.q_proj);
+            proj("self_attn.k_proj", &a.k_proj);
+            proj("self_attn.v_proj", &a.v_proj);
+            proj("self_attn.o_proj", &a.o_proj);
+            proj("mlp.gate_proj", &layer.mlp.gate_proj);
+            proj("mlp.up_proj", &layer.mlp.up_proj);
+            proj("mlp.down_proj", &layer.mlp.down_proj);
+            if let Some(n) = &a.q_norm {
+                f(NamedParam::Vector(
+                    &format!("{p}.self_attn.q_norm.weight"),
+                    &n.weight,
+                ));
+            }
+            if let Some(n) = &a.k_norm {
+                f(NamedParam::Vector(
+                    &format!("{p}.self_attn.k_norm.weight"),
+                    &n.weight,
+                ));
+            }
+            f(NamedParam::Vector(
+                &format!("{p}.input_layernorm.weight"),
+                &layer.input_layernorm.weight,
+            ));
+            f(NamedParam::Vector(
+                &format!("{p}.post_attention_layernorm.weight"),
+                &layer.post_attention_layernorm.weight,
+            ));
+        }
+        f(NamedParam::Vector("model.norm.weight", &self.norm.weight));
+        if let Some(head) = &self.lm_head {
+            f(NamedParam::Matrix("lm_head.weight", &head.weight));
+        }
+    }
+
+    /// Logits `[batch, seq, vocab]` (in the model's dtype).
+    pub fn forward(&self, input: &ModelInput<B>) -> Tensor<B, 3> {
+        let h = self.run(input, None, None);
+        self.logits(h)
+    }
+
+    /// Logits and every hidden state.
+    pub fn forward_with_hidden(&self, input: &ModelInput<B>) -> (Tensor<B, 3>, HiddenStates<B>) {
+        let mut hidden = Vec::with_capacity(self.layers.len() + 1);
+        let h = self.run(input, None, Some(&mut hidden));
+        let embeddings = hidden.remove(0);
+        let states = HiddenStates {
+            embeddings,
+            layers: hidden,
+            final_norm: h.clone(),
+        };
+        (self.logits(h), states)
+    }
+
+    /// Forward with a KV cache: `input` holds the new tokens only (their positions continue the
+    /// cached ones); keys and values are appended to `cache`.
+    pub fn forward_cached(
+        &self,
+        input: &ModelInput<B>,
+        cache: &mut KvCache<B>,
+    ) -> Result<Tensor<B, 3>> {
+        cache.check(self, input)?;
+        let h = self.run(input, Some(cache), None);
+        Ok(self.logits(h))
+    }
+
+    /// Output of the final norm, `[batch, seq, hidden]`.
+    fn run(
+        &self,
+        input: &ModelInput<B>,
+        mut cache: Option<&mut KvCache<B>>,
+        mut hidden: Option<&mut Vec<Tensor<B, 3>>>,
+    ) -> Tensor<B, 3> {
+        let [b, s] = input.input_ids.dims();
+        let device = input.input_ids.device();
+        let emb = self
+            .embed_tokens
+            .val()
+            .select(0, input.input_ids.clone().reshape([b * s]));
+        let mut x = emb.reshape([b, s, self.config.hidden_size]);
+        if let Some(hs) = hidden.as_deref_mut() {
+            hs.push(x.clone());
+        }
+        let rotary = Rotary::<B>::new(&self.config.rope, &device);
+        let (cos, sin) = rotary.cos_sin(input.position_ids.clone());
+        let mask = match (&mut cache, &input.segment_ids) {
+            (None, None) => AttentionMask::causal(),
+            (None, Some(seg)) => AttentionMask::segmented(seg.clone(), seg.clone(), 0),
+            (Some(c), seg) => {
+                let seg = seg
+                    .clone()
+                    .unwrap_or_else(|| Tensor::<B, 2, Int>::zeros([b, s], &device));
+                let past = c.len();
+                let keys = c.push_segments(seg.clone());
+                AttentionMask::segmented(seg, keys, past)
+            }
+        };
+        let fused = self.attention.is_fused::<B>(&device);
+        let ctx = LayerContext {
+            cos: &cos,
+            sin: &sin,
+            mask: &mask,
+            fused,
+        };
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| c.layer_mut(i));
+            x = layer.forward(x, &ctx, slot);
+            if let Some(hs) = hidden.as_deref_mut() {
+                hs.push(x.clone());
+            }
+        }
+        if let Some(c) = cache {
+            c.advance(s);
+        }
+        self.norm.forward(x)
+    }
+
+    fn logits(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.lm_head {
+            Some(head) => head.forward(h),
+            None => linear(h, self.embed_tokens.val().transpose(), None),
+        }
+    }
+}

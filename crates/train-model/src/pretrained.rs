@@ -1,0 +1,365 @@
+//! Hugging Face model directories: load a checkpoint into a [`CausalLm`], save one back.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{DType, backend::Backend};
+use serde_json::Value;
+
+use crate::attention::AttentionImpl;
+use crate::config::{ModelConfig, StorageDtype};
+use crate::error::{ModelError, Result};
+use crate::model::{CausalLm, NamedParam};
+use crate::names::tensor_specs;
+use crate::precision::Precision;
+use crate::weights::{WeightIndex, to_safetensors_dtype};
+
+/// Files of a model directory that are not weights and travel with it on save.
+pub const COMPANION_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "generation_config.json",
+];
+
+/// How to load a checkpoint.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    /// The precision to compute in.
+    pub precision: Precision,
+    /// The attention kernel.
+    pub attention: AttentionImpl,
+}
+
+/// A model loaded from a Hugging Face directory, with what is needed to save it back.
+#[derive(Debug)]
+pub struct Pretrained<B: Backend> {
+    /// The model.
+    pub model: CausalLm<B>,
+    /// Its checked configuration.
+    pub config: ModelConfig,
+    /// `config.json` as found (unknown fields are carried over on save).
+    pub raw_config: Value,
+    /// The directory it was loaded from.
+    pub dir: PathBuf,
+    /// The float type of the weights on disk (the default when saving).
+    pub source_dtype: StorageDtype,
+    /// Tensors in the files that the model does not use and that are known to be harmless
+    /// (`rotary_emb.inv_freq` buffers, an `lm_head.weight` of a tied model).
+    pub ignored_tensors: Vec<String>,
+}
+
+fn is_ignorable(name: &str, config: &ModelConfig) -> bool {
+    name.ends_with(".rotary_emb.inv_freq")
+        || (config.tie_word_embeddings && name == "lm_head.weight")
+}
+
+/// Loads `dir` (`config.json` + `model.safetensors` or a sharded index) on `device`.
+///
+/// Every tensor the architecture needs must be present with the shape the config implies; a
+/// tensor the architecture does not use is an error (unless it is one of the known harmless
+/// buffers, reported in [`Pretrained::ignored_tensors`]).
+pub fn load_pretrained<B: Backend>(
+    dir: &Path,
+    options: &LoadOptions,
+    device: &B::Device,
+) -> Result<Pretrained<B>> {
+    let (config, raw_config) = ModelConfig::from_file(&dir.join("config.json"))?;
+    let index = WeightIndex::open_dir(dir)?;
+    let specs = tensor_specs(&config);
+    let wanted: HashSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+    let mut ignored = Vec::new();
+    let mut unexpected = Vec::new();
+    for name in index.names() {
+        if wanted.contains(name) {
+            continue;
+        }
+        if is_ignorable(name, &config) {
+            ignored.push(name.to_string());
+        } else {
+            unexpected.push(name.to_string());
+        }
+    }
+    if let Some(spec) = specs.iter().find(|s| index.entry(&s.name).is_none()) {
+        return Err(ModelError::MissingTensor {
+            path: dir.to_path_buf(),
+            tensor: spec.name.clone(),
+            expected: spec.shape.clone(),
+        });
+    }
+    if !unexpected.is_empty() {
+        unexpected.truncate(8);
+        return Err(ModelError::UnexpectedTensors {
+            path: dir.to_path_buf(),
+            tensors: unexpected,
+        });
+    }
+    let dtype = options.precision.resolve::<B>(device)?;
+    let model = CausalLm::from_source(&config, dtype, device, |spec| {
+        index.tensor_data(&spec.name, &spec.shape)
+    })?
+    .with_attention(options.attention);
+    let source_dtype = index.dominant_dtype().unwrap_or(config.torch_dtype);
+    Ok(Pretrained {
+        model,
+        config,
+        raw_config,
+        dir: dir.to_path_buf(),
+        source_dtype,
+        ignored_tensors: ignored,
+    })
+}
+
+/// How to save a model directory.
+#[derive(Debug, Clone, Default)]
+pub struct SaveOptions {
+    /// The float type on disk; `None` keeps the source's (or the config's) type.
+    pub dtype: Option<StorageDtype>,
+    /// Split the weights into shards of at most this many bytes (a tensor larger than the
+    /// limit gets a shard of its own); `None` writes one `model.safetensors`.
+    pub max_shard_bytes: Option<u64>,
+    /// A directory whose tokenizer files and `generation_config.json` are copied along.
+    pub companions_from: Option<PathBuf>,
+}
+
+/// What [`save_pretrained`] wrote.
+#[derive(Debug, Clone)]
+pub struct SavedModel {
+    /// The weight files, in order.
+    pub weight_files: Vec<PathBuf>,
+    /// Total bytes of tensor data.
+    pub total_bytes: u64,
+    /// The float type written.
+    pub dtype: StorageDtype,
+}
+
+struct OwnedView {
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl safetensors::View for &OwnedView {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so a
+/// crash never leaves a half-written file under the final name.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = tmp_name(path);
+    std::fs::write(&tmp, bytes).map_err(|e| ModelError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
+}
+
+fn tmp_name(path: &Path) -> PathBuf {
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(format!(".{}.tmp", std::process::id()));
+    path.with_file_name(name)
+}
+
+/// Saves `model` as a Hugging Face directory: `config.json` (from `raw_config` with the dtype
+/// updated, or generated), weights under their Hugging Face names (tied weights once), an index
+/// when sharded, and the companion files of `options.companions_from`.
+pub fn save_pretrained<B: Backend>(
+    model: &CausalLm<B>,
+    raw_config: Option<&Value>,
+    dir: &Path,
+    options: &SaveOptions,
+) -> Result<SavedModel> {
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+    let dtype = options.dtype.unwrap_or(model.config.torch_dtype);
+    let st_dtype = to_safetensors_dtype(dtype);
+
+    // Plan shards from the shapes alone, so that only one shard is ever converted in memory.
+    let mut order: Vec<(String, u64)> = Vec::new();
+    model.visit_named(|p| {
+        let (name, n) = match p {
+            NamedParam::Vector(n, t) => (n, t.shape().num_elements()),
+            NamedParam::Matrix(n, t) => (n, t.shape().num_elements()),
+        };
+        order.push((name.to_string(), (n * dtype.size()) as u64));
+    });
+    let mut shards: Vec<Vec<String>> = vec![Vec::new()];
+    let mut current = 0u64;
+    for (name, bytes) in &order {
+        if let Some(limit) = options.max_shard_bytes
+            && current > 0
+            && current + bytes > limit
+        {
+            shards.push(Vec::new());
+            current = 0;
+        }
+        current += bytes;
+        if let Some(last) = shards.last_mut() {
+            last.push(name.clone());
+        }
+    }
+    let n_shards = shards.len();
+    let file_name = |i: usize| {
+        if n_shards == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", i + 1, n_shards)
+        }
+    };
+    let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    let mut weight_map = BTreeMap::new();
+    let mut weight_files = Vec::new();
+    let mut total_bytes = 0u64;
+    for (i, names) in shards.iter().enumerate() {
+        let wanted: HashSet<&str> = names.iter().map(String::as_str).collect();
+        let mut views: Vec<(String, OwnedView)> = Vec::with_capacity(names.len());
+        let mut error = None;
+        model.visit_named(|p| {
+            let (name, data) = match p {
+                NamedParam::Vector(n, t) if wanted.contains(n) => (n, t.val().into_data()),
+                NamedParam::Matrix(n, t) if wanted.contains(n) => (n, t.val().into_data()),
+                _ => return,
+            };
+            let shape = data.shape.to_vec();
+            let converted = if data.dtype == dtype.to_burn() {
+                data
+            } else if matches!(
+                data.dtype,
+                DType::F32 | DType::BF16 | DType::F16 | DType::F64
+            ) {
+                data.convert_dtype(dtype.to_burn())
+            } else {
+                error = Some(ModelError::InvalidInput(format!(
+                    "parameter {name} has dtype {:?}",
+                    data.dtype
+                )));
+                return;
+            };
+            views.push((
+                name.to_string(),
+                OwnedView {
+                    dtype: st_dtype,
+                    shape,
+                    data: converted.into_bytes().to_vec(),
+                },
+            ));
+        });
+        if let Some(e) = error {
+            return Err(e);
+        }
+        let fname = file_name(i);
+        let path = dir.join(&fname);
+        for (name, v) in &views {
+            total_bytes += v.data.len() as u64;
+            weight_map.insert(name.clone(), fname.clone());
+        }
+        let tmp = tmp_name(&path);
+        safetensors::serialize_to_file(
+            views.iter().map(|(n, v)| (n.as_str(), v)),
+            Some(metadata.clone()),
+            &tmp,
+        )
+        .map_err(|e| ModelError::weights(&tmp, format!("could not write safetensors: {e}")))?;
+        std::fs::rename(&tmp, &path).map_err(|e| ModelError::io(&path, e))?;
+        weight_files.push(path);
+    }
+
+    let index_path = dir.join("model.safetensors.index.json");
+    if n_shards > 1 {
+        let index = serde_json::json!({
+            "metadata": {"total_size": total_bytes},
+            "weight_map": weight_map,
+        });
+        write_json(&index_path, &index)?;
+    }
+    remove_stale_weights(dir, &weight_files, n_shards > 1)?;
+
+    let mut config = raw_config
+        .cloned()
+        .unwrap_or_else(|| model.config.to_hf_json());
+    if let Value::Object(map) = &mut config {
+        if map.contains_key("dtype") {
+            map.insert("dtype".into(), Value::from(dtype.torch_name()));
+        }
+        if map.contains_key("torch_dtype") || !map.contains_key("dtype") {
+            map.insert("torch_dtype".into(), Value::from(dtype.torch_name()));
+        }
+    }
+    write_json(&dir.join("config.json"), &config)?;
+
+    if let Some(src) = &options.companions_from
+        && src.canonicalize().ok() != dir.canonicalize().ok()
+    {
+        for name in COMPANION_FILES {
+            let from = src.join(name);
+            if from.is_file() {
+                let bytes = std::fs::read(&from).map_err(|e| ModelError::io(&from, e))?;
+                write_atomically(&dir.join(name), &bytes)?;
+            }
+        }
+    }
+    Ok(SavedModel {
+        weight_files,
+        total_bytes,
+        dtype,
+    })
+}
+
+impl<B: Backend> Pretrained<B> {
+    /// Saves the (possibly trained) model to `dir`, keeping the source's dtype unless
+    /// `options.dtype` says otherwise, and carrying the tokenizer files along.
+    pub fn save(&self, dir: &Path, options: &SaveOptions) -> Result<SavedModel> {
+        let mut options = options.clone();
+        options.dtype = Some(options.dtype.unwrap_or(self.source_dtype));
+        if options.companions_from.is_none() {
+            options.companions_from = Some(self.dir.clone());
+        }
+        save_pretrained(&self.model, Some(&self.raw_config), dir, &options)
+    }
+}
+
+/// Writes pretty JSON (with a final newline) atomically.
+pub(crate) fn write_json(path: &Path, value: &Value) -> Result<()> {
+    let mut text = serde_json::to_string_pretty(value).map_err(|e| ModelError::Json {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    text.push('\n');
+    write_atomically(path, text.as_bytes())
+}
+
+/// Removes weight files of an earlier save into the same directory that the new save does not
+/// use (a single file after sharding, shards after a single file, an index no longer valid).
+fn remove_stale_weights(dir: &Path, keep: &[PathBuf], sharded: bool) -> Result<()> {
+    let entries = std::fs::read_dir(dir).map_err(|e| ModelError::io(dir, e))?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let is_weights = name == "model.safetensors"
+            || (name.starts_with("model-") && name.ends_with(".safetensors"));
+        let stale_index = name == "model.safetensors.index.json" && !sharded;
+        if (is_weights && !keep.contains(&path)) || stale_index {
+            std::fs::remove_file(&path).map_err(|e| ModelError::io(&path, e))?;
+        }
+    }
+    Ok(())
+}

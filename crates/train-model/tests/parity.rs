@@ -1,0 +1,332 @@
+//! Parity with `transformers` on the tiny fixture checkpoints (Qwen3, Qwen2, Llama): logits,
+//! hidden states, loss, gradients of every parameter, one AdamW step, packed rows, the KV
+//! cache and both attention paths — on every backend compiled in.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use burn::module::AutodiffModule;
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{DType, Int, Tensor, TensorData};
+use common::{Reference, fixtures, max_abs_diff, rel_err};
+use train_model::{
+    AttentionImpl, CausalLm, KvCache, LoadOptions, ModelInput, NamedParam, Precision,
+    causal_lm_loss, causal_lm_nll, load_pretrained,
+};
+
+/// Tolerances of the issue: logits max abs error ≤ 1e-4 (f32), gradients relative error ≤ 1e-3.
+const LOGITS_TOL: f32 = 1e-4;
+const GRAD_TOL: f64 = 1e-3;
+
+fn f32s<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.cast(burn::tensor::FloatDType::F32)
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap()
+}
+
+fn labels<B: Backend>(r: &Reference, device: &B::Device) -> Tensor<B, 2, Int> {
+    let t = r.get("labels");
+    Tensor::from_data(
+        TensorData::new(t.i64.clone(), [t.shape[0], t.shape[1]]),
+        device,
+    )
+}
+
+fn load<B: Backend>(
+    arch: &str,
+    precision: Precision,
+    attention: AttentionImpl,
+    device: &B::Device,
+) -> CausalLm<B> {
+    let options = LoadOptions {
+        precision,
+        attention,
+    };
+    load_pretrained::<B>(&fixtures().join(arch), &options, device)
+        .unwrap()
+        .model
+}
+
+/// Logits, hidden states, loss and every gradient against the reference.
+pub fn forward_backward<B: AutodiffBackend>(arch: &str, device: &B::Device) {
+    let r = Reference::load(arch);
+    let model = load::<B>(arch, Precision::Fp32, AttentionImpl::Standard, device);
+    let input = ModelInput::from_rows(&r.rows("input_ids"), device).unwrap();
+    let (logits, hidden) = model.forward_with_hidden(&input);
+
+    let err = max_abs_diff(&f32s(logits.clone()), &r.get("logits").f32);
+    println!("{arch} {}: logits max abs error {err:.3e}", B::name(device));
+    assert!(err <= LOGITS_TOL, "{arch}: logits max abs error {err}");
+    let mut states = vec![("hidden.embed".to_string(), hidden.embeddings)];
+    states.extend(
+        hidden
+            .layers
+            .into_iter()
+            .enumerate()
+            .map(|(i, h)| (format!("hidden.layer.{i}"), h)),
+    );
+    states.push(("hidden.final_norm".to_string(), hidden.final_norm));
+    for (name, h) in states {
+        let err = max_abs_diff(&f32s(h), &r.get(&name).f32);
+        assert!(err <= LOGITS_TOL, "{arch}: {name} max abs error {err}");
+    }
+
+    let loss = causal_lm_loss(logits, labels::<B>(&r, device));
+    let value = f64::from(f32s(loss.clone())[0]);
+    let expected = r.scalar("loss");
+    println!("{arch}: loss {value:.7} vs transformers {expected:.7}");
+    assert!(
+        (value - expected).abs() <= 1e-5 * expected.abs().max(1.0),
+        "{arch}: loss {value} vs {expected}"
+    );
+
+    let grads = loss.backward();
+    let mut worst = (0.0f64, String::new());
+    let mut checked = 0;
+    model.visit_named(|p| {
+        let (name, g) = match p {
+            NamedParam::Vector(n, t) => (n.to_string(), t.val().grad(&grads).map(f32s)),
+            NamedParam::Matrix(n, t) => (n.to_string(), t.val().grad(&grads).map(f32s)),
+        };
+        let g = g.unwrap_or_else(|| panic!("{arch}: no gradient for {name}"));
+        let e = rel_err(&g, &r.get(&format!("grad.{name}")).f32);
+        if e > worst.0 {
+            worst = (e, name.clone());
+        }
+        checked += 1;
+    });
+    println!(
+        "{arch}: {checked} gradients, worst relative error {:.3e} ({})",
+        worst.0, worst.1
+    );
+    assert_eq!(
+        checked,
+        r.meta["num_grads"].as_u64().unwrap() as usize,
+        "{arch}: gradient count"
+    );
+    assert!(
+        worst.0 <= GRAD_TOL,
+        "{arch}: gradient of {} relative error {}",
+        worst.1,
+        worst.0
+    );
+}
+
+/// The loss after one AdamW step with PyTorch's hyper-parameters.
+pub fn adamw_step<B: AutodiffBackend>(arch: &str, device: &B::Device) {
+    let r = Reference::load(arch);
+    let h = &r.meta["adamw"];
+    let model = load::<B>(arch, Precision::Fp32, AttentionImpl::Standard, device);
+    let input = ModelInput::from_rows(&r.rows("input_ids"), device).unwrap();
+    let loss = causal_lm_loss(model.forward(&input), labels::<B>(&r, device));
+    let grads = GradientsParams::from_grads(loss.backward(), &model);
+    let mut optim = AdamWConfig::new()
+        .with_beta_1(h["beta1"].as_f64().unwrap() as f32)
+        .with_beta_2(h["beta2"].as_f64().unwrap() as f32)
+        .with_epsilon(h["eps"].as_f64().unwrap() as f32)
+        .with_weight_decay(h["weight_decay"].as_f64().unwrap() as f32)
+        .init::<B, CausalLm<B>>();
+    let model = optim.step(h["lr"].as_f64().unwrap(), model, grads);
+    let after = f64::from(
+        f32s(causal_lm_loss(
+            model.forward(&input),
+            labels::<B>(&r, device),
+        ))[0],
+    );
+    let expected = r.scalar("loss_after_adamw");
+    println!("{arch}: loss after one AdamW step {after:.6} vs transformers {expected:.6}");
+    assert!(
+        (after - expected).abs() <= 1e-4 * expected,
+        "{arch}: {after} vs {expected}"
+    );
+}
+
+/// A packed row (two segments back to back) gives each segment's own logits.
+pub fn packed<B: Backend>(arch: &str, attention: AttentionImpl, device: &B::Device) {
+    let r = Reference::load(arch);
+    let model = load::<B>(arch, Precision::Fp32, attention, device);
+    let ids = r.rows("packed.input_ids");
+    let segs = r.rows("packed.segment_ids");
+    let input = ModelInput::packed(&ids, &segs, device).unwrap();
+    let err = max_abs_diff(&f32s(model.forward(&input)), &r.get("packed.logits").f32);
+    println!("{arch} {attention:?}: packed logits max abs error {err:.3e}");
+    assert!(
+        err <= LOGITS_TOL,
+        "{arch} {attention:?}: packed logits error {err}"
+    );
+}
+
+/// Fused and standard attention agree (inference backend, where the fused kernel runs).
+pub fn fused_matches_standard<B: Backend>(arch: &str, device: &B::Device) {
+    let r = Reference::load(arch);
+    let input = ModelInput::from_rows(&r.rows("input_ids"), device).unwrap();
+    let fused =
+        f32s(load::<B>(arch, Precision::Fp32, AttentionImpl::Fused, device).forward(&input));
+    let standard =
+        f32s(load::<B>(arch, Precision::Fp32, AttentionImpl::Standard, device).forward(&input));
+    let err = max_abs_diff(&fused, &standard);
+    println!("{arch}: fused vs standard max abs difference {err:.3e}");
+    assert!(err <= 1e-5, "{arch}: fused vs standard {err}");
+    assert!(max_abs_diff(&fused, &r.get("logits").f32) <= LOGITS_TOL);
+
+    // A long row (640² scores) takes the backends' tiled / flash kernels rather than the naive one.
+    let vocab = r.get("logits").shape[2] as u32;
+    let long: Vec<u32> = (0..640u32).map(|i| (i * 7919 + 13) % vocab).collect();
+    let segs: Vec<u32> = (0..640u32).map(|i| u32::from(i >= 300)).collect();
+    for input in [
+        ModelInput::from_rows(std::slice::from_ref(&long), device).unwrap(),
+        ModelInput::packed(std::slice::from_ref(&long), &[segs], device).unwrap(),
+    ] {
+        let fused =
+            f32s(load::<B>(arch, Precision::Fp32, AttentionImpl::Fused, device).forward(&input));
+        let standard =
+            f32s(load::<B>(arch, Precision::Fp32, AttentionImpl::Standard, device).forward(&input));
+        let err = max_abs_diff(&fused, &standard);
+        println!("{arch}: 640 tokens, fused vs standard max abs difference {err:.3e}");
+        assert!(err <= 1e-4, "{arch}: long fused vs standard {err}");
+    }
+}
+
+/// Decoding token by token through the KV cache gives the logits of one full forward.
+pub fn kv_cache<B: Backend>(arch: &str, attention: AttentionImpl, device: &B::Device) {
+    let r = Reference::load(arch);
+    let model = load::<B>(arch, Precision::Fp32, attention, device);
+    let rows = r.rows("input_ids");
+    let seq = rows[0].len();
+    let full = f32s(model.forward(&ModelInput::from_rows(&rows, device).unwrap()));
+    let mut cache = KvCache::for_model(&model);
+    // A prefix of 5 tokens, then one token at a time.
+    let mut start = 0;
+    let mut steps = Vec::new();
+    for end in std::iter::once(5).chain(6..=seq) {
+        let chunk: Vec<Vec<u32>> = rows.iter().map(|r| r[start..end].to_vec()).collect();
+        let mut input = ModelInput::from_rows(&chunk, device).unwrap();
+        let pos: Vec<i64> = (0..rows.len())
+            .flat_map(|_| start as i64..end as i64)
+            .collect();
+        input.position_ids =
+            Tensor::from_data(TensorData::new(pos, [rows.len(), end - start]), device);
+        steps.push(f32s(model.forward_cached(&input, &mut cache).unwrap()));
+        start = end;
+    }
+    assert_eq!(cache.len(), seq);
+    let vocab = model.config.vocab_size;
+    let mut worst = 0f32;
+    for (b, row_full) in full.chunks(seq * vocab).enumerate() {
+        let mut t = 0;
+        for step in &steps {
+            let n = step.len() / rows.len() / vocab;
+            let row = &step[b * n * vocab..(b + 1) * n * vocab];
+            worst = worst.max(max_abs_diff(row, &row_full[t * vocab..(t + n) * vocab]));
+            t += n;
+        }
+    }
+    println!(
+        "{arch} {attention:?}: cached decoding vs full forward max abs difference {worst:.3e}"
+    );
+    assert!(worst <= 1e-4, "{arch}: cached decoding differs by {worst}");
+}
+
+/// bf16 compute stays close to transformers' bf16 logits (and to the f32 reference).
+pub fn bf16_close<B: Backend>(device: &B::Device) {
+    let r = Reference::load("qwen3");
+    let model = load::<B>("qwen3", Precision::Bf16, AttentionImpl::Standard, device);
+    assert_eq!(model.dtype(), DType::BF16);
+    let input = ModelInput::from_rows(&r.rows("input_ids"), device).unwrap();
+    let logits = f32s(model.forward(&input));
+    let vs_torch = max_abs_diff(&logits, &r.get("logits_bf16").f32);
+    let vs_f32 = max_abs_diff(&logits, &r.get("logits").f32);
+    println!(
+        "qwen3 bf16: max abs error vs transformers bf16 {vs_torch:.3e}, vs f32 reference {vs_f32:.3e}"
+    );
+    assert!(
+        vs_torch <= 0.1 && vs_f32 <= 0.2,
+        "bf16 logits too far: {vs_torch} / {vs_f32}"
+    );
+    let nll = causal_lm_nll(model.forward(&input), labels::<B>(&r, device)).0;
+    assert!(f32s(nll)[0].is_finite());
+}
+
+/// Evaluation mode (`valid()`) of an autodiff model gives the same logits on the inner backend.
+pub fn valid_matches<B: AutodiffBackend>(arch: &str, device: &B::Device) {
+    let r = Reference::load(arch);
+    let model = load::<B>(arch, Precision::Fp32, AttentionImpl::Auto, device);
+    let inner = model.valid();
+    let input = ModelInput::<B::InnerBackend>::from_rows(&r.rows("input_ids"), device).unwrap();
+    let err = max_abs_diff(&f32s(inner.forward(&input)), &r.get("logits").f32);
+    assert!(err <= LOGITS_TOL, "{arch}: valid() logits error {err}");
+}
+
+macro_rules! backend_tests {
+    ($module:ident, $inner:ty, $device:expr) => {
+        mod $module {
+            use super::*;
+            type Inner = $inner;
+            type Ad = burn::backend::Autodiff<Inner>;
+
+            fn device() -> burn::tensor::Device<Inner> {
+                $device
+            }
+
+            #[test]
+            fn qwen3_forward_backward() {
+                forward_backward::<Ad>("qwen3", &device());
+            }
+            #[test]
+            fn qwen2_forward_backward() {
+                forward_backward::<Ad>("qwen2", &device());
+            }
+            #[test]
+            fn llama_forward_backward() {
+                forward_backward::<Ad>("llama", &device());
+            }
+            #[test]
+            fn adamw_steps_match() {
+                for arch in ["qwen3", "qwen2", "llama"] {
+                    adamw_step::<Ad>(arch, &device());
+                }
+            }
+            #[test]
+            fn packed_rows_do_not_attend_to_each_other() {
+                for arch in ["qwen3", "qwen2", "llama"] {
+                    packed::<Inner>(arch, AttentionImpl::Standard, &device());
+                    packed::<Inner>(arch, AttentionImpl::Fused, &device());
+                    packed::<Ad>(arch, AttentionImpl::Auto, &device());
+                }
+            }
+            #[test]
+            fn fused_and_standard_attention_agree() {
+                for arch in ["qwen3", "qwen2", "llama"] {
+                    fused_matches_standard::<Inner>(arch, &device());
+                }
+            }
+            #[test]
+            fn kv_cache_matches_full_forward() {
+                for arch in ["qwen3", "qwen2", "llama"] {
+                    kv_cache::<Inner>(arch, AttentionImpl::Standard, &device());
+                    kv_cache::<Inner>(arch, AttentionImpl::Fused, &device());
+                }
+            }
+            #[test]
+            fn bf16_is_close_to_reference() {
+                bf16_close::<Inner>(&device());
+            }
+            #[test]
+            fn valid_model_matches() {
+                valid_matches::<Ad>("qwen2", &device());
+            }
+        }
+    };
+}
+
+#[cfg(feature = "cpu")]
+backend_tests!(cpu, burn::backend::Flex, Default::default());
+
+#[cfg(feature = "tch")]
+backend_tests!(
+    tch,
+    burn::backend::LibTorch,
+    burn::backend::libtorch::LibTorchDevice::Cpu
+);
