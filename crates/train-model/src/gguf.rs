@@ -151,7 +151,11 @@ impl<'a> Reader<'a> {
             3 => MetaValue::Int(i64::from(i16::from_le_bytes(self.arr()?))),
             4 => MetaValue::UInt(u64::from(self.u32()?)),
             5 => MetaValue::Int(i64::from(i32::from_le_bytes(self.arr()?))),
-            6 => MetaValue::Float(f64::from(f32::from_le_bytes(self.arr()?))),
+            // The shortest decimal that round-trips the f32 (1e-5, not 9.999999747378752e-6).
+            6 => {
+                let v = f32::from_le_bytes(self.arr()?);
+                MetaValue::Float(v.to_string().parse().unwrap_or(f64::from(v)))
+            }
             7 => MetaValue::Bool(self.u8()? != 0),
             8 => MetaValue::Str(self.string()?),
             9 => {
