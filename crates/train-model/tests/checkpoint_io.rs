@@ -20,7 +20,10 @@ use train_model::{
 type B = Flex;
 
 fn options() -> LoadOptions {
-    LoadOptions { precision: Precision::Fp32, ..LoadOptions::default() }
+    LoadOptions {
+        precision: Precision::Fp32,
+        ..LoadOptions::default()
+    }
 }
 
 /// name → (dtype, shape, bytes) of every tensor of a checkpoint directory.
@@ -31,7 +34,10 @@ fn raw_tensors(dir: &Path) -> BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> {
         .into_iter()
         .map(|n| {
             let (file, e) = index.entry(n).unwrap();
-            (n.to_string(), (e.dtype, e.shape.clone(), file.bytes(n).unwrap().to_vec()))
+            (
+                n.to_string(),
+                (e.dtype, e.shape.clone(), file.bytes(n).unwrap().to_vec()),
+            )
         })
         .collect()
 }
@@ -43,7 +49,14 @@ fn param_bits(model: &train_model::CausalLm<B>) -> BTreeMap<String, Vec<u32>> {
             NamedParam::Vector(n, t) => (n, t.val().into_data()),
             NamedParam::Matrix(n, t) => (n, t.val().into_data()),
         };
-        out.insert(name.to_string(), data.to_vec::<f32>().unwrap().iter().map(|x| x.to_bits()).collect());
+        out.insert(
+            name.to_string(),
+            data.to_vec::<f32>()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect(),
+        );
     });
     out
 }
@@ -66,11 +79,24 @@ fn round_trip_is_bit_identical_for_every_architecture() {
         let saved = loaded.save(out.path(), &SaveOptions::default()).unwrap();
         // Same dtype as the source by default, same bytes for every tensor.
         assert_eq!(saved.dtype, loaded.source_dtype, "{arch}");
-        assert_eq!(raw_tensors(&src), raw_tensors(out.path()), "{arch}: tensor bytes differ");
+        assert_eq!(
+            raw_tensors(&src),
+            raw_tensors(out.path()),
+            "{arch}: tensor bytes differ"
+        );
         let again = load_pretrained::<B>(out.path(), &options(), &device).unwrap();
-        assert_eq!(param_bits(&loaded.model), param_bits(&again.model), "{arch}: reloaded params differ");
+        assert_eq!(
+            param_bits(&loaded.model),
+            param_bits(&again.model),
+            "{arch}: reloaded params differ"
+        );
         assert_eq!(again.config, loaded.config, "{arch}: config changed");
-        for name in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"] {
+        for name in [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "chat_template.jinja",
+            "generation_config.json",
+        ] {
             assert_eq!(
                 std::fs::read(src.join(name)).unwrap(),
                 std::fs::read(out.path().join(name)).unwrap(),
@@ -98,18 +124,39 @@ fn shards_get_an_index_and_load_back() {
     let loaded = load_pretrained::<B>(&fixtures().join("qwen2"), &options(), &device).unwrap();
     let out = tempfile::tempdir().unwrap();
     let saved = loaded
-        .save(out.path(), &SaveOptions { max_shard_bytes: Some(100_000), ..SaveOptions::default() })
+        .save(
+            out.path(),
+            &SaveOptions {
+                max_shard_bytes: Some(100_000),
+                ..SaveOptions::default()
+            },
+        )
         .unwrap();
-    assert!(saved.weight_files.len() > 2, "expected several shards, got {:?}", saved.weight_files);
+    assert!(
+        saved.weight_files.len() > 2,
+        "expected several shards, got {:?}",
+        saved.weight_files
+    );
     for f in &saved.weight_files {
         // A tensor larger than the limit gets a shard of its own; others respect the limit.
         let file = SafetensorsFile::open(f).unwrap();
-        let bytes: usize = file.entries().map(|(n, _)| file.bytes(n).unwrap().len()).sum();
-        assert!(bytes <= 100_000 || file.entries().count() == 1, "{f:?} holds {bytes} bytes");
+        let bytes: usize = file
+            .entries()
+            .map(|(n, _)| file.bytes(n).unwrap().len())
+            .sum();
+        assert!(
+            bytes <= 100_000 || file.entries().count() == 1,
+            "{f:?} holds {bytes} bytes"
+        );
     }
-    let index: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.path().join("model.safetensors.index.json")).unwrap()).unwrap();
-    assert_eq!(index["metadata"]["total_size"].as_u64().unwrap(), saved.total_bytes);
+    let index: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.path().join("model.safetensors.index.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        index["metadata"]["total_size"].as_u64().unwrap(),
+        saved.total_bytes
+    );
     assert!(!out.path().join("model.safetensors").exists());
     let again = load_pretrained::<B>(out.path(), &options(), &device).unwrap();
     assert_eq!(param_bits(&loaded.model), param_bits(&again.model));
@@ -118,9 +165,19 @@ fn shards_get_an_index_and_load_back() {
     loaded.save(out.path(), &SaveOptions::default()).unwrap();
     assert!(out.path().join("model.safetensors").exists());
     assert!(!out.path().join("model.safetensors.index.json").exists());
-    assert_eq!(std::fs::read_dir(out.path()).unwrap().filter(|e| {
-        e.as_ref().unwrap().file_name().to_string_lossy().starts_with("model-")
-    }).count(), 0);
+    assert_eq!(
+        std::fs::read_dir(out.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("model-")
+            })
+            .count(),
+        0
+    );
 }
 
 #[test]
@@ -129,25 +186,45 @@ fn dtype_is_chosen_by_the_user() {
     let loaded = load_pretrained::<B>(&fixtures().join("qwen3"), &options(), &device).unwrap();
     assert_eq!(loaded.source_dtype, StorageDtype::Bf16);
     let out = tempfile::tempdir().unwrap();
-    loaded.save(out.path(), &SaveOptions { dtype: Some(StorageDtype::F32), ..SaveOptions::default() }).unwrap();
+    loaded
+        .save(
+            out.path(),
+            &SaveOptions {
+                dtype: Some(StorageDtype::F32),
+                ..SaveOptions::default()
+            },
+        )
+        .unwrap();
     let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap())
+            .unwrap();
     assert_eq!(config["dtype"], "float32");
-    assert!(raw_tensors(out.path()).values().all(|(d, _, _)| *d == Dtype::F32));
+    assert!(
+        raw_tensors(out.path())
+            .values()
+            .all(|(d, _, _)| *d == Dtype::F32)
+    );
     let again = load_pretrained::<B>(out.path(), &options(), &device).unwrap();
     // bf16 → f32 is exact, so the values are unchanged.
     assert_eq!(param_bits(&loaded.model), param_bits(&again.model));
 }
 
 /// Rewrites the fixture's weights through `edit` into a temporary directory.
-fn edited_qwen3(edit: impl FnOnce(&mut BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>)) -> tempfile::TempDir {
+fn edited_qwen3(
+    edit: impl FnOnce(&mut BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>),
+) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     copy_dir(&fixtures().join("qwen3"), dir.path());
     let mut tensors = raw_tensors(dir.path());
     edit(&mut tensors);
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
-        .map(|(n, (d, s, b))| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .map(|(n, (d, s, b))| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
         .collect();
     safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
     dir
@@ -165,13 +242,19 @@ fn missing_tensor_is_named_with_its_shape() {
     let e = load_err(dir.path());
     assert!(matches!(e, ModelError::MissingTensor { .. }), "{e:?}");
     let msg = e.to_string();
-    assert!(msg.contains("model.layers.1.self_attn.k_norm.weight") && msg.contains("[32]"), "{msg}");
+    assert!(
+        msg.contains("model.layers.1.self_attn.k_norm.weight") && msg.contains("[32]"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn unexpected_tensor_is_named() {
     let dir = edited_qwen3(|t| {
-        t.insert("model.layers.0.mlp.extra.weight".into(), (Dtype::F32, vec![2], vec![0; 8]));
+        t.insert(
+            "model.layers.0.mlp.extra.weight".into(),
+            (Dtype::F32, vec![2], vec![0; 8]),
+        );
     });
     let msg = load_err(dir.path()).to_string();
     assert!(msg.contains("model.layers.0.mlp.extra.weight"), "{msg}");
@@ -180,22 +263,34 @@ fn unexpected_tensor_is_named() {
 #[test]
 fn wrong_shape_names_both_shapes() {
     let dir = edited_qwen3(|t| {
-        t.insert("model.norm.weight".into(), (Dtype::BF16, vec![32], vec![0; 64]));
+        t.insert(
+            "model.norm.weight".into(),
+            (Dtype::BF16, vec![32], vec![0; 64]),
+        );
     });
     let e = load_err(dir.path());
     let msg = e.to_string();
     assert!(matches!(e, ModelError::ShapeMismatch { .. }), "{msg}");
-    assert!(msg.contains("model.norm.weight") && msg.contains("[32]") && msg.contains("[64]"), "{msg}");
+    assert!(
+        msg.contains("model.norm.weight") && msg.contains("[32]") && msg.contains("[64]"),
+        "{msg}"
+    );
     assert!(msg.contains("model.safetensors"), "{msg}");
 }
 
 #[test]
 fn integer_weights_are_rejected_with_the_dtype() {
     let dir = edited_qwen3(|t| {
-        t.insert("model.norm.weight".into(), (Dtype::I16, vec![64], vec![0; 128]));
+        t.insert(
+            "model.norm.weight".into(),
+            (Dtype::I16, vec![64], vec![0; 128]),
+        );
     });
     let msg = load_err(dir.path()).to_string();
-    assert!(msg.contains("model.norm.weight") && msg.contains("I16"), "{msg}");
+    assert!(
+        msg.contains("model.norm.weight") && msg.contains("I16"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -231,7 +326,11 @@ fn shard_index_naming_a_missing_file_is_an_error() {
     let msg = load_err(dir.path()).to_string();
     assert!(msg.contains("model-00003-of-00006.safetensors"), "{msg}");
     let index = dir.path().join("model.safetensors.index.json");
-    std::fs::write(&index, r#"{"weight_map": {"model.norm.weight": "../escape.safetensors"}}"#).unwrap();
+    std::fs::write(
+        &index,
+        r#"{"weight_map": {"model.norm.weight": "../escape.safetensors"}}"#,
+    )
+    .unwrap();
     let msg = load_err(dir.path()).to_string();
     assert!(msg.contains("plain file name"), "{msg}");
 }
@@ -240,7 +339,11 @@ fn shard_index_naming_a_missing_file_is_an_error() {
 fn bad_config_is_reported_with_its_path() {
     let dir = tempfile::tempdir().unwrap();
     copy_dir(&fixtures().join("qwen2"), dir.path());
-    std::fs::write(dir.path().join("config.json"), "{\"model_type\": \"qwen2\", \"vocab_size\": ").unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        "{\"model_type\": \"qwen2\", \"vocab_size\": ",
+    )
+    .unwrap();
     let e = load_err(dir.path());
     assert!(matches!(e, ModelError::Json { .. }), "{e:?}");
     assert!(e.to_string().contains("config.json"));
@@ -260,7 +363,15 @@ fn precision_is_applied_on_load() {
         (Precision::Fp16, burn::tensor::DType::F16),
         (Precision::Auto, burn::tensor::DType::F32),
     ] {
-        let m = load_pretrained::<B>(&dir, &LoadOptions { precision: p, ..LoadOptions::default() }, &device).unwrap();
+        let m = load_pretrained::<B>(
+            &dir,
+            &LoadOptions {
+                precision: p,
+                ..LoadOptions::default()
+            },
+            &device,
+        )
+        .unwrap();
         assert_eq!(m.model.dtype(), d, "{p}");
     }
 }

@@ -33,13 +33,26 @@ fn rope_frequencies_match_transformers() {
     for case in cases {
         let config = ModelConfig::from_json(Path::new("config.json"), &case["config"]).unwrap();
         let (inv, scale) = config.rope.inv_freq();
-        let expected: Vec<f64> = case["inv_freq"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let expected: Vec<f64> = case["inv_freq"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
         assert_eq!(inv.len(), expected.len());
         for (i, (a, b)) in inv.iter().zip(&expected).enumerate() {
             let rel = (f64::from(*a) - b).abs() / b.abs();
-            assert!(rel <= 1e-6, "{:?}: inv_freq[{i}] {a} vs {b}", config.rope.scaling);
+            assert!(
+                rel <= 1e-6,
+                "{:?}: inv_freq[{i}] {a} vs {b}",
+                config.rope.scaling
+            );
         }
         let want = case["attention_scaling"].as_f64().unwrap();
-        assert!((f64::from(scale) - want).abs() <= 1e-6, "{:?}: scale {scale} vs {want}", config.rope.scaling);
+        assert!(
+            (f64::from(scale) - want).abs() <= 1e-6,
+            "{:?}: scale {scale} vs {want}",
+            config.rope.scaling
+        );
     }
 }

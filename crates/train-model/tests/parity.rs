@@ -330,3 +330,8 @@ backend_tests!(
     burn::backend::LibTorch,
     burn::backend::libtorch::LibTorchDevice::Cpu
 );
+
+// Runs on a machine with an NVIDIA GPU (`cargo test -p train-model --features cuda --test parity cuda`);
+// CI only compiles it.
+#[cfg(feature = "cuda")]
+backend_tests!(cuda, burn::backend::Cuda, Default::default());

@@ -44,13 +44,13 @@ impl Reference {
                     t.f32 = bytes
                         .chunks_exact(4)
                         .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                        .collect()
+                        .collect();
                 }
                 Dtype::I64 => {
                     t.i64 = bytes
                         .chunks_exact(8)
                         .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-                        .collect()
+                        .collect();
                 }
                 other => panic!("unexpected dtype {other:?} for {name}"),
             }
