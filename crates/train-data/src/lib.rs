@@ -1,0 +1,81 @@
+//! # train-data
+//!
+//! From raw conversations to packed, correctly masked training batches for decoder LLMs —
+//! without any tensor library. The output is plain Rust: token ids, labels (with an ignore
+//! value), position ids and segment ids, ready for whatever trainer turns them into tensors.
+//!
+//! The steps, each usable on its own:
+//!
+//! 1. **Load** ([`load_conversations`]): JSONL (streamed), JSON arrays and Parquet, with rows
+//!    in the `messages` format, Alpaca or ShareGPT, normalized to [`Conversation`]s. Every
+//!    problem names the file, the line (or row) and the field; a [`ErrorPolicy`] says whether to
+//!    stop or skip. [`check_file`] adds the dataset-level checks (duplicates, answer leakage,
+//!    rows over the maximum length).
+//! 2. **Transform** ([`TransformPipeline`]): strip `<think>` blocks, a default system prompt,
+//!    the thinking and stop emoji patterns — or your own [`Transform`]. Deterministic from the
+//!    seed and the row index.
+//! 3. **Render and tokenize** ([`ChatTokenizer`]): the model's own Jinja chat template
+//!    (rendered like `transformers.apply_chat_template`) and `tokenizer.json`. Labels cover
+//!    each assistant turn from after its header through its end-of-turn token.
+//! 4. **Truncate, split, pack** ([`fit`], [`split_indices`], [`pack_examples`], [`Batch`]):
+//!    best-fit-decreasing packing where each packed example keeps its own positions and segment
+//!    so nothing leaks between examples; padding as the alternative.
+//!
+//! [`prepare`] runs the whole chain from a [`DatasetConfig`] (the seed's `DatasetConfig`:
+//! `max_length` 4096, `validation_split` 0.1, thinking pattern…) and reports [`DataStats`];
+//! [`prepare_cached`] keeps the tokenized result in Parquet, keyed by a hash of everything
+//! that shapes it.
+//!
+//! ## Example
+//!
+//! ```
+//! use train_data::{ChatTokenizer, Conversation, Message, Role, Sequence, Example, IGNORE_INDEX};
+//!
+//! # let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/qwen2"));
+//! let tok = ChatTokenizer::from_model_dir(dir)?; // tokenizer.json + chat template
+//! let conv = Conversation::new(vec![
+//!     Message::new(Role::User, "What is the capital of France?"),
+//!     Message::new(Role::Assistant, "Paris."),
+//! ]);
+//! let enc = tok.encode(&conv)?;
+//! // Only "Paris.<|im_end|>" is trained.
+//! let trained: Vec<u32> = enc.labels.iter().filter(|&&l| l != IGNORE_INDEX).map(|&l| l as u32).collect();
+//! assert_eq!(tok.tokenizer().decode(&trained, false).unwrap(), "Paris.<|im_end|>");
+//!
+//! // Two examples packed into one row: positions restart, segments differ.
+//! let a = Example { row: 0, input_ids: enc.input_ids.clone(), labels: enc.labels.clone() };
+//! let row = Sequence::pack(&[&a, &a]);
+//! assert_eq!(row.position_ids[a.len()], 0);
+//! assert_eq!(row.segment_ids[a.len()], 1);
+//! # Ok::<(), train_data::DataError>(())
+//! ```
+
+pub mod batch;
+pub mod conversation;
+pub mod error;
+pub mod load;
+pub mod parquet;
+pub mod pipeline;
+pub mod rng;
+pub mod split;
+pub mod template;
+pub mod tokenize;
+pub mod transform;
+pub mod validate;
+
+pub use batch::{
+    Batch, Example, Fitted, IGNORE_INDEX, Sequence, Truncation, best_fit_decreasing, fit,
+    pack_examples,
+};
+pub use conversation::{Conversation, Message, Role};
+pub use error::{DataError, Problem, ProblemKind, Result, RowLocation, Severity};
+pub use load::{DataFormat, ErrorPolicy, LoadOptions, Loaded, RowSchema, load_conversations};
+pub use pipeline::{
+    DataStats, DatasetConfig, Prepared, cache_key, prepare, prepare_cached, read_prepared,
+    write_prepared,
+};
+pub use split::{DataPosition, EpochOrder, ValidationSplit, split_indices};
+pub use template::ChatTemplate;
+pub use tokenize::{ChatTokenizer, Encoded, LabelMode};
+pub use transform::{Transform, TransformConfig, TransformContext, TransformPipeline};
+pub use validate::{CheckReport, check_file};

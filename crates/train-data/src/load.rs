@@ -1,0 +1,576 @@
+//! Loading conversations from the formats users bring, normalized to [`Conversation`]s.
+//!
+//! Containers: JSONL (one row a line, read as a stream), a JSON array, Parquet. Row shapes:
+//! `{"messages": [{"role", "content"}]}` (the seed's format), Alpaca
+//! (`instruction` / `input` / `output`) and ShareGPT (`conversations` with `from` / `value`).
+//! Both are detected automatically and can be forced. Every problem names the file, the line
+//! (or row) and the field; bytes that are not even text give an error, never a panic.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::conversation::{Conversation, Message, Role};
+use crate::error::{DataError, Problem, ProblemKind, Result, RowLocation, Severity};
+
+/// The file container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataFormat {
+    /// From the extension (`.parquet`, `.json`, `.jsonl`) and, for `.json`, the first byte.
+    #[default]
+    Auto,
+    /// One JSON object a line.
+    Jsonl,
+    /// One JSON array of objects.
+    Json,
+    /// A Parquet file (read with polars).
+    Parquet,
+}
+
+/// The shape of a row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RowSchema {
+    /// Per row: `messages`, else `conversations` (ShareGPT), else `instruction` (Alpaca).
+    #[default]
+    Auto,
+    /// `{"messages": [{"role": ..., "content": ...}]}`.
+    Messages,
+    /// `{"instruction", "input", "output", "system"?}`.
+    Alpaca,
+    /// `{"conversations": [{"from": ..., "value": ...}], "system"?}`.
+    ShareGpt,
+}
+
+/// What to do with an invalid row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ErrorPolicy {
+    /// Stop at the first invalid row (the error names it).
+    #[default]
+    Strict,
+    /// Drop invalid rows, reporting each.
+    Skip,
+}
+
+/// How to load a data file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadOptions {
+    /// Container format.
+    #[serde(default)]
+    pub format: DataFormat,
+    /// Row shape.
+    #[serde(default)]
+    pub schema: RowSchema,
+    /// Invalid rows: stop or skip.
+    #[serde(default)]
+    pub policy: ErrorPolicy,
+}
+
+/// The conversations of a file and the problems met on the way.
+#[derive(Debug, Clone, Default)]
+pub struct Loaded {
+    /// Valid conversations, in file order.
+    pub conversations: Vec<Conversation>,
+    /// Problems of the rows that were dropped (only with [`ErrorPolicy::Skip`]).
+    pub problems: Vec<Problem>,
+    /// Rows read (valid or not, blank lines excluded).
+    pub rows_read: usize,
+}
+
+/// Loads `path` according to `options`.
+pub fn load_conversations(path: &Path, options: &LoadOptions) -> Result<Loaded> {
+    let format = match options.format {
+        DataFormat::Auto => detect_format(path)?,
+        f => f,
+    };
+    let mut loaded = Loaded::default();
+    let mut accept = |row: std::result::Result<Conversation, Vec<Problem>>| -> Result<()> {
+        loaded.rows_read += 1;
+        match row {
+            Ok(c) => loaded.conversations.push(c),
+            Err(problems) => {
+                if options.policy == ErrorPolicy::Strict
+                    && let Some(first) = problems.iter().find(|p| p.severity == Severity::Error)
+                {
+                    return Err(DataError::Row(Box::new(first.clone())));
+                }
+                loaded.problems.extend(problems);
+            }
+        }
+        Ok(())
+    };
+    match format {
+        DataFormat::Jsonl | DataFormat::Auto => {
+            for row in JsonlRows::open(path, options.schema)? {
+                accept(row?)?;
+            }
+        }
+        DataFormat::Json => {
+            for row in json_array_rows(path, options.schema)? {
+                accept(row)?;
+            }
+        }
+        DataFormat::Parquet => {
+            for row in crate::parquet::parquet_rows(path, options.schema)? {
+                accept(row)?;
+            }
+        }
+    }
+    Ok(loaded)
+}
+
+fn detect_format(path: &Path) -> Result<DataFormat> {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    match ext.as_str() {
+        "parquet" | "pq" => return Ok(DataFormat::Parquet),
+        "jsonl" | "ndjson" => return Ok(DataFormat::Jsonl),
+        _ => {}
+    }
+    // Otherwise peek at the first non-blank byte: `[` is a JSON array, anything else JSONL.
+    let mut file = File::open(path).map_err(|e| DataError::io(path, e))?;
+    let mut buf = [0u8; 4096];
+    let n = file.read(&mut buf).map_err(|e| DataError::io(path, e))?;
+    let first = buf[..n]
+        .iter()
+        .copied()
+        .find(|b| !b.is_ascii_whitespace() && *b != 0xEF && *b != 0xBB && *b != 0xBF);
+    if buf[..n].starts_with(b"PAR1") {
+        return Ok(DataFormat::Parquet);
+    }
+    Ok(if first == Some(b'[') {
+        DataFormat::Json
+    } else {
+        DataFormat::Jsonl
+    })
+}
+
+/// Streams the rows of a JSONL file: each item is a conversation or the problems of its row.
+pub struct JsonlRows {
+    path: PathBuf,
+    reader: BufReader<File>,
+    schema: RowSchema,
+    line: usize,
+    row: usize,
+    buf: Vec<u8>,
+}
+
+impl JsonlRows {
+    /// Opens `path`.
+    pub fn open(path: &Path, schema: RowSchema) -> Result<Self> {
+        let file = File::open(path).map_err(|e| DataError::io(path, e))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            reader: BufReader::with_capacity(1 << 16, file),
+            schema,
+            line: 0,
+            row: 0,
+            buf: Vec::new(),
+        })
+    }
+}
+
+impl Iterator for JsonlRows {
+    type Item = Result<std::result::Result<Conversation, Vec<Problem>>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            self.buf.clear();
+            match self.reader.read_until(b'\n', &mut self.buf) {
+                Ok(0) => return None,
+                Ok(_) => {}
+                Err(e) => return Some(Err(DataError::io(&self.path, e))),
+            }
+            self.line += 1;
+            let mut bytes = self.buf.as_slice();
+            if self.line == 1 {
+                bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+            }
+            if bytes.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            let location = RowLocation {
+                path: self.path.clone(),
+                line: Some(self.line),
+                row: self.row,
+            };
+            self.row += 1;
+            let text = match std::str::from_utf8(bytes) {
+                Ok(t) => t,
+                Err(e) => {
+                    return Some(Ok(Err(vec![Problem::new(
+                        location,
+                        "",
+                        ProblemKind::InvalidUtf8,
+                        format!("invalid UTF-8 at byte {} of the line", e.valid_up_to()),
+                    )])));
+                }
+            };
+            let value: Value = match serde_json::from_str(text) {
+                Ok(v) => v,
+                Err(e) => {
+                    return Some(Ok(Err(vec![Problem::new(
+                        location,
+                        "",
+                        ProblemKind::BrokenJson,
+                        format!("broken JSON at column {}: {e}", e.column()),
+                    )])));
+                }
+            };
+            return Some(Ok(normalize_row(&value, location, self.schema)));
+        }
+    }
+}
+
+fn json_array_rows(
+    path: &Path,
+    schema: RowSchema,
+) -> Result<Vec<std::result::Result<Conversation, Vec<Problem>>>> {
+    let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
+    let value: Value = serde_json::from_slice(bytes).map_err(|e| {
+        DataError::file(
+            path,
+            format!(
+                "broken JSON at line {}, column {}: {e}",
+                e.line(),
+                e.column()
+            ),
+        )
+    })?;
+    let Value::Array(rows) = value else {
+        return Err(DataError::file(
+            path,
+            "a .json data file must hold an array of rows (use .jsonl for one row a line)",
+        ));
+    };
+    Ok(rows
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            normalize_row(
+                v,
+                RowLocation {
+                    path: path.to_path_buf(),
+                    line: None,
+                    row: i,
+                },
+                schema,
+            )
+        })
+        .collect())
+}
+
+/// Turns one row (any supported shape) into a checked conversation, or the row's problems.
+pub fn normalize_row(
+    value: &Value,
+    location: RowLocation,
+    schema: RowSchema,
+) -> std::result::Result<Conversation, Vec<Problem>> {
+    let problem = |field: &str, kind: ProblemKind, msg: String| {
+        vec![Problem::new(location.clone(), field, kind, msg)]
+    };
+    let Value::Object(obj) = value else {
+        return Err(problem(
+            "",
+            ProblemKind::WrongType,
+            format!("a row must be a JSON object, found {}", kind_of(value)),
+        ));
+    };
+    let schema = match schema {
+        RowSchema::Auto if obj.contains_key("messages") => RowSchema::Messages,
+        RowSchema::Auto if obj.contains_key("conversations") => RowSchema::ShareGpt,
+        RowSchema::Auto if obj.contains_key("instruction") => RowSchema::Alpaca,
+        RowSchema::Auto => {
+            return Err(problem(
+                "messages",
+                ProblemKind::MissingMessages,
+                "missing `messages` (and no ShareGPT `conversations` or Alpaca `instruction`)"
+                    .into(),
+            ));
+        }
+        s => s,
+    };
+    let messages = match schema {
+        RowSchema::Messages | RowSchema::Auto => messages_schema(obj, &location)?,
+        RowSchema::ShareGpt => sharegpt_schema(obj, &location)?,
+        RowSchema::Alpaca => alpaca_schema(obj, &location)?,
+    };
+    let conversation = Conversation {
+        messages,
+        location: Some(location),
+    };
+    let problems = crate::validate::structure_problems(&conversation);
+    if problems.is_empty() {
+        Ok(conversation)
+    } else {
+        Err(problems)
+    }
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Message content: a string, or a list of `{"type": "text", "text": ...}` parts (joined).
+fn content_text(
+    v: Option<&Value>,
+    field: &str,
+    location: &RowLocation,
+) -> std::result::Result<String, Vec<Problem>> {
+    let wrong = |msg: String| {
+        vec![Problem::new(
+            location.clone(),
+            field,
+            ProblemKind::WrongType,
+            msg,
+        )]
+    };
+    match v {
+        None | Some(Value::Null) => Ok(String::new()),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Array(parts)) => {
+            let mut out = String::new();
+            for (i, part) in parts.iter().enumerate() {
+                match (
+                    part.get("type").and_then(Value::as_str),
+                    part.get("text").and_then(Value::as_str),
+                ) {
+                    (Some("text") | None, Some(t)) => out.push_str(t),
+                    (Some(other), _) => {
+                        return Err(wrong(format!(
+                            "part {i} has type `{other}`; only text content is supported"
+                        )));
+                    }
+                    _ => return Err(wrong(format!("part {i} is not a text part"))),
+                }
+            }
+            Ok(out)
+        }
+        Some(other) => Err(wrong(format!("must be a string, found {}", kind_of(other)))),
+    }
+}
+
+fn messages_schema(
+    obj: &serde_json::Map<String, Value>,
+    location: &RowLocation,
+) -> std::result::Result<Vec<Message>, Vec<Problem>> {
+    let problem = |field: String, kind: ProblemKind, msg: String| {
+        vec![Problem::new(location.clone(), field, kind, msg)]
+    };
+    let list = match obj.get("messages") {
+        None => {
+            return Err(problem(
+                "messages".into(),
+                ProblemKind::MissingMessages,
+                "missing".into(),
+            ));
+        }
+        Some(Value::Array(a)) => a,
+        Some(other) => {
+            return Err(problem(
+                "messages".into(),
+                ProblemKind::WrongType,
+                format!("must be a list, found {}", kind_of(other)),
+            ));
+        }
+    };
+    if list.is_empty() {
+        return Err(problem(
+            "messages".into(),
+            ProblemKind::EmptyMessages,
+            "the list is empty".into(),
+        ));
+    }
+    let mut out = Vec::with_capacity(list.len());
+    for (i, m) in list.iter().enumerate() {
+        let Value::Object(m) = m else {
+            return Err(problem(
+                format!("messages[{i}]"),
+                ProblemKind::WrongType,
+                format!("must be an object, found {}", kind_of(m)),
+            ));
+        };
+        let role = match m.get("role") {
+            Some(Value::String(r)) => Role::parse(r).ok_or_else(|| {
+                problem(
+                    format!("messages[{i}].role"),
+                    ProblemKind::UnknownRole,
+                    format!("unknown role `{r}` (expected system, user or assistant)"),
+                )
+            })?,
+            None => {
+                return Err(problem(
+                    format!("messages[{i}].role"),
+                    ProblemKind::WrongType,
+                    "missing".into(),
+                ));
+            }
+            Some(other) => {
+                return Err(problem(
+                    format!("messages[{i}].role"),
+                    ProblemKind::WrongType,
+                    format!("must be a string, found {}", kind_of(other)),
+                ));
+            }
+        };
+        let content = content_text(
+            m.get("content"),
+            &format!("messages[{i}].content"),
+            location,
+        )?;
+        let reasoning_content = match m.get("reasoning_content") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(other) => {
+                return Err(problem(
+                    format!("messages[{i}].reasoning_content"),
+                    ProblemKind::WrongType,
+                    format!("must be a string, found {}", kind_of(other)),
+                ));
+            }
+        };
+        out.push(Message {
+            role,
+            content,
+            reasoning_content,
+        });
+    }
+    Ok(out)
+}
+
+fn system_field(
+    obj: &serde_json::Map<String, Value>,
+    location: &RowLocation,
+) -> std::result::Result<Option<Message>, Vec<Problem>> {
+    match obj.get("system") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.trim().is_empty() => Ok(None),
+        Some(Value::String(s)) => Ok(Some(Message::new(Role::System, s.clone()))),
+        Some(other) => Err(vec![Problem::new(
+            location.clone(),
+            "system",
+            ProblemKind::WrongType,
+            format!("must be a string, found {}", kind_of(other)),
+        )]),
+    }
+}
+
+fn sharegpt_schema(
+    obj: &serde_json::Map<String, Value>,
+    location: &RowLocation,
+) -> std::result::Result<Vec<Message>, Vec<Problem>> {
+    let problem = |field: String, kind: ProblemKind, msg: String| {
+        vec![Problem::new(location.clone(), field, kind, msg)]
+    };
+    let list = match obj.get("conversations") {
+        None => {
+            return Err(problem(
+                "conversations".into(),
+                ProblemKind::MissingMessages,
+                "missing".into(),
+            ));
+        }
+        Some(Value::Array(a)) => a,
+        Some(other) => {
+            return Err(problem(
+                "conversations".into(),
+                ProblemKind::WrongType,
+                format!("must be a list, found {}", kind_of(other)),
+            ));
+        }
+    };
+    if list.is_empty() {
+        return Err(problem(
+            "conversations".into(),
+            ProblemKind::EmptyMessages,
+            "the list is empty".into(),
+        ));
+    }
+    let mut out: Vec<Message> = system_field(obj, location)?.into_iter().collect();
+    for (i, m) in list.iter().enumerate() {
+        let from = m.get("from").and_then(Value::as_str).ok_or_else(|| {
+            problem(
+                format!("conversations[{i}].from"),
+                ProblemKind::WrongType,
+                "missing or not a string".into(),
+            )
+        })?;
+        let role = match from {
+            "system" => Role::System,
+            "human" | "user" => Role::User,
+            "gpt" | "assistant" | "chatgpt" | "model" | "bard" | "bing" => Role::Assistant,
+            other => {
+                return Err(problem(
+                    format!("conversations[{i}].from"),
+                    ProblemKind::UnknownRole,
+                    format!(
+                        "unknown speaker `{other}` (expected system, human/user or gpt/assistant)"
+                    ),
+                ));
+            }
+        };
+        let content = content_text(
+            m.get("value"),
+            &format!("conversations[{i}].value"),
+            location,
+        )?;
+        out.push(Message::new(role, content));
+    }
+    Ok(out)
+}
+
+fn alpaca_schema(
+    obj: &serde_json::Map<String, Value>,
+    location: &RowLocation,
+) -> std::result::Result<Vec<Message>, Vec<Problem>> {
+    let text = |key: &str, required: bool| -> std::result::Result<String, Vec<Problem>> {
+        match obj.get(key) {
+            None | Some(Value::Null) if required => Err(vec![Problem::new(
+                location.clone(),
+                key,
+                if key == "output" {
+                    ProblemKind::NoAssistantTurn
+                } else {
+                    ProblemKind::MissingMessages
+                },
+                "missing",
+            )]),
+            None | Some(Value::Null) => Ok(String::new()),
+            Some(Value::String(s)) => Ok(s.clone()),
+            Some(other) => Err(vec![Problem::new(
+                location.clone(),
+                key,
+                ProblemKind::WrongType,
+                format!("must be a string, found {}", kind_of(other)),
+            )]),
+        }
+    };
+    let instruction = text("instruction", true)?;
+    let input = text("input", false)?;
+    let output = text("output", true)?;
+    let user = if input.trim().is_empty() {
+        instruction
+    } else {
+        format!("{instruction}\n\n{input}")
+    };
+    let mut out: Vec<Message> = system_field(obj, location)?.into_iter().collect();
+    out.push(Message::new(Role::User, user));
+    out.push(Message::new(Role::Assistant, output));
+    Ok(out)
+}

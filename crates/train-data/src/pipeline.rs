@@ -1,0 +1,439 @@
+//! The whole preparation: load → transform → render and tokenize → truncate → split, with
+//! statistics, and a tokenized-dataset cache keyed by everything that shapes the result.
+
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::batch::{Example, Fitted, Truncation, fit, pack_examples};
+use crate::error::{DataError, Problem, ProblemKind, Result, RowLocation, Severity};
+use crate::load::{ErrorPolicy, LoadOptions, load_conversations};
+use crate::parquet::{read_examples, write_examples};
+use crate::split::{ValidationSplit, split_indices};
+use crate::tokenize::{ChatTokenizer, LabelMode};
+use crate::transform::{TransformConfig, TransformPipeline};
+
+/// The data side of a run (the seed's `DatasetConfig`, plus what the original CLI had).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatasetConfig {
+    /// The data file.
+    pub dataset_path: PathBuf,
+    /// Longest example, in tokens (default 4096).
+    pub max_length: usize,
+    /// Validation rows: a fraction below 1, or a count (default 0.1).
+    pub validation_split: f64,
+    /// Add the origin's thinking pattern.
+    pub apply_thinking_pattern: bool,
+    /// Fixed emoji of the thinking pattern (empty: random per turn).
+    pub thinking_emoji: String,
+    /// Add the origin's stop pattern.
+    pub apply_stop_pattern: bool,
+    /// Insert this system prompt in rows without one.
+    pub system_prompt: Option<String>,
+    /// Further transforms, applied first, in order.
+    pub transforms: Vec<TransformConfig>,
+    /// Which tokens are trained.
+    pub label_mode: LabelMode,
+    /// Examples over `max_length`: truncate or drop.
+    pub truncation: Truncation,
+    /// Seed of transforms and the split.
+    pub seed: u64,
+    /// Format, row schema and error policy.
+    pub load: LoadOptions,
+}
+
+impl Default for DatasetConfig {
+    fn default() -> Self {
+        Self {
+            dataset_path: PathBuf::new(),
+            max_length: 4096,
+            validation_split: 0.1,
+            apply_thinking_pattern: false,
+            thinking_emoji: String::new(),
+            apply_stop_pattern: false,
+            system_prompt: None,
+            transforms: Vec::new(),
+            label_mode: LabelMode::default(),
+            truncation: Truncation::default(),
+            seed: 42,
+            load: LoadOptions::default(),
+        }
+    }
+}
+
+impl DatasetConfig {
+    /// The transforms this configuration asks for, in order: the explicit list, the system
+    /// prompt, the thinking pattern, the stop pattern.
+    pub fn transform_configs(&self) -> Vec<TransformConfig> {
+        let mut out = self.transforms.clone();
+        if let Some(prompt) = &self.system_prompt {
+            out.push(TransformConfig::SystemPrompt {
+                prompt: prompt.clone(),
+            });
+        }
+        if self.apply_thinking_pattern {
+            let emoji = (!self.thinking_emoji.is_empty()).then(|| self.thinking_emoji.clone());
+            out.push(TransformConfig::ThinkingPattern {
+                emoji,
+                min_count: 2,
+                max_count: 8,
+            });
+        }
+        if self.apply_stop_pattern {
+            out.push(TransformConfig::StopPattern {
+                emoji: None,
+                min_count: 2,
+                max_count: 4,
+            });
+        }
+        out
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.max_length < 2 {
+            return Err(DataError::config(
+                "max_length",
+                format!("{} is too small (at least 2)", self.max_length),
+            ));
+        }
+        ValidationSplit::from_value(self.validation_split)?;
+        Ok(())
+    }
+}
+
+/// Counts that describe a prepared dataset.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DataStats {
+    /// Rows read from the file.
+    pub rows_read: usize,
+    /// Rows dropped as invalid (skip policy) or failing the template.
+    pub invalid_rows: usize,
+    /// Examples kept.
+    pub examples: usize,
+    /// Of which in the training split.
+    pub train_examples: usize,
+    /// Of which in the validation split.
+    pub validation_examples: usize,
+    /// Tokens of the kept examples (after truncation).
+    pub tokens: usize,
+    /// Tokens that contribute to the loss.
+    pub label_tokens: usize,
+    /// Label tokens the chat template inserted (e.g. Qwen3's empty `<think>` block).
+    pub template_label_tokens: usize,
+    /// Examples cut to `max_length`.
+    pub truncated_rows: usize,
+    /// Examples dropped for length (`truncation = "drop"`).
+    pub dropped_rows: usize,
+    /// Tokens removed by truncation or dropping.
+    pub tokens_lost: usize,
+    /// Examples excluded because truncation left them without label tokens.
+    pub rows_without_labels: usize,
+    /// The maximum length.
+    pub max_length: usize,
+    /// Longest kept example.
+    pub longest: usize,
+    /// Mean tokens per kept example.
+    pub mean_tokens: f64,
+    /// Rows of `max_length` that best-fit-decreasing packing of the training split needs.
+    pub packed_rows: usize,
+    /// Tokens / (packed rows × `max_length`).
+    pub packing_efficiency: f64,
+}
+
+/// A prepared dataset.
+#[derive(Debug, Clone, Default)]
+pub struct Prepared {
+    /// Training examples, in file order.
+    pub train: Vec<Example>,
+    /// Validation examples, in file order.
+    pub validation: Vec<Example>,
+    /// The numbers.
+    pub stats: DataStats,
+    /// Problems met (dropped rows, warnings).
+    pub problems: Vec<Problem>,
+}
+
+/// Prepares `config.dataset_path` with `tokenizer` (its label mode is replaced by the
+/// configuration's). `extra` transforms run after the configured ones.
+pub fn prepare(
+    config: &DatasetConfig,
+    tokenizer: &ChatTokenizer,
+    extra: Option<&TransformPipeline>,
+) -> Result<Prepared> {
+    config.validate()?;
+    let loaded = load_conversations(&config.dataset_path, &config.load)?;
+    let pipeline = TransformPipeline::from_configs(&config.transform_configs())?;
+    let mut conversations = loaded.conversations;
+    for c in &mut conversations {
+        let row = c.location.as_ref().map_or(0, |l| l.row);
+        pipeline.apply(c, config.seed, row);
+        if let Some(extra) = extra {
+            // A seed of their own, so adding a custom transform never changes the built-ins' choices.
+            extra.apply(c, config.seed ^ 0xC057_0000, row);
+        }
+    }
+    let mut problems = loaded.problems;
+    let mut stats = DataStats {
+        rows_read: loaded.rows_read,
+        max_length: config.max_length,
+        ..DataStats::default()
+    };
+    stats.invalid_rows = problems
+        .iter()
+        .filter(|p| p.severity == Severity::Error)
+        .map(|p| p.location.row)
+        .collect::<std::collections::BTreeSet<_>>()
+        .len();
+
+    let mode = config.label_mode;
+    let encoded: Vec<Result<crate::tokenize::Encoded>> = conversations
+        .par_iter()
+        .map(|c| tokenizer.encode_with_mode(c, mode))
+        .collect();
+    let mut examples = Vec::with_capacity(conversations.len());
+    for (c, enc) in conversations.iter().zip(encoded) {
+        let location = c.location.clone().unwrap_or(RowLocation {
+            path: config.dataset_path.clone(),
+            line: None,
+            row: 0,
+        });
+        let enc = match enc {
+            Ok(e) => e,
+            Err(e) if config.load.policy == ErrorPolicy::Skip => {
+                problems.push(Problem::new(
+                    location,
+                    "",
+                    ProblemKind::Template,
+                    e.to_string(),
+                ));
+                stats.invalid_rows += 1;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let example = Example {
+            row: location.row,
+            input_ids: enc.input_ids,
+            labels: enc.labels,
+        };
+        let had_labels = example.label_tokens() > 0;
+        let example = match fit(example, config.max_length, config.truncation) {
+            Fitted::Unchanged(e) => e,
+            Fitted::Truncated { example, lost } => {
+                stats.truncated_rows += 1;
+                stats.tokens_lost += lost;
+                example
+            }
+            Fitted::Dropped { tokens } => {
+                stats.dropped_rows += 1;
+                stats.tokens_lost += tokens;
+                problems.push(Problem::new(
+                    location,
+                    "",
+                    ProblemKind::TooLong,
+                    format!(
+                        "{tokens} tokens, over the maximum of {}: dropped",
+                        config.max_length
+                    ),
+                ));
+                continue;
+            }
+        };
+        if example.label_tokens() == 0 {
+            stats.rows_without_labels += 1;
+            let why = if had_labels {
+                "truncation removed every label token"
+            } else {
+                "no label tokens"
+            };
+            problems.push(Problem::new(
+                location,
+                "",
+                ProblemKind::AllLabelsTruncated,
+                format!("{why}: the row is not trained"),
+            ));
+            continue;
+        }
+        stats.template_label_tokens += enc.template_label_tokens.min(example.label_tokens());
+        examples.push(example);
+    }
+
+    let split = ValidationSplit::from_value(config.validation_split)?;
+    let (train_idx, val_idx) = split_indices(examples.len(), split, config.seed);
+    let mut slots: Vec<Option<Example>> = examples.into_iter().map(Some).collect();
+    let take = |idx: &[usize], slots: &mut Vec<Option<Example>>| -> Vec<Example> {
+        idx.iter()
+            .filter_map(|&i| slots.get_mut(i).and_then(Option::take))
+            .collect()
+    };
+    let validation = take(&val_idx, &mut slots);
+    let train = take(&train_idx, &mut slots);
+    fill_stats(&mut stats, &train, &validation);
+    problems.sort_by_key(|p| p.location.row);
+    Ok(Prepared {
+        train,
+        validation,
+        stats,
+        problems,
+    })
+}
+
+fn fill_stats(stats: &mut DataStats, train: &[Example], validation: &[Example]) {
+    let all = train.iter().chain(validation);
+    stats.train_examples = train.len();
+    stats.validation_examples = validation.len();
+    stats.examples = train.len() + validation.len();
+    stats.tokens = all.clone().map(Example::len).sum();
+    stats.label_tokens = all.clone().map(Example::label_tokens).sum();
+    stats.longest = all.map(Example::len).max().unwrap_or(0);
+    stats.mean_tokens = if stats.examples == 0 {
+        0.0
+    } else {
+        stats.tokens as f64 / stats.examples as f64
+    };
+    let (rows, efficiency) = pack_examples(train, stats.max_length);
+    stats.packed_rows = rows.len();
+    stats.packing_efficiency = efficiency;
+}
+
+/// Writes a prepared dataset: `train.parquet`, `validation.parquet`, `stats.json` and
+/// `problems.json`.
+pub fn write_prepared(dir: &Path, prepared: &Prepared) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
+    write_examples(&dir.join("train.parquet"), &prepared.train)?;
+    write_examples(&dir.join("validation.parquet"), &prepared.validation)?;
+    write_json(&dir.join("problems.json"), &prepared.problems)?;
+    write_json(&dir.join("stats.json"), &prepared.stats)
+}
+
+/// Reads a dataset written by [`write_prepared`].
+pub fn read_prepared(dir: &Path) -> Result<Prepared> {
+    let stats_path = dir.join("stats.json");
+    let stats: DataStats = serde_json::from_str(
+        &std::fs::read_to_string(&stats_path).map_err(|e| DataError::io(&stats_path, e))?,
+    )
+    .map_err(|e| DataError::file(&stats_path, e.to_string()))?;
+    Ok(Prepared {
+        train: read_examples(&dir.join("train.parquet"))?,
+        validation: read_examples(&dir.join("validation.parquet"))?,
+        stats,
+        problems: Vec::new(),
+    })
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let text =
+        serde_json::to_string_pretty(value).map_err(|e| DataError::file(path, e.to_string()))?;
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, text).map_err(|e| DataError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| DataError::io(path, e))
+}
+
+/// The cache key of a preparation: the data file, the tokenizer, the template and its special
+/// tokens, the configuration and this crate's version.
+pub fn cache_key(config: &DatasetConfig, tokenizer: &ChatTokenizer) -> Result<String> {
+    let mut h = Sha256::new();
+    h.update(env!("CARGO_PKG_VERSION").as_bytes());
+    let mut file = std::fs::File::open(&config.dataset_path)
+        .map_err(|e| DataError::io(&config.dataset_path, e))?;
+    std::io::copy(&mut file, &mut HashWriter(&mut h))
+        .map_err(|e| DataError::io(&config.dataset_path, e))?;
+    let tok = tokenizer
+        .tokenizer()
+        .to_string(false)
+        .map_err(|e| DataError::config("tokenizer", e.to_string()))?;
+    h.update(tok.as_bytes());
+    h.update(tokenizer.template().source().as_bytes());
+    for key in ["bos_token", "eos_token", "pad_token", "unk_token"] {
+        h.update(
+            tokenizer
+                .template()
+                .special_token(key)
+                .unwrap_or("")
+                .as_bytes(),
+        );
+        h.update([0]);
+    }
+    let mut cfg = config.clone();
+    cfg.dataset_path = PathBuf::new();
+    h.update(
+        serde_json::to_string(&cfg)
+            .map_err(|e| DataError::config("dataset", e.to_string()))?
+            .as_bytes(),
+    );
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+struct HashWriter<'a>(&'a mut Sha256);
+
+impl std::io::Write for HashWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// [`prepare`] through an on-disk cache under `cache_dir`: a second run with the same data
+/// file, tokenizer, template and configuration reads the tokenized dataset instead of
+/// tokenizing again. Returns the dataset and whether it came from the cache.
+pub fn prepare_cached(
+    config: &DatasetConfig,
+    tokenizer: &ChatTokenizer,
+    cache_dir: &Path,
+) -> Result<(Prepared, bool)> {
+    let key = cache_key(config, tokenizer)?;
+    let dir = cache_dir.join(&key);
+    if dir.join("stats.json").is_file()
+        && let Ok(mut cached) = read_prepared(&dir)
+    {
+        let problems_path = dir.join("problems.json");
+        if let Ok(text) = std::fs::read_to_string(&problems_path) {
+            cached.problems = serde_json::from_str::<Vec<ProblemRecord>>(&text)
+                .map(|v| v.into_iter().map(ProblemRecord::into_problem).collect())
+                .unwrap_or_default();
+        }
+        return Ok((cached, true));
+    }
+    let prepared = prepare(config, tokenizer, None)?;
+    let tmp = cache_dir.join(format!("{key}.tmp-{}", std::process::id()));
+    write_prepared(&tmp, &prepared)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&tmp, &dir).map_err(|e| DataError::io(&dir, e))?;
+    Ok((prepared, false))
+}
+
+#[derive(Deserialize)]
+struct ProblemRecord {
+    location: LocationRecord,
+    field: String,
+    kind: ProblemKind,
+    message: String,
+}
+
+#[derive(Deserialize)]
+struct LocationRecord {
+    path: PathBuf,
+    line: Option<usize>,
+    row: usize,
+}
+
+impl ProblemRecord {
+    fn into_problem(self) -> Problem {
+        Problem::new(
+            RowLocation {
+                path: self.location.path,
+                line: self.location.line,
+                row: self.location.row,
+            },
+            self.field,
+            self.kind,
+            self.message,
+        )
+    }
+}
