@@ -208,7 +208,7 @@ pub fn check_file(
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    problems.push(Problem::new(loc, "", ProblemKind::Template, e.to_string()))
+                    problems.push(Problem::new(loc, "", ProblemKind::Template, e.to_string()));
                 }
             }
         }
