@@ -24,7 +24,7 @@ def gen(assets, out, rows):
         if "/english/" in name and name.endswith(".yml"):
             for c in yaml.safe_load(z.read(name))["conversations"]:
                 c = [str(x) for x in c]
-                if len(c) >= 2:
+                if len(c) >= 2 and all(x.strip() for x in c):
                     convs.append(c[: len(c) // 2 * 2])
     n = len(convs)
     with open(out, "w") as f:
