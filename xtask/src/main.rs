@@ -234,13 +234,14 @@ fn ci() -> Result<()> {
         cargo_step("benches compile", &["bench", "--workspace", "--no-run"])
     })?;
     timed("package", &mut || {
-        for krate in publishable_crates()? {
-            cargo_step(
-                &format!("package {krate}"),
-                &["package", "-p", &krate, "--no-verify", "--allow-dirty"],
-            )?;
+        // One invocation, so that crates depending on each other resolve through cargo's local
+        // overlay of the workspace instead of crates.io.
+        let crates = publishable_crates()?;
+        let mut args = vec!["package", "--no-verify", "--allow-dirty"];
+        for k in &crates {
+            args.extend(["-p", k.as_str()]);
         }
-        Ok(())
+        cargo_step(&format!("package {}", crates.join(", ")), &args)
     })?;
     eprintln!(
         "\nxtask ci: all checks passed in {:.1} min",
