@@ -3,6 +3,11 @@
 
 mod config_file;
 
+// Data preparation allocates many small strings and vectors; mimalloc makes it ~20 % faster
+// than glibc's allocator here (measured with `cargo xtask bench-data`).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
