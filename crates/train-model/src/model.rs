@@ -27,14 +27,18 @@ pub struct Projection<B: Backend> {
 }
 
 impl<B: Backend> Projection<B> {
-    /// `x @ weight^T + bias`.
+    /// `x @ weight^T + bias`, computed in `x`'s dtype (weights are cast when stored in another
+    /// one, e.g. f32 master weights under bf16 compute).
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        linear(
-            x,
-            self.weight.val().transpose(),
-            self.bias.as_ref().map(Param::val),
-        )
+        let dtype = x.dtype();
+        let weight = cast_to(self.weight.val(), dtype);
+        let bias = self.bias.as_ref().map(|b| cast_to(b.val(), dtype));
+        linear(x, weight.transpose(), bias)
     }
+}
+
+fn cast_to<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
+    if t.dtype() == dtype { t } else { t.cast(dtype) }
 }
 
 /// Root-mean-square normalisation, computed in f32 whatever the input dtype (as `transformers`).
@@ -53,7 +57,7 @@ impl<B: Backend> RmsNorm<B> {
         let xf = x.cast(FloatDType::F32);
         let variance = xf.clone().square().mean_dim(D - 1);
         let normed = xf * (variance + self.eps).sqrt().recip();
-        let w = self.weight.val();
+        let w = cast_to(self.weight.val(), dtype);
         let dims = normed.dims();
         let mut shape = [1usize; D];
         shape[D - 1] = dims[D - 1];
@@ -338,6 +342,9 @@ pub struct CausalLm<B: Backend> {
     pub config: ModelConfig,
     /// Which attention kernel the forward uses.
     pub attention: AttentionImpl,
+    /// The dtype activations are computed in; `None` means the parameters' dtype. With f32
+    /// parameters and bf16 here, the parameters act as f32 master weights.
+    pub compute_dtype: Option<DType>,
 }
 
 /// A parameter of either rank, with its Hugging Face name.
@@ -421,6 +428,7 @@ impl<B: Backend> CausalLm<B> {
             lm_head,
             config: config.clone(),
             attention: AttentionImpl::default(),
+            compute_dtype: None,
         })
     }
 
@@ -444,9 +452,21 @@ impl<B: Backend> CausalLm<B> {
         self
     }
 
+    /// Computes in `dtype` whatever the parameters' dtype (mixed precision with master weights).
+    #[must_use]
+    pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
+        self.compute_dtype = Some(dtype);
+        self
+    }
+
     /// The float type the parameters are stored in.
     pub fn dtype(&self) -> DType {
         self.embed_tokens.val().dtype()
+    }
+
+    /// The float type activations are computed in.
+    pub fn activation_dtype(&self) -> DType {
+        self.compute_dtype.unwrap_or_else(|| self.dtype())
     }
 
     /// Visits every parameter with its Hugging Face name, in checkpoint order.
@@ -545,7 +565,10 @@ impl<B: Backend> CausalLm<B> {
             .embed_tokens
             .val()
             .select(0, input.input_ids.clone().reshape([b * s]));
-        let mut x = emb.reshape([b, s, self.config.hidden_size]);
+        let mut x = cast_to(
+            emb.reshape([b, s, self.config.hidden_size]),
+            self.activation_dtype(),
+        );
         if let Some(hs) = hidden.as_deref_mut() {
             hs.push(x.clone());
         }
@@ -586,7 +609,11 @@ impl<B: Backend> CausalLm<B> {
     fn logits(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {
             Some(head) => head.forward(h),
-            None => linear(h, self.embed_tokens.val().transpose(), None),
+            None => linear(
+                h.clone(),
+                cast_to(self.embed_tokens.val(), h.dtype()).transpose(),
+                None,
+            ),
         }
     }
 }

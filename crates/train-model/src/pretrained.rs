@@ -36,6 +36,9 @@ pub struct LoadOptions {
     pub precision: Precision,
     /// The attention kernel.
     pub attention: AttentionImpl,
+    /// Keep the parameters in f32 and compute in `precision` (training with master weights);
+    /// otherwise the parameters themselves are stored in `precision` (inference).
+    pub f32_master_weights: bool,
 }
 
 /// A model loaded from a Hugging Face directory, with what is needed to save it back.
@@ -101,11 +104,19 @@ pub fn load_pretrained<B: Backend>(
             tensors: unexpected,
         });
     }
-    let dtype = options.precision.resolve::<B>(device)?;
-    let model = CausalLm::from_source(&config, dtype, device, |spec| {
+    let compute = options.precision.resolve::<B>(device)?;
+    let storage = if options.f32_master_weights {
+        burn::tensor::DType::F32
+    } else {
+        compute
+    };
+    let mut model = CausalLm::from_source(&config, storage, device, |spec| {
         index.tensor_data(&spec.name, &spec.shape)
     })?
     .with_attention(options.attention);
+    if storage != compute {
+        model = model.with_compute_dtype(compute);
+    }
     let source_dtype = index.dominant_dtype().unwrap_or(config.torch_dtype);
     Ok(Pretrained {
         model,

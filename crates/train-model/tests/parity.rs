@@ -43,6 +43,7 @@ fn load<B: Backend>(
     let options = LoadOptions {
         precision,
         attention,
+        ..LoadOptions::default()
     };
     load_pretrained::<B>(&fixtures().join(arch), &options, device)
         .unwrap()
@@ -249,6 +250,52 @@ pub fn bf16_close<B: Backend>(device: &B::Device) {
     assert!(f32s(nll)[0].is_finite());
 }
 
+/// f32 master weights with bf16 compute: gradients arrive in f32 for every parameter, and the
+/// loss stays close to the f32 reference.
+pub fn mixed_precision<B: AutodiffBackend>(device: &B::Device) {
+    let r = Reference::load("qwen2");
+    let options = LoadOptions {
+        precision: Precision::Bf16,
+        f32_master_weights: true,
+        ..LoadOptions::default()
+    };
+    let model = load_pretrained::<B>(&fixtures().join("qwen2"), &options, device)
+        .unwrap()
+        .model;
+    assert_eq!(model.dtype(), DType::F32);
+    assert_eq!(model.activation_dtype(), DType::BF16);
+    let input = ModelInput::from_rows(&r.rows("input_ids"), device).unwrap();
+    let loss = causal_lm_loss(model.forward(&input), labels::<B>(&r, device));
+    let value = f64::from(f32s(loss.clone())[0]);
+    let expected = r.scalar("loss");
+    println!(
+        "qwen2 bf16 compute / f32 master weights: loss {value:.5} vs f32 reference {expected:.5}"
+    );
+    assert!(
+        (value - expected).abs() < 0.05 * expected,
+        "{value} vs {expected}"
+    );
+    let grads = loss.backward();
+    let mut seen = 0;
+    model.visit_named(|p| {
+        let (name, g) = match p {
+            NamedParam::Vector(n, t) => (
+                n.to_string(),
+                t.val().grad(&grads).map(|g| (g.dtype(), f32s(g))),
+            ),
+            NamedParam::Matrix(n, t) => (
+                n.to_string(),
+                t.val().grad(&grads).map(|g| (g.dtype(), f32s(g))),
+            ),
+        };
+        let (dtype, values) = g.expect("every parameter gets a gradient");
+        assert_eq!(dtype, DType::F32, "{name}");
+        assert!(values.iter().all(|v| v.is_finite()));
+        seen += 1;
+    });
+    assert_eq!(seen, 26);
+}
+
 /// Evaluation mode (`valid()`) of an autodiff model gives the same logits on the inner backend.
 pub fn valid_matches<B: AutodiffBackend>(arch: &str, device: &B::Device) {
     let r = Reference::load(arch);
@@ -312,6 +359,10 @@ macro_rules! backend_tests {
             #[test]
             fn bf16_is_close_to_reference() {
                 bf16_close::<Inner>(&device());
+            }
+            #[test]
+            fn bf16_compute_with_f32_master_weights() {
+                mixed_precision::<Ad>(&device());
             }
             #[test]
             fn valid_model_matches() {

@@ -36,6 +36,7 @@ fn smollm2_tokens_loss_and_greedy_answer_match_transformers() {
     let options = LoadOptions {
         precision: Precision::Fp32,
         attention: AttentionImpl::Standard,
+        ..LoadOptions::default()
     };
     let model = load_pretrained::<Flex>(&dir, &options, &device)
         .unwrap()
