@@ -1,0 +1,178 @@
+//! Checkpoints: a Hugging Face model directory (f32 master weights) plus `optimizer.safetensors`
+//! and `trainer_state.json` (step, data position, metrics history, best checkpoint) — written
+//! to a temporary directory and renamed, so a crash mid-save never leaves a broken checkpoint
+//! under a final name.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::AutodiffBackend;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use train_data::DataPosition;
+use train_model::{CausalLm, SaveOptions, StorageDtype, save_pretrained};
+
+use crate::config::TrainerConfig;
+use crate::error::{Result, RunnerError};
+use crate::observer::{EvalMetrics, StepMetrics};
+use crate::optim::AdamW;
+
+/// Everything besides weights and moments that a resumed run needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps done.
+    pub global_step: usize,
+    /// Progress in epochs.
+    pub epoch: f64,
+    /// Where the next step's data starts.
+    pub data_position: DataPosition,
+    /// Steps the run was planned for.
+    pub total_steps: usize,
+    /// Sum of the step losses so far (for the run's mean training loss).
+    pub train_loss_sum: f64,
+    /// Lowest evaluation loss so far.
+    pub best_metric: Option<f64>,
+    /// The checkpoint that had it.
+    pub best_model_checkpoint: Option<PathBuf>,
+    /// Every step and evaluation so far.
+    pub log_history: Vec<Value>,
+    /// The settings of the run.
+    pub config: TrainerConfig,
+    /// Fingerprint of the training data (a resume on other data is refused).
+    pub data_fingerprint: String,
+}
+
+impl TrainerState {
+    /// The state of a run that has not started.
+    pub fn new(config: TrainerConfig, total_steps: usize, data_fingerprint: String) -> Self {
+        Self {
+            global_step: 0,
+            epoch: 0.0,
+            data_position: DataPosition::default(),
+            total_steps,
+            train_loss_sum: 0.0,
+            best_metric: None,
+            best_model_checkpoint: None,
+            log_history: Vec::new(),
+            config,
+            data_fingerprint,
+        }
+    }
+
+    pub(crate) fn log_step(&mut self, m: &StepMetrics) {
+        self.log_history
+            .push(serde_json::to_value(m).unwrap_or(Value::Null));
+    }
+
+    pub(crate) fn log_eval(&mut self, m: &EvalMetrics) {
+        self.log_history
+            .push(serde_json::to_value(m).unwrap_or(Value::Null));
+    }
+}
+
+/// The directory name of the checkpoint of `step`.
+pub fn checkpoint_dir(output: &Path, step: usize) -> PathBuf {
+    output.join(format!("checkpoint-{step}"))
+}
+
+/// Complete checkpoints under `output` (with a `trainer_state.json`), oldest first.
+pub fn list_checkpoints(output: &Path) -> Vec<(usize, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(output) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(usize, PathBuf)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step = name.strip_prefix("checkpoint-")?.parse::<usize>().ok()?;
+            let path = e.path();
+            path.join("trainer_state.json")
+                .is_file()
+                .then_some((step, path))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The newest complete checkpoint under `output`.
+pub fn latest_checkpoint(output: &Path) -> Option<PathBuf> {
+    list_checkpoints(output).pop().map(|(_, p)| p)
+}
+
+/// Writes `checkpoint-<step>` atomically (temporary directory, then rename).
+pub fn save_checkpoint<B: AutodiffBackend>(
+    output: &Path,
+    model: &CausalLm<B>,
+    raw_config: &Value,
+    companions_from: &Path,
+    optimizer: &AdamW<B>,
+    state: &TrainerState,
+) -> Result<PathBuf> {
+    let final_dir = checkpoint_dir(output, state.global_step);
+    let tmp = output.join(format!(
+        ".checkpoint-{}.tmp-{}",
+        state.global_step,
+        std::process::id()
+    ));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| RunnerError::io(&tmp, e))?;
+    }
+    let options = SaveOptions {
+        dtype: Some(StorageDtype::F32),
+        max_shard_bytes: None,
+        companions_from: Some(companions_from.to_path_buf()),
+    };
+    save_pretrained(model, Some(raw_config), &tmp, &options)?;
+    optimizer.save(&tmp.join("optimizer.safetensors"))?;
+    let text = serde_json::to_string_pretty(state).map_err(|e| RunnerError::Checkpoint {
+        path: tmp.clone(),
+        message: e.to_string(),
+    })?;
+    std::fs::write(tmp.join("trainer_state.json"), text).map_err(|e| RunnerError::io(&tmp, e))?;
+    if final_dir.exists() {
+        // Saving a step again (after a resume): move the old one aside first, so that a
+        // complete checkpoint of this step exists at every moment.
+        let old = output.join(format!(
+            ".checkpoint-{}.old-{}",
+            state.global_step,
+            std::process::id()
+        ));
+        std::fs::rename(&final_dir, &old).map_err(|e| RunnerError::io(&final_dir, e))?;
+        std::fs::rename(&tmp, &final_dir).map_err(|e| RunnerError::io(&final_dir, e))?;
+        std::fs::remove_dir_all(&old).map_err(|e| RunnerError::io(&old, e))?;
+    } else {
+        std::fs::rename(&tmp, &final_dir).map_err(|e| RunnerError::io(&final_dir, e))?;
+    }
+    Ok(final_dir)
+}
+
+/// Reads `trainer_state.json` of a checkpoint.
+pub fn load_state(dir: &Path) -> Result<TrainerState> {
+    let path = dir.join("trainer_state.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| RunnerError::io(&path, e))?;
+    serde_json::from_str(&text).map_err(|e| RunnerError::Checkpoint {
+        path,
+        message: format!("invalid trainer state: {e}"),
+    })
+}
+
+/// Deletes the oldest checkpoints beyond `limit`, never the best one nor the newest.
+pub fn rotate_checkpoints(output: &Path, limit: usize, best: Option<&Path>) -> Result<()> {
+    let all = list_checkpoints(output);
+    let mut removable: Vec<&PathBuf> = all
+        .iter()
+        .map(|(_, p)| p)
+        .filter(|p| Some(p.as_path()) != best)
+        .collect();
+    let keep = if best.is_some_and(|b| all.iter().any(|(_, p)| p == b)) {
+        limit.saturating_sub(1)
+    } else {
+        limit
+    };
+    let keep = keep.max(1);
+    while removable.len() > keep {
+        let p = removable.remove(0);
+        std::fs::remove_dir_all(p).map_err(|e| RunnerError::io(p, e))?;
+    }
+    Ok(())
+}

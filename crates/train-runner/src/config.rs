@@ -1,0 +1,229 @@
+//! Training settings: the seed's `TrainerConfig`, completed with `transformers.TrainingArguments`
+//! semantics where the seed is silent.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use train_model::StorageDtype;
+
+use crate::error::{Result, RunnerError};
+
+/// How the learning rate evolves over the run (after `warmup_steps` of linear warm-up).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LrSchedule {
+    /// Constant.
+    Constant,
+    /// Linear decay to 0 at the last step (`TrainingArguments`' default).
+    #[default]
+    Linear,
+    /// Half a cosine from the peak to 0.
+    Cosine,
+}
+
+impl LrSchedule {
+    /// The learning rate of optimizer step `step` (0-based) out of `total`, as `transformers`'
+    /// `get_scheduler` schedules compute it (`LambdaLR` evaluated at the step index).
+    pub fn lr_at(self, base: f64, step: usize, total: usize, warmup: usize) -> f64 {
+        let (s, t, w) = (step as f64, total.max(1) as f64, warmup as f64);
+        if step < warmup {
+            return base * s / w.max(1.0);
+        }
+        let factor = match self {
+            Self::Constant => 1.0,
+            Self::Linear => ((t - s) / (t - w).max(1.0)).max(0.0),
+            Self::Cosine => {
+                let progress = (s - w) / (t - w).max(1.0);
+                (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0)
+            }
+        };
+        base * factor
+    }
+}
+
+/// Everything that shapes a training run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainerConfig {
+    /// Where checkpoints, metrics and the final model go.
+    pub output_dir: PathBuf,
+    /// Examples (or packed rows) per micro-batch. Default 16.
+    pub batch_size: usize,
+    /// Peak learning rate. Default 2e-4.
+    pub learning_rate: f64,
+    /// Epochs over the training split. Default 3.
+    pub num_epochs: usize,
+    /// Optimizer steps; overrides `num_epochs` when set.
+    pub max_steps: Option<usize>,
+    /// Evaluate every this many steps (and at the end). Default 50.
+    pub eval_steps: usize,
+    /// Save a checkpoint every this many steps (and at the end). Default 1000.
+    pub save_steps: usize,
+    /// Micro-batches per optimizer step. Default 1.
+    pub gradient_accumulation_steps: usize,
+    /// Linear warm-up steps. Default 0.
+    pub warmup_steps: usize,
+    /// Learning-rate schedule. Default linear.
+    pub lr_scheduler: LrSchedule,
+    /// Decoupled weight decay (not applied to biases and norm weights). Default 0.
+    pub weight_decay: f64,
+    /// AdamW β1. Default 0.9.
+    pub adam_beta1: f64,
+    /// AdamW β2. Default 0.999.
+    pub adam_beta2: f64,
+    /// AdamW ε. Default 1e-8.
+    pub adam_epsilon: f64,
+    /// Global gradient-norm clipping; 0 disables. Default 1.0.
+    pub max_grad_norm: f64,
+    /// Seed of shuffling (and of the data transforms). Default 42.
+    pub seed: u64,
+    /// Shuffle the training data each epoch. Default true.
+    pub shuffle: bool,
+    /// Pack examples into rows of `max_length` tokens instead of padding. Default false.
+    pub packing: bool,
+    /// Row length for packing. Default 4096.
+    pub max_length: usize,
+    /// Keep at most this many checkpoints (the best one is always kept).
+    pub save_total_limit: Option<usize>,
+    /// Do not evaluate.
+    pub skip_validation: bool,
+    /// Micro-batch size of evaluation; default `batch_size`.
+    pub eval_batch_size: Option<usize>,
+    /// Dtype of the final model on disk; default the source checkpoint's. Checkpoints always
+    /// keep f32 master weights so that a resumed run is exact.
+    pub save_dtype: Option<StorageDtype>,
+}
+
+impl Default for TrainerConfig {
+    fn default() -> Self {
+        Self {
+            output_dir: PathBuf::from("outputs"),
+            batch_size: 16,
+            learning_rate: 2e-4,
+            num_epochs: 3,
+            max_steps: None,
+            eval_steps: 50,
+            save_steps: 1000,
+            gradient_accumulation_steps: 1,
+            warmup_steps: 0,
+            lr_scheduler: LrSchedule::Linear,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            max_grad_norm: 1.0,
+            seed: 42,
+            shuffle: true,
+            packing: false,
+            max_length: 4096,
+            save_total_limit: None,
+            skip_validation: false,
+            eval_batch_size: None,
+            save_dtype: None,
+        }
+    }
+}
+
+impl TrainerConfig {
+    /// Checks every setting, naming the first one out of range.
+    pub fn validate(&self) -> Result<()> {
+        let positive = |field: &str, v: usize| {
+            if v == 0 {
+                Err(RunnerError::config(field, "must be at least 1"))
+            } else {
+                Ok(())
+            }
+        };
+        positive("batch_size", self.batch_size)?;
+        positive("num_epochs", self.num_epochs)?;
+        positive("eval_steps", self.eval_steps)?;
+        positive("save_steps", self.save_steps)?;
+        positive(
+            "gradient_accumulation_steps",
+            self.gradient_accumulation_steps,
+        )?;
+        positive("max_length", self.max_length)?;
+        if let Some(s) = self.max_steps {
+            positive("max_steps", s)?;
+        }
+        if let Some(s) = self.eval_batch_size {
+            positive("eval_batch_size", s)?;
+        }
+        if let Some(s) = self.save_total_limit {
+            positive("save_total_limit", s)?;
+        }
+        if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
+            return Err(RunnerError::config(
+                "learning_rate",
+                format!("{} must be a positive number", self.learning_rate),
+            ));
+        }
+        for (field, v) in [
+            ("adam_beta1", self.adam_beta1),
+            ("adam_beta2", self.adam_beta2),
+        ] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(RunnerError::config(field, format!("{v} must be in [0, 1)")));
+            }
+        }
+        if !(self.adam_epsilon > 0.0 && self.adam_epsilon.is_finite()) {
+            return Err(RunnerError::config(
+                "adam_epsilon",
+                "must be a positive number",
+            ));
+        }
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            return Err(RunnerError::config(
+                "weight_decay",
+                "must be a non-negative number",
+            ));
+        }
+        if !(self.max_grad_norm >= 0.0 && self.max_grad_norm.is_finite()) {
+            return Err(RunnerError::config(
+                "max_grad_norm",
+                "must be a non-negative number (0 disables clipping)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedules_follow_transformers() {
+        // linear, no warm-up: 1, 0.75, 0.5, 0.25 of the base for 4 steps.
+        let lrs: Vec<f64> = (0..4)
+            .map(|s| LrSchedule::Linear.lr_at(1.0, s, 4, 0))
+            .collect();
+        assert_eq!(lrs, [1.0, 0.75, 0.5, 0.25]);
+        // warm-up starts at 0.
+        assert_eq!(LrSchedule::Constant.lr_at(2.0, 0, 10, 2), 0.0);
+        assert_eq!(LrSchedule::Constant.lr_at(2.0, 1, 10, 2), 1.0);
+        assert_eq!(LrSchedule::Constant.lr_at(2.0, 5, 10, 2), 2.0);
+        let c = LrSchedule::Cosine.lr_at(1.0, 6, 10, 2);
+        assert!((c - 0.5).abs() < 1e-12, "{c}");
+        assert!(LrSchedule::Linear.lr_at(1.0, 12, 10, 0) == 0.0);
+    }
+
+    #[test]
+    fn validation_names_the_setting() {
+        let e = TrainerConfig {
+            learning_rate: -1.0,
+            ..TrainerConfig::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(e.to_string().contains("learning_rate"));
+        let e = TrainerConfig {
+            batch_size: 0,
+            ..TrainerConfig::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(e.to_string().contains("batch_size"));
+        assert!(TrainerConfig::default().validate().is_ok());
+    }
+}

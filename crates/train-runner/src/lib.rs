@@ -1,0 +1,83 @@
+//! # train-runner
+//!
+//! The fine-tuning loop of train-rs, generic over any burn autodiff backend:
+//!
+//! * [`TrainerConfig`]: the seed's defaults (batch 16, lr 2e-4, 3 epochs, eval every 50 steps,
+//!   save every 1000, accumulation 1) and `transformers.TrainingArguments` semantics elsewhere
+//!   (`max_steps` wins over epochs, linear / cosine / constant schedules with warm-up, AdamW
+//!   with PyTorch's defaults, global gradient clipping at 1.0).
+//! * [`AdamW`]: `torch.optim.AdamW` step for step, without weight decay on biases and norm
+//!   weights (as `Trainer` groups them), its state keyed by Hugging Face parameter names.
+//! * The loss of an optimizer step is the mean cross-entropy over **all** its label tokens,
+//!   across every micro-batch of the accumulation — so packing, padding and accumulation do not
+//!   change it.
+//! * Evaluation every `eval_steps` and at the end, best-checkpoint tracking, `save_total_limit`.
+//! * Checkpoints (model directory with f32 master weights, optimizer moments, trainer state and
+//!   data position) written atomically; [`Resume`] continues exactly where a run stopped.
+//! * [`RunControl`] stops a run after the current step (with a checkpoint); a NaN loss ends it
+//!   as `crashed` without touching earlier checkpoints; an [`OutputLock`] keeps two runs out of
+//!   one directory; a [`TrainObserver`] sees start / every step / stop, whatever happens.
+//!
+//! ## Example
+//!
+//! ```
+//! use burn::backend::{Autodiff, Flex};
+//! use burn::tensor::DType;
+//! use train_data::Example;
+//! use train_model::{CausalLm, ModelConfig};
+//! use train_runner::{RunControl, RunStatus, TrainSetup, TrainerConfig, TrainObserver, run};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let json = serde_json::json!({"model_type": "llama", "vocab_size": 32, "hidden_size": 16,
+//!     "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2});
+//! let config = ModelConfig::from_json("config.json".as_ref(), &json)?;
+//! let device = Default::default();
+//! let model = CausalLm::<Autodiff<Flex>>::random(&config, 0.1, 1, DType::F32, &device)?;
+//! let examples: Vec<Example> = (0..8)
+//!     .map(|row| Example { row, input_ids: vec![1, 2, 3, 4, 5, 6], labels: vec![-100, -100, 3, 4, 5, 6] })
+//!     .collect();
+//! let out = tempfile::tempdir()?;
+//! let setup = TrainSetup {
+//!     model,
+//!     raw_config: config.to_hf_json(),
+//!     companions_from: out.path().to_path_buf(),
+//!     source_dtype: train_model::StorageDtype::F32,
+//!     train: examples,
+//!     validation: Vec::new(),
+//!     pad_id: 0,
+//!     config: TrainerConfig { output_dir: out.path().to_path_buf(), batch_size: 4, learning_rate: 1e-2,
+//!         num_epochs: 2, ..TrainerConfig::default() },
+//!     data_fingerprint: "example".into(),
+//!     overwrite: false,
+//! };
+//! struct Quiet;
+//! impl TrainObserver for Quiet {}
+//! let summary = run(setup, None, &mut Quiet, &RunControl::new())?;
+//! assert_eq!(summary.status, RunStatus::Completed);
+//! assert_eq!(summary.global_step, 4); // 8 examples / batch 4 × 2 epochs
+//! assert!(out.path().join("model.safetensors").exists());
+//! # Ok(()) }
+//! ```
+
+pub mod batches;
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod eval;
+pub mod lock;
+pub mod observer;
+pub mod optim;
+pub mod trainer;
+
+pub use batches::{BatchPlan, batch_tensors};
+pub use checkpoint::{TrainerState, latest_checkpoint, list_checkpoints};
+pub use config::{LrSchedule, TrainerConfig};
+pub use error::{Result, RunnerError};
+pub use eval::evaluate;
+pub use lock::OutputLock;
+pub use observer::{
+    EvalMetrics, MetricsLog, Observers, RunInfo, RunStatus, RunSummary, StepMetrics, TrainEvent,
+    TrainObserver,
+};
+pub use optim::{AdamW, AdamWConfig, ParamTable, global_grad_norm};
+pub use trainer::{Resume, RunControl, TrainSetup, run, step_gradients};

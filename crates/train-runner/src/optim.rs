@@ -1,0 +1,284 @@
+//! AdamW exactly as `torch.optim.AdamW` computes it, with `transformers.Trainer`'s parameter
+//! groups (no weight decay on biases and norm weights), global gradient-norm clipping, and a
+//! state keyed by Hugging Face parameter names (so a checkpoint does not depend on burn's
+//! per-process parameter ids).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use burn::module::{ModuleMapper, Param, ParamId};
+use burn::optim::GradientsParams;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{ElementConversion, FloatDType, Tensor, TensorData};
+use train_model::{CausalLm, NamedParam, ParamKind, tensor_specs};
+
+use crate::error::{Result, RunnerError};
+
+/// AdamW hyper-parameters (PyTorch's defaults but for the learning rate).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    /// β1.
+    pub beta1: f64,
+    /// β2.
+    pub beta2: f64,
+    /// ε.
+    pub epsilon: f64,
+    /// Decoupled weight decay, applied to matrices only.
+    pub weight_decay: f64,
+}
+
+struct Moments<B: Backend> {
+    exp_avg: Tensor<B, 1>,
+    exp_avg_sq: Tensor<B, 1>,
+}
+
+/// Name, kind and id of every parameter of a model.
+#[derive(Debug, Clone)]
+pub struct ParamTable {
+    by_id: HashMap<ParamId, (String, ParamKind)>,
+}
+
+impl ParamTable {
+    /// Reads the names of `model`'s parameters.
+    pub fn new<B: Backend>(model: &CausalLm<B>) -> Self {
+        let kinds: HashMap<String, ParamKind> = tensor_specs(&model.config)
+            .into_iter()
+            .map(|s| (s.name, s.kind))
+            .collect();
+        let mut by_id = HashMap::new();
+        model.visit_named(|p| {
+            let (name, id) = match p {
+                NamedParam::Vector(n, t) => (n, t.id),
+                NamedParam::Matrix(n, t) => (n, t.id),
+            };
+            let kind = kinds.get(name).copied().unwrap_or(ParamKind::Matrix);
+            by_id.insert(id, (name.to_string(), kind));
+        });
+        Self { by_id }
+    }
+}
+
+/// The optimizer.
+pub struct AdamW<B: AutodiffBackend> {
+    config: AdamWConfig,
+    step: u64,
+    state: HashMap<String, Moments<B::InnerBackend>>,
+}
+
+impl<B: AutodiffBackend> std::fmt::Debug for AdamW<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdamW")
+            .field("config", &self.config)
+            .field("step", &self.step)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Sum of squares of every gradient, computed in f32 on the device.
+pub fn global_grad_norm<B: AutodiffBackend>(model: &CausalLm<B>, grads: &GradientsParams) -> f64 {
+    let mut acc: Option<Tensor<B::InnerBackend, 1>> = None;
+    let mut add = |s: Tensor<B::InnerBackend, 1>| {
+        acc = Some(match acc.take() {
+            Some(a) => a + s,
+            None => s,
+        });
+    };
+    model.visit_named(|p| match p {
+        NamedParam::Vector(_, t) => {
+            if let Some(g) = grads.get::<B::InnerBackend, 1>(t.id) {
+                add(g.cast(FloatDType::F32).square().sum());
+            }
+        }
+        NamedParam::Matrix(_, t) => {
+            if let Some(g) = grads.get::<B::InnerBackend, 2>(t.id) {
+                add(g.cast(FloatDType::F32).square().sum());
+            }
+        }
+    });
+    acc.map_or(0.0, |a| f64::from(a.into_scalar().elem::<f32>()).sqrt())
+}
+
+impl<B: AutodiffBackend> AdamW<B> {
+    /// A fresh optimizer.
+    pub fn new(config: AdamWConfig) -> Self {
+        Self {
+            config,
+            step: 0,
+            state: HashMap::new(),
+        }
+    }
+
+    /// Optimizer steps taken so far.
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+
+    /// One update of every parameter that has a gradient; gradients are multiplied by
+    /// `grad_scale` first (the clipping coefficient).
+    pub fn step(
+        &mut self,
+        model: CausalLm<B>,
+        table: &ParamTable,
+        grads: GradientsParams,
+        lr: f64,
+        grad_scale: f64,
+    ) -> CausalLm<B> {
+        self.step += 1;
+        let mut mapper = Mapper {
+            optim: self,
+            table,
+            grads,
+            lr,
+            grad_scale,
+        };
+        burn::module::Module::map(model, &mut mapper)
+    }
+
+    /// Writes the moments (`exp_avg.<name>`, `exp_avg_sq.<name>`) and the step count.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut tensors: Vec<(String, Vec<u8>, usize)> = Vec::new();
+        let mut names: Vec<&String> = self.state.keys().collect();
+        names.sort();
+        for name in names {
+            let m = &self.state[name];
+            for (prefix, t) in [("exp_avg", &m.exp_avg), ("exp_avg_sq", &m.exp_avg_sq)] {
+                let data = t.clone().cast(FloatDType::F32).into_data();
+                let n = data.num_elements();
+                tensors.push((format!("{prefix}.{name}"), data.into_bytes().to_vec(), n));
+            }
+        }
+        let views = tensors
+            .iter()
+            .map(|(n, b, len)| {
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![*len], b)
+                    .map(|v| (n.clone(), v))
+                    .map_err(|e| RunnerError::Checkpoint {
+                        path: path.to_path_buf(),
+                        message: e.to_string(),
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let metadata = [
+            ("format".to_string(), "train-rs-adamw".to_string()),
+            ("step".to_string(), self.step.to_string()),
+        ]
+        .into();
+        safetensors::serialize_to_file(views, Some(metadata), path).map_err(|e| {
+            RunnerError::Checkpoint {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            }
+        })
+    }
+
+    /// Restores what [`AdamW::save`] wrote.
+    pub fn load(
+        &mut self,
+        path: &Path,
+        device: &burn::tensor::Device<B::InnerBackend>,
+    ) -> Result<()> {
+        let bytes = std::fs::read(path).map_err(|e| RunnerError::io(path, e))?;
+        let bad = |message: String| RunnerError::Checkpoint {
+            path: path.to_path_buf(),
+            message,
+        };
+        let (_, metadata) =
+            safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+        let step = metadata
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("step"))
+            .and_then(|s| s.parse::<u64>().ok())
+            .ok_or_else(|| bad("no step count in the optimizer state".into()))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
+        let mut state = HashMap::new();
+        for (name, view) in st.tensors() {
+            let Some(param) = name.strip_prefix("exp_avg.") else {
+                continue;
+            };
+            let sq = st
+                .tensor(&format!("exp_avg_sq.{param}"))
+                .map_err(|_| bad(format!("exp_avg_sq.{param} is missing")))?;
+            let load =
+                |v: &safetensors::tensor::TensorView<'_>| -> Result<Tensor<B::InnerBackend, 1>> {
+                    if v.dtype() != safetensors::Dtype::F32 || v.shape().len() != 1 {
+                        return Err(bad(format!("{name}: expected a flat f32 tensor")));
+                    }
+                    let data = TensorData::from_bytes_vec(
+                        v.data().to_vec(),
+                        v.shape().to_vec(),
+                        burn::tensor::DType::F32,
+                    );
+                    Ok(Tensor::from_data(data, (device, burn::tensor::DType::F32)))
+                };
+            state.insert(
+                param.to_string(),
+                Moments {
+                    exp_avg: load(&view)?,
+                    exp_avg_sq: load(&sq)?,
+                },
+            );
+        }
+        self.step = step;
+        self.state = state;
+        Ok(())
+    }
+}
+
+struct Mapper<'a, B: AutodiffBackend> {
+    optim: &'a mut AdamW<B>,
+    table: &'a ParamTable,
+    grads: GradientsParams,
+    lr: f64,
+    grad_scale: f64,
+}
+
+impl<B: AutodiffBackend> ModuleMapper<B> for Mapper<'_, B> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, tensor, mapper) = param.consume();
+        let (Some(grad), Some((name, kind))) = (
+            self.grads.remove::<B::InnerBackend, D>(id),
+            self.table.by_id.get(&id),
+        ) else {
+            return Param::from_mapped_value(id, tensor, mapper);
+        };
+        let c = self.optim.config;
+        let shape = tensor.shape();
+        let n = shape.num_elements();
+        let dtype = tensor.dtype();
+        let require_grad = tensor.is_require_grad();
+        let mut p = tensor.inner().cast(FloatDType::F32).reshape([n]);
+        let mut g = grad.cast(FloatDType::F32).reshape([n]);
+        if (self.grad_scale - 1.0).abs() > f64::EPSILON {
+            g = g * self.grad_scale;
+        }
+        let moments = self.optim.state.remove(name).unwrap_or_else(|| Moments {
+            exp_avg: g.zeros_like(),
+            exp_avg_sq: g.zeros_like(),
+        });
+        // torch.optim.AdamW (single tensor path), step by step.
+        if *kind == ParamKind::Matrix && c.weight_decay != 0.0 {
+            p = p * (1.0 - self.lr * c.weight_decay);
+        }
+        let exp_avg = moments.exp_avg.clone() + (g.clone() - moments.exp_avg) * (1.0 - c.beta1);
+        let exp_avg_sq = moments.exp_avg_sq * c.beta2 + g.clone() * g * (1.0 - c.beta2);
+        let t = self.optim.step as i32;
+        let bias_correction1 = 1.0 - c.beta1.powi(t);
+        let bias_correction2 = 1.0 - c.beta2.powi(t);
+        let step_size = self.lr / bias_correction1;
+        let denom = exp_avg_sq.clone().sqrt() / bias_correction2.sqrt() + c.epsilon;
+        p = p - exp_avg.clone() / denom * step_size;
+        self.optim.state.insert(
+            name.clone(),
+            Moments {
+                exp_avg,
+                exp_avg_sq,
+            },
+        );
+        let mut updated = Tensor::<B, D>::from_inner(p.reshape(shape).cast(dtype));
+        if require_grad {
+            updated = updated.require_grad();
+        }
+        Param::from_mapped_value(id, updated, mapper)
+    }
+}

@@ -1,0 +1,457 @@
+//! The training loop.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use burn::module::AutodiffModule;
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::ElementConversion;
+use burn::tensor::backend::AutodiffBackend;
+use serde_json::Value;
+use train_data::Example;
+use train_model::{CausalLm, SaveOptions, StorageDtype, causal_lm_nll, save_pretrained};
+
+use crate::batches::{BatchPlan, batch_tensors};
+use crate::checkpoint::{
+    TrainerState, list_checkpoints, load_state, rotate_checkpoints, save_checkpoint,
+};
+use crate::config::TrainerConfig;
+use crate::error::{Result, RunnerError};
+use crate::eval::evaluate;
+use crate::observer::{
+    EvalMetrics, MetricsLog, RunInfo, RunStatus, RunSummary, StepMetrics, TrainEvent, TrainObserver,
+};
+use crate::optim::{AdamW, AdamWConfig, ParamTable, global_grad_norm};
+
+/// Lets another thread (a signal handler, a control file watcher) ask the run to stop after
+/// the current step; the run then saves a checkpoint and ends with status `stopped`.
+#[derive(Debug, Clone, Default)]
+pub struct RunControl {
+    stop: Arc<AtomicBool>,
+}
+
+impl RunControl {
+    /// A control with no stop requested.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The flag behind it (e.g. for `signal_hook::flag::register`).
+    pub fn flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.stop)
+    }
+
+    /// Asks the run to stop after the current step.
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// True once a stop was requested.
+    pub fn stop_requested(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+}
+
+/// Everything a run needs.
+pub struct TrainSetup<B: AutodiffBackend> {
+    /// The model to train (loaded from the checkpoint when resuming).
+    pub model: CausalLm<B>,
+    /// The source `config.json` (carried into checkpoints and the final model).
+    pub raw_config: Value,
+    /// The source model directory (its tokenizer files are carried along).
+    pub companions_from: PathBuf,
+    /// The dtype of the source weights (the final model's default dtype).
+    pub source_dtype: StorageDtype,
+    /// Training examples.
+    pub train: Vec<Example>,
+    /// Validation examples.
+    pub validation: Vec<Example>,
+    /// Padding token id.
+    pub pad_id: u32,
+    /// The settings.
+    pub config: TrainerConfig,
+    /// Fingerprint of the data (from `train_data::cache_key`), recorded in checkpoints.
+    pub data_fingerprint: String,
+    /// Start over in an output directory that already holds checkpoints (the seed's `--yes`).
+    pub overwrite: bool,
+}
+
+/// The state of a checkpoint to continue from.
+#[derive(Debug, Clone)]
+pub struct Resume {
+    /// The checkpoint directory.
+    pub dir: PathBuf,
+    /// Its trainer state.
+    pub state: TrainerState,
+}
+
+impl Resume {
+    /// Reads the state of `dir`.
+    pub fn from_checkpoint(dir: &Path) -> Result<Self> {
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            state: load_state(dir)?,
+        })
+    }
+}
+
+fn check_resumable(config: &TrainerConfig, resume: &Resume, fingerprint: &str) -> Result<()> {
+    let old = &resume.state.config;
+    let same: [(&str, bool); 6] = [
+        ("batch_size", old.batch_size == config.batch_size),
+        (
+            "gradient_accumulation_steps",
+            old.gradient_accumulation_steps == config.gradient_accumulation_steps,
+        ),
+        ("seed", old.seed == config.seed),
+        ("shuffle", old.shuffle == config.shuffle),
+        ("packing", old.packing == config.packing),
+        ("max_length", old.max_length == config.max_length),
+    ];
+    if let Some((field, _)) = same.iter().find(|(_, ok)| !ok) {
+        return Err(RunnerError::Checkpoint {
+            path: resume.dir.clone(),
+            message: format!(
+                "`{field}` differs from the interrupted run; resume with the same data settings"
+            ),
+        });
+    }
+    if resume.state.data_fingerprint != fingerprint {
+        return Err(RunnerError::Checkpoint {
+            path: resume.dir.clone(),
+            message: "the dataset (or its tokenization settings) changed since this checkpoint was written".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Runs training to the end (or to a stop request, or a NaN). `observer.stop` is called in every
+/// case once `observer.start` was. Errors before the start (configuration, lock, resume checks)
+/// are returned without calling the observer.
+pub fn run<B: AutodiffBackend>(
+    setup: TrainSetup<B>,
+    resume: Option<Resume>,
+    observer: &mut dyn TrainObserver,
+    control: &RunControl,
+) -> Result<RunSummary> {
+    let config = setup.config.clone();
+    config.validate()?;
+    let output = config.output_dir.clone();
+    let lock = crate::lock::OutputLock::acquire(&output)?;
+    if let Some(pid) = &lock.stale_owner {
+        eprintln!(
+            "warning: taking over {} left by process {pid}, which is gone",
+            lock.path().display()
+        );
+    }
+    if resume.is_none() && !setup.overwrite && !list_checkpoints(&output).is_empty() {
+        return Err(RunnerError::OutputNotEmpty { path: output });
+    }
+    if let Some(r) = &resume {
+        check_resumable(&config, r, &setup.data_fingerprint)?;
+    }
+    let plan = BatchPlan::new(
+        &setup.train,
+        config.packing,
+        config.max_length,
+        config.batch_size,
+        config.gradient_accumulation_steps,
+        config.seed,
+        config.shuffle,
+        setup.pad_id,
+    );
+    if plan.is_empty() {
+        return Err(RunnerError::config("dataset", "no training examples"));
+    }
+    let total_steps = config
+        .max_steps
+        .unwrap_or(config.num_epochs * plan.steps_per_epoch());
+    let mut optimizer = AdamW::<B>::new(AdamWConfig {
+        beta1: config.adam_beta1,
+        beta2: config.adam_beta2,
+        epsilon: config.adam_epsilon,
+        weight_decay: config.weight_decay,
+    });
+    let mut state = match &resume {
+        Some(r) => {
+            let device = setup.model.embed_tokens.val().device();
+            optimizer.load(&r.dir.join("optimizer.safetensors"), &device)?;
+            let mut s = r.state.clone();
+            s.total_steps = total_steps;
+            s.config = config.clone();
+            s
+        }
+        None => TrainerState::new(config.clone(), total_steps, setup.data_fingerprint.clone()),
+    };
+    let mut metrics = MetricsLog::open(&output.join("metrics.jsonl"), resume.is_some())?;
+
+    let info = RunInfo {
+        total_steps,
+        start_step: state.global_step,
+        steps_per_epoch: plan.steps_per_epoch(),
+        train_rows: plan.len(),
+        validation_examples: setup.validation.len(),
+        parameters: setup.model.config.num_parameters(),
+        output_dir: output.clone(),
+    };
+    observer.start(&info);
+    let mut ctx = Loop {
+        plan: &plan,
+        config: &config,
+        setup_validation: &setup.validation,
+        pad_id: setup.pad_id,
+        raw_config: &setup.raw_config,
+        companions_from: &setup.companions_from,
+        optimizer: &mut optimizer,
+        state: &mut state,
+        metrics: &mut metrics,
+        observer: &mut *observer,
+        control,
+        last_checkpoint: None,
+        last_eval: None,
+        tokens_seen: 0,
+        seconds: 0.0,
+        steps_this_run: 0,
+        loss_this_run: 0.0,
+    };
+    let outcome = ctx.train(setup.model);
+    let (status, model, error) = match outcome {
+        Ok((status, model)) => (status, Some(model), None),
+        Err(e) => (RunStatus::Failed, None, Some(e)),
+    };
+    // The final model (completed runs only), in the source dtype unless told otherwise.
+    let mut final_error = error;
+    if status == RunStatus::Completed
+        && let Some(model) = &model
+    {
+        let options = SaveOptions {
+            dtype: Some(config.save_dtype.unwrap_or(setup.source_dtype)),
+            max_shard_bytes: None,
+            companions_from: Some(setup.companions_from.clone()),
+        };
+        if let Err(e) = save_pretrained(model, Some(&setup.raw_config), &output, &options) {
+            final_error = Some(e.into());
+        }
+    }
+    let status = if final_error.is_some() {
+        RunStatus::Failed
+    } else {
+        status
+    };
+    let summary = RunSummary {
+        status,
+        global_step: ctx.state.global_step,
+        train_loss: (ctx.steps_this_run > 0).then(|| ctx.loss_this_run / ctx.steps_this_run as f64),
+        eval_loss: ctx.last_eval.as_ref().map(|e| e.eval_loss),
+        tokens_per_sec: if ctx.seconds > 0.0 {
+            ctx.tokens_seen as f64 / ctx.seconds
+        } else {
+            0.0
+        },
+        output: output.clone(),
+        last_checkpoint: ctx.last_checkpoint.clone(),
+        best_checkpoint: ctx.state.best_model_checkpoint.clone(),
+        error: match (&final_error, status) {
+            (Some(e), _) => Some(e.to_string()),
+            (None, RunStatus::Crashed) => {
+                Some("the loss or the gradient norm is not finite".into())
+            }
+            _ => None,
+        },
+    };
+    ctx.observer.stop(&summary);
+    drop(lock);
+    match final_error {
+        Some(e) => Err(e),
+        None => Ok(summary),
+    }
+}
+
+/// The loss and the gradients of one optimizer step over `batches` (its micro-batches).
+///
+/// Loss = Σ NLL over every label token of the step / their number: each micro-batch contributes
+/// its sum divided by the step's total, and the gradients of the micro-batches add up, so
+/// padding, packing and accumulation leave both unchanged.
+pub fn step_gradients<B: AutodiffBackend>(
+    model: &CausalLm<B>,
+    batches: &[train_data::Batch],
+    device: &burn::tensor::Device<B>,
+) -> (f64, GradientsParams) {
+    let label_tokens: usize = batches.iter().map(|b| b.label_tokens).sum();
+    let denominator = label_tokens.max(1) as f64;
+    let mut accumulator = GradientsAccumulator::<CausalLm<B>>::new();
+    let mut step_loss = 0f64;
+    for batch in batches {
+        let (input, labels) = batch_tensors::<B>(batch, device);
+        let (sum, _) = causal_lm_nll(model.forward(&input), labels);
+        let loss = sum / denominator;
+        step_loss += f64::from(loss.clone().into_scalar().elem::<f32>());
+        let grads = GradientsParams::from_grads(loss.backward(), model);
+        accumulator.accumulate(model, grads);
+    }
+    (step_loss, accumulator.grads())
+}
+
+struct Loop<'a, B: AutodiffBackend> {
+    plan: &'a BatchPlan,
+    config: &'a TrainerConfig,
+    setup_validation: &'a [Example],
+    pad_id: u32,
+    raw_config: &'a Value,
+    companions_from: &'a Path,
+    optimizer: &'a mut AdamW<B>,
+    state: &'a mut TrainerState,
+    metrics: &'a mut MetricsLog,
+    observer: &'a mut dyn TrainObserver,
+    control: &'a RunControl,
+    last_checkpoint: Option<PathBuf>,
+    last_eval: Option<EvalMetrics>,
+    tokens_seen: usize,
+    seconds: f64,
+    steps_this_run: usize,
+    loss_this_run: f64,
+}
+
+impl<B: AutodiffBackend> Loop<'_, B> {
+    fn train(&mut self, mut model: CausalLm<B>) -> Result<(RunStatus, CausalLm<B>)> {
+        let table = ParamTable::new(&model);
+        let device = model.embed_tokens.val().device();
+        let mut last_saved = None;
+        let mut last_eval_step = None;
+        while self.state.global_step < self.state.total_steps {
+            if self.control.stop_requested() {
+                if last_saved != Some(self.state.global_step) {
+                    self.checkpoint(&model)?;
+                }
+                return Ok((RunStatus::Stopped, model));
+            }
+            let started = Instant::now();
+            let (batches, next_position) = self.plan.step_batches(self.state.data_position);
+            let label_tokens: usize = batches.iter().map(|b| b.label_tokens).sum();
+            let tokens: usize = batches.iter().map(|b| b.real_tokens).sum();
+            let (step_loss, grads) = step_gradients(&model, &batches, &device);
+            if !step_loss.is_finite() {
+                return Ok((RunStatus::Crashed, model));
+            }
+            let grad_norm = global_grad_norm(&model, &grads);
+            if !grad_norm.is_finite() {
+                return Ok((RunStatus::Crashed, model));
+            }
+            let clip = if self.config.max_grad_norm > 0.0 && grad_norm > self.config.max_grad_norm {
+                self.config.max_grad_norm / (grad_norm + 1e-6)
+            } else {
+                1.0
+            };
+            let lr = self.config.lr_scheduler.lr_at(
+                self.config.learning_rate,
+                self.state.global_step,
+                self.state.total_steps,
+                self.config.warmup_steps,
+            );
+            model = self.optimizer.step(model, &table, grads, lr, clip);
+            let seconds = started.elapsed().as_secs_f64();
+            self.state.global_step += 1;
+            self.state.data_position = next_position;
+            self.state.epoch = self.plan.epoch_progress(next_position);
+            self.state.train_loss_sum += step_loss;
+            self.tokens_seen += tokens;
+            self.seconds += seconds;
+            self.steps_this_run += 1;
+            self.loss_this_run += step_loss;
+            let m = StepMetrics {
+                step: self.state.global_step,
+                epoch: self.state.epoch,
+                loss: step_loss,
+                learning_rate: lr,
+                grad_norm,
+                tokens,
+                label_tokens,
+                tokens_per_sec: tokens as f64 / seconds.max(1e-9),
+            };
+            self.metrics.write(&m)?;
+            self.state.log_step(&m);
+            self.observer.update(&TrainEvent::Step(&m));
+
+            let step = self.state.global_step;
+            let last = step == self.state.total_steps;
+            if (step % self.config.eval_steps == 0 || last) && self.evaluate_now(&model, step)? {
+                last_eval_step = Some(step);
+            }
+            if step % self.config.save_steps == 0 || last {
+                self.checkpoint(&model)?;
+                last_saved = Some(step);
+            }
+        }
+        if last_eval_step != Some(self.state.global_step) {
+            self.evaluate_now(&model, self.state.global_step)?;
+        }
+        Ok((RunStatus::Completed, model))
+    }
+
+    /// Evaluates on the validation split; false when there is nothing to evaluate.
+    fn evaluate_now(&mut self, model: &CausalLm<B>, step: usize) -> Result<bool> {
+        if self.config.skip_validation || self.setup_validation.is_empty() {
+            return Ok(false);
+        }
+        let batch_size = self
+            .config
+            .eval_batch_size
+            .unwrap_or(self.config.batch_size);
+        let (sum, tokens) = evaluate(
+            &model.valid(),
+            self.setup_validation,
+            batch_size,
+            self.pad_id,
+        );
+        let m = EvalMetrics {
+            step,
+            epoch: self.state.epoch,
+            eval_loss: sum / tokens.max(1) as f64,
+            eval_tokens: tokens,
+        };
+        self.metrics.write(&m)?;
+        self.state.log_eval(&m);
+        self.observer.update(&TrainEvent::Eval(&m));
+        let better = self.state.best_metric.is_none_or(|b| m.eval_loss < b);
+        if better && m.eval_loss.is_finite() {
+            self.state.best_metric = Some(m.eval_loss);
+            // The checkpoint of this step (written right after, or at the next save).
+            self.state.best_model_checkpoint = Some(crate::checkpoint::checkpoint_dir(
+                &self.config.output_dir,
+                step,
+            ));
+        }
+        self.last_eval = Some(m);
+        Ok(true)
+    }
+
+    fn checkpoint(&mut self, model: &CausalLm<B>) -> Result<()> {
+        let output = &self.config.output_dir;
+        // The best checkpoint is only known to exist if it was written.
+        if let Some(best) = &self.state.best_model_checkpoint
+            && !best.exists()
+            && !best.ends_with(format!("checkpoint-{}", self.state.global_step))
+        {
+            self.state.best_model_checkpoint = None;
+        }
+        let dir = save_checkpoint(
+            output,
+            model,
+            self.raw_config,
+            self.companions_from,
+            self.optimizer,
+            self.state,
+        )?;
+        self.observer.update(&TrainEvent::Checkpoint {
+            step: self.state.global_step,
+            path: &dir,
+        });
+        if let Some(limit) = self.config.save_total_limit {
+            rotate_checkpoints(output, limit, self.state.best_model_checkpoint.as_deref())?;
+        }
+        self.last_checkpoint = Some(dir);
+        Ok(())
+    }
+}

@@ -1,0 +1,470 @@
+//! The loop's guarantees: loss invariance under packing / padding / accumulation, exact resume,
+//! observer stop on every ending, NaN handling, the output lock.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![cfg(feature = "cpu")]
+
+use std::path::{Path, PathBuf};
+
+use burn::backend::{Autodiff, Flex};
+use burn::tensor::{DType, TensorData};
+use train_data::{Batch, Example, IGNORE_INDEX, pack_examples};
+use train_model::{CausalLm, LoadOptions, ModelConfig, NamedParam, Precision, load_pretrained};
+use train_runner::{
+    LrSchedule, OutputLock, Resume, RunControl, RunStatus, RunSummary, RunnerError, TrainEvent,
+    TrainObserver, TrainSetup, TrainerConfig, global_grad_norm, latest_checkpoint, run,
+    step_gradients,
+};
+
+type B = Autodiff<Flex>;
+
+fn fixture(arch: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../train-model/tests/fixtures")
+        .join(arch)
+}
+
+fn model() -> (CausalLm<B>, serde_json::Value) {
+    let options = LoadOptions {
+        precision: Precision::Fp32,
+        ..LoadOptions::default()
+    };
+    let p = load_pretrained::<B>(&fixture("qwen2"), &options, &Default::default()).unwrap();
+    (p.model, p.raw_config)
+}
+
+/// Examples of different lengths with labels on their second half.
+fn examples(n: usize) -> Vec<Example> {
+    (0..n)
+        .map(|row| {
+            let len = 6 + (row * 5) % 13;
+            let input_ids: Vec<u32> = (0..len)
+                .map(|t| ((row * 31 + t * 7) % 900) as u32 + 3)
+                .collect();
+            let labels = input_ids
+                .iter()
+                .enumerate()
+                .map(|(t, &id)| if t < len / 2 { IGNORE_INDEX } else { id as i32 })
+                .collect();
+            Example {
+                row,
+                input_ids,
+                labels,
+            }
+        })
+        .collect()
+}
+
+fn grads_by_name(
+    model: &CausalLm<B>,
+    grads: &burn::optim::GradientsParams,
+) -> Vec<(String, Vec<f32>)> {
+    let mut out = Vec::new();
+    model.visit_named(|p| {
+        let (name, g) = match p {
+            NamedParam::Vector(n, t) => (n, grads.get::<Flex, 1>(t.id).map(|g| g.into_data())),
+            NamedParam::Matrix(n, t) => (n, grads.get::<Flex, 2>(t.id).map(|g| g.into_data())),
+        };
+        out.push((
+            name.to_string(),
+            g.map(|d: TensorData| d.to_vec::<f32>().unwrap())
+                .unwrap_or_default(),
+        ));
+    });
+    out
+}
+
+fn max_rel(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|((na, ga), (nb, gb))| {
+            assert_eq!(na, nb);
+            let num: f64 = ga
+                .iter()
+                .zip(gb)
+                .map(|(x, y)| f64::from(x - y).powi(2))
+                .sum();
+            let den: f64 = gb.iter().map(|y| f64::from(*y).powi(2)).sum();
+            (num / den.max(1e-30)).sqrt()
+        })
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn packing_padding_and_accumulation_give_the_same_loss_and_gradients() {
+    let (model, _) = model();
+    let device = Default::default();
+    let ex = examples(8);
+    let refs: Vec<&Example> = ex.iter().collect();
+    // 1 × 8 padded.
+    let one = vec![Batch::padded(&refs, 0)];
+    // 4 × 2 padded (accumulation).
+    let four: Vec<Batch> = refs.chunks(2).map(|c| Batch::padded(c, 0)).collect();
+    // Packed into rows of 32 tokens.
+    let (rows, _) = pack_examples(&ex, 32);
+    assert!(rows.len() < 8, "some examples share a row");
+    let packed = vec![Batch::collate(rows, 0, None)];
+    // Packed rows split over two micro-batches.
+    let (rows, _) = pack_examples(&ex, 32);
+    let half = rows.len() / 2;
+    let packed_acc = vec![
+        Batch::collate(rows[..half].to_vec(), 0, None),
+        Batch::collate(rows[half..].to_vec(), 0, None),
+    ];
+    let mut results = Vec::new();
+    for (name, batches) in [
+        ("1x8", &one),
+        ("4x2", &four),
+        ("packed", &packed),
+        ("packed 2 micro", &packed_acc),
+    ] {
+        let (loss, grads) = step_gradients(&model, batches, &device);
+        let norm = global_grad_norm(&model, &grads);
+        results.push((name, loss, norm, grads_by_name(&model, &grads)));
+    }
+    let (_, loss0, norm0, g0) = &results[0];
+    for (name, loss, norm, g) in &results[1..] {
+        let rel = max_rel(g, g0);
+        println!(
+            "{name}: loss {loss:.7} vs {loss0:.7}, grad norm {norm:.6} vs {norm0:.6}, worst gradient relative difference {rel:.2e}"
+        );
+        assert!(
+            (loss - loss0).abs() <= 1e-5 * loss0,
+            "{name}: loss {loss} vs {loss0}"
+        );
+        assert!(
+            (norm - norm0).abs() <= 1e-4 * norm0,
+            "{name}: grad norm {norm} vs {norm0}"
+        );
+        assert!(rel <= 1e-4, "{name}: gradients differ by {rel}");
+    }
+}
+
+struct Recorder {
+    events: Vec<String>,
+    stop_after: Option<(usize, RunControl)>,
+    summary: Option<RunSummary>,
+}
+
+impl Recorder {
+    fn new() -> Self {
+        Self {
+            events: Vec::new(),
+            stop_after: None,
+            summary: None,
+        }
+    }
+}
+
+impl TrainObserver for Recorder {
+    fn start(&mut self, info: &train_runner::RunInfo) {
+        self.events.push(format!("start {}", info.start_step));
+    }
+    fn update(&mut self, event: &TrainEvent<'_>) {
+        match event {
+            TrainEvent::Step(m) => {
+                self.events.push(format!("step {}", m.step));
+                if let Some((n, control)) = &self.stop_after
+                    && m.step == *n
+                {
+                    control.request_stop();
+                }
+            }
+            TrainEvent::Eval(m) => self.events.push(format!("eval {}", m.step)),
+            TrainEvent::Checkpoint { step, .. } => self.events.push(format!("checkpoint {step}")),
+        }
+    }
+    fn stop(&mut self, summary: &RunSummary) {
+        self.events.push(format!("stop {:?}", summary.status));
+        self.summary = Some(summary.clone());
+    }
+}
+
+fn setup(
+    out: &Path,
+    model: CausalLm<B>,
+    raw: serde_json::Value,
+    config: TrainerConfig,
+) -> TrainSetup<B> {
+    let ex = examples(24);
+    TrainSetup {
+        model,
+        raw_config: raw,
+        companions_from: fixture("qwen2"),
+        source_dtype: train_model::StorageDtype::F32,
+        train: ex[..20].to_vec(),
+        validation: ex[20..].to_vec(),
+        pad_id: 0,
+        config: TrainerConfig {
+            output_dir: out.to_path_buf(),
+            ..config
+        },
+        data_fingerprint: "test-data".into(),
+        overwrite: false,
+    }
+}
+
+fn config() -> TrainerConfig {
+    TrainerConfig {
+        batch_size: 4,
+        gradient_accumulation_steps: 2,
+        learning_rate: 5e-3,
+        max_steps: Some(6),
+        eval_steps: 2,
+        save_steps: 2,
+        warmup_steps: 1,
+        lr_scheduler: LrSchedule::Cosine,
+        weight_decay: 0.01,
+        ..TrainerConfig::default()
+    }
+}
+
+fn metric_rows(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn interrupted_and_resumed_run_equals_an_uninterrupted_one() {
+    let a = tempfile::tempdir().unwrap();
+    let (m, raw) = model();
+    let mut rec = Recorder::new();
+    let full = run(
+        setup(a.path(), m, raw.clone(), config()),
+        None,
+        &mut rec,
+        &RunControl::new(),
+    )
+    .unwrap();
+    assert_eq!(full.status, RunStatus::Completed);
+    assert_eq!(full.global_step, 6);
+
+    let b = tempfile::tempdir().unwrap();
+    let (m, _) = model();
+    let control = RunControl::new();
+    let mut rec = Recorder::new();
+    rec.stop_after = Some((3, control.clone()));
+    let stopped = run(
+        setup(b.path(), m, raw.clone(), config()),
+        None,
+        &mut rec,
+        &control,
+    )
+    .unwrap();
+    assert_eq!(stopped.status, RunStatus::Stopped);
+    assert_eq!(stopped.global_step, 3);
+    assert_eq!(rec.events.last().unwrap(), "stop Stopped");
+    let ckpt = latest_checkpoint(b.path()).unwrap();
+    assert!(ckpt.ends_with("checkpoint-3"), "{ckpt:?}");
+
+    // Resume: the model comes from the checkpoint (f32 master weights).
+    let options = LoadOptions {
+        precision: Precision::Fp32,
+        ..LoadOptions::default()
+    };
+    let resumed_model = load_pretrained::<B>(&ckpt, &options, &Default::default())
+        .unwrap()
+        .model;
+    let mut rec = Recorder::new();
+    let resume = Resume::from_checkpoint(&ckpt).unwrap();
+    let done = run(
+        setup(b.path(), resumed_model, raw, config()),
+        Some(resume),
+        &mut rec,
+        &RunControl::new(),
+    )
+    .unwrap();
+    assert_eq!(done.status, RunStatus::Completed);
+    assert_eq!(rec.events.first().unwrap(), "start 3");
+
+    let ra = metric_rows(a.path());
+    let rb = metric_rows(b.path());
+    let key = |r: &serde_json::Value| (r["step"].as_u64().unwrap(), r.get("eval_loss").is_some());
+    let mut compared = 0;
+    for row in &ra {
+        // The last row for a step is the one that counts.
+        let other = rb.iter().rev().find(|r| key(r) == key(row)).unwrap();
+        for field in ["loss", "grad_norm", "learning_rate", "eval_loss"] {
+            if let (Some(x), Some(y)) = (
+                row.get(field).and_then(|v| v.as_f64()),
+                other.get(field).and_then(|v| v.as_f64()),
+            ) {
+                assert!(
+                    (x - y).abs() <= 1e-6 * x.abs().max(1e-6),
+                    "step {}: {field} {x} vs {y}",
+                    row["step"]
+                );
+                compared += 1;
+            }
+        }
+    }
+    println!(
+        "resume exactness: {compared} values of {} rows identical within 1e-6",
+        ra.len()
+    );
+    assert!(compared >= 6 * 3 + 3);
+    // Both final models are the same.
+    assert_eq!(
+        std::fs::read(a.path().join("model.safetensors")).unwrap(),
+        std::fs::read(b.path().join("model.safetensors")).unwrap()
+    );
+}
+
+#[test]
+fn observer_stop_is_called_on_success_error_crash_and_interrupt() {
+    // Success.
+    let dir = tempfile::tempdir().unwrap();
+    let (m, raw) = model();
+    let mut rec = Recorder::new();
+    let cfg = TrainerConfig {
+        max_steps: Some(2),
+        ..config()
+    };
+    run(
+        setup(dir.path(), m, raw.clone(), cfg.clone()),
+        None,
+        &mut rec,
+        &RunControl::new(),
+    )
+    .unwrap();
+    assert_eq!(rec.events.last().unwrap(), "stop Completed");
+    assert!(
+        rec.events.contains(&"eval 2".to_string())
+            && rec.events.contains(&"checkpoint 2".to_string())
+    );
+
+    // Error after the start: the checkpoint cannot be written (a file is in the way).
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("checkpoint-2"), "in the way").unwrap();
+    let (m, _) = model();
+    let mut rec = Recorder::new();
+    let e = run(
+        setup(dir.path(), m, raw.clone(), cfg.clone()),
+        None,
+        &mut rec,
+        &RunControl::new(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("checkpoint-2"), "{e}");
+    assert_eq!(rec.events.last().unwrap(), "stop Failed");
+    assert!(rec.summary.unwrap().error.is_some());
+
+    // Crash: NaN weights give a NaN loss; nothing is saved, earlier checkpoints are untouched.
+    let dir = tempfile::tempdir().unwrap();
+    let (m, _) = model();
+    run(
+        setup(dir.path(), m, raw.clone(), cfg.clone()),
+        None,
+        &mut Recorder::new(),
+        &RunControl::new(),
+    )
+    .unwrap();
+    let before = std::fs::read(dir.path().join("checkpoint-2/model.safetensors")).unwrap();
+    let config: ModelConfig = ModelConfig::from_json("config.json".as_ref(), &raw).unwrap();
+    let nan = CausalLm::<B>::from_source(&config, DType::F32, &Default::default(), |spec| {
+        let n: usize = spec.shape.iter().product();
+        Ok(TensorData::new(vec![f32::NAN; n], spec.shape.clone()))
+    })
+    .unwrap();
+    let mut rec = Recorder::new();
+    let mut s = setup(dir.path(), nan, raw.clone(), cfg.clone());
+    s.overwrite = true;
+    let crashed = run(s, None, &mut rec, &RunControl::new()).unwrap();
+    assert_eq!(crashed.status, RunStatus::Crashed);
+    assert_eq!(crashed.global_step, 0);
+    assert_eq!(rec.events.last().unwrap(), "stop Crashed");
+    assert_eq!(
+        std::fs::read(dir.path().join("checkpoint-2/model.safetensors")).unwrap(),
+        before
+    );
+
+    // Interrupt before the first step: a checkpoint of step 0 is still saved.
+    let dir = tempfile::tempdir().unwrap();
+    let (m, _) = model();
+    let control = RunControl::new();
+    control.request_stop();
+    let mut rec = Recorder::new();
+    let stopped = run(setup(dir.path(), m, raw, cfg), None, &mut rec, &control).unwrap();
+    assert_eq!(stopped.status, RunStatus::Stopped);
+    assert_eq!(rec.events.last().unwrap(), "stop Stopped");
+    assert!(dir.path().join("checkpoint-0/trainer_state.json").exists());
+}
+
+#[test]
+fn a_locked_or_used_output_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, raw) = model();
+    let lock = OutputLock::acquire(dir.path()).unwrap();
+    let e = run(
+        setup(dir.path(), m, raw.clone(), config()),
+        None,
+        &mut Recorder::new(),
+        &RunControl::new(),
+    )
+    .unwrap_err();
+    assert!(matches!(e, RunnerError::Locked { .. }), "{e}");
+    assert!(
+        e.to_string().contains(&std::process::id().to_string()),
+        "{e}"
+    );
+    drop(lock);
+
+    let cfg = TrainerConfig {
+        max_steps: Some(2),
+        ..config()
+    };
+    let (m, _) = model();
+    run(
+        setup(dir.path(), m, raw.clone(), cfg.clone()),
+        None,
+        &mut Recorder::new(),
+        &RunControl::new(),
+    )
+    .unwrap();
+    let (m, _) = model();
+    let e = run(
+        setup(dir.path(), m, raw.clone(), cfg.clone()),
+        None,
+        &mut Recorder::new(),
+        &RunControl::new(),
+    )
+    .unwrap_err();
+    assert!(matches!(e, RunnerError::OutputNotEmpty { .. }), "{e}");
+    let (m, _) = model();
+    let mut s = setup(dir.path(), m, raw, cfg);
+    s.overwrite = true;
+    assert_eq!(
+        run(s, None, &mut Recorder::new(), &RunControl::new())
+            .unwrap()
+            .status,
+        RunStatus::Completed
+    );
+}
+
+#[test]
+fn save_total_limit_keeps_the_newest_and_the_best() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, raw) = model();
+    let cfg = TrainerConfig {
+        save_steps: 1,
+        eval_steps: 1,
+        save_total_limit: Some(2),
+        ..config()
+    };
+    let summary = run(
+        setup(dir.path(), m, raw, cfg),
+        None,
+        &mut Recorder::new(),
+        &RunControl::new(),
+    )
+    .unwrap();
+    let left: Vec<usize> = train_runner::list_checkpoints(dir.path())
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    assert!(left.len() <= 2 && left.contains(&6), "{left:?}");
+    let best = summary.best_checkpoint.unwrap();
+    assert!(best.exists(), "best checkpoint {best:?} kept");
+}
