@@ -1,7 +1,10 @@
 //! `train`: the command line of train-rs. Only argument parsing, composition of the library
 //! crates, and printing live here (contract: `../shared/docs/cli-contract.md`).
 
+mod backend;
 mod config_file;
+mod progress;
+mod run_cmd;
 
 // Data preparation allocates many small strings and vectors; mimalloc makes it ~20 % faster
 // than glibc's allocator here (measured with `cargo xtask bench-data`).
@@ -34,8 +37,23 @@ struct Cli {
     command: Command,
 }
 
+/// `train --dataset … --model …` (flags first, no subcommand) is `train run …`.
+fn default_to_run(mut argv: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    if argv.get(1).is_some_and(|a| {
+        let a = a.to_string_lossy();
+        a.starts_with("--") && !matches!(a.as_ref(), "--help" | "--version")
+    }) {
+        argv.insert(1, "run".into());
+    }
+    argv
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Fine-tune a model (the default command).
+    Run(run_cmd::RunArgs),
+    /// Mean loss of a model over every label token of a dataset.
+    Eval(run_cmd::EvalArgs),
     /// Validate, inspect and prepare datasets.
     #[command(subcommand)]
     Data(DataCommand),
@@ -97,7 +115,7 @@ struct LoadArgs {
 }
 
 #[derive(Args, Debug, Clone)]
-struct DataArgs {
+pub(crate) struct DataArgs {
     /// Model directory or registry name (its tokenizer and chat template are used).
     #[arg(long)]
     model: String,
@@ -237,7 +255,7 @@ impl LoadArgs {
 }
 
 impl DataArgs {
-    fn config(&self) -> Result<DatasetConfig> {
+    pub(crate) fn config(&self) -> Result<DatasetConfig> {
         let transforms = match &self.transforms {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
@@ -281,7 +299,7 @@ fn registry() -> Result<ModelRegistry> {
     Ok(ModelRegistry::at(path))
 }
 
-fn tokenizer_for(model: &str) -> Result<(PathBuf, ChatTokenizer)> {
+pub(crate) fn tokenizer_for(model: &str) -> Result<(PathBuf, ChatTokenizer)> {
     let dir = registry()?.resolve(model)?;
     let tok = ChatTokenizer::from_model_dir(&dir)
         .with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
@@ -319,7 +337,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let cli = Cli::parse_from(argv);
+    let cli = Cli::parse_from(default_to_run(argv));
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -331,6 +349,8 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
+        Command::Run(args) => run_cmd::train(&args),
+        Command::Eval(args) => run_cmd::eval(&args),
         Command::Data(cmd) => data(cmd),
         Command::Models(cmd) => models(cmd),
     }

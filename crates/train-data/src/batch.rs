@@ -180,6 +180,10 @@ pub struct Batch {
     pub label_tokens: usize,
     /// Tokens that are not padding.
     pub real_tokens: usize,
+    /// Some row holds more than one example (packing): attention needs the segment ids. When
+    /// false, every row is one example followed by padding, and plain causal attention already
+    /// keeps real tokens from seeing the padding after them.
+    pub packed: bool,
 }
 
 impl Batch {
@@ -193,6 +197,7 @@ impl Batch {
             ..Self::default()
         };
         for mut r in rows {
+            b.packed |= r.segment_ids.last().is_some_and(|&s| s > 0);
             b.real_tokens += r.len();
             b.label_tokens += r.label_tokens();
             r.pad_to(seq_len, pad_id);

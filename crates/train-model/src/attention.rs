@@ -59,12 +59,35 @@ impl AttentionImpl {
 pub struct AttentionMask<B: Backend> {
     /// `[batch, 1, seq_q, seq_k]`, `true` where attention is forbidden.
     pub(crate) mask: Option<Tensor<B, 4, Bool>>,
+    /// The same as an additive f32 bias (0 or `f32::MIN`), built once per forward for the
+    /// standard path: a broadcast add is much cheaper than filling through a broadcast mask.
+    bias: std::cell::OnceCell<Tensor<B, 4>>,
 }
 
 impl<B: Backend> AttentionMask<B> {
     /// Causal attention over one row per batch entry, no cache.
     pub fn causal() -> Self {
-        Self { mask: None }
+        Self {
+            mask: None,
+            bias: std::cell::OnceCell::new(),
+        }
+    }
+
+    /// `[1 or batch, 1, seq_q, seq_k]` additive bias: 0 where attention is allowed.
+    fn additive(&self, sq: usize, sk: usize, device: &B::Device) -> Tensor<B, 4> {
+        self.bias
+            .get_or_init(|| {
+                let forbidden = match &self.mask {
+                    Some(m) => m.clone(),
+                    None => {
+                        Tensor::<B, 2, Bool>::tril_mask([sq, sk], 0, device).reshape([1, 1, sq, sk])
+                    }
+                };
+                let dims = forbidden.dims();
+                Tensor::<B, 4>::zeros(dims, (device, burn::tensor::DType::F32))
+                    .mask_fill(forbidden, f32::MIN)
+            })
+            .clone()
     }
 
     /// Causal attention restricted to equal segment ids; queries start at absolute index
@@ -90,6 +113,7 @@ impl<B: Backend> AttentionMask<B> {
             .not_equal(segments_k.reshape([b, 1, sk]).expand([b, sq, sk]));
         Self {
             mask: Some(future.bool_or(other_segment).unsqueeze_dim(1)),
+            bias: std::cell::OnceCell::new(),
         }
     }
 }
@@ -105,8 +129,8 @@ pub fn scaled_dot_product<B: Backend>(
     let [b, h, sq, d] = q.dims();
     let sk = k.dims()[2];
     let scale = 1.0 / (d as f64).sqrt();
-    let full_mask = mask.mask.clone().map(|m| m.expand([b, h, sq, sk]));
     if fused {
+        let full_mask = mask.mask.clone().map(|m| m.expand([b, h, sq, sk]));
         let full_mask = full_mask.map(|m| {
             if mask_means_attend::<B>(&m.device()) {
                 m.bool_not()
@@ -122,15 +146,9 @@ pub fn scaled_dot_product<B: Backend>(
         return attention(q, k, v, full_mask, None, options);
     }
     let dtype = q.dtype();
-    let scores = q.matmul(k.transpose()) * scale;
-    let mut scores = scores.cast(FloatDType::F32);
-    let forbidden = match full_mask {
-        Some(m) => m,
-        None => Tensor::<B, 2, Bool>::tril_mask([sq, sk], 0, &scores.device())
-            .reshape([1, 1, sq, sk])
-            .expand([b, h, sq, sk]),
-    };
-    scores = scores.mask_fill(forbidden, f32::MIN);
+    let device = q.device();
+    let scores = (q.matmul(k.transpose()) * scale).cast(FloatDType::F32);
+    let scores = scores + mask.additive(sq, sk, &device);
     let probs = softmax(scores, 3).cast(dtype);
     probs.matmul(v)
 }

@@ -6,6 +6,8 @@ use burn::tensor::{Int, Tensor, TensorData};
 use train_data::{Batch, DataPosition, EpochOrder, Example, Sequence, pack_examples};
 use train_model::ModelInput;
 
+use crate::config::TrainerConfig;
+
 /// The training rows (examples, or packed rows of several examples) and their visiting order.
 #[derive(Debug, Clone)]
 pub struct BatchPlan {
@@ -21,18 +23,9 @@ pub struct BatchPlan {
 impl BatchPlan {
     /// One row per example, or, with `packing`, rows of `max_length` tokens packed by
     /// best-fit decreasing.
-    pub fn new(
-        examples: &[Example],
-        packing: bool,
-        max_length: usize,
-        batch_size: usize,
-        accumulation: usize,
-        seed: u64,
-        shuffle: bool,
-        pad_id: u32,
-    ) -> Self {
-        let (rows, packing_efficiency) = if packing {
-            let (rows, eff) = pack_examples(examples, max_length);
+    pub fn new(examples: &[Example], config: &TrainerConfig, pad_id: u32) -> Self {
+        let (rows, packing_efficiency) = if config.packing {
+            let (rows, eff) = pack_examples(examples, config.max_length);
             (rows, Some(eff))
         } else {
             (
@@ -42,14 +35,14 @@ impl BatchPlan {
         };
         let order = EpochOrder {
             len: rows.len(),
-            seed,
-            shuffle,
+            seed: config.seed,
+            shuffle: config.shuffle,
         };
         Self {
             rows,
             order,
-            batch_size: batch_size.max(1),
-            accumulation: accumulation.max(1),
+            batch_size: config.batch_size.max(1),
+            accumulation: config.gradient_accumulation_steps.max(1),
             pad_id,
             packing_efficiency,
         }
@@ -116,10 +109,10 @@ pub fn batch_tensors<B: Backend>(
     let ids = int(batch.input_ids.iter().map(|&t| i64::from(t)).collect());
     let positions = int(batch.position_ids.iter().map(|&t| i64::from(t)).collect());
     let labels = int(batch.labels.iter().map(|&t| i64::from(t)).collect());
-    // One segment per row and no padding: plain causal attention, no mask to build.
-    let single_segment = batch.segment_ids.iter().all(|&s| s == 0);
-    let segments =
-        (!single_segment).then(|| int(batch.segment_ids.iter().map(|&t| i64::from(t)).collect()));
+    // One example per row (padding after it): plain causal attention, no mask to build.
+    let segments = batch
+        .packed
+        .then(|| int(batch.segment_ids.iter().map(|&t| i64::from(t)).collect()));
     (
         ModelInput {
             input_ids: ids,

@@ -132,7 +132,7 @@ fn check_resumable(config: &TrainerConfig, resume: &Resume, fingerprint: &str) -
 /// are returned without calling the observer.
 pub fn run<B: AutodiffBackend>(
     setup: TrainSetup<B>,
-    resume: Option<Resume>,
+    resume: Option<&Resume>,
     observer: &mut dyn TrainObserver,
     control: &RunControl,
 ) -> Result<RunSummary> {
@@ -149,19 +149,10 @@ pub fn run<B: AutodiffBackend>(
     if resume.is_none() && !setup.overwrite && !list_checkpoints(&output).is_empty() {
         return Err(RunnerError::OutputNotEmpty { path: output });
     }
-    if let Some(r) = &resume {
+    if let Some(r) = resume {
         check_resumable(&config, r, &setup.data_fingerprint)?;
     }
-    let plan = BatchPlan::new(
-        &setup.train,
-        config.packing,
-        config.max_length,
-        config.batch_size,
-        config.gradient_accumulation_steps,
-        config.seed,
-        config.shuffle,
-        setup.pad_id,
-    );
+    let plan = BatchPlan::new(&setup.train, &config, setup.pad_id);
     if plan.is_empty() {
         return Err(RunnerError::config("dataset", "no training examples"));
     }
@@ -174,7 +165,7 @@ pub fn run<B: AutodiffBackend>(
         epsilon: config.adam_epsilon,
         weight_decay: config.weight_decay,
     });
-    let mut state = match &resume {
+    let mut state = match resume {
         Some(r) => {
             let device = setup.model.embed_tokens.val().device();
             optimizer.load(&r.dir.join("optimizer.safetensors"), &device)?;
@@ -376,10 +367,12 @@ impl<B: AutodiffBackend> Loop<'_, B> {
 
             let step = self.state.global_step;
             let last = step == self.state.total_steps;
-            if (step % self.config.eval_steps == 0 || last) && self.evaluate_now(&model, step)? {
+            if (step.is_multiple_of(self.config.eval_steps) || last)
+                && self.evaluate_now(&model, step)?
+            {
                 last_eval_step = Some(step);
             }
-            if step % self.config.save_steps == 0 || last {
+            if step.is_multiple_of(self.config.save_steps) || last {
                 self.checkpoint(&model)?;
                 last_saved = Some(step);
             }

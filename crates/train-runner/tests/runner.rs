@@ -61,8 +61,12 @@ fn grads_by_name(
     let mut out = Vec::new();
     model.visit_named(|p| {
         let (name, g) = match p {
-            NamedParam::Vector(n, t) => (n, grads.get::<Flex, 1>(t.id).map(|g| g.into_data())),
-            NamedParam::Matrix(n, t) => (n, grads.get::<Flex, 2>(t.id).map(|g| g.into_data())),
+            NamedParam::Vector(n, t) => {
+                (n, grads.get::<Flex, 1>(t.id).map(burn::Tensor::into_data))
+            }
+            NamedParam::Matrix(n, t) => {
+                (n, grads.get::<Flex, 2>(t.id).map(burn::Tensor::into_data))
+            }
         };
         out.push((
             name.to_string(),
@@ -179,6 +183,7 @@ impl TrainObserver for Recorder {
     }
 }
 
+#[allow(clippy::needless_pass_by_value)] // test helper: call sites build the config inline
 fn setup(
     out: &Path,
     model: CausalLm<B>,
@@ -271,7 +276,7 @@ fn interrupted_and_resumed_run_equals_an_uninterrupted_one() {
     let resume = Resume::from_checkpoint(&ckpt).unwrap();
     let done = run(
         setup(b.path(), resumed_model, raw, config()),
-        Some(resume),
+        Some(&resume),
         &mut rec,
         &RunControl::new(),
     )
@@ -288,8 +293,8 @@ fn interrupted_and_resumed_run_equals_an_uninterrupted_one() {
         let other = rb.iter().rev().find(|r| key(r) == key(row)).unwrap();
         for field in ["loss", "grad_norm", "learning_rate", "eval_loss"] {
             if let (Some(x), Some(y)) = (
-                row.get(field).and_then(|v| v.as_f64()),
-                other.get(field).and_then(|v| v.as_f64()),
+                row.get(field).and_then(serde_json::Value::as_f64),
+                other.get(field).and_then(serde_json::Value::as_f64),
             ) {
                 assert!(
                     (x - y).abs() <= 1e-6 * x.abs().max(1e-6),

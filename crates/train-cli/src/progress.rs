@@ -1,0 +1,140 @@
+//! Progress on stderr: a bar redrawn in place on a terminal, plain lines otherwise.
+
+use std::io::{IsTerminal, Write};
+use std::time::Instant;
+
+use train_runner::{RunInfo, RunSummary, TrainEvent, TrainObserver};
+
+/// Prints steps, loss, tokens/s and the time left.
+pub struct Progress {
+    tty: bool,
+    started: Instant,
+    total: usize,
+    first_step: usize,
+    smoothed_tps: Option<f64>,
+    drawn: bool,
+}
+
+impl Progress {
+    /// A progress printer for stderr.
+    pub fn new() -> Self {
+        Self {
+            tty: std::io::stderr().is_terminal(),
+            started: Instant::now(),
+            total: 0,
+            first_step: 0,
+            smoothed_tps: None,
+            drawn: false,
+        }
+    }
+
+    fn clear(&mut self) {
+        if self.tty && self.drawn {
+            eprint!("\r\x1b[2K");
+            self.drawn = false;
+        }
+    }
+}
+
+fn duration(secs: f64) -> String {
+    let s = secs.max(0.0).round() as u64;
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, s / 60 % 60)
+    } else if s >= 60 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
+impl TrainObserver for Progress {
+    fn start(&mut self, info: &RunInfo) {
+        self.started = Instant::now();
+        self.total = info.total_steps;
+        self.first_step = info.start_step;
+        let resumed = if info.start_step > 0 {
+            format!(", resuming after step {}", info.start_step)
+        } else {
+            String::new()
+        };
+        eprintln!(
+            "training {} steps ({} per epoch) on {} rows, {} validation examples, {} parameters{resumed}",
+            info.total_steps,
+            info.steps_per_epoch,
+            info.train_rows,
+            info.validation_examples,
+            info.parameters
+        );
+    }
+
+    fn update(&mut self, event: &TrainEvent<'_>) {
+        match event {
+            TrainEvent::Step(m) => {
+                let tps = match self.smoothed_tps {
+                    Some(s) => 0.9 * s + 0.1 * m.tokens_per_sec,
+                    None => m.tokens_per_sec,
+                };
+                self.smoothed_tps = Some(tps);
+                let done = m.step - self.first_step;
+                let elapsed = self.started.elapsed().as_secs_f64();
+                let eta = elapsed / done.max(1) as f64 * (self.total - m.step) as f64;
+                let line = format!(
+                    "step {}/{} epoch {:.2} loss {:.4} lr {:.2e} grad {:.3} {:.0} tok/s ETA {}",
+                    m.step,
+                    self.total,
+                    m.epoch,
+                    m.loss,
+                    m.learning_rate,
+                    m.grad_norm,
+                    tps,
+                    duration(eta)
+                );
+                if self.tty {
+                    let width = 24;
+                    let filled = (m.step * width / self.total.max(1)).min(width);
+                    eprint!(
+                        "\r\x1b[2K[{}{}] {line}",
+                        "#".repeat(filled),
+                        ".".repeat(width - filled)
+                    );
+                    let _ = std::io::stderr().flush();
+                    self.drawn = true;
+                } else {
+                    eprintln!("{line}");
+                }
+            }
+            TrainEvent::Eval(m) => {
+                self.clear();
+                eprintln!(
+                    "eval after step {}: loss {:.4} over {} tokens",
+                    m.step, m.eval_loss, m.eval_tokens
+                );
+            }
+            TrainEvent::Checkpoint { path, .. } => {
+                self.clear();
+                eprintln!("saved {}", path.display());
+            }
+        }
+    }
+
+    fn stop(&mut self, s: &RunSummary) {
+        self.clear();
+        let loss = s
+            .train_loss
+            .map_or_else(|| "-".into(), |l| format!("{l:.4}"));
+        let eval = s
+            .eval_loss
+            .map_or_else(|| "-".into(), |l| format!("{l:.4}"));
+        eprintln!(
+            "{:?} after {} steps in {}: train loss {loss}, eval loss {eval}, {:.0} tokens/s; output in {}",
+            s.status,
+            s.global_step,
+            duration(self.started.elapsed().as_secs_f64()),
+            s.tokens_per_sec,
+            s.output.display()
+        );
+        if let Some(e) = &s.error {
+            eprintln!("error: {e}");
+        }
+    }
+}

@@ -1,0 +1,427 @@
+//! `train` / `train run` (fine-tune) and `train eval`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::backend::AutodiffBackend;
+use clap::{Args, ValueEnum};
+use serde_json::json;
+use train_data::{ChatTokenizer, DatasetConfig, Prepared};
+use train_model::{AttentionImpl, LoadOptions, Precision, StorageDtype, load_pretrained};
+use train_runner::{
+    LrSchedule, Resume, RunControl, RunStatus, RunSummary, TrainObserver, TrainSetup,
+    TrainerConfig, evaluate, latest_checkpoint,
+};
+
+use crate::DataArgs;
+use crate::backend::{BackendArg, WithBackend, dispatch};
+use crate::progress::Progress;
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum PrecisionArg {
+    Auto,
+    Fp32,
+    Bf16,
+    Fp16,
+}
+
+impl PrecisionArg {
+    fn precision(self) -> Precision {
+        match self {
+            Self::Auto => Precision::Auto,
+            Self::Fp32 => Precision::Fp32,
+            Self::Bf16 => Precision::Bf16,
+            Self::Fp16 => Precision::Fp16,
+        }
+    }
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum SchedulerArg {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum AttentionArg {
+    Auto,
+    Fused,
+    Standard,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum DtypeArg {
+    Fp32,
+    Bf16,
+    Fp16,
+}
+
+/// Where and how to compute.
+#[derive(Args, Debug, Clone)]
+pub struct ComputeArgs {
+    /// Compute precision: bf16 on GPUs that support it and fp32 on CPU (auto), or forced.
+    #[arg(long, value_enum, default_value_t = PrecisionArg::Auto)]
+    pub precision: PrecisionArg,
+    /// burn backend.
+    #[arg(long, value_enum, default_value_t = BackendArg::Cpu)]
+    pub backend: BackendArg,
+    /// Device of the backend: `cpu`, `cuda`, `cuda:N` (tch) or a GPU index (cuda).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Attention kernel.
+    #[arg(long, value_enum, default_value_t = AttentionArg::Auto)]
+    pub attention: AttentionArg,
+}
+
+impl ComputeArgs {
+    fn load_options(&self, master_weights: bool) -> LoadOptions {
+        LoadOptions {
+            precision: self.precision.precision(),
+            attention: match self.attention {
+                AttentionArg::Auto => AttentionImpl::Auto,
+                AttentionArg::Fused => AttentionImpl::Fused,
+                AttentionArg::Standard => AttentionImpl::Standard,
+            },
+            f32_master_weights: master_weights,
+        }
+    }
+}
+
+/// `train` / `train run`.
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Output directory: checkpoints, metrics.jsonl and the final model.
+    #[arg(long, default_value = "outputs")]
+    pub output: PathBuf,
+    /// Epochs over the training split.
+    #[arg(long, default_value_t = 3)]
+    pub epochs: usize,
+    /// Optimizer steps (wins over --epochs).
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Examples (or packed rows) per micro-batch.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    pub gradient_accumulation: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 2e-4)]
+    pub learning_rate: f64,
+    /// Learning-rate schedule (after the warm-up).
+    #[arg(long, value_enum, default_value_t = SchedulerArg::Linear)]
+    pub lr_scheduler: SchedulerArg,
+    /// Linear warm-up steps.
+    #[arg(long, default_value_t = 0)]
+    pub warmup_steps: usize,
+    /// AdamW weight decay (not on biases and norm weights).
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// AdamW β1.
+    #[arg(long, default_value_t = 0.9)]
+    pub adam_beta1: f64,
+    /// AdamW β2.
+    #[arg(long, default_value_t = 0.999)]
+    pub adam_beta2: f64,
+    /// AdamW ε.
+    #[arg(long, default_value_t = 1e-8)]
+    pub adam_epsilon: f64,
+    /// Global gradient-norm clipping (0 disables).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    /// Evaluate every this many steps (and at the end).
+    #[arg(long, default_value_t = 50)]
+    pub eval_steps: usize,
+    /// Micro-batch size of evaluation (default: --batch-size).
+    #[arg(long)]
+    pub eval_batch_size: Option<usize>,
+    /// Save a checkpoint every this many steps (and at the end).
+    #[arg(long, default_value_t = 1000)]
+    pub save_steps: usize,
+    /// Keep at most this many checkpoints (the best is always kept).
+    #[arg(long)]
+    pub save_total_limit: Option<usize>,
+    /// Dtype of the final model (default: the source checkpoint's).
+    #[arg(long, value_enum)]
+    pub save_dtype: Option<DtypeArg>,
+    /// Visit the training data in file order.
+    #[arg(long)]
+    pub no_shuffle: bool,
+    /// Pack examples into rows of --max-length tokens (no attention across examples).
+    #[arg(long)]
+    pub packing: bool,
+    /// Recompute activations in the backward pass to save memory.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
+    /// Do not evaluate.
+    #[arg(long)]
+    pub skip_validation: bool,
+    /// Continue from a checkpoint (default: the newest in --output).
+    #[arg(long, num_args = 0..=1, default_missing_value = "", value_name = "DIR")]
+    pub resume: Option<String>,
+    /// Never ask: start over in an output directory that holds an earlier run.
+    #[arg(long)]
+    pub yes: bool,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+    /// Print one JSON object on the last line of stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl RunArgs {
+    fn trainer_config(&self) -> TrainerConfig {
+        TrainerConfig {
+            output_dir: self.output.clone(),
+            batch_size: self.batch_size,
+            learning_rate: self.learning_rate,
+            num_epochs: self.epochs,
+            max_steps: self.max_steps,
+            eval_steps: self.eval_steps,
+            save_steps: self.save_steps,
+            gradient_accumulation_steps: self.gradient_accumulation,
+            warmup_steps: self.warmup_steps,
+            lr_scheduler: match self.lr_scheduler {
+                SchedulerArg::Constant => LrSchedule::Constant,
+                SchedulerArg::Linear => LrSchedule::Linear,
+                SchedulerArg::Cosine => LrSchedule::Cosine,
+            },
+            weight_decay: self.weight_decay,
+            adam_beta1: self.adam_beta1,
+            adam_beta2: self.adam_beta2,
+            adam_epsilon: self.adam_epsilon,
+            max_grad_norm: self.max_grad_norm,
+            seed: self.data.seed,
+            shuffle: !self.no_shuffle,
+            packing: self.packing,
+            max_length: self.data.max_length,
+            save_total_limit: self.save_total_limit,
+            skip_validation: self.skip_validation,
+            eval_batch_size: self.eval_batch_size,
+            save_dtype: self.save_dtype.map(|d| match d {
+                DtypeArg::Fp32 => StorageDtype::F32,
+                DtypeArg::Bf16 => StorageDtype::Bf16,
+                DtypeArg::Fp16 => StorageDtype::F16,
+            }),
+        }
+    }
+}
+
+/// The data of a run, tokenized through the cache in `<output>/.cache/data` (or --cache-dir).
+fn prepare_data(
+    config: &DatasetConfig,
+    tok: &ChatTokenizer,
+    cache: &Path,
+) -> Result<(Prepared, String)> {
+    let key = train_data::cache_key(config, tok)?;
+    let (prepared, hit) = train_data::prepare_cached(config, tok, cache)?;
+    if hit {
+        eprintln!(
+            "tokenized dataset read from the cache ({})",
+            cache.display()
+        );
+    }
+    for p in &prepared.problems {
+        eprintln!("{p}");
+    }
+    Ok((prepared, key))
+}
+
+struct Training<'a> {
+    args: &'a RunArgs,
+    model_dir: PathBuf,
+    prepared: Prepared,
+    fingerprint: String,
+    pad_id: u32,
+    resume: Option<PathBuf>,
+    control: RunControl,
+}
+
+impl WithBackend for Training<'_> {
+    type Output = RunSummary;
+
+    fn run<B: AutodiffBackend>(self, device: burn::tensor::Device<B>) -> Result<RunSummary> {
+        let options = self.args.compute.load_options(true);
+        let source = load_pretrained::<B>(&self.model_dir, &options, &device)
+            .with_context(|| format!("loading {}", self.model_dir.display()))?;
+        let (model, resume) = match &self.resume {
+            Some(dir) => {
+                let ckpt = load_pretrained::<B>(dir, &options, &device)
+                    .with_context(|| format!("loading checkpoint {}", dir.display()))?;
+                (ckpt.model, Some(Resume::from_checkpoint(dir)?))
+            }
+            None => (source.model, None),
+        };
+        let setup = TrainSetup {
+            model,
+            raw_config: source.raw_config,
+            companions_from: self.model_dir.clone(),
+            source_dtype: source.source_dtype,
+            train: self.prepared.train,
+            validation: self.prepared.validation,
+            pad_id: self.pad_id,
+            config: self.args.trainer_config(),
+            data_fingerprint: self.fingerprint,
+            overwrite: self.args.yes,
+        };
+        let mut progress = Progress::new();
+        let observer: &mut dyn TrainObserver = &mut progress;
+        Ok(train_runner::run(
+            setup,
+            resume.as_ref(),
+            observer,
+            &self.control,
+        )?)
+    }
+}
+
+/// `train` / `train run`.
+pub fn train(args: &RunArgs) -> Result<ExitCode> {
+    let config = args.data.config()?;
+    let trainer = args.trainer_config();
+    trainer.validate()?;
+    let (model_dir, tok) = crate::tokenizer_for(&args.data.model)?;
+    let resume = match args.resume.as_deref() {
+        None => None,
+        Some("") => Some(latest_checkpoint(&args.output).with_context(|| {
+            format!(
+                "--resume: no complete checkpoint in {}",
+                args.output.display()
+            )
+        })?),
+        Some(dir) => Some(PathBuf::from(dir)),
+    };
+    let cache = args
+        .data
+        .cache_dir
+        .clone()
+        .unwrap_or_else(|| args.output.join(".cache").join("data"));
+    let (prepared, fingerprint) = prepare_data(&config, &tok, &cache)?;
+    if prepared.train.is_empty() {
+        bail!(
+            "{}: no training examples left after preparation",
+            config.dataset_path.display()
+        );
+    }
+    // SIGINT / SIGTERM: finish the step, save a checkpoint, exit 130. A second signal while
+    // that happens exits at once.
+    let control = RunControl::new();
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(signal, 130, control.flag())
+            .and_then(|_| signal_hook::flag::register(signal, control.flag()))
+            .context("installing the signal handlers")?;
+    }
+    let work = Training {
+        args,
+        model_dir,
+        prepared,
+        fingerprint,
+        pad_id: tok.pad_id(),
+        resume,
+        control,
+    };
+    let summary = dispatch(
+        args.compute.backend,
+        args.compute.device.as_deref(),
+        args.gradient_checkpointing,
+        work,
+    )?;
+    if args.json {
+        println!(
+            "{}",
+            json!({"status": summary.status, "global_step": summary.global_step, "train_loss": summary.train_loss,
+                   "eval_loss": summary.eval_loss, "tokens_per_sec": summary.tokens_per_sec, "output": summary.output})
+        );
+    }
+    Ok(match summary.status {
+        RunStatus::Completed => ExitCode::SUCCESS,
+        RunStatus::Stopped => ExitCode::from(130),
+        RunStatus::Crashed => ExitCode::from(3),
+        RunStatus::Failed => ExitCode::from(1),
+    })
+}
+
+/// `train eval`.
+#[derive(Args, Debug, Clone)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Examples per micro-batch.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+    /// Print one JSON object on the last line of stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+struct Evaluation<'a> {
+    args: &'a EvalArgs,
+    model_dir: PathBuf,
+    prepared: Prepared,
+    pad_id: u32,
+}
+
+impl WithBackend for Evaluation<'_> {
+    type Output = (f64, u64);
+
+    fn run<B: AutodiffBackend>(self, device: burn::tensor::Device<B>) -> Result<(f64, u64)> {
+        let model = load_pretrained::<B::InnerBackend>(
+            &self.model_dir,
+            &self.args.compute.load_options(false),
+            &device,
+        )
+        .with_context(|| format!("loading {}", self.model_dir.display()))?;
+        let examples: Vec<_> = self
+            .prepared
+            .train
+            .into_iter()
+            .chain(self.prepared.validation)
+            .collect();
+        Ok(evaluate(
+            &model.model,
+            &examples,
+            self.args.batch_size,
+            self.pad_id,
+        ))
+    }
+}
+
+/// `train eval`: mean cross-entropy over every label token of the whole dataset.
+pub fn eval(args: &EvalArgs) -> Result<ExitCode> {
+    let mut config = args.data.config()?;
+    config.validation_split = 0.0;
+    let (model_dir, tok) = crate::tokenizer_for(&args.data.model)?;
+    let prepared = train_data::prepare(&config, &tok, None)?;
+    for p in &prepared.problems {
+        eprintln!("{p}");
+    }
+    let examples = prepared.train.len() + prepared.validation.len();
+    let work = Evaluation {
+        args,
+        model_dir,
+        prepared,
+        pad_id: tok.pad_id(),
+    };
+    let (sum, tokens) = dispatch(
+        args.compute.backend,
+        args.compute.device.as_deref(),
+        false,
+        work,
+    )?;
+    let loss = sum / tokens.max(1) as f64;
+    if args.json {
+        println!(
+            "{}",
+            json!({"loss": loss, "tokens": tokens, "examples": examples})
+        );
+    } else {
+        println!("loss {loss:.6} over {tokens} label tokens of {examples} examples");
+    }
+    Ok(ExitCode::SUCCESS)
+}
