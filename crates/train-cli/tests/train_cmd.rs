@@ -1,0 +1,355 @@
+//! `train` (fine-tuning) as scripts drive it: exit codes 0 / 1 / 3 / 130, the `--json` summary,
+//! resume, the lock, `--config`, and nothing already written lost on bad input.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![cfg(feature = "cpu")]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn model() -> PathBuf {
+    root().join("crates/train-model/tests/fixtures/qwen2")
+}
+
+fn data(dir: &Path, rows: usize) -> PathBuf {
+    let p = dir.join("d.jsonl");
+    let sample =
+        std::fs::read_to_string(root().join("crates/train-data/tests/fixtures/sample.jsonl"))
+            .unwrap();
+    std::fs::write(
+        &p,
+        sample
+            .lines()
+            .take(rows)
+            .map(|l| format!("{l}\n"))
+            .collect::<String>(),
+    )
+    .unwrap();
+    p
+}
+
+fn train(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_train"))
+        .args(args)
+        .env("TRAIN_MODEL_REGISTRY", dir.join("models.json"))
+        .output()
+        .unwrap()
+}
+
+fn base<'a>(model: &'a Path, data: &'a Path, out: &'a Path) -> Vec<&'a str> {
+    vec![
+        "--model",
+        model.to_str().unwrap(),
+        "--dataset",
+        data.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--batch-size",
+        "4",
+        "--max-length",
+        "256",
+        "--learning-rate",
+        "1e-3",
+    ]
+}
+
+fn summary(out: &Output) -> serde_json::Value {
+    let stdout = String::from_utf8(out.stdout.clone()).unwrap();
+    serde_json::from_str(stdout.lines().last().expect("a JSON summary")).unwrap()
+}
+
+#[test]
+fn trains_resumes_and_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, d, out) = (model(), data(dir.path(), 24), dir.path().join("out"));
+    let mut args = base(&m, &d, &out);
+    args.extend([
+        "--max-steps",
+        "4",
+        "--save-steps",
+        "2",
+        "--eval-steps",
+        "2",
+        "--json",
+    ]);
+    let o = train(dir.path(), &args);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let s = summary(&o);
+    assert_eq!(s["status"], "completed");
+    assert_eq!(s["global_step"], 4);
+    assert!(s["train_loss"].as_f64().unwrap() > 0.0 && s["eval_loss"].as_f64().is_some());
+    assert!(
+        out.join("checkpoint-2/optimizer.safetensors").exists()
+            && out.join("checkpoint-4/trainer_state.json").exists()
+    );
+    assert!(out.join("model.safetensors").exists() && out.join("tokenizer.json").exists());
+    let rows = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(rows.lines().next().unwrap()).unwrap();
+    for key in [
+        "step",
+        "epoch",
+        "loss",
+        "learning_rate",
+        "grad_norm",
+        "tokens",
+        "tokens_per_sec",
+    ] {
+        assert!(first.get(key).is_some(), "metrics row lacks {key}: {first}");
+    }
+    assert!(rows.lines().any(|l| l.contains("eval_loss")));
+
+    // The same output again without --resume or --yes: refused, nothing touched.
+    let before = std::fs::read(out.join("checkpoint-4/model.safetensors")).unwrap();
+    let o = train(dir.path(), &args);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--resume"));
+    assert_eq!(
+        std::fs::read(out.join("checkpoint-4/model.safetensors")).unwrap(),
+        before
+    );
+
+    // --resume with more steps continues from checkpoint-4; metrics are appended.
+    let mut args = base(&m, &d, &out);
+    args.extend([
+        "--max-steps",
+        "6",
+        "--save-steps",
+        "2",
+        "--eval-steps",
+        "2",
+        "--resume",
+        "--json",
+    ]);
+    let o = train(dir.path(), &args);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(summary(&o)["global_step"], 6);
+    let steps: Vec<u64> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r.get("loss").is_some())
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [1, 2, 3, 4, 5, 6]);
+
+    // `train eval` on the result.
+    let o = train(
+        dir.path(),
+        &[
+            "eval",
+            "--model",
+            out.to_str().unwrap(),
+            "--dataset",
+            d.to_str().unwrap(),
+            "--json",
+        ],
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let e = summary(&o);
+    assert_eq!(e["examples"], 24);
+    assert!(e["loss"].as_f64().unwrap() > 0.0 && e["tokens"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn bad_configuration_and_bad_data_exit_1_naming_the_culprit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, d, out) = (model(), data(dir.path(), 8), dir.path().join("out"));
+    // Something a previous run left behind must survive failed runs.
+    std::fs::create_dir_all(out.join("checkpoint-7")).unwrap();
+    std::fs::write(out.join("checkpoint-7/trainer_state.json"), "{}").unwrap();
+    let mut args = base(&m, &d, &out);
+    args.push("--weight-decay=-1");
+    let o = train(dir.path(), &args);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("weight_decay"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        format!(
+            "{}\n{{\"messages\": [{{\"role\": \"user\"}}]}}\n",
+            std::fs::read_to_string(&d).unwrap().lines().next().unwrap()
+        ),
+    )
+    .unwrap();
+    let o = train(dir.path(), &base(&m, &bad, &out));
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("bad.jsonl:2"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(out.join("checkpoint-7/trainer_state.json")).unwrap(),
+        "{}"
+    );
+
+    // Usage errors are 2.
+    assert_eq!(train(dir.path(), &["--epochs", "x"]).status.code(), Some(2));
+}
+
+#[test]
+fn config_file_drives_a_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, d, out) = (model(), data(dir.path(), 8), dir.path().join("out"));
+    let cfg = dir.path().join("run.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "model = \"{}\"\ndataset = \"{}\"\noutput = \"{}\"\nmax_steps = 2\nbatch_size = 4\nskip_validation = true\n",
+            m.display(),
+            d.display(),
+            out.display()
+        ),
+    )
+    .unwrap();
+    let o = train(
+        dir.path(),
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--max-steps",
+            "1",
+            "--json",
+        ],
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(
+        summary(&o)["global_step"],
+        1,
+        "the command line wins over the file"
+    );
+}
+
+#[test]
+fn nan_loss_exits_3_and_keeps_earlier_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let nan = dir.path().join("nan-model");
+    std::fs::create_dir_all(&nan).unwrap();
+    for e in std::fs::read_dir(model()).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), nan.join(e.file_name())).unwrap();
+    }
+    let weights = std::fs::read(model().join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&weights).unwrap();
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            (
+                n,
+                v.shape().to_vec(),
+                f32::NAN.to_le_bytes().repeat(v.data().len() / 4),
+            )
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &nan.join("model.safetensors")).unwrap();
+    let (d, out) = (data(dir.path(), 8), dir.path().join("out"));
+    let mut args = base(&nan, &d, &out);
+    args.extend(["--max-steps", "3", "--json"]);
+    let o = train(dir.path(), &args);
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(summary(&o)["status"], "crashed");
+    assert!(
+        train_runner::list_checkpoints(&out).is_empty(),
+        "nothing saved after the NaN"
+    );
+}
+
+#[test]
+fn sigint_finishes_the_step_saves_and_exits_130() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, d, out) = (model(), data(dir.path(), 60), dir.path().join("out"));
+    let mut args = base(&m, &d, &out);
+    args.extend(["--epochs", "50", "--json"]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_train"))
+        .args(&args)
+        .env("TRAIN_MODEL_REGISTRY", dir.path().join("models.json"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the first step, then interrupt.
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    for line in lines.by_ref() {
+        if line.unwrap().starts_with("step 1/") {
+            break;
+        }
+    }
+    // A second run into the same directory meanwhile: refused, naming the process.
+    let o = train(dir.path(), &base(&m, &d, &out));
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(&child.id().to_string()), "{err}");
+
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let rest: Vec<String> = lines.map(Result::unwrap).collect();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(130), "{}", rest.join("\n"));
+    let s = summary(&o);
+    assert_eq!(s["status"], "stopped");
+    let step = s["global_step"].as_u64().unwrap();
+    assert!(step >= 1);
+    assert!(
+        out.join(format!("checkpoint-{step}/trainer_state.json"))
+            .exists()
+    );
+
+    // --resume after the interruption continues from there.
+    let next = (step + 1).to_string();
+    let mut args = base(&m, &d, &out);
+    args.extend(["--max-steps", &next, "--resume", "--json"]);
+    let o = train(dir.path(), &args);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(summary(&o)["global_step"], step + 1);
+}
