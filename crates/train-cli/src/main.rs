@@ -3,6 +3,7 @@
 
 mod backend;
 mod config_file;
+mod generate_cmd;
 mod progress;
 mod run_cmd;
 
@@ -54,6 +55,8 @@ enum Command {
     Run(run_cmd::RunArgs),
     /// Mean loss of a model over every label token of a dataset.
     Eval(run_cmd::EvalArgs),
+    /// Answer a prompt with a model (chat template, KV cache, logits processors).
+    Generate(generate_cmd::GenerateArgs),
     /// Validate, inspect and prepare datasets.
     #[command(subcommand)]
     Data(DataCommand),
@@ -351,6 +354,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Run(args) => run_cmd::train(&args),
         Command::Eval(args) => run_cmd::eval(&args),
+        Command::Generate(args) => generate_cmd::run(&args),
         Command::Data(cmd) => data(cmd),
         Command::Models(cmd) => models(cmd),
     }

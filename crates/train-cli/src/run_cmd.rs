@@ -76,7 +76,7 @@ pub struct ComputeArgs {
 }
 
 impl ComputeArgs {
-    fn load_options(&self, master_weights: bool) -> LoadOptions {
+    pub(crate) fn load_options(&self, master_weights: bool) -> LoadOptions {
         LoadOptions {
             precision: self.precision.precision(),
             attention: match self.attention {

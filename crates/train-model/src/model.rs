@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use burn::module::{Module, Param};
 use burn::tensor::{
-    DType, FloatDType, Int, Tensor, TensorData, activation::silu, backend::Backend, module::linear,
+    DType, FloatDType, Int, Tensor, TensorData, activation::silu, backend::Backend,
 };
 
 use crate::attention::{AttentionImpl, AttentionMask, repeat_kv, scaled_dot_product};
@@ -33,8 +33,39 @@ impl<B: Backend> Projection<B> {
         let dtype = x.dtype();
         let weight = cast_to(self.weight.val(), dtype);
         let bias = self.bias.as_ref().map(|b| cast_to(b.val(), dtype));
-        linear(x, weight.transpose(), bias)
+        project(x, weight, bias)
     }
+}
+
+/// Up to this many rows, [`project`] multiplies the weight from the left.
+const SMALL_ROWS: usize = 16;
+
+/// `x @ weight^T + bias` as one 2-D matmul over all leading dimensions. burn's `linear` would
+/// reshape the transposed `[out, in]` weight to `[1, in, out]`, which makes backends that cannot
+/// reshape a strided view (burn-flex) copy the whole weight on every call; a 2-D matmul reads
+/// the transposed view in place.
+fn project<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+) -> Tensor<B, D> {
+    let dims = x.dims();
+    let [out, inner] = weight.dims();
+    let rows = dims[..D - 1].iter().product::<usize>();
+    let x = x.reshape([rows, inner]);
+    // A few rows (decoding): `(W x^T)^T` keeps the weight in its stored layout, so the matmul
+    // does not have to repack all of it for every token.
+    let mut y = if rows <= SMALL_ROWS {
+        weight.matmul(x.transpose()).transpose()
+    } else {
+        x.matmul(weight.transpose())
+    };
+    if let Some(b) = bias {
+        y = y + b.unsqueeze::<2>();
+    }
+    let mut shape = dims;
+    shape[D - 1] = out;
+    y.reshape(shape)
 }
 
 fn cast_to<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
@@ -609,11 +640,7 @@ impl<B: Backend> CausalLm<B> {
     fn logits(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {
             Some(head) => head.forward(h),
-            None => linear(
-                h.clone(),
-                cast_to(self.embed_tokens.val(), h.dtype()).transpose(),
-                None,
-            ),
+            None => project(h.clone(), cast_to(self.embed_tokens.val(), h.dtype()), None),
         }
     }
 }
