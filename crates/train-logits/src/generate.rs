@@ -175,6 +175,11 @@ pub fn generate<B: Backend>(
             "prompt token id {bad} is outside the vocabulary of {vocab}"
         )));
     }
+    if let Some(s) = config.stop_strings.iter().find(|s| s.contains('\u{fffd}')) {
+        return Err(LogitsError::Generation(format!(
+            "stop string {s:?} contains U+FFFD, which decoding uses for incomplete bytes; it cannot be matched"
+        )));
+    }
     let stops = StopStrings::new(config.stop_strings.clone());
     if !stops.is_empty() && tokenizer.is_none() {
         return Err(LogitsError::Generation(

@@ -146,6 +146,53 @@ fn rows_stop_on_their_own_end_token_and_stop_string<B: Backend>(device: &B::Devi
     assert_eq!(got[0].token_ids, want[1][..first]);
 }
 
+fn stop_strings_stop_where_transformers_does<B: Backend>(device: &B::Device) {
+    let r = reference();
+    let mut checked = 0;
+    for arch in ["qwen3", "qwen2", "llama"] {
+        let dir = model_dir(arch);
+        let model = load::<B>(&dir, device);
+        let tok = ChatTokenizer::from_model_dir(&dir).unwrap();
+        let rows = r["arches"][arch]["rows"].as_array().unwrap();
+        for case in r["arches"][arch]["stop_strings"].as_array().unwrap() {
+            let row = &rows[usize::try_from(case["row"].as_u64().unwrap()).unwrap()];
+            let s = case["string"].as_str().unwrap().to_string();
+            let cfg = GenerationConfig {
+                stop_strings: vec![s.clone()],
+                ..config(16)
+            };
+            let got = generate(
+                &model,
+                Some(tok.tokenizer()),
+                &[as_ids(&row["prompt"])],
+                &mut [],
+                &cfg,
+            );
+            if s.contains('\u{fffd}') {
+                // transformers never matches it (it compares token bytes); we refuse it.
+                assert!(
+                    got.is_err() && case["stops_after"].is_null(),
+                    "{arch} {s:?}"
+                );
+                continue;
+            }
+            let got = got.unwrap().remove(0);
+            match case["stops_after"].as_u64() {
+                Some(k) => {
+                    assert_eq!(got.stop_reason, StopReason::StopString, "{arch} {s:?}");
+                    assert_eq!(got.token_ids.len() as u64, k, "{arch} {s:?}");
+                }
+                None => assert_eq!(got.stop_reason, StopReason::MaxNewTokens, "{arch} {s:?}"),
+            }
+            checked += 1;
+        }
+    }
+    eprintln!(
+        "{checked} stop strings stop after the same token as transformers' StopStringCriteria"
+    );
+    assert!(checked >= 20);
+}
+
 fn processors_steer_generation_and_sampling_is_seeded<B: Backend>(device: &B::Device) {
     let r = reference();
     let dir = model_dir("llama");
@@ -227,6 +274,10 @@ macro_rules! backend_tests {
             #[test]
             fn rows_stop_on_their_own_end_token_and_stop_string() {
                 super::rows_stop_on_their_own_end_token_and_stop_string::<B>(&device());
+            }
+            #[test]
+            fn stop_strings_stop_where_transformers_does() {
+                super::stop_strings_stop_where_transformers_does::<B>(&device());
             }
             #[test]
             fn processors_steer_generation_and_sampling_is_seeded() {
