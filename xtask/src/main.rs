@@ -55,6 +55,7 @@ fn main() -> Result<()> {
         "tidy" => tidy()?,
         "bench-data" => bench_data()?,
         "bench-generate" => bench_generate()?,
+        "report-png" => report_png()?,
         _ => {
             eprintln!(
                 "usage: cargo xtask <ci | fixtures | smollm2 | torch-env | tidy>\n\n\
@@ -65,6 +66,7 @@ fn main() -> Result<()> {
                  torch-env  print the environment for building/running with --features tch\n\
                  tidy       house rules a grep can check (see ../shared/docs/house-style.md)\n\
                  bench-data train-data vs Python datasets.map + apply_chat_template on 20k real rows\n\
+                 report-png  fine-tune the tiny model, render its report.html to PNG with headless chromium\n\
                  bench-generate  greedy decoding of `train generate` vs transformers generate on SmolLM2-135M"
             );
             if cmd != "help" {
@@ -230,14 +232,24 @@ fn ci() -> Result<()> {
         )
     })?;
     timed("check (cuda)", &mut || {
-        for krate in ["train-model", "train-logits", "train-cli"] {
-            cargo_step(
-                &format!("cuda backend compiles: {krate}"),
-                &["check", "-p", krate, "--features", "cuda", "--all-targets"],
-            )?;
-        }
-        Ok(())
+        // One invocation: one feature resolution, so burn-cuda is checked once.
+        cargo_step(
+            "cuda backend compiles: train-model, train-logits, train-cli",
+            &[
+                "check",
+                "-p",
+                "train-model",
+                "-p",
+                "train-logits",
+                "-p",
+                "train-cli",
+                "--features",
+                "train-model/cuda,train-logits/cuda,train-cli/cuda",
+                "--all-targets",
+            ],
+        )
     })?;
+    timed("report (chromium)", &mut report_png)?;
     timed("bench build", &mut || {
         cargo_step("benches compile", &["bench", "--workspace", "--no-run"])
     })?;
@@ -797,6 +809,87 @@ fn bench_generate() -> Result<()> {
         r / p
     );
     Ok(())
+}
+
+/// `cargo xtask report-png`: a short run of the README's first command (tiny Qwen3, 2 epochs),
+/// then its `report.html` rendered by a real headless browser (Debian's `chromium`, installed
+/// with apt when missing) to `<cache>/report/report.png`; fails when the page does not render.
+fn report_png() -> Result<()> {
+    let chromium = match which("chromium") {
+        Some(c) => c,
+        None => {
+            let mut c = Command::new("apt-get");
+            c.args(["install", "-y", "--no-install-recommends", "chromium"])
+                .env("DEBIAN_FRONTEND", "noninteractive");
+            if run("install chromium (apt-get)", c).is_err() {
+                let mut u = Command::new("apt-get");
+                u.arg("update");
+                run("apt-get update", u)?;
+                let mut c = Command::new("apt-get");
+                c.args(["install", "-y", "--no-install-recommends", "chromium"])
+                    .env("DEBIAN_FRONTEND", "noninteractive");
+                run("install chromium (apt-get)", c)?;
+            }
+            which("chromium").context("chromium is not on PATH after installing it")?
+        }
+    };
+    cargo_step(
+        "build train (release)",
+        &["build", "--workspace", "--release", "--examples", "--bins"],
+    )?;
+    let dir = cache().join("report");
+    let out = dir.join("tiny");
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&dir)?;
+    let mut c = Command::new(release_bin("train"));
+    c.current_dir(root())
+        .args([
+            "--config",
+            "examples/tiny.toml",
+            "--epochs",
+            "2",
+            "--output",
+        ])
+        .arg(&out);
+    run("train the tiny model (examples/tiny.toml, 2 epochs)", c)?;
+    let report = out.join("report.html");
+    let png = dir.join("report.png");
+    let _ = std::fs::remove_file(&png);
+    let mut c = Command::new(&chromium);
+    c.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--window-size=900,2200",
+    ])
+    .arg(format!("--screenshot={}", png.display()))
+    .arg(format!("file://{}", report.display()));
+    run("render report.html with headless chromium", c)?;
+    let size = std::fs::metadata(&png)
+        .with_context(|| format!("chromium wrote no {}", png.display()))?
+        .len();
+    // A blank 900×2200 page compresses to a few kB; charts and text make it much larger.
+    if size < 20_000 {
+        bail!(
+            "{} is only {size} bytes: the report did not render",
+            png.display()
+        );
+    }
+    println!(
+        "report-png: {} ({size} bytes) from {}",
+        png.display(),
+        report.display()
+    );
+    Ok(())
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    })
 }
 
 /// House rules a grep can see (see `../shared/docs/house-style.md`).

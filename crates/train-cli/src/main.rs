@@ -4,6 +4,7 @@
 mod backend;
 mod config_file;
 mod generate_cmd;
+mod monitor;
 mod progress;
 mod run_cmd;
 
@@ -52,7 +53,7 @@ fn default_to_run(mut argv: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> 
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Fine-tune a model (the default command).
-    Run(run_cmd::RunArgs),
+    Run(Box<run_cmd::RunArgs>),
     /// Mean loss of a model over every label token of a dataset.
     Eval(run_cmd::EvalArgs),
     /// Answer a prompt with a model (chat template, KV cache, logits processors).

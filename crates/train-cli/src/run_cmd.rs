@@ -10,12 +10,13 @@ use serde_json::json;
 use train_data::{ChatTokenizer, DatasetConfig, Prepared};
 use train_model::{AttentionImpl, LoadOptions, Precision, StorageDtype, load_pretrained};
 use train_runner::{
-    LrSchedule, Resume, RunControl, RunStatus, RunSummary, TrainObserver, TrainSetup,
-    TrainerConfig, evaluate, latest_checkpoint,
+    LrSchedule, Observers, Resume, RunControl, RunStatus, RunSummary, TrainSetup, TrainerConfig,
+    evaluate, latest_checkpoint,
 };
 
 use crate::DataArgs;
 use crate::backend::{BackendArg, WithBackend, dispatch};
+use crate::monitor::Monitor;
 use crate::progress::Progress;
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -97,6 +98,9 @@ pub struct RunArgs {
     /// Output directory: checkpoints, metrics.jsonl and the final model.
     #[arg(long, default_value = "outputs")]
     pub output: PathBuf,
+    /// Directory of `training_status.json` (default: `<output>/status`).
+    #[arg(long, value_name = "DIR")]
+    pub status_dir: Option<PathBuf>,
     /// Epochs over the training split.
     #[arg(long, default_value_t = 3)]
     pub epochs: usize,
@@ -269,13 +273,25 @@ impl WithBackend for Training<'_> {
             overwrite: self.args.yes,
         };
         let mut progress = Progress::new();
-        let observer: &mut dyn TrainObserver = &mut progress;
-        Ok(train_runner::run(
-            setup,
-            resume.as_ref(),
-            observer,
-            &self.control,
-        )?)
+        let status_dir = self
+            .args
+            .status_dir
+            .clone()
+            .unwrap_or_else(|| self.args.output.join("status"));
+        let mut monitor = Monitor::new(status_dir, self.args.output.clone());
+        let mut observers = Observers::default();
+        observers.push(&mut progress);
+        observers.push(&mut monitor);
+        let summary = train_runner::run(setup, resume.as_ref(), &mut observers, &self.control);
+        drop(observers);
+        if let Some((spent, wall, steps)) = monitor.overhead {
+            eprintln!(
+                "monitoring (status file, alerts, plots, report): {:.1} ms over {steps} steps, {:.2} % of the run",
+                spent.as_secs_f64() * 1e3,
+                100.0 * spent.as_secs_f64() / wall.as_secs_f64().max(1e-9)
+            );
+        }
+        Ok(summary?)
     }
 }
 

@@ -85,6 +85,20 @@ fn trains_resumes_and_reports() {
     );
     let s = summary(&o);
     assert_eq!(s["status"], "completed");
+    let status: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("status/training_status.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        (status["status"].as_str(), status["step"].as_u64()),
+        (Some("completed"), Some(4))
+    );
+    assert!(status["eval_loss"].as_f64().is_some() && status["schema_version"] == 1);
+    assert!(
+        std::fs::read_to_string(out.join("report.html"))
+            .unwrap()
+            .contains("<svg")
+    );
+    assert!(out.join("plots/loss.svg").exists());
     assert_eq!(s["global_step"], 4);
     assert!(s["train_loss"].as_f64().unwrap() > 0.0 && s["eval_loss"].as_f64().is_some());
     assert!(
@@ -290,6 +304,14 @@ fn nan_loss_exits_3_and_keeps_earlier_checkpoints() {
         String::from_utf8_lossy(&o.stderr)
     );
     assert_eq!(summary(&o)["status"], "crashed");
+    let status: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("status/training_status.json")).unwrap())
+            .unwrap();
+    assert_eq!(status["status"], "crashed");
+    assert!(
+        status["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{status}"
+    );
     assert!(
         train_runner::list_checkpoints(&out).is_empty(),
         "nothing saved after the NaN"
@@ -333,6 +355,10 @@ fn sigint_finishes_the_step_saves_and_exits_130() {
     assert_eq!(o.status.code(), Some(130), "{}", rest.join("\n"));
     let s = summary(&o);
     assert_eq!(s["status"], "stopped");
+    let status: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("status/training_status.json")).unwrap())
+            .unwrap();
+    assert_eq!(status["status"], "stopped");
     let step = s["global_step"].as_u64().unwrap();
     assert!(step >= 1);
     assert!(

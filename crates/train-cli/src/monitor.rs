@@ -1,0 +1,109 @@
+//! Feeds the runner's events to `train-monitor`: the status file, alerts, plots and report.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use train_monitor::{
+    EvalRecord, History, MonitorError, MonitoringBundle, MonitoringConfig, RunEnd, RunStart,
+    Status, StepRecord,
+};
+use train_runner::{RunInfo, RunStatus, RunSummary, TrainEvent, TrainObserver};
+
+/// The monitoring of one `train` run. Problems writing monitoring output are reported once and
+/// never stop training.
+pub struct Monitor {
+    bundle: MonitoringBundle,
+    warned: bool,
+    started: Instant,
+    steps: usize,
+    /// Time spent in monitoring and the run's wall time, once it stopped.
+    pub overhead: Option<(Duration, Duration, usize)>,
+}
+
+impl Monitor {
+    /// Status in `status_dir`, report and plots in `output`.
+    pub fn new(status_dir: PathBuf, output: PathBuf) -> Self {
+        Self {
+            bundle: MonitoringBundle::new(MonitoringConfig::new(status_dir, Some(output))),
+            warned: false,
+            started: Instant::now(),
+            steps: 0,
+            overhead: None,
+        }
+    }
+
+    fn check<T>(&mut self, r: Result<T, MonitorError>) -> Option<T> {
+        match r {
+            Ok(v) => Some(v),
+            Err(e) => {
+                if !self.warned {
+                    eprintln!("warning: monitoring: {e} (training goes on)");
+                    self.warned = true;
+                }
+                None
+            }
+        }
+    }
+}
+
+impl TrainObserver for Monitor {
+    fn start(&mut self, info: &RunInfo) {
+        self.started = Instant::now();
+        let history = if info.start_step > 0 {
+            std::fs::read_to_string(info.output_dir.join("metrics.jsonl"))
+                .map(|t| History::from_metrics(&t, info.start_step))
+                .unwrap_or_default()
+        } else {
+            History::default()
+        };
+        let r = self.bundle.start(RunStart {
+            total_steps: info.total_steps,
+            start_step: info.start_step,
+            output_dir: info.output_dir.clone(),
+            history,
+        });
+        self.check(r);
+    }
+
+    fn update(&mut self, event: &TrainEvent<'_>) {
+        match event {
+            TrainEvent::Step(m) => {
+                self.steps += 1;
+                let r = self.bundle.step(&StepRecord {
+                    step: m.step,
+                    epoch: m.epoch,
+                    loss: m.loss,
+                    learning_rate: m.learning_rate,
+                    grad_norm: m.grad_norm,
+                    tokens_per_sec: m.tokens_per_sec,
+                });
+                for alert in self.check(r).unwrap_or_default() {
+                    eprintln!("alert: {}", alert.message);
+                }
+            }
+            TrainEvent::Eval(e) => {
+                let r = self.bundle.eval(&EvalRecord {
+                    step: e.step,
+                    eval_loss: e.eval_loss,
+                });
+                self.check(r);
+            }
+            TrainEvent::Checkpoint { .. } => {}
+        }
+    }
+
+    fn stop(&mut self, summary: &RunSummary) {
+        let status = match summary.status {
+            RunStatus::Completed => Status::Completed,
+            RunStatus::Stopped => Status::Stopped,
+            RunStatus::Crashed | RunStatus::Failed => Status::Crashed,
+        };
+        let r = self.bundle.stop(&RunEnd {
+            status,
+            step: summary.global_step,
+            error: summary.error.clone(),
+        });
+        self.check(r);
+        self.overhead = Some((self.bundle.time_spent(), self.started.elapsed(), self.steps));
+    }
+}

@@ -1,0 +1,241 @@
+//! [`MonitoringBundle`]: the seed's start / update / stop over the status file, alerts and the
+//! report.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::alerts::{Alert, AlertConfig, AlertInputs, AlertKind, evaluate};
+use crate::error::Result;
+use crate::memory::MemoryInfo;
+use crate::report::{EvalRecord, History, StepRecord, write_report};
+use crate::stats::{Ema, LossWindow};
+use crate::status::{Status, StatusWriter, TrainingStatus, unix_now};
+
+/// What to monitor and where to write.
+#[derive(Debug, Clone)]
+pub struct MonitoringConfig {
+    /// Directory of `training_status.json` (the contract: `<output>/status`).
+    pub status_dir: PathBuf,
+    /// Directory of `report.html` and `plots/` (the output directory); `None`: no report.
+    pub report_dir: Option<PathBuf>,
+    /// Least time between two status writes that are not forced (2 s).
+    pub status_interval: Duration,
+    /// Alert thresholds.
+    pub alerts: AlertConfig,
+    /// Losses in the variance / trend window (20).
+    pub loss_window: usize,
+}
+
+impl MonitoringConfig {
+    /// Status in `status_dir`, report in `report_dir`, the origin's defaults elsewhere.
+    pub fn new(status_dir: PathBuf, report_dir: Option<PathBuf>) -> Self {
+        Self {
+            status_dir,
+            report_dir,
+            status_interval: Duration::from_secs(2),
+            alerts: AlertConfig::default(),
+            loss_window: 20,
+        }
+    }
+}
+
+/// How a run starts.
+#[derive(Debug, Clone)]
+pub struct RunStart {
+    /// Steps the run will reach.
+    pub total_steps: usize,
+    /// Steps already done (resume).
+    pub start_step: usize,
+    /// The output directory.
+    pub output_dir: PathBuf,
+    /// The earlier part of a resumed run, for the report.
+    pub history: History,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone)]
+pub struct RunEnd {
+    /// `Completed`, `Stopped` or `Crashed`.
+    pub status: Status,
+    /// Steps done.
+    pub step: usize,
+    /// Why it crashed.
+    pub error: Option<String>,
+}
+
+/// The status file, alerts and report of one run. Writing problems are returned, never
+/// panicked on; a caller may report them and go on training.
+#[derive(Debug)]
+pub struct MonitoringBundle {
+    config: MonitoringConfig,
+    writer: StatusWriter,
+    status: TrainingStatus,
+    throughput: Ema,
+    window: LossWindow,
+    baseline: Vec<f64>,
+    baseline_value: Option<f64>,
+    history: History,
+    active: HashSet<AlertKind>,
+    spent: Duration,
+}
+
+impl MonitoringBundle {
+    /// A bundle writing where `config` says.
+    pub fn new(config: MonitoringConfig) -> Self {
+        Self {
+            writer: StatusWriter::new(&config.status_dir, config.status_interval),
+            window: LossWindow::new(config.loss_window),
+            config,
+            status: TrainingStatus::default(),
+            throughput: Ema::new(0.3),
+            baseline: Vec::new(),
+            baseline_value: None,
+            history: History::default(),
+            active: HashSet::new(),
+            spent: Duration::ZERO,
+        }
+    }
+
+    /// The current status.
+    pub fn status(&self) -> &TrainingStatus {
+        &self.status
+    }
+
+    /// The history so far.
+    pub fn history(&self) -> &History {
+        &self.history
+    }
+
+    /// The status file.
+    pub fn status_path(&self) -> PathBuf {
+        self.writer.path().to_path_buf()
+    }
+
+    /// Time spent inside the bundle (its overhead on the run).
+    pub fn time_spent(&self) -> Duration {
+        self.spent
+    }
+
+    fn timed<T>(&mut self, f: impl FnOnce(&mut Self) -> T) -> T {
+        let t = Instant::now();
+        let out = f(self);
+        self.spent += t.elapsed();
+        out
+    }
+
+    /// The run starts: status `training`, written at once.
+    pub fn start(&mut self, run: RunStart) -> Result<()> {
+        self.timed(|b| {
+            for s in &run.history.steps {
+                b.window.push(s.step, s.loss);
+            }
+            b.history = run.history;
+            b.status = TrainingStatus {
+                status: Status::Training,
+                step: run.start_step,
+                total_steps: run.total_steps,
+                output_dir: Some(run.output_dir),
+                started_at: unix_now(),
+                memory: Some(MemoryInfo::read()),
+                ..TrainingStatus::default()
+            };
+            b.writer.write(&b.status, true).map(|_| ())
+        })
+    }
+
+    /// A step finished; returns the alerts it newly raised.
+    pub fn step(&mut self, s: &StepRecord) -> Result<Vec<Alert>> {
+        self.timed(|b| {
+            b.history.steps.push(*s);
+            b.window.push(s.step, s.loss);
+            let smoothed = b.throughput.push(s.tokens_per_sec);
+            // The first step of a run warms up; the next ones make the baseline.
+            if b.baseline_value.is_none() && s.tokens_per_sec.is_finite() {
+                b.baseline.push(s.tokens_per_sec);
+                if b.baseline.len() > b.config.alerts.baseline_steps {
+                    let rest = &b.baseline[1..];
+                    b.baseline_value = Some(rest.iter().sum::<f64>() / rest.len() as f64);
+                }
+            }
+            let memory = MemoryInfo::read();
+            let st = &mut b.status;
+            st.step = s.step;
+            st.epoch = s.epoch;
+            st.loss = Some(s.loss);
+            st.learning_rate = Some(s.learning_rate);
+            st.grad_norm = Some(s.grad_norm);
+            st.tokens_per_sec = smoothed;
+            st.loss_variance = b.window.variance();
+            st.loss_trend = b.window.trend();
+            st.memory = Some(memory);
+            if let (Some(e), Some(m)) = (st.eval_loss, b.window.mean()) {
+                st.eval_train_gap = Some(e - m);
+            }
+            let alerts = evaluate(
+                &b.config.alerts,
+                &AlertInputs {
+                    step: s.step,
+                    loss: s.loss,
+                    tokens_per_sec: smoothed,
+                    baseline_tokens_per_sec: b.baseline_value,
+                    eval_gap: st.eval_train_gap,
+                    loss_variance: st.loss_variance,
+                    available_bytes: memory.available_bytes,
+                },
+            );
+            let new: Vec<Alert> = alerts
+                .iter()
+                .filter(|a| !b.active.contains(&a.kind))
+                .cloned()
+                .collect();
+            b.active = alerts.iter().map(|a| a.kind).collect();
+            // Keep the step an alert was first raised at.
+            let previous = std::mem::take(&mut st.alerts);
+            st.alerts = alerts
+                .into_iter()
+                .map(|a| {
+                    previous
+                        .iter()
+                        .find(|p| p.kind == a.kind)
+                        .cloned()
+                        .map_or(a.clone(), |p| Alert { step: p.step, ..a })
+                })
+                .collect();
+            let force = !new.is_empty();
+            b.writer.write(&b.status, force)?;
+            Ok(new)
+        })
+    }
+
+    /// An evaluation finished: status written at once, report refreshed.
+    pub fn eval(&mut self, e: &EvalRecord) -> Result<()> {
+        self.timed(|b| {
+            b.history.evals.push(*e);
+            b.status.eval_loss = Some(e.eval_loss);
+            b.status.eval_train_gap = b.window.mean().map(|m| e.eval_loss - m);
+            b.writer.write(&b.status, true)?;
+            b.report()
+        })
+    }
+
+    /// The run ended: final status written at once, report refreshed.
+    pub fn stop(&mut self, end: &RunEnd) -> Result<()> {
+        self.timed(|b| {
+            b.status.status = end.status;
+            b.status.step = end.step;
+            b.status.error.clone_from(&end.error);
+            b.status.memory = Some(MemoryInfo::read());
+            let written = b.writer.write(&b.status, true);
+            let reported = b.report();
+            written.and(reported)
+        })
+    }
+
+    fn report(&self) -> Result<()> {
+        match &self.config.report_dir {
+            Some(dir) => write_report(dir, &self.status, &self.history),
+            None => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,54 @@
+//! # train-monitor
+//!
+//! See a fine-tuning run while it trains, without a tensor library:
+//!
+//! * [`StatusWriter`] / [`TrainingStatus`]: `training_status.json` with a documented schema
+//!   ([`SCHEMA_VERSION`]), replaced atomically (temporary file + rename, so a reader never sees
+//!   a partial file) and at most every 2 s unless forced.
+//! * [`Ema`], [`LossWindow`]: smoothed throughput, loss trend and detrended variance.
+//! * [`alerts`]: throughput below 60 % of its baseline, validation–train gap above 0.3, a noisy
+//!   loss, low host memory, NaN loss; thresholds in [`AlertConfig`].
+//! * [`report`]: loss / eval loss / learning-rate / gradient-norm / throughput curves as SVG
+//!   (plotters) and a self-contained `report.html`.
+//! * [`MonitoringBundle`]: the seed's start / update / stop over all of it, fed plain values.
+//!
+//! ## Example
+//!
+//! ```
+//! use train_monitor::{MonitoringBundle, MonitoringConfig, RunEnd, RunStart, Status, StepRecord, History};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let out = tempfile::tempdir()?;
+//! let mut m = MonitoringBundle::new(MonitoringConfig::new(out.path().join("status"), Some(out.path().into())));
+//! m.start(RunStart { total_steps: 2, start_step: 0, output_dir: out.path().into(), history: History::default() })?;
+//! for step in 1..=2 {
+//!     m.step(&StepRecord { step, epoch: step as f64 / 2.0, loss: 3.0 / step as f64,
+//!         learning_rate: 1e-4, grad_norm: 1.0, tokens_per_sec: 1000.0 })?;
+//! }
+//! m.stop(&RunEnd { status: Status::Completed, step: 2, error: None })?;
+//! let status: serde_json::Value = serde_json::from_slice(&std::fs::read(m.status_path())?)?;
+//! assert_eq!(status["status"], "completed");
+//! assert!(out.path().join("report.html").exists() && out.path().join("plots/loss.svg").exists());
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod alerts;
+pub mod bundle;
+pub mod error;
+mod fsutil;
+pub mod memory;
+pub mod plots;
+pub mod report;
+pub mod stats;
+pub mod status;
+
+pub use alerts::{Alert, AlertConfig, AlertInputs, AlertKind};
+pub use bundle::{MonitoringBundle, MonitoringConfig, RunEnd, RunStart};
+pub use error::{MonitorError, Result};
+pub use fsutil::write_atomic;
+pub use memory::MemoryInfo;
+pub use plots::{Series, line_chart};
+pub use report::{EvalRecord, History, StepRecord, render_html, write_report};
+pub use stats::{Ema, LossWindow};
+pub use status::{SCHEMA_VERSION, Status, StatusWriter, TrainingStatus};

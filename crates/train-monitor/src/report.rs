@@ -1,0 +1,226 @@
+//! The run's history and the self-contained `report.html` (charts inline) with `plots/*.svg`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+use crate::fsutil::write_atomic;
+use crate::plots::{Series, line_chart};
+use crate::status::TrainingStatus;
+
+/// One optimizer step as the monitor sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    /// 1-based step.
+    pub step: usize,
+    /// Progress in epochs.
+    pub epoch: f64,
+    /// Mean loss over the step's label tokens.
+    pub loss: f64,
+    /// Learning rate of the step.
+    pub learning_rate: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Input tokens per second of the step.
+    pub tokens_per_sec: f64,
+}
+
+/// One evaluation.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct EvalRecord {
+    /// Step after which it ran.
+    pub step: usize,
+    /// Mean validation loss.
+    pub eval_loss: f64,
+}
+
+/// Every step and evaluation of a run, in order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct History {
+    /// Steps.
+    pub steps: Vec<StepRecord>,
+    /// Evaluations.
+    pub evals: Vec<EvalRecord>,
+}
+
+impl History {
+    /// The rows of a `metrics.jsonl` up to `until_step` (a resumed run's past); for a step
+    /// logged twice the last row counts. Unreadable lines are skipped.
+    pub fn from_metrics(text: &str, until_step: usize) -> Self {
+        let mut steps = BTreeMap::new();
+        let mut evals = BTreeMap::new();
+        for line in text.lines() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            let Some(step) = v["step"].as_u64().and_then(|s| usize::try_from(s).ok()) else {
+                continue;
+            };
+            if step > until_step {
+                continue;
+            }
+            if let Some(eval_loss) = v["eval_loss"].as_f64() {
+                evals.insert(step, EvalRecord { step, eval_loss });
+            } else if let Ok(s) = serde_json::from_value::<StepRecord>(v) {
+                steps.insert(step, s);
+            }
+        }
+        Self {
+            steps: steps.into_values().collect(),
+            evals: evals.into_values().collect(),
+        }
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.filter(|x| x.is_finite())
+        .map_or_else(|| "–".to_string(), |x| format!("{x:.digits$}"))
+}
+
+/// The charts of a history: `(file stem, svg)`.
+pub fn charts(h: &History) -> Result<Vec<(&'static str, String)>> {
+    let pts = |f: fn(&StepRecord) -> f64| -> Vec<(f64, f64)> {
+        h.steps.iter().map(|s| (s.step as f64, f(s))).collect()
+    };
+    let loss = pts(|s| s.loss);
+    let eval: Vec<(f64, f64)> = h
+        .evals
+        .iter()
+        .map(|e| (e.step as f64, e.eval_loss))
+        .collect();
+    let lr = pts(|s| s.learning_rate);
+    let grad = pts(|s| s.grad_norm);
+    let tps = pts(|s| s.tokens_per_sec);
+    let specs: [(&'static str, &str, &str, Vec<Series<'_>>); 4] = [
+        (
+            "loss",
+            "Loss",
+            "cross-entropy",
+            vec![
+                Series {
+                    name: "train",
+                    points: &loss,
+                    markers: false,
+                },
+                Series {
+                    name: "eval",
+                    points: &eval,
+                    markers: true,
+                },
+            ],
+        ),
+        (
+            "learning_rate",
+            "Learning rate",
+            "learning rate",
+            vec![Series {
+                name: "lr",
+                points: &lr,
+                markers: false,
+            }],
+        ),
+        (
+            "grad_norm",
+            "Gradient norm (before clipping)",
+            "norm",
+            vec![Series {
+                name: "grad norm",
+                points: &grad,
+                markers: false,
+            }],
+        ),
+        (
+            "tokens_per_sec",
+            "Throughput",
+            "tokens / s",
+            vec![Series {
+                name: "tokens/s",
+                points: &tps,
+                markers: false,
+            }],
+        ),
+    ];
+    let mut out = Vec::new();
+    for (stem, title, y, series) in specs {
+        if let Some(svg) = line_chart(title, y, &series)? {
+            out.push((stem, svg));
+        }
+    }
+    Ok(out)
+}
+
+/// The HTML report: a summary table and the charts, inline (no external file or script).
+pub fn render_html(status: &TrainingStatus, charts: &[(&str, String)]) -> String {
+    let rows = [
+        ("status", format!("{:?}", status.status).to_lowercase()),
+        ("step", format!("{} / {}", status.step, status.total_steps)),
+        ("epoch", format!("{:.2}", status.epoch)),
+        ("loss", opt(status.loss, 4)),
+        ("eval loss", opt(status.eval_loss, 4)),
+        ("eval − train gap", opt(status.eval_train_gap, 4)),
+        ("learning rate", opt(status.learning_rate, 8)),
+        ("tokens / s (smoothed)", opt(status.tokens_per_sec, 0)),
+        ("loss trend (per step)", opt(status.loss_trend, 5)),
+        ("loss variance", opt(status.loss_variance, 4)),
+    ];
+    let mut html = String::from(
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>Training report</title>\n\
+         <style>body{font-family:sans-serif;margin:2em;max-width:800px}table{border-collapse:collapse}\
+         td,th{border:1px solid #ccc;padding:4px 10px;text-align:left}.alert{color:#b00}\
+         figure{margin:1.5em 0}</style></head><body>\n<h1>Training report</h1>\n",
+    );
+    if let Some(dir) = &status.output_dir {
+        html.push_str(&format!(
+            "<p>Output: <code>{}</code></p>\n",
+            escape(&dir.display().to_string())
+        ));
+    }
+    html.push_str("<table>\n");
+    for (k, v) in rows {
+        html.push_str(&format!("<tr><th>{k}</th><td>{}</td></tr>\n", escape(&v)));
+    }
+    html.push_str("</table>\n");
+    if let Some(e) = &status.error {
+        html.push_str(&format!("<p class=\"alert\">Error: {}</p>\n", escape(e)));
+    }
+    if !status.alerts.is_empty() {
+        html.push_str("<h2>Alerts</h2>\n<ul>\n");
+        for a in &status.alerts {
+            html.push_str(&format!(
+                "<li class=\"alert\">step {}: {}</li>\n",
+                a.step,
+                escape(&a.message)
+            ));
+        }
+        html.push_str("</ul>\n");
+    }
+    for (stem, svg) in charts {
+        html.push_str(&format!("<figure id=\"{stem}\">\n{svg}\n</figure>\n"));
+    }
+    html.push_str("</body></html>\n");
+    html
+}
+
+/// Writes `dir/plots/<chart>.svg` and `dir/report.html` (each replaced atomically).
+pub fn write_report(dir: &Path, status: &TrainingStatus, history: &History) -> Result<()> {
+    let charts = charts(history)?;
+    for (stem, svg) in &charts {
+        write_atomic(
+            &dir.join("plots").join(format!("{stem}.svg")),
+            svg.as_bytes(),
+        )?;
+    }
+    write_atomic(
+        &dir.join("report.html"),
+        render_html(status, &charts).as_bytes(),
+    )
+}

@@ -1,0 +1,264 @@
+//! Each component on plain values: the status file (atomic under a concurrent reader, rate
+//! limited, schema), statistics, alerts, charts and the report, the bundle from start to stop.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use proptest::prelude::*;
+use train_monitor::{
+    AlertConfig, AlertInputs, AlertKind, EvalRecord, History, LossWindow, MonitoringBundle,
+    MonitoringConfig, RunEnd, RunStart, SCHEMA_VERSION, Status, StatusWriter, StepRecord,
+    TrainingStatus, alerts,
+};
+
+fn step(step: usize, loss: f64, tps: f64) -> StepRecord {
+    StepRecord {
+        step,
+        epoch: step as f64 / 10.0,
+        loss,
+        learning_rate: 1e-4,
+        grad_norm: 1.5,
+        tokens_per_sec: tps,
+    }
+}
+
+#[test]
+fn a_concurrent_reader_never_sees_a_partial_status_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = StatusWriter::new(dir.path(), Duration::ZERO);
+    w.write(&TrainingStatus::default(), true).unwrap();
+    let path = w.path().to_path_buf();
+    let done = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (done, path) = (done.clone(), path.clone());
+        std::thread::spawn(move || {
+            let mut reads = 0usize;
+            while !done.load(Ordering::Relaxed) {
+                let bytes = std::fs::read(&path).unwrap();
+                let v: serde_json::Value = serde_json::from_slice(&bytes)
+                    .unwrap_or_else(|e| panic!("partial file after {reads} reads: {e}"));
+                assert_eq!(v["schema_version"], SCHEMA_VERSION);
+                reads += 1;
+            }
+            reads
+        })
+    };
+    // Large statuses (many alerts) make a torn write likely if writes were not atomic.
+    for i in 0..300 {
+        let mut s = TrainingStatus {
+            step: i,
+            error: Some("x".repeat(20_000 + i)),
+            ..TrainingStatus::default()
+        };
+        s.loss = Some(i as f64);
+        w.write(&s, true).unwrap();
+    }
+    done.store(true, Ordering::Relaxed);
+    let reads = reader.join().unwrap();
+    assert!(reads > 0);
+    assert_eq!(w.writes(), 301);
+    // No temporary file is left behind.
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["training_status.json"]);
+}
+
+#[test]
+fn writes_are_rate_limited_unless_forced() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = StatusWriter::new(dir.path(), Duration::from_secs(3600));
+    assert!(w.write(&TrainingStatus::default(), false).unwrap());
+    assert!(!w.write(&TrainingStatus::default(), false).unwrap());
+    assert!(w.write(&TrainingStatus::default(), true).unwrap());
+    assert_eq!(w.writes(), 2);
+}
+
+#[test]
+fn the_schema_has_the_contract_fields() {
+    let v = serde_json::to_value(TrainingStatus::default()).unwrap();
+    for k in [
+        "schema_version",
+        "status",
+        "step",
+        "total_steps",
+        "epoch",
+        "loss",
+        "learning_rate",
+        "tokens_per_sec",
+        "eval_loss",
+        "alerts",
+        "error",
+        "eval_train_gap",
+        "loss_variance",
+        "loss_trend",
+        "memory",
+    ] {
+        assert!(v.get(k).is_some(), "missing {k}");
+    }
+    for (s, name) in [
+        (Status::Idle, "idle"),
+        (Status::Training, "training"),
+        (Status::Paused, "paused"),
+        (Status::Stopped, "stopped"),
+        (Status::Crashed, "crashed"),
+        (Status::Completed, "completed"),
+    ] {
+        assert_eq!(serde_json::to_value(s).unwrap(), name);
+    }
+}
+
+proptest! {
+    #[test]
+    fn a_straight_loss_line_has_its_slope_and_no_variance(a in -5.0f64..5.0, slope in -0.1f64..0.1, n in 3usize..30) {
+        let mut w = LossWindow::new(50);
+        for s in 0..n {
+            w.push(s, a + slope * s as f64);
+        }
+        prop_assert!((w.trend().unwrap() - slope).abs() < 1e-9);
+        prop_assert!(w.variance().unwrap() < 1e-12);
+    }
+}
+
+#[test]
+fn loss_window_keeps_the_last_values() {
+    let mut w = LossWindow::new(3);
+    for (s, l) in [(1, 10.0), (2, 1.0), (3, 3.0), (4, 1.0), (5, f64::NAN)] {
+        w.push(s, l);
+    }
+    assert_eq!(w.len(), 3);
+    assert!((w.mean().unwrap() - 5.0 / 3.0).abs() < 1e-12);
+    // 1, 3, 1 around a flat trend: residuals -2/3, 4/3, -2/3 → ss = 8/3, n - 2 = 1.
+    assert!((w.variance().unwrap() - 8.0 / 3.0).abs() < 1e-9);
+}
+
+#[test]
+fn alerts_fire_on_their_thresholds_only() {
+    let c = AlertConfig::default();
+    let calm = AlertInputs {
+        step: 7,
+        loss: 2.0,
+        tokens_per_sec: Some(700.0),
+        baseline_tokens_per_sec: Some(1000.0),
+        eval_gap: Some(0.29),
+        loss_variance: Some(0.9),
+        available_bytes: Some(1 << 30),
+    };
+    assert!(alerts::evaluate(&c, &calm).is_empty());
+    let bad = AlertInputs {
+        loss: f64::NAN,
+        tokens_per_sec: Some(590.0),
+        eval_gap: Some(0.31),
+        loss_variance: Some(1.1),
+        available_bytes: Some(100 << 20),
+        ..calm
+    };
+    let kinds: Vec<AlertKind> = alerts::evaluate(&c, &bad).iter().map(|a| a.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            AlertKind::NanLoss,
+            AlertKind::LowThroughput,
+            AlertKind::EvalGap,
+            AlertKind::LossVariance,
+            AlertKind::LowMemory
+        ]
+    );
+    let strict = AlertConfig {
+        max_eval_gap: 0.1,
+        ..c
+    };
+    assert_eq!(alerts::evaluate(&strict, &calm)[0].kind, AlertKind::EvalGap);
+}
+
+#[test]
+fn the_bundle_tracks_a_run_raises_alerts_once_and_writes_the_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config =
+        MonitoringConfig::new(dir.path().join("status"), Some(dir.path().to_path_buf()));
+    config.status_interval = Duration::from_secs(3600);
+    let mut m = MonitoringBundle::new(config);
+    m.start(RunStart {
+        total_steps: 20,
+        start_step: 0,
+        output_dir: dir.path().into(),
+        history: History::default(),
+    })
+    .unwrap();
+    let read = |m: &MonitoringBundle| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(m.status_path()).unwrap()).unwrap()
+    };
+    assert_eq!(read(&m)["status"], "training");
+    let mut raised = Vec::new();
+    for s in 1..=12 {
+        // Throughput collapses after step 8.
+        let tps = if s <= 8 { 1000.0 } else { 100.0 };
+        raised.extend(m.step(&step(s, 3.0 - 0.1 * s as f64, tps)).unwrap());
+    }
+    // Raised once, while it lasts; and the forced write shows it.
+    assert_eq!(
+        raised
+            .iter()
+            .filter(|a| a.kind == AlertKind::LowThroughput)
+            .count(),
+        1
+    );
+    let v = read(&m);
+    assert_eq!(v["alerts"][0]["kind"], "low_throughput");
+    assert!(v["loss_trend"].as_f64().unwrap() < 0.0);
+    m.eval(&EvalRecord {
+        step: 12,
+        eval_loss: 2.9,
+    })
+    .unwrap();
+    let v = read(&m);
+    assert_eq!(v["eval_loss"], 2.9);
+    assert!(v["eval_train_gap"].as_f64().unwrap() > 0.3);
+    m.stop(&RunEnd {
+        status: Status::Crashed,
+        step: 12,
+        error: Some("loss is NaN <at step 13>".into()),
+    })
+    .unwrap();
+    let v = read(&m);
+    assert_eq!(v["status"], "crashed");
+    assert_eq!(v["step"], 12);
+    let html = std::fs::read_to_string(dir.path().join("report.html")).unwrap();
+    assert!(html.contains("<svg") && html.contains("&lt;at step 13&gt;"));
+    for chart in ["loss", "learning_rate", "grad_norm", "tokens_per_sec"] {
+        let svg = std::fs::read_to_string(dir.path().join(format!("plots/{chart}.svg"))).unwrap();
+        assert!(
+            svg.starts_with("<svg") && svg.contains("<polyline"),
+            "{chart}"
+        );
+    }
+    assert!(m.time_spent() > Duration::ZERO);
+}
+
+#[test]
+fn history_of_a_resumed_run_comes_from_metrics_jsonl() {
+    let text = [
+        r#"{"step":1,"epoch":0.1,"loss":3.0,"learning_rate":0.1,"grad_norm":1.0,"tokens":5,"label_tokens":3,"tokens_per_sec":9.0}"#,
+        r#"{"step":2,"epoch":0.2,"loss":2.9,"learning_rate":0.1,"grad_norm":1.0,"tokens":5,"label_tokens":3,"tokens_per_sec":9.0}"#,
+        r#"{"step":2,"epoch":0.2,"eval_loss":2.95,"eval_tokens":10}"#,
+        r#"{"step":3,"epoch":0.3,"loss":2.7,"learning_rate":0.1,"grad_norm":1.0,"tokens":5,"label_tokens":3,"tokens_per_sec":9.0}"#,
+        r#"{"step":2,"epoch":0.2,"loss":2.8,"learning_rate":0.1,"grad_norm":1.0,"tokens":5,"label_tokens":3,"tokens_per_sec":9.0}"#,
+        "not json",
+    ]
+    .join("\n");
+    let h = History::from_metrics(&text, 2);
+    assert_eq!(
+        h.steps.iter().map(|s| (s.step, s.loss)).collect::<Vec<_>>(),
+        [(1, 3.0), (2, 2.8)]
+    );
+    assert_eq!(
+        h.evals,
+        [EvalRecord {
+            step: 2,
+            eval_loss: 2.95
+        }]
+    );
+}
