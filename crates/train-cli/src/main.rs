@@ -3,10 +3,12 @@
 
 mod backend;
 mod config_file;
+mod control;
 mod generate_cmd;
 mod monitor;
 mod progress;
 mod run_cmd;
+mod status_cmd;
 
 // Data preparation allocates many small strings and vectors; mimalloc makes it ~20 % faster
 // than glibc's allocator here (measured with `cargo xtask bench-data`).
@@ -58,6 +60,28 @@ enum Command {
     Eval(run_cmd::EvalArgs),
     /// Answer a prompt with a model (chat template, KV cache, logits processors).
     Generate(generate_cmd::GenerateArgs),
+    /// A compact summary of a running or finished run (from its status file).
+    Status {
+        /// The run's output directory.
+        output: PathBuf,
+        /// Where its status file is, when not `OUTPUT/status`.
+        #[arg(long, value_name = "DIR")]
+        status_dir: Option<PathBuf>,
+        /// Refresh every 2 s until the run ends.
+        #[arg(long)]
+        watch: bool,
+        /// Print the status file's JSON instead.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pause, resume or stop a running `train` (it checks between steps).
+    Control {
+        /// What to ask.
+        #[arg(value_enum)]
+        command: control::ControlCommand,
+        /// The run's output directory.
+        output: PathBuf,
+    },
     /// Validate, inspect and prepare datasets.
     #[command(subcommand)]
     Data(DataCommand),
@@ -356,6 +380,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Run(args) => run_cmd::train(&args),
         Command::Eval(args) => run_cmd::eval(&args),
         Command::Generate(args) => generate_cmd::run(&args),
+        Command::Status {
+            output,
+            status_dir,
+            watch,
+            json,
+        } => status_cmd::run(&output, status_dir.as_ref(), watch, json),
+        Command::Control { command, output } => {
+            control::send(command, &output)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Data(cmd) => data(cmd),
         Command::Models(cmd) => models(cmd),
     }

@@ -88,6 +88,14 @@ impl TrainObserver for Monitor {
                 });
                 self.check(r);
             }
+            TrainEvent::Paused { .. } => {
+                let r = self.bundle.set_status(Status::Paused);
+                self.check(r);
+            }
+            TrainEvent::Resumed { .. } => {
+                let r = self.bundle.set_status(Status::Training);
+                self.check(r);
+            }
             TrainEvent::Checkpoint { .. } => {}
         }
     }

@@ -110,6 +110,14 @@ impl TrainObserver for Progress {
                     m.step, m.eval_loss, m.eval_tokens
                 );
             }
+            TrainEvent::Paused { step } => {
+                self.clear();
+                eprintln!("paused after step {step} (train control resume OUTPUT goes on)");
+            }
+            TrainEvent::Resumed { step } => {
+                self.clear();
+                eprintln!("resumed after step {step}");
+            }
             TrainEvent::Checkpoint { path, .. } => {
                 self.clear();
                 eprintln!("saved {}", path.display());

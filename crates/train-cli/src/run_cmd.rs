@@ -16,6 +16,7 @@ use train_runner::{
 
 use crate::DataArgs;
 use crate::backend::{BackendArg, WithBackend, dispatch};
+use crate::control::ControlWatcher;
 use crate::monitor::Monitor;
 use crate::progress::Progress;
 
@@ -331,6 +332,7 @@ pub fn train(args: &RunArgs) -> Result<ExitCode> {
             .and_then(|_| signal_hook::flag::register(signal, control.flag()))
             .context("installing the signal handlers")?;
     }
+    let watcher = ControlWatcher::start(&args.output, &control);
     let work = Training {
         args,
         model_dir,
@@ -345,7 +347,9 @@ pub fn train(args: &RunArgs) -> Result<ExitCode> {
         args.compute.device.as_deref(),
         args.gradient_checkpointing,
         work,
-    )?;
+    );
+    drop(watcher);
+    let summary = summary?;
     if args.json {
         println!(
             "{}",

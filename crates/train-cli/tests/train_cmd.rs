@@ -379,3 +379,68 @@ fn sigint_finishes_the_step_saves_and_exits_130() {
     );
     assert_eq!(summary(&o)["global_step"], step + 1);
 }
+
+#[test]
+fn train_control_pauses_and_stops_a_run_and_train_status_shows_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, d, out) = (model(), data(dir.path(), 60), dir.path().join("out"));
+    let mut args = base(&m, &d, &out);
+    args.extend(["--epochs", "50", "--json"]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_train"))
+        .args(&args)
+        .env("TRAIN_MODEL_REGISTRY", dir.path().join("models.json"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    for line in lines.by_ref() {
+        if line.unwrap().starts_with("step 1/") {
+            break;
+        }
+    }
+    let o = train(dir.path(), &["control", "pause", out.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0));
+    for line in lines.by_ref() {
+        if line.unwrap().starts_with("paused after step") {
+            break;
+        }
+    }
+    let o = train(dir.path(), &["status", out.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.starts_with("paused"), "{text}");
+    let paused_at: serde_json::Value = serde_json::from_slice(
+        &train(dir.path(), &["status", out.to_str().unwrap(), "--json"]).stdout,
+    )
+    .unwrap();
+    // Still paused a moment later: no step ran.
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    let later: serde_json::Value = serde_json::from_slice(
+        &train(dir.path(), &["status", out.to_str().unwrap(), "--json"]).stdout,
+    )
+    .unwrap();
+    assert_eq!(
+        (later["status"].as_str(), &later["step"]),
+        (Some("paused"), &paused_at["step"])
+    );
+    assert_eq!(
+        train(dir.path(), &["control", "stop", out.to_str().unwrap()])
+            .status
+            .code(),
+        Some(0)
+    );
+    let rest: Vec<String> = lines.map(Result::unwrap).collect();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(130), "{}", rest.join("\n"));
+    assert_eq!(summary(&o)["status"], "stopped");
+    let o = train(dir.path(), &["status", out.to_str().unwrap(), "--watch"]);
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("stopped"));
+    // Commands for a directory that does not exist are errors.
+    assert_eq!(
+        train(dir.path(), &["control", "stop", "/nonexistent/out"])
+            .status
+            .code(),
+        Some(1)
+    );
+}

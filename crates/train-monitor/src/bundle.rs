@@ -219,6 +219,14 @@ impl MonitoringBundle {
         })
     }
 
+    /// The run pauses (`Paused`) or goes on (`Training`): written at once.
+    pub fn set_status(&mut self, status: Status) -> Result<()> {
+        self.timed(|b| {
+            b.status.status = status;
+            b.writer.write(&b.status, true).map(|_| ())
+        })
+    }
+
     /// The run ended: final status written at once, report refreshed.
     pub fn stop(&mut self, end: &RunEnd) -> Result<()> {
         self.timed(|b| {

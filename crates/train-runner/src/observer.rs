@@ -106,6 +106,16 @@ pub enum TrainEvent<'a> {
     Step(&'a StepMetrics),
     /// An evaluation finished.
     Eval(&'a EvalMetrics),
+    /// The run paused on request after `step` (until resumed or stopped).
+    Paused {
+        /// Steps done.
+        step: usize,
+    },
+    /// The run goes on after a pause.
+    Resumed {
+        /// Steps done.
+        step: usize,
+    },
     /// A checkpoint was written.
     Checkpoint {
         /// Its step.

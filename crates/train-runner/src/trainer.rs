@@ -26,10 +26,12 @@ use crate::observer::{
 use crate::optim::{AdamW, AdamWConfig, ParamTable, global_grad_norm};
 
 /// Lets another thread (a signal handler, a control file watcher) ask the run to stop after
-/// the current step; the run then saves a checkpoint and ends with status `stopped`.
+/// the current step — the run then saves a checkpoint and ends with status `stopped` — or to
+/// pause between steps until resumed.
 #[derive(Debug, Clone, Default)]
 pub struct RunControl {
     stop: Arc<AtomicBool>,
+    pause: Arc<AtomicBool>,
 }
 
 impl RunControl {
@@ -51,6 +53,21 @@ impl RunControl {
     /// True once a stop was requested.
     pub fn stop_requested(&self) -> bool {
         self.stop.load(Ordering::SeqCst)
+    }
+
+    /// Asks the run to wait after the current step until [`RunControl::resume`] (or a stop).
+    pub fn request_pause(&self) {
+        self.pause.store(true, Ordering::SeqCst);
+    }
+
+    /// Lets a paused run go on.
+    pub fn resume(&self) {
+        self.pause.store(false, Ordering::SeqCst);
+    }
+
+    /// True while a pause is requested.
+    pub fn pause_requested(&self) -> bool {
+        self.pause.load(Ordering::SeqCst)
     }
 }
 
@@ -312,6 +329,14 @@ impl<B: AutodiffBackend> Loop<'_, B> {
         let mut last_saved = None;
         let mut last_eval_step = None;
         while self.state.global_step < self.state.total_steps {
+            if self.control.pause_requested() && !self.control.stop_requested() {
+                let step = self.state.global_step;
+                self.observer.update(&TrainEvent::Paused { step });
+                while self.control.pause_requested() && !self.control.stop_requested() {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                self.observer.update(&TrainEvent::Resumed { step });
+            }
             if self.control.stop_requested() {
                 if last_saved != Some(self.state.global_step) {
                     self.checkpoint(&model)?;

@@ -175,6 +175,8 @@ impl TrainObserver for Recorder {
             }
             TrainEvent::Eval(m) => self.events.push(format!("eval {}", m.step)),
             TrainEvent::Checkpoint { step, .. } => self.events.push(format!("checkpoint {step}")),
+            TrainEvent::Paused { step } => self.events.push(format!("paused {step}")),
+            TrainEvent::Resumed { step } => self.events.push(format!("resumed {step}")),
         }
     }
     fn stop(&mut self, summary: &RunSummary) {
@@ -527,4 +529,56 @@ fn bf16_compute_with_master_weights_trains() {
         .collect();
     println!("bf16 compute, f32 master weights: losses {losses:?}");
     assert!(losses.iter().all(|l| l.is_finite()) && losses[3] < losses[0]);
+}
+
+#[test]
+fn a_paused_run_waits_until_resumed_and_a_stop_ends_a_pause() {
+    let (m, raw) = model();
+    let cfg = TrainerConfig {
+        max_steps: Some(2),
+        ..config()
+    };
+    // Paused before its first step; another thread resumes it.
+    let dir = tempfile::tempdir().unwrap();
+    let control = RunControl::new();
+    control.request_pause();
+    let other = control.clone();
+    let resumer = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        other.resume();
+    });
+    let mut rec = Recorder::new();
+    let started = std::time::Instant::now();
+    let summary = run(
+        setup(dir.path(), m, raw.clone(), cfg.clone()),
+        None,
+        &mut rec,
+        &control,
+    )
+    .unwrap();
+    resumer.join().unwrap();
+    assert!(started.elapsed() >= std::time::Duration::from_millis(300));
+    assert_eq!(summary.status, RunStatus::Completed);
+    let pos = |e: &str| rec.events.iter().position(|x| x == e).unwrap();
+    assert!(pos("paused 0") < pos("resumed 0") && pos("resumed 0") < pos("stop Completed"));
+
+    // A stop while paused ends the run as stopped, with a checkpoint.
+    let dir = tempfile::tempdir().unwrap();
+    let (m, _) = model();
+    let control = RunControl::new();
+    control.request_pause();
+    let other = control.clone();
+    let stopper = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        other.request_stop();
+    });
+    let summary = run(
+        setup(dir.path(), m, raw, cfg),
+        None,
+        &mut Recorder::new(),
+        &control,
+    )
+    .unwrap();
+    stopper.join().unwrap();
+    assert_eq!(summary.status, RunStatus::Stopped);
 }
