@@ -61,7 +61,7 @@ pub struct GenerateArgs {
 
 /// Every id that ends a turn: the model's eos ids, `generation_config.json`'s, and the chat
 /// template's end-of-turn tokens.
-fn end_ids(dir: &Path, eos: &[u32], tok: &ChatTokenizer) -> Vec<u32> {
+pub(crate) fn end_ids(dir: &Path, eos: &[u32], tok: &ChatTokenizer) -> Vec<u32> {
     let mut ids = eos.to_vec();
     ids.extend(tok.end_of_turn_ids());
     if let Ok(text) = std::fs::read_to_string(dir.join("generation_config.json"))

@@ -5,6 +5,7 @@ mod backend;
 mod config_file;
 mod control;
 mod generate_cmd;
+mod inspect;
 mod monitor;
 mod progress;
 mod run_cmd;

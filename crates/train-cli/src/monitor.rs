@@ -1,6 +1,8 @@
 //! Feeds the runner's events to `train-monitor`: the status file, alerts, plots and report.
 
+use std::cell::RefCell;
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use train_monitor::{
@@ -12,7 +14,7 @@ use train_runner::{RunInfo, RunStatus, RunSummary, TrainEvent, TrainObserver};
 /// The monitoring of one `train` run. Problems writing monitoring output are reported once and
 /// never stop training.
 pub struct Monitor {
-    bundle: MonitoringBundle,
+    bundle: Rc<RefCell<MonitoringBundle>>,
     warned: bool,
     started: Instant,
     steps: usize,
@@ -24,12 +26,20 @@ impl Monitor {
     /// Status in `status_dir`, report and plots in `output`.
     pub fn new(status_dir: PathBuf, output: PathBuf) -> Self {
         Self {
-            bundle: MonitoringBundle::new(MonitoringConfig::new(status_dir, Some(output))),
+            bundle: Rc::new(RefCell::new(MonitoringBundle::new(MonitoringConfig::new(
+                status_dir,
+                Some(output),
+            )))),
             warned: false,
             started: Instant::now(),
             steps: 0,
             overhead: None,
         }
+    }
+
+    /// The bundle, shared with the model inspector.
+    pub fn bundle(&self) -> Rc<RefCell<MonitoringBundle>> {
+        Rc::clone(&self.bundle)
     }
 
     fn check<T>(&mut self, r: Result<T, MonitorError>) -> Option<T> {
@@ -56,7 +66,7 @@ impl TrainObserver for Monitor {
         } else {
             History::default()
         };
-        let r = self.bundle.start(RunStart {
+        let r = self.bundle.borrow_mut().start(RunStart {
             total_steps: info.total_steps,
             start_step: info.start_step,
             output_dir: info.output_dir.clone(),
@@ -69,7 +79,7 @@ impl TrainObserver for Monitor {
         match event {
             TrainEvent::Step(m) => {
                 self.steps += 1;
-                let r = self.bundle.step(&StepRecord {
+                let r = self.bundle.borrow_mut().step(&StepRecord {
                     step: m.step,
                     epoch: m.epoch,
                     loss: m.loss,
@@ -82,18 +92,18 @@ impl TrainObserver for Monitor {
                 }
             }
             TrainEvent::Eval(e) => {
-                let r = self.bundle.eval(&EvalRecord {
+                let r = self.bundle.borrow_mut().eval(&EvalRecord {
                     step: e.step,
                     eval_loss: e.eval_loss,
                 });
                 self.check(r);
             }
             TrainEvent::Paused { .. } => {
-                let r = self.bundle.set_status(Status::Paused);
+                let r = self.bundle.borrow_mut().set_status(Status::Paused);
                 self.check(r);
             }
             TrainEvent::Resumed { .. } => {
-                let r = self.bundle.set_status(Status::Training);
+                let r = self.bundle.borrow_mut().set_status(Status::Training);
                 self.check(r);
             }
             TrainEvent::Checkpoint { .. } => {}
@@ -106,12 +116,16 @@ impl TrainObserver for Monitor {
             RunStatus::Stopped => Status::Stopped,
             RunStatus::Crashed | RunStatus::Failed => Status::Crashed,
         };
-        let r = self.bundle.stop(&RunEnd {
+        let r = self.bundle.borrow_mut().stop(&RunEnd {
             status,
             step: summary.global_step,
             error: summary.error.clone(),
         });
         self.check(r);
-        self.overhead = Some((self.bundle.time_spent(), self.started.elapsed(), self.steps));
+        self.overhead = Some((
+            self.bundle.borrow().time_spent(),
+            self.started.elapsed(),
+            self.steps,
+        ));
     }
 }

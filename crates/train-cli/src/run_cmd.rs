@@ -162,6 +162,16 @@ pub struct RunArgs {
     /// Recompute activations in the backward pass to save memory.
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// Validation prompts answered greedily for the live previews (every max(10, eval_steps/10)
+    /// steps) and the evolution tracker (steps 0, 10, 25, 50, 100, …); 0 turns both off.
+    #[arg(long, default_value_t = 3)]
+    pub preview_prompts: usize,
+    /// Longest preview answer.
+    #[arg(long, default_value_t = 64)]
+    pub preview_max_new_tokens: usize,
+    /// Logits processors (TOML `[[processors]]`) for the previews.
+    #[arg(long, value_name = "FILE.toml")]
+    pub processors: Option<PathBuf>,
     /// Do not evaluate.
     #[arg(long)]
     pub skip_validation: bool,
@@ -261,6 +271,27 @@ impl WithBackend for Training<'_> {
             }
             None => (source.model, None),
         };
+        let tok = ChatTokenizer::from_model_dir(&self.model_dir)?;
+        let probe_rows = if self.prepared.validation.is_empty() {
+            &self.prepared.train
+        } else {
+            &self.prepared.validation
+        };
+        let probes = crate::inspect::probes(probe_rows, &tok, self.args.preview_prompts);
+        let end_ids =
+            crate::generate_cmd::end_ids(&self.model_dir, &source.config.eos_token_ids, &tok);
+        let processor_configs = match &self.args.processors {
+            Some(p) => train_logits::ProcessorsFile::read(p)?.processors,
+            None => Vec::new(),
+        };
+        let processors = train_logits::build_processors(
+            &processor_configs,
+            &train_logits::ProcessorContext {
+                tokenizer: Some(tok.tokenizer()),
+                end_ids: &end_ids,
+            },
+        )?;
+        let start_step = resume.as_ref().map_or(0, |r| r.state.global_step);
         let setup = TrainSetup {
             model,
             raw_config: source.raw_config,
@@ -280,10 +311,28 @@ impl WithBackend for Training<'_> {
             .clone()
             .unwrap_or_else(|| self.args.output.join("status"));
         let mut monitor = Monitor::new(status_dir, self.args.output.clone());
+        let bundle = monitor.bundle();
         let mut observers = Observers::default();
-        observers.push(&mut progress);
+        // The monitor first: the status file is current before progress lines announce a change.
         observers.push(&mut monitor);
-        let summary = train_runner::run(setup, resume.as_ref(), &mut observers, &self.control);
+        observers.push(&mut progress);
+        let mut inspector = crate::inspect::Inspector::new(
+            bundle,
+            &tok,
+            probes,
+            processors,
+            end_ids,
+            train_monitor::preview_interval(self.args.eval_steps),
+            self.args.preview_max_new_tokens,
+            start_step,
+        );
+        let summary = train_runner::run_inspected(
+            setup,
+            resume.as_ref(),
+            &mut observers,
+            &self.control,
+            &mut inspector,
+        );
         drop(observers);
         if let Some((spent, wall, steps)) = monitor.overhead {
             eprintln!(

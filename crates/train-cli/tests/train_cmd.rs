@@ -444,3 +444,56 @@ fn train_control_pauses_and_stops_a_run_and_train_status_shows_it() {
         Some(1)
     );
 }
+
+#[test]
+fn previews_layer_history_and_evolution_are_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, d, out) = (model(), data(dir.path(), 16), dir.path().join("out"));
+    let mut args = base(&m, &d, &out);
+    args.extend([
+        "--max-steps",
+        "10",
+        "--preview-prompts",
+        "2",
+        "--preview-max-new-tokens",
+        "8",
+    ]);
+    let o = train(dir.path(), &args);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let rows = |name: &str| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(out.join(name))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    // Previews every max(10, eval_steps / 10) = 10 steps; probes at steps 0 and 10.
+    let previews = rows("previews.jsonl");
+    assert_eq!(previews.len(), 2);
+    assert!(
+        previews
+            .iter()
+            .all(|p| p["step"] == 10 && p["golden"].as_str().is_some_and(|g| !g.is_empty()))
+    );
+    let evolution = rows("evolution.jsonl");
+    assert_eq!(
+        evolution
+            .iter()
+            .map(|p| p["step"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [0, 0, 10, 10]
+    );
+    // Layer snapshots at the first step and every 10 steps: 2 layers each.
+    let layers = rows("layer_history.jsonl");
+    assert_eq!(layers.len(), 4);
+    assert!(layers[2]["change"].as_f64().unwrap() != 0.0);
+    let status: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("status/training_status.json")).unwrap())
+            .unwrap();
+    assert_eq!(status["previews"].as_array().unwrap().len(), 2);
+}

@@ -7,8 +7,11 @@ use std::time::{Duration, Instant};
 
 use crate::alerts::{Alert, AlertConfig, AlertInputs, AlertKind, evaluate};
 use crate::error::Result;
+use crate::jsonl::JsonlWriter;
+use crate::layers::{LayerMonitor, LayerRecord};
 use crate::memory::MemoryInfo;
 use crate::report::{EvalRecord, History, StepRecord, write_report};
+use crate::samples::Sample;
 use crate::stats::{Ema, LossWindow};
 use crate::status::{Status, StatusWriter, TrainingStatus, unix_now};
 
@@ -17,8 +20,15 @@ use crate::status::{Status, StatusWriter, TrainingStatus, unix_now};
 pub struct MonitoringConfig {
     /// Directory of `training_status.json` (the contract: `<output>/status`).
     pub status_dir: PathBuf,
-    /// Directory of `report.html` and `plots/` (the output directory); `None`: no report.
+    /// Directory of `report.html`, `plots/` and the JSON-lines logs (`layer_history.jsonl`,
+    /// `previews.jsonl`, `evolution.jsonl`): the output directory; `None`: none of them.
     pub report_dir: Option<PathBuf>,
+    /// Write the status file (the origin's `enable_live_monitor`; on).
+    pub enable_live_monitor: bool,
+    /// Keep `layer_history.jsonl` (on).
+    pub enable_layer_monitor: bool,
+    /// Keep `evolution.jsonl` (on).
+    pub enable_evolution_tracker: bool,
     /// Least time between two status writes that are not forced (2 s).
     pub status_interval: Duration,
     /// Alert thresholds.
@@ -34,6 +44,9 @@ impl MonitoringConfig {
             status_dir,
             report_dir,
             status_interval: Duration::from_secs(2),
+            enable_live_monitor: true,
+            enable_layer_monitor: true,
+            enable_evolution_tracker: true,
             alerts: AlertConfig::default(),
             loss_window: 20,
         }
@@ -78,12 +91,29 @@ pub struct MonitoringBundle {
     history: History,
     active: HashSet<AlertKind>,
     spent: Duration,
+    layers: LayerMonitor,
+    layer_log: Option<JsonlWriter>,
+    preview_log: Option<JsonlWriter>,
+    evolution_log: Option<JsonlWriter>,
 }
+
+/// Previews kept in the status file.
+const STATUS_PREVIEWS: usize = 4;
 
 impl MonitoringBundle {
     /// A bundle writing where `config` says.
     pub fn new(config: MonitoringConfig) -> Self {
+        let log = |name: &str| {
+            config
+                .report_dir
+                .as_ref()
+                .map(|d| JsonlWriter::new(&d.join(name)))
+        };
         Self {
+            layer_log: log("layer_history.jsonl"),
+            preview_log: log("previews.jsonl"),
+            evolution_log: log("evolution.jsonl"),
+            layers: LayerMonitor::new(),
             writer: StatusWriter::new(&config.status_dir, config.status_interval),
             window: LossWindow::new(config.loss_window),
             config,
@@ -140,7 +170,7 @@ impl MonitoringBundle {
                 memory: Some(MemoryInfo::read()),
                 ..TrainingStatus::default()
             };
-            b.writer.write(&b.status, true).map(|_| ())
+            b.write(true)
         })
     }
 
@@ -203,7 +233,7 @@ impl MonitoringBundle {
                 })
                 .collect();
             let force = !new.is_empty();
-            b.writer.write(&b.status, force)?;
+            b.write(force)?;
             Ok(new)
         })
     }
@@ -214,16 +244,79 @@ impl MonitoringBundle {
             b.history.evals.push(*e);
             b.status.eval_loss = Some(e.eval_loss);
             b.status.eval_train_gap = b.window.mean().map(|m| e.eval_loss - m);
-            b.writer.write(&b.status, true)?;
+            b.write(true)?;
             b.report()
         })
+    }
+
+    /// Counts monitoring work done outside the bundle (layer norms, previews) in
+    /// [`MonitoringBundle::time_spent`].
+    pub fn account(&mut self, spent: Duration) {
+        self.spent += spent;
+    }
+
+    /// Whether the configuration asks for the layer monitor.
+    pub fn wants_layers(&self) -> bool {
+        self.config.enable_layer_monitor
+    }
+
+    /// Whether the configuration asks for the evolution tracker.
+    pub fn wants_evolution(&self) -> bool {
+        self.config.enable_evolution_tracker
+    }
+
+    /// A layer snapshot: every layer's weight norm after `step`; appended to
+    /// `layer_history.jsonl`.
+    pub fn layers(&mut self, step: usize, norms: &[f64]) -> Result<Vec<LayerRecord>> {
+        self.timed(|b| {
+            if !b.config.enable_layer_monitor {
+                return Ok(Vec::new());
+            }
+            let rows = b.layers.record(step, norms);
+            if let Some(log) = b.layer_log.as_mut() {
+                log.append(&rows)?;
+            }
+            Ok(rows)
+        })
+    }
+
+    /// Live previews: appended to `previews.jsonl`, the last ones kept in the status file.
+    pub fn previews(&mut self, samples: &[Sample]) -> Result<()> {
+        self.timed(|b| {
+            if let Some(log) = b.preview_log.as_mut() {
+                log.append(samples)?;
+            }
+            let keep = samples.len().saturating_sub(STATUS_PREVIEWS);
+            b.status.previews = samples[keep..].to_vec();
+            b.write(true)
+        })
+    }
+
+    /// Predictions on the probe set: appended to `evolution.jsonl`.
+    pub fn evolution(&mut self, samples: &[Sample]) -> Result<()> {
+        self.timed(|b| {
+            if !b.config.enable_evolution_tracker {
+                return Ok(());
+            }
+            match b.evolution_log.as_mut() {
+                Some(log) => log.append(samples),
+                None => Ok(()),
+            }
+        })
+    }
+
+    fn write(&mut self, force: bool) -> Result<()> {
+        if self.config.enable_live_monitor {
+            self.writer.write(&self.status, force)?;
+        }
+        Ok(())
     }
 
     /// The run pauses (`Paused`) or goes on (`Training`): written at once.
     pub fn set_status(&mut self, status: Status) -> Result<()> {
         self.timed(|b| {
             b.status.status = status;
-            b.writer.write(&b.status, true).map(|_| ())
+            b.write(true)
         })
     }
 
@@ -234,7 +327,7 @@ impl MonitoringBundle {
             b.status.step = end.step;
             b.status.error.clone_from(&end.error);
             b.status.memory = Some(MemoryInfo::read());
-            let written = b.writer.write(&b.status, true);
+            let written = b.write(true);
             let reported = b.report();
             written.and(reported)
         })

@@ -10,6 +10,10 @@
 //!   loss, low host memory, NaN loss; thresholds in [`AlertConfig`].
 //! * [`report`]: loss / eval loss / learning-rate / gradient-norm / throughput curves as SVG
 //!   (plotters) and a self-contained `report.html`.
+//! * [`LayerMonitor`]: per-layer weight norms and their changes (`layer_history.jsonl`).
+//! * [`Sample`]: live previews against the golden answer (`previews.jsonl`, the last ones in the
+//!   status file) and the evolution tracker's probe predictions (`evolution.jsonl`, at steps
+//!   0, 10, 25, 50, 100, 250, …).
 //! * [`MonitoringBundle`]: the seed's start / update / stop over all of it, fed plain values.
 //!
 //! ## Example
@@ -37,9 +41,12 @@ pub mod alerts;
 pub mod bundle;
 pub mod error;
 mod fsutil;
+pub mod jsonl;
+pub mod layers;
 pub mod memory;
 pub mod plots;
 pub mod report;
+pub mod samples;
 pub mod stats;
 pub mod status;
 
@@ -47,8 +54,11 @@ pub use alerts::{Alert, AlertConfig, AlertInputs, AlertKind};
 pub use bundle::{MonitoringBundle, MonitoringConfig, RunEnd, RunStart};
 pub use error::{MonitorError, Result};
 pub use fsutil::write_atomic;
+pub use jsonl::JsonlWriter;
+pub use layers::{LayerMonitor, LayerRecord};
 pub use memory::MemoryInfo;
 pub use plots::{Series, line_chart};
 pub use report::{EvalRecord, History, StepRecord, render_html, write_report};
+pub use samples::{Sample, evolution_due, preview_interval};
 pub use stats::{Ema, LossWindow};
 pub use status::{SCHEMA_VERSION, Status, StatusWriter, TrainingStatus};

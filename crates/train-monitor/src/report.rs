@@ -203,6 +203,19 @@ pub fn render_html(status: &TrainingStatus, charts: &[(&str, String)]) -> String
         }
         html.push_str("</ul>\n");
     }
+    if !status.previews.is_empty() {
+        html.push_str("<h2>Latest previews</h2>\n<table>\n<tr><th>prompt</th><th>golden</th><th>generated</th><th>match</th></tr>\n");
+        for p in &status.previews {
+            html.push_str(&format!(
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
+                escape(&p.prompt),
+                escape(&p.golden),
+                escape(&p.generated),
+                if p.exact_match { "yes" } else { "no" }
+            ));
+        }
+        html.push_str("</table>\n");
+    }
     for (stem, svg) in charts {
         html.push_str(&format!("<figure id=\"{stem}\">\n{svg}\n</figure>\n"));
     }

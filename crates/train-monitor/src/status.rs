@@ -10,6 +10,7 @@ use crate::alerts::Alert;
 use crate::error::Result;
 use crate::fsutil::write_atomic;
 use crate::memory::MemoryInfo;
+use crate::samples::Sample;
 
 /// Version of [`TrainingStatus`]'s layout; bumped when a field changes meaning or goes away.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -66,6 +67,8 @@ pub struct TrainingStatus {
     pub alerts: Vec<Alert>,
     /// Host memory.
     pub memory: Option<MemoryInfo>,
+    /// The last live previews.
+    pub previews: Vec<Sample>,
     /// Why the run crashed or failed.
     pub error: Option<String>,
     /// Output directory of the run.

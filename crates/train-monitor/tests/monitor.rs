@@ -262,3 +262,102 @@ fn history_of_a_resumed_run_comes_from_metrics_jsonl() {
         }]
     );
 }
+
+#[test]
+fn layer_monitor_tracks_norm_changes() {
+    let mut l = train_monitor::LayerMonitor::new();
+    let first = l.record(0, &[10.0, 4.0]);
+    assert_eq!(
+        (
+            first[0].change,
+            first[0].relative_change,
+            first[0].std_change
+        ),
+        (0.0, 0.0, 0.0)
+    );
+    l.record(10, &[11.0, 4.0]);
+    let third = l.record(20, &[13.0, 2.0]);
+    assert_eq!(third[0].change, 2.0);
+    assert!((third[0].relative_change - 2.0 / 11.0).abs() < 1e-12);
+    assert_eq!(third[0].mean_change, 1.5);
+    assert_eq!(third[0].std_change, 0.5);
+    assert_eq!((third[1].change, third[1].relative_change), (-2.0, -0.5));
+    // Only the last 10 changes count.
+    for s in 0..20 {
+        l.record(
+            30 + s,
+            &[13.0 + f64::from(u32::try_from(s).unwrap() + 1), 2.0],
+        );
+    }
+    let last = l.record(100, &[34.0, 2.0]);
+    assert_eq!(last[0].mean_change, 1.0);
+}
+
+#[test]
+fn previews_and_evolution_follow_the_origin_schedules() {
+    let due: Vec<usize> = (0..=3000)
+        .filter(|&s| train_monitor::evolution_due(s))
+        .collect();
+    assert_eq!(due, [0, 10, 25, 50, 100, 250, 500, 1000, 2500]);
+    assert_eq!(train_monitor::preview_interval(50), 10);
+    assert_eq!(train_monitor::preview_interval(500), 50);
+    let s = train_monitor::Sample::new(3, 0, "q".into(), " Paris ".into(), "Paris".into());
+    assert!(s.exact_match);
+}
+
+#[test]
+fn the_bundle_logs_layers_previews_and_evolution() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = MonitoringBundle::new(MonitoringConfig::new(
+        dir.path().join("status"),
+        Some(dir.path().to_path_buf()),
+    ));
+    m.start(RunStart {
+        total_steps: 10,
+        start_step: 0,
+        output_dir: dir.path().into(),
+        history: History::default(),
+    })
+    .unwrap();
+    m.layers(0, &[1.0, 2.0]).unwrap();
+    m.layers(10, &[1.5, 2.0]).unwrap();
+    let samples: Vec<train_monitor::Sample> = (0..6)
+        .map(|i| {
+            train_monitor::Sample::new(
+                10,
+                i,
+                format!("q{i}"),
+                "a <b>".into(),
+                if i == 0 { "a <b>".into() } else { "x".into() },
+            )
+        })
+        .collect();
+    m.previews(&samples).unwrap();
+    m.evolution(&samples[..2]).unwrap();
+    m.step(&step(10, 1.0, 100.0)).unwrap();
+    m.eval(&EvalRecord {
+        step: 10,
+        eval_loss: 1.0,
+    })
+    .unwrap();
+    let lines = |name: &str| {
+        std::fs::read_to_string(dir.path().join(name))
+            .unwrap()
+            .lines()
+            .count()
+    };
+    assert_eq!(
+        (
+            lines("layer_history.jsonl"),
+            lines("previews.jsonl"),
+            lines("evolution.jsonl")
+        ),
+        (4, 6, 2)
+    );
+    let status: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(m.status_path()).unwrap()).unwrap();
+    assert_eq!(status["previews"].as_array().unwrap().len(), 4);
+    assert_eq!(status["previews"][0]["index"], 2);
+    let html = std::fs::read_to_string(dir.path().join("report.html")).unwrap();
+    assert!(html.contains("Latest previews") && html.contains("a &lt;b&gt;"));
+}

@@ -79,5 +79,8 @@ pub use observer::{
     EvalMetrics, MetricsLog, Observers, RunInfo, RunStatus, RunSummary, StepMetrics, TrainEvent,
     TrainObserver,
 };
+pub use optim::layer_norms;
 pub use optim::{AdamW, AdamWConfig, ParamTable, global_grad_norm};
-pub use trainer::{Resume, RunControl, TrainSetup, run, step_gradients};
+pub use trainer::{
+    ModelInspector, NoInspector, Resume, RunControl, TrainSetup, run, run_inspected, step_gradients,
+};

@@ -282,3 +282,40 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Mapper<'_, B> {
         Param::from_mapped_value(id, updated, mapper)
     }
 }
+
+/// The L2 norm of every transformer layer's parameters (`model.layers.N.*`), in layer order,
+/// computed on the device: one small transfer, no host copy of the weights.
+pub fn layer_norms<B: Backend>(model: &CausalLm<B>) -> Vec<f64> {
+    let n = model.layers.len();
+    let mut squares: Vec<Vec<Tensor<B, 1>>> = (0..n).map(|_| Vec::new()).collect();
+    model.visit_named(|p| {
+        let (name, sq) = match p {
+            NamedParam::Matrix(name, w) => {
+                (name, w.val().cast(FloatDType::F32).powi_scalar(2).sum())
+            }
+            NamedParam::Vector(name, v) => {
+                (name, v.val().cast(FloatDType::F32).powi_scalar(2).sum())
+            }
+        };
+        let layer = name
+            .strip_prefix("model.layers.")
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|i| i.parse::<usize>().ok());
+        if let Some(l) = layer.filter(|&l| l < n) {
+            squares[l].push(sq);
+        }
+    });
+    let sums: Vec<Tensor<B, 1>> = squares
+        .into_iter()
+        .filter(|v| !v.is_empty())
+        .map(|v| Tensor::cat(v, 0).sum())
+        .collect();
+    if sums.is_empty() {
+        return Vec::new();
+    }
+    Tensor::cat(sums, 0)
+        .into_data()
+        .to_vec::<f32>()
+        .map(|v| v.into_iter().map(|x| f64::from(x).sqrt()).collect())
+        .unwrap_or_default()
+}

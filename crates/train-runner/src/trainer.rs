@@ -144,6 +144,22 @@ fn check_resumable(config: &TrainerConfig, resume: &Resume, fingerprint: &str) -
     Ok(())
 }
 
+/// Looks at the model between optimizer steps (layer statistics, live previews, probes):
+/// [`ModelInspector::inspect`] is called before the first step of the run and after every step,
+/// with the updated model.
+pub trait ModelInspector<B: AutodiffBackend> {
+    /// `step`: optimizer steps done so far.
+    fn inspect(&mut self, step: usize, model: &CausalLm<B>);
+}
+
+/// An inspector that looks at nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoInspector;
+
+impl<B: AutodiffBackend> ModelInspector<B> for NoInspector {
+    fn inspect(&mut self, _: usize, _: &CausalLm<B>) {}
+}
+
 /// Runs training to the end (or to a stop request, or a NaN). `observer.stop` is called in every
 /// case once `observer.start` was. Errors before the start (configuration, lock, resume checks)
 /// are returned without calling the observer.
@@ -152,6 +168,17 @@ pub fn run<B: AutodiffBackend>(
     resume: Option<&Resume>,
     observer: &mut dyn TrainObserver,
     control: &RunControl,
+) -> Result<RunSummary> {
+    run_inspected(setup, resume, observer, control, &mut NoInspector)
+}
+
+/// [`run`], with `inspector` looking at the model between steps.
+pub fn run_inspected<B: AutodiffBackend>(
+    setup: TrainSetup<B>,
+    resume: Option<&Resume>,
+    observer: &mut dyn TrainObserver,
+    control: &RunControl,
+    inspector: &mut dyn ModelInspector<B>,
 ) -> Result<RunSummary> {
     let config = setup.config.clone();
     config.validate()?;
@@ -216,6 +243,7 @@ pub fn run<B: AutodiffBackend>(
         state: &mut state,
         metrics: &mut metrics,
         observer: &mut *observer,
+        inspector,
         control,
         last_checkpoint: None,
         last_eval: None,
@@ -313,6 +341,7 @@ struct Loop<'a, B: AutodiffBackend> {
     state: &'a mut TrainerState,
     metrics: &'a mut MetricsLog,
     observer: &'a mut dyn TrainObserver,
+    inspector: &'a mut dyn ModelInspector<B>,
     control: &'a RunControl,
     last_checkpoint: Option<PathBuf>,
     last_eval: Option<EvalMetrics>,
@@ -328,6 +357,7 @@ impl<B: AutodiffBackend> Loop<'_, B> {
         let device = model.embed_tokens.val().device();
         let mut last_saved = None;
         let mut last_eval_step = None;
+        self.inspector.inspect(self.state.global_step, &model);
         while self.state.global_step < self.state.total_steps {
             if self.control.pause_requested() && !self.control.stop_requested() {
                 let step = self.state.global_step;
@@ -389,6 +419,7 @@ impl<B: AutodiffBackend> Loop<'_, B> {
             self.metrics.write(&m)?;
             self.state.log_step(&m);
             self.observer.update(&TrainEvent::Step(&m));
+            self.inspector.inspect(self.state.global_step, &model);
 
             let step = self.state.global_step;
             let last = step == self.state.total_steps;

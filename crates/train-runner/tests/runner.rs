@@ -582,3 +582,32 @@ fn a_paused_run_waits_until_resumed_and_a_stop_ends_a_pause() {
     stopper.join().unwrap();
     assert_eq!(summary.status, RunStatus::Stopped);
 }
+
+#[test]
+fn the_inspector_sees_the_model_before_the_first_step_and_after_each() {
+    struct Steps(Vec<(usize, usize)>);
+    impl train_runner::ModelInspector<B> for Steps {
+        fn inspect(&mut self, step: usize, model: &CausalLm<B>) {
+            self.0.push((step, train_runner::layer_norms(model).len()));
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (m, raw) = model();
+    let layers = m.layers.len();
+    let norms_before = train_runner::layer_norms(&m);
+    assert!(norms_before.iter().all(|n| n.is_finite() && *n > 0.0));
+    let cfg = TrainerConfig {
+        max_steps: Some(2),
+        ..config()
+    };
+    let mut seen = Steps(Vec::new());
+    train_runner::run_inspected(
+        setup(dir.path(), m, raw, cfg),
+        None,
+        &mut Recorder::new(),
+        &RunControl::new(),
+        &mut seen,
+    )
+    .unwrap();
+    assert_eq!(seen.0, [(0, layers), (1, layers), (2, layers)]);
+}
