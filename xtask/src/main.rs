@@ -861,7 +861,7 @@ fn report_png() -> Result<()> {
         "--no-sandbox",
         "--disable-gpu",
         "--hide-scrollbars",
-        "--window-size=900,2200",
+        "--window-size=900,2800",
     ])
     .arg(format!("--screenshot={}", png.display()))
     .arg(format!("file://{}", report.display()));
@@ -869,7 +869,7 @@ fn report_png() -> Result<()> {
     let size = std::fs::metadata(&png)
         .with_context(|| format!("chromium wrote no {}", png.display()))?
         .len();
-    // A blank 900×2200 page compresses to a few kB; charts and text make it much larger.
+    // A blank 900×2800 page compresses to a few kB; charts and text make it much larger.
     if size < 20_000 {
         bail!(
             "{} is only {size} bytes: the report did not render",
