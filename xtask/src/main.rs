@@ -111,6 +111,19 @@ fn run(step: &str, mut cmd: Command) -> Result<()> {
     Ok(())
 }
 
+/// Runs `cmd` and parses the JSON object on the last line of its stdout.
+fn last_json_line(cmd: &mut Command, what: &str) -> Result<serde_json::Value> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("running {what}: {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{what} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let stdout = String::from_utf8(out.stdout)?;
+    serde_json::from_str(stdout.lines().last().unwrap_or("{}"))
+        .with_context(|| format!("{what}: no JSON on the last line of its output"))
+}
+
 fn cargo_step(step: &str, args: &[&str]) -> Result<()> {
     let mut c = cargo();
     c.args(args);
@@ -649,28 +662,16 @@ fn bench_data() -> Result<()> {
         rust_secs = rust_secs.min(t.elapsed().as_secs_f64());
     }
     let py_out = dir.join("python.parquet");
-    let out = Command::new(&python)
+    let mut py_cmd = Command::new(&python);
+    py_cmd
         .arg(&script)
         .args(["run", "--num-proc", "2", "--model"])
         .arg(&model)
         .arg("--data")
         .arg(&data)
         .arg("--out")
-        .arg(&py_out)
-        .output()
-        .context("running the Python benchmark")?;
-    if !out.status.success() {
-        bail!(
-            "Python benchmark failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let py: serde_json::Value = serde_json::from_str(
-        String::from_utf8(out.stdout)?
-            .lines()
-            .last()
-            .unwrap_or("{}"),
-    )?;
+        .arg(&py_out);
+    let py = last_json_line(&mut py_cmd, "the Python benchmark")?;
     let mut c = Command::new(&python);
     c.arg(&script)
         .args(["compare", "--python"])
@@ -722,31 +723,18 @@ fn bench_generate() -> Result<()> {
     for (i, p) in PROMPTS.iter().enumerate() {
         // The first prompt twice: the first run warms the page cache.
         for _ in 0..if i == 0 { 2 } else { 1 } {
-            let out = Command::new(&train)
-                .args([
-                    "generate",
-                    "--json",
-                    "--max-new-tokens",
-                    max_new,
-                    "--prompt",
-                    p,
-                    "--model",
-                ])
-                .arg(&model)
-                .output()
-                .context("running train generate")?;
-            if !out.status.success() {
-                bail!(
-                    "train generate failed: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            let v: serde_json::Value = serde_json::from_str(
-                String::from_utf8(out.stdout)?
-                    .lines()
-                    .last()
-                    .unwrap_or("{}"),
-            )?;
+            let mut c = Command::new(&train);
+            c.args([
+                "generate",
+                "--json",
+                "--max-new-tokens",
+                max_new,
+                "--prompt",
+                p,
+                "--model",
+            ])
+            .arg(&model);
+            let v = last_json_line(&mut c, "train generate")?;
             let n = v["tokens"].as_u64().unwrap_or(0) as usize;
             let rate = v["tokens_per_sec"].as_f64().unwrap_or(f64::NAN);
             if rust_ids.len() == i {
@@ -759,25 +747,12 @@ fn bench_generate() -> Result<()> {
             rust_secs += n as f64 / rate;
         }
     }
-    let out = Command::new(&python)
-        .arg(root().join("xtask/bench/bench_generate.py"))
+    let mut c = Command::new(&python);
+    c.arg(root().join("xtask/bench/bench_generate.py"))
         .args(["--max-new-tokens", max_new, "--model"])
         .arg(&model)
-        .args(PROMPTS)
-        .output()
-        .context("running the Python benchmark")?;
-    if !out.status.success() {
-        bail!(
-            "Python benchmark failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let py: serde_json::Value = serde_json::from_str(
-        String::from_utf8(out.stdout)?
-            .lines()
-            .last()
-            .unwrap_or("{}"),
-    )?;
+        .args(PROMPTS);
+    let py = last_json_line(&mut c, "the Python benchmark")?;
     let rows = py["rows"].as_array().cloned().unwrap_or_default();
     let mut py_tokens = 0usize;
     let mut py_secs = 0.0f64;

@@ -19,6 +19,7 @@ pub struct Probe {
     prompt: Vec<u32>,
     text: String,
     golden: String,
+    golden_tokens: usize,
 }
 
 /// Up to `n` probes: each example's tokens up to its first trained token, and the first
@@ -45,6 +46,7 @@ pub fn probes(examples: &[Example], tok: &ChatTokenizer, n: usize) -> Vec<Probe>
                 prompt: e.input_ids[..first].to_vec(),
                 text,
                 golden,
+                golden_tokens: end - first,
             })
         })
         .take(n)
@@ -130,18 +132,19 @@ impl<B: AutodiffBackend> ModelInspector<B> for Inspector<'_> {
             }
         }
         if preview || evolution {
-            let config = GenerationConfig {
-                max_new_tokens: self.max_new_tokens,
-                stop_token_ids: self.end_ids.clone(),
-                pad_token_id: self.tok.pad_id(),
-                ..GenerationConfig::default()
-            };
             // One prompt at a time: without padding, the KV-cached decode is cheaper than the
-            // padded batch (measured on the cpu backend).
+            // padded batch (measured on the cpu backend). An answer longer than the golden one
+            // by more than a few tokens cannot match it, so generation stops there.
             let out: Result<Vec<_>, _> = self
                 .probes
                 .iter()
                 .map(|p| {
+                    let config = GenerationConfig {
+                        max_new_tokens: self.max_new_tokens.min(p.golden_tokens + 8),
+                        stop_token_ids: self.end_ids.clone(),
+                        pad_token_id: self.tok.pad_id(),
+                        ..GenerationConfig::default()
+                    };
                     generate(
                         &inner,
                         Some(self.tok.tokenizer()),

@@ -166,7 +166,7 @@ pub struct RunArgs {
     /// steps) and the evolution tracker (steps 0, 10, 25, 50, 100, …); 0 turns both off.
     #[arg(long, default_value_t = 3)]
     pub preview_prompts: usize,
-    /// Longest preview answer.
+    /// Longest preview answer (in any case at most the golden answer's length + 8 tokens).
     #[arg(long, default_value_t = 64)]
     pub preview_max_new_tokens: usize,
     /// Logits processors (TOML `[[processors]]`) for the previews.
@@ -336,7 +336,7 @@ impl WithBackend for Training<'_> {
         drop(observers);
         if let Some((spent, wall, steps)) = monitor.overhead {
             eprintln!(
-                "monitoring (status file, alerts, plots, report): {:.1} ms over {steps} steps, {:.2} % of the run",
+                "monitoring (status file, alerts, previews, layer monitor, evolution, plots, report): {:.1} ms over {steps} steps, {:.2} % of the run",
                 spent.as_secs_f64() * 1e3,
                 100.0 * spent.as_secs_f64() / wall.as_secs_f64().max(1e-9)
             );

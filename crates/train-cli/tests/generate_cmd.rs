@@ -3,25 +3,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![cfg(feature = "cpu")]
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn train(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_train"))
-        .args(args)
-        .env("TRAIN_MODEL_REGISTRY", dir.join("models.json"))
-        .output()
-        .unwrap()
-}
-
-fn last_json(out: &Output) -> serde_json::Value {
-    let stdout = String::from_utf8(out.stdout.clone()).unwrap();
-    serde_json::from_str(stdout.lines().last().expect("a JSON line")).unwrap()
-}
+use common::{last_json, root, train, train_ok};
 
 #[test]
 fn greedy_answer_matches_transformers() {
@@ -34,7 +18,7 @@ fn greedy_answer_matches_transformers() {
     )
     .unwrap();
     let model = root().join("crates/train-model/tests/fixtures/qwen3");
-    let o = train(
+    let o = train_ok(
         dir.path(),
         &[
             "generate",
@@ -46,12 +30,6 @@ fn greedy_answer_matches_transformers() {
             "16",
             "--json",
         ],
-    );
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
     );
     let g = last_json(&o);
     assert_eq!(
@@ -102,13 +80,7 @@ fn processors_file_and_sampling() {
     let run = |seed| {
         let a = args(seed);
         let a: Vec<&str> = a.iter().map(String::as_str).collect();
-        let o = train(dir.path(), &a);
-        assert_eq!(
-            o.status.code(),
-            Some(0),
-            "{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        let o = train_ok(dir.path(), &a);
         last_json(&o)
     };
     let (a, b) = (run("3"), run("3"));

@@ -3,13 +3,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![cfg(feature = "cpu")]
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+mod common;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::{root, spawn_until, train, train_ok, wait_for};
 
 fn model() -> PathBuf {
     root().join("crates/train-model/tests/fixtures/qwen2")
@@ -32,14 +31,6 @@ fn data(dir: &Path, rows: usize) -> PathBuf {
     p
 }
 
-fn train(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_train"))
-        .args(args)
-        .env("TRAIN_MODEL_REGISTRY", dir.join("models.json"))
-        .output()
-        .unwrap()
-}
-
 fn base<'a>(model: &'a Path, data: &'a Path, out: &'a Path) -> Vec<&'a str> {
     vec![
         "--model",
@@ -58,8 +49,7 @@ fn base<'a>(model: &'a Path, data: &'a Path, out: &'a Path) -> Vec<&'a str> {
 }
 
 fn summary(out: &Output) -> serde_json::Value {
-    let stdout = String::from_utf8(out.stdout.clone()).unwrap();
-    serde_json::from_str(stdout.lines().last().expect("a JSON summary")).unwrap()
+    common::last_json(out)
 }
 
 #[test]
@@ -76,13 +66,7 @@ fn trains_resumes_and_reports() {
         "2",
         "--json",
     ]);
-    let o = train(dir.path(), &args);
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let o = train_ok(dir.path(), &args);
     let s = summary(&o);
     assert_eq!(s["status"], "completed");
     let status: serde_json::Value =
@@ -143,13 +127,7 @@ fn trains_resumes_and_reports() {
         "--resume",
         "--json",
     ]);
-    let o = train(dir.path(), &args);
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let o = train_ok(dir.path(), &args);
     assert_eq!(summary(&o)["global_step"], 6);
     let steps: Vec<u64> = std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
@@ -161,7 +139,7 @@ fn trains_resumes_and_reports() {
     assert_eq!(steps, [1, 2, 3, 4, 5, 6]);
 
     // `train eval` on the result.
-    let o = train(
+    let o = train_ok(
         dir.path(),
         &[
             "eval",
@@ -171,12 +149,6 @@ fn trains_resumes_and_reports() {
             d.to_str().unwrap(),
             "--json",
         ],
-    );
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
     );
     let e = summary(&o);
     assert_eq!(e["examples"], 24);
@@ -237,7 +209,7 @@ fn config_file_drives_a_run() {
         ),
     )
     .unwrap();
-    let o = train(
+    let o = train_ok(
         dir.path(),
         &[
             "--config",
@@ -246,12 +218,6 @@ fn config_file_drives_a_run() {
             "1",
             "--json",
         ],
-    );
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
     );
     assert_eq!(
         summary(&o)["global_step"],
@@ -324,21 +290,8 @@ fn sigint_finishes_the_step_saves_and_exits_130() {
     let (m, d, out) = (model(), data(dir.path(), 60), dir.path().join("out"));
     let mut args = base(&m, &d, &out);
     args.extend(["--epochs", "50", "--json"]);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_train"))
-        .args(&args)
-        .env("TRAIN_MODEL_REGISTRY", dir.path().join("models.json"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
     // Wait for the first step, then interrupt.
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
-    for line in lines.by_ref() {
-        if line.unwrap().starts_with("step 1/") {
-            break;
-        }
-    }
+    let (child, lines) = spawn_until(dir.path(), &args, "step 1/");
     // A second run into the same directory meanwhile: refused, naming the process.
     let o = train(dir.path(), &base(&m, &d, &out));
     assert_eq!(o.status.code(), Some(1));
@@ -370,13 +323,7 @@ fn sigint_finishes_the_step_saves_and_exits_130() {
     let next = (step + 1).to_string();
     let mut args = base(&m, &d, &out);
     args.extend(["--max-steps", &next, "--resume", "--json"]);
-    let o = train(dir.path(), &args);
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let o = train_ok(dir.path(), &args);
     assert_eq!(summary(&o)["global_step"], step + 1);
 }
 
@@ -386,27 +333,10 @@ fn train_control_pauses_and_stops_a_run_and_train_status_shows_it() {
     let (m, d, out) = (model(), data(dir.path(), 60), dir.path().join("out"));
     let mut args = base(&m, &d, &out);
     args.extend(["--epochs", "50", "--json"]);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_train"))
-        .args(&args)
-        .env("TRAIN_MODEL_REGISTRY", dir.path().join("models.json"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
-    for line in lines.by_ref() {
-        if line.unwrap().starts_with("step 1/") {
-            break;
-        }
-    }
+    let (child, mut lines) = spawn_until(dir.path(), &args, "step 1/");
     let o = train(dir.path(), &["control", "pause", out.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(0));
-    for line in lines.by_ref() {
-        if line.unwrap().starts_with("paused after step") {
-            break;
-        }
-    }
+    wait_for(&mut lines, "paused after step");
     let o = train(dir.path(), &["status", out.to_str().unwrap()]);
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.starts_with("paused"), "{text}");
@@ -458,13 +388,7 @@ fn previews_layer_history_and_evolution_are_written() {
         "--preview-max-new-tokens",
         "8",
     ]);
-    let o = train(dir.path(), &args);
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    train_ok(dir.path(), &args);
     let rows = |name: &str| -> Vec<serde_json::Value> {
         std::fs::read_to_string(out.join(name))
             .unwrap()
