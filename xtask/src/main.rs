@@ -247,7 +247,7 @@ fn ci() -> Result<()> {
     timed("check (cuda)", &mut || {
         // One invocation: one feature resolution, so burn-cuda is checked once.
         cargo_step(
-            "cuda backend compiles: train-model, train-logits, train-cli",
+            "cuda backend compiles: train-model, train-logits, train-runner, train-cli",
             &[
                 "check",
                 "-p",
@@ -255,9 +255,11 @@ fn ci() -> Result<()> {
                 "-p",
                 "train-logits",
                 "-p",
+                "train-runner",
+                "-p",
                 "train-cli",
                 "--features",
-                "train-model/cuda,train-logits/cuda,train-cli/cuda",
+                "train-model/cuda,train-logits/cuda,train-runner/cuda,train-cli/cuda",
                 "--all-targets",
             ],
         )

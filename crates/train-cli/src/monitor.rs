@@ -6,8 +6,8 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use train_monitor::{
-    EvalRecord, History, MonitorError, MonitoringBundle, MonitoringConfig, RunEnd, RunStart,
-    Status, StepRecord,
+    AlertConfig, EvalRecord, History, MonitorError, MonitoringBundle, MonitoringConfig, RunEnd,
+    RunStart, Status, StepRecord,
 };
 use train_runner::{RunInfo, RunStatus, RunSummary, TrainEvent, TrainObserver};
 
@@ -23,13 +23,12 @@ pub struct Monitor {
 }
 
 impl Monitor {
-    /// Status in `status_dir`, report and plots in `output`.
-    pub fn new(status_dir: PathBuf, output: PathBuf) -> Self {
+    /// Status in `status_dir`, report, plots and logs in `output`, alerts at `alerts`.
+    pub fn new(status_dir: PathBuf, output: PathBuf, alerts: AlertConfig) -> Self {
+        let mut config = MonitoringConfig::new(status_dir, Some(output));
+        config.alerts = alerts;
         Self {
-            bundle: Rc::new(RefCell::new(MonitoringBundle::new(MonitoringConfig::new(
-                status_dir,
-                Some(output),
-            )))),
+            bundle: Rc::new(RefCell::new(MonitoringBundle::new(config))),
             warned: false,
             started: Instant::now(),
             steps: 0,

@@ -169,6 +169,10 @@ pub struct RunArgs {
     /// Longest preview answer (in any case at most the golden answer's length + 8 tokens).
     #[arg(long, default_value_t = 64)]
     pub preview_max_new_tokens: usize,
+    /// Alert thresholds (TOML keys: min_throughput_ratio, baseline_steps, max_eval_gap,
+    /// max_loss_variance, min_available_bytes; defaults 0.6, 5, 0.3, 1.0, 512 MiB).
+    #[arg(long, value_name = "FILE.toml")]
+    pub alerts: Option<PathBuf>,
     /// Logits processors (TOML `[[processors]]`) for the previews.
     #[arg(long, value_name = "FILE.toml")]
     pub processors: Option<PathBuf>,
@@ -254,6 +258,7 @@ struct Training<'a> {
     pad_id: u32,
     resume: Option<PathBuf>,
     control: RunControl,
+    alerts: train_monitor::AlertConfig,
 }
 
 impl WithBackend for Training<'_> {
@@ -310,7 +315,7 @@ impl WithBackend for Training<'_> {
             .status_dir
             .clone()
             .unwrap_or_else(|| self.args.output.join("status"));
-        let mut monitor = Monitor::new(status_dir, self.args.output.clone());
+        let mut monitor = Monitor::new(status_dir, self.args.output.clone(), self.alerts);
         let bundle = monitor.bundle();
         let mut observers = Observers::default();
         // The monitor first: the status file is current before progress lines announce a change.
@@ -381,6 +386,15 @@ pub fn train(args: &RunArgs) -> Result<ExitCode> {
             .and_then(|_| signal_hook::flag::register(signal, control.flag()))
             .context("installing the signal handlers")?;
     }
+    let alerts = match &args.alerts {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("--alerts {}", p.display()))?;
+            toml::from_str::<train_monitor::AlertConfig>(&text)
+                .with_context(|| format!("--alerts {}", p.display()))?
+        }
+        None => train_monitor::AlertConfig::default(),
+    };
     let watcher = ControlWatcher::start(&args.output, &control);
     let work = Training {
         args,
@@ -390,6 +404,7 @@ pub fn train(args: &RunArgs) -> Result<ExitCode> {
         pad_id: tok.pad_id(),
         resume,
         control,
+        alerts,
     };
     let summary = dispatch(
         args.compute.backend,

@@ -190,6 +190,19 @@ fn bad_configuration_and_bad_data_exit_1_naming_the_culprit() {
         "{}"
     );
 
+    // A bad alerts file names itself and its field.
+    let alerts = dir.path().join("alerts.toml");
+    std::fs::write(&alerts, "max_eval_gap = 0.1\nmax_gap = 3\n").unwrap();
+    let mut args = base(&m, &d, &out);
+    args.extend(["--alerts", alerts.to_str().unwrap()]);
+    let o = train(dir.path(), &args);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("alerts.toml") && err.contains("max_gap"),
+        "{err}"
+    );
+
     // Usage errors are 2.
     assert_eq!(train(dir.path(), &["--epochs", "x"]).status.code(), Some(2));
 }
@@ -388,7 +401,12 @@ fn previews_layer_history_and_evolution_are_written() {
         "--preview-max-new-tokens",
         "8",
     ]);
-    train_ok(dir.path(), &args);
+    // Thresholds from a file: a loss variance limit of 0 fires at once.
+    let alerts = dir.path().join("alerts.toml");
+    std::fs::write(&alerts, "max_loss_variance = 0.0\n").unwrap();
+    args.extend(["--alerts", alerts.to_str().unwrap()]);
+    let o = train_ok(dir.path(), &args);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("alert: loss variance"));
     let rows = |name: &str| -> Vec<serde_json::Value> {
         std::fs::read_to_string(out.join(name))
             .unwrap()
@@ -420,4 +438,5 @@ fn previews_layer_history_and_evolution_are_written() {
         serde_json::from_slice(&std::fs::read(out.join("status/training_status.json")).unwrap())
             .unwrap();
     assert_eq!(status["previews"].as_array().unwrap().len(), 2);
+    assert_eq!(status["alerts"][0]["kind"], "loss_variance");
 }
