@@ -180,10 +180,7 @@ fn ci() -> Result<()> {
             "build examples and binaries",
             &["build", "--workspace", "--release", "--examples", "--bins"],
         )?;
-        run(
-            "example: fixture_loss",
-            Command::new(release_bin("examples/fixture_loss")),
-        )
+        run_examples()
     })?;
     timed("real checkpoint", &mut || {
         let dir = smollm2()?;
@@ -284,6 +281,31 @@ fn ci() -> Result<()> {
     );
     for (name, secs) in timings {
         eprintln!("  {name:<18} {secs:>7.1} s");
+    }
+    Ok(())
+}
+
+/// Runs every example binary on the shipped tiny model and data; the ones that train write
+/// into a fresh directory under the target directory.
+fn run_examples() -> Result<()> {
+    let scratch = release_bin("example-runs");
+    if scratch.exists() {
+        std::fs::remove_dir_all(&scratch)?;
+    }
+    for name in [
+        "fixture_loss",
+        "prepare_data",
+        "finetune",
+        "generate",
+        "custom_processor",
+        "custom_transform",
+        "custom_observer",
+    ] {
+        let mut c = Command::new(release_bin(&format!("examples/{name}")));
+        if matches!(name, "finetune" | "custom_observer") {
+            c.arg(scratch.join(name));
+        }
+        run(&format!("example: {name}"), c)?;
     }
     Ok(())
 }

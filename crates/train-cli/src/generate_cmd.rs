@@ -1,6 +1,6 @@
 //! `train generate`: a chat answer from a model, with the standard and the origin's processors.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -61,29 +61,6 @@ pub struct GenerateArgs {
 
 /// Every id that ends a turn: the model's eos ids, `generation_config.json`'s, and the chat
 /// template's end-of-turn tokens.
-pub(crate) fn end_ids(dir: &Path, eos: &[u32], tok: &ChatTokenizer) -> Vec<u32> {
-    let mut ids = eos.to_vec();
-    ids.extend(tok.end_of_turn_ids());
-    if let Ok(text) = std::fs::read_to_string(dir.join("generation_config.json"))
-        && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
-    {
-        match &v["eos_token_id"] {
-            serde_json::Value::Number(n) => {
-                ids.extend(n.as_u64().and_then(|n| u32::try_from(n).ok()));
-            }
-            serde_json::Value::Array(a) => ids.extend(
-                a.iter()
-                    .filter_map(serde_json::Value::as_u64)
-                    .filter_map(|n| u32::try_from(n).ok()),
-            ),
-            _ => {}
-        }
-    }
-    ids.sort_unstable();
-    ids.dedup();
-    ids
-}
-
 struct Generate<'a> {
     args: &'a GenerateArgs,
     dir: PathBuf,
@@ -108,7 +85,7 @@ impl WithBackend for Generate<'_> {
             &device,
         )
         .with_context(|| format!("loading {}", self.dir.display()))?;
-        let ends = end_ids(&self.dir, &loaded.config.eos_token_ids, &self.tok);
+        let ends = train_logits::end_ids(&self.dir, &loaded.config.eos_token_ids, &self.tok);
         let ctx = ProcessorContext {
             tokenizer: Some(self.tok.tokenizer()),
             end_ids: &ends,

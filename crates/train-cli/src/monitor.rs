@@ -105,7 +105,7 @@ impl TrainObserver for Monitor {
                 let r = self.bundle.borrow_mut().set_status(Status::Training);
                 self.check(r);
             }
-            TrainEvent::Checkpoint { .. } => {}
+            _ => {}
         }
     }
 

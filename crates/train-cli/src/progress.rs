@@ -122,6 +122,7 @@ impl TrainObserver for Progress {
                 self.clear();
                 eprintln!("saved {}", path.display());
             }
+            _ => {}
         }
     }
 

@@ -283,8 +283,7 @@ impl WithBackend for Training<'_> {
             &self.prepared.validation
         };
         let probes = crate::inspect::probes(probe_rows, &tok, self.args.preview_prompts);
-        let end_ids =
-            crate::generate_cmd::end_ids(&self.model_dir, &source.config.eos_token_ids, &tok);
+        let end_ids = train_logits::end_ids(&self.model_dir, &source.config.eos_token_ids, &tok);
         let processor_configs = match &self.args.processors {
             Some(p) => train_logits::ProcessorsFile::read(p)?.processors,
             None => Vec::new(),

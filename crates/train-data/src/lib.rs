@@ -77,5 +77,8 @@ pub use pipeline::{
 pub use split::{DataPosition, EpochOrder, ValidationSplit, split_indices};
 pub use template::ChatTemplate;
 pub use tokenize::{ChatTokenizer, Encoded, LabelMode};
-pub use transform::{Transform, TransformConfig, TransformContext, TransformPipeline};
+pub use transform::{
+    Transform, TransformBuilder, TransformConfig, TransformContext, TransformOptions,
+    TransformPipeline, TransformRegistry,
+};
 pub use validate::{CheckReport, check_file};

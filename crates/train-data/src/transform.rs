@@ -41,6 +41,7 @@ pub trait Transform: Send + Sync {
 /// a `type` key).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+#[non_exhaustive]
 pub enum TransformConfig {
     /// Removes `<think>…</think>` blocks (and `reasoning_content`) from assistant turns.
     StripThink,
@@ -246,6 +247,163 @@ impl TransformPipeline {
                 },
             );
         }
+    }
+}
+
+/// The options of one `[[transform]]` table (everything but `type`), handed to the builder of a
+/// transform registered in a [`TransformRegistry`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct TransformOptions(toml::Table);
+
+impl TransformOptions {
+    /// Deserializes the options into your own type (`#[derive(Deserialize)]`); the error is the
+    /// deserializer's message (unknown or missing keys, wrong types).
+    pub fn parse<T: serde::de::DeserializeOwned>(&self) -> std::result::Result<T, String> {
+        toml::Value::Table(self.0.clone())
+            .try_into()
+            .map_err(|e: toml::de::Error| e.message().to_string())
+    }
+
+    /// True when the table has no key but `type`.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Builds a downstream transform from its options; an `Err` is a message that the registry
+/// reports with the transform's position and type.
+pub type TransformBuilder =
+    Box<dyn Fn(&TransformOptions) -> std::result::Result<Box<dyn Transform>, String> + Send + Sync>;
+
+/// The transform factory: the built-in transforms ([`TransformConfig`]) plus the ones you
+/// register under a `type` name of your own, all buildable from the same `[[transform]]` TOML.
+///
+/// ```
+/// use train_data::{Conversation, Transform, TransformContext, TransformRegistry};
+///
+/// struct Shout;
+/// impl Transform for Shout {
+///     fn name(&self) -> &str { "shout" }
+///     fn apply(&self, c: &mut Conversation, _ctx: &TransformContext) {
+///         for m in &mut c.messages { m.content = m.content.to_uppercase(); }
+///     }
+/// }
+///
+/// let mut registry = TransformRegistry::new();
+/// registry.register("shout", Box::new(|_opts| Ok(Box::new(Shout) as Box<dyn Transform>)))?;
+/// let pipeline = registry.pipeline_from_toml(r#"
+///     [[transform]]
+///     type = "strip_think"
+///     [[transform]]
+///     type = "shout"
+/// "#)?;
+/// assert_eq!(pipeline.len(), 2);
+/// # Ok::<(), train_data::DataError>(())
+/// ```
+#[derive(Default)]
+pub struct TransformRegistry {
+    custom: std::collections::BTreeMap<String, TransformBuilder>,
+}
+
+impl std::fmt::Debug for TransformRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TransformRegistry")
+            .field("custom", &self.custom.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// The `type` names of the built-in transforms.
+pub const BUILTIN_TRANSFORMS: [&str; 4] = [
+    "strip_think",
+    "system_prompt",
+    "thinking_pattern",
+    "stop_pattern",
+];
+
+impl TransformRegistry {
+    /// A registry with the built-in transforms only.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers a transform under `type_name`. Refused when the name is a built-in one or
+    /// already registered.
+    pub fn register(&mut self, type_name: &str, builder: TransformBuilder) -> Result<()> {
+        if BUILTIN_TRANSFORMS.contains(&type_name) || self.custom.contains_key(type_name) {
+            return Err(DataError::config(
+                "transform.type",
+                format!("{type_name:?} is already a transform type"),
+            ));
+        }
+        self.custom.insert(type_name.to_string(), builder);
+        Ok(())
+    }
+
+    /// Every `type` this registry can build, built-ins first.
+    pub fn type_names(&self) -> Vec<&str> {
+        BUILTIN_TRANSFORMS
+            .iter()
+            .copied()
+            .chain(self.custom.keys().map(String::as_str))
+            .collect()
+    }
+
+    /// Builds the `[[transform]]` tables of a TOML document, in order; built-in and
+    /// registered types may be mixed. Errors name the table (`transform[2]`) and its type.
+    pub fn pipeline_from_toml(&self, text: &str) -> Result<TransformPipeline> {
+        let mut doc: toml::Table =
+            toml::from_str(text).map_err(|e| DataError::config("transform", e.to_string()))?;
+        let tables = match doc.remove("transform") {
+            None => Vec::new(),
+            Some(toml::Value::Array(a)) => a,
+            Some(_) => {
+                return Err(DataError::config(
+                    "transform",
+                    "expected an array of tables ([[transform]])",
+                ));
+            }
+        };
+        if let Some(key) = doc.keys().next() {
+            return Err(DataError::config(
+                key.as_str(),
+                "unknown key (expected only [[transform]] tables)",
+            ));
+        }
+        let mut pipeline = TransformPipeline::default();
+        for (i, value) in tables.into_iter().enumerate() {
+            let field = format!("transform[{i}]");
+            let toml::Value::Table(mut table) = value else {
+                return Err(DataError::config(field, "expected a table"));
+            };
+            let type_name = match table.get("type") {
+                Some(toml::Value::String(s)) => s.clone(),
+                _ => return Err(DataError::config(field, "missing string key `type`")),
+            };
+            let transform = if let Some(builder) = self.custom.get(&type_name) {
+                table.remove("type");
+                builder(&TransformOptions(table))
+                    .map_err(|m| DataError::config(format!("{field} ({type_name})"), m))?
+            } else if BUILTIN_TRANSFORMS.contains(&type_name.as_str()) {
+                let config: TransformConfig =
+                    toml::Value::Table(table)
+                        .try_into()
+                        .map_err(|e: toml::de::Error| {
+                            DataError::config(format!("{field} ({type_name})"), e.message())
+                        })?;
+                config.build()?
+            } else {
+                return Err(DataError::config(
+                    format!("{field}.type"),
+                    format!(
+                        "unknown transform {type_name:?}; known: {}",
+                        self.type_names().join(", ")
+                    ),
+                ));
+            };
+            pipeline.push(transform);
+        }
+        Ok(pipeline)
     }
 }
 
@@ -466,5 +624,103 @@ mod tests {
             c.messages.iter().filter(|m| m.role == Role::System).count(),
             1
         );
+    }
+
+    struct Suffix(String);
+    impl Transform for Suffix {
+        fn name(&self) -> &str {
+            "suffix"
+        }
+        fn apply(&self, c: &mut Conversation, _ctx: &TransformContext) {
+            for m in c.messages.iter_mut().filter(|m| m.role == Role::Assistant) {
+                m.content.push_str(&self.0);
+            }
+        }
+    }
+
+    fn registry() -> TransformRegistry {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Opts {
+            text: String,
+        }
+        let mut r = TransformRegistry::new();
+        r.register(
+            "suffix",
+            Box::new(|o: &TransformOptions| {
+                let opts: Opts = o.parse()?;
+                if opts.text.is_empty() {
+                    return Err("text is empty".to_string());
+                }
+                Ok(Box::new(Suffix(opts.text)) as Box<dyn Transform>)
+            }),
+        )
+        .unwrap();
+        r
+    }
+
+    #[test]
+    fn registry_builds_builtin_and_custom_in_order() {
+        let p = registry()
+            .pipeline_from_toml(
+                "[[transform]]\ntype = \"strip_think\"\n[[transform]]\ntype = \"suffix\"\ntext = \" (ok)\"\n",
+            )
+            .unwrap();
+        assert_eq!(format!("{p:?}"), r#"["strip_think", "suffix"]"#);
+        let mut c = conv();
+        p.apply(&mut c, 0, 0);
+        assert_eq!(c.messages[1].content, "Hello! (ok)");
+        assert_eq!(c.messages[3].content, "See you (ok)");
+    }
+
+    #[test]
+    fn registry_errors_name_the_table() {
+        let r = registry();
+        let err = |text: &str| r.pipeline_from_toml(text).unwrap_err().to_string();
+        let e = err("[[transform]]\ntype = \"strip_think\"\n[[transform]]\ntype = \"nope\"\n");
+        assert!(
+            e.contains("transform[1].type") && e.contains("suffix"),
+            "{e}"
+        );
+        let e = err("[[transform]]\ntype = \"suffix\"\ntext = \"\"\n");
+        assert!(
+            e.contains("transform[0] (suffix)") && e.contains("text is empty"),
+            "{e}"
+        );
+        let e = err("[[transform]]\ntype = \"suffix\"\ntxt = \"x\"\n");
+        assert!(
+            e.contains("transform[0] (suffix)") && e.contains("txt"),
+            "{e}"
+        );
+        let e = err("[[transform]]\ntype = \"system_prompt\"\nprompt = \" \"\n");
+        assert!(e.contains("empty"), "{e}");
+        let e = err("[[transform]]\ntype = \"stop_pattern\"\nmin_count = \"x\"\n");
+        assert!(e.contains("transform[0] (stop_pattern)"), "{e}");
+        let e = err("[[transform]]\nprompt = \"x\"\n");
+        assert!(e.contains("type"), "{e}");
+        let e = err("other = 1\n");
+        assert!(e.contains("other"), "{e}");
+        let mut r = registry();
+        assert!(
+            r.register("strip_think", Box::new(|_| Err(String::new())))
+                .is_err()
+        );
+        assert!(
+            r.register("suffix", Box::new(|_| Err(String::new())))
+                .is_err()
+        );
+        assert_eq!(r.type_names().len(), BUILTIN_TRANSFORMS.len() + 1);
+    }
+
+    #[test]
+    fn builtin_names_are_exactly_the_variants() {
+        for name in BUILTIN_TRANSFORMS {
+            if let Err(e) = toml::from_str::<TransformConfig>(&format!("type = {name:?}")) {
+                assert!(!e.to_string().contains("unknown variant"), "{name}: {e}");
+            }
+        }
+        let e = toml::from_str::<TransformConfig>("type = \"nope\"").unwrap_err();
+        let listed = e.to_string().matches('`').count() / 2 - 1;
+        assert_eq!(listed, BUILTIN_TRANSFORMS.len(), "{e}");
     }
 }

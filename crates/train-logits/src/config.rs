@@ -347,10 +347,324 @@ impl ProcessorConfig {
     }
 }
 
+/// The `type` names of the built-in processors ([`ProcessorConfig`]'s variants).
+pub const BUILTIN_PROCESSORS: [&str; 14] = [
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "typical",
+    "repetition_penalty",
+    "no_repeat_ngram",
+    "min_new_tokens",
+    "suppress_tokens",
+    "sequence_bias",
+    "bad_words",
+    "forced_eos",
+    "scheduled_token_penalty",
+    "post_stop_penalty",
+];
+
+/// Other names accepted for built-in processors (the origin's).
+const BUILTIN_ALIASES: [&str; 2] = ["emoji_think", "stop_penalty"];
+
+fn is_builtin(name: &str) -> bool {
+    BUILTIN_PROCESSORS.contains(&name) || BUILTIN_ALIASES.contains(&name)
+}
+
+/// The options of one `[[processors]]` table (everything but `type`), handed to the builder of
+/// a processor registered in a [`ProcessorRegistry`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProcessorOptions(toml::Table);
+
+impl ProcessorOptions {
+    /// Deserializes the options into your own type (`#[derive(Deserialize)]`); the error is the
+    /// deserializer's message.
+    pub fn parse<T: serde::de::DeserializeOwned>(&self) -> std::result::Result<T, String> {
+        toml::Value::Table(self.0.clone())
+            .try_into()
+            .map_err(|e: toml::de::Error| e.message().to_string())
+    }
+}
+
+/// Builds a downstream processor from its options and the model context; an `Err` is a message
+/// that the registry reports with the processor's position and type.
+pub type ProcessorBuilder = Box<
+    dyn Fn(
+            &ProcessorOptions,
+            &ProcessorContext<'_>,
+        ) -> std::result::Result<Box<dyn LogitsProcessor>, String>
+        + Send
+        + Sync,
+>;
+
+/// The processor factory: the built-in processors ([`ProcessorConfig`]) plus the ones you
+/// register under a `type` name of your own, all buildable from one `[[processors]]` TOML file.
+///
+/// ```
+/// use train_logits::{LogitsProcessor, ProcessorContext, ProcessorRegistry, RowContext};
+///
+/// #[derive(Debug)]
+/// struct Ban(u32);
+/// impl LogitsProcessor for Ban {
+///     fn name(&self) -> &'static str { "ban" }
+///     fn process(&mut self, _row: usize, _ctx: &RowContext<'_>, logits: &mut [f32])
+///         -> train_logits::Result<()> {
+///         if let Some(l) = logits.get_mut(self.0 as usize) { *l = f32::NEG_INFINITY; }
+///         Ok(())
+///     }
+/// }
+///
+/// let mut registry = ProcessorRegistry::new();
+/// registry.register("ban", Box::new(|opts, _ctx| {
+///     #[derive(serde::Deserialize)]
+///     struct O { id: u32 }
+///     let o: O = opts.parse()?;
+///     Ok(Box::new(Ban(o.id)) as Box<dyn LogitsProcessor>)
+/// }))?;
+/// let ctx = ProcessorContext { tokenizer: None, end_ids: &[0] };
+/// let processors = registry.build_toml(
+///     "[[processors]]\ntype = \"ban\"\nid = 3\n[[processors]]\ntype = \"top_k\"\ntop_k = 2\n",
+///     "inline.toml".as_ref(),
+///     &ctx,
+/// )?;
+/// assert_eq!(processors.iter().map(|p| p.name()).collect::<Vec<_>>(), ["ban", "top_k"]);
+/// # Ok::<(), train_logits::LogitsError>(())
+/// ```
+#[derive(Default)]
+pub struct ProcessorRegistry {
+    custom: std::collections::BTreeMap<String, ProcessorBuilder>,
+}
+
+impl std::fmt::Debug for ProcessorRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProcessorRegistry")
+            .field("custom", &self.custom.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl ProcessorRegistry {
+    /// A registry with the built-in processors only.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers a processor under `type_name`. Refused when the name is a built-in one or
+    /// already registered.
+    pub fn register(&mut self, type_name: &str, builder: ProcessorBuilder) -> Result<()> {
+        if is_builtin(type_name) || self.custom.contains_key(type_name) {
+            return Err(LogitsError::config(
+                type_name,
+                "this processor type is already defined",
+            ));
+        }
+        self.custom.insert(type_name.to_string(), builder);
+        Ok(())
+    }
+
+    /// Every `type` this registry can build, built-ins first.
+    pub fn type_names(&self) -> Vec<&str> {
+        BUILTIN_PROCESSORS
+            .iter()
+            .copied()
+            .chain(self.custom.keys().map(String::as_str))
+            .collect()
+    }
+
+    /// Builds the `[[processors]]` tables of a TOML document, in order; built-in and registered
+    /// types may be mixed. `origin` names the document in errors, with the table
+    /// (`processors[2]`) and its type.
+    pub fn build_toml(
+        &self,
+        text: &str,
+        origin: &Path,
+        ctx: &ProcessorContext<'_>,
+    ) -> Result<Vec<Box<dyn LogitsProcessor>>> {
+        let fail = |message: String| LogitsError::File {
+            path: origin.to_path_buf(),
+            message,
+        };
+        let mut doc: toml::Table =
+            toml::from_str(text).map_err(|e| fail(e.to_string().trim_end().to_string()))?;
+        let tables = match doc.remove("processors") {
+            None => Vec::new(),
+            Some(toml::Value::Array(a)) => a,
+            Some(_) => return Err(fail("`processors` must be [[processors]] tables".into())),
+        };
+        if let Some(key) = doc.keys().next() {
+            return Err(fail(format!(
+                "unknown key `{key}` (expected only [[processors]] tables)"
+            )));
+        }
+        let mut out = Vec::with_capacity(tables.len());
+        for (i, value) in tables.into_iter().enumerate() {
+            let toml::Value::Table(mut table) = value else {
+                return Err(fail(format!("processors[{i}] is not a table")));
+            };
+            let Some(toml::Value::String(type_name)) = table.get("type").cloned() else {
+                return Err(fail(format!("processors[{i}] has no string key `type`")));
+            };
+            let at = format!("processors[{i}] ({type_name})");
+            if let Some(builder) = self.custom.get(&type_name) {
+                table.remove("type");
+                out.push(
+                    builder(&ProcessorOptions(table), ctx)
+                        .map_err(|m| fail(format!("{at}: {m}")))?,
+                );
+            } else if is_builtin(&type_name) {
+                let config: ProcessorConfig = toml::Value::Table(table)
+                    .try_into()
+                    .map_err(|e: toml::de::Error| fail(format!("{at}: {}", e.message())))?;
+                out.push(config.build(ctx).map_err(|e| fail(format!("{at}: {e}")))?);
+            } else {
+                return Err(fail(format!(
+                    "processors[{i}].type: unknown processor {type_name:?}; known: {}",
+                    self.type_names().join(", ")
+                )));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads a TOML file and builds its processors (see [`ProcessorRegistry::build_toml`]).
+    pub fn read(
+        &self,
+        path: &Path,
+        ctx: &ProcessorContext<'_>,
+    ) -> Result<Vec<Box<dyn LogitsProcessor>>> {
+        let text = std::fs::read_to_string(path).map_err(|e| LogitsError::File {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        self.build_toml(&text, path, ctx)
+    }
+}
+
 /// Builds every processor of `configs`, in order (the seed's `get_processors`).
 pub fn build_processors(
     configs: &[ProcessorConfig],
     ctx: &ProcessorContext<'_>,
 ) -> Result<Vec<Box<dyn LogitsProcessor>>> {
     configs.iter().map(|c| c.build(ctx)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::processor::RowContext;
+
+    #[test]
+    fn every_builtin_name_is_a_variant() {
+        for name in BUILTIN_PROCESSORS {
+            let r: std::result::Result<ProcessorConfig, _> =
+                toml::from_str(&format!("type = {name:?}"));
+            if let Err(e) = r {
+                assert!(!e.to_string().contains("unknown variant"), "{name}: {e}");
+            }
+        }
+        let e = toml::from_str::<ProcessorConfig>("type = \"nope\"").unwrap_err();
+        for name in BUILTIN_PROCESSORS {
+            assert!(
+                e.to_string().contains(&format!("`{name}`")),
+                "{name} missing in {e}"
+            );
+        }
+        let listed = e.to_string().matches('`').count() / 2 - 1;
+        assert_eq!(listed, BUILTIN_PROCESSORS.len(), "{e}");
+    }
+
+    #[derive(Debug)]
+    struct AddOne;
+    impl LogitsProcessor for AddOne {
+        fn name(&self) -> &'static str {
+            "add_one"
+        }
+        fn process(
+            &mut self,
+            _row: usize,
+            _ctx: &RowContext<'_>,
+            logits: &mut [f32],
+        ) -> Result<()> {
+            logits.iter_mut().for_each(|l| *l += 1.0);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn registry_mixes_builtin_and_custom_and_names_errors() {
+        let mut r = ProcessorRegistry::new();
+        r.register(
+            "add_one",
+            Box::new(|o: &ProcessorOptions, ctx: &ProcessorContext<'_>| {
+                #[derive(Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct O {
+                    #[serde(default)]
+                    fail: bool,
+                }
+                let o: O = o.parse()?;
+                assert_eq!(ctx.end_ids, &[9]);
+                if o.fail {
+                    return Err("asked to fail".into());
+                }
+                Ok(Box::new(AddOne) as Box<dyn LogitsProcessor>)
+            }),
+        )
+        .unwrap();
+        assert!(
+            r.register("top_k", Box::new(|_, _| Err(String::new())))
+                .is_err()
+        );
+        assert!(
+            r.register("stop_penalty", Box::new(|_, _| Err(String::new())))
+                .is_err()
+        );
+        assert!(
+            r.register("add_one", Box::new(|_, _| Err(String::new())))
+                .is_err()
+        );
+        let ctx = ProcessorContext {
+            tokenizer: None,
+            end_ids: &[9],
+        };
+        let origin = Path::new("p.toml");
+        let mut ps = r
+            .build_toml(
+                "[[processors]]\ntype = \"add_one\"\n[[processors]]\ntype = \"top_k\"\ntop_k = 1\n",
+                origin,
+                &ctx,
+            )
+            .unwrap();
+        let mut logits = vec![0.0, 2.0, 1.0];
+        let ids = [1u32];
+        for p in &mut ps {
+            p.start(1);
+            p.process(0, &RowContext::new(&ids, 1), &mut logits)
+                .unwrap();
+        }
+        assert_eq!(logits, [f32::NEG_INFINITY, 3.0, f32::NEG_INFINITY]);
+        let err = |t: &str| r.build_toml(t, origin, &ctx).unwrap_err().to_string();
+        let e = err("[[processors]]\ntype = \"add_one\"\nfail = true\n");
+        assert!(
+            e.contains("p.toml") && e.contains("processors[0] (add_one): asked to fail"),
+            "{e}"
+        );
+        let e = err("[[processors]]\ntype = \"add_one\"\nfial = true\n");
+        assert!(
+            e.contains("processors[0] (add_one)") && e.contains("fial"),
+            "{e}"
+        );
+        let e = err("[[processors]]\ntype = \"top_k\"\ntop_k = 1\n[[processors]]\ntype = \"x\"\n");
+        assert!(
+            e.contains("processors[1].type") && e.contains("add_one"),
+            "{e}"
+        );
+        let e = err("[[processors]]\ntype = \"top_p\"\ntop_p = 2.0\n");
+        assert!(e.contains("processors[0] (top_p)"), "{e}");
+        let e = err("[[processors]]\ntype = \"top_k\"\n");
+        assert!(e.contains("top_k"), "{e}");
+        assert!(err("x = 1").contains("unknown key `x`"));
+        assert_eq!(r.type_names().len(), BUILTIN_PROCESSORS.len() + 1);
+    }
 }

@@ -26,6 +26,32 @@ pub enum Decoding {
     },
 }
 
+/// The ids that end a generated answer of the model in `dir`: `eos` (the config's eos ids), the
+/// chat template's end-of-turn tokens and `generation_config.json`'s `eos_token_id`, as
+/// `transformers.generate` gathers them; sorted, without duplicates.
+pub fn end_ids(dir: &std::path::Path, eos: &[u32], tok: &train_data::ChatTokenizer) -> Vec<u32> {
+    let mut ids = eos.to_vec();
+    ids.extend(tok.end_of_turn_ids());
+    if let Ok(text) = std::fs::read_to_string(dir.join("generation_config.json"))
+        && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+    {
+        match &v["eos_token_id"] {
+            serde_json::Value::Number(n) => {
+                ids.extend(n.as_u64().and_then(|n| u32::try_from(n).ok()));
+            }
+            serde_json::Value::Array(a) => ids.extend(
+                a.iter()
+                    .filter_map(serde_json::Value::as_u64)
+                    .filter_map(|n| u32::try_from(n).ok()),
+            ),
+            _ => {}
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
 /// What to generate.
 #[derive(Debug, Clone)]
 pub struct GenerationConfig {

@@ -54,10 +54,11 @@ pub mod standard;
 pub mod stop;
 
 pub use config::{
-    BiasEntry, ProcessorConfig, ProcessorContext, ProcessorsFile, TokenSeq, build_processors,
+    BUILTIN_PROCESSORS, BiasEntry, ProcessorBuilder, ProcessorConfig, ProcessorContext,
+    ProcessorOptions, ProcessorRegistry, ProcessorsFile, TokenSeq, build_processors,
 };
 pub use error::{LogitsError, Result};
-pub use generate::{Decoding, Generation, GenerationConfig, StopReason, generate};
+pub use generate::{Decoding, Generation, GenerationConfig, StopReason, end_ids, generate};
 pub use origin::{
     DEFAULT_STOP_EMOJIS, PostStopPenalty, PostStopStats, ScheduleWindow, ScheduledTokenPenalty,
     StopEmojiDetector, default_schedule,

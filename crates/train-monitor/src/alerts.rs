@@ -34,6 +34,7 @@ impl Default for AlertConfig {
 /// What an alert is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum AlertKind {
     /// Tokens/s fell below the configured fraction of the baseline.
     LowThroughput,

@@ -101,6 +101,7 @@ pub struct RunSummary {
 
 /// An event during a run.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub enum TrainEvent<'a> {
     /// An optimizer step finished.
     Step(&'a StepMetrics),

@@ -11,7 +11,9 @@ use burn::tensor::ElementConversion;
 use burn::tensor::backend::AutodiffBackend;
 use serde_json::Value;
 use train_data::Example;
-use train_model::{CausalLm, SaveOptions, StorageDtype, causal_lm_nll, save_pretrained};
+use train_model::{
+    CausalLm, Pretrained, SaveOptions, StorageDtype, causal_lm_nll, save_pretrained,
+};
 
 use crate::batches::{BatchPlan, batch_tensors};
 use crate::checkpoint::{
@@ -93,6 +95,33 @@ pub struct TrainSetup<B: AutodiffBackend> {
     pub data_fingerprint: String,
     /// Start over in an output directory that already holds checkpoints (the seed's `--yes`).
     pub overwrite: bool,
+}
+
+impl<B: AutodiffBackend> TrainSetup<B> {
+    /// A setup that trains `source` (a loaded checkpoint, whose directory provides the
+    /// configuration and tokenizer files carried into checkpoints) on `train`, evaluating on
+    /// `validation`; no data fingerprint, and an output directory with checkpoints is refused
+    /// (set `overwrite` to start over in it).
+    pub fn new(
+        source: Pretrained<B>,
+        train: Vec<Example>,
+        validation: Vec<Example>,
+        pad_id: u32,
+        config: TrainerConfig,
+    ) -> Self {
+        Self {
+            model: source.model,
+            raw_config: source.raw_config,
+            companions_from: source.dir,
+            source_dtype: source.source_dtype,
+            train,
+            validation,
+            pad_id,
+            config,
+            data_fingerprint: String::new(),
+            overwrite: false,
+        }
+    }
 }
 
 /// The state of a checkpoint to continue from.

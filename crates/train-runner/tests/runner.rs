@@ -177,6 +177,7 @@ impl TrainObserver for Recorder {
             TrainEvent::Checkpoint { step, .. } => self.events.push(format!("checkpoint {step}")),
             TrainEvent::Paused { step } => self.events.push(format!("paused {step}")),
             TrainEvent::Resumed { step } => self.events.push(format!("resumed {step}")),
+            other => self.events.push(format!("{other:?}")),
         }
     }
     fn stop(&mut self, summary: &RunSummary) {
