@@ -46,7 +46,9 @@ impl Example {
 }
 
 /// What to do with an example longer than the maximum length.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Truncation {
     /// Keep the first `max_length` tokens.

@@ -17,7 +17,9 @@ use crate::conversation::{Conversation, Message, Role};
 use crate::error::{DataError, Problem, ProblemKind, Result, RowLocation, Severity};
 
 /// The file container.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum DataFormat {
     /// From the extension (`.parquet`, `.json`, `.jsonl`) and, for `.json`, the first byte.
@@ -32,7 +34,9 @@ pub enum DataFormat {
 }
 
 /// The shape of a row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum RowSchema {
     /// Per row: `messages`, else `conversations` (ShareGPT), else `instruction` (Alpaca).
@@ -47,7 +51,9 @@ pub enum RowSchema {
 }
 
 /// What to do with an invalid row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum ErrorPolicy {
     /// Stop at the first invalid row (the error names it).
@@ -58,7 +64,9 @@ pub enum ErrorPolicy {
 }
 
 /// How to load a data file.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 pub struct LoadOptions {
     /// Container format.
     #[serde(default)]

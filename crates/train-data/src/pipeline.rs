@@ -16,7 +16,7 @@ use crate::tokenize::{ChatTokenizer, LabelMode};
 use crate::transform::{TransformConfig, TransformPipeline};
 
 /// The data side of a run (the seed's `DatasetConfig`, plus what the original CLI had).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct DatasetConfig {
     /// The data file.

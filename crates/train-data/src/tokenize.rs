@@ -17,7 +17,9 @@ use crate::error::{DataError, Result};
 use crate::template::ChatTemplate;
 
 /// Which tokens are trained.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum LabelMode {
     /// Every assistant turn (the default).

@@ -39,7 +39,7 @@ pub trait Transform: Send + Sync {
 
 /// The built-in transforms, as they appear in configuration (TOML `[[transform]]` tables with
 /// a `type` key).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 #[non_exhaustive]
 pub enum TransformConfig {

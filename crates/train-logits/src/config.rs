@@ -43,7 +43,7 @@ fn default_rate() -> f32 {
 }
 
 /// A token sequence given as ids or as text (tokenized without special tokens).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum TokenSeq {
     /// Token ids.
@@ -53,7 +53,7 @@ pub enum TokenSeq {
 }
 
 /// One `(sequence, bias)` entry of [`ProcessorConfig::SequenceBias`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BiasEntry {
     /// The sequence.
@@ -64,16 +64,16 @@ pub struct BiasEntry {
 
 /// One processor, as written in TOML (`type = "top_p"`, …). Order matters: processors run in
 /// the order given.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 #[non_exhaustive]
 pub enum ProcessorConfig {
-    /// [`Temperature`].
+    /// Divides the logits by `temperature` ([`Temperature`], like `TemperatureLogitsWarper`).
     Temperature {
         /// Divides the logits.
         temperature: f32,
     },
-    /// [`TopK`].
+    /// Keeps the `top_k` most likely tokens ([`TopK`], like `TopKLogitsWarper`).
     TopK {
         /// Tokens kept.
         top_k: usize,
@@ -81,7 +81,7 @@ pub enum ProcessorConfig {
         #[serde(default = "one")]
         min_tokens_to_keep: usize,
     },
-    /// [`TopP`].
+    /// Keeps the smallest set of tokens whose probability reaches `top_p` ([`TopP`]).
     TopP {
         /// Probability mass kept.
         top_p: f32,
@@ -89,7 +89,7 @@ pub enum ProcessorConfig {
         #[serde(default = "one")]
         min_tokens_to_keep: usize,
     },
-    /// [`MinP`].
+    /// Drops tokens less likely than `min_p` × the top probability ([`MinP`]).
     MinP {
         /// Fraction of the top probability below which tokens go.
         min_p: f32,
@@ -97,7 +97,7 @@ pub enum ProcessorConfig {
         #[serde(default = "one")]
         min_tokens_to_keep: usize,
     },
-    /// [`Typical`].
+    /// Locally typical sampling: keeps the tokens closest to the expected information ([`Typical`]).
     Typical {
         /// Typical mass kept.
         typical_p: f32,
@@ -105,17 +105,17 @@ pub enum ProcessorConfig {
         #[serde(default = "one")]
         min_tokens_to_keep: usize,
     },
-    /// [`RepetitionPenalty`].
+    /// Penalizes tokens already in the prompt or the answer ([`RepetitionPenalty`], the CTRL rule).
     RepetitionPenalty {
         /// > 1 discourages repeats.
         penalty: f32,
     },
-    /// [`NoRepeatNGram`].
+    /// Forbids repeating any n-gram of `ngram_size` tokens ([`NoRepeatNGram`]).
     NoRepeatNgram {
         /// n.
         ngram_size: usize,
     },
-    /// [`MinNewTokens`] (end-of-sequence ids: the model's end-of-turn and eos ids unless given).
+    /// Forbids ending before `min_new_tokens` generated tokens ([`MinNewTokens`]; end ids: the model's end-of-turn and eos ids unless given).
     MinNewTokens {
         /// Tokens generated before an end is allowed.
         min_new_tokens: usize,
@@ -123,7 +123,7 @@ pub enum ProcessorConfig {
         #[serde(default)]
         eos_token_ids: Vec<u32>,
     },
-    /// [`SuppressTokens`].
+    /// Forbids the given tokens ([`SuppressTokens`]).
     SuppressTokens {
         /// Token ids.
         #[serde(default)]
@@ -132,22 +132,22 @@ pub enum ProcessorConfig {
         #[serde(default)]
         tokens: Vec<String>,
     },
-    /// [`SequenceBias`].
+    /// Adds a bias to the last token of a sequence when the row ends with the rest ([`SequenceBias`]).
     SequenceBias {
         /// The biased sequences.
         biases: Vec<BiasEntry>,
     },
-    /// [`BadWords`].
+    /// Forbids completing any of the given sequences ([`BadWords`]).
     BadWords {
         /// Sequences never to generate.
         sequences: Vec<TokenSeq>,
     },
-    /// [`ForcedEos`] (`max_length` counts prompt and generated tokens, as in `transformers`).
+    /// Forces an end id when `max_length` tokens (prompt and generated, as in `transformers`) are reached ([`ForcedEos`]).
     ForcedEos {
         /// Total length at which an end is forced.
         max_length: usize,
     },
-    /// [`ScheduledTokenPenalty`] (the origin's "emoji think" processor).
+    /// The origin's "emoji think" processor: penalizes the given tokens with a multiplier that follows a schedule of generated steps ([`ScheduledTokenPenalty`]).
     #[serde(alias = "emoji_think")]
     ScheduledTokenPenalty {
         /// Token ids.
@@ -163,7 +163,7 @@ pub enum ProcessorConfig {
         #[serde(default = "default_schedule")]
         schedule: Vec<ScheduleWindow>,
     },
-    /// [`PostStopPenalty`] with a [`StopEmojiDetector`].
+    /// The origin's post-stop penalty: once a stop emoji run is generated, raises the end-of-turn ids and lowers every other token by `base`·`rate`^k ([`PostStopPenalty`] with a [`StopEmojiDetector`]).
     #[serde(alias = "stop_penalty")]
     PostStopPenalty {
         /// The stop emojis.

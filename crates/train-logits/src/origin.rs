@@ -8,7 +8,7 @@ use crate::processor::{LogitsProcessor, RowContext, check_ids, check_row};
 
 /// One window of a [`ScheduledTokenPenalty`] schedule: `steps` generated tokens with
 /// `multiplier`.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ScheduleWindow {
     /// How many generated tokens the window lasts.

@@ -64,7 +64,7 @@ impl Architecture {
 }
 
 /// A floating-point storage type of weights on disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum StorageDtype {
     /// 32-bit IEEE float.

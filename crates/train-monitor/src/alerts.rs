@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Thresholds (defaults from the origin).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct AlertConfig {
     /// Alert when smoothed tokens/s falls below this fraction of the baseline (0.6).

@@ -9,7 +9,9 @@ use train_model::StorageDtype;
 use crate::error::{Result, RunnerError};
 
 /// How the learning rate evolves over the run (after `warmup_steps` of linear warm-up).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum LrSchedule {
     /// Constant.
@@ -42,7 +44,7 @@ impl LrSchedule {
 }
 
 /// Everything that shapes a training run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainerConfig {
     /// Where checkpoints, metrics and the final model go.
