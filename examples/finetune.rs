@@ -17,6 +17,7 @@ use train_runner::{TrainSetup, TrainerConfig, run};
 type Backend = Autodiff<Flex>; // or Autodiff<LibTorch>, Autodiff<Cuda> with the crate features
 
 fn main() -> anyhow::Result<()> {
+    // The repository's root, for its tiny model and data (in your own project: your clone).
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let model_dir = root.join("crates/train-model/tests/fixtures/qwen3");
     let output = std::env::args().nth(1).map_or_else(

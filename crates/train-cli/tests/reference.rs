@@ -24,10 +24,7 @@ fn check(relative: &str, rendered: &str) {
             .lines()
             .zip(rendered.lines())
             .position(|(a, b)| a != b)
-            .map_or_else(
-                || committed.lines().count().min(rendered.lines().count()),
-                |i| i,
-            );
+            .unwrap_or_else(|| committed.lines().count().min(rendered.lines().count()));
         panic!(
             "{relative} is out of date (first difference at line {}):\n  committed: {:?}\n  generated: {:?}\n\
              Regenerate it with `TRAIN_BLESS=1 cargo test --workspace --release --test reference`.",

@@ -5,48 +5,9 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::{root, spawn_until, train, train_ok, wait_for};
-
-fn model() -> PathBuf {
-    root().join("crates/train-model/tests/fixtures/qwen2")
-}
-
-fn data(dir: &Path, rows: usize) -> PathBuf {
-    let p = dir.join("d.jsonl");
-    let sample =
-        std::fs::read_to_string(root().join("crates/train-data/tests/fixtures/sample.jsonl"))
-            .unwrap();
-    std::fs::write(
-        &p,
-        sample
-            .lines()
-            .take(rows)
-            .map(|l| format!("{l}\n"))
-            .collect::<String>(),
-    )
-    .unwrap();
-    p
-}
-
-fn base<'a>(model: &'a Path, data: &'a Path, out: &'a Path) -> Vec<&'a str> {
-    vec![
-        "--model",
-        model.to_str().unwrap(),
-        "--dataset",
-        data.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-        "--batch-size",
-        "4",
-        "--max-length",
-        "256",
-        "--learning-rate",
-        "1e-3",
-    ]
-}
+use common::{base, data, model, spawn_until, train, train_ok, wait_for};
 
 fn summary(out: &Output) -> serde_json::Value {
     common::last_json(out)

@@ -26,6 +26,22 @@
 //! [`prepare_cached`] keeps the tokenized result in Parquet, keyed by a hash of everything
 //! that shapes it.
 //!
+//! ## Cargo features
+//!
+//! None that change the library (it has no backend: no burn, no tensor library in its
+//! dependency tree). `real-tokenizers` only enables a test against the genuine Qwen3 and
+//! SmolLM2 tokenizers.
+//!
+//! ## Errors
+//!
+//! Every fallible function returns [`DataError`]: `Io` (a file cannot be read or written,
+//! with its path), `Row` (a row is invalid: a [`Problem`] with the file, the line or row, the
+//! field and a [`ProblemKind`]), `File` (a whole file is unusable: unknown format, broken
+//! Parquet), `Template` (the chat template fails to compile or render, or exceeds its fuel),
+//! `Tokenizer` (`tokenizer.json` cannot be read or used) and `Config` (a setting out of range,
+//! naming the setting). Under [`ErrorPolicy::Skip`] invalid rows become [`Problem`]s in
+//! [`Loaded::problems`] instead of errors.
+//!
 //! ## Example
 //!
 //! ```

@@ -41,9 +41,33 @@ fn to_json(v: AnyValue<'_>) -> Value {
     }
 }
 
+/// Runs `f`, which reads the Parquet file `path` with polars, turning a panic of the reader
+/// (polars' Parquet decoder panics on some malformed files; found by the `data_loader` fuzz
+/// target) into an error that names the file.
+fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        let why = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown failure".into());
+        Err(DataError::file(
+            path,
+            format!("not a readable Parquet file (the Parquet reader failed: {why})"),
+        ))
+    })
+}
+
 /// The rows of a Parquet file (a `messages` list-of-struct column, or Alpaca / ShareGPT
 /// columns), normalized like JSON rows.
 pub(crate) fn parquet_rows(
+    path: &Path,
+    schema: RowSchema,
+) -> Result<Vec<std::result::Result<Conversation, Vec<Problem>>>> {
+    guarded(path, || parquet_rows_unguarded(path, schema))
+}
+
+fn parquet_rows_unguarded(
     path: &Path,
     schema: RowSchema,
 ) -> Result<Vec<std::result::Result<Conversation, Vec<Problem>>>> {
@@ -96,6 +120,10 @@ pub fn write_examples(path: &Path, examples: &[Example]) -> Result<()> {
 
 /// Reads examples written by [`write_examples`].
 pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
+    guarded(path, || read_examples_unguarded(path))
+}
+
+fn read_examples_unguarded(path: &Path) -> Result<Vec<Example>> {
     let file = File::open(path).map_err(|e| DataError::io(path, e))?;
     let df = ParquetReader::new(file)
         .finish()

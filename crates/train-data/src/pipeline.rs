@@ -92,7 +92,8 @@ impl DatasetConfig {
         out
     }
 
-    fn validate(&self) -> Result<()> {
+    /// Checks the settings (ranges, transforms); [`prepare`] does it first.
+    pub fn validate(&self) -> Result<()> {
         if self.max_length < 2 {
             return Err(DataError::config(
                 "max_length",

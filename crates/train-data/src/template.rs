@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use minijinja::value::{Kwargs, Value};
+use minijinja::value::{Kwargs, Value, ValueKind};
 use minijinja::{AutoEscape, Environment, Error, ErrorKind, UndefinedBehavior};
 use serde_json::Value as Json;
 
@@ -17,6 +17,12 @@ use crate::error::{DataError, Result};
 
 /// Instruction budget of one render (a few thousand times what real templates use).
 const FUEL: u64 = 50_000_000;
+/// Most bytes one rendering may produce (a conversation is kilobytes; a hostile template that
+/// loops over huge strings is stopped here instead of exhausting memory).
+pub const MAX_RENDERED_BYTES: usize = 64 << 20;
+/// Deepest nesting `tojson` serializes, and its largest indent.
+const MAX_JSON_DEPTH: usize = 128;
+const MAX_JSON_INDENT: usize = 64;
 const TEMPLATE_NAME: &str = "chat_template";
 
 /// A compiled chat template and the special tokens it can refer to.
@@ -51,6 +57,16 @@ impl ChatTemplate {
         // `{% generation %}` only marks assistant spans for `return_assistant_tokens_mask`; the
         // labels here come from the rendering itself, so the markers are dropped.
         let source = strip_generation_tags(source);
+        if let Some(statement) = self_nesting_assignment(&source) {
+            return Err(DataError::Template {
+                template: origin,
+                message: format!(
+                    "`{statement}` nests a namespace value inside a container or filter; values \
+                     that grow deeper at every step can crash the renderer, so they are refused \
+                     (keep namespace values flat, e.g. `ns.items + [item]`)"
+                ),
+            });
+        }
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
@@ -185,11 +201,64 @@ impl ChatTemplate {
                 template: self.origin.clone(),
                 message: describe(&e),
             })?;
-        template.render(ctx).map_err(|e| DataError::Template {
+        let mut out = Bounded(Vec::new());
+        template
+            .render_captured_to(ctx, &mut out)
+            .map_err(|e| DataError::Template {
+                template: self.origin.clone(),
+                message: if out.0.len() >= MAX_RENDERED_BYTES {
+                    format!("the rendering exceeds {MAX_RENDERED_BYTES} bytes")
+                } else {
+                    describe(&e)
+                },
+            })?;
+        String::from_utf8(out.0).map_err(|e| DataError::Template {
             template: self.origin.clone(),
-            message: describe(&e),
+            message: format!("the rendering is not UTF-8: {e}"),
         })
     }
+}
+
+/// A writer that refuses to grow past [`MAX_RENDERED_BYTES`].
+struct Bounded(Vec<u8>);
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > MAX_RENDERED_BYTES {
+            self.0.resize(MAX_RENDERED_BYTES, 0);
+            return Err(std::io::Error::other("the rendering is too large"));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Whether `value` nests deeper than `limit` (without recursing deeper than that).
+fn nests_deeper(value: &Value, limit: usize) -> bool {
+    if !matches!(
+        value.kind(),
+        ValueKind::Seq | ValueKind::Map | ValueKind::Iterable
+    ) {
+        return false;
+    }
+    if limit == 0 {
+        return true;
+    }
+    let Ok(items) = value.try_iter() else {
+        return false;
+    };
+    let is_map = value.kind() == ValueKind::Map;
+    items.into_iter().any(|item| {
+        let child = if is_map {
+            value.get_item(&item).unwrap_or_default()
+        } else {
+            item
+        };
+        nests_deeper(&child, limit - 1)
+    })
 }
 
 fn describe(e: &Error) -> String {
@@ -201,6 +270,107 @@ fn describe(e: &Error) -> String {
         source = s.source();
     }
     msg
+}
+
+/// The first `{% set X.Y = RHS %}` whose right-hand side puts a namespace attribute (of any
+/// variable that is assigned attributes somewhere) inside a list, dict, tuple or call, or
+/// pipes it through a filter: the only way a template can build values nested deeper at every
+/// loop step (whose display and drop recurse, so a deep one overflows the stack). Flat
+/// accumulation (`ns.text + m['content']`, `ns.items + [item]`, `ns.count + 1`) passes.
+fn self_nesting_assignment(source: &str) -> Option<String> {
+    let statements: Vec<(String, &str)> = set_attr_statements(source).collect();
+    let targets: Vec<&str> = statements
+        .iter()
+        .filter_map(|(s, _)| s.split('.').next())
+        .collect();
+    statements
+        .iter()
+        .find(|(_, rhs)| nests_namespace_reference(rhs, &targets))
+        .map(|(target, rhs)| format!("{{% set {target} = {} %}}", rhs.trim()))
+}
+
+/// `(X.Y, RHS)` of every `{% set X.Y = RHS %}` statement.
+fn set_attr_statements(source: &str) -> impl Iterator<Item = (String, &str)> {
+    source.match_indices("{%").filter_map(move |(start, _)| {
+        let rest = &source[start + 2..];
+        let end = rest.find("%}")?;
+        let body = rest[..end]
+            .trim_start_matches('-')
+            .trim_end_matches('-')
+            .trim();
+        let body = body.strip_prefix("set")?;
+        if !body.starts_with(char::is_whitespace) {
+            return None;
+        }
+        let (target, rhs) = body.split_once('=')?;
+        let target = target.trim();
+        let (base, attr) = target.split_once('.')?;
+        let ident = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_alphanumeric() || c == '_');
+        (ident(base) && ident(attr) && !rhs.starts_with('=')).then(|| (target.to_string(), rhs))
+    })
+}
+
+/// Whether `rhs` references `base.attr` (for a base in `targets`) inside brackets or parentheses,
+/// or applies a filter to such a reference. String literals are skipped.
+fn nests_namespace_reference(rhs: &str, targets: &[&str]) -> bool {
+    let chars: Vec<char> = rhs.chars().collect();
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        match c {
+            '\'' | '"' => {
+                i += 1;
+                while i < chars.len() && chars[i] != c {
+                    i += if chars[i] == '\\' { 2 } else { 1 };
+                }
+            }
+            '[' | '{' | '(' => {
+                // A subscript or a call applied to a plain name is not a container, but its
+                // contents are looked at all the same (`f(ns.x)` may build one).
+                depth += 1;
+            }
+            ']' | '}' | ')' => depth = depth.saturating_sub(1),
+            c if c.is_alphabetic() || c == '_' => {
+                let start = i;
+                while i < chars.len() && (chars[i].is_alphanumeric() || chars[i] == '_') {
+                    i += 1;
+                }
+                let word: String = chars[start..i].iter().collect();
+                let preceded_by_dot = start > 0 && chars[start - 1] == '.';
+                if !preceded_by_dot
+                    && targets.contains(&word.as_str())
+                    && chars.get(i) == Some(&'.')
+                {
+                    if depth > 0 {
+                        return true;
+                    }
+                    // Skip the reference's attribute and subscripts, then look for a filter.
+                    let mut j = i + 1;
+                    let mut inner = 0usize;
+                    while j < chars.len() {
+                        match chars[j] {
+                            '[' => inner += 1,
+                            ']' if inner > 0 => inner -= 1,
+                            c if inner > 0 || c.is_alphanumeric() || c == '_' || c == '.' => {}
+                            _ => break,
+                        }
+                        j += 1;
+                    }
+                    while j < chars.len() && chars[j].is_whitespace() {
+                        j += 1;
+                    }
+                    if chars.get(j) == Some(&'|') {
+                        return true;
+                    }
+                }
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    false
 }
 
 fn strip_generation_tags(source: &str) -> String {
@@ -309,6 +479,24 @@ fn tojson(value: &Value, kwargs: Kwargs) -> std::result::Result<Value, Error> {
     let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
     let separators: Option<Vec<String>> = kwargs.get("separators")?;
     kwargs.assert_all_used()?;
+    if indent.is_some_and(|n| n > MAX_JSON_INDENT) {
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            format!("tojson: indent above {MAX_JSON_INDENT}"),
+        ));
+    }
+    if separators.iter().flatten().any(|s| s.len() > 16) {
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            "tojson: separators longer than 16 bytes",
+        ));
+    }
+    if nests_deeper(value, MAX_JSON_DEPTH) {
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            format!("tojson: nesting deeper than {MAX_JSON_DEPTH}"),
+        ));
+    }
     let json = serde_json::to_value(value)
         .map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
     let (item_sep, key_sep) = match separators.as_deref() {
@@ -483,6 +671,75 @@ mod tests {
                 .to_string()
                 .contains("broken")
         );
+    }
+
+    #[test]
+    fn hostile_templates_are_bounded_errors() {
+        let err = |src: &str| {
+            let t = ChatTemplate::new(src, "hostile.jinja").unwrap();
+            t.render(&[], false).unwrap_err().to_string()
+        };
+        // Output far beyond the bound: stopped at MAX_RENDERED_BYTES, not at the memory.
+        let e = err("{% for i in range(100000) %}{{ 'x' * 10000000 }}{% endfor %}");
+        assert!(e.contains("exceeds") && e.contains("hostile.jinja"), "{e}");
+        // Huge indents and deep nesting in tojson.
+        assert!(err("{{ [1] | tojson(indent=1000000000000000) }}").contains("indent"));
+        // (Template literals cannot nest that deep: the parser stops first; the check guards
+        // values from elsewhere.)
+        let mut deep = Value::from(1);
+        for _ in 0..200 {
+            deep = Value::from(vec![deep]);
+        }
+        assert!(nests_deeper(&deep, MAX_JSON_DEPTH));
+        assert!(!nests_deeper(
+            &Value::from(vec![Value::from(vec![1])]),
+            MAX_JSON_DEPTH
+        ));
+        // No file access: include / import / extends find nothing.
+        for src in [
+            "{% include '/etc/passwd' %}",
+            "{% import '/etc/passwd' as p %}",
+            "{% extends '/etc/passwd' %}",
+        ] {
+            assert!(
+                err(src).contains("not found") || err(src).contains("template"),
+                "{src}"
+            );
+        }
+        // Unbounded recursion and loops run out of their limits.
+        let e = err("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}");
+        assert!(e.contains("recursion") || e.contains("fuel"), "{e}");
+        // Values nested deeper at every step are refused when the template is compiled (their
+        // display and drop recurse: 100,000 levels overflow the stack).
+        for src in [
+            "{% set ns = namespace(x=[]) %}{% for i in range(99999) %}{% set ns.x = [ns.x] %}{% endfor %}{{ ns.x }}",
+            "{% set a = namespace(x=1) %}{% set b = namespace(y=1) %}{% for i in range(9) %}{% set a.x = b.y %}{%- set b.y = {'k': a.x} -%}{% endfor %}",
+            "{% set ns = namespace(x=[]) %}{% set ns.x = dict(a=ns.x) %}",
+            "{% set ns = namespace(x=[]) %}{% set ns.x = ns.x | batch(1) %}",
+            "{% set ns = namespace(x=[]) %}{% set ns.x = (ns.x, 1) %}",
+        ] {
+            let e = ChatTemplate::new(src, "nest.jinja")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("nest.jinja") && e.contains("nests a namespace value"),
+                "{e}"
+            );
+        }
+        // Flat accumulation, as real templates do it, is fine.
+        let t = ChatTemplate::new(
+            "{% set ns = namespace(s='', items=[], n=0) %}{% for m in messages %}{% set ns.s = ns.s + m['content'] %}{%- set ns.items = ns.items + [m.role] -%}{% set ns.n = ns.n + 1 %}{% endfor %}{{ ns.s }}|{{ ns.items|join(',') }}|{{ ns.n }}",
+            "flat",
+        )
+        .unwrap();
+        let msgs = [
+            Message::new(Role::User, "a"),
+            Message::new(Role::Assistant, "b"),
+        ];
+        assert_eq!(t.render(&msgs, false).unwrap(), "ab|user,assistant|2");
+        // A normal rendering is unaffected.
+        let t = ChatTemplate::new("{{ messages | tojson(indent=2) }}", "ok").unwrap();
+        assert_eq!(t.render(&[], false).unwrap(), "[]");
     }
 
     #[test]

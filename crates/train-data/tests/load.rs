@@ -186,6 +186,25 @@ fn parquet_with_a_list_of_struct_column() {
 }
 
 #[test]
+fn a_malformed_parquet_file_found_by_the_fuzzer_is_an_error_not_a_panic() {
+    // polars' Parquet decoder panics on this footer ("thrift bool field"); the loader turns
+    // that into an error naming the file. Found by `cargo xtask fuzz` (data_loader).
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/fuzz/parquet-thrift-panic.parquet");
+    for policy in [ErrorPolicy::Strict, ErrorPolicy::Skip] {
+        let options = LoadOptions {
+            policy,
+            ..LoadOptions::default()
+        };
+        let e = load_conversations(&path, &options).unwrap_err().to_string();
+        assert!(
+            e.contains("parquet-thrift-panic.parquet") && e.contains("not a readable Parquet file"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
 fn check_reports_duplicates_and_leakage() {
     let dir = tempfile::tempdir().unwrap();
     let leak = r#"{"messages": [{"role": "user", "content": "Repeat: the quick brown fox jumps"}, {"role": "assistant", "content": "The quick brown fox jumps"}]}"#;

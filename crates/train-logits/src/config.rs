@@ -571,7 +571,11 @@ mod tests {
             );
         }
         let listed = e.to_string().matches('`').count() / 2 - 1;
-        assert_eq!(listed, BUILTIN_PROCESSORS.len(), "{e}");
+        assert_eq!(
+            listed,
+            BUILTIN_PROCESSORS.len() + BUILTIN_ALIASES.len(),
+            "{e}"
+        );
     }
 
     #[derive(Debug)]

@@ -12,7 +12,21 @@
 //! * The origin's processors: [`ScheduledTokenPenalty`] (the "emoji think" penalty),
 //!   [`StopEmojiDetector`] and [`PostStopPenalty`].
 //! * [`ProcessorConfig`] (serde-tagged, from TOML) and [`build_processors`], the factory.
-//! * [`generate`]: batch generation with a KV cache, greedy or seeded sampling, per-row stop.
+//! * [`generate()`]: batch generation with a KV cache, greedy or seeded sampling, per-row stop.
+//!
+//! ## Cargo features and backends
+//!
+//! Generation is generic over `burn::tensor::backend::Backend`. The features pick which
+//! backends `train-model` compiles: `cpu` (default, burn's Flex), `tch` (libtorch 2.9.0),
+//! `cuda` (burn-cuda). The processors themselves work on plain `&mut [f32]` rows.
+//!
+//! ## Errors
+//!
+//! [`LogitsError`]: `Config` (a processor's settings are invalid, naming the processor),
+//! `Input` (logits that do not fit a processor: empty row, ids outside the vocabulary), `File`
+//! (a processors TOML file cannot be read or parsed, naming the file and the table),
+//! `Generation` (no prompt, an empty prompt, NaN logits from the model), and the `Model`,
+//! `Data` and `Tokenizer` errors of the crates underneath. Processors never panic.
 //!
 //! ## Example
 //!

@@ -225,10 +225,31 @@ impl ModelConfig {
             .as_deref()
             .ok_or_else(|| ModelError::config(path, "model_type", "missing"))?;
         let architecture = Architecture::from_model_type(path, model_type)?;
+        // Upper bounds far above any published checkpoint, so that a hostile config.json cannot
+        // make sizes overflow or ask for absurd allocations before a weight is read.
+        let limit = |field: &str| -> usize {
+            match field {
+                "vocab_size" => 1 << 24,
+                "hidden_size" | "intermediate_size" => 1 << 20,
+                "num_hidden_layers"
+                | "num_attention_heads"
+                | "num_key_value_heads"
+                | "head_dim" => 1 << 12,
+                _ => usize::MAX,
+            }
+        };
         let need = |v: Option<usize>, field: &str| -> Result<usize> {
             match v {
                 None => Err(ModelError::config(path, field, "missing")),
                 Some(0) => Err(ModelError::config(path, field, "must be greater than 0")),
+                Some(n) if n > limit(field) => Err(ModelError::config(
+                    path,
+                    field,
+                    format!(
+                        "{n} is larger than any supported model (at most {})",
+                        limit(field)
+                    ),
+                )),
                 Some(n) => Ok(n),
             }
         };
@@ -256,7 +277,7 @@ impl ModelConfig {
                     "must be greater than 0",
                 ));
             }
-            Some(d) => d,
+            Some(d) => need(Some(d), "head_dim")?,
             None => {
                 if hidden_size % num_heads != 0 {
                     return Err(ModelError::config(
@@ -607,6 +628,28 @@ mod tests {
         assert!(c.qk_norm && c.tie_word_embeddings && !c.qkv_bias);
         assert_eq!(c.torch_dtype, StorageDtype::Bf16);
         assert!((c.rope.theta - 1e6).abs() < 1e-9);
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused_before_anything_is_allocated() {
+        for (field, value) in [
+            ("num_hidden_layers", json!(1_000_000_000_000_u64)),
+            ("vocab_size", json!(1_u64 << 40)),
+            ("hidden_size", json!(usize::MAX)),
+            ("head_dim", json!(1_u64 << 40)),
+            ("num_attention_heads", json!(1_u64 << 33)),
+        ] {
+            let mut v = base();
+            v[field] = value;
+            let e = parse(&v).unwrap_err().to_string();
+            assert!(
+                e.contains(field) && e.contains("larger than any supported"),
+                "{e}"
+            );
+        }
+        let mut v = base();
+        v["num_attention_heads"] = json!(-4);
+        assert!(parse(&v).is_err());
     }
 
     #[test]

@@ -26,6 +26,15 @@
 //! features: `cpu` (default; burn's pure-Rust Flex backend), `tch` (libtorch 2.9.0),
 //! `cuda` (burn-cuda; builds without a GPU).
 //!
+//! ## Errors
+//!
+//! [`ModelError`]: `Io` and `Json` (with the path), `Config` (a `config.json` field missing or
+//! out of range, named), `UnsupportedArchitecture`, `InvalidWeights` (a safetensors header,
+//! offset or dtype that does not fit the file: checked before anything is allocated),
+//! `MissingTensor` / `UnexpectedTensors` / `ShapeMismatch` (the checkpoint does not match its
+//! configuration, listing the tensors), `UnsupportedPrecision` (the backend cannot compute in
+//! the asked dtype), `InvalidInput` (inputs of inconsistent shapes) and `Registry`.
+//!
 //! ## Example
 //!
 //! ```

@@ -16,6 +16,17 @@
 //!   0, 10, 25, 50, 100, 250, …).
 //! * [`MonitoringBundle`]: the seed's start / update / stop over all of it, fed plain values.
 //!
+//! ## Cargo features
+//!
+//! None; no tensor library. Plots are drawn with plotters' SVG backend (no system fonts or
+//! libraries needed).
+//!
+//! ## Errors
+//!
+//! [`MonitorError`]: `Io` (a status, JSONL, plot or report file cannot be written, with its
+//! path) and `Plot` (plotters failed to draw). The bundle returns them and keeps going; a
+//! caller reports them without stopping training.
+//!
 //! ## Example
 //!
 //! ```

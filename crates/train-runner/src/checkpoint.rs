@@ -1,9 +1,15 @@
 //! Checkpoints: a Hugging Face model directory (f32 master weights) plus `optimizer.safetensors`
 //! and `trainer_state.json` (step, data position, metrics history, best checkpoint) — written
-//! to a temporary directory and renamed, so a crash mid-save never leaves a broken checkpoint
-//! under a final name.
+//! to a temporary directory, synced, and renamed, so a crash mid-save never leaves a broken
+//! checkpoint under a final name. `checksums.json`, written last, records the SHA-256 of every
+//! other file, so that a checkpoint damaged later (flipped bytes, truncation, a lost file) is
+//! detected before it is used ([`verify_checkpoint`], [`latest_intact_checkpoint`]).
 
+use std::collections::BTreeMap;
+use std::io::Read;
 use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
 
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
@@ -94,9 +100,149 @@ pub fn list_checkpoints(output: &Path) -> Vec<(usize, PathBuf)> {
     out
 }
 
-/// The newest complete checkpoint under `output`.
+/// The newest complete checkpoint under `output` (not verified; see
+/// [`latest_intact_checkpoint`]).
 pub fn latest_checkpoint(output: &Path) -> Option<PathBuf> {
     list_checkpoints(output).pop().map(|(_, p)| p)
+}
+
+/// The file of a checkpoint that records the SHA-256 of every other file; written last.
+pub const CHECKSUMS_FILE: &str = "checksums.json";
+
+/// What [`CHECKSUMS_FILE`] holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Checksums {
+    algorithm: String,
+    files: BTreeMap<String, String>,
+}
+
+fn sha256_file(path: &Path) -> Result<String> {
+    let mut file = std::fs::File::open(path).map_err(|e| RunnerError::io(path, e))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(|e| RunnerError::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(format!("{:x}", hasher.finalize()))
+}
+
+/// Flushes a file or a directory to the disk.
+fn sync(path: &Path) -> Result<()> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| RunnerError::io(path, e))
+}
+
+/// Hashes and syncs every file of `dir`, then writes and syncs [`CHECKSUMS_FILE`] and `dir`.
+fn seal(dir: &Path) -> Result<()> {
+    let mut files = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| RunnerError::io(dir, e))? {
+        let entry = entry.map_err(|e| RunnerError::io(dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        if name == CHECKSUMS_FILE || !path.is_file() {
+            continue;
+        }
+        sync(&path)?;
+        files.insert(name, sha256_file(&path)?);
+    }
+    let sums = Checksums {
+        algorithm: "sha256".into(),
+        files,
+    };
+    let path = dir.join(CHECKSUMS_FILE);
+    let text = serde_json::to_string_pretty(&sums).map_err(|e| RunnerError::Checkpoint {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    std::fs::write(&path, text).map_err(|e| RunnerError::io(&path, e))?;
+    sync(&path)?;
+    sync(dir)
+}
+
+/// Checks that the checkpoint `dir` is complete and unchanged since it was saved: every file
+/// recorded in its [`CHECKSUMS_FILE`] is present with the same SHA-256, the files a resume
+/// needs are among them, and its trainer state parses. Returns that state.
+pub fn verify_checkpoint(dir: &Path) -> Result<TrainerState> {
+    let bad = |message: String| RunnerError::Checkpoint {
+        path: dir.to_path_buf(),
+        message,
+    };
+    let path = dir.join(CHECKSUMS_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        bad(format!(
+            "{CHECKSUMS_FILE} cannot be read ({e}): the checkpoint is incomplete or was not written by train-runner"
+        ))
+    })?;
+    let sums: Checksums = serde_json::from_str(&text)
+        .map_err(|e| bad(format!("{CHECKSUMS_FILE} is damaged: {e}")))?;
+    if sums.algorithm != "sha256" {
+        return Err(bad(format!(
+            "{CHECKSUMS_FILE}: unknown algorithm {:?}",
+            sums.algorithm
+        )));
+    }
+    let has_weights = sums.files.contains_key("model.safetensors")
+        || sums.files.contains_key("model.safetensors.index.json");
+    for needed in ["trainer_state.json", "optimizer.safetensors", "config.json"] {
+        if !sums.files.contains_key(needed) {
+            return Err(bad(format!("{needed} is not part of the checkpoint")));
+        }
+    }
+    if !has_weights {
+        return Err(bad("no model weights are part of the checkpoint".into()));
+    }
+    for (name, expected) in &sums.files {
+        if name.contains(['/', '\\']) || name.starts_with('.') {
+            return Err(bad(format!(
+                "{CHECKSUMS_FILE} names an invalid file {name:?}"
+            )));
+        }
+        let file = dir.join(name);
+        if !file.is_file() {
+            return Err(bad(format!("{name} is missing")));
+        }
+        let actual = sha256_file(&file)?;
+        if &actual != expected {
+            return Err(bad(format!(
+                "{name} is damaged: its SHA-256 differs from the one recorded when it was saved"
+            )));
+        }
+    }
+    load_state(dir)
+}
+
+/// The newest checkpoint under `output` that passes [`verify_checkpoint`], and every newer
+/// one that did not, with the reason.
+pub fn latest_intact_checkpoint(output: &Path) -> (Option<PathBuf>, Vec<(PathBuf, String)>) {
+    let mut skipped = Vec::new();
+    for (_, dir) in list_checkpoints(output).into_iter().rev() {
+        match verify_checkpoint(&dir) {
+            Ok(_) => return (Some(dir), skipped),
+            Err(e) => skipped.push((dir, e.to_string())),
+        }
+    }
+    (None, skipped)
+}
+
+/// Removes what interrupted saves left behind (`.checkpoint-*.tmp-*` / `.old-*` directories).
+/// Called while holding the output lock, so no other run is writing them.
+pub fn remove_leftovers(output: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(output) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(".checkpoint-") && (name.contains(".tmp-") || name.contains(".old-")) {
+            let path = entry.path();
+            std::fs::remove_dir_all(&path).map_err(|e| RunnerError::io(&path, e))?;
+        }
+    }
+    Ok(())
 }
 
 /// Writes `checkpoint-<step>` atomically (temporary directory, then rename).
@@ -129,6 +275,7 @@ pub fn save_checkpoint<B: AutodiffBackend>(
         message: e.to_string(),
     })?;
     std::fs::write(tmp.join("trainer_state.json"), text).map_err(|e| RunnerError::io(&tmp, e))?;
+    seal(&tmp)?;
     if final_dir.exists() {
         // Saving a step again (after a resume): move the old one aside first, so that a
         // complete checkpoint of this step exists at every moment.
@@ -143,6 +290,7 @@ pub fn save_checkpoint<B: AutodiffBackend>(
     } else {
         std::fs::rename(&tmp, &final_dir).map_err(|e| RunnerError::io(&final_dir, e))?;
     }
+    sync(output)?;
     Ok(final_dir)
 }
 

@@ -18,6 +18,22 @@
 //!   as `crashed` without touching earlier checkpoints; an [`OutputLock`] keeps two runs out of
 //!   one directory; a [`TrainObserver`] sees start / every step / stop, whatever happens.
 //!
+//! ## Cargo features and backends
+//!
+//! The loop is generic over `burn::tensor::backend::AutodiffBackend`; the binary picks one
+//! (e.g. `Autodiff<Flex>`). The features pick which backends `train-model` compiles: `cpu`
+//! (default), `tch` (libtorch 2.9.0), `cuda`.
+//!
+//! ## Errors
+//!
+//! [`RunnerError`]: `Config` (a setting out of range, named), `Io` (with the path),
+//! `Locked` (another live run holds the output directory; its pid is named),
+//! `OutputNotEmpty` (the output directory holds an earlier run's checkpoints and neither
+//! resume nor overwrite was asked for), `Checkpoint` (a checkpoint is missing, incomplete or
+//! inconsistent with the model or data), and the `Model` / `Data` errors underneath. A NaN
+//! loss is not an error: the run ends with [`RunStatus::Crashed`] and earlier checkpoints are
+//! left untouched.
+//!
 //! ## Example
 //!
 //! ```
@@ -70,7 +86,10 @@ pub mod optim;
 pub mod trainer;
 
 pub use batches::{BatchPlan, batch_tensors};
-pub use checkpoint::{TrainerState, latest_checkpoint, list_checkpoints};
+pub use checkpoint::{
+    CHECKSUMS_FILE, TrainerState, latest_checkpoint, latest_intact_checkpoint, list_checkpoints,
+    verify_checkpoint,
+};
 pub use config::{LrSchedule, TrainerConfig};
 pub use error::{Result, RunnerError};
 pub use eval::evaluate;

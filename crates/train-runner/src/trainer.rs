@@ -17,7 +17,8 @@ use train_model::{
 
 use crate::batches::{BatchPlan, batch_tensors};
 use crate::checkpoint::{
-    TrainerState, list_checkpoints, load_state, rotate_checkpoints, save_checkpoint,
+    TrainerState, list_checkpoints, remove_leftovers, rotate_checkpoints, save_checkpoint,
+    verify_checkpoint,
 };
 use crate::config::TrainerConfig;
 use crate::error::{Result, RunnerError};
@@ -134,11 +135,12 @@ pub struct Resume {
 }
 
 impl Resume {
-    /// Reads the state of `dir`.
+    /// Verifies the checkpoint `dir` ([`verify_checkpoint`]: every file present and unchanged
+    /// since it was saved) and reads its state.
     pub fn from_checkpoint(dir: &Path) -> Result<Self> {
         Ok(Self {
             dir: dir.to_path_buf(),
-            state: load_state(dir)?,
+            state: verify_checkpoint(dir)?,
         })
     }
 }
@@ -219,6 +221,7 @@ pub fn run_inspected<B: AutodiffBackend>(
             lock.path().display()
         );
     }
+    remove_leftovers(&output)?;
     if resume.is_none() && !setup.overwrite && !list_checkpoints(&output).is_empty() {
         return Err(RunnerError::OutputNotEmpty { path: output });
     }

@@ -65,3 +65,44 @@ pub fn train_ok(dir: &Path, args: &[&str]) -> Output {
     );
     o
 }
+
+/// The tiny Qwen2 checkpoint that ships with the repository.
+pub fn model() -> PathBuf {
+    root().join("crates/train-model/tests/fixtures/qwen2")
+}
+
+/// The first `rows` shipped conversations, as `dir/d.jsonl`.
+pub fn data(dir: &Path, rows: usize) -> PathBuf {
+    let p = dir.join("d.jsonl");
+    let sample =
+        std::fs::read_to_string(root().join("crates/train-data/tests/fixtures/sample.jsonl"))
+            .unwrap();
+    std::fs::write(
+        &p,
+        sample
+            .lines()
+            .take(rows)
+            .map(|l| format!("{l}\n"))
+            .collect::<String>(),
+    )
+    .unwrap();
+    p
+}
+
+/// The flags of a small, quick run.
+pub fn base<'a>(model: &'a Path, data: &'a Path, out: &'a Path) -> Vec<&'a str> {
+    vec![
+        "--model",
+        model.to_str().unwrap(),
+        "--dataset",
+        data.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--batch-size",
+        "4",
+        "--max-length",
+        "256",
+        "--learning-rate",
+        "1e-3",
+    ]
+}
