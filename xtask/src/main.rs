@@ -367,22 +367,23 @@ const FUZZ_TARGETS: &[&str] = &[
     "run_config",
 ];
 
-/// `cargo-fuzz`, installed from crates.io into the cache on first use.
-fn cargo_fuzz_tool() -> Result<PathBuf> {
+/// `cargo-<name>` at `version`, installed from crates.io into the cache on first use (its own
+/// target directory: not the workspace's profile or features).
+fn cargo_tool(name: &str, version: &str) -> Result<PathBuf> {
     let root_dir = cache().join("tools");
-    let bin = root_dir.join("bin/cargo-fuzz");
+    let bin = root_dir.join(format!("bin/cargo-{name}"));
     let version_ok = Command::new(&bin)
-        .args(["fuzz", "--version"])
+        .args([name, "--version"])
         .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(CARGO_FUZZ_VERSION));
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(version));
     if !version_ok {
         let mut c = cargo();
         c.args(["install", "--locked", "--force"])
-            .arg(format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"))
+            .arg(format!("cargo-{name}@{version}"))
             .arg("--root")
             .arg(&root_dir)
             .env("CARGO_TARGET_DIR", cache().join("tools-target"));
-        run("install cargo-fuzz", c)?;
+        run(&format!("install cargo-{name}"), c)?;
     }
     Ok(bin)
 }
@@ -392,7 +393,7 @@ fn cargo_fuzz_tool() -> Result<PathBuf> {
 /// fails the command and leaves its input in `fuzz/artifacts/<target>/`; commit it as a seed
 /// and fix the bug (the seed then replays in every later run).
 fn fuzz(seconds: u64) -> Result<()> {
-    let tool = cargo_fuzz_tool()?;
+    let tool = cargo_tool("fuzz", CARGO_FUZZ_VERSION)?;
     let fuzz_dir = root().join("fuzz");
     for target in FUZZ_TARGETS {
         let corpus = cache().join("fuzz-corpus").join(target);
@@ -438,31 +439,10 @@ fn fuzz(seconds: u64) -> Result<()> {
 
 const PUBLIC_API_VERSION: &str = "0.52.0";
 
-/// `cargo-public-api`, installed from crates.io into the cache on first use.
-fn public_api_tool() -> Result<PathBuf> {
-    let root_dir = cache().join("tools");
-    let bin = root_dir.join("bin/cargo-public-api");
-    let version_ok = Command::new(&bin)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(PUBLIC_API_VERSION));
-    if !version_ok {
-        let mut c = cargo();
-        c.args(["install", "--locked", "--force"])
-            .arg(format!("cargo-public-api@{PUBLIC_API_VERSION}"))
-            .arg("--root")
-            .arg(&root_dir)
-            // Its own target directory: not the workspace's profile or features.
-            .env("CARGO_TARGET_DIR", cache().join("tools-target"));
-        run("install cargo-public-api", c)?;
-    }
-    Ok(bin)
-}
-
 /// The public API of every library crate (cargo-public-api over rustdoc JSON, blanket and
 /// auto-trait impls left out) against `api/<crate>.txt`. `bless` rewrites the snapshots.
 fn api(bless: bool) -> Result<()> {
-    let tool = public_api_tool()?;
+    let tool = cargo_tool("public-api", PUBLIC_API_VERSION)?;
     doc_libraries(
         "rustdoc JSON of the library crates",
         "-Z unstable-options --output-format json",

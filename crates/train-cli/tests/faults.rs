@@ -232,8 +232,8 @@ fn damaged_checkpoints_are_named_and_resume_falls_back_to_the_newest_intact_one(
     assert!(e.contains("checksums.json is damaged"), "{e}");
 }
 
-#[test]
-fn a_full_disk_fails_with_a_clear_error_and_keeps_what_was_saved() {
+/// A run of 2 steps with its checkpoint: (its directory, the data file, the output).
+fn two_saved_steps() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let (m, d, out) = (model(), data(dir.path(), 24), dir.path().join("out"));
     let mut args = base(&m, &d, &out);
@@ -246,6 +246,13 @@ fn a_full_disk_fails_with_a_clear_error_and_keeps_what_was_saved() {
         "100",
     ]);
     assert!(train(dir.path(), &args).status.success());
+    (dir, d, out)
+}
+
+#[test]
+fn a_full_disk_fails_with_a_clear_error_and_keeps_what_was_saved() {
+    let (dir, d, out) = two_saved_steps();
+    let m = model();
     let before = std::fs::read(out.join("checkpoint-2/model.safetensors")).unwrap();
 
     // Resume under a 600 kB file-size limit: the next checkpoint (an f32 model of ~750 kB)
@@ -293,8 +300,12 @@ fn a_full_disk_fails_with_a_clear_error_and_keeps_what_was_saved() {
 
 #[test]
 fn a_dataset_changed_since_the_checkpoint_is_refused_on_resume() {
-    let dir = tempfile::tempdir().unwrap();
-    let (m, d, out) = (model(), data(dir.path(), 24), dir.path().join("out"));
+    let (dir, d, out) = two_saved_steps();
+    let m = model();
+    let mut text = std::fs::read_to_string(&d).unwrap();
+    text.push_str(&text.lines().next().unwrap().replace("the", "a"));
+    text.push('\n');
+    std::fs::write(&d, text).unwrap();
     let mut args = base(&m, &d, &out);
     args.extend([
         "--max-steps",
@@ -303,13 +314,8 @@ fn a_dataset_changed_since_the_checkpoint_is_refused_on_resume() {
         "2",
         "--eval-steps",
         "100",
+        "--resume",
     ]);
-    assert!(train(dir.path(), &args).status.success());
-    let mut text = std::fs::read_to_string(&d).unwrap();
-    text.push_str(&text.lines().next().unwrap().replace("the", "a"));
-    text.push('\n');
-    std::fs::write(&d, text).unwrap();
-    args.extend(["--resume"]);
     let o = train(dir.path(), &args);
     assert_eq!(o.status.code(), Some(1));
     assert!(
