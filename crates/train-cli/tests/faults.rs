@@ -131,7 +131,7 @@ fn sigkill_at_random_moments_never_damages_a_checkpoint_and_resume_always_works(
     let checkpoints = assert_consistent(&out);
     eprintln!(
         "sigkill: {iterations} runs, {kills} killed ({during_save} of them while a checkpoint was \
-         being written), {finished_first} finished before the kill; every checkpoint verified \
+         being written or rotated), {finished_first} finished before the kill; every checkpoint verified \
          after every kill; resumed from step {reached} to {target}, {checkpoints} intact checkpoints"
     );
     assert!(
@@ -322,5 +322,96 @@ fn a_dataset_changed_since_the_checkpoint_is_refused_on_resume() {
         stderr(&o).contains("changed since this checkpoint was written"),
         "{}",
         stderr(&o)
+    );
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// Directories `dir_mode`, files `file_mode`, recursively.
+fn set_modes(path: &Path, dir_mode: u32, file_mode: u32) {
+    for entry in std::fs::read_dir(path).unwrap().flatten() {
+        let p = entry.path();
+        if p.is_dir() {
+            set_modes(&p, dir_mode, file_mode);
+        } else {
+            set_mode(&p, file_mode);
+        }
+    }
+    set_mode(path, dir_mode);
+}
+
+/// Every file under `path` with its bytes.
+fn snapshot(path: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(path).unwrap().flatten() {
+        let p = entry.path();
+        if p.is_dir() {
+            out.extend(snapshot(&p));
+        } else {
+            out.push((p.clone(), std::fs::read(&p).unwrap()));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn a_read_only_output_directory_fails_with_a_clear_error_and_changes_nothing() {
+    // CI runs as root, for whom permission bits do not apply: the run under test goes into an
+    // unprivileged user namespace (`unshare --user`), where it is a user with no rights over
+    // these root-owned files.
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("model");
+    std::fs::create_dir(&m).unwrap();
+    for entry in std::fs::read_dir(model()).unwrap().flatten() {
+        std::fs::copy(entry.path(), m.join(entry.file_name())).unwrap();
+    }
+    let (d, out) = (data(dir.path(), 24), dir.path().join("out"));
+    let mut args = base(&m, &d, &out);
+    args.extend([
+        "--max-steps",
+        "2",
+        "--save-steps",
+        "2",
+        "--eval-steps",
+        "100",
+    ]);
+    assert!(train(dir.path(), &args).status.success());
+    set_modes(dir.path(), 0o755, 0o644);
+    set_modes(&out, 0o555, 0o444);
+    let before = snapshot(&out);
+
+    let mut args = base(&m, &d, &out);
+    args.extend([
+        "--max-steps",
+        "4",
+        "--save-steps",
+        "2",
+        "--eval-steps",
+        "100",
+        "--resume",
+    ]);
+    let o = Command::new("unshare")
+        .arg("--user")
+        .arg(env!("CARGO_BIN_EXE_train"))
+        .args(&args)
+        .env("TRAIN_MODEL_REGISTRY", dir.path().join("models.json"))
+        .output()
+        .unwrap();
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("Permission denied") && e.contains("out"), "{e}");
+    assert!(
+        before == snapshot(&out),
+        "a file under the read-only output changed"
+    );
+    verify_checkpoint(&out.join("checkpoint-2")).unwrap();
+    set_modes(&out, 0o755, 0o644);
+    eprintln!(
+        "read-only output: exit 1 with: {}",
+        e.lines().last().unwrap_or("")
     );
 }

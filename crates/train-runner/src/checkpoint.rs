@@ -229,7 +229,8 @@ pub fn latest_intact_checkpoint(output: &Path) -> (Option<PathBuf>, Vec<(PathBuf
     (None, skipped)
 }
 
-/// Removes what interrupted saves left behind (`.checkpoint-*.tmp-*` / `.old-*` directories).
+/// Removes what interrupted saves and rotations left behind (`.checkpoint-*.tmp-*`, `.old-*`,
+/// `.del-*` directories).
 /// Called while holding the output lock, so no other run is writing them.
 pub fn remove_leftovers(output: &Path) -> Result<()> {
     let Ok(entries) = std::fs::read_dir(output) else {
@@ -237,7 +238,8 @@ pub fn remove_leftovers(output: &Path) -> Result<()> {
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with(".checkpoint-") && (name.contains(".tmp-") || name.contains(".old-")) {
+        let leftover = [".tmp-", ".old-", ".del-"].iter().any(|k| name.contains(k));
+        if name.starts_with(".checkpoint-") && leftover {
             let path = entry.path();
             std::fs::remove_dir_all(&path).map_err(|e| RunnerError::io(&path, e))?;
         }
@@ -320,7 +322,19 @@ pub fn rotate_checkpoints(output: &Path, limit: usize, best: Option<&Path>) -> R
     let keep = keep.max(1);
     while removable.len() > keep {
         let p = removable.remove(0);
-        std::fs::remove_dir_all(p).map_err(|e| RunnerError::io(p, e))?;
+        remove_checkpoint(output, p)?;
     }
     Ok(())
+}
+
+/// Deletes a checkpoint directory without ever leaving a half-deleted one under its final
+/// name: it is renamed to a hidden name first (a kill during the deletion leaves only that,
+/// which [`remove_leftovers`] clears). Found by the SIGKILL test, which met checkpoints with
+/// files missing after kills during rotation.
+fn remove_checkpoint(output: &Path, dir: &Path) -> Result<()> {
+    let name = dir.file_name().unwrap_or_default().to_string_lossy();
+    let doomed = output.join(format!(".{name}.del-{}", std::process::id()));
+    std::fs::rename(dir, &doomed).map_err(|e| RunnerError::io(dir, e))?;
+    sync(output)?;
+    std::fs::remove_dir_all(&doomed).map_err(|e| RunnerError::io(&doomed, e))
 }
