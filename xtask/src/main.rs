@@ -18,6 +18,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
+mod bench;
+
 const TORCH: &str = "torch==2.9.0";
 const BENCH_PACKAGES: &[&str] = &["transformers==5.24.0", "datasets", "pyarrow", "pyyaml"];
 const FIXTURE_PACKAGES: &[&str] = &[
@@ -55,6 +57,8 @@ fn main() -> Result<()> {
         "tidy" => tidy()?,
         "bench-data" => bench_data()?,
         "bench-generate" => bench_generate()?,
+        "bench-train" => bench::bench_train(&args[1..])?,
+        "bench-gpu" => bench::bench_gpu(&args[1..])?,
         "report-png" => report_png()?,
         "api" => api(args.get(1).is_some_and(|a| a == "--bless"))?,
         "docs" => docs()?,
@@ -80,7 +84,12 @@ fn main() -> Result<()> {
                  bench-generate  greedy decoding of `train generate` vs transformers generate on SmolLM2-135M\n\
                  api [--bless]   public API of each library crate vs its snapshot in api/ (--bless: update)\n\
                  docs       cargo doc of the library crates with warnings denied\n\
-                 fuzz [--seconds N]  every cargo-fuzz target for N seconds (default 60; CI: 20)"
+                 fuzz [--seconds N]  every cargo-fuzz target for N seconds (default 60; CI: 20)\n\
+                 bench-train [--model qwen3-30m|smollm2] [--steps N] [--warmup N] [--batch N] [--seq N]\n\
+                 \x20          [--only cpu,tch,pytorch]  the same fine-tuning job by train (cpu, tch) and\n\
+                 \x20          PyTorch + transformers; tokens/s, step time, peak RSS -> docs/benchmarks.md\n\
+                 bench-gpu [--dry-run]  Qwen3-0.6B shape, bf16, seq 2048 on an NVIDIA GPU (cuda, tch):\n\
+                 \x20          tokens/s and MFU; --dry-run: the same program on the CPU, tiny shape"
             );
             if cmd != "help" {
                 bail!("unknown command `{cmd}`");
@@ -257,7 +266,7 @@ fn ci() -> Result<()> {
     timed("check (cuda)", &mut || {
         // One invocation: one feature resolution, so burn-cuda is checked once.
         cargo_step(
-            "cuda backend compiles: train-model, train-logits, train-runner, train-cli",
+            "cuda backend compiles: train-model, train-logits, train-runner, train-cli, examples",
             &[
                 "check",
                 "-p",
@@ -268,11 +277,16 @@ fn ci() -> Result<()> {
                 "train-runner",
                 "-p",
                 "train-cli",
+                "-p",
+                "train-examples",
                 "--features",
-                "train-model/cuda,train-logits/cuda,train-runner/cuda,train-cli/cuda",
+                "train-model/cuda,train-logits/cuda,train-runner/cuda,train-cli/cuda,train-examples/cuda",
                 "--all-targets",
             ],
         )
+    })?;
+    timed("bench-gpu dry run", &mut || {
+        bench::bench_gpu(&["--dry-run".to_string()])
     })?;
     timed("fuzz (20 s a target)", &mut || fuzz(20))?;
     timed("docs (cargo doc)", &mut docs)?;

@@ -1,0 +1,665 @@
+//! `cargo xtask bench-train` and `cargo xtask bench-gpu`: the training-throughput comparisons
+//! with PyTorch, measured in one invocation on one machine.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+
+use super::{
+    assets, cache, cargo, last_json_line, release_bin, root, run, smollm2, torch_env, venv,
+};
+
+/// The features of the `train` binary (and examples) that has both the cpu and tch backends;
+/// the same selection as CI's tch step, so the two share their build.
+const TCH_FEATURES: &str = "train-model/tch,train-cli/tch,train-logits/tch,train-examples/tch";
+
+/// The outcome of a child process measured by `wait4`.
+struct Measured {
+    wall_seconds: f64,
+    peak_rss_bytes: u64,
+}
+
+/// Runs `cmd` and returns its wall time and its own peak resident set (`ru_maxrss` of exactly
+/// this child, from `wait4`).
+fn measured(step: &str, cmd: &mut Command) -> Result<Measured> {
+    eprintln!("\n==> {step}\n    {cmd:?}");
+    let started = Instant::now();
+    let child = cmd.spawn().with_context(|| format!("starting {step}"))?;
+    let pid = libc::pid_t::try_from(child.id())?;
+    let mut status = 0;
+    // SAFETY: `rusage` is plain old data; `wait4` fills it for the child we just spawned and
+    // have not waited for yet.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let waited = unsafe { libc::wait4(pid, &raw mut status, 0, &raw mut usage) };
+    if waited != pid {
+        bail!("{step}: wait4 failed: {}", std::io::Error::last_os_error());
+    }
+    let wall_seconds = started.elapsed().as_secs_f64();
+    if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        bail!("{step} failed (wait status {status})");
+    }
+    eprintln!("<== {step}: ok in {wall_seconds:.1}s");
+    Ok(Measured {
+        wall_seconds,
+        peak_rss_bytes: u64::try_from(usage.ru_maxrss)? * 1024,
+    })
+}
+
+/// One contestant of `bench-train`.
+struct Contestant {
+    name: String,
+    /// Per timed step (warm-up excluded): seconds.
+    step_seconds: Vec<f64>,
+    tokens_per_step: usize,
+    first_loss: f64,
+    last_loss: f64,
+    peak_rss_bytes: u64,
+    wall_seconds: f64,
+}
+
+impl Contestant {
+    fn seconds_per_step(&self) -> f64 {
+        self.step_seconds.iter().sum::<f64>() / self.step_seconds.len() as f64
+    }
+
+    fn tokens_per_sec(&self) -> f64 {
+        self.tokens_per_step as f64 / self.seconds_per_step()
+    }
+}
+
+/// Settings of `bench-train`.
+struct TrainBench {
+    model: String,
+    steps: usize,
+    warmup: usize,
+    batch: usize,
+    seq: usize,
+    only: Vec<String>,
+}
+
+const LR: &str = "1e-4";
+const WEIGHT_DECAY: &str = "0.01";
+const MAX_GRAD_NORM: &str = "1.0";
+
+fn parse_train_args(args: &[String]) -> Result<TrainBench> {
+    let mut b = TrainBench {
+        model: "qwen3-30m".into(),
+        steps: 20,
+        warmup: 2,
+        batch: 2,
+        seq: 512,
+        only: vec!["cpu".into(), "tch".into(), "pytorch".into()],
+    };
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let value = it.next().with_context(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--model" => b.model.clone_from(value),
+            "--steps" => b.steps = value.parse()?,
+            "--warmup" => b.warmup = value.parse()?,
+            "--batch" => b.batch = value.parse()?,
+            "--seq" => b.seq = value.parse()?,
+            "--only" => b.only = value.split(',').map(str::to_string).collect(),
+            f => bail!(
+                "unknown flag {f} (bench-train [--model qwen3-30m|smollm2] [--steps N] \
+                 [--warmup N] [--batch N] [--seq N] [--only cpu,tch,pytorch])"
+            ),
+        }
+    }
+    if b.steps == 0 {
+        bail!("--steps must be positive");
+    }
+    Ok(b)
+}
+
+/// `cargo xtask bench-train`: the same fine-tuning job run by `train` on the cpu backend, by
+/// `train` on the tch backend, and by PyTorch + `transformers` eager, one after the other.
+pub fn bench_train(args: &[String]) -> Result<()> {
+    let b = parse_train_args(args)?;
+    let python = venv(true)?.join("bin/python");
+    let script = root().join("xtask/bench/bench_train.py");
+    let dir = cache().join("bench-train");
+    std::fs::create_dir_all(&dir)?;
+    let smol = smollm2()?;
+    let model = match b.model.as_str() {
+        "smollm2" => smol.clone(),
+        "qwen3-30m" => {
+            let m = dir.join("qwen3-30m");
+            if !m.join("model.safetensors").is_file() {
+                let mut c = Command::new(&python);
+                c.arg(&script)
+                    .args(["make-model", "--shape", "qwen3-30m", "--tokenizer-dir"])
+                    .arg(&smol)
+                    .arg("--out")
+                    .arg(&m);
+                run("random Qwen3-shaped model (~28M parameters)", c)?;
+            }
+            m
+        }
+        m => bail!("--model {m}: expected qwen3-30m or smollm2"),
+    };
+    let rows = (b.steps + b.warmup) * b.batch;
+    let data = dir.join(format!("long-{rows}.jsonl"));
+    if !data.is_file() {
+        let mut c = Command::new(&python);
+        c.arg(&script)
+            .args(["make-data", "--rows", &rows.to_string(), "--assets"])
+            .arg(assets()?)
+            .arg("--out")
+            .arg(&data);
+        run("long conversations (chatterbot-corpus)", c)?;
+    }
+    let env = torch_env()?;
+    let mut build = cargo();
+    build.args([
+        "build",
+        "--workspace",
+        "--release",
+        "--bins",
+        "--features",
+        TCH_FEATURES,
+    ]);
+    build.envs(env.iter().map(|(k, v)| (k, v)));
+    run("build train with the cpu and tch backends", build)?;
+
+    let mut results = Vec::new();
+    for backend in ["cpu", "tch"] {
+        if b.only.iter().any(|o| o == backend) {
+            results.push(rust_run(&b, backend, &model, &data, &dir, &env)?);
+        }
+    }
+    if b.only.iter().any(|o| o == "pytorch") {
+        results.push(torch_run(&b, &python, &script, &model, &data, &env)?);
+    }
+    check_same_job(&results)?;
+    let table = train_table(&b, &results);
+    println!("\n{table}");
+    write_section(
+        "bench-train",
+        &format!("{}\n{table}", machine_and_versions(&python)?),
+    )?;
+    Ok(())
+}
+
+fn rust_run(
+    b: &TrainBench,
+    backend: &str,
+    model: &Path,
+    data: &Path,
+    dir: &Path,
+    env: &[(String, std::ffi::OsString)],
+) -> Result<Contestant> {
+    let out = dir.join(format!("run-{backend}"));
+    if out.exists() {
+        std::fs::remove_dir_all(&out)?;
+    }
+    let total = b.steps + b.warmup;
+    let mut c = Command::new(release_bin("train"));
+    c.args(["run", "--backend", backend, "--model"])
+        .arg(model)
+        .arg("--dataset")
+        .arg(data)
+        .arg("--output")
+        .arg(&out)
+        .args([
+            "--max-length",
+            &b.seq.to_string(),
+            "--truncation",
+            "truncate",
+            "--label-mode",
+            "everything",
+            "--validation-split",
+            "0",
+            "--skip-validation",
+            "--no-shuffle",
+            "--batch-size",
+            &b.batch.to_string(),
+            "--max-steps",
+            &total.to_string(),
+            "--learning-rate",
+            LR,
+            "--lr-scheduler",
+            "constant",
+            "--warmup-steps",
+            "0",
+            "--weight-decay",
+            WEIGHT_DECAY,
+            "--max-grad-norm",
+            MAX_GRAD_NORM,
+            "--save-steps",
+            "1000000",
+            "--preview-prompts",
+            "0",
+            "--precision",
+            "fp32",
+            "--yes",
+        ])
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdout(std::process::Stdio::null());
+    let m = measured(&format!("train run --backend {backend}"), &mut c)?;
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .with_context(|| format!("{}", out.join("metrics.jsonl").display()))?;
+    let mut steps = Vec::new();
+    for line in metrics.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)?;
+        if let (Some(tokens), Some(rate), Some(loss)) = (
+            v["tokens"].as_u64(),
+            v["tokens_per_sec"].as_f64(),
+            v["loss"].as_f64(),
+        ) {
+            steps.push((tokens as usize, tokens as f64 / rate, loss));
+        }
+    }
+    if steps.len() != total {
+        bail!(
+            "{}: {} steps logged, {total} expected",
+            out.display(),
+            steps.len()
+        );
+    }
+    let tokens_per_step = b.batch * b.seq;
+    if let Some(s) = steps.iter().find(|s| s.0 != tokens_per_step) {
+        bail!(
+            "a step of `train run --backend {backend}` had {} tokens, not {tokens_per_step}: the \
+             data rows must all be longer than --seq",
+            s.0
+        );
+    }
+    Ok(Contestant {
+        name: format!("train-rs, {backend} backend"),
+        step_seconds: steps[b.warmup..].iter().map(|s| s.1).collect(),
+        tokens_per_step,
+        first_loss: steps[0].2,
+        last_loss: steps[total - 1].2,
+        peak_rss_bytes: m.peak_rss_bytes,
+        wall_seconds: m.wall_seconds,
+    })
+}
+
+fn torch_run(
+    b: &TrainBench,
+    python: &Path,
+    script: &Path,
+    model: &Path,
+    data: &Path,
+    env: &[(String, std::ffi::OsString)],
+) -> Result<Contestant> {
+    let json = cache().join("bench-train/pytorch.json");
+    let mut c = Command::new(python);
+    c.arg(script)
+        .args(["torch", "--model"])
+        .arg(model)
+        .arg("--data")
+        .arg(data)
+        .args([
+            "--steps",
+            &b.steps.to_string(),
+            "--warmup",
+            &b.warmup.to_string(),
+            "--batch",
+            &b.batch.to_string(),
+            "--seq",
+            &b.seq.to_string(),
+            "--lr",
+            LR,
+            "--weight-decay",
+            WEIGHT_DECAY,
+            "--max-grad-norm",
+            MAX_GRAD_NORM,
+        ])
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdout(std::fs::File::create(&json)?);
+    let m = measured("PyTorch + transformers (eager, sdpa attention)", &mut c)?;
+    let text = std::fs::read_to_string(&json)?;
+    let v: serde_json::Value = serde_json::from_str(text.lines().last().unwrap_or("{}"))
+        .with_context(|| format!("{}: no JSON result", json.display()))?;
+    let f64s = |key: &str| -> Vec<f64> {
+        v[key]
+            .as_array()
+            .map(|a| a.iter().filter_map(serde_json::Value::as_f64).collect())
+            .unwrap_or_default()
+    };
+    let (seconds, losses) = (f64s("step_seconds"), f64s("losses"));
+    if seconds.len() != b.steps + b.warmup || losses.len() != seconds.len() {
+        bail!("{}: unexpected result {v}", json.display());
+    }
+    Ok(Contestant {
+        name: format!(
+            "PyTorch {} + transformers {} (eager, {} threads)",
+            v["torch"].as_str().unwrap_or("?"),
+            v["transformers"].as_str().unwrap_or("?"),
+            v["threads"]
+        ),
+        step_seconds: seconds[b.warmup..].to_vec(),
+        tokens_per_step: b.batch * b.seq,
+        first_loss: losses[0],
+        last_loss: losses[losses.len() - 1],
+        peak_rss_bytes: m.peak_rss_bytes,
+        wall_seconds: m.wall_seconds,
+    })
+}
+
+/// The contestants ran the same job when their first losses (same weights, same rows, before
+/// any update) agree.
+fn check_same_job(results: &[Contestant]) -> Result<()> {
+    if let Some(first) = results.first() {
+        for r in &results[1..] {
+            let rel = (r.first_loss - first.first_loss).abs() / first.first_loss.abs().max(1e-12);
+            if rel > 1e-4 {
+                bail!(
+                    "first-step losses differ ({} {:.6} vs {} {:.6}): not the same job",
+                    first.name,
+                    first.first_loss,
+                    r.name,
+                    r.first_loss
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn train_table(b: &TrainBench, results: &[Contestant]) -> String {
+    let reference = results
+        .iter()
+        .find(|r| r.name.starts_with("PyTorch"))
+        .map(|r| (r.tokens_per_sec(), r.peak_rss_bytes));
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "Job: `{}`, sequence {}, batch {} ({} tokens a step), fp32, AdamW lr {LR} (constant), \
+         weight decay {WEIGHT_DECAY}, clipping {MAX_GRAD_NORM}; {} timed steps after {} \
+         warm-up steps; every row exactly {} tokens (long conversations truncated), all tokens \
+         trained. Peak RSS is the whole process's (`wait4`).\n",
+        b.model,
+        b.seq,
+        b.batch,
+        b.batch * b.seq,
+        b.steps,
+        b.warmup,
+        b.seq
+    );
+    s.push_str(
+        "| run | tokens/s | s/step | peak RSS | tokens/s vs PyTorch | RSS vs PyTorch | loss step 1 → last | wall (s) |\n\
+         |---|---:|---:|---:|---:|---:|---|---:|\n",
+    );
+    for r in results {
+        let (speed, mem) = reference.map_or(("–".into(), "–".into()), |(t, m)| {
+            (
+                format!("{:.2}×", r.tokens_per_sec() / t),
+                format!("{:.2}×", r.peak_rss_bytes as f64 / m as f64),
+            )
+        });
+        let _ = writeln!(
+            s,
+            "| {} | {:.0} | {:.3} | {:.2} GiB | {speed} | {mem} | {:.4} → {:.4} | {:.1} |",
+            r.name,
+            r.tokens_per_sec(),
+            r.seconds_per_step(),
+            r.peak_rss_bytes as f64 / f64::from(1u32 << 30),
+            r.first_loss,
+            r.last_loss,
+            r.wall_seconds
+        );
+    }
+    s
+}
+
+/// The machine and the versions, for the record.
+fn machine_and_versions(python: &Path) -> Result<String> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|r| r.trim_start_matches([' ', '\t', ':']))
+        })
+        .unwrap_or("unknown CPU")
+        .to_string();
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_gib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|r| r.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / f64::from(1u32 << 20));
+    let rustc = Command::new("rustc").arg("--version").output()?;
+    let torch = Command::new(python)
+        .args([
+            "-c",
+            "import torch, transformers; print(torch.__version__, transformers.__version__)",
+        ])
+        .output()?;
+    Ok(format!(
+        "Measured {} on {cpu}, {cores} cores available, {mem_gib:.0} GiB; {}, burn 0.21.0, \
+         PyTorch / transformers {}.\n",
+        utc_date(),
+        String::from_utf8_lossy(&rustc.stdout).trim(),
+        String::from_utf8_lossy(&torch.stdout).trim()
+    ))
+}
+
+fn utc_date() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map_or_else(
+            |_| "?".into(),
+            |o| String::from_utf8_lossy(&o.stdout).trim().to_string(),
+        )
+}
+
+/// Replaces the generated section `name` of `docs/benchmarks.md` (between its markers).
+fn write_section(name: &str, body: &str) -> Result<()> {
+    let path = root().join("docs/benchmarks.md");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
+    let (begin, end) = (
+        format!("<!-- {name}:begin -->"),
+        format!("<!-- {name}:end -->"),
+    );
+    let (Some(a), Some(z)) = (text.find(&begin), text.find(&end)) else {
+        bail!("{}: markers {begin} / {end} not found", path.display());
+    };
+    let new = format!("{}{begin}\n{body}{}", &text[..a], &text[z..]);
+    std::fs::write(&path, new)?;
+    eprintln!("wrote the {name} table to {}", path.display());
+    Ok(())
+}
+
+/// `cargo xtask bench-gpu [--dry-run]`: training throughput and model FLOPs utilisation of a
+/// Qwen3-0.6B-shaped model (random weights, bf16 compute with f32 master weights, sequence
+/// 2048) on the first NVIDIA GPU, with the `cuda` backend and with `tch` on the same GPU.
+/// `--dry-run` runs the same program on the CPU with a tiny shape (what CI can do).
+pub fn bench_gpu(args: &[String]) -> Result<()> {
+    let dry = match args.first().map(String::as_str) {
+        None => false,
+        Some("--dry-run") => true,
+        Some(other) => bail!("unknown bench-gpu argument `{other}` (expected --dry-run)"),
+    };
+    let example = |features: Option<&str>| -> Result<PathBuf> {
+        let mut c = cargo();
+        c.args([
+            "build",
+            "--workspace",
+            "--release",
+            "--example",
+            "bench_step",
+        ]);
+        if let Some(f) = features {
+            c.args(["--features", f]);
+        }
+        run("build the bench_step example", c)?;
+        Ok(release_bin("examples/bench_step"))
+    };
+    let mut runs: Vec<(String, Vec<String>)> = Vec::new();
+    let binary;
+    let mut env: Vec<(String, std::ffi::OsString)> = Vec::new();
+    if dry {
+        binary = example(None)?;
+        for (backend, ckpt) in [("cpu", false), ("cpu", true)] {
+            let mut a: Vec<String> = [
+                "--backend",
+                backend,
+                "--shape",
+                "tiny",
+                "--seq",
+                "64",
+                "--batch",
+                "2",
+                "--steps",
+                "2",
+                "--warmup",
+                "1",
+                "--precision",
+                "fp32",
+            ]
+            .map(str::to_string)
+            .to_vec();
+            if ckpt {
+                a.push("--checkpointing".into());
+            }
+            runs.push((
+                format!(
+                    "dry run: {backend}{}",
+                    if ckpt { ", checkpointing" } else { "" }
+                ),
+                a,
+            ));
+        }
+    } else {
+        let gpu = Command::new("nvidia-smi")
+            .args(["--query-gpu=name", "--format=csv,noheader"])
+            .output()
+            .context("nvidia-smi (no NVIDIA GPU here? use --dry-run)")?;
+        let name = String::from_utf8_lossy(&gpu.stdout)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string();
+        let peak = peak_bf16_tflops(&name)
+            .with_context(|| format!("no known bf16 peak for GPU `{name}`"))?;
+        let with_tch = match torch_env() {
+            Ok(e) => {
+                env = e;
+                true
+            }
+            Err(e) => {
+                eprintln!("no libtorch for the tch comparison ({e:#}); cuda only");
+                false
+            }
+        };
+        binary = if with_tch {
+            let mut c = cargo();
+            c.args([
+                "build",
+                "--workspace",
+                "--release",
+                "--example",
+                "bench_step",
+                "--features",
+                "train-examples/cuda,train-examples/tch",
+            ])
+            .envs(env.iter().map(|(k, v)| (k, v)));
+            run("build the bench_step example (cuda + tch)", c)?;
+            release_bin("examples/bench_step")
+        } else {
+            example(Some("train-examples/cuda"))?
+        };
+        let common = |backend: &str, device: &str| -> Vec<String> {
+            [
+                "--backend",
+                backend,
+                "--device",
+                device,
+                "--shape",
+                "qwen3-0.6b",
+                "--seq",
+                "2048",
+                "--batch",
+                "4",
+                "--steps",
+                "10",
+                "--warmup",
+                "3",
+                "--precision",
+                "bf16",
+                "--peak-tflops",
+            ]
+            .map(str::to_string)
+            .into_iter()
+            .chain([peak.to_string()])
+            .collect()
+        };
+        runs.push((format!("cuda backend, {name}"), common("cuda", "0")));
+        if with_tch {
+            runs.push((format!("tch backend, {name}"), common("tch", "cuda:0")));
+        }
+    }
+    let mut table = String::from(
+        "| run | parameters | tokens/s | s/step | model TFLOP/s | MFU | loss first → last |\n\
+         |---|---:|---:|---:|---:|---:|---|\n",
+    );
+    let out_dir = cache().join("bench-gpu");
+    std::fs::create_dir_all(&out_dir)?;
+    for (i, (label, a)) in runs.iter().enumerate() {
+        let mut c = Command::new(&binary);
+        c.args(a).envs(env.iter().map(|(k, v)| (k, v)));
+        let v = last_json_line(&mut c, label)?;
+        std::fs::write(out_dir.join(format!("run-{i}.json")), v.to_string())?;
+        let rate = v["tokens_per_sec"].as_f64().unwrap_or(f64::NAN);
+        let losses: Vec<f64> = v["losses"]
+            .as_array()
+            .map(|l| l.iter().filter_map(serde_json::Value::as_f64).collect())
+            .unwrap_or_default();
+        if !(rate.is_finite() && rate > 0.0)
+            || losses.is_empty()
+            || losses.iter().any(|l| !l.is_finite())
+        {
+            bail!("{label}: implausible result {v}");
+        }
+        let _ = writeln!(
+            table,
+            "| {label} | {} | {rate:.0} | {:.3} | {:.2} | {} | {:.4} → {:.4} |",
+            v["parameters"],
+            v["seconds_per_step"].as_f64().unwrap_or(f64::NAN),
+            v["model_tflops_per_sec"].as_f64().unwrap_or(f64::NAN),
+            v["mfu"]
+                .as_f64()
+                .map_or_else(|| "–".to_string(), |m| format!("{:.1} %", m * 100.0)),
+            losses[0],
+            losses[losses.len() - 1],
+        );
+    }
+    println!("\n{table}");
+    if !dry {
+        write_section(
+            "bench-gpu",
+            &format!(
+                "Measured {} with `examples/bench_step.rs`.\n\n{table}",
+                utc_date()
+            ),
+        )?;
+    }
+    Ok(())
+}
+
+/// Dense bf16 peak (TFLOP/s) of the GPUs we know, from their data sheets.
+fn peak_bf16_tflops(name: &str) -> Option<f64> {
+    let n = name.to_ascii_uppercase();
+    [
+        ("H200", 989.4),
+        ("H100 PCIE", 756.0),
+        ("H100", 989.4),
+        ("A100", 312.0),
+        ("L40S", 362.05),
+        ("L4", 121.0),
+        ("A10", 125.0),
+        ("RTX 4090", 165.2),
+    ]
+    .iter()
+    .find(|(k, _)| n.contains(k))
+    .map(|&(_, p)| p)
+}
