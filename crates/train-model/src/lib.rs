@@ -78,7 +78,9 @@ pub use attention::AttentionImpl;
 pub use cache::KvCache;
 pub use config::{Architecture, ModelConfig, StorageDtype};
 pub use error::{ModelError, Result};
-pub use loss::{IGNORE_INDEX, causal_lm_loss, causal_lm_nll};
+pub use loss::{
+    IGNORE_INDEX, LinearNll, causal_lm_loss, causal_lm_nll, fused_linear_nll, nll_chunk_rows,
+};
 pub use model::{CausalLm, HiddenStates, ModelInput, NamedParam};
 pub use names::{ParamKind, TensorSpec, tensor_specs};
 pub use precision::Precision;

@@ -1,6 +1,8 @@
 //! The causal language-modelling loss over label tokens.
 
-use burn::tensor::{FloatDType, Int, Tensor, activation::log_softmax, backend::Backend};
+use burn::tensor::{
+    FloatDType, IndexingUpdateOp, Int, Tensor, activation::log_softmax, backend::Backend,
+};
 
 /// Label value that takes no part in the loss (PyTorch's `ignore_index`).
 pub const IGNORE_INDEX: i64 = -100;
@@ -42,4 +44,166 @@ pub fn causal_lm_nll<B: Backend>(
 pub fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> Tensor<B, 1> {
     let (sum, count) = causal_lm_nll(logits, labels);
     sum / count.clamp_min(1.0)
+}
+
+/// What [`fused_linear_nll`] returns.
+#[derive(Debug, Clone)]
+pub struct LinearNll<B: Backend> {
+    /// Sum of the negative log-likelihoods (f32, one element).
+    pub sum: Tensor<B, 1>,
+    /// `grad_scale ×` d sum / d hidden, `[rows, hidden]`, in the hidden states' dtype.
+    pub grad_hidden: Tensor<B, 2>,
+    /// `grad_scale ×` d sum / d weight, `[vocab, hidden]`, in f32.
+    pub grad_weight: Tensor<B, 2>,
+}
+
+/// How many rows [`fused_linear_nll`] takes at a time for `rows` label tokens over a vocabulary
+/// of `vocab`: at most 8 chunks, none smaller than 2²² / vocab rows (16 MiB of f32 logits), so
+/// that the `[rows, vocab]` logits are never held at once while the matmuls stay large.
+pub fn nll_chunk_rows(rows: usize, vocab: usize) -> usize {
+    let floor = ((1usize << 22) / vocab.max(1)).max(1);
+    rows.div_ceil(8).max(floor).min(rows.max(1))
+}
+
+/// Negative log-likelihood of `targets` under the logits `hidden @ weight^T` **and its
+/// gradients**, computed `chunk_rows` rows at a time: a fused linear + cross-entropy (as
+/// Liger-Kernel's), so that the full `[rows, vocab]` logits, their softmax and their gradient
+/// never exist at once and nothing of them is kept for a backward pass.
+///
+/// `hidden` holds only rows that have a label (`[rows, hidden]`, e.g. the final norm's output
+/// at positions whose next token is trained), `weight` is the LM head `[vocab, hidden]`,
+/// `targets` the label of each row. Per chunk: logits in the hidden dtype, log-sum-exp and
+/// softmax in f32 (as [`causal_lm_nll`]), `d logits = (softmax − one_hot) · grad_scale`, then
+/// `d hidden = d logits @ weight` and `d weight += d logitsᵀ @ hidden`. Mathematically the
+/// same as differentiating [`causal_lm_nll`]; only the summation order differs.
+pub fn fused_linear_nll<B: Backend>(
+    hidden: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+    grad_scale: f64,
+    chunk_rows: usize,
+) -> LinearNll<B> {
+    let [rows, width] = hidden.dims();
+    let [vocab, _] = weight.dims();
+    let device = hidden.device();
+    let dtype = hidden.dtype();
+    let weight = if weight.dtype() == dtype {
+        weight
+    } else {
+        weight.cast(dtype)
+    };
+    let mut sum = Tensor::<B, 1>::zeros([1], (&device, burn::tensor::DType::F32));
+    let mut grad_weight: Option<Tensor<B, 2>> = None;
+    let mut grad_hidden = Vec::new();
+    let chunk = chunk_rows.max(1);
+    let mut start = 0;
+    while start < rows {
+        let len = chunk.min(rows - start);
+        let h = hidden.clone().narrow(0, start, len);
+        let t = targets.clone().narrow(0, start, len).reshape([len, 1]);
+        let logits = h
+            .clone()
+            .matmul(weight.clone().transpose())
+            .cast(FloatDType::F32);
+        let max = logits.clone().max_dim(1);
+        let exp = (logits.clone() - max.clone()).exp();
+        let total = exp.clone().sum_dim(1);
+        let picked = logits.gather(1, t.clone());
+        sum = sum + (total.clone().log() + max - picked).sum();
+        let minus_one = Tensor::<B, 2>::full([len, 1], -1.0, (&device, burn::tensor::DType::F32));
+        let grad = (exp / total)
+            .scatter(1, t, minus_one, IndexingUpdateOp::Add)
+            .mul_scalar(grad_scale);
+        let grad = if dtype == burn::tensor::DType::F32 {
+            grad
+        } else {
+            grad.cast(dtype)
+        };
+        grad_hidden.push(grad.clone().matmul(weight.clone()));
+        let gw = grad.transpose().matmul(h).cast(FloatDType::F32);
+        grad_weight = Some(match grad_weight {
+            Some(acc) => acc + gw,
+            None => gw,
+        });
+        start += len;
+    }
+    LinearNll {
+        sum,
+        grad_hidden: if grad_hidden.is_empty() {
+            Tensor::zeros([0, width], (&device, dtype))
+        } else {
+            Tensor::cat(grad_hidden, 0)
+        },
+        grad_weight: grad_weight
+            .unwrap_or_else(|| Tensor::zeros([vocab, width], (&device, burn::tensor::DType::F32))),
+    }
+}
+
+#[cfg(all(test, feature = "cpu"))]
+mod tests {
+    use super::*;
+    use burn::backend::{Autodiff, Flex};
+    use burn::tensor::{Distribution, TensorData};
+
+    type Ad = Autodiff<Flex>;
+
+    fn max_abs_diff(a: Tensor<Flex, 2>, b: Tensor<Flex, 2>) -> f32 {
+        (a - b).abs().max().into_scalar()
+    }
+
+    /// The fused chunks give the loss and the gradients that autodiff gives through
+    /// `causal_lm_nll` on materialised logits, for every chunk size.
+    #[test]
+    fn fused_matches_autodiff_of_the_plain_loss() {
+        let device = Default::default();
+        let (rows, width, vocab) = (7, 5, 11);
+        let hidden =
+            Tensor::<Flex, 2>::random([rows, width], Distribution::Normal(0.0, 1.0), &device);
+        let weight =
+            Tensor::<Flex, 2>::random([vocab, width], Distribution::Normal(0.0, 1.0), &device);
+        let targets: Vec<i64> = (0..rows as i64)
+            .map(|i| (i * 5 + 3) % vocab as i64)
+            .collect();
+
+        // Reference: the rows as one sequence of length rows + 1 whose labels are the targets
+        // shifted by one, through autodiff.
+        let h = Tensor::<Ad, 2>::from_inner(hidden.clone()).require_grad();
+        let w = Tensor::<Ad, 2>::from_inner(weight.clone()).require_grad();
+        let logits = h.clone().matmul(w.clone().transpose());
+        let pad = Tensor::<Ad, 2>::zeros([1, vocab], &device);
+        let logits = Tensor::cat(vec![logits, pad], 0).reshape([1, rows + 1, vocab]);
+        let mut labels = vec![IGNORE_INDEX];
+        labels.extend(&targets);
+        let labels =
+            Tensor::<Ad, 2, Int>::from_data(TensorData::new(labels, [1, rows + 1]), &device);
+        let (sum, _) = causal_lm_nll(logits, labels);
+        let scale = 0.25;
+        let grads = (sum.clone() * scale).backward();
+        let (ref_gh, ref_gw) = (h.grad(&grads).unwrap(), w.grad(&grads).unwrap());
+        let ref_sum: f32 = sum.inner().into_scalar();
+
+        let t = Tensor::<Flex, 1, Int>::from_data(TensorData::new(targets, [rows]), &device);
+        for chunk in [1, 3, rows, 100] {
+            let out = fused_linear_nll(hidden.clone(), weight.clone(), t.clone(), scale, chunk);
+            let got: f32 = out.sum.into_scalar();
+            assert!(
+                (got - ref_sum).abs() < 1e-4,
+                "chunk {chunk}: sum {got} vs {ref_sum}"
+            );
+            let dh = max_abs_diff(out.grad_hidden, ref_gh.clone());
+            let dw = max_abs_diff(out.grad_weight, ref_gw.clone());
+            assert!(
+                dh < 1e-5 && dw < 1e-5,
+                "chunk {chunk}: grad diffs {dh} {dw}"
+            );
+        }
+    }
+
+    #[test]
+    fn chunk_rows_bounds() {
+        assert_eq!(nll_chunk_rows(1022, 49_152), 128);
+        assert_eq!(nll_chunk_rows(8188, 151_936), 1024);
+        assert_eq!(nll_chunk_rows(10, 100), 10);
+        assert_eq!(nll_chunk_rows(0, 100), 1);
+    }
 }

@@ -558,6 +558,19 @@ impl<B: Backend> CausalLm<B> {
         self.logits(h)
     }
 
+    /// Output of the final norm, `[batch, seq, hidden]`: the LM head's input (what a fused
+    /// linear + cross-entropy such as [`crate::fused_linear_nll`] starts from).
+    pub fn forward_hidden(&self, input: &ModelInput<B>) -> Tensor<B, 3> {
+        self.run(input, None, None)
+    }
+
+    /// The LM head's weight `[vocab, hidden]`: `lm_head.weight`, or the embeddings when tied.
+    pub fn lm_head_weight(&self) -> &Param<Tensor<B, 2>> {
+        self.lm_head
+            .as_ref()
+            .map_or(&self.embed_tokens, |h| &h.weight)
+    }
+
     /// Logits and every hidden state.
     pub fn forward_with_hidden(&self, input: &ModelInput<B>) -> (Tensor<B, 3>, HiddenStates<B>) {
         let mut hidden = Vec::with_capacity(self.layers.len() + 1);
@@ -592,10 +605,22 @@ impl<B: Backend> CausalLm<B> {
     ) -> Tensor<B, 3> {
         let [b, s] = input.input_ids.dims();
         let device = input.input_ids.device();
-        let emb = self
-            .embed_tokens
-            .val()
-            .select(0, input.input_ids.clone().reshape([b * s]));
+        let table = self.embed_tokens.val();
+        let tracked = table.is_require_grad();
+        let ids = input.input_ids.clone().reshape([b * s]);
+        let mut emb = table.select(0, ids.clone());
+        if tracked && let Some(pad) = self.config.pad_token_id {
+            // `transformers` builds the embeddings as `nn.Embedding(..., padding_idx=pad)`: the
+            // lookup sends no gradient to the padding token's row. Same here: the forward
+            // value is unchanged, the gradient is cut at positions holding that token.
+            let keep = ids
+                .not_equal_elem(i64::from(pad))
+                .float()
+                .cast(emb.dtype())
+                .reshape([b * s, 1]);
+            let cut = keep.clone().neg().add_scalar(1.0);
+            emb = emb.clone() * keep + emb.detach() * cut;
+        }
         let mut x = cast_to(
             emb.reshape([b, s, self.config.hidden_size]),
             self.activation_dtype(),

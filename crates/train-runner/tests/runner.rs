@@ -612,3 +612,52 @@ fn the_inspector_sees_the_model_before_the_first_step_and_after_each() {
     .unwrap();
     assert_eq!(seen.0, [(0, layers), (1, layers), (2, layers)]);
 }
+
+/// `transformers` embeds with `nn.Embedding(padding_idx=pad_token_id)`: the lookup sends no
+/// gradient to the padding token's row (it matters when that token is in the data, e.g.
+/// SmolLM2's pad `<|im_end|>`). Only that row changes; the loss does not.
+#[test]
+fn padding_row_of_the_embeddings_gets_no_lookup_gradient() {
+    let options = LoadOptions {
+        precision: Precision::Fp32,
+        ..LoadOptions::default()
+    };
+    // The Llama fixture has an untied LM head, so the embeddings' gradient is the lookup's.
+    let mut model = load_pretrained::<B>(&fixture("llama"), &options, &Default::default())
+        .unwrap()
+        .model;
+    let ex = examples(3);
+    let pad = ex[0].input_ids[0];
+    let refs: Vec<&Example> = ex.iter().collect();
+    let batches = vec![Batch::padded(&refs, 0)];
+    let hidden = model.config.hidden_size;
+    let embed_grad = |model: &CausalLm<B>| {
+        let (loss, grads) = step_gradients(model, &batches, &Default::default());
+        let g = grads_by_name(model, &grads)
+            .into_iter()
+            .find(|(n, _)| n == "model.embed_tokens.weight")
+            .unwrap()
+            .1;
+        (loss, g)
+    };
+    model.config.pad_token_id = None;
+    let (loss_free, free) = embed_grad(&model);
+    model.config.pad_token_id = Some(pad);
+    let (loss_cut, cut) = embed_grad(&model);
+    let row = |g: &[f32], r: u32| g[r as usize * hidden..(r as usize + 1) * hidden].to_vec();
+    assert!(
+        (loss_free - loss_cut).abs() < 1e-9,
+        "{loss_free} vs {loss_cut}"
+    );
+    assert!(
+        row(&free, pad).iter().any(|v| v.abs() > 1e-6),
+        "the row had a gradient"
+    );
+    assert!(
+        row(&cut, pad).iter().all(|&v| v == 0.0),
+        "the padding row got a gradient"
+    );
+    let other = ex[0].input_ids[1];
+    assert_ne!(other, pad);
+    assert_eq!(row(&free, other), row(&cut, other));
+}
