@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use burn::tensor::DType;
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::AutodiffBackend;
 use train_data::{Batch, Sequence};
 use train_model::{CausalLm, ModelConfig};
 use train_runner::{AdamW, AdamWConfig, ParamTable, global_grad_norm, step_gradients};

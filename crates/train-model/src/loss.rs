@@ -77,9 +77,9 @@ pub fn nll_chunk_rows(rows: usize, vocab: usize) -> usize {
 /// `d hidden = d logits @ weight` and `d weight += d logitsᵀ @ hidden`. Mathematically the
 /// same as differentiating [`causal_lm_nll`]; only the summation order differs.
 pub fn fused_linear_nll<B: Backend>(
-    hidden: Tensor<B, 2>,
+    hidden: &Tensor<B, 2>,
     weight: Tensor<B, 2>,
-    targets: Tensor<B, 1, Int>,
+    targets: &Tensor<B, 1, Int>,
     grad_scale: f64,
     chunk_rows: usize,
 ) -> LinearNll<B> {
@@ -184,7 +184,7 @@ mod tests {
 
         let t = Tensor::<Flex, 1, Int>::from_data(TensorData::new(targets, [rows]), &device);
         for chunk in [1, 3, rows, 100] {
-            let out = fused_linear_nll(hidden.clone(), weight.clone(), t.clone(), scale, chunk);
+            let out = fused_linear_nll(&hidden, weight.clone(), &t, scale, chunk);
             let got: f32 = out.sum.into_scalar();
             assert!(
                 (got - ref_sum).abs() < 1e-4,

@@ -425,9 +425,9 @@ fn fused_micro_batch<B: AutodiffBackend>(
     let selected = flat.clone().inner().select(0, index.clone());
     let head = model.lm_head_weight();
     let out = fused_linear_nll(
-        selected,
+        &selected,
         head.val().inner(),
-        targets,
+        &targets,
         1.0 / denominator,
         nll_chunk_rows(m, model.config.vocab_size),
     );
