@@ -15,7 +15,8 @@ import zipfile
 from pathlib import Path
 
 
-def gen(assets, out, rows):
+def corpus_conversations(assets):
+    """The English conversations of chatterbot-corpus, each cut to an even number of turns."""
     import yaml
     wheel = glob.glob(str(assets / "chatterbot_corpus-*.whl"))[0]
     z = zipfile.ZipFile(wheel)
@@ -26,6 +27,11 @@ def gen(assets, out, rows):
                 c = [str(x) for x in c]
                 if len(c) >= 2 and all(x.strip() for x in c):
                     convs.append(c[: len(c) // 2 * 2])
+    return convs
+
+
+def gen(assets, out, rows):
+    convs = corpus_conversations(assets)
     n = len(convs)
     with open(out, "w") as f:
         for i in range(rows):

@@ -11,12 +11,10 @@
 """
 
 import argparse
-import glob
 import json
 import shutil
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 SHAPES = {
@@ -47,16 +45,9 @@ def make_model(shape, tokenizer_dir, out):
 
 
 def make_data(assets, out, rows, min_chars):
-    import yaml
-    wheel = glob.glob(str(assets / "chatterbot_corpus-*.whl"))[0]
-    z = zipfile.ZipFile(wheel)
-    turns = []
-    for name in sorted(z.namelist()):
-        if "/english/" in name and name.endswith(".yml"):
-            for c in yaml.safe_load(z.read(name))["conversations"]:
-                c = [str(x) for x in c]
-                if len(c) >= 2 and all(x.strip() for x in c):
-                    turns.extend(c[: len(c) // 2 * 2])
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_data import corpus_conversations
+    turns = [t for c in corpus_conversations(assets) for t in c]
     n = len(turns)
     with open(out, "w") as f:
         k = 0

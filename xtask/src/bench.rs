@@ -1,6 +1,7 @@
 //! `cargo xtask bench-train` and `cargo xtask bench-gpu`: the training-throughput comparisons
 //! with PyTorch, measured in one invocation on one machine.
 
+use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -190,7 +191,7 @@ fn rust_run(
     model: &Path,
     data: &Path,
     dir: &Path,
-    env: &[(String, std::ffi::OsString)],
+    env: &[(String, OsString)],
 ) -> Result<Contestant> {
     let out = dir.join(format!("run-{backend}"));
     if out.exists() {
@@ -285,7 +286,7 @@ fn torch_run(
     script: &Path,
     model: &Path,
     data: &Path,
-    env: &[(String, std::ffi::OsString)],
+    env: &[(String, OsString)],
 ) -> Result<Contestant> {
     let json = cache().join("bench-train/pytorch.json");
     let mut c = Command::new(python);
@@ -479,7 +480,7 @@ pub fn bench_gpu(args: &[String]) -> Result<()> {
         Some("--dry-run") => true,
         Some(other) => bail!("unknown bench-gpu argument `{other}` (expected --dry-run)"),
     };
-    let example = |features: Option<&str>| -> Result<PathBuf> {
+    let example = |features: Option<&str>, env: &[(String, OsString)]| -> Result<PathBuf> {
         let mut c = cargo();
         c.args([
             "build",
@@ -491,14 +492,15 @@ pub fn bench_gpu(args: &[String]) -> Result<()> {
         if let Some(f) = features {
             c.args(["--features", f]);
         }
+        c.envs(env.iter().map(|(k, v)| (k, v)));
         run("build the bench_step example", c)?;
         Ok(release_bin("examples/bench_step"))
     };
     let mut runs: Vec<(String, Vec<String>)> = Vec::new();
     let binary;
-    let mut env: Vec<(String, std::ffi::OsString)> = Vec::new();
+    let mut env: Vec<(String, OsString)> = Vec::new();
     if dry {
-        binary = example(None)?;
+        binary = example(None, &[])?;
         for (backend, ckpt) in [("cpu", false), ("cpu", true)] {
             let mut a: Vec<String> = [
                 "--backend",
@@ -552,21 +554,9 @@ pub fn bench_gpu(args: &[String]) -> Result<()> {
             }
         };
         binary = if with_tch {
-            let mut c = cargo();
-            c.args([
-                "build",
-                "--workspace",
-                "--release",
-                "--example",
-                "bench_step",
-                "--features",
-                "train-examples/cuda,train-examples/tch",
-            ])
-            .envs(env.iter().map(|(k, v)| (k, v)));
-            run("build the bench_step example (cuda + tch)", c)?;
-            release_bin("examples/bench_step")
+            example(Some("train-examples/cuda,train-examples/tch"), &env)?
         } else {
-            example(Some("train-examples/cuda"))?
+            example(Some("train-examples/cuda"), &[])?
         };
         let common = |backend: &str, device: &str| -> Vec<String> {
             [
