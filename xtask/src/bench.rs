@@ -344,18 +344,27 @@ fn torch_run(
 }
 
 /// The contestants ran the same job when their first losses (same weights, same rows, before
-/// any update) agree.
+/// any update) agree, and trained the same way when their last losses still agree.
 fn check_same_job(results: &[Contestant]) -> Result<()> {
+    let rel = |a: f64, b: f64| (a - b).abs() / b.abs().max(1e-12);
     if let Some(first) = results.first() {
         for r in &results[1..] {
-            let rel = (r.first_loss - first.first_loss).abs() / first.first_loss.abs().max(1e-12);
-            if rel > 1e-4 {
+            if rel(r.first_loss, first.first_loss) > 1e-4 {
                 bail!(
                     "first-step losses differ ({} {:.6} vs {} {:.6}): not the same job",
                     first.name,
                     first.first_loss,
                     r.name,
                     r.first_loss
+                );
+            }
+            if rel(r.last_loss, first.last_loss) > 1e-3 {
+                bail!(
+                    "last-step losses differ ({} {:.6} vs {} {:.6}): the updates are not the same",
+                    first.name,
+                    first.last_loss,
+                    r.name,
+                    r.last_loss
                 );
             }
         }
