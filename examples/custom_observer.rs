@@ -105,6 +105,7 @@ fn main() -> anyhow::Result<()> {
         config: trainer,
         data_fingerprint: String::new(),
         overwrite: true,
+        devices: Vec::new(),
     };
 
     let csv = output.join("metrics.csv");

@@ -6,6 +6,7 @@ mod config_file;
 mod control;
 mod generate_cmd;
 mod inspect;
+mod merge_cmd;
 mod monitor;
 mod progress;
 mod run_cmd;
@@ -61,6 +62,8 @@ enum Command {
     Eval(run_cmd::EvalArgs),
     /// Answer a prompt with a model (chat template, KV cache, logits processors).
     Generate(generate_cmd::GenerateArgs),
+    /// Fold a LoRA adapter into its base model and save a plain model directory.
+    Merge(merge_cmd::MergeArgs),
     /// A compact summary of a running or finished run (from its status file).
     Status {
         /// The run's output directory.
@@ -318,7 +321,7 @@ impl DataArgs {
     }
 }
 
-fn registry() -> Result<ModelRegistry> {
+pub(crate) fn registry() -> Result<ModelRegistry> {
     if let Some(path) = std::env::var_os(REGISTRY_ENV) {
         return Ok(ModelRegistry::at(PathBuf::from(path)));
     }
@@ -328,10 +331,18 @@ fn registry() -> Result<ModelRegistry> {
     Ok(ModelRegistry::at(path))
 }
 
+/// The model directory `model` names and its tokenizer. An adapter directory without tokenizer
+/// files uses its base model's.
 pub(crate) fn tokenizer_for(model: &str) -> Result<(PathBuf, ChatTokenizer)> {
     let dir = registry()?.resolve(model)?;
-    let tok = ChatTokenizer::from_model_dir(&dir)
-        .with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
+    let tok_dir = if train_model::is_adapter_dir(&dir) && !dir.join("tokenizer.json").is_file() {
+        let adapter = train_model::read_adapter_config(&dir)?;
+        train_model::lora::resolve_base_model(&dir, adapter.base_model.as_deref())?
+    } else {
+        dir.clone()
+    };
+    let tok = ChatTokenizer::from_model_dir(&tok_dir)
+        .with_context(|| format!("loading the tokenizer of {}", tok_dir.display()))?;
     Ok((dir, tok))
 }
 
@@ -354,7 +365,7 @@ fn prepare(data: &DataArgs, tok: &ChatTokenizer) -> Result<(DatasetConfig, train
     Ok((config, prepared))
 }
 
-fn print_json(value: &serde_json::Value) {
+pub(crate) fn print_json(value: &serde_json::Value) {
     println!("{value}");
 }
 
@@ -381,6 +392,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Run(args) => run_cmd::train(&args),
         Command::Eval(args) => run_cmd::eval(&args),
         Command::Generate(args) => generate_cmd::run(&args),
+        Command::Merge(args) => merge_cmd::run(&args),
         Command::Status {
             output,
             status_dir,

@@ -57,8 +57,13 @@ impl TrainObserver for Progress {
         } else {
             String::new()
         };
+        let trainable = if info.trainable_parameters == info.parameters {
+            String::new()
+        } else {
+            format!(" ({} trainable)", info.trainable_parameters)
+        };
         eprintln!(
-            "training {} steps ({} per epoch) on {} rows, {} validation examples, {} parameters{resumed}",
+            "training {} steps ({} per epoch) on {} rows, {} validation examples, {} parameters{trainable}{resumed}",
             info.total_steps,
             info.steps_per_epoch,
             info.train_rows,

@@ -8,7 +8,9 @@ use burn::tensor::backend::AutodiffBackend;
 use clap::{Args, ValueEnum};
 use serde_json::json;
 use train_data::{ChatTokenizer, DatasetConfig, Prepared};
-use train_model::{AttentionImpl, LoadOptions, Precision, StorageDtype, load_pretrained};
+use train_model::{
+    AttentionImpl, LoadOptions, LoraConfig, Precision, StorageDtype, load_pretrained,
+};
 use train_runner::{
     LrSchedule, Observers, Resume, RunControl, RunStatus, RunSummary, TrainSetup, TrainerConfig,
     evaluate, latest_intact_checkpoint,
@@ -58,6 +60,16 @@ pub enum DtypeArg {
     Fp32,
     Bf16,
     Fp16,
+}
+
+impl DtypeArg {
+    pub(crate) fn storage(self) -> StorageDtype {
+        match self {
+            Self::Fp32 => StorageDtype::F32,
+            Self::Bf16 => StorageDtype::Bf16,
+            Self::Fp16 => StorageDtype::F16,
+        }
+    }
 }
 
 /// Where and how to compute.
@@ -162,6 +174,28 @@ pub struct RunArgs {
     /// Recompute activations in the backward pass to save memory.
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// Train LoRA adapters of this rank on the frozen model instead of every weight; the output
+    /// and checkpoints are then PEFT adapter directories.
+    #[arg(long, value_name = "R")]
+    pub lora_r: Option<usize>,
+    /// LoRA alpha: the update is scaled by alpha / r (PEFT's default 8).
+    #[arg(long, default_value_t = 8.0, requires = "lora_r")]
+    pub lora_alpha: f64,
+    /// Dropout on the adapters' input while training.
+    #[arg(long, default_value_t = 0.0, requires = "lora_r")]
+    pub lora_dropout: f64,
+    /// Projections that get adapters (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj,
+    /// down_proj, or all-linear); repeat or separate with commas.
+    #[arg(long, value_delimiter = ',', default_values_t = ["q_proj".to_string(), "v_proj".to_string()], requires = "lora_r")]
+    pub lora_target: Vec<String>,
+    /// Scale the adapters by alpha / √r (rsLoRA).
+    #[arg(long, requires = "lora_r")]
+    pub lora_rslora: bool,
+    /// Data-parallel workers: each runs --batch-size × --gradient-accumulation examples of every
+    /// step on its own model replica and the gradients are summed (burn's collective
+    /// all-reduce), so the global batch is batch size × accumulation × devices.
+    #[arg(long, default_value_t = 1)]
+    pub devices: usize,
     /// Validation prompts answered greedily for the live previews (every max(10, eval_steps/10)
     /// steps) and the evolution tracker (steps 0, 10, 25, 50, 100, …); 0 turns both off.
     #[arg(long, default_value_t = 3)]
@@ -221,10 +255,14 @@ impl RunArgs {
             save_total_limit: self.save_total_limit,
             skip_validation: self.skip_validation,
             eval_batch_size: self.eval_batch_size,
-            save_dtype: self.save_dtype.map(|d| match d {
-                DtypeArg::Fp32 => StorageDtype::F32,
-                DtypeArg::Bf16 => StorageDtype::Bf16,
-                DtypeArg::Fp16 => StorageDtype::F16,
+            save_dtype: self.save_dtype.map(DtypeArg::storage),
+            devices: self.devices,
+            lora: self.lora_r.map(|r| LoraConfig {
+                r,
+                alpha: self.lora_alpha,
+                dropout: self.lora_dropout,
+                target_modules: self.lora_target.clone(),
+                use_rslora: self.lora_rslora,
             }),
         }
     }
@@ -276,7 +314,13 @@ impl WithBackend for Training<'_> {
             }
             None => (source.model, None),
         };
-        let tok = ChatTokenizer::from_model_dir(&self.model_dir)?;
+        // An adapter directory without tokenizer files uses its base model's.
+        let tok_dir = if self.model_dir.join("tokenizer.json").is_file() {
+            &self.model_dir
+        } else {
+            &source.dir
+        };
+        let tok = ChatTokenizer::from_model_dir(tok_dir)?;
         let probe_rows = if self.prepared.validation.is_empty() {
             &self.prepared.train
         } else {
@@ -299,7 +343,7 @@ impl WithBackend for Training<'_> {
         let setup = TrainSetup {
             model,
             raw_config: source.raw_config,
-            companions_from: self.model_dir.clone(),
+            companions_from: source.dir.clone(),
             source_dtype: source.source_dtype,
             train: self.prepared.train,
             validation: self.prepared.validation,
@@ -307,6 +351,7 @@ impl WithBackend for Training<'_> {
             config: self.args.trainer_config(),
             data_fingerprint: self.fingerprint,
             overwrite: self.args.yes,
+            devices: Vec::new(),
         };
         let mut progress = Progress::new();
         let status_dir = self

@@ -172,7 +172,14 @@ fn usage_errors_exit_2_and_models_registry_works() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(last_json(&out)["found"].as_array().unwrap().len(), 3);
+    // Three text models, a Qwen3-VL model and two LoRA adapters listed with their base model.
+    let found = last_json(&out)["found"].as_array().unwrap().clone();
+    assert_eq!(found.len(), 6, "{found:?}");
+    let entry = |name: &str| found.iter().find(|e| e["name"] == name).unwrap().clone();
+    assert_eq!(entry("qwen3-lora")["kind"], "adapter");
+    assert_eq!(entry("qwen3-lora")["base_model"], "../qwen3");
+    assert_eq!(entry("llama-lora")["base_model"], "../llama");
+    assert_eq!(entry("qwen3_vl")["model_type"], "qwen3_vl");
     let out = train(&["models", "show", "qwen2", "--json"], &reg);
     assert_eq!(last_json(&out)["hidden_size"], 64);
     // A registered name works wherever a model directory is expected.

@@ -1,6 +1,8 @@
 //! `train --no-shuffle --max-steps 3` against a plain PyTorch loop (`loop.reference.json`, made by
 //! `cargo xtask fixtures`): per-step losses and gradient norms within 2e-3 relative, for each
-//! fixture architecture, on every backend compiled in.
+//! fixture architecture, on every backend compiled in. The same for LoRA: `train --model
+//! <arch>-lora` (a PEFT adapter directory saved by `peft`) continues training the adapter, against
+//! `peft` running the same loop (`lora.reference.json`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
@@ -11,9 +13,25 @@ fn root() -> PathBuf {
 }
 
 fn check(backend: &str) {
+    compare(
+        backend,
+        "loop.reference.json",
+        "",
+        &["qwen3", "qwen2", "llama"],
+    );
+}
+
+fn check_lora(backend: &str) {
+    compare(backend, "lora.reference.json", "-lora", &["qwen3", "llama"]);
+}
+
+/// Trains `<arch><suffix>` for 3 steps and compares every step with `reference`.
+fn compare(backend: &str, reference: &str, suffix: &str, arches: &[&str]) {
     let reference: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/loop.reference.json"),
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures")
+                .join(reference),
         )
         .unwrap(),
     )
@@ -33,9 +51,11 @@ fn check(backend: &str) {
     )
     .unwrap();
     let mut worst = 0f64;
-    for arch in ["qwen3", "qwen2", "llama"] {
+    for &arch in arches {
         let out = dir.path().join(arch);
-        let model = root().join("crates/train-model/tests/fixtures").join(arch);
+        let model = root()
+            .join("crates/train-model/tests/fixtures")
+            .join(format!("{arch}{suffix}"));
         let status = Command::new(env!("CARGO_BIN_EXE_train"))
             .args([
                 "--model",
@@ -95,8 +115,11 @@ fn check(backend: &str) {
             }
         }
         assert_eq!(rows.len(), 3);
+        if !suffix.is_empty() {
+            assert!(out.join("adapter_model.safetensors").is_file());
+        }
     }
-    println!("{backend}: worst relative difference {worst:.2e}");
+    println!("{backend}{suffix}: worst relative difference {worst:.2e}");
 }
 
 #[cfg(feature = "cpu")]
@@ -109,4 +132,16 @@ fn matches_a_pytorch_loop_on_cpu() {
 #[test]
 fn matches_a_pytorch_loop_on_tch() {
     check("tch");
+}
+
+#[cfg(feature = "cpu")]
+#[test]
+fn lora_matches_a_peft_loop_on_cpu() {
+    check_lora("cpu");
+}
+
+#[cfg(feature = "tch")]
+#[test]
+fn lora_matches_a_peft_loop_on_tch() {
+    check_lora("tch");
 }

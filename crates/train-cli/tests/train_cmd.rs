@@ -401,3 +401,196 @@ fn previews_layer_history_and_evolution_are_written() {
     assert_eq!(status["previews"].as_array().unwrap().len(), 2);
     assert_eq!(status["alerts"][0]["kind"], "loss_variance");
 }
+
+/// `--lora-r` trains adapters and writes a PEFT adapter directory; `train eval` and `train
+/// generate` take that directory as a model; `train merge` folds it into a plain model with
+/// the same loss; a target that matches nothing is refused with its name.
+#[test]
+fn lora_trains_an_adapter_that_evaluates_and_merges() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, d, out) = (model(), data(dir.path(), 16), dir.path().join("out"));
+    let mut args = base(&m, &d, &out);
+    args.extend([
+        "--max-steps",
+        "3",
+        "--lora-r",
+        "4",
+        "--lora-alpha",
+        "16",
+        "--lora-target",
+        "q_proj,v_proj,down_proj",
+        "--json",
+    ]);
+    let o = train_ok(dir.path(), &args);
+    assert_eq!(summary(&o)["status"], "completed");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("trainable"), "{stderr}");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(
+        (config["r"].as_u64(), config["lora_alpha"].as_u64()),
+        (Some(4), Some(16))
+    );
+    assert_eq!(
+        config["target_modules"],
+        serde_json::json!(["q_proj", "v_proj", "down_proj"])
+    );
+    assert!(!out.join("model.safetensors").exists());
+    assert!(out.join("checkpoint-3/adapter_model.safetensors").is_file());
+
+    let eval = |model: &std::path::Path| -> f64 {
+        let o = train_ok(
+            dir.path(),
+            &[
+                "eval",
+                "--model",
+                model.to_str().unwrap(),
+                "--dataset",
+                d.to_str().unwrap(),
+                "--json",
+            ],
+        );
+        common::last_json(&o)["loss"].as_f64().unwrap()
+    };
+    let merged = dir.path().join("merged");
+    let o = train_ok(
+        dir.path(),
+        &[
+            "merge",
+            out.to_str().unwrap(),
+            "--output",
+            merged.to_str().unwrap(),
+            "--dtype",
+            "fp32",
+            "--json",
+        ],
+    );
+    assert_eq!(common::last_json(&o)["dtype"], "float32");
+    assert!(merged.join("config.json").is_file() && merged.join("tokenizer.json").is_file());
+    let (with_adapter, with_merged, base_loss) = (eval(&out), eval(&merged), eval(&m));
+    println!("eval loss: adapter {with_adapter}, merged {with_merged}, base {base_loss}");
+    assert!((with_adapter - with_merged).abs() <= 1e-4 * with_adapter);
+    assert!(
+        (with_adapter - base_loss).abs() > 1e-4,
+        "the adapter changed nothing"
+    );
+    let o = train_ok(
+        dir.path(),
+        &[
+            "generate",
+            "--model",
+            out.to_str().unwrap(),
+            "--prompt",
+            "Hello",
+            "--max-new-tokens",
+            "4",
+        ],
+    );
+    assert!(!o.stdout.is_empty());
+
+    // Merging something that is not an adapter, and a target that selects nothing.
+    let o = common::train(
+        dir.path(),
+        &[
+            "merge",
+            m.to_str().unwrap(),
+            "--output",
+            dir.path().join("x").to_str().unwrap(),
+        ],
+    );
+    assert_ne!(o.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a LoRA adapter directory"));
+    let out2 = dir.path().join("out2");
+    let mut args = base(&m, &d, &out2);
+    args.extend([
+        "--max-steps",
+        "1",
+        "--lora-r",
+        "4",
+        "--lora-target",
+        "qproj",
+    ]);
+    let o = common::train(dir.path(), &args);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_ne!(o.status.code(), Some(0));
+    assert!(stderr.contains("`qproj` selects no module"), "{stderr}");
+}
+
+/// A Qwen3-VL checkpoint trains on text-only data: the saved checkpoint is a whole Qwen3-VL
+/// checkpoint whose vision tensors are byte-identical to the source's, with a trained text
+/// decoder.
+#[test]
+fn qwen3_vl_trains_its_text_decoder_and_keeps_the_vision_tower() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = common::root().join("crates/train-model/tests/fixtures/qwen3_vl");
+    let (d, out) = (data(dir.path(), 16), dir.path().join("out"));
+    let mut args = base(&m, &d, &out);
+    args.extend(["--max-steps", "2", "--skip-validation"]);
+    train_ok(dir.path(), &args);
+    let read = |dir: &std::path::Path| -> std::collections::HashMap<String, Vec<u8>> {
+        let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        st.tensors()
+            .into_iter()
+            .map(|(n, v)| (n, v.data().to_vec()))
+            .collect()
+    };
+    let (a, b) = (read(&m), read(&out));
+    assert_eq!(a.len(), b.len());
+    let mut visual = 0;
+    let mut changed = 0;
+    for (name, bytes) in &a {
+        if name.starts_with("model.visual.") {
+            assert_eq!(Some(bytes), b.get(name), "{name} changed");
+            visual += 1;
+        } else if b.get(name) != Some(bytes) {
+            changed += 1;
+        }
+    }
+    assert!(
+        visual > 10 && changed > 10,
+        "{visual} vision tensors, {changed} changed"
+    );
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["model_type"], "qwen3_vl");
+}
+
+/// `--devices 2` (two data-parallel workers on the CPU, burn's collective all-reduce) logs the
+/// same steps as one worker with the doubled batch.
+#[test]
+fn two_devices_train_like_one_with_the_doubled_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, d) = (model(), data(dir.path(), 16));
+    let run = |name: &str, batch: &str, devices: &str| -> Vec<serde_json::Value> {
+        let out = dir.path().join(name);
+        let mut args = base(&m, &d, &out);
+        args.retain(|a| *a != "4");
+        args.retain(|a| *a != "--batch-size");
+        args.extend([
+            "--batch-size",
+            batch,
+            "--devices",
+            devices,
+            "--max-steps",
+            "2",
+            "--skip-validation",
+        ]);
+        train_ok(dir.path(), &args);
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let one = run("one", "4", "1");
+    let two = run("two", "2", "2");
+    assert_eq!(one.len(), 2);
+    for (a, b) in one.iter().zip(&two) {
+        assert_eq!(a["tokens"], b["tokens"]);
+        for field in ["loss", "grad_norm"] {
+            let (x, y) = (a[field].as_f64().unwrap(), b[field].as_f64().unwrap());
+            assert!((x - y).abs() <= 1e-5 * x, "{field}: {x} vs {y}");
+        }
+    }
+}

@@ -47,11 +47,11 @@ impl Architecture {
             "qwen3" => Ok(Self::Qwen3),
             "qwen2" => Ok(Self::Qwen2),
             "llama" => Ok(Self::Llama),
-            "qwen3_vl" | "qwen3_vl_text" | "qwen3_vl_moe" => Err(ModelError::UnsupportedArchitecture {
+            "qwen3_vl_text" | "qwen3_vl_moe" => Err(ModelError::UnsupportedArchitecture {
                 path: path.to_path_buf(),
                 model_type: model_type.to_string(),
-                hint: " yet (vision-language checkpoints are not loaded by this version); \
-                       train the text-only Qwen3 checkpoint of the same size (model_type `qwen3`) instead"
+                hint: " (Qwen3-VL is read from the full checkpoint, model_type `qwen3_vl`; its \
+                       mixture-of-experts variant is not implemented)"
                     .to_string(),
             }),
             other => Err(ModelError::UnsupportedArchitecture {
@@ -152,6 +152,52 @@ pub struct HfConfig {
     pub pad_token_id: Option<Value>,
 }
 
+/// The text decoder's `config.json` fields of a Qwen3-VL `config.json`, as a Qwen3 one: the
+/// `text_config` object, with `model_type` `qwen3`, the top-level `tie_word_embeddings` (where
+/// `transformers` 5 keeps it; `text_config`'s otherwise), dtype and special tokens where
+/// `text_config` has none, and the multimodal rotary keys removed.
+fn vl_text_config(path: &Path, raw: &Value) -> Result<Value> {
+    let mut text = match raw.get("text_config") {
+        Some(Value::Object(map)) => map.clone(),
+        Some(_) => return Err(ModelError::config(path, "text_config", "must be an object")),
+        None => return Err(ModelError::config(path, "text_config", "missing")),
+    };
+    text.insert("model_type".into(), Value::from("qwen3"));
+    let present = |v: Option<&Value>| v.filter(|v| !v.is_null()).cloned();
+    if let Some(v) = present(raw.get("tie_word_embeddings")) {
+        text.insert("tie_word_embeddings".into(), v);
+    }
+    for key in [
+        "dtype",
+        "torch_dtype",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+    ] {
+        if present(text.get(key)).is_none()
+            && let Some(v) = present(raw.get(key))
+        {
+            text.insert(key.into(), v);
+        }
+    }
+    for key in ["rope_parameters", "rope_scaling"] {
+        if let Some(Value::Object(rope)) = text.get_mut(key) {
+            rope.remove("mrope_section");
+            rope.remove("mrope_interleaved");
+            if matches!(
+                rope.get("rope_type")
+                    .or(rope.get("type"))
+                    .and_then(Value::as_str),
+                Some("mrope")
+            ) {
+                rope.insert("rope_type".into(), Value::from("default"));
+                rope.remove("type");
+            }
+        }
+    }
+    Ok(Value::Object(text))
+}
+
 /// Everything the decoder needs, resolved and checked.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
@@ -195,6 +241,11 @@ pub struct ModelConfig {
     pub eos_token_ids: Vec<u32>,
     /// Padding token id, if any.
     pub pad_token_id: Option<u32>,
+    /// The text decoder of a Qwen3-VL checkpoint (`model_type` `qwen3_vl`): its tensors are
+    /// stored under `model.language_model.` and the vision tower (`model.visual.`) is carried
+    /// through loading and saving untouched.
+    #[serde(default)]
+    pub vision_language: bool,
 }
 
 impl ModelConfig {
@@ -210,7 +261,18 @@ impl ModelConfig {
     }
 
     /// Checks a parsed `config.json`; `path` is only used in error messages.
+    ///
+    /// A Qwen3-VL `config.json` (`model_type` `qwen3_vl`) describes its text decoder in
+    /// `text_config`, a Qwen3 decoder whose rotary embedding is multimodal (`mrope_section`); on
+    /// text-only input the three position axes are equal and it reduces to Qwen3's 1-D rotary
+    /// embedding, which is what is built.
     pub fn from_json(path: &Path, raw: &Value) -> Result<Self> {
+        if raw.get("model_type").and_then(Value::as_str) == Some("qwen3_vl") {
+            let text = vl_text_config(path, raw)?;
+            let mut config = Self::from_json(path, &text)?;
+            config.vision_language = true;
+            return Ok(config);
+        }
         let hf: HfConfig = serde_json::from_value(raw.clone()).map_err(|e| ModelError::Json {
             path: path.to_path_buf(),
             message: e.to_string(),
@@ -417,7 +479,30 @@ impl ModelConfig {
             bos_token_id: bos.first().copied(),
             eos_token_ids,
             pad_token_id: pad.first().copied(),
+            vision_language: false,
         })
+    }
+
+    /// The name under which the tensor this crate calls `name` (Qwen3's names:
+    /// `model.layers.0.mlp.up_proj.weight`) is stored in this checkpoint's files.
+    pub fn file_tensor_name(&self, name: &str) -> String {
+        match name.strip_prefix("model.") {
+            Some(rest) if self.vision_language => format!("model.language_model.{rest}"),
+            _ => name.to_string(),
+        }
+    }
+
+    /// The inverse of [`ModelConfig::file_tensor_name`]; `None` for a tensor of another part of
+    /// the checkpoint (the vision tower of a vision-language model), which is carried unchanged.
+    pub fn internal_tensor_name(&self, file_name: &str) -> Option<String> {
+        if !self.vision_language {
+            return Some(file_name.to_string());
+        }
+        match file_name.strip_prefix("model.language_model.") {
+            Some(rest) => Some(format!("model.{rest}")),
+            None if file_name.starts_with("model.") => None,
+            None => Some(file_name.to_string()),
+        }
     }
 
     /// Number of parameters (tied embeddings counted once).
@@ -700,12 +785,39 @@ mod tests {
     }
 
     #[test]
-    fn qwen3_vl_points_to_the_text_model() {
+    fn qwen3_vl_reads_its_text_config() {
+        let text = base();
+        let mut v =
+            json!({"model_type": "qwen3_vl", "tie_word_embeddings": true, "text_config": text});
+        v["text_config"]["model_type"] = json!("qwen3_vl_text");
+        v["text_config"]["rope_scaling"] =
+            json!({"rope_type": "mrope", "mrope_section": [24, 20, 20]});
+        let c = parse(&v).unwrap();
+        assert!(c.vision_language && c.tie_word_embeddings);
+        assert_eq!(c.architecture, Architecture::Qwen3);
+        assert_eq!(
+            c.file_tensor_name("model.layers.0.mlp.up_proj.weight"),
+            "model.language_model.layers.0.mlp.up_proj.weight"
+        );
+        assert_eq!(c.file_tensor_name("lm_head.weight"), "lm_head.weight");
+        assert_eq!(
+            c.internal_tensor_name("model.visual.blocks.0.attn.qkv.weight"),
+            None
+        );
+        assert_eq!(
+            c.internal_tensor_name("model.language_model.norm.weight")
+                .as_deref(),
+            Some("model.norm.weight")
+        );
+        let e = parse(&json!({"model_type": "qwen3_vl"}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("text_config") && e.contains("missing"), "{e}");
         let mut v = base();
-        v["model_type"] = json!("qwen3_vl");
+        v["model_type"] = json!("qwen3_vl_moe");
         let e = parse(&v).unwrap_err().to_string();
         assert!(
-            e.contains("qwen3_vl") && e.contains("not supported yet") && e.contains("`qwen3`"),
+            e.contains("qwen3_vl_moe") && e.contains("mixture-of-experts"),
             "{e}"
         );
     }

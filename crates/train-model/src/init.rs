@@ -27,7 +27,7 @@ impl NormalRng {
         z ^ (z >> 31)
     }
 
-    fn uniform(&mut self) -> f64 {
+    pub(crate) fn uniform(&mut self) -> f64 {
         // 53 random bits in (0, 1].
         ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64
     }

@@ -65,6 +65,7 @@ pub mod config;
 pub mod error;
 pub mod gguf;
 mod init;
+pub mod lora;
 pub mod loss;
 pub mod model;
 pub mod names;
@@ -78,6 +79,10 @@ pub use attention::AttentionImpl;
 pub use cache::KvCache;
 pub use config::{Architecture, ModelConfig, StorageDtype};
 pub use error::{ModelError, Result};
+pub use lora::{
+    AdapterConfig, LoraAdapter, LoraConfig, is_adapter_dir, load_adapter, read_adapter_config,
+    save_adapter,
+};
 pub use loss::{
     IGNORE_INDEX, LinearNll, causal_lm_loss, causal_lm_nll, fused_linear_nll, nll_chunk_rows,
 };
@@ -85,5 +90,6 @@ pub use model::{CausalLm, HiddenStates, ModelInput, NamedParam};
 pub use names::{ParamKind, TensorSpec, tensor_specs};
 pub use precision::Precision;
 pub use pretrained::{
-    LoadOptions, Pretrained, SaveOptions, SavedModel, load_pretrained, save_pretrained,
+    LoadOptions, Pretrained, SaveOptions, SavedModel, copy_companions, load_pretrained,
+    save_pretrained,
 };

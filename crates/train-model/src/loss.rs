@@ -53,8 +53,9 @@ pub struct LinearNll<B: Backend> {
     pub sum: Tensor<B, 1>,
     /// `grad_scale ×` d sum / d hidden, `[rows, hidden]`, in the hidden states' dtype.
     pub grad_hidden: Tensor<B, 2>,
-    /// `grad_scale ×` d sum / d weight, `[vocab, hidden]`, in f32.
-    pub grad_weight: Tensor<B, 2>,
+    /// `grad_scale ×` d sum / d weight, `[vocab, hidden]`, in f32; `None` when not asked for
+    /// (a frozen head).
+    pub grad_weight: Option<Tensor<B, 2>>,
 }
 
 /// How many rows [`fused_linear_nll`] takes at a time for `rows` label tokens over a vocabulary
@@ -74,14 +75,16 @@ pub fn nll_chunk_rows(rows: usize, vocab: usize) -> usize {
 /// at positions whose next token is trained), `weight` is the LM head `[vocab, hidden]`,
 /// `targets` the label of each row. Per chunk: logits in the hidden dtype, log-sum-exp and
 /// softmax in f32 (as [`causal_lm_nll`]), `d logits = (softmax − one_hot) · grad_scale`, then
-/// `d hidden = d logits @ weight` and `d weight += d logitsᵀ @ hidden`. Mathematically the
-/// same as differentiating [`causal_lm_nll`]; only the summation order differs.
+/// `d hidden = d logits @ weight` and, when `weight_grad`, `d weight += d logitsᵀ @ hidden`.
+/// Mathematically the same as differentiating [`causal_lm_nll`]; only the summation order
+/// differs.
 pub fn fused_linear_nll<B: Backend>(
     hidden: &Tensor<B, 2>,
     weight: Tensor<B, 2>,
     targets: &Tensor<B, 1, Int>,
     grad_scale: f64,
     chunk_rows: usize,
+    weight_grad: bool,
 ) -> LinearNll<B> {
     let [rows, width] = hidden.dims();
     let [vocab, _] = weight.dims();
@@ -120,11 +123,13 @@ pub fn fused_linear_nll<B: Backend>(
             grad.cast(dtype)
         };
         grad_hidden.push(grad.clone().matmul(weight.clone()));
-        let gw = grad.transpose().matmul(h).cast(FloatDType::F32);
-        grad_weight = Some(match grad_weight {
-            Some(acc) => acc + gw,
-            None => gw,
-        });
+        if weight_grad {
+            let gw = grad.transpose().matmul(h).cast(FloatDType::F32);
+            grad_weight = Some(match grad_weight {
+                Some(acc) => acc + gw,
+                None => gw,
+            });
+        }
         start += len;
     }
     LinearNll {
@@ -134,8 +139,9 @@ pub fn fused_linear_nll<B: Backend>(
         } else {
             Tensor::cat(grad_hidden, 0)
         },
-        grad_weight: grad_weight
-            .unwrap_or_else(|| Tensor::zeros([vocab, width], (&device, burn::tensor::DType::F32))),
+        grad_weight: grad_weight.or_else(|| {
+            weight_grad.then(|| Tensor::zeros([vocab, width], (&device, burn::tensor::DType::F32)))
+        }),
     }
 }
 
@@ -184,14 +190,14 @@ mod tests {
 
         let t = Tensor::<Flex, 1, Int>::from_data(TensorData::new(targets, [rows]), &device);
         for chunk in [1, 3, rows, 100] {
-            let out = fused_linear_nll(&hidden, weight.clone(), &t, scale, chunk);
+            let out = fused_linear_nll(&hidden, weight.clone(), &t, scale, chunk, true);
             let got: f32 = out.sum.into_scalar();
             assert!(
                 (got - ref_sum).abs() < 1e-4,
                 "chunk {chunk}: sum {got} vs {ref_sum}"
             );
             let dh = max_abs_diff(out.grad_hidden, ref_gh.clone());
-            let dw = max_abs_diff(out.grad_weight, ref_gw.clone());
+            let dw = max_abs_diff(out.grad_weight.expect("asked for"), ref_gw.clone());
             assert!(
                 dh < 1e-5 && dw < 1e-5,
                 "chunk {chunk}: grad diffs {dh} {dw}"

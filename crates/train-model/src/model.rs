@@ -14,6 +14,7 @@ use crate::attention::{AttentionImpl, AttentionMask, repeat_kv, scaled_dot_produ
 use crate::cache::{KvCache, LayerKv};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
+use crate::lora::{LoraAdapter, LoraConfig};
 use crate::names::{TensorSpec, tensor_specs};
 use crate::rope::{Rotary, apply_rotary};
 
@@ -24,6 +25,8 @@ pub struct Projection<B: Backend> {
     pub weight: Param<Tensor<B, 2>>,
     /// `[out]`.
     pub bias: Option<Param<Tensor<B, 1>>>,
+    /// A LoRA adapter added to the output ([`crate::lora`]).
+    pub lora: Option<LoraAdapter<B>>,
 }
 
 impl<B: Backend> Projection<B> {
@@ -33,7 +36,13 @@ impl<B: Backend> Projection<B> {
         let dtype = x.dtype();
         let weight = cast_to(self.weight.val(), dtype);
         let bias = self.bias.as_ref().map(|b| cast_to(b.val(), dtype));
-        project(x, weight, bias)
+        match &self.lora {
+            None => project(x, weight, bias),
+            Some(lora) => {
+                let delta = lora.delta(x.clone());
+                project(x, weight, bias) + delta
+            }
+        }
     }
 }
 
@@ -44,7 +53,7 @@ const SMALL_ROWS: usize = 16;
 /// reshape the transposed `[out, in]` weight to `[1, in, out]`, which makes backends that cannot
 /// reshape a strided view (burn-flex) copy the whole weight on every call; a 2-D matmul reads
 /// the transposed view in place.
-fn project<B: Backend, const D: usize>(
+pub(crate) fn project<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     weight: Tensor<B, 2>,
     bias: Option<Tensor<B, 1>>,
@@ -68,7 +77,7 @@ fn project<B: Backend, const D: usize>(
     y.reshape(shape)
 }
 
-fn cast_to<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
+pub(crate) fn cast_to<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
     if t.dtype() == dtype { t } else { t.cast(dtype) }
 }
 
@@ -342,7 +351,11 @@ impl<B: Backend, F: FnMut(&TensorSpec) -> Result<TensorData>> ParamLoader<'_, B,
         } else {
             None
         };
-        Ok(Projection { weight, bias })
+        Ok(Projection {
+            weight,
+            bias,
+            lora: None,
+        })
     }
 }
 
@@ -376,6 +389,9 @@ pub struct CausalLm<B: Backend> {
     /// The dtype activations are computed in; `None` means the parameters' dtype. With f32
     /// parameters and bf16 here, the parameters act as f32 master weights.
     pub compute_dtype: Option<DType>,
+    /// The configuration of the LoRA adapters the projections carry, if any
+    /// ([`CausalLm::with_lora`]).
+    pub lora: Option<LoraConfig>,
 }
 
 /// A parameter of either rank, with its Hugging Face name.
@@ -460,6 +476,7 @@ impl<B: Backend> CausalLm<B> {
             config: config.clone(),
             attention: AttentionImpl::default(),
             compute_dtype: None,
+            lora: None,
         })
     }
 

@@ -50,8 +50,10 @@ pub struct Pretrained<B: Backend> {
     pub config: ModelConfig,
     /// `config.json` as found (unknown fields are carried over on save).
     pub raw_config: Value,
-    /// The directory it was loaded from.
+    /// The directory the base model was loaded from.
     pub dir: PathBuf,
+    /// The PEFT adapter directory applied on top of it, when one was loaded.
+    pub adapter_dir: Option<PathBuf>,
     /// The float type of the weights on disk (the default when saving).
     pub source_dtype: StorageDtype,
     /// Tensors in the files that the model does not use and that are known to be harmless
@@ -69,11 +71,23 @@ fn is_ignorable(name: &str, config: &ModelConfig) -> bool {
 /// Every tensor the architecture needs must be present with the shape the config implies; a
 /// tensor the architecture does not use is an error (unless it is one of the known harmless
 /// buffers, reported in [`Pretrained::ignored_tensors`]).
+///
+/// A PEFT adapter directory (`adapter_config.json`, no `config.json`) loads its base model
+/// (`base_model_name_or_path`, as written or relative to the adapter) with the adapter on top,
+/// as `peft`'s `AutoPeftModelForCausalLM` does.
 pub fn load_pretrained<B: Backend>(
     dir: &Path,
     options: &LoadOptions,
     device: &B::Device,
 ) -> Result<Pretrained<B>> {
+    if crate::lora::is_adapter_dir(dir) {
+        let adapter = crate::lora::read_adapter_config(dir)?;
+        let base = crate::lora::resolve_base_model(dir, adapter.base_model.as_deref())?;
+        let mut pretrained = load_pretrained::<B>(&base, options, device)?;
+        pretrained.model = crate::lora::load_adapter(pretrained.model, dir)?;
+        pretrained.adapter_dir = Some(dir.to_path_buf());
+        return Ok(pretrained);
+    }
     let (config, raw_config) = ModelConfig::from_file(&dir.join("config.json"))?;
     let index = WeightIndex::open_dir(dir)?;
     let specs = tensor_specs(&config);
@@ -81,19 +95,26 @@ pub fn load_pretrained<B: Backend>(
     let mut ignored = Vec::new();
     let mut unexpected = Vec::new();
     for name in index.names() {
-        if wanted.contains(name) {
+        // `None`: a tensor of another tower (Qwen3-VL's vision), carried over on save.
+        let Some(internal) = config.internal_tensor_name(name) else {
+            continue;
+        };
+        if wanted.contains(internal.as_str()) {
             continue;
         }
-        if is_ignorable(name, &config) {
+        if is_ignorable(&internal, &config) {
             ignored.push(name.to_string());
         } else {
             unexpected.push(name.to_string());
         }
     }
-    if let Some(spec) = specs.iter().find(|s| index.entry(&s.name).is_none()) {
+    if let Some(spec) = specs
+        .iter()
+        .find(|s| index.entry(&config.file_tensor_name(&s.name)).is_none())
+    {
         return Err(ModelError::MissingTensor {
             path: dir.to_path_buf(),
-            tensor: spec.name.clone(),
+            tensor: config.file_tensor_name(&spec.name),
             expected: spec.shape.clone(),
         });
     }
@@ -111,7 +132,7 @@ pub fn load_pretrained<B: Backend>(
         compute
     };
     let mut model = CausalLm::from_source(&config, storage, device, |spec| {
-        index.tensor_data(&spec.name, &spec.shape)
+        index.tensor_data(&config.file_tensor_name(&spec.name), &spec.shape)
     })?
     .with_attention(options.attention);
     if storage != compute {
@@ -123,6 +144,7 @@ pub fn load_pretrained<B: Backend>(
         config,
         raw_config,
         dir: dir.to_path_buf(),
+        adapter_dir: None,
         source_dtype,
         ignored_tensors: ignored,
     })
@@ -189,6 +211,41 @@ fn tmp_name(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
+/// For a vision-language model, the source checkpoint whose other towers `save_pretrained`
+/// copies unchanged (`options.companions_from`); `None` for a text-only model.
+fn carried_tensors<B: Backend>(
+    model: &CausalLm<B>,
+    options: &SaveOptions,
+) -> Result<Option<WeightIndex>> {
+    if !model.config.vision_language {
+        return Ok(None);
+    }
+    let src = options.companions_from.as_ref().ok_or_else(|| {
+        ModelError::InvalidInput(
+            "saving a vision-language model needs SaveOptions::companions_from (the checkpoint \
+             whose vision tower is carried over)"
+                .into(),
+        )
+    })?;
+    WeightIndex::open_dir(src).map(Some)
+}
+
+/// Copies the tokenizer and generation files of the model directory `src` into `dir` (each
+/// atomically); nothing when both are the same directory.
+pub fn copy_companions(src: &Path, dir: &Path) -> Result<()> {
+    if src.canonicalize().ok() == dir.canonicalize().ok() {
+        return Ok(());
+    }
+    for name in COMPANION_FILES {
+        let from = src.join(name);
+        if from.is_file() {
+            let bytes = std::fs::read(&from).map_err(|e| ModelError::io(&from, e))?;
+            write_atomically(&dir.join(name), &bytes)?;
+        }
+    }
+    Ok(())
+}
+
 /// Saves `model` as a Hugging Face directory: `config.json` (from `raw_config` with the dtype
 /// updated, or generated), weights under their Hugging Face names (tied weights once), an index
 /// when sharded, and the companion files of `options.companions_from`.
@@ -203,14 +260,26 @@ pub fn save_pretrained<B: Backend>(
     let st_dtype = to_safetensors_dtype(dtype);
 
     // Plan shards from the shapes alone, so that only one shard is ever converted in memory.
+    let config = &model.config;
     let mut order: Vec<(String, u64)> = Vec::new();
     model.visit_named(|p| {
         let (name, n) = match p {
             NamedParam::Vector(n, t) => (n, t.shape().num_elements()),
             NamedParam::Matrix(n, t) => (n, t.shape().num_elements()),
         };
-        order.push((name.to_string(), (n * dtype.size()) as u64));
+        order.push((config.file_tensor_name(name), (n * dtype.size()) as u64));
     });
+    // A vision-language model's other towers are copied byte for byte from the source.
+    let carried = carried_tensors(model, options)?;
+    if let Some(index) = &carried {
+        for name in index.names() {
+            if config.internal_tensor_name(name).is_none()
+                && let Some((_, entry)) = index.entry(name)
+            {
+                order.push((name.to_string(), (entry.range.1 - entry.range.0) as u64));
+            }
+        }
+    }
     let mut shards: Vec<Vec<String>> = vec![Vec::new()];
     let mut current = 0u64;
     for (name, bytes) in &order {
@@ -243,10 +312,16 @@ pub fn save_pretrained<B: Backend>(
         let mut views: Vec<(String, OwnedView)> = Vec::with_capacity(names.len());
         let mut error = None;
         model.visit_named(|p| {
+            let internal = match &p {
+                NamedParam::Vector(n, _) | NamedParam::Matrix(n, _) => *n,
+            };
+            let file_name = config.file_tensor_name(internal);
+            if !wanted.contains(file_name.as_str()) {
+                return;
+            }
             let (name, data) = match p {
-                NamedParam::Vector(n, t) if wanted.contains(n) => (n, t.val().into_data()),
-                NamedParam::Matrix(n, t) if wanted.contains(n) => (n, t.val().into_data()),
-                _ => return,
+                NamedParam::Vector(_, t) => (file_name.as_str(), t.val().into_data()),
+                NamedParam::Matrix(_, t) => (file_name.as_str(), t.val().into_data()),
             };
             let shape = data.shape.to_vec();
             let converted = if data.dtype == dtype.to_burn() {
@@ -274,6 +349,29 @@ pub fn save_pretrained<B: Backend>(
         });
         if let Some(e) = error {
             return Err(e);
+        }
+        if let Some(index) = &carried {
+            for name in names {
+                if config.internal_tensor_name(name).is_some() {
+                    continue;
+                }
+                if let Some((file, entry)) = index.entry(name) {
+                    let data = file.bytes(name).ok_or_else(|| {
+                        ModelError::weights(
+                            file.path(),
+                            format!("tensor `{name}` lies outside the file"),
+                        )
+                    })?;
+                    views.push((
+                        name.clone(),
+                        OwnedView {
+                            dtype: entry.dtype,
+                            shape: entry.shape.clone(),
+                            data: data.to_vec(),
+                        },
+                    ));
+                }
+            }
         }
         let fname = file_name(i);
         let path = dir.join(&fname);
@@ -315,16 +413,8 @@ pub fn save_pretrained<B: Backend>(
     }
     write_json(&dir.join("config.json"), &config)?;
 
-    if let Some(src) = &options.companions_from
-        && src.canonicalize().ok() != dir.canonicalize().ok()
-    {
-        for name in COMPANION_FILES {
-            let from = src.join(name);
-            if from.is_file() {
-                let bytes = std::fs::read(&from).map_err(|e| ModelError::io(&from, e))?;
-                write_atomically(&dir.join(name), &bytes)?;
-            }
-        }
+    if let Some(src) = &options.companions_from {
+        copy_companions(src, dir)?;
     }
     Ok(SavedModel {
         weight_files,

@@ -268,7 +268,11 @@ fn describe(name: &str, dir: &Path) -> Result<ModelEntry> {
         name: name.to_string(),
         path,
         kind: EntryKind::Model,
-        model_type: Some(cfg.architecture.model_type().to_string()),
+        model_type: Some(if cfg.vision_language {
+            "qwen3_vl".to_string()
+        } else {
+            cfg.architecture.model_type().to_string()
+        }),
         size_bytes,
         hidden_size: Some(cfg.hidden_size),
         num_layers: Some(cfg.num_layers),

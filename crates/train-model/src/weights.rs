@@ -186,7 +186,7 @@ impl WeightIndex {
         Ok(out)
     }
 
-    fn from_files(root: &Path, files: Vec<SafetensorsFile>) -> Result<Self> {
+    pub(crate) fn from_files(root: &Path, files: Vec<SafetensorsFile>) -> Result<Self> {
         let mut by_name = HashMap::new();
         for (i, f) in files.iter().enumerate() {
             for (name, _) in f.entries() {

@@ -186,9 +186,20 @@ pub fn verify_checkpoint(dir: &Path) -> Result<TrainerState> {
             sums.algorithm
         )));
     }
-    let has_weights = sums.files.contains_key("model.safetensors")
-        || sums.files.contains_key("model.safetensors.index.json");
-    for needed in ["trainer_state.json", "optimizer.safetensors", "config.json"] {
+    // A full model (`config.json` + weights) or, for a LoRA run, a PEFT adapter.
+    let adapter = sums.files.contains_key("adapter_config.json");
+    let has_weights = if adapter {
+        sums.files.contains_key("adapter_model.safetensors")
+    } else {
+        sums.files.contains_key("model.safetensors")
+            || sums.files.contains_key("model.safetensors.index.json")
+    };
+    let config_file = if adapter {
+        "adapter_config.json"
+    } else {
+        "config.json"
+    };
+    for needed in ["trainer_state.json", "optimizer.safetensors", config_file] {
         if !sums.files.contains_key(needed) {
             return Err(bad(format!("{needed} is not part of the checkpoint")));
         }
@@ -270,7 +281,11 @@ pub fn save_checkpoint<B: AutodiffBackend>(
         max_shard_bytes: None,
         companions_from: Some(companions_from.to_path_buf()),
     };
-    save_pretrained(model, Some(raw_config), &tmp, &options)?;
+    if model.lora_config().is_some() {
+        crate::trainer::save_adapter_dir(model, companions_from, &tmp)?;
+    } else {
+        save_pretrained(model, Some(raw_config), &tmp, &options)?;
+    }
     optimizer.save(&tmp.join("optimizer.safetensors"))?;
     let text = serde_json::to_string_pretty(state).map_err(|e| RunnerError::Checkpoint {
         path: tmp.clone(),

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
-use train_model::StorageDtype;
+use train_model::{LoraConfig, StorageDtype};
 
 use crate::error::{Result, RunnerError};
 
@@ -94,6 +94,13 @@ pub struct TrainerConfig {
     /// Dtype of the final model on disk; default the source checkpoint's. Checkpoints always
     /// keep f32 master weights so that a resumed run is exact.
     pub save_dtype: Option<StorageDtype>,
+    /// Train LoRA adapters on a frozen model instead of every weight (PEFT's defaults for the
+    /// fields left out). Checkpoints and the final output are then PEFT adapter directories.
+    pub lora: Option<LoraConfig>,
+    /// Data-parallel workers (devices): each optimizer step runs `gradient_accumulation_steps`
+    /// micro-batches of `batch_size` on each of them, so the global batch is
+    /// `batch_size × gradient_accumulation_steps × devices` (Trainer's semantics). Default 1.
+    pub devices: usize,
 }
 
 impl Default for TrainerConfig {
@@ -122,6 +129,8 @@ impl Default for TrainerConfig {
             skip_validation: false,
             eval_batch_size: None,
             save_dtype: None,
+            lora: None,
+            devices: 1,
         }
     }
 }
@@ -145,6 +154,11 @@ impl TrainerConfig {
             self.gradient_accumulation_steps,
         )?;
         positive("max_length", self.max_length)?;
+        positive("devices", self.devices)?;
+        if let Some(lora) = &self.lora {
+            lora.validate()
+                .map_err(|e| RunnerError::config("lora", e.to_string()))?;
+        }
         if let Some(s) = self.max_steps {
             positive("max_steps", s)?;
         }

@@ -39,6 +39,9 @@ pub enum RunnerError {
         /// The other process, as recorded in the lock file.
         pid: String,
     },
+    /// A data-parallel worker failed (registration, all-reduce, or a panic).
+    #[error("data parallel: {0}")]
+    Parallel(String),
     /// A checkpoint is missing, incomplete or inconsistent.
     #[error("checkpoint {path}: {message}")]
     Checkpoint {

@@ -65,6 +65,7 @@
 //!         num_epochs: 2, ..TrainerConfig::default() },
 //!     data_fingerprint: "example".into(),
 //!     overwrite: false,
+//!     devices: Vec::new(),
 //! };
 //! struct Quiet;
 //! impl TrainObserver for Quiet {}
@@ -83,6 +84,7 @@ pub mod eval;
 pub mod lock;
 pub mod observer;
 pub mod optim;
+pub mod parallel;
 pub mod trainer;
 
 pub use batches::{BatchPlan, batch_tensors};
@@ -100,6 +102,8 @@ pub use observer::{
 };
 pub use optim::layer_norms;
 pub use optim::{AdamW, AdamWConfig, ParamTable, global_grad_norm};
+pub use parallel::parallel_step_gradients;
 pub use trainer::{
-    ModelInspector, NoInspector, Resume, RunControl, TrainSetup, run, run_inspected, step_gradients,
+    ModelInspector, NoInspector, Resume, RunControl, TrainSetup, run, run_inspected,
+    save_adapter_dir, step_gradients,
 };

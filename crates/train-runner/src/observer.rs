@@ -24,6 +24,9 @@ pub struct RunInfo {
     pub validation_examples: usize,
     /// Parameters of the model.
     pub parameters: usize,
+    /// Parameters the optimizer updates (all of them, or the LoRA adapters' when training
+    /// adapters on a frozen model).
+    pub trainable_parameters: usize,
     /// The output directory.
     pub output_dir: PathBuf,
 }

@@ -54,6 +54,10 @@ impl ParamTable {
             let kind = kinds.get(name).copied().unwrap_or(ParamKind::Matrix);
             by_id.insert(id, (name.to_string(), kind));
         });
+        // LoRA weights are matrices (decayed, as `transformers.Trainer` decays them).
+        model.visit_adapters(|name, p| {
+            by_id.insert(p.id, (name.to_string(), ParamKind::Matrix));
+        });
         Self { by_id }
     }
 }
@@ -93,6 +97,11 @@ pub fn global_grad_norm<B: AutodiffBackend>(model: &CausalLm<B>, grads: &Gradien
             if let Some(g) = grads.get::<B::InnerBackend, 2>(t.id) {
                 add(g.cast(FloatDType::F32).square().sum());
             }
+        }
+    });
+    model.visit_adapters(|_, t| {
+        if let Some(g) = grads.get::<B::InnerBackend, 2>(t.id) {
+            add(g.cast(FloatDType::F32).square().sum());
         }
     });
     acc.map_or(0.0, |a| f64::from(a.into_scalar().elem::<f32>()).sqrt())
@@ -283,6 +292,13 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Mapper<'_, B> {
     }
 }
 
+/// The decoder layer a parameter name belongs to (`model.layers.<l>.…`).
+fn layer_of(name: &str) -> Option<usize> {
+    name.strip_prefix("model.layers.")
+        .and_then(|rest| rest.split('.').next())
+        .and_then(|i| i.parse::<usize>().ok())
+}
+
 /// The L2 norm of every transformer layer's parameters (`model.layers.N.*`), in layer order,
 /// computed on the device: one small transfer, no host copy of the weights.
 pub fn layer_norms<B: Backend>(model: &CausalLm<B>) -> Vec<f64> {
@@ -297,12 +313,15 @@ pub fn layer_norms<B: Backend>(model: &CausalLm<B>) -> Vec<f64> {
                 (name, v.val().cast(FloatDType::F32).powi_scalar(2).sum())
             }
         };
-        let layer = name
-            .strip_prefix("model.layers.")
-            .and_then(|rest| rest.split('.').next())
-            .and_then(|i| i.parse::<usize>().ok());
+        let layer = layer_of(name);
         if let Some(l) = layer.filter(|&l| l < n) {
             squares[l].push(sq);
+        }
+    });
+    model.visit_adapters(|name, w| {
+        let layer = layer_of(name);
+        if let Some(l) = layer.filter(|&l| l < n) {
+            squares[l].push(w.val().cast(FloatDType::F32).powi_scalar(2).sum());
         }
     });
     let sums: Vec<Tensor<B, 1>> = squares

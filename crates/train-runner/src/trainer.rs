@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, IndexingUpdateOp, Int, Tensor, TensorData};
 use serde_json::Value;
 use train_data::Example;
@@ -97,6 +97,9 @@ pub struct TrainSetup<B: AutodiffBackend> {
     pub data_fingerprint: String,
     /// Start over in an output directory that already holds checkpoints (the seed's `--yes`).
     pub overwrite: bool,
+    /// The device of each data-parallel worker (`config.devices` of them); empty: every worker
+    /// on the model's device (several CPU workers, or one GPU).
+    pub devices: Vec<burn::tensor::Device<B>>,
 }
 
 impl<B: AutodiffBackend> TrainSetup<B> {
@@ -122,6 +125,7 @@ impl<B: AutodiffBackend> TrainSetup<B> {
             config,
             data_fingerprint: String::new(),
             overwrite: false,
+            devices: Vec::new(),
         }
     }
 }
@@ -148,7 +152,7 @@ impl Resume {
 
 fn check_resumable(config: &TrainerConfig, resume: &Resume, fingerprint: &str) -> Result<()> {
     let old = &resume.state.config;
-    let same: [(&str, bool); 6] = [
+    let same: [(&str, bool); 7] = [
         ("batch_size", old.batch_size == config.batch_size),
         (
             "gradient_accumulation_steps",
@@ -158,6 +162,7 @@ fn check_resumable(config: &TrainerConfig, resume: &Resume, fingerprint: &str) -
         ("shuffle", old.shuffle == config.shuffle),
         ("packing", old.packing == config.packing),
         ("max_length", old.max_length == config.max_length),
+        ("devices", old.devices == config.devices),
     ];
     if let Some((field, _)) = same.iter().find(|(_, ok)| !ok) {
         return Err(RunnerError::Checkpoint {
@@ -229,7 +234,50 @@ pub fn run_inspected<B: AutodiffBackend>(
     if let Some(r) = resume {
         check_resumable(&config, r, &setup.data_fingerprint)?;
     }
-    let plan = BatchPlan::new(&setup.train, &config, setup.pad_id);
+    let mut setup = setup;
+    if let Some(lora) = &config.lora {
+        setup.model = match setup.model.lora_config() {
+            None => setup.model.with_lora(lora, config.seed)?,
+            // A resumed run, or an adapter loaded to train further.
+            Some(have)
+                if have.r == lora.r
+                    && have.alpha == lora.alpha
+                    && have.use_rslora == lora.use_rslora =>
+            {
+                setup.model
+            }
+            Some(have) => {
+                return Err(RunnerError::config(
+                    "lora",
+                    format!(
+                        "the model already carries an adapter with r = {}, alpha = {}; \
+                         train it with those settings or start from the base model",
+                        have.r, have.alpha
+                    ),
+                ));
+            }
+        };
+    }
+    // Each worker runs `gradient_accumulation_steps` micro-batches of every step.
+    let plan_config = TrainerConfig {
+        gradient_accumulation_steps: config.gradient_accumulation_steps * config.devices,
+        ..config.clone()
+    };
+    let plan = BatchPlan::new(&setup.train, &plan_config, setup.pad_id);
+    let devices = if setup.devices.is_empty() {
+        vec![setup.model.embed_tokens.val().device(); config.devices]
+    } else if setup.devices.len() == config.devices {
+        setup.devices.clone()
+    } else {
+        return Err(RunnerError::config(
+            "devices",
+            format!(
+                "{} workers asked for, {} devices given",
+                config.devices,
+                setup.devices.len()
+            ),
+        ));
+    };
     if plan.is_empty() {
         return Err(RunnerError::config("dataset", "no training examples"));
     }
@@ -262,6 +310,11 @@ pub fn run_inspected<B: AutodiffBackend>(
         train_rows: plan.len(),
         validation_examples: setup.validation.len(),
         parameters: setup.model.config.num_parameters(),
+        trainable_parameters: if setup.model.lora_config().is_some() {
+            setup.model.num_adapter_parameters()
+        } else {
+            setup.model.config.num_parameters()
+        },
         output_dir: output.clone(),
     };
     observer.start(&info);
@@ -273,6 +326,7 @@ pub fn run_inspected<B: AutodiffBackend>(
         raw_config: &setup.raw_config,
         companions_from: &setup.companions_from,
         optimizer: &mut optimizer,
+        devices,
         state: &mut state,
         metrics: &mut metrics,
         observer: &mut *observer,
@@ -300,7 +354,12 @@ pub fn run_inspected<B: AutodiffBackend>(
             max_shard_bytes: None,
             companions_from: Some(setup.companions_from.clone()),
         };
-        if let Err(e) = save_pretrained(model, Some(&setup.raw_config), &output, &options) {
+        let saved = if model.lora_config().is_some() {
+            save_adapter_dir(model, &setup.companions_from, &output)
+        } else {
+            save_pretrained(model, Some(&setup.raw_config), &output, &options).map(|_| ())
+        };
+        if let Err(e) = saved {
             final_error = Some(e.into());
         }
     }
@@ -338,6 +397,19 @@ pub fn run_inspected<B: AutodiffBackend>(
     }
 }
 
+/// Writes `model`'s adapters to `dir` as a PEFT adapter directory whose base model is
+/// `base_dir` (recorded as an absolute path), with `base_dir`'s tokenizer files, as
+/// `peft`'s `save_pretrained` and `transformers.Trainer` leave an adapter run's output.
+pub fn save_adapter_dir<B: Backend>(
+    model: &CausalLm<B>,
+    base_dir: &Path,
+    dir: &Path,
+) -> train_model::Result<()> {
+    let base = std::path::absolute(base_dir).unwrap_or_else(|_| base_dir.to_path_buf());
+    train_model::save_adapter(model, dir, &base.to_string_lossy())?;
+    train_model::copy_companions(base_dir, dir)
+}
+
 /// The loss and the gradients of one optimizer step over `batches` (its micro-batches).
 ///
 /// Loss = Σ NLL over every label token of the step / their number: each micro-batch contributes
@@ -355,7 +427,17 @@ pub fn step_gradients<B: AutodiffBackend>(
     device: &burn::tensor::Device<B>,
 ) -> (f64, GradientsParams) {
     let label_tokens: usize = batches.iter().map(|b| b.label_tokens).sum();
-    let denominator = label_tokens.max(1) as f64;
+    gradients_over(model, batches, label_tokens.max(1) as f64, device)
+}
+
+/// [`step_gradients`] of a part of a step: each micro-batch's NLL sum is divided by
+/// `denominator`, the label tokens of the whole step (over every worker).
+pub(crate) fn gradients_over<B: AutodiffBackend>(
+    model: &CausalLm<B>,
+    batches: &[train_data::Batch],
+    denominator: f64,
+    device: &burn::tensor::Device<B>,
+) -> (f64, GradientsParams) {
     let mut accumulator = GradientsAccumulator::<CausalLm<B>>::new();
     let mut step_loss = 0f64;
     // A biased LM head (none of the supported architectures has one) takes the plain path.
@@ -424,24 +506,28 @@ fn fused_micro_batch<B: AutodiffBackend>(
         Tensor::<B::InnerBackend, 1, Int>::from_data(TensorData::new(targets, [m]), device);
     let selected = flat.clone().inner().select(0, index.clone());
     let head = model.lm_head_weight();
+    let head_trained = head.is_require_grad();
     let out = fused_linear_nll(
         &selected,
         head.val().inner(),
         &targets,
         1.0 / denominator,
         nll_chunk_rows(m, model.config.vocab_size),
+        head_trained,
     );
     let loss = f64::from(out.sum.into_scalar().elem::<f32>()) / denominator;
     let grad_flat = Tensor::<B::InnerBackend, 2>::zeros([b * s, width], (device, flat.dtype()))
         .select_assign(0, index, out.grad_hidden, IndexingUpdateOp::Add);
     let surrogate = (flat * Tensor::<B, 2>::from_inner(grad_flat)).sum();
     let mut grads = GradientsParams::from_grads(surrogate.backward(), model);
-    let grad_head = out.grad_weight.cast(head.val().dtype());
-    let total = match grads.remove::<B::InnerBackend, 2>(head.id) {
-        Some(g) => g + grad_head,
-        None => grad_head,
-    };
-    grads.register::<B::InnerBackend, 2>(head.id, total);
+    if let Some(grad_head) = out.grad_weight {
+        let grad_head = grad_head.cast(head.val().dtype());
+        let total = match grads.remove::<B::InnerBackend, 2>(head.id) {
+            Some(g) => g + grad_head,
+            None => grad_head,
+        };
+        grads.register::<B::InnerBackend, 2>(head.id, total);
+    }
     (loss, grads)
 }
 
@@ -453,6 +539,7 @@ struct Loop<'a, B: AutodiffBackend> {
     raw_config: &'a Value,
     companions_from: &'a Path,
     optimizer: &'a mut AdamW<B>,
+    devices: Vec<burn::tensor::Device<B>>,
     state: &'a mut TrainerState,
     metrics: &'a mut MetricsLog,
     observer: &'a mut dyn TrainObserver,
@@ -492,7 +579,11 @@ impl<B: AutodiffBackend> Loop<'_, B> {
             let (batches, next_position) = self.plan.step_batches(self.state.data_position);
             let label_tokens: usize = batches.iter().map(|b| b.label_tokens).sum();
             let tokens: usize = batches.iter().map(|b| b.real_tokens).sum();
-            let (step_loss, grads) = step_gradients(&model, &batches, &device);
+            let (step_loss, grads) = if self.devices.len() > 1 {
+                crate::parallel::parallel_step_gradients(&model, &batches, &self.devices)?
+            } else {
+                step_gradients(&model, &batches, &device)
+            };
             if !step_loss.is_finite() {
                 return Ok((RunStatus::Crashed, model));
             }

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::{DType, TensorData};
 use train_data::{Batch, Example, IGNORE_INDEX, pack_examples};
-use train_model::{CausalLm, LoadOptions, ModelConfig, NamedParam, Precision, load_pretrained};
+use train_model::{
+    CausalLm, LoadOptions, LoraConfig, ModelConfig, NamedParam, Precision, load_pretrained,
+};
 use train_runner::{
     LrSchedule, OutputLock, Resume, RunControl, RunStatus, RunSummary, RunnerError, TrainEvent,
     TrainObserver, TrainSetup, TrainerConfig, global_grad_norm, latest_checkpoint, run,
@@ -208,6 +210,7 @@ fn setup(
         },
         data_fingerprint: "test-data".into(),
         overwrite: false,
+        devices: Vec::new(),
     }
 }
 
@@ -234,13 +237,14 @@ fn metric_rows(path: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-#[test]
-fn interrupted_and_resumed_run_equals_an_uninterrupted_one() {
+/// Runs `config` for 6 steps in one go, and stopped after 3 then resumed; both must log the
+/// same values and write the same `final_file`.
+fn check_resume_is_exact(config: &TrainerConfig, final_file: &str) {
     let a = tempfile::tempdir().unwrap();
     let (m, raw) = model();
     let mut rec = Recorder::new();
     let full = run(
-        setup(a.path(), m, raw.clone(), config()),
+        setup(a.path(), m, raw.clone(), config.clone()),
         None,
         &mut rec,
         &RunControl::new(),
@@ -255,7 +259,7 @@ fn interrupted_and_resumed_run_equals_an_uninterrupted_one() {
     let mut rec = Recorder::new();
     rec.stop_after = Some((3, control.clone()));
     let stopped = run(
-        setup(b.path(), m, raw.clone(), config()),
+        setup(b.path(), m, raw.clone(), config.clone()),
         None,
         &mut rec,
         &control,
@@ -278,7 +282,7 @@ fn interrupted_and_resumed_run_equals_an_uninterrupted_one() {
     let mut rec = Recorder::new();
     let resume = Resume::from_checkpoint(&ckpt).unwrap();
     let done = run(
-        setup(b.path(), resumed_model, raw, config()),
+        setup(b.path(), resumed_model, raw, config.clone()),
         Some(&resume),
         &mut rec,
         &RunControl::new(),
@@ -315,9 +319,98 @@ fn interrupted_and_resumed_run_equals_an_uninterrupted_one() {
     assert!(compared >= 6 * 3 + 3);
     // Both final models are the same.
     assert_eq!(
-        std::fs::read(a.path().join("model.safetensors")).unwrap(),
-        std::fs::read(b.path().join("model.safetensors")).unwrap()
+        std::fs::read(a.path().join(final_file)).unwrap(),
+        std::fs::read(b.path().join(final_file)).unwrap()
     );
+}
+
+#[test]
+fn interrupted_and_resumed_run_equals_an_uninterrupted_one() {
+    check_resume_is_exact(&config(), "model.safetensors");
+}
+
+fn lora_config() -> TrainerConfig {
+    TrainerConfig {
+        lora: Some(LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            target_modules: vec!["all-linear".into()],
+            ..LoraConfig::default()
+        }),
+        ..config()
+    }
+}
+
+#[test]
+fn an_interrupted_and_resumed_lora_run_equals_an_uninterrupted_one() {
+    check_resume_is_exact(&lora_config(), "adapter_model.safetensors");
+}
+
+#[test]
+fn a_lora_run_trains_only_the_adapters_and_saves_a_peft_adapter() {
+    let out = tempfile::tempdir().unwrap();
+    let (m, raw) = model();
+    let base: Vec<(String, Vec<f32>)> = {
+        let mut v = Vec::new();
+        m.visit_named(|p| match p {
+            NamedParam::Vector(n, t) => {
+                v.push((n.to_string(), t.val().into_data().to_vec().unwrap()));
+            }
+            NamedParam::Matrix(n, t) => {
+                v.push((n.to_string(), t.val().into_data().to_vec().unwrap()));
+            }
+        });
+        v
+    };
+    let mut rec = Recorder::new();
+    let summary = run(
+        setup(out.path(), m, raw, lora_config()),
+        None,
+        &mut rec,
+        &RunControl::new(),
+    )
+    .unwrap();
+    assert_eq!(summary.status, RunStatus::Completed);
+    // The output is an adapter directory, not a model.
+    assert!(out.path().join("adapter_config.json").is_file());
+    assert!(out.path().join("adapter_model.safetensors").is_file());
+    assert!(!out.path().join("model.safetensors").exists());
+    // The optimizer kept state for adapter weights only (2 per projection, 7 projections a layer).
+    let ckpt = latest_checkpoint(out.path()).unwrap();
+    let bytes = std::fs::read(ckpt.join("optimizer.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+    let (m, _) = model();
+    let expected = 2 * 2 * 7 * m.layers.len();
+    assert_eq!(names.len(), expected, "{names:?}");
+    assert!(
+        names
+            .iter()
+            .all(|n| n.contains(".lora_A.") || n.contains(".lora_B."))
+    );
+    // Reloaded (base + adapter), the base weights are untouched and the adapters are not zero.
+    let options = LoadOptions {
+        precision: Precision::Fp32,
+        ..LoadOptions::default()
+    };
+    let trained = load_pretrained::<B>(out.path(), &options, &Default::default()).unwrap();
+    let mut i = 0;
+    trained.model.visit_named(|p| {
+        let (n, v): (&str, Vec<f32>) = match p {
+            NamedParam::Vector(n, t) => (n, t.val().into_data().to_vec().unwrap()),
+            NamedParam::Matrix(n, t) => (n, t.val().into_data().to_vec().unwrap()),
+        };
+        assert_eq!((n, &v), (base[i].0.as_str(), &base[i].1), "{n} changed");
+        i += 1;
+    });
+    let mut moved = 0;
+    trained.model.visit_adapters(|n, p| {
+        let v: Vec<f32> = p.val().into_data().to_vec().unwrap();
+        if n.contains("lora_B") && v.iter().any(|x| *x != 0.0) {
+            moved += 1;
+        }
+    });
+    assert_eq!(moved, 7 * m.layers.len());
 }
 
 #[test]
@@ -660,4 +753,196 @@ fn padding_row_of_the_embeddings_gets_no_lookup_gradient() {
     let other = ex[0].input_ids[1];
     assert_ne!(other, pad);
     assert_eq!(row(&free, other), row(&cut, other));
+}
+
+/// `peft`'s first LoRA step on the fixture models (`lora.reference.safetensors`, made by
+/// `cargo xtask fixtures`): the loss and the gradient of every adapter weight, with the adapter
+/// `peft` saved loaded through `load_pretrained` (base + adapter directory).
+#[test]
+fn lora_gradients_match_peft() {
+    let bytes = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lora.reference.safetensors"),
+    )
+    .unwrap();
+    let reference = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let ints = |name: &str| -> (Vec<i64>, Vec<usize>) {
+        let v = reference.tensor(name).unwrap();
+        let data = TensorData::from_bytes_vec(v.data().to_vec(), v.shape().to_vec(), DType::I64);
+        (data.to_vec::<i64>().unwrap(), v.shape().to_vec())
+    };
+    let floats = |name: &str| -> Vec<f32> {
+        let v = reference.tensor(name).unwrap();
+        TensorData::from_bytes_vec(v.data().to_vec(), v.shape().to_vec(), DType::F32)
+            .to_vec::<f32>()
+            .unwrap()
+    };
+    let options = LoadOptions {
+        precision: Precision::Fp32,
+        ..LoadOptions::default()
+    };
+    let device = Default::default();
+    for arch in ["qwen3", "llama"] {
+        let loaded =
+            load_pretrained::<B>(&fixture(&format!("{arch}-lora")), &options, &device).unwrap();
+        let model = loaded.model;
+        assert!(model.lora_config().is_some());
+        let (ids, shape) = ints(&format!("{arch}.input_ids"));
+        let (labels, _) = ints(&format!("{arch}.labels"));
+        let (mask, _) = ints(&format!("{arch}.attention_mask"));
+        let seq = shape[1];
+        let examples: Vec<Example> = (0..shape[0])
+            .map(|r| {
+                let len = mask[r * seq..(r + 1) * seq]
+                    .iter()
+                    .filter(|m| **m == 1)
+                    .count();
+                Example {
+                    row: r,
+                    input_ids: ids[r * seq..r * seq + len]
+                        .iter()
+                        .map(|&i| i as u32)
+                        .collect(),
+                    labels: labels[r * seq..r * seq + len]
+                        .iter()
+                        .map(|&l| l as i32)
+                        .collect(),
+                }
+            })
+            .collect();
+        let refs: Vec<&Example> = examples.iter().collect();
+        let (loss, grads) = step_gradients(&model, &[Batch::padded(&refs, 0)], &device);
+        let bytes = reference
+            .tensor(&format!("{arch}.loss"))
+            .unwrap()
+            .data()
+            .to_vec();
+        let want_loss = f64::from_le_bytes(bytes.try_into().unwrap());
+        assert!(
+            (loss - want_loss).abs() <= 1e-5 * want_loss,
+            "{arch}: loss {loss} vs peft {want_loss}"
+        );
+        // No base weight has a gradient.
+        assert!(
+            grads_by_name(&model, &grads)
+                .iter()
+                .all(|(_, g)| g.is_empty()),
+            "{arch}: a frozen weight got a gradient"
+        );
+        let mut worst = 0f64;
+        let mut n = 0;
+        model.visit_adapters(|name, p| {
+            let got: Vec<f32> = grads
+                .get::<Flex, 2>(p.id)
+                .unwrap()
+                .into_data()
+                .to_vec()
+                .unwrap();
+            let want = floats(&format!("{arch}.grad.base_model.model.{name}"));
+            assert_eq!(got.len(), want.len(), "{name}");
+            let num: f64 = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| f64::from(a - b).powi(2))
+                .sum();
+            let den: f64 = want.iter().map(|b| f64::from(*b).powi(2)).sum();
+            let rel = (num / den.max(1e-30)).sqrt();
+            assert!(
+                rel <= 1e-4,
+                "{arch} {name}: gradient differs from peft's by {rel:.2e}"
+            );
+            worst = worst.max(rel);
+            n += 1;
+        });
+        assert_eq!(n, 2 * 7 * model.layers.len());
+        println!(
+            "{arch}: loss {loss:.7} vs peft {want_loss:.7}; {n} adapter gradients, worst relative difference {worst:.2e}"
+        );
+    }
+}
+
+/// Two data-parallel workers (burn's collective all-reduce, both on the CPU) with batches of 4
+/// train exactly as one worker with batches of 8: same losses, gradient norms and weights.
+#[test]
+fn two_data_parallel_workers_equal_one_worker_with_the_doubled_batch() {
+    let run_with = |batch_size: usize, devices: usize| {
+        let out = tempfile::tempdir().unwrap();
+        let (m, raw) = model();
+        let cfg = TrainerConfig {
+            batch_size,
+            devices,
+            gradient_accumulation_steps: 1,
+            max_steps: Some(4),
+            skip_validation: true,
+            ..config()
+        };
+        let summary = run(
+            setup(out.path(), m, raw, cfg),
+            None,
+            &mut Recorder::new(),
+            &RunControl::new(),
+        )
+        .unwrap();
+        assert_eq!(summary.status, RunStatus::Completed);
+        let rows = metric_rows(out.path());
+        let options = LoadOptions {
+            precision: Precision::Fp32,
+            ..LoadOptions::default()
+        };
+        let trained = load_pretrained::<Flex>(out.path(), &options, &Default::default())
+            .unwrap()
+            .model;
+        let mut weights = Vec::new();
+        trained.visit_named(|p| match p {
+            NamedParam::Vector(_, t) => {
+                weights.extend(t.val().into_data().to_vec::<f32>().unwrap());
+            }
+            NamedParam::Matrix(_, t) => {
+                weights.extend(t.val().into_data().to_vec::<f32>().unwrap());
+            }
+        });
+        (rows, weights)
+    };
+    let (one, w1) = run_with(8, 1);
+    let (two, w2) = run_with(4, 2);
+    assert_eq!(one.len(), 4);
+    assert_eq!(two.len(), 4);
+    let mut worst = 0f64;
+    for (a, b) in one.iter().zip(&two) {
+        for field in ["loss", "grad_norm", "tokens", "label_tokens"] {
+            let (x, y) = (a[field].as_f64().unwrap(), b[field].as_f64().unwrap());
+            let rel = (x - y).abs() / x.abs().max(1e-12);
+            println!(
+                "step {}: {field} one worker {x:.7}, two workers {y:.7} (relative {rel:.1e})",
+                a["step"]
+            );
+            assert!(rel <= 1e-5, "step {}: {field} {x} vs {y}", a["step"]);
+            worst = worst.max(rel);
+        }
+    }
+    // The updates (trained − initial weights) of both runs agree: the few gradient components
+    // near zero, where AdamW's m / √v is sensitive to the summation order, stay within 1e-3 of
+    // the update's norm.
+    let (m0, _) = model();
+    let mut w0 = Vec::new();
+    m0.visit_named(|p| match p {
+        NamedParam::Vector(_, t) => w0.extend(t.val().into_data().to_vec::<f32>().unwrap()),
+        NamedParam::Matrix(_, t) => w0.extend(t.val().into_data().to_vec::<f32>().unwrap()),
+    });
+    let norm =
+        |v: &mut dyn Iterator<Item = f32>| v.map(|x| f64::from(x).powi(2)).sum::<f64>().sqrt();
+    let update = norm(&mut w1.iter().zip(&w0).map(|(a, b)| a - b));
+    let apart = norm(&mut w1.iter().zip(&w2).map(|(a, b)| a - b));
+    let max_weight_diff = w1
+        .iter()
+        .zip(&w2)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    println!(
+        "data parallel: worst relative difference of logged values {worst:.1e}; after 4 steps the weights differ by {:.1e} of the update's norm ({update:.3e}), at most {max_weight_diff:.1e} in one weight",
+        apart / update
+    );
+    assert!(
+        update > 0.0 && apart <= 1e-3 * update,
+        "updates differ: {apart} vs {update}"
+    );
 }

@@ -1,0 +1,262 @@
+//! LoRA adapters: a fresh adapter changes nothing, save → load is exact, merging gives the
+//! adapter's logits, the adapter `peft` saved loads and changes the logits, only adapter weights
+//! get gradients, and every bad adapter directory is a clear error naming the file and field.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![cfg(feature = "cpu")]
+
+mod common;
+
+use std::path::Path;
+
+use burn::backend::{Autodiff, Flex};
+use burn::tensor::Tensor;
+use common::fixtures;
+use train_model::{
+    CausalLm, LoadOptions, LoraConfig, ModelError, ModelInput, NamedParam, Precision, load_adapter,
+    load_pretrained, save_adapter,
+};
+
+type B = Flex;
+
+fn options() -> LoadOptions {
+    LoadOptions {
+        precision: Precision::Fp32,
+        ..LoadOptions::default()
+    }
+}
+
+fn base(arch: &str) -> CausalLm<B> {
+    load_pretrained::<B>(&fixtures().join(arch), &options(), &Default::default())
+        .unwrap()
+        .model
+}
+
+fn input() -> ModelInput<B> {
+    ModelInput::from_rows(
+        &[
+            vec![5, 17, 99, 3, 250, 8, 41],
+            vec![7, 7, 300, 12, 2, 90, 11],
+        ],
+        &Default::default(),
+    )
+    .unwrap()
+}
+
+fn max_diff(a: Tensor<B, 3>, b: Tensor<B, 3>) -> f32 {
+    (a - b).abs().max().into_scalar()
+}
+
+fn config(targets: &[&str]) -> LoraConfig {
+    LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        target_modules: targets.iter().map(|t| (*t).to_string()).collect(),
+        ..LoraConfig::default()
+    }
+}
+
+/// Sets every `lora_B` to small non-zero values (a fresh adapter's B is zero).
+fn perturb(model: CausalLm<B>) -> CausalLm<B> {
+    let mut model = model;
+    for layer in &mut model.layers {
+        for proj in [
+            &mut layer.self_attn.q_proj,
+            &mut layer.self_attn.v_proj,
+            &mut layer.mlp.down_proj,
+        ] {
+            if let Some(l) = proj.lora.as_mut() {
+                let b = l.b.val();
+                let n = b.shape().num_elements();
+                let values: Vec<f32> = (0..n)
+                    .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.01)
+                    .collect();
+                let t =
+                    Tensor::<B, 1>::from_floats(values.as_slice(), &b.device()).reshape(b.shape());
+                l.b = burn::module::Param::initialized(l.b.id, t);
+            }
+        }
+    }
+    model
+}
+
+#[test]
+fn a_fresh_adapter_changes_nothing_and_counts_its_weights() {
+    let plain = base("qwen3").forward(&input());
+    let model = base("qwen3")
+        .with_lora(&config(&["q_proj", "v_proj"]), 1)
+        .unwrap();
+    assert_eq!(max_diff(plain, model.forward(&input())), 0.0);
+    let c = &model.config;
+    let q = 4 * (c.hidden_size + c.num_heads * c.head_dim);
+    let v = 4 * (c.hidden_size + c.num_kv_heads * c.head_dim);
+    assert_eq!(model.num_adapter_parameters(), c.num_layers * (q + v));
+}
+
+#[test]
+fn save_load_and_merge_keep_the_logits() {
+    let model = perturb(
+        base("qwen3")
+            .with_lora(&config(&["q_proj", "v_proj", "mlp.down_proj"]), 3)
+            .unwrap(),
+    );
+    let with_adapter = model.forward(&input());
+    assert!(max_diff(with_adapter.clone(), base("qwen3").forward(&input())) > 1e-3);
+    let dir = tempfile::tempdir().unwrap();
+    save_adapter(&model, dir.path(), "../somewhere").unwrap();
+    let loaded = load_adapter(base("qwen3"), dir.path()).unwrap();
+    assert_eq!(
+        max_diff(with_adapter.clone(), loaded.forward(&input())),
+        0.0
+    );
+    assert_eq!(loaded.lora_config().unwrap().r, 4);
+    let merged = loaded.merge_lora();
+    assert!(merged.lora_config().is_none());
+    let d = max_diff(with_adapter, merged.forward(&input()));
+    assert!(d < 1e-5, "merged logits differ by {d}");
+}
+
+#[test]
+fn the_adapter_peft_saved_loads_through_load_pretrained() {
+    for arch in ["qwen3", "llama"] {
+        let dir = fixtures().join(format!("{arch}-lora"));
+        let loaded = load_pretrained::<B>(&dir, &options(), &Default::default()).unwrap();
+        assert_eq!(loaded.adapter_dir.as_deref(), Some(dir.as_path()));
+        assert!(loaded.dir.ends_with(arch));
+        let lora = loaded.model.lora_config().unwrap().clone();
+        assert_eq!((lora.r, lora.alpha), (4, 8.0));
+        assert_eq!(lora.target_modules.len(), 7);
+        let d = max_diff(loaded.model.forward(&input()), base(arch).forward(&input()));
+        assert!(d > 1e-3, "{arch}: the adapter does not change the logits");
+    }
+}
+
+#[test]
+fn only_adapter_weights_get_gradients() {
+    type A = Autodiff<Flex>;
+    let model = load_pretrained::<A>(
+        &fixtures().join("qwen3-lora"),
+        &options(),
+        &Default::default(),
+    )
+    .unwrap()
+    .model;
+    let input =
+        ModelInput::<A>::from_rows(&[vec![5, 17, 99, 3, 250]], &Default::default()).unwrap();
+    let grads = model.forward(&input).sum().backward();
+    model.visit_named(|p| {
+        let (name, has) = match p {
+            NamedParam::Vector(n, t) => (n, t.grad(&grads).is_some()),
+            NamedParam::Matrix(n, t) => (n, t.grad(&grads).is_some()),
+        };
+        assert!(!has, "{name} is frozen but got a gradient");
+    });
+    let mut n = 0;
+    model.visit_adapters(|name, p| {
+        assert!(p.grad(&grads).is_some(), "{name} got no gradient");
+        n += 1;
+    });
+    assert_eq!(n, 2 * 7 * model.layers.len());
+}
+
+fn adapter_copy(dir: &Path) {
+    let src = fixtures().join("qwen3-lora");
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    // The copy is elsewhere: point it at the base model by absolute path.
+    edit_config(dir, |c| {
+        c["base_model_name_or_path"] = fixtures().join("qwen3").to_str().unwrap().into();
+    });
+}
+
+fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let path = dir.join("adapter_config.json");
+    let mut c: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    f(&mut c);
+    std::fs::write(&path, serde_json::to_string(&c).unwrap()).unwrap();
+}
+
+#[test]
+fn bad_adapters_are_clear_errors() {
+    // Unknown target.
+    let e = base("qwen3").with_lora(&config(&["qproj"]), 0).unwrap_err();
+    assert!(e.to_string().contains("`qproj` selects no module"), "{e}");
+    // Out-of-range settings.
+    let e = base("qwen3")
+        .with_lora(
+            &LoraConfig {
+                r: 0,
+                ..LoraConfig::default()
+            },
+            0,
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("lora r"), "{e}");
+
+    type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+    let cases: Vec<(&str, Edit, &str)> = vec![
+        (
+            "use_dora",
+            Box::new(|c| c["use_dora"] = true.into()),
+            "DoRA",
+        ),
+        (
+            "peft_type",
+            Box::new(|c| c["peft_type"] = "IA3".into()),
+            "IA3",
+        ),
+        (
+            "r",
+            Box::new(|c| c["r"] = "four".into()),
+            "positive integer",
+        ),
+        (
+            "modules_to_save",
+            Box::new(|c| c["modules_to_save"] = serde_json::json!(["lm_head"])),
+            "not supported",
+        ),
+        (
+            "base_model_name_or_path",
+            Box::new(|c| c["base_model_name_or_path"] = "/nowhere/at/all".into()),
+            "not a model directory",
+        ),
+        ("r", Box::new(|c| c["r"] = 8.into()), "has shape"),
+    ];
+    for (field, edit, says) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        adapter_copy(dir.path());
+        edit_config(dir.path(), edit);
+        let e = load_pretrained::<B>(dir.path(), &options(), &Default::default()).unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains(says), "{field}: {text}");
+        if !matches!(e, ModelError::ShapeMismatch { .. }) {
+            assert!(
+                text.contains("adapter_config.json") && text.contains(field),
+                "{text}"
+            );
+        }
+    }
+    // Missing weights, and a lora_A without its lora_B.
+    let dir = tempfile::tempdir().unwrap();
+    adapter_copy(dir.path());
+    std::fs::remove_file(dir.path().join("adapter_model.safetensors")).unwrap();
+    let e = load_adapter(base("qwen3"), dir.path()).unwrap_err();
+    assert!(e.to_string().contains("adapter_model.safetensors"), "{e}");
+    let dir = tempfile::tempdir().unwrap();
+    adapter_copy(dir.path());
+    let src = fixtures().join("qwen3-lora/adapter_model.safetensors");
+    let bytes = std::fs::read(&src).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let kept: Vec<(String, safetensors::tensor::TensorView<'_>)> = st
+        .tensors()
+        .into_iter()
+        .filter(|(n, _)| n != "base_model.model.model.layers.1.mlp.up_proj.lora_B.weight")
+        .collect();
+    safetensors::serialize_to_file(kept, None, &dir.path().join("adapter_model.safetensors"))
+        .unwrap();
+    let e = load_adapter(base("qwen3"), dir.path()).unwrap_err();
+    assert!(
+        e.to_string().contains("layers.1.mlp.up_proj.lora_B.weight"),
+        "{e}"
+    );
+}
