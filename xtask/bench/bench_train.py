@@ -67,7 +67,26 @@ def peak_rss_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def torch_run(model_dir, data, steps, warmup, batch, seq, lr, weight_decay, max_grad_norm, attn):
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_adapter(model_dir, r, out):
+    """A fresh PEFT LoRA adapter (rank r, alpha 2r, every projection, seed 0) for the model, so
+    that `train` and `peft` start the LoRA job from the same A matrices."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    torch.manual_seed(0)
+    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    get_peft_model(model, config).save_pretrained(out)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(Path(model_dir).resolve())
+    (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    (out / "README.md").unlink(missing_ok=True)
+
+
+def torch_run(model_dir, data, steps, warmup, batch, seq, lr, weight_decay, max_grad_norm, attn, adapter=None):
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -85,10 +104,14 @@ def torch_run(model_dir, data, steps, warmup, batch, seq, lr, weight_decay, max_
     if len(rows) < need:
         sys.exit(f"{data}: {len(rows)} rows, {need} needed")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn)
+    if adapter is not None:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
     model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
     # Hugging Face Trainer's grouping: no decay on biases and norms.
-    decay = [p for _, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for _, p in model.named_parameters() if p.ndim < 2]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.999), eps=1e-8)
@@ -98,7 +121,7 @@ def torch_run(model_dir, data, steps, warmup, batch, seq, lr, weight_decay, max_
         t0 = time.perf_counter()
         out = model(input_ids=x, labels=x)
         out.loss.backward()
-        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)))
+        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)))
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss = out.loss.item()
@@ -108,7 +131,7 @@ def torch_run(model_dir, data, steps, warmup, batch, seq, lr, weight_decay, max_
         "step_seconds": step_seconds, "losses": losses, "grad_norms": grad_norms, "tokens_per_step": batch * seq,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "transformers": transformers.__version__, "attention": attn,
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": peak_rss_bytes(), "trainable_parameters": sum(p.numel() for p in trainable),
     }))
 
 
@@ -135,14 +158,21 @@ def main():
     t.add_argument("--weight-decay", type=float, required=True)
     t.add_argument("--max-grad-norm", type=float, required=True)
     t.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
+    t.add_argument("--adapter", type=Path, help="train this PEFT LoRA adapter on the frozen model")
+    l = sub.add_parser("make-adapter")
+    l.add_argument("--model", type=Path, required=True)
+    l.add_argument("--r", type=int, required=True)
+    l.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     if a.cmd == "make-model":
         make_model(a.shape, a.tokenizer_dir, a.out)
     elif a.cmd == "make-data":
         make_data(a.assets, a.out, a.rows, a.min_chars)
+    elif a.cmd == "make-adapter":
+        make_adapter(a.model, a.r, a.out)
     else:
         torch_run(a.model, a.data, a.steps, a.warmup, a.batch, a.seq, a.lr, a.weight_decay,
-                  a.max_grad_norm, a.attn)
+                  a.max_grad_norm, a.attn, a.adapter)
 
 
 if __name__ == "__main__":

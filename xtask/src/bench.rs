@@ -59,6 +59,8 @@ struct Contestant {
     last_loss: f64,
     peak_rss_bytes: u64,
     wall_seconds: f64,
+    /// Trained a LoRA adapter (the frozen model) rather than every weight.
+    lora: bool,
 }
 
 impl Contestant {
@@ -79,6 +81,8 @@ struct TrainBench {
     batch: usize,
     seq: usize,
     only: Vec<String>,
+    /// Also train a LoRA adapter of this rank (alpha 2r, every projection) for each contestant.
+    lora: Option<usize>,
 }
 
 const LR: &str = "1e-4";
@@ -93,6 +97,7 @@ fn parse_train_args(args: &[String]) -> Result<TrainBench> {
         batch: 2,
         seq: 512,
         only: vec!["cpu".into(), "tch".into(), "pytorch".into()],
+        lora: None,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -104,9 +109,10 @@ fn parse_train_args(args: &[String]) -> Result<TrainBench> {
             "--batch" => b.batch = value.parse()?,
             "--seq" => b.seq = value.parse()?,
             "--only" => b.only = value.split(',').map(str::to_string).collect(),
+            "--lora" => b.lora = Some(value.parse()?),
             f => bail!(
                 "unknown flag {f} (bench-train [--model qwen3-30m|smollm2] [--steps N] \
-                 [--warmup N] [--batch N] [--seq N] [--only cpu,tch,pytorch])"
+                 [--warmup N] [--batch N] [--seq N] [--only cpu,tch,pytorch] [--lora R])"
             ),
         }
     }
@@ -155,31 +161,68 @@ pub fn bench_train(args: &[String]) -> Result<()> {
     }
     let env = torch_env()?;
     let mut build = cargo();
-    build.args([
-        "build",
-        "--workspace",
-        "--release",
-        "--bins",
-        "--features",
-        TCH_FEATURES,
-    ]);
+    build.args(["build", "--workspace", "--release", "--bins"]);
+    // The tch backend only when it runs (a build with it resolves other features).
+    if b.only.iter().any(|o| o == "tch") {
+        build.args(["--features", TCH_FEATURES]);
+    }
     build.envs(env.iter().map(|(k, v)| (k, v)));
-    run("build train with the cpu and tch backends", build)?;
+    run("build train", build)?;
 
+    // With --lora, everyone also trains the same fresh PEFT adapter (made once by peft).
+    let adapter = match b.lora {
+        Some(r) => {
+            let a = dir.join(format!("{}-lora-r{r}", b.model));
+            if !a.join("adapter_model.safetensors").is_file() {
+                let mut c = Command::new(&python);
+                c.arg(&script)
+                    .args(["make-adapter", "--r", &r.to_string(), "--model"])
+                    .arg(&model)
+                    .arg("--out")
+                    .arg(&a);
+                run("a fresh LoRA adapter (peft)", c)?;
+            }
+            Some(a)
+        }
+        None => None,
+    };
     let mut results = Vec::new();
     for backend in ["cpu", "tch"] {
         if b.only.iter().any(|o| o == backend) {
             results.push(rust_run(&b, backend, &model, &data, &dir, &env)?);
+            if let Some(a) = &adapter {
+                results.push(rust_run(&b, backend, a, &data, &dir, &env)?);
+            }
         }
     }
     if b.only.iter().any(|o| o == "pytorch") {
-        results.push(torch_run(&b, &python, &script, &model, &data, &env)?);
+        results.push(torch_run(&b, &python, &script, &model, &data, &env, None)?);
+        if let Some(a) = &adapter {
+            results.push(torch_run(
+                &b,
+                &python,
+                &script,
+                &model,
+                &data,
+                &env,
+                Some(a),
+            )?);
+        }
     }
-    check_same_job(&results)?;
+    // A fresh adapter leaves the model unchanged: every first loss agrees.
+    check_first_losses(&results)?;
+    for lora in [false, true] {
+        let group: Vec<&Contestant> = results.iter().filter(|r| r.lora == lora).collect();
+        check_same_job(&group)?;
+    }
     let table = train_table(&b, &results);
     println!("\n{table}");
     write_section(
-        "bench-train",
+        if b.lora.is_some() {
+            "bench-lora"
+        } else {
+            "bench-train"
+        },
         &format!("{}\n{table}", machine_and_versions(&python)?),
     )?;
     Ok(())
@@ -193,7 +236,8 @@ fn rust_run(
     dir: &Path,
     env: &[(String, OsString)],
 ) -> Result<Contestant> {
-    let out = dir.join(format!("run-{backend}"));
+    let lora = model.join("adapter_config.json").is_file();
+    let out = dir.join(format!("run-{backend}{}", if lora { "-lora" } else { "" }));
     if out.exists() {
         std::fs::remove_dir_all(&out)?;
     }
@@ -270,7 +314,11 @@ fn rust_run(
         );
     }
     Ok(Contestant {
-        name: format!("train-rs, {backend} backend"),
+        name: format!(
+            "train-rs, {backend} backend{}",
+            if lora { ", LoRA" } else { "" }
+        ),
+        lora,
         step_seconds: steps[b.warmup..].iter().map(|s| s.1).collect(),
         tokens_per_step,
         first_loss: steps[0].2,
@@ -287,11 +335,16 @@ fn torch_run(
     model: &Path,
     data: &Path,
     env: &[(String, OsString)],
+    adapter: Option<&Path>,
 ) -> Result<Contestant> {
     let json = cache().join("bench-train/pytorch.json");
     let mut c = Command::new(python);
-    c.arg(script)
-        .args(["torch", "--model"])
+    if let Some(a) = adapter {
+        c.arg(script).arg("torch").arg("--adapter").arg(a);
+    } else {
+        c.arg(script).arg("torch");
+    }
+    c.arg("--model")
         .arg(model)
         .arg("--data")
         .arg(data)
@@ -329,11 +382,17 @@ fn torch_run(
     }
     Ok(Contestant {
         name: format!(
-            "PyTorch {} + transformers {} (eager, {} threads)",
+            "PyTorch {} + transformers {}{} (eager, {} threads)",
             v["torch"].as_str().unwrap_or("?"),
             v["transformers"].as_str().unwrap_or("?"),
+            if adapter.is_some() {
+                " + peft, LoRA"
+            } else {
+                ""
+            },
             v["threads"]
         ),
+        lora: adapter.is_some(),
         step_seconds: seconds[b.warmup..].to_vec(),
         tokens_per_step: b.batch * b.seq,
         first_loss: losses[0],
@@ -343,13 +402,16 @@ fn torch_run(
     })
 }
 
+fn relative(a: f64, b: f64) -> f64 {
+    (a - b).abs() / b.abs().max(1e-12)
+}
+
 /// The contestants ran the same job when their first losses (same weights, same rows, before
-/// any update) agree, and trained the same way when their last losses still agree.
-fn check_same_job(results: &[Contestant]) -> Result<()> {
-    let rel = |a: f64, b: f64| (a - b).abs() / b.abs().max(1e-12);
+/// any update) agree.
+fn check_first_losses(results: &[Contestant]) -> Result<()> {
     if let Some(first) = results.first() {
         for r in &results[1..] {
-            if rel(r.first_loss, first.first_loss) > 1e-4 {
+            if relative(r.first_loss, first.first_loss) > 1e-4 {
                 bail!(
                     "first-step losses differ ({} {:.6} vs {} {:.6}): not the same job",
                     first.name,
@@ -358,7 +420,17 @@ fn check_same_job(results: &[Contestant]) -> Result<()> {
                     r.first_loss
                 );
             }
-            if rel(r.last_loss, first.last_loss) > 1e-3 {
+        }
+    }
+    Ok(())
+}
+
+/// Contestants that train the same weights trained them the same way when their last losses
+/// still agree.
+fn check_same_job(results: &[&Contestant]) -> Result<()> {
+    if let Some(first) = results.first() {
+        for r in &results[1..] {
+            if relative(r.last_loss, first.last_loss) > 1e-3 {
                 bail!(
                     "last-step losses differ ({} {:.6} vs {} {:.6}): the updates are not the same",
                     first.name,
@@ -373,10 +445,13 @@ fn check_same_job(results: &[Contestant]) -> Result<()> {
 }
 
 fn train_table(b: &TrainBench, results: &[Contestant]) -> String {
-    let reference = results
-        .iter()
-        .find(|r| r.name.starts_with("PyTorch"))
-        .map(|r| (r.tokens_per_sec(), r.peak_rss_bytes));
+    // Each row against PyTorch training the same weights (all of them, or the adapter).
+    let reference = |lora: bool| {
+        results
+            .iter()
+            .find(|r| r.name.starts_with("PyTorch") && r.lora == lora)
+            .map(|r| (r.tokens_per_sec(), r.peak_rss_bytes))
+    };
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -392,12 +467,22 @@ fn train_table(b: &TrainBench, results: &[Contestant]) -> String {
         b.warmup,
         b.seq
     );
+    if let Some(r) = b.lora {
+        let _ = writeln!(
+            s,
+            "LoRA rows: the same job training only a LoRA adapter (r {r}, alpha {}, no dropout, \
+             all seven projections) on the frozen model, every contestant starting from the same \
+             fresh adapter written by `peft`; rows are compared with PyTorch training the same \
+             weights (all, or the adapter).\n",
+            2 * r
+        );
+    }
     s.push_str(
         "| run | tokens/s | s/step | peak RSS | tokens/s vs PyTorch | RSS vs PyTorch | loss step 1 → last | wall (s) |\n\
          |---|---:|---:|---:|---:|---:|---|---:|\n",
     );
     for r in results {
-        let (speed, mem) = reference.map_or(("–".into(), "–".into()), |(t, m)| {
+        let (speed, mem) = reference(r.lora).map_or(("–".into(), "–".into()), |(t, m)| {
             (
                 format!("{:.2}×", r.tokens_per_sec() / t),
                 format!("{:.2}×", r.peak_rss_bytes as f64 / m as f64),

