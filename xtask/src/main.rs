@@ -331,31 +331,44 @@ fn python_round_trips() -> Result<()> {
     if work.exists() {
         std::fs::remove_dir_all(&work)?;
     }
+    // `train` on the shipped conversations: 8 rows a step, a high learning rate so that a few
+    // steps change the weights visibly.
+    let train = |model: &Path, output: &Path, steps: &str| {
+        let mut c = Command::new(release_bin("train"));
+        c.arg("--model")
+            .arg(model)
+            .arg("--dataset")
+            .arg(root().join("crates/train-data/tests/fixtures/sample.jsonl"))
+            .arg("--output")
+            .arg(output)
+            .args(["--max-steps", steps, "--batch-size", "8"])
+            .args(["--learning-rate", "1e-2", "--skip-validation"]);
+        c
+    };
+    // The fixture script with one of its `--check-…` modes.
+    let check = |mode: &str, a: &Path, b: &Path| {
+        let mut c = Command::new(venv.join("bin/python"));
+        c.arg(root().join("xtask/fixtures/make_fixtures.py"))
+            .arg("--assets")
+            .arg(&assets)
+            .arg("--out")
+            .arg(&fixtures)
+            .arg(mode)
+            .arg(a)
+            .arg(b);
+        c
+    };
+
     let (adapter, merged) = (work.join("adapter"), work.join("merged"));
-    let mut c = Command::new(release_bin("train"));
-    c.arg("--model")
-        .arg(fixtures.join("qwen3"))
-        .arg("--dataset")
-        .arg(root().join("crates/train-data/tests/fixtures/sample.jsonl"))
-        .arg("--output")
-        .arg(&adapter)
-        .args([
-            "--max-steps",
-            "4",
-            "--batch-size",
-            "8",
-            "--learning-rate",
-            "1e-2",
-        ])
-        .args([
-            "--lora-r",
-            "8",
-            "--lora-alpha",
-            "16",
-            "--lora-target",
-            "all-linear",
-        ])
-        .arg("--skip-validation");
+    let mut c = train(&fixtures.join("qwen3"), &adapter, "4");
+    c.args([
+        "--lora-r",
+        "8",
+        "--lora-alpha",
+        "16",
+        "--lora-target",
+        "all-linear",
+    ]);
     run("train a LoRA adapter with train", c)?;
     let mut c = Command::new(release_bin("train"));
     c.arg("merge")
@@ -364,49 +377,21 @@ fn python_round_trips() -> Result<()> {
         .arg(&merged)
         .args(["--dtype", "fp32"]);
     run("merge it with train merge", c)?;
-    let mut c = Command::new(venv.join("bin/python"));
-    c.arg(root().join("xtask/fixtures/make_fixtures.py"))
-        .arg("--assets")
-        .arg(&assets)
-        .arg("--out")
-        .arg(&fixtures)
-        .arg("--check-adapter")
-        .arg(&adapter)
-        .arg(&merged);
     run(
         "load the adapter with peft; compare with the merged model",
-        c,
+        check("--check-adapter", &adapter, &merged),
     )?;
 
     // Qwen3-VL: train the text decoder, then transformers loads the whole checkpoint back.
     let trained = work.join("qwen3_vl");
-    let mut c = Command::new(release_bin("train"));
-    c.arg("--model")
-        .arg(fixtures.join("qwen3_vl"))
-        .arg("--dataset")
-        .arg(root().join("crates/train-data/tests/fixtures/sample.jsonl"))
-        .arg("--output")
-        .arg(&trained)
-        .args([
-            "--max-steps",
-            "3",
-            "--batch-size",
-            "8",
-            "--learning-rate",
-            "1e-2",
-        ])
-        .arg("--skip-validation");
-    run("train the text decoder of the tiny Qwen3-VL with train", c)?;
-    let mut c = Command::new(venv.join("bin/python"));
-    c.arg(root().join("xtask/fixtures/make_fixtures.py"))
-        .arg("--assets")
-        .arg(&assets)
-        .arg("--out")
-        .arg(&fixtures)
-        .arg("--check-vl")
-        .arg(fixtures.join("qwen3_vl"))
-        .arg(&trained);
-    run("load it with transformers; vision tower unchanged", c)
+    run(
+        "train the text decoder of the tiny Qwen3-VL with train",
+        train(&fixtures.join("qwen3_vl"), &trained, "3"),
+    )?;
+    run(
+        "load it with transformers; vision tower unchanged",
+        check("--check-vl", &fixtures.join("qwen3_vl"), &trained),
+    )
 }
 
 /// Runs every example binary on the shipped tiny model and data; the ones that train write
