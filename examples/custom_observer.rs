@@ -106,6 +106,7 @@ fn main() -> anyhow::Result<()> {
         data_fingerprint: String::new(),
         overwrite: true,
         devices: Vec::new(),
+        cluster: None,
     };
 
     let csv = output.join("metrics.csv");

@@ -1,5 +1,5 @@
 //! The one place where a burn backend is chosen: `--backend cpu|tch|cuda` (+ `--device`,
-//! `--gradient-checkpointing`) → a concrete autodiff backend type.
+//! `--devices`, `--gradient-checkpointing`) → a concrete autodiff backend type and devices.
 
 use anyhow::{Result, bail};
 use burn::tensor::backend::AutodiffBackend;
@@ -16,100 +16,187 @@ pub enum BackendArg {
     Cuda,
 }
 
+/// The devices a command runs on.
+pub struct Placement<B: AutodiffBackend> {
+    /// Where the model is loaded (the first worker's device).
+    pub main: burn::tensor::Device<B>,
+    /// One device per data-parallel worker (`main` first); one entry without `--devices`.
+    pub workers: Vec<burn::tensor::Device<B>>,
+}
+
 /// Something to run on a backend chosen at run time.
 pub trait WithBackend {
     /// What it returns.
     type Output;
     /// Runs on `B`.
-    fn run<B: AutodiffBackend>(self, device: burn::tensor::Device<B>) -> Result<Self::Output>;
+    fn run<B: AutodiffBackend>(self, placement: Placement<B>) -> Result<Self::Output>;
 }
 
-/// Runs `work` on the backend the flags ask for, or says why it is not available.
+/// Runs `work` on the backend the flags ask for, with `workers` data-parallel workers, or says
+/// why it is not available.
+///
+/// `device` is `--device`: one device, or a comma-separated list of one per worker. One device
+/// with several workers means: on CPU, every worker on it; on GPUs, consecutive GPUs from it
+/// (`cuda:0` with 4 workers: `cuda:0` … `cuda:3`).
 pub fn dispatch<W: WithBackend>(
     backend: BackendArg,
     device: Option<&str>,
+    workers: usize,
     checkpointing: bool,
     work: W,
 ) -> Result<W::Output> {
+    let list: Vec<&str> = device
+        .map(|d| d.split(',').map(str::trim).collect())
+        .unwrap_or_default();
+    if list.len() > 1 && list.len() != workers {
+        bail!(
+            "--device lists {} devices for {workers} worker(s); give --devices {} (one worker per device)",
+            list.len(),
+            list.len()
+        );
+    }
+    let spec = DeviceSpec {
+        list,
+        workers: workers.max(1),
+    };
     match backend {
-        BackendArg::Cpu => cpu(device, checkpointing, work),
-        BackendArg::Tch => tch(device, checkpointing, work),
-        BackendArg::Cuda => cuda(device, checkpointing, work),
+        BackendArg::Cpu => cpu(&spec, checkpointing, work),
+        BackendArg::Tch => tch(&spec, checkpointing, work),
+        BackendArg::Cuda => cuda(&spec, checkpointing, work),
+    }
+}
+
+/// `--device` split at commas (empty: the backend's default), and the number of workers.
+struct DeviceSpec<'a> {
+    list: Vec<&'a str>,
+    workers: usize,
+}
+
+impl DeviceSpec<'_> {
+    /// One device per worker: the list as given, or `parse(first)` followed by `next(i)` for the
+    /// other workers.
+    fn devices<D: Clone>(
+        &self,
+        default: &str,
+        parse: impl Fn(&str) -> Result<D>,
+        next: impl Fn(&D, usize) -> D,
+    ) -> Result<Vec<D>> {
+        if self.list.len() > 1 {
+            return self.list.iter().map(|d| parse(d)).collect();
+        }
+        let first = parse(self.list.first().copied().unwrap_or(default))?;
+        Ok((0..self.workers).map(|i| next(&first, i)).collect())
+    }
+}
+
+fn placement<B: AutodiffBackend>(workers: Vec<burn::tensor::Device<B>>) -> Result<Placement<B>> {
+    match workers.first() {
+        Some(main) => Ok(Placement {
+            main: main.clone(),
+            workers,
+        }),
+        None => bail!("no device"),
     }
 }
 
 #[cfg(feature = "cpu")]
-fn cpu<W: WithBackend>(device: Option<&str>, checkpointing: bool, work: W) -> Result<W::Output> {
+fn cpu<W: WithBackend>(spec: &DeviceSpec<'_>, checkpointing: bool, work: W) -> Result<W::Output> {
     use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
     use burn::backend::{Autodiff, Flex};
-    if let Some(d) = device
-        && d != "cpu"
-    {
-        bail!("--device {d}: the cpu backend has only the `cpu` device");
-    }
+    // Every worker on the one CPU device.
+    let devices = spec.devices(
+        "cpu",
+        |d| {
+            if d == "cpu" {
+                Ok(())
+            } else {
+                bail!("--device {d}: the cpu backend has only the `cpu` device")
+            }
+        },
+        |(), _| (),
+    )?;
+    let workers = devices.iter().map(|()| Default::default()).collect();
     if checkpointing {
-        work.run::<Autodiff<Flex, BalancedCheckpointing>>(Default::default())
+        work.run::<Autodiff<Flex, BalancedCheckpointing>>(placement(workers)?)
     } else {
-        work.run::<Autodiff<Flex>>(Default::default())
+        work.run::<Autodiff<Flex>>(placement(workers)?)
     }
 }
 
 #[cfg(not(feature = "cpu"))]
-fn cpu<W: WithBackend>(_: Option<&str>, _: bool, _: W) -> Result<W::Output> {
+fn cpu<W: WithBackend>(_: &DeviceSpec<'_>, _: bool, _: W) -> Result<W::Output> {
     bail!("this `train` was built without the cpu backend (cargo feature `cpu`)")
 }
 
 #[cfg(feature = "tch")]
-fn tch<W: WithBackend>(device: Option<&str>, checkpointing: bool, work: W) -> Result<W::Output> {
+fn tch<W: WithBackend>(spec: &DeviceSpec<'_>, checkpointing: bool, work: W) -> Result<W::Output> {
     use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
     use burn::backend::libtorch::LibTorchDevice;
     use burn::backend::{Autodiff, LibTorch};
-    let dev = match device {
-        None | Some("cpu") => LibTorchDevice::Cpu,
-        Some(d) => match d.strip_prefix("cuda").map(|r| r.trim_start_matches(':')) {
-            Some("") => LibTorchDevice::Cuda(0),
-            Some(i) => match i.parse() {
-                Ok(i) => LibTorchDevice::Cuda(i),
-                Err(_) => bail!("--device {d}: expected cpu, cuda or cuda:N"),
+    let parse = |d: &str| -> Result<LibTorchDevice> {
+        Ok(match d {
+            "cpu" => LibTorchDevice::Cpu,
+            _ => match d.strip_prefix("cuda").map(|r| r.trim_start_matches(':')) {
+                Some("") => LibTorchDevice::Cuda(0),
+                Some(i) => match i.parse() {
+                    Ok(i) => LibTorchDevice::Cuda(i),
+                    Err(_) => bail!("--device {d}: expected cpu, cuda or cuda:N"),
+                },
+                None => bail!("--device {d}: expected cpu, cuda or cuda:N"),
             },
-            None => bail!("--device {d}: expected cpu, cuda or cuda:N"),
-        },
+        })
     };
+    let workers = spec.devices("cpu", parse, |first, i| match first {
+        LibTorchDevice::Cuda(k) => LibTorchDevice::Cuda(k + i),
+        other => other.clone(),
+    })?;
+    let gpus = usize::try_from(tch::Cuda::device_count()).unwrap_or(0);
+    for w in &workers {
+        if let LibTorchDevice::Cuda(i) = w
+            && *i >= gpus
+        {
+            bail!("--device: cuda:{i} does not exist (libtorch sees {gpus} GPU(s))");
+        }
+    }
     if checkpointing {
-        work.run::<Autodiff<LibTorch, BalancedCheckpointing>>(dev)
+        work.run::<Autodiff<LibTorch, BalancedCheckpointing>>(placement(workers)?)
     } else {
-        work.run::<Autodiff<LibTorch>>(dev)
+        work.run::<Autodiff<LibTorch>>(placement(workers)?)
     }
 }
 
 #[cfg(not(feature = "tch"))]
-fn tch<W: WithBackend>(_: Option<&str>, _: bool, _: W) -> Result<W::Output> {
+fn tch<W: WithBackend>(_: &DeviceSpec<'_>, _: bool, _: W) -> Result<W::Output> {
     bail!(
         "this `train` was built without the libtorch backend; rebuild with `--features tch` (see the README)"
     )
 }
 
 #[cfg(feature = "cuda")]
-fn cuda<W: WithBackend>(device: Option<&str>, checkpointing: bool, work: W) -> Result<W::Output> {
+fn cuda<W: WithBackend>(spec: &DeviceSpec<'_>, checkpointing: bool, work: W) -> Result<W::Output> {
     use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
     use burn::backend::cuda::CudaDevice;
     use burn::backend::{Autodiff, Cuda};
-    let index = match device.map(|d| d.trim_start_matches("cuda").trim_start_matches(':')) {
-        None | Some("") => 0,
-        Some(i) => match i.parse() {
-            Ok(i) => i,
-            Err(_) => bail!("--device {i}: expected a GPU index"),
-        },
+    let parse = |d: &str| -> Result<CudaDevice> {
+        match d.trim_start_matches("cuda").trim_start_matches(':') {
+            "" => Ok(CudaDevice { index: 0 }),
+            i => match i.parse() {
+                Ok(index) => Ok(CudaDevice { index }),
+                Err(_) => bail!("--device {d}: expected a GPU index (N or cuda:N)"),
+            },
+        }
     };
-    let dev = CudaDevice { index };
+    let workers = spec.devices("0", parse, |first, i| CudaDevice {
+        index: first.index + i,
+    })?;
     if checkpointing {
-        work.run::<Autodiff<Cuda, BalancedCheckpointing>>(dev)
+        work.run::<Autodiff<Cuda, BalancedCheckpointing>>(placement(workers)?)
     } else {
-        work.run::<Autodiff<Cuda>>(dev)
+        work.run::<Autodiff<Cuda>>(placement(workers)?)
     }
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda<W: WithBackend>(_: Option<&str>, _: bool, _: W) -> Result<W::Output> {
+fn cuda<W: WithBackend>(_: &DeviceSpec<'_>, _: bool, _: W) -> Result<W::Output> {
     bail!("this `train` was built without the cuda backend; rebuild with `--features cuda`")
 }

@@ -15,7 +15,7 @@ use train_logits::{
 };
 use train_model::load_pretrained;
 
-use crate::backend::{WithBackend, dispatch};
+use crate::backend::{Placement, WithBackend, dispatch};
 use crate::run_cmd::ComputeArgs;
 
 /// `train generate`.
@@ -78,7 +78,8 @@ struct Output {
 impl WithBackend for Generate<'_> {
     type Output = Output;
 
-    fn run<B: AutodiffBackend>(self, device: burn::tensor::Device<B>) -> Result<Output> {
+    fn run<B: AutodiffBackend>(self, placement: Placement<B>) -> Result<Output> {
+        let device = placement.main;
         let loaded = load_pretrained::<B::InnerBackend>(
             &self.dir,
             &self.args.compute.load_options(false),
@@ -169,6 +170,7 @@ pub fn run(args: &GenerateArgs) -> Result<ExitCode> {
     let out = dispatch(
         args.compute.backend,
         args.compute.device.as_deref(),
+        1,
         false,
         work,
     )?;

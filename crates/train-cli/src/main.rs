@@ -92,6 +92,14 @@ enum Command {
     /// The model registry (names for model directories).
     #[command(subcommand)]
     Models(ModelsCommand),
+    /// Coordinate a data-parallel run over several machines (burn's global collective): start it
+    /// on one machine, then `train run --nodes N --node-rank R --orchestrator HOST:PORT
+    /// --node-address THIS_HOST:PORT …` on each. Runs until Ctrl-C or SIGTERM.
+    Orchestrator {
+        /// Port to listen on (every interface).
+        #[arg(long, default_value_t = 3000)]
+        port: u16,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -393,6 +401,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Eval(args) => run_cmd::eval(&args),
         Command::Generate(args) => generate_cmd::run(&args),
         Command::Merge(args) => merge_cmd::run(&args),
+        Command::Orchestrator { port } => orchestrator(port),
         Command::Status {
             output,
             status_dir,
@@ -584,5 +593,23 @@ fn models(cmd: ModelsCommand) -> Result<ExitCode> {
             }
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `train orchestrator`: burn's global-collective orchestrator, until Ctrl-C or SIGTERM.
+fn orchestrator(port: u16) -> Result<ExitCode> {
+    // burn's server only logs a failure to listen: find it out here, with a clear message.
+    drop(
+        std::net::TcpListener::bind(("0.0.0.0", port))
+            .with_context(|| format!("--port {port}: cannot listen on it"))?,
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the orchestrator's runtime")?;
+    // Say where it listens before it does, so that scripts can wait for the line.
+    eprintln!("orchestrator listening on port {port} (Ctrl-C to stop)");
+    runtime.block_on(burn_collective::start_global_orchestrator(port));
+    eprintln!("orchestrator stopped");
     Ok(ExitCode::SUCCESS)
 }

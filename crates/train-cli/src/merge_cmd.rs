@@ -13,7 +13,7 @@ use train_model::{
     save_pretrained,
 };
 
-use crate::backend::{WithBackend, dispatch};
+use crate::backend::{Placement, WithBackend, dispatch};
 use crate::run_cmd::{ComputeArgs, DtypeArg};
 
 /// `train merge`.
@@ -50,7 +50,8 @@ struct Merged {
 impl WithBackend for Merge<'_> {
     type Output = Merged;
 
-    fn run<B: AutodiffBackend>(self, device: burn::tensor::Device<B>) -> Result<Merged> {
+    fn run<B: AutodiffBackend>(self, placement: Placement<B>) -> Result<Merged> {
+        let device = placement.main;
         // The sum W + scaling·B·A is formed in f32 whatever the stored dtype.
         let options = LoadOptions {
             precision: Precision::Fp32,
@@ -94,6 +95,7 @@ pub fn run(args: &MergeArgs) -> Result<ExitCode> {
     let merged = dispatch(
         args.compute.backend,
         args.compute.device.as_deref(),
+        1,
         false,
         Merge {
             args,

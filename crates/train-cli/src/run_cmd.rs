@@ -17,7 +17,7 @@ use train_runner::{
 };
 
 use crate::DataArgs;
-use crate::backend::{BackendArg, WithBackend, dispatch};
+use crate::backend::{BackendArg, Placement, WithBackend, dispatch};
 use crate::control::ControlWatcher;
 use crate::monitor::Monitor;
 use crate::progress::Progress;
@@ -194,8 +194,23 @@ pub struct RunArgs {
     /// Data-parallel workers: each runs --batch-size × --gradient-accumulation examples of every
     /// step on its own model replica and the gradients are summed (burn's collective
     /// all-reduce), so the global batch is batch size × accumulation × devices.
+    /// On GPUs, one worker per GPU from --device (`--device cuda:0 --devices 4`: GPUs 0-3), or
+    /// one per device of a list (`--device cuda:0,cuda:2 --devices 2`).
     #[arg(long, default_value_t = 1)]
     pub devices: usize,
+    /// Machines in a multi-machine run: each runs the same command with its own --node-rank and
+    /// --node-address, and the global batch is multiplied by the number of machines.
+    #[arg(long, default_value_t = 1)]
+    pub nodes: usize,
+    /// This machine's rank in a multi-machine run, 0 to --nodes − 1.
+    #[arg(long, requires_all = ["orchestrator", "node_address"])]
+    pub node_rank: Option<usize>,
+    /// The orchestrator (`train orchestrator`) of a multi-machine run, HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT", requires = "node_rank")]
+    pub orchestrator: Option<String>,
+    /// Where the other machines reach this one, HOST:PORT (it listens on that port).
+    #[arg(long, value_name = "HOST:PORT", requires = "node_rank")]
+    pub node_address: Option<String>,
     /// Validation prompts answered greedily for the live previews (every max(10, eval_steps/10)
     /// steps) and the evolution tracker (steps 0, 10, 25, 50, 100, …); 0 turns both off.
     #[arg(long, default_value_t = 3)]
@@ -227,6 +242,15 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
+    /// This machine's place in a multi-machine run.
+    fn cluster(&self) -> Option<train_runner::Cluster> {
+        Some(train_runner::Cluster {
+            node_rank: self.node_rank?,
+            orchestrator: self.orchestrator.clone()?,
+            node_address: self.node_address.clone()?,
+        })
+    }
+
     fn trainer_config(&self) -> TrainerConfig {
         TrainerConfig {
             output_dir: self.output.clone(),
@@ -257,6 +281,7 @@ impl RunArgs {
             eval_batch_size: self.eval_batch_size,
             save_dtype: self.save_dtype.map(DtypeArg::storage),
             devices: self.devices,
+            nodes: self.nodes,
             lora: self.lora_r.map(|r| LoraConfig {
                 r,
                 alpha: self.lora_alpha,
@@ -302,7 +327,8 @@ struct Training<'a> {
 impl WithBackend for Training<'_> {
     type Output = RunSummary;
 
-    fn run<B: AutodiffBackend>(self, device: burn::tensor::Device<B>) -> Result<RunSummary> {
+    fn run<B: AutodiffBackend>(self, placement: Placement<B>) -> Result<RunSummary> {
+        let device = placement.main;
         let options = self.args.compute.load_options(true);
         let source = load_pretrained::<B>(&self.model_dir, &options, &device)
             .with_context(|| format!("loading {}", self.model_dir.display()))?;
@@ -351,7 +377,8 @@ impl WithBackend for Training<'_> {
             config: self.args.trainer_config(),
             data_fingerprint: self.fingerprint,
             overwrite: self.args.yes,
-            devices: Vec::new(),
+            devices: placement.workers,
+            cluster: self.args.cluster(),
         };
         let mut progress = Progress::new();
         let status_dir = self
@@ -473,6 +500,7 @@ pub fn train(args: &RunArgs) -> Result<ExitCode> {
     let summary = dispatch(
         args.compute.backend,
         args.compute.device.as_deref(),
+        args.devices,
         args.gradient_checkpointing,
         work,
     );
@@ -518,7 +546,8 @@ struct Evaluation<'a> {
 impl WithBackend for Evaluation<'_> {
     type Output = (f64, u64);
 
-    fn run<B: AutodiffBackend>(self, device: burn::tensor::Device<B>) -> Result<(f64, u64)> {
+    fn run<B: AutodiffBackend>(self, placement: Placement<B>) -> Result<(f64, u64)> {
+        let device = placement.main;
         let model = load_pretrained::<B::InnerBackend>(
             &self.model_dir,
             &self.args.compute.load_options(false),
@@ -559,6 +588,7 @@ pub fn eval(args: &EvalArgs) -> Result<ExitCode> {
     let (sum, tokens) = dispatch(
         args.compute.backend,
         args.compute.device.as_deref(),
+        1,
         false,
         work,
     )?;

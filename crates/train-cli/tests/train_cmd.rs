@@ -594,3 +594,233 @@ fn two_devices_train_like_one_with_the_doubled_batch() {
         }
     }
 }
+
+/// A free TCP port on this machine (the port of a listener that is closed again).
+fn free_port() -> String {
+    let l = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
+    l.local_addr().unwrap().port().to_string()
+}
+
+/// A machine of a loopback cluster: `train run` with its stdout and stderr in files (which a
+/// long run cannot fill up, unlike pipes).
+struct Node {
+    child: std::process::Child,
+    stdout: std::path::PathBuf,
+    stderr: std::path::PathBuf,
+}
+
+impl Node {
+    /// `train ARGS --nodes 2 --node-rank RANK --orchestrator ADDRESS --node-address …`.
+    fn start(dir: &std::path::Path, args: &[String], rank: usize, orchestrator: &str) -> Self {
+        let (stdout, stderr) = (
+            dir.join(format!("node-{rank}.out")),
+            dir.join(format!("node-{rank}.err")),
+        );
+        let rank = rank.to_string();
+        let address = format!("127.0.0.1:{}", free_port());
+        let cluster = [
+            "--nodes",
+            "2",
+            "--node-rank",
+            &rank,
+            "--orchestrator",
+            orchestrator,
+            "--node-address",
+            &address,
+        ];
+        let child = Command::new(env!("CARGO_BIN_EXE_train"))
+            .args(args)
+            .args(cluster)
+            .env("TRAIN_MODEL_REGISTRY", dir.join("models.json"))
+            .stdout(std::fs::File::create(&stdout).unwrap())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        Self {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Waits until its stderr has a line starting with `prefix` (at most 300 s).
+    fn wait_for(&self, prefix: &str) {
+        let start = std::time::Instant::now();
+        while !std::fs::read_to_string(&self.stderr)
+            .unwrap()
+            .lines()
+            .any(|l| l.starts_with(prefix))
+        {
+            assert!(start.elapsed().as_secs() < 300, "no line {prefix:?}");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// Its exit code and `--json` summary, waiting at most 600 s (then killing it).
+    fn finish(mut self) -> (Option<i32>, serde_json::Value) {
+        let start = std::time::Instant::now();
+        while self.child.try_wait().unwrap().is_none() && start.elapsed().as_secs() < 600 {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let code = self.child.wait().unwrap().code();
+        let stdout = std::fs::read_to_string(&self.stdout).unwrap();
+        let stderr = std::fs::read_to_string(&self.stderr).unwrap();
+        let summary = stdout
+            .lines()
+            .last()
+            .and_then(|l| serde_json::from_str(l).ok())
+            .unwrap_or_else(|| panic!("no JSON summary (exit {code:?}): {stderr}"));
+        (code, summary)
+    }
+}
+
+/// An orchestrator on a free port, and its address.
+fn orchestrator(dir: &std::path::Path) -> (std::process::Child, String) {
+    let port = free_port();
+    let (child, _) = spawn_until(
+        dir,
+        &["orchestrator", "--port", &port],
+        "orchestrator listening",
+    );
+    (child, format!("127.0.0.1:{port}"))
+}
+
+/// The flags of a small run in `out` with micro-batches of `batch`.
+fn run_args(
+    m: &std::path::Path,
+    d: &std::path::Path,
+    out: &std::path::Path,
+    batch: &str,
+) -> Vec<String> {
+    let mut a: Vec<String> = base(m, d, out).iter().map(ToString::to_string).collect();
+    a[7] = batch.into(); // --batch-size
+    a.extend(["--skip-validation", "--json"].map(String::from));
+    a
+}
+
+/// Two machines on loopback (`train orchestrator` and two `train run --nodes 2` processes, burn's
+/// global collective) train like one process with the doubled batch, and end with identical
+/// models.
+#[test]
+fn two_machines_on_loopback_train_like_one_with_the_doubled_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, d) = (model(), data(dir.path(), 16));
+    let (mut orchestrator, address) = orchestrator(dir.path());
+    let outs: Vec<_> = ["n0", "n1", "one"]
+        .iter()
+        .map(|n| dir.path().join(n))
+        .collect();
+    let args = |out: &std::path::Path, batch: &str| {
+        let mut a = run_args(&m, &d, out, batch);
+        a.extend(["--max-steps", "3"].map(String::from));
+        a
+    };
+    let nodes: Vec<Node> = (0..2)
+        .map(|rank| Node::start(dir.path(), &args(&outs[rank], "2"), rank, &address))
+        .collect();
+    for node in nodes {
+        let (code, summary) = node.finish();
+        assert_eq!((code, summary["global_step"].as_u64()), (Some(0), Some(3)));
+    }
+    orchestrator.kill().unwrap();
+    orchestrator.wait().unwrap();
+    let one = args(&outs[2], "4");
+    train_ok(
+        dir.path(),
+        &one.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let metrics = |out: &std::path::Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let (n0, n1, single) = (metrics(&outs[0]), metrics(&outs[1]), metrics(&outs[2]));
+    assert_eq!(single.len(), 3);
+    for ((a, b), c) in n0.iter().zip(&n1).zip(&single) {
+        assert_eq!(a["tokens"], c["tokens"]);
+        for field in ["loss", "grad_norm"] {
+            let (x, y, z) = (
+                a[field].as_f64().unwrap(),
+                b[field].as_f64().unwrap(),
+                c[field].as_f64().unwrap(),
+            );
+            println!(
+                "step {}: {field} node 0 {x:.9}, node 1 {y:.9}, one process {z:.9} (relative {:.1e})",
+                a["step"],
+                (x - z).abs() / z
+            );
+            assert_eq!(x, y, "{field}: the machines disagree");
+            assert!((x - z).abs() <= 1e-5 * z, "{field}: {x} vs {z}");
+        }
+    }
+    // Both machines applied the same reduced gradients: the same model, byte for byte.
+    let weights = |out: &std::path::Path| std::fs::read(out.join("model.safetensors")).unwrap();
+    assert!(
+        weights(&outs[0]) == weights(&outs[1]),
+        "the machines' models differ"
+    );
+}
+
+/// `train control stop` on one machine stops every machine of the run at the same step, each
+/// with its checkpoint of that step.
+#[test]
+fn a_stop_on_one_machine_stops_all_at_the_same_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, d) = (model(), data(dir.path(), 60));
+    let (mut orchestrator, address) = orchestrator(dir.path());
+    let outs: Vec<_> = (0..2).map(|r| dir.path().join(format!("n{r}"))).collect();
+    let nodes: Vec<Node> = (0..2)
+        .map(|rank| {
+            let mut a = run_args(&m, &d, &outs[rank], "2");
+            a.extend(["--epochs", "50"].map(String::from));
+            Node::start(dir.path(), &a, rank, &address)
+        })
+        .collect();
+    nodes[1].wait_for("step 2/");
+    let o = train(dir.path(), &["control", "stop", outs[1].to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0));
+    let ends: Vec<_> = nodes.into_iter().map(Node::finish).collect();
+    orchestrator.kill().unwrap();
+    orchestrator.wait().unwrap();
+    let step = ends[0].1["global_step"].as_u64().unwrap();
+    println!("both machines stopped after step {step}");
+    for ((code, summary), out) in ends.iter().zip(&outs) {
+        assert_eq!(*code, Some(130));
+        assert_eq!(summary["status"], "stopped");
+        assert_eq!(summary["global_step"].as_u64(), Some(step));
+        assert!(out.join(format!("checkpoint-{step}")).is_dir());
+    }
+}
+
+/// `--device` can list one device per worker; a list that does not match `--devices` is refused.
+#[test]
+fn a_device_list_gives_one_device_per_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, d, out) = (model(), data(dir.path(), 8), dir.path().join("out"));
+    let mut args = base(&m, &d, &out);
+    args.extend([
+        "--max-steps",
+        "1",
+        "--skip-validation",
+        "--device",
+        "cpu,cpu",
+    ]);
+    let o = train(dir.path(), &args);
+    assert_eq!(o.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("--device lists 2 devices for 1 worker(s); give --devices 2"),
+        "{stderr}"
+    );
+    args.extend(["--devices", "2"]);
+    train_ok(dir.path(), &args);
+    let out2 = dir.path().join("out2");
+    let mut args = base(&m, &d, &out2);
+    args.extend(["--max-steps", "1", "--device", "gpu"]);
+    let o = train(dir.path(), &args);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--device gpu: the cpu backend has only"));
+}

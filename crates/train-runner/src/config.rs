@@ -101,6 +101,9 @@ pub struct TrainerConfig {
     /// micro-batches of `batch_size` on each of them, so the global batch is
     /// `batch_size × gradient_accumulation_steps × devices` (Trainer's semantics). Default 1.
     pub devices: usize,
+    /// Machines in the run, each with `devices` workers (the global batch is multiplied by it
+    /// too); more than 1 needs a [`crate::Cluster`] in the setup. Default 1.
+    pub nodes: usize,
 }
 
 impl Default for TrainerConfig {
@@ -131,6 +134,7 @@ impl Default for TrainerConfig {
             save_dtype: None,
             lora: None,
             devices: 1,
+            nodes: 1,
         }
     }
 }
@@ -155,6 +159,7 @@ impl TrainerConfig {
         )?;
         positive("max_length", self.max_length)?;
         positive("devices", self.devices)?;
+        positive("nodes", self.nodes)?;
         if let Some(lora) = &self.lora {
             lora.validate()
                 .map_err(|e| RunnerError::config("lora", e.to_string()))?;

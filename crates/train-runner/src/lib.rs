@@ -66,6 +66,7 @@
 //!     data_fingerprint: "example".into(),
 //!     overwrite: false,
 //!     devices: Vec::new(),
+//!     cluster: None,
 //! };
 //! struct Quiet;
 //! impl TrainObserver for Quiet {}
@@ -102,7 +103,7 @@ pub use observer::{
 };
 pub use optim::layer_norms;
 pub use optim::{AdamW, AdamWConfig, ParamTable, global_grad_norm};
-pub use parallel::parallel_step_gradients;
+pub use parallel::{Cluster, DataParallel, StepOutcome, parallel_step_gradients};
 pub use trainer::{
     ModelInspector, NoInspector, Resume, RunControl, TrainSetup, run, run_inspected,
     save_adapter_dir, step_gradients,

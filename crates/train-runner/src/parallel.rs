@@ -2,22 +2,77 @@
 //! feature; never its `distributed` feature): the micro-batches of an optimizer step are split
 //! over several workers, each computes the gradients of its share on its own device with its
 //! own replica of the model, and the gradients are summed across workers by an all-reduce.
+//! The workers can be on one machine (several devices, or several CPU workers) and on several
+//! machines ([`Cluster`]: burn's global collective, coordinated by its orchestrator, which
+//! `train orchestrator` runs).
 //!
-//! Every micro-batch's loss is divided by the label tokens of the **whole step** (all workers),
-//! so the summed gradients and loss are those of one worker running every micro-batch: the
-//! result equals single-device training up to float summation order. The replicas are forked
-//! from the one model before each step, so every worker sees the same weights, and the one
-//! optimizer applies the reduced gradients.
+//! Every micro-batch's loss is divided by the label tokens of the **whole step** (all workers
+//! of all machines: every machine builds the same batches from the same data and seed and takes
+//! its share), so the summed gradients and loss are those of one worker running every
+//! micro-batch: the result equals single-device training up to float summation order. The
+//! replicas are forked from the one model before each step, so every worker sees the same
+//! weights, and each machine's one optimizer applies the same reduced gradients.
 
-use burn::collective::{self, CollectiveConfig, PeerId, ReduceOperation};
+use burn::collective::{
+    self, AllReduceStrategy, CollectiveConfig, CollectiveError, PeerId, ReduceOperation,
+};
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{Tensor, TensorPrimitive};
+use burn::tensor::{Tensor, TensorData, TensorPrimitive};
+use serde::{Deserialize, Serialize};
 use train_model::CausalLm;
 
 use crate::error::{Result, RunnerError};
 use crate::trainer::gradients_over;
+
+/// This machine's place in a multi-machine run (`TrainerConfig::nodes` machines, each running
+/// `TrainerConfig::devices` workers). Every machine runs the same command with the same data,
+/// except for `node_rank` and `node_address`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cluster {
+    /// This machine's rank, `0..nodes`: it takes the micro-batches of global workers
+    /// `node_rank × devices ..`.
+    pub node_rank: usize,
+    /// The orchestrator every machine connects to, `ws://HOST:PORT` (`train orchestrator --port
+    /// PORT` on one of them, or `burn::collective::start_global_orchestrator`).
+    pub orchestrator: String,
+    /// Where the other machines reach this one's tensor service, `ws://HOST:PORT`; it listens on
+    /// that port on every interface.
+    pub node_address: String,
+}
+
+impl Cluster {
+    /// Checks the addresses and the rank against `nodes`, naming the field at fault.
+    pub fn validate(&self, nodes: usize) -> Result<()> {
+        if self.node_rank >= nodes {
+            return Err(RunnerError::config(
+                "node_rank",
+                format!("{} is not below the {nodes} nodes", self.node_rank),
+            ));
+        }
+        ws_address("orchestrator", &self.orchestrator)?;
+        ws_address("node_address", &self.node_address)?;
+        Ok(())
+    }
+}
+
+/// `HOST:PORT` or `ws://HOST:PORT` → (`ws://HOST:PORT`, PORT).
+fn ws_address(field: &str, address: &str) -> Result<(String, u16)> {
+    let rest = address.strip_prefix("ws://").unwrap_or(address);
+    let bad = || {
+        RunnerError::config(
+            field,
+            format!("`{address}` is not HOST:PORT (optionally ws://HOST:PORT)"),
+        )
+    };
+    let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    if host.is_empty() || host.contains('/') || port == 0 {
+        return Err(bad());
+    }
+    Ok((format!("ws://{rest}"), port))
+}
 
 /// The loss and gradients of one optimizer step over `batches`, computed by one worker per
 /// device in `devices` (micro-batch `i` goes to worker `i mod n`). The gradients are returned on
@@ -27,115 +82,340 @@ pub fn parallel_step_gradients<B: AutodiffBackend>(
     batches: &[train_data::Batch],
     devices: &[burn::tensor::Device<B>],
 ) -> Result<(f64, GradientsParams)> {
-    let n = devices.len();
-    let label_tokens: usize = batches.iter().map(|b| b.label_tokens).sum();
-    let denominator = label_tokens.max(1) as f64;
-    if n <= 1 {
+    if devices.len() <= 1 {
+        let label_tokens: usize = batches.iter().map(|b| b.label_tokens).sum();
         let device = match devices.first() {
             Some(d) => d.clone(),
             None => model.embed_tokens.val().device(),
         };
-        return Ok(gradients_over(model, batches, denominator, &device));
+        return Ok(gradients_over(
+            model,
+            batches,
+            label_tokens.max(1) as f64,
+            &device,
+        ));
     }
-    let config = CollectiveConfig::default().with_num_devices(n);
-    collective::reset_collective::<B::InnerBackend>();
-    let results: Vec<Result<(f64, GradientsParams)>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = devices
-            .iter()
-            .enumerate()
-            .map(|(rank, device)| {
-                let replica = model.clone().fork(device);
-                let share: Vec<train_data::Batch> =
-                    batches.iter().skip(rank).step_by(n).cloned().collect();
-                let config = config.clone();
-                scope.spawn(move || worker(rank, &replica, &share, denominator, device, config))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(RunnerError::Parallel(
-                        "a data-parallel worker panicked".into(),
-                    ))
+    let session = DataParallel::start(devices.to_vec(), 1, None)?;
+    let outcome = session.step(model, batches, false)?;
+    session.finish()?;
+    Ok((outcome.loss, outcome.grads))
+}
+
+/// One optimizer step's result across every worker of every machine.
+pub struct StepOutcome {
+    /// The step's loss (mean over all its label tokens).
+    pub loss: f64,
+    /// The summed gradients, on this machine's first device.
+    pub grads: GradientsParams,
+    /// Some machine asked to stop (its stop request at the time of this step): every machine
+    /// learns it at the same step, so that all stop together.
+    pub stop: bool,
+}
+
+/// A data-parallel session: this machine's workers registered with burn's collective engine
+/// (and, for several machines, with the orchestrator) for a whole run.
+pub struct DataParallel<B: AutodiffBackend> {
+    devices: Vec<burn::tensor::Device<B>>,
+    first_rank: usize,
+    world: usize,
+    open: bool,
+}
+
+impl<B: AutodiffBackend> DataParallel<B> {
+    /// Registers one worker per device in `devices`; with `cluster`, this machine is node
+    /// `cluster.node_rank` of `nodes`, and this waits until every machine has joined.
+    pub fn start(
+        devices: Vec<burn::tensor::Device<B>>,
+        nodes: usize,
+        cluster: Option<&Cluster>,
+    ) -> Result<Self> {
+        let n = devices.len();
+        if n == 0 {
+            return Err(RunnerError::config("devices", "no device given"));
+        }
+        let mut config = CollectiveConfig::default().with_num_devices(n);
+        let mut first_rank = 0;
+        if let Some(cluster) = cluster {
+            cluster.validate(nodes)?;
+            let (orchestrator, _) = ws_address("orchestrator", &cluster.orchestrator)?;
+            let (node_address, port) = ws_address("node_address", &cluster.node_address)?;
+            // burn's tensor service only logs a failure to listen (and the other machines would
+            // then reach whatever holds the port): find it out here.
+            drop(std::net::TcpListener::bind(("0.0.0.0", port)).map_err(|e| {
+                RunnerError::config(
+                    "node_address",
+                    format!("cannot listen on port {port} of this machine: {e}"),
+                )
+            })?);
+            let parse = |field: &str, a: &str| {
+                a.parse()
+                    .map_err(|e: String| RunnerError::config(field, format!("`{a}`: {e}")))
+            };
+            let nodes_u32 = u32::try_from(nodes)
+                .map_err(|_| RunnerError::config("nodes", format!("{nodes} is too many")))?;
+            config = config
+                .with_num_nodes(nodes_u32)
+                .with_global_address(parse("orchestrator", &orchestrator)?)
+                .with_node_address(parse("node_address", &node_address)?)
+                .with_data_service_port(port)
+                // The ring strategy cannot reduce tensors with fewer rows than machines.
+                .with_global_all_reduce_strategy(AllReduceStrategy::Tree(2));
+            first_rank = cluster.node_rank * n;
+        } else if nodes > 1 {
+            return Err(RunnerError::config(
+                "nodes",
+                format!(
+                    "{nodes} machines need the orchestrator's and this machine's addresses \
+                     (a Cluster; `--node-rank`, `--orchestrator`, `--node-address` in the CLI)"
+                ),
+            ));
+        }
+        collective::reset_collective::<B::InnerBackend>();
+        let session = Self {
+            world: n * nodes,
+            devices,
+            first_rank,
+            open: true,
+        };
+        // Registering blocks until every local worker (and every machine) has registered.
+        let registered: Vec<std::result::Result<(), CollectiveError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = session
+                .devices
+                .iter()
+                .enumerate()
+                .map(|(rank, device)| {
+                    let config = config.clone();
+                    s.spawn(move || {
+                        collective::register::<B::InnerBackend>(
+                            PeerId::from(rank),
+                            device.clone(),
+                            config,
+                        )
+                    })
                 })
-            })
-            .collect()
-    });
-    let mut loss = 0.0;
-    let mut first = None;
-    for (rank, r) in results.into_iter().enumerate() {
-        let (l, grads) = r?;
-        loss += l;
-        if rank == 0 {
-            first = Some(grads);
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(CollectiveError::Other("panicked".into())))
+                })
+                .collect()
+        });
+        for (rank, r) in registered.into_iter().enumerate() {
+            r.map_err(|e| failure(rank, "joining the data-parallel group", &e))?;
+        }
+        Ok(session)
+    }
+
+    /// The loss and summed gradients of one optimizer step over `batches` (the micro-batches of
+    /// the whole step, on every machine): global worker `r` takes micro-batches `r, r + world,
+    /// …`. `stop` is this machine's stop request, shared with the others.
+    pub fn step(
+        &self,
+        model: &CausalLm<B>,
+        batches: &[train_data::Batch],
+        stop: bool,
+    ) -> Result<StepOutcome> {
+        let label_tokens: usize = batches.iter().map(|b| b.label_tokens).sum();
+        let denominator = label_tokens.max(1) as f64;
+        let results: Vec<Result<StepOutcome>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = self
+                .devices
+                .iter()
+                .enumerate()
+                .map(|(rank, device)| {
+                    let replica = model.clone().fork(device);
+                    let share: Vec<&train_data::Batch> = batches
+                        .iter()
+                        .skip(self.first_rank + rank)
+                        .step_by(self.world)
+                        .collect();
+                    let place = Place {
+                        rank,
+                        global_rank: self.first_rank + rank,
+                        world: self.world,
+                    };
+                    scope.spawn(move || {
+                        worker(
+                            place,
+                            &replica,
+                            &share,
+                            denominator,
+                            device,
+                            stop && rank == 0,
+                        )
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(RunnerError::Parallel(
+                            "a data-parallel worker panicked".into(),
+                        ))
+                    })
+                })
+                .collect()
+        });
+        let mut first = None;
+        for r in results {
+            let outcome = r?;
+            first.get_or_insert(outcome);
+        }
+        first.ok_or_else(|| RunnerError::Parallel("no worker".into()))
+    }
+
+    /// Leaves the group (and the orchestrator), at the end of the run.
+    pub fn finish(mut self) -> Result<()> {
+        self.open = false;
+        for rank in 0..self.devices.len() {
+            collective::finish_collective::<B::InnerBackend>(PeerId::from(rank))
+                .map_err(|e| failure(rank, "leaving the data-parallel group", &e))?;
+        }
+        Ok(())
+    }
+}
+
+impl<B: AutodiffBackend> Drop for DataParallel<B> {
+    fn drop(&mut self) {
+        if self.open {
+            // A run that failed: forget its workers so that a next session starts clean.
+            collective::reset_collective::<B::InnerBackend>();
         }
     }
-    first
-        .map(|g| (loss, g))
-        .ok_or_else(|| RunnerError::Parallel("no worker".into()))
+}
+
+fn failure(rank: usize, what: &str, e: &CollectiveError) -> RunnerError {
+    let detail = match e {
+        CollectiveError::Global(g) => format!("with the other machines: {g:?}"),
+        other => format!("{other:?}"),
+    };
+    RunnerError::Parallel(format!("worker {rank}: {what}: {detail}"))
+}
+
+/// A worker's index on its machine and among all workers.
+#[derive(Clone, Copy)]
+struct Place {
+    rank: usize,
+    global_rank: usize,
+    world: usize,
 }
 
 fn worker<B: AutodiffBackend>(
-    rank: usize,
+    Place {
+        rank,
+        global_rank,
+        world,
+    }: Place,
     replica: &CausalLm<B>,
-    share: &[train_data::Batch],
+    share: &[&train_data::Batch],
     denominator: f64,
     device: &burn::tensor::Device<B>,
-    config: CollectiveConfig,
-) -> Result<(f64, GradientsParams)> {
+    stop: bool,
+) -> Result<StepOutcome> {
     let peer = PeerId::from(rank);
-    let fail = |what: &str, e: collective::CollectiveError| {
+    let fail = |what: &str, e: &CollectiveError| {
         // Wake the other workers, which would otherwise wait for this one forever.
         collective::reset_collective::<B::InnerBackend>();
-        RunnerError::Parallel(format!("worker {rank}: {what}: {e:?}"))
+        failure(rank, what, e)
     };
-    collective::register::<B::InnerBackend>(peer, device.clone(), config)
-        .map_err(|e| fail("register", e))?;
-    let (loss, mut grads) = gradients_over(replica, share, denominator, device);
-    let mut reduce = SumGradients::<B> {
+    let owned: Vec<train_data::Batch> = share.iter().map(|b| (*b).clone()).collect();
+    let (loss, mut grads) = gradients_over(replica, &owned, denominator, device);
+    // One all-reduce per step: every trained parameter's gradient, flattened in the module's
+    // visiting order (the same on every worker and machine, unlike parameter ids; zeros for a
+    // worker without a micro-batch of its own), then every worker's loss in its own slots (an
+    // f32 pair that carries the f64) and the stop requests. A slot with one non-zero term sums
+    // exactly.
+    let mut flatten = Flatten::<B> {
         grads: &mut grads,
-        peer,
-        error: None,
-        _backend: std::marker::PhantomData,
+        parts: Vec::new(),
     };
-    replica.visit(&mut reduce);
-    if let Some(e) = reduce.error {
-        return Err(fail("all-reduce", e));
-    }
-    collective::finish_collective::<B::InnerBackend>(peer).map_err(|e| fail("finish", e))?;
-    Ok((loss, grads))
+    replica.visit(&mut flatten);
+    let mut slots = vec![0f32; 2 * world + 1];
+    let hi = loss as f32;
+    slots[global_rank] = hi;
+    slots[world + global_rank] = (loss - f64::from(hi)) as f32;
+    slots[2 * world] = f32::from(u8::from(stop));
+    let mut parts = flatten.parts;
+    let grad_len: usize = parts.iter().map(|t| t.dims()[0]).sum();
+    parts.push(Tensor::from_data(
+        TensorData::new(slots, [2 * world + 1]),
+        device,
+    ));
+    let flat = Tensor::<B::InnerBackend, 1>::cat(parts, 0);
+    let summed = collective::all_reduce::<B::InnerBackend>(
+        peer,
+        flat.into_primitive().tensor(),
+        ReduceOperation::Sum,
+    )
+    .map_err(|e| fail("all-reduce", &e))?;
+    let summed = Tensor::<B::InnerBackend, 1>::from_primitive(TensorPrimitive::Float(summed));
+    let total = summed.dims()[0];
+    let scalars: Vec<f32> = summed
+        .clone()
+        .slice(grad_len..total)
+        .into_data()
+        .to_vec()
+        .map_err(|e| RunnerError::Parallel(format!("worker {rank}: reading the loss: {e:?}")))?;
+    let mut unflatten = Unflatten::<B> {
+        grads: &mut grads,
+        flat: summed,
+        offset: 0,
+    };
+    replica.visit(&mut unflatten);
+    let loss = (0..world)
+        .map(|r| f64::from(scalars[r]) + f64::from(scalars[world + r]))
+        .sum();
+    Ok(StepOutcome {
+        loss,
+        grads,
+        stop: scalars[2 * world] > 0.5,
+    })
 }
 
-/// Sums every trained parameter's gradient across the workers, in the module's visiting order
-/// (the same on every worker); a worker without a gradient for it (no micro-batch of its own)
-/// contributes zeros, so that every worker makes the same calls.
-struct SumGradients<'a, B: AutodiffBackend> {
+/// Takes every trained parameter's gradient out of `grads`, flattened, in visiting order; zeros
+/// for a parameter without one.
+struct Flatten<'a, B: AutodiffBackend> {
     grads: &'a mut GradientsParams,
-    peer: PeerId,
-    error: Option<collective::CollectiveError>,
-    _backend: std::marker::PhantomData<B>,
+    parts: Vec<Tensor<B::InnerBackend, 1>>,
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for SumGradients<'_, B> {
+impl<B: AutodiffBackend> ModuleVisitor<B> for Flatten<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        if self.error.is_some() || !param.is_require_grad() {
+        if !param.is_require_grad() {
             return;
         }
         let grad = self
             .grads
             .remove::<B::InnerBackend, D>(param.id)
             .unwrap_or_else(|| param.val().inner().zeros_like());
-        match collective::all_reduce::<B::InnerBackend>(
-            self.peer,
-            grad.into_primitive().tensor(),
-            ReduceOperation::Sum,
-        ) {
-            Ok(sum) => self.grads.register::<B::InnerBackend, D>(
-                param.id,
-                Tensor::from_primitive(TensorPrimitive::Float(sum)),
-            ),
-            Err(e) => self.error = Some(e),
+        let n = grad.shape().num_elements();
+        self.parts.push(grad.reshape([n]));
+    }
+}
+
+/// Puts the gradients [`Flatten`] took (summed) back into `grads`, in the same order.
+struct Unflatten<'a, B: AutodiffBackend> {
+    grads: &'a mut GradientsParams,
+    flat: Tensor<B::InnerBackend, 1>,
+    offset: usize,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for Unflatten<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if !param.is_require_grad() {
+            return;
         }
+        let dims: [usize; D] = param.val().dims();
+        let n: usize = dims.iter().product();
+        let grad = self
+            .flat
+            .clone()
+            .slice(self.offset..self.offset + n)
+            .reshape(dims);
+        self.offset += n;
+        self.grads.register::<B::InnerBackend, D>(param.id, grad);
     }
 }

@@ -100,6 +100,9 @@ pub struct TrainSetup<B: AutodiffBackend> {
     /// The device of each data-parallel worker (`config.devices` of them); empty: every worker
     /// on the model's device (several CPU workers, or one GPU).
     pub devices: Vec<burn::tensor::Device<B>>,
+    /// This machine's place in a run over `config.nodes` machines (needed when there are more
+    /// than one).
+    pub cluster: Option<crate::Cluster>,
 }
 
 impl<B: AutodiffBackend> TrainSetup<B> {
@@ -126,6 +129,7 @@ impl<B: AutodiffBackend> TrainSetup<B> {
             data_fingerprint: String::new(),
             overwrite: false,
             devices: Vec::new(),
+            cluster: None,
         }
     }
 }
@@ -152,7 +156,7 @@ impl Resume {
 
 fn check_resumable(config: &TrainerConfig, resume: &Resume, fingerprint: &str) -> Result<()> {
     let old = &resume.state.config;
-    let same: [(&str, bool); 7] = [
+    let same: [(&str, bool); 8] = [
         ("batch_size", old.batch_size == config.batch_size),
         (
             "gradient_accumulation_steps",
@@ -163,6 +167,7 @@ fn check_resumable(config: &TrainerConfig, resume: &Resume, fingerprint: &str) -
         ("packing", old.packing == config.packing),
         ("max_length", old.max_length == config.max_length),
         ("devices", old.devices == config.devices),
+        ("nodes", old.nodes == config.nodes),
     ];
     if let Some((field, _)) = same.iter().find(|(_, ok)| !ok) {
         return Err(RunnerError::Checkpoint {
@@ -258,9 +263,11 @@ pub fn run_inspected<B: AutodiffBackend>(
             }
         };
     }
-    // Each worker runs `gradient_accumulation_steps` micro-batches of every step.
+    // Each worker of each machine runs `gradient_accumulation_steps` micro-batches of every step.
     let plan_config = TrainerConfig {
-        gradient_accumulation_steps: config.gradient_accumulation_steps * config.devices,
+        gradient_accumulation_steps: config.gradient_accumulation_steps
+            * config.devices
+            * config.nodes,
         ..config.clone()
     };
     let plan = BatchPlan::new(&setup.train, &plan_config, setup.pad_id);
@@ -280,6 +287,16 @@ pub fn run_inspected<B: AutodiffBackend>(
     };
     if plan.is_empty() {
         return Err(RunnerError::config("dataset", "no training examples"));
+    }
+    match (&setup.cluster, config.nodes) {
+        (Some(c), n) => c.validate(n)?,
+        (None, 1) => {}
+        (None, n) => {
+            return Err(RunnerError::config(
+                "nodes",
+                format!("{n} machines need this machine's rank and the orchestrator's address"),
+            ));
+        }
     }
     let total_steps = config
         .max_steps
@@ -327,6 +344,7 @@ pub fn run_inspected<B: AutodiffBackend>(
         companions_from: &setup.companions_from,
         optimizer: &mut optimizer,
         devices,
+        cluster: setup.cluster.clone(),
         state: &mut state,
         metrics: &mut metrics,
         observer: &mut *observer,
@@ -540,6 +558,7 @@ struct Loop<'a, B: AutodiffBackend> {
     companions_from: &'a Path,
     optimizer: &'a mut AdamW<B>,
     devices: Vec<burn::tensor::Device<B>>,
+    cluster: Option<crate::Cluster>,
     state: &'a mut TrainerState,
     metrics: &'a mut MetricsLog,
     observer: &'a mut dyn TrainObserver,
@@ -554,8 +573,34 @@ struct Loop<'a, B: AutodiffBackend> {
 }
 
 impl<B: AutodiffBackend> Loop<'_, B> {
-    fn train(&mut self, mut model: CausalLm<B>) -> Result<(RunStatus, CausalLm<B>)> {
+    fn train(&mut self, model: CausalLm<B>) -> Result<(RunStatus, CausalLm<B>)> {
+        let parallel = if self.devices.len() > 1 || self.config.nodes > 1 {
+            Some(crate::DataParallel::start(
+                self.devices.clone(),
+                self.config.nodes,
+                self.cluster.as_ref(),
+            )?)
+        } else {
+            None
+        };
+        let outcome = self.train_steps(model, parallel.as_ref())?;
+        if let Some(p) = parallel {
+            p.finish()?;
+        }
+        Ok(outcome)
+    }
+
+    fn train_steps(
+        &mut self,
+        mut model: CausalLm<B>,
+        parallel: Option<&crate::DataParallel<B>>,
+    ) -> Result<(RunStatus, CausalLm<B>)> {
         let table = ParamTable::new(&model);
+        // With several machines, a stop request is acted on when all have learnt of it (in a
+        // step's all-reduce), so that they stop at the same step; pausing stays local (the
+        // others wait for this machine in the next all-reduce).
+        let several_machines = self.config.nodes > 1;
+        let mut agreed_stop = false;
         let device = model.embed_tokens.val().device();
         let mut last_saved = None;
         let mut last_eval_step = None;
@@ -569,7 +614,12 @@ impl<B: AutodiffBackend> Loop<'_, B> {
                 }
                 self.observer.update(&TrainEvent::Resumed { step });
             }
-            if self.control.stop_requested() {
+            let stop = if several_machines {
+                agreed_stop
+            } else {
+                self.control.stop_requested()
+            };
+            if stop {
                 if last_saved != Some(self.state.global_step) {
                     self.checkpoint(&model)?;
                 }
@@ -579,10 +629,13 @@ impl<B: AutodiffBackend> Loop<'_, B> {
             let (batches, next_position) = self.plan.step_batches(self.state.data_position);
             let label_tokens: usize = batches.iter().map(|b| b.label_tokens).sum();
             let tokens: usize = batches.iter().map(|b| b.real_tokens).sum();
-            let (step_loss, grads) = if self.devices.len() > 1 {
-                crate::parallel::parallel_step_gradients(&model, &batches, &self.devices)?
-            } else {
-                step_gradients(&model, &batches, &device)
+            let (step_loss, grads) = match parallel {
+                Some(p) => {
+                    let outcome = p.step(&model, &batches, self.control.stop_requested())?;
+                    agreed_stop = outcome.stop;
+                    (outcome.loss, outcome.grads)
+                }
+                None => step_gradients(&model, &batches, &device),
             };
             if !step_loss.is_finite() {
                 return Ok((RunStatus::Crashed, model));

@@ -12,8 +12,8 @@ use train_model::{
     CausalLm, LoadOptions, LoraConfig, ModelConfig, NamedParam, Precision, load_pretrained,
 };
 use train_runner::{
-    LrSchedule, OutputLock, Resume, RunControl, RunStatus, RunSummary, RunnerError, TrainEvent,
-    TrainObserver, TrainSetup, TrainerConfig, global_grad_norm, latest_checkpoint, run,
+    Cluster, LrSchedule, OutputLock, Resume, RunControl, RunStatus, RunSummary, RunnerError,
+    TrainEvent, TrainObserver, TrainSetup, TrainerConfig, global_grad_norm, latest_checkpoint, run,
     step_gradients,
 };
 
@@ -211,6 +211,7 @@ fn setup(
         data_fingerprint: "test-data".into(),
         overwrite: false,
         devices: Vec::new(),
+        cluster: None,
     }
 }
 
@@ -944,5 +945,53 @@ fn two_data_parallel_workers_equal_one_worker_with_the_doubled_batch() {
     assert!(
         update > 0.0 && apart <= 1e-3 * update,
         "updates differ: {apart} vs {update}"
+    );
+}
+
+/// Several machines need this machine's place (rank, orchestrator, its own address), checked
+/// before anything connects; each mistake names its field.
+#[test]
+fn a_multi_machine_run_checks_its_cluster_settings() {
+    let attempt = |cluster: Option<Cluster>| {
+        let out = tempfile::tempdir().unwrap();
+        let (m, raw) = model();
+        let cfg = TrainerConfig {
+            nodes: 2,
+            max_steps: Some(1),
+            ..config()
+        };
+        let mut s = setup(out.path(), m, raw, cfg);
+        s.cluster = cluster;
+        match run(s, None, &mut Recorder::new(), &RunControl::new()) {
+            Err(RunnerError::Config { field, message }) => format!("{field}: {message}"),
+            other => panic!("expected a configuration error, got {other:?}"),
+        }
+    };
+    let good = Cluster {
+        node_rank: 1,
+        orchestrator: "ws://127.0.0.1:3000".into(),
+        node_address: "127.0.0.1:3001".into(),
+    };
+    assert!(attempt(None).starts_with("nodes: 2 machines need"));
+    let e = attempt(Some(Cluster {
+        node_rank: 2,
+        ..good.clone()
+    }));
+    assert_eq!(e, "node_rank: 2 is not below the 2 nodes");
+    let e = attempt(Some(Cluster {
+        orchestrator: "http://host/x".into(),
+        ..good.clone()
+    }));
+    assert!(
+        e.starts_with("orchestrator: `http://host/x` is not HOST:PORT"),
+        "{e}"
+    );
+    let e = attempt(Some(Cluster {
+        node_address: "127.0.0.1:0".into(),
+        ..good
+    }));
+    assert!(
+        e.starts_with("node_address: `127.0.0.1:0` is not HOST:PORT"),
+        "{e}"
     );
 }
