@@ -9,10 +9,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use burn::backend::Flex;
-use common::fixtures;
+use common::{fixtures, raw_tensors};
 use proptest::prelude::*;
 use safetensors::Dtype;
-use train_model::weights::{SafetensorsFile, WeightIndex};
+use train_model::weights::SafetensorsFile;
 use train_model::{
     LoadOptions, ModelError, NamedParam, Precision, SaveOptions, StorageDtype, load_pretrained,
 };
@@ -24,22 +24,6 @@ fn options() -> LoadOptions {
         precision: Precision::Fp32,
         ..LoadOptions::default()
     }
-}
-
-/// name → (dtype, shape, bytes) of every tensor of a checkpoint directory.
-fn raw_tensors(dir: &Path) -> BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> {
-    let index = WeightIndex::open_dir(dir).unwrap();
-    index
-        .names()
-        .into_iter()
-        .map(|n| {
-            let (file, e) = index.entry(n).unwrap();
-            (
-                n.to_string(),
-                (e.dtype, e.shape.clone(), file.bytes(n).unwrap().to_vec()),
-            )
-        })
-        .collect()
 }
 
 fn param_bits(model: &train_model::CausalLm<B>) -> BTreeMap<String, Vec<u32>> {

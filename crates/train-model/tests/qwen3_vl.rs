@@ -6,13 +6,10 @@
 
 mod common;
 
-use std::collections::HashMap;
-
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::{DType, Int, Tensor, TensorData};
-use common::fixtures;
+use common::{fixtures, raw_tensors, rel_err};
 use safetensors::SafeTensors;
-use train_model::weights::WeightIndex;
 use train_model::{
     LoadOptions, ModelInput, NamedParam, Precision, SaveOptions, causal_lm_loss, load_pretrained,
     save_pretrained,
@@ -103,13 +100,7 @@ fn text_only_logits_loss_and_gradients_match_transformers() {
             .get(&format!("grad.{file}"), DType::F32)
             .to_vec::<f32>()
             .unwrap();
-        let num: f64 = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| f64::from(a - b).powi(2))
-            .sum();
-        let den: f64 = want.iter().map(|b| f64::from(*b).powi(2)).sum();
-        let rel = (num / den).sqrt();
+        let rel = rel_err(&got, &want);
         assert!(rel < 1e-4, "{file}: gradient differs by {rel:.2e}");
         worst_grad = worst_grad.max(rel);
         checked += 1;
@@ -137,21 +128,7 @@ fn saving_keeps_the_vision_tower_byte_for_byte() {
         &options,
     )
     .unwrap();
-    let raw = |dir: &std::path::Path| -> HashMap<String, (Vec<usize>, Vec<u8>)> {
-        let index = WeightIndex::open_dir(dir).unwrap();
-        index
-            .names()
-            .into_iter()
-            .map(|n| {
-                let (file, e) = index.entry(n).unwrap();
-                (
-                    n.to_string(),
-                    (e.shape.clone(), file.bytes(n).unwrap().to_vec()),
-                )
-            })
-            .collect()
-    };
-    let (a, b) = (raw(&src), raw(out.path()));
+    let (a, b) = (raw_tensors(&src), raw_tensors(out.path()));
     assert_eq!(a.len(), b.len());
     let visual = a.keys().filter(|k| k.starts_with("model.visual.")).count();
     assert!(visual > 10);

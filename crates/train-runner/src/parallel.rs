@@ -321,8 +321,7 @@ fn worker<B: AutodiffBackend>(
         collective::reset_collective::<B::InnerBackend>();
         failure(rank, what, e)
     };
-    let owned: Vec<train_data::Batch> = share.iter().map(|b| (*b).clone()).collect();
-    let (loss, mut grads) = gradients_over(replica, &owned, denominator, device);
+    let (loss, mut grads) = gradients_over(replica, share.iter().copied(), denominator, device);
     // One all-reduce per step: every trained parameter's gradient, flattened in the module's
     // visiting order (the same on every worker and machine, unlike parameter ids; zeros for a
     // worker without a micro-batch of its own), then every worker's loss in its own slots (an

@@ -450,9 +450,9 @@ pub fn step_gradients<B: AutodiffBackend>(
 
 /// [`step_gradients`] of a part of a step: each micro-batch's NLL sum is divided by
 /// `denominator`, the label tokens of the whole step (over every worker).
-pub(crate) fn gradients_over<B: AutodiffBackend>(
+pub(crate) fn gradients_over<'a, B: AutodiffBackend>(
     model: &CausalLm<B>,
-    batches: &[train_data::Batch],
+    batches: impl IntoIterator<Item = &'a train_data::Batch>,
     denominator: f64,
     device: &burn::tensor::Device<B>,
 ) -> (f64, GradientsParams) {

@@ -1,11 +1,11 @@
 //! Helpers shared by the integration tests: fixture paths and reference tensors.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use safetensors::Dtype;
-use train_model::weights::SafetensorsFile;
+use train_model::weights::{SafetensorsFile, WeightIndex};
 
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -98,4 +98,20 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     let num: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum();
     let den: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
     (num / den.max(1e-30)).sqrt()
+}
+
+/// name → (dtype, shape, bytes) of every tensor of a checkpoint directory.
+pub fn raw_tensors(dir: &Path) -> BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> {
+    let index = WeightIndex::open_dir(dir).unwrap();
+    index
+        .names()
+        .into_iter()
+        .map(|n| {
+            let (file, e) = index.entry(n).unwrap();
+            (
+                n.to_string(),
+                (e.dtype, e.shape.clone(), file.bytes(n).unwrap().to_vec()),
+            )
+        })
+        .collect()
 }
