@@ -59,6 +59,11 @@ pub enum ProblemKind {
     AllLabelsTruncated,
     /// The chat template failed on this row.
     Template,
+    /// A line, a field, a run of text without whitespace or the number of messages is over
+    /// its limit (the message names the limit).
+    TooLarge,
+    /// A tokenized-dataset cache file failed its checks (it is rebuilt from the data file).
+    InvalidCache,
 }
 
 /// How serious a problem is.
@@ -75,9 +80,11 @@ impl ProblemKind {
     /// Errors make a row unusable; warnings do not.
     pub fn severity(self) -> Severity {
         match self {
-            Self::Duplicate | Self::TooLong | Self::AnswerLeakage | Self::AllLabelsTruncated => {
-                Severity::Warning
-            }
+            Self::Duplicate
+            | Self::TooLong
+            | Self::AnswerLeakage
+            | Self::AllLabelsTruncated
+            | Self::InvalidCache => Severity::Warning,
             _ => Severity::Error,
         }
     }

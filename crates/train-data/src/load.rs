@@ -16,6 +16,90 @@ use serde_json::Value;
 use crate::conversation::{Conversation, Message, Role};
 use crate::error::{DataError, Problem, ProblemKind, Result, RowLocation, Severity};
 
+/// Longest JSONL line, in bytes (a row is kilobytes; a file without newlines would otherwise
+/// be read into memory whole).
+pub const MAX_LINE_BYTES: usize = 64 << 20;
+/// Largest `.json` array file, in bytes: it is parsed whole, so it is bounded (JSONL is
+/// streamed and has no such limit).
+pub const MAX_JSON_FILE_BYTES: u64 = 1 << 30;
+
+/// Opens `path` for reading after checking that it is a regular file (following symlinks):
+/// a FIFO would block the open itself, a device could be read forever, so both are refused
+/// before opening. The type is checked again on the opened handle, in case the path was
+/// swapped in between. Every file this crate reads goes through here.
+pub(crate) fn open_regular(path: &Path) -> Result<File> {
+    let meta = std::fs::metadata(path).map_err(|e| DataError::io(path, e))?;
+    refuse_special(path, &meta)?;
+    let file = File::open(path).map_err(|e| DataError::io(path, e))?;
+    let meta = file.metadata().map_err(|e| DataError::io(path, e))?;
+    refuse_special(path, &meta)?;
+    Ok(file)
+}
+
+fn refuse_special(path: &Path, meta: &std::fs::Metadata) -> Result<()> {
+    if meta.is_file() {
+        return Ok(());
+    }
+    let kind = file_kind(meta);
+    Err(DataError::file(
+        path,
+        format!("not a regular file ({kind}): refused"),
+    ))
+}
+
+#[cfg(unix)]
+fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else {
+        "a special file"
+    }
+}
+
+#[cfg(not(unix))]
+fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    if meta.is_dir() {
+        "a directory"
+    } else {
+        "a special file"
+    }
+}
+
+/// Reads the regular file `path` whole, refusing one over `limit` bytes; `what` names the
+/// limit in the message.
+pub(crate) fn read_bounded(path: &Path, limit: u64, what: &str) -> Result<Vec<u8>> {
+    let file = open_regular(path)?;
+    let len = file.metadata().map_err(|e| DataError::io(path, e))?.len();
+    let too_big = |n: u64| {
+        DataError::file(
+            path,
+            format!("{n} bytes, over the limit of {limit} bytes for {what}"),
+        )
+    };
+    if len > limit {
+        return Err(too_big(len));
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+    // The length can change while reading (a file still being written): bound the read too.
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| DataError::io(path, e))?;
+    if bytes.len() as u64 > limit {
+        return Err(too_big(bytes.len() as u64));
+    }
+    Ok(bytes)
+}
+
 /// The file container.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
@@ -144,7 +228,7 @@ fn detect_format(path: &Path) -> Result<DataFormat> {
         _ => {}
     }
     // Otherwise peek at the first non-blank byte: `[` is a JSON array, anything else JSONL.
-    let mut file = File::open(path).map_err(|e| DataError::io(path, e))?;
+    let mut file = open_regular(path)?;
     let mut buf = [0u8; 4096];
     let n = file.read(&mut buf).map_err(|e| DataError::io(path, e))?;
     let first = buf[..n]
@@ -174,7 +258,7 @@ pub struct JsonlRows {
 impl JsonlRows {
     /// Opens `path`.
     pub fn open(path: &Path, schema: RowSchema) -> Result<Self> {
-        let file = File::open(path).map_err(|e| DataError::io(path, e))?;
+        let file = open_regular(path)?;
         Ok(Self {
             path: path.to_path_buf(),
             reader: BufReader::with_capacity(1 << 16, file),
@@ -192,12 +276,36 @@ impl Iterator for JsonlRows {
     fn next(&mut self) -> Option<Self::Item> {
         loop {
             self.buf.clear();
-            match self.reader.read_until(b'\n', &mut self.buf) {
+            let limit = MAX_LINE_BYTES as u64 + 2;
+            match (&mut self.reader)
+                .take(limit)
+                .read_until(b'\n', &mut self.buf)
+            {
                 Ok(0) => return None,
                 Ok(_) => {}
                 Err(e) => return Some(Err(DataError::io(&self.path, e))),
             }
             self.line += 1;
+            let ended = self.buf.last() == Some(&b'\n');
+            if self.buf.len() - usize::from(ended) > MAX_LINE_BYTES {
+                // Skip the rest of the line without keeping it, so a skipping policy can go on.
+                let location = RowLocation {
+                    path: self.path.clone(),
+                    line: Some(self.line),
+                    row: self.row,
+                };
+                self.row += 1;
+                self.buf.clear();
+                if !ended && let Err(e) = skip_line(&mut self.reader) {
+                    return Some(Err(DataError::io(&self.path, e)));
+                }
+                return Some(Ok(Err(vec![Problem::new(
+                    location,
+                    "",
+                    ProblemKind::TooLarge,
+                    format!("the line is longer than the limit of {MAX_LINE_BYTES} bytes"),
+                )])));
+            }
             let mut bytes = self.buf.as_slice();
             if self.line == 1 {
                 bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
@@ -238,11 +346,27 @@ impl Iterator for JsonlRows {
     }
 }
 
+/// Consumes input up to and including the next newline, holding one buffer at a time.
+fn skip_line(reader: &mut impl BufRead) -> std::io::Result<()> {
+    loop {
+        let buf = reader.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        if let Some(i) = buf.iter().position(|&b| b == b'\n') {
+            reader.consume(i + 1);
+            return Ok(());
+        }
+        let n = buf.len();
+        reader.consume(n);
+    }
+}
+
 fn json_array_rows(
     path: &Path,
     schema: RowSchema,
 ) -> Result<Vec<std::result::Result<Conversation, Vec<Problem>>>> {
-    let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+    let bytes = read_bounded(path, MAX_JSON_FILE_BYTES, "a .json array (use JSONL)")?;
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
     let value: Value = serde_json::from_slice(bytes).map_err(|e| {
         DataError::file(

@@ -10,7 +10,8 @@ use sha2::{Digest, Sha256};
 use crate::batch::{Example, Fitted, Truncation, fit, pack_examples};
 use crate::error::{DataError, Problem, ProblemKind, Result, RowLocation, Severity};
 use crate::load::{ErrorPolicy, LoadOptions, load_conversations};
-use crate::parquet::{read_examples, write_examples};
+use crate::load::{open_regular, read_bounded};
+use crate::parquet::{check_examples, read_examples, write_examples};
 use crate::split::{ValidationSplit, split_indices};
 use crate::tokenize::{ChatTokenizer, LabelMode};
 use crate::transform::{TransformConfig, TransformPipeline};
@@ -221,6 +222,14 @@ pub fn prepare(
             labels: enc.labels,
         };
         let had_labels = example.label_tokens() > 0;
+        let tokens = example.len();
+        // Position 0 is never trained (nothing precedes it), as in `Example::label_tokens`.
+        let first_label = example
+            .labels
+            .iter()
+            .skip(1)
+            .position(|&l| l != crate::batch::IGNORE_INDEX)
+            .map_or(0, |p| p + 1);
         let example = match fit(example, config.max_length, config.truncation) {
             Fitted::Unchanged(e) => e,
             Fitted::Truncated { example, lost } => {
@@ -246,9 +255,18 @@ pub fn prepare(
         if example.label_tokens() == 0 {
             stats.rows_without_labels += 1;
             let why = if had_labels {
-                "truncation removed every label token"
+                format!(
+                    "truncation to max_length {} removed every label token (the first label token was at \
+                     position {first_label} of {tokens})",
+                    config.max_length
+                )
             } else {
-                "no label tokens"
+                format!(
+                    "no label tokens: the rendering has no assistant tokens to train with label_mode {}",
+                    serde_json::to_string(&config.label_mode)
+                        .unwrap_or_default()
+                        .trim_matches('"')
+                )
             };
             problems.push(Problem::new(
                 location,
@@ -310,12 +328,19 @@ pub fn write_prepared(dir: &Path, prepared: &Prepared) -> Result<()> {
     write_json(&dir.join("stats.json"), &prepared.stats)
 }
 
-/// Reads a dataset written by [`write_prepared`].
+/// Largest `stats.json` / `problems.json` of a prepared dataset, in bytes.
+const MAX_SIDE_FILE_BYTES: u64 = 256 << 20;
+
+/// Reads a dataset written by [`write_prepared`]. The examples' structure is checked (see
+/// [`read_examples`]); their token ids are checked against a tokenizer by
+/// [`check_examples`](crate::parquet::check_examples), which [`prepare_cached`] does.
 pub fn read_prepared(dir: &Path) -> Result<Prepared> {
     let stats_path = dir.join("stats.json");
-    let stats: DataStats = serde_json::from_str(
-        &std::fs::read_to_string(&stats_path).map_err(|e| DataError::io(&stats_path, e))?,
-    )
+    let stats: DataStats = serde_json::from_slice(&read_bounded(
+        &stats_path,
+        MAX_SIDE_FILE_BYTES,
+        "stats.json",
+    )?)
     .map_err(|e| DataError::file(&stats_path, e.to_string()))?;
     Ok(Prepared {
         train: read_examples(&dir.join("train.parquet"))?,
@@ -338,8 +363,7 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
 pub fn cache_key(config: &DatasetConfig, tokenizer: &ChatTokenizer) -> Result<String> {
     let mut h = Sha256::new();
     h.update(env!("CARGO_PKG_VERSION").as_bytes());
-    let mut file = std::fs::File::open(&config.dataset_path)
-        .map_err(|e| DataError::io(&config.dataset_path, e))?;
+    let mut file = open_regular(&config.dataset_path)?;
     std::io::copy(&mut file, &mut HashWriter(&mut h))
         .map_err(|e| DataError::io(&config.dataset_path, e))?;
     let tok = tokenizer
@@ -383,6 +407,15 @@ impl std::io::Write for HashWriter<'_> {
 /// [`prepare`] through an on-disk cache under `cache_dir`: a second run with the same data
 /// file, tokenizer, template and configuration reads the tokenized dataset instead of
 /// tokenizing again. Returns the dataset and whether it came from the cache.
+///
+/// A cache entry is checked before it is used: its Parquet files go through the decoding
+/// bounds and structure checks of [`read_examples`], and every token id must be below the
+/// tokenizer's vocabulary size and every example within `max_length`. An entry that fails
+/// (tampered with, damaged, or written by something else) is not used: the dataset is prepared
+/// again from the data file, which replaces the entry, and a [`ProblemKind::InvalidCache`]
+/// warning naming the cache file and what was wrong is added to the problems. Rebuilding is the
+/// safe choice: the entry is only derived data, and the rebuilt one comes from the data file
+/// that the cache key vouches for.
 pub fn prepare_cached(
     config: &DatasetConfig,
     tokenizer: &ChatTokenizer,
@@ -390,23 +423,59 @@ pub fn prepare_cached(
 ) -> Result<(Prepared, bool)> {
     let key = cache_key(config, tokenizer)?;
     let dir = cache_dir.join(&key);
-    if dir.join("stats.json").is_file()
-        && let Ok(mut cached) = read_prepared(&dir)
-    {
-        let problems_path = dir.join("problems.json");
-        if let Ok(text) = std::fs::read_to_string(&problems_path) {
-            cached.problems = serde_json::from_str::<Vec<ProblemRecord>>(&text)
-                .map(|v| v.into_iter().map(ProblemRecord::into_problem).collect())
-                .unwrap_or_default();
+    let mut rejected = None;
+    if dir.join("stats.json").is_file() {
+        match read_cached(&dir, config, tokenizer) {
+            Ok(cached) => return Ok((cached, true)),
+            Err(e) => rejected = Some(e),
         }
-        return Ok((cached, true));
     }
-    let prepared = prepare(config, tokenizer, None)?;
+    let mut prepared = prepare(config, tokenizer, None)?;
     let tmp = cache_dir.join(format!("{key}.tmp-{}", std::process::id()));
     write_prepared(&tmp, &prepared)?;
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::rename(&tmp, &dir).map_err(|e| DataError::io(&dir, e))?;
+    if let Some(e) = rejected {
+        prepared.problems.insert(
+            0,
+            Problem::new(
+                RowLocation {
+                    path: dir.clone(),
+                    line: None,
+                    row: 0,
+                },
+                "",
+                ProblemKind::InvalidCache,
+                format!("the cached tokenized dataset was not used and has been rebuilt: {e}"),
+            ),
+        );
+    }
     Ok((prepared, false))
+}
+
+/// A cache entry, checked against the tokenizer and the configuration.
+fn read_cached(dir: &Path, config: &DatasetConfig, tokenizer: &ChatTokenizer) -> Result<Prepared> {
+    let mut cached = read_prepared(dir)?;
+    let vocab = tokenizer.vocab_size();
+    check_examples(
+        &dir.join("train.parquet"),
+        &cached.train,
+        vocab,
+        config.max_length,
+    )?;
+    check_examples(
+        &dir.join("validation.parquet"),
+        &cached.validation,
+        vocab,
+        config.max_length,
+    )?;
+    let problems_path = dir.join("problems.json");
+    if let Ok(bytes) = read_bounded(&problems_path, MAX_SIDE_FILE_BYTES, "problems.json") {
+        cached.problems = serde_json::from_slice::<Vec<ProblemRecord>>(&bytes)
+            .map(|v| v.into_iter().map(ProblemRecord::into_problem).collect())
+            .unwrap_or_default();
+    }
+    Ok(cached)
 }
 
 #[derive(Deserialize)]

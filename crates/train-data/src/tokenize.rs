@@ -5,7 +5,13 @@
 //! template's end-of-turn token; everything else gets no loss. Text the template itself inserts
 //! inside the turn (Qwen3's empty `<think>\n\n</think>\n\n`) is part of the turn and is trained,
 //! and counted in [`Encoded::template_label_tokens`].
+//!
+//! `tokenizer.json` is untrusted input: it is checked once, when loaded (size, vocabulary,
+//! added tokens, how much its normalizers and pre-tokenizers can grow a text), its own
+//! truncation and padding are cleared, and a panic of the `tokenizers` crate while loading or
+//! encoding becomes a [`DataError::Tokenizer`] naming the file.
 
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -53,6 +59,27 @@ const END_OF_TURN: &[&str] = &[
     "<|eot|>",
 ];
 
+/// Largest `tokenizer.json`, in bytes (the biggest published ones are about 35 MB).
+pub const MAX_TOKENIZER_JSON_BYTES: u64 = 64 << 20;
+/// Most token ids a tokenizer may have (its largest id + 1). Published vocabularies stay under
+/// 300,000; labels are `i32`, so ids must stay far below 2^31.
+pub const MAX_VOCAB_SIZE: usize = 1 << 24;
+/// Most entries of `added_tokens` (published tokenizers have a few thousand at most; each one
+/// is a pattern the tokenizer looks for in every text).
+pub const MAX_ADDED_TOKENS: usize = 1 << 17;
+/// Largest worst-case growth of a text through the normalizers and pre-tokenizers of a
+/// `tokenizer.json` (bytes out per byte in, the product over the chain; see [`text_growth`]).
+/// Published tokenizers stay under 1,000 (SentencePiece ones with a precompiled character map
+/// are the largest); a chain of `Replace` or `Prepend` steps that each multiply the text is not
+/// a tokenizer but a memory bomb.
+pub const MAX_TEXT_GROWTH: u64 = 4096;
+/// Largest text the tokenizer may make of one conversation: its length times the worst-case
+/// growth of the tokenizer's normalizers and pre-tokenizers, in bytes.
+pub const MAX_NORMALIZED_BYTES: u64 = 128 << 20;
+/// Most bytes rendered to locate the label tokens of one row: every assistant turn renders the
+/// conversation up to that turn, so a long conversation costs its length times its turns.
+pub const MAX_LABEL_RENDER_BYTES: u64 = 1 << 30;
+
 /// A chat template with its tokenizer.
 #[derive(Debug)]
 pub struct ChatTokenizer {
@@ -61,22 +88,105 @@ pub struct ChatTokenizer {
     end_of_turn: Vec<String>,
     label_mode: LabelMode,
     source: PathBuf,
+    vocab_size: usize,
+    growth: u64,
+}
+
+/// A panic payload as text.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown failure".into())
 }
 
 impl ChatTokenizer {
     /// `tokenizer.json` and the chat template of a Hugging Face model directory.
+    ///
+    /// The file is checked before the `tokenizers` crate parses it: a regular file of at most
+    /// [`MAX_TOKENIZER_JSON_BYTES`], at most [`MAX_ADDED_TOKENS`] added tokens, a well-formed
+    /// precompiled character map, normalizers and pre-tokenizers that grow a text at most
+    /// [`MAX_TEXT_GROWTH`] times, and, once parsed, ids below [`MAX_VOCAB_SIZE`]. A panic of
+    /// the parser is an error naming the file. Its `truncation` and `padding` are cleared (see
+    /// [`ChatTokenizer::new`]).
     pub fn from_model_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
-        let tokenizer = Tokenizer::from_file(&path).map_err(|e| DataError::Tokenizer {
+        let fail = |message: String| DataError::Tokenizer {
             path: path.clone(),
-            message: e.to_string(),
+            message,
+        };
+        // The template's files are read by `ChatTemplate`; refuse a FIFO or a device there
+        // before it opens them (an open of a FIFO blocks).
+        for name in ["tokenizer_config.json", "chat_template.jinja"] {
+            let p = dir.join(name);
+            if std::fs::symlink_metadata(&p).is_ok() {
+                drop(crate::load::open_regular(&p)?);
+            }
+        }
+        let bytes = crate::load::read_bounded(&path, MAX_TOKENIZER_JSON_BYTES, "a tokenizer.json")?;
+        let json: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+            fail(format!(
+                "broken JSON at line {}, column {}: {e}",
+                e.line(),
+                e.column()
+            ))
         })?;
+        check_tokenizer_json(&json).map_err(fail)?;
+        drop(json);
+        let parsed = catch_unwind(|| Tokenizer::from_bytes(&bytes));
+        let tokenizer = match parsed {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => return Err(fail(e.to_string())),
+            Err(payload) => {
+                return Err(fail(format!(
+                    "the tokenizers crate failed on this file: {}",
+                    panic_text(payload.as_ref())
+                )));
+            }
+        };
         let template = ChatTemplate::from_model_dir(dir)?;
-        Ok(Self::new(tokenizer, template, path))
+        let tok = Self::new(tokenizer, template, path.clone());
+        if tok.vocab_size > MAX_VOCAB_SIZE {
+            return Err(fail(format!(
+                "field `model.vocab`: the largest token id is {}, over the limit of {MAX_VOCAB_SIZE} ids",
+                tok.vocab_size - 1
+            )));
+        }
+        if tok.growth > MAX_TEXT_GROWTH {
+            return Err(fail(format!(
+                "fields `normalizer` / `pre_tokenizer`: they can grow a text {} times, over the limit of {MAX_TEXT_GROWTH}",
+                tok.growth
+            )));
+        }
+        Ok(tok)
     }
 
     /// Combines a tokenizer and a template; `source` names the tokenizer in messages.
-    pub fn new(tokenizer: Tokenizer, template: ChatTemplate, source: PathBuf) -> Self {
+    ///
+    /// The tokenizer's own truncation and padding are cleared (`with_truncation(None)`,
+    /// `with_padding(None)`): this crate truncates ([`fit`](crate::fit)) and pads
+    /// ([`Batch`](crate::Batch)) itself, and tokenizer-side truncation would silently cut
+    /// conversations (and their labels) before the label masks are computed, while the
+    /// `tokenizers` crate panics on some settings (a `stride` not below `max_length`) and
+    /// allocates whatever a padding length asks for.
+    pub fn new(mut tokenizer: Tokenizer, template: ChatTemplate, source: PathBuf) -> Self {
+        // Clearing cannot fail: only setting truncation parameters is checked.
+        let _ = tokenizer.with_truncation(None);
+        tokenizer.with_padding(None);
+        let vocab_size = tokenizer
+            .get_vocab(true)
+            .values()
+            .copied()
+            .max()
+            .map_or(0, |m| m as usize + 1);
+        let growth = match (
+            serde_json::to_value(tokenizer.get_normalizer()),
+            serde_json::to_value(tokenizer.get_pre_tokenizer()),
+        ) {
+            (Ok(n), Ok(p)) => text_growth(&n, &p).unwrap_or(u64::MAX),
+            _ => u64::MAX,
+        };
         let mut end_of_turn: Vec<String> = END_OF_TURN
             .iter()
             .filter(|t| tokenizer.token_to_id(t).is_some())
@@ -93,7 +203,15 @@ impl ChatTokenizer {
             end_of_turn,
             label_mode: LabelMode::default(),
             source,
+            vocab_size,
+            growth,
         }
+    }
+
+    /// The number of token ids (the largest id, added tokens included, plus one): every id
+    /// this tokenizer produces is below it.
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
     }
 
     /// Chooses which tokens are trained.
@@ -141,13 +259,31 @@ impl ChatTokenizer {
     }
 
     /// Token ids of `text` without adding special tokens (templates already emit them).
+    ///
+    /// `text` may be at most [`MAX_NORMALIZED_BYTES`] divided by the worst-case growth of the
+    /// tokenizer's normalizers and pre-tokenizers; a panic of the `tokenizers` crate is an
+    /// error naming the tokenizer.
     pub fn tokenize(&self, text: &str) -> Result<tokenizers::Encoding> {
-        self.tokenizer
-            .encode(text, false)
-            .map_err(|e| DataError::Tokenizer {
-                path: self.source.clone(),
-                message: e.to_string(),
-            })
+        let fail = |message: String| DataError::Tokenizer {
+            path: self.source.clone(),
+            message,
+        };
+        let worst = (text.len() as u64).saturating_mul(self.growth);
+        if worst > MAX_NORMALIZED_BYTES {
+            return Err(fail(format!(
+                "a text of {} bytes, which this tokenizer's normalizers and pre-tokenizers can grow {} times, \
+                 is over the limit of {MAX_NORMALIZED_BYTES} bytes",
+                text.len(),
+                self.growth
+            )));
+        }
+        match catch_unwind(AssertUnwindSafe(|| self.tokenizer.encode(text, false))) {
+            Ok(r) => r.map_err(|e| fail(e.to_string())),
+            Err(payload) => Err(fail(format!(
+                "the tokenizers crate failed while encoding: {}",
+                panic_text(payload.as_ref())
+            ))),
+        }
     }
 
     /// The prompt for generation: the rendered messages plus the assistant header.
@@ -173,13 +309,31 @@ impl ChatTokenizer {
     }
 
     /// Renders and tokenizes `c`, with labels per `mode`.
+    ///
+    /// Refuses rows over the size limits first (messages, field bytes, runs without
+    /// whitespace: see [`MAX_MESSAGES_PER_ROW`](crate::validate::MAX_MESSAGES_PER_ROW)), naming
+    /// the row and field. Locating the turns renders one prefix per assistant turn (at most
+    /// [`MAX_LABEL_RENDER_BYTES`] in all); the tokens are then assigned to turns in one pass.
     pub fn encode_with_mode(&self, c: &Conversation, mode: LabelMode) -> Result<Encoded> {
+        if let Some(p) = crate::validate::size_problem(c) {
+            return Err(DataError::Row(Box::new(p)));
+        }
         let wrap = |e: DataError| match e {
             DataError::Template { message, .. } => self.template_error(c, &message),
+            DataError::Tokenizer { path, message } => {
+                let row = c
+                    .location
+                    .as_ref()
+                    .map_or_else(String::new, |l| format!("{l}: "));
+                DataError::Tokenizer {
+                    path,
+                    message: format!("{row}{message}"),
+                }
+            }
             other => other,
         };
         let full = self.template.render(&c.messages, false).map_err(wrap)?;
-        let encoding = self.tokenize(&full)?;
+        let encoding = self.tokenize(&full).map_err(wrap)?;
         let ids = encoding.get_ids().to_vec();
         let offsets = encoding.get_offsets();
         if mode == LabelMode::Everything {
@@ -190,15 +344,27 @@ impl ChatTokenizer {
                 template_label_tokens: 0,
             });
         }
-        let mut labels = vec![IGNORE_INDEX; ids.len()];
-        let mut template_label_tokens = 0;
         let assistant: Vec<usize> = c.indices_of(Role::Assistant).collect();
         let turns: &[usize] = match mode {
             LabelMode::LastAssistant => assistant.last().map_or(&[], std::slice::from_ref),
             _ => &assistant,
         };
+        // Byte span [start, end) of each trained turn in `full`, with its message.
+        let mut spans: Vec<(usize, usize, usize)> = Vec::with_capacity(turns.len());
+        let mut rendered = full.len() as u64;
         for &i in turns {
             let prefix = self.template.render(&c.messages[..i], true).map_err(wrap)?;
+            rendered += prefix.len() as u64;
+            if rendered > MAX_LABEL_RENDER_BYTES {
+                return Err(self.template_error(
+                    c,
+                    &format!(
+                        "locating the {} assistant turns renders more than {MAX_LABEL_RENDER_BYTES} bytes \
+                         (the limit per row); split the conversation",
+                        turns.len()
+                    ),
+                ));
+            }
             if !full.starts_with(&prefix) {
                 return Err(self.template_error(
                     c,
@@ -209,14 +375,31 @@ impl ChatTokenizer {
                 ));
             }
             let start = prefix.len();
-            let end = self.turn_end(&full, start, &c.messages[..=i]);
+            let end = self.turn_end(&full, start, &c.messages[..=i], &mut rendered);
+            spans.push((start, end, i));
+        }
+        let mut labels = vec![IGNORE_INDEX; ids.len()];
+        let mut template_label_tokens = 0;
+        // Offsets are sorted by start for every tokenizer met so far; then each turn's tokens
+        // are found by binary search. Otherwise every turn scans every token.
+        let sorted = offsets.windows(2).all(|w| w[0].0 <= w[1].0);
+        for &(start, end, i) in &spans {
             let data_spans = data_spans(&full[start..end], &c.messages[i]);
-            for (t, &(a, b)) in offsets.iter().enumerate() {
+            let range = if sorted {
+                offsets.partition_point(|o| o.0 < start)..offsets.partition_point(|o| o.0 < end)
+            } else {
+                0..offsets.len()
+            };
+            for t in range {
+                let (a, b) = offsets[t];
                 if a >= start && a < end && b > a {
                     labels[t] = ids[t] as i32;
                     let (ra, rb) = (a - start, b - start);
                     let in_data = data_spans.iter().any(|&(s, e)| ra < e && rb > s);
-                    let is_eot = self.end_of_turn.iter().any(|eot| &full[a..b] == eot);
+                    let is_eot = self
+                        .end_of_turn
+                        .iter()
+                        .any(|eot| full.get(a..b) == Some(eot.as_str()));
                     if !in_data && !is_eot {
                         template_label_tokens += 1;
                     }
@@ -232,7 +415,7 @@ impl ChatTokenizer {
 
     /// End (exclusive, in bytes) of the assistant turn starting at `start`: just after the first
     /// end-of-turn string, else where the rendering of the conversation up to this turn ends.
-    fn turn_end(&self, full: &str, start: usize, upto: &[Message]) -> usize {
+    fn turn_end(&self, full: &str, start: usize, upto: &[Message], rendered: &mut u64) -> usize {
         let rest = &full[start..];
         let first = self
             .end_of_turn
@@ -242,9 +425,17 @@ impl ChatTokenizer {
         if let Some(end) = first {
             return start + end;
         }
+        // Counted for the limit, which the next turn checks.
         match self.template.render(upto, false) {
-            Ok(t) if full.starts_with(&t) && t.len() > start => t.len(),
-            _ => full.len(),
+            Ok(t) => {
+                *rendered += t.len() as u64;
+                if full.starts_with(&t) && t.len() > start {
+                    t.len()
+                } else {
+                    full.len()
+                }
+            }
+            Err(_) => full.len(),
         }
     }
 }
@@ -266,4 +457,171 @@ fn data_spans(span: &str, m: &Message) -> Vec<(usize, usize)> {
         }
     }
     out
+}
+
+/// Checks of the parsed `tokenizer.json` that must come before the `tokenizers` crate parses
+/// it: the number of added tokens, the normalizers' and pre-tokenizers' growth (which also
+/// checks each precompiled character map's header, whose trie length the parser allocates
+/// unchecked).
+fn check_tokenizer_json(json: &serde_json::Value) -> std::result::Result<(), String> {
+    if let Some(added) = json
+        .get("added_tokens")
+        .and_then(serde_json::Value::as_array)
+        && added.len() > MAX_ADDED_TOKENS
+    {
+        return Err(format!(
+            "field `added_tokens`: {} entries, over the limit of {MAX_ADDED_TOKENS}",
+            added.len()
+        ));
+    }
+    let null = serde_json::Value::Null;
+    let growth = text_growth(
+        json.get("normalizer").unwrap_or(&null),
+        json.get("pre_tokenizer").unwrap_or(&null),
+    )?;
+    if growth > MAX_TEXT_GROWTH {
+        return Err(format!(
+            "fields `normalizer` / `pre_tokenizer`: they can grow a text {growth} times, over the limit of {MAX_TEXT_GROWTH}"
+        ));
+    }
+    Ok(())
+}
+
+/// Deepest nesting of `Sequence` normalizers or pre-tokenizers.
+const MAX_SEQUENCE_DEPTH: usize = 8;
+
+/// The worst-case growth of a text through `normalizer` then `pre_tokenizer` (their
+/// `tokenizer.json` form): bytes out per byte in, the product of each step's bound, saturating.
+///
+/// Each step's bound is an upper bound on its output for any input of `n ≥ 1` bytes, divided by
+/// `n`: Unicode normalization NFC/NFD 3 and NFKC/NFKD 11 (U+FDFA becomes 33 bytes),
+/// lowercasing 2, the BERT normalizer 12, byte-level mapping 3, `Prepend(s)` 1 + |s|,
+/// `Replace` of a non-empty literal of `p` bytes by `c` bytes max(1, ⌈c/p⌉) and of a regular
+/// expression (which may match the empty string, at most 2n + 1 matches) 1 + 3c, a precompiled
+/// character map its longest replacement, `Metaspace` twice its replacement's bytes; splitting
+/// steps 1. Bounding this product is what keeps a `Sequence` of growing steps, or one step that
+/// inserts a long text at every position, from turning a short message into gigabytes.
+pub fn text_growth(
+    normalizer: &serde_json::Value,
+    pre_tokenizer: &serde_json::Value,
+) -> std::result::Result<u64, String> {
+    Ok(
+        step_growth(normalizer, "normalizer", 0)?.saturating_mul(step_growth(
+            pre_tokenizer,
+            "pre_tokenizer",
+            0,
+        )?),
+    )
+}
+
+fn step_growth(
+    v: &serde_json::Value,
+    field: &str,
+    depth: usize,
+) -> std::result::Result<u64, String> {
+    use serde_json::Value;
+    if v.is_null() {
+        return Ok(1);
+    }
+    if depth > MAX_SEQUENCE_DEPTH {
+        return Err(format!(
+            "field `{field}`: Sequence nested deeper than {MAX_SEQUENCE_DEPTH}"
+        ));
+    }
+    let kind = v.get("type").and_then(Value::as_str).unwrap_or("");
+    let text = |key: &str| v.get(key).and_then(Value::as_str).map_or(0, str::len) as u64;
+    Ok(match kind {
+        "Sequence" => {
+            let key = if field.starts_with("normalizer") {
+                "normalizers"
+            } else {
+                "pretokenizers"
+            };
+            let steps = v
+                .get(key)
+                .and_then(Value::as_array)
+                .map_or(&[][..], Vec::as_slice);
+            let mut g: u64 = 1;
+            for (i, step) in steps.iter().enumerate() {
+                g = g.saturating_mul(step_growth(
+                    step,
+                    &format!("{field}.{key}[{i}]"),
+                    depth + 1,
+                )?);
+            }
+            g
+        }
+        "NFC" | "NFD" => 3,
+        "NFKC" | "NFKD" => 11,
+        "Lowercase" => 2,
+        "BertNormalizer" => 12,
+        "ByteLevel" => 3,
+        "Prepend" => 1 + text("prepend"),
+        "Replace" => {
+            let c = text("content");
+            match v.get("pattern") {
+                Some(Value::Object(p)) => match p.get("String").and_then(Value::as_str) {
+                    Some(lit) if !lit.is_empty() => c.div_ceil(lit.len() as u64).max(1),
+                    _ => 1 + 3 * c,
+                },
+                _ => 1 + 3 * c,
+            }
+        }
+        "Precompiled" => {
+            let map = v
+                .get("precompiled_charsmap")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            longest_replacement(map)
+                .map_err(|e| format!("field `{field}.precompiled_charsmap`: {e}"))?
+                .max(1)
+        }
+        "Metaspace" => 2 * (text("replacement").max(1)),
+        _ => 1,
+    })
+}
+
+/// The longest replacement of a SentencePiece precompiled character map (base64 of: a
+/// little-endian `u32` trie length in bytes, the trie, then NUL-terminated replacements).
+fn longest_replacement(base64: &str) -> std::result::Result<u64, String> {
+    let blob = decode_base64(base64).ok_or("not valid base64")?;
+    let Some(head) = blob.get(..4) else {
+        return if blob.is_empty() {
+            Ok(1)
+        } else {
+            Err("shorter than its 4-byte header".into())
+        };
+    };
+    let trie = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    let Some(pool) = blob.get(4 + (trie / 4) * 4..) else {
+        return Err(format!(
+            "its header declares a {trie}-byte trie in a {}-byte map",
+            blob.len()
+        ));
+    };
+    Ok(pool.split(|&b| b == 0).map(<[u8]>::len).max().unwrap_or(0) as u64)
+}
+
+/// Standard base64 with optional padding; `None` on any other byte.
+fn decode_base64(s: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(s.len() / 4 * 3);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for b in s.bytes().filter(|&b| b != b'=' && !b.is_ascii_whitespace()) {
+        let v = match b {
+            b'A'..=b'Z' => b - b'A',
+            b'a'..=b'z' => b - b'a' + 26,
+            b'0'..=b'9' => b - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
 }

@@ -6,10 +6,97 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use crate::batch::IGNORE_INDEX;
 use crate::conversation::{Conversation, Role};
-use crate::error::{Problem, ProblemKind, Result, RowLocation, Severity};
+use crate::error::{DataError, Problem, ProblemKind, Result, RowLocation, Severity};
 use crate::load::{ErrorPolicy, LoadOptions, load_conversations};
 use crate::tokenize::ChatTokenizer;
+
+/// Most messages in one row. Locating the label tokens renders the conversation once per
+/// assistant turn (a template's rendering of a prefix is the only way to know where a turn
+/// starts), so the cost of a row grows with the square of its turns: 3,000 turn pairs took
+/// minutes. 1,024 messages is far beyond real conversations and renders in well under a second.
+pub const MAX_MESSAGES_PER_ROW: usize = 1024;
+/// Largest message field (`content`, `reasoning_content`), in bytes.
+pub const MAX_FIELD_BYTES: usize = 16 << 20;
+/// Longest run of text without whitespace in a field, in bytes. Pre-tokenizers split at
+/// whitespace at the latest, and the BPE merge loop is superlinear in the length of what is
+/// left: a 48 MB word did not finish. Longer runs (base64 blobs, minified files) are not text a
+/// model learns from.
+pub const MAX_WORD_BYTES: usize = 1 << 20;
+
+/// The first size limit `c` is over: the number of messages, a field's bytes, a run without
+/// whitespace. Checked when rows are loaded and again before tokenizing (transforms may have
+/// changed the messages).
+pub(crate) fn size_problem(c: &Conversation) -> Option<Problem> {
+    let problem = |field: String, message: String| {
+        Some(Problem::new(
+            location(c),
+            field,
+            ProblemKind::TooLarge,
+            message,
+        ))
+    };
+    if c.messages.len() > MAX_MESSAGES_PER_ROW {
+        return problem(
+            "messages".into(),
+            format!(
+                "{} messages, over the limit of {MAX_MESSAGES_PER_ROW} per row",
+                c.messages.len()
+            ),
+        );
+    }
+    for (i, m) in c.messages.iter().enumerate() {
+        let fields = [
+            ("content", Some(&m.content)),
+            ("reasoning_content", m.reasoning_content.as_ref()),
+        ];
+        for (name, text) in fields {
+            let Some(text) = text else { continue };
+            if text.len() > MAX_FIELD_BYTES {
+                return problem(
+                    format!("messages[{i}].{name}"),
+                    format!(
+                        "{} bytes, over the limit of {MAX_FIELD_BYTES} bytes per field",
+                        text.len()
+                    ),
+                );
+            }
+            let (at, run) = longest_word(text);
+            if run > MAX_WORD_BYTES {
+                return problem(
+                    format!("messages[{i}].{name}"),
+                    format!(
+                        "a run of {run} bytes without whitespace (from byte {at}), over the limit of {MAX_WORD_BYTES} bytes"
+                    ),
+                );
+            }
+        }
+    }
+    None
+}
+
+/// Start and length in bytes of the longest run of non-whitespace characters of `text`.
+fn longest_word(text: &str) -> (usize, usize) {
+    let (mut best, mut start) = ((0, 0), None);
+    for (i, ch) in text.char_indices() {
+        if ch.is_whitespace() {
+            if let Some(s) = start.take()
+                && i - s > best.1
+            {
+                best = (s, i - s);
+            }
+        } else if start.is_none() {
+            start = Some(i);
+        }
+    }
+    if let Some(s) = start
+        && text.len() - s > best.1
+    {
+        best = (s, text.len() - s);
+    }
+    best
+}
 
 fn location(c: &Conversation) -> RowLocation {
     c.location.clone().unwrap_or(RowLocation {
@@ -31,6 +118,11 @@ pub fn structure_problems(c: &Conversation) -> Vec<Problem> {
             ProblemKind::EmptyMessages,
             "the list is empty",
         ));
+        return out;
+    }
+    if let Some(p) = size_problem(c) {
+        // Nothing more is looked at in a row this large.
+        out.push(p);
         return out;
     }
     for (i, m) in c.messages.iter().enumerate() {
@@ -140,19 +232,26 @@ pub struct CheckReport {
     pub too_long: usize,
     /// Tokens that truncation would drop (only with a tokenizer).
     pub tokens_lost: usize,
+    /// Valid rows with something to train: (with a tokenizer) at least one label token before
+    /// truncation.
+    pub trainable_rows: usize,
     /// Every problem, in file order.
     pub problems: Vec<Problem>,
 }
 
 impl CheckReport {
-    /// True when no row has an error.
+    /// True when no row has an error and at least one row would be trained on.
     pub fn is_ok(&self) -> bool {
-        self.errors == 0
+        self.errors == 0 && self.trainable_rows > 0
     }
 }
 
 /// Checks a data file: every row's structure, duplicates, answer leakage and, given a
-/// tokenizer, rows over `max_length` tokens (with the number of tokens lost).
+/// tokenizer, rows over `max_length` tokens (with the number of tokens lost) and rows left
+/// without label tokens.
+///
+/// A file without any row is an error ([`DataError::File`]): there is nothing to train on. A
+/// file whose rows would all be dropped gives a report that is not [`CheckReport::is_ok`].
 pub fn check_file(
     path: &Path,
     options: &LoadOptions,
@@ -165,11 +264,18 @@ pub fn check_file(
             ..*options
         },
     )?;
+    if loaded.rows_read == 0 {
+        return Err(DataError::file(
+            path,
+            "the dataset is empty: no rows to train on",
+        ));
+    }
     let mut report = CheckReport {
         path: path.display().to_string(),
         rows: loaded.rows_read,
         ..CheckReport::default()
     };
+    let mut untrainable = 0;
     let mut problems = loaded.problems;
     let mut seen: HashMap<[u8; 32], RowLocation> = HashMap::new();
     for c in &loaded.conversations {
@@ -195,18 +301,51 @@ pub fn check_file(
         problems.extend(leaks);
         if let Some((tok, max_length)) = tokenizer {
             match tok.encode(c) {
-                Ok(enc) if enc.input_ids.len() > max_length => {
-                    let lost = enc.input_ids.len() - max_length;
-                    report.too_long += 1;
-                    report.tokens_lost += lost;
-                    problems.push(Problem::new(
-                        loc,
-                        "",
-                        ProblemKind::TooLong,
-                        format!("{} tokens, over the maximum of {max_length}: {lost} tokens would be lost", enc.input_ids.len()),
-                    ));
+                Ok(enc) => {
+                    let n = enc.input_ids.len();
+                    if n > max_length {
+                        let lost = n - max_length;
+                        report.too_long += 1;
+                        report.tokens_lost += lost;
+                        problems.push(Problem::new(
+                            loc.clone(),
+                            "",
+                            ProblemKind::TooLong,
+                            format!("{n} tokens, over the maximum of {max_length}: {lost} tokens would be lost"),
+                        ));
+                    }
+                    // Position 0 is never trained (as in `Example::label_tokens`).
+                    let trained = |upto: usize| {
+                        enc.labels
+                            .iter()
+                            .take(upto)
+                            .skip(1)
+                            .filter(|&&l| l != IGNORE_INDEX)
+                            .count()
+                    };
+                    if trained(n) == 0 {
+                        untrainable += 1;
+                        problems.push(Problem::new(
+                            loc,
+                            "",
+                            ProblemKind::AllLabelsTruncated,
+                            format!(
+                                "no label tokens: the rendering has no assistant tokens to train with label mode {:?}",
+                                tok.label_mode()
+                            ),
+                        ));
+                    } else if trained(max_length) == 0 {
+                        // A warning, like the length itself: a larger max_length trains it.
+                        problems.push(Problem::new(
+                            loc,
+                            "",
+                            ProblemKind::AllLabelsTruncated,
+                            format!(
+                                "truncation to max_length {max_length} would remove every label token of this {n}-token row"
+                            ),
+                        ));
+                    }
                 }
-                Ok(_) => {}
                 Err(e) => {
                     problems.push(Problem::new(loc, "", ProblemKind::Template, e.to_string()));
                 }
@@ -222,6 +361,7 @@ pub fn check_file(
     bad_rows.dedup();
     report.invalid_rows = bad_rows.len();
     report.valid_rows = report.rows - report.invalid_rows;
+    report.trainable_rows = report.valid_rows.saturating_sub(untrainable);
     report.errors = problems
         .iter()
         .filter(|p| p.severity == Severity::Error)

@@ -248,6 +248,231 @@ fn check_with_a_tokenizer_counts_tokens_lost() {
     assert!(r.is_ok(), "too long is a warning");
 }
 
+fn mkfifo(path: &Path) {
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(path)
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
+/// Runs `f` on another thread; fails the test if it takes more than `secs` (a refusal that
+/// does not happen would block forever on a FIFO).
+fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(secs))
+        .expect("did not finish in time")
+}
+
+/// A FIFO given as the dataset (whatever its extension) is refused before it is opened,
+/// by the loader and by `data check`.
+#[test]
+fn r_fifo_dataset_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["d.jsonl", "d.json", "d.parquet", "d.txt"] {
+        let p = dir.path().join(name);
+        mkfifo(&p);
+        let q = p.clone();
+        let e = within(10, move || {
+            load_conversations(&q, &LoadOptions::default())
+                .unwrap_err()
+                .to_string()
+        });
+        assert!(
+            e.contains(name) && e.contains("not a regular file (a FIFO)"),
+            "{e}"
+        );
+        let e = within(10, move || {
+            check_file(&p, &LoadOptions::default(), None)
+                .unwrap_err()
+                .to_string()
+        });
+        assert!(e.contains(name) && e.contains("FIFO"), "{e}");
+    }
+    // A directory is refused the same way.
+    let e = load_conversations(dir.path(), &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("a directory"), "{e}");
+}
+
+/// A JSONL line over 64 MiB (a file without newlines) is not read into memory whole: an error
+/// naming the file and the line, and under the skip policy the next lines still load.
+#[test]
+fn r_jsonl_line_over_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = std::time::Instant::now();
+    let mut bytes = format!("{GOOD}\n").into_bytes();
+    bytes.extend(std::iter::repeat_n(
+        b'x',
+        train_data::load::MAX_LINE_BYTES + 10,
+    ));
+    bytes.extend(format!("\n{GOOD}\n").as_bytes());
+    let p = write(dir.path(), "long.jsonl", &bytes);
+    drop(bytes);
+    let e = load_conversations(&p, &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("long.jsonl:2") && e.contains("longer than the limit of 67108864 bytes"),
+        "{e}"
+    );
+    let l = load_conversations(&p, &skip()).unwrap();
+    assert_eq!((l.rows_read, l.conversations.len()), (3, 2));
+    assert_eq!(l.conversations[1].location.as_ref().unwrap().line, Some(3));
+    assert_eq!(l.problems[0].kind, ProblemKind::TooLarge);
+    assert!(t0.elapsed().as_secs() < 20, "{:?}", t0.elapsed());
+}
+
+/// A Parquet file of a few kilobytes whose column decompresses to 128 MiB (a decompression
+/// bomb) is refused from its footer, before anything is decompressed, naming the file.
+#[test]
+fn r_parquet_decompression_bomb() {
+    use polars::prelude::*;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bomb.parquet");
+    {
+        let big = "a".repeat(1 << 20);
+        // Distinct values, so that the writer does not dictionary-encode them.
+        let rows: Vec<String> = (0..128).map(|i| format!("{i:04}{big}")).collect();
+        let text = Series::new("text".into(), rows);
+        let mut df = DataFrame::new(128, vec![text.into_column()]).unwrap();
+        ParquetWriter::new(std::fs::File::create(&path).unwrap())
+            .finish(&mut df)
+            .unwrap();
+    }
+    let size = std::fs::metadata(&path).unwrap().len();
+    assert!(size < (1 << 20), "{size}");
+    let t0 = std::time::Instant::now();
+    for policy in [ErrorPolicy::Strict, ErrorPolicy::Skip] {
+        let options = LoadOptions {
+            policy,
+            ..LoadOptions::default()
+        };
+        let e = load_conversations(&path, &options).unwrap_err().to_string();
+        assert!(
+            e.contains("bomb.parquet") && e.contains("decoding limit"),
+            "{e}"
+        );
+    }
+    let e = train_data::parquet::read_examples(&path)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("bomb.parquet") && e.contains("decoding limit"),
+        "{e}"
+    );
+    assert!(t0.elapsed().as_secs() < 5, "{:?}", t0.elapsed());
+}
+
+/// A 48 MB word (no whitespace) would take BPE minutes: a field over 16 MiB, or a run without
+/// whitespace over 1 MiB, is refused at load, naming the line and the field. So is a row of
+/// 3,000 turn pairs.
+#[test]
+fn r_long_words_and_many_turns_are_refused_per_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = std::time::Instant::now();
+    let row = |answer: &str| {
+        format!(
+            r#"{{"messages": [{{"role": "user", "content": "Hi"}}, {{"role": "assistant", "content": "{answer}"}}]}}"#
+        )
+    };
+    let huge = row(&"a".repeat(48_000_000));
+    let word = row(&format!("fine {} thanks", "b".repeat(2 << 20)));
+    let turns: Vec<String> = (0..3000)
+        .map(|i| format!(r#"{{"role": "user", "content": "q{i}"}}, {{"role": "assistant", "content": "a{i}"}}"#))
+        .collect();
+    let many = format!(r#"{{"messages": [{}]}}"#, turns.join(", "));
+    let p = write(
+        dir.path(),
+        "big.jsonl",
+        format!("{GOOD}\n{huge}\n{word}\n{many}\n").as_bytes(),
+    );
+    drop(huge);
+    let e = load_conversations(&p, &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("big.jsonl:2")
+            && e.contains("messages[1].content")
+            && e.contains("48000000 bytes, over the limit of 16777216 bytes per field"),
+        "{e}"
+    );
+    let l = load_conversations(&p, &skip()).unwrap();
+    assert_eq!(l.conversations.len(), 1);
+    let found: Vec<(Option<usize>, ProblemKind, &str)> = l
+        .problems
+        .iter()
+        .map(|p| (p.location.line, p.kind, p.field.as_str()))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            (Some(2), ProblemKind::TooLarge, "messages[1].content"),
+            (Some(3), ProblemKind::TooLarge, "messages[1].content"),
+            (Some(4), ProblemKind::TooLarge, "messages"),
+        ]
+    );
+    assert!(
+        l.problems[1]
+            .message
+            .contains("a run of 2097152 bytes without whitespace (from byte 5), over the limit of 1048576 bytes"),
+        "{}",
+        l.problems[1].message
+    );
+    assert!(
+        l.problems[2]
+            .message
+            .contains("6000 messages, over the limit of 1024")
+    );
+    let r = check_file(&p, &LoadOptions::default(), None).unwrap();
+    assert_eq!((r.rows, r.invalid_rows), (4, 3));
+    assert!(!r.is_ok());
+    assert!(t0.elapsed().as_secs() < 20, "{:?}", t0.elapsed());
+}
+
+/// `data check` of a file without rows (empty, blank lines, `[]`, a Parquet file of 0 rows)
+/// is an error naming the file, not a success.
+#[test]
+fn r_empty_dataset_is_an_error_for_check() {
+    use polars::prelude::*;
+    let dir = tempfile::tempdir().unwrap();
+    let mut paths = vec![
+        write(dir.path(), "empty.jsonl", b""),
+        write(dir.path(), "blank.jsonl", b"\n  \n\r\n"),
+        write(dir.path(), "empty.json", b"[]"),
+    ];
+    let pq = dir.path().join("empty.parquet");
+    let mut df = DataFrame::new(
+        0,
+        vec![Series::new("instruction".into(), Vec::<String>::new()).into_column()],
+    )
+    .unwrap();
+    ParquetWriter::new(std::fs::File::create(&pq).unwrap())
+        .finish(&mut df)
+        .unwrap();
+    paths.push(pq);
+    for p in paths {
+        let e = check_file(&p, &LoadOptions::default(), None)
+            .unwrap_err()
+            .to_string();
+        let name = p.file_name().unwrap().to_str().unwrap();
+        assert!(
+            e.contains(name) && e.contains("the dataset is empty"),
+            "{e}"
+        );
+    }
+    // A file with a row is fine.
+    let p = write(dir.path(), "one.jsonl", GOOD.as_bytes());
+    let r = check_file(&p, &LoadOptions::default(), None).unwrap();
+    assert!(r.is_ok() && r.trainable_rows == 1);
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(200))]
 

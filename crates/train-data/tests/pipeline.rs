@@ -224,3 +224,123 @@ fn strict_policy_stops_and_skip_reports() {
     let p = prepare(&cfg, &tok(), None).unwrap();
     assert_eq!((p.stats.examples, p.stats.invalid_rows), (1, 1));
 }
+
+/// A tampered cache entry (token ids beyond the vocabulary, labels that are not the tokens at
+/// their positions) is not used: the dataset is rebuilt from the data file and the problems
+/// name the cache file and what was wrong.
+#[test]
+fn r_tampered_cache_is_rebuilt_and_reported() {
+    use train_data::{Example, cache_key};
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let cfg = config(data(dir.path(), 12));
+    let tok = tok();
+    let (first, hit) = prepare_cached(&cfg, &tok, &cache).unwrap();
+    assert!(!hit);
+    let entry = cache.join(cache_key(&cfg, &tok).unwrap());
+    let tamper = |f: &dyn Fn(&mut Example)| {
+        let mut train = first.train.clone();
+        f(&mut train[3]);
+        train_data::parquet::write_examples(&entry.join("train.parquet"), &train).unwrap();
+    };
+    let vocab = tok.vocab_size() as u32;
+    type Tamper<'a> = &'a dyn Fn(&mut Example);
+    let cases: [(Tamper<'_>, &str); 3] = [
+        (
+            &|e| e.input_ids[2] = vocab + 7,
+            "is not below the tokenizer's vocabulary size",
+        ),
+        (&|e| e.labels[1] = -7, "is neither ignored nor the token id"),
+        (
+            &|e| {
+                e.input_ids.extend(std::iter::repeat_n(1, 100));
+                e.labels.extend(std::iter::repeat_n(-100, 100));
+            },
+            "over the maximum length of 64",
+        ),
+    ];
+    for (f, why) in cases {
+        tamper(f);
+        let (again, hit) = prepare_cached(&cfg, &tok, &cache).unwrap();
+        assert!(!hit, "{why}");
+        assert_eq!(again.train, first.train);
+        let p = &again.problems[0];
+        assert_eq!(p.kind, ProblemKind::InvalidCache);
+        assert!(
+            p.message.contains("train.parquet") && p.message.contains(why),
+            "{}",
+            p.message
+        );
+        // The rebuilt entry is used by the next run.
+        let (_, hit) = prepare_cached(&cfg, &tok, &cache).unwrap();
+        assert!(hit);
+    }
+}
+
+/// A FIFO as the data file is refused at once by the cache too (its key hashes the file).
+#[test]
+fn r_fifo_dataset_is_refused_by_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("d.jsonl");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&p)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let cache = dir.path().join("cache");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(
+            prepare_cached(&config(p), &tok(), &cache)
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+        );
+    });
+    let e = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("hung on a FIFO")
+        .unwrap_err();
+    assert!(e.contains("d.jsonl") && e.contains("FIFO"), "{e}");
+}
+
+/// When truncation to `max_length` removed the labels, the problem says so (and where the
+/// labels were), rather than "no label tokens".
+#[test]
+fn r_truncation_is_named_when_it_removed_the_labels() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = DatasetConfig {
+        max_length: 12,
+        validation_split: 0.0,
+        ..config(data(dir.path(), 3))
+    };
+    let p = prepare(&cfg, &tok(), None).unwrap();
+    for x in &p.problems {
+        assert!(
+            x.message
+                .contains("truncation to max_length 12 removed every label token")
+                && !x.message.contains("no label tokens"),
+            "{}",
+            x.message
+        );
+    }
+    assert_eq!(p.problems.len(), 3);
+    let r = train_data::check_file(
+        &cfg.dataset_path,
+        &LoadOptions::default(),
+        Some((&tok(), 12)),
+    )
+    .unwrap();
+    let truncated: Vec<_> = r
+        .problems
+        .iter()
+        .filter(|x| x.kind == ProblemKind::AllLabelsTruncated)
+        .collect();
+    assert_eq!(truncated.len(), 3);
+    assert!(
+        truncated[0]
+            .message
+            .contains("truncation to max_length 12 would remove every label token")
+    );
+}

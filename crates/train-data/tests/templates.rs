@@ -233,3 +233,243 @@ fn real_tokenizers_match_transformers() {
     println!("real tokenizers: {checked} conversations identical to transformers");
     assert_eq!(checked, 16);
 }
+
+/// A copy of the qwen2 fixture in a temporary directory, its `tokenizer.json` changed by `edit`.
+fn hostile_tokenizer_dir(edit: impl FnOnce(&mut Value)) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["tokenizer_config.json", "chat_template.jinja"] {
+        std::fs::copy(fixtures().join("qwen2").join(f), dir.path().join(f)).unwrap();
+    }
+    let mut json: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("qwen2/tokenizer.json")).unwrap(),
+    )
+    .unwrap();
+    edit(&mut json);
+    std::fs::write(dir.path().join("tokenizer.json"), json.to_string()).unwrap();
+    dir
+}
+
+fn hello() -> Conversation {
+    Conversation::new(vec![
+        Message::new(Role::User, "Hi there, how are you?"),
+        Message::new(Role::Assistant, "Hello, fine thanks."),
+    ])
+}
+
+/// `truncation` and `padding` of a `tokenizer.json` on which the `tokenizers` crate panics
+/// (`stride` not below `max_length`: an assert in `Encoding::truncate`) or allocates whatever is
+/// asked (a fixed padding length or `pad_to_multiple_of` of 2^40) are cleared at load: the
+/// toolkit truncates and pads itself, and the encoding is the one without them.
+#[test]
+fn r_tokenizer_truncation_and_padding_are_cleared() {
+    let plain = ChatTokenizer::from_model_dir(&fixtures().join("qwen2"))
+        .unwrap()
+        .encode(&hello())
+        .unwrap();
+    let settings = [
+        (
+            "truncation",
+            serde_json::json!({"direction": "Right", "max_length": 4, "strategy": "LongestFirst", "stride": 8}),
+        ),
+        (
+            "truncation",
+            serde_json::json!({"direction": "Left", "max_length": 0, "strategy": "LongestFirst", "stride": 0}),
+        ),
+        (
+            "padding",
+            serde_json::json!({"strategy": {"Fixed": 1u64 << 40}, "direction": "Right", "pad_to_multiple_of": null, "pad_id": 0, "pad_type_id": 0, "pad_token": "<|endoftext|>"}),
+        ),
+        (
+            "padding",
+            serde_json::json!({"strategy": "BatchLongest", "direction": "Left", "pad_to_multiple_of": 1u64 << 40, "pad_id": 0, "pad_type_id": 0, "pad_token": "<|endoftext|>"}),
+        ),
+    ];
+    for (key, value) in settings {
+        let t0 = std::time::Instant::now();
+        let dir = hostile_tokenizer_dir(|j| j[key] = value.clone());
+        let tok = ChatTokenizer::from_model_dir(dir.path()).unwrap();
+        assert!(tok.tokenizer().get_truncation().is_none());
+        assert!(tok.tokenizer().get_padding().is_none());
+        let enc = tok.encode(&hello()).unwrap();
+        assert_eq!(enc, plain, "{key}: {value}");
+        assert!(t0.elapsed().as_secs() < 10, "{key}: {:?}", t0.elapsed());
+    }
+}
+
+/// Normalizers and pre-tokenizers that multiply a text (a `Sequence` of `Replace` steps whose
+/// pattern matches the empty string, a `Prepend` of a megabyte, nested `ByteLevel` steps) are
+/// refused at load, naming the file and the field, before any text is normalized.
+#[test]
+fn r_tokenizer_normalizers_that_grow_text_are_refused() {
+    let replace = serde_json::json!({"type": "Replace", "pattern": {"Regex": ""}, "content": "xx"});
+    let cases = [
+        (
+            "normalizer",
+            serde_json::json!({"type": "Sequence", "normalizers": vec![replace.clone(); 12]}),
+        ),
+        (
+            "normalizer",
+            serde_json::json!({"type": "Prepend", "prepend": "▁".repeat(1 << 18)}),
+        ),
+        (
+            "normalizer",
+            serde_json::json!({"type": "Replace", "pattern": {"String": "a"}, "content": "b".repeat(1 << 16)}),
+        ),
+        (
+            "pre_tokenizer",
+            serde_json::json!({"type": "Sequence", "pretokenizers": vec![serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}); 12]}),
+        ),
+    ];
+    for (key, value) in cases {
+        let t0 = std::time::Instant::now();
+        let dir = hostile_tokenizer_dir(|j| j[key] = value);
+        let e = ChatTokenizer::from_model_dir(dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("tokenizer.json") && e.contains(key) && e.contains("grow a text"),
+            "{e}"
+        );
+        assert!(t0.elapsed().as_secs() < 10, "{key}: {:?}", t0.elapsed());
+    }
+    // The published chains stay far below the limit: Qwen2's NFC + Split + ByteLevel.
+    let tok = ChatTokenizer::from_model_dir(&fixtures().join("qwen2")).unwrap();
+    assert!(tok.encode(&hello()).is_ok());
+}
+
+/// A precompiled character map whose header declares a 4 GiB trie (the `spm_precompiled`
+/// parser reserves it before reading), too many added tokens, a token id near 2^32 (labels are
+/// i32), a 65 MiB file: each refused at load with the field at fault.
+#[test]
+fn r_tokenizer_sizes_are_bounded_at_load() {
+    let t0 = std::time::Instant::now();
+    let dir = hostile_tokenizer_dir(|j| {
+        j["normalizer"] =
+            serde_json::json!({"type": "Precompiled", "precompiled_charsmap": "/////wAAAAA="});
+    });
+    let e = ChatTokenizer::from_model_dir(dir.path())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("tokenizer.json") && e.contains("precompiled_charsmap"),
+        "{e}"
+    );
+
+    let dir = hostile_tokenizer_dir(|j| {
+        let one = j["added_tokens"][0].clone();
+        j["added_tokens"] = Value::Array(vec![one; 200_000]);
+    });
+    let e = ChatTokenizer::from_model_dir(dir.path())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("tokenizer.json") && e.contains("added_tokens") && e.contains("200000"),
+        "{e}"
+    );
+
+    let dir = hostile_tokenizer_dir(|j| {
+        j["model"]["vocab"]["zzzzzz"] = serde_json::json!(4_000_000_000u64);
+    });
+    let e = ChatTokenizer::from_model_dir(dir.path())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("tokenizer.json") && e.contains("model.vocab") && e.contains("4000000000"),
+        "{e}"
+    );
+
+    let dir = hostile_tokenizer_dir(|_| {});
+    let mut text = std::fs::read(dir.path().join("tokenizer.json")).unwrap();
+    text.resize(65 << 20, b' ');
+    std::fs::write(dir.path().join("tokenizer.json"), text).unwrap();
+    let e = ChatTokenizer::from_model_dir(dir.path())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("tokenizer.json") && e.contains("over the limit"),
+        "{e}"
+    );
+    assert!(t0.elapsed().as_secs() < 20, "{:?}", t0.elapsed());
+}
+
+/// A FIFO in place of `tokenizer.json` or `tokenizer_config.json` is refused at once (opening
+/// it would block until a writer comes).
+#[test]
+fn r_tokenizer_files_must_be_regular() {
+    for name in ["tokenizer.json", "tokenizer_config.json"] {
+        let dir = hostile_tokenizer_dir(|_| {});
+        let p = dir.path().join(name);
+        std::fs::remove_file(&p).unwrap();
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&p)
+                .status()
+                .unwrap()
+                .success()
+        );
+        let path = dir.path().to_path_buf();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(
+                ChatTokenizer::from_model_dir(&path)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+            );
+        });
+        let e = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("loading a FIFO hung")
+            .unwrap_err();
+        assert!(e.contains(name) && e.contains("FIFO"), "{e}");
+    }
+}
+
+/// Rows built in memory (or changed by a transform) meet the same bounds before tokenizing:
+/// a 2 MiB word is refused naming the field, and 3,000 turn pairs (which took minutes to
+/// locate, one prefix rendering per assistant turn) are refused at once; 512 pairs, the most
+/// allowed, encode in seconds.
+#[test]
+fn r_encode_bounds_words_and_turns() {
+    let tok = ChatTokenizer::from_model_dir(&fixtures().join("qwen2")).unwrap();
+    let t0 = std::time::Instant::now();
+    let mut conv = Conversation::new(vec![
+        Message::new(Role::User, "Hi"),
+        Message::new(Role::Assistant, "a".repeat(2 << 20)),
+    ]);
+    conv.location = Some(train_data::RowLocation {
+        path: "data.jsonl".into(),
+        line: Some(3),
+        row: 2,
+    });
+    let e = tok.encode(&conv).unwrap_err().to_string();
+    assert!(
+        e.contains("data.jsonl:3")
+            && e.contains("messages[1].content")
+            && e.contains("without whitespace"),
+        "{e}"
+    );
+    let pairs = |n: usize| {
+        Conversation::new(
+            (0..n)
+                .flat_map(|i| {
+                    [
+                        Message::new(Role::User, format!("question {i}")),
+                        Message::new(Role::Assistant, format!("answer {i}")),
+                    ]
+                })
+                .collect(),
+        )
+    };
+    let e = tok.encode(&pairs(3000)).unwrap_err().to_string();
+    assert!(
+        e.contains("6000 messages") && e.contains("`messages`"),
+        "{e}"
+    );
+    assert!(t0.elapsed().as_secs() < 5, "{:?}", t0.elapsed());
+    let t0 = std::time::Instant::now();
+    let enc = tok.encode(&pairs(512)).unwrap();
+    let trained = enc.labels.iter().filter(|&&l| l >= 0).count();
+    // Each answer is at least "answer", a number and <|im_end|>.
+    assert!(trained >= 512 * 3, "{trained}");
+    assert!(t0.elapsed().as_secs() < 30, "{:?}", t0.elapsed());
+}
