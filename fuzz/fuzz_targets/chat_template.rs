@@ -1,5 +1,6 @@
-//! Untrusted chat templates rendered over untrusted messages: errors are fine, panics, hangs
-//! and unbounded memory are not (fuel, recursion limit, output bound).
+//! Untrusted chat templates rendered over untrusted messages: errors are fine, panics, hangs,
+//! stack overflows and unbounded memory are not (fuel, recursion limit, the engine's memory
+//! budget and value-nesting bound, output bound).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

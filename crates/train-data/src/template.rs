@@ -2,8 +2,14 @@
 //! Jinja environment (`trim_blocks`, `lstrip_blocks`, loop controls, Python string methods,
 //! `raise_exception`, `strftime_now`, a `tojson` that writes what Python's `json.dumps` writes).
 //!
-//! Templates run sandboxed: no file or environment access (minijinja has none), bounded
-//! instruction fuel and recursion, so a hostile template cannot hang the process.
+//! Templates run sandboxed: no file or environment access (minijinja has none), and every
+//! render is bounded inside the engine (train-rs' patched minijinja, `vendor/minijinja`):
+//! instruction fuel, macro recursion, a memory budget charged wherever the template creates a
+//! string, list or map (operators, filters, methods, captured and emitted output), and values
+//! that outlive an expression may nest at most 128 levels (no namespace inside a namespace), so
+//! a hostile template can neither hang the process, exhaust its memory, nor overflow its
+//! stack. A render that exceeds a bound is a failure of the template itself, which
+//! [`is_template_failure`] tells apart from a row the template rejects (`raise_exception`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -15,11 +21,22 @@ use serde_json::Value as Json;
 use crate::conversation::Message;
 use crate::error::{DataError, Result};
 
-/// Instruction budget of one render (a few thousand times what real templates use).
-const FUEL: u64 = 50_000_000;
+/// Instruction budget of one render: the fixtures' templates (Qwen2/3, Llama 3, SmolLM2) take
+/// under 8,000 for a conversation of 100 turns (`real_templates_use_little_fuel`), so this
+/// leaves room for conversations hundreds of times longer, while a template that burns it all
+/// stops within a fraction of a second.
+const FUEL: u64 = 5_000_000;
+/// Deepest macro recursion.
+const RECURSION_LIMIT: usize = 100;
 /// Most bytes one rendering may produce (a conversation is kilobytes; a hostile template that
 /// loops over huge strings is stopped here instead of exhausting memory).
 pub const MAX_RENDERED_BYTES: usize = 64 << 20;
+/// Most bytes one render may allocate, output included: what the template creates is counted
+/// (not what is alive), which real templates keep to a few times the size of their output.
+pub const MAX_TEMPLATE_MEMORY: usize = 256 << 20;
+/// Marks the messages of failures of the template itself (a bound exceeded, a broken
+/// template), as opposed to a row that the template rejects.
+const TEMPLATE_FAILURE: &str = "a failure of the template itself, not of this row";
 /// Deepest nesting `tojson` serializes, and its largest indent.
 const MAX_JSON_DEPTH: usize = 128;
 const MAX_JSON_INDENT: usize = 64;
@@ -57,16 +74,6 @@ impl ChatTemplate {
         // `{% generation %}` only marks assistant spans for `return_assistant_tokens_mask`; the
         // labels here come from the rendering itself, so the markers are dropped.
         let source = strip_generation_tags(source);
-        if let Some(statement) = self_nesting_assignment(&source) {
-            return Err(DataError::Template {
-                template: origin,
-                message: format!(
-                    "`{statement}` nests a namespace value inside a container or filter; values \
-                     that grow deeper at every step can crash the renderer, so they are refused \
-                     (keep namespace values flat, e.g. `ns.items + [item]`)"
-                ),
-            });
-        }
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
@@ -74,8 +81,9 @@ impl ChatTemplate {
         env.set_undefined_behavior(UndefinedBehavior::Lenient);
         env.set_auto_escape_callback(|_| AutoEscape::None);
         env.set_fuel(Some(FUEL));
-        env.set_recursion_limit(100);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.set_memory_limit(Some(MAX_TEMPLATE_MEMORY));
+        env.set_recursion_limit(RECURSION_LIMIT);
+        env.set_unknown_method_callback(python_method);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
@@ -182,18 +190,7 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         extra: &serde_json::Map<String, Json>,
     ) -> Result<String> {
-        let mut ctx: BTreeMap<String, Value> = BTreeMap::new();
-        for (k, v) in &self.special_tokens {
-            ctx.insert(k.clone(), Value::from(v.as_str()));
-        }
-        for (k, v) in extra {
-            ctx.insert(k.clone(), Value::from_serialize(v));
-        }
-        ctx.insert("messages".into(), Value::from_serialize(messages));
-        ctx.insert(
-            "add_generation_prompt".into(),
-            Value::from(add_generation_prompt),
-        );
+        let ctx = self.context(messages, add_generation_prompt, extra);
         let template = self
             .env
             .get_template(TEMPLATE_NAME)
@@ -206,16 +203,44 @@ impl ChatTemplate {
             .render_captured_to(ctx, &mut out)
             .map_err(|e| DataError::Template {
                 template: self.origin.clone(),
-                message: if out.0.len() >= MAX_RENDERED_BYTES {
-                    format!("the rendering exceeds {MAX_RENDERED_BYTES} bytes")
-                } else {
-                    describe(&e)
-                },
+                message: render_failure(&e, out.0.len()),
             })?;
         String::from_utf8(out.0).map_err(|e| DataError::Template {
             template: self.origin.clone(),
             message: format!("the rendering is not UTF-8: {e}"),
         })
+    }
+}
+
+impl ChatTemplate {
+    fn context(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        extra: &serde_json::Map<String, Json>,
+    ) -> BTreeMap<String, Value> {
+        let mut ctx: BTreeMap<String, Value> = BTreeMap::new();
+        for (k, v) in &self.special_tokens {
+            ctx.insert(k.clone(), Value::from(v.as_str()));
+        }
+        for (k, v) in extra {
+            ctx.insert(k.clone(), Value::from_serialize(v));
+        }
+        ctx.insert("messages".into(), Value::from_serialize(messages));
+        ctx.insert(
+            "add_generation_prompt".into(),
+            Value::from(add_generation_prompt),
+        );
+        ctx
+    }
+
+    /// Fuel one render uses (for measuring real templates against [`FUEL`]).
+    #[cfg(test)]
+    fn fuel_used(&self, messages: &[Message], add_generation_prompt: bool) -> u64 {
+        let ctx = self.context(messages, add_generation_prompt, &serde_json::Map::new());
+        let template = self.env.get_template(TEMPLATE_NAME).unwrap();
+        let captured = template.render_captured(ctx).unwrap();
+        captured.state().fuel_levels().unwrap().0
     }
 }
 
@@ -236,29 +261,91 @@ impl std::io::Write for Bounded {
     }
 }
 
-/// Whether `value` nests deeper than `limit` (without recursing deeper than that).
-fn nests_deeper(value: &Value, limit: usize) -> bool {
-    if !matches!(
-        value.kind(),
-        ValueKind::Seq | ValueKind::Map | ValueKind::Iterable
-    ) {
-        return false;
-    }
-    if limit == 0 {
-        return true;
-    }
-    let Ok(items) = value.try_iter() else {
-        return false;
-    };
-    let is_map = value.kind() == ValueKind::Map;
-    items.into_iter().any(|item| {
-        let child = if is_map {
-            value.get_item(&item).unwrap_or_default()
-        } else {
-            item
+/// Whether `tojson` of `value` could produce more than [`MAX_RENDERED_BYTES`] or nests deeper
+/// than [`MAX_JSON_DEPTH`]: the items are counted as often as they occur, since a value whose
+/// parts are shared (`[a, a]`, nested) serializes exponentially larger than it is. Iterative,
+/// and stops as soon as the answer is known.
+fn json_too_large(value: &Value, indent: usize) -> Option<String> {
+    let mut estimate = 0usize;
+    let mut pending = vec![(value.clone(), 0usize)];
+    while let Some((v, depth)) = pending.pop() {
+        // Separators, the newline and its indent; strings at worst escape every byte.
+        estimate = estimate.saturating_add(40 + indent.saturating_mul(depth + 1));
+        if let Some(s) = v.as_str() {
+            estimate = estimate.saturating_add(s.len().saturating_mul(6));
+        }
+        if estimate > MAX_RENDERED_BYTES {
+            return Some(format!(
+                "tojson: the JSON would exceed {MAX_RENDERED_BYTES} bytes"
+            ));
+        }
+        let is_map = match v.kind() {
+            ValueKind::Map => true,
+            ValueKind::Seq | ValueKind::Iterable => false,
+            _ => continue,
         };
-        nests_deeper(&child, limit - 1)
-    })
+        if depth >= MAX_JSON_DEPTH {
+            return Some(format!("tojson: nesting deeper than {MAX_JSON_DEPTH}"));
+        }
+        let Ok(items) = v.try_iter() else { continue };
+        for item in items {
+            if is_map {
+                if let Some(k) = item.as_str() {
+                    estimate = estimate.saturating_add(k.len().saturating_mul(6));
+                }
+                pending.push((v.get_item(&item).unwrap_or_default(), depth + 1));
+            } else {
+                pending.push((item, depth + 1));
+            }
+        }
+    }
+    None
+}
+
+/// The message of a failed render that produced `rendered` bytes: failures of the template
+/// itself (a bound exceeded, a filter, function or test that does not exist) are marked
+/// [`TEMPLATE_FAILURE`], as they would fail on any row; the template's own
+/// `raise_exception` and errors that depend on the row's data (an undefined method on a
+/// missing field, say) are not.
+fn render_failure(e: &Error, rendered: usize) -> String {
+    let lead = if rendered >= MAX_RENDERED_BYTES {
+        Some(format!("the rendering exceeds {MAX_RENDERED_BYTES} bytes"))
+    } else {
+        match e.kind() {
+            ErrorKind::OutOfMemory => Some(format!(
+                "the chat template allocated more than {} MiB",
+                MAX_TEMPLATE_MEMORY >> 20
+            )),
+            ErrorKind::OutOfFuel => Some(format!(
+                "the chat template ran out of fuel ({FUEL} instructions)"
+            )),
+            ErrorKind::NestingTooDeep => {
+                Some("the chat template built a value nested too deeply".to_string())
+            }
+            ErrorKind::InvalidOperation if e.detail() == Some("recursion limit exceeded") => Some(
+                format!("the chat template recursed deeper than {RECURSION_LIMIT} levels"),
+            ),
+            ErrorKind::UnknownFilter
+            | ErrorKind::UnknownFunction
+            | ErrorKind::UnknownTest
+            | ErrorKind::SyntaxError
+            | ErrorKind::TemplateNotFound
+            | ErrorKind::BadInclude => Some("the chat template is broken".to_string()),
+            _ => None,
+        }
+    };
+    match lead {
+        Some(lead) => format!("{lead} ({TEMPLATE_FAILURE}): {}", describe(e)),
+        None => describe(e),
+    }
+}
+
+/// Whether `error` is a failure of a chat template itself (fuel, memory or recursion
+/// exhausted, a value nested too deeply, the output too large, a filter or function that does
+/// not exist) rather than a row that the template rejects: such a failure would repeat on every
+/// row, so a preparation stops at the first one instead of skipping rows.
+pub fn is_template_failure(error: &DataError) -> bool {
+    matches!(error, DataError::Template { message, .. } if message.contains(TEMPLATE_FAILURE))
 }
 
 fn describe(e: &Error) -> String {
@@ -272,107 +359,6 @@ fn describe(e: &Error) -> String {
     msg
 }
 
-/// The first `{% set X.Y = RHS %}` whose right-hand side puts a namespace attribute (of any
-/// variable that is assigned attributes somewhere) inside a list, dict, tuple or call, or
-/// pipes it through a filter: the only way a template can build values nested deeper at every
-/// loop step (whose display and drop recurse, so a deep one overflows the stack). Flat
-/// accumulation (`ns.text + m['content']`, `ns.items + [item]`, `ns.count + 1`) passes.
-fn self_nesting_assignment(source: &str) -> Option<String> {
-    let statements: Vec<(String, &str)> = set_attr_statements(source).collect();
-    let targets: Vec<&str> = statements
-        .iter()
-        .filter_map(|(s, _)| s.split('.').next())
-        .collect();
-    statements
-        .iter()
-        .find(|(_, rhs)| nests_namespace_reference(rhs, &targets))
-        .map(|(target, rhs)| format!("{{% set {target} = {} %}}", rhs.trim()))
-}
-
-/// `(X.Y, RHS)` of every `{% set X.Y = RHS %}` statement.
-fn set_attr_statements(source: &str) -> impl Iterator<Item = (String, &str)> {
-    source.match_indices("{%").filter_map(move |(start, _)| {
-        let rest = &source[start + 2..];
-        let end = rest.find("%}")?;
-        let body = rest[..end]
-            .trim_start_matches('-')
-            .trim_end_matches('-')
-            .trim();
-        let body = body.strip_prefix("set")?;
-        if !body.starts_with(char::is_whitespace) {
-            return None;
-        }
-        let (target, rhs) = body.split_once('=')?;
-        let target = target.trim();
-        let (base, attr) = target.split_once('.')?;
-        let ident = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_alphanumeric() || c == '_');
-        (ident(base) && ident(attr) && !rhs.starts_with('=')).then(|| (target.to_string(), rhs))
-    })
-}
-
-/// Whether `rhs` references `base.attr` (for a base in `targets`) inside brackets or parentheses,
-/// or applies a filter to such a reference. String literals are skipped.
-fn nests_namespace_reference(rhs: &str, targets: &[&str]) -> bool {
-    let chars: Vec<char> = rhs.chars().collect();
-    let mut depth = 0usize;
-    let mut i = 0;
-    while i < chars.len() {
-        let c = chars[i];
-        match c {
-            '\'' | '"' => {
-                i += 1;
-                while i < chars.len() && chars[i] != c {
-                    i += if chars[i] == '\\' { 2 } else { 1 };
-                }
-            }
-            '[' | '{' | '(' => {
-                // A subscript or a call applied to a plain name is not a container, but its
-                // contents are looked at all the same (`f(ns.x)` may build one).
-                depth += 1;
-            }
-            ']' | '}' | ')' => depth = depth.saturating_sub(1),
-            c if c.is_alphabetic() || c == '_' => {
-                let start = i;
-                while i < chars.len() && (chars[i].is_alphanumeric() || chars[i] == '_') {
-                    i += 1;
-                }
-                let word: String = chars[start..i].iter().collect();
-                let preceded_by_dot = start > 0 && chars[start - 1] == '.';
-                if !preceded_by_dot
-                    && targets.contains(&word.as_str())
-                    && chars.get(i) == Some(&'.')
-                {
-                    if depth > 0 {
-                        return true;
-                    }
-                    // Skip the reference's attribute and subscripts, then look for a filter.
-                    let mut j = i + 1;
-                    let mut inner = 0usize;
-                    while j < chars.len() {
-                        match chars[j] {
-                            '[' => inner += 1,
-                            ']' if inner > 0 => inner -= 1,
-                            c if inner > 0 || c.is_alphanumeric() || c == '_' || c == '.' => {}
-                            _ => break,
-                        }
-                        j += 1;
-                    }
-                    while j < chars.len() && chars[j].is_whitespace() {
-                        j += 1;
-                    }
-                    if chars.get(j) == Some(&'|') {
-                        return true;
-                    }
-                }
-                continue;
-            }
-            _ => {}
-        }
-        i += 1;
-    }
-    false
-}
-
 fn strip_generation_tags(source: &str) -> String {
     let mut out = source.to_string();
     for tag in ["generation", "endgeneration"] {
@@ -384,10 +370,70 @@ fn strip_generation_tags(source: &str) -> String {
 }
 
 fn raise_exception(message: &str) -> std::result::Result<Value, Error> {
+    // A rejection's message names a reason, not a payload: it is cut at 4 KiB. A row's text in
+    // it must not pass for a failure of the template.
+    let mut end = message.len().min(4096);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    let cut = if end < message.len() { "…" } else { "" };
+    let message = format!("{}{cut}", &message[..end]).replace(TEMPLATE_FAILURE, "…");
     Err(Error::new(
         ErrorKind::InvalidOperation,
         format!("template raised: {message}"),
     ))
+}
+
+/// Length of `s.replace(from, to)` (at most `count` replacements) with `to` of `to_len`
+/// bytes, as Python and Rust replace (an empty `from` matches around every character).
+fn replaced_len(s: &str, from: &str, to_len: usize, count: Option<usize>) -> usize {
+    let all = if from.is_empty() {
+        s.chars().count() + 1
+    } else {
+        s.matches(from).count()
+    };
+    let n = count.map_or(all, |c| c.min(all));
+    (s.len() - n * from.len()).saturating_add(n.saturating_mul(to_len))
+}
+
+/// Python's string methods (`minijinja_contrib::pycompat`), with what `str.replace` and
+/// `str.join` build charged to the render's memory budget first; `join` takes strings only,
+/// as Python's does (a displayed value can be exponentially larger than itself).
+fn python_method(
+    state: &minijinja::State<'_, '_>,
+    value: &Value,
+    method: &str,
+    args: &[Value],
+) -> std::result::Result<Value, Error> {
+    if let Some(s) = value.as_str() {
+        match (method, args) {
+            ("replace", [from, to, rest @ ..]) => {
+                if let (Some(from), Some(to)) = (from.as_str(), to.as_str()) {
+                    let count = rest
+                        .first()
+                        .and_then(|c| i64::try_from(c.clone()).ok())
+                        .and_then(|c| usize::try_from(c).ok());
+                    state.charge_memory(replaced_len(s, from, to.len(), count))?;
+                }
+            }
+            ("join", [items]) => {
+                for (i, item) in items.try_iter()?.enumerate() {
+                    let Some(text) = item.as_str() else {
+                        return Err(Error::new(
+                            ErrorKind::InvalidOperation,
+                            format!(
+                                "join: sequence item {i}: expected a string, found {}",
+                                item.kind()
+                            ),
+                        ));
+                    };
+                    state.charge_memory(1 + text.len() + if i > 0 { s.len() } else { 0 })?;
+                }
+            }
+            _ => {}
+        }
+    }
+    minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
 }
 
 /// `strftime_now(format)`: the current UTC time formatted like Python's `strftime`
@@ -491,11 +537,8 @@ fn tojson(value: &Value, kwargs: Kwargs) -> std::result::Result<Value, Error> {
             "tojson: separators longer than 16 bytes",
         ));
     }
-    if nests_deeper(value, MAX_JSON_DEPTH) {
-        return Err(Error::new(
-            ErrorKind::InvalidOperation,
-            format!("tojson: nesting deeper than {MAX_JSON_DEPTH}"),
-        ));
+    if let Some(why) = json_too_large(value, indent.unwrap_or(0)) {
+        return Err(Error::new(ErrorKind::InvalidOperation, why));
     }
     let json = serde_json::to_value(value)
         .map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
@@ -690,11 +733,15 @@ mod tests {
         for _ in 0..200 {
             deep = Value::from(vec![deep]);
         }
-        assert!(nests_deeper(&deep, MAX_JSON_DEPTH));
-        assert!(!nests_deeper(
-            &Value::from(vec![Value::from(vec![1])]),
-            MAX_JSON_DEPTH
-        ));
+        assert!(json_too_large(&deep, 0).unwrap().contains("nesting"));
+        let flat = Value::from(vec![Value::from(vec![1])]);
+        assert_eq!(json_too_large(&flat, 2), None);
+        // Shared parts: 2^40 leaves in a value of 40 lists.
+        let mut shared = Value::from("x");
+        for _ in 0..40 {
+            shared = Value::from(vec![shared.clone(), shared]);
+        }
+        assert!(json_too_large(&shared, 0).unwrap().contains("exceed"));
         // No file access: include / import / extends find nothing.
         for src in [
             "{% include '/etc/passwd' %}",
@@ -709,21 +756,31 @@ mod tests {
         // Unbounded recursion and loops run out of their limits.
         let e = err("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}");
         assert!(e.contains("recursion") || e.contains("fuel"), "{e}");
-        // Values nested deeper at every step are refused when the template is compiled (their
-        // display and drop recurse: 100,000 levels overflow the stack).
+        // Values nested deeper at every step are refused by the engine when they are stored
+        // (their display and drop would recurse: 100,000 levels overflow the stack).
         for src in [
             "{% set ns = namespace(x=[]) %}{% for i in range(99999) %}{% set ns.x = [ns.x] %}{% endfor %}{{ ns.x }}",
-            "{% set a = namespace(x=1) %}{% set b = namespace(y=1) %}{% for i in range(9) %}{% set a.x = b.y %}{%- set b.y = {'k': a.x} -%}{% endfor %}",
-            "{% set ns = namespace(x=[]) %}{% set ns.x = dict(a=ns.x) %}",
-            "{% set ns = namespace(x=[]) %}{% set ns.x = ns.x | batch(1) %}",
-            "{% set ns = namespace(x=[]) %}{% set ns.x = (ns.x, 1) %}",
+            "{% set a = namespace(x=1) %}{% set b = namespace(y=1) %}{% for i in range(999) %}{% set a.x = b.y %}{%- set b.y = {'k': a.x} -%}{% endfor %}",
+            "{% set ns = namespace(x=[1]) %}{% for i in range(999) %}{% set ns.x = ns.x | batch(1) | list %}{% endfor %}",
         ] {
-            let e = ChatTemplate::new(src, "nest.jinja")
-                .unwrap_err()
-                .to_string();
+            let e = err(src);
             assert!(
-                e.contains("nest.jinja") && e.contains("nests a namespace value"),
+                e.contains("hostile.jinja") && e.contains("nested too deeply"),
                 "{e}"
+            );
+        }
+        // One level more, once, is an ordinary value.
+        for src in [
+            "{% set ns = namespace(x=[]) %}{% set ns.x = dict(a=ns.x) %}{{ ns.x }}",
+            "{% set ns = namespace(x=[]) %}{% set ns.x = ns.x | batch(1) %}{{ ns.x }}",
+            "{% set ns = namespace(x=[]) %}{% set ns.x = (ns.x, 1) %}{{ ns.x }}",
+        ] {
+            assert!(
+                ChatTemplate::new(src, "once")
+                    .unwrap()
+                    .render(&[], false)
+                    .is_ok(),
+                "{src}"
             );
         }
         // Flat accumulation, as real templates do it, is fine.
@@ -740,6 +797,52 @@ mod tests {
         // A normal rendering is unaffected.
         let t = ChatTemplate::new("{{ messages | tojson(indent=2) }}", "ok").unwrap();
         assert_eq!(t.render(&[], false).unwrap(), "[]");
+    }
+
+    /// Real templates (every fixture) use a tiny fraction of the fuel: a conversation of
+    /// 100 turns stays under 1% of [`FUEL`].
+    #[test]
+    fn real_templates_use_little_fuel() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut dirs: Vec<std::path::PathBuf> = Vec::new();
+        for fixtures in [
+            root.join("tests/fixtures"),
+            root.join("../train-model/tests/fixtures"),
+        ] {
+            for entry in std::fs::read_dir(fixtures).unwrap() {
+                let dir = entry.unwrap().path();
+                if dir.join("tokenizer_config.json").is_file()
+                    || dir.join("chat_template.jinja").is_file()
+                {
+                    dirs.push(dir);
+                }
+            }
+        }
+        assert!(dirs.len() >= 6, "{dirs:?}");
+        let turns: Vec<Message> = (0..50)
+            .flat_map(|i| {
+                [
+                    Message::new(Role::User, format!("question {i}")),
+                    Message::new(
+                        Role::Assistant,
+                        format!("<think>\nhm\n</think>\n\nanswer {i}"),
+                    ),
+                ]
+            })
+            .collect();
+        let mut most = 0;
+        for dir in &dirs {
+            let Ok(t) = ChatTemplate::from_model_dir(dir) else {
+                continue;
+            };
+            let mut with_system = vec![Message::new(Role::System, "Be brief.")];
+            with_system.extend(turns.iter().cloned());
+            for msgs in [&turns[..2], &turns[..], &with_system[..]] {
+                most = most.max(t.fuel_used(msgs, true));
+            }
+        }
+        println!("most fuel used by a fixture template: {most}");
+        assert!(most > 0 && most < FUEL / 100, "{most}");
     }
 
     #[test]
