@@ -191,10 +191,15 @@ pub fn prepare(
         .len();
 
     let mode = config.label_mode;
+    // A failure of the template itself (a bound exceeded, see `is_template_failure`) would
+    // repeat on every row: the first one stops the preparation, whatever the error policy.
     let encoded: Vec<Result<crate::tokenize::Encoded>> = conversations
         .par_iter()
-        .map(|c| tokenizer.encode_with_mode(c, mode))
-        .collect();
+        .map(|c| match tokenizer.encode_with_mode(c, mode) {
+            Err(e) if crate::template::is_template_failure(&e) => Err(e),
+            enc => Ok(enc),
+        })
+        .collect::<Result<_>>()?;
     let mut examples = Vec::with_capacity(conversations.len());
     for (c, enc) in conversations.iter().zip(encoded) {
         let location = c.location.clone().unwrap_or(RowLocation {
