@@ -97,7 +97,8 @@ fn main() -> anyhow::Result<()> {
     let setup = TrainSetup {
         model,
         raw_config: json,
-        companions_from: output.clone(),
+        // A random model has no source directory: one without tokenizer files.
+        companions_from: output.join("no-source"),
         source_dtype: train_model::StorageDtype::F32,
         train: rows(64),
         validation: rows(8),
@@ -107,6 +108,7 @@ fn main() -> anyhow::Result<()> {
         overwrite: true,
         devices: Vec::new(),
         cluster: None,
+        inputs: Vec::new(),
     };
 
     let csv = output.join("metrics.csv");

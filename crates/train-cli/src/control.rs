@@ -37,27 +37,44 @@ pub fn control_file(output: &Path) -> PathBuf {
     output.join("control.json")
 }
 
-/// `train control COMMAND OUTPUT`.
+/// `train control COMMAND OUTPUT`: addressed to the live run that holds `OUTPUT`'s lock (its
+/// process id is in the file), so that a file left behind never affects a later run.
 pub fn send(command: ControlCommand, output: &Path) -> Result<()> {
     if !output.is_dir() {
         bail!("{}: no such output directory", output.display());
     }
-    let body = serde_json::json!({"command": command.as_str(), "requested_at": train_monitor::status::unix_now()});
+    let Some(pid) = train_runner::OutputLock::live_owner(output) else {
+        bail!(
+            "{}: no live run (no process holds {}); nothing to {}",
+            output.display(),
+            output.join(".train.lock").display(),
+            command.as_str()
+        );
+    };
+    let body = serde_json::json!({"command": command.as_str(), "pid": pid, "requested_at": train_monitor::status::unix_now()});
     let path = control_file(output);
     train_monitor::write_atomic(&path, format!("{body}\n").as_bytes())
         .with_context(|| format!("writing {}", path.display()))?;
     eprintln!(
-        "asked the run in {} to {}",
+        "asked the run in {} (process {pid}) to {}",
         output.display(),
         command.as_str()
     );
     Ok(())
 }
 
-/// The command in the control file, unless it was written before `since` (by an earlier run).
+/// The command in the control file if it is addressed to this process and was written after
+/// `since` (a file of an earlier run, or one with a clock in the future, is ignored).
 fn read_command(path: &Path, since: f64) -> Option<ControlCommand> {
+    let meta = std::fs::metadata(path).ok()?;
+    if !meta.is_file() || meta.len() > 4096 {
+        return None;
+    }
     let text = std::fs::read_to_string(path).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    if v["pid"].as_str() != Some(std::process::id().to_string().as_str()) {
+        return None;
+    }
     if v["requested_at"].as_f64().is_none_or(|t| t < since) {
         return None;
     }

@@ -28,6 +28,10 @@ pub struct MergeArgs {
     /// Dtype of the merged weights on disk (default: the base model's).
     #[arg(long, value_enum)]
     pub dtype: Option<DtypeArg>,
+    /// Replace a model that --output already holds (never the adapter, its base model, or a
+    /// training checkpoint).
+    #[arg(long)]
+    pub yes: bool,
     #[command(flatten)]
     pub compute: ComputeArgs,
     /// Print one JSON object on the last line of stdout.
@@ -76,10 +80,25 @@ impl WithBackend for Merge<'_> {
             max_shard_bytes: None,
             companions_from: Some(loaded.dir.clone()),
         };
-        let saved = save_pretrained(&model, Some(&loaded.raw_config), &self.args.output, &save)
-            .with_context(|| format!("saving {}", self.args.output.display()))?;
-        // Tokenizer files saved with the adapter win over the base model's.
-        copy_companions(&self.dir, &self.args.output)?;
+        // Written to a staging directory inside --output, then moved into place, so that a
+        // failure (a full disk) leaves the directory as it was.
+        let output = &self.args.output;
+        let staged = train_model::staging_dir(output)?;
+        let written = save_pretrained(&model, Some(&loaded.raw_config), &staged, &save)
+            .with_context(|| format!("saving {}", output.display()))
+            // Tokenizer files saved with the adapter win over the base model's.
+            .and_then(|saved| {
+                copy_companions(&self.dir, &staged)?;
+                train_model::install_model(&staged, output)?;
+                Ok(saved)
+            });
+        let saved = match written {
+            Ok(saved) => saved,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&staged);
+                return Err(e);
+            }
+        };
         Ok(Merged {
             base: loaded.dir,
             dtype: saved.dtype,
@@ -92,6 +111,17 @@ impl WithBackend for Merge<'_> {
 /// Runs `train merge`.
 pub fn run(args: &MergeArgs) -> Result<ExitCode> {
     let dir = crate::registry()?.resolve(&args.adapter)?;
+    // Never into the adapter or its base model; into another model only with --yes.
+    let mut inputs = vec![dir.clone()];
+    if train_model::is_adapter_dir(&dir) {
+        let adapter = train_model::read_adapter_config(&dir)?;
+        inputs.push(train_model::lora::resolve_base_model(
+            &dir,
+            adapter.base_model.as_deref(),
+        )?);
+    }
+    let refs: Vec<&std::path::Path> = inputs.iter().map(PathBuf::as_path).collect();
+    train_model::check_output_dir(&args.output, &refs, args.yes, "--output")?;
     let merged = dispatch(
         args.compute.backend,
         args.compute.device.as_deref(),

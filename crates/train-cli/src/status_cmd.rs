@@ -75,6 +75,17 @@ pub fn run(
             s.status,
             Status::Completed | Status::Stopped | Status::Crashed
         );
+        if !finished && train_runner::OutputLock::live_owner(output).is_none() {
+            // The status says running, but no process holds the run's lock: it was killed.
+            eprintln!(
+                "the run in {} is not running: no live process holds {} (it was killed or \
+                 crashed without recording an end); `train --resume` continues it from its \
+                 newest checkpoint",
+                output.display(),
+                output.join(".train.lock").display()
+            );
+            return Ok(ExitCode::from(1));
+        }
         if !watch || finished {
             return Ok(ExitCode::SUCCESS);
         }

@@ -97,6 +97,15 @@ pub enum ModelError {
     /// The inputs to a forward pass are inconsistent (shapes, cache, lengths).
     #[error("invalid model input: {0}")]
     InvalidInput(String),
+    /// An output directory cannot be written: it is one of the command's inputs, a sealed
+    /// checkpoint, or it holds a model and replacing it was not asked for.
+    #[error("{path}: {message}")]
+    Output {
+        /// The output directory.
+        path: PathBuf,
+        /// Why it is refused and what to do.
+        message: String,
+    },
     /// The model registry file could not be used.
     #[error("model registry {path}: {message}")]
     Registry {

@@ -69,6 +69,7 @@ pub mod lora;
 pub mod loss;
 pub mod model;
 pub mod names;
+pub mod output;
 pub mod precision;
 pub mod pretrained;
 pub mod registry;
@@ -88,6 +89,10 @@ pub use loss::{
 };
 pub use model::{CausalLm, HiddenStates, ModelInput, NamedParam};
 pub use names::{ParamKind, TensorSpec, tensor_specs};
+pub use output::{
+    MAX_JSON_FILE_BYTES, check_output_dir, install_model, is_sealed_checkpoint, read_text_file,
+    staging_dir,
+};
 pub use precision::Precision;
 pub use pretrained::{
     LoadOptions, Pretrained, SaveOptions, SavedModel, copy_companions, load_pretrained,

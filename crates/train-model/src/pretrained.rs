@@ -198,7 +198,11 @@ impl safetensors::View for &OwnedView {
 /// crash never leaves a half-written file under the final name.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = tmp_name(path);
-    std::fs::write(&tmp, bytes).map_err(|e| ModelError::io(&tmp, e))?;
+    if let Err(e) = std::fs::write(&tmp, bytes) {
+        // A full disk: leave no half-written temporary file behind.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(ModelError::io(&tmp, e));
+    }
     std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
 }
 
@@ -385,7 +389,10 @@ pub fn save_pretrained<B: Backend>(
             Some(metadata.clone()),
             &tmp,
         )
-        .map_err(|e| ModelError::weights(&tmp, format!("could not write safetensors: {e}")))?;
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            ModelError::weights(&tmp, format!("could not write safetensors: {e}"))
+        })?;
         std::fs::rename(&tmp, &path).map_err(|e| ModelError::io(&path, e))?;
         weight_files.push(path);
     }

@@ -45,6 +45,38 @@ pub struct TrainerState {
     pub config: TrainerConfig,
     /// Fingerprint of the training data (a resume on other data is refused).
     pub data_fingerprint: String,
+    /// The run this state belongs to: drawn when a run starts from scratch and kept by every
+    /// resume. Rotation deletes only checkpoints of the run's own line, and a resume says which
+    /// run it continues. Empty in checkpoints written before it was recorded.
+    #[serde(default)]
+    pub run_id: String,
+    /// [`model_fingerprint`] of the `config.json` the run started from (a resume with another
+    /// model is refused); empty when not recorded.
+    #[serde(default)]
+    pub model_fingerprint: String,
+    /// The model directory the run started from, for messages.
+    #[serde(default)]
+    pub model_source: Option<PathBuf>,
+}
+
+/// A new run id: 16 hex digits from the clock, the process id and a counter.
+pub fn new_run_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let mut h = Sha256::new();
+    h.update(nanos.to_le_bytes());
+    h.update(std::process::id().to_le_bytes());
+    h.update(COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes());
+    format!("{:x}", h.finalize())[..16].to_string()
+}
+
+/// SHA-256 of a model's `config.json` as parsed (what a checkpoint records it was trained from).
+pub fn model_fingerprint(raw_config: &Value) -> String {
+    let bytes = serde_json::to_vec(raw_config).unwrap_or_default();
+    format!("{:x}", Sha256::digest(&bytes))
 }
 
 impl TrainerState {
@@ -61,6 +93,9 @@ impl TrainerState {
             log_history: Vec::new(),
             config,
             data_fingerprint,
+            run_id: new_run_id(),
+            model_fingerprint: String::new(),
+            model_source: None,
         }
     }
 
@@ -80,24 +115,95 @@ pub fn checkpoint_dir(output: &Path, step: usize) -> PathBuf {
     output.join(format!("checkpoint-{step}"))
 }
 
-/// Complete checkpoints under `output` (with a `trainer_state.json`), oldest first.
+/// The checkpoint directories (`checkpoint-<step>`) under `output`, oldest first, whole or
+/// damaged ([`verify_checkpoint`] tells), except those an interrupted set-aside
+/// ([`set_aside`]) was moving away.
 pub fn list_checkpoints(output: &Path) -> Vec<(usize, PathBuf)> {
     let Ok(entries) = std::fs::read_dir(output) else {
         return Vec::new();
     };
+    let leaving = pending_set_aside(output)
+        .map(|j| j.names)
+        .unwrap_or_default();
     let mut out: Vec<(usize, PathBuf)> = entries
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
             let step = name.strip_prefix("checkpoint-")?.parse::<usize>().ok()?;
-            let path = e.path();
-            path.join("trainer_state.json")
-                .is_file()
-                .then_some((step, path))
+            if leaving.contains(&name) || !e.file_type().is_ok_and(|t| t.is_dir()) {
+                return None;
+            }
+            Some((step, e.path()))
         })
         .collect();
     out.sort();
     out
+}
+
+/// The journal of a set-aside in progress: written before the first checkpoint moves, removed
+/// after the last, so that a kill in between is completed by the next run and no checkpoint
+/// being moved is ever taken for one of the current run.
+const SET_ASIDE_JOURNAL: &str = ".set-aside.json";
+
+/// Where checkpoints that no longer belong to the run in `OUTPUT` are moved.
+pub const SET_ASIDE_DIR: &str = "set-aside";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SetAsideJournal {
+    /// Destination, relative to the output directory.
+    dest: String,
+    /// Checkpoint directory names to move.
+    names: Vec<String>,
+}
+
+fn pending_set_aside(output: &Path) -> Option<SetAsideJournal> {
+    let text = train_model::read_text_file(&output.join(SET_ASIDE_JOURNAL), 1 << 20).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+fn complete_set_aside(output: &Path, journal: &SetAsideJournal) -> Result<PathBuf> {
+    let dest = output.join(&journal.dest);
+    std::fs::create_dir_all(&dest).map_err(|e| RunnerError::io(&dest, e))?;
+    for name in &journal.names {
+        let from = output.join(name);
+        if from.exists() {
+            let to = dest.join(name);
+            std::fs::rename(&from, &to).map_err(|e| RunnerError::io(&from, e))?;
+        }
+    }
+    sync(&dest)?;
+    sync(output)?;
+    let path = output.join(SET_ASIDE_JOURNAL);
+    std::fs::remove_file(&path).map_err(|e| RunnerError::io(&path, e))?;
+    sync(output)?;
+    Ok(dest)
+}
+
+/// Moves the checkpoints `names` of `output` into `output/set-aside/<label>/`, as one step:
+/// a journal records the move first, so that if the process dies half-way the checkpoints still
+/// to move are ignored by [`list_checkpoints`] and moved by the next run
+/// ([`remove_leftovers`]). Returns the destination. Call while holding the output lock.
+pub fn set_aside(output: &Path, names: &[String], label: &str) -> Result<PathBuf> {
+    let journal = SetAsideJournal {
+        dest: format!("{SET_ASIDE_DIR}/{label}"),
+        names: names.to_vec(),
+    };
+    let path = output.join(SET_ASIDE_JOURNAL);
+    let text = serde_json::to_string(&journal).map_err(|e| RunnerError::Checkpoint {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    let tmp = output.join(format!("{SET_ASIDE_JOURNAL}.tmp-{}", std::process::id()));
+    std::fs::write(&tmp, text).map_err(|e| RunnerError::io(&tmp, e))?;
+    sync(&tmp)?;
+    std::fs::rename(&tmp, &path).map_err(|e| RunnerError::io(&path, e))?;
+    sync(output)?;
+    complete_set_aside(output, &journal)
+}
+
+/// The run id recorded in a checkpoint's trainer state, if it can be read.
+pub fn checkpoint_run_id(dir: &Path) -> Option<String> {
+    load_state(dir).ok().map(|s| s.run_id)
 }
 
 /// The newest complete checkpoint under `output` (not verified; see
@@ -172,8 +278,11 @@ pub fn verify_checkpoint(dir: &Path) -> Result<TrainerState> {
         path: dir.to_path_buf(),
         message,
     };
+    if !dir.join("trainer_state.json").is_file() {
+        return Err(bad("trainer_state.json is missing".into()));
+    }
     let path = dir.join(CHECKSUMS_FILE);
-    let text = std::fs::read_to_string(&path).map_err(|e| {
+    let text = train_model::read_text_file(&path, train_model::MAX_JSON_FILE_BYTES).map_err(|e| {
         bad(format!(
             "{CHECKSUMS_FILE} cannot be read ({e}): the checkpoint is incomplete or was not written by train-runner"
         ))
@@ -224,6 +333,24 @@ pub fn verify_checkpoint(dir: &Path) -> Result<TrainerState> {
             )));
         }
     }
+    // A sealed checkpoint is exactly the files it sealed: anything added later (a shard index,
+    // another weight file) would be read by a loader, so the checkpoint is refused.
+    let entries = std::fs::read_dir(dir).map_err(|e| RunnerError::io(dir, e))?;
+    let mut added: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != CHECKSUMS_FILE && !sums.files.contains_key(n))
+        .collect();
+    if !added.is_empty() {
+        added.sort();
+        return Err(bad(format!(
+            "{} {} not part of the checkpoint as it was saved ({CHECKSUMS_FILE} does not list              {}); remove {} to use this checkpoint",
+            added.join(", "),
+            if added.len() == 1 { "is" } else { "are" },
+            if added.len() == 1 { "it" } else { "them" },
+            if added.len() == 1 { "it" } else { "them" },
+        )));
+    }
     load_state(dir)
 }
 
@@ -240,17 +367,28 @@ pub fn latest_intact_checkpoint(output: &Path) -> (Option<PathBuf>, Vec<(PathBuf
     (None, skipped)
 }
 
-/// Removes what interrupted saves and rotations left behind (`.checkpoint-*.tmp-*`, `.old-*`,
-/// `.del-*` directories).
+/// Completes an interrupted [`set_aside`], then removes what interrupted saves and rotations
+/// left behind (`.checkpoint-*.tmp-*`, `.old-*`, `.del-*` directories, a staged final model).
 /// Called while holding the output lock, so no other run is writing them.
 pub fn remove_leftovers(output: &Path) -> Result<()> {
+    if let Some(journal) = pending_set_aside(output) {
+        let dest = complete_set_aside(output, &journal)?;
+        eprintln!(
+            "completed moving {} to {} (interrupted earlier)",
+            journal.names.join(", "),
+            dest.display()
+        );
+    }
     let Ok(entries) = std::fs::read_dir(output) else {
         return Ok(());
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let leftover = [".tmp-", ".old-", ".del-"].iter().any(|k| name.contains(k));
-        if name.starts_with(".checkpoint-") && leftover {
+        if name.starts_with(SET_ASIDE_JOURNAL) && name.contains(".tmp-") {
+            let path = entry.path();
+            std::fs::remove_file(&path).map_err(|e| RunnerError::io(&path, e))?;
+        } else if name.starts_with(".checkpoint-") && leftover {
             let path = entry.path();
             std::fs::remove_dir_all(&path).map_err(|e| RunnerError::io(&path, e))?;
         }
@@ -314,16 +452,26 @@ pub fn save_checkpoint<B: AutodiffBackend>(
 /// Reads `trainer_state.json` of a checkpoint.
 pub fn load_state(dir: &Path) -> Result<TrainerState> {
     let path = dir.join("trainer_state.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| RunnerError::io(&path, e))?;
+    let text = train_model::read_text_file(&path, train_model::MAX_JSON_FILE_BYTES << 2)?;
     serde_json::from_str(&text).map_err(|e| RunnerError::Checkpoint {
         path,
         message: format!("invalid trainer state: {e}"),
     })
 }
 
-/// Deletes the oldest checkpoints beyond `limit`, never the best one nor the newest.
-pub fn rotate_checkpoints(output: &Path, limit: usize, best: Option<&Path>) -> Result<()> {
-    let all = list_checkpoints(output);
+/// Deletes the oldest checkpoints of the run `run_id` beyond `limit`, never the best one nor
+/// the newest. Checkpoints of any other run (another id, or a state that cannot be read) are
+/// never deleted.
+pub fn rotate_checkpoints(
+    output: &Path,
+    limit: usize,
+    best: Option<&Path>,
+    run_id: &str,
+) -> Result<()> {
+    let all: Vec<(usize, PathBuf)> = list_checkpoints(output)
+        .into_iter()
+        .filter(|(_, p)| checkpoint_run_id(p).as_deref() == Some(run_id))
+        .collect();
     let mut removable: Vec<&PathBuf> = all
         .iter()
         .map(|(_, p)| p)

@@ -56,7 +56,7 @@
 //! let setup = TrainSetup {
 //!     model,
 //!     raw_config: config.to_hf_json(),
-//!     companions_from: out.path().to_path_buf(),
+//!     companions_from: out.path().join("no-source"), // a random model has no tokenizer files
 //!     source_dtype: train_model::StorageDtype::F32,
 //!     train: examples,
 //!     validation: Vec::new(),
@@ -67,6 +67,7 @@
 //!     overwrite: false,
 //!     devices: Vec::new(),
 //!     cluster: None,
+//!     inputs: Vec::new(),
 //! };
 //! struct Quiet;
 //! impl TrainObserver for Quiet {}
@@ -90,7 +91,8 @@ pub mod trainer;
 
 pub use batches::{BatchPlan, batch_tensors};
 pub use checkpoint::{
-    CHECKSUMS_FILE, TrainerState, latest_checkpoint, latest_intact_checkpoint, list_checkpoints,
+    CHECKSUMS_FILE, SET_ASIDE_DIR, TrainerState, checkpoint_run_id, latest_checkpoint,
+    latest_intact_checkpoint, list_checkpoints, model_fingerprint, new_run_id, set_aside,
     verify_checkpoint,
 };
 pub use config::{LrSchedule, TrainerConfig};
@@ -105,6 +107,6 @@ pub use optim::layer_norms;
 pub use optim::{AdamW, AdamWConfig, ParamTable, global_grad_norm};
 pub use parallel::{Cluster, DataParallel, StepOutcome, parallel_step_gradients};
 pub use trainer::{
-    ModelInspector, NoInspector, Resume, RunControl, TrainSetup, run, run_inspected,
-    save_adapter_dir, step_gradients,
+    ModelInspector, NoInspector, Resume, RunControl, TrainSetup, check_token_ids, run,
+    run_inspected, save_adapter_dir, step_gradients,
 };

@@ -63,6 +63,27 @@ impl OutputLock {
         })
     }
 
+    /// The process id of the live run that holds the lock of `dir`, or `None` when no live
+    /// process holds it (no run, or one that died: the OS released its lock). Takes nothing.
+    pub fn live_owner(dir: &Path) -> Option<String> {
+        let path = dir.join(".train.lock");
+        let mut file = OpenOptions::new().read(true).open(&path).ok()?;
+        let mut owner = String::new();
+        let _ = file.read_to_string(&mut owner);
+        match file.try_lock_shared() {
+            Ok(()) => {
+                let _ = file.unlock();
+                None
+            }
+            Err(std::fs::TryLockError::WouldBlock) => Some(if owner.trim().is_empty() {
+                "unknown".into()
+            } else {
+                owner.trim().to_string()
+            }),
+            Err(std::fs::TryLockError::Error(_)) => None,
+        }
+    }
+
     /// The lock file.
     pub fn path(&self) -> &Path {
         &self.path

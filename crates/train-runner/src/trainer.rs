@@ -18,8 +18,8 @@ use train_model::{
 
 use crate::batches::{BatchPlan, batch_tensors};
 use crate::checkpoint::{
-    TrainerState, list_checkpoints, remove_leftovers, rotate_checkpoints, save_checkpoint,
-    verify_checkpoint,
+    TrainerState, checkpoint_run_id, list_checkpoints, model_fingerprint, remove_leftovers,
+    rotate_checkpoints, save_checkpoint, set_aside, verify_checkpoint,
 };
 use crate::config::TrainerConfig;
 use crate::error::{Result, RunnerError};
@@ -103,6 +103,9 @@ pub struct TrainSetup<B: AutodiffBackend> {
     /// This machine's place in a run over `config.nodes` machines (needed when there are more
     /// than one).
     pub cluster: Option<crate::Cluster>,
+    /// Other directories the run reads (e.g. the adapter directory given as the model): the
+    /// output may not be any of them, nor `companions_from`, nor the checkpoint resumed.
+    pub inputs: Vec<PathBuf>,
 }
 
 impl<B: AutodiffBackend> TrainSetup<B> {
@@ -130,6 +133,7 @@ impl<B: AutodiffBackend> TrainSetup<B> {
             overwrite: false,
             devices: Vec::new(),
             cluster: None,
+            inputs: Vec::new(),
         }
     }
 }
@@ -154,7 +158,13 @@ impl Resume {
     }
 }
 
-fn check_resumable(config: &TrainerConfig, resume: &Resume, fingerprint: &str) -> Result<()> {
+fn check_resumable(
+    config: &TrainerConfig,
+    resume: &Resume,
+    fingerprint: &str,
+    model: &str,
+    model_dir: &Path,
+) -> Result<()> {
     let old = &resume.state.config;
     let same: [(&str, bool); 8] = [
         ("batch_size", old.batch_size == config.batch_size),
@@ -182,6 +192,154 @@ fn check_resumable(config: &TrainerConfig, resume: &Resume, fingerprint: &str) -
             path: resume.dir.clone(),
             message: "the dataset (or its tokenization settings) changed since this checkpoint was written".into(),
         });
+    }
+    let recorded = &resume.state.model_fingerprint;
+    if !recorded.is_empty() && recorded != model {
+        let source = resume
+            .state
+            .model_source
+            .as_ref()
+            .map_or_else(|| "another model".to_string(), |p| p.display().to_string());
+        return Err(RunnerError::Checkpoint {
+            path: resume.dir.clone(),
+            message: format!(
+                "it was trained from {source} (config.json SHA-256 {}…), not from {}                  (SHA-256 {}…); resume with --model {source}",
+                &recorded[..recorded.len().min(12)],
+                model_dir.display(),
+                &model[..model.len().min(12)],
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// True when `a` and `b` name the same existing directory.
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// Makes sure that no checkpoint in `output` can be taken for one of this run's: a run from
+/// scratch owns none of them, a resume owns those of its own run up to the step it resumes
+/// from. The others — of an earlier run, or newer ones that a resume from an older checkpoint
+/// abandons — are refused unless `overwrite` (`--yes`), and then moved to
+/// `OUTPUT/set-aside/…` (never deleted) before the first save; damaged ones that a resume
+/// skipped are moved there without asking.
+fn claim_output(output: &Path, resume: Option<&Resume>, overwrite: bool) -> Result<()> {
+    let all = list_checkpoints(output);
+    let ours = |step: usize, dir: &Path| {
+        resume.is_some_and(|r| {
+            step <= r.state.global_step
+                && std::path::absolute(&r.dir)
+                    .ok()
+                    .and_then(|d| d.parent().map(|p| same_dir(p, output)))
+                    .unwrap_or(false)
+                && checkpoint_run_id(dir).as_deref() == Some(r.state.run_id.as_str())
+        })
+    };
+    let (mut foreign, mut damaged) = (Vec::new(), Vec::new());
+    for (step, dir) in &all {
+        if ours(*step, dir) {
+            continue;
+        }
+        let name = dir
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        if resume.is_some() && verify_checkpoint(dir).is_err() {
+            damaged.push(name);
+        } else {
+            foreign.push(name);
+        }
+    }
+    let stamp = train_monitor_stamp();
+    if !damaged.is_empty() {
+        let dest = set_aside(output, &damaged, &format!("damaged-{stamp}"))?;
+        eprintln!(
+            "moved the damaged {} to {}",
+            damaged.join(", "),
+            dest.display()
+        );
+    }
+    if foreign.is_empty() {
+        return Ok(());
+    }
+    if !overwrite {
+        return Err(match resume {
+            None => RunnerError::OutputNotEmpty {
+                path: output.to_path_buf(),
+            },
+            Some(r) => RunnerError::Checkpoint {
+                path: r.dir.clone(),
+                message: format!(
+                    "resuming from step {} would abandon {} in {} (newer, or of another run); \
+                     resume from the newest (a bare --resume), or pass --yes to move them to \
+                     {}/{}/ and continue from here",
+                    r.state.global_step,
+                    foreign.join(", "),
+                    output.display(),
+                    output.display(),
+                    crate::checkpoint::SET_ASIDE_DIR,
+                ),
+            },
+        });
+    }
+    let label = match resume {
+        None => format!("previous-run-{stamp}"),
+        Some(r) => format!("abandoned-after-step-{}-{stamp}", r.state.global_step),
+    };
+    let dest = set_aside(output, &foreign, &label)?;
+    eprintln!(
+        "moved {} to {} (delete it when you no longer need it)",
+        foreign.join(", "),
+        dest.display()
+    );
+    Ok(())
+}
+
+/// Seconds since the epoch, for names of set-aside directories.
+fn train_monitor_stamp() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Refuses examples with a token id or label the model cannot take (outside its vocabulary):
+/// a tokenizer that does not belong to the model, or an altered data cache.
+pub fn check_token_ids(examples: &[Example], vocab_size: usize) -> Result<()> {
+    for e in examples {
+        let bad_id = e.input_ids.iter().find(|&&t| t as usize >= vocab_size);
+        let bad_label = e
+            .labels
+            .iter()
+            .find(|&&l| l != IGNORE_INDEX as i32 && (l < 0 || l as usize >= vocab_size));
+        if let Some(t) = bad_id
+            .map(|&t| i64::from(t))
+            .or(bad_label.map(|&l| i64::from(l)))
+        {
+            return Err(RunnerError::config(
+                "dataset",
+                format!(
+                    "row {}: token id {t} is outside the model's vocabulary (vocab_size {vocab_size}); \
+                     the tokenizer does not belong to this model, or the tokenized data was altered",
+                    e.row + 1
+                ),
+            ));
+        }
+        if e.labels.len() != e.input_ids.len() {
+            return Err(RunnerError::config(
+                "dataset",
+                format!(
+                    "row {}: {} labels for {} tokens (the tokenized data was altered)",
+                    e.row + 1,
+                    e.labels.len(),
+                    e.input_ids.len()
+                ),
+            ));
+        }
     }
     Ok(())
 }
@@ -233,12 +391,35 @@ pub fn run_inspected<B: AutodiffBackend>(
         );
     }
     remove_leftovers(&output)?;
+    // Checkpoints of an earlier run first: that message says how to resume them.
     if resume.is_none() && !setup.overwrite && !list_checkpoints(&output).is_empty() {
         return Err(RunnerError::OutputNotEmpty { path: output });
     }
+    let mut inputs: Vec<&Path> = vec![setup.companions_from.as_path()];
+    inputs.extend(setup.inputs.iter().map(PathBuf::as_path));
     if let Some(r) = resume {
-        check_resumable(&config, r, &setup.data_fingerprint)?;
+        inputs.push(&r.dir);
     }
+    // A resume continues its own final model; a run from scratch replaces one only with --yes.
+    train_model::check_output_dir(
+        &output,
+        &inputs,
+        setup.overwrite || resume.is_some(),
+        "--output",
+    )?;
+    let model_print = model_fingerprint(&setup.raw_config);
+    if let Some(r) = resume {
+        check_resumable(
+            &config,
+            r,
+            &setup.data_fingerprint,
+            &model_print,
+            &setup.companions_from,
+        )?;
+    }
+    check_token_ids(&setup.train, setup.model.config.vocab_size)?;
+    check_token_ids(&setup.validation, setup.model.config.vocab_size)?;
+    claim_output(&output, resume, setup.overwrite)?;
     let mut setup = setup;
     if let Some(lora) = &config.lora {
         setup.model = match setup.model.lora_config() {
@@ -314,9 +495,22 @@ pub fn run_inspected<B: AutodiffBackend>(
             let mut s = r.state.clone();
             s.total_steps = total_steps;
             s.config = config.clone();
+            if s.model_fingerprint.is_empty() {
+                s.model_fingerprint = model_print;
+                s.model_source = Some(setup.companions_from.clone());
+            }
             s
         }
-        None => TrainerState::new(config.clone(), total_steps, setup.data_fingerprint.clone()),
+        None => {
+            let mut s =
+                TrainerState::new(config.clone(), total_steps, setup.data_fingerprint.clone());
+            s.model_fingerprint = model_print;
+            s.model_source = Some(
+                std::path::absolute(&setup.companions_from)
+                    .unwrap_or_else(|_| setup.companions_from.clone()),
+            );
+            s
+        }
     };
     let mut metrics = MetricsLog::open(&output.join("metrics.jsonl"), resume.is_some())?;
 
@@ -372,11 +566,22 @@ pub fn run_inspected<B: AutodiffBackend>(
             max_shard_bytes: None,
             companions_from: Some(setup.companions_from.clone()),
         };
-        let saved = if model.lora_config().is_some() {
-            save_adapter_dir(model, &setup.companions_from, &output)
-        } else {
-            save_pretrained(model, Some(&setup.raw_config), &output, &options).map(|_| ())
-        };
+        // Staged, then moved into place: a full disk leaves the output without a half-written
+        // model (the checkpoints hold the work).
+        let saved = train_model::staging_dir(&output).and_then(|staged| {
+            let written = if model.lora_config().is_some() {
+                save_adapter_dir(model, &setup.companions_from, &staged)
+            } else {
+                save_pretrained(model, Some(&setup.raw_config), &staged, &options).map(|_| ())
+            };
+            match written {
+                Ok(()) => train_model::install_model(&staged, &output),
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&staged);
+                    Err(e)
+                }
+            }
+        });
         if let Err(e) = saved {
             final_error = Some(e.into());
         }
@@ -757,7 +962,12 @@ impl<B: AutodiffBackend> Loop<'_, B> {
             path: &dir,
         });
         if let Some(limit) = self.config.save_total_limit {
-            rotate_checkpoints(output, limit, self.state.best_model_checkpoint.as_deref())?;
+            rotate_checkpoints(
+                output,
+                limit,
+                self.state.best_model_checkpoint.as_deref(),
+                &self.state.run_id,
+            )?;
         }
         self.last_checkpoint = Some(dir);
         Ok(())

@@ -212,6 +212,7 @@ fn setup(
         overwrite: false,
         devices: Vec::new(),
         cluster: None,
+        inputs: Vec::new(),
     }
 }
 
@@ -477,10 +478,19 @@ fn observer_stop_is_called_on_success_error_crash_and_interrupt() {
     assert_eq!(crashed.status, RunStatus::Crashed);
     assert_eq!(crashed.global_step, 0);
     assert_eq!(rec.events.last().unwrap(), "stop Crashed");
+    // The restart (`overwrite`) moved the earlier run's checkpoint aside, whole, before its
+    // first step.
+    let aside = std::fs::read_dir(dir.path().join(train_runner::SET_ASIDE_DIR))
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap()
+        .path();
     assert_eq!(
-        std::fs::read(dir.path().join("checkpoint-2/model.safetensors")).unwrap(),
+        std::fs::read(aside.join("checkpoint-2/model.safetensors")).unwrap(),
         before
     );
+    assert!(!dir.path().join("checkpoint-2").exists());
 
     // Interrupt before the first step: a checkpoint of step 0 is still saved.
     let dir = tempfile::tempdir().unwrap();
