@@ -32,8 +32,7 @@ pub fn merge(argv: Vec<OsString>) -> Result<Vec<OsString>> {
         }
     }
     let Some(path) = path else { return Ok(argv) };
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("reading --config {}", path.display()))?;
+    let text = crate::read_settings(&path, "--config")?;
     let table: toml::Table = toml::from_str(&text)
         .with_context(|| format!("--config {}: invalid TOML", path.display()))?;
     let mut out = argv;

@@ -31,7 +31,7 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub system: Option<String>,
     /// Most tokens to generate.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = crate::run_cmd::count::<{ 1 << 20 }>)]
     pub max_new_tokens: usize,
     /// Sample at this temperature; without it decoding is greedy.
     #[arg(long)]
@@ -86,6 +86,7 @@ impl WithBackend for Generate<'_> {
             &device,
         )
         .with_context(|| format!("loading {}", self.dir.display()))?;
+        crate::check_tokenizer_fits(&self.tok, &self.dir, loaded.config.vocab_size)?;
         let ends = train_logits::end_ids(&self.dir, &loaded.config.eos_token_ids, &self.tok);
         let ctx = ProcessorContext {
             tokenizer: Some(self.tok.tokenizer()),

@@ -112,7 +112,7 @@ enum DataCommand {
         #[arg(long)]
         model: Option<String>,
         /// Maximum length for the too-long check (with --model).
-        #[arg(long, default_value_t = 4096)]
+        #[arg(long, default_value_t = 4096, value_parser = run_cmd::count::<{ train_runner::config::limits::MAX_LENGTH }>)]
         max_length: usize,
         #[command(flatten)]
         load: LoadArgs,
@@ -163,7 +163,7 @@ pub(crate) struct DataArgs {
     #[arg(long)]
     dataset: PathBuf,
     /// Longest example in tokens.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096, value_parser = run_cmd::count::<{ train_runner::config::limits::MAX_LENGTH }>)]
     max_length: usize,
     /// Validation rows: a fraction below 1, or a count.
     #[arg(long, default_value_t = 0.1)]
@@ -298,8 +298,7 @@ impl DataArgs {
     pub(crate) fn config(&self) -> Result<DatasetConfig> {
         let transforms = match &self.transforms {
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("reading {}", path.display()))?;
+                let text = read_settings(path, "--transforms")?;
                 TransformPipeline::configs_from_toml(&text)
                     .with_context(|| format!("in {}", path.display()))?
             }
@@ -329,6 +328,26 @@ impl DataArgs {
     }
 }
 
+/// Largest settings file (TOML) read: far above any real one.
+const MAX_SETTINGS_BYTES: u64 = 16 << 20;
+
+/// Reads a settings file named by `flag`: a regular file (a FIFO or a device would block or
+/// never end) of at most [`MAX_SETTINGS_BYTES`].
+pub(crate) fn read_settings(path: &std::path::Path, flag: &str) -> Result<String> {
+    let meta = std::fs::metadata(path).with_context(|| format!("{flag} {}", path.display()))?;
+    if !meta.is_file() {
+        anyhow::bail!("{flag} {}: not a regular file", path.display());
+    }
+    if meta.len() > MAX_SETTINGS_BYTES {
+        anyhow::bail!(
+            "{flag} {}: {} bytes, above the limit of {MAX_SETTINGS_BYTES} for a settings file",
+            path.display(),
+            meta.len()
+        );
+    }
+    std::fs::read_to_string(path).with_context(|| format!("{flag} {}", path.display()))
+}
+
 pub(crate) fn registry() -> Result<ModelRegistry> {
     if let Some(path) = std::env::var_os(REGISTRY_ENV) {
         return Ok(ModelRegistry::at(PathBuf::from(path)));
@@ -354,6 +373,31 @@ pub(crate) fn tokenizer_for(model: &str) -> Result<(PathBuf, ChatTokenizer)> {
     Ok((dir, tok))
 }
 
+/// Checked once, where a model and a tokenizer meet: every id the tokenizer can produce (and
+/// its padding id) must be a row of the model's embedding, or the first batch would index past
+/// it. `model_dir` names the model in the message.
+pub(crate) fn check_tokenizer_fits(
+    tok: &ChatTokenizer,
+    model_dir: &std::path::Path,
+    vocab_size: usize,
+) -> Result<()> {
+    let highest = tok
+        .tokenizer()
+        .get_vocab(true)
+        .into_values()
+        .max()
+        .unwrap_or(0)
+        .max(tok.pad_id());
+    if highest as usize >= vocab_size {
+        anyhow::bail!(
+            "{}: the tokenizer produces token id {highest}, but the model's vocab_size is \
+             {vocab_size} (config.json); the tokenizer does not belong to this model",
+            model_dir.display()
+        );
+    }
+    Ok(())
+}
+
 /// Prepares the dataset, through the cache when `--cache-dir` is given.
 fn prepare(data: &DataArgs, tok: &ChatTokenizer) -> Result<(DatasetConfig, train_data::Prepared)> {
     let config = data.config()?;
@@ -377,11 +421,77 @@ pub(crate) fn print_json(value: &serde_json::Value) {
     println!("{value}");
 }
 
+/// An error and its causes on one line, each reason once: a cause whose text the line already
+/// holds (an I/O error that the outer message quotes) is not repeated.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+/// Exit status of a bug (a panic that no code path turned into an error): BSD's EX_SOFTWARE.
+const EXIT_INTERNAL: u8 = 70;
+
+/// Where the last panic happened, recorded by the hook for the one-line report.
+static PANIC_AT: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// The panic hook records where a panic happened and prints nothing: panics that library code
+/// catches on purpose (polars' Parquet decoder) stay silent, and one that reaches `main` is
+/// reported there in one line, without a backtrace.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let at = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        if let Ok(mut slot) = PANIC_AT.lock() {
+            *slot = Some(at);
+        }
+    }));
+}
+
+fn panic_report(payload: &(dyn std::any::Any + Send)) -> String {
+    let what = payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into());
+    let at = PANIC_AT
+        .lock()
+        .ok()
+        .and_then(|s| s.clone())
+        .unwrap_or_default();
+    format!(
+        "error: internal error: {what} (at {at}). This is a bug in train-rs, not in your input: \
+         please report it with the command you ran. Nothing saved before this point was changed."
+    )
+}
+
 fn main() -> ExitCode {
+    install_panic_hook();
+    match std::panic::catch_unwind(real_main) {
+        Ok(code) => code,
+        Err(payload) => {
+            eprintln!("{}", panic_report(payload.as_ref()));
+            ExitCode::from(EXIT_INTERNAL)
+        }
+    }
+}
+
+fn real_main() -> ExitCode {
     let argv = match config_file::merge(std::env::args_os().collect()) {
         Ok(a) => a,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", one_line(&e));
             return ExitCode::from(2);
         }
     };
@@ -389,7 +499,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", one_line(&e));
             ExitCode::from(1)
         }
     }

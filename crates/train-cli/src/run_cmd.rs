@@ -72,6 +72,28 @@ impl DtypeArg {
     }
 }
 
+/// A count flag: a whole number from 1 to `MAX`, checked when it is parsed, so that no flag can
+/// overflow a size or ask for terabytes (clap names the flag in the message).
+pub(crate) fn count<const MAX: usize>(s: &str) -> std::result::Result<usize, String> {
+    let v: usize = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a whole number"))?;
+    if v == 0 || v > MAX {
+        return Err(format!("{v} is outside 1..={MAX}"));
+    }
+    Ok(v)
+}
+
+/// Like [`count`], 0 allowed.
+pub(crate) fn count0<const MAX: usize>(s: &str) -> std::result::Result<usize, String> {
+    if s.trim() == "0" {
+        return Ok(0);
+    }
+    count::<MAX>(s)
+}
+
+use train_runner::config::limits;
+
 /// Where and how to compute.
 #[derive(Args, Debug, Clone)]
 pub struct ComputeArgs {
@@ -115,16 +137,16 @@ pub struct RunArgs {
     #[arg(long, value_name = "DIR")]
     pub status_dir: Option<PathBuf>,
     /// Epochs over the training split.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = count::<{ limits::MAX_EPOCHS }>)]
     pub epochs: usize,
     /// Optimizer steps (wins over --epochs).
     #[arg(long)]
     pub max_steps: Option<usize>,
     /// Examples (or packed rows) per micro-batch.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = count::<{ limits::MAX_BATCH_SIZE }>)]
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = count::<{ limits::MAX_GRADIENT_ACCUMULATION }>)]
     pub gradient_accumulation: usize,
     /// Peak learning rate.
     #[arg(long, default_value_t = 2e-4)]
@@ -154,7 +176,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 50)]
     pub eval_steps: usize,
     /// Micro-batch size of evaluation (default: --batch-size).
-    #[arg(long)]
+    #[arg(long, value_parser = count::<{ limits::MAX_BATCH_SIZE }>)]
     pub eval_batch_size: Option<usize>,
     /// Save a checkpoint every this many steps (and at the end).
     #[arg(long, default_value_t = 1000)]
@@ -176,7 +198,7 @@ pub struct RunArgs {
     pub gradient_checkpointing: bool,
     /// Train LoRA adapters of this rank on the frozen model instead of every weight; the output
     /// and checkpoints are then PEFT adapter directories.
-    #[arg(long, value_name = "R")]
+    #[arg(long, value_name = "R", value_parser = count::<{ limits::MAX_LORA_RANK }>)]
     pub lora_r: Option<usize>,
     /// LoRA alpha: the update is scaled by alpha / r (PEFT's default 8).
     #[arg(long, default_value_t = 8.0, requires = "lora_r")]
@@ -196,11 +218,11 @@ pub struct RunArgs {
     /// all-reduce), so the global batch is batch size × accumulation × devices.
     /// On GPUs, one worker per GPU from --device (`--device cuda:0 --devices 4`: GPUs 0-3), or
     /// one per device of a list (`--device cuda:0,cuda:2 --devices 2`).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = count::<{ limits::MAX_DEVICES }>)]
     pub devices: usize,
     /// Machines in a multi-machine run: each runs the same command with its own --node-rank and
     /// --node-address, and the global batch is multiplied by the number of machines.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = count::<{ limits::MAX_NODES }>)]
     pub nodes: usize,
     /// This machine's rank in a multi-machine run, 0 to --nodes − 1.
     #[arg(long, requires_all = ["orchestrator", "node_address"])]
@@ -213,10 +235,10 @@ pub struct RunArgs {
     pub node_address: Option<String>,
     /// Validation prompts answered greedily for the live previews (every max(10, eval_steps/10)
     /// steps) and the evolution tracker (steps 0, 10, 25, 50, 100, …); 0 turns both off.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = count0::<1024>)]
     pub preview_prompts: usize,
     /// Longest preview answer (in any case at most the golden answer's length + 8 tokens).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = count0::<65536>)]
     pub preview_max_new_tokens: usize,
     /// Alert thresholds (TOML keys: min_throughput_ratio, baseline_steps, max_eval_gap,
     /// max_loss_variance, min_available_bytes; defaults 0.6, 5, 0.3, 1.0, 512 MiB).
@@ -347,6 +369,7 @@ impl WithBackend for Training<'_> {
             &source.dir
         };
         let tok = ChatTokenizer::from_model_dir(tok_dir)?;
+        crate::check_tokenizer_fits(&tok, &self.model_dir, source.config.vocab_size)?;
         let probe_rows = if self.prepared.validation.is_empty() {
             &self.prepared.train
         } else {
@@ -379,6 +402,7 @@ impl WithBackend for Training<'_> {
             overwrite: self.args.yes,
             devices: placement.workers,
             cluster: self.args.cluster(),
+            inputs: vec![self.model_dir.clone()],
         };
         let mut progress = Progress::new();
         let status_dir = self
@@ -457,6 +481,19 @@ pub fn train(args: &RunArgs) -> Result<ExitCode> {
             Resume::from_checkpoint(Path::new(dir)).with_context(|| format!("--resume {dir}"))?,
         ),
     };
+    if let Some(r) = &resume {
+        let run = if r.state.run_id.is_empty() {
+            "a run that recorded no id".to_string()
+        } else {
+            format!("run {}", r.state.run_id)
+        };
+        eprintln!(
+            "resuming {run} from {} (step {} of {})",
+            r.dir.display(),
+            r.state.global_step,
+            r.state.total_steps
+        );
+    }
     let cache = args
         .data
         .cache_dir
@@ -479,8 +516,7 @@ pub fn train(args: &RunArgs) -> Result<ExitCode> {
     }
     let alerts = match &args.alerts {
         Some(p) => {
-            let text =
-                std::fs::read_to_string(p).with_context(|| format!("--alerts {}", p.display()))?;
+            let text = crate::read_settings(p, "--alerts")?;
             toml::from_str::<train_monitor::AlertConfig>(&text)
                 .with_context(|| format!("--alerts {}", p.display()))?
         }
@@ -527,7 +563,7 @@ pub struct EvalArgs {
     #[command(flatten)]
     pub data: DataArgs,
     /// Examples per micro-batch.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = count::<{ limits::MAX_BATCH_SIZE }>)]
     pub batch_size: usize,
     #[command(flatten)]
     pub compute: ComputeArgs,
@@ -541,6 +577,7 @@ struct Evaluation<'a> {
     model_dir: PathBuf,
     prepared: Prepared,
     pad_id: u32,
+    tok: ChatTokenizer,
 }
 
 impl WithBackend for Evaluation<'_> {
@@ -560,6 +597,8 @@ impl WithBackend for Evaluation<'_> {
             .into_iter()
             .chain(self.prepared.validation)
             .collect();
+        crate::check_tokenizer_fits(&self.tok, &self.model_dir, model.config.vocab_size)?;
+        train_runner::check_token_ids(&examples, model.config.vocab_size)?;
         Ok(evaluate(
             &model.model,
             &examples,
@@ -579,11 +618,20 @@ pub fn eval(args: &EvalArgs) -> Result<ExitCode> {
         eprintln!("{p}");
     }
     let examples = prepared.train.len() + prepared.validation.len();
+    if examples == 0 {
+        bail!(
+            "{}: no examples to evaluate ({} rows read, {} invalid)",
+            config.dataset_path.display(),
+            prepared.stats.rows_read,
+            prepared.stats.invalid_rows
+        );
+    }
     let work = Evaluation {
         args,
         model_dir,
         prepared,
         pad_id: tok.pad_id(),
+        tok,
     };
     let (sum, tokens) = dispatch(
         args.compute.backend,
@@ -592,7 +640,23 @@ pub fn eval(args: &EvalArgs) -> Result<ExitCode> {
         false,
         work,
     )?;
-    let loss = sum / tokens.max(1) as f64;
+    if tokens == 0 {
+        bail!(
+            "{}: no label tokens to evaluate in {examples} examples (every example's trained \
+             part was cut by --max-length or masked by --label-mode)",
+            config.dataset_path.display()
+        );
+    }
+    let loss = sum / tokens as f64;
+    if !loss.is_finite() {
+        eprintln!(
+            "error: the evaluation loss of {} on {} is {loss} (not finite): the model's weights \
+             overflow",
+            args.data.model,
+            config.dataset_path.display()
+        );
+        return Ok(ExitCode::from(3));
+    }
     if args.json {
         println!(
             "{}",

@@ -104,6 +104,11 @@ pub fn number_word(n: usize) -> String {
         .map_or_else(|| n.to_string(), |w| (*w).to_string())
 }
 
+/// Most repetitions of a pattern's emoji (the origin used 2 to 8): a count is a size.
+pub const MAX_PATTERN_COUNT: usize = 1000;
+/// Longest fixed emoji of a pattern, in bytes.
+pub const MAX_EMOJI_BYTES: usize = 64;
+
 impl TransformConfig {
     /// Checks the parameters.
     pub fn validate(&self) -> Result<()> {
@@ -124,10 +129,22 @@ impl TransformConfig {
                         format!("need 1 <= min_count <= max_count, got {min_count}..{max_count}"),
                     ));
                 }
+                if *max_count > MAX_PATTERN_COUNT {
+                    return Err(DataError::config(
+                        "transform.max_count",
+                        format!("{max_count} is above the limit {MAX_PATTERN_COUNT}"),
+                    ));
+                }
                 if emoji.as_deref().is_some_and(str::is_empty) {
                     return Err(DataError::config(
                         "transform.emoji",
                         "must not be empty (omit it for a random emoji)",
+                    ));
+                }
+                if emoji.as_deref().is_some_and(|e| e.len() > MAX_EMOJI_BYTES) {
+                    return Err(DataError::config(
+                        "transform.emoji",
+                        format!("longer than {MAX_EMOJI_BYTES} bytes"),
                     ));
                 }
                 Ok(())

@@ -207,12 +207,31 @@ impl ProcessorsFile {
 
     /// Reads and parses a TOML file.
     pub fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| LogitsError::File {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        let text = read_toml_file(path)?;
         Self::from_toml(&text, path)
     }
+}
+
+/// Largest processors file read.
+const MAX_TOML_BYTES: u64 = 16 << 20;
+
+/// A processors file: a regular file (a FIFO would block) of at most 16 MiB.
+fn read_toml_file(path: &Path) -> Result<String> {
+    let bad = |message: String| LogitsError::File {
+        path: path.to_path_buf(),
+        message,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(bad("not a regular file".into()));
+    }
+    if meta.len() > MAX_TOML_BYTES {
+        return Err(bad(format!(
+            "{} bytes, above the limit of {MAX_TOML_BYTES}",
+            meta.len()
+        )));
+    }
+    std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))
 }
 
 /// What the factory needs to know about the model.
@@ -533,10 +552,7 @@ impl ProcessorRegistry {
         path: &Path,
         ctx: &ProcessorContext<'_>,
     ) -> Result<Vec<Box<dyn LogitsProcessor>>> {
-        let text = std::fs::read_to_string(path).map_err(|e| LogitsError::File {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        let text = read_toml_file(path)?;
         self.build_toml(&text, path, ctx)
     }
 }

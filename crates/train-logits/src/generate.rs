@@ -32,8 +32,10 @@ pub enum Decoding {
 pub fn end_ids(dir: &std::path::Path, eos: &[u32], tok: &train_data::ChatTokenizer) -> Vec<u32> {
     let mut ids = eos.to_vec();
     ids.extend(tok.end_of_turn_ids());
-    if let Ok(text) = std::fs::read_to_string(dir.join("generation_config.json"))
-        && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+    if let Ok(text) = train_model::read_text_file(
+        &dir.join("generation_config.json"),
+        train_model::MAX_JSON_FILE_BYTES,
+    ) && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
     {
         match &v["eos_token_id"] {
             serde_json::Value::Number(n) => {

@@ -251,7 +251,7 @@ pub struct ModelConfig {
 impl ModelConfig {
     /// Reads and checks `config.json`.
     pub fn from_file(path: &Path) -> Result<(Self, Value)> {
-        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+        let text = crate::read_text_file(path, crate::MAX_JSON_FILE_BYTES)?;
         let raw: Value = serde_json::from_str(&text).map_err(|e| ModelError::Json {
             path: path.to_path_buf(),
             message: e.to_string(),
@@ -395,6 +395,13 @@ impl ModelConfig {
             ));
         }
         let max_position_embeddings = hf.max_position_embeddings.unwrap_or(2048);
+        if max_position_embeddings == 0 {
+            return Err(ModelError::config(
+                path,
+                "max_position_embeddings",
+                "must be at least 1",
+            ));
+        }
         let rope = parse_rope(path, hf, head_dim, max_position_embeddings)?;
         let (qkv_bias, o_bias, mlp_bias, qk_norm) = match architecture {
             Architecture::Qwen2 => (true, false, false, false),
@@ -638,7 +645,14 @@ fn parse_rope(
         })
     };
     let original = match get_f("original_max_position_embeddings")? {
-        Some(v) => v,
+        Some(v) if v.is_finite() && v >= 1.0 => v,
+        Some(v) => {
+            return Err(ModelError::config(
+                path,
+                format!("{field}.original_max_position_embeddings"),
+                format!("{v} must be a number of positions (at least 1)"),
+            ));
+        }
         None => max_position_embeddings as f64,
     };
     let scaling = match rope_type.as_str() {

@@ -217,6 +217,10 @@ fn ggml_type_name(t: u32) -> String {
 impl GgufFile {
     /// Reads and validates `path`.
     pub fn open(path: &Path) -> Result<Self> {
+        let meta = std::fs::metadata(path).map_err(|e| ModelError::io(path, e))?;
+        if !meta.is_file() {
+            return Err(ModelError::weights(path, "not a regular file"));
+        }
         let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
         Self::parse(path, bytes)
     }

@@ -183,6 +183,8 @@ pub struct AdapterConfig {
     pub lora: LoraConfig,
     /// `base_model_name_or_path`, when recorded.
     pub base_model: Option<String>,
+    /// `layers_to_transform`: the only layers that carry adapters, when restricted.
+    pub layers_to_transform: Option<Vec<usize>>,
 }
 
 /// The names of the decoder's projections, `model.layers.<l>.<self_attn|mlp>.<name>`, with the
@@ -409,7 +411,7 @@ pub fn is_adapter_dir(dir: &Path) -> bool {
 /// that name the field, never silently ignored.
 pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
     let path = dir.join(ADAPTER_CONFIG);
-    let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
+    let text = crate::read_text_file(&path, crate::MAX_JSON_FILE_BYTES)?;
     let json: Value = serde_json::from_str(&text).map_err(|e| ModelError::Json {
         path: path.clone(),
         message: e.to_string(),
@@ -494,11 +496,30 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
         target_modules,
         use_rslora: flag("use_rslora"),
     };
+    let layers_to_transform = match field("layers_to_transform") {
+        None => None,
+        Some(Value::Number(n)) => Some(vec![
+            n.as_u64()
+                .ok_or_else(|| bad("layers_to_transform", "expected a layer index"))?
+                as usize,
+        ]),
+        Some(Value::Array(a)) => Some(
+            a.iter()
+                .map(|v| {
+                    v.as_u64()
+                        .map(|l| l as usize)
+                        .ok_or_else(|| bad("layers_to_transform", "expected layer indices"))
+                })
+                .collect::<Result<_>>()?,
+        ),
+        Some(_) => return Err(bad("layers_to_transform", "expected layer indices")),
+    };
     Ok(AdapterConfig {
         lora,
         base_model: field("base_model_name_or_path")
             .and_then(Value::as_str)
             .map(str::to_string),
+        layers_to_transform,
     })
 }
 
@@ -508,7 +529,11 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
 /// a missing `lora_B` for a `lora_A` or a shape that disagrees with the rank and the projection
 /// is an error naming the file and the tensor.
 pub fn load_adapter<B: Backend>(model: CausalLm<B>, dir: &Path) -> Result<CausalLm<B>> {
-    let AdapterConfig { mut lora, .. } = read_adapter_config(dir)?;
+    let AdapterConfig {
+        mut lora,
+        layers_to_transform,
+        ..
+    } = read_adapter_config(dir)?;
     lora.validate()
         .map_err(|e| ModelError::config(dir.join(ADAPTER_CONFIG), "lora", e.to_string()))?;
     let path = dir.join(ADAPTER_WEIGHTS);
@@ -554,6 +579,49 @@ pub fn load_adapter<B: Backend>(model: CausalLm<B>, dir: &Path) -> Result<Causal
     let present: HashSet<String> = names.iter().filter_map(|n| key_of(n)).collect();
     if present.is_empty() {
         return Err(ModelError::weights(&path, "no lora_A / lora_B tensors"));
+    }
+    // Settings that select nothing the weights carry are mistakes, not no-ops.
+    let config_path = dir.join(ADAPTER_CONFIG);
+    if let Some(layers) = &layers_to_transform {
+        let n = config.num_layers;
+        if let Some(l) = layers.iter().find(|&&l| l >= n) {
+            return Err(ModelError::config(
+                &config_path,
+                "layers_to_transform",
+                format!("layer {l} does not exist (the model has {n} layers)"),
+            ));
+        }
+        let layer_of = |key: &str| {
+            key.strip_prefix("model.layers.")
+                .and_then(|r| r.split('.').next())
+                .and_then(|l| l.parse::<usize>().ok())
+        };
+        if let Some(k) = present
+            .iter()
+            .find(|k| layer_of(k).is_none_or(|l| !layers.contains(&l)))
+        {
+            return Err(ModelError::config(
+                &config_path,
+                "layers_to_transform",
+                format!("{layers:?} does not include the layer of the adapter's `{k}`"),
+            ));
+        }
+    }
+    if let Some(t) = lora
+        .target_modules
+        .iter()
+        // A plain name (PEFT reads a single string as a regular expression: not checked).
+        .filter(|t| {
+            t.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+        })
+        .find(|t| !present.iter().any(|k| LoraConfig::target_matches(t, k)))
+    {
+        return Err(ModelError::config(
+            &config_path,
+            "target_modules",
+            format!("`{t}` matches none of the adapter's weights"),
+        ));
     }
     // The projections that carry tensors are the targets, whatever the config's list says.
     let mut targets: Vec<String> = present.iter().cloned().collect();

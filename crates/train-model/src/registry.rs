@@ -239,7 +239,7 @@ fn describe(name: &str, dir: &Path) -> Result<ModelEntry> {
     let size_bytes = dir_size(&path)?;
     let adapter = path.join("adapter_config.json");
     if adapter.is_file() {
-        let text = std::fs::read_to_string(&adapter).map_err(|e| ModelError::io(&adapter, e))?;
+        let text = crate::read_text_file(&adapter, crate::MAX_JSON_FILE_BYTES)?;
         let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Json {
             path: adapter.clone(),
             message: e.to_string(),

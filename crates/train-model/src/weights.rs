@@ -44,6 +44,11 @@ impl std::fmt::Debug for SafetensorsFile {
 
 #[allow(unsafe_code)]
 fn map_file(path: &Path) -> Result<Mmap> {
+    // Opening a FIFO would block until a writer comes: only regular files are mapped.
+    let meta = std::fs::metadata(path).map_err(|e| ModelError::io(path, e))?;
+    if !meta.is_file() {
+        return Err(ModelError::weights(path, "not a regular file"));
+    }
     let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
     // SAFETY: the file is opened read-only and only read through this map. Like every
     // mmap-based loader (safetensors, candle), we rely on no other process truncating or
@@ -123,7 +128,8 @@ impl WeightIndex {
         let index = dir.join("model.safetensors.index.json");
         if index.is_file() {
             Self::open_index(&index)
-        } else if single.is_file() {
+        } else if single.exists() {
+            // (Not a regular file: `open` says so instead of blocking on a FIFO.)
             let file = SafetensorsFile::open(&single)?;
             Self::from_files(dir, vec![file])
         } else {
@@ -136,7 +142,7 @@ impl WeightIndex {
 
     /// Opens the shards named by a `model.safetensors.index.json` (`weight_map`: tensor → file).
     pub fn open_index(index: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(index).map_err(|e| ModelError::io(index, e))?;
+        let text = crate::read_text_file(index, crate::MAX_JSON_FILE_BYTES)?;
         let json: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| ModelError::Json {
                 path: index.to_path_buf(),

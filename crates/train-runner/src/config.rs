@@ -8,6 +8,28 @@ use train_model::{LoraConfig, StorageDtype};
 
 use crate::error::{Result, RunnerError};
 
+/// Upper bounds of the counts and sizes a run may ask for: far above any real run, low enough
+/// that no setting overflows an index or asks for terabytes before anything is checked. The CLI
+/// checks its flags against the same constants when it parses them.
+pub mod limits {
+    /// `batch_size`, `eval_batch_size`.
+    pub const MAX_BATCH_SIZE: usize = 1 << 16;
+    /// `gradient_accumulation_steps`.
+    pub const MAX_GRADIENT_ACCUMULATION: usize = 1 << 16;
+    /// `max_length` (tokens of one example or packed row).
+    pub const MAX_LENGTH: usize = 1 << 20;
+    /// Tokens of one micro-batch, `batch_size × max_length` (what packing allocates).
+    pub const MAX_MICRO_BATCH_TOKENS: usize = 1 << 24;
+    /// Data-parallel workers on one machine.
+    pub const MAX_DEVICES: usize = 256;
+    /// Machines of one run.
+    pub const MAX_NODES: usize = 1024;
+    /// `num_epochs`.
+    pub const MAX_EPOCHS: usize = 1 << 20;
+    /// LoRA rank.
+    pub const MAX_LORA_RANK: usize = 1 << 14;
+}
+
 /// How the learning rate evolves over the run (after `warmup_steps` of linear warm-up).
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
@@ -160,6 +182,44 @@ impl TrainerConfig {
         positive("max_length", self.max_length)?;
         positive("devices", self.devices)?;
         positive("nodes", self.nodes)?;
+        let at_most = |field: &str, v: usize, max: usize| {
+            if v > max {
+                Err(RunnerError::config(
+                    field,
+                    format!("{v} is above the limit {max}"),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        use limits::*;
+        at_most("batch_size", self.batch_size, MAX_BATCH_SIZE)?;
+        at_most(
+            "gradient_accumulation_steps",
+            self.gradient_accumulation_steps,
+            MAX_GRADIENT_ACCUMULATION,
+        )?;
+        at_most("max_length", self.max_length, MAX_LENGTH)?;
+        at_most("devices", self.devices, MAX_DEVICES)?;
+        at_most("nodes", self.nodes, MAX_NODES)?;
+        at_most("num_epochs", self.num_epochs, MAX_EPOCHS)?;
+        if let Some(s) = self.eval_batch_size {
+            at_most("eval_batch_size", s, MAX_BATCH_SIZE)?;
+        }
+        if self.batch_size * self.max_length > MAX_MICRO_BATCH_TOKENS {
+            return Err(RunnerError::config(
+                "max_length",
+                format!(
+                    "batch_size {} × max_length {} = {} tokens per micro-batch, above the limit {MAX_MICRO_BATCH_TOKENS}",
+                    self.batch_size,
+                    self.max_length,
+                    self.batch_size * self.max_length
+                ),
+            ));
+        }
+        if let Some(lora) = &self.lora {
+            at_most("lora_r", lora.r, MAX_LORA_RANK)?;
+        }
         if let Some(lora) = &self.lora {
             lora.validate()
                 .map_err(|e| RunnerError::config("lora", e.to_string()))?;
