@@ -459,6 +459,8 @@ const FUZZ_TARGETS: &[&str] = &[
     "safetensors_file",
     "chat_template",
     "run_config",
+    "tokenizer_json",
+    "parquet_reader",
 ];
 
 /// `cargo-<name>` at `version`, installed from crates.io into the cache on first use (its own

@@ -94,10 +94,12 @@ fn refused(o: &Outcome, codes: &[i32], culprit: &str) {
         o.code,
         o.stderr
     );
+    // (`data check` prints its problems on stdout.)
     assert!(
-        o.stderr.contains(culprit),
-        "the message does not name {culprit:?}:\n{}",
-        o.stderr
+        o.stderr.contains(culprit) || o.stdout.contains(culprit),
+        "the message does not name {culprit:?}:\n{}{}",
+        o.stderr,
+        o.stdout
     );
     clean(o);
 }
@@ -675,4 +677,211 @@ fn a_final_save_on_a_full_disk_leaves_the_previous_model_whole() {
     assert!(hidden.is_empty(), "{hidden:?}");
     // Without the limit the same command completes.
     ok(&bounded(dir.path(), &args));
+}
+
+/// A private copy of the qwen3 fixture whose chat template and tokenizer a case may change.
+fn qwen3_copy(dir: &Path, name: &str) -> PathBuf {
+    let m = dir.join(name);
+    copy_dir(&root().join("crates/train-model/tests/fixtures/qwen3"), &m);
+    m
+}
+
+fn one_row(user: &str, assistant: &str) -> String {
+    serde_json::json!({"messages": [
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": assistant}
+    ]})
+    .to_string()
+        + "\n"
+}
+
+#[test]
+fn hostile_data_files_are_refused_naming_file_line_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model();
+    let check = |path: &Path| bounded(dir.path(), &["data", "check", path.to_str().unwrap()]);
+    // A FIFO as the dataset: refused at once, for `data check` and for a run.
+    let pipe = dir.path().join("pipe.jsonl");
+    fifo(&pipe);
+    refused(&check(&pipe), &[1], "not a regular file");
+    let out = dir.path().join("out");
+    refused(
+        &run(dir.path(), &m, &pipe, &out, &["--max-steps", "1"]),
+        &[1],
+        "not a regular file",
+    );
+    // An empty file is an error for `data check`.
+    let empty = dir.path().join("empty.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    refused(&check(&empty), &[1], "empty");
+    // One line over 64 MiB: named by file and line, without being kept in memory.
+    let long = dir.path().join("long.jsonl");
+    std::fs::write(&long, vec![b'x'; (64 << 20) + 16]).unwrap();
+    refused(&check(&long), &[1], "long.jsonl:1");
+    // A 2 MiB word without whitespace would reach BPE: refused per field.
+    let word = dir.path().join("word.jsonl");
+    std::fs::write(&word, one_row("Hi", &"a".repeat(2 << 20))).unwrap();
+    let o = check(&word);
+    refused(&o, &[1], "messages[1].content");
+    assert!(o.stdout.contains("without whitespace"), "{}", o.stdout);
+    // 3,000 turn pairs in one row (quadratic label masking before): a bounded count.
+    let turns = dir.path().join("turns.jsonl");
+    let messages: Vec<serde_json::Value> = (0..6000)
+        .map(|i| {
+            serde_json::json!({"role": if i % 2 == 0 { "user" } else { "assistant" }, "content": "ok"})
+        })
+        .collect();
+    std::fs::write(
+        &turns,
+        serde_json::json!({"messages": messages}).to_string() + "\n",
+    )
+    .unwrap();
+    let o = run(dir.path(), &m, &turns, &out, &["--max-steps", "1"]);
+    refused(&o, &[1], "over the limit of 1024");
+    // A tampered data cache (a token id past the vocabulary) is rebuilt, and said so.
+    let d = data(dir.path(), 24);
+    let cached = dir.path().join("cached");
+    ok(&run(dir.path(), &m, &d, &cached, &["--max-steps", "1"]));
+    let entry = std::fs::read_dir(cached.join(".cache/data"))
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap()
+        .path();
+    let file = entry.join("train.parquet");
+    let mut rows = train_data::parquet::read_examples(&file).unwrap();
+    rows[0].input_ids[1] = 1_000_000;
+    train_data::parquet::write_examples(&file, &rows).unwrap();
+    let o = run(
+        dir.path(),
+        &m,
+        &d,
+        &cached,
+        &["--max-steps", "2", "--resume"],
+    );
+    ok(&o);
+    assert!(o.stderr.contains("has been rebuilt"), "{}", o.stderr);
+}
+
+#[test]
+fn hostile_tokenizer_json_options_are_refused_or_neutralised() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = data(dir.path(), 8);
+    let edit = |name: &str, f: &dyn Fn(&mut serde_json::Value)| {
+        let m = qwen3_copy(dir.path(), name);
+        let path = m.join("tokenizer.json");
+        let mut t: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        f(&mut t);
+        std::fs::write(&path, t.to_string()).unwrap();
+        m
+    };
+    let stats = |m: &Path| {
+        bounded(
+            dir.path(),
+            &[
+                "data",
+                "stats",
+                "--model",
+                m.to_str().unwrap(),
+                "--dataset",
+                d.to_str().unwrap(),
+            ],
+        )
+    };
+    // A normalizer chain that multiplies the text (12 × Replace('' → 'xx')).
+    let grow = edit("grow", &|t| {
+        let replace =
+            serde_json::json!({"type": "Replace", "pattern": {"Regex": ""}, "content": "xx"});
+        t["normalizer"] = serde_json::json!({"type": "Sequence", "normalizers": vec![replace; 12]});
+    });
+    refused(&stats(&grow), &[1], "can grow a text");
+    // Truncation with stride ≥ max_length (a panic in tokenizers) and padding to 2^40 tokens:
+    // cleared, since the toolkit truncates and pads itself.
+    let trunc = edit("trunc", &|t| {
+        t["truncation"] = serde_json::json!({"direction": "Right", "max_length": 4,
+            "strategy": "LongestFirst", "stride": 8});
+        t["padding"] = serde_json::json!({"strategy": {"Fixed": 1u64 << 40}, "direction": "Right",
+            "pad_to_multiple_of": null, "pad_id": 0, "pad_type_id": 0, "pad_token": "x"});
+    });
+    ok(&stats(&trunc));
+    // A vocabulary id of 4e9.
+    let huge = edit("huge", &|t| {
+        t["model"]["vocab"]["zzzz"] = 4_000_000_000u64.into();
+    });
+    refused(&stats(&huge), &[1], "tokenizer.json");
+}
+
+#[test]
+fn hostile_chat_templates_are_bounded_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = data(dir.path(), 24);
+    let attacks = [
+        (
+            "alias",
+            "{% set ns = namespace(x=[]) %}{% set a = ns %}{% for i in range(100000) %}{% set a.x = [a.x] %}{% endfor %}{{ ns.x }}",
+            "nested too deeply",
+        ),
+        (
+            "via-variable",
+            "{% set ns = namespace(x=[]) %}{% for i in range(100000) %}{% set y = ns.x %}{% set ns.x = [y] %}{% endfor %}{{ ns.x }}",
+            "nested too deeply",
+        ),
+        (
+            "whitespace",
+            "{% set ns = namespace(x=[]) %}{% for i in range(100000) %}{%- set ns.x = [ns.x] -%}{% endfor %}{{ ns.x }}",
+            "nested too deeply",
+        ),
+        (
+            "doubling",
+            "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+            "allocated more than",
+        ),
+        ("repeat", "{{ 'x' * 10**12 }}", "allocated more than"),
+        (
+            "raise",
+            "{{ raise_exception('x' * 10**12) }}",
+            "allocated more than",
+        ),
+        (
+            "join",
+            "{{ (['x' * 1000000] * 1000) | join('') }}",
+            "allocated more than",
+        ),
+        (
+            "format",
+            "{{ '%999999999s' | format('x') }}",
+            "allocated more than",
+        ),
+        (
+            "fuel",
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+            "ran out of fuel",
+        ),
+    ];
+    for (name, template, culprit) in attacks {
+        let m = qwen3_copy(dir.path(), name);
+        std::fs::write(m.join("chat_template.jinja"), template).unwrap();
+        let o = bounded(
+            dir.path(),
+            &[
+                "data",
+                "stats",
+                "--model",
+                m.to_str().unwrap(),
+                "--dataset",
+                d.to_str().unwrap(),
+            ],
+        );
+        refused(&o, &[1], culprit);
+        assert!(
+            o.stderr.contains("chat_template.jinja"),
+            "{name}: {}",
+            o.stderr
+        );
+        eprintln!(
+            "template attack {name}: exit {:?} in {:.1} s",
+            o.code, o.seconds
+        );
+    }
 }

@@ -41,6 +41,9 @@ const TEMPLATE_FAILURE: &str = "a failure of the template itself, not of this ro
 const MAX_JSON_DEPTH: usize = 128;
 const MAX_JSON_INDENT: usize = 64;
 const TEMPLATE_NAME: &str = "chat_template";
+/// Largest `tokenizer_config.json` or `chat_template.jinja` read (real ones are kilobytes; a few
+/// carry megabytes of added-token tables).
+const MAX_TEMPLATE_FILE_BYTES: u64 = 64 << 20;
 
 /// A compiled chat template and the special tokens it can refer to.
 pub struct ChatTemplate {
@@ -106,16 +109,24 @@ impl ChatTemplate {
     /// `eos_token`, `pad_token`, `unk_token`) come from `tokenizer_config.json`.
     pub fn from_model_dir(dir: &Path) -> Result<Self> {
         let config_path = dir.join("tokenizer_config.json");
-        let config: Json = match std::fs::read_to_string(&config_path) {
-            Ok(text) => serde_json::from_str(&text)
-                .map_err(|e| DataError::file(&config_path, format!("invalid JSON: {e}")))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Json::Null,
-            Err(e) => return Err(DataError::io(&config_path, e)),
+        // Regular files of bounded size only (a FIFO would block, a huge file exhaust memory).
+        let config: Json = if std::fs::symlink_metadata(&config_path).is_ok() {
+            let bytes = crate::load::read_bounded(
+                &config_path,
+                MAX_TEMPLATE_FILE_BYTES,
+                "tokenizer_config.json",
+            )?;
+            serde_json::from_slice(&bytes)
+                .map_err(|e| DataError::file(&config_path, format!("invalid JSON: {e}")))?
+        } else {
+            Json::Null
         };
         let jinja = dir.join("chat_template.jinja");
-        let (source, origin) = if jinja.is_file() {
+        let (source, origin) = if std::fs::symlink_metadata(&jinja).is_ok() {
+            let bytes =
+                crate::load::read_bounded(&jinja, MAX_TEMPLATE_FILE_BYTES, "a chat template")?;
             (
-                std::fs::read_to_string(&jinja).map_err(|e| DataError::io(&jinja, e))?,
+                String::from_utf8(bytes).map_err(|_| DataError::file(&jinja, "not UTF-8 text"))?,
                 jinja.display().to_string(),
             )
         } else {
