@@ -39,6 +39,8 @@ fn bounded(dir: &Path, args: &[&str]) -> Outcome {
 
 /// [`bounded`], with `shell` (e.g. more limits) run first in the same shell.
 fn bounded_with(dir: &Path, shell: &str, args: &[&str]) -> Outcome {
+    // One line per command, counted for docs/reliability.md (`--nocapture`).
+    eprintln!("hostile case: {shell} train {}", args.join(" "));
     let started = Instant::now();
     let mut child = Command::new("bash")
         .arg("-c")
