@@ -377,6 +377,29 @@ fn no_command_replaces_a_model_without_yes_or_writes_into_its_inputs() {
     assert_unchanged(&merged_now, &merged);
     assert_unchanged(&base_before, &m);
     assert_unchanged(&run_before, &out);
+    // Adapter settings that select nothing the weights carry are errors, not no-ops.
+    for (name, key, value, culprit) in [
+        ("layers", "layers_to_transform", serde_json::json!([99]), "layers_to_transform"),
+        (
+            "targets",
+            "target_modules",
+            serde_json::json!(["q_proj", "v_proj", "no_such_proj"]),
+            "no_such_proj",
+        ),
+    ] {
+        let bad = dir.path().join(format!("adapter-{name}"));
+        copy_dir(&out, &bad);
+        let path = bad.join("adapter_config.json");
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        config[key] = value;
+        std::fs::write(&path, config.to_string()).unwrap();
+        let o = bounded(
+            dir.path(),
+            &["eval", "--model", bad.to_str().unwrap(), "--dataset", d.to_str().unwrap()],
+        );
+        refused(&o, &[1], culprit);
+    }
 }
 
 #[test]
