@@ -379,7 +379,12 @@ fn no_command_replaces_a_model_without_yes_or_writes_into_its_inputs() {
     assert_unchanged(&run_before, &out);
     // Adapter settings that select nothing the weights carry are errors, not no-ops.
     for (name, key, value, culprit) in [
-        ("layers", "layers_to_transform", serde_json::json!([99]), "layers_to_transform"),
+        (
+            "layers",
+            "layers_to_transform",
+            serde_json::json!([99]),
+            "layers_to_transform",
+        ),
         (
             "targets",
             "target_modules",
@@ -396,7 +401,13 @@ fn no_command_replaces_a_model_without_yes_or_writes_into_its_inputs() {
         std::fs::write(&path, config.to_string()).unwrap();
         let o = bounded(
             dir.path(),
-            &["eval", "--model", bad.to_str().unwrap(), "--dataset", d.to_str().unwrap()],
+            &[
+                "eval",
+                "--model",
+                bad.to_str().unwrap(),
+                "--dataset",
+                d.to_str().unwrap(),
+            ],
         );
         refused(&o, &[1], culprit);
     }
