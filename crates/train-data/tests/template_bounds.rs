@@ -51,7 +51,11 @@ fn assert_fails(source: &str, expected: &str) {
         matches!(e, DataError::Template { ref template, .. } if template == ORIGIN),
         "{text}"
     );
-    assert!(text.contains(expected), "expected `{expected}` in: {text}");
+    let shown: String = source.chars().take(300).collect();
+    assert!(
+        text.contains(expected),
+        "expected `{expected}` in: {text}\n(template: {shown})"
+    );
     assert!(is_template_failure(&e), "not a template failure: {text}");
 }
 
@@ -150,11 +154,12 @@ fn r_accumulation_is_bounded() {
         "{% set ns = namespace(l=[]) %}{% for i in range(100000) %}{% set ns.l = ns.l + ['x' * 1000000] %}{% endfor %}{{ ns.l | length }}",
         MEMORY,
     );
-    // Stored lists are materialized and checked item by item, which costs fuel: the fuel
-    // runs out (at 2^22 items) before the memory (2^23).
+    // A list doubled at every step: concatenating walks both lists and storing checks the
+    // result item by item (fuel); the walk's charge per element spends the memory budget
+    // first (2^23 elements walked, at 32 bytes each).
     assert_fails(
         "{% set ns = namespace(l=[1]) %}{% for i in range(64) %}{% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l | length }}",
-        "ran out of fuel",
+        MEMORY,
     );
     // Captured output.
     assert_fails(
@@ -200,6 +205,47 @@ fn r_shared_structure_cannot_blow_up_when_displayed() {
     assert!(
         e.contains(ORIGIN) && e.contains("tojson: the JSON would exceed"),
         "{e}"
+    );
+}
+
+/// Walks that create nothing (comparison, ordering, hashing, `in`, loops) are charged per
+/// element visited: two values with shared parts are small to store but exponential to walk,
+/// and a large list walked once per loop step multiplies its length by the fuel.
+#[test]
+fn r_walks_over_shared_or_large_values_are_bounded() {
+    // Distinct lists at every level, so no comparison can stop at "the same object".
+    let dags = "{% set ns = namespace(a='x', b='x') %}{% for i in range(60) %}{% set ns.a = [ns.a, ns.a] %}{% set ns.b = [ns.b, ns.b] %}{% endfor %}";
+    for walk in [
+        "{{ ns.a == ns.b }}",
+        "{{ ns.a != ns.b }}",
+        "{{ ns.a < ns.b }}",
+        "{{ ns.a in [ns.b] }}",
+        "{{ [ns.a, ns.b] | sort | length }}",
+        "{{ [ns.a, ns.b] | unique | list | length }}",
+        "{{ {ns.a: 1} | length }}",
+    ] {
+        assert_fails(&format!("{dags}{walk}"), MEMORY);
+    }
+    // A walk by the template itself costs an instruction per element: the fuel ends it.
+    assert_fails(
+        &format!(
+            "{dags}{{% for x in ns.a recursive %}}{{{{ loop(x) if x is sequence and x is not string }}}}{{% endfor %}}"
+        ),
+        "ran out of fuel",
+    );
+    // 10^5 elements walked 10^5 times: each walk is one instruction, the fuel does not see it.
+    assert_fails(
+        "{% set l = range(100000) | list %}{% for i in range(100000) %}{% if 99999 in l %}{% endif %}{% endfor %}",
+        MEMORY,
+    );
+    assert_fails(
+        "{% set l = range(100000) | list %}{% set m = range(100000) | list %}{% for i in range(100000) %}{% if l == m %}{% endif %}{% endfor %}",
+        MEMORY,
+    );
+    // The fuzzer's find (a join of 2^60 one-character leaves).
+    assert_fails(
+        "{% set ns = namespace(x='x') %}{% for i in range(60) %}{% set ns.x = [ns.x, ns.x] %}{% endfor %}{{ ns.x | join(',') }}",
+        MEMORY,
     );
 }
 

@@ -68,13 +68,14 @@ impl RenderBudget {
         RenderBudget { installed }
     }
 
-    /// Replaces the error of a render that ran out of memory (the writer that noticed it can
-    /// only report a formatting error) by the memory error.
+    /// Replaces the result of a render that ran out of memory by the memory error: the writer
+    /// that noticed it can only report a formatting error, and an iteration, comparison or
+    /// hash that noticed it can only stop early (see [`visit`]), so the render may even have
+    /// "succeeded" on a truncated walk.
     pub(crate) fn finish<T>(&self, result: Result<T, Error>) -> Result<T, Error> {
         match result {
-            Err(err) if self.installed && exceeded() && err.kind() != ErrorKind::OutOfMemory => {
-                Err(out_of_memory())
-            }
+            Err(err) if err.kind() == ErrorKind::OutOfMemory => Err(err),
+            _ if self.installed && exceeded() => Err(out_of_memory()),
             other => other,
         }
     }
@@ -124,6 +125,38 @@ pub(crate) fn charge(bytes: usize) -> Result<(), Error> {
 /// Charges `count` values held in a container.
 pub(crate) fn charge_values(count: usize) -> Result<(), Error> {
     charge(count.saturating_mul(VALUE_COST))
+}
+
+/// Charges one element yielded by an iteration over a list, a map, an iterable object or a
+/// string's characters ([`VALUE_COST`] bytes, like an element created), and says whether the
+/// walk may go on.  Every walk over a value's parts iterates (loops, filters, `in`, `==`,
+/// ordering, hashing, display), so this bounds their time: a value whose parts are shared
+/// (`{% set ns.x = [ns.x, ns.x] %}` sixty times) is small to store but exponential to walk,
+/// and a large list compared in a loop would multiply its length by the fuel.  A walk told to
+/// stop ends early; the render then fails with the memory error ([`RenderBudget::finish`]).
+pub(crate) fn visit() -> bool {
+    charge(VALUE_COST).is_ok()
+}
+
+/// An iterator whose every element is charged by [`visit`]; it ends when the budget is spent.
+/// Its size hint is the inner one, so loops keep an exact `loop.length` (a render whose walk
+/// was cut short fails anyway).
+pub(crate) struct Charged<I>(pub(crate) I);
+
+impl<I: Iterator> Iterator for Charged<I> {
+    type Item = I::Item;
+
+    fn next(&mut self) -> Option<I::Item> {
+        if visit() {
+            self.0.next()
+        } else {
+            None
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.0.size_hint()
+    }
 }
 
 /// Charges the size of a value just created by an instruction (a string's bytes, a list's or

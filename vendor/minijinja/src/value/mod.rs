@@ -1937,6 +1937,8 @@ impl Iterator for ValueIter {
     fn next(&mut self) -> Option<Self::Item> {
         match self.imp {
             ValueIterImpl::Empty => None,
+            // train-rs patch: every character yielded is charged (`budget::visit`).
+            ValueIterImpl::Chars(_, _, _) if !crate::budget::visit() => None,
             ValueIterImpl::Chars(ref mut offset, ref mut len, ref s) => {
                 (s as &str)[*offset..].chars().next().map(|c| {
                     *offset += c.len_utf8();

@@ -329,7 +329,8 @@ macro_rules! impl_object_helpers {
         where
             Self: 'static,
         {
-            match self.enumerate() {
+            // train-rs patch: every element yielded is charged (`budget::visit`).
+            let iter: Option<Box<dyn Iterator<Item = Value> + Send + Sync>> = match self.enumerate() {
                 Enumerator::NonEnumerable => None,
                 Enumerator::Empty => Some(Box::new(None::<Value>.into_iter())),
                 Enumerator::Seq(l) => {
@@ -356,7 +357,11 @@ macro_rules! impl_object_helpers {
                 }
                 Enumerator::Str(s) => Some(Box::new(s.iter().copied().map(Value::from))),
                 Enumerator::Values(v) => Some(Box::new(v.into_iter())),
-            }
+            };
+            iter.map(|iter| {
+                Box::new(crate::budget::Charged(iter))
+                    as Box<dyn Iterator<Item = Value> + Send + Sync>
+            })
         }
 
         /// Iterate over key and value at once.
@@ -364,9 +369,14 @@ macro_rules! impl_object_helpers {
             self: $self_ty,
         ) -> Option<Box<dyn Iterator<Item = (Value, Value)> + Send + Sync>> {
             if let ObjectRepr::Map = self.repr() {
+                // train-rs patch: the pairs that do not come through `try_iter` are charged here.
                 match self.enumerate() {
-                    Enumerator::KeyValueIter(iter) => Some(iter),
-                    Enumerator::RevKeyValueIter(iter) => Some(Box::new(iter)),
+                    Enumerator::KeyValueIter(iter) => {
+                        Some(Box::new(crate::budget::Charged(iter)))
+                    }
+                    Enumerator::RevKeyValueIter(iter) => {
+                        Some(Box::new(crate::budget::Charged(iter)))
+                    }
                     _ => {
                         let iter = some!(self.try_iter());
                         let self_clone = self.clone();
