@@ -1,6 +1,5 @@
 //! Every standard processor against the output of its `transformers` counterpart on the same
 //! random logits (fixtures written by `cargo xtask fixtures`).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::PathBuf;
 

@@ -3,10 +3,7 @@
 //! asserts a clean refusal (exit 1 or 2, the culprit named, no panic, no backtrace) or the
 //! documented outcome, and that nothing already saved changed. The counts are printed for
 //! `docs/reliability.md` (`--nocapture`).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![cfg(feature = "cpu")]
-
-mod common;
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -14,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{base, data, model, root};
+use crate::common::{base, data, model, root};
 use train_runner::checkpoint::load_state;
 use train_runner::{list_checkpoints, verify_checkpoint};
 
@@ -490,7 +487,7 @@ fn control_and_status_know_when_no_run_is_alive() {
     // `status --watch` on a run whose process was killed says so and ends.
     let mut args = base(&m, &d, &out);
     args.extend(["--max-steps", "100000", "--save-steps", "100000", "--yes"]);
-    let (mut child, _lines) = common::spawn_until(dir.path(), &args, "step 1/");
+    let (mut child, _lines) = crate::common::spawn_until(dir.path(), &args, "step 1/");
     child.kill().unwrap();
     child.wait().unwrap();
     let o = bounded(dir.path(), &["status", out.to_str().unwrap(), "--watch"]);

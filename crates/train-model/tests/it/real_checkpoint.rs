@@ -5,15 +5,12 @@
 //! Needs the imported directory, so it only builds with `--features real-checkpoint` and reads
 //! its location from `TRAIN_SMOLLM2_DIR`; `cargo xtask ci` provides both.
 #![cfg(all(feature = "real-checkpoint", feature = "cpu"))]
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
 
 use std::path::PathBuf;
 
+use crate::common::fixtures;
 use burn::backend::Flex;
 use burn::tensor::{Int, Tensor, TensorData};
-use common::fixtures;
 use train_model::{
     AttentionImpl, KvCache, LoadOptions, ModelInput, Precision, causal_lm_nll, load_pretrained,
 };

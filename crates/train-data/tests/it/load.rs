@@ -1,6 +1,5 @@
 //! Loading every supported format, and a precise error (file, line, field) for every kind of
 //! bad row — never a panic, whatever the bytes.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
 

@@ -3,7 +3,6 @@
 //! fixture architecture, on every backend compiled in. The same for LoRA: `train --model
 //! <arch>-lora` (a PEFT adapter directory saved by `peft`) continues training the adapter, against
 //! `peft` running the same loop (`lora.reference.json`).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

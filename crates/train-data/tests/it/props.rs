@@ -1,6 +1,5 @@
 //! Property tests against naive reference implementations: label masks, truncation, packing,
 //! splitting.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeSet;
 use std::path::Path;

@@ -1,15 +1,12 @@
 //! Parity with `transformers` on the tiny fixture checkpoints (Qwen3, Qwen2, Llama): logits,
 //! hidden states, loss, gradients of every parameter, one AdamW step, packed rows, the KV
 //! cache and both attention paths — on every backend compiled in.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-
+use crate::common::{Reference, fixtures, max_abs_diff, rel_err};
 use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Int, Tensor, TensorData};
-use common::{Reference, fixtures, max_abs_diff, rel_err};
 use train_model::{
     AttentionImpl, CausalLm, KvCache, LoadOptions, ModelInput, NamedParam, Precision,
     causal_lm_loss, causal_lm_nll, load_pretrained,
@@ -382,7 +379,7 @@ backend_tests!(
     burn::backend::libtorch::LibTorchDevice::Cpu
 );
 
-// Runs on a machine with an NVIDIA GPU (`cargo test -p train-model --features cuda --test parity cuda`);
+// Runs on a machine with an NVIDIA GPU (`cargo test -p train-model --features cuda --test it parity::cuda`);
 // CI only compiles it.
 #[cfg(feature = "cuda")]
 backend_tests!(cuda, burn::backend::Cuda, Default::default());

@@ -1,6 +1,5 @@
 //! Properties of the processors: what top-p / top-k keep, what the origin's penalties change,
 //! per-row state, stop strings across token boundaries, and no panic whatever the input.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use proptest::prelude::*;
 use train_logits::{

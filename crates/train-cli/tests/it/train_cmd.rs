@@ -1,16 +1,13 @@
 //! `train` (fine-tuning) as scripts drive it: exit codes 0 / 1 / 3 / 130, the `--json` summary,
 //! resume, the lock, `--config`, and nothing already written lost on bad input.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![cfg(feature = "cpu")]
-
-mod common;
 
 use std::process::{Command, Output};
 
-use common::{base, data, model, spawn_until, train, train_ok, wait_for};
+use crate::common::{base, data, model, spawn_until, train, train_ok, wait_for};
 
 fn summary(out: &Output) -> serde_json::Value {
-    common::last_json(out)
+    crate::common::last_json(out)
 }
 
 #[test]
@@ -450,7 +447,7 @@ fn lora_trains_an_adapter_that_evaluates_and_merges() {
                 "--json",
             ],
         );
-        common::last_json(&o)["loss"].as_f64().unwrap()
+        crate::common::last_json(&o)["loss"].as_f64().unwrap()
     };
     let merged = dir.path().join("merged");
     let o = train_ok(
@@ -465,7 +462,7 @@ fn lora_trains_an_adapter_that_evaluates_and_merges() {
             "--json",
         ],
     );
-    assert_eq!(common::last_json(&o)["dtype"], "float32");
+    assert_eq!(crate::common::last_json(&o)["dtype"], "float32");
     assert!(merged.join("config.json").is_file() && merged.join("tokenizer.json").is_file());
     let (with_adapter, with_merged, base_loss) = (eval(&out), eval(&merged), eval(&m));
     println!("eval loss: adapter {with_adapter}, merged {with_merged}, base {base_loss}");
@@ -489,7 +486,7 @@ fn lora_trains_an_adapter_that_evaluates_and_merges() {
     assert!(!o.stdout.is_empty());
 
     // Merging something that is not an adapter, and a target that selects nothing.
-    let o = common::train(
+    let o = crate::common::train(
         dir.path(),
         &[
             "merge",
@@ -510,7 +507,7 @@ fn lora_trains_an_adapter_that_evaluates_and_merges() {
         "--lora-target",
         "qproj",
     ]);
-    let o = common::train(dir.path(), &args);
+    let o = crate::common::train(dir.path(), &args);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert_ne!(o.status.code(), Some(0));
     assert!(stderr.contains("`qproj` selects no module"), "{stderr}");
@@ -522,7 +519,7 @@ fn lora_trains_an_adapter_that_evaluates_and_merges() {
 #[test]
 fn qwen3_vl_trains_its_text_decoder_and_keeps_the_vision_tower() {
     let dir = tempfile::tempdir().unwrap();
-    let m = common::root().join("crates/train-model/tests/fixtures/qwen3_vl");
+    let m = crate::common::root().join("crates/train-model/tests/fixtures/qwen3_vl");
     let (d, out) = (data(dir.path(), 16), dir.path().join("out"));
     let mut args = base(&m, &d, &out);
     args.extend(["--max-steps", "2", "--skip-validation"]);

@@ -1,5 +1,4 @@
 //! The whole preparation: transforms, truncation, split, stats, caching, determinism.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
 

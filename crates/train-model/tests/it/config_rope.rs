@@ -1,11 +1,8 @@
 //! `config.json` parsing of the fixtures and RoPE frequencies against `transformers`.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
 
 use std::path::Path;
 
-use common::fixtures;
+use crate::common::fixtures;
 use train_model::rope::RopeScaling;
 use train_model::{Architecture, ModelConfig, StorageDtype};
 

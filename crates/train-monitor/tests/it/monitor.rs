@@ -1,6 +1,5 @@
 //! Each component on plain values: the status file (atomic under a concurrent reader, rate
 //! limited, schema), statistics, alerts, charts and the report, the bundle from start to stop.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -2,7 +2,6 @@
 //! the engine, so each attack ends in a `DataError::Template` that names the template, within
 //! seconds, instead of a stack-overflow abort or exhausted memory; a failure of the template
 //! itself stops a preparation at once.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -1,6 +1,5 @@
 //! Greedy generation against `transformers` `generate` on the tiny fixture models, batching,
 //! per-row stops and the processors inside the loop.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
 
@@ -301,7 +300,7 @@ backend_tests!(
     burn::backend::libtorch::LibTorchDevice::Cpu
 );
 
-// Runs on a machine with an NVIDIA GPU (`cargo test -p train-logits --features cuda --test generate cuda`);
+// Runs on a machine with an NVIDIA GPU (`cargo test -p train-logits --features cuda --test it generate::cuda`);
 // CI only compiles it.
 #[cfg(feature = "cuda")]
 backend_tests!(cuda, burn::backend::Cuda, Default::default());

@@ -1,6 +1,5 @@
 //! Chat templates and tokenization against `transformers` (`templates.reference.json`, made by
 //! `cargo xtask fixtures`): rendered text byte for byte, token ids, and assistant-only labels.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
 

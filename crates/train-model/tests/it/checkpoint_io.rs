@@ -1,15 +1,12 @@
 //! Loading and saving Hugging Face directories: bit-identical round trips, sharding, tied
 //! weights, companion files, and a clear error (never a panic) for every kind of bad checkpoint.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![cfg(feature = "cpu")]
-
-mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use crate::common::{fixtures, raw_tensors};
 use burn::backend::Flex;
-use common::{fixtures, raw_tensors};
 use proptest::prelude::*;
 use safetensors::Dtype;
 use train_model::weights::SafetensorsFile;

@@ -1,5 +1,4 @@
 //! The `train` binary as scripts use it: exit codes, `--json` on the last line, `--config`.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -1,9 +1,6 @@
 //! The model registry: scanning, lookup by name or path, adapters, concurrent writers.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-
-use common::fixtures;
+use crate::common::fixtures;
 use train_model::registry::{EntryKind, ModelRegistry};
 
 #[test]

@@ -1,16 +1,13 @@
 //! LoRA adapters: a fresh adapter changes nothing, save → load is exact, merging gives the
 //! adapter's logits, the adapter `peft` saved loads and changes the logits, only adapter weights
 //! get gradients, and every bad adapter directory is a clear error naming the file and field.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![cfg(feature = "cpu")]
-
-mod common;
 
 use std::path::Path;
 
+use crate::common::fixtures;
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::Tensor;
-use common::fixtures;
 use train_model::{
     CausalLm, LoadOptions, LoraConfig, ModelError, ModelInput, NamedParam, Precision, load_adapter,
     load_pretrained, save_adapter,

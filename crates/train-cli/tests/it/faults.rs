@@ -3,16 +3,13 @@
 //! changed before a resume. Nothing already saved may be lost, nothing partial may appear
 //! under a final name, the status file must always parse, and every failure must say what
 //! happened. Counts are printed for `docs/reliability.md` (`--nocapture`).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![cfg(feature = "cpu")]
-
-mod common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{base, data, model, train};
+use crate::common::{base, data, model, train};
 use train_runner::{latest_intact_checkpoint, list_checkpoints, verify_checkpoint};
 
 fn stderr(o: &std::process::Output) -> String {
@@ -127,7 +124,7 @@ fn sigkill_at_random_moments_never_damages_a_checkpoint_and_resume_always_works(
     args.push(if reached == 0 { "--yes" } else { "--resume" });
     let o = train(dir.path(), &args);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(common::last_json(&o)["global_step"], reached + 3);
+    assert_eq!(crate::common::last_json(&o)["global_step"], reached + 3);
     let checkpoints = assert_consistent(&out);
     eprintln!(
         "sigkill: {iterations} runs, {kills} killed ({during_save} of them while a checkpoint was \
@@ -189,7 +186,7 @@ fn damaged_checkpoints_are_named_and_resume_falls_back_to_the_newest_intact_one(
         e.contains("checkpoint-4, the newest intact checkpoint"),
         "{e}"
     );
-    assert_eq!(common::last_json(&o)["global_step"], 6);
+    assert_eq!(crate::common::last_json(&o)["global_step"], 6);
     verify_checkpoint(&ck(6)).unwrap(); // saved again by the resumed run
 
     // A truncated optimizer state, a missing one, a damaged trainer state.

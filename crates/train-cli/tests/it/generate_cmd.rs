@@ -1,11 +1,8 @@
 //! `train generate` per the contract: greedy ids equal to `transformers` `generate`, processors
 //! from TOML, clear errors.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![cfg(feature = "cpu")]
 
-mod common;
-
-use common::{last_json, root, train, train_ok};
+use crate::common::{last_json, root, train, train_ok};
 
 #[test]
 fn greedy_answer_matches_transformers() {

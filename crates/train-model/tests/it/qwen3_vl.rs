@@ -1,14 +1,11 @@
 //! Qwen3-VL: the text decoder of a tiny random `Qwen3VLForConditionalGeneration` (written by
 //! `cargo xtask fixtures`) against `transformers` on text-only rows (logits, loss, gradients),
 //! and a save that carries the vision tower over byte for byte.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![cfg(feature = "cpu")]
 
-mod common;
-
+use crate::common::{fixtures, raw_tensors, rel_err};
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::{DType, Int, Tensor, TensorData};
-use common::{fixtures, raw_tensors, rel_err};
 use safetensors::SafeTensors;
 use train_model::{
     LoadOptions, ModelInput, NamedParam, Precision, SaveOptions, causal_lm_loss, load_pretrained,

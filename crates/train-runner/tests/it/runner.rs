@@ -1,6 +1,5 @@
 //! The loop's guarantees: loss invariance under packing / padding / accumulation, exact resume,
 //! observer stop on every ending, NaN handling, the output lock.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![cfg(feature = "cpu")]
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,9 @@
+//! The integration tests of `train-data`, in one test binary (one link instead of one per
+//! file): each module was a test target of its own, and its doc comment says what it checks.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod load;
+mod pipeline;
+mod props;
+mod template_bounds;
+mod templates;

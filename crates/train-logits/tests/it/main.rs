@@ -1,0 +1,7 @@
+//! The integration tests of `train-logits`, in one test binary (one link instead of one per
+//! file): each module was a test target of its own, and its doc comment says what it checks.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod generate;
+mod processors;
+mod props;

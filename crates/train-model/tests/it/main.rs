@@ -1,0 +1,12 @@
+//! The integration tests of `train-model`, in one test binary (one link instead of one per
+//! file): each module was a test target of its own, and its doc comment says what it checks.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod checkpoint_io;
+mod common;
+mod config_rope;
+mod lora;
+mod parity;
+mod qwen3_vl;
+mod real_checkpoint;
+mod registry;
