@@ -9,13 +9,11 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
-use super::{
-    assets, cache, cargo, last_json_line, release_bin, root, run, smollm2, torch_env, venv,
+use crate::downloads::{BENCH_PACKAGES, assets, pip_install, qwen3_tokenizer_dir, venv};
+use crate::{
+    RELEASE_FEATURES, TCH_FEATURES, build_release_binaries, cache, cargo, last_json_line,
+    release_bin, root, run, smollm2, torch_env,
 };
-
-/// The features of the `train` binary (and examples) that has both the cpu and tch backends;
-/// the same selection as CI's tch step, so the two share their build.
-const TCH_FEATURES: &str = "train-model/tch,train-cli/tch,train-logits/tch,train-examples/tch";
 
 /// The outcome of a child process measured by `wait4`.
 struct Measured {
@@ -160,12 +158,21 @@ pub fn bench_train(args: &[String]) -> Result<()> {
         run("long conversations (chatterbot-corpus)", c)?;
     }
     let env = torch_env()?;
-    let mut build = cargo();
-    build.args(["build", "--workspace", "--release", "--bins"]);
     // The tch backend only when it runs (a build with it resolves other features).
-    if b.only.iter().any(|o| o == "tch") {
-        build.args(["--features", TCH_FEATURES]);
-    }
+    let features = if b.only.iter().any(|o| o == "tch") {
+        TCH_FEATURES
+    } else {
+        RELEASE_FEATURES
+    };
+    let mut build = cargo();
+    build.args([
+        "build",
+        "--workspace",
+        "--release",
+        "--bins",
+        "--features",
+        features,
+    ]);
     build.envs(env.iter().map(|(k, v)| (k, v)));
     run("build train", build)?;
 
@@ -582,10 +589,8 @@ pub fn bench_gpu(args: &[String]) -> Result<()> {
             "--release",
             "--example",
             "bench_step",
-        ]);
-        if let Some(f) = features {
-            c.args(["--features", f]);
-        }
+        ])
+        .args(["--features", features.unwrap_or(RELEASE_FEATURES)]);
         c.envs(env.iter().map(|(k, v)| (k, v)));
         run("build the bench_step example", c)?;
         Ok(release_bin("examples/bench_step"))
@@ -746,4 +751,176 @@ fn peak_bf16_tflops(name: &str) -> Option<f64> {
     .iter()
     .find(|(k, _)| n.contains(k))
     .map(|&(_, p)| p)
+}
+
+/// `cargo xtask bench-data`: the same 20k real conversations prepared by `train data prepare`
+/// and by Python (`datasets.map` + `apply_chat_template` + tokenizer, assistant-only labels),
+/// one after the other; prints rows/s of both and the ratio, and checks the outputs agree.
+pub fn bench_data() -> Result<()> {
+    let venv = venv(true)?;
+    let python = venv.join("bin/python");
+    let has_datasets = Command::new(&python)
+        .args(["-c", "import datasets, pyarrow"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_datasets {
+        pip_install(&venv, "install datasets", BENCH_PACKAGES)?;
+    }
+    let model = qwen3_tokenizer_dir()?;
+    let dir = cache().join("bench-data");
+    std::fs::create_dir_all(&dir)?;
+    let data = dir.join("chatterbot-20k.jsonl");
+    let script = root().join("xtask/bench/bench_data.py");
+    let mut c = Command::new(&python);
+    c.arg(&script)
+        .args(["gen", "--rows", "20000", "--assets"])
+        .arg(assets()?)
+        .arg("--out")
+        .arg(&data);
+    run("generate 20k conversations", c)?;
+    build_release_binaries()?;
+    let train = release_bin("train");
+    let rust_out = dir.join("rust");
+    let mut rust_secs = f64::INFINITY;
+    for _ in 0..2 {
+        let _ = std::fs::remove_dir_all(&rust_out);
+        let t = Instant::now();
+        let mut c = Command::new(&train);
+        c.args([
+            "data",
+            "prepare",
+            "--validation-split",
+            "0",
+            "--max-length",
+            "100000",
+            "--model",
+        ])
+        .arg(&model)
+        .arg("--dataset")
+        .arg(&data)
+        .arg("--output")
+        .arg(&rust_out);
+        run("train data prepare (Rust)", c)?;
+        rust_secs = rust_secs.min(t.elapsed().as_secs_f64());
+    }
+    let py_out = dir.join("python.parquet");
+    let mut py_cmd = Command::new(&python);
+    py_cmd
+        .arg(&script)
+        .args(["run", "--num-proc", "2", "--model"])
+        .arg(&model)
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&py_out);
+    let py = last_json_line(&mut py_cmd, "the Python benchmark")?;
+    let mut c = Command::new(&python);
+    c.arg(&script)
+        .args(["compare", "--python"])
+        .arg(&py_out)
+        .arg("--rust")
+        .arg(&rust_out);
+    run("compare token ids and labels of every row", c)?;
+    let rows = py["rows"].as_f64().unwrap_or(0.0);
+    let py_secs = py["seconds"].as_f64().unwrap_or(f64::NAN);
+    let rust_rate = rows / rust_secs;
+    let py_rate = rows / py_secs;
+    println!(
+        "\nbench-data: {rows} conversations (chatterbot-corpus, expanded), Qwen3 tokenizer and chat template, assistant-only labels"
+    );
+    println!(
+        "  train-data (train data prepare, whole process, 2 cores)  {rust_secs:>8.2} s  {rust_rate:>10.0} rows/s"
+    );
+    println!(
+        "  Python datasets.map (num_proc=2, load + map)             {py_secs:>8.2} s  {py_rate:>10.0} rows/s"
+    );
+    println!(
+        "  ratio                                                    {:>8.2} x",
+        rust_rate / py_rate
+    );
+    Ok(())
+}
+
+/// `cargo xtask bench-generate`: greedy answers to the same prompts from the real SmolLM2-135M
+/// checkpoint by `train generate` (cpu backend) and by `transformers` `generate` (PyTorch, 2
+/// threads), one after the other; checks the tokens are identical and prints tokens/s of both
+/// (prefill included, model loading excluded) and the ratio.
+pub fn bench_generate() -> Result<()> {
+    const PROMPTS: [&str; 3] = [
+        "What is the capital of France? Answer at length.",
+        "Write a short story about a robot who learns to paint.",
+        "Explain how a bicycle works.",
+    ];
+    let max_new = "64";
+    let model = smollm2()?;
+    let python = venv(true)?.join("bin/python");
+    build_release_binaries()?;
+    let train = release_bin("train");
+    let mut rust_tokens = 0usize;
+    let mut rust_secs = 0.0f64;
+    let mut rust_ids = Vec::new();
+    for (i, p) in PROMPTS.iter().enumerate() {
+        // The first prompt twice: the first run warms the page cache.
+        for _ in 0..if i == 0 { 2 } else { 1 } {
+            let mut c = Command::new(&train);
+            c.args([
+                "generate",
+                "--json",
+                "--max-new-tokens",
+                max_new,
+                "--prompt",
+                p,
+                "--model",
+            ])
+            .arg(&model);
+            let v = last_json_line(&mut c, "train generate")?;
+            let n = v["tokens"].as_u64().unwrap_or(0) as usize;
+            let rate = v["tokens_per_sec"].as_f64().unwrap_or(f64::NAN);
+            if rust_ids.len() == i {
+                rust_ids.push(v["token_ids"].clone());
+            } else {
+                rust_ids[i] = v["token_ids"].clone();
+                continue;
+            }
+            rust_tokens += n;
+            rust_secs += n as f64 / rate;
+        }
+    }
+    let mut c = Command::new(&python);
+    c.arg(root().join("xtask/bench/bench_generate.py"))
+        .args(["--max-new-tokens", max_new, "--model"])
+        .arg(&model)
+        .args(PROMPTS);
+    let py = last_json_line(&mut c, "the Python benchmark")?;
+    let rows = py["rows"].as_array().cloned().unwrap_or_default();
+    let mut py_tokens = 0usize;
+    let mut py_secs = 0.0f64;
+    for (i, row) in rows.iter().enumerate() {
+        if row["token_ids"] != rust_ids[i] {
+            bail!(
+                "prompt {i}: train generate and transformers generate differ:\n  {}\n  {}",
+                rust_ids[i],
+                row["token_ids"]
+            );
+        }
+        py_tokens += row["token_ids"].as_array().map_or(0, Vec::len);
+        py_secs += row["seconds"].as_f64().unwrap_or(f64::NAN);
+    }
+    let (r, p) = (rust_tokens as f64 / rust_secs, py_tokens as f64 / py_secs);
+    println!(
+        "\nbench-generate: SmolLM2-135M-Instruct, {} prompts, greedy, up to {max_new} new tokens, f32, 2 cores; tokens identical",
+        PROMPTS.len()
+    );
+    println!(
+        "  train generate (burn cpu backend, KV cache)   {rust_tokens:>5} tokens  {rust_secs:>7.2} s  {r:>7.1} tokens/s"
+    );
+    println!(
+        "  transformers generate (torch {}, 2 threads)  {py_tokens:>5} tokens  {py_secs:>7.2} s  {p:>7.1} tokens/s",
+        py["torch"].as_str().unwrap_or("?")
+    );
+    println!(
+        "  ratio                                          {:>7.2} x",
+        r / p
+    );
+    Ok(())
 }

@@ -1,0 +1,493 @@
+//! `cargo xtask ci`: every check, cheapest first, in the order that lets them share builds.
+//!
+//! A cold run is dominated by compiling, so the steps are arranged around the builds they
+//! share: one dev-profile check build (clippy, with the cuda backend, then rustdoc), one
+//! release build with [`RELEASE_FEATURES`] (binaries, examples, every test including the ones
+//! against the real SmolLM2 checkpoint and tokenizers, doc tests, benches, the report), one
+//! release build with the tch backend on top (its parity tests), and the instrumented fuzz
+//! build. The downloads (the Python venv with PyPI torch, the asset packages) run on a thread
+//! of their own from the start, while the first builds compile.
+
+use std::path::Path;
+use std::process::Command;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+
+use crate::downloads::{assets, qwen3_tokenizer_dir, venv};
+use crate::{
+    LOG, TCH_FEATURES, build_release_binaries, cache, cargo, cargo_tool, library_crates,
+    publishable_crates, release, release_bin, root, run, smollm2, target_dir, torch_env, which,
+};
+
+/// Features of every dev-profile step (clippy, rustdoc): the cuda backend builds without a
+/// GPU, so clippy checks its code with everything else instead of a separate `cargo check`.
+const CHECK_FEATURES: &[&str] = &[
+    "train-model/cuda",
+    "train-logits/cuda",
+    "train-runner/cuda",
+    "train-cli/cuda",
+    "train-examples/cuda",
+    "train-model/real-checkpoint",
+    "train-data/real-tokenizers",
+];
+
+/// `cargo <verb>` for a dev-profile step. `RUSTC_BOOTSTRAP=1` (which rustdoc's JSON output
+/// needs) is set for all of them: build scripts that probe for nightly features watch it, so a
+/// step without it would rebuild their crates and every crate above them.
+fn check_cargo(verb: &str) -> Command {
+    let mut c = cargo();
+    c.arg(verb).env("RUSTC_BOOTSTRAP", "1");
+    c
+}
+
+/// Time taken by each step, printed at the end whether the run passed or not.
+#[derive(Default)]
+struct Timings(Vec<(String, f64)>);
+
+impl Timings {
+    fn step(&mut self, name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
+        let t = Instant::now();
+        let result = f();
+        self.0.push((name.to_string(), t.elapsed().as_secs_f64()));
+        result.with_context(|| format!("ci step `{name}` failed"))
+    }
+
+    fn print(&self, started: Instant, passed: bool) {
+        eprintln!(
+            "\nxtask ci: {} in {:.1} min",
+            if passed {
+                "all checks passed"
+            } else {
+                "FAILED"
+            },
+            started.elapsed().as_secs_f64() / 60.0
+        );
+        for (name, secs) in &self.0 {
+            eprintln!("  {name:<32} {secs:>7.1} s");
+        }
+    }
+}
+
+/// The downloads, started on a thread of their own; [`Downloads::wait`] joins it once.
+struct Downloads(Option<JoinHandle<Result<()>>>);
+
+impl Downloads {
+    fn start() -> Downloads {
+        Downloads(Some(std::thread::spawn(|| -> Result<()> {
+            let log = cache().join("logs/downloads.log");
+            std::fs::create_dir_all(log.parent().context("log directory")?)?;
+            let file = std::fs::File::create(&log)
+                .with_context(|| format!("creating {}", log.display()))?;
+            LOG.with(|l| *l.borrow_mut() = Some(file));
+            let result = venv(true).and_then(|_| assets()).map(drop);
+            result.with_context(|| format!("the downloads failed; their log: {}", log.display()))
+        })))
+    }
+
+    fn wait(&mut self) -> Result<()> {
+        match self.0.take() {
+            Some(handle) => match handle.join() {
+                Ok(result) => result,
+                Err(_) => bail!("the download thread panicked"),
+            },
+            None => Ok(()),
+        }
+    }
+}
+
+pub(crate) fn ci() -> Result<()> {
+    let started = Instant::now();
+    let mut timings = Timings::default();
+    let result = steps(&mut timings);
+    timings.print(started, result.is_ok());
+    result
+}
+
+fn steps(t: &mut Timings) -> Result<()> {
+    t.step("fmt", || {
+        let mut c = cargo();
+        c.args(["fmt", "--all", "--check"]);
+        run("fmt", c)
+    })?;
+    t.step("tidy", crate::tidy::tidy)?;
+    let mut downloads = Downloads::start();
+    t.step("clippy (cuda backend included)", || {
+        let mut c = check_cargo("clippy");
+        c.args(["--workspace", "--all-targets", "--features"])
+            .arg(CHECK_FEATURES.join(","))
+            .args(["--", "-D", "warnings"]);
+        run("clippy, warnings denied", c)
+    })?;
+    t.step("docs and public API", || api(false))?;
+    t.step("release build", build_release_binaries)?;
+    t.step("downloads (wait)", || downloads.wait())?;
+    t.step("test (cpu)", || {
+        let smol = smollm2()?;
+        let mut c = release("test", &["--lib", "--bins", "--tests", "--examples"]);
+        c.env("TRAIN_SMOLLM2_DIR", &smol)
+            .env("TRAIN_QWEN3_TOKENIZER_DIR", qwen3_tokenizer_dir()?);
+        run(
+            "tests, cpu backend (with the real SmolLM2 checkpoint and the genuine Qwen3 and \
+             SmolLM2 tokenizers vs transformers)",
+            c,
+        )
+    })?;
+    t.step("doc tests", || {
+        run("doc tests", release("test", &["--doc"]))
+    })?;
+    t.step("examples", run_examples)?;
+    t.step("peft / transformers round trips", python_round_trips)?;
+    t.step("bench build", || {
+        run("benches compile", release("bench", &["--no-run"]))
+    })?;
+    t.step("bench-gpu dry run", || {
+        crate::bench::bench_gpu(&["--dry-run".to_string()])
+    })?;
+    t.step("report (chromium)", report_png)?;
+    t.step("test (tch)", || {
+        let mut c = cargo();
+        // The model, loop and generation parity modules of the crates' test binaries (the
+        // filters also match `loop_parity::`).
+        c.args([
+            "test",
+            "--workspace",
+            "--release",
+            "--features",
+            TCH_FEATURES,
+        ])
+        .args(["--test", "it", "--", "parity::", "generate::"])
+        .envs(torch_env()?);
+        run(
+            "model, training-loop and generation parity, tch backend (libtorch 2.9.0)",
+            c,
+        )
+    })?;
+    t.step("fuzz (20 s a target)", || fuzz(20))?;
+    t.step("package", || {
+        // One invocation, so that crates depending on each other resolve through cargo's local
+        // overlay of the workspace instead of crates.io.
+        let crates = publishable_crates()?;
+        let mut c = cargo();
+        c.args(["package", "--no-verify", "--allow-dirty"]);
+        for k in &crates {
+            c.args(["-p", k]);
+        }
+        run(&format!("package {}", crates.join(", ")), c)
+    })
+}
+
+/// A LoRA adapter trained and merged by `train` (built by the examples step) is loaded by
+/// Python `peft` onto its base model: its logits must equal those of the merged model. A
+/// Qwen3-VL checkpoint trained by `train` loads in `transformers` with its vision tower intact.
+pub(crate) fn python_round_trips() -> Result<()> {
+    let venv = venv(true)?;
+    let assets = assets()?;
+    let fixtures = root().join("crates/train-model/tests/fixtures");
+    let work = cache().join("peft-round-trip");
+    if work.exists() {
+        std::fs::remove_dir_all(&work)?;
+    }
+    // `train` on the shipped conversations: 8 rows a step, a high learning rate so that a few
+    // steps change the weights visibly.
+    let train = |model: &Path, output: &Path, steps: &str| {
+        let mut c = Command::new(release_bin("train"));
+        c.arg("--model")
+            .arg(model)
+            .arg("--dataset")
+            .arg(root().join("crates/train-data/tests/fixtures/sample.jsonl"))
+            .arg("--output")
+            .arg(output)
+            .args(["--max-steps", steps, "--batch-size", "8"])
+            .args(["--learning-rate", "1e-2", "--skip-validation"]);
+        c
+    };
+    // The fixture script with one of its `--check-…` modes.
+    let check = |mode: &str, a: &Path, b: &Path| {
+        let mut c = Command::new(venv.join("bin/python"));
+        c.arg(root().join("xtask/fixtures/make_fixtures.py"))
+            .arg("--assets")
+            .arg(&assets)
+            .arg("--out")
+            .arg(&fixtures)
+            .arg(mode)
+            .arg(a)
+            .arg(b);
+        c
+    };
+
+    let (adapter, merged) = (work.join("adapter"), work.join("merged"));
+    let mut c = train(&fixtures.join("qwen3"), &adapter, "4");
+    c.args([
+        "--lora-r",
+        "8",
+        "--lora-alpha",
+        "16",
+        "--lora-target",
+        "all-linear",
+    ]);
+    run("train a LoRA adapter with train", c)?;
+    let mut c = Command::new(release_bin("train"));
+    c.arg("merge")
+        .arg(&adapter)
+        .arg("--output")
+        .arg(&merged)
+        .args(["--dtype", "fp32"]);
+    run("merge it with train merge", c)?;
+    run(
+        "load the adapter with peft; compare with the merged model",
+        check("--check-adapter", &adapter, &merged),
+    )?;
+
+    // Qwen3-VL: train the text decoder, then transformers loads the whole checkpoint back.
+    let trained = work.join("qwen3_vl");
+    run(
+        "train the text decoder of the tiny Qwen3-VL with train",
+        train(&fixtures.join("qwen3_vl"), &trained, "3"),
+    )?;
+    run(
+        "load it with transformers; vision tower unchanged",
+        check("--check-vl", &fixtures.join("qwen3_vl"), &trained),
+    )
+}
+
+/// Runs every example binary on the shipped tiny model and data; the ones that train write
+/// into a fresh directory under the target directory.
+fn run_examples() -> Result<()> {
+    let scratch = release_bin("example-runs");
+    if scratch.exists() {
+        std::fs::remove_dir_all(&scratch)?;
+    }
+    for name in [
+        "fixture_loss",
+        "prepare_data",
+        "finetune",
+        "generate",
+        "custom_processor",
+        "custom_transform",
+        "custom_observer",
+        "lora",
+    ] {
+        let mut c = Command::new(release_bin(&format!("examples/{name}")));
+        if matches!(name, "finetune" | "custom_observer" | "lora") {
+            c.arg(scratch.join(name));
+        }
+        run(&format!("example: {name}"), c)?;
+    }
+    Ok(())
+}
+
+/// rustdoc of the library crates in one invocation (one feature resolution), as JSON (what
+/// cargo-public-api reads) with warnings denied: its lints (broken intra-doc links, missing
+/// docs) are the same in either output format, so one pass checks the documentation and feeds
+/// the API snapshots. Dev profile, like clippy, with clippy's features and environment, so that
+/// it reuses clippy's check build of the dependencies.
+fn rustdoc_json() -> Result<()> {
+    let libraries = library_crates()?;
+    let features: Vec<&str> = CHECK_FEATURES
+        .iter()
+        .copied()
+        .filter(|f| libraries.iter().any(|k| f.starts_with(&format!("{k}/"))))
+        .collect();
+    let mut c = check_cargo("doc");
+    c.args(["--no-deps", "--features", &features.join(",")]);
+    for k in &libraries {
+        c.args(["-p", k]);
+    }
+    // The JSON output is unstable rustdoc; the pinned stable toolchain produces it under
+    // RUSTC_BOOTSTRAP=1 (format 57 with Rust 1.95, what cargo-public-api 0.52.0 reads).
+    c.env(
+        "RUSTDOCFLAGS",
+        "-D warnings -Z unstable-options --output-format json",
+    );
+    run("rustdoc of the library crates (JSON), warnings denied", c)
+}
+
+/// The library crates' documentation builds without a warning (broken links, missing docs).
+pub(crate) fn docs() -> Result<()> {
+    rustdoc_json()
+}
+
+const CARGO_FUZZ_VERSION: &str = "0.13.1";
+
+const FUZZ_TARGETS: &[&str] = &[
+    "data_loader",
+    "hf_config",
+    "safetensors_file",
+    "chat_template",
+    "run_config",
+    "tokenizer_json",
+    "parquet_reader",
+];
+
+/// Runs every fuzz target for `seconds`, starting from the committed seeds in
+/// `fuzz/seeds/<target>` plus the corpus grown by earlier runs (kept in the cache). A crash
+/// fails the command and leaves its input in `fuzz/artifacts/<target>/`; commit it as a seed
+/// and fix the bug (the seed then replays in every later run).
+pub(crate) fn fuzz(seconds: u64) -> Result<()> {
+    let tool = cargo_tool("fuzz", CARGO_FUZZ_VERSION)?;
+    let fuzz_dir = root().join("fuzz");
+    for target in FUZZ_TARGETS {
+        let corpus = cache().join("fuzz-corpus").join(target);
+        std::fs::create_dir_all(&corpus)?;
+        let seeds = fuzz_dir.join("seeds").join(target);
+        let artifacts = fuzz_dir.join("artifacts").join(target);
+        std::fs::create_dir_all(&artifacts)?;
+        let mut c = Command::new(&tool);
+        c.current_dir(&fuzz_dir)
+            .args(["fuzz", "run", "--sanitizer", "none", "--release", target])
+            .arg(&corpus)
+            .arg(&seeds)
+            .arg("--")
+            .arg(format!("-max_total_time={seconds}"))
+            .arg(format!("-artifact_prefix={}/", artifacts.display()))
+            .args(["-rss_limit_mb=4096", "-timeout=20", "-print_final_stats=1"])
+            // Stable toolchain (rust-toolchain.toml); cargo-fuzz's instrumentation flags are
+            // stable but it asks for unstable ones on the side.
+            .env("RUSTC_BOOTSTRAP", "1")
+            .env("CARGO_TARGET_DIR", cache().join("fuzz-target"));
+        // libFuzzer reports every new input; keep that in a log and show the summary.
+        let log = cache().join("fuzz-logs").join(format!("{target}.log"));
+        std::fs::create_dir_all(log.parent().context("log directory")?)?;
+        let file = std::fs::File::create(&log)?;
+        c.stdout(file.try_clone()?).stderr(file);
+        let result = run(&format!("fuzz {target} for {seconds} s"), c);
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let shown: Vec<&str> = if result.is_ok() {
+            lines
+                .iter()
+                .filter(|l| l.starts_with("stat::") || l.starts_with("Done "))
+                .copied()
+                .collect()
+        } else {
+            lines[lines.len().saturating_sub(80)..].to_vec()
+        };
+        eprintln!("{}\n(full log: {})", shown.join("\n"), log.display());
+        result?;
+    }
+    Ok(())
+}
+
+const PUBLIC_API_VERSION: &str = "0.52.0";
+
+/// The public API of every library crate (cargo-public-api over rustdoc JSON, blanket and
+/// auto-trait impls left out) against `api/<crate>.txt`. `bless` rewrites the snapshots.
+pub(crate) fn api(bless: bool) -> Result<()> {
+    let tool = cargo_tool("public-api", PUBLIC_API_VERSION)?;
+    rustdoc_json()?;
+    let mut problems = Vec::new();
+    for k in library_crates()? {
+        let json = target_dir()
+            .join("doc")
+            .join(format!("{}.json", k.replace('-', "_")));
+        let out = Command::new(&tool)
+            .args(["public-api", "-ss", "--rustdoc-json"])
+            .arg(&json)
+            .output()
+            .with_context(|| format!("running {}", tool.display()))?;
+        if !out.status.success() {
+            bail!(
+                "cargo-public-api failed on {}:\n{}",
+                json.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let now = String::from_utf8(out.stdout)?;
+        let snapshot = root().join("api").join(format!("{k}.txt"));
+        if bless {
+            std::fs::create_dir_all(root().join("api"))?;
+            std::fs::write(&snapshot, &now)?;
+            eprintln!("{}: {} items", snapshot.display(), now.lines().count());
+            continue;
+        }
+        let before = std::fs::read_to_string(&snapshot).unwrap_or_default();
+        if before != now {
+            let old: std::collections::BTreeSet<&str> = before.lines().collect();
+            let new: std::collections::BTreeSet<&str> = now.lines().collect();
+            let mut lines = vec![format!("{k}: the public API differs from api/{k}.txt")];
+            lines.extend(old.difference(&new).take(20).map(|l| format!("  - {l}")));
+            lines.extend(new.difference(&old).take(20).map(|l| format!("  + {l}")));
+            problems.push(lines.join("\n"));
+        }
+    }
+    if !problems.is_empty() {
+        bail!(
+            "{}\nIf the change is deliberate, run `cargo xtask api --bless`, commit api/*.txt and \
+             record the change in CHANGELOG.md.",
+            problems.join("\n")
+        );
+    }
+    Ok(())
+}
+
+/// `cargo xtask report-png`: a short run of the README's first command (tiny Qwen3, 2 epochs),
+/// then its `report.html` rendered by a real headless browser (Debian's `chromium`, installed
+/// with apt when missing) to `<cache>/report/report.png`; fails when the page does not render.
+pub(crate) fn report_png() -> Result<()> {
+    let chromium = match which("chromium") {
+        Some(c) => c,
+        None => {
+            let mut c = Command::new("apt-get");
+            c.args(["install", "-y", "--no-install-recommends", "chromium"])
+                .env("DEBIAN_FRONTEND", "noninteractive");
+            if run("install chromium (apt-get)", c).is_err() {
+                let mut u = Command::new("apt-get");
+                u.arg("update");
+                run("apt-get update", u)?;
+                let mut c = Command::new("apt-get");
+                c.args(["install", "-y", "--no-install-recommends", "chromium"])
+                    .env("DEBIAN_FRONTEND", "noninteractive");
+                run("install chromium (apt-get)", c)?;
+            }
+            which("chromium").context("chromium is not on PATH after installing it")?
+        }
+    };
+    build_release_binaries()?;
+    let dir = cache().join("report");
+    let out = dir.join("tiny");
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&dir)?;
+    let mut c = Command::new(release_bin("train"));
+    c.current_dir(root())
+        .args([
+            "--config",
+            "examples/tiny.toml",
+            "--epochs",
+            "2",
+            "--output",
+        ])
+        .arg(&out);
+    run("train the tiny model (examples/tiny.toml, 2 epochs)", c)?;
+    let report = out.join("report.html");
+    let png = dir.join("report.png");
+    let _ = std::fs::remove_file(&png);
+    let mut c = Command::new(&chromium);
+    c.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--window-size=900,2800",
+    ])
+    .arg(format!("--screenshot={}", png.display()))
+    .arg(format!("file://{}", report.display()));
+    run("render report.html with headless chromium", c)?;
+    let size = std::fs::metadata(&png)
+        .with_context(|| format!("chromium wrote no {}", png.display()))?
+        .len();
+    // A blank 900×2800 page compresses to a few kB; charts and text make it much larger.
+    if size < 20_000 {
+        bail!(
+            "{} is only {size} bytes: the report did not render",
+            png.display()
+        );
+    }
+    println!(
+        "report-png: {} ({size} bytes) from {}",
+        png.display(),
+        report.display()
+    );
+    Ok(())
+}
