@@ -31,6 +31,7 @@ const CHECK_FEATURES: &[&str] = &[
     "train-examples/cuda",
     "train-model/real-checkpoint",
     "train-data/real-tokenizers",
+    "train-model/gguf",
 ];
 
 /// `cargo <verb>` for a dev-profile step. `RUSTC_BOOTSTRAP=1` (which rustdoc's JSON output

@@ -5,10 +5,12 @@ mod backend;
 mod config_file;
 mod control;
 mod generate_cmd;
+mod hints;
 mod inspect;
 mod merge_cmd;
 mod monitor;
 mod progress;
+mod registry;
 mod run_cmd;
 mod status_cmd;
 
@@ -22,12 +24,12 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use registry::{ModelRegistry, REGISTRY_ENV};
 use serde_json::json;
 use train_data::{
     ChatTokenizer, DataFormat, DatasetConfig, ErrorPolicy, LabelMode, LoadOptions, RowSchema,
     TransformPipeline, Truncation,
 };
-use train_model::registry::{ModelRegistry, REGISTRY_ENV};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -112,7 +114,7 @@ enum DataCommand {
         #[arg(long)]
         model: Option<String>,
         /// Maximum length for the too-long check (with --model).
-        #[arg(long, default_value_t = 4096, value_parser = run_cmd::count::<{ train_runner::config::limits::MAX_LENGTH }>)]
+        #[arg(long, default_value_t = 4096, value_parser = run_cmd::count::<{ train_runner::limits::MAX_LENGTH }>)]
         max_length: usize,
         #[command(flatten)]
         load: LoadArgs,
@@ -163,7 +165,7 @@ pub(crate) struct DataArgs {
     #[arg(long)]
     dataset: PathBuf,
     /// Longest example in tokens.
-    #[arg(long, default_value_t = 4096, value_parser = run_cmd::count::<{ train_runner::config::limits::MAX_LENGTH }>)]
+    #[arg(long, default_value_t = 4096, value_parser = run_cmd::count::<{ train_runner::limits::MAX_LENGTH }>)]
     max_length: usize,
     /// Validation rows: a fraction below 1, or a count.
     #[arg(long, default_value_t = 0.1)]
@@ -435,6 +437,10 @@ fn one_line(e: &anyhow::Error) -> String {
         }
         line.push_str(&text);
     }
+    if let Some(hint) = hints::hint(e) {
+        line.push_str("; ");
+        line.push_str(&hint);
+    }
     line
 }
 
@@ -636,11 +642,11 @@ fn data(cmd: DataCommand) -> Result<ExitCode> {
 
 fn models(cmd: ModelsCommand) -> Result<ExitCode> {
     let registry = registry()?;
-    let show = |entries: &[train_model::registry::ModelEntry]| {
+    let show = |entries: &[registry::ModelEntry]| {
         for e in entries {
             let size = e.size_bytes as f64 / 1e6;
             match e.kind {
-                train_model::registry::EntryKind::Model => println!(
+                registry::EntryKind::Model => println!(
                     "{:<24} {:<7} hidden {:>5}  layers {:>3}  vocab {:>7}  {:>9.1} MB  {}",
                     e.name,
                     e.model_type.as_deref().unwrap_or("?"),
@@ -650,7 +656,7 @@ fn models(cmd: ModelsCommand) -> Result<ExitCode> {
                     size,
                     e.path.display()
                 ),
-                train_model::registry::EntryKind::Adapter => println!(
+                registry::EntryKind::Adapter => println!(
                     "{:<24} adapter of {}  {:>9.1} MB  {}",
                     e.name,
                     e.base_model.as_deref().unwrap_or("?"),

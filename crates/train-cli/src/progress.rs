@@ -48,6 +48,11 @@ fn duration(secs: f64) -> String {
 }
 
 impl TrainObserver for Progress {
+    fn notice(&mut self, message: &str) {
+        self.clear();
+        eprintln!("{message}");
+    }
+
     fn start(&mut self, info: &RunInfo) {
         self.started = Instant::now();
         self.total = info.total_steps;

@@ -92,7 +92,7 @@ pub(crate) fn count0<const MAX: usize>(s: &str) -> std::result::Result<usize, St
     count::<MAX>(s)
 }
 
-use train_runner::config::limits;
+use train_runner::limits;
 
 /// Where and how to compute.
 #[derive(Args, Debug, Clone)]

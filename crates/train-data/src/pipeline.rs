@@ -338,7 +338,7 @@ const MAX_SIDE_FILE_BYTES: u64 = 256 << 20;
 
 /// Reads a dataset written by [`write_prepared`]. The examples' structure is checked (see
 /// [`read_examples`]); their token ids are checked against a tokenizer by
-/// [`check_examples`](crate::parquet::check_examples), which [`prepare_cached`] does.
+/// [`check_examples`], which [`prepare_cached`] does.
 pub fn read_prepared(dir: &Path) -> Result<Prepared> {
     let stats_path = dir.join("stats.json");
     let stats: DataStats = serde_json::from_slice(&read_bounded(

@@ -91,7 +91,7 @@ pub enum ModelError {
         precision: String,
         /// The backend's name.
         backend: String,
-        /// What to do instead.
+        /// What is possible instead (the facts; the CLI adds which flag to pass).
         hint: String,
     },
     /// The inputs to a forward pass are inconsistent (shapes, cache, lengths).
@@ -103,15 +103,9 @@ pub enum ModelError {
     Output {
         /// The output directory.
         path: PathBuf,
-        /// Why it is refused and what to do.
-        message: String,
-    },
-    /// The model registry file could not be used.
-    #[error("model registry {path}: {message}")]
-    Registry {
-        /// The registry file.
-        path: PathBuf,
-        /// What went wrong.
+        /// Which case it is.
+        refusal: crate::output::OutputRefusal,
+        /// Why it is refused.
         message: String,
     },
 }

@@ -13,8 +13,8 @@
 //!   that packed rows restart their positions and never attend to each other; [`KvCache`] makes
 //!   incremental decoding give the same logits as a full forward.
 //! * [`causal_lm_nll`] / [`causal_lm_loss`] compute the masked loss exactly as `transformers`.
-//! * [`gguf`] turns a llama.cpp GGUF checkpoint into a Hugging Face directory;
-//!   [`registry::ModelRegistry`] remembers where models live.
+//! * `gguf` (cargo feature `gguf`) turns a llama.cpp GGUF checkpoint into a Hugging Face
+//!   directory.
 //!
 //! Parity with `transformers` is tested against committed reference outputs (logits, hidden
 //! states, loss, gradients of every parameter, one AdamW step) on tiny Qwen3, Qwen2 and Llama
@@ -33,7 +33,8 @@
 //! offset or dtype that does not fit the file: checked before anything is allocated),
 //! `MissingTensor` / `UnexpectedTensors` / `ShapeMismatch` (the checkpoint does not match its
 //! configuration, listing the tensors), `UnsupportedPrecision` (the backend cannot compute in
-//! the asked dtype), `InvalidInput` (inputs of inconsistent shapes) and `Registry`.
+//! the asked dtype), `InvalidInput` (inputs of inconsistent shapes) and `Output` (a model directory that may
+//! not be written, and why: [`OutputRefusal`]).
 //!
 //! ## Example
 //!
@@ -63,6 +64,7 @@ pub mod attention;
 pub mod cache;
 pub mod config;
 pub mod error;
+#[cfg(feature = "gguf")]
 pub mod gguf;
 mod init;
 pub mod lora;
@@ -72,7 +74,6 @@ pub mod names;
 pub mod output;
 pub mod precision;
 pub mod pretrained;
-pub mod registry;
 pub mod rope;
 pub mod weights;
 
@@ -90,8 +91,8 @@ pub use loss::{
 pub use model::{CausalLm, HiddenStates, ModelInput, NamedParam};
 pub use names::{ParamKind, TensorSpec, tensor_specs};
 pub use output::{
-    MAX_JSON_FILE_BYTES, check_output_dir, install_model, is_sealed_checkpoint, read_text_file,
-    staging_dir,
+    MAX_JSON_FILE_BYTES, OutputRefusal, check_output_dir, install_model, is_sealed_checkpoint,
+    read_text_file, staging_dir,
 };
 pub use precision::Precision;
 pub use pretrained::{

@@ -67,6 +67,17 @@ fn resolved(path: &Path) -> Option<PathBuf> {
     path.canonicalize().ok()
 }
 
+/// Why [`check_output_dir`] refused a directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputRefusal {
+    /// It is one of the command's inputs: never written.
+    Input,
+    /// It is a sealed training checkpoint: never written.
+    Checkpoint,
+    /// It already holds a model, and replacing it was not allowed.
+    HoldsModel,
+}
+
 /// True when `dir` is a checkpoint sealed by train-runner (`checksums.json` next to
 /// `trainer_state.json`): writing anything into it would break its seal.
 pub fn is_sealed_checkpoint(dir: &Path) -> bool {
@@ -80,35 +91,43 @@ pub fn is_sealed_checkpoint(dir: &Path) -> bool {
 /// - `output` already holds a model (`config.json`, weights, an adapter) and `replace` is false
 ///   (the CLI's `--yes`).
 ///
-/// `flag` names the option in messages (`--output`).
-pub fn check_output_dir(output: &Path, inputs: &[&Path], replace: bool, flag: &str) -> Result<()> {
-    let refuse = |message: String| ModelError::Output {
+/// `what` names the directory in messages (`the output directory`, or a CLI's flag); the error's
+/// [`OutputRefusal`] says which case it is, so that a caller can say what to do.
+pub fn check_output_dir(output: &Path, inputs: &[&Path], replace: bool, what: &str) -> Result<()> {
+    let refuse = |refusal: OutputRefusal, message: String| ModelError::Output {
         path: output.to_path_buf(),
+        refusal,
         message,
     };
+    let flag = what;
     if let Some(out) = resolved(output) {
         for input in inputs {
             if resolved(input).is_some_and(|i| i == out) {
-                return Err(refuse(format!(
-                    "{flag} is also an input of this command ({}); a command never writes into \
-                     its own inputs: choose another {flag}",
-                    input.display()
-                )));
+                return Err(refuse(
+                    OutputRefusal::Input,
+                    format!(
+                        "{flag} is also an input of this command ({}); a command never writes \
+                         into its own inputs",
+                        input.display()
+                    ),
+                ));
             }
         }
     }
     if is_sealed_checkpoint(output) {
-        return Err(refuse(format!(
-            "{flag} is a saved training checkpoint; writing a model into it would break it \
-             (choose another {flag})"
-        )));
+        return Err(refuse(
+            OutputRefusal::Checkpoint,
+            format!(
+                "{flag} is a saved training checkpoint; writing a model into it would break it"
+            ),
+        ));
     }
     let existing = model_files_in(output);
     if !replace && !existing.is_empty() {
-        return Err(refuse(format!(
-            "{flag} already holds a model ({}); pass --yes to replace it, or choose another {flag}",
-            existing.join(", ")
-        )));
+        return Err(refuse(
+            OutputRefusal::HoldsModel,
+            format!("{flag} already holds a model ({})", existing.join(", ")),
+        ));
     }
     Ok(())
 }

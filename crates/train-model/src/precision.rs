@@ -83,7 +83,7 @@ impl Precision {
             return Err(ModelError::UnsupportedPrecision {
                 precision: self.to_string(),
                 backend: B::name(device),
-                hint: "use --precision fp32 (or auto)".to_string(),
+                hint: "it computes in fp32 (auto chooses it)".to_string(),
             });
         }
         Ok(dtype)

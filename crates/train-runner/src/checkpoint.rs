@@ -182,7 +182,7 @@ fn complete_set_aside(output: &Path, journal: &SetAsideJournal) -> Result<PathBu
 /// Moves the checkpoints `names` of `output` into `output/set-aside/<label>/`, as one step:
 /// a journal records the move first, so that if the process dies half-way the checkpoints still
 /// to move are ignored by [`list_checkpoints`] and moved by the next run
-/// ([`remove_leftovers`]). Returns the destination. Call while holding the output lock.
+/// (`remove_leftovers`). Returns the destination. Call while holding the output lock.
 pub fn set_aside(output: &Path, names: &[String], label: &str) -> Result<PathBuf> {
     let journal = SetAsideJournal {
         dest: format!("{SET_ASIDE_DIR}/{label}"),
@@ -369,18 +369,20 @@ pub fn latest_intact_checkpoint(output: &Path) -> (Option<PathBuf>, Vec<(PathBuf
 
 /// Completes an interrupted [`set_aside`], then removes what interrupted saves and rotations
 /// left behind (`.checkpoint-*.tmp-*`, `.old-*`, `.del-*` directories, a staged final model).
-/// Called while holding the output lock, so no other run is writing them.
-pub fn remove_leftovers(output: &Path) -> Result<()> {
+/// Called while holding the output lock, so no other run is writing them. Returns what the
+/// user should be told (a completed move).
+pub fn remove_leftovers(output: &Path) -> Result<Vec<String>> {
+    let mut notices = Vec::new();
     if let Some(journal) = pending_set_aside(output) {
         let dest = complete_set_aside(output, &journal)?;
-        eprintln!(
+        notices.push(format!(
             "completed moving {} to {} (interrupted earlier)",
             journal.names.join(", "),
             dest.display()
-        );
+        ));
     }
     let Ok(entries) = std::fs::read_dir(output) else {
-        return Ok(());
+        return Ok(notices);
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -393,7 +395,7 @@ pub fn remove_leftovers(output: &Path) -> Result<()> {
             std::fs::remove_dir_all(&path).map_err(|e| RunnerError::io(&path, e))?;
         }
     }
-    Ok(())
+    Ok(notices)
 }
 
 /// Writes `checkpoint-<step>` atomically (temporary directory, then rename).
@@ -420,7 +422,7 @@ pub fn save_checkpoint<B: AutodiffBackend>(
         companions_from: Some(companions_from.to_path_buf()),
     };
     if model.lora_config().is_some() {
-        crate::trainer::save_adapter_dir(model, companions_from, &tmp)?;
+        crate::run::save_adapter_dir(model, companions_from, &tmp)?;
     } else {
         save_pretrained(model, Some(raw_config), &tmp, &options)?;
     }

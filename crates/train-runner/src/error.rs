@@ -30,9 +30,7 @@ pub enum RunnerError {
         source: std::io::Error,
     },
     /// Another live run holds the output directory.
-    #[error(
-        "{path} is in use by another run (process {pid}); wait for it to finish or choose another --output"
-    )]
+    #[error("{path} is in use by another run (process {pid})")]
     Locked {
         /// The lock file.
         path: PathBuf,
@@ -50,13 +48,45 @@ pub enum RunnerError {
         /// What is wrong.
         message: String,
     },
-    /// The output directory already holds a run and neither `--resume` nor `--yes` was given.
-    #[error(
-        "{path} already holds checkpoints of a run; pass --resume to continue it, or --yes to start over there"
-    )]
+    /// The output directory already holds a run, and neither a resume nor a fresh start over it
+    /// (`TrainSetup::overwrite`) was asked for.
+    #[error("{path} already holds checkpoints of a run")]
     OutputNotEmpty {
         /// The output directory.
         path: PathBuf,
+    },
+    /// A resume from an older checkpoint would abandon newer checkpoints (or another run's),
+    /// and moving them aside (`TrainSetup::overwrite`) was not asked for.
+    #[error(
+        "checkpoint {path}: resuming from step {step} would abandon {} in {} (newer, or of another run)",
+        abandoned.join(", "),
+        output.display()
+    )]
+    WouldAbandon {
+        /// The checkpoint asked for.
+        path: PathBuf,
+        /// Its step.
+        step: usize,
+        /// The checkpoints it would abandon.
+        abandoned: Vec<String>,
+        /// The output directory.
+        output: PathBuf,
+    },
+    /// A checkpoint is resumed with another model than the one it was trained from.
+    #[error(
+        "checkpoint {path}: it was trained from {trained_from} (config.json SHA-256 {trained_hash}…), not from {given} (SHA-256 {given_hash}…)"
+    )]
+    OtherModel {
+        /// The checkpoint.
+        path: PathBuf,
+        /// The model directory it records (or "another model").
+        trained_from: String,
+        /// The start of that model's config fingerprint.
+        trained_hash: String,
+        /// The model directory given.
+        given: String,
+        /// The start of its config fingerprint.
+        given_hash: String,
     },
 }
 

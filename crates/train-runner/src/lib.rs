@@ -78,35 +78,38 @@
 //! # Ok(()) }
 //! ```
 
-pub mod batches;
-pub mod checkpoint;
-pub mod config;
-pub mod error;
-pub mod eval;
-pub mod lock;
-pub mod observer;
-pub mod optim;
-pub mod parallel;
-pub mod trainer;
+mod batches;
+mod checkpoint;
+mod config;
+mod control;
+mod error;
+mod eval;
+mod lock;
+mod observer;
+mod optim;
+mod parallel;
+mod run;
+mod setup;
+mod step;
+mod train_loop;
 
 pub use batches::{BatchPlan, batch_tensors};
 pub use checkpoint::{
     CHECKSUMS_FILE, SET_ASIDE_DIR, TrainerState, checkpoint_run_id, latest_checkpoint,
-    latest_intact_checkpoint, list_checkpoints, model_fingerprint, new_run_id, set_aside,
-    verify_checkpoint,
+    latest_intact_checkpoint, list_checkpoints, load_state, model_fingerprint, new_run_id,
+    set_aside, verify_checkpoint,
 };
-pub use config::{LrSchedule, TrainerConfig};
+pub use config::{LrSchedule, TrainerConfig, limits};
+pub use control::RunControl;
 pub use error::{Result, RunnerError};
 pub use eval::evaluate;
 pub use lock::OutputLock;
 pub use observer::{
-    EvalMetrics, MetricsLog, Observers, RunInfo, RunStatus, RunSummary, StepMetrics, TrainEvent,
-    TrainObserver,
+    EvalMetrics, MetricsLog, ModelInspector, NoInspector, Observers, RunInfo, RunStatus,
+    RunSummary, StepMetrics, TrainEvent, TrainObserver,
 };
-pub use optim::layer_norms;
-pub use optim::{AdamW, AdamWConfig, ParamTable, global_grad_norm};
+pub use optim::{AdamW, AdamWConfig, ParamTable, global_grad_norm, layer_norms};
 pub use parallel::{Cluster, DataParallel, StepOutcome, parallel_step_gradients};
-pub use trainer::{
-    ModelInspector, NoInspector, Resume, RunControl, TrainSetup, check_token_ids, run,
-    run_inspected, save_adapter_dir, step_gradients,
-};
+pub use run::{run, run_inspected, save_adapter_dir};
+pub use setup::{Resume, TrainSetup, check_token_ids};
+pub use step::step_gradients;

@@ -5,7 +5,9 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
+use train_model::CausalLm;
 
 use crate::error::{Result, RunnerError};
 
@@ -132,6 +134,10 @@ pub enum TrainEvent<'a> {
 /// Receives a run's progress. `stop` is always called once `start` was: on success, error,
 /// crash and interruption.
 pub trait TrainObserver {
+    /// Something the user should know that is not progress: checkpoints moved aside, a lock
+    /// taken over from a dead process. May come before [`TrainObserver::start`] (while the
+    /// output directory is claimed); the library prints nothing itself.
+    fn notice(&mut self, _message: &str) {}
     /// The run starts.
     fn start(&mut self, _info: &RunInfo) {}
     /// Something happened.
@@ -154,6 +160,11 @@ impl<'a> Observers<'a> {
 }
 
 impl TrainObserver for Observers<'_> {
+    fn notice(&mut self, message: &str) {
+        for o in &mut self.list {
+            o.notice(message);
+        }
+    }
     fn start(&mut self, info: &RunInfo) {
         for o in &mut self.list {
             o.start(info);
@@ -205,4 +216,20 @@ impl MetricsLog {
             .flush()
             .map_err(|e| RunnerError::io(&self.path, e))
     }
+}
+
+/// Looks at the model between optimizer steps (layer statistics, live previews, probes):
+/// [`ModelInspector::inspect`] is called before the first step of the run and after every step,
+/// with the updated model.
+pub trait ModelInspector<B: AutodiffBackend> {
+    /// `step`: optimizer steps done so far.
+    fn inspect(&mut self, step: usize, model: &CausalLm<B>);
+}
+
+/// An inspector that looks at nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoInspector;
+
+impl<B: AutodiffBackend> ModelInspector<B> for NoInspector {
+    fn inspect(&mut self, _: usize, _: &CausalLm<B>) {}
 }

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use train_model::CausalLm;
 
 use crate::error::{Result, RunnerError};
-use crate::trainer::gradients_over;
+use crate::step::gradients_over;
 
 /// This machine's place in a multi-machine run (`TrainerConfig::nodes` machines, each running
 /// `TrainerConfig::devices` workers). Every machine runs the same command with the same data,
@@ -166,7 +166,7 @@ impl<B: AutodiffBackend> DataParallel<B> {
                 "nodes",
                 format!(
                     "{nodes} machines need the orchestrator's and this machine's addresses \
-                     (a Cluster; `--node-rank`, `--orchestrator`, `--node-address` in the CLI)"
+                     (a Cluster)"
                 ),
             ));
         }

@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::common::{base, data, model, root};
-use train_runner::checkpoint::load_state;
+use train_runner::load_state;
 use train_runner::{list_checkpoints, verify_checkpoint};
 
 /// Address space a case may use (the tiny runs need well under 1 GiB resident; mimalloc and the
@@ -205,6 +205,13 @@ fn resuming_an_older_checkpoint_never_deletes_the_newer_line() {
         &[&["--max-steps", "6", "--resume", older][..], &steps].concat(),
     );
     refused(&o, &[1], "would abandon checkpoint-4");
+    // The library states the fact; the binary says what to do.
+    assert!(
+        o.stderr
+            .contains("; resume from the newest (a bare --resume), or pass --yes to move them"),
+        "{}",
+        o.stderr
+    );
     assert_unchanged(&before, &out);
     // With --yes: the newer checkpoint is moved aside whole, and rotation keeps the new line.
     let o = run(
@@ -315,6 +322,7 @@ fn resuming_with_another_model_is_refused_naming_both() {
     );
     refused(&o, &[1], "it was trained from");
     assert!(o.stderr.contains("other"), "{}", o.stderr);
+    assert!(o.stderr.contains("; resume with --model "), "{}", o.stderr);
     assert_unchanged(&before, &out);
 }
 
@@ -356,7 +364,14 @@ fn no_command_replaces_a_model_without_yes_or_writes_into_its_inputs() {
     let merged = dir.path().join("merged");
     ok(&merge(&merged, &[]));
     let merged_before = snapshot(&merged);
-    refused(&merge(&merged, &[]), &[1], "already holds a model");
+    let o = merge(&merged, &[]);
+    refused(&o, &[1], "already holds a model");
+    assert!(
+        o.stderr
+            .contains("; pass --yes to replace it, or choose another --output"),
+        "{}",
+        o.stderr
+    );
     assert_unchanged(&merged_before, &merged);
     ok(&merge(&merged, &["--yes"]));
     // `train` into its own model, and into a directory holding a model but no checkpoints.

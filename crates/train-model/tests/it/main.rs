@@ -9,4 +9,3 @@ mod lora;
 mod parity;
 mod qwen3_vl;
 mod real_checkpoint;
-mod registry;

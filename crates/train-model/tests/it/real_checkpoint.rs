@@ -61,17 +61,14 @@ fn smollm2_tokens_loss_and_greedy_answer_match_transformers() {
             ids.as_slice(),
             "tokenization differs from transformers"
         );
-        let input = ModelInput::from_rows(&[ids.clone()], &device).unwrap();
+        let input = ModelInput::from_rows(std::slice::from_ref(&ids), &device).unwrap();
         let labels =
             Tensor::<Flex, 2, Int>::from_data(TensorData::new(labels, [1, ids.len()]), &device);
         let (sum, count) = causal_lm_nll(model.forward(&input), labels);
         let (sum, count) = (f64::from(sum.into_scalar()), f64::from(count.into_scalar()));
         let loss = sum / count;
         let expected = case["loss"].as_f64().unwrap();
-        println!(
-            "smollm2: loss {loss:.6} vs transformers {expected:.6} ({} label tokens)",
-            count
-        );
+        println!("smollm2: loss {loss:.6} vs transformers {expected:.6} ({count} label tokens)");
         assert_eq!(count as u64, case["label_tokens"].as_u64().unwrap());
         assert!(
             (loss - expected).abs() <= 1e-4 * expected,
@@ -102,7 +99,7 @@ fn smollm2_tokens_loss_and_greedy_answer_match_transformers() {
         .map(|v| v.as_u64().unwrap() as u32)
         .collect();
     let mut cache = KvCache::for_model(&model);
-    let mut input = ModelInput::from_rows(&[prompt.clone()], &device).unwrap();
+    let mut input = ModelInput::from_rows(std::slice::from_ref(&prompt), &device).unwrap();
     let mut got = Vec::new();
     for _ in 0..want.len() {
         let logits = model.forward_cached(&input, &mut cache).unwrap();

@@ -1,6 +1,6 @@
 //! The model registry (the original's "ModelDatabase"): a JSON file listing known model
 //! directories and the LoRA adapters found beside them, so that `--model qwen3` can name a
-//! model instead of a path.
+//! model instead of a path. Application code: it lives in the binary, not in `train-model`.
 //!
 //! Writers take an exclusive lock on a sidecar `.lock` file and replace the JSON atomically,
 //! so concurrent `scan` / `add` calls never corrupt it and never lose each other's entries.
@@ -9,11 +9,15 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 
+use anyhow::{Result, anyhow};
 use serde::{Deserialize, Serialize};
+use train_model::pretrained::write_atomically;
+use train_model::{MAX_JSON_FILE_BYTES, ModelConfig, ModelError, read_text_file};
 
-use crate::config::ModelConfig;
-use crate::error::{ModelError, Result};
-use crate::pretrained::write_atomically;
+/// An error about the registry file itself.
+fn registry_error(path: &Path, message: impl std::fmt::Display) -> anyhow::Error {
+    anyhow!("model registry {}: {message}", path.display())
+}
 
 /// The environment variable that the `train` binary reads to relocate the registry file.
 pub const REGISTRY_ENV: &str = "TRAIN_MODEL_REGISTRY";
@@ -82,15 +86,17 @@ impl ModelRegistry {
 
     fn read(&self) -> Result<RegistryData> {
         match std::fs::read_to_string(&self.path) {
-            Ok(text) => serde_json::from_str(&text).map_err(|e| ModelError::Registry {
-                path: self.path.clone(),
-                message: format!("invalid JSON ({e}); fix or delete the file"),
+            Ok(text) => serde_json::from_str(&text).map_err(|e| {
+                registry_error(
+                    &self.path,
+                    format!("invalid JSON ({e}); fix or delete the file"),
+                )
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(RegistryData {
                 schema_version: 1,
                 models: BTreeMap::new(),
             }),
-            Err(e) => Err(ModelError::io(&self.path, e)),
+            Err(e) => Err(ModelError::io(&self.path, e).into()),
         }
     }
 
@@ -114,10 +120,7 @@ impl ModelRegistry {
             data.schema_version = 1;
             let out = f(&mut data)?;
             let mut text =
-                serde_json::to_string_pretty(&data).map_err(|e| ModelError::Registry {
-                    path: self.path.clone(),
-                    message: e.to_string(),
-                })?;
+                serde_json::to_string_pretty(&data).map_err(|e| registry_error(&self.path, e))?;
             text.push('\n');
             write_atomically(&self.path, text.as_bytes())?;
             Ok(out)
@@ -184,13 +187,13 @@ impl ModelRegistry {
         if p.is_dir() {
             return Ok(p);
         }
-        Err(ModelError::Registry {
-            path: self.path.clone(),
-            message: format!(
+        Err(registry_error(
+            &self.path,
+            format!(
                 "`{name_or_path}` is neither a registered model name nor a directory \
                  (list known models with `train models list`, add one with `train models add NAME DIR`)"
             ),
-        })
+        ))
     }
 }
 
@@ -239,11 +242,9 @@ fn describe(name: &str, dir: &Path) -> Result<ModelEntry> {
     let size_bytes = dir_size(&path)?;
     let adapter = path.join("adapter_config.json");
     if adapter.is_file() {
-        let text = crate::read_text_file(&adapter, crate::MAX_JSON_FILE_BYTES)?;
-        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Json {
-            path: adapter.clone(),
-            message: e.to_string(),
-        })?;
+        let text = read_text_file(&adapter, MAX_JSON_FILE_BYTES)?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| anyhow!("{}: invalid JSON: {e}", adapter.display()))?;
         let base = v
             .get("base_model_name_or_path")
             .and_then(serde_json::Value::as_str)
@@ -279,4 +280,117 @@ fn describe(name: &str, dir: &Path) -> Result<ModelEntry> {
         vocab_size: Some(cfg.vocab_size),
         base_model: None,
     })
+}
+
+/// Scanning, lookup by name or path, adapters, concurrent writers.
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    /// The tiny fixture models of train-model.
+    fn fixtures() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../train-model/tests/fixtures")
+    }
+    #[test]
+    fn scan_finds_models_and_adapters() {
+        let home = tempfile::tempdir().unwrap();
+        let models = home.path().join("models");
+        std::fs::create_dir_all(models.join("my-lora")).unwrap();
+        std::fs::write(
+            models.join("my-lora/adapter_config.json"),
+            r#"{"peft_type": "LORA", "base_model_name_or_path": "qwen3", "r": 8}"#,
+        )
+        .unwrap();
+        for arch in ["qwen3", "llama"] {
+            let dst = models.join(arch);
+            std::fs::create_dir_all(&dst).unwrap();
+            for e in std::fs::read_dir(fixtures().join(arch)).unwrap() {
+                let e = e.unwrap();
+                std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+            }
+        }
+        let registry = ModelRegistry::at(home.path().join("config/models.json"));
+        let found = registry.scan(&models).unwrap();
+        assert_eq!(found.len(), 3);
+        let list = registry.list().unwrap();
+        let names: Vec<&str> = list.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["llama", "my-lora", "qwen3"]);
+        let qwen3 = registry.get("qwen3").unwrap().unwrap();
+        assert_eq!(qwen3.kind, EntryKind::Model);
+        assert_eq!(qwen3.model_type.as_deref(), Some("qwen3"));
+        assert_eq!(
+            (qwen3.hidden_size, qwen3.num_layers, qwen3.vocab_size),
+            (Some(64), Some(2), Some(963))
+        );
+        assert!(qwen3.size_bytes > 300_000, "{}", qwen3.size_bytes);
+        let lora = registry.get("my-lora").unwrap().unwrap();
+        assert_eq!(lora.kind, EntryKind::Adapter);
+        assert_eq!(lora.base_model.as_deref(), Some("qwen3"));
+
+        // Lookup by name first, else the argument is a path.
+        assert_eq!(
+            registry.resolve("llama").unwrap(),
+            models.join("llama").canonicalize().unwrap()
+        );
+        let by_path = fixtures().join("qwen2");
+        assert_eq!(
+            registry.resolve(by_path.to_str().unwrap()).unwrap(),
+            by_path
+        );
+        let e = registry.resolve("no-such-model").unwrap_err().to_string();
+        assert!(
+            e.contains("no-such-model") && e.contains("train models list"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn concurrent_writers_lose_nothing() {
+        let home = tempfile::tempdir().unwrap();
+        let path = home.path().join("models.json");
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    let registry = ModelRegistry::at(path);
+                    for j in 0..3 {
+                        registry
+                            .add(&format!("m{i}-{j}"), &fixtures().join("qwen2"))
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        let registry = ModelRegistry::at(&path);
+        assert_eq!(registry.list().unwrap().len(), 24);
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(json["schema_version"], 1);
+    }
+
+    #[test]
+    fn corrupt_registry_is_a_clear_error() {
+        let home = tempfile::tempdir().unwrap();
+        let path = home.path().join("models.json");
+        std::fs::write(&path, "{not json").unwrap();
+        let e = ModelRegistry::at(&path).list().unwrap_err().to_string();
+        assert!(
+            e.contains("models.json") && e.contains("invalid JSON"),
+            "{e}"
+        );
+        assert!(
+            ModelRegistry::at(&path)
+                .add("x", &fixtures().join("qwen2"))
+                .is_err()
+        );
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "{not json",
+            "a failed write must not touch the file"
+        );
+    }
 }

@@ -1,0 +1,292 @@
+//! A run from start to end: checks, claiming the output, the loop, the final save.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use train_model::{CausalLm, SaveOptions, save_pretrained};
+
+use crate::batches::BatchPlan;
+use crate::checkpoint::{TrainerState, list_checkpoints, model_fingerprint, remove_leftovers};
+use crate::config::TrainerConfig;
+use crate::control::RunControl;
+use crate::error::{Result, RunnerError};
+use crate::observer::{MetricsLog, RunInfo, RunStatus, RunSummary, TrainObserver};
+use crate::observer::{ModelInspector, NoInspector};
+use crate::optim::{AdamW, AdamWConfig};
+use crate::setup::{Resume, TrainSetup, check_resumable, check_token_ids, claim_output};
+use crate::train_loop::Loop;
+
+/// Runs training to the end (or to a stop request, or a NaN). `observer.stop` is called in every
+/// case once `observer.start` was. Errors before the start (configuration, lock, resume checks)
+/// are returned without calling the observer.
+pub fn run<B: AutodiffBackend>(
+    setup: TrainSetup<B>,
+    resume: Option<&Resume>,
+    observer: &mut dyn TrainObserver,
+    control: &RunControl,
+) -> Result<RunSummary> {
+    run_inspected(setup, resume, observer, control, &mut NoInspector)
+}
+
+/// [`run`], with `inspector` looking at the model between steps.
+pub fn run_inspected<B: AutodiffBackend>(
+    setup: TrainSetup<B>,
+    resume: Option<&Resume>,
+    observer: &mut dyn TrainObserver,
+    control: &RunControl,
+    inspector: &mut dyn ModelInspector<B>,
+) -> Result<RunSummary> {
+    let config = setup.config.clone();
+    config.validate()?;
+    let output = config.output_dir.clone();
+    let lock = crate::lock::OutputLock::acquire(&output)?;
+    if let Some(pid) = &lock.stale_owner {
+        observer.notice(&format!(
+            "warning: taking over {} left by process {pid}, which is gone",
+            lock.path().display()
+        ));
+    }
+    for notice in remove_leftovers(&output)? {
+        observer.notice(&notice);
+    }
+    // Checkpoints of an earlier run first: that message says how to resume them.
+    if resume.is_none() && !setup.overwrite && !list_checkpoints(&output).is_empty() {
+        return Err(RunnerError::OutputNotEmpty { path: output });
+    }
+    let mut inputs: Vec<&Path> = vec![setup.companions_from.as_path()];
+    inputs.extend(setup.inputs.iter().map(PathBuf::as_path));
+    if let Some(r) = resume {
+        inputs.push(&r.dir);
+    }
+    // A resume continues its own final model; a run from scratch replaces one only with --yes.
+    train_model::check_output_dir(
+        &output,
+        &inputs,
+        setup.overwrite || resume.is_some(),
+        "the output directory",
+    )?;
+    let model_print = model_fingerprint(&setup.raw_config);
+    if let Some(r) = resume {
+        check_resumable(
+            &config,
+            r,
+            &setup.data_fingerprint,
+            &model_print,
+            &setup.companions_from,
+        )?;
+    }
+    check_token_ids(&setup.train, setup.model.config.vocab_size)?;
+    check_token_ids(&setup.validation, setup.model.config.vocab_size)?;
+    claim_output(&output, resume, setup.overwrite, observer)?;
+    let mut setup = setup;
+    if let Some(lora) = &config.lora {
+        setup.model = match setup.model.lora_config() {
+            None => setup.model.with_lora(lora, config.seed)?,
+            // A resumed run, or an adapter loaded to train further.
+            Some(have)
+                if have.r == lora.r
+                    && have.alpha == lora.alpha
+                    && have.use_rslora == lora.use_rslora =>
+            {
+                setup.model
+            }
+            Some(have) => {
+                return Err(RunnerError::config(
+                    "lora",
+                    format!(
+                        "the model already carries an adapter with r = {}, alpha = {}; \
+                         train it with those settings or start from the base model",
+                        have.r, have.alpha
+                    ),
+                ));
+            }
+        };
+    }
+    // Each worker of each machine runs `gradient_accumulation_steps` micro-batches of every step.
+    let plan_config = TrainerConfig {
+        gradient_accumulation_steps: config.gradient_accumulation_steps
+            * config.devices
+            * config.nodes,
+        ..config.clone()
+    };
+    let plan = BatchPlan::new(&setup.train, &plan_config, setup.pad_id);
+    let devices = if setup.devices.is_empty() {
+        vec![setup.model.embed_tokens.val().device(); config.devices]
+    } else if setup.devices.len() == config.devices {
+        setup.devices.clone()
+    } else {
+        return Err(RunnerError::config(
+            "devices",
+            format!(
+                "{} workers asked for, {} devices given",
+                config.devices,
+                setup.devices.len()
+            ),
+        ));
+    };
+    if plan.is_empty() {
+        return Err(RunnerError::config("dataset", "no training examples"));
+    }
+    match (&setup.cluster, config.nodes) {
+        (Some(c), n) => c.validate(n)?,
+        (None, 1) => {}
+        (None, n) => {
+            return Err(RunnerError::config(
+                "nodes",
+                format!("{n} machines need this machine's rank and the orchestrator's address"),
+            ));
+        }
+    }
+    let total_steps = config
+        .max_steps
+        .unwrap_or(config.num_epochs * plan.steps_per_epoch());
+    let mut optimizer = AdamW::<B>::new(AdamWConfig {
+        beta1: config.adam_beta1,
+        beta2: config.adam_beta2,
+        epsilon: config.adam_epsilon,
+        weight_decay: config.weight_decay,
+    });
+    let mut state = match resume {
+        Some(r) => {
+            let device = setup.model.embed_tokens.val().device();
+            optimizer.load(&r.dir.join("optimizer.safetensors"), &device)?;
+            let mut s = r.state.clone();
+            s.total_steps = total_steps;
+            s.config = config.clone();
+            if s.model_fingerprint.is_empty() {
+                s.model_fingerprint = model_print;
+                s.model_source = Some(setup.companions_from.clone());
+            }
+            s
+        }
+        None => {
+            let mut s =
+                TrainerState::new(config.clone(), total_steps, setup.data_fingerprint.clone());
+            s.model_fingerprint = model_print;
+            s.model_source = Some(
+                std::path::absolute(&setup.companions_from)
+                    .unwrap_or_else(|_| setup.companions_from.clone()),
+            );
+            s
+        }
+    };
+    let mut metrics = MetricsLog::open(&output.join("metrics.jsonl"), resume.is_some())?;
+
+    let info = RunInfo {
+        total_steps,
+        start_step: state.global_step,
+        steps_per_epoch: plan.steps_per_epoch(),
+        train_rows: plan.len(),
+        validation_examples: setup.validation.len(),
+        parameters: setup.model.config.num_parameters(),
+        trainable_parameters: if setup.model.lora_config().is_some() {
+            setup.model.num_adapter_parameters()
+        } else {
+            setup.model.config.num_parameters()
+        },
+        output_dir: output.clone(),
+    };
+    observer.start(&info);
+    let mut ctx = Loop {
+        plan: &plan,
+        config: &config,
+        setup_validation: &setup.validation,
+        pad_id: setup.pad_id,
+        raw_config: &setup.raw_config,
+        companions_from: &setup.companions_from,
+        optimizer: &mut optimizer,
+        devices,
+        cluster: setup.cluster.clone(),
+        state: &mut state,
+        metrics: &mut metrics,
+        observer: &mut *observer,
+        inspector,
+        control,
+        last_checkpoint: None,
+        last_eval: None,
+        tokens_seen: 0,
+        seconds: 0.0,
+        steps_this_run: 0,
+        loss_this_run: 0.0,
+    };
+    let outcome = ctx.train(setup.model);
+    let (status, model, error) = match outcome {
+        Ok((status, model)) => (status, Some(model), None),
+        Err(e) => (RunStatus::Failed, None, Some(e)),
+    };
+    // The final model (completed runs only), in the source dtype unless told otherwise.
+    let mut final_error = error;
+    if status == RunStatus::Completed
+        && let Some(model) = &model
+    {
+        let options = SaveOptions {
+            dtype: Some(config.save_dtype.unwrap_or(setup.source_dtype)),
+            max_shard_bytes: None,
+            companions_from: Some(setup.companions_from.clone()),
+        };
+        // Staged, then moved into place: a full disk leaves the output without a half-written
+        // model (the checkpoints hold the work).
+        let saved = train_model::staging_dir(&output).and_then(|staged| {
+            let written = if model.lora_config().is_some() {
+                save_adapter_dir(model, &setup.companions_from, &staged)
+            } else {
+                save_pretrained(model, Some(&setup.raw_config), &staged, &options).map(|_| ())
+            };
+            match written {
+                Ok(()) => train_model::install_model(&staged, &output),
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&staged);
+                    Err(e)
+                }
+            }
+        });
+        if let Err(e) = saved {
+            final_error = Some(e.into());
+        }
+    }
+    let status = if final_error.is_some() {
+        RunStatus::Failed
+    } else {
+        status
+    };
+    let summary = RunSummary {
+        status,
+        global_step: ctx.state.global_step,
+        train_loss: (ctx.steps_this_run > 0).then(|| ctx.loss_this_run / ctx.steps_this_run as f64),
+        eval_loss: ctx.last_eval.as_ref().map(|e| e.eval_loss),
+        tokens_per_sec: if ctx.seconds > 0.0 {
+            ctx.tokens_seen as f64 / ctx.seconds
+        } else {
+            0.0
+        },
+        output: output.clone(),
+        last_checkpoint: ctx.last_checkpoint.clone(),
+        best_checkpoint: ctx.state.best_model_checkpoint.clone(),
+        error: match (&final_error, status) {
+            (Some(e), _) => Some(e.to_string()),
+            (None, RunStatus::Crashed) => {
+                Some("the loss or the gradient norm is not finite".into())
+            }
+            _ => None,
+        },
+    };
+    ctx.observer.stop(&summary);
+    drop(lock);
+    match final_error {
+        Some(e) => Err(e),
+        None => Ok(summary),
+    }
+}
+
+/// Writes `model`'s adapters to `dir` as a PEFT adapter directory whose base model is
+/// `base_dir` (recorded as an absolute path), with `base_dir`'s tokenizer files, as
+/// `peft`'s `save_pretrained` and `transformers.Trainer` leave an adapter run's output.
+pub fn save_adapter_dir<B: Backend>(
+    model: &CausalLm<B>,
+    base_dir: &Path,
+    dir: &Path,
+) -> train_model::Result<()> {
+    let base = std::path::absolute(base_dir).unwrap_or_else(|_| base_dir.to_path_buf());
+    train_model::save_adapter(model, dir, &base.to_string_lossy())?;
+    train_model::copy_companions(base_dir, dir)
+}

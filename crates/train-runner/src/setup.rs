@@ -1,0 +1,282 @@
+//! What a run needs ([`TrainSetup`], [`Resume`]) and the checks before its first step: a
+//! resume continues its own run from its own model, the output directory is claimed (earlier
+//! checkpoints moved aside or refused), the token ids fit the model.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::AutodiffBackend;
+use serde_json::Value;
+use train_data::Example;
+use train_model::{CausalLm, IGNORE_INDEX, Pretrained, StorageDtype};
+
+use crate::checkpoint::{
+    TrainerState, checkpoint_run_id, list_checkpoints, set_aside, verify_checkpoint,
+};
+use crate::config::TrainerConfig;
+use crate::error::{Result, RunnerError};
+use crate::observer::TrainObserver;
+
+/// Everything a run needs.
+pub struct TrainSetup<B: AutodiffBackend> {
+    /// The model to train (loaded from the checkpoint when resuming).
+    pub model: CausalLm<B>,
+    /// The source `config.json` (carried into checkpoints and the final model).
+    pub raw_config: Value,
+    /// The source model directory (its tokenizer files are carried along).
+    pub companions_from: PathBuf,
+    /// The dtype of the source weights (the final model's default dtype).
+    pub source_dtype: StorageDtype,
+    /// Training examples.
+    pub train: Vec<Example>,
+    /// Validation examples.
+    pub validation: Vec<Example>,
+    /// Padding token id.
+    pub pad_id: u32,
+    /// The settings.
+    pub config: TrainerConfig,
+    /// Fingerprint of the data (from `train_data::cache_key`), recorded in checkpoints.
+    pub data_fingerprint: String,
+    /// Start over in an output directory that already holds checkpoints (the seed's `--yes`).
+    pub overwrite: bool,
+    /// The device of each data-parallel worker (`config.devices` of them); empty: every worker
+    /// on the model's device (several CPU workers, or one GPU).
+    pub devices: Vec<burn::tensor::Device<B>>,
+    /// This machine's place in a run over `config.nodes` machines (needed when there are more
+    /// than one).
+    pub cluster: Option<crate::Cluster>,
+    /// Other directories the run reads (e.g. the adapter directory given as the model): the
+    /// output may not be any of them, nor `companions_from`, nor the checkpoint resumed.
+    pub inputs: Vec<PathBuf>,
+}
+
+impl<B: AutodiffBackend> TrainSetup<B> {
+    /// A setup that trains `source` (a loaded checkpoint, whose directory provides the
+    /// configuration and tokenizer files carried into checkpoints) on `train`, evaluating on
+    /// `validation`; no data fingerprint, and an output directory with checkpoints is refused
+    /// (set `overwrite` to start over in it).
+    pub fn new(
+        source: Pretrained<B>,
+        train: Vec<Example>,
+        validation: Vec<Example>,
+        pad_id: u32,
+        config: TrainerConfig,
+    ) -> Self {
+        Self {
+            model: source.model,
+            raw_config: source.raw_config,
+            companions_from: source.dir,
+            source_dtype: source.source_dtype,
+            train,
+            validation,
+            pad_id,
+            config,
+            data_fingerprint: String::new(),
+            overwrite: false,
+            devices: Vec::new(),
+            cluster: None,
+            inputs: Vec::new(),
+        }
+    }
+}
+
+/// The state of a checkpoint to continue from.
+#[derive(Debug, Clone)]
+pub struct Resume {
+    /// The checkpoint directory.
+    pub dir: PathBuf,
+    /// Its trainer state.
+    pub state: TrainerState,
+}
+
+impl Resume {
+    /// Verifies the checkpoint `dir` ([`verify_checkpoint`]: every file present and unchanged
+    /// since it was saved) and reads its state.
+    pub fn from_checkpoint(dir: &Path) -> Result<Self> {
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            state: verify_checkpoint(dir)?,
+        })
+    }
+}
+
+pub(crate) fn check_resumable(
+    config: &TrainerConfig,
+    resume: &Resume,
+    fingerprint: &str,
+    model: &str,
+    model_dir: &Path,
+) -> Result<()> {
+    let old = &resume.state.config;
+    let same: [(&str, bool); 8] = [
+        ("batch_size", old.batch_size == config.batch_size),
+        (
+            "gradient_accumulation_steps",
+            old.gradient_accumulation_steps == config.gradient_accumulation_steps,
+        ),
+        ("seed", old.seed == config.seed),
+        ("shuffle", old.shuffle == config.shuffle),
+        ("packing", old.packing == config.packing),
+        ("max_length", old.max_length == config.max_length),
+        ("devices", old.devices == config.devices),
+        ("nodes", old.nodes == config.nodes),
+    ];
+    if let Some((field, _)) = same.iter().find(|(_, ok)| !ok) {
+        return Err(RunnerError::Checkpoint {
+            path: resume.dir.clone(),
+            message: format!(
+                "`{field}` differs from the interrupted run; resume with the same data settings"
+            ),
+        });
+    }
+    if resume.state.data_fingerprint != fingerprint {
+        return Err(RunnerError::Checkpoint {
+            path: resume.dir.clone(),
+            message: "the dataset (or its tokenization settings) changed since this checkpoint was written".into(),
+        });
+    }
+    let recorded = &resume.state.model_fingerprint;
+    if !recorded.is_empty() && recorded != model {
+        let source = resume
+            .state
+            .model_source
+            .as_ref()
+            .map_or_else(|| "another model".to_string(), |p| p.display().to_string());
+        return Err(RunnerError::OtherModel {
+            path: resume.dir.clone(),
+            trained_from: source,
+            trained_hash: recorded.chars().take(12).collect(),
+            given: model_dir.display().to_string(),
+            given_hash: model.chars().take(12).collect(),
+        });
+    }
+    Ok(())
+}
+
+/// True when `a` and `b` name the same existing directory.
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// Makes sure that no checkpoint in `output` can be taken for one of this run's: a run from
+/// scratch owns none of them, a resume owns those of its own run up to the step it resumes
+/// from. The others — of an earlier run, or newer ones that a resume from an older checkpoint
+/// abandons — are refused unless `overwrite` (`--yes`), and then moved to
+/// `OUTPUT/set-aside/…` (never deleted) before the first save; damaged ones that a resume
+/// skipped are moved there without asking.
+pub(crate) fn claim_output(
+    output: &Path,
+    resume: Option<&Resume>,
+    overwrite: bool,
+    observer: &mut dyn TrainObserver,
+) -> Result<()> {
+    let all = list_checkpoints(output);
+    let ours = |step: usize, dir: &Path| {
+        resume.is_some_and(|r| {
+            step <= r.state.global_step
+                && std::path::absolute(&r.dir)
+                    .ok()
+                    .and_then(|d| d.parent().map(|p| same_dir(p, output)))
+                    .unwrap_or(false)
+                && checkpoint_run_id(dir).as_deref() == Some(r.state.run_id.as_str())
+        })
+    };
+    let (mut foreign, mut damaged) = (Vec::new(), Vec::new());
+    for (step, dir) in &all {
+        if ours(*step, dir) {
+            continue;
+        }
+        let name = dir
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        if resume.is_some() && verify_checkpoint(dir).is_err() {
+            damaged.push(name);
+        } else {
+            foreign.push(name);
+        }
+    }
+    let stamp = train_monitor_stamp();
+    if !damaged.is_empty() {
+        let dest = set_aside(output, &damaged, &format!("damaged-{stamp}"))?;
+        observer.notice(&format!(
+            "moved the damaged {} to {}",
+            damaged.join(", "),
+            dest.display()
+        ));
+    }
+    if foreign.is_empty() {
+        return Ok(());
+    }
+    if !overwrite {
+        return Err(match resume {
+            None => RunnerError::OutputNotEmpty {
+                path: output.to_path_buf(),
+            },
+            Some(r) => RunnerError::WouldAbandon {
+                path: r.dir.clone(),
+                step: r.state.global_step,
+                abandoned: foreign,
+                output: output.to_path_buf(),
+            },
+        });
+    }
+    let label = match resume {
+        None => format!("previous-run-{stamp}"),
+        Some(r) => format!("abandoned-after-step-{}-{stamp}", r.state.global_step),
+    };
+    let dest = set_aside(output, &foreign, &label)?;
+    observer.notice(&format!(
+        "moved {} to {} (delete it when you no longer need it)",
+        foreign.join(", "),
+        dest.display()
+    ));
+    Ok(())
+}
+
+/// Seconds since the epoch, for names of set-aside directories.
+pub(crate) fn train_monitor_stamp() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Refuses examples with a token id or label the model cannot take (outside its vocabulary):
+/// a tokenizer that does not belong to the model, or an altered data cache.
+pub fn check_token_ids(examples: &[Example], vocab_size: usize) -> Result<()> {
+    for e in examples {
+        let bad_id = e.input_ids.iter().find(|&&t| t as usize >= vocab_size);
+        let bad_label = e
+            .labels
+            .iter()
+            .find(|&&l| l != IGNORE_INDEX as i32 && (l < 0 || l as usize >= vocab_size));
+        if let Some(t) = bad_id
+            .map(|&t| i64::from(t))
+            .or(bad_label.map(|&l| i64::from(l)))
+        {
+            return Err(RunnerError::config(
+                "dataset",
+                format!(
+                    "row {}: token id {t} is outside the model's vocabulary (vocab_size {vocab_size}); \
+                     the tokenizer does not belong to this model, or the tokenized data was altered",
+                    e.row + 1
+                ),
+            ));
+        }
+        if e.labels.len() != e.input_ids.len() {
+            return Err(RunnerError::config(
+                "dataset",
+                format!(
+                    "row {}: {} labels for {} tokens (the tokenized data was altered)",
+                    e.row + 1,
+                    e.labels.len(),
+                    e.input_ids.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}

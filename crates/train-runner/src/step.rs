@@ -1,0 +1,130 @@
+//! The loss and gradients of one optimizer step: Σ NLL over the step's label tokens / their
+//! number, with the LM head and the loss fused.
+
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{ElementConversion, IndexingUpdateOp, Int, Tensor, TensorData};
+use train_model::{CausalLm, IGNORE_INDEX, causal_lm_nll, fused_linear_nll, nll_chunk_rows};
+
+use crate::batches::batch_tensors;
+
+/// The loss and the gradients of one optimizer step over `batches` (its micro-batches).
+///
+/// Loss = Σ NLL over every label token of the step / their number: each micro-batch contributes
+/// its sum divided by the step's total, and the gradients of the micro-batches add up, so
+/// padding, packing and accumulation leave both unchanged.
+///
+/// The LM head and the loss are fused ([`train_model::fused_linear_nll`]): only positions whose
+/// next token is a label go through the head, chunk by chunk, and their gradients are computed
+/// on the spot, so the `[tokens, vocab]` logits are never materialised nor kept for the
+/// backward pass. The rest of the network is differentiated by autodiff from the final norm's
+/// output with those gradients.
+pub fn step_gradients<B: AutodiffBackend>(
+    model: &CausalLm<B>,
+    batches: &[train_data::Batch],
+    device: &burn::tensor::Device<B>,
+) -> (f64, GradientsParams) {
+    let label_tokens: usize = batches.iter().map(|b| b.label_tokens).sum();
+    gradients_over(model, batches, label_tokens.max(1) as f64, device)
+}
+
+/// [`step_gradients`] of a part of a step: each micro-batch's NLL sum is divided by
+/// `denominator`, the label tokens of the whole step (over every worker).
+pub(crate) fn gradients_over<'a, B: AutodiffBackend>(
+    model: &CausalLm<B>,
+    batches: impl IntoIterator<Item = &'a train_data::Batch>,
+    denominator: f64,
+    device: &burn::tensor::Device<B>,
+) -> (f64, GradientsParams) {
+    let mut accumulator = GradientsAccumulator::<CausalLm<B>>::new();
+    let mut step_loss = 0f64;
+    // A biased LM head (none of the supported architectures has one) takes the plain path.
+    let fusable = model.lm_head.as_ref().is_none_or(|h| h.bias.is_none());
+    for batch in batches {
+        let (loss, grads) = match label_rows(batch) {
+            Some((rows, targets)) if fusable => {
+                fused_micro_batch(model, batch, rows, targets, denominator, device)
+            }
+            _ => plain_micro_batch(model, batch, denominator, device),
+        };
+        step_loss += loss;
+        accumulator.accumulate(model, grads);
+    }
+    (step_loss, accumulator.grads())
+}
+
+/// Flattened positions (`row · seq + t`) whose next token is a label, and those labels; `None`
+/// when the micro-batch has no label token.
+fn label_rows(batch: &train_data::Batch) -> Option<(Vec<i64>, Vec<i64>)> {
+    let s = batch.seq_len;
+    let mut rows = Vec::new();
+    let mut targets = Vec::new();
+    for r in 0..batch.batch_size {
+        for t in 0..s.saturating_sub(1) {
+            let label = i64::from(batch.labels[r * s + t + 1]);
+            if label != IGNORE_INDEX {
+                rows.push((r * s + t) as i64);
+                targets.push(label);
+            }
+        }
+    }
+    (!rows.is_empty()).then_some((rows, targets))
+}
+
+/// Materialised logits, `causal_lm_nll`, autodiff through everything.
+fn plain_micro_batch<B: AutodiffBackend>(
+    model: &CausalLm<B>,
+    batch: &train_data::Batch,
+    denominator: f64,
+    device: &burn::tensor::Device<B>,
+) -> (f64, GradientsParams) {
+    let (input, labels) = batch_tensors::<B>(batch, device);
+    let (sum, _) = causal_lm_nll(model.forward(&input), labels);
+    let loss = sum / denominator;
+    let value = f64::from(loss.clone().into_scalar().elem::<f32>());
+    (value, GradientsParams::from_grads(loss.backward(), model))
+}
+
+/// The fused LM head + loss on the label positions, then autodiff from the final norm's output.
+fn fused_micro_batch<B: AutodiffBackend>(
+    model: &CausalLm<B>,
+    batch: &train_data::Batch,
+    rows: Vec<i64>,
+    targets: Vec<i64>,
+    denominator: f64,
+    device: &burn::tensor::Device<B>,
+) -> (f64, GradientsParams) {
+    let (input, _) = batch_tensors::<B>(batch, device);
+    let hidden = model.forward_hidden(&input);
+    let [b, s, width] = hidden.dims();
+    let flat = hidden.reshape([b * s, width]);
+    let m = rows.len();
+    let index = Tensor::<B::InnerBackend, 1, Int>::from_data(TensorData::new(rows, [m]), device);
+    let targets =
+        Tensor::<B::InnerBackend, 1, Int>::from_data(TensorData::new(targets, [m]), device);
+    let selected = flat.clone().inner().select(0, index.clone());
+    let head = model.lm_head_weight();
+    let head_trained = head.is_require_grad();
+    let out = fused_linear_nll(
+        &selected,
+        head.val().inner(),
+        &targets,
+        1.0 / denominator,
+        nll_chunk_rows(m, model.config.vocab_size),
+        head_trained,
+    );
+    let loss = f64::from(out.sum.into_scalar().elem::<f32>()) / denominator;
+    let grad_flat = Tensor::<B::InnerBackend, 2>::zeros([b * s, width], (device, flat.dtype()))
+        .select_assign(0, index, out.grad_hidden, IndexingUpdateOp::Add);
+    let surrogate = (flat * Tensor::<B, 2>::from_inner(grad_flat)).sum();
+    let mut grads = GradientsParams::from_grads(surrogate.backward(), model);
+    if let Some(grad_head) = out.grad_weight {
+        let grad_head = grad_head.cast(head.val().dtype());
+        let total = match grads.remove::<B::InnerBackend, 2>(head.id) {
+            Some(g) => g + grad_head,
+            None => grad_head,
+        };
+        grads.register::<B::InnerBackend, 2>(head.id, total);
+    }
+    (loss, grads)
+}

@@ -1,0 +1,242 @@
+//! The loop over optimizer steps: accumulation, clipping, the optimizer, evaluation,
+//! checkpoints, pause and stop, data parallelism.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::AutodiffModule;
+use burn::tensor::backend::AutodiffBackend;
+use serde_json::Value;
+use train_data::Example;
+use train_model::CausalLm;
+
+use crate::batches::BatchPlan;
+use crate::checkpoint::{TrainerState, rotate_checkpoints, save_checkpoint};
+use crate::config::TrainerConfig;
+use crate::control::RunControl;
+use crate::error::Result;
+use crate::eval::evaluate;
+use crate::observer::ModelInspector;
+use crate::observer::{EvalMetrics, MetricsLog, RunStatus, StepMetrics, TrainEvent, TrainObserver};
+use crate::optim::{AdamW, ParamTable, global_grad_norm};
+use crate::step::step_gradients;
+
+pub(crate) struct Loop<'a, B: AutodiffBackend> {
+    pub(crate) plan: &'a BatchPlan,
+    pub(crate) config: &'a TrainerConfig,
+    pub(crate) setup_validation: &'a [Example],
+    pub(crate) pad_id: u32,
+    pub(crate) raw_config: &'a Value,
+    pub(crate) companions_from: &'a Path,
+    pub(crate) optimizer: &'a mut AdamW<B>,
+    pub(crate) devices: Vec<burn::tensor::Device<B>>,
+    pub(crate) cluster: Option<crate::Cluster>,
+    pub(crate) state: &'a mut TrainerState,
+    pub(crate) metrics: &'a mut MetricsLog,
+    pub(crate) observer: &'a mut dyn TrainObserver,
+    pub(crate) inspector: &'a mut dyn ModelInspector<B>,
+    pub(crate) control: &'a RunControl,
+    pub(crate) last_checkpoint: Option<PathBuf>,
+    pub(crate) last_eval: Option<EvalMetrics>,
+    pub(crate) tokens_seen: usize,
+    pub(crate) seconds: f64,
+    pub(crate) steps_this_run: usize,
+    pub(crate) loss_this_run: f64,
+}
+
+impl<B: AutodiffBackend> Loop<'_, B> {
+    pub(crate) fn train(&mut self, model: CausalLm<B>) -> Result<(RunStatus, CausalLm<B>)> {
+        let parallel = if self.devices.len() > 1 || self.config.nodes > 1 {
+            Some(crate::DataParallel::start(
+                self.devices.clone(),
+                self.config.nodes,
+                self.cluster.as_ref(),
+            )?)
+        } else {
+            None
+        };
+        let outcome = self.train_steps(model, parallel.as_ref())?;
+        if let Some(p) = parallel {
+            p.finish()?;
+        }
+        Ok(outcome)
+    }
+
+    fn train_steps(
+        &mut self,
+        mut model: CausalLm<B>,
+        parallel: Option<&crate::DataParallel<B>>,
+    ) -> Result<(RunStatus, CausalLm<B>)> {
+        let table = ParamTable::new(&model);
+        // With several machines, a stop request is acted on when all have learnt of it (in a
+        // step's all-reduce), so that they stop at the same step; pausing stays local (the
+        // others wait for this machine in the next all-reduce).
+        let several_machines = self.config.nodes > 1;
+        let mut agreed_stop = false;
+        let device = model.embed_tokens.val().device();
+        let mut last_saved = None;
+        let mut last_eval_step = None;
+        self.inspector.inspect(self.state.global_step, &model);
+        while self.state.global_step < self.state.total_steps {
+            if self.control.pause_requested() && !self.control.stop_requested() {
+                let step = self.state.global_step;
+                self.observer.update(&TrainEvent::Paused { step });
+                while self.control.pause_requested() && !self.control.stop_requested() {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                self.observer.update(&TrainEvent::Resumed { step });
+            }
+            let stop = if several_machines {
+                agreed_stop
+            } else {
+                self.control.stop_requested()
+            };
+            if stop {
+                if last_saved != Some(self.state.global_step) {
+                    self.checkpoint(&model)?;
+                }
+                return Ok((RunStatus::Stopped, model));
+            }
+            let started = Instant::now();
+            let (batches, next_position) = self.plan.step_batches(self.state.data_position);
+            let label_tokens: usize = batches.iter().map(|b| b.label_tokens).sum();
+            let tokens: usize = batches.iter().map(|b| b.real_tokens).sum();
+            let (step_loss, grads) = match parallel {
+                Some(p) => {
+                    let outcome = p.step(&model, &batches, self.control.stop_requested())?;
+                    agreed_stop = outcome.stop;
+                    (outcome.loss, outcome.grads)
+                }
+                None => step_gradients(&model, &batches, &device),
+            };
+            if !step_loss.is_finite() {
+                return Ok((RunStatus::Crashed, model));
+            }
+            let grad_norm = global_grad_norm(&model, &grads);
+            if !grad_norm.is_finite() {
+                return Ok((RunStatus::Crashed, model));
+            }
+            let clip = if self.config.max_grad_norm > 0.0 && grad_norm > self.config.max_grad_norm {
+                self.config.max_grad_norm / (grad_norm + 1e-6)
+            } else {
+                1.0
+            };
+            let lr = self.config.lr_scheduler.lr_at(
+                self.config.learning_rate,
+                self.state.global_step,
+                self.state.total_steps,
+                self.config.warmup_steps,
+            );
+            model = self.optimizer.step(model, &table, grads, lr, clip);
+            let seconds = started.elapsed().as_secs_f64();
+            self.state.global_step += 1;
+            self.state.data_position = next_position;
+            self.state.epoch = self.plan.epoch_progress(next_position);
+            self.state.train_loss_sum += step_loss;
+            self.tokens_seen += tokens;
+            self.seconds += seconds;
+            self.steps_this_run += 1;
+            self.loss_this_run += step_loss;
+            let m = StepMetrics {
+                step: self.state.global_step,
+                epoch: self.state.epoch,
+                loss: step_loss,
+                learning_rate: lr,
+                grad_norm,
+                tokens,
+                label_tokens,
+                tokens_per_sec: tokens as f64 / seconds.max(1e-9),
+            };
+            self.metrics.write(&m)?;
+            self.state.log_step(&m);
+            self.observer.update(&TrainEvent::Step(&m));
+            self.inspector.inspect(self.state.global_step, &model);
+
+            let step = self.state.global_step;
+            let last = step == self.state.total_steps;
+            if (step.is_multiple_of(self.config.eval_steps) || last)
+                && self.evaluate_now(&model, step)?
+            {
+                last_eval_step = Some(step);
+            }
+            if step.is_multiple_of(self.config.save_steps) || last {
+                self.checkpoint(&model)?;
+                last_saved = Some(step);
+            }
+        }
+        if last_eval_step != Some(self.state.global_step) {
+            self.evaluate_now(&model, self.state.global_step)?;
+        }
+        Ok((RunStatus::Completed, model))
+    }
+
+    /// Evaluates on the validation split; false when there is nothing to evaluate.
+    fn evaluate_now(&mut self, model: &CausalLm<B>, step: usize) -> Result<bool> {
+        if self.config.skip_validation || self.setup_validation.is_empty() {
+            return Ok(false);
+        }
+        let batch_size = self
+            .config
+            .eval_batch_size
+            .unwrap_or(self.config.batch_size);
+        let (sum, tokens) = evaluate(
+            &model.valid(),
+            self.setup_validation,
+            batch_size,
+            self.pad_id,
+        );
+        let m = EvalMetrics {
+            step,
+            epoch: self.state.epoch,
+            eval_loss: sum / tokens.max(1) as f64,
+            eval_tokens: tokens,
+        };
+        self.metrics.write(&m)?;
+        self.state.log_eval(&m);
+        self.observer.update(&TrainEvent::Eval(&m));
+        let better = self.state.best_metric.is_none_or(|b| m.eval_loss < b);
+        if better && m.eval_loss.is_finite() {
+            self.state.best_metric = Some(m.eval_loss);
+            // The checkpoint of this step (written right after, or at the next save).
+            self.state.best_model_checkpoint = Some(crate::checkpoint::checkpoint_dir(
+                &self.config.output_dir,
+                step,
+            ));
+        }
+        self.last_eval = Some(m);
+        Ok(true)
+    }
+
+    fn checkpoint(&mut self, model: &CausalLm<B>) -> Result<()> {
+        let output = &self.config.output_dir;
+        // The best checkpoint is only known to exist if it was written.
+        if let Some(best) = &self.state.best_model_checkpoint
+            && !best.exists()
+            && !best.ends_with(format!("checkpoint-{}", self.state.global_step))
+        {
+            self.state.best_model_checkpoint = None;
+        }
+        let dir = save_checkpoint(
+            output,
+            model,
+            self.raw_config,
+            self.companions_from,
+            self.optimizer,
+            self.state,
+        )?;
+        self.observer.update(&TrainEvent::Checkpoint {
+            step: self.state.global_step,
+            path: &dir,
+        });
+        if let Some(limit) = self.config.save_total_limit {
+            rotate_checkpoints(
+                output,
+                limit,
+                self.state.best_model_checkpoint.as_deref(),
+                &self.state.run_id,
+            )?;
+        }
+        self.last_checkpoint = Some(dir);
+        Ok(())
+    }
+}
