@@ -17,8 +17,9 @@ use anyhow::{Context, Result, bail};
 
 use crate::downloads::{assets, qwen3_tokenizer_dir, venv};
 use crate::{
-    LOG, TCH_FEATURES, build_release_binaries, cache, cargo, cargo_tool, library_crates,
-    publishable_crates, release, release_bin, root, run, smollm2, target_dir, torch_env, which,
+    LOG, RELEASE_FEATURES, TCH_FEATURES, build_release_binaries, cache, cargo, cargo_tool,
+    library_crates, publishable_crates, release, release_bin, root, run, smollm2, target_dir,
+    torch_env, which,
 };
 
 /// Features of every dev-profile step (clippy, rustdoc): the cuda backend builds without a
@@ -141,7 +142,17 @@ fn steps(t: &mut Timings) -> Result<()> {
     t.step("examples", run_examples)?;
     t.step("peft / transformers round trips", python_round_trips)?;
     t.step("bench build", || {
-        run("benches compile", release("bench", &["--no-run"]))
+        // `cargo bench` has no `--release` (the bench profile inherits release's settings, so
+        // it shares the release build).
+        let mut c = cargo();
+        c.args([
+            "bench",
+            "--workspace",
+            "--no-run",
+            "--features",
+            RELEASE_FEATURES,
+        ]);
+        run("benches compile", c)
     })?;
     t.step("bench-gpu dry run", || {
         crate::bench::bench_gpu(&["--dry-run".to_string()])
