@@ -291,10 +291,11 @@ fn run_examples() -> Result<()> {
 }
 
 /// rustdoc of the library crates in one invocation (one feature resolution), as JSON (what
-/// cargo-public-api reads) with warnings denied: its lints (broken intra-doc links, missing
-/// docs) are the same in either output format, so one pass checks the documentation and feeds
-/// the API snapshots. Dev profile, like clippy, with clippy's features and environment, so that
-/// it reuses clippy's check build of the dependencies.
+/// cargo-public-api reads) with warnings denied: rustdoc's lints (broken intra-doc links,
+/// missing docs, links to private items) run for this output format too, so one pass checks the
+/// documentation and feeds the API snapshots (it also reported a redundant link that the HTML
+/// pass had not). Dev profile, like clippy, with clippy's features and environment, so that it
+/// reuses clippy's check build of the dependencies.
 fn rustdoc_json() -> Result<()> {
     let libraries = library_crates()?;
     let features: Vec<&str> = CHECK_FEATURES
