@@ -510,7 +510,7 @@ mod builtins {
                 }
                 ok!(crate::budget::charge(item.as_str().map_or(0, str::len)));
                 if item.is_safe() {
-                    output.push_str(item.as_str().unwrap());
+                    output.push_str(item.as_str().unwrap()); // invariant: a safe value is a string
                 } else {
                     output.push_str(&ok!(state.format(item)));
                 }
@@ -1263,7 +1263,7 @@ mod builtins {
         let mut output = String::new();
         let mut iterator = input.split('\n');
         if !indent_first_line {
-            output.push_str(iterator.next().unwrap());
+            output.push_str(iterator.next().unwrap()); // invariant: split yields at least one piece
             output.push('\n');
         }
         for line in iterator {

@@ -737,8 +737,8 @@ impl Ord for Value {
                         return cmp_uncoercible_numbers(self, other);
                     }
 
-                    let a = self.as_object().unwrap();
-                    let b = other.as_object().unwrap();
+                    let a = self.as_object().unwrap(); // invariant: uncoercible, same kind: objects
+                    let b = other.as_object().unwrap(); // invariant: as above
 
                     if a.is_same_object(b) {
                         Ordering::Equal
