@@ -15,8 +15,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use burn::tensor::DType;
-use burn::tensor::backend::AutodiffBackend;
 use train_data::{Batch, Sequence};
+use train_model::FusedAutodiffBackend;
 use train_model::{CausalLm, ModelConfig};
 use train_runner::{AdamW, AdamWConfig, ParamTable, global_grad_norm, step_gradients};
 
@@ -128,7 +128,7 @@ fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-fn bench<B: AutodiffBackend>(args: &Args, device: &B::Device) -> Result<serde_json::Value> {
+fn bench<B: FusedAutodiffBackend>(args: &Args, device: &B::Device) -> Result<serde_json::Value> {
     let raw = shape(&args.shape)?;
     let config = ModelConfig::from_json(Path::new("<bench shape>"), &raw)?;
     let mut model = CausalLm::<B>::random(&config, 0.02, 0, DType::F32, device)?;

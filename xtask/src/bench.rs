@@ -110,7 +110,7 @@ fn parse_train_args(args: &[String]) -> Result<TrainBench> {
             "--lora" => b.lora = Some(value.parse()?),
             f => bail!(
                 "unknown flag {f} (bench-train [--model qwen3-30m|smollm2] [--steps N] \
-                 [--warmup N] [--batch N] [--seq N] [--only cpu,tch,pytorch] [--lora R])"
+                 [--warmup N] [--batch N] [--seq N] [--only cpu,cpu-standard,tch,tch-standard,pytorch] [--lora R])"
             ),
         }
     }
@@ -159,7 +159,7 @@ pub fn bench_train(args: &[String]) -> Result<()> {
     }
     let env = torch_env()?;
     // The tch backend only when it runs (a build with it resolves other features).
-    let features = if b.only.iter().any(|o| o == "tch") {
+    let features = if b.only.iter().any(|o| o.starts_with("tch")) {
         TCH_FEATURES
     } else {
         RELEASE_FEATURES
@@ -194,7 +194,9 @@ pub fn bench_train(args: &[String]) -> Result<()> {
         None => None,
     };
     let mut results = Vec::new();
-    for backend in ["cpu", "tch"] {
+    // `cpu-standard` / `tch-standard`: the same backend with the decomposed operations
+    // (`--attention standard`), the before of the fused operations in the same invocation.
+    for backend in ["cpu", "cpu-standard", "tch", "tch-standard"] {
         if b.only.iter().any(|o| o == backend) {
             results.push(rust_run(&b, backend, &model, &data, &dir, &env)?);
             if let Some(a) = &adapter {
@@ -245,6 +247,10 @@ fn rust_run(
 ) -> Result<Contestant> {
     let lora = model.join("adapter_config.json").is_file();
     let out = dir.join(format!("run-{backend}{}", if lora { "-lora" } else { "" }));
+    let (backend, attention) = match backend.split_once('-') {
+        Some((backend, attention)) => (backend, attention),
+        None => (backend, "auto"),
+    };
     if out.exists() {
         std::fs::remove_dir_all(&out)?;
     }
@@ -287,11 +293,16 @@ fn rust_run(
             "0",
             "--precision",
             "fp32",
+            "--attention",
+            attention,
             "--yes",
         ])
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(std::process::Stdio::null());
-    let m = measured(&format!("train run --backend {backend}"), &mut c)?;
+    let m = measured(
+        &format!("train run --backend {backend} --attention {attention}"),
+        &mut c,
+    )?;
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl"))
         .with_context(|| format!("{}", out.join("metrics.jsonl").display()))?;
     let mut steps = Vec::new();
@@ -322,7 +333,12 @@ fn rust_run(
     }
     Ok(Contestant {
         name: format!(
-            "train-rs, {backend} backend{}",
+            "train-rs, {backend} backend{}{}",
+            if attention == "standard" {
+                ", decomposed ops"
+            } else {
+                ""
+            },
             if lora { ", LoRA" } else { "" }
         ),
         lora,

@@ -2,8 +2,8 @@
 //! `--devices`, `--gradient-checkpointing`) → a concrete autodiff backend type and devices.
 
 use anyhow::{Result, bail};
-use burn::tensor::backend::AutodiffBackend;
 use clap::ValueEnum;
+use train_model::FusedAutodiffBackend;
 
 /// `--backend`.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -17,7 +17,7 @@ pub enum BackendArg {
 }
 
 /// The devices a command runs on.
-pub struct Placement<B: AutodiffBackend> {
+pub struct Placement<B: FusedAutodiffBackend> {
     /// Where the model is loaded (the first worker's device).
     pub main: burn::tensor::Device<B>,
     /// One device per data-parallel worker (`main` first); one entry without `--devices`.
@@ -29,7 +29,7 @@ pub trait WithBackend {
     /// What it returns.
     type Output;
     /// Runs on `B`.
-    fn run<B: AutodiffBackend>(self, placement: Placement<B>) -> Result<Self::Output>;
+    fn run<B: FusedAutodiffBackend>(self, placement: Placement<B>) -> Result<Self::Output>;
 }
 
 /// Runs `work` on the backend the flags ask for, with `workers` data-parallel workers, or says
@@ -89,7 +89,9 @@ impl DeviceSpec<'_> {
     }
 }
 
-fn placement<B: AutodiffBackend>(workers: Vec<burn::tensor::Device<B>>) -> Result<Placement<B>> {
+fn placement<B: FusedAutodiffBackend>(
+    workers: Vec<burn::tensor::Device<B>>,
+) -> Result<Placement<B>> {
     match workers.first() {
         Some(main) => Ok(Placement {
             main: main.clone(),

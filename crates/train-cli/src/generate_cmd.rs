@@ -5,7 +5,6 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use burn::tensor::backend::AutodiffBackend;
 use clap::Args;
 use serde_json::json;
 use train_data::{ChatTokenizer, Message, Role};
@@ -13,6 +12,7 @@ use train_logits::{
     Decoding, Generation, GenerationConfig, LogitsProcessor, ProcessorConfig, ProcessorContext,
     ProcessorsFile, build_processors, generate,
 };
+use train_model::FusedAutodiffBackend;
 use train_model::load_pretrained;
 
 use crate::backend::{Placement, WithBackend, dispatch};
@@ -78,7 +78,7 @@ struct Output {
 impl WithBackend for Generate<'_> {
     type Output = Output;
 
-    fn run<B: AutodiffBackend>(self, placement: Placement<B>) -> Result<Output> {
+    fn run<B: FusedAutodiffBackend>(self, placement: Placement<B>) -> Result<Output> {
         let device = placement.main;
         let loaded = load_pretrained::<B::InnerBackend>(
             &self.dir,

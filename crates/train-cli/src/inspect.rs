@@ -6,10 +6,10 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
-use burn::tensor::backend::AutodiffBackend;
 use train_data::{ChatTokenizer, Example, IGNORE_INDEX};
 use train_logits::{GenerationConfig, LogitsProcessor, generate};
 use train_model::CausalLm;
+use train_model::FusedAutodiffBackend;
 use train_monitor::{MonitoringBundle, Sample, evolution_due};
 use train_runner::{ModelInspector, layer_norms};
 
@@ -108,7 +108,7 @@ impl<'a> Inspector<'a> {
     }
 }
 
-impl<B: AutodiffBackend> ModelInspector<B> for Inspector<'_> {
+impl<B: FusedAutodiffBackend> ModelInspector<B> for Inspector<'_> {
     fn inspect(&mut self, step: usize, model: &CausalLm<B>) {
         let (wants_layers, wants_evolution) = {
             let b = self.bundle.borrow();

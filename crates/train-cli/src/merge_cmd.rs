@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::backend::AutodiffBackend;
 use clap::Args;
 use serde_json::json;
+use train_model::FusedAutodiffBackend;
 use train_model::{
     LoadOptions, Precision, SaveOptions, StorageDtype, copy_companions, load_pretrained,
     save_pretrained,
@@ -54,7 +54,7 @@ struct Merged {
 impl WithBackend for Merge<'_> {
     type Output = Merged;
 
-    fn run<B: AutodiffBackend>(self, placement: Placement<B>) -> Result<Merged> {
+    fn run<B: FusedAutodiffBackend>(self, placement: Placement<B>) -> Result<Merged> {
         let device = placement.main;
         // The sum W + scaling·B·A is formed in f32 whatever the stored dtype.
         let options = LoadOptions {

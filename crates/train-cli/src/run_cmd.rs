@@ -4,10 +4,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::backend::AutodiffBackend;
 use clap::{Args, ValueEnum};
 use serde_json::json;
 use train_data::{ChatTokenizer, DatasetConfig, Prepared};
+use train_model::FusedAutodiffBackend;
 use train_model::{
     AttentionImpl, LoadOptions, LoraConfig, Precision, StorageDtype, load_pretrained,
 };
@@ -349,7 +349,7 @@ struct Training<'a> {
 impl WithBackend for Training<'_> {
     type Output = RunSummary;
 
-    fn run<B: AutodiffBackend>(self, placement: Placement<B>) -> Result<RunSummary> {
+    fn run<B: FusedAutodiffBackend>(self, placement: Placement<B>) -> Result<RunSummary> {
         let device = placement.main;
         let options = self.args.compute.load_options(true);
         let source = load_pretrained::<B>(&self.model_dir, &options, &device)
@@ -583,7 +583,7 @@ struct Evaluation<'a> {
 impl WithBackend for Evaluation<'_> {
     type Output = (f64, u64);
 
-    fn run<B: AutodiffBackend>(self, placement: Placement<B>) -> Result<(f64, u64)> {
+    fn run<B: FusedAutodiffBackend>(self, placement: Placement<B>) -> Result<(f64, u64)> {
         let device = placement.main;
         let model = load_pretrained::<B::InnerBackend>(
             &self.model_dir,

@@ -6,7 +6,7 @@ use burn::tensor::{FloatDType, Int, Tensor, TensorData};
 use serde::Serialize;
 use tokenizers::Tokenizer;
 use train_data::rng::SplitMix64;
-use train_model::{CausalLm, KvCache, ModelInput};
+use train_model::{CausalLm, FusedBackend, KvCache, ModelInput};
 
 use crate::error::{LogitsError, Result};
 use crate::processor::{LogitsProcessor, RowContext, apply_all, argmax};
@@ -184,7 +184,7 @@ struct Row {
 /// positions of each prompt start at 0, so a row's tokens are the same as when it is generated
 /// alone. `processors` run in order on each row's next-token logits; they are restarted for
 /// this generation first.
-pub fn generate<B: Backend>(
+pub fn generate<B: FusedBackend>(
     model: &CausalLm<B>,
     tokenizer: Option<&Tokenizer>,
     prompts: &[Vec<u32>],

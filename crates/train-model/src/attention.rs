@@ -10,18 +10,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ModelError;
 
-/// Which attention kernel to use (the seed's flash-attention probe).
+/// Which kernels the decoder runs (the seed's flash-attention probe).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AttentionImpl {
-    /// The backend's fused kernel where it is correct for the pass at hand, else the standard
-    /// path. Under autodiff burn 0.21 always decomposes attention into matmul + softmax, so
-    /// training uses the standard path; inference (eval, generation) uses the fused kernel.
+    /// The fused operations of [`crate::fused`] (tiled attention, RMSNorm, SwiGLU, rotary, each
+    /// one autodiff node with its own backward), in training and inference alike.
     #[default]
     Auto,
-    /// Always call the backend's fused attention op (`burn::tensor::module::attention`).
+    /// The same as `Auto` (the name the seed's probe used).
     Fused,
-    /// Matmul, f32 softmax, matmul: the `transformers` "eager" path.
+    /// Decomposed operations: matmul, f32 softmax, matmul with repeated key/value heads and an
+    /// `[s, s]` mask, RMSNorm and rotary from elementary operations: the `transformers` "eager"
+    /// path, kept for comparison.
     Standard,
 }
 
@@ -41,24 +42,24 @@ impl FromStr for AttentionImpl {
 }
 
 impl AttentionImpl {
-    /// True when this choice runs the fused kernel on `device`.
-    pub fn is_fused<B: Backend>(self, device: &B::Device) -> bool {
-        match self {
-            Self::Fused => true,
-            Self::Standard => false,
-            Self::Auto => !B::ad_enabled(device),
-        }
+    /// True when this choice runs the fused operations.
+    pub fn is_fused(self) -> bool {
+        !matches!(self, Self::Standard)
     }
 }
 
 /// Where each query may look: causal order, and only within its own segment (packed row).
 ///
-/// `None` stands for "plain causal" (no segments, no cache), which the fused kernels handle
-/// without materialising a mask.
+/// Holds the segment ids themselves; the `[batch, 1, seq_q, seq_k]` mask only the standard
+/// (decomposed) path needs is built on first use, the fused path never builds it.
 #[derive(Debug, Clone)]
 pub struct AttentionMask<B: Backend> {
-    /// `[batch, 1, seq_q, seq_k]`, `true` where attention is forbidden.
-    pub(crate) mask: Option<Tensor<B, 4, Bool>>,
+    /// Segment ids of the queries `[b, sq]` and of the keys `[b, sk]`; `None`: plain causal.
+    segments: Option<(Tensor<B, 2, Int>, Tensor<B, 2, Int>)>,
+    /// Keys cached before the first query.
+    past: usize,
+    /// `[batch, 1, seq_q, seq_k]`, `true` where attention is forbidden (standard path only).
+    mask: std::cell::OnceCell<Option<Tensor<B, 4, Bool>>>,
     /// The same as an additive f32 bias (0 or `f32::MIN`), built once per forward for the
     /// standard path: a broadcast add is much cheaper than filling through a broadcast mask.
     bias: std::cell::OnceCell<Tensor<B, 4>>,
@@ -68,26 +69,11 @@ impl<B: Backend> AttentionMask<B> {
     /// Causal attention over one row per batch entry, no cache.
     pub fn causal() -> Self {
         Self {
-            mask: None,
+            segments: None,
+            past: 0,
+            mask: std::cell::OnceCell::new(),
             bias: std::cell::OnceCell::new(),
         }
-    }
-
-    /// `[1 or batch, 1, seq_q, seq_k]` additive bias: 0 where attention is allowed.
-    fn additive(&self, sq: usize, sk: usize, device: &B::Device) -> Tensor<B, 4> {
-        self.bias
-            .get_or_init(|| {
-                let forbidden = match &self.mask {
-                    Some(m) => m.clone(),
-                    None => {
-                        Tensor::<B, 2, Bool>::tril_mask([sq, sk], 0, device).reshape([1, 1, sq, sk])
-                    }
-                };
-                let dims = forbidden.dims();
-                Tensor::<B, 4>::zeros(dims, (device, burn::tensor::DType::F32))
-                    .mask_fill(forbidden, f32::MIN)
-            })
-            .clone()
     }
 
     /// Causal attention restricted to equal segment ids; queries start at absolute index
@@ -97,24 +83,64 @@ impl<B: Backend> AttentionMask<B> {
         segments_k: Tensor<B, 2, Int>,
         past: usize,
     ) -> Self {
-        let [b, sq] = segments_q.dims();
-        let sk = segments_k.dims()[1];
-        let device = segments_q.device();
-        let q_idx = Tensor::<B, 1, Int>::arange(past as i64..(past + sq) as i64, &device)
-            .reshape([1, sq, 1])
-            .expand([b, sq, sk]);
-        let k_idx = Tensor::<B, 1, Int>::arange(0..sk as i64, &device)
-            .reshape([1, 1, sk])
-            .expand([b, sq, sk]);
-        let future = k_idx.greater(q_idx);
-        let other_segment = segments_q
-            .reshape([b, sq, 1])
-            .expand([b, sq, sk])
-            .not_equal(segments_k.reshape([b, 1, sk]).expand([b, sq, sk]));
         Self {
-            mask: Some(future.bool_or(other_segment).unsqueeze_dim(1)),
+            segments: Some((segments_q, segments_k)),
+            past,
+            mask: std::cell::OnceCell::new(),
             bias: std::cell::OnceCell::new(),
         }
+    }
+
+    /// Segment ids of queries and keys, if any.
+    pub fn segments(&self) -> Option<&(Tensor<B, 2, Int>, Tensor<B, 2, Int>)> {
+        self.segments.as_ref()
+    }
+
+    /// Keys cached before the first query.
+    pub fn past(&self) -> usize {
+        self.past
+    }
+
+    /// `[batch, 1, seq_q, seq_k]`, `true` where attention is forbidden; `None` for plain causal.
+    pub(crate) fn mask(&self) -> Option<Tensor<B, 4, Bool>> {
+        self.mask
+            .get_or_init(|| {
+                let (segments_q, segments_k) = self.segments.clone()?;
+                let past = self.past;
+                let [b, sq] = segments_q.dims();
+                let sk = segments_k.dims()[1];
+                let device = segments_q.device();
+                let q_idx = Tensor::<B, 1, Int>::arange(past as i64..(past + sq) as i64, &device)
+                    .reshape([1, sq, 1])
+                    .expand([b, sq, sk]);
+                let k_idx = Tensor::<B, 1, Int>::arange(0..sk as i64, &device)
+                    .reshape([1, 1, sk])
+                    .expand([b, sq, sk]);
+                let future = k_idx.greater(q_idx);
+                let other_segment = segments_q
+                    .reshape([b, sq, 1])
+                    .expand([b, sq, sk])
+                    .not_equal(segments_k.reshape([b, 1, sk]).expand([b, sq, sk]));
+                Some(future.bool_or(other_segment).unsqueeze_dim(1))
+            })
+            .clone()
+    }
+
+    /// `[1 or batch, 1, seq_q, seq_k]` additive bias: 0 where attention is allowed.
+    fn additive(&self, sq: usize, sk: usize, device: &B::Device) -> Tensor<B, 4> {
+        self.bias
+            .get_or_init(|| {
+                let forbidden = match self.mask() {
+                    Some(m) => m,
+                    None => {
+                        Tensor::<B, 2, Bool>::tril_mask([sq, sk], 0, device).reshape([1, 1, sq, sk])
+                    }
+                };
+                let dims = forbidden.dims();
+                Tensor::<B, 4>::zeros(dims, (device, burn::tensor::DType::F32))
+                    .mask_fill(forbidden, f32::MIN)
+            })
+            .clone()
     }
 }
 
@@ -130,7 +156,7 @@ pub fn scaled_dot_product<B: Backend>(
     let sk = k.dims()[2];
     let scale = 1.0 / (d as f64).sqrt();
     if fused {
-        let full_mask = mask.mask.clone().map(|m| m.expand([b, h, sq, sk]));
+        let full_mask = mask.mask().map(|m| m.expand([b, h, sq, sk]));
         let full_mask = full_mask.map(|m| {
             if mask_means_attend::<B>(&m.device()) {
                 m.bool_not()

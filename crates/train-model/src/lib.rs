@@ -64,6 +64,7 @@ pub mod attention;
 pub mod cache;
 pub mod config;
 pub mod error;
+pub mod fused;
 #[cfg(feature = "gguf")]
 pub mod gguf;
 mod init;
@@ -81,6 +82,7 @@ pub use attention::AttentionImpl;
 pub use cache::KvCache;
 pub use config::{Architecture, ModelConfig, StorageDtype};
 pub use error::{ModelError, Result};
+pub use fused::{AttentionSpec, FusedAutodiffBackend, FusedBackend};
 pub use lora::{
     AdapterConfig, LoraAdapter, LoraConfig, is_adapter_dir, load_adapter, read_adapter_config,
     save_adapter,

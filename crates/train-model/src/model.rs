@@ -14,6 +14,7 @@ use crate::attention::{AttentionImpl, AttentionMask, repeat_kv, scaled_dot_produ
 use crate::cache::{KvCache, LayerKv};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
+use crate::fused::{self, AttentionSpec, FusedBackend};
 use crate::lora::{LoraAdapter, LoraConfig};
 use crate::names::{TensorSpec, tensor_specs};
 use crate::rope::{Rotary, apply_rotary};
@@ -105,6 +106,17 @@ impl<B: Backend> RmsNorm<B> {
     }
 }
 
+impl<B: FusedBackend> RmsNorm<B> {
+    /// [`RmsNorm::forward`], by the fused operation when `fused`.
+    pub(crate) fn apply<const D: usize>(&self, x: Tensor<B, D>, fused: bool) -> Tensor<B, D> {
+        if fused {
+            fused::rms_norm(x, self.weight.val(), self.eps, 0.0)
+        } else {
+            self.forward(x)
+        }
+    }
+}
+
 /// Multi-head attention with grouped key/value heads, optional per-head q/k RMSNorm (Qwen3).
 #[derive(Module, Debug)]
 pub struct SelfAttention<B: Backend> {
@@ -136,7 +148,7 @@ pub(crate) struct LayerContext<'a, B: Backend> {
     pub fused: bool,
 }
 
-impl<B: Backend> SelfAttention<B> {
+impl<B: FusedBackend> SelfAttention<B> {
     fn forward(
         &self,
         x: Tensor<B, 3>,
@@ -153,13 +165,20 @@ impl<B: Backend> SelfAttention<B> {
             .reshape([b, s, kvh, d])
             .swap_dims(1, 2);
         if let Some(n) = &self.q_norm {
-            q = n.forward(q);
+            q = n.apply(q, ctx.fused);
         }
         if let Some(n) = &self.k_norm {
-            k = n.forward(k);
+            k = n.apply(k, ctx.fused);
         }
-        let q = apply_rotary(q.swap_dims(1, 2), ctx.cos, ctx.sin);
-        let mut k = apply_rotary(k.swap_dims(1, 2), ctx.cos, ctx.sin);
+        let rope = |x: Tensor<B, 4>| {
+            if ctx.fused {
+                fused::rotary(x, ctx.cos, ctx.sin)
+            } else {
+                apply_rotary(x, ctx.cos, ctx.sin)
+            }
+        };
+        let q = rope(q.swap_dims(1, 2));
+        let mut k = rope(k.swap_dims(1, 2));
         let mut v = v;
         if let Some(slot) = cache {
             if let (Some(pk), Some(pv)) = (slot.0.take(), slot.1.take()) {
@@ -168,9 +187,17 @@ impl<B: Backend> SelfAttention<B> {
             }
             *slot = (Some(k.clone()), Some(v.clone()));
         }
-        let k = repeat_kv(k, h / kvh);
-        let v = repeat_kv(v, h / kvh);
-        let out = scaled_dot_product(q, k, v, ctx.mask, ctx.fused);
+        let out = if ctx.fused {
+            let spec = AttentionSpec {
+                past: ctx.mask.past(),
+                ..AttentionSpec::causal(d)
+            };
+            fused::attention(q, k, v, ctx.mask.segments().cloned(), &spec)
+        } else {
+            let k = repeat_kv(k, h / kvh);
+            let v = repeat_kv(v, h / kvh);
+            scaled_dot_product(q, k, v, ctx.mask, false)
+        };
         self.o_proj
             .forward(out.swap_dims(1, 2).reshape([b, s, h * d]))
     }
@@ -195,6 +222,18 @@ impl<B: Backend> Mlp<B> {
     }
 }
 
+impl<B: FusedBackend> Mlp<B> {
+    /// [`Mlp::forward`], the gate by the fused operation when `fused`.
+    fn apply(&self, x: Tensor<B, 3>, fused: bool) -> Tensor<B, 3> {
+        if !fused {
+            return self.forward(x);
+        }
+        let gate = self.gate_proj.forward(x.clone());
+        self.down_proj
+            .forward(fused::swiglu(gate, self.up_proj.forward(x)))
+    }
+}
+
 /// One pre-norm decoder layer.
 #[derive(Module, Debug)]
 pub struct DecoderLayer<B: Backend> {
@@ -208,7 +247,7 @@ pub struct DecoderLayer<B: Backend> {
     pub post_attention_layernorm: RmsNorm<B>,
 }
 
-impl<B: Backend> DecoderLayer<B> {
+impl<B: FusedBackend> DecoderLayer<B> {
     fn forward(
         &self,
         x: Tensor<B, 3>,
@@ -218,8 +257,9 @@ impl<B: Backend> DecoderLayer<B> {
         let h = x.clone()
             + self
                 .self_attn
-                .forward(self.input_layernorm.forward(x), ctx, cache);
-        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+                .forward(self.input_layernorm.apply(x, ctx.fused), ctx, cache);
+        let normed = self.post_attention_layernorm.apply(h.clone(), ctx.fused);
+        h + self.mlp.apply(normed, ctx.fused)
     }
 }
 
@@ -568,7 +608,9 @@ impl<B: Backend> CausalLm<B> {
             f(NamedParam::Matrix("lm_head.weight", &head.weight));
         }
     }
+}
 
+impl<B: FusedBackend> CausalLm<B> {
     /// Logits `[batch, seq, vocab]` (in the model's dtype).
     pub fn forward(&self, input: &ModelInput<B>) -> Tensor<B, 3> {
         let h = self.run(input, None, None);
@@ -659,7 +701,7 @@ impl<B: Backend> CausalLm<B> {
                 AttentionMask::segmented(seg, keys, past)
             }
         };
-        let fused = self.attention.is_fused::<B>(&device);
+        let fused = self.attention.is_fused();
         let ctx = LayerContext {
             cos: &cos,
             sin: &sin,
@@ -676,7 +718,7 @@ impl<B: Backend> CausalLm<B> {
         if let Some(c) = cache {
             c.advance(s);
         }
-        self.norm.forward(x)
+        self.norm.apply(x, fused)
     }
 
     fn logits(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {

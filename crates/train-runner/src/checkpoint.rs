@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use train_data::DataPosition;
+use train_model::FusedAutodiffBackend;
 use train_model::{CausalLm, SaveOptions, StorageDtype, save_pretrained};
 
 use crate::config::TrainerConfig;
@@ -399,7 +399,7 @@ pub fn remove_leftovers(output: &Path) -> Result<Vec<String>> {
 }
 
 /// Writes `checkpoint-<step>` atomically (temporary directory, then rename).
-pub fn save_checkpoint<B: AutodiffBackend>(
+pub fn save_checkpoint<B: FusedAutodiffBackend>(
     output: &Path,
     model: &CausalLm<B>,
     raw_config: &Value,

@@ -1,16 +1,15 @@
 //! Evaluation: mean cross-entropy over every label token of a set of examples.
 
 use burn::tensor::ElementConversion;
-use burn::tensor::backend::Backend;
 use train_data::{Batch, Example};
-use train_model::{CausalLm, causal_lm_nll};
+use train_model::{CausalLm, FusedBackend, causal_lm_nll};
 
 use crate::batches::batch_tensors;
 
 /// Sum of the negative log-likelihoods and number of label tokens over `examples`, in
 /// micro-batches of `batch_size` padded rows (examples sorted by length so that little padding
 /// is computed; the sums do not depend on the grouping).
-pub fn evaluate<B: Backend>(
+pub fn evaluate<B: FusedBackend>(
     model: &CausalLm<B>,
     examples: &[Example],
     batch_size: usize,

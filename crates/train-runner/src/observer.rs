@@ -5,9 +5,9 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 use train_model::CausalLm;
+use train_model::FusedAutodiffBackend;
 
 use crate::error::{Result, RunnerError};
 
@@ -221,7 +221,7 @@ impl MetricsLog {
 /// Looks at the model between optimizer steps (layer statistics, live previews, probes):
 /// [`ModelInspector::inspect`] is called before the first step of the run and after every step,
 /// with the updated model.
-pub trait ModelInspector<B: AutodiffBackend> {
+pub trait ModelInspector<B: FusedAutodiffBackend> {
     /// `step`: optimizer steps done so far.
     fn inspect(&mut self, step: usize, model: &CausalLm<B>);
 }
@@ -230,6 +230,6 @@ pub trait ModelInspector<B: AutodiffBackend> {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NoInspector;
 
-impl<B: AutodiffBackend> ModelInspector<B> for NoInspector {
+impl<B: FusedAutodiffBackend> ModelInspector<B> for NoInspector {
     fn inspect(&mut self, _: usize, _: &CausalLm<B>) {}
 }

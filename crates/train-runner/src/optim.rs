@@ -8,8 +8,9 @@ use std::path::Path;
 
 use burn::module::{ModuleMapper, Param, ParamId};
 use burn::optim::GradientsParams;
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, FloatDType, Tensor, TensorData};
+use train_model::FusedAutodiffBackend;
 use train_model::{CausalLm, NamedParam, ParamKind, tensor_specs};
 
 use crate::error::{Result, RunnerError};
@@ -63,13 +64,13 @@ impl ParamTable {
 }
 
 /// The optimizer.
-pub struct AdamW<B: AutodiffBackend> {
+pub struct AdamW<B: FusedAutodiffBackend> {
     config: AdamWConfig,
     step: u64,
     state: HashMap<String, Moments<B::InnerBackend>>,
 }
 
-impl<B: AutodiffBackend> std::fmt::Debug for AdamW<B> {
+impl<B: FusedAutodiffBackend> std::fmt::Debug for AdamW<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AdamW")
             .field("config", &self.config)
@@ -79,7 +80,10 @@ impl<B: AutodiffBackend> std::fmt::Debug for AdamW<B> {
 }
 
 /// Sum of squares of every gradient, computed in f32 on the device.
-pub fn global_grad_norm<B: AutodiffBackend>(model: &CausalLm<B>, grads: &GradientsParams) -> f64 {
+pub fn global_grad_norm<B: FusedAutodiffBackend>(
+    model: &CausalLm<B>,
+    grads: &GradientsParams,
+) -> f64 {
     let mut acc: Option<Tensor<B::InnerBackend, 1>> = None;
     let mut add = |s: Tensor<B::InnerBackend, 1>| {
         acc = Some(match acc.take() {
@@ -107,7 +111,7 @@ pub fn global_grad_norm<B: AutodiffBackend>(model: &CausalLm<B>, grads: &Gradien
     acc.map_or(0.0, |a| f64::from(a.into_scalar().elem::<f32>()).sqrt())
 }
 
-impl<B: AutodiffBackend> AdamW<B> {
+impl<B: FusedAutodiffBackend> AdamW<B> {
     /// A fresh optimizer.
     pub fn new(config: AdamWConfig) -> Self {
         Self {
@@ -234,7 +238,7 @@ impl<B: AutodiffBackend> AdamW<B> {
     }
 }
 
-struct Mapper<'a, B: AutodiffBackend> {
+struct Mapper<'a, B: FusedAutodiffBackend> {
     optim: &'a mut AdamW<B>,
     table: &'a ParamTable,
     grads: GradientsParams,
@@ -242,7 +246,7 @@ struct Mapper<'a, B: AutodiffBackend> {
     grad_scale: f64,
 }
 
-impl<B: AutodiffBackend> ModuleMapper<B> for Mapper<'_, B> {
+impl<B: FusedAutodiffBackend> ModuleMapper<B> for Mapper<'_, B> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let (id, tensor, mapper) = param.consume();
         let (Some(grad), Some((name, kind))) = (

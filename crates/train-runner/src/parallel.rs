@@ -18,10 +18,10 @@ use burn::collective::{
 };
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
-use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 use serde::{Deserialize, Serialize};
 use train_model::CausalLm;
+use train_model::FusedAutodiffBackend;
 
 use crate::error::{Result, RunnerError};
 use crate::step::gradients_over;
@@ -77,7 +77,7 @@ fn ws_address(field: &str, address: &str) -> Result<(String, u16)> {
 /// The loss and gradients of one optimizer step over `batches`, computed by one worker per
 /// device in `devices` (micro-batch `i` goes to worker `i mod n`). The gradients are returned on
 /// `devices[0]`; the loss is the step's mean over its label tokens, as [`crate::step_gradients`].
-pub fn parallel_step_gradients<B: AutodiffBackend>(
+pub fn parallel_step_gradients<B: FusedAutodiffBackend>(
     model: &CausalLm<B>,
     batches: &[train_data::Batch],
     devices: &[burn::tensor::Device<B>],
@@ -114,14 +114,14 @@ pub struct StepOutcome {
 
 /// A data-parallel session: this machine's workers registered with burn's collective engine
 /// (and, for several machines, with the orchestrator) for a whole run.
-pub struct DataParallel<B: AutodiffBackend> {
+pub struct DataParallel<B: FusedAutodiffBackend> {
     devices: Vec<burn::tensor::Device<B>>,
     first_rank: usize,
     world: usize,
     open: bool,
 }
 
-impl<B: AutodiffBackend> DataParallel<B> {
+impl<B: FusedAutodiffBackend> DataParallel<B> {
     /// Registers one worker per device in `devices`; with `cluster`, this machine is node
     /// `cluster.node_rank` of `nodes`, and this waits until every machine has joined.
     pub fn start(
@@ -278,7 +278,7 @@ impl<B: AutodiffBackend> DataParallel<B> {
     }
 }
 
-impl<B: AutodiffBackend> Drop for DataParallel<B> {
+impl<B: FusedAutodiffBackend> Drop for DataParallel<B> {
     fn drop(&mut self) {
         if self.open {
             // A run that failed: forget its workers so that a next session starts clean.
@@ -303,7 +303,7 @@ struct Place {
     world: usize,
 }
 
-fn worker<B: AutodiffBackend>(
+fn worker<B: FusedAutodiffBackend>(
     Place {
         rank,
         global_rank,
@@ -376,12 +376,12 @@ fn worker<B: AutodiffBackend>(
 
 /// Takes every trained parameter's gradient out of `grads`, flattened, in visiting order; zeros
 /// for a parameter without one.
-struct Flatten<'a, B: AutodiffBackend> {
+struct Flatten<'a, B: FusedAutodiffBackend> {
     grads: &'a mut GradientsParams,
     parts: Vec<Tensor<B::InnerBackend, 1>>,
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for Flatten<'_, B> {
+impl<B: FusedAutodiffBackend> ModuleVisitor<B> for Flatten<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         if !param.is_require_grad() {
             return;
@@ -396,13 +396,13 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Flatten<'_, B> {
 }
 
 /// Puts the gradients [`Flatten`] took (summed) back into `grads`, in the same order.
-struct Unflatten<'a, B: AutodiffBackend> {
+struct Unflatten<'a, B: FusedAutodiffBackend> {
     grads: &'a mut GradientsParams,
     flat: Tensor<B::InnerBackend, 1>,
     offset: usize,
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for Unflatten<'_, B> {
+impl<B: FusedAutodiffBackend> ModuleVisitor<B> for Unflatten<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         if !param.is_require_grad() {
             return;

@@ -2,7 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::Backend;
+use train_model::FusedAutodiffBackend;
 use train_model::{CausalLm, SaveOptions, save_pretrained};
 
 use crate::batches::BatchPlan;
@@ -19,7 +20,7 @@ use crate::train_loop::Loop;
 /// Runs training to the end (or to a stop request, or a NaN). `observer.stop` is called in every
 /// case once `observer.start` was. Errors before the start (configuration, lock, resume checks)
 /// are returned without calling the observer.
-pub fn run<B: AutodiffBackend>(
+pub fn run<B: FusedAutodiffBackend>(
     setup: TrainSetup<B>,
     resume: Option<&Resume>,
     observer: &mut dyn TrainObserver,
@@ -29,7 +30,7 @@ pub fn run<B: AutodiffBackend>(
 }
 
 /// [`run`], with `inspector` looking at the model between steps.
-pub fn run_inspected<B: AutodiffBackend>(
+pub fn run_inspected<B: FusedAutodiffBackend>(
     setup: TrainSetup<B>,
     resume: Option<&Resume>,
     observer: &mut dyn TrainObserver,

@@ -4,9 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::tensor::backend::AutodiffBackend;
 use serde_json::Value;
 use train_data::Example;
+use train_model::FusedAutodiffBackend;
 use train_model::{CausalLm, IGNORE_INDEX, Pretrained, StorageDtype};
 
 use crate::checkpoint::{
@@ -17,7 +17,7 @@ use crate::error::{Result, RunnerError};
 use crate::observer::TrainObserver;
 
 /// Everything a run needs.
-pub struct TrainSetup<B: AutodiffBackend> {
+pub struct TrainSetup<B: FusedAutodiffBackend> {
     /// The model to train (loaded from the checkpoint when resuming).
     pub model: CausalLm<B>,
     /// The source `config.json` (carried into checkpoints and the final model).
@@ -49,7 +49,7 @@ pub struct TrainSetup<B: AutodiffBackend> {
     pub inputs: Vec<PathBuf>,
 }
 
-impl<B: AutodiffBackend> TrainSetup<B> {
+impl<B: FusedAutodiffBackend> TrainSetup<B> {
     /// A setup that trains `source` (a loaded checkpoint, whose directory provides the
     /// configuration and tokenizer files carried into checkpoints) on `train`, evaluating on
     /// `validation`; no data fingerprint, and an output directory with checkpoints is refused

@@ -2,8 +2,8 @@
 //! number, with the LM head and the loss fused.
 
 use burn::optim::{GradientsAccumulator, GradientsParams};
-use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, IndexingUpdateOp, Int, Tensor, TensorData};
+use train_model::FusedAutodiffBackend;
 use train_model::{CausalLm, IGNORE_INDEX, causal_lm_nll, fused_linear_nll, nll_chunk_rows};
 
 use crate::batches::batch_tensors;
@@ -19,7 +19,7 @@ use crate::batches::batch_tensors;
 /// on the spot, so the `[tokens, vocab]` logits are never materialised nor kept for the
 /// backward pass. The rest of the network is differentiated by autodiff from the final norm's
 /// output with those gradients.
-pub fn step_gradients<B: AutodiffBackend>(
+pub fn step_gradients<B: FusedAutodiffBackend>(
     model: &CausalLm<B>,
     batches: &[train_data::Batch],
     device: &burn::tensor::Device<B>,
@@ -30,7 +30,7 @@ pub fn step_gradients<B: AutodiffBackend>(
 
 /// [`step_gradients`] of a part of a step: each micro-batch's NLL sum is divided by
 /// `denominator`, the label tokens of the whole step (over every worker).
-pub(crate) fn gradients_over<'a, B: AutodiffBackend>(
+pub(crate) fn gradients_over<'a, B: FusedAutodiffBackend>(
     model: &CausalLm<B>,
     batches: impl IntoIterator<Item = &'a train_data::Batch>,
     denominator: f64,
@@ -72,7 +72,7 @@ fn label_rows(batch: &train_data::Batch) -> Option<(Vec<i64>, Vec<i64>)> {
 }
 
 /// Materialised logits, `causal_lm_nll`, autodiff through everything.
-fn plain_micro_batch<B: AutodiffBackend>(
+fn plain_micro_batch<B: FusedAutodiffBackend>(
     model: &CausalLm<B>,
     batch: &train_data::Batch,
     denominator: f64,
@@ -86,7 +86,7 @@ fn plain_micro_batch<B: AutodiffBackend>(
 }
 
 /// The fused LM head + loss on the label positions, then autodiff from the final norm's output.
-fn fused_micro_batch<B: AutodiffBackend>(
+fn fused_micro_batch<B: FusedAutodiffBackend>(
     model: &CausalLm<B>,
     batch: &train_data::Batch,
     rows: Vec<i64>,

@@ -5,10 +5,10 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
-use burn::tensor::backend::AutodiffBackend;
 use serde_json::Value;
 use train_data::Example;
 use train_model::CausalLm;
+use train_model::FusedAutodiffBackend;
 
 use crate::batches::BatchPlan;
 use crate::checkpoint::{TrainerState, rotate_checkpoints, save_checkpoint};
@@ -21,7 +21,7 @@ use crate::observer::{EvalMetrics, MetricsLog, RunStatus, StepMetrics, TrainEven
 use crate::optim::{AdamW, ParamTable, global_grad_norm};
 use crate::step::step_gradients;
 
-pub(crate) struct Loop<'a, B: AutodiffBackend> {
+pub(crate) struct Loop<'a, B: FusedAutodiffBackend> {
     pub(crate) plan: &'a BatchPlan,
     pub(crate) config: &'a TrainerConfig,
     pub(crate) setup_validation: &'a [Example],
@@ -44,7 +44,7 @@ pub(crate) struct Loop<'a, B: AutodiffBackend> {
     pub(crate) loss_this_run: f64,
 }
 
-impl<B: AutodiffBackend> Loop<'_, B> {
+impl<B: FusedAutodiffBackend> Loop<'_, B> {
     pub(crate) fn train(&mut self, model: CausalLm<B>) -> Result<(RunStatus, CausalLm<B>)> {
         let parallel = if self.devices.len() > 1 || self.config.nodes > 1 {
             Some(crate::DataParallel::start(

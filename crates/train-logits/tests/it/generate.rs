@@ -3,14 +3,13 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::tensor::backend::Backend;
 use serde_json::Value;
 use train_data::{ChatTokenizer, Message, Role};
 use train_logits::{
     Decoding, GenerationConfig, LogitsProcessor, ProcessorConfig, ProcessorContext, StopReason,
     generate,
 };
-use train_model::{CausalLm, LoadOptions, Precision, load_pretrained};
+use train_model::{CausalLm, FusedBackend, LoadOptions, Precision, load_pretrained};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -26,7 +25,7 @@ fn model_dir(arch: &str) -> PathBuf {
     root().join("../train-model/tests/fixtures").join(arch)
 }
 
-fn load<B: Backend>(dir: &Path, device: &B::Device) -> CausalLm<B> {
+fn load<B: FusedBackend>(dir: &Path, device: &B::Device) -> CausalLm<B> {
     let options = LoadOptions {
         precision: Precision::Fp32,
         ..LoadOptions::default()
@@ -55,7 +54,7 @@ fn config(max_new_tokens: usize) -> GenerationConfig {
     }
 }
 
-fn greedy_tokens_match_transformers_alone_and_batched<B: Backend>(device: &B::Device) {
+fn greedy_tokens_match_transformers_alone_and_batched<B: FusedBackend>(device: &B::Device) {
     let r = reference();
     let n = usize::try_from(r["max_new_tokens"].as_u64().unwrap()).unwrap();
     for arch in ["qwen3", "qwen2", "llama"] {
@@ -96,7 +95,7 @@ fn greedy_tokens_match_transformers_alone_and_batched<B: Backend>(device: &B::De
     }
 }
 
-fn rows_stop_on_their_own_end_token_and_stop_string<B: Backend>(device: &B::Device) {
+fn rows_stop_on_their_own_end_token_and_stop_string<B: FusedBackend>(device: &B::Device) {
     let r = reference();
     let dir = model_dir("qwen2");
     let model = load::<B>(&dir, device);
@@ -145,7 +144,7 @@ fn rows_stop_on_their_own_end_token_and_stop_string<B: Backend>(device: &B::Devi
     assert_eq!(got[0].token_ids, want[1][..first]);
 }
 
-fn stop_strings_stop_where_transformers_does<B: Backend>(device: &B::Device) {
+fn stop_strings_stop_where_transformers_does<B: FusedBackend>(device: &B::Device) {
     let r = reference();
     let mut checked = 0;
     for arch in ["qwen3", "qwen2", "llama"] {
@@ -192,7 +191,7 @@ fn stop_strings_stop_where_transformers_does<B: Backend>(device: &B::Device) {
     assert!(checked >= 20);
 }
 
-fn processors_steer_generation_and_sampling_is_seeded<B: Backend>(device: &B::Device) {
+fn processors_steer_generation_and_sampling_is_seeded<B: FusedBackend>(device: &B::Device) {
     let r = reference();
     let dir = model_dir("llama");
     let model = load::<B>(&dir, device);
@@ -242,7 +241,7 @@ fn processors_steer_generation_and_sampling_is_seeded<B: Backend>(device: &B::De
     assert_ne!(a, c);
 }
 
-fn bad_requests_are_errors<B: Backend>(device: &B::Device) {
+fn bad_requests_are_errors<B: FusedBackend>(device: &B::Device) {
     let model = load::<B>(&model_dir("qwen2"), device);
     assert!(generate(&model, None, &[], &mut [], &config(4)).is_err());
     assert!(generate(&model, None, &[vec![]], &mut [], &config(4)).is_err());

@@ -5,6 +5,7 @@
 mod checkpoint_io;
 mod common;
 mod config_rope;
+mod fused_ops;
 mod lora;
 mod parity;
 mod qwen3_vl;

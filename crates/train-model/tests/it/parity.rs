@@ -5,25 +5,24 @@
 use crate::common::{Reference, fixtures, max_abs_diff, rel_err};
 use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
-use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use train_model::{
-    AttentionImpl, CausalLm, KvCache, LoadOptions, ModelInput, NamedParam, Precision,
-    causal_lm_loss, causal_lm_nll, load_pretrained,
+    AttentionImpl, CausalLm, FusedAutodiffBackend, FusedBackend, KvCache, LoadOptions, ModelInput,
+    NamedParam, Precision, causal_lm_loss, causal_lm_nll, load_pretrained,
 };
 
 /// Tolerances of the issue: logits max abs error ≤ 1e-4 (f32), gradients relative error ≤ 1e-3.
 const LOGITS_TOL: f32 = 1e-4;
 const GRAD_TOL: f64 = 1e-3;
 
-fn f32s<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+fn f32s<B: burn::tensor::backend::Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.cast(burn::tensor::FloatDType::F32)
         .into_data()
         .to_vec::<f32>()
         .unwrap()
 }
 
-fn labels<B: Backend>(r: &Reference, device: &B::Device) -> Tensor<B, 2, Int> {
+fn labels<B: FusedBackend>(r: &Reference, device: &B::Device) -> Tensor<B, 2, Int> {
     let t = r.get("labels");
     Tensor::from_data(
         TensorData::new(t.i64.clone(), [t.shape[0], t.shape[1]]),
@@ -31,7 +30,7 @@ fn labels<B: Backend>(r: &Reference, device: &B::Device) -> Tensor<B, 2, Int> {
     )
 }
 
-fn load<B: Backend>(
+fn load<B: FusedBackend>(
     arch: &str,
     precision: Precision,
     attention: AttentionImpl,
@@ -48,9 +47,18 @@ fn load<B: Backend>(
 }
 
 /// Logits, hidden states, loss and every gradient against the reference.
-pub fn forward_backward<B: AutodiffBackend>(arch: &str, device: &B::Device) {
+pub fn forward_backward<B: FusedAutodiffBackend>(arch: &str, device: &B::Device) {
+    forward_backward_with::<B>(arch, AttentionImpl::Standard, device);
+}
+
+/// [`forward_backward`] with the given kernels.
+pub fn forward_backward_with<B: FusedAutodiffBackend>(
+    arch: &str,
+    attention: AttentionImpl,
+    device: &B::Device,
+) {
     let r = Reference::load(arch);
-    let model = load::<B>(arch, Precision::Fp32, AttentionImpl::Standard, device);
+    let model = load::<B>(arch, Precision::Fp32, attention, device);
     let input = ModelInput::from_rows(&r.rows("input_ids"), device).unwrap();
     let (logits, hidden) = model.forward_with_hidden(&input);
 
@@ -113,7 +121,7 @@ pub fn forward_backward<B: AutodiffBackend>(arch: &str, device: &B::Device) {
 }
 
 /// The loss after one AdamW step with PyTorch's hyper-parameters.
-pub fn adamw_step<B: AutodiffBackend>(arch: &str, device: &B::Device) {
+pub fn adamw_step<B: FusedAutodiffBackend>(arch: &str, device: &B::Device) {
     let r = Reference::load(arch);
     let h = &r.meta["adamw"];
     let model = load::<B>(arch, Precision::Fp32, AttentionImpl::Standard, device);
@@ -142,7 +150,7 @@ pub fn adamw_step<B: AutodiffBackend>(arch: &str, device: &B::Device) {
 }
 
 /// A packed row (two segments back to back) gives each segment's own logits.
-pub fn packed<B: Backend>(arch: &str, attention: AttentionImpl, device: &B::Device) {
+pub fn packed<B: FusedBackend>(arch: &str, attention: AttentionImpl, device: &B::Device) {
     let r = Reference::load(arch);
     let model = load::<B>(arch, Precision::Fp32, attention, device);
     let ids = r.rows("packed.input_ids");
@@ -157,7 +165,7 @@ pub fn packed<B: Backend>(arch: &str, attention: AttentionImpl, device: &B::Devi
 }
 
 /// Fused and standard attention agree (inference backend, where the fused kernel runs).
-pub fn fused_matches_standard<B: Backend>(arch: &str, device: &B::Device) {
+pub fn fused_matches_standard<B: FusedBackend>(arch: &str, device: &B::Device) {
     let r = Reference::load(arch);
     let input = ModelInput::from_rows(&r.rows("input_ids"), device).unwrap();
     let fused =
@@ -188,7 +196,7 @@ pub fn fused_matches_standard<B: Backend>(arch: &str, device: &B::Device) {
 }
 
 /// Decoding token by token through the KV cache gives the logits of one full forward.
-pub fn kv_cache<B: Backend>(arch: &str, attention: AttentionImpl, device: &B::Device) {
+pub fn kv_cache<B: FusedBackend>(arch: &str, attention: AttentionImpl, device: &B::Device) {
     let r = Reference::load(arch);
     let model = load::<B>(arch, Precision::Fp32, attention, device);
     let rows = r.rows("input_ids");
@@ -228,7 +236,7 @@ pub fn kv_cache<B: Backend>(arch: &str, attention: AttentionImpl, device: &B::De
 }
 
 /// bf16 compute stays close to transformers' bf16 logits (and to the f32 reference).
-pub fn bf16_close<B: Backend>(device: &B::Device) {
+pub fn bf16_close<B: FusedBackend>(device: &B::Device) {
     let r = Reference::load("qwen3");
     let model = load::<B>("qwen3", Precision::Bf16, AttentionImpl::Standard, device);
     assert_eq!(model.dtype(), DType::BF16);
@@ -249,7 +257,7 @@ pub fn bf16_close<B: Backend>(device: &B::Device) {
 
 /// f32 master weights with bf16 compute: gradients arrive in f32 for every parameter, and the
 /// loss stays close to the f32 reference.
-pub fn mixed_precision<B: AutodiffBackend>(device: &B::Device) {
+pub fn mixed_precision<B: FusedAutodiffBackend>(device: &B::Device) {
     let r = Reference::load("qwen2");
     let options = LoadOptions {
         precision: Precision::Bf16,
@@ -294,7 +302,7 @@ pub fn mixed_precision<B: AutodiffBackend>(device: &B::Device) {
 }
 
 /// Evaluation mode (`valid()`) of an autodiff model gives the same logits on the inner backend.
-pub fn valid_matches<B: AutodiffBackend>(arch: &str, device: &B::Device) {
+pub fn valid_matches<B: FusedAutodiffBackend>(arch: &str, device: &B::Device) {
     let r = Reference::load(arch);
     let model = load::<B>(arch, Precision::Fp32, AttentionImpl::Auto, device);
     let inner = model.valid();
@@ -325,6 +333,12 @@ macro_rules! backend_tests {
             #[test]
             fn llama_forward_backward() {
                 forward_backward::<Ad>("llama", &device());
+            }
+            #[test]
+            fn fused_ops_forward_backward_match_transformers() {
+                for arch in ["qwen3", "qwen2", "llama"] {
+                    forward_backward_with::<Ad>(arch, AttentionImpl::Auto, &device());
+                }
             }
             #[test]
             fn adamw_steps_match() {

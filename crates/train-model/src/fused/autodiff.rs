@@ -1,0 +1,214 @@
+//! The fused operations under autodiff: one graph node each, with a hand-written backward that
+//! calls the inner backend's backward method.
+
+use burn::backend::Autodiff;
+use burn::backend::autodiff::{
+    checkpoint::{base::Checkpointer, strategy::CheckpointStrategy},
+    grads::Gradients,
+    ops::{Backward, Ops, OpsKind},
+};
+use burn::tensor::ops::FloatTensor;
+
+use super::{AttentionSpec, FusedBackend, SegmentIds};
+
+type Inner<B> = FloatTensor<B>;
+
+#[derive(Debug)]
+struct AttentionBackward;
+
+#[derive(Debug, Clone)]
+struct AttentionState<B: FusedBackend> {
+    q: Inner<B>,
+    k: Inner<B>,
+    v: Inner<B>,
+    out: Inner<B>,
+    lse: Inner<B>,
+    segments: SegmentIds<B>,
+    spec: AttentionSpec,
+}
+
+impl<B: FusedBackend> Backward<B, 3> for AttentionBackward {
+    type State = AttentionState<B>;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_q, node_k, node_v] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let s = ops.state;
+        let (dq, dk, dv) =
+            B::fused_attention_backward(s.q, s.k, s.v, s.out, s.lse, grad, s.segments, &s.spec);
+        for (node, g) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, g);
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct RmsNormBackward;
+
+#[derive(Debug, Clone)]
+struct RmsNormState<B: FusedBackend> {
+    x: Inner<B>,
+    weight: Inner<B>,
+    rstd: Inner<B>,
+    offset: f64,
+}
+
+impl<B: FusedBackend> Backward<B, 2> for RmsNormBackward {
+    type State = RmsNormState<B>;
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_w] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let s = ops.state;
+        let (dx, dw) = B::fused_rms_norm_backward(s.x, s.weight, s.rstd, grad, s.offset);
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, dx);
+        }
+        if let Some(node) = node_w {
+            grads.register::<B>(node.id, dw);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct SwigluBackward;
+
+impl<B: FusedBackend> Backward<B, 2> for SwigluBackward {
+    type State = (Inner<B>, Inner<B>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_g, node_u] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (gate, up) = ops.state;
+        let (dg, du) = B::fused_swiglu_backward(gate, up, grad);
+        if let Some(node) = node_g {
+            grads.register::<B>(node.id, dg);
+        }
+        if let Some(node) = node_u {
+            grads.register::<B>(node.id, du);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct RotaryBackward;
+
+impl<B: FusedBackend> Backward<B, 1> for RotaryBackward {
+    type State = (Inner<B>, Inner<B>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (cos, sin) = ops.state;
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, B::fused_rotary_backward(cos, sin, grad));
+        }
+    }
+}
+
+impl<B: FusedBackend, C: CheckpointStrategy> FusedBackend for Autodiff<B, C> {
+    fn fused_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        segments: SegmentIds<Self>,
+        spec: &AttentionSpec,
+    ) -> FloatTensor<Self> {
+        match AttentionBackward
+            .prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (out, lse) = B::fused_attention_lse(
+                    q.primitive.clone(),
+                    k.primitive.clone(),
+                    v.primitive.clone(),
+                    segments.clone(),
+                    spec,
+                );
+                let state = AttentionState::<B> {
+                    q: q.primitive,
+                    k: k.primitive,
+                    v: v.primitive,
+                    out: out.clone(),
+                    lse,
+                    segments,
+                    spec: *spec,
+                };
+                prep.finish(state, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::fused_attention(
+                q.primitive,
+                k.primitive,
+                v.primitive,
+                segments,
+                spec,
+            )),
+        }
+    }
+
+    fn fused_rms_norm(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f64,
+        offset: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (y, rstd) =
+            B::fused_rms_norm(x.primitive.clone(), weight.primitive.clone(), eps, offset);
+        let out = match RmsNormBackward
+            .prepare::<C>([x.node.clone(), weight.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(
+                RmsNormState::<B> {
+                    x: x.primitive,
+                    weight: weight.primitive,
+                    rstd: rstd.clone(),
+                    offset,
+                },
+                y,
+            ),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+        (
+            out,
+            <Self as burn::tensor::backend::AutodiffBackend>::from_inner(rstd),
+        )
+    }
+
+    fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        let y = B::fused_swiglu(gate.primitive.clone(), up.primitive.clone());
+        match SwigluBackward
+            .prepare::<C>([gate.node.clone(), up.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((gate.primitive, up.primitive), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
+    fn fused_rotary(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let y = B::fused_rotary(
+            x.primitive.clone(),
+            cos.primitive.clone(),
+            sin.primitive.clone(),
+        );
+        match RotaryBackward
+            .prepare::<C>([x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((cos.primitive, sin.primitive), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+}

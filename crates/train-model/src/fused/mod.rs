@@ -1,0 +1,239 @@
+//! Fused operations with their own backward: attention, RMSNorm, SwiGLU and rotary embedding.
+//!
+//! burn's pattern for custom operations: [`FusedBackend`] is a backend-extension trait whose
+//! methods have a default body ([`reference`], written once with burn's tensor operations, so
+//! every backend has them), which a backend may replace with its own kernels (libtorch's fused
+//! attention on `tch`: [`tch`]). For `Autodiff<B>` each operation is implemented once
+//! ([`autodiff`]) as **one** graph node with a hand-written backward that calls `B`'s backward
+//! method: the decomposed chain of small operations (a dozen nodes for an RMSNorm, the
+//! `[b, h, s, s]` scores and probabilities of attention and their gradients) is neither
+//! recorded nor kept.
+//!
+//! A new backend gets every operation by `impl FusedBackend for MyBackend {}` and replaces a
+//! method where it has something faster; its autodiff wrapper needs nothing more.
+//!
+//! The model calls the functions at the bottom of this module ([`attention`], [`rms_norm`],
+//! [`swiglu`], [`rotary`]); [`crate::AttentionImpl::Standard`] keeps the decomposed path for
+//! comparison.
+
+mod autodiff;
+pub mod reference;
+#[cfg(feature = "tch")]
+mod tch;
+
+use burn::tensor::{
+    Int, Tensor,
+    backend::{AutodiffBackend, Backend},
+    ops::{FloatTensor, IntTensor},
+};
+
+use reference::{float, prim};
+
+/// What an attention call computes besides `softmax(q kᵀ · scale) v`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionSpec {
+    /// Multiplies the scores (usually `1 / √head_dim`).
+    pub scale: f64,
+    /// Query `i` (absolute position `past + i`) sees only keys at positions `≤ past + i`.
+    pub causal: bool,
+    /// Keys cached before the first query (the queries' absolute positions start here).
+    pub past: usize,
+    /// Sliding window: query `i` sees key `j` only when `i − j < window` (Mistral, Gemma).
+    pub window: Option<usize>,
+    /// Scores become `cap · tanh(scores / cap)` before the mask (Gemma 2).
+    pub softcap: Option<f64>,
+}
+
+impl AttentionSpec {
+    /// Causal attention with `1 / √head_dim` scaling and nothing else.
+    pub fn causal(head_dim: usize) -> Self {
+        Self {
+            scale: 1.0 / (head_dim.max(1) as f64).sqrt(),
+            causal: true,
+            past: 0,
+            window: None,
+            softcap: None,
+        }
+    }
+}
+
+/// Segment ids of the queries `[b, sq]` and of the keys `[b, sk]`: a query sees only keys of
+/// its own segment (packed rows), without any `[s, s]` mask in memory.
+pub type SegmentIds<B> = Option<(IntTensor<B>, IntTensor<B>)>;
+
+/// A backend with the fused operations. Every method has a default body ([`reference`]).
+///
+/// Shapes: attention `q [b, h, sq, d]`, `k`, `v` `[b, kvh, sk, d]` with `h` a multiple of `kvh`
+/// (grouped-query attention without repeating keys and values); norms and gates on
+/// `[rows, width]`; rotary on `[b, h, s, d]` with `cos`, `sin` broadcasting to it.
+pub trait FusedBackend: Backend {
+    /// Attention output `[b, h, sq, d]`.
+    fn fused_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        segments: SegmentIds<Self>,
+        spec: &AttentionSpec,
+    ) -> FloatTensor<Self> {
+        Self::fused_attention_lse(q, k, v, segments, spec).0
+    }
+
+    /// Attention output and each row's log-sum-exp `[b, h, sq]` (f32), for the backward.
+    fn fused_attention_lse(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        segments: SegmentIds<Self>,
+        spec: &AttentionSpec,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        reference::attention_forward::<Self>(q, k, v, segments, spec)
+    }
+
+    /// Gradients `(dq, dk, dv)` of attention from its output, log-sum-exp and output gradient.
+    #[allow(clippy::too_many_arguments)]
+    fn fused_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        segments: SegmentIds<Self>,
+        spec: &AttentionSpec,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        reference::attention_backward::<Self>(q, k, v, out, lse, grad, segments, spec)
+    }
+
+    /// RMSNorm of `x [rows, n]` with scale `weight + offset` `[n]`: the output and each row's
+    /// reciprocal rms `[rows, 1]` (f32).
+    fn fused_rms_norm(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f64,
+        offset: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        reference::rms_norm_forward::<Self, 2>(x, weight, eps, offset)
+    }
+
+    /// RMSNorm gradients `(dx, d weight)`.
+    fn fused_rms_norm_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        rstd: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        offset: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        reference::rms_norm_backward::<Self, 2>(x, weight, rstd, grad, offset)
+    }
+
+    /// `silu(gate) · up`, both `[rows, n]`.
+    fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        reference::swiglu_forward::<Self, 2>(gate, up)
+    }
+
+    /// SwiGLU gradients `(d gate, d up)`.
+    fn fused_swiglu_backward(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        reference::swiglu_backward::<Self, 2>(gate, up, grad)
+    }
+
+    /// Rotary embedding `x · cos + rotate_half(x) · sin`.
+    fn fused_rotary(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        reference::rotary_forward::<Self>(x, cos, sin)
+    }
+
+    /// Rotary gradient with respect to `x` (`cos`, `sin` are constants).
+    fn fused_rotary_backward(
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        reference::rotary_backward::<Self>(cos, sin, grad)
+    }
+}
+
+/// An autodiff backend whose inner backend has the fused operations too (what training needs:
+/// the trained model runs on `Self`, evaluation on `Self::InnerBackend`).
+pub trait FusedAutodiffBackend: AutodiffBackend<InnerBackend: FusedBackend> + FusedBackend {}
+
+impl<B> FusedAutodiffBackend for B
+where
+    B: AutodiffBackend + FusedBackend,
+    B::InnerBackend: FusedBackend,
+{
+}
+
+#[cfg(feature = "cpu")]
+impl FusedBackend for burn::backend::Flex {}
+
+#[cfg(feature = "cuda")]
+impl FusedBackend for burn::backend::Cuda {}
+
+fn int_prim<B: Backend>(t: Tensor<B, 2, Int>) -> IntTensor<B> {
+    t.into_primitive()
+}
+
+/// Attention of `q [b, h, sq, d]` against `k`, `v` `[b, kvh, sk, d]` (see [`AttentionSpec`]).
+pub fn attention<B: FusedBackend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    segments: Option<(Tensor<B, 2, Int>, Tensor<B, 2, Int>)>,
+    spec: &AttentionSpec,
+) -> Tensor<B, 4> {
+    let segments = segments.map(|(a, b)| (int_prim(a), int_prim(b)));
+    float(B::fused_attention(
+        prim(q),
+        prim(k),
+        prim(v),
+        segments,
+        spec,
+    ))
+}
+
+/// RMSNorm over the last dimension with scale `weight + offset`, in f32, returned in `x`'s
+/// dtype.
+pub fn rms_norm<B: FusedBackend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 1>,
+    eps: f64,
+    offset: f64,
+) -> Tensor<B, D> {
+    let dims = x.dims();
+    let n = dims[D - 1];
+    let rows = dims[..D - 1].iter().product::<usize>();
+    let (y, _) = B::fused_rms_norm(prim(x.reshape([rows, n])), prim(weight), eps, offset);
+    float::<B, 2>(y).reshape(dims)
+}
+
+/// `silu(gate) · up`.
+pub fn swiglu<B: FusedBackend, const D: usize>(
+    gate: Tensor<B, D>,
+    up: Tensor<B, D>,
+) -> Tensor<B, D> {
+    let dims = gate.dims();
+    let n = dims[D - 1];
+    let rows = dims[..D - 1].iter().product::<usize>();
+    let y = B::fused_swiglu(prim(gate.reshape([rows, n])), prim(up.reshape([rows, n])));
+    float::<B, 2>(y).reshape(dims)
+}
+
+/// Rotary embedding of `x [b, h, s, d]` (`cos`, `sin` broadcasting to it).
+pub fn rotary<B: FusedBackend>(
+    x: Tensor<B, 4>,
+    cos: &Tensor<B, 4>,
+    sin: &Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    float(B::fused_rotary(
+        prim(x),
+        prim(cos.clone()),
+        prim(sin.clone()),
+    ))
+}

@@ -1,0 +1,438 @@
+//! The fused operations (`train_model::fused`) against the decomposed reference, values and
+//! gradients through autodiff: attention (causal, grouped heads, segments, cache offset,
+//! sliding window, softcap; one block or many), RMSNorm (with the `1 + w` variant), SwiGLU and
+//! rotary — on every backend compiled in. Property tests vary the shapes.
+
+use burn::backend::Autodiff;
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::{Distribution, Int, Tensor, TensorData, TensorPrimitive};
+use proptest::prelude::*;
+use train_model::FusedBackend;
+use train_model::attention::repeat_kv;
+use train_model::fused::{self, AttentionSpec, reference};
+use train_model::rope::apply_rotary;
+
+/// Largest |a − b| over max(1, largest |b|): relative to the tensor's scale.
+fn rel_diff<B: burn::tensor::backend::Backend, const D: usize>(
+    a: Tensor<B, D>,
+    b: Tensor<B, D>,
+) -> f32 {
+    let a: Vec<f32> = a.into_data().convert::<f32>().to_vec().unwrap();
+    let b: Vec<f32> = b.into_data().convert::<f32>().to_vec().unwrap();
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
+    let worst = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(worst.is_finite(), "non-finite difference");
+    worst / scale
+}
+
+/// One attention problem.
+#[derive(Debug, Clone)]
+struct Case {
+    b: usize,
+    h: usize,
+    kvh: usize,
+    sq: usize,
+    past: usize,
+    d: usize,
+    window: Option<usize>,
+    softcap: Option<f64>,
+    /// Segment lengths of each batch row over all `past + sq` positions (packed rows).
+    segments: Option<Vec<Vec<usize>>>,
+}
+
+impl Case {
+    fn sk(&self) -> usize {
+        self.past + self.sq
+    }
+
+    fn spec(&self) -> AttentionSpec {
+        AttentionSpec {
+            past: self.past,
+            window: self.window,
+            softcap: self.softcap,
+            ..AttentionSpec::causal(self.d)
+        }
+    }
+
+    /// Segment id of each position of each row.
+    fn segment_ids(&self) -> Option<Vec<Vec<i64>>> {
+        self.segments.as_ref().map(|rows| {
+            rows.iter()
+                .map(|lens| {
+                    let mut ids = Vec::new();
+                    for (i, &n) in lens.iter().enumerate() {
+                        ids.extend(std::iter::repeat_n(i as i64, n));
+                    }
+                    ids.resize(self.sk(), lens.len() as i64);
+                    ids
+                })
+                .collect()
+        })
+    }
+
+    /// `[b, 1, sq, sk]` additive mask built on the host, pair by pair.
+    fn bias<B: burn::tensor::backend::Backend>(&self, device: &B::Device) -> Tensor<B, 4> {
+        let seg = self.segment_ids();
+        let (sq, sk) = (self.sq, self.sk());
+        let mut v = Vec::with_capacity(self.b * sq * sk);
+        for r in 0..self.b {
+            for i in 0..sq {
+                let qi = self.past + i;
+                for j in 0..sk {
+                    let mut ok = j <= qi;
+                    if let Some(w) = self.window {
+                        ok &= qi - j.min(qi) < w;
+                    }
+                    if let Some(s) = &seg {
+                        ok &= s[r][qi] == s[r][j];
+                    }
+                    v.push(if ok { 0.0f32 } else { f32::MIN });
+                }
+            }
+        }
+        Tensor::from_data(TensorData::new(v, [self.b, 1, sq, sk]), device)
+    }
+}
+
+/// The decomposed attention (`transformers` eager with repeated heads and a full mask).
+fn decomposed<B: burn::tensor::backend::Backend>(
+    c: &Case,
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    let n = c.h / c.kvh;
+    let k = repeat_kv(k, n);
+    let v = repeat_kv(v, n);
+    let mut s = q.matmul(k.transpose()) * c.spec().scale;
+    if let Some(cap) = c.softcap {
+        s = s.div_scalar(cap).tanh().mul_scalar(cap);
+    }
+    let s = s + c.bias::<B>(&v.device());
+    softmax(s, 3).matmul(v)
+}
+
+fn int2<B: burn::tensor::backend::Backend>(
+    rows: &[Vec<i64>],
+    device: &B::Device,
+) -> Tensor<B, 2, Int> {
+    let n = rows[0].len();
+    Tensor::from_data(TensorData::new(rows.concat(), [rows.len(), n]), device)
+}
+
+fn check_attention<B: FusedBackend>(c: &Case, device: &B::Device) {
+    type Ad<B> = Autodiff<B>;
+    let rnd =
+        |shape: [usize; 4]| Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), device);
+    let q = rnd([c.b, c.h, c.sq, c.d]);
+    let k = rnd([c.b, c.kvh, c.sk(), c.d]);
+    let v = rnd([c.b, c.kvh, c.sk(), c.d]);
+    let dout = rnd([c.b, c.h, c.sq, c.d]);
+    let leaf = |t: &Tensor<B, 4>| Tensor::<Ad<B>, 4>::from_inner(t.clone()).require_grad();
+
+    // Decomposed, through autodiff.
+    let (q1, k1, v1) = (leaf(&q), leaf(&k), leaf(&v));
+    let o1 = decomposed(c, q1.clone(), k1.clone(), v1.clone());
+    let g1 = (o1.clone() * Tensor::from_inner(dout.clone()))
+        .sum()
+        .backward();
+
+    // Fused, through autodiff (its own backward).
+    let (q2, k2, v2) = (leaf(&q), leaf(&k), leaf(&v));
+    let seg = c.segment_ids().map(|ids| {
+        let q_ids: Vec<Vec<i64>> = ids.iter().map(|r| r[c.past..].to_vec()).collect();
+        (int2::<Ad<B>>(&q_ids, device), int2::<Ad<B>>(&ids, device))
+    });
+    let o2 = fused::attention(q2.clone(), k2.clone(), v2.clone(), seg, &c.spec());
+    let g2 = (o2.clone() * Tensor::from_inner(dout.clone()))
+        .sum()
+        .backward();
+
+    let tol = 1e-5;
+    let out = rel_diff(o2.inner(), o1.clone().inner());
+    let dq = rel_diff(q2.grad(&g2).unwrap(), q1.grad(&g1).unwrap());
+    let dk = rel_diff(k2.grad(&g2).unwrap(), k1.grad(&g1).unwrap());
+    let dv = rel_diff(v2.grad(&g2).unwrap(), v1.grad(&g1).unwrap());
+    assert!(
+        out <= tol && dq <= tol && dk <= tol && dv <= tol,
+        "{c:?}: out {out:.2e} dq {dq:.2e} dk {dk:.2e} dv {dv:.2e}"
+    );
+
+    // Every block size gives the same forward and backward.
+    let spec = c.spec();
+    let prim = |t: &Tensor<B, 4>| t.clone().into_primitive().tensor();
+    let seg_inner = c.segment_ids().map(|ids| {
+        let q_ids: Vec<Vec<i64>> = ids.iter().map(|r| r[c.past..].to_vec()).collect();
+        (
+            int2::<B>(&q_ids, device).into_primitive(),
+            int2::<B>(&ids, device).into_primitive(),
+        )
+    });
+    let float = |p| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(p));
+    for rows in [1, 3, c.sq] {
+        let (o, lse) = reference::attention_forward_in_blocks::<B>(
+            prim(&q),
+            prim(&k),
+            prim(&v),
+            seg_inner.clone(),
+            &spec,
+            rows,
+        );
+        let (dq, dk, dv) = reference::attention_backward_in_blocks::<B>(
+            prim(&q),
+            prim(&k),
+            prim(&v),
+            o.clone(),
+            lse,
+            prim(&dout),
+            seg_inner.clone(),
+            &spec,
+            rows,
+        );
+        let e = [
+            rel_diff(float(o), o1.clone().inner()),
+            rel_diff(float(dq), q1.grad(&g1).unwrap()),
+            rel_diff(float(dk), k1.grad(&g1).unwrap()),
+            rel_diff(float(dv), v1.grad(&g1).unwrap()),
+        ];
+        assert!(
+            e.iter().all(|x| *x <= tol),
+            "{c:?}, {rows} rows per block: {e:?}"
+        );
+    }
+}
+
+fn base(b: usize, h: usize, kvh: usize, sq: usize, d: usize) -> Case {
+    Case {
+        b,
+        h,
+        kvh,
+        sq,
+        past: 0,
+        d,
+        window: None,
+        softcap: None,
+        segments: None,
+    }
+}
+
+/// The cases the issue names: odd lengths, one token, GQA ratios, segments of length 1, a
+/// window larger than the sequence, softcap, a cache offset, and several blocks.
+fn named_cases() -> Vec<Case> {
+    vec![
+        base(2, 4, 2, 7, 8),
+        base(1, 1, 1, 1, 4),
+        base(1, 6, 1, 5, 4),
+        base(1, 8, 8, 3, 16),
+        Case {
+            segments: Some(vec![vec![1, 3, 1, 2], vec![7]]),
+            ..base(2, 4, 2, 7, 8)
+        },
+        Case {
+            segments: Some(vec![vec![1; 6]]),
+            ..base(1, 2, 1, 6, 4)
+        },
+        Case {
+            window: Some(3),
+            ..base(1, 4, 2, 9, 8)
+        },
+        Case {
+            window: Some(100),
+            ..base(1, 4, 2, 9, 8)
+        },
+        Case {
+            softcap: Some(2.0),
+            ..base(2, 4, 2, 6, 8)
+        },
+        Case {
+            past: 5,
+            ..base(2, 4, 2, 3, 8)
+        },
+        Case {
+            past: 4,
+            segments: Some(vec![vec![2, 5], vec![6, 1]]),
+            ..base(2, 4, 2, 3, 8)
+        },
+        Case {
+            past: 3,
+            sq: 1,
+            window: Some(2),
+            ..base(1, 2, 1, 1, 4)
+        },
+        // More query rows than one default block (128): causal skipping across blocks.
+        base(1, 2, 1, 300, 8),
+    ]
+}
+
+fn check_norm_gate_rotary<B: FusedBackend>(device: &B::Device) {
+    type Ad<B> = Autodiff<B>;
+    let tol = 1e-5;
+    for (rows, n) in [(1, 1), (5, 7), (33, 64)] {
+        let x = Tensor::<B, 2>::random([rows, n], Distribution::Normal(0.0, 2.0), device);
+        let w = Tensor::<B, 1>::random([n], Distribution::Normal(1.0, 0.5), device);
+        let dy = Tensor::<B, 2>::random([rows, n], Distribution::Normal(0.0, 1.0), device);
+        for offset in [0.0, 1.0] {
+            let (x1, w1) = (
+                Tensor::<Ad<B>, 2>::from_inner(x.clone()).require_grad(),
+                Tensor::<Ad<B>, 1>::from_inner(w.clone()).require_grad(),
+            );
+            // `transformers`' RmsNorm from elementary operations, scale `w + offset`.
+            let rstd = (x1.clone().square().mean_dim(1) + 1e-6).sqrt().recip();
+            let y1 = x1.clone() * rstd * w1.clone().add_scalar(offset).reshape([1, n]);
+            let g1 = (y1.clone() * Tensor::from_inner(dy.clone()))
+                .sum()
+                .backward();
+            let (x2, w2) = (
+                Tensor::<Ad<B>, 2>::from_inner(x.clone()).require_grad(),
+                Tensor::<Ad<B>, 1>::from_inner(w.clone()).require_grad(),
+            );
+            let y2 = fused::rms_norm(x2.clone(), w2.clone(), 1e-6, offset);
+            let g2 = (y2.clone() * Tensor::from_inner(dy.clone()))
+                .sum()
+                .backward();
+            let e = [
+                rel_diff(y2.inner(), y1.inner()),
+                rel_diff(x2.grad(&g2).unwrap(), x1.grad(&g1).unwrap()),
+                rel_diff(w2.grad(&g2).unwrap(), w1.grad(&g1).unwrap()),
+            ];
+            assert!(
+                e.iter().all(|v| *v <= tol),
+                "rms norm {rows}x{n} +{offset}: {e:?}"
+            );
+        }
+
+        let u = Tensor::<B, 2>::random([rows, n], Distribution::Normal(0.0, 1.0), device);
+        let leaf = |t: &Tensor<B, 2>| Tensor::<Ad<B>, 2>::from_inner(t.clone()).require_grad();
+        let (a1, b1, a2, b2) = (leaf(&x), leaf(&u), leaf(&x), leaf(&u));
+        let y1 = silu(a1.clone()) * b1.clone();
+        let g1 = (y1.clone() * Tensor::from_inner(dy.clone()))
+            .sum()
+            .backward();
+        let y2 = fused::swiglu(a2.clone(), b2.clone());
+        let g2 = (y2.clone() * Tensor::from_inner(dy.clone()))
+            .sum()
+            .backward();
+        let e = [
+            rel_diff(y2.inner(), y1.inner()),
+            rel_diff(a2.grad(&g2).unwrap(), a1.grad(&g1).unwrap()),
+            rel_diff(b2.grad(&g2).unwrap(), b1.grad(&g1).unwrap()),
+        ];
+        assert!(e.iter().all(|v| *v <= tol), "swiglu {rows}x{n}: {e:?}");
+    }
+
+    for (b, h, s, d) in [(1, 1, 1, 2), (2, 3, 5, 8)] {
+        let x = Tensor::<B, 4>::random([b, h, s, d], Distribution::Normal(0.0, 1.0), device);
+        let ang = Tensor::<B, 4>::random([b, 1, s, d], Distribution::Uniform(-3.0, 3.0), device);
+        let (cos, sin) = (ang.clone().cos(), ang.sin());
+        let dy = Tensor::<B, 4>::random([b, h, s, d], Distribution::Normal(0.0, 1.0), device);
+        let (c, sn) = (
+            Tensor::<Ad<B>, 4>::from_inner(cos),
+            Tensor::<Ad<B>, 4>::from_inner(sin),
+        );
+        let x1 = Tensor::<Ad<B>, 4>::from_inner(x.clone()).require_grad();
+        let y1 = apply_rotary(x1.clone(), &c, &sn);
+        let g1 = (y1.clone() * Tensor::from_inner(dy.clone()))
+            .sum()
+            .backward();
+        let x2 = Tensor::<Ad<B>, 4>::from_inner(x).require_grad();
+        let y2 = fused::rotary(x2.clone(), &c, &sn);
+        let g2 = (y2.clone() * Tensor::from_inner(dy)).sum().backward();
+        let e = [
+            rel_diff(y2.inner(), y1.inner()),
+            rel_diff(x2.grad(&g2).unwrap(), x1.grad(&g1).unwrap()),
+        ];
+        assert!(e.iter().all(|v| *v <= tol), "rotary {b}x{h}x{s}x{d}: {e:?}");
+    }
+}
+
+fn case_strategy() -> impl Strategy<Value = Case> {
+    (
+        1usize..3,
+        prop::sample::select(vec![(1usize, 1usize), (2, 1), (4, 2), (3, 3), (6, 2)]),
+        1usize..20,
+        0usize..4,
+        prop::sample::select(vec![2usize, 4, 8]),
+        prop::option::of(1usize..24),
+        prop::option::of(prop::sample::select(vec![1.0f64, 5.0])),
+        any::<bool>(),
+        any::<u64>(),
+    )
+        .prop_map(
+            |(b, (h, kvh), sq, past, d, window, softcap, packed, seed)| {
+                let sk = past + sq;
+                let segments = packed.then(|| {
+                    (0..b)
+                        .map(|r| {
+                            // Segment lengths from the seed: 1 ..= 4 each, covering sk.
+                            let mut lens = Vec::new();
+                            let mut left = sk;
+                            let mut x = seed.wrapping_add(r as u64);
+                            while left > 0 {
+                                x = x
+                                    .wrapping_mul(6364136223846793005)
+                                    .wrapping_add(1442695040888963407);
+                                let n = ((x >> 33) as usize % 4 + 1).min(left);
+                                lens.push(n);
+                                left -= n;
+                            }
+                            lens
+                        })
+                        .collect()
+                });
+                Case {
+                    b,
+                    h,
+                    kvh,
+                    sq,
+                    past,
+                    d,
+                    window,
+                    softcap,
+                    segments,
+                }
+            },
+        )
+}
+
+macro_rules! backend_tests {
+    ($module:ident, $backend:ty, $device:expr) => {
+        mod $module {
+            use super::*;
+
+            #[test]
+            fn attention_matches_the_decomposed_path() {
+                for c in named_cases() {
+                    check_attention::<$backend>(&c, &$device);
+                }
+            }
+
+            #[test]
+            fn norm_gate_and_rotary_match_the_decomposed_path() {
+                check_norm_gate_rotary::<$backend>(&$device);
+            }
+
+            proptest! {
+                #![proptest_config(ProptestConfig::with_cases(24))]
+                #[test]
+                fn attention_matches_over_shapes(c in case_strategy()) {
+                    check_attention::<$backend>(&c, &$device);
+                }
+            }
+        }
+    };
+}
+
+#[cfg(feature = "cpu")]
+backend_tests!(cpu, burn::backend::Flex, Default::default());
+
+#[cfg(feature = "tch")]
+backend_tests!(
+    tch,
+    burn::backend::LibTorch,
+    burn::backend::libtorch::LibTorchDevice::Cpu
+);
