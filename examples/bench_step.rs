@@ -17,7 +17,7 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::DType;
 use train_data::{Batch, Sequence};
 use train_model::FusedAutodiffBackend;
-use train_model::{CausalLm, ModelConfig};
+use train_model::{AttentionImpl, CausalLm, LoraConfig, ModelConfig};
 use train_runner::{AdamW, AdamWConfig, ParamTable, global_grad_norm, step_gradients};
 
 /// What the command line asks for.
@@ -32,6 +32,10 @@ struct Args {
     bf16: bool,
     checkpointing: bool,
     peak_tflops: Option<f64>,
+    /// `--attention standard`: the decomposed operations instead of the fused ones.
+    attention: AttentionImpl,
+    /// Train only a LoRA adapter of this rank (alpha 2r, every projection).
+    lora: Option<usize>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -46,6 +50,8 @@ fn parse_args() -> Result<Args> {
         bf16: false,
         checkpointing: false,
         peak_tflops: None,
+        attention: AttentionImpl::Auto,
+        lora: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -66,11 +72,14 @@ fn parse_args() -> Result<Args> {
                 }
             }
             "--checkpointing" => a.checkpointing = true,
+            "--attention" => a.attention = value()?.parse()?,
+            "--lora" => a.lora = Some(value()?.parse()?),
             "--peak-tflops" => a.peak_tflops = Some(value()?.parse()?),
             f => bail!(
                 "unknown flag {f} (flags: --backend cpu|tch|cuda --device D --shape \
                  tiny|qwen3-30m|qwen3-0.6b --seq N --batch N --steps N --warmup N \
-                 --precision fp32|bf16 --checkpointing --peak-tflops X)"
+                 --precision fp32|bf16 --checkpointing --peak-tflops X \
+                 --attention auto|standard --lora R)"
             ),
         }
     }
@@ -131,7 +140,21 @@ fn peak_rss_bytes() -> Option<u64> {
 fn bench<B: FusedAutodiffBackend>(args: &Args, device: &B::Device) -> Result<serde_json::Value> {
     let raw = shape(&args.shape)?;
     let config = ModelConfig::from_json(Path::new("<bench shape>"), &raw)?;
-    let mut model = CausalLm::<B>::random(&config, 0.02, 0, DType::F32, device)?;
+    let mut model = CausalLm::<B>::random(&config, 0.02, 0, DType::F32, device)?
+        .with_attention(args.attention);
+    if let Some(r) = args.lora {
+        let lora = LoraConfig {
+            r,
+            alpha: 2.0 * r as f64,
+            target_modules: [
+                "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+            ]
+            .map(String::from)
+            .to_vec(),
+            ..LoraConfig::default()
+        };
+        model = model.with_lora(&lora, 0)?;
+    }
     if args.bf16 {
         model = model.with_compute_dtype(DType::BF16);
     }
@@ -171,6 +194,8 @@ fn bench<B: FusedAutodiffBackend>(args: &Args, device: &B::Device) -> Result<ser
         "parameters": parameters,
         "precision": if args.bf16 { "bf16 (f32 master weights)" } else { "fp32" },
         "checkpointing": args.checkpointing,
+        "attention": format!("{:?}", args.attention).to_lowercase(),
+        "lora_rank": args.lora,
         "seq": args.seq,
         "batch": args.batch,
         "timed_steps": args.steps,

@@ -616,7 +616,12 @@ pub fn bench_gpu(args: &[String]) -> Result<()> {
     let mut env: Vec<(String, OsString)> = Vec::new();
     if dry {
         binary = example(None, &[])?;
-        for (backend, ckpt) in [("cpu", false), ("cpu", true)] {
+        for (backend, ckpt, extra) in [
+            ("cpu", false, &[][..]),
+            ("cpu", true, &[][..]),
+            ("cpu", false, &["--lora", "4"][..]),
+            ("cpu", false, &["--attention", "standard"][..]),
+        ] {
             let mut a: Vec<String> = [
                 "--backend",
                 backend,
@@ -638,10 +643,16 @@ pub fn bench_gpu(args: &[String]) -> Result<()> {
             if ckpt {
                 a.push("--checkpointing".into());
             }
+            a.extend(extra.iter().map(|x| (*x).to_string()));
             runs.push((
                 format!(
-                    "dry run: {backend}{}",
-                    if ckpt { ", checkpointing" } else { "" }
+                    "dry run: {backend}{}{}",
+                    if ckpt { ", checkpointing" } else { "" },
+                    if extra.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", {}", extra.join(" "))
+                    }
                 ),
                 a,
             ));
@@ -698,9 +709,37 @@ pub fn bench_gpu(args: &[String]) -> Result<()> {
             .chain([peak.to_string()])
             .collect()
         };
+        // The fused operations and the transformers parity on the GPU first: a fast wrong
+        // step is worth nothing.
+        let mut t = cargo();
+        t.args([
+            "test",
+            "--workspace",
+            "--release",
+            "--features",
+            "train-model/cuda",
+            "--test",
+            "it",
+            "--",
+            "fused_ops::cuda",
+            "parity::cuda",
+        ]);
+        run("fused-op and parity tests on the GPU (cuda backend)", t)?;
+        let lora = |mut a: Vec<String>| {
+            a.extend(["--lora", "16"].map(str::to_string));
+            a
+        };
         runs.push((format!("cuda backend, {name}"), common("cuda", "0")));
+        runs.push((
+            format!("cuda backend, LoRA r16, {name}"),
+            lora(common("cuda", "0")),
+        ));
         if with_tch {
             runs.push((format!("tch backend, {name}"), common("tch", "cuda:0")));
+            runs.push((
+                format!("tch backend, LoRA r16, {name}"),
+                lora(common("tch", "cuda:0")),
+            ));
         }
     }
     let mut table = String::from(

@@ -436,3 +436,8 @@ backend_tests!(
     burn::backend::LibTorch,
     burn::backend::libtorch::LibTorchDevice::Cpu
 );
+
+// Runs on a machine with an NVIDIA GPU (`cargo xtask bench-gpu` runs it first); CI only
+// compiles it.
+#[cfg(feature = "cuda")]
+backend_tests!(cuda, burn::backend::Cuda, Default::default());
