@@ -82,7 +82,7 @@ pub use attention::AttentionImpl;
 pub use cache::KvCache;
 pub use config::{Architecture, ModelConfig, StorageDtype};
 pub use error::{ModelError, Result};
-pub use fused::{AttentionSpec, FusedAutodiffBackend, FusedBackend};
+pub use fused::{AdamWStep, AttentionSpec, FusedAutodiffBackend, FusedBackend};
 pub use lora::{
     AdapterConfig, LoraAdapter, LoraConfig, is_adapter_dir, load_adapter, read_adapter_config,
     save_adapter,

@@ -9,8 +9,8 @@ use std::path::Path;
 use burn::module::{ModuleMapper, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::Backend;
-use burn::tensor::{ElementConversion, FloatDType, Tensor, TensorData};
-use train_model::FusedAutodiffBackend;
+use burn::tensor::{ElementConversion, FloatDType, Tensor, TensorData, TensorPrimitive};
+use train_model::{AdamWStep, FusedAutodiffBackend, FusedBackend};
 use train_model::{CausalLm, NamedParam, ParamKind, tensor_specs};
 
 use crate::error::{Result, RunnerError};
@@ -260,32 +260,41 @@ impl<B: FusedAutodiffBackend> ModuleMapper<B> for Mapper<'_, B> {
         let n = shape.num_elements();
         let dtype = tensor.dtype();
         let require_grad = tensor.is_require_grad();
-        let mut p = tensor.inner().cast(FloatDType::F32).reshape([n]);
-        let mut g = grad.cast(FloatDType::F32).reshape([n]);
-        if (self.grad_scale - 1.0).abs() > f64::EPSILON {
-            g = g * self.grad_scale;
-        }
+        let p = tensor.inner().cast(FloatDType::F32).reshape([n]);
+        let g = grad.cast(FloatDType::F32).reshape([n]);
         let moments = self.optim.state.remove(name).unwrap_or_else(|| Moments {
             exp_avg: g.zeros_like(),
             exp_avg_sq: g.zeros_like(),
         });
-        // torch.optim.AdamW (single tensor path), step by step.
-        if *kind == ParamKind::Matrix && c.weight_decay != 0.0 {
-            p = p * (1.0 - self.lr * c.weight_decay);
-        }
-        let exp_avg = moments.exp_avg.clone() + (g.clone() - moments.exp_avg) * (1.0 - c.beta1);
-        let exp_avg_sq = moments.exp_avg_sq * c.beta2 + g.clone() * g * (1.0 - c.beta2);
-        let t = self.optim.step as i32;
-        let bias_correction1 = 1.0 - c.beta1.powi(t);
-        let bias_correction2 = 1.0 - c.beta2.powi(t);
-        let step_size = self.lr / bias_correction1;
-        let denom = exp_avg_sq.clone().sqrt() / bias_correction2.sqrt() + c.epsilon;
-        p = p - exp_avg.clone() / denom * step_size;
+        // torch.optim.AdamW (single tensor path), step by step, in one fused operation.
+        let step = AdamWStep {
+            lr: self.lr,
+            beta1: c.beta1,
+            beta2: c.beta2,
+            epsilon: c.epsilon,
+            weight_decay: if *kind == ParamKind::Matrix {
+                c.weight_decay
+            } else {
+                0.0
+            },
+            step: self.optim.step,
+            grad_scale: self.grad_scale,
+        };
+        let prim = |t: Tensor<B::InnerBackend, 1>| t.into_primitive().tensor();
+        let float = |t| Tensor::<B::InnerBackend, 1>::from_primitive(TensorPrimitive::Float(t));
+        let (p, exp_avg, exp_avg_sq) = <B::InnerBackend as FusedBackend>::fused_adamw(
+            prim(p),
+            prim(g),
+            prim(moments.exp_avg),
+            prim(moments.exp_avg_sq),
+            &step,
+        );
+        let p = float(p);
         self.optim.state.insert(
             name.clone(),
             Moments {
-                exp_avg,
-                exp_avg_sq,
+                exp_avg: float(exp_avg),
+                exp_avg_sq: float(exp_avg_sq),
             },
         );
         let mut updated = Tensor::<B, D>::from_inner(p.reshape(shape).cast(dtype));

@@ -17,6 +17,8 @@
 //! comparison.
 
 mod autodiff;
+#[cfg(feature = "cpu")]
+mod flex;
 pub mod reference;
 #[cfg(feature = "tch")]
 mod tch;
@@ -54,6 +56,72 @@ impl AttentionSpec {
             window: None,
             softcap: None,
         }
+    }
+}
+
+/// One AdamW update (`torch.optim.AdamW`, single-tensor path): the hyper-parameters of this
+/// parameter (`weight_decay` 0 for parameters that are not decayed), the step number (from 1)
+/// and the factor the gradient is multiplied by first (the clipping coefficient).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWStep {
+    /// Learning rate of this step.
+    pub lr: f64,
+    /// First-moment decay.
+    pub beta1: f64,
+    /// Second-moment decay.
+    pub beta2: f64,
+    /// Added to the denominator.
+    pub epsilon: f64,
+    /// Decoupled weight decay (0: none).
+    pub weight_decay: f64,
+    /// The step number, from 1 (bias corrections).
+    pub step: u64,
+    /// The gradient is multiplied by this first.
+    pub grad_scale: f64,
+}
+
+/// [`AdamWStep`]'s scalars as the f32 values burn's scalar operations use.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AdamWScalars {
+    pub grad_scale: Option<f32>,
+    pub decay: Option<f32>,
+    pub one_minus_beta1: f32,
+    pub beta2: f32,
+    pub one_minus_beta2: f32,
+    pub sqrt_bias_correction2: f32,
+    pub epsilon: f32,
+    pub step_size: f32,
+}
+
+impl AdamWStep {
+    pub(crate) fn scalars(&self) -> AdamWScalars {
+        let t = i32::try_from(self.step).unwrap_or(i32::MAX);
+        let bias_correction1 = 1.0 - self.beta1.powi(t);
+        let bias_correction2 = 1.0 - self.beta2.powi(t);
+        AdamWScalars {
+            grad_scale: ((self.grad_scale - 1.0).abs() > f64::EPSILON)
+                .then_some(self.grad_scale as f32),
+            decay: (self.weight_decay != 0.0).then_some((1.0 - self.lr * self.weight_decay) as f32),
+            one_minus_beta1: (1.0 - self.beta1) as f32,
+            beta2: self.beta2 as f32,
+            one_minus_beta2: (1.0 - self.beta2) as f32,
+            sqrt_bias_correction2: bias_correction2.sqrt() as f32,
+            epsilon: self.epsilon as f32,
+            step_size: (self.lr / bias_correction1) as f32,
+        }
+    }
+}
+
+impl AdamWScalars {
+    /// One element: `(param, exp_avg, exp_avg_sq)` after the step, in the reference's order.
+    #[inline]
+    pub(crate) fn update(&self, p: f32, g: f32, m: f32, v: f32) -> (f32, f32, f32) {
+        let g = self.grad_scale.map_or(g, |s| g * s);
+        let p = self.decay.map_or(p, |d| p * d);
+        let m = m + (g - m) * self.one_minus_beta1;
+        let v = v * self.beta2 + g * g * self.one_minus_beta2;
+        let denom = v.sqrt() / self.sqrt_bias_correction2 + self.epsilon;
+        (p - m / denom * self.step_size, m, v)
     }
 }
 
@@ -140,6 +208,18 @@ pub trait FusedBackend: Backend {
         reference::swiglu_backward::<Self, 2>(gate, up, grad)
     }
 
+    /// One AdamW update of a flat f32 parameter from its gradient and moments: the new
+    /// `(param, exp_avg, exp_avg_sq)`. Runs on an inner backend (no autodiff).
+    fn fused_adamw(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        exp_avg: FloatTensor<Self>,
+        exp_avg_sq: FloatTensor<Self>,
+        step: &AdamWStep,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        reference::adamw::<Self>(param, grad, exp_avg, exp_avg_sq, step)
+    }
+
     /// Rotary embedding `x · cos + rotate_half(x) · sin`.
     fn fused_rotary(
         x: FloatTensor<Self>,
@@ -170,8 +250,6 @@ where
 {
 }
 
-#[cfg(feature = "cpu")]
-impl FusedBackend for burn::backend::Flex {}
 
 #[cfg(feature = "cuda")]
 impl FusedBackend for burn::backend::Cuda {}

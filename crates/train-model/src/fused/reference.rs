@@ -14,7 +14,7 @@ use burn::tensor::{
     ops::{FloatTensor, IntTensor},
 };
 
-use super::AttentionSpec;
+use super::{AdamWStep, AttentionSpec};
 
 /// Bytes of f32 scores one attention block may hold (`[b, h, rows, keys]`).
 const BLOCK_SCORE_BYTES: usize = 32 << 20;
@@ -461,4 +461,31 @@ pub fn rotary_backward<B: Backend>(
     let a = gs.clone().narrow(3, 0, d / 2);
     let b = gs.narrow(3, d / 2, d / 2);
     prim(g * cos + Tensor::cat(vec![b, a.neg()], 3))
+}
+
+/// One AdamW update (`torch.optim.AdamW`, single-tensor path, operation by operation):
+/// `(param, exp_avg, exp_avg_sq)` after the step.
+pub fn adamw<B: Backend>(
+    param: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    exp_avg: FloatTensor<B>,
+    exp_avg_sq: FloatTensor<B>,
+    step: &AdamWStep,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let k = step.scalars();
+    let mut p = float::<B, 1>(param);
+    let mut g = float::<B, 1>(grad);
+    let m = float::<B, 1>(exp_avg);
+    let v = float::<B, 1>(exp_avg_sq);
+    if let Some(s) = k.grad_scale {
+        g = g.mul_scalar(s);
+    }
+    if let Some(d) = k.decay {
+        p = p.mul_scalar(d);
+    }
+    let m = m.clone() + (g.clone() - m).mul_scalar(k.one_minus_beta1);
+    let v = v.mul_scalar(k.beta2) + (g.clone() * g).mul_scalar(k.one_minus_beta2);
+    let denom = v.clone().sqrt().div_scalar(k.sqrt_bias_correction2).add_scalar(k.epsilon);
+    let p = p - (m.clone() / denom).mul_scalar(k.step_size);
+    (prim(p), prim(m), prim(v))
 }

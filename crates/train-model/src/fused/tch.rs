@@ -14,14 +14,9 @@ use burn::tensor::ops::FloatTensor;
 use super::{AttentionSpec, FusedBackend, SegmentIds, reference};
 
 /// True when libtorch's CPU flash kernel computes exactly this call.
-fn flash_cpu_applies(
-    q: &TchTensor,
-    k: &TchTensor,
-    segments: &SegmentIds<LibTorch<impl TchElement>>,
-    spec: &AttentionSpec,
-) -> bool {
+fn flash_cpu_applies(q: &TchTensor, k: &TchTensor, segmented: bool, spec: &AttentionSpec) -> bool {
     let (qs, ks) = (q.tensor.size(), k.tensor.size());
-    segments.is_none()
+    !segmented
         && spec.causal
         && spec.past == 0
         && spec.window.is_none()
@@ -108,7 +103,7 @@ impl<E: TchElement> FusedBackend for LibTorch<E> {
         segments: SegmentIds<Self>,
         spec: &AttentionSpec,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        if flash_cpu_applies(&q, &k, &segments, spec)
+        if flash_cpu_applies(&q, &k, segments.is_some(), spec)
             && let Ok(done) = flash_forward(&q, &k, &v, spec)
         {
             return done;
@@ -126,7 +121,7 @@ impl<E: TchElement> FusedBackend for LibTorch<E> {
         segments: SegmentIds<Self>,
         spec: &AttentionSpec,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        if flash_cpu_applies(&q, &k, &segments, spec)
+        if flash_cpu_applies(&q, &k, segments.is_some(), spec)
             && let Ok(done) = flash_backward(&q, &k, &v, &out, &lse, &grad, spec)
         {
             return done;

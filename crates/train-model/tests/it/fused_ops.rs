@@ -1,7 +1,8 @@
 //! The fused operations (`train_model::fused`) against the decomposed reference, values and
 //! gradients through autodiff: attention (causal, grouped heads, segments, cache offset,
 //! sliding window, softcap; one block or many), RMSNorm (with the `1 + w` variant), SwiGLU and
-//! rotary — on every backend compiled in. Property tests vary the shapes.
+//! rotary, AdamW against its reference body — on every backend compiled in. Property tests
+//! vary the shapes.
 
 use burn::backend::Autodiff;
 use burn::tensor::activation::{silu, softmax};
@@ -272,7 +273,7 @@ fn named_cases() -> Vec<Case> {
 fn check_norm_gate_rotary<B: FusedBackend>(device: &B::Device) {
     type Ad<B> = Autodiff<B>;
     let tol = 1e-5;
-    for (rows, n) in [(1, 1), (5, 7), (33, 64)] {
+    for (rows, n) in [(1, 1), (5, 7), (33, 64), (1100, 64)] {
         let x = Tensor::<B, 2>::random([rows, n], Distribution::Normal(0.0, 2.0), device);
         let w = Tensor::<B, 1>::random([n], Distribution::Normal(1.0, 0.5), device);
         let dy = Tensor::<B, 2>::random([rows, n], Distribution::Normal(0.0, 1.0), device);
@@ -325,7 +326,7 @@ fn check_norm_gate_rotary<B: FusedBackend>(device: &B::Device) {
         assert!(e.iter().all(|v| *v <= tol), "swiglu {rows}x{n}: {e:?}");
     }
 
-    for (b, h, s, d) in [(1, 1, 1, 2), (2, 3, 5, 8)] {
+    for (b, h, s, d) in [(1, 1, 1, 2), (2, 3, 5, 8), (2, 3, 700, 64)] {
         let x = Tensor::<B, 4>::random([b, h, s, d], Distribution::Normal(0.0, 1.0), device);
         let ang = Tensor::<B, 4>::random([b, 1, s, d], Distribution::Uniform(-3.0, 3.0), device);
         let (cos, sin) = (ang.clone().cos(), ang.sin());
@@ -348,6 +349,43 @@ fn check_norm_gate_rotary<B: FusedBackend>(device: &B::Device) {
         ];
         assert!(e.iter().all(|v| *v <= tol), "rotary {b}x{h}x{s}x{d}: {e:?}");
     }
+}
+
+/// The backend's AdamW against the reference body (torch.optim.AdamW's single-tensor path,
+/// operation by operation), over a few steps, with and without decay and clipping.
+fn check_adamw<B: FusedBackend>(device: &B::Device) {
+    use train_model::AdamWStep;
+    let n = 70_001; // more than one parallel chunk, not a multiple of it
+    let rnd = |std: f64| Tensor::<B, 1>::random([n], Distribution::Normal(0.0, std), device);
+    let prim = |t: Tensor<B, 1>| t.into_primitive().tensor();
+    let float = |p| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(p));
+    let p0 = rnd(1.0);
+    let (mut p1, mut m1, mut v1) = (p0.clone(), p0.zeros_like(), p0.zeros_like());
+    let (mut p2, mut m2, mut v2) = (p0.clone(), p0.zeros_like(), p0.zeros_like());
+    for (step, (weight_decay, grad_scale)) in [(0.01, 1.0), (0.0, 0.37), (0.1, 1.0)].into_iter().enumerate() {
+        let g = rnd(0.1);
+        let s = AdamWStep {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            epsilon: 1e-8,
+            weight_decay,
+            step: step as u64 + 1,
+            grad_scale,
+        };
+        let (p, m, v) = B::fused_adamw(prim(p1), prim(g.clone()), prim(m1), prim(v1), &s);
+        (p1, m1, v1) = (float(p), float(m), float(v));
+        let (p, m, v) = reference::adamw::<B>(prim(p2), prim(g), prim(m2), prim(v2), &s);
+        (p2, m2, v2) = (float(p), float(m), float(v));
+        let e = [
+            rel_diff(p1.clone(), p2.clone()),
+            rel_diff(m1.clone(), m2.clone()),
+            rel_diff(v1.clone(), v2.clone()),
+        ];
+        assert!(e.iter().all(|x| *x <= 1e-6), "adamw step {}: {e:?}", step + 1);
+    }
+    // The update moved the parameters (a check that cannot pass by doing nothing).
+    assert!(rel_diff(p1, p0) > 1e-4);
 }
 
 fn case_strategy() -> impl Strategy<Value = Case> {
@@ -409,6 +447,11 @@ macro_rules! backend_tests {
                 for c in named_cases() {
                     check_attention::<$backend>(&c, &$device);
                 }
+            }
+
+            #[test]
+            fn adamw_matches_the_reference_step() {
+                check_adamw::<$backend>(&$device);
             }
 
             #[test]

@@ -1,0 +1,339 @@
+//! Kernels of their own for burn's Flex (CPU) backend: RMSNorm, SwiGLU and AdamW as single
+//! passes over f32 rows, in parallel over row chunks, instead of a chain of element-wise
+//! operations that each allocate a fresh buffer. Other dtypes and non-f32 inputs take the
+//! reference body. Attention uses the reference (tiled burn ops over Flex's GEMM).
+//!
+//! Each kernel performs the reference's floating-point operations in the reference's order on
+//! each element, so results are the same to the last bit where the reference's reductions are
+//! sequential (AdamW, SwiGLU) and within rounding of a row's sum (RMSNorm).
+
+use burn::backend::Flex;
+use burn::backend::flex::FlexTensor;
+use burn::tensor::{DType, Shape, TensorData, ops::FloatTensor};
+use rayon::prelude::*;
+
+use super::{AdamWStep, FusedBackend, reference};
+
+/// Elements per parallel chunk of the element-wise kernels.
+const CHUNK: usize = 1 << 15;
+
+/// The tensor's f32 values in logical order (a copy only when it is not contiguous).
+fn values(t: &FlexTensor) -> Option<std::borrow::Cow<'_, [f32]>> {
+    if t.dtype() != DType::F32 {
+        return None;
+    }
+    match t.as_slice::<f32>() {
+        Some(s) => Some(std::borrow::Cow::Borrowed(s)),
+        None => Some(std::borrow::Cow::Owned(
+            t.to_contiguous().as_slice::<f32>()?.to_vec(),
+        )),
+    }
+}
+
+fn tensor(v: Vec<f32>, shape: Shape) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(v, shape))
+}
+
+fn dims(t: &FlexTensor) -> Vec<usize> {
+    t.layout().shape().to_vec()
+}
+
+/// `[rows, n]` f32 inputs of a row kernel, or `None` for the reference.
+fn rows_of(t: &FlexTensor) -> Option<(usize, usize)> {
+    match dims(t).as_slice() {
+        [rows, n] if *n > 0 => Some((*rows, *n)),
+        _ => None,
+    }
+}
+
+fn rms_forward(x: &[f32], w: &[f32], n: usize, eps: f64, offset: f64) -> (Vec<f32>, Vec<f32>) {
+    let rows = x.len() / n;
+    let mut y = vec![0f32; x.len()];
+    let mut rstd = vec![0f32; rows];
+    let scale: Vec<f32> = w.iter().map(|&w| (f64::from(w) + offset) as f32).collect();
+    let scale = if offset == 0.0 { w } else { &scale[..] };
+    let rows_per = (CHUNK / n).max(1);
+    y.par_chunks_mut(rows_per * n)
+        .zip(rstd.par_chunks_mut(rows_per))
+        .zip(x.par_chunks(rows_per * n))
+        .for_each(|((y, r), x)| {
+            for ((y, r), x) in y.chunks_mut(n).zip(r.iter_mut()).zip(x.chunks(n)) {
+                let ms = x.iter().map(|v| v * v).sum::<f32>() / n as f32;
+                let s = 1.0 / (ms + eps as f32).sqrt();
+                *r = s;
+                for ((y, &x), &w) in y.iter_mut().zip(x).zip(scale) {
+                    *y = x * s * w;
+                }
+            }
+        });
+    (y, rstd)
+}
+
+#[allow(clippy::type_complexity)]
+fn rms_backward(
+    x: &[f32],
+    w: &[f32],
+    rstd: &[f32],
+    g: &[f32],
+    n: usize,
+    offset: f64,
+) -> (Vec<f32>, Vec<f32>) {
+    let scale: Vec<f32> = w.iter().map(|&w| (f64::from(w) + offset) as f32).collect();
+    let mut dx = vec![0f32; x.len()];
+    let rows_per = (CHUNK / n).max(1);
+    let dw = dx
+        .par_chunks_mut(rows_per * n)
+        .zip(x.par_chunks(rows_per * n))
+        .zip(g.par_chunks(rows_per * n))
+        .zip(rstd.par_chunks(rows_per))
+        .map(|(((dx, x), g), r)| {
+            let mut dw = vec![0f32; n];
+            for (((dx, x), g), &s) in dx.chunks_mut(n).zip(x.chunks(n)).zip(g.chunks(n)).zip(r) {
+                let mut dot = 0f32;
+                for i in 0..n {
+                    let xhat = x[i] * s;
+                    dw[i] += g[i] * xhat;
+                    dot += g[i] * scale[i] * xhat;
+                }
+                let mean = dot / n as f32;
+                for i in 0..n {
+                    dx[i] = (g[i] * scale[i] - x[i] * s * mean) * s;
+                }
+            }
+            dw
+        })
+        .reduce(
+            || vec![0f32; n],
+            |mut a, b| {
+                for (a, b) in a.iter_mut().zip(b) {
+                    *a += b;
+                }
+                a
+            },
+        );
+    (dx, dw)
+}
+
+/// `[b, h, s, d]` and cos/sin `[cb, 1, s, d]` with `cb` 1 or `b`: the cos/sin row of each `x`
+/// row, or `None` when the shapes are not that.
+fn rotary_rows(x: &FlexTensor, c: &FlexTensor) -> Option<impl Fn(usize) -> usize + Sync> {
+    let (xd, cd) = (dims(x), dims(c));
+    let ([b, h, s, d], [cb, 1, cs, cdd]) = (xd.as_slice(), cd.as_slice()) else {
+        return None;
+    };
+    let (b, h, s, d, cb) = (*b, *h, *s, *d, *cb);
+    if *cs != s || *cdd != d || d % 2 != 0 || !(cb == 1 || cb == b) {
+        return None;
+    }
+    Some(move |row: usize| {
+        let (bi, si) = (row / (h * s), row % s);
+        (if cb == 1 { 0 } else { bi }) * s + si
+    })
+}
+
+fn rotary_kernel(
+    x: &[f32],
+    cos: &[f32],
+    sin: &[f32],
+    d: usize,
+    crow: &(impl Fn(usize) -> usize + Sync),
+    backward: bool,
+) -> Vec<f32> {
+    let half = d / 2;
+    let mut y = vec![0f32; x.len()];
+    let rows_per = (CHUNK / d).max(1);
+    y.par_chunks_mut(rows_per * d)
+        .enumerate()
+        .for_each(|(chunk, y)| {
+            for (r, y) in y.chunks_mut(d).enumerate() {
+                let row = chunk * rows_per + r;
+                let x = &x[row * d..(row + 1) * d];
+                let k = crow(row) * d;
+                let (c, s) = (&cos[k..k + d], &sin[k..k + d]);
+                for j in 0..d {
+                    y[j] = if !backward {
+                        // x·cos + rotate_half(x)·sin, rotate_half(x) = [−x₂, x₁].
+                        let rot = if j < half { -x[j + half] } else { x[j - half] };
+                        x[j] * c[j] + rot * s[j]
+                    } else if j < half {
+                        // g·cos + rotate_halfᵀ(g·sin), rotate_halfᵀ([a, b]) = [b, −a].
+                        x[j] * c[j] + x[j + half] * s[j + half]
+                    } else {
+                        x[j] * c[j] + -(x[j - half] * s[j - half])
+                    };
+                }
+            }
+        });
+    y
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+impl FusedBackend for Flex {
+    fn fused_rms_norm(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f64,
+        offset: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        if let (Some((rows, n)), Some(xs), Some(ws)) = (rows_of(&x), values(&x), values(&weight))
+            && ws.len() == n
+        {
+            let (y, r) = rms_forward(&xs, &ws, n, eps, offset);
+            return (
+                tensor(y, Shape::from([rows, n])),
+                tensor(r, Shape::from([rows, 1])),
+            );
+        }
+        reference::rms_norm_forward::<Self, 2>(x, weight, eps, offset)
+    }
+
+    fn fused_rms_norm_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        rstd: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        offset: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        if let (Some((rows, n)), Some(xs), Some(ws), Some(rs), Some(gs)) = (
+            rows_of(&x),
+            values(&x),
+            values(&weight),
+            values(&rstd),
+            values(&grad),
+        ) && ws.len() == n
+            && rs.len() == rows
+            && gs.len() == xs.len()
+        {
+            let (dx, dw) = rms_backward(&xs, &ws, &rs, &gs, n, offset);
+            return (
+                tensor(dx, Shape::from([rows, n])),
+                tensor(dw, Shape::from([n])),
+            );
+        }
+        reference::rms_norm_backward::<Self, 2>(x, weight, rstd, grad, offset)
+    }
+
+    fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        if let (Some(g), Some(u)) = (values(&gate), values(&up))
+            && g.len() == u.len()
+        {
+            let mut y = vec![0f32; g.len()];
+            y.par_chunks_mut(CHUNK)
+                .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+                .for_each(|(y, (g, u))| {
+                    for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+                        *y = g * sigmoid(g) * u;
+                    }
+                });
+            return tensor(y, gate.layout().shape().clone());
+        }
+        reference::swiglu_forward::<Self, 2>(gate, up)
+    }
+
+    fn fused_swiglu_backward(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        if let (Some(g), Some(u), Some(dy)) = (values(&gate), values(&up), values(&grad))
+            && g.len() == u.len()
+            && g.len() == dy.len()
+        {
+            let mut dg = vec![0f32; g.len()];
+            let mut du = vec![0f32; g.len()];
+            dg.par_chunks_mut(CHUNK)
+                .zip(du.par_chunks_mut(CHUNK))
+                .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK)))
+                .for_each(|((dg, du), ((g, u), dy))| {
+                    for i in 0..g.len() {
+                        let s = sigmoid(g[i]);
+                        du[i] = dy[i] * (g[i] * s);
+                        dg[i] = dy[i] * u[i] * (s * ((g[i] * (1.0 - s)) + 1.0));
+                    }
+                });
+            let shape = gate.layout().shape().clone();
+            return (tensor(dg, shape.clone()), tensor(du, shape));
+        }
+        reference::swiglu_backward::<Self, 2>(gate, up, grad)
+    }
+
+    fn fused_rotary(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        if let (Some(crow), Some(xs), Some(c), Some(s)) =
+            (rotary_rows(&x, &cos), values(&x), values(&cos), values(&sin))
+            && c.len() == s.len()
+        {
+            let shape = x.layout().shape().clone();
+            let d = shape[3];
+            return tensor(rotary_kernel(&xs, &c, &s, d, &crow, false), shape);
+        }
+        reference::rotary_forward::<Self>(x, cos, sin)
+    }
+
+    fn fused_rotary_backward(
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        if let (Some(crow), Some(gs), Some(c), Some(s)) =
+            (rotary_rows(&grad, &cos), values(&grad), values(&cos), values(&sin))
+            && c.len() == s.len()
+        {
+            let shape = grad.layout().shape().clone();
+            let d = shape[3];
+            return tensor(rotary_kernel(&gs, &c, &s, d, &crow, true), shape);
+        }
+        reference::rotary_backward::<Self>(cos, sin, grad)
+    }
+
+    fn fused_adamw(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        exp_avg: FloatTensor<Self>,
+        exp_avg_sq: FloatTensor<Self>,
+        step: &AdamWStep,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        if let (Some(p), Some(g), Some(m), Some(v)) = (
+            values(&param),
+            values(&grad),
+            values(&exp_avg),
+            values(&exp_avg_sq),
+        ) && p.len() == g.len()
+            && p.len() == m.len()
+            && p.len() == v.len()
+        {
+            let k = step.scalars();
+            let n = p.len();
+            let (mut po, mut mo, mut vo) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+            po.par_chunks_mut(CHUNK)
+                .zip(mo.par_chunks_mut(CHUNK))
+                .zip(vo.par_chunks_mut(CHUNK))
+                .zip(
+                    p.par_chunks(CHUNK)
+                        .zip(g.par_chunks(CHUNK))
+                        .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK))),
+                )
+                .for_each(|(((po, mo), vo), ((p, g), (m, v)))| {
+                    for i in 0..p.len() {
+                        let (p, m, v) = k.update(p[i], g[i], m[i], v[i]);
+                        po[i] = p;
+                        mo[i] = m;
+                        vo[i] = v;
+                    }
+                });
+            let shape = Shape::from([n]);
+            return (
+                tensor(po, shape.clone()),
+                tensor(mo, shape.clone()),
+                tensor(vo, shape),
+            );
+        }
+        reference::adamw::<Self>(param, grad, exp_avg, exp_avg_sq, step)
+    }
+}
