@@ -140,14 +140,20 @@ fn peak_rss_bytes() -> Option<u64> {
 fn bench<B: FusedAutodiffBackend>(args: &Args, device: &B::Device) -> Result<serde_json::Value> {
     let raw = shape(&args.shape)?;
     let config = ModelConfig::from_json(Path::new("<bench shape>"), &raw)?;
-    let mut model = CausalLm::<B>::random(&config, 0.02, 0, DType::F32, device)?
-        .with_attention(args.attention);
+    let mut model =
+        CausalLm::<B>::random(&config, 0.02, 0, DType::F32, device)?.with_attention(args.attention);
     if let Some(r) = args.lora {
         let lora = LoraConfig {
             r,
             alpha: 2.0 * r as f64,
             target_modules: [
-                "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
             ]
             .map(String::from)
             .to_vec(),

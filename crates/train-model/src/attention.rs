@@ -55,7 +55,7 @@ impl AttentionImpl {
 #[derive(Debug, Clone)]
 pub struct AttentionMask<B: Backend> {
     /// Segment ids of the queries `[b, sq]` and of the keys `[b, sk]`; `None`: plain causal.
-    segments: Option<(Tensor<B, 2, Int>, Tensor<B, 2, Int>)>,
+    segments: Option<crate::fused::SegmentTensors<B>>,
     /// Keys cached before the first query.
     past: usize,
     /// `[batch, 1, seq_q, seq_k]`, `true` where attention is forbidden (standard path only).
@@ -92,7 +92,7 @@ impl<B: Backend> AttentionMask<B> {
     }
 
     /// Segment ids of queries and keys, if any.
-    pub fn segments(&self) -> Option<&(Tensor<B, 2, Int>, Tensor<B, 2, Int>)> {
+    pub fn segments(&self) -> Option<&crate::fused::SegmentTensors<B>> {
         self.segments.as_ref()
     }
 

@@ -246,7 +246,11 @@ impl FusedBackend for Flex {
             let mut du = vec![0f32; g.len()];
             dg.par_chunks_mut(CHUNK)
                 .zip(du.par_chunks_mut(CHUNK))
-                .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK)))
+                .zip(
+                    g.par_chunks(CHUNK)
+                        .zip(u.par_chunks(CHUNK))
+                        .zip(dy.par_chunks(CHUNK)),
+                )
                 .for_each(|((dg, du), ((g, u), dy))| {
                     for i in 0..g.len() {
                         let s = sigmoid(g[i]);
@@ -265,9 +269,12 @@ impl FusedBackend for Flex {
         cos: FloatTensor<Self>,
         sin: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        if let (Some(crow), Some(xs), Some(c), Some(s)) =
-            (rotary_rows(&x, &cos), values(&x), values(&cos), values(&sin))
-            && c.len() == s.len()
+        if let (Some(crow), Some(xs), Some(c), Some(s)) = (
+            rotary_rows(&x, &cos),
+            values(&x),
+            values(&cos),
+            values(&sin),
+        ) && c.len() == s.len()
         {
             let shape = x.layout().shape().clone();
             let d = shape[3];
@@ -281,9 +288,12 @@ impl FusedBackend for Flex {
         sin: FloatTensor<Self>,
         grad: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        if let (Some(crow), Some(gs), Some(c), Some(s)) =
-            (rotary_rows(&grad, &cos), values(&grad), values(&cos), values(&sin))
-            && c.len() == s.len()
+        if let (Some(crow), Some(gs), Some(c), Some(s)) = (
+            rotary_rows(&grad, &cos),
+            values(&grad),
+            values(&cos),
+            values(&sin),
+        ) && c.len() == s.len()
         {
             let shape = grad.layout().shape().clone();
             let d = shape[3];

@@ -125,6 +125,9 @@ impl AdamWScalars {
     }
 }
 
+/// Segment ids of the queries `[b, sq]` and of the keys `[b, sk]`, as tensors.
+pub type SegmentTensors<B> = (Tensor<B, 2, Int>, Tensor<B, 2, Int>);
+
 /// Segment ids of the queries `[b, sq]` and of the keys `[b, sk]`: a query sees only keys of
 /// its own segment (packed rows), without any `[s, s]` mask in memory.
 pub type SegmentIds<B> = Option<(IntTensor<B>, IntTensor<B>)>;
@@ -250,7 +253,6 @@ where
 {
 }
 
-
 #[cfg(feature = "cuda")]
 impl FusedBackend for burn::backend::Cuda {}
 
@@ -263,7 +265,7 @@ pub fn attention<B: FusedBackend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
-    segments: Option<(Tensor<B, 2, Int>, Tensor<B, 2, Int>)>,
+    segments: Option<SegmentTensors<B>>,
     spec: &AttentionSpec,
 ) -> Tensor<B, 4> {
     let segments = segments.map(|(a, b)| (int_prim(a), int_prim(b)));

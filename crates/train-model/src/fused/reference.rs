@@ -14,7 +14,7 @@ use burn::tensor::{
     ops::{FloatTensor, IntTensor},
 };
 
-use super::{AdamWStep, AttentionSpec};
+use super::{AdamWStep, AttentionSpec, SegmentTensors};
 
 /// Bytes of f32 scores one attention block may hold (`[b, h, rows, keys]`).
 const BLOCK_SCORE_BYTES: usize = 32 << 20;
@@ -71,7 +71,7 @@ fn key_range(spec: &AttentionSpec, q0: usize, rows: usize, sk: usize) -> (usize,
 #[allow(clippy::too_many_arguments)]
 fn block_bias<B: Backend>(
     spec: &AttentionSpec,
-    segments: Option<&(Tensor<B, 2, Int>, Tensor<B, 2, Int>)>,
+    segments: Option<&SegmentTensors<B>>,
     batch: usize,
     q0: usize,
     rows: usize,
@@ -106,7 +106,7 @@ fn block_bias<B: Backend>(
         forbidden = union(forbidden, k_idx().greater(q_idx()));
     }
     if let Some(w) = spec.window.filter(|w| *w > 0)
-        && k0 + w <= first + rows - 1
+        && k0 + w < first + rows
     {
         // Query i sees key j when i - j < w.
         let too_old = k_idx().add_scalar(w as i64).lower_equal(q_idx());
@@ -145,7 +145,7 @@ fn block_scores<B: Backend>(
     qb: &Tensor<B, 4>,
     kb: &Tensor<B, 4>,
     spec: &AttentionSpec,
-    segments: Option<&(Tensor<B, 2, Int>, Tensor<B, 2, Int>)>,
+    segments: Option<&SegmentTensors<B>>,
     group: usize,
     q0: usize,
     k0: usize,
@@ -185,7 +185,7 @@ fn rows_of<B: Backend>(x: &Tensor<B, 5>, q0: usize, rows: usize) -> Tensor<B, 4>
 
 type Segments<B> = Option<(IntTensor<B>, IntTensor<B>)>;
 
-fn segments_of<B: Backend>(s: Segments<B>) -> Option<(Tensor<B, 2, Int>, Tensor<B, 2, Int>)> {
+fn segments_of<B: Backend>(s: Segments<B>) -> Option<SegmentTensors<B>> {
     s.map(|(a, b)| (int(a), int(b)))
 }
 
@@ -485,7 +485,11 @@ pub fn adamw<B: Backend>(
     }
     let m = m.clone() + (g.clone() - m).mul_scalar(k.one_minus_beta1);
     let v = v.mul_scalar(k.beta2) + (g.clone() * g).mul_scalar(k.one_minus_beta2);
-    let denom = v.clone().sqrt().div_scalar(k.sqrt_bias_correction2).add_scalar(k.epsilon);
+    let denom = v
+        .clone()
+        .sqrt()
+        .div_scalar(k.sqrt_bias_correction2)
+        .add_scalar(k.epsilon);
     let p = p - (m.clone() / denom).mul_scalar(k.step_size);
     (prim(p), prim(m), prim(v))
 }

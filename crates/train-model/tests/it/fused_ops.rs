@@ -362,7 +362,10 @@ fn check_adamw<B: FusedBackend>(device: &B::Device) {
     let p0 = rnd(1.0);
     let (mut p1, mut m1, mut v1) = (p0.clone(), p0.zeros_like(), p0.zeros_like());
     let (mut p2, mut m2, mut v2) = (p0.clone(), p0.zeros_like(), p0.zeros_like());
-    for (step, (weight_decay, grad_scale)) in [(0.01, 1.0), (0.0, 0.37), (0.1, 1.0)].into_iter().enumerate() {
+    for (step, (weight_decay, grad_scale)) in [(0.01, 1.0), (0.0, 0.37), (0.1, 1.0)]
+        .into_iter()
+        .enumerate()
+    {
         let g = rnd(0.1);
         let s = AdamWStep {
             lr: 1e-3,
@@ -382,7 +385,11 @@ fn check_adamw<B: FusedBackend>(device: &B::Device) {
             rel_diff(m1.clone(), m2.clone()),
             rel_diff(v1.clone(), v2.clone()),
         ];
-        assert!(e.iter().all(|x| *x <= 1e-6), "adamw step {}: {e:?}", step + 1);
+        assert!(
+            e.iter().all(|x| *x <= 1e-6),
+            "adamw step {}: {e:?}",
+            step + 1
+        );
     }
     // The update moved the parameters (a check that cannot pass by doing nothing).
     assert!(rel_diff(p1, p0) > 1e-4);
