@@ -160,8 +160,8 @@ fn steps(t: &mut Timings) -> Result<()> {
     t.step("report (chromium)", report_png)?;
     t.step("test (tch)", || {
         let mut c = cargo();
-        // The model, loop and generation parity modules of the crates' test binaries (the
-        // filters also match `loop_parity::`).
+        // The model, loop and generation parity modules and the fused operations of the
+        // crates' test binaries (the filters also match `loop_parity::`).
         c.args([
             "test",
             "--workspace",
@@ -169,7 +169,14 @@ fn steps(t: &mut Timings) -> Result<()> {
             "--features",
             TCH_FEATURES,
         ])
-        .args(["--test", "it", "--", "parity::", "generate::"])
+        .args([
+            "--test",
+            "it",
+            "--",
+            "parity::",
+            "generate::",
+            "fused_ops::",
+        ])
         .envs(torch_env()?);
         run(
             "model, training-loop and generation parity, tch backend (libtorch 2.9.0)",
