@@ -1,10 +1,10 @@
 //! Fused operations with their own backward: attention, RMSNorm, SwiGLU and rotary embedding.
 //!
 //! burn's pattern for custom operations: [`FusedBackend`] is a backend-extension trait whose
-//! methods have a default body ([`reference`], written once with burn's tensor operations, so
+//! methods have a default body ([`mod@reference`], written once with burn's tensor operations, so
 //! every backend has them), which a backend may replace with its own kernels (libtorch's fused
-//! attention on `tch`: [`tch`]). For `Autodiff<B>` each operation is implemented once
-//! ([`autodiff`]) as **one** graph node with a hand-written backward that calls `B`'s backward
+//! attention on `tch`: `fused/tch.rs`). For `Autodiff<B>` each operation is implemented once
+//! (`fused/autodiff.rs`) as **one** graph node with a hand-written backward that calls `B`'s backward
 //! method: the decomposed chain of small operations (a dozen nodes for an RMSNorm, the
 //! `[b, h, s, s]` scores and probabilities of attention and their gradients) is neither
 //! recorded nor kept.
@@ -132,7 +132,7 @@ pub type SegmentTensors<B> = (Tensor<B, 2, Int>, Tensor<B, 2, Int>);
 /// its own segment (packed rows), without any `[s, s]` mask in memory.
 pub type SegmentIds<B> = Option<(IntTensor<B>, IntTensor<B>)>;
 
-/// A backend with the fused operations. Every method has a default body ([`reference`]).
+/// A backend with the fused operations. Every method has a default body ([`mod@reference`]).
 ///
 /// Shapes: attention `q [b, h, sq, d]`, `k`, `v` `[b, kvh, sk, d]` with `h` a multiple of `kvh`
 /// (grouped-query attention without repeating keys and values); norms and gates on

@@ -5,7 +5,7 @@
 //! (`_scaled_dot_product_flash_attention_for_cpu[_backward]`, what PyTorch's
 //! `scaled_dot_product_attention` picks on CPU); grouped key/value heads are repeated inside
 //! libtorch and their gradients summed back. Everything else, and any call libtorch refuses,
-//! takes the reference body ([`super::reference`]). On CUDA devices the reference body runs
+//! takes the reference body ([`mod@super::reference`]). On CUDA devices the reference body runs
 //! too (not yet measured on a GPU).
 
 use burn::backend::libtorch::{LibTorch, TchElement, TchTensor};
