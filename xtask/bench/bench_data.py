@@ -1,6 +1,6 @@
 """Python side of `cargo xtask bench-data`.
 
-  gen     expand chatterbot-corpus (BSD) into a >= 20k-row `messages` JSONL dataset
+  gen     expand chatterbot-corpus (BSD) into a >= 24k-row `messages` JSONL dataset
   run     tokenize it the way Python users do: `datasets` + `map` + `apply_chat_template` +
           the tokenizer, with assistant-only labels (the contract's rule), and time it
   compare check that train-data's Parquet output has the same ids and labels for every row

@@ -808,7 +808,7 @@ fn peak_bf16_tflops(name: &str) -> Option<f64> {
     .map(|&(_, p)| p)
 }
 
-/// `cargo xtask bench-data`: the same 20k real conversations prepared by `train data prepare`
+/// `cargo xtask bench-data`: the same 24k real conversations prepared by `train data prepare`
 /// and by Python (`datasets.map` + `apply_chat_template` + tokenizer, assistant-only labels),
 /// one after the other; prints rows/s of both and the ratio, and checks the outputs agree.
 pub fn bench_data() -> Result<()> {
@@ -824,15 +824,15 @@ pub fn bench_data() -> Result<()> {
     let model = qwen3_tokenizer_dir()?;
     let dir = cache().join("bench-data");
     std::fs::create_dir_all(&dir)?;
-    let data = dir.join("chatterbot-20k.jsonl");
+    let data = dir.join("chatterbot-24k.jsonl");
     let script = root().join("xtask/bench/bench_data.py");
     let mut c = Command::new(&python);
     c.arg(&script)
-        .args(["gen", "--rows", "20000", "--assets"])
+        .args(["gen", "--rows", "24000", "--assets"])
         .arg(assets()?)
         .arg("--out")
         .arg(&data);
-    run("generate 20k conversations", c)?;
+    run("generate 24k conversations", c)?;
     build_release_binaries()?;
     let train = release_bin("train");
     let rust_out = dir.join("rust");

@@ -46,6 +46,7 @@ const TEMPLATE_NAME: &str = "chat_template";
 const MAX_TEMPLATE_FILE_BYTES: u64 = 64 << 20;
 
 /// A compiled chat template and the special tokens it can refer to.
+#[derive(Clone)]
 pub struct ChatTemplate {
     env: Environment<'static>,
     origin: String,

@@ -80,8 +80,9 @@ pub const MAX_NORMALIZED_BYTES: u64 = 128 << 20;
 /// conversation up to that turn, so a long conversation costs its length times its turns.
 pub const MAX_LABEL_RENDER_BYTES: u64 = 1 << 30;
 
-/// A chat template with its tokenizer.
-#[derive(Debug)]
+/// A chat template with its tokenizer. A clone is a deep copy (its own regex pools and BPE
+/// cache), which the preparation gives each worker thread so that they share no locks.
+#[derive(Debug, Clone)]
 pub struct ChatTokenizer {
     tokenizer: Tokenizer,
     template: ChatTemplate,

@@ -343,3 +343,40 @@ fn r_truncation_is_named_when_it_removed_the_labels() {
             .contains("truncation to max_length 12 would remove every label token")
     );
 }
+
+/// Past a few thousand rows every worker thread encodes with its own copy of the tokenizer;
+/// the result is the same as encoding the rows one by one with the original, in file order,
+/// on two threads and on one.
+#[test]
+fn prepare_with_tokenizer_copies_matches_row_by_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = DatasetConfig {
+        max_length: 256,
+        validation_split: 0.0,
+        ..config(data(dir.path(), 5000))
+    };
+    let tok = tok();
+    let loaded = train_data::load_conversations(&cfg.dataset_path, &cfg.load).unwrap();
+    let expected: Vec<(Vec<u32>, Vec<i32>)> = loaded
+        .conversations
+        .iter()
+        .map(|c| {
+            let e = tok.encode_with_mode(c, cfg.label_mode).unwrap();
+            (e.input_ids, e.labels)
+        })
+        .collect();
+    for threads in [2, 1] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let p = pool.install(|| prepare(&cfg, &tok, None)).unwrap();
+        let got: Vec<(Vec<u32>, Vec<i32>)> = p
+            .train
+            .into_iter()
+            .map(|e| (e.input_ids, e.labels))
+            .collect();
+        assert_eq!(got.len(), 5000);
+        assert!(got == expected, "{threads} threads: rows differ");
+    }
+}
