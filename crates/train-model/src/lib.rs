@@ -88,7 +88,8 @@ pub use lora::{
     save_adapter,
 };
 pub use loss::{
-    IGNORE_INDEX, LinearNll, causal_lm_loss, causal_lm_nll, fused_linear_nll, nll_chunk_rows,
+    IGNORE_INDEX, LinearNll, MIN_NLL_CHUNK_ROWS, NLL_CHUNK_LOGITS, causal_lm_loss, causal_lm_nll,
+    fused_linear_nll, nll_chunk_rows,
 };
 pub use model::{CausalLm, HiddenStates, ModelInput, NamedParam};
 pub use names::{ParamKind, TensorSpec, tensor_specs};

@@ -58,12 +58,25 @@ pub struct LinearNll<B: Backend> {
     pub grad_weight: Option<Tensor<B, 2>>,
 }
 
+/// Most f32 logits one chunk of [`fused_linear_nll`] holds: 2²⁴ (64 MiB), unless that is
+/// fewer than [`MIN_NLL_CHUNK_ROWS`] rows.
+pub const NLL_CHUNK_LOGITS: usize = 1 << 24;
+
+/// Fewest rows of a chunk of [`fused_linear_nll`] (when there are that many): below it the
+/// per-chunk `[vocab, hidden]` gradient addition and head packing outweigh the GEMMs.
+pub const MIN_NLL_CHUNK_ROWS: usize = 256;
+
 /// How many rows [`fused_linear_nll`] takes at a time for `rows` label tokens over a vocabulary
-/// of `vocab`: at most 8 chunks, none smaller than 2²² / vocab rows (16 MiB of f32 logits), so
-/// that the `[rows, vocab]` logits are never held at once while the matmuls stay large.
+/// of `vocab`: as few equal chunks as keep each chunk's `[chunk, vocab]` f32 logits within
+/// [`NLL_CHUNK_LOGITS`] (at least [`MIN_NLL_CHUNK_ROWS`] rows). Few large chunks matter for
+/// speed: every chunk multiplies by the whole `[vocab, hidden]` head (packing it again) and
+/// adds a `[vocab, hidden]` weight gradient whose inner dimension is the chunk; 128-row chunks
+/// made the 28M bench shape's step spend more in GEMM packing and gradient additions than
+/// PyTorch's whole-logits head.
 pub fn nll_chunk_rows(rows: usize, vocab: usize) -> usize {
-    let floor = ((1usize << 22) / vocab.max(1)).max(1);
-    rows.div_ceil(8).max(floor).min(rows.max(1))
+    let cap = (NLL_CHUNK_LOGITS / vocab.max(1)).max(MIN_NLL_CHUNK_ROWS);
+    let rows = rows.max(1);
+    rows.div_ceil(rows.div_ceil(cap))
 }
 
 /// Negative log-likelihood of `targets` under the logits `hidden @ weight^T` **and its
@@ -207,8 +220,13 @@ mod tests {
 
     #[test]
     fn chunk_rows_bounds() {
-        assert_eq!(nll_chunk_rows(1022, 49_152), 128);
-        assert_eq!(nll_chunk_rows(8188, 151_936), 1024);
+        // 64 MiB of logits is 341 rows of 49 152: three equal chunks, or four of 256.
+        assert_eq!(nll_chunk_rows(1022, 49_152), 341);
+        assert_eq!(nll_chunk_rows(1023, 49_152), 341);
+        assert_eq!(nll_chunk_rows(1024, 49_152), 256);
+        // Qwen3's vocabulary: 64 MiB is 110 rows, so the 256-row floor.
+        assert_eq!(nll_chunk_rows(8188, 151_936), 256);
+        assert_eq!(nll_chunk_rows(300, 151_936), 150);
         assert_eq!(nll_chunk_rows(10, 100), 10);
         assert_eq!(nll_chunk_rows(0, 100), 1);
     }
