@@ -7,11 +7,58 @@
 //! libtorch and their gradients summed back. Everything else, and any call libtorch refuses,
 //! takes the reference body ([`mod@super::reference`]). On CUDA devices the reference body runs
 //! too (not yet measured on a GPU).
+//!
+//! The AdamW step on CPU tensors that own their storage updates the parameter and both moments
+//! in place in one pass over the four buffers (what `torch.optim.AdamW(fused=True)` does; tch
+//! has no binding for `_fused_adamw_`), instead of a dozen element-wise libtorch calls.
 
 use burn::backend::libtorch::{LibTorch, TchElement, TchTensor};
 use burn::tensor::ops::FloatTensor;
 
-use super::{AttentionSpec, FusedBackend, SegmentIds, reference};
+use super::{AdamWScalars, AdamWStep, AttentionSpec, FusedBackend, SegmentIds, reference};
+
+/// A CPU f32 tensor laid out densely from its data pointer.
+fn dense_cpu_f32(t: &TchTensor, numel: usize) -> bool {
+    t.tensor.device() == tch::Device::Cpu
+        && t.tensor.kind() == tch::Kind::Float
+        && t.tensor.is_contiguous()
+        && t.tensor.numel() == numel
+}
+
+/// The AdamW step in place, one pass, when all four tensors are dense CPU f32 of one length and
+/// the parameter and moments own their storage. Returns `false` (nothing touched) otherwise.
+#[allow(unsafe_code)]
+fn adamw_in_place(
+    p: &mut TchTensor,
+    g: &TchTensor,
+    m: &mut TchTensor,
+    v: &mut TchTensor,
+    k: &AdamWScalars,
+) -> bool {
+    let n = p.tensor.numel();
+    if n == 0
+        || ![&*p, g, &*m, &*v].iter().all(|t| dense_cpu_f32(t, n))
+        || !(p.can_mut() && m.can_mut() && v.can_mut())
+    {
+        return false;
+    }
+    // SAFETY: each pointer is the start of a contiguous CPU buffer of `n` f32 (checked above).
+    // `p`, `m` and `v` own their storage (`can_mut`: no other burn tensor shares it, so they do
+    // not alias each other or `g`, and nobody else reads or writes them while we hold `&mut`);
+    // `g` is only read. The slices do not outlive the borrows of the tensors.
+    let (ps, gs, ms, vs) = unsafe {
+        (
+            std::slice::from_raw_parts_mut(p.tensor.data_ptr().cast::<f32>(), n),
+            std::slice::from_raw_parts(g.tensor.data_ptr().cast::<f32>().cast_const(), n),
+            std::slice::from_raw_parts_mut(m.tensor.data_ptr().cast::<f32>(), n),
+            std::slice::from_raw_parts_mut(v.tensor.data_ptr().cast::<f32>(), n),
+        )
+    };
+    for (((p, &g), m), v) in ps.iter_mut().zip(gs).zip(ms.iter_mut()).zip(vs.iter_mut()) {
+        (*p, *m, *v) = k.update(*p, g, *m, *v);
+    }
+    true
+}
 
 /// True when libtorch's CPU flash kernel computes exactly this call.
 fn flash_cpu_applies(q: &TchTensor, k: &TchTensor, segmented: bool, spec: &AttentionSpec) -> bool {
@@ -96,6 +143,25 @@ fn flash_backward(
 }
 
 impl<E: TchElement> FusedBackend for LibTorch<E> {
+    fn fused_adamw(
+        mut param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        mut exp_avg: FloatTensor<Self>,
+        mut exp_avg_sq: FloatTensor<Self>,
+        step: &AdamWStep,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        if adamw_in_place(
+            &mut param,
+            &grad,
+            &mut exp_avg,
+            &mut exp_avg_sq,
+            &step.scalars(),
+        ) {
+            return (param, exp_avg, exp_avg_sq);
+        }
+        reference::adamw::<Self>(param, grad, exp_avg, exp_avg_sq, step)
+    }
+
     fn fused_attention_lse(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,

@@ -360,6 +360,9 @@ fn check_adamw<B: FusedBackend>(device: &B::Device) {
     let prim = |t: Tensor<B, 1>| t.into_primitive().tensor();
     let float = |p| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(p));
     let p0 = rnd(1.0);
+    let p0_values = p0.to_data();
+    // Step 1 shares `p0`'s storage (a backend that updates in place must not write into it);
+    // steps 2 and 3 get tensors that own their storage (the in-place path where there is one).
     let (mut p1, mut m1, mut v1) = (p0.clone(), p0.zeros_like(), p0.zeros_like());
     let (mut p2, mut m2, mut v2) = (p0.clone(), p0.zeros_like(), p0.zeros_like());
     for (step, (weight_decay, grad_scale)) in [(0.01, 1.0), (0.0, 0.37), (0.1, 1.0)]
@@ -391,7 +394,9 @@ fn check_adamw<B: FusedBackend>(device: &B::Device) {
             step + 1
         );
     }
-    // The update moved the parameters (a check that cannot pass by doing nothing).
+    // The update moved the parameters (a check that cannot pass by doing nothing), and left the
+    // tensor it shared storage with alone.
+    assert_eq!(p0.to_data(), p0_values);
     assert!(rel_diff(p1, p0) > 1e-4);
 }
 
