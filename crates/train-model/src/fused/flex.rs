@@ -1,7 +1,7 @@
 //! Kernels of their own for burn's Flex (CPU) backend: RMSNorm, SwiGLU and AdamW as single
 //! passes over f32 rows, in parallel over row chunks, instead of a chain of element-wise
 //! operations that each allocate a fresh buffer. Other dtypes and non-f32 inputs take the
-//! reference body. Attention uses the reference (tiled burn ops over Flex's GEMM).
+//! reference body. Attention forward and backward: [`mod@super::flex_attention`].
 //!
 //! Each kernel performs the reference's floating-point operations in the reference's order on
 //! each element, so results are the same to the last bit where the reference's reductions are
@@ -12,7 +12,7 @@ use burn::backend::flex::FlexTensor;
 use burn::tensor::{DType, Shape, TensorData, ops::FloatTensor};
 use rayon::prelude::*;
 
-use super::{AdamWStep, FusedBackend, reference};
+use super::{AdamWStep, AttentionSpec, FusedBackend, SegmentIds, reference};
 
 /// Elements per parallel chunk of the element-wise kernels.
 const CHUNK: usize = 1 << 15;
@@ -172,6 +172,37 @@ fn sigmoid(x: f32) -> f32 {
 }
 
 impl FusedBackend for Flex {
+    fn fused_attention_lse(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        segments: SegmentIds<Self>,
+        spec: &AttentionSpec,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        if let Some(done) = super::flex_attention::forward(&q, &k, &v, segments.as_ref(), spec) {
+            return done;
+        }
+        reference::attention_forward::<Self>(q, k, v, segments, spec)
+    }
+
+    fn fused_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        segments: SegmentIds<Self>,
+        spec: &AttentionSpec,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        if let Some(done) =
+            super::flex_attention::backward(&q, &k, &v, &out, &lse, &grad, segments.as_ref(), spec)
+        {
+            return done;
+        }
+        reference::attention_backward::<Self>(q, k, v, out, lse, grad, segments, spec)
+    }
+
     fn fused_rms_norm(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,

@@ -19,6 +19,8 @@
 mod autodiff;
 #[cfg(feature = "cpu")]
 mod flex;
+#[cfg(feature = "cpu")]
+mod flex_attention;
 pub mod reference;
 #[cfg(feature = "tch")]
 mod tch;
