@@ -86,7 +86,8 @@ def make_adapter(model_dir, r, out):
     (out / "README.md").unlink(missing_ok=True)
 
 
-def torch_run(model_dir, data, steps, warmup, batch, seq, lr, weight_decay, max_grad_norm, attn, adapter=None):
+def torch_run(model_dir, data, steps, warmup, batch, seq, lr, weight_decay, max_grad_norm, attn, adapter=None,
+              profile=None):
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -118,6 +119,12 @@ def torch_run(model_dir, data, steps, warmup, batch, seq, lr, weight_decay, max_
     step_seconds, losses, grad_norms = [], [], []
     for step in range(steps + warmup):
         x = torch.tensor(rows[step * batch:(step + 1) * batch], dtype=torch.long)
+        # `--profile`: the first timed step runs under torch.profiler (its time is not counted
+        # in a separate run's figures: profile and measure in different invocations).
+        prof = None
+        if profile is not None and step == warmup:
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            prof.__enter__()
         t0 = time.perf_counter()
         out = model(input_ids=x, labels=x)
         out.loss.backward()
@@ -127,6 +134,9 @@ def torch_run(model_dir, data, steps, warmup, batch, seq, lr, weight_decay, max_
         loss = out.loss.item()
         step_seconds.append(time.perf_counter() - t0)
         losses.append(loss)
+        if prof is not None:
+            prof.__exit__(None, None, None)
+            Path(profile).write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30) + "\n")
     print(json.dumps({
         "step_seconds": step_seconds, "losses": losses, "grad_norms": grad_norms, "tokens_per_step": batch * seq,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -159,6 +169,7 @@ def main():
     t.add_argument("--max-grad-norm", type=float, required=True)
     t.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     t.add_argument("--adapter", type=Path, help="train this PEFT LoRA adapter on the frozen model")
+    t.add_argument("--profile", type=Path, help="write torch.profiler's table of the first timed step here")
     l = sub.add_parser("make-adapter")
     l.add_argument("--model", type=Path, required=True)
     l.add_argument("--r", type=int, required=True)
@@ -172,7 +183,7 @@ def main():
         make_adapter(a.model, a.r, a.out)
     else:
         torch_run(a.model, a.data, a.steps, a.warmup, a.batch, a.seq, a.lr, a.weight_decay,
-                  a.max_grad_norm, a.attn, a.adapter)
+                  a.max_grad_norm, a.attn, a.adapter, a.profile)
 
 
 if __name__ == "__main__":
