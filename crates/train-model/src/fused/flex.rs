@@ -18,7 +18,7 @@ use super::{AdamWStep, AttentionSpec, FusedBackend, SegmentIds, reference};
 const CHUNK: usize = 1 << 15;
 
 /// The tensor's f32 values in logical order (a copy only when it is not contiguous).
-fn values(t: &FlexTensor) -> Option<std::borrow::Cow<'_, [f32]>> {
+pub(super) fn values(t: &FlexTensor) -> Option<std::borrow::Cow<'_, [f32]>> {
     if t.dtype() != DType::F32 {
         return None;
     }
@@ -30,7 +30,7 @@ fn values(t: &FlexTensor) -> Option<std::borrow::Cow<'_, [f32]>> {
     }
 }
 
-fn tensor(v: Vec<f32>, shape: Shape) -> FlexTensor {
+pub(super) fn tensor(v: Vec<f32>, shape: Shape) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(v, shape))
 }
 

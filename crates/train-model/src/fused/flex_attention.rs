@@ -19,23 +19,14 @@
 use std::borrow::Cow;
 
 use burn::backend::flex::FlexTensor;
-use burn::tensor::{DType, Shape, TensorData};
+use burn::tensor::{DType, Shape};
 use rayon::prelude::*;
 
 use super::AttentionSpec;
+use super::flex::{tensor, values as f32_values};
 
 /// Query rows per block: the scratch scores are `BLOCK_ROWS × keys` f32 per task.
 const BLOCK_ROWS: usize = 128;
-
-fn f32_values(t: &FlexTensor) -> Option<Cow<'_, [f32]>> {
-    if t.dtype() != DType::F32 {
-        return None;
-    }
-    match t.as_slice::<f32>() {
-        Some(s) => Some(Cow::Borrowed(s)),
-        None => Some(Cow::Owned(t.to_contiguous().as_slice::<f32>()?.to_vec())),
-    }
-}
 
 fn int_values(t: &FlexTensor) -> Option<Vec<i64>> {
     let t = t.to_contiguous();
@@ -48,10 +39,6 @@ fn int_values(t: &FlexTensor) -> Option<Vec<i64>> {
 
 fn dims4(t: &FlexTensor) -> Option<[usize; 4]> {
     t.layout().shape().to_vec().try_into().ok()
-}
-
-fn tensor(v: Vec<f32>, shape: impl Into<Shape>) -> FlexTensor {
-    FlexTensor::from_data(TensorData::new(v, shape.into()))
 }
 
 /// `e^x` for `x ≤ 0` (softmax arguments): Cody–Waite reduction to `2^k · e^r`, `|r| ≤ ln2 / 2`,
@@ -374,7 +361,10 @@ pub(super) fn forward(
             let mask = x.mask(spec, batch);
             forward_head(x.head(batch, head), &mask, d, scale, out, lse);
         });
-    Some((tensor(out, [b, h, sq, d]), tensor(lse, [b, h, sq])))
+    Some((
+        tensor(out, Shape::from([b, h, sq, d])),
+        tensor(lse, Shape::from([b, h, sq])),
+    ))
 }
 
 /// The gradients `(dq, dk, dv)`, or `None` for the reference.
@@ -495,9 +485,9 @@ pub(super) fn backward(
             }
         });
     Some((
-        tensor(dq, [b, h, sq, d]),
-        tensor(dk, [b, kvh, sk, d]),
-        tensor(dv, [b, kvh, sk, d]),
+        tensor(dq, Shape::from([b, h, sq, d])),
+        tensor(dk, Shape::from([b, kvh, sk, d])),
+        tensor(dv, Shape::from([b, kvh, sk, d])),
     ))
 }
 
