@@ -461,26 +461,18 @@ pub(super) fn backward(
                         1.0,
                         par,
                     );
-                    gemm(
-                        (n, d, rows),
-                        &mut dk[k0 * d..],
-                        d,
-                        true,
-                        (&ds, 1, n),
-                        (&qh[q0 * d..], d, 1),
-                        1.0,
-                        par,
-                    );
-                    gemm(
-                        (n, d, rows),
-                        &mut dv[k0 * d..],
-                        d,
-                        true,
-                        (&p, 1, n),
-                        (&gh[q0 * d..], d, 1),
-                        1.0,
-                        par,
-                    );
+                    for (acc, factor, by) in [(&mut *dk, &ds, qh), (&mut *dv, &p, gh)] {
+                        gemm(
+                            (n, d, rows),
+                            &mut acc[k0 * d..],
+                            d,
+                            true,
+                            (factor, 1, n),
+                            (&by[q0 * d..], d, 1),
+                            1.0,
+                            par,
+                        );
+                    }
                 }
             }
         });
