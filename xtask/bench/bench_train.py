@@ -44,7 +44,7 @@ def make_model(shape, tokenizer_dir, out):
     print(f"wrote {shape} ({n:,} parameters) to {out}", file=sys.stderr)
 
 
-def make_data(assets, out, rows, min_chars):
+def make_data(assets, out, rows, min_chars, max_chars=None):
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_data import corpus_conversations
     turns = [t for c in corpus_conversations(assets) for t in c]
@@ -53,7 +53,10 @@ def make_data(assets, out, rows, min_chars):
         k = 0
         for i in range(rows):
             msgs, chars = [], 0
-            while chars < min_chars or len(msgs) % 2:
+            # With --max-chars, each row's length is spread between the two (a fixed hash of i).
+            want = min_chars if max_chars is None else \
+                min_chars + (i * 2654435761 % 4294967296) % max(1, max_chars - min_chars)
+            while chars < want or len(msgs) % 2:
                 t = turns[(k * 7919 + i) % n]
                 k += 1
                 msgs.append({"role": "user" if len(msgs) % 2 == 0 else "assistant", "content": t})
@@ -87,7 +90,7 @@ def make_adapter(model_dir, r, out):
 
 
 def torch_run(model_dir, data, steps, warmup, batch, seq, lr, weight_decay, max_grad_norm, attn, adapter=None,
-              profile=None):
+              profile=None, padded=False):
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -98,7 +101,7 @@ def torch_run(model_dir, data, steps, warmup, batch, seq, lr, weight_decay, max_
         for line in f:
             text = tok.apply_chat_template(json.loads(line)["messages"], tokenize=False)
             ids = tok(text, add_special_tokens=False)["input_ids"]
-            if len(ids) < seq:
+            if len(ids) < seq and not padded:
                 sys.exit(f"{data}: a row has {len(ids)} tokens, fewer than {seq}")
             rows.append(ids[:seq])
     need = (steps + warmup) * batch
@@ -116,9 +119,18 @@ def torch_run(model_dir, data, steps, warmup, batch, seq, lr, weight_decay, max_
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.999), eps=1e-8)
-    step_seconds, losses, grad_norms = [], [], []
+    step_seconds, losses, grad_norms, step_tokens, step_positions = [], [], [], [], []
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     for step in range(steps + warmup):
-        x = torch.tensor(rows[step * batch:(step + 1) * batch], dtype=torch.long)
+        part = rows[step * batch:(step + 1) * batch]
+        # Padded to the longest row of the batch (DataCollatorForLanguageModeling): attention
+        # mask 0 and labels -100 on the padding.
+        longest = max(len(r) for r in part)
+        x = torch.tensor([r + [pad_id] * (longest - len(r)) for r in part], dtype=torch.long)
+        mask = torch.tensor([[1] * len(r) + [0] * (longest - len(r)) for r in part], dtype=torch.long)
+        labels = x.masked_fill(mask == 0, -100)
+        step_tokens.append(sum(len(r) for r in part))
+        step_positions.append(len(part) * longest)
         # `--profile`: the first timed step runs under torch.profiler (its time is not counted
         # in a separate run's figures: profile and measure in different invocations).
         prof = None
@@ -126,7 +138,10 @@ def torch_run(model_dir, data, steps, warmup, batch, seq, lr, weight_decay, max_
             prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
             prof.__enter__()
         t0 = time.perf_counter()
-        out = model(input_ids=x, labels=x)
+        if padded:
+            out = model(input_ids=x, attention_mask=mask, labels=labels)
+        else:
+            out = model(input_ids=x, labels=x)
         out.loss.backward()
         grad_norms.append(float(torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)))
         opt.step()
@@ -139,6 +154,7 @@ def torch_run(model_dir, data, steps, warmup, batch, seq, lr, weight_decay, max_
             Path(profile).write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30) + "\n")
     print(json.dumps({
         "step_seconds": step_seconds, "losses": losses, "grad_norms": grad_norms, "tokens_per_step": batch * seq,
+        "step_tokens": step_tokens, "step_positions": step_positions,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "transformers": transformers.__version__, "attention": attn,
         "peak_rss_bytes": peak_rss_bytes(), "trainable_parameters": sum(p.numel() for p in trainable),
@@ -157,6 +173,7 @@ def main():
     d.add_argument("--out", type=Path, required=True)
     d.add_argument("--rows", type=int, required=True)
     d.add_argument("--min-chars", type=int, default=4000)
+    d.add_argument("--max-chars", type=int, help="spread the rows' lengths between --min-chars and this")
     t = sub.add_parser("torch")
     t.add_argument("--model", type=Path, required=True)
     t.add_argument("--data", type=Path, required=True)
@@ -170,6 +187,7 @@ def main():
     t.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     t.add_argument("--adapter", type=Path, help="train this PEFT LoRA adapter on the frozen model")
     t.add_argument("--profile", type=Path, help="write torch.profiler's table of the first timed step here")
+    t.add_argument("--padded", action="store_true", help="rows of their own lengths, padded to the longest of each batch")
     l = sub.add_parser("make-adapter")
     l.add_argument("--model", type=Path, required=True)
     l.add_argument("--r", type=int, required=True)
@@ -178,12 +196,12 @@ def main():
     if a.cmd == "make-model":
         make_model(a.shape, a.tokenizer_dir, a.out)
     elif a.cmd == "make-data":
-        make_data(a.assets, a.out, a.rows, a.min_chars)
+        make_data(a.assets, a.out, a.rows, a.min_chars, a.max_chars)
     elif a.cmd == "make-adapter":
         make_adapter(a.model, a.r, a.out)
     else:
         torch_run(a.model, a.data, a.steps, a.warmup, a.batch, a.seq, a.lr, a.weight_decay,
-                  a.max_grad_norm, a.attn, a.adapter, a.profile)
+                  a.max_grad_norm, a.attn, a.adapter, a.profile, a.padded)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,10 @@ struct Contestant {
     name: String,
     /// Per timed step (warm-up excluded): seconds.
     step_seconds: Vec<f64>,
-    tokens_per_step: usize,
+    /// Real (not padding) tokens of each timed step.
+    step_tokens: Vec<usize>,
+    /// Positions computed (batch × longest row) over the timed steps, when reported.
+    padded_positions: usize,
     first_loss: f64,
     last_loss: f64,
     peak_rss_bytes: u64,
@@ -67,7 +70,7 @@ impl Contestant {
     }
 
     fn tokens_per_sec(&self) -> f64 {
-        self.tokens_per_step as f64 / self.seconds_per_step()
+        self.step_tokens.iter().sum::<usize>() as f64 / self.step_seconds.iter().sum::<f64>()
     }
 }
 
@@ -81,6 +84,9 @@ struct TrainBench {
     only: Vec<String>,
     /// Also train a LoRA adapter of this rank (alpha 2r, every projection) for each contestant.
     lora: Option<usize>,
+    /// Chat rows of their own lengths (up to `seq`) padded to the longest of each batch,
+    /// instead of rows all exactly `seq` long.
+    padded: bool,
 }
 
 const LR: &str = "1e-4";
@@ -96,9 +102,14 @@ fn parse_train_args(args: &[String]) -> Result<TrainBench> {
         seq: 512,
         only: vec!["cpu".into(), "tch".into(), "pytorch".into()],
         lora: None,
+        padded: false,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
+        if flag == "--padded" {
+            b.padded = true;
+            continue;
+        }
         let value = it.next().with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--model" => b.model.clone_from(value),
@@ -110,7 +121,7 @@ fn parse_train_args(args: &[String]) -> Result<TrainBench> {
             "--lora" => b.lora = Some(value.parse()?),
             f => bail!(
                 "unknown flag {f} (bench-train [--model qwen3-30m|smollm2] [--steps N] \
-                 [--warmup N] [--batch N] [--seq N] [--only cpu,cpu-standard,tch,tch-standard,pytorch] [--lora R])"
+                 [--warmup N] [--batch N] [--seq N] [--only cpu,cpu-standard,tch,tch-standard,pytorch] [--lora R] [--padded])"
             ),
         }
     }
@@ -147,7 +158,10 @@ pub fn bench_train(args: &[String]) -> Result<()> {
         m => bail!("--model {m}: expected qwen3-30m or smollm2"),
     };
     let rows = (b.steps + b.warmup) * b.batch;
-    let data = dir.join(format!("long-{rows}.jsonl"));
+    let data = dir.join(format!(
+        "{}-{rows}.jsonl",
+        if b.padded { "varied" } else { "long" }
+    ));
     if !data.is_file() {
         let mut c = Command::new(&python);
         c.arg(&script)
@@ -155,7 +169,12 @@ pub fn bench_train(args: &[String]) -> Result<()> {
             .arg(assets()?)
             .arg("--out")
             .arg(&data);
-        run("long conversations (chatterbot-corpus)", c)?;
+        if b.padded {
+            // Conversations of about 100 to 3000 characters: a few dozen to several hundred
+            // tokens, some cut at --seq.
+            c.args(["--min-chars", "100", "--max-chars", "3000"]);
+        }
+        run("conversations (chatterbot-corpus)", c)?;
     }
     let env = torch_env()?;
     // The tch backend only when it runs (a build with it resolves other features).
@@ -220,6 +239,16 @@ pub fn bench_train(args: &[String]) -> Result<()> {
     }
     // A fresh adapter leaves the model unchanged: every first loss agrees.
     check_first_losses(&results)?;
+    // Padded: everyone counted the same real tokens in every step (same rows, same batches).
+    if let Some(first) = results.first()
+        && let Some(r) = results.iter().find(|r| r.step_tokens != first.step_tokens)
+    {
+        bail!(
+            "{} and {} counted different tokens per step: not the same batches",
+            first.name,
+            r.name
+        );
+    }
     for lora in [false, true] {
         let group: Vec<&Contestant> = results.iter().filter(|r| r.lora == lora).collect();
         check_same_job(&group)?;
@@ -227,10 +256,10 @@ pub fn bench_train(args: &[String]) -> Result<()> {
     let table = train_table(&b, &results);
     println!("\n{table}");
     write_section(
-        if b.lora.is_some() {
-            "bench-lora"
-        } else {
-            "bench-train"
+        match (b.padded, b.lora.is_some()) {
+            (true, _) => "bench-padded",
+            (false, true) => "bench-lora",
+            (false, false) => "bench-train",
         },
         &format!("{}\n{table}", machine_and_versions(&python)?),
     )?;
@@ -324,7 +353,7 @@ fn rust_run(
         );
     }
     let tokens_per_step = b.batch * b.seq;
-    if let Some(s) = steps.iter().find(|s| s.0 != tokens_per_step) {
+    if let Some(s) = steps.iter().find(|s| s.0 != tokens_per_step && !b.padded) {
         bail!(
             "a step of `train run --backend {backend}` had {} tokens, not {tokens_per_step}: the \
              data rows must all be longer than --seq",
@@ -343,7 +372,8 @@ fn rust_run(
         ),
         lora,
         step_seconds: steps[b.warmup..].iter().map(|s| s.1).collect(),
-        tokens_per_step,
+        step_tokens: steps[b.warmup..].iter().map(|s| s.0).collect(),
+        padded_positions: 0,
         first_loss: steps[0].2,
         last_loss: steps[total - 1].2,
         peak_rss_bytes: m.peak_rss_bytes,
@@ -366,6 +396,9 @@ fn torch_run(
         c.arg(script).arg("torch").arg("--adapter").arg(a);
     } else {
         c.arg(script).arg("torch");
+    }
+    if b.padded {
+        c.arg("--padded");
     }
     c.arg("--model")
         .arg(model)
@@ -400,7 +433,11 @@ fn torch_run(
             .unwrap_or_default()
     };
     let (seconds, losses) = (f64s("step_seconds"), f64s("losses"));
-    if seconds.len() != b.steps + b.warmup || losses.len() != seconds.len() {
+    let tokens: Vec<usize> = f64s("step_tokens").iter().map(|&t| t as usize).collect();
+    if seconds.len() != b.steps + b.warmup
+        || losses.len() != seconds.len()
+        || tokens.len() != seconds.len()
+    {
         bail!("{}: unexpected result {v}", json.display());
     }
     Ok(Contestant {
@@ -417,7 +454,10 @@ fn torch_run(
         ),
         lora: adapter.is_some(),
         step_seconds: seconds[b.warmup..].to_vec(),
-        tokens_per_step: b.batch * b.seq,
+        step_tokens: tokens[b.warmup..].to_vec(),
+        padded_positions: f64s("step_positions")
+            .get(b.warmup..)
+            .map_or(0.0, |v| v.iter().sum::<f64>()) as usize,
         first_loss: losses[0],
         last_loss: losses[losses.len() - 1],
         peak_rss_bytes: m.peak_rss_bytes,
@@ -476,19 +516,34 @@ fn train_table(b: &TrainBench, results: &[Contestant]) -> String {
             .map(|r| (r.tokens_per_sec(), r.peak_rss_bytes))
     };
     let mut s = String::new();
+    let rows = if b.padded {
+        let real: usize = results.first().map_or(0, |r| r.step_tokens.iter().sum());
+        let positions = results
+            .iter()
+            .map(|r| r.padded_positions)
+            .max()
+            .unwrap_or(0);
+        format!(
+            "rows are chat conversations of their own lengths (cut at {}), padded to the longest \
+             of each batch ({real} real tokens in {positions} padded positions over the timed \
+             steps, {:.0} %; PyTorch passes the attention mask and labels −100 on the padding), \
+             tokens/s counts real tokens",
+            b.seq,
+            100.0 * real as f64 / positions.max(1) as f64,
+        )
+    } else {
+        format!(
+            "every row exactly {} tokens (long conversations truncated), {} tokens a step",
+            b.seq,
+            b.batch * b.seq
+        )
+    };
     let _ = writeln!(
         s,
-        "Job: `{}`, sequence {}, batch {} ({} tokens a step), fp32, AdamW lr {LR} (constant), \
-         weight decay {WEIGHT_DECAY}, clipping {MAX_GRAD_NORM}; {} timed steps after {} \
-         warm-up steps; every row exactly {} tokens (long conversations truncated), all tokens \
-         trained. Peak RSS is the whole process's (`wait4`).\n",
-        b.model,
-        b.seq,
-        b.batch,
-        b.batch * b.seq,
-        b.steps,
-        b.warmup,
-        b.seq
+        "Job: `{}`, sequence {}, batch {}, fp32, AdamW lr {LR} (constant), weight decay \
+         {WEIGHT_DECAY}, clipping {MAX_GRAD_NORM}; {} timed steps after {} warm-up steps; \
+         {rows}; all tokens trained. Peak RSS is the whole process's (`wait4`).\n",
+        b.model, b.seq, b.batch, b.steps, b.warmup,
     );
     if let Some(r) = b.lora {
         let _ = writeln!(

@@ -211,6 +211,47 @@ impl Batch {
         b
     }
 
+    /// The same examples as **one row without padding**: each row's tokens before its padding,
+    /// back to back, each its own segment, positions as they were, the label of each row's
+    /// first token dropped (nothing predicts it, as in its own row). Attention that keeps
+    /// segments apart without an `[s, s]` mask then gives the same loss and gradients as the
+    /// padded rows without computing the padding (TRL's `padding_free`). `None` when there is
+    /// nothing to remove: one row, no padding, or rows already packed.
+    pub fn padding_free(&self) -> Option<Self> {
+        let s = self.seq_len;
+        if self.packed || self.batch_size < 2 || self.real_tokens >= self.batch_size * s {
+            return None;
+        }
+        let mut out = Self {
+            batch_size: 1,
+            label_tokens: self.label_tokens,
+            real_tokens: self.real_tokens,
+            packed: true,
+            ..Self::default()
+        };
+        for r in 0..self.batch_size {
+            let row = r * s..(r + 1) * s;
+            // Unpacked rows: the example is segment 0, its padding segment 1.
+            let len = self.segment_ids[row.clone()]
+                .iter()
+                .take_while(|&&id| id == 0)
+                .count();
+            let keep = row.start..row.start + len;
+            let start = out.input_ids.len();
+            out.input_ids
+                .extend_from_slice(&self.input_ids[keep.clone()]);
+            out.labels.extend_from_slice(&self.labels[keep.clone()]);
+            out.position_ids
+                .extend_from_slice(&self.position_ids[keep.clone()]);
+            out.segment_ids.extend(std::iter::repeat_n(r as u32, len));
+            if let Some(first) = out.labels.get_mut(start) {
+                *first = IGNORE_INDEX;
+            }
+        }
+        out.seq_len = out.input_ids.len();
+        Some(out)
+    }
+
     /// One row per example (padding collation).
     pub fn padded(examples: &[&Example], pad_id: u32) -> Self {
         Self::collate(
@@ -307,6 +348,34 @@ mod tests {
         assert_eq!(&b.labels[4..], &[IGNORE_INDEX, IGNORE_INDEX]);
         assert_eq!(&b.segment_ids[3..], &[0, 1, 1]);
         assert_eq!(b.real_tokens, 4);
+    }
+
+    #[test]
+    fn a_padding_free_batch_is_its_examples_packed_into_one_row() {
+        for lengths in [&[3, 1][..], &[1, 5, 2, 5], &[4, 4, 1], &[2, 1, 1, 1, 1]] {
+            let examples: Vec<Example> = lengths
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| ex(i + 1, n))
+                .collect();
+            let refs: Vec<&Example> = examples.iter().collect();
+            let padded = Batch::padded(&refs, 99);
+            let free = padded.padding_free().expect("padding to remove");
+            assert_eq!(free, Batch::collate(vec![Sequence::pack(&refs)], 99, None));
+            assert_eq!(free.label_tokens, padded.label_tokens);
+            assert_eq!(free.real_tokens, padded.real_tokens);
+            assert_eq!(free.seq_len, lengths.iter().sum::<usize>());
+        }
+        // Nothing to remove: equal lengths, one row, or packed rows.
+        let (a, b, c) = (ex(1, 3), ex(2, 3), ex(3, 2));
+        assert_eq!(Batch::padded(&[&a, &b], 0).padding_free(), None);
+        assert_eq!(Batch::padded(&[&c], 0).padding_free(), None);
+        let packed = Batch::collate(
+            vec![Sequence::pack(&[&a, &c]), Sequence::pack(&[&b])],
+            0,
+            None,
+        );
+        assert_eq!(packed.padding_free(), None);
     }
 
     #[test]

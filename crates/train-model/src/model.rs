@@ -611,6 +611,14 @@ impl<B: Backend> CausalLm<B> {
 }
 
 impl<B: FusedBackend> CausalLm<B> {
+    /// True when a padded batch costs less as one padding-free row of its examples: the fused
+    /// attention keeps segments apart without an `[s, s]` mask on this device and dtype
+    /// ([`FusedBackend::padding_free_attention`]); never with the decomposed attention.
+    pub fn padding_free(&self) -> bool {
+        self.attention.is_fused()
+            && B::padding_free_attention(&self.embed_tokens.val().device(), self.activation_dtype())
+    }
+
     /// Logits `[batch, seq, vocab]` (in the model's dtype).
     pub fn forward(&self, input: &ModelInput<B>) -> Tensor<B, 3> {
         let h = self.run(input, None, None);

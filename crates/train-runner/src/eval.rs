@@ -20,9 +20,14 @@ pub fn evaluate<B: FusedBackend>(
     order.sort_by_key(|e| e.len());
     let (mut sum, mut tokens) = (0f64, 0u64);
     for chunk in order.chunks(batch_size.max(1)) {
-        let batch = Batch::padded(chunk, pad_id);
+        let mut batch = Batch::padded(chunk, pad_id);
         if batch.label_tokens == 0 {
             continue;
+        }
+        if model.padding_free()
+            && let Some(flat) = batch.padding_free()
+        {
+            batch = flat;
         }
         let (input, labels) = batch_tensors::<B>(&batch, &device);
         let (s, _) = causal_lm_nll(model.forward(&input), labels);

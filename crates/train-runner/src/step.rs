@@ -12,7 +12,8 @@ use crate::batches::batch_tensors;
 ///
 /// Loss = Σ NLL over every label token of the step / their number: each micro-batch contributes
 /// its sum divided by the step's total, and the gradients of the micro-batches add up, so
-/// padding, packing and accumulation leave both unchanged.
+/// padding, packing and accumulation leave both unchanged. Where the model's attention allows
+/// ([`CausalLm::padding_free`]), a padded micro-batch runs as one padding-free row.
 ///
 /// The LM head and the loss are fused ([`train_model::fused_linear_nll`]): only positions whose
 /// next token is a label go through the head, chunk by chunk, and their gradients are computed
@@ -40,7 +41,12 @@ pub(crate) fn gradients_over<'a, B: FusedAutodiffBackend>(
     let mut step_loss = 0f64;
     // A biased LM head (none of the supported architectures has one) takes the plain path.
     let fusable = model.lm_head.as_ref().is_none_or(|h| h.bias.is_none());
+    let padding_free = model.padding_free();
     for batch in batches {
+        // A padded micro-batch as one row of its examples when attention keeps them apart
+        // without a mask: the same loss and gradients, no compute spent on the padding.
+        let flat = padding_free.then(|| batch.padding_free()).flatten();
+        let batch = flat.as_ref().unwrap_or(batch);
         let (loss, grads) = match label_rows(batch) {
             Some((rows, targets)) if fusable => {
                 fused_micro_batch(model, batch, rows, targets, denominator, device)

@@ -109,6 +109,10 @@ impl<B: FusedBackend> Backward<B, 1> for RotaryBackward {
 }
 
 impl<B: FusedBackend, C: CheckpointStrategy> FusedBackend for Autodiff<B, C> {
+    fn padding_free_attention(device: &Self::Device, dtype: burn::tensor::DType) -> bool {
+        B::padding_free_attention(device, dtype)
+    }
+
     fn fused_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,

@@ -172,6 +172,12 @@ fn sigmoid(x: f32) -> f32 {
 }
 
 impl FusedBackend for Flex {
+    /// The Flex kernel (`fused/flex_attention.rs`) splits its query blocks at segment runs and
+    /// sees only their keys, in f32 (other dtypes take the reference).
+    fn padding_free_attention(_: &Self::Device, dtype: DType) -> bool {
+        dtype == DType::F32
+    }
+
     fn fused_attention_lse(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,

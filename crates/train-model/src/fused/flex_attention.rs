@@ -70,29 +70,55 @@ struct Mask<'a> {
     past: usize,
     window: Option<usize>,
     sk: usize,
-    /// This batch row's query and key segment ids, when rows are packed.
+    /// This batch row's segments as runs: `runs[j]` is the `[lo, hi)` of the run of equal
+    /// segment ids that holds key `j`, when every segment is one contiguous run (packed rows,
+    /// padding-free batches); the ranges are then exact and no id is compared.
+    runs: Option<&'a [(usize, usize)]>,
+    /// This batch row's query and key segment ids, when rows are segmented but some segment is
+    /// not one contiguous run.
     segments: Option<(&'a [i64], &'a [i64])>,
 }
 
 impl Mask<'_> {
-    /// Keys `[lo, hi)` query `i` may see by position (segments aside).
+    /// Keys `[lo, hi)` query `i` may see by position and, with runs, by segment.
     fn range(&self, i: usize) -> (usize, usize) {
         let p = self.past + i;
-        let hi = if self.causal {
+        let mut hi = if self.causal {
             (p + 1).min(self.sk)
         } else {
             self.sk
         };
-        let lo = match self.window {
+        let mut lo = match self.window {
             Some(w) => (p + 1).saturating_sub(w).min(hi),
             None => 0,
         };
+        if let Some(&(run_lo, run_hi)) = self.runs.and_then(|r| r.get(p)) {
+            hi = hi.min(run_hi);
+            lo = lo.max(run_lo).min(hi);
+        }
         (lo, hi)
     }
 
-    /// Keys `[k0, k1)` any of the queries `q0 .. q0 + rows` sees.
+    /// Keys `[k0, k1)` any of the queries `q0 .. q0 + rows` sees (a block from [`Self::blocks`]:
+    /// within one run, where both ends of the range grow with the query).
     fn block(&self, q0: usize, rows: usize) -> (usize, usize) {
         (self.range(q0).0, self.range(q0 + rows - 1).1)
+    }
+
+    /// The query blocks `(q0, rows)` of at most [`BLOCK_ROWS`] rows, split where a run of
+    /// segments ends so that no block computes scores of another segment's keys.
+    fn blocks(&self, sq: usize) -> Vec<(usize, usize)> {
+        let mut out = Vec::with_capacity(sq.div_ceil(BLOCK_ROWS));
+        let mut q0 = 0;
+        while q0 < sq {
+            let mut end = (q0 + BLOCK_ROWS).min(sq);
+            if let Some(&(_, run_hi)) = self.runs.and_then(|r| r.get(self.past + q0)) {
+                end = end.min(run_hi.saturating_sub(self.past)).max(q0 + 1);
+            }
+            out.push((q0, end - q0));
+            q0 = end;
+        }
+        out
     }
 
     /// Sets the scores of row `i` (keys from `k0`) that it may not see to −∞.
@@ -113,6 +139,18 @@ impl Mask<'_> {
             }
         }
     }
+}
+
+/// For each key of each batch row, the `[lo, hi)` of its run of equal segment ids, or `None`
+/// when some row has a segment in more than one run.
+fn key_runs(ids: &[i64], rows: usize, sk: usize) -> Option<Vec<(usize, usize)>> {
+    let runs = super::segment_runs(ids, rows, sk)?;
+    Some(
+        runs.iter()
+            .flatten()
+            .flat_map(|&(lo, hi)| std::iter::repeat_n((lo, hi), hi - lo))
+            .collect(),
+    )
 }
 
 /// `dst[m × n] (= dst +) beta · lhs[m × k] · rhs[k × n]`, each operand by its row and column
@@ -185,6 +223,8 @@ struct Inputs<'a> {
     kvh: usize,
     sk: usize,
     segments: Option<(Vec<i64>, Vec<i64>)>,
+    /// [`key_runs`] of the keys, when every segment is one run.
+    runs: Option<Vec<(usize, usize)>>,
 }
 
 impl<'a> Inputs<'a> {
@@ -224,6 +264,7 @@ impl<'a> Inputs<'a> {
                 Some((a, c))
             }
         };
+        let runs = segments.as_ref().and_then(|(_, c)| key_runs(c, b, sk));
         Some(Self {
             q: f32_values(q)?,
             k: f32_values(k)?,
@@ -232,6 +273,7 @@ impl<'a> Inputs<'a> {
             kvh,
             sk,
             segments,
+            runs,
         })
     }
 
@@ -242,12 +284,20 @@ impl<'a> Inputs<'a> {
             past: spec.past,
             window: spec.window.filter(|w| *w > 0),
             sk: self.sk,
-            segments: self.segments.as_ref().map(|(a, c)| {
-                (
-                    &a[batch * sq..(batch + 1) * sq],
-                    &c[batch * self.sk..(batch + 1) * self.sk],
-                )
-            }),
+            runs: self
+                .runs
+                .as_ref()
+                .map(|r| &r[batch * self.sk..(batch + 1) * self.sk]),
+            segments: self
+                .segments
+                .as_ref()
+                .filter(|_| self.runs.is_none())
+                .map(|(a, c)| {
+                    (
+                        &a[batch * sq..(batch + 1) * sq],
+                        &c[batch * self.sk..(batch + 1) * self.sk],
+                    )
+                }),
         }
     }
 
@@ -304,8 +354,7 @@ fn forward_head(
 ) {
     let sq = lse.len();
     let mut s = Vec::new();
-    for q0 in (0..sq).step_by(BLOCK_ROWS) {
-        let rows = BLOCK_ROWS.min(sq - q0);
+    for (q0, rows) in mask.blocks(sq) {
         let (k0, k1) = mask.block(q0, rows);
         let n = k1 - k0;
         s.resize(rows * n, 0.0);
@@ -405,6 +454,7 @@ pub(super) fn backward(
         .for_each(|(t, ((dq, dk), dv))| {
             let (batch, kv) = (t / kvh, t % kvh);
             let mask = x.mask(spec, batch);
+            let blocks = mask.blocks(sq);
             let (mut p, mut ds) = (Vec::new(), Vec::new());
             for (hh, dq) in dq.chunks_mut(sq * d).enumerate() {
                 let head = kv * group + hh;
@@ -412,8 +462,7 @@ pub(super) fn backward(
                 let at = (batch * h + head) * sq;
                 let (oh, gh) = (&o[at * d..(at + sq) * d], &g[at * d..(at + sq) * d]);
                 let lh = &l[at..at + sq];
-                for q0 in (0..sq).step_by(BLOCK_ROWS) {
-                    let rows = BLOCK_ROWS.min(sq - q0);
+                for &(q0, rows) in &blocks {
                     let (k0, k1) = mask.block(q0, rows);
                     let n = k1 - k0;
                     p.resize(rows * n, 0.0);

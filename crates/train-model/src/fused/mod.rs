@@ -26,7 +26,7 @@ pub mod reference;
 mod tch;
 
 use burn::tensor::{
-    Int, Tensor,
+    DType, Int, Tensor,
     backend::{AutodiffBackend, Backend},
     ops::{FloatTensor, IntTensor},
 };
@@ -140,6 +140,16 @@ pub type SegmentIds<B> = Option<(IntTensor<B>, IntTensor<B>)>;
 /// (grouped-query attention without repeating keys and values); norms and gates on
 /// `[rows, width]`; rotary on `[b, h, s, d]` with `cos`, `sin` broadcasting to it.
 pub trait FusedBackend: Backend {
+    /// True when [`Self::fused_attention`] with segment ids (each segment one contiguous run)
+    /// on `device` in `dtype` computes only the scores within each segment, never an `[s, s]`
+    /// mask or score tensor: one row of several segments then costs what separate rows cost,
+    /// and the runner trains a padded micro-batch as one padding-free row of its examples
+    /// (`train_data::Batch::padding_free`). The reference body materialises the mask: `false`.
+    fn padding_free_attention(device: &Self::Device, dtype: DType) -> bool {
+        let _ = (device, dtype);
+        false
+    }
+
     /// Attention output `[b, h, sq, d]`.
     fn fused_attention(
         q: FloatTensor<Self>,
@@ -258,6 +268,38 @@ where
 #[cfg(feature = "cuda")]
 impl FusedBackend for burn::backend::Cuda {}
 
+/// Each of the `rows` rows of `ids` (`[rows, len]` segment ids) as its runs `[lo, hi)` of equal
+/// ids, or `None` when some row has a segment in more than one run (or `ids` is not
+/// `rows × len`): what lets a kernel attend within each run alone.
+#[cfg_attr(not(any(feature = "cpu", feature = "tch")), allow(dead_code))]
+pub(crate) fn segment_runs(
+    ids: &[i64],
+    rows: usize,
+    len: usize,
+) -> Option<Vec<Vec<(usize, usize)>>> {
+    if ids.len() != rows * len {
+        return None;
+    }
+    let mut out = Vec::with_capacity(rows);
+    let mut seen = std::collections::HashSet::new();
+    for row in ids.chunks(len.max(1)).take(rows) {
+        seen.clear();
+        let mut runs = Vec::new();
+        let mut lo = 0;
+        while lo < row.len() {
+            let id = row[lo];
+            if !seen.insert(id) {
+                return None;
+            }
+            let hi = lo + row[lo..].iter().take_while(|&&x| x == id).count();
+            runs.push((lo, hi));
+            lo = hi;
+        }
+        out.push(runs);
+    }
+    Some(out)
+}
+
 fn int_prim<B: Backend>(t: Tensor<B, 2, Int>) -> IntTensor<B> {
     t.into_primitive()
 }
@@ -318,4 +360,25 @@ pub fn rotary<B: FusedBackend>(
         prim(cos.clone()),
         prim(sin.clone()),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::segment_runs;
+
+    #[test]
+    fn segment_runs_are_the_runs_of_each_row_or_none_when_a_segment_comes_back() {
+        assert_eq!(
+            segment_runs(&[0, 0, 1, 2, 2, 2, 5, 5, 5, 5], 2, 5),
+            Some(vec![vec![(0, 2), (2, 3), (3, 5)], vec![(0, 1), (1, 5)]])
+        );
+        // Ids are per row: the second row may reuse the first row's.
+        assert_eq!(
+            segment_runs(&[7, 7, 7, 7], 2, 2),
+            Some(vec![vec![(0, 2)], vec![(0, 2)]])
+        );
+        assert_eq!(segment_runs(&[0, 1, 0], 1, 3), None);
+        assert_eq!(segment_runs(&[0, 1, 0], 2, 3), None);
+        assert_eq!(segment_runs(&[], 0, 3), Some(vec![]));
+    }
 }

@@ -1,10 +1,12 @@
 //! libtorch's own fused kernels for the `tch` backend.
 //!
-//! Attention on a CPU device with plain causal masking (no segments, window, softcap or cache)
-//! runs libtorch's flash-attention CPU kernel forward and backward
+//! Attention on a CPU device with plain causal masking (no window, softcap or cache) runs
+//! libtorch's flash-attention CPU kernel forward and backward
 //! (`_scaled_dot_product_flash_attention_for_cpu[_backward]`, what PyTorch's
 //! `scaled_dot_product_attention` picks on CPU); grouped key/value heads are repeated inside
-//! libtorch and their gradients summed back. Everything else, and any call libtorch refuses,
+//! libtorch and their gradients summed back. Segmented rows (packed, or a padded batch made
+//! padding-free) run it once per segment run, each run a causal attention of its own, so no
+//! `[s, s]` mask is built. Everything else, and any call libtorch refuses,
 //! takes the reference body ([`mod@super::reference`]). On CUDA devices the reference body runs
 //! too (not yet measured on a GPU).
 //!
@@ -60,11 +62,11 @@ fn adamw_in_place(
     true
 }
 
-/// True when libtorch's CPU flash kernel computes exactly this call.
-fn flash_cpu_applies(q: &TchTensor, k: &TchTensor, segmented: bool, spec: &AttentionSpec) -> bool {
+/// True when libtorch's CPU flash kernel computes exactly this call (segments aside: see
+/// [`runs`]).
+fn flash_cpu_applies(q: &TchTensor, k: &TchTensor, spec: &AttentionSpec) -> bool {
     let (qs, ks) = (q.tensor.size(), k.tensor.size());
-    !segmented
-        && spec.causal
+    spec.causal
         && spec.past == 0
         && spec.window.is_none()
         && spec.softcap.is_none()
@@ -74,6 +76,85 @@ fn flash_cpu_applies(q: &TchTensor, k: &TchTensor, segmented: bool, spec: &Atten
         && ks[1] > 0
         && qs[1] % ks[1] == 0
         && q.tensor.device() == tch::Device::Cpu
+}
+
+/// Where the flash kernel runs: over each batch row whole (no segments), or over each run of
+/// one segment id separately (packed or padding-free rows, when queries and keys carry the
+/// same ids and every segment is one contiguous run): the causal kernel on a run attends
+/// exactly within it. `None`: the segments need the reference's mask.
+fn runs(
+    q: &TchTensor,
+    segments: Option<&(TchTensor, TchTensor)>,
+) -> Option<Vec<Vec<(usize, usize)>>> {
+    let size = q.tensor.size();
+    let (b, s) = (
+        usize::try_from(size[0]).ok()?,
+        usize::try_from(size[2]).ok()?,
+    );
+    let Some((sq, sk)) = segments else {
+        return Some(vec![vec![(0, s)]; b]);
+    };
+    let read = |t: &TchTensor| -> Option<Vec<i64>> {
+        let flat = t
+            .tensor
+            .f_reshape([-1])
+            .ok()?
+            .f_to_kind(tch::Kind::Int64)
+            .ok()?;
+        Vec::<i64>::try_from(&flat).ok()
+    };
+    let (a, c) = (read(sq)?, read(sk)?);
+    if a != c {
+        return None;
+    }
+    super::segment_runs(&a, b, s)
+}
+
+/// `f` on each run of each row of `inputs` (all `[b, ·, s, …]`), its outputs put back together
+/// along the sequence and then the batch.
+fn per_run<const N: usize>(
+    inputs: &[&tch::Tensor],
+    runs: &[Vec<(usize, usize)>],
+    f: impl Fn(&[tch::Tensor]) -> Result<[tch::Tensor; N], tch::TchError>,
+) -> Result<[tch::Tensor; N], tch::TchError> {
+    // Rows that are one run each (no segments): one call on the whole tensors.
+    let len = inputs.first().map_or(0, |t| t.size()[2]);
+    if runs
+        .iter()
+        .all(|r| matches!(r.as_slice(), [(0, hi)] if *hi as i64 == len))
+    {
+        let all: Vec<tch::Tensor> = inputs.iter().map(|t| t.shallow_clone()).collect();
+        return f(&all);
+    }
+    let mut rows: Vec<[Vec<tch::Tensor>; N]> = Vec::with_capacity(runs.len());
+    for (r, row_runs) in runs.iter().enumerate() {
+        let mut parts: [Vec<tch::Tensor>; N] = std::array::from_fn(|_| Vec::new());
+        for &(lo, hi) in row_runs {
+            let slice = inputs
+                .iter()
+                .map(|t| {
+                    t.f_narrow(0, r as i64, 1)?
+                        .f_narrow(2, lo as i64, (hi - lo) as i64)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            for (part, out) in parts.iter_mut().zip(f(&slice)?) {
+                part.push(out);
+            }
+        }
+        rows.push(parts);
+    }
+    let mut out: [Vec<tch::Tensor>; N] = std::array::from_fn(|_| Vec::new());
+    for parts in rows {
+        for (o, p) in out.iter_mut().zip(parts) {
+            o.push(tch::Tensor::f_cat(&p, 2)?);
+        }
+    }
+    let mut done = Vec::with_capacity(N);
+    for o in out {
+        done.push(tch::Tensor::f_cat(&o, 0)?);
+    }
+    done.try_into()
+        .map_err(|_| tch::TchError::Shape("per_run: output count".into()))
 }
 
 /// Keys or values with each of the `kvh` heads repeated `h / kvh` times.
@@ -86,43 +167,35 @@ fn repeated(x: &tch::Tensor, group: i64) -> Result<tch::Tensor, tch::TchError> {
 }
 
 fn flash_forward(
-    q: &TchTensor,
-    k: &TchTensor,
-    v: &TchTensor,
+    [q, k, v]: [&tch::Tensor; 3],
     spec: &AttentionSpec,
-) -> Result<(TchTensor, TchTensor), tch::TchError> {
-    let group = q.tensor.size()[1] / k.tensor.size()[1];
+) -> Result<[tch::Tensor; 2], tch::TchError> {
+    let group = q.size()[1] / k.size()[1];
     let (out, lse) = tch::Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu(
-        &q.tensor,
-        &repeated(&k.tensor, group)?,
-        &repeated(&v.tensor, group)?,
+        q,
+        &repeated(k, group)?,
+        &repeated(v, group)?,
         0.0,
         true,
         None::<tch::Tensor>,
         spec.scale,
     )?;
-    Ok((TchTensor::new(out), TchTensor::new(lse)))
+    Ok([out, lse])
 }
 
-#[allow(clippy::too_many_arguments)]
 fn flash_backward(
-    q: &TchTensor,
-    k: &TchTensor,
-    v: &TchTensor,
-    out: &TchTensor,
-    lse: &TchTensor,
-    grad: &TchTensor,
+    [q, k, v, out, lse, grad]: [&tch::Tensor; 6],
     spec: &AttentionSpec,
-) -> Result<(TchTensor, TchTensor, TchTensor), tch::TchError> {
-    let ks = k.tensor.size();
-    let group = q.tensor.size()[1] / ks[1];
+) -> Result<[tch::Tensor; 3], tch::TchError> {
+    let ks = k.size();
+    let group = q.size()[1] / ks[1];
     let (dq, dk, dv) = tch::Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu_backward(
-        &grad.tensor,
-        &q.tensor,
-        &repeated(&k.tensor, group)?,
-        &repeated(&v.tensor, group)?,
-        &out.tensor,
-        &lse.tensor,
+        grad,
+        q,
+        &repeated(k, group)?,
+        &repeated(v, group)?,
+        out,
+        lse,
         0.0,
         true,
         None::<tch::Tensor>,
@@ -135,11 +208,7 @@ fn flash_backward(
         g.f_view([ks[0], ks[1], group, ks[2], ks[3]])?
             .f_sum_dim_intlist([2i64].as_slice(), false, None)
     };
-    Ok((
-        TchTensor::new(dq),
-        TchTensor::new(fold(dk)?),
-        TchTensor::new(fold(dv)?),
-    ))
+    Ok([dq, fold(dk)?, fold(dv)?])
 }
 
 impl<E: TchElement> FusedBackend for LibTorch<E> {
@@ -162,6 +231,14 @@ impl<E: TchElement> FusedBackend for LibTorch<E> {
         reference::adamw::<Self>(param, grad, exp_avg, exp_avg_sq, step)
     }
 
+    /// Packed and padding-free rows run the flash kernel per segment run on CPU devices (any
+    /// float dtype the kernel takes).
+    fn padding_free_attention(device: &Self::Device, dtype: burn::tensor::DType) -> bool {
+        use burn::tensor::DType;
+        matches!(device, burn::backend::libtorch::LibTorchDevice::Cpu)
+            && matches!(dtype, DType::F32 | DType::BF16 | DType::F16 | DType::F64)
+    }
+
     fn fused_attention_lse(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -169,10 +246,13 @@ impl<E: TchElement> FusedBackend for LibTorch<E> {
         segments: SegmentIds<Self>,
         spec: &AttentionSpec,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        if flash_cpu_applies(&q, &k, segments.is_some(), spec)
-            && let Ok(done) = flash_forward(&q, &k, &v, spec)
+        if flash_cpu_applies(&q, &k, spec)
+            && let Some(runs) = runs(&q, segments.as_ref())
+            && let Ok([out, lse]) = per_run(&[&q.tensor, &k.tensor, &v.tensor], &runs, |t| {
+                flash_forward([&t[0], &t[1], &t[2]], spec)
+            })
         {
-            return done;
+            return (TchTensor::new(out), TchTensor::new(lse));
         }
         reference::attention_forward::<Self>(q, k, v, segments, spec)
     }
@@ -187,10 +267,22 @@ impl<E: TchElement> FusedBackend for LibTorch<E> {
         segments: SegmentIds<Self>,
         spec: &AttentionSpec,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        if flash_cpu_applies(&q, &k, segments.is_some(), spec)
-            && let Ok(done) = flash_backward(&q, &k, &v, &out, &lse, &grad, spec)
+        if flash_cpu_applies(&q, &k, spec)
+            && let Some(runs) = runs(&q, segments.as_ref())
+            && let Ok([dq, dk, dv]) = per_run(
+                &[
+                    &q.tensor,
+                    &k.tensor,
+                    &v.tensor,
+                    &out.tensor,
+                    &lse.tensor,
+                    &grad.tensor,
+                ],
+                &runs,
+                |t| flash_backward([&t[0], &t[1], &t[2], &t[3], &t[4], &t[5]], spec),
+            )
         {
-            return done;
+            return (TchTensor::new(dq), TchTensor::new(dk), TchTensor::new(dv));
         }
         reference::attention_backward::<Self>(q, k, v, out, lse, grad, segments, spec)
     }

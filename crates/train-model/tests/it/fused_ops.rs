@@ -267,6 +267,11 @@ fn named_cases() -> Vec<Case> {
         },
         // More query rows than one default block (128): causal skipping across blocks.
         base(1, 2, 1, 300, 8),
+        // Segments longer than a block and across block boundaries (a padding-free row).
+        Case {
+            segments: Some(vec![vec![150, 1, 99, 50]]),
+            ..base(1, 2, 1, 300, 8)
+        },
     ]
 }
 
