@@ -166,10 +166,24 @@ fn repeated(x: &tch::Tensor, group: i64) -> Result<tch::Tensor, tch::TchError> {
     }
 }
 
+/// `x` itself when its last dimension is dense (stride 1), else a contiguous copy. The flash
+/// kernel reads each head vector as contiguous memory; PyTorch's `scaled_dot_product_attention`
+/// checks this before it picks the kernel, and calling the kernel directly skips that check.
+/// libtorch's matmul hands back such layouts for short rows (e.g. `[b, h, s, d]` with strides
+/// `[s, s·d·h, 1, s·b]`), and the kernel then computes garbage.
+fn dense_last(x: &tch::Tensor) -> Result<tch::Tensor, tch::TchError> {
+    if x.stride().last() == Some(&1) {
+        Ok(x.shallow_clone())
+    } else {
+        x.f_contiguous()
+    }
+}
+
 fn flash_forward(
     [q, k, v]: [&tch::Tensor; 3],
     spec: &AttentionSpec,
 ) -> Result<[tch::Tensor; 2], tch::TchError> {
+    let (q, k, v) = (&dense_last(q)?, &dense_last(k)?, &dense_last(v)?);
     let group = q.size()[1] / k.size()[1];
     let (out, lse) = tch::Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu(
         q,
@@ -187,6 +201,8 @@ fn flash_backward(
     [q, k, v, out, lse, grad]: [&tch::Tensor; 6],
     spec: &AttentionSpec,
 ) -> Result<[tch::Tensor; 3], tch::TchError> {
+    let [q, k, v, out, lse, grad] = [q, k, v, out, lse, grad].map(dense_last);
+    let (q, k, v, out, lse, grad) = (&q?, &k?, &v?, &out?, &lse?, &grad?);
     let ks = k.size();
     let group = q.size()[1] / ks[1];
     let (dq, dk, dv) = tch::Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu_backward(

@@ -235,6 +235,34 @@ pub fn kv_cache<B: FusedBackend>(arch: &str, attention: AttentionImpl, device: &
     assert!(worst <= 1e-4, "{arch}: cached decoding differs by {worst}");
 }
 
+/// A forward over the first `n` tokens of each row gives the first `n` positions of the full
+/// forward (causality), also for rows shorter than a head: libtorch lays the projections of
+/// such rows out with a strided last dimension, which its flash kernel must not be handed.
+pub fn prefixes<B: FusedBackend>(arch: &str, attention: AttentionImpl, device: &B::Device) {
+    let r = Reference::load(arch);
+    let model = load::<B>(arch, Precision::Fp32, attention, device);
+    let rows = r.rows("input_ids");
+    let seq = rows[0].len();
+    let vocab = model.config.vocab_size;
+    let full = f32s(model.forward(&ModelInput::from_rows(&rows, device).unwrap()));
+    for n in [1, 3, 5, 8, 17] {
+        let chunk: Vec<Vec<u32>> = rows.iter().map(|r| r[..n].to_vec()).collect();
+        let short = f32s(model.forward(&ModelInput::from_rows(&chunk, device).unwrap()));
+        let worst = (0..rows.len())
+            .map(|b| {
+                max_abs_diff(
+                    &short[b * n * vocab..(b + 1) * n * vocab],
+                    &full[b * seq * vocab..(b * seq + n) * vocab],
+                )
+            })
+            .fold(0f32, f32::max);
+        assert!(
+            worst <= 1e-4,
+            "{arch} {attention:?}: the first {n} tokens alone differ from the full forward by {worst}"
+        );
+    }
+}
+
 /// bf16 compute stays close to transformers' bf16 logits (and to the f32 reference).
 pub fn bf16_close<B: FusedBackend>(device: &B::Device) {
     let r = Reference::load("qwen3");
@@ -360,6 +388,14 @@ macro_rules! backend_tests {
                     fused_matches_standard::<Inner>(arch, &device());
                 }
             }
+            #[test]
+            fn prefixes_match_the_full_forward() {
+                for arch in ["llama", "qwen2", "qwen3"] {
+                    prefixes::<Inner>(arch, AttentionImpl::Standard, &device());
+                    prefixes::<Inner>(arch, AttentionImpl::Fused, &device());
+                }
+            }
+
             #[test]
             fn kv_cache_matches_full_forward() {
                 for arch in ["qwen3", "qwen2", "llama"] {
