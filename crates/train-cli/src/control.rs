@@ -55,7 +55,7 @@ pub fn send(command: ControlCommand, output: &Path) -> Result<()> {
     let path = control_file(output);
     train_monitor::write_atomic(&path, format!("{body}\n").as_bytes())
         .with_context(|| format!("writing {}", path.display()))?;
-    eprintln!(
+    errln!(
         "asked the run in {} (process {pid}) to {}",
         output.display(),
         command.as_str()

@@ -179,7 +179,7 @@ pub fn run(args: &GenerateArgs) -> Result<ExitCode> {
     let n = g.token_ids.len();
     let per_sec = n as f64 / out.seconds.max(1e-9);
     if args.json {
-        println!(
+        outln!(
             "{}",
             json!({
                 "text": g.text,
@@ -192,8 +192,8 @@ pub fn run(args: &GenerateArgs) -> Result<ExitCode> {
             })
         );
     } else {
-        println!("{}", g.text);
-        eprintln!(
+        outln!("{}", g.text);
+        errln!(
             "[{} tokens in {:.2}s ({per_sec:.1} tokens/s), stopped: {}]",
             n,
             out.seconds,

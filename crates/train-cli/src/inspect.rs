@@ -102,7 +102,7 @@ impl<'a> Inspector<'a> {
 
     fn warn(&mut self, what: &str, e: &dyn std::fmt::Display) {
         if !self.warned {
-            eprintln!("warning: monitoring ({what}): {e} (training goes on)");
+            errln!("warning: monitoring ({what}): {e} (training goes on)");
             self.warned = true;
         }
     }

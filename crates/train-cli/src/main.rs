@@ -1,6 +1,29 @@
 //! `train`: the command line of train-rs. Only argument parsing, composition of the library
 //! crates, and printing live here (contract: `../shared/docs/cli-contract.md`).
 
+// Printing never panics: a closed pipe (`train data check bad.jsonl | head -2`) or a full disk
+// behind a redirect must not turn into a panic, nor stop a training run that is still saving its
+// work. Output that cannot be written is dropped and the command finishes with its own exit code.
+// (`println!` and friends panic when the write fails.)
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+macro_rules! errln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+macro_rules! errp {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stderr(), $($t)*);
+    }};
+}
+
 mod backend;
 mod config_file;
 mod control;
@@ -407,20 +430,20 @@ fn prepare(data: &DataArgs, tok: &ChatTokenizer) -> Result<(DatasetConfig, train
         Some(dir) => {
             let (p, hit) = train_data::prepare_cached(&config, tok, dir)?;
             if hit {
-                eprintln!("tokenized dataset read from the cache in {}", dir.display());
+                errln!("tokenized dataset read from the cache in {}", dir.display());
             }
             p
         }
         None => train_data::prepare(&config, tok, None)?,
     };
     for p in &prepared.problems {
-        eprintln!("{p}");
+        errln!("{p}");
     }
     Ok((config, prepared))
 }
 
 pub(crate) fn print_json(value: &serde_json::Value) {
-    println!("{value}");
+    outln!("{value}");
 }
 
 /// An error and its causes on one line, each reason once: a cause whose text the line already
@@ -487,7 +510,7 @@ fn main() -> ExitCode {
     match std::panic::catch_unwind(real_main) {
         Ok(code) => code,
         Err(payload) => {
-            eprintln!("{}", panic_report(payload.as_ref()));
+            errln!("{}", panic_report(payload.as_ref()));
             ExitCode::from(EXIT_INTERNAL)
         }
     }
@@ -497,7 +520,7 @@ fn real_main() -> ExitCode {
     let argv = match config_file::merge(std::env::args_os().collect()) {
         Ok(a) => a,
         Err(e) => {
-            eprintln!("error: {}", one_line(&e));
+            errln!("error: {}", one_line(&e));
             return ExitCode::from(2);
         }
     };
@@ -505,7 +528,7 @@ fn real_main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", one_line(&e));
+            errln!("error: {}", one_line(&e));
             ExitCode::from(1)
         }
     }
@@ -533,6 +556,47 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// How many rows with one and the same problem `train data check` lists before it summarises
+/// the rest in one line.
+const SAME_PROBLEM_SHOWN: usize = 3;
+
+/// Each problem on its line, except that a problem repeated row after row (a file of another
+/// shape, one field misnamed throughout) is listed [`SAME_PROBLEM_SHOWN`] times and then counted
+/// in one closing line. `--json` keeps every problem.
+fn print_problems(path: &str, problems: &[train_data::Problem]) {
+    use std::collections::HashMap;
+    type Key<'a> = (train_data::Severity, &'a str, &'a str);
+    let mut seen: HashMap<Key<'_>, usize> = HashMap::new();
+    let mut order: Vec<Key<'_>> = Vec::new();
+    for p in problems {
+        let k = (p.severity, p.field.as_str(), p.message.as_str());
+        let n = seen.entry(k).or_insert_with(|| {
+            order.push(k);
+            0
+        });
+        *n += 1;
+        if *n <= SAME_PROBLEM_SHOWN {
+            outln!("{p}");
+        }
+    }
+    for k in order {
+        let more = seen[&k].saturating_sub(SAME_PROBLEM_SHOWN);
+        if more > 0 {
+            let (sev, field, message) = k;
+            let sev = match sev {
+                train_data::Severity::Error => "error",
+                train_data::Severity::Warning => "warning",
+            };
+            let field = if field.is_empty() {
+                String::new()
+            } else {
+                format!("field `{field}`: ")
+            };
+            outln!("{path}: … and {more} more of the same {sev}: {field}{message}");
+        }
+    }
+}
+
 fn data(cmd: DataCommand) -> Result<ExitCode> {
     match cmd {
         DataCommand::Check {
@@ -551,10 +615,8 @@ fn data(cmd: DataCommand) -> Result<ExitCode> {
             if json {
                 print_json(&serde_json::to_value(&report)?);
             } else {
-                for p in &report.problems {
-                    println!("{p}");
-                }
-                println!(
+                print_problems(&report.path, &report.problems);
+                outln!(
                     "{}: {} rows, {} valid, {} invalid; {} errors, {} warnings ({} duplicates, {} answer leakage, {} too long, {} tokens lost)",
                     report.path,
                     report.rows,
@@ -584,30 +646,39 @@ fn data(cmd: DataCommand) -> Result<ExitCode> {
                 v["model"] = json!(dir);
                 print_json(&v);
             } else {
-                println!(
+                outln!(
                     "dataset: {} ({} rows read, {} invalid)",
                     config.dataset_path.display(),
                     s.rows_read,
                     s.invalid_rows
                 );
-                println!("model: {}", dir.display());
-                println!(
+                outln!("model: {}", dir.display());
+                outln!(
                     "examples: {} (train {}, validation {})",
-                    s.examples, s.train_examples, s.validation_examples
+                    s.examples,
+                    s.train_examples,
+                    s.validation_examples
                 );
-                println!(
+                outln!(
                     "tokens: {} (mean {:.1}, longest {}, max length {})",
-                    s.tokens, s.mean_tokens, s.longest, s.max_length
+                    s.tokens,
+                    s.mean_tokens,
+                    s.longest,
+                    s.max_length
                 );
-                println!(
+                outln!(
                     "label tokens: {} ({} inserted by the chat template)",
-                    s.label_tokens, s.template_label_tokens
+                    s.label_tokens,
+                    s.template_label_tokens
                 );
-                println!(
+                outln!(
                     "truncated: {}, dropped: {}, left without labels: {}, tokens lost: {}",
-                    s.truncated_rows, s.dropped_rows, s.rows_without_labels, s.tokens_lost
+                    s.truncated_rows,
+                    s.dropped_rows,
+                    s.rows_without_labels,
+                    s.tokens_lost
                 );
-                println!(
+                outln!(
                     "packing (train): {} rows of {} tokens, efficiency {:.1} %",
                     s.packed_rows,
                     s.max_length,
@@ -627,7 +698,7 @@ fn data(cmd: DataCommand) -> Result<ExitCode> {
                     "validation_examples": s.validation_examples, "tokens": s.tokens, "label_tokens": s.label_tokens}),
                 );
             } else {
-                println!(
+                outln!(
                     "wrote {} train and {} validation examples ({} tokens) to {}",
                     s.train_examples,
                     s.validation_examples,
@@ -646,7 +717,7 @@ fn models(cmd: ModelsCommand) -> Result<ExitCode> {
         for e in entries {
             let size = e.size_bytes as f64 / 1e6;
             match e.kind {
-                registry::EntryKind::Model => println!(
+                registry::EntryKind::Model => outln!(
                     "{:<24} {:<7} hidden {:>5}  layers {:>3}  vocab {:>7}  {:>9.1} MB  {}",
                     e.name,
                     e.model_type.as_deref().unwrap_or("?"),
@@ -656,7 +727,7 @@ fn models(cmd: ModelsCommand) -> Result<ExitCode> {
                     size,
                     e.path.display()
                 ),
-                registry::EntryKind::Adapter => println!(
+                registry::EntryKind::Adapter => outln!(
                     "{:<24} adapter of {}  {:>9.1} MB  {}",
                     e.name,
                     e.base_model.as_deref().unwrap_or("?"),
@@ -672,7 +743,7 @@ fn models(cmd: ModelsCommand) -> Result<ExitCode> {
             if json {
                 print_json(&json!({"registry": registry.path(), "models": entries}));
             } else {
-                eprintln!("registry: {}", registry.path().display());
+                errln!("registry: {}", registry.path().display());
                 show(&entries);
             }
         }
@@ -682,7 +753,7 @@ fn models(cmd: ModelsCommand) -> Result<ExitCode> {
                 print_json(&json!({"registry": registry.path(), "found": entries}));
             } else {
                 show(&entries);
-                eprintln!(
+                errln!(
                     "{} found under {}, recorded in {}",
                     entries.len(),
                     dir.display(),
@@ -724,8 +795,8 @@ fn orchestrator(port: u16) -> Result<ExitCode> {
         .build()
         .context("starting the orchestrator's runtime")?;
     // Say where it listens before it does, so that scripts can wait for the line.
-    eprintln!("orchestrator listening on port {port} (Ctrl-C to stop)");
+    errln!("orchestrator listening on port {port} (Ctrl-C to stop)");
     runtime.block_on(burn_collective::start_global_orchestrator(port));
-    eprintln!("orchestrator stopped");
+    errln!("orchestrator stopped");
     Ok(ExitCode::SUCCESS)
 }

@@ -132,7 +132,7 @@ pub fn run(args: &MergeArgs) -> Result<ExitCode> {
             dir: dir.clone(),
         },
     )?;
-    eprintln!(
+    errln!(
         "merged {} adapter weights of {} into {} ({}, {} bytes of weights; base {})",
         merged.adapter_parameters,
         dir.display(),

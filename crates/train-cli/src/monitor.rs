@@ -46,7 +46,7 @@ impl Monitor {
             Ok(v) => Some(v),
             Err(e) => {
                 if !self.warned {
-                    eprintln!("warning: monitoring: {e} (training goes on)");
+                    errln!("warning: monitoring: {e} (training goes on)");
                     self.warned = true;
                 }
                 None
@@ -87,7 +87,7 @@ impl TrainObserver for Monitor {
                     tokens_per_sec: m.tokens_per_sec,
                 });
                 for alert in self.check(r).unwrap_or_default() {
-                    eprintln!("alert: {}", alert.message);
+                    errln!("alert: {}", alert.message);
                 }
             }
             TrainEvent::Eval(e) => {

@@ -30,7 +30,7 @@ impl Progress {
 
     fn clear(&mut self) {
         if self.tty && self.drawn {
-            eprint!("\r\x1b[2K");
+            errp!("\r\x1b[2K");
             self.drawn = false;
         }
     }
@@ -50,7 +50,7 @@ fn duration(secs: f64) -> String {
 impl TrainObserver for Progress {
     fn notice(&mut self, message: &str) {
         self.clear();
-        eprintln!("{message}");
+        errln!("{message}");
     }
 
     fn start(&mut self, info: &RunInfo) {
@@ -67,7 +67,7 @@ impl TrainObserver for Progress {
         } else {
             format!(" ({} trainable)", info.trainable_parameters)
         };
-        eprintln!(
+        errln!(
             "training {} steps ({} per epoch) on {} rows, {} validation examples, {} parameters{trainable}{resumed}",
             info.total_steps,
             info.steps_per_epoch,
@@ -102,7 +102,7 @@ impl TrainObserver for Progress {
                 if self.tty {
                     let width = 24;
                     let filled = (m.step * width / self.total.max(1)).min(width);
-                    eprint!(
+                    errp!(
                         "\r\x1b[2K[{}{}] {line}",
                         "#".repeat(filled),
                         ".".repeat(width - filled)
@@ -110,27 +110,29 @@ impl TrainObserver for Progress {
                     let _ = std::io::stderr().flush();
                     self.drawn = true;
                 } else {
-                    eprintln!("{line}");
+                    errln!("{line}");
                 }
             }
             TrainEvent::Eval(m) => {
                 self.clear();
-                eprintln!(
+                errln!(
                     "eval after step {}: loss {:.4} over {} tokens",
-                    m.step, m.eval_loss, m.eval_tokens
+                    m.step,
+                    m.eval_loss,
+                    m.eval_tokens
                 );
             }
             TrainEvent::Paused { step } => {
                 self.clear();
-                eprintln!("paused after step {step} (train control resume OUTPUT goes on)");
+                errln!("paused after step {step} (train control resume OUTPUT goes on)");
             }
             TrainEvent::Resumed { step } => {
                 self.clear();
-                eprintln!("resumed after step {step}");
+                errln!("resumed after step {step}");
             }
             TrainEvent::Checkpoint { path, .. } => {
                 self.clear();
-                eprintln!("saved {}", path.display());
+                errln!("saved {}", path.display());
             }
             _ => {}
         }
@@ -144,7 +146,7 @@ impl TrainObserver for Progress {
         let eval = s
             .eval_loss
             .map_or_else(|| "-".into(), |l| format!("{l:.4}"));
-        eprintln!(
+        errln!(
             "{:?} after {} steps in {}: train loss {loss}, eval loss {eval}, {:.0} tokens/s; output in {}",
             s.status,
             s.global_step,
@@ -153,7 +155,7 @@ impl TrainObserver for Progress {
             s.output.display()
         );
         if let Some(e) = &s.error {
-            eprintln!("error: {e}");
+            errln!("error: {e}");
         }
     }
 }

@@ -324,13 +324,13 @@ fn prepare_data(
     let key = train_data::cache_key(config, tok)?;
     let (prepared, hit) = train_data::prepare_cached(config, tok, cache)?;
     if hit {
-        eprintln!(
+        errln!(
             "tokenized dataset read from the cache ({})",
             cache.display()
         );
     }
     for p in &prepared.problems {
-        eprintln!("{p}");
+        errln!("{p}");
     }
     Ok((prepared, key))
 }
@@ -435,7 +435,7 @@ impl WithBackend for Training<'_> {
         );
         drop(observers);
         if let Some((spent, wall, steps)) = monitor.overhead {
-            eprintln!(
+            errln!(
                 "monitoring (status file, alerts, previews, layer monitor, evolution, plots, report): {:.1} ms over {steps} steps, {:.2} % of the run",
                 spent.as_secs_f64() * 1e3,
                 100.0 * spent.as_secs_f64() / wall.as_secs_f64().max(1e-9)
@@ -458,7 +458,7 @@ pub fn train(args: &RunArgs) -> Result<ExitCode> {
         Some("") => {
             let (dir, damaged) = latest_intact_checkpoint(&args.output);
             for (path, why) in &damaged {
-                eprintln!(
+                errln!(
                     "warning: skipping {}: {why}",
                     path.file_name().unwrap_or_default().to_string_lossy()
                 );
@@ -470,7 +470,7 @@ pub fn train(args: &RunArgs) -> Result<ExitCode> {
                 )
             })?;
             if !damaged.is_empty() {
-                eprintln!(
+                errln!(
                     "resuming from {}, the newest intact checkpoint",
                     dir.display()
                 );
@@ -487,7 +487,7 @@ pub fn train(args: &RunArgs) -> Result<ExitCode> {
         } else {
             format!("run {}", r.state.run_id)
         };
-        eprintln!(
+        errln!(
             "resuming {run} from {} (step {} of {})",
             r.dir.display(),
             r.state.global_step,
@@ -543,7 +543,7 @@ pub fn train(args: &RunArgs) -> Result<ExitCode> {
     drop(watcher);
     let summary = summary?;
     if args.json {
-        println!(
+        outln!(
             "{}",
             json!({"status": summary.status, "global_step": summary.global_step, "train_loss": summary.train_loss,
                    "eval_loss": summary.eval_loss, "tokens_per_sec": summary.tokens_per_sec, "output": summary.output})
@@ -615,7 +615,7 @@ pub fn eval(args: &EvalArgs) -> Result<ExitCode> {
     let (model_dir, tok) = crate::tokenizer_for(&args.data.model)?;
     let prepared = train_data::prepare(&config, &tok, None)?;
     for p in &prepared.problems {
-        eprintln!("{p}");
+        errln!("{p}");
     }
     let examples = prepared.train.len() + prepared.validation.len();
     if examples == 0 {
@@ -649,7 +649,7 @@ pub fn eval(args: &EvalArgs) -> Result<ExitCode> {
     }
     let loss = sum / tokens as f64;
     if !loss.is_finite() {
-        eprintln!(
+        errln!(
             "error: the evaluation loss of {} on {} is {loss} (not finite): the model's weights \
              overflow",
             args.data.model,
@@ -658,12 +658,12 @@ pub fn eval(args: &EvalArgs) -> Result<ExitCode> {
         return Ok(ExitCode::from(3));
     }
     if args.json {
-        println!(
+        outln!(
             "{}",
             json!({"loss": loss, "tokens": tokens, "examples": examples})
         );
     } else {
-        println!("loss {loss:.6} over {tokens} label tokens of {examples} examples");
+        outln!("loss {loss:.6} over {tokens} label tokens of {examples} examples");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -68,7 +68,7 @@ pub fn run(
             summary_line(&s)
         };
         if line != last {
-            println!("{line}");
+            outln!("{line}");
             last = line;
         }
         let finished = matches!(
@@ -77,7 +77,7 @@ pub fn run(
         );
         if !finished && train_runner::OutputLock::live_owner(output).is_none() {
             // The status says running, but no process holds the run's lock: it was killed.
-            eprintln!(
+            errln!(
                 "the run in {} is not running: no live process holds {} (it was killed or \
                  crashed without recording an end); `train --resume` continues it from its \
                  newest checkpoint",

@@ -422,11 +422,36 @@ pub fn normalize_row(
         RowSchema::Auto if obj.contains_key("conversations") => RowSchema::ShareGpt,
         RowSchema::Auto if obj.contains_key("instruction") => RowSchema::Alpaca,
         RowSchema::Auto => {
+            const SHOWN: usize = 8;
+            let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();
+            keys.sort_unstable();
+            let mut found = keys
+                .iter()
+                .take(SHOWN)
+                .map(|k| {
+                    // A hostile file's key may be megabytes long: show its start.
+                    let cut: String = k.chars().take(40).collect();
+                    if cut.len() < k.len() {
+                        format!("`{cut}…`")
+                    } else {
+                        format!("`{k}`")
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            if keys.len() > SHOWN {
+                found.push_str(&format!(" and {} more", keys.len() - SHOWN));
+            }
+            if keys.is_empty() {
+                found = "none".into();
+            }
             return Err(problem(
                 "messages",
                 ProblemKind::MissingMessages,
-                "missing `messages` (and no ShareGPT `conversations` or Alpaca `instruction`)"
-                    .into(),
+                format!(
+                    "missing `messages` (and no ShareGPT `conversations` or Alpaca \
+                     `instruction`); the row's keys: {found}"
+                ),
             ));
         }
         s => s,

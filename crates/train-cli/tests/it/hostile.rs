@@ -933,3 +933,75 @@ fn hostile_chat_templates_are_bounded_errors() {
         );
     }
 }
+
+/// `train data check bad.jsonl | head -2`: the reader goes away after two lines. The check
+/// still ends with its own exit status (1: the file has errors), never a panic (101) or an
+/// internal error (70), whether stderr goes to the closed pipe too or not.
+#[test]
+fn a_closed_pipe_is_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.jsonl");
+    // Every row of another shape, each with its own key: thousands of distinct lines, far
+    // more than a pipe buffers.
+    let rows: String = (0..3000)
+        .map(|i| format!("{{\"key_{i}\": {i}}}\n"))
+        .collect();
+    std::fs::write(&bad, rows).unwrap();
+    for redirect in ["2>/dev/null", "2>&1"] {
+        let script = format!(
+            "\"$0\" data check \"$1\" {redirect} | head -2 >/dev/null; echo \"status ${{PIPESTATUS[0]}}\""
+        );
+        let o = Command::new("bash")
+            .args(["-c", &script, env!("CARGO_BIN_EXE_train")])
+            .arg(&bad)
+            .env("TRAIN_MODEL_REGISTRY", dir.path().join("models.json"))
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(out.trim(), "status 1", "{redirect}: {out} {err}");
+        assert!(
+            !err.contains("panicked") && !err.contains("internal error"),
+            "{err}"
+        );
+    }
+}
+
+/// A file of another shape gets a few lines naming the keys its rows have, then one line
+/// counting the rest, not one identical line per row (`--json` keeps them all).
+#[test]
+fn a_repeated_problem_is_summarised() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("other.jsonl");
+    let rows: String = (0..50)
+        .map(|i| format!("{{\"prompt\": \"q{i}\", \"answer\": \"a\"}}\n"))
+        .collect();
+    std::fs::write(&bad, rows).unwrap();
+    let o = bounded(dir.path(), &["data", "check", bad.to_str().unwrap()]);
+    assert_eq!(o.code, Some(1), "{}", o.stderr);
+    let lines: Vec<&str> = o.stdout.lines().collect();
+    assert_eq!(lines.len(), 5, "{}", o.stdout);
+    for (i, line) in lines[..3].iter().enumerate() {
+        assert!(line.contains(&format!(":{}: error", i + 1)), "{line}");
+        assert!(
+            line.contains("the row's keys: `answer`, `prompt`"),
+            "{line}"
+        );
+    }
+    assert!(
+        lines[3].contains("… and 47 more of the same error") && lines[3].contains("`prompt`"),
+        "{}",
+        lines[3]
+    );
+    assert!(
+        lines[4].contains("50 rows, 0 valid, 50 invalid"),
+        "{}",
+        lines[4]
+    );
+    let json = bounded(
+        dir.path(),
+        &["data", "check", bad.to_str().unwrap(), "--json"],
+    );
+    let v: serde_json::Value = serde_json::from_str(json.stdout.trim()).unwrap();
+    assert_eq!(v["problems"].as_array().map(Vec::len), Some(50));
+}
