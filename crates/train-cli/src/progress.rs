@@ -157,5 +157,11 @@ impl TrainObserver for Progress {
         if let Some(e) = &s.error {
             errln!("error: {e}");
         }
+        if s.status == train_runner::RunStatus::Stopped {
+            errln!(
+                "to go on: run the same command with --resume (it continues from the newest checkpoint in {})",
+                s.output.display()
+            );
+        }
     }
 }

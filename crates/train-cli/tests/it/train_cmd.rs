@@ -277,6 +277,13 @@ fn sigint_finishes_the_step_saves_and_exits_130() {
     let rest: Vec<String> = lines.map(Result::unwrap).collect();
     let o = child.wait_with_output().unwrap();
     assert_eq!(o.status.code(), Some(130), "{}", rest.join("\n"));
+    // The stop says how to go on.
+    assert!(
+        rest.iter()
+            .any(|l| l.starts_with("to go on: run the same command with --resume")),
+        "{}",
+        rest.join("\n")
+    );
     let s = summary(&o);
     assert_eq!(s["status"], "stopped");
     let status: serde_json::Value =
