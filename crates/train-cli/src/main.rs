@@ -583,10 +583,6 @@ fn print_problems(path: &str, problems: &[train_data::Problem]) {
         let more = seen[&k].saturating_sub(SAME_PROBLEM_SHOWN);
         if more > 0 {
             let (sev, field, message) = k;
-            let sev = match sev {
-                train_data::Severity::Error => "error",
-                train_data::Severity::Warning => "warning",
-            };
             let field = if field.is_empty() {
                 String::new()
             } else {

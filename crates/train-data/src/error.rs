@@ -123,12 +123,19 @@ impl Problem {
     }
 }
 
-impl fmt::Display for Problem {
+/// `error` or `warning`, as the problem lines print it.
+impl fmt::Display for Severity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let sev = match self.severity {
+        f.write_str(match self {
             Severity::Error => "error",
             Severity::Warning => "warning",
-        };
+        })
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let sev = self.severity;
         if self.field.is_empty() {
             write!(f, "{}: {sev}: {}", self.location, self.message)
         } else {
