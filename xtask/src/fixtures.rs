@@ -42,6 +42,8 @@ pub(crate) fn fixtures() -> Result<()> {
         ("qwen3", vec![]),
         ("qwen2", vec!["f32", "100000"]),
         ("llama", vec!["bf16"]),
+        ("mistral", vec!["f32"]),
+        ("ministral", vec!["bf16"]),
     ] {
         let out = saved_root.join(format!(
             "{arch}-{}",

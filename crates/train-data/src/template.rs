@@ -246,13 +246,14 @@ impl ChatTemplate {
         ctx
     }
 
-    /// Fuel one render uses (for measuring real templates against [`FUEL`]).
+    /// Fuel one render uses (for measuring real templates against [`FUEL`]); `None` when the
+    /// template refuses the messages (Mistral's raises on a system turn).
     #[cfg(test)]
-    fn fuel_used(&self, messages: &[Message], add_generation_prompt: bool) -> u64 {
+    fn fuel_used(&self, messages: &[Message], add_generation_prompt: bool) -> Option<u64> {
         let ctx = self.context(messages, add_generation_prompt, &serde_json::Map::new());
-        let template = self.env.get_template(TEMPLATE_NAME).unwrap(); // invariant: added in `new` (test-only helper)
-        let captured = template.render_captured(ctx).unwrap(); // invariant: test-only, fixtures render
-        captured.state().fuel_levels().unwrap().0 // invariant: fuel is always set in `new`
+        let template = self.env.get_template(TEMPLATE_NAME).ok()?;
+        let captured = template.render_captured(ctx).ok()?;
+        captured.state().fuel_levels().map(|(used, _)| used)
     }
 }
 
@@ -849,9 +850,14 @@ mod tests {
             };
             let mut with_system = vec![Message::new(Role::System, "Be brief.")];
             with_system.extend(turns.iter().cloned());
+            let mut rendered = 0;
             for msgs in [&turns[..2], &turns[..], &with_system[..]] {
-                most = most.max(t.fuel_used(msgs, true));
+                if let Some(fuel) = t.fuel_used(msgs, true) {
+                    most = most.max(fuel);
+                    rendered += 1;
+                }
             }
+            assert!(rendered >= 2, "{}: renders almost nothing", dir.display());
         }
         println!("most fuel used by a fixture template: {most}");
         assert!(most > 0 && most < FUEL / 100, "{most}");

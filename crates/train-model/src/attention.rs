@@ -58,6 +58,8 @@ pub struct AttentionMask<B: Backend> {
     segments: Option<crate::fused::SegmentTensors<B>>,
     /// Keys cached before the first query.
     past: usize,
+    /// Sliding window: query `i` sees key `j` only when `i - j < window`.
+    window: Option<usize>,
     /// `[batch, 1, seq_q, seq_k]`, `true` where attention is forbidden (standard path only).
     mask: std::cell::OnceCell<Option<Tensor<B, 4, Bool>>>,
     /// The same as an additive f32 bias (0 or `f32::MIN`), built once per forward for the
@@ -71,6 +73,7 @@ impl<B: Backend> AttentionMask<B> {
         Self {
             segments: None,
             past: 0,
+            window: None,
             mask: std::cell::OnceCell::new(),
             bias: std::cell::OnceCell::new(),
         }
@@ -86,9 +89,28 @@ impl<B: Backend> AttentionMask<B> {
         Self {
             segments: Some((segments_q, segments_k)),
             past,
+            window: None,
             mask: std::cell::OnceCell::new(),
             bias: std::cell::OnceCell::new(),
         }
+    }
+
+    /// The same mask restricted to a sliding window (`None`: none); the standard path's
+    /// materialised mask is built anew for it.
+    #[must_use]
+    pub fn with_window(&self, window: Option<usize>) -> Self {
+        Self {
+            segments: self.segments.clone(),
+            past: self.past,
+            window: window.filter(|w| *w > 0),
+            mask: std::cell::OnceCell::new(),
+            bias: std::cell::OnceCell::new(),
+        }
+    }
+
+    /// The sliding window, if any.
+    pub fn window(&self) -> Option<usize> {
+        self.window
     }
 
     /// Segment ids of queries and keys, if any.
@@ -101,36 +123,50 @@ impl<B: Backend> AttentionMask<B> {
         self.past
     }
 
-    /// `[batch, 1, seq_q, seq_k]`, `true` where attention is forbidden; `None` for plain causal.
-    pub(crate) fn mask(&self) -> Option<Tensor<B, 4, Bool>> {
+    /// `[batch | 1, 1, seq_q, seq_k]`, `true` where attention is forbidden; `None` for plain
+    /// causal attention without a window (the standard path then uses a lower-triangular mask).
+    pub(crate) fn mask(
+        &self,
+        sq: usize,
+        sk: usize,
+        device: &B::Device,
+    ) -> Option<Tensor<B, 4, Bool>> {
         self.mask
-            .get_or_init(|| {
-                let (segments_q, segments_k) = self.segments.clone()?;
-                let past = self.past;
-                let [b, sq] = segments_q.dims();
-                let sk = segments_k.dims()[1];
-                let device = segments_q.device();
-                let q_idx = Tensor::<B, 1, Int>::arange(past as i64..(past + sq) as i64, &device)
-                    .reshape([1, sq, 1])
-                    .expand([b, sq, sk]);
-                let k_idx = Tensor::<B, 1, Int>::arange(0..sk as i64, &device)
-                    .reshape([1, 1, sk])
-                    .expand([b, sq, sk]);
-                let future = k_idx.greater(q_idx);
-                let other_segment = segments_q
-                    .reshape([b, sq, 1])
-                    .expand([b, sq, sk])
-                    .not_equal(segments_k.reshape([b, 1, sk]).expand([b, sq, sk]));
-                Some(future.bool_or(other_segment).unsqueeze_dim(1))
-            })
+            .get_or_init(|| self.build_mask(sq, sk, device))
             .clone()
+    }
+
+    fn build_mask(&self, sq: usize, sk: usize, device: &B::Device) -> Option<Tensor<B, 4, Bool>> {
+        if self.segments.is_none() && self.window.is_none() {
+            return None;
+        }
+        let b = self.segments.as_ref().map_or(1, |(q, _)| q.dims()[0]);
+        let past = self.past;
+        let q_idx = Tensor::<B, 1, Int>::arange(past as i64..(past + sq) as i64, device)
+            .reshape([1, sq, 1])
+            .expand([b, sq, sk]);
+        let k_idx = Tensor::<B, 1, Int>::arange(0..sk as i64, device)
+            .reshape([1, 1, sk])
+            .expand([b, sq, sk]);
+        let mut forbidden = k_idx.clone().greater(q_idx.clone());
+        if let Some(w) = self.window {
+            forbidden = forbidden.bool_or(k_idx.add_scalar(w as i64).lower_equal(q_idx));
+        }
+        if let Some((segments_q, segments_k)) = self.segments.clone() {
+            let other_segment = segments_q
+                .reshape([b, sq, 1])
+                .expand([b, sq, sk])
+                .not_equal(segments_k.reshape([b, 1, sk]).expand([b, sq, sk]));
+            forbidden = forbidden.bool_or(other_segment);
+        }
+        Some(forbidden.unsqueeze_dim(1))
     }
 
     /// `[1 or batch, 1, seq_q, seq_k]` additive bias: 0 where attention is allowed.
     fn additive(&self, sq: usize, sk: usize, device: &B::Device) -> Tensor<B, 4> {
         self.bias
             .get_or_init(|| {
-                let forbidden = match self.mask() {
+                let forbidden = match self.mask(sq, sk, device) {
                     Some(m) => m,
                     None => {
                         Tensor::<B, 2, Bool>::tril_mask([sq, sk], 0, device).reshape([1, 1, sq, sk])
@@ -156,7 +192,9 @@ pub fn scaled_dot_product<B: Backend>(
     let sk = k.dims()[2];
     let scale = 1.0 / (d as f64).sqrt();
     if fused {
-        let full_mask = mask.mask().map(|m| m.expand([b, h, sq, sk]));
+        let full_mask = mask
+            .mask(sq, sk, &q.device())
+            .map(|m| m.expand([b, h, sq, sk]));
         let full_mask = full_mask.map(|m| {
             if mask_means_attend::<B>(&m.device()) {
                 m.bool_not()

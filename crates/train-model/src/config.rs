@@ -11,8 +11,10 @@ use serde_json::Value;
 use crate::error::{ModelError, Result};
 use crate::rope::{RopeConfig, RopeScaling};
 
-/// The decoder families this crate implements.
+/// The decoder families this crate implements (each described in its own file of the crate's
+/// `family` module).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 #[serde(rename_all = "snake_case")]
 pub enum Architecture {
     /// Qwen3: GQA, RMSNorm on queries and keys per head, no biases by default.
@@ -21,45 +23,38 @@ pub enum Architecture {
     Qwen2,
     /// Llama 2/3 and the models that reuse it (SmolLM2).
     Llama,
+    /// Mistral: Llama's layers with sliding-window attention on every layer.
+    Mistral,
+    /// Ministral: Mistral's layers, sliding or full attention per layer (`layer_types`).
+    Ministral,
 }
 
 impl Architecture {
     /// The `model_type` string Hugging Face uses.
     pub fn model_type(self) -> &'static str {
-        match self {
-            Self::Qwen3 => "qwen3",
-            Self::Qwen2 => "qwen2",
-            Self::Llama => "llama",
-        }
+        crate::family::of(self).model_type
     }
 
     /// The `architectures[0]` class name Hugging Face uses.
     pub fn hf_class(self) -> &'static str {
-        match self {
-            Self::Qwen3 => "Qwen3ForCausalLM",
-            Self::Qwen2 => "Qwen2ForCausalLM",
-            Self::Llama => "LlamaForCausalLM",
-        }
+        crate::family::of(self).hf_class
     }
 
     fn from_model_type(path: &Path, model_type: &str) -> Result<Self> {
-        match model_type {
-            "qwen3" => Ok(Self::Qwen3),
-            "qwen2" => Ok(Self::Qwen2),
-            "llama" => Ok(Self::Llama),
-            "qwen3_vl_text" | "qwen3_vl_moe" => Err(ModelError::UnsupportedArchitecture {
-                path: path.to_path_buf(),
-                model_type: model_type.to_string(),
-                hint: " (Qwen3-VL is read from the full checkpoint, model_type `qwen3_vl`; its \
-                       mixture-of-experts variant is not implemented)"
-                    .to_string(),
-            }),
-            other => Err(ModelError::UnsupportedArchitecture {
-                path: path.to_path_buf(),
-                model_type: other.to_string(),
-                hint: " (supported: qwen3, qwen2, llama)".to_string(),
-            }),
+        if let Some(f) = crate::family::by_model_type(model_type) {
+            return Ok(f.architecture);
         }
+        let hint = match model_type {
+            "qwen3_vl_text" | "qwen3_vl_moe" => " (Qwen3-VL is read from the full checkpoint, \
+                model_type `qwen3_vl`; its mixture-of-experts variant is not implemented)"
+                .to_string(),
+            _ => format!(" (supported: {})", crate::family::supported()),
+        };
+        Err(ModelError::UnsupportedArchitecture {
+            path: path.to_path_buf(),
+            model_type: model_type.to_string(),
+            hint,
+        })
     }
 }
 
@@ -146,10 +141,29 @@ pub struct HfConfig {
     pub torch_dtype: Option<String>,
     pub dtype: Option<String>,
     pub use_sliding_window: Option<bool>,
+    /// `None`: absent; `Some(Value::Null)`: written as `null` (Mistral's default differs).
+    #[serde(default, deserialize_with = "present")]
+    pub sliding_window: Option<Value>,
     pub layer_types: Option<Vec<String>>,
     pub bos_token_id: Option<Value>,
     pub eos_token_id: Option<Value>,
     pub pad_token_id: Option<Value>,
+}
+
+/// Keeps a field written as `null` apart from an absent one (`#[serde(default)]` gives `None`).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
+}
+
+/// What one decoder layer's attention sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+#[serde(rename_all = "snake_case")]
+pub enum LayerType {
+    /// Every earlier token (of the same packed row).
+    FullAttention,
+    /// Only the last [`ModelConfig::sliding_window`] tokens, itself included.
+    SlidingAttention,
 }
 
 /// The text decoder's `config.json` fields of a Qwen3-VL `config.json`, as a Qwen3 one: the
@@ -246,6 +260,12 @@ pub struct ModelConfig {
     /// through loading and saving untouched.
     #[serde(default)]
     pub vision_language: bool,
+    /// Keys a sliding-window layer sees: query `i` attends to key `j` when `i - j < window`.
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    /// The attention of each layer; empty means full attention everywhere.
+    #[serde(default)]
+    pub layer_types: Vec<LayerType>,
 }
 
 impl ModelConfig {
@@ -287,6 +307,7 @@ impl ModelConfig {
             .as_deref()
             .ok_or_else(|| ModelError::config(path, "model_type", "missing"))?;
         let architecture = Architecture::from_model_type(path, model_type)?;
+        let family = crate::family::of(architecture);
         // Upper bounds far above any published checkpoint, so that a hostile config.json cannot
         // make sizes overflow or ask for absurd allocations before a weight is read.
         let limit = |field: &str| -> usize {
@@ -370,22 +391,7 @@ impl ModelConfig {
                 format!("`{act}` is not supported (only silu)"),
             ));
         }
-        if hf.use_sliding_window == Some(true) {
-            return Err(ModelError::config(
-                path,
-                "use_sliding_window",
-                "sliding-window attention is not supported; set it to false (every published Qwen2/Qwen3 checkpoint does)",
-            ));
-        }
-        if let Some(types) = &hf.layer_types
-            && let Some(bad) = types.iter().find(|t| t.as_str() != "full_attention")
-        {
-            return Err(ModelError::config(
-                path,
-                "layer_types",
-                format!("layer type `{bad}` is not supported (only full_attention)"),
-            ));
-        }
+        let (sliding_window, layer_types) = (family.attention)(path, hf, num_layers)?;
         let rms_norm_eps = hf.rms_norm_eps.unwrap_or(1e-6);
         if !(rms_norm_eps > 0.0 && rms_norm_eps.is_finite()) {
             return Err(ModelError::config(
@@ -394,7 +400,9 @@ impl ModelConfig {
                 "must be a positive number",
             ));
         }
-        let max_position_embeddings = hf.max_position_embeddings.unwrap_or(2048);
+        let max_position_embeddings = hf
+            .max_position_embeddings
+            .unwrap_or(family.default_max_position_embeddings);
         if max_position_embeddings == 0 {
             return Err(ModelError::config(
                 path,
@@ -403,17 +411,12 @@ impl ModelConfig {
             ));
         }
         let rope = parse_rope(path, hf, head_dim, max_position_embeddings)?;
-        let (qkv_bias, o_bias, mlp_bias, qk_norm) = match architecture {
-            Architecture::Qwen2 => (true, false, false, false),
-            Architecture::Qwen3 => {
-                let b = hf.attention_bias.unwrap_or(false);
-                (b, b, false, true)
-            }
-            Architecture::Llama => {
-                let b = hf.attention_bias.unwrap_or(false);
-                (b, b, hf.mlp_bias.unwrap_or(false), false)
-            }
-        };
+        let crate::family::Layout {
+            qkv_bias,
+            o_bias,
+            mlp_bias,
+            qk_norm,
+        } = (family.layout)(hf);
         let dtype_name = hf.dtype.as_deref().or(hf.torch_dtype.as_deref());
         let torch_dtype = match dtype_name {
             None => StorageDtype::F32,
@@ -487,6 +490,8 @@ impl ModelConfig {
             eos_token_ids,
             pad_token_id: pad.first().copied(),
             vision_language: false,
+            sliding_window,
+            layer_types,
         })
     }
 
@@ -509,6 +514,14 @@ impl ModelConfig {
             Some(rest) => Some(format!("model.{rest}")),
             None if file_name.starts_with("model.") => None,
             None => Some(file_name.to_string()),
+        }
+    }
+
+    /// The sliding window of layer `layer`, `None` for a full-attention layer.
+    pub fn layer_window(&self, layer: usize) -> Option<usize> {
+        match self.layer_types.get(layer) {
+            Some(LayerType::SlidingAttention) => self.sliding_window,
+            _ => None,
         }
     }
 
@@ -550,16 +563,7 @@ impl ModelConfig {
             "pad_token_id": self.pad_token_id,
         });
         if let Value::Object(map) = &mut v {
-            match self.architecture {
-                Architecture::Qwen3 => {
-                    map.insert("attention_bias".into(), Value::Bool(self.o_bias));
-                }
-                Architecture::Llama => {
-                    map.insert("attention_bias".into(), Value::Bool(self.o_bias));
-                    map.insert("mlp_bias".into(), Value::Bool(self.mlp_bias));
-                }
-                Architecture::Qwen2 => {}
-            }
+            (crate::family::of(self.architecture).write)(self, map);
         }
         v
     }
@@ -793,7 +797,7 @@ mod tests {
         v["model_type"] = json!("mamba");
         let e = parse(&v).unwrap_err().to_string();
         assert!(
-            e.contains("`mamba`") && e.contains("qwen3, qwen2, llama"),
+            e.contains("`mamba`") && e.contains("qwen3, qwen2, llama, mistral"),
             "{e}"
         );
     }
@@ -881,6 +885,80 @@ mod tests {
         v["attention_bias"] = json!(true);
         let c = parse(&v).unwrap();
         assert!(c.qkv_bias && c.o_bias && c.mlp_bias && !c.qk_norm);
+    }
+
+    #[test]
+    fn mistral_slides_as_transformers_reads_it() {
+        let mut v = base();
+        v["model_type"] = json!("mistral");
+        v["attention_bias"] = json!(true);
+        // Absent: MistralConfig's default window of 4096 on every layer; no biases whatever
+        // attention_bias says (Mistral has none).
+        let c = parse(&v).unwrap();
+        assert_eq!(c.architecture, Architecture::Mistral);
+        assert_eq!(c.sliding_window, Some(4096));
+        assert_eq!(c.layer_window(0), Some(4096));
+        assert_eq!(c.layer_window(1), Some(4096));
+        assert!(!c.qkv_bias && !c.o_bias && !c.mlp_bias && !c.qk_norm);
+        assert_eq!(c.max_position_embeddings, 131_072);
+        // `null`: full attention (Mistral 7B v0.2 and later).
+        v["sliding_window"] = Value::Null;
+        let c = parse(&v).unwrap();
+        assert_eq!((c.sliding_window, c.layer_window(0)), (None, None));
+        v["sliding_window"] = json!(8);
+        let c = parse(&v).unwrap();
+        assert_eq!(c.layer_window(1), Some(8));
+        assert_eq!(parse(&c.to_hf_json()).unwrap(), c);
+        for bad in [json!(0), json!(-3), json!("4096"), json!(2.5)] {
+            v["sliding_window"] = bad.clone();
+            let e = parse(&v).unwrap_err().to_string();
+            assert!(e.contains("sliding_window"), "{bad}: {e}");
+        }
+        // Llama ignores the field, as transformers does.
+        v["model_type"] = json!("llama");
+        v["sliding_window"] = json!(8);
+        assert_eq!(parse(&v).unwrap().layer_window(0), None);
+    }
+
+    #[test]
+    fn ministral_reads_the_attention_of_each_layer() {
+        let mut v = base();
+        v["model_type"] = json!("ministral");
+        v["num_hidden_layers"] = json!(3);
+        v["sliding_window"] = json!(6);
+        // Absent: every layer slides.
+        let c = parse(&v).unwrap();
+        assert_eq!(c.architecture, Architecture::Ministral);
+        assert_eq!(
+            (0..3).map(|l| c.layer_window(l)).collect::<Vec<_>>(),
+            [Some(6); 3]
+        );
+        v["layer_types"] = json!(["sliding_attention", "full_attention", "sliding_attention"]);
+        let c = parse(&v).unwrap();
+        assert_eq!(
+            (0..3).map(|l| c.layer_window(l)).collect::<Vec<_>>(),
+            [Some(6), None, Some(6)]
+        );
+        assert!(!c.qkv_bias && !c.o_bias && !c.qk_norm);
+        assert_eq!(parse(&c.to_hf_json()).unwrap(), c);
+        // No window: sliding layers see everything.
+        v["sliding_window"] = Value::Null;
+        assert_eq!(parse(&v).unwrap().layer_window(0), None);
+        v["sliding_window"] = json!(6);
+        for (bad, needle) in [
+            (
+                json!(["full_attention"]),
+                "has 1 entries for num_hidden_layers = 3",
+            ),
+            (
+                json!(["full_attention", "chunked_attention", "full_attention"]),
+                "`chunked_attention`",
+            ),
+        ] {
+            v["layer_types"] = bad;
+            let e = parse(&v).unwrap_err().to_string();
+            assert!(e.contains("layer_types") && e.contains(needle), "{e}");
+        }
     }
 
     #[test]

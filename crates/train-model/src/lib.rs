@@ -64,6 +64,7 @@ pub mod attention;
 pub mod cache;
 pub mod config;
 pub mod error;
+mod family;
 pub mod fused;
 #[cfg(feature = "gguf")]
 pub mod gguf;
@@ -80,7 +81,7 @@ pub mod weights;
 
 pub use attention::AttentionImpl;
 pub use cache::KvCache;
-pub use config::{Architecture, ModelConfig, StorageDtype};
+pub use config::{Architecture, LayerType, ModelConfig, StorageDtype};
 pub use error::{ModelError, Result};
 pub use fused::{AdamWStep, AttentionSpec, FusedAutodiffBackend, FusedBackend};
 pub use lora::{

@@ -190,6 +190,7 @@ impl<B: FusedBackend> SelfAttention<B> {
         let out = if ctx.fused {
             let spec = AttentionSpec {
                 past: ctx.mask.past(),
+                window: ctx.mask.window(),
                 ..AttentionSpec::causal(d)
             };
             fused::attention(q, k, v, ctx.mask.segments().cloned(), &spec)
@@ -411,7 +412,7 @@ pub struct HiddenStates<B: Backend> {
     pub final_norm: Tensor<B, 3>,
 }
 
-/// A decoder-only causal language model (Qwen3, Qwen2 or Llama).
+/// A decoder-only causal language model (Qwen3, Qwen2, Llama or Mistral).
 #[derive(Module, Debug)]
 pub struct CausalLm<B: Backend> {
     /// `[vocab, hidden]` token embeddings (`model.embed_tokens.weight`).
@@ -710,15 +711,23 @@ impl<B: FusedBackend> CausalLm<B> {
             }
         };
         let fused = self.attention.is_fused();
-        let ctx = LayerContext {
+        // Sliding-window layers share one mask of their own.
+        let sliding = self
+            .config
+            .sliding_window
+            .map(|w| mask.with_window(Some(w)));
+        let ctx = |layer: usize| LayerContext {
             cos: &cos,
             sin: &sin,
-            mask: &mask,
+            mask: match (&sliding, self.config.layer_window(layer)) {
+                (Some(m), Some(_)) => m,
+                _ => &mask,
+            },
             fused,
         };
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| c.layer_mut(i));
-            x = layer.forward(x, &ctx, slot);
+            x = layer.forward(x, &ctx(i), slot);
             if let Some(hs) = hidden.as_deref_mut() {
                 hs.push(x.clone());
             }

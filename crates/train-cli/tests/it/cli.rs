@@ -171,9 +171,9 @@ fn usage_errors_exit_2_and_models_registry_works() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // Three text models, a Qwen3-VL model and two LoRA adapters listed with their base model.
+    // Five text models, a Qwen3-VL model and three LoRA adapters listed with their base model.
     let found = last_json(&out)["found"].as_array().unwrap().clone();
-    assert_eq!(found.len(), 6, "{found:?}");
+    assert_eq!(found.len(), 9, "{found:?}");
     let entry = |name: &str| found.iter().find(|e| e["name"] == name).unwrap().clone();
     assert_eq!(entry("qwen3-lora")["kind"], "adapter");
     assert_eq!(entry("qwen3-lora")["base_model"], "../qwen3");

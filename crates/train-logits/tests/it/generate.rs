@@ -47,6 +47,9 @@ const QUESTIONS: [&str; 3] = [
     "Tell me a joke about cats and dogs, please.",
 ];
 
+/// The families of the fixture models.
+const ARCHES: &[&str] = &["qwen3", "qwen2", "llama", "mistral", "ministral"];
+
 fn config(max_new_tokens: usize) -> GenerationConfig {
     GenerationConfig {
         max_new_tokens,
@@ -57,7 +60,7 @@ fn config(max_new_tokens: usize) -> GenerationConfig {
 fn greedy_tokens_match_transformers_alone_and_batched<B: FusedBackend>(device: &B::Device) {
     let r = reference();
     let n = usize::try_from(r["max_new_tokens"].as_u64().unwrap()).unwrap();
-    for arch in ["qwen3", "qwen2", "llama"] {
+    for arch in ARCHES {
         let dir = model_dir(arch);
         let model = load::<B>(&dir, device);
         let tok = ChatTokenizer::from_model_dir(&dir).unwrap();
@@ -147,7 +150,7 @@ fn rows_stop_on_their_own_end_token_and_stop_string<B: FusedBackend>(device: &B:
 fn stop_strings_stop_where_transformers_does<B: FusedBackend>(device: &B::Device) {
     let r = reference();
     let mut checked = 0;
-    for arch in ["qwen3", "qwen2", "llama"] {
+    for arch in ARCHES {
         let dir = model_dir(arch);
         let model = load::<B>(&dir, device);
         let tok = ChatTokenizer::from_model_dir(&dir).unwrap();

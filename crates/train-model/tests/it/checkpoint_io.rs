@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::common::{fixtures, raw_tensors};
+use crate::common::{ARCHES, fixtures, raw_tensors};
 use burn::backend::Flex;
 use proptest::prelude::*;
 use safetensors::Dtype;
@@ -53,7 +53,7 @@ fn copy_dir(from: &Path, to: &Path) {
 #[test]
 fn round_trip_is_bit_identical_for_every_architecture() {
     let device = Default::default();
-    for arch in ["qwen3", "qwen2", "llama"] {
+    for arch in ARCHES {
         let src = fixtures().join(arch);
         let loaded = load_pretrained::<B>(&src, &options(), &device).unwrap();
         let out = tempfile::tempdir().unwrap();

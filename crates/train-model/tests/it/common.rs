@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 use safetensors::Dtype;
 use train_model::weights::{SafetensorsFile, WeightIndex};
 
+/// The families of the fixture models (each with its transformers reference).
+pub const ARCHES: &[&str] = &["qwen3", "qwen2", "llama", "mistral", "ministral"];
+
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests")

@@ -1,14 +1,15 @@
-//! Parity with `transformers` on the tiny fixture checkpoints (Qwen3, Qwen2, Llama): logits,
+//! Parity with `transformers` on the tiny fixture checkpoints (Qwen3, Qwen2, Llama, Mistral,
+//! Ministral): logits,
 //! hidden states, loss, gradients of every parameter, one AdamW step, packed rows, the KV
 //! cache and both attention paths — on every backend compiled in.
 
-use crate::common::{Reference, fixtures, max_abs_diff, rel_err};
+use crate::common::{ARCHES, Reference, fixtures, max_abs_diff, rel_err};
 use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use train_model::{
-    AttentionImpl, CausalLm, FusedAutodiffBackend, FusedBackend, KvCache, LoadOptions, ModelInput,
-    NamedParam, Precision, causal_lm_loss, causal_lm_nll, load_pretrained,
+    AttentionImpl, CausalLm, FusedAutodiffBackend, FusedBackend, KvCache, LayerType, LoadOptions,
+    ModelInput, NamedParam, Precision, causal_lm_loss, causal_lm_nll, load_pretrained,
 };
 
 /// Tolerances of the issue: logits max abs error ≤ 1e-4 (f32), gradients relative error ≤ 1e-3.
@@ -118,6 +119,45 @@ pub fn forward_backward_with<B: FusedAutodiffBackend>(
         worst.1,
         worst.0
     );
+}
+
+/// The windows of the Mistral fixture (8 tokens of 48, every layer) and of the Ministral one
+/// (6 tokens, layers 0 and 2 only) are what make their logits right: without a window, or with
+/// Ministral's full-attention layer sliding too, the same weights miss transformers' logits by
+/// far more than the tolerance; so the parity tests check the windows, and that each layer
+/// gets its own, on both attention paths.
+pub fn windows_matter<B: FusedBackend>(attention: AttentionImpl, device: &B::Device) {
+    for (arch, window) in [("mistral", 8), ("ministral", 6)] {
+        let r = Reference::load(arch);
+        let mut model = load::<B>(arch, Precision::Fp32, attention, device);
+        assert_eq!(model.config.sliding_window, Some(window));
+        let input = ModelInput::from_rows(&r.rows("input_ids"), device).unwrap();
+        let mut errors = vec![max_abs_diff(
+            &f32s(model.forward(&input)),
+            &r.get("logits").f32,
+        )];
+        if arch == "ministral" {
+            assert_eq!(model.config.layer_window(1), None);
+            let types = model.config.layer_types.clone();
+            model.config.layer_types = vec![LayerType::SlidingAttention; types.len()];
+            errors.push(max_abs_diff(
+                &f32s(model.forward(&input)),
+                &r.get("logits").f32,
+            ));
+            model.config.layer_types = types;
+        }
+        model.config.sliding_window = None;
+        errors.push(max_abs_diff(
+            &f32s(model.forward(&input)),
+            &r.get("logits").f32,
+        ));
+        println!("{arch} {attention:?}: logits error {errors:?} (right windows, then wrong)");
+        assert!(errors[0] <= LOGITS_TOL, "{arch}: {errors:?}");
+        assert!(
+            errors[1..].iter().all(|e| *e > 100.0 * LOGITS_TOL),
+            "{arch}: {errors:?}"
+        );
+    }
 }
 
 /// The loss after one AdamW step with PyTorch's hyper-parameters.
@@ -363,20 +403,28 @@ macro_rules! backend_tests {
                 forward_backward::<Ad>("llama", &device());
             }
             #[test]
+            fn mistral_forward_backward() {
+                forward_backward::<Ad>("mistral", &device());
+            }
+            #[test]
+            fn ministral_forward_backward() {
+                forward_backward::<Ad>("ministral", &device());
+            }
+            #[test]
             fn fused_ops_forward_backward_match_transformers() {
-                for arch in ["qwen3", "qwen2", "llama"] {
+                for arch in ARCHES {
                     forward_backward_with::<Ad>(arch, AttentionImpl::Auto, &device());
                 }
             }
             #[test]
             fn adamw_steps_match() {
-                for arch in ["qwen3", "qwen2", "llama"] {
+                for arch in ARCHES {
                     adamw_step::<Ad>(arch, &device());
                 }
             }
             #[test]
             fn packed_rows_do_not_attend_to_each_other() {
-                for arch in ["qwen3", "qwen2", "llama"] {
+                for arch in ARCHES {
                     packed::<Inner>(arch, AttentionImpl::Standard, &device());
                     packed::<Inner>(arch, AttentionImpl::Fused, &device());
                     packed::<Ad>(arch, AttentionImpl::Auto, &device());
@@ -384,13 +432,13 @@ macro_rules! backend_tests {
             }
             #[test]
             fn fused_and_standard_attention_agree() {
-                for arch in ["qwen3", "qwen2", "llama"] {
+                for arch in ARCHES {
                     fused_matches_standard::<Inner>(arch, &device());
                 }
             }
             #[test]
             fn prefixes_match_the_full_forward() {
-                for arch in ["llama", "qwen2", "qwen3"] {
+                for arch in ARCHES {
                     prefixes::<Inner>(arch, AttentionImpl::Standard, &device());
                     prefixes::<Inner>(arch, AttentionImpl::Fused, &device());
                 }
@@ -398,10 +446,15 @@ macro_rules! backend_tests {
 
             #[test]
             fn kv_cache_matches_full_forward() {
-                for arch in ["qwen3", "qwen2", "llama"] {
+                for arch in ARCHES {
                     kv_cache::<Inner>(arch, AttentionImpl::Standard, &device());
                     kv_cache::<Inner>(arch, AttentionImpl::Fused, &device());
                 }
+            }
+            #[test]
+            fn the_sliding_window_is_honoured() {
+                windows_matter::<Inner>(AttentionImpl::Standard, &device());
+                windows_matter::<Inner>(AttentionImpl::Fused, &device());
             }
             #[test]
             fn bf16_is_close_to_reference() {
