@@ -711,10 +711,13 @@ impl<B: FusedBackend> CausalLm<B> {
             }
         };
         let fused = self.attention.is_fused();
-        // Sliding-window layers share one mask of their own.
+        // Sliding-window layers share one mask of their own, unless the window reaches back
+        // to the first key of every query (then it changes nothing, and the attention keeps
+        // its plain causal kernels: a 4096-token window on shorter rows).
         let sliding = self
             .config
             .sliding_window
+            .filter(|&w| w < mask.past() + s)
             .map(|w| mask.with_window(Some(w)));
         let ctx = |layer: usize| LayerContext {
             cos: &cos,
