@@ -1,7 +1,7 @@
 //! Untrusted Parquet files through both readers of this crate: conversation rows
 //! (`load_conversations`) and tokenized examples (`read_examples`, the data cache). Errors are
-//! fine; panics that escape, aborts and decompression bombs are not (both readers check the
-//! footer's uncompressed sizes against a decoding limit before decoding).
+//! fine; panics that escape, aborts and decompression bombs are not (both readers check what the
+//! footer and every page header declare against a decoding limit before decoding).
 #![no_main]
 
 #[path = "common.rs"]

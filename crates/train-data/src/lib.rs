@@ -71,6 +71,7 @@ pub mod conversation;
 pub mod error;
 pub mod load;
 pub mod parquet;
+mod parquet_bounds;
 pub mod pipeline;
 pub mod rng;
 pub mod split;

@@ -24,35 +24,18 @@ fn decoded_limit(file_len: u64) -> u64 {
         .max(MIN_PARQUET_DECODED_BYTES)
 }
 
-/// Opens the Parquet file `path` and checks, from its footer and before anything is
-/// decompressed, that its uncompressed column data fits the decoding budget
-/// ([`MAX_PARQUET_EXPANSION`] times the file size, at least [`MIN_PARQUET_DECODED_BYTES`]).
+/// Opens the Parquet file `path` and checks, from its footer and page headers and before
+/// anything is decompressed, that what it declares fits the decoding budget
+/// ([`MAX_PARQUET_EXPANSION`] times the file size, at least [`MIN_PARQUET_DECODED_BYTES`]):
+/// see [`parquet_bounds`](crate::parquet_bounds).
 /// Returns the reader and the budget (also applied to what the rows are turned into).
 fn bounded_reader(path: &Path) -> Result<(ParquetReader<File>, u64)> {
     let file = open_regular(path)?;
     let file_len = file.metadata().map_err(|e| DataError::io(path, e))?.len();
     let limit = decoded_limit(file_len);
+    let pages = file.try_clone().map_err(|e| DataError::io(path, e))?;
     let mut reader = ParquetReader::new(file);
-    let meta = reader.get_metadata().map_err(|e| polars_err(path, &e))?;
-    let mut declared: u64 = 0;
-    for rg in &meta.row_groups {
-        let columns: u64 = rg
-            .parquet_columns()
-            .iter()
-            .map(|c| u64::try_from(c.uncompressed_size()).unwrap_or(0))
-            .fold(0, u64::saturating_add);
-        declared = declared.saturating_add(columns.max(rg.total_byte_size() as u64));
-    }
-    if declared > limit {
-        return Err(DataError::file(
-            path,
-            format!(
-                "Parquet: the footer declares {declared} bytes of uncompressed data in a {file_len}-byte file, over the \
-                 decoding limit of {limit} bytes ({MAX_PARQUET_EXPANSION} times the file size, at least \
-                 {MIN_PARQUET_DECODED_BYTES}): refused as a decompression bomb"
-            ),
-        ));
-    }
+    crate::parquet_bounds::check_declared_sizes(path, &mut reader, pages, file_len, limit)?;
     Ok((reader, limit))
 }
 

@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod load;
+mod parquet_bounds;
 mod pipeline;
 mod props;
 mod template_bounds;
