@@ -315,6 +315,10 @@ fn rustdoc_json() -> Result<()> {
     for k in &libraries {
         c.args(["-p", k]);
     }
+    // Selected so that the host dependencies resolve with the features of the other steps
+    // (its only purpose: see workspace-hack/src/lib.rs); without it, this step would compile
+    // every proc macro and the crates above them a second time.
+    c.args(["-p", "workspace-hack"]);
     // The JSON output is unstable rustdoc; the pinned stable toolchain produces it under
     // RUSTC_BOOTSTRAP=1 (format 57 with Rust 1.95, what cargo-public-api 0.52.0 reads).
     c.env(

@@ -248,7 +248,7 @@ fn a_row_count_of_ten_billion_is_refused() {
         &["row count", "decoding limit"],
     );
     let bytes = with_footer(&conversations(), |m| {
-        m.row_groups[0].num_rows = 10_000_000_000
+        m.row_groups[0].num_rows = 10_000_000_000;
     });
     let path = save(dir.path(), "group-rows.parquet", &bytes);
     assert_refused(
