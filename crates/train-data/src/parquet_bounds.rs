@@ -8,6 +8,8 @@
 //! allocation aborts the process (no `catch_unwind` can stop that). So each declared value is
 //! charged [`BYTES_PER_DECLARED_VALUE`] against the decoding budget, as is each declared
 //! uncompressed byte, and a file over the budget is refused with the place that overdraws it.
+//! Before any of that, the footer's own thrift lists are checked by a budgeted parse (polars'
+//! footer decoder reserves each list's declared length too).
 
 use std::fs::File;
 use std::io::{BufReader, Seek, SeekFrom};
@@ -47,6 +49,8 @@ pub(crate) fn check_declared_sizes(
     file_len: u64,
     limit: u64,
 ) -> Result<()> {
+    let mut pages = pages;
+    check_footer_lists(path, &mut pages, file_len)?;
     let meta = reader
         .get_metadata()
         .map_err(|e| DataError::file(path, format!("Parquet: {e}")))?
@@ -120,6 +124,55 @@ pub(crate) fn check_declared_sizes(
     }
     Ok(())
 }
+
+/// What the footer's thrift lists may declare: polars' own footer decoder reserves each list's
+/// declared length before reading an element (a 1 kB file whose schema list claims 2^31
+/// elements made it ask for 32 GB and abort; found by the `parquet_reader` fuzz target). The
+/// footer is first parsed by `polars_parquet_format`'s reader, which charges every declared
+/// list element 8 bytes, every struct 2 and every string its length against a budget before it
+/// allocates: with [`FOOTER_BUDGET_PER_BYTE`] times the footer's length, every footer whose
+/// lists hold what they declare parses, and a lying one is refused before polars sees it.
+fn check_footer_lists(path: &Path, file: &mut File, file_len: u64) -> Result<()> {
+    use std::io::Read;
+    let io = |e: std::io::Error| DataError::io(path, e);
+    let unreadable = |why: String| {
+        DataError::file(
+            path,
+            format!("not a readable Parquet file (its footer: {why})"),
+        )
+    };
+    if file_len < 12 {
+        return Err(unreadable(format!(
+            "a {file_len}-byte file is too short to hold one"
+        )));
+    }
+    let mut tail = [0u8; 8];
+    file.seek(SeekFrom::Start(file_len - 8)).map_err(io)?;
+    file.read_exact(&mut tail).map_err(io)?;
+    let footer_len = u64::from(u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]));
+    if &tail[4..] != b"PAR1" || footer_len + 12 > file_len {
+        // polars says what is wrong with the magic bytes or the length.
+        return Ok(());
+    }
+    file.seek(SeekFrom::Start(file_len - 8 - footer_len))
+        .map_err(io)?;
+    let mut footer = Vec::new();
+    file.by_ref()
+        .take(footer_len)
+        .read_to_end(&mut footer)
+        .map_err(io)?;
+    let budget = usize::try_from(footer_len)
+        .unwrap_or(usize::MAX)
+        .saturating_mul(FOOTER_BUDGET_PER_BYTE);
+    let mut protocol = TCompactInputProtocol::new(footer.as_slice(), budget);
+    polars_parquet_format::FileMetaData::read_from_in_protocol(&mut protocol)
+        .map_err(|e| unreadable(e.to_string()))?;
+    Ok(())
+}
+
+/// The thrift reader's allocation budget per byte of footer: a list element costs 8, its struct
+/// 2 more, and each takes at least one byte, so 16 admits every honest footer.
+const FOOTER_BUDGET_PER_BYTE: usize = 16;
 
 fn column_name(c: &polars_parquet::parquet::metadata::ColumnChunkMetadata) -> String {
     c.descriptor().path_in_schema.join(".")

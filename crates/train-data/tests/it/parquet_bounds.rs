@@ -326,3 +326,21 @@ fn a_column_chunk_outside_the_file_is_refused() {
     let path = save(dir.path(), "outside.parquet", &bytes);
     assert_refused(&load_errors(&path), "outside.parquet", &["not inside the"]);
 }
+
+/// Found by the `parquet_reader` fuzz target: an 876-byte file whose footer's thrift list
+/// declares more elements than it holds; polars' footer decoder reserved them all (32 GB) and
+/// the process aborted. The footer is now parsed by a budgeted reader first.
+#[test]
+fn a_footer_list_that_declares_billions_of_elements_is_refused_not_an_abort() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/fuzz/parquet-footer-list-abort.parquet");
+    assert_refused(
+        &load_errors(&path),
+        "parquet-footer-list-abort.parquet",
+        &["not a readable Parquet file (its footer:"],
+    );
+    let e = train_data::parquet::read_examples(&path)
+        .unwrap_err()
+        .to_string();
+    assert_refused(&[e], "parquet-footer-list-abort.parquet", &["its footer"]);
+}
