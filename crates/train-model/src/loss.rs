@@ -1,7 +1,7 @@
 //! The causal language-modelling loss over label tokens.
 
 use burn::tensor::{
-    FloatDType, IndexingUpdateOp, Int, Tensor, activation::log_softmax, backend::Backend,
+    FloatDType, Int, Tensor, TensorPrimitive, activation::log_softmax, backend::Backend,
 };
 
 /// Label value that takes no part in the loss (PyTorch's `ignore_index`).
@@ -91,7 +91,7 @@ pub fn nll_chunk_rows(rows: usize, vocab: usize) -> usize {
 /// `d hidden = d logits @ weight` and, when `weight_grad`, `d weight += d logitsᵀ @ hidden`.
 /// Mathematically the same as differentiating [`causal_lm_nll`]; only the summation order
 /// differs.
-pub fn fused_linear_nll<B: Backend>(
+pub fn fused_linear_nll<B: crate::FusedBackend>(
     hidden: &Tensor<B, 2>,
     weight: Tensor<B, 2>,
     targets: &Tensor<B, 1, Int>,
@@ -116,20 +116,18 @@ pub fn fused_linear_nll<B: Backend>(
     while start < rows {
         let len = chunk.min(rows - start);
         let h = hidden.clone().narrow(0, start, len);
-        let t = targets.clone().narrow(0, start, len).reshape([len, 1]);
+        let t = targets.clone().narrow(0, start, len);
         let logits = h
             .clone()
             .matmul(weight.clone().transpose())
             .cast(FloatDType::F32);
-        let max = logits.clone().max_dim(1);
-        let exp = (logits.clone() - max.clone()).exp();
-        let total = exp.clone().sum_dim(1);
-        let picked = logits.gather(1, t.clone());
-        sum = sum + (total.clone().log() + max - picked).sum();
-        let minus_one = Tensor::<B, 2>::full([len, 1], -1.0, (&device, burn::tensor::DType::F32));
-        let grad = (exp / total)
-            .scatter(1, t, minus_one, IndexingUpdateOp::Add)
-            .mul_scalar(grad_scale);
+        let (nll, grad) = B::fused_cross_entropy(
+            logits.into_primitive().tensor(),
+            t.into_primitive(),
+            grad_scale,
+        );
+        sum = sum + Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(nll));
+        let grad = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(grad));
         let grad = if dtype == burn::tensor::DType::F32 {
             grad
         } else {

@@ -9,7 +9,10 @@
 
 use burn::backend::Flex;
 use burn::backend::flex::FlexTensor;
-use burn::tensor::{DType, Shape, TensorData, ops::FloatTensor};
+use burn::tensor::{
+    DType, Shape, TensorData,
+    ops::{FloatTensor, IntTensor},
+};
 use rayon::prelude::*;
 
 use super::{AdamWStep, AttentionSpec, FusedBackend, SegmentIds, reference};
@@ -32,6 +35,29 @@ pub(super) fn values(t: &FlexTensor) -> Option<std::borrow::Cow<'_, [f32]>> {
 
 pub(super) fn tensor(v: Vec<f32>, shape: Shape) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(v, shape))
+}
+
+/// `e^x` for `x ≤ 0` (softmax arguments): Cody–Waite reduction to `2^k · e^r`, `|r| ≤ ln2 / 2`,
+/// and Cephes' degree-6 polynomial (about 1 ulp), in operations that vectorise.
+#[inline(always)]
+pub(super) fn exp_neg(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Round to nearest by the 1.5 · 2²³ trick (no libm call).
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.max(-87.0);
+    let k = (x * LOG2E + ROUND) - ROUND;
+    let r = x - k * LN2_HI - k * LN2_LO;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let y = p * r * r + r + 1.0;
+    // k ∈ [-126, 0] here, so the biased exponent is a normal one.
+    y * f32::from_bits(((k as i32 + 127) as u32) << 23)
 }
 
 fn dims(t: &FlexTensor) -> Vec<usize> {
@@ -339,6 +365,17 @@ impl FusedBackend for Flex {
         reference::rotary_backward::<Self>(cos, sin, grad)
     }
 
+    fn fused_cross_entropy(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        grad_scale: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        match cross_entropy_in_place(logits, &targets, grad_scale) {
+            Ok(out) => out,
+            Err(logits) => reference::cross_entropy::<Self>(logits, targets, grad_scale),
+        }
+    }
+
     fn fused_adamw(
         param: FloatTensor<Self>,
         grad: FloatTensor<Self>,
@@ -383,4 +420,103 @@ impl FusedBackend for Flex {
         }
         reference::adamw::<Self>(param, grad, exp_avg, exp_avg_sq, step)
     }
+}
+
+/// [`FusedBackend::fused_cross_entropy`] on Flex: one parallel task per chunk of rows, two
+/// passes over each row (max; then `e = exp(x − max)` written over the logit while summing),
+/// then the gradient `(e / Σe [− 1 at the target]) · grad_scale` written over `e`: the
+/// reference's operations per element, in its order, without its five fresh `[rows, vocab]`
+/// buffers and serial element-wise passes. The logits are returned (`Err`) for the reference
+/// when they are not a uniquely owned, contiguous f32 `[rows, vocab]` buffer or a target is out
+/// of range.
+#[allow(clippy::result_large_err)]
+fn cross_entropy_in_place(
+    mut logits: FlexTensor,
+    targets: &FlexTensor,
+    grad_scale: f64,
+) -> Result<(FlexTensor, FlexTensor), FlexTensor> {
+    let Some((rows, vocab)) = rows_of(&logits) else {
+        return Err(logits);
+    };
+    let whole = logits.layout().contiguous_offsets() == Some((0, rows * vocab));
+    let t = targets.to_contiguous();
+    let t: Option<Vec<usize>> = match t.dtype() {
+        DType::I64 => t.as_slice::<i64>().map(|s| {
+            s.iter()
+                .map(|&x| usize::try_from(x).unwrap_or(usize::MAX))
+                .collect()
+        }),
+        DType::I32 => t.as_slice::<i32>().map(|s| {
+            s.iter()
+                .map(|&x| usize::try_from(x).unwrap_or(usize::MAX))
+                .collect()
+        }),
+        _ => None,
+    };
+    let Some(t) = t.filter(|t| t.len() == rows && t.iter().all(|&x| x < vocab)) else {
+        return Err(logits);
+    };
+    if logits.dtype() != DType::F32 || !whole || !logits.is_unique() {
+        return Err(logits);
+    }
+    let Some(data) = logits.try_storage_mut::<f32>() else {
+        return Err(logits);
+    };
+    let scale = grad_scale as f32;
+    // Rows per task: enough work per task to amortise it, and every core busy.
+    let per_task = (CHUNK / vocab).max(1);
+    let nll: Vec<f32> = data[..rows * vocab]
+        .par_chunks_mut(vocab * per_task)
+        .zip(t.par_chunks(per_task))
+        .flat_map_iter(|(block, t)| {
+            block
+                .chunks_mut(vocab)
+                .zip(t)
+                .map(|(row, &t)| {
+                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let picked = row[t];
+                    // Sixteen partial sums: the loop vectorises, and the sum of a
+                    // 50k-entry row keeps the accuracy of a pairwise one.
+                    let mut lanes = [0f32; LANES];
+                    let mut blocks = row.chunks_exact_mut(LANES);
+                    for block in &mut blocks {
+                        for (x, acc) in block.iter_mut().zip(lanes.iter_mut()) {
+                            let e = exp_neg(*x - max);
+                            *x = e;
+                            *acc += e;
+                        }
+                    }
+                    for (x, acc) in blocks.into_remainder().iter_mut().zip(lanes.iter_mut()) {
+                        let e = exp_neg(*x - max);
+                        *x = e;
+                        *acc += e;
+                    }
+                    let total = pairwise_sum(&mut lanes);
+                    let e_t = row[t];
+                    for x in row.iter_mut() {
+                        *x = (*x / total) * scale;
+                    }
+                    row[t] = (e_t / total - 1.0) * scale;
+                    total.ln() + max - picked
+                })
+                .collect::<Vec<f32>>()
+        })
+        .collect();
+    let sum: f32 = nll.iter().sum();
+    Ok((tensor(vec![sum], Shape::from([1])), logits))
+}
+
+/// Partial sums per row in [`cross_entropy_in_place`].
+const LANES: usize = 16;
+
+/// The sum of `v` by halving (pairwise), in place.
+fn pairwise_sum(v: &mut [f32; LANES]) -> f32 {
+    let mut n = LANES;
+    while n > 1 {
+        n /= 2;
+        for i in 0..n {
+            v[i] += v[i + n];
+        }
+    }
+    v[0]
 }

@@ -23,7 +23,7 @@ use burn::tensor::{DType, Shape};
 use rayon::prelude::*;
 
 use super::AttentionSpec;
-use super::flex::{tensor, values as f32_values};
+use super::flex::{exp_neg, tensor, values as f32_values};
 
 /// Query rows per block: the scratch scores are `BLOCK_ROWS × keys` f32 per task.
 const BLOCK_ROWS: usize = 128;
@@ -39,29 +39,6 @@ fn int_values(t: &FlexTensor) -> Option<Vec<i64>> {
 
 fn dims4(t: &FlexTensor) -> Option<[usize; 4]> {
     t.layout().shape().to_vec().try_into().ok()
-}
-
-/// `e^x` for `x ≤ 0` (softmax arguments): Cody–Waite reduction to `2^k · e^r`, `|r| ≤ ln2 / 2`,
-/// and Cephes' degree-6 polynomial (about 1 ulp), in operations that vectorise.
-#[inline(always)]
-fn exp_neg(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // Round to nearest by the 1.5 · 2²³ trick (no libm call).
-    const ROUND: f32 = 12_582_912.0;
-    let x = x.max(-87.0);
-    let k = (x * LOG2E + ROUND) - ROUND;
-    let r = x - k * LN2_HI - k * LN2_LO;
-    let mut p = 1.987_569_1e-4_f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let y = p * r * r + r + 1.0;
-    // k ∈ [-126, 0] here, so the biased exponent is a normal one.
-    y * f32::from_bits(((k as i32 + 127) as u32) << 23)
 }
 
 /// Which keys each query row sees.

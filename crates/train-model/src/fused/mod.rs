@@ -235,6 +235,19 @@ pub trait FusedBackend: Backend {
         reference::adamw::<Self>(param, grad, exp_avg, exp_avg_sq, step)
     }
 
+    /// Softmax cross-entropy of f32 `logits [rows, vocab]` against `targets [rows]` (Int, each
+    /// below `vocab`): the sum of the rows' NLL `[1]` (f32) and the gradient of
+    /// `grad_scale · Σ NLL` with respect to the logits, `(softmax − one_hot) · grad_scale`
+    /// `[rows, vocab]` (f32). The inner step of [`crate::fused_linear_nll`]; runs on an inner
+    /// backend (no autodiff). A backend may reuse the logits' buffer for the gradient.
+    fn fused_cross_entropy(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        grad_scale: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        reference::cross_entropy::<Self>(logits, targets, grad_scale)
+    }
+
     /// Rotary embedding `x · cos + rotate_half(x) · sin`.
     fn fused_rotary(
         x: FloatTensor<Self>,

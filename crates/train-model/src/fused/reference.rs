@@ -493,3 +493,27 @@ pub fn adamw<B: Backend>(
     let p = p - (m.clone() / denom).mul_scalar(k.step_size);
     (prim(p), prim(m), prim(v))
 }
+
+/// [`super::FusedBackend::fused_cross_entropy`] in burn's tensor operations: max, `exp`,
+/// sum, log-sum-exp and the gathered target logit per row; the gradient as
+/// `(e / Σe + scatter(−1 at the target)) · grad_scale`.
+pub fn cross_entropy<B: Backend>(
+    logits: FloatTensor<B>,
+    targets: IntTensor<B>,
+    grad_scale: f64,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let logits = float::<B, 2>(logits);
+    let [rows, _] = logits.dims();
+    let device = logits.device();
+    let t = Tensor::<B, 1, Int>::from_primitive(targets).reshape([rows, 1]);
+    let max = logits.clone().max_dim(1);
+    let exp = (logits.clone() - max.clone()).exp();
+    let total = exp.clone().sum_dim(1);
+    let picked = logits.gather(1, t.clone());
+    let sum = (total.clone().log() + max - picked).sum();
+    let minus_one = Tensor::<B, 2>::full([rows, 1], -1.0, (&device, DType::F32));
+    let grad = (exp / total)
+        .scatter(1, t, minus_one, burn::tensor::IndexingUpdateOp::Add)
+        .mul_scalar(grad_scale);
+    (prim(sum), prim(grad))
+}

@@ -1,8 +1,8 @@
 //! The fused operations (`train_model::fused`) against the decomposed reference, values and
 //! gradients through autodiff: attention (causal, grouped heads, segments, cache offset,
 //! sliding window, softcap; one block or many), RMSNorm (with the `1 + w` variant), SwiGLU and
-//! rotary, AdamW against its reference body — on every backend compiled in. Property tests
-//! vary the shapes.
+//! rotary, AdamW and the softmax cross-entropy against their reference bodies — on every
+//! backend compiled in. Property tests vary the shapes.
 
 use burn::backend::Autodiff;
 use burn::tensor::activation::{silu, softmax};
@@ -405,6 +405,48 @@ fn check_adamw<B: FusedBackend>(device: &B::Device) {
     assert!(rel_diff(p1, p0) > 1e-4);
 }
 
+/// The backend's softmax cross-entropy (loss sum and logit gradient) against the reference
+/// body, over shapes with one row, one vocabulary entry, rows longer than a parallel chunk and
+/// several tasks of rows; logits shared with another tensor are left untouched.
+fn check_cross_entropy<B: FusedBackend>(device: &B::Device) {
+    for (rows, vocab) in [(1, 1), (3, 7), (5, 50_000), (700, 100), (33, 49_152)] {
+        let logits = Tensor::<B, 2>::random([rows, vocab], Distribution::Normal(0.0, 3.0), device);
+        let targets: Vec<i64> = (0..rows).map(|r| ((r * 7919 + 3) % vocab) as i64).collect();
+        let t = || {
+            Tensor::<B, 1, Int>::from_data(TensorData::new(targets.clone(), [rows]), device)
+                .into_primitive()
+        };
+        let scale = 0.37;
+        let float1 = |p| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(p));
+        let float2 = |p| Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(p));
+        let (ref_sum, ref_grad) =
+            reference::cross_entropy::<B>(logits.clone().into_primitive().tensor(), t(), scale);
+        // A copy that owns its storage (the in-place path where a backend has one) and the
+        // original, still shared with `logits` (which must come out unchanged).
+        let own = Tensor::<B, 2>::from_data(logits.to_data(), device);
+        let before = logits.to_data();
+        for input in [own, logits.clone()] {
+            let (sum, grad) = B::fused_cross_entropy(input.into_primitive().tensor(), t(), scale);
+            let (sum, grad) = (float1(sum), float2(grad));
+            let e = [
+                rel_diff(sum, float1(ref_sum.clone())),
+                rel_diff(grad.clone(), float2(ref_grad.clone())),
+            ];
+            assert!(
+                e.iter().all(|x| *x <= 1e-5),
+                "cross entropy {rows}x{vocab}: {e:?}"
+            );
+            // Each row of (softmax − one_hot) · scale sums to zero, and is not all zeros
+            // (a vocabulary of one gives zeros).
+            let row_sums: Vec<f32> = grad.clone().sum_dim(1).into_data().to_vec().unwrap();
+            assert!(row_sums.iter().all(|s| s.abs() < 1e-4), "{row_sums:?}");
+            let largest: f32 = grad.abs().max().into_data().to_vec::<f32>().unwrap()[0];
+            assert!(vocab == 1 || largest > 1e-3, "{largest}");
+        }
+        assert_eq!(logits.to_data(), before);
+    }
+}
+
 fn case_strategy() -> impl Strategy<Value = Case> {
     (
         1usize..3,
@@ -469,6 +511,11 @@ macro_rules! backend_tests {
             #[test]
             fn adamw_matches_the_reference_step() {
                 check_adamw::<$backend>(&$device);
+            }
+
+            #[test]
+            fn cross_entropy_matches_the_reference() {
+                check_cross_entropy::<$backend>(&$device);
             }
 
             #[test]
