@@ -409,9 +409,17 @@ fn check_adamw<B: FusedBackend>(device: &B::Device) {
 /// body, over shapes with one row, one vocabulary entry, rows longer than a parallel chunk and
 /// several tasks of rows; logits shared with another tensor are left untouched.
 fn check_cross_entropy<B: FusedBackend>(device: &B::Device) {
-    for (rows, vocab) in [(1, 1), (3, 7), (5, 50_000), (700, 100), (33, 49_152)] {
+    for (rows, vocab) in [
+        (1usize, 1usize),
+        (3, 7),
+        (5, 50_000),
+        (700, 100),
+        (33, 49_152),
+    ] {
         let logits = Tensor::<B, 2>::random([rows, vocab], Distribution::Normal(0.0, 3.0), device);
-        let targets: Vec<i64> = (0..rows).map(|r| ((r * 7919 + 3) % vocab) as i64).collect();
+        let targets: Vec<i64> = (0..rows)
+            .map(|r| i64::try_from((r * 7919 + 3) % vocab).unwrap())
+            .collect();
         let t = || {
             Tensor::<B, 1, Int>::from_data(TensorData::new(targets.clone(), [rows]), device)
                 .into_primitive()
