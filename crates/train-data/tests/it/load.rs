@@ -164,20 +164,10 @@ fn json_array_alpaca_and_sharegpt_are_normalized() {
 
 #[test]
 fn parquet_with_a_list_of_struct_column() {
-    use polars::prelude::*;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("d.parquet");
-    // Build the file through polars' JSON-like constructors: one row per conversation.
-    let role = Series::new("role".into(), &["user", "assistant"]);
-    let content = Series::new("content".into(), &["Hi", "Hello"]);
-    let msgs = StructChunked::from_series("messages".into(), 2, [role, content].iter())
-        .unwrap()
-        .into_series();
-    let list: ListChunked = vec![Some(msgs.clone()), Some(msgs)].into_iter().collect();
-    let mut df = DataFrame::new(2, vec![list.with_name("messages".into()).into_column()]).unwrap();
-    ParquetWriter::new(std::fs::File::create(&path).unwrap())
-        .finish(&mut df)
-        .unwrap();
+    // Built through polars' JSON-like constructors: one row per conversation.
+    std::fs::write(&path, crate::parquet_bounds::conversations()).unwrap();
     let l = load_conversations(&path, &LoadOptions::default()).unwrap();
     assert_eq!(l.conversations.len(), 2);
     assert_eq!(l.conversations[1].messages[1].content, "Hello");

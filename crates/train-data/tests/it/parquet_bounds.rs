@@ -14,7 +14,7 @@ use polars_parquet_format::{FileMetaData, PageHeader};
 use train_data::{ErrorPolicy, LoadOptions, load_conversations};
 
 /// A real Parquet file of two conversations (a `messages` list-of-struct column).
-fn conversations() -> Vec<u8> {
+pub(crate) fn conversations() -> Vec<u8> {
     let role = Series::new("role".into(), &["user", "assistant"]);
     let content = Series::new("content".into(), &["Hi", "Hello"]);
     let msgs = StructChunked::from_series("messages".into(), 2, [role, content].iter())
@@ -143,6 +143,13 @@ fn load_errors(path: &Path) -> Vec<String> {
         .collect()
 }
 
+/// The tokenized-data reader's error on `path`.
+fn examples_error(path: &Path) -> String {
+    train_data::parquet::read_examples(path)
+        .unwrap_err()
+        .to_string()
+}
+
 fn assert_refused(errors: &[String], name: &str, words: &[&str]) {
     for e in errors {
         assert!(e.contains(name), "{e}");
@@ -199,9 +206,7 @@ fn a_column_chunk_that_declares_ten_billion_values_is_refused_not_an_abort() {
         &["row group 0, column `messages.", "decoding limit"],
     );
     let path = save(dir.path(), "ex-values.parquet", &lie(&examples(dir.path())));
-    let e = train_data::parquet::read_examples(&path)
-        .unwrap_err()
-        .to_string();
+    let e = examples_error(&path);
     assert_refused(
         &[e],
         "ex-values.parquet",
@@ -287,9 +292,7 @@ fn a_page_that_declares_two_billion_values_is_refused() {
         "ex-page.parquet",
         &with_page_header(&examples(dir.path()), lie),
     );
-    let e = train_data::parquet::read_examples(&path)
-        .unwrap_err()
-        .to_string();
+    let e = examples_error(&path);
     assert_refused(&[e], "ex-page.parquet", &["decoding limit"]);
 }
 
@@ -339,8 +342,6 @@ fn a_footer_list_that_declares_billions_of_elements_is_refused_not_an_abort() {
         "parquet-footer-list-abort.parquet",
         &["not a readable Parquet file (its footer:"],
     );
-    let e = train_data::parquet::read_examples(&path)
-        .unwrap_err()
-        .to_string();
+    let e = examples_error(&path);
     assert_refused(&[e], "parquet-footer-list-abort.parquet", &["its footer"]);
 }
