@@ -383,6 +383,11 @@ impl FusedBackend for Flex {
         exp_avg_sq: FloatTensor<Self>,
         step: &AdamWStep,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (param, exp_avg, exp_avg_sq) =
+            match adamw_in_place(param, &grad, exp_avg, exp_avg_sq, step) {
+                Ok(updated) => return updated,
+                Err(inputs) => inputs,
+            };
         if let (Some(p), Some(g), Some(m), Some(v)) = (
             values(&param),
             values(&grad),
@@ -519,4 +524,54 @@ fn pairwise_sum(v: &mut [f32; LANES]) -> f32 {
         }
     }
     v[0]
+}
+
+/// The three tensors an AdamW update writes.
+type AdamWState = (FlexTensor, FlexTensor, FlexTensor);
+
+/// [`FusedBackend::fused_adamw`] in place: where the parameter and both moments are uniquely
+/// owned, whole, contiguous f32 buffers of the gradient's length (the optimizer's own state
+/// between steps), each element is updated where it lies (the same [`AdamWStep`] arithmetic as
+/// the allocating kernel), instead of three fresh buffers of the parameter's size per step.
+/// Otherwise the tensors come back (`Err`) unchanged.
+#[allow(clippy::result_large_err)]
+fn adamw_in_place(
+    mut param: FlexTensor,
+    grad: &FlexTensor,
+    mut exp_avg: FlexTensor,
+    mut exp_avg_sq: FlexTensor,
+    step: &AdamWStep,
+) -> Result<AdamWState, AdamWState> {
+    let Some(g) = values(grad) else {
+        return Err((param, exp_avg, exp_avg_sq));
+    };
+    let n = g.len();
+    let whole = |t: &FlexTensor| {
+        t.dtype() == DType::F32
+            && t.is_unique()
+            && t.layout().contiguous_offsets() == Some((0, n))
+            && t.layout().shape().num_elements() == n
+    };
+    if !(whole(&param) && whole(&exp_avg) && whole(&exp_avg_sq)) {
+        return Err((param, exp_avg, exp_avg_sq));
+    }
+    let k = step.scalars();
+    if let (Some(p), Some(m), Some(v)) = (
+        param.try_storage_mut::<f32>(),
+        exp_avg.try_storage_mut::<f32>(),
+        exp_avg_sq.try_storage_mut::<f32>(),
+    ) {
+        p[..n]
+            .par_chunks_mut(CHUNK)
+            .zip(m[..n].par_chunks_mut(CHUNK))
+            .zip(v[..n].par_chunks_mut(CHUNK))
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|(((p, m), v), g)| {
+                for i in 0..p.len() {
+                    (p[i], m[i], v[i]) = k.update(p[i], g[i], m[i], v[i]);
+                }
+            });
+        return Ok((param, exp_avg, exp_avg_sq));
+    }
+    Err((param, exp_avg, exp_avg_sq))
 }
