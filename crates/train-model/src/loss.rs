@@ -156,7 +156,8 @@ pub fn fused_linear_nll<B: crate::FusedBackend>(
     }
 }
 
-#[cfg(all(test, feature = "cpu"))]
+#[cfg(test)]
+#[cfg(feature = "cpu")]
 mod tests {
     use super::*;
     use burn::backend::{Autodiff, Flex};
