@@ -27,6 +27,7 @@ macro_rules! errp {
 mod backend;
 mod config_file;
 mod control;
+mod allocator;
 mod generate_cmd;
 mod hints;
 mod inspect;
@@ -37,10 +38,6 @@ mod registry;
 mod run_cmd;
 mod status_cmd;
 
-// Data preparation allocates many small strings and vectors; mimalloc makes it ~20 % faster
-// than glibc's allocator here (measured with `cargo xtask bench-data`).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -506,6 +503,7 @@ fn panic_report(payload: &(dyn std::any::Any + Send)) -> String {
 }
 
 fn main() -> ExitCode {
+    allocator::keep_freed_memory();
     install_panic_hook();
     match std::panic::catch_unwind(real_main) {
         Ok(code) => code,
