@@ -158,10 +158,14 @@ pub fn bench_train(args: &[String]) -> Result<()> {
         m => bail!("--model {m}: expected qwen3-30m or smollm2"),
     };
     let rows = (b.steps + b.warmup) * b.batch;
-    let data = dir.join(format!(
-        "{}-{rows}.jsonl",
-        if b.padded { "varied" } else { "long" }
-    ));
+    // Rows longer than --seq: 4,000 characters (1,000+ tokens) cover 512; longer sequences
+    // need about 6 characters a token, in files of their own.
+    let min_chars = (6 * b.seq).max(4000);
+    let data = dir.join(match (b.padded, min_chars) {
+        (true, _) => format!("varied-{rows}.jsonl"),
+        (false, 4000) => format!("long-{rows}.jsonl"),
+        (false, c) => format!("long-{c}c-{rows}.jsonl"),
+    });
     if !data.is_file() {
         let mut c = Command::new(&python);
         c.arg(&script)
@@ -173,6 +177,8 @@ pub fn bench_train(args: &[String]) -> Result<()> {
             // Conversations of about 100 to 3000 characters: a few dozen to several hundred
             // tokens, some cut at --seq.
             c.args(["--min-chars", "100", "--max-chars", "3000"]);
+        } else {
+            c.args(["--min-chars", &min_chars.to_string()]);
         }
         run("conversations (chatterbot-corpus)", c)?;
     }
