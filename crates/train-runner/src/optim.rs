@@ -261,10 +261,12 @@ impl<B: FusedAutodiffBackend> ModuleMapper<B> for Mapper<'_, B> {
         let dtype = tensor.dtype();
         let require_grad = tensor.is_require_grad();
         let p = tensor.inner().cast(FloatDType::F32).reshape([n]);
-        let g = grad.cast(FloatDType::F32).reshape([n]);
+        // The gradient in its own shape: a projection's weight gradient is a transposed view,
+        // which `fused_adamw` may read in place (flattening it here would copy it).
+        let g = grad.cast(FloatDType::F32);
         let moments = self.optim.state.remove(name).unwrap_or_else(|| Moments {
-            exp_avg: g.zeros_like(),
-            exp_avg_sq: g.zeros_like(),
+            exp_avg: p.zeros_like(),
+            exp_avg_sq: p.zeros_like(),
         });
         // torch.optim.AdamW (single tensor path), step by step, in one fused operation.
         let step = AdamWStep {
@@ -284,7 +286,7 @@ impl<B: FusedAutodiffBackend> ModuleMapper<B> for Mapper<'_, B> {
         let float = |t| Tensor::<B::InnerBackend, 1>::from_primitive(TensorPrimitive::Float(t));
         let (p, exp_avg, exp_avg_sq) = <B::InnerBackend as FusedBackend>::fused_adamw(
             prim(p),
-            prim(g),
+            g.into_primitive().tensor(),
             prim(moments.exp_avg),
             prim(moments.exp_avg_sq),
             &step,

@@ -533,7 +533,8 @@ type AdamWState = (FlexTensor, FlexTensor, FlexTensor);
 /// owned, whole, contiguous f32 buffers of the gradient's length (the optimizer's own state
 /// between steps), each element is updated where it lies (the same [`AdamWStep`] arithmetic as
 /// the allocating kernel), instead of three fresh buffers of the parameter's size per step.
-/// Otherwise the tensors come back (`Err`) unchanged.
+/// A gradient that is a transposed view ([`transposed_2d`]) is read where it lies, a tile at a
+/// time. Otherwise the tensors come back (`Err`) unchanged.
 #[allow(clippy::result_large_err)]
 fn adamw_in_place(
     mut param: FlexTensor,
@@ -542,36 +543,98 @@ fn adamw_in_place(
     mut exp_avg_sq: FlexTensor,
     step: &AdamWStep,
 ) -> Result<AdamWState, AdamWState> {
-    let Some(g) = values(grad) else {
-        return Err((param, exp_avg, exp_avg_sq));
-    };
-    let n = g.len();
+    let n = grad.layout().num_elements();
     let whole = |t: &FlexTensor| {
         t.dtype() == DType::F32
             && t.is_unique()
             && t.layout().contiguous_offsets() == Some((0, n))
             && t.layout().shape().num_elements() == n
     };
-    if !(whole(&param) && whole(&exp_avg) && whole(&exp_avg_sq)) {
+    if grad.dtype() != DType::F32 || !(whole(&param) && whole(&exp_avg) && whole(&exp_avg_sq)) {
         return Err((param, exp_avg, exp_avg_sq));
     }
     let k = step.scalars();
-    if let (Some(p), Some(m), Some(v)) = (
+    let (Some(p), Some(m), Some(v)) = (
         param.try_storage_mut::<f32>(),
         exp_avg.try_storage_mut::<f32>(),
         exp_avg_sq.try_storage_mut::<f32>(),
-    ) {
-        p[..n]
-            .par_chunks_mut(CHUNK)
-            .zip(m[..n].par_chunks_mut(CHUNK))
-            .zip(v[..n].par_chunks_mut(CHUNK))
+    ) else {
+        return Err((param, exp_avg, exp_avg_sq));
+    };
+    let (p, m, v) = (&mut p[..n], &mut m[..n], &mut v[..n]);
+    if let Some((t, rows, cols)) = transposed_2d(grad) {
+        adamw_transposed(&k, p, m, v, t, rows, cols);
+    } else {
+        let Some(g) = values(grad) else {
+            return Err((param, exp_avg, exp_avg_sq));
+        };
+        p.par_chunks_mut(CHUNK)
+            .zip(m.par_chunks_mut(CHUNK))
+            .zip(v.par_chunks_mut(CHUNK))
             .zip(g.par_chunks(CHUNK))
             .for_each(|(((p, m), v), g)| {
                 for i in 0..p.len() {
                     (p[i], m[i], v[i]) = k.update(p[i], g[i], m[i], v[i]);
                 }
             });
-        return Ok((param, exp_avg, exp_avg_sq));
     }
-    Err((param, exp_avg, exp_avg_sq))
+    Ok((param, exp_avg, exp_avg_sq))
+}
+
+/// An f32 `[rows, cols]` tensor laid out as the transpose of a contiguous `[cols, rows]`
+/// buffer (strides `[1, rows]`): the weight gradient of `x · Wᵀ` as burn's matmul backward
+/// leaves it. Returns that buffer, `rows` and `cols`.
+fn transposed_2d(t: &FlexTensor) -> Option<(&[f32], usize, usize)> {
+    let l = t.layout();
+    let dims = l.shape().to_vec();
+    let [rows, cols] = dims[..] else { return None };
+    if t.dtype() != DType::F32 || rows < 2 || cols < 2 || l.strides() != [1, rows as isize] {
+        return None;
+    }
+    let start = l.start_offset();
+    let buf = t.storage::<f32>().get(start..start + rows * cols)?;
+    Some((buf, rows, cols))
+}
+
+/// The AdamW update of a row-major `[rows, cols]` parameter (`p`, `m`, `v`) from a gradient
+/// given as its transpose `t` (`[cols, rows]`, row-major): bands of [`BAND`] parameter rows in
+/// parallel; in each, a `[BAND, TILE]` tile of the gradient is gathered from `TILE` rows of `t`
+/// (each read contiguously), then applied to the band's rows contiguously.
+fn adamw_transposed(
+    k: &crate::fused::AdamWScalars,
+    p: &mut [f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    t: &[f32],
+    rows: usize,
+    cols: usize,
+) {
+    const BAND: usize = 16;
+    const TILE: usize = 256;
+    p.par_chunks_mut(BAND * cols)
+        .zip(m.par_chunks_mut(BAND * cols))
+        .zip(v.par_chunks_mut(BAND * cols))
+        .enumerate()
+        .for_each(|(b, ((p, m), v))| {
+            let r0 = b * BAND;
+            let nr = p.len() / cols;
+            let mut tile = [0f32; BAND * TILE];
+            for j0 in (0..cols).step_by(TILE) {
+                let nj = TILE.min(cols - j0);
+                for j in 0..nj {
+                    let src = &t[(j0 + j) * rows + r0..][..nr];
+                    for (r, &g) in src.iter().enumerate() {
+                        tile[r * TILE + j] = g;
+                    }
+                }
+                for r in 0..nr {
+                    let at = r * cols + j0;
+                    let (p, m, v) = (&mut p[at..at + nj], &mut m[at..at + nj], &mut v[at..at + nj]);
+                    let g = &tile[r * TILE..r * TILE + nj];
+                    for j in 0..nj {
+                        (p[j], m[j], v[j]) = k.update(p[j], g[j], m[j], v[j]);
+                    }
+                }
+            }
+        });
 }

@@ -223,8 +223,11 @@ pub trait FusedBackend: Backend {
         reference::swiglu_backward::<Self, 2>(gate, up, grad)
     }
 
-    /// One AdamW update of a flat f32 parameter from its gradient and moments: the new
-    /// `(param, exp_avg, exp_avg_sq)`. Runs on an inner backend (no autodiff).
+    /// One AdamW update of a flat f32 parameter `[n]` from its gradient and moments (`[n]`
+    /// too): the new `(param, exp_avg, exp_avg_sq)`. The gradient may come in the parameter's
+    /// own shape and in any layout (n elements, row-major order): a projection's weight
+    /// gradient is often a transposed view, which a backend may read in place instead of
+    /// copying it first. Runs on an inner backend (no autodiff).
     fn fused_adamw(
         param: FloatTensor<Self>,
         grad: FloatTensor<Self>,

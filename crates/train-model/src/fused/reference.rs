@@ -474,6 +474,7 @@ pub fn adamw<B: Backend>(
 ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
     let k = step.scalars();
     let mut p = float::<B, 1>(param);
+    let grad = B::float_reshape(grad, p.shape());
     let mut g = float::<B, 1>(grad);
     let m = float::<B, 1>(exp_avg);
     let v = float::<B, 1>(exp_avg_sq);

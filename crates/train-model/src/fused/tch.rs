@@ -56,9 +56,19 @@ fn adamw_in_place(
             std::slice::from_raw_parts_mut(v.tensor.data_ptr().cast::<f32>(), n),
         )
     };
-    for (((p, &g), m), v) in ps.iter_mut().zip(gs).zip(ms.iter_mut()).zip(vs.iter_mut()) {
-        (*p, *m, *v) = k.update(*p, g, *m, *v);
-    }
+    // In parallel: libtorch's threads are idle during the optimizer step, and one core
+    // updating 135M parameters was 1 % of the samples of a SmolLM2 step, all of them serial.
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 15;
+    ps.par_chunks_mut(CHUNK)
+        .zip(ms.par_chunks_mut(CHUNK))
+        .zip(vs.par_chunks_mut(CHUNK))
+        .zip(gs.par_chunks(CHUNK))
+        .for_each(|(((ps, ms), vs), gs)| {
+            for i in 0..ps.len() {
+                (ps[i], ms[i], vs[i]) = k.update(ps[i], gs[i], ms[i], vs[i]);
+            }
+        });
     true
 }
 
@@ -235,6 +245,12 @@ impl<E: TchElement> FusedBackend for LibTorch<E> {
         mut exp_avg_sq: FloatTensor<Self>,
         step: &AdamWStep,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        // Flat, as the parameter (a copy when the gradient is a transposed view).
+        let grad = {
+            use burn::tensor::TensorMetadata;
+            use burn::tensor::ops::FloatTensorOps;
+            Self::float_reshape(grad, param.shape())
+        };
         if adamw_in_place(
             &mut param,
             &grad,

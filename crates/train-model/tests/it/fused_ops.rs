@@ -405,6 +405,52 @@ fn check_adamw<B: FusedBackend>(device: &B::Device) {
     assert!(rel_diff(p1, p0) > 1e-4);
 }
 
+/// AdamW with the gradient in the parameter's `[rows, cols]` shape as a transposed view (how
+/// a projection's weight gradient arrives), against the reference given the same values:
+/// shapes that are not multiples of the kernels' tiles, two steps so the second updates
+/// moments the first produced (owned storage, the in-place path where there is one).
+fn check_adamw_transposed_grad<B: FusedBackend>(device: &B::Device) {
+    use train_model::AdamWStep;
+    let prim = |t: Tensor<B, 1>| t.into_primitive().tensor();
+    let float = |p| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(p));
+    for [rows, cols] in [[37, 300], [16, 256], [2, 2], [300, 5]] {
+        let n = rows * cols;
+        let p0 = Tensor::<B, 1>::random([n], Distribution::Normal(0.0, 1.0), device);
+        let (mut p1, mut m1, mut v1) = (p0.clone() * 1.0, p0.zeros_like(), p0.zeros_like());
+        let (mut p2, mut m2, mut v2) = (p0.clone() * 1.0, p0.zeros_like(), p0.zeros_like());
+        for step in 1..=2u64 {
+            // `[cols, rows]` contiguous, seen as `[rows, cols]`.
+            let g = Tensor::<B, 2>::random([cols, rows], Distribution::Normal(0.0, 0.1), device)
+                .transpose();
+            let flat = g.clone().reshape([n]);
+            let s = AdamWStep {
+                lr: 1e-2,
+                beta1: 0.9,
+                beta2: 0.999,
+                epsilon: 1e-8,
+                weight_decay: 0.01,
+                step,
+                grad_scale: 0.5,
+            };
+            let (p, m, v) =
+                B::fused_adamw(prim(p1), g.into_primitive().tensor(), prim(m1), prim(v1), &s);
+            (p1, m1, v1) = (float(p), float(m), float(v));
+            let (p, m, v) = reference::adamw::<B>(prim(p2), prim(flat), prim(m2), prim(v2), &s);
+            (p2, m2, v2) = (float(p), float(m), float(v));
+            let e = [
+                rel_diff(p1.clone(), p2.clone()),
+                rel_diff(m1.clone(), m2.clone()),
+                rel_diff(v1.clone(), v2.clone()),
+            ];
+            assert!(
+                e.iter().all(|x| *x <= 1e-6),
+                "adamw, transposed gradient {rows}x{cols}, step {step}: {e:?}"
+            );
+        }
+        assert!(rel_diff(p1, p0) > 1e-4, "{rows}x{cols}: the update moved nothing");
+    }
+}
+
 /// The backend's softmax cross-entropy (loss sum and logit gradient) against the reference
 /// body, over shapes with one row, one vocabulary entry, rows longer than a parallel chunk and
 /// several tasks of rows; logits shared with another tensor are left untouched.
@@ -519,6 +565,11 @@ macro_rules! backend_tests {
             #[test]
             fn adamw_matches_the_reference_step() {
                 check_adamw::<$backend>(&$device);
+            }
+
+            #[test]
+            fn adamw_reads_a_transposed_gradient() {
+                check_adamw_transposed_grad::<$backend>(&$device);
             }
 
             #[test]
