@@ -9,6 +9,15 @@
 //! memory (the way PyTorch's caching allocators keep theirs) made that step 45 % faster for
 //! 8 % more peak RSS (`docs/benchmarks.md`). `MIMALLOC_PURGE_DELAY` set in the environment
 //! still wins.
+//!
+//! mimalloc is built with `override` (`libmimalloc-sys`), so the executable defines C's
+//! `malloc`, `free`, `posix_memalign`… and every C and C++ library of the process allocates
+//! through mimalloc too, as glibc documents for replacing `malloc`. That matters for the tch
+//! backend: libtorch allocates its tensors with `posix_memalign`, and glibc returns each large
+//! buffer to the kernel on `free` (`munmap`), so libtorch's steps paid the same page faults
+//! and zeroing. On SmolLM2-135M (tch, sequence 512) the override made steady-state steps
+//! 13.7 % faster and peak RSS 16 % lower (4.46 → 3.76 GB) in interleaved runs; the cpu
+//! backend's figures did not change.
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -41,6 +50,21 @@ mod tests {
     fn purge_delay() -> std::ffi::c_long {
         // SAFETY: reads one option by its number.
         unsafe { libmimalloc_sys::mi_option_get(PURGE_DELAY) }
+    }
+
+    /// C's `malloc` (what libtorch calls) is mimalloc's: a block from it lies in mimalloc's
+    /// heap (one from glibc's allocator would not).
+    #[test]
+    #[allow(unsafe_code)]
+    fn c_malloc_is_mimalloc() {
+        // SAFETY: a plain allocation, checked and freed with the same allocator.
+        unsafe {
+            let p = libc::malloc(1 << 20);
+            assert!(!p.is_null());
+            let owned = libmimalloc_sys::mi_is_in_heap_region(p.cast_const());
+            libc::free(p);
+            assert!(owned, "C malloc does not allocate from mimalloc's heap");
+        }
     }
 
     #[test]
