@@ -24,10 +24,10 @@ macro_rules! errp {
     }};
 }
 
+mod allocator;
 mod backend;
 mod config_file;
 mod control;
-mod allocator;
 mod generate_cmd;
 mod hints;
 mod inspect;
@@ -37,7 +37,6 @@ mod progress;
 mod registry;
 mod run_cmd;
 mod status_cmd;
-
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -568,15 +568,7 @@ fn adamw_in_place(
         let Some(g) = values(grad) else {
             return Err((param, exp_avg, exp_avg_sq));
         };
-        p.par_chunks_mut(CHUNK)
-            .zip(m.par_chunks_mut(CHUNK))
-            .zip(v.par_chunks_mut(CHUNK))
-            .zip(g.par_chunks(CHUNK))
-            .for_each(|(((p, m), v), g)| {
-                for i in 0..p.len() {
-                    (p[i], m[i], v[i]) = k.update(p[i], g[i], m[i], v[i]);
-                }
-            });
+        k.update_slices(p, m, v, &g);
     }
     Ok((param, exp_avg, exp_avg_sq))
 }
@@ -629,7 +621,11 @@ fn adamw_transposed(
                 }
                 for r in 0..nr {
                     let at = r * cols + j0;
-                    let (p, m, v) = (&mut p[at..at + nj], &mut m[at..at + nj], &mut v[at..at + nj]);
+                    let (p, m, v) = (
+                        &mut p[at..at + nj],
+                        &mut m[at..at + nj],
+                        &mut v[at..at + nj],
+                    );
                     let g = &tile[r * TILE..r * TILE + nj];
                     for j in 0..nj {
                         (p[j], m[j], v[j]) = k.update(p[j], g[j], m[j], v[j]);

@@ -125,6 +125,23 @@ impl AdamWScalars {
         let denom = v.sqrt() / self.sqrt_bias_correction2 + self.epsilon;
         (p - m / denom * self.step_size, m, v)
     }
+
+    /// [`Self::update`] over whole buffers of equal length, in place, in parallel chunks (the
+    /// in-place AdamW of the backends that run on host memory).
+    #[cfg(any(feature = "cpu", feature = "tch"))]
+    pub(crate) fn update_slices(&self, p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
+        use rayon::prelude::*;
+        const CHUNK: usize = 1 << 15;
+        p.par_chunks_mut(CHUNK)
+            .zip(m.par_chunks_mut(CHUNK))
+            .zip(v.par_chunks_mut(CHUNK))
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|(((p, m), v), g)| {
+                for i in 0..p.len() {
+                    (p[i], m[i], v[i]) = self.update(p[i], g[i], m[i], v[i]);
+                }
+            });
+    }
 }
 
 /// Segment ids of the queries `[b, sq]` and of the keys `[b, sk]`, as tensors.

@@ -58,17 +58,7 @@ fn adamw_in_place(
     };
     // In parallel: libtorch's threads are idle during the optimizer step, and one core
     // updating 135M parameters was 1 % of the samples of a SmolLM2 step, all of them serial.
-    use rayon::prelude::*;
-    const CHUNK: usize = 1 << 15;
-    ps.par_chunks_mut(CHUNK)
-        .zip(ms.par_chunks_mut(CHUNK))
-        .zip(vs.par_chunks_mut(CHUNK))
-        .zip(gs.par_chunks(CHUNK))
-        .for_each(|(((ps, ms), vs), gs)| {
-            for i in 0..ps.len() {
-                (ps[i], ms[i], vs[i]) = k.update(ps[i], gs[i], ms[i], vs[i]);
-            }
-        });
+    k.update_slices(ps, ms, vs, gs);
     true
 }
 

@@ -356,6 +356,18 @@ fn check_norm_gate_rotary<B: FusedBackend>(device: &B::Device) {
     }
 }
 
+/// The backend's `(param, exp_avg, exp_avg_sq)` within 1e-6 relative of the reference's.
+fn assert_adamw_close<B: burn::tensor::backend::Backend>(
+    got: [&Tensor<B, 1>; 3],
+    want: [&Tensor<B, 1>; 3],
+    what: &str,
+) {
+    let e: Vec<f32> = (0..3)
+        .map(|i| rel_diff(got[i].clone(), want[i].clone()))
+        .collect();
+    assert!(e.iter().all(|x| *x <= 1e-6), "adamw, {what}: {e:?}");
+}
+
 /// The backend's AdamW against the reference body (torch.optim.AdamW's single-tensor path,
 /// operation by operation), over a few steps, with and without decay and clipping.
 fn check_adamw<B: FusedBackend>(device: &B::Device) {
@@ -388,15 +400,10 @@ fn check_adamw<B: FusedBackend>(device: &B::Device) {
         (p1, m1, v1) = (float(p), float(m), float(v));
         let (p, m, v) = reference::adamw::<B>(prim(p2), prim(g), prim(m2), prim(v2), &s);
         (p2, m2, v2) = (float(p), float(m), float(v));
-        let e = [
-            rel_diff(p1.clone(), p2.clone()),
-            rel_diff(m1.clone(), m2.clone()),
-            rel_diff(v1.clone(), v2.clone()),
-        ];
-        assert!(
-            e.iter().all(|x| *x <= 1e-6),
-            "adamw step {}: {e:?}",
-            step + 1
+        assert_adamw_close(
+            [&p1, &m1, &v1],
+            [&p2, &m2, &v2],
+            &format!("step {}", step + 1),
         );
     }
     // The update moved the parameters (a check that cannot pass by doing nothing), and left the
@@ -432,22 +439,23 @@ fn check_adamw_transposed_grad<B: FusedBackend>(device: &B::Device) {
                 step,
                 grad_scale: 0.5,
             };
-            let (p, m, v) =
-                B::fused_adamw(prim(p1), g.into_primitive().tensor(), prim(m1), prim(v1), &s);
+            let (p, m, v) = B::fused_adamw(
+                prim(p1),
+                g.into_primitive().tensor(),
+                prim(m1),
+                prim(v1),
+                &s,
+            );
             (p1, m1, v1) = (float(p), float(m), float(v));
             let (p, m, v) = reference::adamw::<B>(prim(p2), prim(flat), prim(m2), prim(v2), &s);
             (p2, m2, v2) = (float(p), float(m), float(v));
-            let e = [
-                rel_diff(p1.clone(), p2.clone()),
-                rel_diff(m1.clone(), m2.clone()),
-                rel_diff(v1.clone(), v2.clone()),
-            ];
-            assert!(
-                e.iter().all(|x| *x <= 1e-6),
-                "adamw, transposed gradient {rows}x{cols}, step {step}: {e:?}"
-            );
+            let what = format!("transposed gradient {rows}x{cols}, step {step}");
+            assert_adamw_close([&p1, &m1, &v1], [&p2, &m2, &v2], &what);
         }
-        assert!(rel_diff(p1, p0) > 1e-4, "{rows}x{cols}: the update moved nothing");
+        assert!(
+            rel_diff(p1, p0) > 1e-4,
+            "{rows}x{cols}: the update moved nothing"
+        );
     }
 }
 
