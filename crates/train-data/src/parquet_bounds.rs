@@ -150,8 +150,9 @@ fn check_footer_lists(path: &Path, file: &mut File, file_len: u64) -> Result<()>
     file.seek(SeekFrom::Start(file_len - 8)).map_err(io)?;
     file.read_exact(&mut tail).map_err(io)?;
     let footer_len = u64::from(u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]));
-    if &tail[4..] != b"PAR1" || footer_len + 12 > file_len {
-        // polars says what is wrong with the magic bytes or the length.
+    // polars reads a footer that fills the whole file but its last 8 bytes (the leading
+    // magic bytes included); a longer one, or a wrong magic, it refuses itself.
+    if &tail[4..] != b"PAR1" || footer_len + 8 > file_len {
         return Ok(());
     }
     file.seek(SeekFrom::Start(file_len - 8 - footer_len))
@@ -167,6 +168,9 @@ fn check_footer_lists(path: &Path, file: &mut File, file_len: u64) -> Result<()>
     let mut protocol = TCompactInputProtocol::new(footer.as_slice(), budget);
     polars_parquet_format::FileMetaData::read_from_in_protocol(&mut protocol)
         .map_err(|e| unreadable(e.to_string()))?;
+    polars_footer::Walk::new(&footer)
+        .file_metadata()
+        .map_err(unreadable)?;
     Ok(())
 }
 
@@ -268,4 +272,329 @@ fn chunk_pages(
         pages.seek(SeekFrom::Start(pos)).map_err(io)?;
     }
     Ok(declared)
+}
+
+/// The footer walked as polars 0.55's own footer decoder reads it (its handwritten thrift
+/// reader, `polars-parquet`'s `file_metadata_thrift.rs`), without allocating: that decoder
+/// dispatches on field ids whatever their wire type, and sizes every list it keeps with
+/// `Vec::with_capacity` from the list's header before reading one element. A reader that
+/// follows the wire types (the budgeted parse above) can therefore see a different structure
+/// in the same bytes: an 805-byte file found by the `parquet_reader` fuzz target passed it, and
+/// polars then asked for 51 GB and the process aborted. Each list polars keeps must declare
+/// at most as many elements as bytes remain (every element takes at least one), which bounds
+/// what polars reserves by a small multiple of the footer's length. Anything polars would
+/// refuse is an error here too (`Err` holds why); both agree on what an honest footer is.
+mod polars_footer {
+    type Step = std::result::Result<(), String>;
+
+    pub(super) struct Walk<'a> {
+        buf: &'a [u8],
+    }
+
+    /// Wire type of a boolean field (its value is the type: 1 true, 2 false).
+    const BOOL_TRUE: u8 = 1;
+    const BOOL_FALSE: u8 = 2;
+
+    impl<'a> Walk<'a> {
+        pub(super) fn new(buf: &'a [u8]) -> Self {
+            Walk { buf }
+        }
+
+        fn byte(&mut self) -> std::result::Result<u8, String> {
+            let (&b, rest) = self.buf.split_first().ok_or("ends early")?;
+            self.buf = rest;
+            Ok(b)
+        }
+
+        fn skip_bytes(&mut self, n: usize) -> Step {
+            self.buf = self.buf.get(n..).ok_or("ends early")?;
+            Ok(())
+        }
+
+        fn vlq(&mut self) -> std::result::Result<u64, String> {
+            let mut value = 0u64;
+            let mut shift = 0u32;
+            loop {
+                let b = self.byte()?;
+                value |= u64::from(b & 0x7f).wrapping_shl(shift);
+                if b & 0x80 == 0 {
+                    return Ok(value);
+                }
+                shift = shift.wrapping_add(7);
+            }
+        }
+
+        fn skip_vlq(&mut self) -> Step {
+            self.vlq().map(drop)
+        }
+
+        fn skip_binary(&mut self) -> Step {
+            let len = self.vlq()? as usize;
+            self.skip_bytes(len)
+        }
+
+        /// A list header: the declared element count (as polars reads it, an `i32`) and the
+        /// element type.
+        fn list_begin(&mut self) -> std::result::Result<(i32, u8), String> {
+            let header = self.byte()?;
+            let (count, kind) = (header >> 4, header & 0x0f);
+            if !(kind == 0 && count == 0 || (1..=12).contains(&kind)) {
+                return Err(format!("a list of unknown element type {kind}"));
+            }
+            let size = if count != 15 {
+                i32::from(count)
+            } else {
+                self.vlq()? as i32
+            };
+            Ok((size, kind))
+        }
+
+        /// A list polars keeps in a `Vec` sized from its header.
+        fn kept_list(&mut self, mut element: impl FnMut(&mut Self) -> Step) -> Step {
+            let (size, _) = self.list_begin()?;
+            if usize::try_from(size).is_ok_and(|n| n > self.buf.len()) {
+                return Err(format!(
+                    "a list declares {size} elements where {} bytes remain",
+                    self.buf.len()
+                ));
+            }
+            for _ in 0..size.max(0) {
+                element(self)?;
+            }
+            Ok(())
+        }
+
+        /// The fields of a struct, up to its stop field: `arm(walk, id, wire type)` reads the
+        /// fields polars reads (returning `true`), the others are skipped by their wire type.
+        fn fields(&mut self, mut arm: impl FnMut(&mut Self, i16, u8) -> StepOr) -> Step {
+            let mut last: i16 = 0;
+            loop {
+                let b = self.byte()?;
+                let (delta, kind) = (b >> 4, b & 0x0f);
+                if kind > 12 {
+                    return Err(format!("a field of unknown type {kind}"));
+                }
+                if kind == 0 {
+                    return Ok(());
+                }
+                let id = if delta != 0 {
+                    last.checked_add(i16::from(delta))
+                        .ok_or("a field id overflows")?
+                } else {
+                    self.vlq()
+                        .map(|v| ((v >> 1) as i64 ^ -((v & 1) as i64)) as i16)?
+                };
+                if !arm(self, id, kind)? {
+                    self.skip(kind, 64)?;
+                }
+                last = id;
+            }
+        }
+
+        fn skip(&mut self, kind: u8, depth: u8) -> Step {
+            if depth == 0 {
+                return Err("nested too deeply".into());
+            }
+            match kind {
+                BOOL_TRUE | BOOL_FALSE => Ok(()),
+                3 => self.byte().map(drop),
+                4..=6 => self.skip_vlq(),
+                7 => self.skip_bytes(8),
+                8 => self.skip_binary(),
+                12 => self.fields(|w, _, k| w.skip(k, depth - 1).map(|()| true)),
+                9 => {
+                    let (size, element) = self.list_begin()?;
+                    match element {
+                        // Booleans take no bytes: the walk ends where it began.
+                        0..=2 => Ok(()),
+                        3..=9 | 12 => {
+                            for _ in 0..size.max(0) {
+                                self.skip(element, depth - 1)?;
+                            }
+                            Ok(())
+                        }
+                        k => Err(format!("a list of type {k} where none is allowed")),
+                    }
+                }
+                k => Err(format!("a field of type {k} where none is allowed")),
+            }
+        }
+
+        fn skip_list_of(&mut self, element: fn(&mut Self) -> Step) -> Step {
+            let (size, _) = self.list_begin()?;
+            for _ in 0..size.max(0) {
+                element(self)?;
+            }
+            Ok(())
+        }
+
+        fn boolean(kind: u8) -> StepOr {
+            if kind == BOOL_TRUE || kind == BOOL_FALSE {
+                Ok(true)
+            } else {
+                Err("a boolean field of another type".into())
+            }
+        }
+
+        fn empty_struct(&mut self) -> Step {
+            self.fields(|_, _, _| Ok(false))
+        }
+
+        pub(super) fn file_metadata(&mut self) -> Step {
+            self.fields(|w, id, _| {
+                match id {
+                    1 | 3 => w.skip_vlq()?,
+                    2 => w.kept_list(Self::schema_element)?,
+                    4 => w.kept_list(Self::row_group)?,
+                    5 => w.kept_list(Self::key_value)?,
+                    6 => w.skip_binary()?,
+                    7 => w.kept_list(Self::column_order)?,
+                    _ => return Ok(false),
+                }
+                Ok(true)
+            })
+        }
+
+        fn schema_element(&mut self) -> Step {
+            self.fields(|w, id, _| {
+                match id {
+                    1..=3 | 5..=9 => w.skip_vlq()?,
+                    4 => w.skip_binary()?,
+                    10 => w.logical_type()?,
+                    _ => return Ok(false),
+                }
+                Ok(true)
+            })
+        }
+
+        fn logical_type(&mut self) -> Step {
+            self.fields(|w, id, _| {
+                match id {
+                    1..=4 | 6 | 11..=15 => w.empty_struct()?,
+                    5 => w.fields(|w, id, _| match id {
+                        1 | 2 => w.skip_vlq().map(|()| true),
+                        _ => Ok(false),
+                    })?,
+                    7 | 8 => w.fields(|w, id, kind| match id {
+                        1 => Self::boolean(kind),
+                        2 => w
+                            .fields(|w, id, _| match id {
+                                1..=3 => w.empty_struct().map(|()| true),
+                                _ => Ok(false),
+                            })
+                            .map(|()| true),
+                        _ => Ok(false),
+                    })?,
+                    10 => w.fields(|w, id, kind| match id {
+                        1 => w.byte().map(|_| true),
+                        2 => Self::boolean(kind),
+                        _ => Ok(false),
+                    })?,
+                    _ => return Ok(false),
+                }
+                Ok(true)
+            })
+        }
+
+        fn row_group(&mut self) -> Step {
+            self.fields(|w, id, _| {
+                match id {
+                    1 => w.kept_list(Self::column_chunk)?,
+                    2 | 3 | 5..=7 => w.skip_vlq()?,
+                    4 => w.kept_list(Self::sorting_column)?,
+                    _ => return Ok(false),
+                }
+                Ok(true)
+            })
+        }
+
+        fn column_chunk(&mut self) -> Step {
+            self.fields(|w, id, _| {
+                match id {
+                    1 => w.skip_binary()?,
+                    2 | 4..=7 => w.skip_vlq()?,
+                    3 => w.column_meta_data()?,
+                    _ => return Ok(false),
+                }
+                Ok(true)
+            })
+        }
+
+        fn column_meta_data(&mut self) -> Step {
+            self.fields(|w, id, _| {
+                match id {
+                    1 | 4..=7 | 9..=11 | 14 | 15 => w.skip_vlq()?,
+                    2 => w.skip_list_of(Self::skip_vlq)?,
+                    3 => w.skip_list_of(Self::skip_binary)?,
+                    12 => w.statistics()?,
+                    _ => return Ok(false),
+                }
+                Ok(true)
+            })
+        }
+
+        fn statistics(&mut self) -> Step {
+            self.fields(|w, id, kind| {
+                match id {
+                    1 | 2 => w.skip_binary()?,
+                    3 | 4 => w.skip_vlq()?,
+                    5 | 6 => {
+                        let len = w.vlq()? as u32;
+                        w.skip_bytes(len as usize)?;
+                    }
+                    7 | 8 => return Self::boolean(kind),
+                    _ => return Ok(false),
+                }
+                Ok(true)
+            })
+        }
+
+        fn key_value(&mut self) -> Step {
+            self.fields(|w, id, _| match id {
+                1 | 2 => w.skip_binary().map(|()| true),
+                _ => Ok(false),
+            })
+        }
+
+        fn sorting_column(&mut self) -> Step {
+            self.fields(|w, id, kind| match id {
+                1 => w.skip_vlq().map(|()| true),
+                2 | 3 => Self::boolean(kind),
+                _ => Ok(false),
+            })
+        }
+
+        fn column_order(&mut self) -> Step {
+            self.fields(|w, id, _| match id {
+                1 | 2 => w.empty_struct().map(|()| true),
+                _ => Ok(false),
+            })
+        }
+    }
+
+    type StepOr = std::result::Result<bool, String>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::polars_footer::Walk;
+
+    /// `FileMetaData` field 4 (`row_groups`) sent with the wire type of an `i32`: a reader that
+    /// follows wire types skips one varint, polars reads a list header there, of 2^31 − 1 row
+    /// groups, and would reserve them all. The walk refuses it; the same bytes with a list of
+    /// one empty row group pass.
+    #[test]
+    fn a_list_read_by_field_id_is_checked_against_the_bytes_left() {
+        let lie = [0x45, 0xFC, 0xFF, 0xFF, 0xFF, 0xFF, 0x07, 0x00];
+        let e = Walk::new(&lie).file_metadata().unwrap_err();
+        assert!(
+            e.contains("declares 2147483647 elements where 1 bytes remain"),
+            "{e}"
+        );
+        let honest = [0x49, 0x1C, 0x00, 0x00];
+        assert_eq!(Walk::new(&honest).file_metadata(), Ok(()));
+        // A skipped list of booleans takes no bytes, however long it says it is.
+        let bools = [0x89, 0xF1, 0xFF, 0xFF, 0xFF, 0xFF, 0x07, 0x00];
+        assert_eq!(Walk::new(&bools).file_metadata(), Ok(()));
+    }
 }

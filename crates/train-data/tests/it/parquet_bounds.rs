@@ -345,3 +345,20 @@ fn a_footer_list_that_declares_billions_of_elements_is_refused_not_an_abort() {
     let e = examples_error(&path);
     assert_refused(&[e], "parquet-footer-list-abort.parquet", &["its footer"]);
 }
+
+/// polars' own footer decoder reads fields by id whatever their wire type and sizes each list
+/// from its header: the `parquet_reader` fuzz target found an 805-byte file that the
+/// wire-typed budgeted parse accepted and on which polars then asked for 51 GB and aborted.
+#[test]
+fn a_footer_read_by_field_id_that_declares_a_huge_list_is_refused_not_an_abort() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/fuzz/parquet-footer-id-dispatch-abort.parquet");
+    let name = "parquet-footer-id-dispatch-abort.parquet";
+    assert_refused(
+        &load_errors(&path),
+        name,
+        &["not a readable Parquet file (its footer:"],
+    );
+    let e = examples_error(&path);
+    assert_refused(&[e], name, &["its footer"]);
+}
