@@ -101,10 +101,40 @@ impl Downloads {
 
 pub(crate) fn ci() -> Result<()> {
     let started = Instant::now();
+    forget_other_checkouts_tests()?;
     let mut timings = Timings::default();
     let result = steps(&mut timings);
     timings.print(started, result.is_ok());
     result
+}
+
+/// Test executables carry the checkout they were built in (`env!("CARGO_MANIFEST_DIR")` finds
+/// their fixtures), but the target directory is shared by every checkout of the machine (CI's
+/// clean clone, a developer's tree) and cargo reuses a test binary built in another checkout
+/// without rebuilding it: its fixture paths then point into that other checkout, or nowhere.
+/// When the release profile was last used from another checkout, its test executables are
+/// removed so that cargo builds them again here.
+fn forget_other_checkouts_tests() -> Result<()> {
+    let release = target_dir().join("release");
+    let mark = release.join(".train-rs-checkout");
+    let here = root().display().to_string();
+    if std::fs::read_to_string(&mark).is_ok_and(|m| m == here) {
+        return Ok(());
+    }
+    if let Ok(entries) = std::fs::read_dir(release.join("deps")) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            // Executables are `name-hash`, without an extension (libraries, `.d`, `.rmeta`…
+            // have one).
+            if path.extension().is_none() && path.is_file() {
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("removing {}", path.display()))?;
+            }
+        }
+    }
+    std::fs::create_dir_all(&release)?;
+    std::fs::write(&mark, here).with_context(|| format!("writing {}", mark.display()))?;
+    Ok(())
 }
 
 fn steps(t: &mut Timings) -> Result<()> {
