@@ -183,23 +183,26 @@ pub fn bench_train(args: &[String]) -> Result<()> {
         run("conversations (chatterbot-corpus)", c)?;
     }
     let env = torch_env()?;
-    // The tch backend only when it runs (a build with it resolves other features).
-    let features = if b.only.iter().any(|o| o.starts_with("tch")) {
-        TCH_FEATURES
-    } else {
-        RELEASE_FEATURES
-    };
-    let mut build = cargo();
-    build.args([
-        "build",
-        "--workspace",
-        "--release",
-        "--bins",
-        "--features",
-        features,
-    ]);
-    build.envs(env.iter().map(|(k, v)| (k, v)));
-    run("build train", build)?;
+    // The cpu rows run the default build, as a cpu user has it: no libtorch linked. (A build
+    // with the tch backend maps libtorch's CUDA libraries at start, about 450 MB of resident
+    // memory before anything runs, which a cpu-only user never pays.) It is copied aside,
+    // because the tch build below writes the same path.
+    let cpu_bin = dir.join("train-cpu");
+    if b.only.iter().any(|o| o.starts_with("cpu")) {
+        let mut build = cargo();
+        build.args(["build", "--workspace", "--release", "--bins", "--features"]);
+        build.arg(RELEASE_FEATURES);
+        run("build train (default features)", build)?;
+        std::fs::copy(release_bin("train"), &cpu_bin)
+            .with_context(|| format!("copying the train binary to {}", cpu_bin.display()))?;
+    }
+    if b.only.iter().any(|o| o.starts_with("tch")) {
+        let mut build = cargo();
+        build.args(["build", "--workspace", "--release", "--bins", "--features"]);
+        build.arg(TCH_FEATURES);
+        build.envs(env.iter().map(|(k, v)| (k, v)));
+        run("build train (with the tch backend)", build)?;
+    }
 
     // With --lora, everyone also trains the same fresh PEFT adapter (made once by peft).
     let adapter = match b.lora {
@@ -290,7 +293,11 @@ fn rust_run(
         std::fs::remove_dir_all(&out)?;
     }
     let total = b.steps + b.warmup;
-    let mut c = Command::new(release_bin("train"));
+    let bin = match backend {
+        "cpu" => dir.join("train-cpu"),
+        _ => release_bin("train"),
+    };
+    let mut c = Command::new(bin);
     c.args(["run", "--backend", backend, "--model"])
         .arg(model)
         .arg("--dataset")
