@@ -44,6 +44,9 @@ pub(crate) fn fixtures() -> Result<()> {
         ("llama", vec!["bf16"]),
         ("mistral", vec!["f32"]),
         ("ministral", vec!["bf16"]),
+        ("olmo2", vec!["bf16"]),
+        ("smollm3", vec!["f32"]),
+        ("gemma3", vec!["f32"]),
     ] {
         let out = saved_root.join(format!(
             "{arch}-{}",

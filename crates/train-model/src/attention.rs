@@ -209,6 +209,19 @@ pub fn scaled_dot_product<B: Backend>(
         };
         return attention(q, k, v, full_mask, None, options);
     }
+    scaled_dot_product_scaled(q, k, v, mask, scale)
+}
+
+/// The decomposed attention (`transformers`' eager path) with the given score scale.
+pub(crate) fn scaled_dot_product_scaled<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: &AttentionMask<B>,
+    scale: f64,
+) -> Tensor<B, 4> {
+    let [_, _, sq, _] = q.dims();
+    let sk = k.dims()[2];
     let dtype = q.dtype();
     let device = q.device();
     let scores = (q.matmul(k.transpose()) * scale).cast(FloatDType::F32);

@@ -27,6 +27,15 @@ pub enum Architecture {
     Mistral,
     /// Ministral: Mistral's layers, sliding or full attention per layer (`layer_types`).
     Ministral,
+    /// OLMo 2: norms after attention and after the MLP (post-norm), q/k norms over the whole
+    /// projection.
+    Olmo2,
+    /// SmolLM3: Llama's layers, some without the rotary embedding (`no_rope_layers`).
+    SmolLm3,
+    /// Gemma 3's text decoder: sliding and global layers with their own rotary bases, `(1 + w)`
+    /// RMSNorms before and after attention and the MLP, a GeGLU MLP, embeddings scaled by
+    /// √hidden.
+    Gemma3,
 }
 
 impl Architecture {
@@ -47,6 +56,9 @@ impl Architecture {
         let hint = match model_type {
             "qwen3_vl_text" | "qwen3_vl_moe" => " (Qwen3-VL is read from the full checkpoint, \
                 model_type `qwen3_vl`; its mixture-of-experts variant is not implemented)"
+                .to_string(),
+            "gemma3" => " (the multimodal Gemma 3 checkpoints are not supported yet; the text \
+                models, model_type `gemma3_text`, are)"
                 .to_string(),
             _ => format!(" (supported: {})", crate::family::supported()),
         };
@@ -129,6 +141,25 @@ pub struct HfConfig {
     pub num_key_value_heads: Option<usize>,
     pub head_dim: Option<usize>,
     pub hidden_act: Option<String>,
+    /// Gemma's name for `hidden_act`.
+    pub hidden_activation: Option<String>,
+    /// Gemma: the attention scale is `query_pre_attn_scalar^-0.5`.
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Gemma 3 (transformers 4.x): the rotary base of the sliding layers.
+    pub rope_local_base_freq: Option<f64>,
+    /// Gemma 3: every this-many-th layer is global (without `layer_types`).
+    pub sliding_window_pattern: Option<usize>,
+    /// The same, as transformers 5 keeps it beside `layer_types`.
+    #[serde(rename = "_sliding_window_pattern")]
+    pub sliding_window_pattern_private: Option<usize>,
+    /// Gemma 2: soft-capping of the final logits (refused when set).
+    #[serde(default, deserialize_with = "present")]
+    pub final_logit_softcapping: Option<Value>,
+    /// Gemma 2: soft-capping of the attention scores (refused when set).
+    #[serde(default, deserialize_with = "present")]
+    pub attn_logit_softcapping: Option<Value>,
+    /// Gemma 3 used as an encoder (refused when true).
+    pub use_bidirectional_attention: Option<bool>,
     pub max_position_embeddings: Option<usize>,
     pub rms_norm_eps: Option<f64>,
     pub rope_theta: Option<f64>,
@@ -145,6 +176,10 @@ pub struct HfConfig {
     #[serde(default, deserialize_with = "present")]
     pub sliding_window: Option<Value>,
     pub layer_types: Option<Vec<String>>,
+    /// SmolLM3: 1 where a layer applies the rotary embedding, 0 where it does not.
+    pub no_rope_layers: Option<Vec<i64>>,
+    /// SmolLM3: without `no_rope_layers`, every this-many-th layer has no rotary embedding.
+    pub no_rope_layer_interval: Option<usize>,
     pub bos_token_id: Option<Value>,
     pub eos_token_id: Option<Value>,
     pub pad_token_id: Option<Value>,
@@ -164,6 +199,36 @@ pub enum LayerType {
     FullAttention,
     /// Only the last [`ModelConfig::sliding_window`] tokens, itself included.
     SlidingAttention,
+}
+
+/// Where a decoder layer normalises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[non_exhaustive]
+#[serde(rename_all = "snake_case")]
+pub enum NormPlacement {
+    /// Before attention (`input_layernorm`) and before the MLP (`post_attention_layernorm`):
+    /// Llama, Qwen, Mistral.
+    #[default]
+    Pre,
+    /// After attention (`post_attention_layernorm`) and after the MLP
+    /// (`post_feedforward_layernorm`), each before its residual add: OLMo 2.
+    Post,
+    /// Both: before attention (`input_layernorm`), after it (`post_attention_layernorm`),
+    /// before the MLP (`pre_feedforward_layernorm`) and after it
+    /// (`post_feedforward_layernorm`): Gemma 2 and 3.
+    Sandwich,
+}
+
+/// The activation of the MLP's gate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[non_exhaustive]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// SiLU (SwiGLU): `silu` / `swish`.
+    #[default]
+    Silu,
+    /// GELU with the tanh approximation (GeGLU): `gelu_pytorch_tanh`.
+    GeluTanh,
 }
 
 /// The text decoder's `config.json` fields of a Qwen3-VL `config.json`, as a Qwen3 one: the
@@ -243,8 +308,37 @@ pub struct ModelConfig {
     pub o_bias: bool,
     /// Biases on the MLP projections.
     pub mlp_bias: bool,
-    /// RMSNorm of queries and keys per head (Qwen3).
+    /// RMSNorm of queries and keys (Qwen3: per head; OLMo 2: over the whole projection, see
+    /// [`ModelConfig::qk_norm_whole`]).
     pub qk_norm: bool,
+    /// The q/k norms span the whole projection (all heads at once, OLMo 2) rather than each
+    /// head.
+    #[serde(default)]
+    pub qk_norm_whole: bool,
+    /// Where each layer normalises.
+    #[serde(default)]
+    pub norm_placement: NormPlacement,
+    /// Whether each layer applies the rotary embedding; empty means every layer does (SmolLM3's
+    /// `no_rope_layers`).
+    #[serde(default)]
+    pub rope_layers: Vec<bool>,
+    /// Every RMSNorm scales by `weight + norm_offset` (Gemma: 1, its weights are stored around
+    /// 0), computing the product in f32 before casting back.
+    #[serde(default)]
+    pub norm_offset: f64,
+    /// The embeddings are multiplied by this (Gemma: √hidden, in the weights' dtype).
+    #[serde(default)]
+    pub embedding_scale: Option<f64>,
+    /// The activation of the MLP's gate.
+    #[serde(default)]
+    pub activation: Activation,
+    /// The attention scale is `query_pre_attn_scalar^-0.5` (Gemma) instead of `head_dim^-0.5`.
+    #[serde(default)]
+    pub query_pre_attn_scalar: Option<f64>,
+    /// The rotary embedding of the sliding-window layers when it differs from [`Self::rope`]
+    /// (Gemma 3's local base).
+    #[serde(default)]
+    pub rope_local: Option<RopeConfig>,
     /// The LM head reuses the embedding matrix.
     pub tie_word_embeddings: bool,
     /// The dtype `config.json` declares for the weights.
@@ -381,18 +475,9 @@ impl ModelConfig {
                 format!("{head_dim} is odd; rotary embeddings need an even head size"),
             ));
         }
-        if let Some(act) = hf.hidden_act.as_deref()
-            && act != "silu"
-            && act != "swish"
-        {
-            return Err(ModelError::config(
-                path,
-                "hidden_act",
-                format!("`{act}` is not supported (only silu)"),
-            ));
-        }
+        let activation = (family.activation)(path, hf)?;
         let (sliding_window, layer_types) = (family.attention)(path, hf, num_layers)?;
-        let rms_norm_eps = hf.rms_norm_eps.unwrap_or(1e-6);
+        let rms_norm_eps = hf.rms_norm_eps.unwrap_or(family.default_rms_norm_eps);
         if !(rms_norm_eps > 0.0 && rms_norm_eps.is_finite()) {
             return Err(ModelError::config(
                 path,
@@ -410,13 +495,22 @@ impl ModelConfig {
                 "must be at least 1",
             ));
         }
-        let rope = parse_rope(path, hf, head_dim, max_position_embeddings)?;
+        let rope = parse_rope(
+            path,
+            hf,
+            head_dim,
+            max_position_embeddings,
+            RopeLayers::Global,
+        )?;
         let crate::family::Layout {
             qkv_bias,
             o_bias,
             mlp_bias,
             qk_norm,
+            qk_norm_whole,
+            norm_placement,
         } = (family.layout)(hf);
+        let rope_layers = (family.rope_layers)(path, hf, num_layers)?;
         let dtype_name = hf.dtype.as_deref().or(hf.torch_dtype.as_deref());
         let torch_dtype = match dtype_name {
             None => StorageDtype::F32,
@@ -468,7 +562,7 @@ impl ModelConfig {
                 ));
             }
         }
-        Ok(Self {
+        let mut config = Self {
             architecture,
             vocab_size,
             hidden_size,
@@ -484,7 +578,12 @@ impl ModelConfig {
             o_bias,
             mlp_bias,
             qk_norm,
-            tie_word_embeddings: hf.tie_word_embeddings.unwrap_or(false),
+            qk_norm_whole,
+            norm_placement,
+            rope_layers,
+            tie_word_embeddings: hf
+                .tie_word_embeddings
+                .unwrap_or(family.default_tie_word_embeddings),
             torch_dtype,
             bos_token_id: bos.first().copied(),
             eos_token_ids,
@@ -492,7 +591,14 @@ impl ModelConfig {
             vision_language: false,
             sliding_window,
             layer_types,
-        })
+            norm_offset: 0.0,
+            embedding_scale: None,
+            activation,
+            query_pre_attn_scalar: None,
+            rope_local: None,
+        };
+        (family.finish)(path, hf, &mut config)?;
+        Ok(config)
     }
 
     /// The name under which the tensor this crate calls `name` (Qwen3's names:
@@ -523,6 +629,19 @@ impl ModelConfig {
             Some(LayerType::SlidingAttention) => self.sliding_window,
             _ => None,
         }
+    }
+
+    /// The attention's scale: `query_pre_attn_scalar^-0.5` or `head_dim^-0.5`.
+    pub fn attention_scale(&self) -> f64 {
+        match self.query_pre_attn_scalar {
+            Some(q) => 1.0 / q.sqrt(),
+            None => 1.0 / (self.head_dim.max(1) as f64).sqrt(),
+        }
+    }
+
+    /// Whether layer `layer` applies the rotary embedding.
+    pub fn layer_rope(&self, layer: usize) -> bool {
+        self.rope_layers.get(layer).copied().unwrap_or(true)
     }
 
     /// Number of parameters (tied embeddings counted once).
@@ -569,11 +688,20 @@ impl ModelConfig {
     }
 }
 
-fn parse_rope(
+/// Which layers' rotary embedding [`parse_rope`] reads: the global (full-attention) layers', or
+/// the sliding layers' of a family with a local base (Gemma 3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RopeLayers {
+    Global,
+    Local,
+}
+
+pub(crate) fn parse_rope(
     path: &Path,
     hf: &HfConfig,
     head_dim: usize,
     max_position_embeddings: usize,
+    layers: RopeLayers,
 ) -> Result<RopeConfig> {
     if let Some(p) = hf.partial_rotary_factor
         && (p - 1.0).abs() > f64::EPSILON
@@ -586,6 +714,9 @@ fn parse_rope(
     }
     // transformers 5.x: `rope_parameters` (possibly nested per layer type); 4.x: `rope_scaling`.
     let (field, params) = match (&hf.rope_parameters, &hf.rope_scaling) {
+        // transformers 4.x's flat `rope_scaling` is the global layers' (Gemma 3's local layers
+        // have the default rotary embedding with `rope_local_base_freq`).
+        (None | Some(Value::Null), _) if layers == RopeLayers::Local => ("rope_scaling", None),
         (Some(Value::Object(p)), _) => ("rope_parameters", Some(p.clone())),
         (_, Some(Value::Object(s))) => ("rope_scaling", Some(s.clone())),
         (_, Some(Value::Null) | None) => ("rope_scaling", None),
@@ -599,18 +730,24 @@ fn parse_rope(
     };
     let params = match params {
         Some(p) if p.values().all(Value::is_object) && !p.is_empty() => {
-            // Nested by layer type: all layers here are full attention.
-            match p.get("full_attention") {
+            // Nested by layer type.
+            let key = match layers {
+                RopeLayers::Global => "full_attention",
+                RopeLayers::Local => "sliding_attention",
+            };
+            match p.get(key) {
                 Some(Value::Object(inner)) => Some(inner.clone()),
                 _ => {
                     return Err(ModelError::config(
                         path,
                         field,
-                        "nested per-layer-type RoPE parameters without a `full_attention` entry",
+                        format!("nested per-layer-type RoPE parameters without a `{key}` entry"),
                     ));
                 }
             }
         }
+        // A flat set is the global layers' only.
+        _ if layers == RopeLayers::Local => None,
         other => other,
     };
     let get_f = |key: &str| -> Result<Option<f64>> {
@@ -622,14 +759,19 @@ fn parse_rope(
                 .ok_or_else(|| ModelError::config(path, format!("{field}.{key}"), "not a number")),
         }
     };
-    let theta = match get_f("rope_theta")? {
-        Some(t) => t,
-        None => hf.rope_theta.unwrap_or(10_000.0),
+    let theta = match (get_f("rope_theta")?, layers) {
+        (Some(t), _) => t,
+        (None, RopeLayers::Global) => hf.rope_theta.unwrap_or(10_000.0),
+        (None, RopeLayers::Local) => hf.rope_local_base_freq.unwrap_or(10_000.0),
     };
     if !(theta > 1.0 && theta.is_finite()) {
+        let key = match layers {
+            RopeLayers::Local if params.is_none() => "rope_local_base_freq",
+            _ => "rope_theta",
+        };
         return Err(ModelError::config(
             path,
-            "rope_theta",
+            key,
             format!("{theta} must be a finite number above 1"),
         ));
     }
@@ -959,6 +1101,166 @@ mod tests {
             let e = parse(&v).unwrap_err().to_string();
             assert!(e.contains("layer_types") && e.contains(needle), "{e}");
         }
+    }
+
+    #[test]
+    fn olmo2_is_post_norm_with_whole_projection_qk_norms() {
+        let mut v = base();
+        v["model_type"] = json!("olmo2");
+        v["attention_bias"] = json!(true);
+        v.as_object_mut().unwrap().remove("rms_norm_eps");
+        v.as_object_mut().unwrap().remove("tie_word_embeddings");
+        let c = parse(&v).unwrap();
+        assert_eq!(c.architecture, Architecture::Olmo2);
+        assert_eq!(c.norm_placement, NormPlacement::Post);
+        assert!(c.qk_norm && c.qk_norm_whole && c.qkv_bias && c.o_bias && !c.mlp_bias);
+        // Olmo2Config's defaults.
+        assert_eq!(c.rms_norm_eps, 1e-5);
+        assert!(!c.tie_word_embeddings);
+        let names: Vec<String> = crate::names::tensor_specs(&c)
+            .into_iter()
+            .filter(|t| t.name.starts_with("model.layers.0.") && t.name.contains("norm"))
+            .map(|t| format!("{} {:?}", t.name, t.shape))
+            .collect();
+        let (q, kv) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        assert_eq!(
+            names,
+            [
+                format!("model.layers.0.self_attn.q_norm.weight [{q}]"),
+                format!("model.layers.0.self_attn.k_norm.weight [{kv}]"),
+                format!(
+                    "model.layers.0.post_attention_layernorm.weight [{}]",
+                    c.hidden_size
+                ),
+                format!(
+                    "model.layers.0.post_feedforward_layernorm.weight [{}]",
+                    c.hidden_size
+                ),
+            ]
+        );
+        assert_eq!(parse(&c.to_hf_json()).unwrap(), c);
+    }
+
+    #[test]
+    fn smollm3_reads_its_nope_layers_as_transformers_does() {
+        let mut v = base();
+        v["model_type"] = json!("smollm3");
+        v["num_hidden_layers"] = json!(8);
+        v.as_object_mut().unwrap().remove("tie_word_embeddings");
+        // Absent: every 4th layer has no rotary embedding; tied embeddings by default.
+        let c = parse(&v).unwrap();
+        assert_eq!(c.architecture, Architecture::SmolLm3);
+        let rope = |c: &ModelConfig| (0..8).map(|l| c.layer_rope(l)).collect::<Vec<_>>();
+        assert_eq!(rope(&c), [true, true, true, false, true, true, true, false]);
+        assert!(c.tie_word_embeddings);
+        assert_eq!(c.norm_placement, NormPlacement::Pre);
+        assert_eq!((c.sliding_window, c.layer_types.len()), (None, 0));
+        assert_eq!(parse(&c.to_hf_json()).unwrap(), c);
+        v["no_rope_layer_interval"] = json!(2);
+        assert_eq!(
+            rope(&parse(&v).unwrap()),
+            [true, false, true, false, true, false, true, false]
+        );
+        v["no_rope_layers"] = json!([0, 1, 1, 1, 1, 1, 1, 0]);
+        let c = parse(&v).unwrap();
+        assert_eq!(rope(&c), [false, true, true, true, true, true, true, false]);
+        assert_eq!(parse(&c.to_hf_json()).unwrap(), c);
+        // A window only with use_sliding_window, and then on the NoPE layers.
+        v["sliding_window"] = json!(16);
+        assert_eq!(parse(&v).unwrap().layer_window(0), None);
+        v["use_sliding_window"] = json!(true);
+        let c = parse(&v).unwrap();
+        assert_eq!(
+            (0..8).map(|l| c.layer_window(l)).collect::<Vec<_>>(),
+            [Some(16), None, None, None, None, None, None, Some(16)]
+        );
+        assert_eq!(parse(&c.to_hf_json()).unwrap(), c);
+        for (bad, needle) in [
+            (json!([1, 1]), "has 2 entries for num_hidden_layers = 8"),
+            (json!([1, 1, 1, 2, 1, 1, 1, 1]), "entry 2"),
+        ] {
+            v["no_rope_layers"] = bad;
+            let e = parse(&v).unwrap_err().to_string();
+            assert!(e.contains("no_rope_layers") && e.contains(needle), "{e}");
+        }
+        v.as_object_mut().unwrap().remove("no_rope_layers");
+        v["no_rope_layer_interval"] = json!(0);
+        let e = parse(&v).unwrap_err().to_string();
+        assert!(e.contains("no_rope_layer_interval"), "{e}");
+    }
+
+    #[test]
+    fn gemma3_reads_its_layers_and_rotary_embeddings_as_transformers_does() {
+        let mut v = base();
+        v["model_type"] = json!("gemma3_text");
+        v["num_hidden_layers"] = json!(7);
+        v["head_dim"] = json!(16);
+        v["hidden_activation"] = json!("gelu_pytorch_tanh");
+        for key in ["tie_word_embeddings", "rope_theta"] {
+            v.as_object_mut().unwrap().remove(key);
+        }
+        // transformers 5: nested rotary parameters; no layer_types: every 6th layer global.
+        v["rope_parameters"] = json!({
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}});
+        let c = parse(&v).unwrap();
+        assert_eq!(c.architecture, Architecture::Gemma3);
+        assert_eq!(c.norm_placement, NormPlacement::Sandwich);
+        assert_eq!(c.activation, Activation::GeluTanh);
+        assert_eq!((c.norm_offset, c.embedding_scale), (1.0, Some(8.0)));
+        assert!(c.qk_norm && !c.qk_norm_whole && c.tie_word_embeddings);
+        assert_eq!(c.query_pre_attn_scalar, Some(256.0));
+        assert!((c.attention_scale() - 1.0 / 16.0).abs() < 1e-12);
+        let windows: Vec<_> = (0..7).map(|l| c.layer_window(l)).collect();
+        let s = Some(4096);
+        assert_eq!(windows, [s, s, s, s, s, None, s]);
+        assert_eq!(c.rope.theta, 1_000_000.0);
+        assert_eq!(c.rope.scaling, RopeScaling::Linear { factor: 8.0 });
+        let local = c.rope_local.clone().unwrap();
+        assert_eq!(
+            (local.theta, &local.scaling),
+            (10_000.0, &RopeScaling::Default)
+        );
+        assert_eq!(parse(&c.to_hf_json()).unwrap(), c);
+        // transformers 4.x: flat rope_scaling for the global layers, rope_local_base_freq.
+        v.as_object_mut().unwrap().remove("rope_parameters");
+        v["rope_theta"] = json!(500_000.0);
+        v["rope_scaling"] = json!({"rope_type": "linear", "factor": 4.0});
+        v["rope_local_base_freq"] = json!(20_000.0);
+        v["sliding_window_pattern"] = json!(2);
+        v["sliding_window"] = json!(512);
+        v["query_pre_attn_scalar"] = json!(24);
+        let c = parse(&v).unwrap();
+        let local = c.rope_local.clone().unwrap();
+        assert_eq!((c.rope.theta, local.theta), (500_000.0, 20_000.0));
+        assert_eq!(local.scaling, RopeScaling::Default);
+        assert_eq!(c.layer_window(0), Some(512));
+        assert_eq!(c.layer_window(1), None);
+        assert!((c.attention_scale() - 24f64.powf(-0.5)).abs() < 1e-12);
+        assert_eq!(parse(&c.to_hf_json()).unwrap(), c);
+        // What is not implemented is refused by name.
+        for (key, value) in [
+            ("final_logit_softcapping", json!(30.0)),
+            ("attn_logit_softcapping", json!(50.0)),
+            ("use_bidirectional_attention", json!(true)),
+            ("hidden_activation", json!("relu")),
+            ("sliding_window_pattern", json!(0)),
+            ("query_pre_attn_scalar", json!(-1)),
+            ("rope_local_base_freq", json!(0.5)),
+        ] {
+            let mut bad = v.clone();
+            bad[key] = value;
+            let e = parse(&bad).unwrap_err().to_string();
+            assert!(e.contains(key), "{key}: {e}");
+        }
+        let mut nulls = v.clone();
+        nulls["final_logit_softcapping"] = Value::Null;
+        nulls["attn_logit_softcapping"] = Value::Null;
+        assert!(parse(&nulls).is_ok());
+        let mut multimodal = v;
+        multimodal["model_type"] = json!("gemma3");
+        let e = parse(&multimodal).unwrap_err().to_string();
+        assert!(e.contains("gemma3"), "{e}");
     }
 
     #[test]

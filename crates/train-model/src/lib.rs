@@ -81,7 +81,7 @@ pub mod weights;
 
 pub use attention::AttentionImpl;
 pub use cache::KvCache;
-pub use config::{Architecture, LayerType, ModelConfig, StorageDtype};
+pub use config::{Activation, Architecture, LayerType, ModelConfig, NormPlacement, StorageDtype};
 pub use error::{ModelError, Result};
 pub use fused::{AdamWStep, AttentionSpec, FusedAutodiffBackend, FusedBackend};
 pub use lora::{

@@ -7,12 +7,14 @@ use std::collections::HashMap;
 
 use burn::module::{Module, Param};
 use burn::tensor::{
-    DType, FloatDType, Int, Tensor, TensorData, activation::silu, backend::Backend,
+    DType, FloatDType, Int, Tensor, TensorData,
+    activation::{gelu_approximate, silu},
+    backend::Backend,
 };
 
-use crate::attention::{AttentionImpl, AttentionMask, repeat_kv, scaled_dot_product};
+use crate::attention::{AttentionImpl, AttentionMask, repeat_kv, scaled_dot_product_scaled};
 use crate::cache::{KvCache, LayerKv};
-use crate::config::ModelConfig;
+use crate::config::{Activation, ModelConfig, NormPlacement};
 use crate::error::{ModelError, Result};
 use crate::fused::{self, AttentionSpec, FusedBackend};
 use crate::lora::{LoraAdapter, LoraConfig};
@@ -89,6 +91,8 @@ pub struct RmsNorm<B: Backend> {
     pub weight: Param<Tensor<B, 1>>,
     /// Added to the mean square before the square root.
     pub eps: f64,
+    /// The norm scales by `weight + offset` (Gemma: 1).
+    pub offset: f64,
 }
 
 impl<B: Backend> RmsNorm<B> {
@@ -98,10 +102,16 @@ impl<B: Backend> RmsNorm<B> {
         let xf = x.cast(FloatDType::F32);
         let variance = xf.clone().square().mean_dim(D - 1);
         let normed = xf * (variance + self.eps).sqrt().recip();
-        let w = cast_to(self.weight.val(), dtype);
         let dims = normed.dims();
         let mut shape = [1usize; D];
         shape[D - 1] = dims[D - 1];
+        if self.offset != 0.0 {
+            // Gemma: `(x * (1 + w.float())).type_as(x)`, the product in f32.
+            let w = cast_to(self.weight.val(), DType::F32).add_scalar(self.offset);
+            return cast_to(normed * w.reshape(shape), dtype);
+        }
+        // Llama: `w * x.to(input_dtype)`.
+        let w = cast_to(self.weight.val(), dtype);
         normed.cast(dtype) * w.reshape(shape)
     }
 }
@@ -110,7 +120,7 @@ impl<B: FusedBackend> RmsNorm<B> {
     /// [`RmsNorm::forward`], by the fused operation when `fused`.
     pub(crate) fn apply<const D: usize>(&self, x: Tensor<B, D>, fused: bool) -> Tensor<B, D> {
         if fused {
-            fused::rms_norm(x, self.weight.val(), self.eps, 0.0)
+            fused::rms_norm(x, self.weight.val(), self.eps, self.offset)
         } else {
             self.forward(x)
         }
@@ -128,10 +138,15 @@ pub struct SelfAttention<B: Backend> {
     pub v_proj: Projection<B>,
     /// Output projection.
     pub o_proj: Projection<B>,
-    /// Per-head RMSNorm of queries (Qwen3).
+    /// RMSNorm of queries: per head (Qwen3), or over the whole projection (OLMo 2,
+    /// [`SelfAttention::qk_norm_whole`]).
     pub q_norm: Option<RmsNorm<B>>,
-    /// Per-head RMSNorm of keys (Qwen3).
+    /// RMSNorm of keys, as `q_norm`.
     pub k_norm: Option<RmsNorm<B>>,
+    /// The q/k norms act on the whole projection, before it is split into heads.
+    pub qk_norm_whole: bool,
+    /// The layer applies the rotary embedding (SmolLM3's NoPE layers do not).
+    pub rope: bool,
     /// Query heads.
     pub num_heads: usize,
     /// Key/value heads.
@@ -146,6 +161,8 @@ pub(crate) struct LayerContext<'a, B: Backend> {
     pub sin: &'a Tensor<B, 4>,
     pub mask: &'a AttentionMask<B>,
     pub fused: bool,
+    /// Multiplies the attention scores.
+    pub scale: f64,
 }
 
 impl<B: FusedBackend> SelfAttention<B> {
@@ -157,21 +174,35 @@ impl<B: FusedBackend> SelfAttention<B> {
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let mut q = self.q_proj.forward(x.clone()).reshape([b, s, h, d]);
-        let mut k = self.k_proj.forward(x.clone()).reshape([b, s, kvh, d]);
+        let mut q = self.q_proj.forward(x.clone());
+        let mut k = self.k_proj.forward(x.clone());
+        if self.qk_norm_whole {
+            if let Some(n) = &self.q_norm {
+                q = n.apply(q, ctx.fused);
+            }
+            if let Some(n) = &self.k_norm {
+                k = n.apply(k, ctx.fused);
+            }
+        }
+        let mut q = q.reshape([b, s, h, d]);
+        let mut k = k.reshape([b, s, kvh, d]);
         let v = self
             .v_proj
             .forward(x)
             .reshape([b, s, kvh, d])
             .swap_dims(1, 2);
-        if let Some(n) = &self.q_norm {
-            q = n.apply(q, ctx.fused);
-        }
-        if let Some(n) = &self.k_norm {
-            k = n.apply(k, ctx.fused);
+        if !self.qk_norm_whole {
+            if let Some(n) = &self.q_norm {
+                q = n.apply(q, ctx.fused);
+            }
+            if let Some(n) = &self.k_norm {
+                k = n.apply(k, ctx.fused);
+            }
         }
         let rope = |x: Tensor<B, 4>| {
-            if ctx.fused {
+            if !self.rope {
+                x
+            } else if ctx.fused {
                 fused::rotary(x, ctx.cos, ctx.sin)
             } else {
                 apply_rotary(x, ctx.cos, ctx.sin)
@@ -191,42 +222,52 @@ impl<B: FusedBackend> SelfAttention<B> {
             let spec = AttentionSpec {
                 past: ctx.mask.past(),
                 window: ctx.mask.window(),
+                scale: ctx.scale,
                 ..AttentionSpec::causal(d)
             };
             fused::attention(q, k, v, ctx.mask.segments().cloned(), &spec)
         } else {
             let k = repeat_kv(k, h / kvh);
             let v = repeat_kv(v, h / kvh);
-            scaled_dot_product(q, k, v, ctx.mask, false)
+            scaled_dot_product_scaled(q, k, v, ctx.mask, ctx.scale)
         };
         self.o_proj
             .forward(out.swap_dims(1, 2).reshape([b, s, h * d]))
     }
 }
 
-/// The SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`.
+/// The gated feed-forward block: `down(act(gate(x)) * up(x))`, SwiGLU (SiLU) or GeGLU (GELU,
+/// tanh approximation: Gemma).
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
-    /// Gate projection (through SiLU).
+    /// Gate projection (through the activation).
     pub gate_proj: Projection<B>,
     /// Up projection.
     pub up_proj: Projection<B>,
     /// Down projection.
     pub down_proj: Projection<B>,
+    /// The gate's activation is GELU with the tanh approximation rather than SiLU.
+    pub gelu_tanh: bool,
 }
 
 impl<B: Backend> Mlp<B> {
     /// Applies the block.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gate = silu(self.gate_proj.forward(x.clone()));
+        let gate = self.gate_proj.forward(x.clone());
+        let gate = if self.gelu_tanh {
+            gelu_approximate(gate)
+        } else {
+            silu(gate)
+        };
         self.down_proj.forward(gate * self.up_proj.forward(x))
     }
 }
 
 impl<B: FusedBackend> Mlp<B> {
-    /// [`Mlp::forward`], the gate by the fused operation when `fused`.
+    /// [`Mlp::forward`], the SwiGLU gate by the fused operation when `fused` (GeGLU has no
+    /// fused operation yet: it runs decomposed on both paths).
     fn apply(&self, x: Tensor<B, 3>, fused: bool) -> Tensor<B, 3> {
-        if !fused {
+        if !fused || self.gelu_tanh {
             return self.forward(x);
         }
         let gate = self.gate_proj.forward(x.clone());
@@ -235,17 +276,22 @@ impl<B: FusedBackend> Mlp<B> {
     }
 }
 
-/// One pre-norm decoder layer.
+/// One decoder layer: pre-norm (Llama, Qwen, Mistral), post-norm (OLMo 2) or both (Gemma), as
+/// [`crate::NormPlacement`] says; the norms keep their Hugging Face names.
 #[derive(Module, Debug)]
 pub struct DecoderLayer<B: Backend> {
     /// Attention block.
     pub self_attn: SelfAttention<B>,
     /// Feed-forward block.
     pub mlp: Mlp<B>,
-    /// Norm before attention.
-    pub input_layernorm: RmsNorm<B>,
-    /// Norm before the MLP.
+    /// Norm before attention (pre-norm layers; `None` in post-norm ones).
+    pub input_layernorm: Option<RmsNorm<B>>,
+    /// Pre-norm: the norm before the MLP. Post-norm: the norm of the attention's output.
     pub post_attention_layernorm: RmsNorm<B>,
+    /// Sandwich: the norm before the MLP (`None` otherwise).
+    pub pre_feedforward_layernorm: Option<RmsNorm<B>>,
+    /// Post-norm and sandwich: the norm of the MLP's output (`None` in pre-norm layers).
+    pub post_feedforward_layernorm: Option<RmsNorm<B>>,
 }
 
 impl<B: FusedBackend> DecoderLayer<B> {
@@ -255,12 +301,30 @@ impl<B: FusedBackend> DecoderLayer<B> {
         ctx: &LayerContext<'_, B>,
         cache: Option<&mut LayerKv<B>>,
     ) -> Tensor<B, 3> {
-        let h = x.clone()
-            + self
-                .self_attn
-                .forward(self.input_layernorm.apply(x, ctx.fused), ctx, cache);
-        let normed = self.post_attention_layernorm.apply(h.clone(), ctx.fused);
-        h + self.mlp.apply(normed, ctx.fused)
+        let fused = ctx.fused;
+        let attn_in = match &self.input_layernorm {
+            Some(n) => n.apply(x.clone(), fused),
+            None => x.clone(),
+        };
+        let attn = self.self_attn.forward(attn_in, ctx, cache);
+        match &self.post_feedforward_layernorm {
+            // Post-norm and sandwich: each block's output is normalised before its residual
+            // add (and, in a sandwich, the MLP's input too).
+            Some(post_mlp) => {
+                let h = x + self.post_attention_layernorm.apply(attn, fused);
+                let mlp_in = match &self.pre_feedforward_layernorm {
+                    Some(n) => n.apply(h.clone(), fused),
+                    None => h.clone(),
+                };
+                let mlp = self.mlp.apply(mlp_in, fused);
+                h + post_mlp.apply(mlp, fused)
+            }
+            None => {
+                let h = x + attn;
+                let normed = self.post_attention_layernorm.apply(h.clone(), fused);
+                h + self.mlp.apply(normed, fused)
+            }
+        }
     }
 }
 
@@ -412,7 +476,7 @@ pub struct HiddenStates<B: Backend> {
     pub final_norm: Tensor<B, 3>,
 }
 
-/// A decoder-only causal language model (Qwen3, Qwen2, Llama or Mistral).
+/// A decoder-only causal language model (any family of [`crate::Architecture`]).
 #[derive(Module, Debug)]
 pub struct CausalLm<B: Backend> {
     /// `[vocab, hidden]` token embeddings (`model.embed_tokens.weight`).
@@ -469,6 +533,7 @@ impl<B: Backend> CausalLm<B> {
                 Ok(RmsNorm {
                     weight: params.vector(&format!("{p}.{name}.weight"))?,
                     eps: config.rms_norm_eps,
+                    offset: config.norm_offset,
                 })
             };
             let (q_norm, k_norm) = if config.qk_norm {
@@ -487,6 +552,8 @@ impl<B: Backend> CausalLm<B> {
                     o_proj: params.projection(&format!("{p}.self_attn.o_proj"), config.o_bias)?,
                     q_norm,
                     k_norm,
+                    qk_norm_whole: config.qk_norm_whole,
+                    rope: config.layer_rope(l),
                     num_heads: config.num_heads,
                     num_kv_heads: config.num_kv_heads,
                     head_dim: config.head_dim,
@@ -495,14 +562,33 @@ impl<B: Backend> CausalLm<B> {
                     gate_proj: params.projection(&format!("{p}.mlp.gate_proj"), config.mlp_bias)?,
                     up_proj: params.projection(&format!("{p}.mlp.up_proj"), config.mlp_bias)?,
                     down_proj: params.projection(&format!("{p}.mlp.down_proj"), config.mlp_bias)?,
+                    gelu_tanh: config.activation == Activation::GeluTanh,
                 },
-                input_layernorm: norm(&mut params, "input_layernorm")?,
+                input_layernorm: match config.norm_placement {
+                    NormPlacement::Pre | NormPlacement::Sandwich => {
+                        Some(norm(&mut params, "input_layernorm")?)
+                    }
+                    NormPlacement::Post => None,
+                },
                 post_attention_layernorm: norm(&mut params, "post_attention_layernorm")?,
+                pre_feedforward_layernorm: match config.norm_placement {
+                    NormPlacement::Sandwich => {
+                        Some(norm(&mut params, "pre_feedforward_layernorm")?)
+                    }
+                    NormPlacement::Pre | NormPlacement::Post => None,
+                },
+                post_feedforward_layernorm: match config.norm_placement {
+                    NormPlacement::Pre => None,
+                    NormPlacement::Post | NormPlacement::Sandwich => {
+                        Some(norm(&mut params, "post_feedforward_layernorm")?)
+                    }
+                },
             });
         }
         let norm = RmsNorm {
             weight: params.vector("model.norm.weight")?,
             eps: config.rms_norm_eps,
+            offset: config.norm_offset,
         };
         let lm_head = if config.tie_word_embeddings {
             None
@@ -595,14 +681,28 @@ impl<B: Backend> CausalLm<B> {
                     &n.weight,
                 ));
             }
-            f(NamedParam::Vector(
-                &format!("{p}.input_layernorm.weight"),
-                &layer.input_layernorm.weight,
-            ));
+            if let Some(n) = &layer.input_layernorm {
+                f(NamedParam::Vector(
+                    &format!("{p}.input_layernorm.weight"),
+                    &n.weight,
+                ));
+            }
             f(NamedParam::Vector(
                 &format!("{p}.post_attention_layernorm.weight"),
                 &layer.post_attention_layernorm.weight,
             ));
+            if let Some(n) = &layer.pre_feedforward_layernorm {
+                f(NamedParam::Vector(
+                    &format!("{p}.pre_feedforward_layernorm.weight"),
+                    &n.weight,
+                ));
+            }
+            if let Some(n) = &layer.post_feedforward_layernorm {
+                f(NamedParam::Vector(
+                    &format!("{p}.post_feedforward_layernorm.weight"),
+                    &n.weight,
+                ));
+            }
         }
         f(NamedParam::Vector("model.norm.weight", &self.norm.weight));
         if let Some(head) = &self.lm_head {
@@ -689,6 +789,16 @@ impl<B: FusedBackend> CausalLm<B> {
             let cut = keep.clone().neg().add_scalar(1.0);
             emb = emb.clone() * keep + emb.detach() * cut;
         }
+        if let Some(scale) = self.config.embedding_scale {
+            // Gemma: `embed(ids) * embed_scale.to(weight.dtype)`: the scale rounded to the
+            // table's dtype (√3072 = 55.43 is 55.5 in bf16), the product in that dtype.
+            let scale = match emb.dtype() {
+                DType::BF16 => half::bf16::from_f64(scale).to_f64(),
+                DType::F16 => half::f16::from_f64(scale).to_f64(),
+                _ => scale,
+            };
+            emb = emb.mul_scalar(scale);
+        }
         let mut x = cast_to(
             emb.reshape([b, s, self.config.hidden_size]),
             self.activation_dtype(),
@@ -698,6 +808,12 @@ impl<B: FusedBackend> CausalLm<B> {
         }
         let rotary = Rotary::<B>::new(&self.config.rope, &device);
         let (cos, sin) = rotary.cos_sin(input.position_ids.clone());
+        // The sliding layers' own rotary embedding (Gemma 3's local base), if any.
+        let local = self
+            .config
+            .rope_local
+            .as_ref()
+            .map(|rope| Rotary::<B>::new(rope, &device).cos_sin(input.position_ids.clone()));
         let mask = match (&mut cache, &input.segment_ids) {
             (None, None) => AttentionMask::causal(),
             (None, Some(seg)) => AttentionMask::segmented(seg.clone(), seg.clone(), 0),
@@ -719,14 +835,23 @@ impl<B: FusedBackend> CausalLm<B> {
             .sliding_window
             .filter(|&w| w < mask.past() + s)
             .map(|w| mask.with_window(Some(w)));
-        let ctx = |layer: usize| LayerContext {
-            cos: &cos,
-            sin: &sin,
-            mask: match (&sliding, self.config.layer_window(layer)) {
-                (Some(m), Some(_)) => m,
-                _ => &mask,
-            },
-            fused,
+        let scale = self.config.attention_scale();
+        let ctx = |layer: usize| {
+            let slides = self.config.layer_window(layer).is_some();
+            let (cos, sin) = match &local {
+                Some((c, s)) if slides => (c, s),
+                _ => (&cos, &sin),
+            };
+            LayerContext {
+                cos,
+                sin,
+                mask: match (&sliding, slides) {
+                    (Some(m), true) => m,
+                    _ => &mask,
+                },
+                fused,
+                scale,
+            }
         };
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| c.layer_mut(i));

@@ -3,7 +3,7 @@
 //! One table drives loading, saving, random initialisation and gradient reports, so the four
 //! can never disagree on a name.
 
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, NormPlacement};
 
 /// What kind of parameter a tensor is (used to pick an initialiser, and by optimisers to skip
 /// weight decay on norms and biases as `transformers.Trainer` does).
@@ -69,27 +69,29 @@ pub fn tensor_specs(config: &ModelConfig) -> Vec<TensorSpec> {
         proj("mlp.up_proj", i, h, config.mlp_bias);
         proj("mlp.down_proj", h, i, config.mlp_bias);
         if config.qk_norm {
+            let (qn, kn) = if config.qk_norm_whole {
+                (q, kv)
+            } else {
+                (config.head_dim, config.head_dim)
+            };
             out.push(TensorSpec::new(
                 format!("{p}.self_attn.q_norm.weight"),
-                vec![config.head_dim],
+                vec![qn],
                 ParamKind::Norm,
             ));
             out.push(TensorSpec::new(
                 format!("{p}.self_attn.k_norm.weight"),
-                vec![config.head_dim],
+                vec![kn],
                 ParamKind::Norm,
             ));
         }
-        out.push(TensorSpec::new(
-            format!("{p}.input_layernorm.weight"),
-            vec![h],
-            ParamKind::Norm,
-        ));
-        out.push(TensorSpec::new(
-            format!("{p}.post_attention_layernorm.weight"),
-            vec![h],
-            ParamKind::Norm,
-        ));
+        for name in layer_norm_names(config) {
+            out.push(TensorSpec::new(
+                format!("{p}.{name}.weight"),
+                vec![h],
+                ParamKind::Norm,
+            ));
+        }
     }
     out.push(TensorSpec::new(
         "model.norm.weight".into(),
@@ -104,4 +106,18 @@ pub fn tensor_specs(config: &ModelConfig) -> Vec<TensorSpec> {
         ));
     }
     out
+}
+
+/// The names of a layer's norms (without the layer prefix), in checkpoint order.
+pub(crate) fn layer_norm_names(config: &ModelConfig) -> &'static [&'static str] {
+    match config.norm_placement {
+        NormPlacement::Pre => &["input_layernorm", "post_attention_layernorm"],
+        NormPlacement::Post => &["post_attention_layernorm", "post_feedforward_layernorm"],
+        NormPlacement::Sandwich => &[
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+        ],
+    }
 }

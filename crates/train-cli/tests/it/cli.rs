@@ -171,13 +171,16 @@ fn usage_errors_exit_2_and_models_registry_works() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // Five text models, a Qwen3-VL model and three LoRA adapters listed with their base model.
+    // Eight text models, a Qwen3-VL model and six LoRA adapters listed with their base model.
     let found = last_json(&out)["found"].as_array().unwrap().clone();
-    assert_eq!(found.len(), 9, "{found:?}");
+    assert_eq!(found.len(), 15, "{found:?}");
     let entry = |name: &str| found.iter().find(|e| e["name"] == name).unwrap().clone();
     assert_eq!(entry("qwen3-lora")["kind"], "adapter");
     assert_eq!(entry("qwen3-lora")["base_model"], "../qwen3");
     assert_eq!(entry("llama-lora")["base_model"], "../llama");
+    assert_eq!(entry("olmo2")["model_type"], "olmo2");
+    assert_eq!(entry("gemma3")["model_type"], "gemma3_text");
+    assert_eq!(entry("smollm3-lora")["base_model"], "../smollm3");
     assert_eq!(entry("qwen3_vl")["model_type"], "qwen3_vl");
     let out = train(&["models", "show", "qwen2", "--json"], &reg);
     assert_eq!(last_json(&out)["hidden_size"], 64);

@@ -48,7 +48,16 @@ const QUESTIONS: [&str; 3] = [
 ];
 
 /// The families of the fixture models.
-const ARCHES: &[&str] = &["qwen3", "qwen2", "llama", "mistral", "ministral"];
+const ARCHES: &[&str] = &[
+    "qwen3",
+    "qwen2",
+    "llama",
+    "mistral",
+    "ministral",
+    "olmo2",
+    "smollm3",
+    "gemma3",
+];
 
 fn config(max_new_tokens: usize) -> GenerationConfig {
     GenerationConfig {

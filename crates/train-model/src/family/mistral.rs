@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use super::{Attention, Family, NO_BIAS, read_window};
+use super::{Attention, Family, NO_BIAS, nothing_more, read_window, rope_everywhere, silu_only};
 use crate::config::{Architecture, HfConfig, LayerType};
 use crate::error::Result;
 
@@ -15,8 +15,13 @@ pub(super) static FAMILY: Family = Family {
     model_type: "mistral",
     hf_class: "MistralForCausalLM",
     default_max_position_embeddings: 4096 * 32,
+    default_rms_norm_eps: 1e-6,
+    default_tie_word_embeddings: false,
     layout: |_| NO_BIAS,
     attention: every_layer_slides,
+    rope_layers: rope_everywhere,
+    activation: silu_only,
+    finish: nothing_more,
     write: |c, map| {
         map.insert("sliding_window".into(), serde_json::json!(c.sliding_window));
     },

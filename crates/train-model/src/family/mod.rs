@@ -10,14 +10,17 @@ use std::path::Path;
 
 use serde_json::{Map, Value};
 
-use crate::config::{Architecture, HfConfig, LayerType, ModelConfig};
+use crate::config::{Activation, Architecture, HfConfig, LayerType, ModelConfig, NormPlacement};
 use crate::error::{ModelError, Result};
 
+mod gemma3;
 mod llama;
 mod ministral;
 mod mistral;
+mod olmo2;
 mod qwen2;
 mod qwen3;
+mod smollm3;
 
 /// What a family's configuration resolves to.
 pub(crate) struct Family {
@@ -30,10 +33,22 @@ pub(crate) struct Family {
     /// `max_position_embeddings` when `config.json` has none (the default of the family's
     /// configuration class in `transformers`).
     pub default_max_position_embeddings: usize,
-    /// Projection biases and q/k norms.
+    /// `rms_norm_eps` when `config.json` has none (the configuration class's default).
+    pub default_rms_norm_eps: f64,
+    /// `tie_word_embeddings` when `config.json` has none (the configuration class's default:
+    /// `transformers` leaves a value equal to it out of the files it writes).
+    pub default_tie_word_embeddings: bool,
+    /// Projection biases, q/k norms and where the layers normalise.
     pub layout: fn(&HfConfig) -> Layout,
     /// The sliding window and each layer's attention (`num_hidden_layers` given).
     pub attention: fn(&Path, &HfConfig, usize) -> Result<Attention>,
+    /// Whether each layer applies the rotary embedding (empty: every layer).
+    pub rope_layers: fn(&Path, &HfConfig, usize) -> Result<Vec<bool>>,
+    /// The MLP's activation, from the family's key for it.
+    pub activation: fn(&Path, &HfConfig) -> Result<Activation>,
+    /// Sets the family's remaining options on the resolved configuration (Gemma: norm offset,
+    /// embedding scale, attention scale, local rotary embedding).
+    pub finish: fn(&Path, &HfConfig, &mut ModelConfig) -> Result<()>,
     /// The family's own keys of a `config.json` written from a [`ModelConfig`].
     pub write: fn(&ModelConfig, &mut Map<String, Value>),
 }
@@ -46,8 +61,12 @@ pub(crate) struct Layout {
     pub o_bias: bool,
     /// Biases on the MLP projections.
     pub mlp_bias: bool,
-    /// RMSNorm of queries and keys per head.
+    /// RMSNorm of queries and keys.
     pub qk_norm: bool,
+    /// The q/k norms span the whole projection rather than each head.
+    pub qk_norm_whole: bool,
+    /// Where the layers normalise.
+    pub norm_placement: NormPlacement,
 }
 
 /// The sliding window and the attention of each layer (empty: full attention everywhere).
@@ -60,6 +79,9 @@ pub(crate) static FAMILIES: &[&Family] = &[
     &llama::FAMILY,
     &mistral::FAMILY,
     &ministral::FAMILY,
+    &olmo2::FAMILY,
+    &smollm3::FAMILY,
+    &gemma3::FAMILY,
 ];
 
 /// The family of `architecture`.
@@ -70,6 +92,9 @@ pub(crate) fn of(architecture: Architecture) -> &'static Family {
         Architecture::Llama => &llama::FAMILY,
         Architecture::Mistral => &mistral::FAMILY,
         Architecture::Ministral => &ministral::FAMILY,
+        Architecture::Olmo2 => &olmo2::FAMILY,
+        Architecture::SmolLm3 => &smollm3::FAMILY,
+        Architecture::Gemma3 => &gemma3::FAMILY,
     }
 }
 
@@ -119,18 +144,41 @@ pub(crate) fn attention_bias_only(hf: &HfConfig) -> Layout {
     Layout {
         qkv_bias: b,
         o_bias: b,
-        mlp_bias: false,
-        qk_norm: false,
+        ..NO_BIAS
     }
 }
 
-/// No bias anywhere, no q/k norm (Mistral, Ministral).
+/// No bias anywhere, no q/k norm, pre-norm layers (Mistral, Ministral).
 pub(crate) const NO_BIAS: Layout = Layout {
     qkv_bias: false,
     o_bias: false,
     mlp_bias: false,
     qk_norm: false,
+    qk_norm_whole: false,
+    norm_placement: NormPlacement::Pre,
 };
+
+/// `hidden_act` `silu` (or `swish`, or absent).
+pub(crate) fn silu_only(path: &Path, hf: &HfConfig) -> Result<Activation> {
+    match hf.hidden_act.as_deref() {
+        None | Some("silu" | "swish") => Ok(Activation::Silu),
+        Some(act) => Err(ModelError::config(
+            path,
+            "hidden_act",
+            format!("`{act}` is not supported (only silu)"),
+        )),
+    }
+}
+
+/// Nothing more to set.
+pub(crate) fn nothing_more(_: &Path, _: &HfConfig, _: &mut ModelConfig) -> Result<()> {
+    Ok(())
+}
+
+/// The rotary embedding on every layer.
+pub(crate) fn rope_everywhere(_: &Path, _: &HfConfig, _: usize) -> Result<Vec<bool>> {
+    Ok(Vec::new())
+}
 
 /// `sliding_window` as `transformers`' Mistral-style configurations read it: absent means their
 /// default of 4096 tokens, `null` means no window.

@@ -8,7 +8,16 @@ use safetensors::Dtype;
 use train_model::weights::{SafetensorsFile, WeightIndex};
 
 /// The families of the fixture models (each with its transformers reference).
-pub const ARCHES: &[&str] = &["qwen3", "qwen2", "llama", "mistral", "ministral"];
+pub const ARCHES: &[&str] = &[
+    "qwen3",
+    "qwen2",
+    "llama",
+    "mistral",
+    "ministral",
+    "olmo2",
+    "smollm3",
+    "gemma3",
+];
 
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -127,7 +127,7 @@ pub fn forward_backward_with<B: FusedAutodiffBackend>(
 /// far more than the tolerance; so the parity tests check the windows, and that each layer
 /// gets its own, on both attention paths.
 pub fn windows_matter<B: FusedBackend>(attention: AttentionImpl, device: &B::Device) {
-    for (arch, window) in [("mistral", 8), ("ministral", 6)] {
+    for (arch, window) in [("mistral", 8), ("ministral", 6), ("gemma3", 6)] {
         let r = Reference::load(arch);
         let mut model = load::<B>(arch, Precision::Fp32, attention, device);
         assert_eq!(model.config.sliding_window, Some(window));
@@ -157,6 +157,60 @@ pub fn windows_matter<B: FusedBackend>(attention: AttentionImpl, device: &B::Dev
             errors[1..].iter().all(|e| *e > 100.0 * LOGITS_TOL),
             "{arch}: {errors:?}"
         );
+    }
+}
+
+/// SmolLM3's layers without rotary embedding (layer 1 of the fixture's three) are what make its
+/// logits right: with the rotary embedding on every layer, the same weights miss transformers'
+/// logits by far more than the tolerance.
+pub fn nope_layers_matter<B: FusedBackend>(attention: AttentionImpl, device: &B::Device) {
+    let r = Reference::load("smollm3");
+    let mut model = load::<B>("smollm3", Precision::Fp32, attention, device);
+    let rope: Vec<bool> = model.layers.iter().map(|l| l.self_attn.rope).collect();
+    assert_eq!(rope, [true, false, true]);
+    let input = ModelInput::from_rows(&r.rows("input_ids"), device).unwrap();
+    let right = max_abs_diff(&f32s(model.forward(&input)), &r.get("logits").f32);
+    model.layers[1].self_attn.rope = true;
+    let wrong = max_abs_diff(&f32s(model.forward(&input)), &r.get("logits").f32);
+    println!(
+        "smollm3 {attention:?}: logits error {right:.3e} with its NoPE layer, {wrong:.3e} without"
+    );
+    assert!(right <= LOGITS_TOL, "{right}");
+    assert!(wrong > 100.0 * LOGITS_TOL, "{wrong}");
+}
+
+/// Each of Gemma 3's details is what makes its fixture's logits right: without the sliding
+/// layers' own rotary base, with `head_dim^-0.5` instead of `query_pre_attn_scalar^-0.5`,
+/// without the embedding scale, or with SwiGLU instead of GeGLU, the same weights miss
+/// transformers' logits by far more than the tolerance.
+pub fn gemma3_details_matter<B: FusedBackend>(attention: AttentionImpl, device: &B::Device) {
+    let r = Reference::load("gemma3");
+    let model = load::<B>("gemma3", Precision::Fp32, attention, device);
+    let input = ModelInput::from_rows(&r.rows("input_ids"), device).unwrap();
+    let error = |m: &CausalLm<B>| max_abs_diff(&f32s(m.forward(&input)), &r.get("logits").f32);
+    let right = error(&model);
+    assert!(right <= LOGITS_TOL, "{right}");
+    let c = model.config.clone();
+    assert_eq!(c.query_pre_attn_scalar, Some(24.0));
+    assert_eq!(c.norm_offset, 1.0);
+    let mut wrong = Vec::new();
+    let mut m = model;
+    m.config.rope_local = None;
+    wrong.push(("local rotary base", error(&m)));
+    m.config = c.clone();
+    m.config.query_pre_attn_scalar = None;
+    wrong.push(("attention scale", error(&m)));
+    m.config = c.clone();
+    m.config.embedding_scale = None;
+    wrong.push(("embedding scale", error(&m)));
+    m.config = c;
+    for layer in &mut m.layers {
+        layer.mlp.gelu_tanh = false;
+    }
+    wrong.push(("GeGLU", error(&m)));
+    println!("gemma3 {attention:?}: logits error {right:.3e}; without each detail {wrong:?}");
+    for (what, e) in wrong {
+        assert!(e > 100.0 * LOGITS_TOL, "{what}: {e}");
     }
 }
 
@@ -411,6 +465,18 @@ macro_rules! backend_tests {
                 forward_backward::<Ad>("ministral", &device());
             }
             #[test]
+            fn olmo2_forward_backward() {
+                forward_backward::<Ad>("olmo2", &device());
+            }
+            #[test]
+            fn smollm3_forward_backward() {
+                forward_backward::<Ad>("smollm3", &device());
+            }
+            #[test]
+            fn gemma3_forward_backward() {
+                forward_backward::<Ad>("gemma3", &device());
+            }
+            #[test]
             fn fused_ops_forward_backward_match_transformers() {
                 for arch in ARCHES {
                     forward_backward_with::<Ad>(arch, AttentionImpl::Auto, &device());
@@ -455,6 +521,16 @@ macro_rules! backend_tests {
             fn the_sliding_window_is_honoured() {
                 windows_matter::<Inner>(AttentionImpl::Standard, &device());
                 windows_matter::<Inner>(AttentionImpl::Fused, &device());
+            }
+            #[test]
+            fn layers_without_rotary_embedding_are_honoured() {
+                nope_layers_matter::<Inner>(AttentionImpl::Standard, &device());
+                nope_layers_matter::<Inner>(AttentionImpl::Fused, &device());
+            }
+            #[test]
+            fn gemma3_details_are_honoured() {
+                gemma3_details_matter::<Inner>(AttentionImpl::Standard, &device());
+                gemma3_details_matter::<Inner>(AttentionImpl::Fused, &device());
             }
             #[test]
             fn bf16_is_close_to_reference() {

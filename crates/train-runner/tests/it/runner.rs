@@ -803,7 +803,7 @@ fn lora_gradients_match_peft() {
         ..LoadOptions::default()
     };
     let device = Default::default();
-    for arch in ["qwen3", "llama", "mistral"] {
+    for arch in ["qwen3", "llama", "mistral", "olmo2", "smollm3", "gemma3"] {
         let loaded =
             load_pretrained::<B>(&fixture(&format!("{arch}-lora")), &options, &device).unwrap();
         let model = loaded.model;
