@@ -2,7 +2,10 @@
 
   make-model  a Qwen3-shaped model (~28M parameters: SmolLM2's 49,152-token vocabulary, hidden
               384, 6 layers, 6 query / 2 key-value heads of 64, MLP 1024, tied embeddings) with
-              `transformers`' random initialisation, saved in fp32 beside SmolLM2's tokenizer
+              `transformers`' random initialisation, saved in fp32 beside SmolLM2's tokenizer;
+              or the same shape in another family (`--shape gemma3-30m`, `olmo2-30m`,
+              `smollm3-30m`, `mistral-30m`: each with its own layer kind, sliding windows of
+              128 tokens where the family has them)
   make-data   long `messages` conversations from chatterbot-corpus (BSD), every one longer
               than the benchmark's sequence, so that each truncated example is exactly that long
   torch       the same fine-tuning job in PyTorch + `transformers` eager: same model files, same
@@ -17,23 +20,32 @@ import sys
 import time
 from pathlib import Path
 
+QWEN3_30M = dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
+                 num_attention_heads=6, num_key_value_heads=2, head_dim=64)
+# model_type and configuration keys of each shape: the Qwen3 one, and the same size in the
+# other families (their own layer kinds; windows shorter than the benchmark's rows).
 SHAPES = {
-    "qwen3-30m": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
-                      num_attention_heads=6, num_key_value_heads=2, head_dim=64),
+    "qwen3-30m": ("qwen3", QWEN3_30M),
+    "gemma3-30m": ("gemma3_text", dict(QWEN3_30M, query_pre_attn_scalar=64, sliding_window=128)),
+    "olmo2-30m": ("olmo2", {k: v for k, v in QWEN3_30M.items() if k != "head_dim"}),
+    "smollm3-30m": ("smollm3", {k: v for k, v in QWEN3_30M.items() if k != "head_dim"}),
+    "mistral-30m": ("mistral", dict(QWEN3_30M, sliding_window=128)),
 }
 
 
 def make_model(shape, tokenizer_dir, out):
     import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
     tok_cfg = json.loads((tokenizer_dir / "config.json").read_text())
-    config = Qwen3Config(
+    model_type, keys = SHAPES[shape]
+    config = AutoConfig.for_model(
+        model_type,
         vocab_size=tok_cfg["vocab_size"], max_position_embeddings=2048, rms_norm_eps=1e-6,
         rope_theta=1_000_000.0, tie_word_embeddings=True, bos_token_id=tok_cfg.get("bos_token_id"),
         eos_token_id=tok_cfg.get("eos_token_id"), pad_token_id=tok_cfg.get("pad_token_id"),
-        **SHAPES[shape])
+        **keys)
     torch.manual_seed(0)
-    model = Qwen3ForCausalLM(config).to(torch.float32)
+    model = AutoModelForCausalLM.from_config(config).to(torch.float32)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     for f in tokenizer_dir.iterdir():

@@ -120,7 +120,7 @@ fn parse_train_args(args: &[String]) -> Result<TrainBench> {
             "--only" => b.only = value.split(',').map(str::to_string).collect(),
             "--lora" => b.lora = Some(value.parse()?),
             f => bail!(
-                "unknown flag {f} (bench-train [--model qwen3-30m|smollm2] [--steps N] \
+                "unknown flag {f} (bench-train [--model qwen3-30m|gemma3-30m|olmo2-30m|smollm3-30m|mistral-30m|smollm2] [--steps N] \
                  [--warmup N] [--batch N] [--seq N] [--only cpu,cpu-standard,tch,tch-standard,pytorch] [--lora R] [--padded])"
             ),
         }
@@ -130,6 +130,16 @@ fn parse_train_args(args: &[String]) -> Result<TrainBench> {
     }
     Ok(b)
 }
+
+/// The random ~28M-parameter models `bench-train` can make (`xtask/bench/bench_train.py`'s
+/// `SHAPES`): the Qwen3 one and the same size in other families.
+const SHAPES: &[&str] = &[
+    "qwen3-30m",
+    "gemma3-30m",
+    "olmo2-30m",
+    "smollm3-30m",
+    "mistral-30m",
+];
 
 /// `cargo xtask bench-train`: the same fine-tuning job run by `train` on the cpu backend, by
 /// `train` on the tch backend, and by PyTorch + `transformers` eager, one after the other.
@@ -142,20 +152,23 @@ pub fn bench_train(args: &[String]) -> Result<()> {
     let smol = smollm2()?;
     let model = match b.model.as_str() {
         "smollm2" => smol.clone(),
-        "qwen3-30m" => {
-            let m = dir.join("qwen3-30m");
+        shape if SHAPES.contains(&shape) => {
+            let m = dir.join(shape);
             if !m.join("model.safetensors").is_file() {
                 let mut c = Command::new(&python);
                 c.arg(&script)
-                    .args(["make-model", "--shape", "qwen3-30m", "--tokenizer-dir"])
+                    .args(["make-model", "--shape", shape, "--tokenizer-dir"])
                     .arg(&smol)
                     .arg("--out")
                     .arg(&m);
-                run("random Qwen3-shaped model (~28M parameters)", c)?;
+                run(&format!("random {shape} model (~28M parameters)"), c)?;
             }
             m
         }
-        m => bail!("--model {m}: expected qwen3-30m or smollm2"),
+        m => bail!(
+            "--model {m}: expected smollm2 or one of {}",
+            SHAPES.join(", ")
+        ),
     };
     let rows = (b.steps + b.warmup) * b.batch;
     // Rows longer than --seq: 4,000 characters (1,000+ tokens) cover 512; longer sequences
@@ -264,12 +277,15 @@ pub fn bench_train(args: &[String]) -> Result<()> {
     }
     let table = train_table(&b, &results);
     println!("\n{table}");
+    // The 28M Qwen3 job's table heads the page; every other model has a section of its own.
+    let section = match (b.padded, b.lora.is_some(), b.model.as_str()) {
+        (true, _, _) => "bench-padded".to_string(),
+        (false, true, _) => "bench-lora".to_string(),
+        (false, false, "qwen3-30m") => "bench-train".to_string(),
+        (false, false, model) => format!("bench-train-{model}"),
+    };
     write_section(
-        match (b.padded, b.lora.is_some()) {
-            (true, _) => "bench-padded",
-            (false, true) => "bench-lora",
-            (false, false) => "bench-train",
-        },
+        &section,
         &format!("{}\n{table}", machine_and_versions(&python)?),
     )?;
     Ok(())

@@ -264,15 +264,19 @@ impl<B: Backend> Mlp<B> {
 }
 
 impl<B: FusedBackend> Mlp<B> {
-    /// [`Mlp::forward`], the SwiGLU gate by the fused operation when `fused` (GeGLU has no
-    /// fused operation yet: it runs decomposed on both paths).
+    /// [`Mlp::forward`], the gate by the fused operation when `fused`.
     fn apply(&self, x: Tensor<B, 3>, fused: bool) -> Tensor<B, 3> {
-        if !fused || self.gelu_tanh {
+        if !fused {
             return self.forward(x);
         }
+        let act = if self.gelu_tanh {
+            Activation::GeluTanh
+        } else {
+            Activation::Silu
+        };
         let gate = self.gate_proj.forward(x.clone());
         self.down_proj
-            .forward(fused::swiglu(gate, self.up_proj.forward(x)))
+            .forward(fused::gated(gate, self.up_proj.forward(x), act))
     }
 }
 

@@ -9,7 +9,7 @@ use burn::backend::autodiff::{
 };
 use burn::tensor::ops::FloatTensor;
 
-use super::{AttentionSpec, FusedBackend, SegmentIds};
+use super::{Activation, AttentionSpec, FusedBackend, SegmentIds};
 
 type Inner<B> = FloatTensor<B>;
 
@@ -72,17 +72,18 @@ impl<B: FusedBackend> Backward<B, 2> for RmsNormBackward {
     }
 }
 
+/// The gated activation's node; it knows which activation it ran.
 #[derive(Debug)]
-struct SwigluBackward;
+struct GatedBackward(Activation);
 
-impl<B: FusedBackend> Backward<B, 2> for SwigluBackward {
+impl<B: FusedBackend> Backward<B, 2> for GatedBackward {
     type State = (Inner<B>, Inner<B>);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_g, node_u] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
         let (gate, up) = ops.state;
-        let (dg, du) = B::fused_swiglu_backward(gate, up, grad);
+        let (dg, du) = B::fused_gated_backward(gate, up, grad, self.0);
         if let Some(node) = node_g {
             grads.register::<B>(node.id, dg);
         }
@@ -184,9 +185,13 @@ impl<B: FusedBackend, C: CheckpointStrategy> FusedBackend for Autodiff<B, C> {
         )
     }
 
-    fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
-        let y = B::fused_swiglu(gate.primitive.clone(), up.primitive.clone());
-        match SwigluBackward
+    fn fused_gated(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        act: Activation,
+    ) -> FloatTensor<Self> {
+        let y = B::fused_gated(gate.primitive.clone(), up.primitive.clone(), act);
+        match GatedBackward(act)
             .prepare::<C>([gate.node.clone(), up.node.clone()])
             .compute_bound()
             .stateful()

@@ -15,7 +15,7 @@ use burn::tensor::{
 };
 use rayon::prelude::*;
 
-use super::{AdamWStep, AttentionSpec, FusedBackend, SegmentIds, reference};
+use super::{Activation, AdamWStep, AttentionSpec, FusedBackend, SegmentIds, reference};
 
 /// Elements per parallel chunk of the element-wise kernels.
 const CHUNK: usize = 1 << 15;
@@ -197,6 +197,19 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
 
+/// GELU with the tanh approximation and its derivative, with one `exp`: ½ (1 + tanh z) is
+/// σ(2z), so gelu(g) = g σ(2z) with z = k (g + c g³), and its derivative is
+/// σ(2z) + g σ(2z) (1 − σ(2z)) · 2k (1 + 3c g²).
+fn gelu_tanh(g: f32) -> (f32, f32) {
+    const K: f32 = reference::GELU_K as f32;
+    const C: f32 = reference::GELU_C as f32;
+    let g2 = g * g;
+    let s = sigmoid(2.0 * K * g * (1.0 + C * g2));
+    let value = g * s;
+    let d = s + value * (1.0 - s) * 2.0 * K * (1.0 + 3.0 * C * g2);
+    (value, d)
+}
+
 impl FusedBackend for Flex {
     /// The Flex kernel (`fused/flex_attention.rs`) splits its query blocks at segment runs and
     /// sees only their keys, in f32 (other dtypes take the reference).
@@ -279,31 +292,68 @@ impl FusedBackend for Flex {
         reference::rms_norm_backward::<Self, 2>(x, weight, rstd, grad, offset)
     }
 
-    fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+    fn fused_gated(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        act: Activation,
+    ) -> FloatTensor<Self> {
         if let (Some(g), Some(u)) = (values(&gate), values(&up))
             && g.len() == u.len()
         {
             let mut y = vec![0f32; g.len()];
             y.par_chunks_mut(CHUNK)
                 .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-                .for_each(|(y, (g, u))| {
-                    for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
-                        *y = g * sigmoid(g) * u;
+                .for_each(|(y, (g, u))| match act {
+                    Activation::GeluTanh => {
+                        for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+                            *y = gelu_tanh(g).0 * u;
+                        }
+                    }
+                    _ => {
+                        for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+                            *y = g * sigmoid(g) * u;
+                        }
                     }
                 });
             return tensor(y, gate.layout().shape().clone());
         }
-        reference::swiglu_forward::<Self, 2>(gate, up)
+        reference::gated_forward::<Self, 2>(gate, up, act)
     }
 
-    fn fused_swiglu_backward(
+    fn fused_gated_backward(
         gate: FloatTensor<Self>,
         up: FloatTensor<Self>,
         grad: FloatTensor<Self>,
+        act: Activation,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         if let (Some(g), Some(u), Some(dy)) = (values(&gate), values(&up), values(&grad))
             && g.len() == u.len()
             && g.len() == dy.len()
+            && act == Activation::GeluTanh
+        {
+            let mut dg = vec![0f32; g.len()];
+            let mut du = vec![0f32; g.len()];
+            dg.par_chunks_mut(CHUNK)
+                .zip(du.par_chunks_mut(CHUNK))
+                .zip(
+                    g.par_chunks(CHUNK)
+                        .zip(u.par_chunks(CHUNK))
+                        .zip(dy.par_chunks(CHUNK)),
+                )
+                .for_each(|((dg, du), ((g, u), dy))| {
+                    for i in 0..g.len() {
+                        let (value, d) = gelu_tanh(g[i]);
+                        du[i] = dy[i] * value;
+                        dg[i] = dy[i] * u[i] * d;
+                    }
+                });
+            let shape = gate.layout().shape().clone();
+            return (tensor(dg, shape.clone()), tensor(du, shape));
+        }
+        if let (Some(g), Some(u), Some(dy)) = (values(&gate), values(&up), values(&grad))
+            && g.len() == u.len()
+            && g.len() == dy.len()
+            && act == Activation::Silu
         {
             let mut dg = vec![0f32; g.len()];
             let mut du = vec![0f32; g.len()];
@@ -324,7 +374,7 @@ impl FusedBackend for Flex {
             let shape = gate.layout().shape().clone();
             return (tensor(dg, shape.clone()), tensor(du, shape));
         }
-        reference::swiglu_backward::<Self, 2>(gate, up, grad)
+        reference::gated_backward::<Self, 2>(gate, up, grad, act)
     }
 
     fn fused_rotary(

@@ -1,4 +1,5 @@
-//! Fused operations with their own backward: attention, RMSNorm, SwiGLU and rotary embedding.
+//! Fused operations with their own backward: attention, RMSNorm, SwiGLU / GeGLU and rotary
+//! embedding.
 //!
 //! burn's pattern for custom operations: [`FusedBackend`] is a backend-extension trait whose
 //! methods have a default body ([`mod@reference`], written once with burn's tensor operations, so
@@ -13,7 +14,7 @@
 //! method where it has something faster; its autodiff wrapper needs nothing more.
 //!
 //! The model calls the functions at the bottom of this module ([`attention`], [`rms_norm`],
-//! [`swiglu`], [`rotary`]); [`crate::AttentionImpl::Standard`] keeps the decomposed path for
+//! [`gated`], [`rotary`]); [`crate::AttentionImpl::Standard`] keeps the decomposed path for
 //! comparison.
 
 mod autodiff;
@@ -32,6 +33,8 @@ use burn::tensor::{
 };
 
 use reference::{float, prim};
+
+pub use crate::config::Activation;
 
 /// What an attention call computes besides `softmax(q kᵀ · scale) v`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -226,18 +229,24 @@ pub trait FusedBackend: Backend {
         reference::rms_norm_backward::<Self, 2>(x, weight, rstd, grad, offset)
     }
 
-    /// `silu(gate) · up`, both `[rows, n]`.
-    fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
-        reference::swiglu_forward::<Self, 2>(gate, up)
+    /// The gated activation `act(gate) · up`, both `[rows, n]`: SwiGLU (`act` SiLU) or GeGLU
+    /// (GELU, tanh approximation).
+    fn fused_gated(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        act: Activation,
+    ) -> FloatTensor<Self> {
+        reference::gated_forward::<Self, 2>(gate, up, act)
     }
 
-    /// SwiGLU gradients `(d gate, d up)`.
-    fn fused_swiglu_backward(
+    /// Gradients `(d gate, d up)` of [`FusedBackend::fused_gated`].
+    fn fused_gated_backward(
         gate: FloatTensor<Self>,
         up: FloatTensor<Self>,
         grad: FloatTensor<Self>,
+        act: Activation,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        reference::swiglu_backward::<Self, 2>(gate, up, grad)
+        reference::gated_backward::<Self, 2>(gate, up, grad, act)
     }
 
     /// One AdamW update of a flat f32 parameter `[n]` from its gradient and moments (`[n]`
@@ -375,10 +384,23 @@ pub fn swiglu<B: FusedBackend, const D: usize>(
     gate: Tensor<B, D>,
     up: Tensor<B, D>,
 ) -> Tensor<B, D> {
+    gated(gate, up, Activation::Silu)
+}
+
+/// `act(gate) · up`: SwiGLU or GeGLU.
+pub fn gated<B: FusedBackend, const D: usize>(
+    gate: Tensor<B, D>,
+    up: Tensor<B, D>,
+    act: Activation,
+) -> Tensor<B, D> {
     let dims = gate.dims();
     let n = dims[D - 1];
     let rows = dims[..D - 1].iter().product::<usize>();
-    let y = B::fused_swiglu(prim(gate.reshape([rows, n])), prim(up.reshape([rows, n])));
+    let y = B::fused_gated(
+        prim(gate.reshape([rows, n])),
+        prim(up.reshape([rows, n])),
+        act,
+    );
     float::<B, 2>(y).reshape(dims)
 }
 

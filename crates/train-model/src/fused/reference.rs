@@ -14,7 +14,7 @@ use burn::tensor::{
     ops::{FloatTensor, IntTensor},
 };
 
-use super::{AdamWStep, AttentionSpec, SegmentTensors};
+use super::{Activation, AdamWStep, AttentionSpec, SegmentTensors};
 
 /// Bytes of f32 scores one attention block may hold (`[b, h, rows, keys]`).
 const BLOCK_SCORE_BYTES: usize = 32 << 20;
@@ -401,31 +401,67 @@ pub fn rms_norm_backward<B: Backend, const D: usize>(
     (prim(to_dtype(dx, dtype)), prim(to_dtype(dw, w_dtype)))
 }
 
-/// SwiGLU gate: `silu(gate) · up`.
-pub fn swiglu_forward<B: Backend, const D: usize>(
-    gate: FloatTensor<B>,
-    up: FloatTensor<B>,
-) -> FloatTensor<B> {
-    let g = float::<B, D>(gate);
-    let s = sigmoid(g.clone());
-    prim(g * s * float::<B, D>(up))
+/// √(2/π), the constant of GELU's tanh approximation.
+pub(crate) const GELU_K: f64 = 0.797_884_560_802_865_4;
+/// The cubic coefficient of GELU's tanh approximation.
+pub(crate) const GELU_C: f64 = 0.044_715;
+
+/// `act(g)` and `d act / d g`.
+fn activation_and_derivative<B: Backend, const D: usize>(
+    g: Tensor<B, D>,
+    act: Activation,
+) -> (Tensor<B, D>, Tensor<B, D>) {
+    match act {
+        Activation::GeluTanh => {
+            // gelu(g) = ½ g (1 + t), t = tanh(k (g + c g³));
+            // d/dg = ½ (1 + t) + ½ g (1 − t²) k (1 + 3 c g²).
+            let g2 = g.clone() * g.clone();
+            let inner = (g.clone() * (g2.clone() * GELU_C).add_scalar(1.0)) * GELU_K;
+            let t = inner.tanh();
+            let one_plus_t = t.clone().add_scalar(1.0);
+            let value = g.clone() * one_plus_t.clone() * 0.5;
+            let sech2 = (t.clone() * t).neg().add_scalar(1.0);
+            let d = one_plus_t * 0.5
+                + g * sech2 * (g2 * (3.0 * GELU_C)).add_scalar(1.0) * (0.5 * GELU_K);
+            (value, d)
+        }
+        _ => {
+            let s = sigmoid(g.clone());
+            let value = g.clone() * s.clone();
+            // d silu / d g = s · (1 + g · (1 − s)).
+            let d = s.clone() * (g * (s.neg().add_scalar(1.0))).add_scalar(1.0);
+            (value, d)
+        }
+    }
 }
 
-/// SwiGLU backward: `(d gate, d up)`.
-pub fn swiglu_backward<B: Backend, const D: usize>(
+/// The gated activation `act(gate) · up` (SwiGLU, GeGLU).
+pub fn gated_forward<B: Backend, const D: usize>(
+    gate: FloatTensor<B>,
+    up: FloatTensor<B>,
+    act: Activation,
+) -> FloatTensor<B> {
+    let g = float::<B, D>(gate);
+    let value = match act {
+        Activation::GeluTanh => burn::tensor::activation::gelu_approximate(g),
+        _ => g.clone() * sigmoid(g),
+    };
+    prim(value * float::<B, D>(up))
+}
+
+/// Its backward: `(d gate, d up)`.
+pub fn gated_backward<B: Backend, const D: usize>(
     gate: FloatTensor<B>,
     up: FloatTensor<B>,
     grad: FloatTensor<B>,
+    act: Activation,
 ) -> (FloatTensor<B>, FloatTensor<B>) {
     let g = float::<B, D>(gate);
     let u = float::<B, D>(up);
     let dy = float::<B, D>(grad);
-    let s = sigmoid(g.clone());
-    let silu = g.clone() * s.clone();
-    let du = dy.clone() * silu;
-    // d silu / d g = s · (1 + g · (1 − s)).
-    let dsilu = s.clone() * (g * (s.neg().add_scalar(1.0))).add_scalar(1.0);
-    (prim(dy * u * dsilu), prim(du))
+    let (value, d) = activation_and_derivative(g, act);
+    let du = dy.clone() * value;
+    (prim(dy * u * d), prim(du))
 }
 
 /// Rotary embedding: `x · cos + rotate_half(x) · sin` over the last dimension; `cos`, `sin`

@@ -1,17 +1,17 @@
 //! The fused operations (`train_model::fused`) against the decomposed reference, values and
 //! gradients through autodiff: attention (causal, grouped heads, segments, cache offset,
-//! sliding window, softcap; one block or many), RMSNorm (with the `1 + w` variant), SwiGLU and
-//! rotary, AdamW and the softmax cross-entropy against their reference bodies — on every
+//! sliding window, softcap; one block or many), RMSNorm (with the `1 + w` variant), SwiGLU,
+//! GeGLU and rotary, AdamW and the softmax cross-entropy against their reference bodies — on every
 //! backend compiled in. Property tests vary the shapes.
 
 use burn::backend::Autodiff;
-use burn::tensor::activation::{silu, softmax};
+use burn::tensor::activation::{gelu_approximate, silu, softmax};
 use burn::tensor::{Distribution, Int, Tensor, TensorData, TensorPrimitive};
 use proptest::prelude::*;
-use train_model::FusedBackend;
 use train_model::attention::repeat_kv;
 use train_model::fused::{self, AttentionSpec, reference};
 use train_model::rope::apply_rotary;
+use train_model::{Activation, FusedBackend};
 
 /// Largest |a − b| over max(1, largest |b|): relative to the tensor's scale.
 fn rel_diff<B: burn::tensor::backend::Backend, const D: usize>(
@@ -329,6 +329,23 @@ fn check_norm_gate_rotary<B: FusedBackend>(device: &B::Device) {
             rel_diff(b2.grad(&g2).unwrap(), b1.grad(&g1).unwrap()),
         ];
         assert!(e.iter().all(|v| *v <= tol), "swiglu {rows}x{n}: {e:?}");
+
+        // GeGLU (Gemma): GELU with the tanh approximation.
+        let (a1, b1, a2, b2) = (leaf(&x), leaf(&u), leaf(&x), leaf(&u));
+        let y1 = gelu_approximate(a1.clone()) * b1.clone();
+        let g1 = (y1.clone() * Tensor::from_inner(dy.clone()))
+            .sum()
+            .backward();
+        let y2 = fused::gated(a2.clone(), b2.clone(), Activation::GeluTanh);
+        let g2 = (y2.clone() * Tensor::from_inner(dy.clone()))
+            .sum()
+            .backward();
+        let e = [
+            rel_diff(y2.inner(), y1.inner()),
+            rel_diff(a2.grad(&g2).unwrap(), a1.grad(&g1).unwrap()),
+            rel_diff(b2.grad(&g2).unwrap(), b1.grad(&g1).unwrap()),
+        ];
+        assert!(e.iter().all(|v| *v <= tol), "geglu {rows}x{n}: {e:?}");
     }
 
     for (b, h, s, d) in [(1, 1, 1, 2), (2, 3, 5, 8), (2, 3, 700, 64)] {
