@@ -382,44 +382,70 @@ const FUZZ_TARGETS: &[&str] = &[
 pub(crate) fn fuzz(seconds: u64) -> Result<()> {
     let tool = cargo_tool("fuzz", CARGO_FUZZ_VERSION)?;
     let fuzz_dir = root().join("fuzz");
-    for target in FUZZ_TARGETS {
-        let corpus = cache().join("fuzz-corpus").join(target);
-        std::fs::create_dir_all(&corpus)?;
-        let seeds = fuzz_dir.join("seeds").join(target);
-        let artifacts = fuzz_dir.join("artifacts").join(target);
-        std::fs::create_dir_all(&artifacts)?;
+    let fuzz_command = |verb: &str| {
         let mut c = Command::new(&tool);
         c.current_dir(&fuzz_dir)
-            .args(["fuzz", "run", "--sanitizer", "none", "--release", target])
-            .arg(&corpus)
-            .arg(&seeds)
-            .arg("--")
-            .arg(format!("-max_total_time={seconds}"))
-            .arg(format!("-artifact_prefix={}/", artifacts.display()))
-            .args(["-rss_limit_mb=4096", "-timeout=20", "-print_final_stats=1"])
+            .args(["fuzz", verb, "--sanitizer", "none", "--release"])
             // Stable toolchain (rust-toolchain.toml); cargo-fuzz's instrumentation flags are
             // stable but it asks for unstable ones on the side.
             .env("RUSTC_BOOTSTRAP", "1")
             .env("CARGO_TARGET_DIR", cache().join("fuzz-target"));
-        // libFuzzer reports every new input; keep that in a log and show the summary.
-        let log = cache().join("fuzz-logs").join(format!("{target}.log"));
-        std::fs::create_dir_all(log.parent().context("log directory")?)?;
-        let file = std::fs::File::create(&log)?;
-        c.stdout(file.try_clone()?).stderr(file);
-        let result = run(&format!("fuzz {target} for {seconds} s"), c);
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        let shown: Vec<&str> = if result.is_ok() {
-            lines
-                .iter()
-                .filter(|l| l.starts_with("stat::") || l.starts_with("Done "))
-                .copied()
-                .collect()
-        } else {
-            lines[lines.len().saturating_sub(80)..].to_vec()
-        };
-        eprintln!("{}\n(full log: {})", shown.join("\n"), log.display());
-        result?;
+        c
+    };
+    // Every target in one build (both cores busy), then the runs two at a time: libFuzzer
+    // runs one process on one core, so each target gets the same fuzzing time as alone.
+    run("build the fuzz targets", fuzz_command("build"))?;
+    for pair in FUZZ_TARGETS.chunks(2) {
+        let started = Instant::now();
+        let mut children = Vec::new();
+        for target in pair {
+            let corpus = cache().join("fuzz-corpus").join(target);
+            std::fs::create_dir_all(&corpus)?;
+            let seeds = fuzz_dir.join("seeds").join(target);
+            let artifacts = fuzz_dir.join("artifacts").join(target);
+            std::fs::create_dir_all(&artifacts)?;
+            let mut c = fuzz_command("run");
+            c.arg(target)
+                .arg(&corpus)
+                .arg(&seeds)
+                .arg("--")
+                .arg(format!("-max_total_time={seconds}"))
+                .arg(format!("-artifact_prefix={}/", artifacts.display()))
+                .args(["-rss_limit_mb=4096", "-timeout=20", "-print_final_stats=1"]);
+            // libFuzzer reports every new input; keep that in a log and show the summary.
+            let log = cache().join("fuzz-logs").join(format!("{target}.log"));
+            std::fs::create_dir_all(log.parent().context("log directory")?)?;
+            let file = std::fs::File::create(&log)?;
+            c.stdout(file.try_clone()?).stderr(file);
+            eprintln!("\n==> fuzz {target} for {seconds} s\n    {c:?}");
+            let child = c
+                .spawn()
+                .with_context(|| format!("fuzz {target}: could not start {c:?}"))?;
+            children.push((target, child, log));
+        }
+        let mut failed = Vec::new();
+        for (target, mut child, log) in children {
+            let status = child.wait()?;
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let shown: Vec<&str> = if status.success() {
+                lines
+                    .iter()
+                    .filter(|l| l.starts_with("stat::") || l.starts_with("Done "))
+                    .copied()
+                    .collect()
+            } else {
+                failed.push(format!("fuzz {target} failed ({status})"));
+                lines[lines.len().saturating_sub(80)..].to_vec()
+            };
+            eprintln!("{}\n(full log: {})", shown.join("\n"), log.display());
+            if status.success() {
+                eprintln!("<== fuzz {target}: ok in {:.1?}", started.elapsed());
+            }
+        }
+        if !failed.is_empty() {
+            bail!("{}", failed.join("; "));
+        }
     }
     Ok(())
 }

@@ -193,7 +193,10 @@ pub struct RunArgs {
     /// Pack examples into rows of --max-length tokens (no attention across examples).
     #[arg(long)]
     pub packing: bool,
-    /// Recompute activations in the backward pass to save memory.
+    /// burn's balanced checkpointing: recompute the outputs of element-wise operations in the
+    /// backward pass instead of keeping them. With the fused operations (the default) this does
+    /// not save memory (measured: +15 % peak on a 28M model); transformers-style per-layer
+    /// recomputation is not implemented yet.
     #[arg(long)]
     pub gradient_checkpointing: bool,
     /// Train LoRA adapters of this rank on the frozen model instead of every weight; the output

@@ -197,6 +197,52 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
 
+/// SiLU and its derivative: `g σ(g)`, `σ(g) (1 + g (1 − σ(g)))`.
+fn silu(g: f32) -> (f32, f32) {
+    let s = sigmoid(g);
+    (g * s, s * (g * (1.0 - s) + 1.0))
+}
+
+/// `act(g) · u` element-wise, in parallel chunks.
+fn gated_values(g: &[f32], u: &[f32], act: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
+    let mut y = vec![0f32; g.len()];
+    y.par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+        .for_each(|(y, (g, u))| {
+            for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+                *y = act(g) * u;
+            }
+        });
+    y
+}
+
+/// `(d gate, d up)` of `act(g) · u` from the output gradient `dy`; `act` gives the value and
+/// the derivative.
+fn gated_grads(
+    g: &[f32],
+    u: &[f32],
+    dy: &[f32],
+    act: impl Fn(f32) -> (f32, f32) + Sync,
+) -> (Vec<f32>, Vec<f32>) {
+    let mut dg = vec![0f32; g.len()];
+    let mut du = vec![0f32; g.len()];
+    dg.par_chunks_mut(CHUNK)
+        .zip(du.par_chunks_mut(CHUNK))
+        .zip(
+            g.par_chunks(CHUNK)
+                .zip(u.par_chunks(CHUNK))
+                .zip(dy.par_chunks(CHUNK)),
+        )
+        .for_each(|((dg, du), ((g, u), dy))| {
+            for i in 0..g.len() {
+                let (value, d) = act(g[i]);
+                du[i] = dy[i] * value;
+                dg[i] = dy[i] * u[i] * d;
+            }
+        });
+    (dg, du)
+}
+
 /// GELU with the tanh approximation and its derivative, with one `exp`: ½ (1 + tanh z) is
 /// σ(2z), so gelu(g) = g σ(2z) with z = k (g + c g³), and its derivative is
 /// σ(2z) + g σ(2z) (1 − σ(2z)) · 2k (1 + 3c g²).
@@ -300,21 +346,10 @@ impl FusedBackend for Flex {
         if let (Some(g), Some(u)) = (values(&gate), values(&up))
             && g.len() == u.len()
         {
-            let mut y = vec![0f32; g.len()];
-            y.par_chunks_mut(CHUNK)
-                .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-                .for_each(|(y, (g, u))| match act {
-                    Activation::GeluTanh => {
-                        for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
-                            *y = gelu_tanh(g).0 * u;
-                        }
-                    }
-                    _ => {
-                        for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
-                            *y = g * sigmoid(g) * u;
-                        }
-                    }
-                });
+            let y = match act {
+                Activation::GeluTanh => gated_values(&g, &u, |g| gelu_tanh(g).0),
+                _ => gated_values(&g, &u, |g| silu(g).0),
+            };
             return tensor(y, gate.layout().shape().clone());
         }
         reference::gated_forward::<Self, 2>(gate, up, act)
@@ -329,48 +364,11 @@ impl FusedBackend for Flex {
         if let (Some(g), Some(u), Some(dy)) = (values(&gate), values(&up), values(&grad))
             && g.len() == u.len()
             && g.len() == dy.len()
-            && act == Activation::GeluTanh
         {
-            let mut dg = vec![0f32; g.len()];
-            let mut du = vec![0f32; g.len()];
-            dg.par_chunks_mut(CHUNK)
-                .zip(du.par_chunks_mut(CHUNK))
-                .zip(
-                    g.par_chunks(CHUNK)
-                        .zip(u.par_chunks(CHUNK))
-                        .zip(dy.par_chunks(CHUNK)),
-                )
-                .for_each(|((dg, du), ((g, u), dy))| {
-                    for i in 0..g.len() {
-                        let (value, d) = gelu_tanh(g[i]);
-                        du[i] = dy[i] * value;
-                        dg[i] = dy[i] * u[i] * d;
-                    }
-                });
-            let shape = gate.layout().shape().clone();
-            return (tensor(dg, shape.clone()), tensor(du, shape));
-        }
-        if let (Some(g), Some(u), Some(dy)) = (values(&gate), values(&up), values(&grad))
-            && g.len() == u.len()
-            && g.len() == dy.len()
-            && act == Activation::Silu
-        {
-            let mut dg = vec![0f32; g.len()];
-            let mut du = vec![0f32; g.len()];
-            dg.par_chunks_mut(CHUNK)
-                .zip(du.par_chunks_mut(CHUNK))
-                .zip(
-                    g.par_chunks(CHUNK)
-                        .zip(u.par_chunks(CHUNK))
-                        .zip(dy.par_chunks(CHUNK)),
-                )
-                .for_each(|((dg, du), ((g, u), dy))| {
-                    for i in 0..g.len() {
-                        let s = sigmoid(g[i]);
-                        du[i] = dy[i] * (g[i] * s);
-                        dg[i] = dy[i] * u[i] * (s * ((g[i] * (1.0 - s)) + 1.0));
-                    }
-                });
+            let (dg, du) = match act {
+                Activation::GeluTanh => gated_grads(&g, &u, &dy, gelu_tanh),
+                _ => gated_grads(&g, &u, &dy, silu),
+            };
             let shape = gate.layout().shape().clone();
             return (tensor(dg, shape.clone()), tensor(du, shape));
         }
