@@ -119,7 +119,10 @@ impl AdamWStep {
 
 impl AdamWScalars {
     /// One element: `(param, exp_avg, exp_avg_sq)` after the step, in the reference's order.
+    /// (Used by the Flex and tch kernels; a build with neither, such as the fuzz targets', has
+    /// no caller.)
     #[inline]
+    #[cfg_attr(not(any(feature = "cpu", feature = "tch")), allow(dead_code))]
     pub(crate) fn update(&self, p: f32, g: f32, m: f32, v: f32) -> (f32, f32, f32) {
         let g = self.grad_scale.map_or(g, |s| g * s);
         let p = self.decay.map_or(p, |d| p * d);
