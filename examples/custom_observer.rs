@@ -100,7 +100,7 @@ fn main() -> anyhow::Result<()> {
         // A random model has no source directory: one without tokenizer files.
         companions_from: output.join("no-source"),
         source_dtype: train_model::StorageDtype::F32,
-        train: rows(64),
+        train: train_data::TrainRows::one_per_example(&rows(64)),
         validation: rows(8),
         pad_id: 0,
         config: trainer,

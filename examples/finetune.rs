@@ -52,7 +52,7 @@ fn main() -> anyhow::Result<()> {
     };
     let setup = TrainSetup::new(
         source,
-        prepared.train,
+        prepared.rows,
         prepared.validation,
         tokenizer.pad_id(),
         config,

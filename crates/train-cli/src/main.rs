@@ -133,7 +133,7 @@ enum DataCommand {
         #[arg(long)]
         model: Option<String>,
         /// Maximum length for the too-long check (with --model).
-        #[arg(long, default_value_t = 4096, value_parser = run_cmd::count::<{ train_runner::limits::MAX_LENGTH }>)]
+        #[arg(long, default_value_t = train_data::DEFAULT_MAX_LENGTH, value_parser = run_cmd::max_length)]
         max_length: usize,
         #[command(flatten)]
         load: LoadArgs,
@@ -184,14 +184,22 @@ pub(crate) struct DataArgs {
     #[arg(long)]
     dataset: PathBuf,
     /// Longest example in tokens.
-    #[arg(long, default_value_t = 4096, value_parser = run_cmd::count::<{ train_runner::limits::MAX_LENGTH }>)]
+    #[arg(long, default_value_t = train_data::DEFAULT_MAX_LENGTH, value_parser = run_cmd::max_length)]
     max_length: usize,
     /// Validation rows: a fraction below 1, or a count.
     #[arg(long, default_value_t = 0.1)]
     validation_split: f64,
-    /// Seed of transforms and of the split.
+    /// Seed of the run: shuffling, new weights (LoRA) and, unless --data-seed, the data's
+    /// transforms and split.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Seed of the data's transforms and split (default: --seed).
+    #[arg(long)]
+    data_seed: Option<u64>,
+    /// Pack the training examples into rows of --max-length tokens (no attention across
+    /// examples).
+    #[arg(long)]
+    packing: bool,
     /// Insert this system prompt in rows without one.
     #[arg(long)]
     system_prompt: Option<String>,
@@ -328,6 +336,7 @@ impl DataArgs {
         Ok(DatasetConfig {
             dataset_path: self.dataset.clone(),
             max_length: self.max_length,
+            packing: self.packing,
             validation_split: self.validation_split,
             apply_thinking_pattern: self.thinking_pattern || self.thinking_emoji.is_some(),
             thinking_emoji: self.thinking_emoji.clone().unwrap_or_default(),
@@ -343,7 +352,7 @@ impl DataArgs {
                 TruncationArg::Truncate => Truncation::Truncate,
                 TruncationArg::Drop => Truncation::Drop,
             },
-            seed: self.seed,
+            seed: self.data_seed.unwrap_or(self.seed),
             load: self.load.options(),
         })
     }

@@ -84,6 +84,15 @@ pub(crate) fn count<const MAX: usize>(s: &str) -> std::result::Result<usize, Str
     Ok(v)
 }
 
+/// `--max-length`, checked by the data side's one check when it is parsed.
+pub(crate) fn max_length(s: &str) -> std::result::Result<usize, String> {
+    let v: usize = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a whole number"))?;
+    train_data::check_max_length(v).map_err(|e| e.to_string())?;
+    Ok(v)
+}
+
 /// Like [`count`], 0 allowed.
 pub(crate) fn count0<const MAX: usize>(s: &str) -> std::result::Result<usize, String> {
     if s.trim() == "0" {
@@ -190,9 +199,6 @@ pub struct RunArgs {
     /// Visit the training data in file order.
     #[arg(long)]
     pub no_shuffle: bool,
-    /// Pack examples into rows of --max-length tokens (no attention across examples).
-    #[arg(long)]
-    pub packing: bool,
     /// burn's balanced checkpointing: recompute the outputs of element-wise operations in the
     /// backward pass instead of keeping them. With the fused operations (the default) this does
     /// not save memory (measured: +15 % peak on a 28M model); transformers-style per-layer
@@ -299,8 +305,6 @@ impl RunArgs {
             max_grad_norm: self.max_grad_norm,
             seed: self.data.seed,
             shuffle: !self.no_shuffle,
-            packing: self.packing,
-            max_length: self.data.max_length,
             save_total_limit: self.save_total_limit,
             skip_validation: self.skip_validation,
             eval_batch_size: self.eval_batch_size,
@@ -319,12 +323,7 @@ impl RunArgs {
 }
 
 /// The data of a run, tokenized through the cache in `<output>/.cache/data` (or --cache-dir).
-fn prepare_data(
-    config: &DatasetConfig,
-    tok: &ChatTokenizer,
-    cache: &Path,
-) -> Result<(Prepared, String)> {
-    let key = train_data::cache_key(config, tok)?;
+fn prepare_data(config: &DatasetConfig, tok: &ChatTokenizer, cache: &Path) -> Result<Prepared> {
     let (prepared, hit) = train_data::prepare_cached(config, tok, cache)?;
     if hit {
         errln!(
@@ -335,15 +334,15 @@ fn prepare_data(
     for p in &prepared.problems {
         errln!("{p}");
     }
-    Ok((prepared, key))
+    Ok(prepared)
 }
 
 struct Training<'a> {
     args: &'a RunArgs,
+    trainer: TrainerConfig,
     model_dir: PathBuf,
+    tok: ChatTokenizer,
     prepared: Prepared,
-    fingerprint: String,
-    pad_id: u32,
     resume: Option<Resume>,
     control: RunControl,
     alerts: train_monitor::AlertConfig,
@@ -365,20 +364,23 @@ impl WithBackend for Training<'_> {
             }
             None => (source.model, None),
         };
-        // An adapter directory without tokenizer files uses its base model's.
-        let tok_dir = if self.model_dir.join("tokenizer.json").is_file() {
-            &self.model_dir
-        } else {
-            &source.dir
-        };
-        let tok = ChatTokenizer::from_model_dir(tok_dir)?;
+        let tok = self.tok;
         crate::check_tokenizer_fits(&tok, &self.model_dir, source.config.vocab_size)?;
-        let probe_rows = if self.prepared.validation.is_empty() {
-            &self.prepared.train
+        let Prepared {
+            train: train_examples,
+            validation,
+            rows,
+            fingerprint,
+            ..
+        } = self.prepared;
+        let probe_rows = if validation.is_empty() {
+            &train_examples
         } else {
-            &self.prepared.validation
+            &validation
         };
         let probes = crate::inspect::probes(probe_rows, &tok, self.args.preview_prompts);
+        // The loop trains on the rows; the examples they were built from are not needed.
+        drop(train_examples);
         let end_ids = train_logits::end_ids(&self.model_dir, &source.config.eos_token_ids, &tok);
         let processor_configs = match &self.args.processors {
             Some(p) => train_logits::ProcessorsFile::read(p)?.processors,
@@ -397,11 +399,11 @@ impl WithBackend for Training<'_> {
             raw_config: source.raw_config,
             companions_from: source.dir.clone(),
             source_dtype: source.source_dtype,
-            train: self.prepared.train,
-            validation: self.prepared.validation,
-            pad_id: self.pad_id,
-            config: self.args.trainer_config(),
-            data_fingerprint: self.fingerprint,
+            train: rows,
+            validation,
+            pad_id: tok.pad_id(),
+            config: self.trainer,
+            data_fingerprint: fingerprint,
             overwrite: self.args.yes,
             devices: placement.workers,
             cluster: self.args.cluster(),
@@ -502,7 +504,7 @@ pub fn train(args: &RunArgs) -> Result<ExitCode> {
         .cache_dir
         .clone()
         .unwrap_or_else(|| args.output.join(".cache").join("data"));
-    let (prepared, fingerprint) = prepare_data(&config, &tok, &cache)?;
+    let prepared = prepare_data(&config, &tok, &cache)?;
     if prepared.train.is_empty() {
         bail!(
             "{}: no training examples left after preparation",
@@ -528,10 +530,10 @@ pub fn train(args: &RunArgs) -> Result<ExitCode> {
     let watcher = ControlWatcher::start(&args.output, &control);
     let work = Training {
         args,
+        trainer,
         model_dir,
+        tok,
         prepared,
-        fingerprint,
-        pad_id: tok.pad_id(),
         resume,
         control,
         alerts,

@@ -315,6 +315,55 @@ pub fn pack_examples(examples: &[Example], capacity: usize) -> (Vec<Sequence>, f
     (rows, efficiency)
 }
 
+/// Longest `max_length` (tokens of one example or packed row) a preparation accepts: far above
+/// any real model's context, low enough that no row length overflows an index.
+pub const MAX_LENGTH: usize = 1 << 20;
+
+/// The training split as the loop visits it: one row per example, or (packing) examples packed
+/// best-fit decreasing into rows of at most `max_length` tokens, with no attention across
+/// them. Built once, by the preparation that owns `packing` and `max_length`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TrainRows {
+    /// The rows.
+    pub rows: Vec<Sequence>,
+    /// With packing, the length the rows were packed up to (`max_length`); `None`: one
+    /// example per row.
+    pub packed_to: Option<usize>,
+    /// With packing, tokens / (rows × `max_length`).
+    pub packing_efficiency: Option<f64>,
+}
+
+impl TrainRows {
+    /// One row per example.
+    pub fn one_per_example(examples: &[Example]) -> Self {
+        Self {
+            rows: examples.iter().map(|e| Sequence::pack(&[e])).collect(),
+            packed_to: None,
+            packing_efficiency: None,
+        }
+    }
+
+    /// `examples` packed into rows of at most `max_length` tokens ([`pack_examples`]).
+    pub fn packed(examples: &[Example], max_length: usize) -> Self {
+        let (rows, efficiency) = pack_examples(examples, max_length);
+        Self {
+            rows,
+            packed_to: Some(max_length),
+            packing_efficiency: Some(efficiency),
+        }
+    }
+
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// True when there is nothing to train on.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -81,15 +81,15 @@ pub mod transform;
 pub mod validate;
 
 pub use batch::{
-    Batch, Example, Fitted, IGNORE_INDEX, Sequence, Truncation, best_fit_decreasing, fit,
-    pack_examples,
+    Batch, Example, Fitted, IGNORE_INDEX, MAX_LENGTH, Sequence, TrainRows, Truncation,
+    best_fit_decreasing, fit, pack_examples,
 };
 pub use conversation::{Conversation, Message, Role};
 pub use error::{DataError, Problem, ProblemKind, Result, RowLocation, Severity};
 pub use load::{DataFormat, ErrorPolicy, LoadOptions, Loaded, RowSchema, load_conversations};
 pub use pipeline::{
-    DataStats, DatasetConfig, Prepared, cache_key, prepare, prepare_cached, read_prepared,
-    write_prepared,
+    DEFAULT_MAX_LENGTH, DataStats, DatasetConfig, Prepared, cache_key, check_max_length, prepare,
+    prepare_cached, read_prepared, write_prepared,
 };
 pub use split::{DataPosition, EpochOrder, ValidationSplit, split_indices};
 pub use template::ChatTemplate;

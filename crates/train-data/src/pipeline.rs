@@ -7,7 +7,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::batch::{Example, Fitted, Truncation, fit, pack_examples};
+use crate::batch::{Example, Fitted, MAX_LENGTH, TrainRows, Truncation, fit};
 use crate::error::{DataError, Problem, ProblemKind, Result, RowLocation, Severity};
 use crate::load::{ErrorPolicy, LoadOptions, load_conversations};
 use crate::load::{open_regular, read_bounded};
@@ -22,8 +22,12 @@ use crate::transform::{TransformConfig, TransformPipeline};
 pub struct DatasetConfig {
     /// The data file.
     pub dataset_path: PathBuf,
-    /// Longest example, in tokens (default 4096).
+    /// Longest example, in tokens, and with `packing` the length of a packed row (default
+    /// 4096, at most 2^20).
     pub max_length: usize,
+    /// Pack the training examples into rows of `max_length` tokens instead of one example per
+    /// row (no attention across examples). Default false.
+    pub packing: bool,
     /// Validation rows: a fraction below 1, or a count (default 0.1).
     pub validation_split: f64,
     /// Add the origin's thinking pattern.
@@ -50,7 +54,8 @@ impl Default for DatasetConfig {
     fn default() -> Self {
         Self {
             dataset_path: PathBuf::new(),
-            max_length: 4096,
+            max_length: DEFAULT_MAX_LENGTH,
+            packing: false,
             validation_split: 0.1,
             apply_thinking_pattern: false,
             thinking_emoji: String::new(),
@@ -95,15 +100,31 @@ impl DatasetConfig {
 
     /// Checks the settings (ranges, transforms); [`prepare`] does it first.
     pub fn validate(&self) -> Result<()> {
-        if self.max_length < 2 {
-            return Err(DataError::config(
-                "max_length",
-                format!("{} is too small (at least 2)", self.max_length),
-            ));
-        }
+        check_max_length(self.max_length)?;
         ValidationSplit::from_value(self.validation_split)?;
         Ok(())
     }
+}
+
+/// `max_length` when none is given.
+pub const DEFAULT_MAX_LENGTH: usize = 4096;
+
+/// The one check of a `max_length`: from 2 (one input and one predicted token) to
+/// [`MAX_LENGTH`].
+pub fn check_max_length(max_length: usize) -> Result<()> {
+    if max_length < 2 {
+        return Err(DataError::config(
+            "max_length",
+            format!("{max_length} is too small (at least 2)"),
+        ));
+    }
+    if max_length > MAX_LENGTH {
+        return Err(DataError::config(
+            "max_length",
+            format!("{max_length} is above the limit of {MAX_LENGTH}"),
+        ));
+    }
+    Ok(())
 }
 
 /// Counts that describe a prepared dataset.
@@ -152,6 +173,11 @@ pub struct Prepared {
     pub train: Vec<Example>,
     /// Validation examples, in file order.
     pub validation: Vec<Example>,
+    /// The training split as the loop visits it (packed when the configuration asks for it).
+    pub rows: TrainRows,
+    /// [`cache_key`] of the preparation when it went through [`prepare_cached`] (empty
+    /// otherwise): what a checkpoint records to refuse a resume on other data.
+    pub fingerprint: String,
     /// The numbers.
     pub stats: DataStats,
     /// Problems met (dropped rows, warnings).
@@ -303,11 +329,13 @@ pub fn prepare(
     };
     let validation = take(&val_idx, &mut slots);
     let train = take(&train_idx, &mut slots);
-    fill_stats(&mut stats, &train, &validation);
+    let rows = fill_stats(&mut stats, &train, &validation, config.packing);
     problems.sort_by_key(|p| p.location.row);
     Ok(Prepared {
         train,
         validation,
+        rows,
+        fingerprint: String::new(),
         stats,
         problems,
     })
@@ -328,7 +356,14 @@ fn worker_copies(tokenizer: &ChatTokenizer, rows: usize) -> Vec<ChatTokenizer> {
         .collect()
 }
 
-fn fill_stats(stats: &mut DataStats, train: &[Example], validation: &[Example]) {
+/// Fills the counts of `stats` and returns the training rows: packing runs once, for the
+/// statistics (packing efficiency) and, with `packing`, for the rows.
+fn fill_stats(
+    stats: &mut DataStats,
+    train: &[Example],
+    validation: &[Example],
+    packing: bool,
+) -> TrainRows {
     let all = train.iter().chain(validation);
     stats.train_examples = train.len();
     stats.validation_examples = validation.len();
@@ -341,9 +376,14 @@ fn fill_stats(stats: &mut DataStats, train: &[Example], validation: &[Example]) 
     } else {
         stats.tokens as f64 / stats.examples as f64
     };
-    let (rows, efficiency) = pack_examples(train, stats.max_length);
-    stats.packed_rows = rows.len();
-    stats.packing_efficiency = efficiency;
+    let packed = TrainRows::packed(train, stats.max_length);
+    stats.packed_rows = packed.len();
+    stats.packing_efficiency = packed.packing_efficiency.unwrap_or(1.0);
+    if packing {
+        packed
+    } else {
+        TrainRows::one_per_example(train)
+    }
 }
 
 /// Writes a prepared dataset: `train.parquet`, `validation.parquet`, `stats.json` and
@@ -359,7 +399,8 @@ pub fn write_prepared(dir: &Path, prepared: &Prepared) -> Result<()> {
 /// Largest `stats.json` / `problems.json` of a prepared dataset, in bytes.
 const MAX_SIDE_FILE_BYTES: u64 = 256 << 20;
 
-/// Reads a dataset written by [`write_prepared`]. The examples' structure is checked (see
+/// Reads a dataset written by [`write_prepared`] (its training rows one per example: the
+/// directory does not record packing). The examples' structure is checked (see
 /// [`read_examples`]); their token ids are checked against a tokenizer by
 /// [`check_examples`], which [`prepare_cached`] does.
 pub fn read_prepared(dir: &Path) -> Result<Prepared> {
@@ -370,9 +411,12 @@ pub fn read_prepared(dir: &Path) -> Result<Prepared> {
         "stats.json",
     )?)
     .map_err(|e| DataError::file(&stats_path, e.to_string()))?;
+    let train = read_examples(&dir.join("train.parquet"))?;
     Ok(Prepared {
-        train: read_examples(&dir.join("train.parquet"))?,
+        rows: TrainRows::one_per_example(&train),
+        train,
         validation: read_examples(&dir.join("validation.parquet"))?,
+        fingerprint: String::new(),
         stats,
         problems: Vec::new(),
     })
@@ -412,11 +456,15 @@ pub fn cache_key(config: &DatasetConfig, tokenizer: &ChatTokenizer) -> Result<St
     }
     let mut cfg = config.clone();
     cfg.dataset_path = PathBuf::new();
-    h.update(
-        serde_json::to_string(&cfg)
-            .map_err(|e| DataError::config("dataset", e.to_string()))?
-            .as_bytes(),
-    );
+    let mut cfg =
+        serde_json::to_value(&cfg).map_err(|e| DataError::config("dataset", e.to_string()))?;
+    // The tokenized examples do not depend on packing (the rows are built from them when the
+    // dataset is read), so one cache entry serves both layouts, and a key is what it was
+    // before the setting existed (the workspace's serde_json keeps the fields' order).
+    if let Some(fields) = cfg.as_object_mut() {
+        fields.shift_remove("packing");
+    }
+    h.update(cfg.to_string().as_bytes());
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
@@ -434,7 +482,8 @@ impl std::io::Write for HashWriter<'_> {
 
 /// [`prepare`] through an on-disk cache under `cache_dir`: a second run with the same data
 /// file, tokenizer, template and configuration reads the tokenized dataset instead of
-/// tokenizing again. Returns the dataset and whether it came from the cache.
+/// tokenizing again. Returns the dataset (its [`Prepared::fingerprint`] is the cache key: the
+/// data file is hashed once) and whether it came from the cache.
 ///
 /// A cache entry is checked before it is used: its Parquet files go through the decoding
 /// bounds and structure checks of [`read_examples`], and every token id must be below the
@@ -454,11 +503,18 @@ pub fn prepare_cached(
     let mut rejected = None;
     if dir.join("stats.json").is_file() {
         match read_cached(&dir, config, tokenizer) {
-            Ok(cached) => return Ok((cached, true)),
+            Ok(mut cached) => {
+                if config.packing {
+                    cached.rows = TrainRows::packed(&cached.train, config.max_length);
+                }
+                cached.fingerprint = key;
+                return Ok((cached, true));
+            }
             Err(e) => rejected = Some(e),
         }
     }
     let mut prepared = prepare(config, tokenizer, None)?;
+    prepared.fingerprint = key.clone();
     let tmp = cache_dir.join(format!("{key}.tmp-{}", std::process::id()));
     write_prepared(&tmp, &prepared)?;
     let _ = std::fs::remove_dir_all(&dir);

@@ -3,12 +3,13 @@
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
-use train_data::{Batch, DataPosition, EpochOrder, Example, Sequence, pack_examples};
+use train_data::{Batch, DataPosition, EpochOrder, Sequence, TrainRows};
 use train_model::ModelInput;
 
 use crate::config::TrainerConfig;
 
-/// The training rows (examples, or packed rows of several examples) and their visiting order.
+/// The training rows (examples, or packed rows of several examples, as the data preparation
+/// built them) and their visiting order.
 #[derive(Debug, Clone)]
 pub struct BatchPlan {
     rows: Vec<Sequence>,
@@ -21,18 +22,14 @@ pub struct BatchPlan {
 }
 
 impl BatchPlan {
-    /// One row per example, or, with `packing`, rows of `max_length` tokens packed by
-    /// best-fit decreasing.
-    pub fn new(examples: &[Example], config: &TrainerConfig, pad_id: u32) -> Self {
-        let (rows, packing_efficiency) = if config.packing {
-            let (rows, eff) = pack_examples(examples, config.max_length);
-            (rows, Some(eff))
-        } else {
-            (
-                examples.iter().map(|e| Sequence::pack(&[e])).collect(),
-                None,
-            )
-        };
+    /// `train`'s rows in micro-batches of `config.batch_size`, `gradient_accumulation_steps`
+    /// of them per step, visited in the order of `config.seed` and `config.shuffle`.
+    pub fn new(train: TrainRows, config: &TrainerConfig, pad_id: u32) -> Self {
+        let TrainRows {
+            rows,
+            packing_efficiency,
+            ..
+        } = train;
         let order = EpochOrder {
             len: rows.len(),
             seed: config.seed,

@@ -57,6 +57,10 @@ pub struct TrainerState {
     /// The model directory the run started from, for messages.
     #[serde(default)]
     pub model_source: Option<PathBuf>,
+    /// The length the training rows were packed to (`max_length` with packing; `None`: one
+    /// example per row). A resume with another layout is refused.
+    #[serde(default)]
+    pub packed_to: Option<usize>,
 }
 
 /// A new run id: 16 hex digits from the clock, the process id and a counter.
@@ -96,7 +100,26 @@ impl TrainerState {
             run_id: new_run_id(),
             model_fingerprint: String::new(),
             model_source: None,
+            packed_to: None,
         }
+    }
+
+    /// Parses a `trainer_state.json`. States written before the data layout moved to the
+    /// data side carry `packing` and `max_length` in their `config`; they become
+    /// [`TrainerState::packed_to`].
+    pub fn from_json(text: &str) -> serde_json::Result<Self> {
+        let mut value: Value = serde_json::from_str(text)?;
+        if let Some(config) = value.get_mut("config").and_then(Value::as_object_mut) {
+            let packing = config.remove("packing").and_then(|v| v.as_bool());
+            let max_length = config.remove("max_length").and_then(|v| v.as_u64());
+            if let (Some(true), Some(len)) = (packing, max_length)
+                && let Some(state) = value.as_object_mut()
+                && !state.contains_key("packed_to")
+            {
+                state.insert("packed_to".into(), Value::from(len));
+            }
+        }
+        serde_json::from_value(value)
     }
 
     pub(crate) fn log_step(&mut self, m: &StepMetrics) {
@@ -455,7 +478,7 @@ pub fn save_checkpoint<B: FusedAutodiffBackend>(
 pub fn load_state(dir: &Path) -> Result<TrainerState> {
     let path = dir.join("trainer_state.json");
     let text = train_model::read_text_file(&path, train_model::MAX_JSON_FILE_BYTES << 2)?;
-    serde_json::from_str(&text).map_err(|e| RunnerError::Checkpoint {
+    TrainerState::from_json(&text).map_err(|e| RunnerError::Checkpoint {
         path,
         message: format!("invalid trainer state: {e}"),
     })

@@ -16,9 +16,10 @@ pub mod limits {
     pub const MAX_BATCH_SIZE: usize = 1 << 16;
     /// `gradient_accumulation_steps`.
     pub const MAX_GRADIENT_ACCUMULATION: usize = 1 << 16;
-    /// `max_length` (tokens of one example or packed row).
-    pub const MAX_LENGTH: usize = 1 << 20;
-    /// Tokens of one micro-batch, `batch_size × max_length` (what packing allocates).
+    /// `max_length` (tokens of one example or packed row; the data side's bound).
+    pub const MAX_LENGTH: usize = train_data::MAX_LENGTH;
+    /// Tokens of one micro-batch: `batch_size ×` the longest row it can hold (`max_length`
+    /// with packing).
     pub const MAX_MICRO_BATCH_TOKENS: usize = 1 << 24;
     /// Data-parallel workers on one machine.
     pub const MAX_DEVICES: usize = 256;
@@ -99,14 +100,11 @@ pub struct TrainerConfig {
     pub adam_epsilon: f64,
     /// Global gradient-norm clipping; 0 disables. Default 1.0.
     pub max_grad_norm: f64,
-    /// Seed of shuffling (and of the data transforms). Default 42.
+    /// Seed of the shuffling and of new weights (LoRA adapters). The data's own seed
+    /// (transforms, split) is `train_data::DatasetConfig::seed`. Default 42.
     pub seed: u64,
-    /// Shuffle the training data each epoch. Default true.
+    /// Shuffle the training rows each epoch. Default true.
     pub shuffle: bool,
-    /// Pack examples into rows of `max_length` tokens instead of padding. Default false.
-    pub packing: bool,
-    /// Row length for packing. Default 4096.
-    pub max_length: usize,
     /// Keep at most this many checkpoints (the best one is always kept).
     pub save_total_limit: Option<usize>,
     /// Do not evaluate.
@@ -148,8 +146,6 @@ impl Default for TrainerConfig {
             max_grad_norm: 1.0,
             seed: 42,
             shuffle: true,
-            packing: false,
-            max_length: 4096,
             save_total_limit: None,
             skip_validation: false,
             eval_batch_size: None,
@@ -179,7 +175,6 @@ impl TrainerConfig {
             "gradient_accumulation_steps",
             self.gradient_accumulation_steps,
         )?;
-        positive("max_length", self.max_length)?;
         positive("devices", self.devices)?;
         positive("nodes", self.nodes)?;
         let at_most = |field: &str, v: usize, max: usize| {
@@ -199,23 +194,11 @@ impl TrainerConfig {
             self.gradient_accumulation_steps,
             MAX_GRADIENT_ACCUMULATION,
         )?;
-        at_most("max_length", self.max_length, MAX_LENGTH)?;
         at_most("devices", self.devices, MAX_DEVICES)?;
         at_most("nodes", self.nodes, MAX_NODES)?;
         at_most("num_epochs", self.num_epochs, MAX_EPOCHS)?;
         if let Some(s) = self.eval_batch_size {
             at_most("eval_batch_size", s, MAX_BATCH_SIZE)?;
-        }
-        if self.batch_size * self.max_length > MAX_MICRO_BATCH_TOKENS {
-            return Err(RunnerError::config(
-                "max_length",
-                format!(
-                    "batch_size {} × max_length {} = {} tokens per micro-batch, above the limit {MAX_MICRO_BATCH_TOKENS}",
-                    self.batch_size,
-                    self.max_length,
-                    self.batch_size * self.max_length
-                ),
-            ));
         }
         if let Some(lora) = &self.lora {
             at_most("lora_r", lora.r, MAX_LORA_RANK)?;

@@ -58,7 +58,7 @@
 //!     raw_config: config.to_hf_json(),
 //!     companions_from: out.path().join("no-source"), // a random model has no tokenizer files
 //!     source_dtype: train_model::StorageDtype::F32,
-//!     train: examples,
+//!     train: train_data::TrainRows::one_per_example(&examples),
 //!     validation: Vec::new(),
 //!     pad_id: 0,
 //!     config: TrainerConfig { output_dir: out.path().to_path_buf(), batch_size: 4, learning_rate: 1e-2,

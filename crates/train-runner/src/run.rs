@@ -14,7 +14,10 @@ use crate::error::{Result, RunnerError};
 use crate::observer::{MetricsLog, RunInfo, RunStatus, RunSummary, TrainObserver};
 use crate::observer::{ModelInspector, NoInspector};
 use crate::optim::{AdamW, AdamWConfig};
-use crate::setup::{Resume, TrainSetup, check_resumable, check_token_ids, claim_output};
+use crate::setup::{
+    Resume, TrainSetup, check_micro_batch, check_resumable, check_row_ids, check_token_ids,
+    claim_output,
+};
 use crate::train_loop::Loop;
 
 /// Runs training to the end (or to a stop request, or a NaN). `observer.stop` is called in every
@@ -70,13 +73,15 @@ pub fn run_inspected<B: FusedAutodiffBackend>(
     if let Some(r) = resume {
         check_resumable(
             &config,
+            setup.train.packed_to,
             r,
             &setup.data_fingerprint,
             &model_print,
             &setup.companions_from,
         )?;
     }
-    check_token_ids(&setup.train, setup.model.config.vocab_size)?;
+    check_micro_batch(&setup.train, config.batch_size)?;
+    check_row_ids(&setup.train, setup.model.config.vocab_size)?;
     check_token_ids(&setup.validation, setup.model.config.vocab_size)?;
     claim_output(&output, resume, setup.overwrite, observer)?;
     let mut setup = setup;
@@ -110,7 +115,8 @@ pub fn run_inspected<B: FusedAutodiffBackend>(
             * config.nodes,
         ..config.clone()
     };
-    let plan = BatchPlan::new(&setup.train, &plan_config, setup.pad_id);
+    let packed_to = setup.train.packed_to;
+    let plan = BatchPlan::new(std::mem::take(&mut setup.train), &plan_config, setup.pad_id);
     let devices = if setup.devices.is_empty() {
         vec![setup.model.embed_tokens.val().device(); config.devices]
     } else if setup.devices.len() == config.devices {
@@ -163,6 +169,7 @@ pub fn run_inspected<B: FusedAutodiffBackend>(
         None => {
             let mut s =
                 TrainerState::new(config.clone(), total_steps, setup.data_fingerprint.clone());
+            s.packed_to = packed_to;
             s.model_fingerprint = model_print;
             s.model_source = Some(
                 std::path::absolute(&setup.companions_from)

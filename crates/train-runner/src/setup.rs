@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
-use train_data::Example;
+use train_data::{Example, TrainRows};
 use train_model::FusedAutodiffBackend;
 use train_model::{CausalLm, IGNORE_INDEX, Pretrained, StorageDtype};
 
@@ -26,8 +26,8 @@ pub struct TrainSetup<B: FusedAutodiffBackend> {
     pub companions_from: PathBuf,
     /// The dtype of the source weights (the final model's default dtype).
     pub source_dtype: StorageDtype,
-    /// Training examples.
-    pub train: Vec<Example>,
+    /// The training rows (`train_data::Prepared::rows`: one per example, or packed).
+    pub train: TrainRows,
     /// Validation examples.
     pub validation: Vec<Example>,
     /// Padding token id.
@@ -51,12 +51,13 @@ pub struct TrainSetup<B: FusedAutodiffBackend> {
 
 impl<B: FusedAutodiffBackend> TrainSetup<B> {
     /// A setup that trains `source` (a loaded checkpoint, whose directory provides the
-    /// configuration and tokenizer files carried into checkpoints) on `train`, evaluating on
+    /// configuration and tokenizer files carried into checkpoints) on `train` (e.g.
+    /// [`TrainRows::one_per_example`] or `prepared.rows`), evaluating on
     /// `validation`; no data fingerprint, and an output directory with checkpoints is refused
     /// (set `overwrite` to start over in it).
     pub fn new(
         source: Pretrained<B>,
-        train: Vec<Example>,
+        train: TrainRows,
         validation: Vec<Example>,
         pad_id: u32,
         config: TrainerConfig,
@@ -101,6 +102,7 @@ impl Resume {
 
 pub(crate) fn check_resumable(
     config: &TrainerConfig,
+    packed_to: Option<usize>,
     resume: &Resume,
     fingerprint: &str,
     model: &str,
@@ -115,8 +117,11 @@ pub(crate) fn check_resumable(
         ),
         ("seed", old.seed == config.seed),
         ("shuffle", old.shuffle == config.shuffle),
-        ("packing", old.packing == config.packing),
-        ("max_length", old.max_length == config.max_length),
+        (
+            "packing",
+            resume.state.packed_to.is_some() == packed_to.is_some(),
+        ),
+        ("max_length", resume.state.packed_to == packed_to),
         ("devices", old.devices == config.devices),
         ("nodes", old.nodes == config.nodes),
     ];
@@ -247,10 +252,68 @@ pub(crate) fn train_monitor_stamp() -> u64 {
 /// Refuses examples with a token id or label the model cannot take (outside its vocabulary):
 /// a tokenizer that does not belong to the model, or an altered data cache.
 pub fn check_token_ids(examples: &[Example], vocab_size: usize) -> Result<()> {
-    for e in examples {
-        let bad_id = e.input_ids.iter().find(|&&t| t as usize >= vocab_size);
-        let bad_label = e
-            .labels
+    check_ids(
+        examples.iter().map(|e| {
+            (
+                format!("row {}", e.row + 1),
+                &e.input_ids[..],
+                &e.labels[..],
+            )
+        }),
+        vocab_size,
+    )
+}
+
+/// [`check_token_ids`] for the training rows (packed rows are named by their index).
+pub(crate) fn check_row_ids(train: &TrainRows, vocab_size: usize) -> Result<()> {
+    check_ids(
+        train.rows.iter().enumerate().map(|(i, r)| {
+            let name = match train.packed_to {
+                Some(_) => format!("packed training row {}", i + 1),
+                None => format!("training row {}", i + 1),
+            };
+            (name, &r.input_ids[..], &r.labels[..])
+        }),
+        vocab_size,
+    )
+}
+
+/// Refuses micro-batches larger than [`limits::MAX_MICRO_BATCH_TOKENS`](crate::limits): `batch_size`
+/// rows of the longest training row (of `max_length` with packing).
+pub(crate) fn check_micro_batch(train: &TrainRows, batch_size: usize) -> Result<()> {
+    use crate::config::limits::MAX_MICRO_BATCH_TOKENS;
+    let (row, what) = match train.packed_to {
+        Some(len) => (len, "max_length (packing)"),
+        None => (
+            train
+                .rows
+                .iter()
+                .map(train_data::Sequence::len)
+                .max()
+                .unwrap_or(0),
+            "the longest example",
+        ),
+    };
+    let tokens = batch_size.saturating_mul(row);
+    if tokens > MAX_MICRO_BATCH_TOKENS {
+        return Err(RunnerError::config(
+            "max_length",
+            format!(
+                "batch_size {batch_size} × {what} {row} = {tokens} tokens per micro-batch, above \
+                 the limit {MAX_MICRO_BATCH_TOKENS}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_ids<'a>(
+    rows: impl Iterator<Item = (String, &'a [u32], &'a [i32])>,
+    vocab_size: usize,
+) -> Result<()> {
+    for (name, input_ids, labels) in rows {
+        let bad_id = input_ids.iter().find(|&&t| t as usize >= vocab_size);
+        let bad_label = labels
             .iter()
             .find(|&&l| l != IGNORE_INDEX as i32 && (l < 0 || l as usize >= vocab_size));
         if let Some(t) = bad_id
@@ -260,20 +323,18 @@ pub fn check_token_ids(examples: &[Example], vocab_size: usize) -> Result<()> {
             return Err(RunnerError::config(
                 "dataset",
                 format!(
-                    "row {}: token id {t} is outside the model's vocabulary (vocab_size {vocab_size}); \
-                     the tokenizer does not belong to this model, or the tokenized data was altered",
-                    e.row + 1
+                    "{name}: token id {t} is outside the model's vocabulary (vocab_size {vocab_size}); \
+                     the tokenizer does not belong to this model, or the tokenized data was altered"
                 ),
             ));
         }
-        if e.labels.len() != e.input_ids.len() {
+        if labels.len() != input_ids.len() {
             return Err(RunnerError::config(
                 "dataset",
                 format!(
-                    "row {}: {} labels for {} tokens (the tokenized data was altered)",
-                    e.row + 1,
-                    e.labels.len(),
-                    e.input_ids.len()
+                    "{name}: {} labels for {} tokens (the tokenized data was altered)",
+                    labels.len(),
+                    input_ids.len()
                 ),
             ));
         }

@@ -117,6 +117,42 @@ fn data_stats_and_prepare() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-model"));
 }
 
+/// `--seed` seeds the data's split unless `--data-seed` is given (Hugging Face's `data_seed`
+/// defaults to `seed` the same way).
+#[test]
+fn data_seed_defaults_to_the_seed() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = dir.path().join("models.json");
+    let d = data(dir.path());
+    let m = model();
+    let split = |name: &str, seeds: &[&str]| -> Vec<usize> {
+        let out_dir = dir.path().join(name);
+        let mut args = vec![
+            "data",
+            "prepare",
+            "--model",
+            m.to_str().unwrap(),
+            "--dataset",
+            d.to_str().unwrap(),
+            "--output",
+            out_dir.to_str().unwrap(),
+        ];
+        args.extend_from_slice(seeds);
+        let out = train(&args, &reg);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let back = train_data::read_prepared(&out_dir).unwrap();
+        back.validation.iter().map(|e| e.row).collect()
+    };
+    let seven = split("a", &["--seed", "7"]);
+    assert_eq!(split("b", &["--seed", "1", "--data-seed", "7"]), seven);
+    assert_ne!(split("c", &["--seed", "1"]), seven);
+}
+
 #[test]
 fn config_file_supplies_flags_and_the_command_line_wins() {
     let dir = tempfile::tempdir().unwrap();

@@ -177,7 +177,7 @@ fn config_reference() -> String {
     let sections: [(&str, &str, &Value); 3] = [
         (
             "Dataset: `train_data::DatasetConfig`",
-            "What `train_data::prepare` does with a data file. The `train` flags `--dataset`, `--max-length`, `--validation-split`, `--thinking-pattern`, `--stop-pattern`, `--system-prompt`, `--transforms`, `--label-mode`, `--truncation`, `--seed`, `--format`, `--schema` and `--on-error` fill it.",
+            "What `train_data::prepare` does with a data file. It owns the data's settings, `max_length` and `packing` included: the prepared dataset carries the training rows. The `train` flags `--dataset`, `--max-length`, `--packing`, `--validation-split`, `--thinking-pattern`, `--stop-pattern`, `--system-prompt`, `--transforms`, `--label-mode`, `--truncation`, `--data-seed` (default `--seed`), `--format`, `--schema` and `--on-error` fill it.",
             &dataset,
         ),
         (

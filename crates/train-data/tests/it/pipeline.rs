@@ -169,6 +169,75 @@ fn custom_transforms_plug_in() {
     assert!(text.contains("QUESTION 0?"), "{text}");
 }
 
+/// Packing is the data side's: the prepared dataset carries the rows, packed once (the same
+/// packing as the statistics), and one cache entry serves both layouts; the fingerprint is the
+/// cache key, computed once.
+#[test]
+fn prepared_rows_follow_packing_and_share_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let cfg = DatasetConfig {
+        max_length: 256,
+        ..config(data(dir.path(), 30))
+    };
+    let (plain, hit) = prepare_cached(&cfg, &tok(), &cache).unwrap();
+    assert!(!hit);
+    assert_eq!(plain.rows.packed_to, None);
+    assert_eq!(plain.rows.len(), plain.train.len());
+    assert_eq!(
+        plain.fingerprint,
+        train_data::cache_key(&cfg, &tok()).unwrap()
+    );
+    let packing = DatasetConfig {
+        packing: true,
+        ..cfg.clone()
+    };
+    assert_eq!(
+        train_data::cache_key(&packing, &tok()).unwrap(),
+        plain.fingerprint,
+        "packing does not change the tokenized examples"
+    );
+    let (packed, hit) = prepare_cached(&packing, &tok(), &cache).unwrap();
+    assert!(
+        hit,
+        "the entry written without packing serves the packed layout"
+    );
+    assert_eq!(packed.rows.packed_to, Some(256));
+    assert!(packed.rows.len() < plain.rows.len(), "examples share rows");
+    assert_eq!(packed.rows.len(), packed.stats.packed_rows);
+    assert_eq!(
+        packed.rows.packing_efficiency,
+        Some(packed.stats.packing_efficiency)
+    );
+    let tokens = |rows: &train_data::TrainRows| {
+        rows.rows
+            .iter()
+            .map(train_data::Sequence::len)
+            .sum::<usize>()
+    };
+    assert_eq!(tokens(&packed.rows), tokens(&plain.rows));
+    assert!(packed.rows.rows.iter().all(|r| r.len() <= 256));
+    // Uncached, the same rows.
+    let direct = prepare(&packing, &tok(), None).unwrap();
+    assert_eq!(direct.rows, packed.rows);
+    assert!(direct.fingerprint.is_empty());
+    // One check of max_length, wherever it is set.
+    for bad in [0, 1, train_data::MAX_LENGTH + 1] {
+        let e = prepare(
+            &DatasetConfig {
+                max_length: bad,
+                ..cfg.clone()
+            },
+            &tok(),
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("max_length"), "{e}");
+        assert!(train_data::check_max_length(bad).is_err());
+    }
+}
+
 #[test]
 fn cache_skips_tokenization_and_round_trips() {
     let dir = tempfile::tempdir().unwrap();

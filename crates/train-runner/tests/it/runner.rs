@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::{DType, TensorData};
-use train_data::{Batch, Example, IGNORE_INDEX, pack_examples};
+use train_data::{Batch, Example, IGNORE_INDEX, TrainRows, pack_examples};
 use train_model::{
     CausalLm, LoadOptions, LoraConfig, ModelConfig, NamedParam, Precision, load_pretrained,
 };
@@ -212,7 +212,7 @@ fn setup(
         raw_config: raw,
         companions_from: fixture("qwen2"),
         source_dtype: train_model::StorageDtype::F32,
-        train: ex[..20].to_vec(),
+        train: TrainRows::one_per_example(&ex[..20]),
         validation: ex[20..].to_vec(),
         pad_id: 0,
         config: TrainerConfig {
@@ -340,6 +340,53 @@ fn check_resume_is_exact(config: &TrainerConfig, final_file: &str) {
 #[test]
 fn interrupted_and_resumed_run_equals_an_uninterrupted_one() {
     check_resume_is_exact(&config(), "model.safetensors");
+}
+
+/// The rows' layout comes from the data side (`Prepared::rows`); a checkpoint records it, and a
+/// resume on rows packed differently is refused. States written when `packing` and
+/// `max_length` were trainer settings still load, their layout carried over.
+#[test]
+fn a_resume_with_another_row_layout_is_refused_and_old_states_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, raw) = model();
+    let control = RunControl::new();
+    let mut rec = Recorder::new();
+    rec.stop_after = Some((2, control.clone()));
+    let stopped = run(
+        setup(dir.path(), m, raw.clone(), config()),
+        None,
+        &mut rec,
+        &control,
+    )
+    .unwrap();
+    assert_eq!(stopped.status, RunStatus::Stopped);
+    let ckpt = latest_checkpoint(dir.path()).unwrap();
+    let resume = Resume::from_checkpoint(&ckpt).unwrap();
+    assert_eq!(resume.state.packed_to, None);
+    let (m, _) = model();
+    let mut packed = setup(dir.path(), m, raw, config());
+    packed.train = TrainRows::packed(&examples(24)[..20], 64);
+    let err = run(
+        packed,
+        Some(&resume),
+        &mut Recorder::new(),
+        &RunControl::new(),
+    )
+    .expect_err("a resume on packed rows is refused")
+    .to_string();
+    assert!(err.contains("`packing` differs"), "{err}");
+
+    let text = std::fs::read_to_string(ckpt.join("trainer_state.json")).unwrap();
+    let mut old: serde_json::Value = serde_json::from_str(&text).unwrap();
+    old.as_object_mut().unwrap().remove("packed_to");
+    for (packing, expected) in [(true, Some(64)), (false, None)] {
+        let config = old["config"].as_object_mut().unwrap();
+        config.insert("packing".into(), packing.into());
+        config.insert("max_length".into(), 64.into());
+        let state = train_runner::TrainerState::from_json(&old.to_string()).unwrap();
+        assert_eq!(state.packed_to, expected);
+        assert_eq!(state.global_step, 2);
+    }
 }
 
 fn lora_config() -> TrainerConfig {
