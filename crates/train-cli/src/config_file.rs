@@ -1,14 +1,111 @@
-//! `--config run.toml`: every flag can come from a TOML file (keys are the flag names in
-//! snake_case); a flag given on the command line wins.
+//! `--config run.toml`: the run's configuration in one file.
+//!
+//! - `[data]` is a `train_data::DatasetConfig` and `[trainer]` a `train_runner::TrainerConfig`,
+//!   deserialised directly: their keys are exactly those `docs/reference/configuration.md`
+//!   lists (`num_epochs`, `gradient_accumulation_steps`, `[trainer.lora]`, …), unknown keys are
+//!   refused.
+//! - Every other key is a flag, named as on the command line in snake_case (`max_length`,
+//!   `lora_r`, `system_prompt`), or by the key of the setting it fills where that differs
+//!   (`num_epochs` for `--epochs`, `output_dir` for `--output`, …).
+//!
+//! What wins: a flag on the command line, then a flag in the file, then the file's sections,
+//! then the library's defaults (the only place a default is written; the flags' help shows it).
+//! The command builds each configuration once from its section and the flags given
+//! ([`Given`]).
 
 use std::ffi::OsString;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
+use clap::ArgMatches;
+use clap::parser::ValueSource;
+use serde::Deserialize;
+use train_data::DatasetConfig;
+use train_runner::TrainerConfig;
 
-/// Returns `argv` with the flags of the `--config` file appended, skipping the flags the
-/// command line already sets.
-pub fn merge(argv: Vec<OsString>) -> Result<Vec<OsString>> {
+/// Keys of a file that fill a flag of another name: the library settings' keys, where they
+/// differ from the flag.
+const KEY_ALIASES: &[(&str, &str)] = &[
+    ("num_epochs", "epochs"),
+    ("gradient_accumulation_steps", "gradient_accumulation"),
+    ("output_dir", "output"),
+    ("dataset_path", "dataset"),
+];
+
+/// The sections of a `--config` file (its flags go into the command line).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// `[data]`.
+    #[serde(default)]
+    pub data: Option<DatasetConfig>,
+    /// `[trainer]`.
+    #[serde(default)]
+    pub trainer: Option<TrainerConfig>,
+}
+
+/// Which flags of a (sub)command the command line or the file's flag keys set, as opposed to
+/// their defaults: the ids of its arguments (their field names).
+#[derive(Debug, Clone, Default)]
+pub struct Given(std::collections::BTreeSet<String>);
+
+impl Given {
+    /// The flags given in `matches` (a subcommand's).
+    pub fn new(matches: &ArgMatches) -> Self {
+        Self(
+            matches
+                .ids()
+                .filter(|id| matches.value_source(id.as_str()) == Some(ValueSource::CommandLine))
+                .map(|id| id.as_str().to_string())
+                .collect(),
+        )
+    }
+
+    /// True when the flag with this id (its field name) was given.
+    pub fn has(&self, id: &str) -> bool {
+        self.0.contains(id)
+    }
+}
+
+/// The long flags of the (sub)command `argv` runs, and those of every command: one file serves
+/// several commands (`train data stats` skips the trainer's flags of a run's file), while a key
+/// that no command knows is refused.
+fn known_flags(argv: &[OsString], cli: &clap::Command) -> (Vec<String>, Vec<String>) {
+    fn longs(c: &clap::Command) -> impl Iterator<Item = String> + '_ {
+        c.get_arguments()
+            .filter_map(|a| a.get_long())
+            .map(str::to_string)
+    }
+    fn all(c: &clap::Command, out: &mut Vec<String>) {
+        out.extend(longs(c));
+        for sub in c.get_subcommands() {
+            all(sub, out);
+        }
+    }
+    let mut every = Vec::new();
+    all(cli, &mut every);
+    let mut cmd = cli;
+    let mut tokens = argv.iter().skip(1).map(|a| a.to_string_lossy());
+    while let Some(t) = tokens.next() {
+        if t == "--config" {
+            tokens.next();
+            continue;
+        }
+        if t.starts_with('-') {
+            break;
+        }
+        match cmd.find_subcommand(t.as_ref()) {
+            Some(sub) => cmd = sub,
+            None => break,
+        }
+    }
+    (longs(cmd).collect(), every)
+}
+
+/// Returns `argv` with the flag keys of the `--config` file appended (skipping the flags the
+/// command line already sets, and those of other commands), and the file's sections. `argv`
+/// names its subcommand (`train run …`) and `cli` is the whole command line interface.
+pub fn merge(argv: Vec<OsString>, cli: &clap::Command) -> Result<(Vec<OsString>, RunConfig)> {
     let mut path: Option<PathBuf> = None;
     let mut given: Vec<String> = Vec::new();
     let mut iter = argv.iter().skip(1).peekable();
@@ -31,14 +128,52 @@ pub fn merge(argv: Vec<OsString>) -> Result<Vec<OsString>> {
             given.push(name.to_string());
         }
     }
-    let Some(path) = path else { return Ok(argv) };
+    let Some(path) = path else {
+        return Ok((argv, RunConfig::default()));
+    };
     let text = crate::read_settings(&path, "--config")?;
-    let table: toml::Table = toml::from_str(&text)
-        .with_context(|| format!("--config {}: invalid TOML", path.display()))?;
+    let mut table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("--config {}", path.display()))?;
+    let mut sections = toml::Table::new();
+    for name in ["data", "trainer"] {
+        if let Some(v) = table.remove(name) {
+            if !v.is_table() {
+                bail!(
+                    "--config {}: `{name}` must be a table (`[{name}]`) of the keys in \
+                     docs/reference/configuration.md",
+                    path.display()
+                );
+            }
+            sections.insert(name.into(), v);
+        }
+    }
+    let config: RunConfig = toml::Value::Table(sections)
+        .try_into()
+        .with_context(|| format!("--config {}", path.display()))?;
+    let (here, anywhere) = known_flags(&argv, cli);
     let mut out = argv;
+    let mut seen: Vec<String> = Vec::new();
     for (key, value) in table {
-        let flag = key.replace('_', "-");
-        if given.contains(&flag) {
+        let name = KEY_ALIASES
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map_or(key.as_str(), |(_, flag)| *flag);
+        let flag = name.replace('_', "-");
+        if seen.contains(&flag) {
+            bail!(
+                "--config {}: `{key}` sets --{flag}, which another key of the file sets too",
+                path.display()
+            );
+        }
+        seen.push(flag.clone());
+        if !anywhere.contains(&flag) {
+            bail!(
+                "--config {}: unknown key `{key}` (no command has --{flag}; the sections are \
+                 [data] and [trainer])",
+                path.display()
+            );
+        }
+        if given.contains(&flag) || !here.contains(&flag) {
             continue;
         }
         let mut push = |v: &toml::Value| -> Result<()> {
@@ -57,6 +192,11 @@ pub fn merge(argv: Vec<OsString>) -> Result<Vec<OsString>> {
                     out.push(format!("--{flag}").into());
                     out.push(f.to_string().into());
                 }
+                toml::Value::Table(_) => bail!(
+                    "--config {}: unknown section `[{key}]` (the sections are [data] and \
+                     [trainer])",
+                    path.display()
+                ),
                 other => bail!(
                     "--config {}: key `{key}` has an unsupported value {other}",
                     path.display()
@@ -73,46 +213,77 @@ pub fn merge(argv: Vec<OsString>) -> Result<Vec<OsString>> {
             v => push(v)?,
         }
     }
-    Ok(out)
+    Ok((out, config))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn file_flags_fill_in_and_command_line_wins() {
+    fn merged(file: &str, args: &[&str]) -> Result<(String, RunConfig)> {
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("run.toml");
-        std::fs::write(&cfg, "max_length = 128\nseed = 7\nthinking_pattern = true\nstop_pattern = false\nsystem_prompt = \"Be brief.\"\n").unwrap();
-        let argv: Vec<OsString> = [
-            "train",
-            "data",
-            "stats",
-            "--seed",
-            "1",
-            "--config",
-            cfg.to_str().unwrap(),
-        ]
-        .iter()
-        .map(OsString::from)
-        .collect();
-        let merged: Vec<String> = merge(argv)
-            .unwrap()
+        std::fs::write(&cfg, file).unwrap();
+        let mut argv: Vec<OsString> = args.iter().map(OsString::from).collect();
+        argv.push("--config".into());
+        argv.push(cfg.into_os_string());
+        let (out, config) = merge(argv, &crate::cli_command())?;
+        let joined = out
             .iter()
             .map(|s| s.to_string_lossy().into_owned())
-            .collect();
-        let joined = merged.join(" ");
+            .collect::<Vec<_>>()
+            .join(" ");
+        Ok((joined, config))
+    }
+
+    #[test]
+    fn file_flags_fill_in_and_command_line_wins() {
+        let (joined, _) = merged(
+            "max_length = 128\nseed = 7\nthinking_pattern = true\nstop_pattern = false\nsystem_prompt = \"Be brief.\"\n",
+            &["train", "data", "stats", "--seed", "1"],
+        )
+        .unwrap();
         assert!(joined.contains("--max-length 128"), "{joined}");
         assert!(
             joined.contains("--thinking-pattern") && !joined.contains("--stop-pattern"),
             "{joined}"
         );
         assert!(joined.contains("--system-prompt Be brief."), "{joined}");
-        assert_eq!(
-            merged.iter().filter(|a| *a == "--seed").count(),
-            1,
-            "{joined}"
-        );
+        assert_eq!(joined.matches("--seed").count(), 1, "{joined}");
+    }
+
+    #[test]
+    fn sections_are_the_library_configurations_and_keys_may_be_the_settings_names() {
+        let (joined, config) = merged(
+            "num_epochs = 2\noutput_dir = \"out\"\n[data]\nmax_length = 64\npacking = true\n\
+             [trainer]\nlearning_rate = 1e-3\ngradient_accumulation_steps = 4\n[trainer.lora]\nr = 4\n",
+            &["train", "run"],
+        )
+        .unwrap();
+        assert!(joined.contains("--epochs 2"), "{joined}");
+        assert!(joined.contains("--output out"), "{joined}");
+        let data = config.data.unwrap();
+        assert_eq!((data.max_length, data.packing), (64, true));
+        let trainer = config.trainer.unwrap();
+        assert_eq!(trainer.learning_rate, 1e-3);
+        assert_eq!(trainer.gradient_accumulation_steps, 4);
+        assert_eq!(trainer.lora.unwrap().r, 4);
+        assert_eq!(trainer.batch_size, TrainerConfig::default().batch_size);
+    }
+
+    #[test]
+    fn unknown_keys_and_double_settings_are_refused_by_name() {
+        for (file, expected) in [
+            ("[trainer]\nnum_epoch = 2\n", "num_epoch"),
+            ("[data]\nmax_lenght = 2\n", "max_lenght"),
+            ("[model]\nx = 1\n", "[model]"),
+            ("trainer = 3\n", "`trainer` must be a table"),
+            ("epochs = 2\nnum_epochs = 3\n", "--epochs"),
+            ("epoch = 2\n", "unknown key `epoch`"),
+            ("[trainer]\nlearning_rate = \"fast\"\n", "learning_rate"),
+        ] {
+            let e = format!("{:#}", merged(file, &["train", "run"]).unwrap_err());
+            assert!(e.contains(expected), "{file:?}: {e}");
+        }
     }
 }

@@ -42,7 +42,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use registry::{ModelRegistry, REGISTRY_ENV};
 use serde_json::json;
 use train_data::{
@@ -180,18 +180,18 @@ pub(crate) struct DataArgs {
     /// Model directory or registry name (its tokenizer and chat template are used).
     #[arg(long)]
     model: String,
-    /// The data file.
+    /// The data file (required here or as `dataset_path` in the --config file's `[data]`).
     #[arg(long)]
-    dataset: PathBuf,
+    dataset: Option<PathBuf>,
     /// Longest example in tokens.
-    #[arg(long, default_value_t = train_data::DEFAULT_MAX_LENGTH, value_parser = run_cmd::max_length)]
+    #[arg(long, default_value_t = data_defaults().max_length, value_parser = run_cmd::max_length)]
     max_length: usize,
     /// Validation rows: a fraction below 1, or a count.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = data_defaults().validation_split)]
     validation_split: f64,
     /// Seed of the run: shuffling, new weights (LoRA) and, unless --data-seed, the data's
     /// transforms and split.
-    #[arg(long, default_value_t = 42)]
+    #[arg(long, default_value_t = data_defaults().seed)]
     seed: u64,
     /// Seed of the data's transforms and split (default: --seed).
     #[arg(long)]
@@ -227,6 +227,18 @@ pub(crate) struct DataArgs {
     cache_dir: Option<PathBuf>,
     #[command(flatten)]
     load: LoadArgs,
+    /// The `[data]` section of the --config file.
+    #[arg(skip)]
+    section: Option<DatasetConfig>,
+    /// The flags given (the others keep the section's value or the default).
+    #[arg(skip)]
+    given: config_file::Given,
+}
+
+/// The data side's defaults (the flags show them; the one place they are written is
+/// `DatasetConfig::default`).
+fn data_defaults() -> DatasetConfig {
+    DatasetConfig::default()
 }
 
 #[derive(Subcommand, Debug)]
@@ -302,59 +314,110 @@ enum TruncationArg {
 
 impl LoadArgs {
     fn options(&self) -> LoadOptions {
-        LoadOptions {
-            format: match self.format {
+        let mut o = LoadOptions::default();
+        self.apply_all(&mut o, |_| true);
+        o
+    }
+
+    /// The flags given, over `o`.
+    fn apply(&self, given: &config_file::Given, o: &mut LoadOptions) {
+        self.apply_all(o, |id| given.has(id));
+    }
+
+    fn apply_all(&self, o: &mut LoadOptions, given: impl Fn(&str) -> bool) {
+        if given("format") {
+            o.format = match self.format {
                 FormatArg::Auto => DataFormat::Auto,
                 FormatArg::Jsonl => DataFormat::Jsonl,
                 FormatArg::Json => DataFormat::Json,
                 FormatArg::Parquet => DataFormat::Parquet,
-            },
-            schema: match self.schema {
+            };
+        }
+        if given("schema") {
+            o.schema = match self.schema {
                 SchemaArg::Auto => RowSchema::Auto,
                 SchemaArg::Messages => RowSchema::Messages,
                 SchemaArg::Alpaca => RowSchema::Alpaca,
                 SchemaArg::Sharegpt => RowSchema::ShareGpt,
-            },
-            policy: match self.on_error {
+            };
+        }
+        if given("on_error") {
+            o.policy = match self.on_error {
                 PolicyArg::Strict => ErrorPolicy::Strict,
                 PolicyArg::Skip => ErrorPolicy::Skip,
-            },
+            };
         }
     }
 }
 
 impl DataArgs {
+    /// Binds the `[data]` section of the --config file and the flags given in `matches`.
+    pub(crate) fn bind(&mut self, section: Option<&DatasetConfig>, matches: &clap::ArgMatches) {
+        self.section = section.cloned();
+        self.given = config_file::Given::new(matches);
+    }
+
+    /// The data configuration, built once: the `[data]` section (or the defaults), then every
+    /// flag given.
     pub(crate) fn config(&self) -> Result<DatasetConfig> {
-        let transforms = match &self.transforms {
-            Some(path) => {
-                let text = read_settings(path, "--transforms")?;
-                TransformPipeline::configs_from_toml(&text)
-                    .with_context(|| format!("in {}", path.display()))?
-            }
-            None => Vec::new(),
-        };
-        Ok(DatasetConfig {
-            dataset_path: self.dataset.clone(),
-            max_length: self.max_length,
-            packing: self.packing,
-            validation_split: self.validation_split,
-            apply_thinking_pattern: self.thinking_pattern || self.thinking_emoji.is_some(),
-            thinking_emoji: self.thinking_emoji.clone().unwrap_or_default(),
-            apply_stop_pattern: self.stop_pattern,
-            system_prompt: self.system_prompt.clone(),
-            transforms,
-            label_mode: match self.label_mode {
+        let g = &self.given;
+        let mut c = self.section.clone().unwrap_or_default();
+        if let Some(d) = self.dataset.as_ref().filter(|_| g.has("dataset")) {
+            c.dataset_path = d.clone();
+        }
+        if c.dataset_path.as_os_str().is_empty() {
+            anyhow::bail!(
+                "no dataset: give --dataset FILE (or `dataset_path` in the --config file's [data])"
+            );
+        }
+        if g.has("max_length") {
+            c.max_length = self.max_length;
+        }
+        if g.has("packing") {
+            c.packing = self.packing;
+        }
+        if g.has("validation_split") {
+            c.validation_split = self.validation_split;
+        }
+        if g.has("thinking_pattern") || g.has("thinking_emoji") {
+            c.apply_thinking_pattern = true;
+        }
+        if let Some(emoji) = self
+            .thinking_emoji
+            .as_ref()
+            .filter(|_| g.has("thinking_emoji"))
+        {
+            c.thinking_emoji = emoji.clone();
+        }
+        if g.has("stop_pattern") {
+            c.apply_stop_pattern = true;
+        }
+        if g.has("system_prompt") {
+            c.system_prompt = self.system_prompt.clone();
+        }
+        if let Some(path) = self.transforms.as_ref().filter(|_| g.has("transforms")) {
+            let text = read_settings(path, "--transforms")?;
+            c.transforms = TransformPipeline::configs_from_toml(&text)
+                .with_context(|| format!("in {}", path.display()))?;
+        }
+        if g.has("label_mode") {
+            c.label_mode = match self.label_mode {
                 LabelModeArg::AllAssistant => LabelMode::AllAssistant,
                 LabelModeArg::LastAssistant => LabelMode::LastAssistant,
                 LabelModeArg::Everything => LabelMode::Everything,
-            },
-            truncation: match self.truncation {
+            };
+        }
+        if g.has("truncation") {
+            c.truncation = match self.truncation {
                 TruncationArg::Truncate => Truncation::Truncate,
                 TruncationArg::Drop => Truncation::Drop,
-            },
-            seed: self.data_seed.unwrap_or(self.seed),
-            load: self.load.options(),
-        })
+            };
+        }
+        if g.has("data_seed") || g.has("seed") {
+            c.seed = self.data_seed.unwrap_or(self.seed);
+        }
+        self.load.apply(g, &mut c.load);
+        Ok(c)
     }
 }
 
@@ -386,6 +449,16 @@ pub(crate) fn registry() -> Result<ModelRegistry> {
         format!("no user configuration directory; set {REGISTRY_ENV} to a file path")
     })?;
     Ok(ModelRegistry::at(path))
+}
+
+/// The base model directory of an adapter directory (`None` for a model, or an adapter whose
+/// base cannot be found: loading it says why).
+pub(crate) fn adapter_base(dir: &std::path::Path) -> Option<PathBuf> {
+    if !train_model::is_adapter_dir(dir) {
+        return None;
+    }
+    let adapter = train_model::read_adapter_config(dir).ok()?;
+    train_model::lora::resolve_base_model(dir, adapter.base_model.as_deref()).ok()
 }
 
 /// The model directory `model` names and its tokenizer. An adapter directory without tokenizer
@@ -523,20 +596,50 @@ fn main() -> ExitCode {
 }
 
 fn real_main() -> ExitCode {
-    let argv = match config_file::merge(std::env::args_os().collect()) {
+    let argv = default_to_run(std::env::args_os().collect());
+    let (argv, file) = match config_file::merge(argv, &cli_command()) {
         Ok(a) => a,
         Err(e) => {
             errln!("error: {}", one_line(&e));
             return ExitCode::from(2);
         }
     };
-    let cli = Cli::parse_from(default_to_run(argv));
+    let matches = Cli::command()
+        .try_get_matches_from(argv)
+        .unwrap_or_else(|e| e.exit());
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    bind(&mut cli, &file, &matches);
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
             errln!("error: {}", one_line(&e));
             ExitCode::from(1)
         }
+    }
+}
+
+/// The whole command line interface.
+pub(crate) fn cli_command() -> clap::Command {
+    Cli::command()
+}
+
+/// Hands each command the --config file's sections and which of its flags were given.
+fn bind(cli: &mut Cli, file: &config_file::RunConfig, matches: &clap::ArgMatches) {
+    let Some((name, sub)) = matches.subcommand() else {
+        return;
+    };
+    match (&mut cli.command, name) {
+        (Command::Run(args), "run") => args.bind(file, sub),
+        (Command::Eval(args), "eval") => args.data.bind(file.data.as_ref(), sub),
+        (
+            Command::Data(DataCommand::Stats { data, .. } | DataCommand::Prepare { data, .. }),
+            "data",
+        ) => {
+            if let Some((_, m)) = sub.subcommand() {
+                data.bind(file.data.as_ref(), m);
+            }
+        }
+        _ => {}
     }
 }
 

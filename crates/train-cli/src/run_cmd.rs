@@ -18,6 +18,7 @@ use train_runner::{
 
 use crate::DataArgs;
 use crate::backend::{BackendArg, Placement, WithBackend, dispatch};
+use crate::config_file::Given;
 use crate::control::ControlWatcher;
 use crate::monitor::Monitor;
 use crate::progress::Progress;
@@ -140,55 +141,55 @@ pub struct RunArgs {
     #[command(flatten)]
     pub data: DataArgs,
     /// Output directory: checkpoints, metrics.jsonl and the final model.
-    #[arg(long, default_value = "outputs")]
+    #[arg(long, default_value_os_t = trainer_defaults().output_dir)]
     pub output: PathBuf,
     /// Directory of `training_status.json` (default: `<output>/status`).
     #[arg(long, value_name = "DIR")]
     pub status_dir: Option<PathBuf>,
     /// Epochs over the training split.
-    #[arg(long, default_value_t = 3, value_parser = count::<{ limits::MAX_EPOCHS }>)]
+    #[arg(long, default_value_t = trainer_defaults().num_epochs, value_parser = count::<{ limits::MAX_EPOCHS }>)]
     pub epochs: usize,
     /// Optimizer steps (wins over --epochs).
     #[arg(long)]
     pub max_steps: Option<usize>,
     /// Examples (or packed rows) per micro-batch.
-    #[arg(long, default_value_t = 16, value_parser = count::<{ limits::MAX_BATCH_SIZE }>)]
+    #[arg(long, default_value_t = trainer_defaults().batch_size, value_parser = count::<{ limits::MAX_BATCH_SIZE }>)]
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
-    #[arg(long, default_value_t = 1, value_parser = count::<{ limits::MAX_GRADIENT_ACCUMULATION }>)]
+    #[arg(long, default_value_t = trainer_defaults().gradient_accumulation_steps, value_parser = count::<{ limits::MAX_GRADIENT_ACCUMULATION }>)]
     pub gradient_accumulation: usize,
     /// Peak learning rate.
-    #[arg(long, default_value_t = 2e-4)]
+    #[arg(long, default_value_t = trainer_defaults().learning_rate)]
     pub learning_rate: f64,
     /// Learning-rate schedule (after the warm-up).
-    #[arg(long, value_enum, default_value_t = SchedulerArg::Linear)]
+    #[arg(long, value_enum, default_value_t = SchedulerArg::from(trainer_defaults().lr_scheduler))]
     pub lr_scheduler: SchedulerArg,
     /// Linear warm-up steps.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = trainer_defaults().warmup_steps)]
     pub warmup_steps: usize,
     /// AdamW weight decay (not on biases and norm weights).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = trainer_defaults().weight_decay)]
     pub weight_decay: f64,
     /// AdamW β1.
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = trainer_defaults().adam_beta1)]
     pub adam_beta1: f64,
     /// AdamW β2.
-    #[arg(long, default_value_t = 0.999)]
+    #[arg(long, default_value_t = trainer_defaults().adam_beta2)]
     pub adam_beta2: f64,
     /// AdamW ε.
-    #[arg(long, default_value_t = 1e-8)]
+    #[arg(long, default_value_t = trainer_defaults().adam_epsilon)]
     pub adam_epsilon: f64,
     /// Global gradient-norm clipping (0 disables).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = trainer_defaults().max_grad_norm)]
     pub max_grad_norm: f64,
     /// Evaluate every this many steps (and at the end).
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = trainer_defaults().eval_steps)]
     pub eval_steps: usize,
     /// Micro-batch size of evaluation (default: --batch-size).
     #[arg(long, value_parser = count::<{ limits::MAX_BATCH_SIZE }>)]
     pub eval_batch_size: Option<usize>,
     /// Save a checkpoint every this many steps (and at the end).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = trainer_defaults().save_steps)]
     pub save_steps: usize,
     /// Keep at most this many checkpoints (the best is always kept).
     #[arg(long)]
@@ -210,14 +211,14 @@ pub struct RunArgs {
     #[arg(long, value_name = "R", value_parser = count::<{ limits::MAX_LORA_RANK }>)]
     pub lora_r: Option<usize>,
     /// LoRA alpha: the update is scaled by alpha / r (PEFT's default 8).
-    #[arg(long, default_value_t = 8.0, requires = "lora_r")]
+    #[arg(long, default_value_t = LoraConfig::default().alpha, requires = "lora_r")]
     pub lora_alpha: f64,
     /// Dropout on the adapters' input while training.
-    #[arg(long, default_value_t = 0.0, requires = "lora_r")]
+    #[arg(long, default_value_t = LoraConfig::default().dropout, requires = "lora_r")]
     pub lora_dropout: f64,
     /// Projections that get adapters (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj,
     /// down_proj, or all-linear); repeat or separate with commas.
-    #[arg(long, value_delimiter = ',', default_values_t = ["q_proj".to_string(), "v_proj".to_string()], requires = "lora_r")]
+    #[arg(long, value_delimiter = ',', default_values_t = LoraConfig::default().target_modules, requires = "lora_r")]
     pub lora_target: Vec<String>,
     /// Scale the adapters by alpha / √r (rsLoRA).
     #[arg(long, requires = "lora_r")]
@@ -227,11 +228,11 @@ pub struct RunArgs {
     /// all-reduce), so the global batch is batch size × accumulation × devices.
     /// On GPUs, one worker per GPU from --device (`--device cuda:0 --devices 4`: GPUs 0-3), or
     /// one per device of a list (`--device cuda:0,cuda:2 --devices 2`).
-    #[arg(long, default_value_t = 1, value_parser = count::<{ limits::MAX_DEVICES }>)]
+    #[arg(long, default_value_t = trainer_defaults().devices, value_parser = count::<{ limits::MAX_DEVICES }>)]
     pub devices: usize,
     /// Machines in a multi-machine run: each runs the same command with its own --node-rank and
     /// --node-address, and the global batch is multiplied by the number of machines.
-    #[arg(long, default_value_t = 1, value_parser = count::<{ limits::MAX_NODES }>)]
+    #[arg(long, default_value_t = trainer_defaults().nodes, value_parser = count::<{ limits::MAX_NODES }>)]
     pub nodes: usize,
     /// This machine's rank in a multi-machine run, 0 to --nodes − 1.
     #[arg(long, requires_all = ["orchestrator", "node_address"])]
@@ -270,9 +271,49 @@ pub struct RunArgs {
     /// Print one JSON object on the last line of stdout.
     #[arg(long)]
     pub json: bool,
+    /// The `[trainer]` section of the --config file.
+    #[arg(skip)]
+    pub section: Option<TrainerConfig>,
+    /// The flags given (the others keep the section's value or the default).
+    #[arg(skip)]
+    pub given: Given,
+}
+
+/// The trainer's defaults (the flags show them; the one place they are written is
+/// `TrainerConfig::default`).
+fn trainer_defaults() -> TrainerConfig {
+    TrainerConfig::default()
+}
+
+impl From<LrSchedule> for SchedulerArg {
+    fn from(s: LrSchedule) -> Self {
+        match s {
+            LrSchedule::Constant => Self::Constant,
+            LrSchedule::Linear => Self::Linear,
+            LrSchedule::Cosine => Self::Cosine,
+        }
+    }
+}
+
+impl std::fmt::Display for SchedulerArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let v = self.to_possible_value().ok_or(std::fmt::Error)?;
+        f.write_str(v.get_name())
+    }
 }
 
 impl RunArgs {
+    /// Binds the --config file's sections and the flags given in `matches` (this command's).
+    pub(crate) fn bind(
+        &mut self,
+        file: &crate::config_file::RunConfig,
+        matches: &clap::ArgMatches,
+    ) {
+        self.data.bind(file.data.as_ref(), matches);
+        self.section = file.trainer.clone();
+        self.given = Given::new(matches);
+    }
+
     /// This machine's place in a multi-machine run.
     fn cluster(&self) -> Option<train_runner::Cluster> {
         Some(train_runner::Cluster {
@@ -282,43 +323,75 @@ impl RunArgs {
         })
     }
 
+    /// The trainer's configuration, built once: the `[trainer]` section (or the defaults),
+    /// then every flag given.
     fn trainer_config(&self) -> TrainerConfig {
-        TrainerConfig {
-            output_dir: self.output.clone(),
-            batch_size: self.batch_size,
-            learning_rate: self.learning_rate,
-            num_epochs: self.epochs,
-            max_steps: self.max_steps,
-            eval_steps: self.eval_steps,
-            save_steps: self.save_steps,
-            gradient_accumulation_steps: self.gradient_accumulation,
-            warmup_steps: self.warmup_steps,
-            lr_scheduler: match self.lr_scheduler {
+        let g = &self.given;
+        let mut t = self.section.clone().unwrap_or_default();
+        macro_rules! flag {
+            ($id:literal, $field:ident, $value:expr) => {
+                if g.has($id) {
+                    t.$field = $value;
+                }
+            };
+        }
+        flag!("output", output_dir, self.output.clone());
+        flag!("batch_size", batch_size, self.batch_size);
+        flag!("learning_rate", learning_rate, self.learning_rate);
+        flag!("epochs", num_epochs, self.epochs);
+        flag!("max_steps", max_steps, self.max_steps);
+        flag!("eval_steps", eval_steps, self.eval_steps);
+        flag!("save_steps", save_steps, self.save_steps);
+        flag!(
+            "gradient_accumulation",
+            gradient_accumulation_steps,
+            self.gradient_accumulation
+        );
+        flag!("warmup_steps", warmup_steps, self.warmup_steps);
+        flag!(
+            "lr_scheduler",
+            lr_scheduler,
+            match self.lr_scheduler {
                 SchedulerArg::Constant => LrSchedule::Constant,
                 SchedulerArg::Linear => LrSchedule::Linear,
                 SchedulerArg::Cosine => LrSchedule::Cosine,
-            },
-            weight_decay: self.weight_decay,
-            adam_beta1: self.adam_beta1,
-            adam_beta2: self.adam_beta2,
-            adam_epsilon: self.adam_epsilon,
-            max_grad_norm: self.max_grad_norm,
-            seed: self.data.seed,
-            shuffle: !self.no_shuffle,
-            save_total_limit: self.save_total_limit,
-            skip_validation: self.skip_validation,
-            eval_batch_size: self.eval_batch_size,
-            save_dtype: self.save_dtype.map(DtypeArg::storage),
-            devices: self.devices,
-            nodes: self.nodes,
-            lora: self.lora_r.map(|r| LoraConfig {
-                r,
-                alpha: self.lora_alpha,
-                dropout: self.lora_dropout,
-                target_modules: self.lora_target.clone(),
-                use_rslora: self.lora_rslora,
-            }),
+            }
+        );
+        flag!("weight_decay", weight_decay, self.weight_decay);
+        flag!("adam_beta1", adam_beta1, self.adam_beta1);
+        flag!("adam_beta2", adam_beta2, self.adam_beta2);
+        flag!("adam_epsilon", adam_epsilon, self.adam_epsilon);
+        flag!("max_grad_norm", max_grad_norm, self.max_grad_norm);
+        flag!("seed", seed, self.data.seed);
+        flag!("no_shuffle", shuffle, false);
+        flag!("save_total_limit", save_total_limit, self.save_total_limit);
+        flag!("skip_validation", skip_validation, true);
+        flag!("eval_batch_size", eval_batch_size, self.eval_batch_size);
+        flag!(
+            "save_dtype",
+            save_dtype,
+            self.save_dtype.map(DtypeArg::storage)
+        );
+        flag!("devices", devices, self.devices);
+        flag!("nodes", nodes, self.nodes);
+        if let Some(r) = self.lora_r.filter(|_| g.has("lora_r")) {
+            let mut lora = t.lora.take().unwrap_or_default();
+            lora.r = r;
+            if g.has("lora_alpha") {
+                lora.alpha = self.lora_alpha;
+            }
+            if g.has("lora_dropout") {
+                lora.dropout = self.lora_dropout;
+            }
+            if g.has("lora_target") {
+                lora.target_modules = self.lora_target.clone();
+            }
+            if g.has("lora_rslora") {
+                lora.use_rslora = true;
+            }
+            t.lora = Some(lora);
         }
+        t
     }
 }
 
@@ -394,6 +467,8 @@ impl WithBackend for Training<'_> {
             },
         )?;
         let start_step = resume.as_ref().map_or(0, |r| r.state.global_step);
+        let output = self.trainer.output_dir.clone();
+        let eval_steps = self.trainer.eval_steps;
         let setup = TrainSetup {
             model,
             raw_config: source.raw_config,
@@ -414,8 +489,8 @@ impl WithBackend for Training<'_> {
             .args
             .status_dir
             .clone()
-            .unwrap_or_else(|| self.args.output.join("status"));
-        let mut monitor = Monitor::new(status_dir, self.args.output.clone(), self.alerts);
+            .unwrap_or_else(|| output.join("status"));
+        let mut monitor = Monitor::new(status_dir, output, self.alerts);
         let bundle = monitor.bundle();
         let mut observers = Observers::default();
         // The monitor first: the status file is current before progress lines announce a change.
@@ -427,7 +502,7 @@ impl WithBackend for Training<'_> {
             probes,
             processors,
             end_ids,
-            train_monitor::preview_interval(self.args.eval_steps),
+            train_monitor::preview_interval(eval_steps),
             self.args.preview_max_new_tokens,
             start_step,
         );
@@ -461,7 +536,7 @@ pub fn train(args: &RunArgs) -> Result<ExitCode> {
     let resume = match args.resume.as_deref() {
         None => None,
         Some("") => {
-            let (dir, damaged) = latest_intact_checkpoint(&args.output);
+            let (dir, damaged) = latest_intact_checkpoint(&trainer.output_dir);
             for (path, why) in &damaged {
                 errln!(
                     "warning: skipping {}: {why}",
@@ -471,7 +546,7 @@ pub fn train(args: &RunArgs) -> Result<ExitCode> {
             let dir = dir.with_context(|| {
                 format!(
                     "--resume: no intact checkpoint in {}",
-                    args.output.display()
+                    trainer.output_dir.display()
                 )
             })?;
             if !damaged.is_empty() {
@@ -499,11 +574,20 @@ pub fn train(args: &RunArgs) -> Result<ExitCode> {
             r.state.total_steps
         );
     }
+    // The data cache goes into the output directory: nothing may be written there before it is
+    // known not to be an input (the run checks the rest).
+    let base = crate::adapter_base(&model_dir);
+    let mut inputs = vec![model_dir.as_path()];
+    inputs.extend(base.as_deref());
+    if let Some(r) = &resume {
+        inputs.push(&r.dir);
+    }
+    train_model::check_output_dir(&trainer.output_dir, &inputs, true, "--output")?;
     let cache = args
         .data
         .cache_dir
         .clone()
-        .unwrap_or_else(|| args.output.join(".cache").join("data"));
+        .unwrap_or_else(|| trainer.output_dir.join(".cache").join("data"));
     let prepared = prepare_data(&config, &tok, &cache)?;
     if prepared.train.is_empty() {
         bail!(
@@ -527,7 +611,8 @@ pub fn train(args: &RunArgs) -> Result<ExitCode> {
         }
         None => train_monitor::AlertConfig::default(),
     };
-    let watcher = ControlWatcher::start(&args.output, &control);
+    let watcher = ControlWatcher::start(&trainer.output_dir, &control);
+    let devices = trainer.devices;
     let work = Training {
         args,
         trainer,
@@ -541,7 +626,7 @@ pub fn train(args: &RunArgs) -> Result<ExitCode> {
     let summary = dispatch(
         args.compute.backend,
         args.compute.device.as_deref(),
-        args.devices,
+        devices,
         args.gradient_checkpointing,
         work,
     );
@@ -671,4 +756,183 @@ pub fn eval(args: &EvalArgs) -> Result<ExitCode> {
         outln!("loss {loss:.6} over {tokens} label tokens of {examples} examples");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config_file::RunConfig;
+    use clap::{CommandFactory, FromArgMatches};
+
+    /// `train run` with `args`, bound to `file` as `real_main` does.
+    fn parsed(args: &[&str], file: &RunConfig) -> RunArgs {
+        let mut argv = vec!["train", "run", "--model", "m"];
+        argv.extend_from_slice(args);
+        let matches = crate::Cli::command().try_get_matches_from(argv).unwrap();
+        let (_, sub) = matches.subcommand().unwrap();
+        let mut args = RunArgs::from_arg_matches(sub).unwrap();
+        args.bind(file, sub);
+        args
+    }
+
+    /// Every flag reaches the setting it names: each one given with a value other than the
+    /// default changes exactly its field (a misspelt id would leave the default).
+    #[test]
+    fn every_flag_fills_its_setting_over_the_sections() {
+        let file = RunConfig {
+            data: Some(DatasetConfig {
+                dataset_path: "from-section.jsonl".into(),
+                max_length: 99,
+                ..DatasetConfig::default()
+            }),
+            trainer: Some(TrainerConfig {
+                learning_rate: 0.5,
+                batch_size: 3,
+                ..TrainerConfig::default()
+            }),
+        };
+        let none = parsed(&[], &file);
+        let (d, t) = (none.data.config().unwrap(), none.trainer_config());
+        assert_eq!(d.dataset_path, Path::new("from-section.jsonl"));
+        assert_eq!((d.max_length, t.learning_rate, t.batch_size), (99, 0.5, 3));
+        assert_eq!(t.num_epochs, TrainerConfig::default().num_epochs);
+
+        let all = parsed(
+            &[
+                "--dataset",
+                "d.jsonl",
+                "--max-length",
+                "64",
+                "--packing",
+                "--validation-split",
+                "0.2",
+                "--seed",
+                "7",
+                "--data-seed",
+                "8",
+                "--system-prompt",
+                "S",
+                "--thinking-emoji",
+                "🤔",
+                "--stop-pattern",
+                "--label-mode",
+                "everything",
+                "--truncation",
+                "drop",
+                "--format",
+                "json",
+                "--schema",
+                "alpaca",
+                "--on-error",
+                "skip",
+                "--output",
+                "o",
+                "--epochs",
+                "9",
+                "--max-steps",
+                "11",
+                "--batch-size",
+                "5",
+                "--gradient-accumulation",
+                "6",
+                "--learning-rate",
+                "0.25",
+                "--lr-scheduler",
+                "cosine",
+                "--warmup-steps",
+                "2",
+                "--weight-decay",
+                "0.1",
+                "--adam-beta1",
+                "0.8",
+                "--adam-beta2",
+                "0.99",
+                "--adam-epsilon",
+                "1e-6",
+                "--max-grad-norm",
+                "0.5",
+                "--eval-steps",
+                "4",
+                "--eval-batch-size",
+                "2",
+                "--save-steps",
+                "3",
+                "--save-total-limit",
+                "2",
+                "--save-dtype",
+                "bf16",
+                "--no-shuffle",
+                "--skip-validation",
+                "--lora-r",
+                "4",
+                "--lora-alpha",
+                "16",
+                "--lora-dropout",
+                "0.1",
+                "--lora-target",
+                "all-linear",
+                "--lora-rslora",
+                "--devices",
+                "2",
+                "--nodes",
+                "3",
+            ],
+            &file,
+        );
+        let d = all.data.config().unwrap();
+        let expected = DatasetConfig {
+            dataset_path: "d.jsonl".into(),
+            max_length: 64,
+            packing: true,
+            validation_split: 0.2,
+            apply_thinking_pattern: true,
+            thinking_emoji: "🤔".into(),
+            apply_stop_pattern: true,
+            system_prompt: Some("S".into()),
+            transforms: Vec::new(),
+            label_mode: train_data::LabelMode::Everything,
+            truncation: train_data::Truncation::Drop,
+            seed: 8,
+            load: train_data::LoadOptions {
+                format: train_data::DataFormat::Json,
+                schema: train_data::RowSchema::Alpaca,
+                policy: train_data::ErrorPolicy::Skip,
+            },
+        };
+        assert_eq!(d, expected);
+        let t = all.trainer_config();
+        let expected = TrainerConfig {
+            output_dir: "o".into(),
+            batch_size: 5,
+            learning_rate: 0.25,
+            num_epochs: 9,
+            max_steps: Some(11),
+            eval_steps: 4,
+            save_steps: 3,
+            gradient_accumulation_steps: 6,
+            warmup_steps: 2,
+            lr_scheduler: LrSchedule::Cosine,
+            weight_decay: 0.1,
+            adam_beta1: 0.8,
+            adam_beta2: 0.99,
+            adam_epsilon: 1e-6,
+            max_grad_norm: 0.5,
+            seed: 7,
+            shuffle: false,
+            save_total_limit: Some(2),
+            skip_validation: true,
+            eval_batch_size: Some(2),
+            save_dtype: Some(StorageDtype::Bf16),
+            lora: Some(LoraConfig {
+                r: 4,
+                alpha: 16.0,
+                dropout: 0.1,
+                target_modules: vec!["all-linear".into()],
+                use_rslora: true,
+            }),
+            devices: 2,
+            nodes: 3,
+        };
+        assert_eq!(t, expected);
+    }
 }

@@ -43,6 +43,13 @@ pub fn run_inspected<B: FusedAutodiffBackend>(
     let config = setup.config.clone();
     config.validate()?;
     let output = config.output_dir.clone();
+    let mut inputs: Vec<&Path> = vec![setup.companions_from.as_path()];
+    inputs.extend(setup.inputs.iter().map(PathBuf::as_path));
+    if let Some(r) = resume {
+        inputs.push(&r.dir);
+    }
+    // Nothing is written (not even the lock) into an input or a sealed checkpoint.
+    train_model::check_output_dir(&output, &inputs, true, "the output directory")?;
     let lock = crate::lock::OutputLock::acquire(&output)?;
     if let Some(pid) = &lock.stale_owner {
         observer.notice(&format!(
@@ -56,11 +63,6 @@ pub fn run_inspected<B: FusedAutodiffBackend>(
     // Checkpoints of an earlier run first: that message says how to resume them.
     if resume.is_none() && !setup.overwrite && !list_checkpoints(&output).is_empty() {
         return Err(RunnerError::OutputNotEmpty { path: output });
-    }
-    let mut inputs: Vec<&Path> = vec![setup.companions_from.as_path()];
-    inputs.extend(setup.inputs.iter().map(PathBuf::as_path));
-    if let Some(r) = resume {
-        inputs.push(&r.dir);
     }
     // A resume continues its own final model; a run from scratch replaces one only with --yes.
     train_model::check_output_dir(

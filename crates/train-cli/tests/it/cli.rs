@@ -191,6 +191,66 @@ fn config_file_supplies_flags_and_the_command_line_wins() {
     assert_eq!(s["max_length"], 64);
 }
 
+/// A config file's `[data]` and `[trainer]` sections are the library configurations (their
+/// documented keys); flags in the file win over them, the command line over both; unknown keys
+/// are refused naming the key.
+#[test]
+fn config_sections_take_the_documented_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = dir.path().join("models.json");
+    let d = data(dir.path());
+    let out_dir = dir.path().join("out");
+    let cfg = dir.path().join("run.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "model = \"{}\"\noutput_dir = \"{}\"\nskip_validation = true\n\
+             [data]\ndataset_path = \"{}\"\nvalidation_split = 4\nmax_length = 64\npacking = true\n\
+             [trainer]\nnum_epochs = 50\nmax_steps = 3\nbatch_size = 2\nlearning_rate = 1e-3\n",
+            model().display(),
+            out_dir.display(),
+            d.display()
+        ),
+    )
+    .unwrap();
+    let c = cfg.to_str().unwrap();
+    let stats = train(&["data", "stats", "--config", c, "--json"], &reg);
+    assert_eq!(
+        stats.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&stats.stderr)
+    );
+    let s = last_json(&stats);
+    assert_eq!(s["validation_examples"], 4);
+    assert_eq!(s["max_length"], 64);
+    let run = train(&["--config", c, "--max-steps", "2", "--json"], &reg);
+    assert_eq!(
+        run.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_eq!(last_json(&run)["global_step"], 2, "the command line wins");
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out_dir.join("checkpoint-2/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["config"]["batch_size"], 2);
+    assert_eq!(state["config"]["learning_rate"], 1e-3);
+    assert_eq!(state["config"]["num_epochs"], 50);
+    assert_eq!(state["packed_to"], 64, "[data] packing reached the loop");
+
+    std::fs::write(&cfg, "[trainer]\nnum_epoch = 2\n").unwrap();
+    let bad = train(&["data", "stats", "--config", c], &reg);
+    assert_eq!(bad.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("num_epoch") && err.contains("run.toml"),
+        "{err}"
+    );
+}
+
 #[test]
 fn usage_errors_exit_2_and_models_registry_works() {
     let dir = tempfile::tempdir().unwrap();

@@ -380,6 +380,25 @@ fn no_command_replaces_a_model_without_yes_or_writes_into_its_inputs() {
         &[1],
         "never writes into its own inputs",
     );
+    // Not even the data cache or the lock goes into it (the snapshots leave those two out).
+    for written in [".cache", ".train.lock"] {
+        assert!(
+            !m.join(written).exists(),
+            "{written} written into the model"
+        );
+    }
+    // Nor into the base of an adapter given as the model.
+    refused(
+        &run(dir.path(), &out, &d, &m, &["--max-steps", "1", "--yes"]),
+        &[1],
+        "never writes into its own inputs",
+    );
+    for written in [".cache", ".train.lock"] {
+        assert!(
+            !m.join(written).exists(),
+            "{written} written into the base model"
+        );
+    }
     let merged_now = snapshot(&merged);
     refused(
         &run(dir.path(), &m, &d, &merged, &["--max-steps", "1"]),
