@@ -10,9 +10,9 @@ use std::path::PathBuf;
 use burn::backend::{Autodiff, Flex};
 use train_data::{ChatTokenizer, DatasetConfig, prepare};
 use train_model::{LoadOptions, load_pretrained};
-use train_monitor::{EvalRecord, MonitoringBundle, MonitoringConfig, RunEnd, RunStart, Status};
-use train_runner::{RunControl, RunInfo, RunStatus, RunSummary, TrainEvent, TrainObserver};
-use train_runner::{TrainSetup, TrainerConfig, run};
+use train_monitor::{MonitoringBundle, MonitoringConfig, RunEnd, RunStart, Status};
+use train_runner::{MetricsObserver, Observers, RunControl, RunInfo, RunStatus, RunSummary};
+use train_runner::{TrainEvent, TrainObserver, TrainSetup, TrainerConfig, run};
 
 type Backend = Autodiff<Flex>; // or Autodiff<LibTorch>, Autodiff<Cuda> with the crate features
 
@@ -58,12 +58,17 @@ fn main() -> anyhow::Result<()> {
         config,
     );
 
-    // Train, feeding the monitor; the final model is saved in OUTPUT (checkpoints beside it).
+    // Train, feeding the monitor and metrics.jsonl; the final model is saved in OUTPUT
+    // (checkpoints beside it).
     let mut monitor = Monitor(MonitoringBundle::new(MonitoringConfig::new(
         output.join("status"),
         Some(output.clone()),
     )));
-    let summary = run(setup, None, &mut monitor, &RunControl::new())?;
+    let mut metrics = MetricsObserver::new();
+    let mut observers = Observers::default();
+    observers.push(&mut monitor);
+    observers.push(&mut metrics);
+    let summary = run(setup, None, &mut observers, &RunControl::new())?;
     println!(
         "{:?} after {} steps: train loss {:.3}, eval loss {:.3}, model in {}",
         summary.status,
@@ -95,20 +100,10 @@ impl TrainObserver for Monitor {
                     "step {:>3}  loss {:.4}  {:.0} tokens/s",
                     m.step, m.loss, m.tokens_per_sec
                 );
-                let alerts = self.0.step(&train_monitor::StepRecord {
-                    step: m.step,
-                    epoch: m.epoch,
-                    loss: m.loss,
-                    learning_rate: m.learning_rate,
-                    grad_norm: m.grad_norm,
-                    tokens_per_sec: m.tokens_per_sec,
-                });
+                let alerts = self.0.step(m);
                 report(alerts.map(|a| a.iter().for_each(|a| println!("alert: {}", a.message))));
             }
-            TrainEvent::Eval(e) => report(self.0.eval(&EvalRecord {
-                step: e.step,
-                eval_loss: e.eval_loss,
-            })),
+            TrainEvent::Eval(e) => report(self.0.eval(e)),
             _ => {}
         }
     }

@@ -6,8 +6,8 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use train_monitor::{
-    AlertConfig, EvalRecord, History, MonitorError, MonitoringBundle, MonitoringConfig, RunEnd,
-    RunStart, Status, StepRecord,
+    AlertConfig, History, MetricsLog, MonitorError, MonitoringBundle, MonitoringConfig, RunEnd,
+    RunStart, Status,
 };
 use train_runner::{RunInfo, RunStatus, RunSummary, TrainEvent, TrainObserver};
 
@@ -59,7 +59,7 @@ impl TrainObserver for Monitor {
     fn start(&mut self, info: &RunInfo) {
         self.started = Instant::now();
         let history = if info.start_step > 0 {
-            std::fs::read_to_string(info.output_dir.join("metrics.jsonl"))
+            std::fs::read_to_string(info.output_dir.join(MetricsLog::FILE))
                 .map(|t| History::from_metrics(&t, info.start_step))
                 .unwrap_or_default()
         } else {
@@ -78,23 +78,13 @@ impl TrainObserver for Monitor {
         match event {
             TrainEvent::Step(m) => {
                 self.steps += 1;
-                let r = self.bundle.borrow_mut().step(&StepRecord {
-                    step: m.step,
-                    epoch: m.epoch,
-                    loss: m.loss,
-                    learning_rate: m.learning_rate,
-                    grad_norm: m.grad_norm,
-                    tokens_per_sec: m.tokens_per_sec,
-                });
+                let r = self.bundle.borrow_mut().step(m);
                 for alert in self.check(r).unwrap_or_default() {
                     errln!("alert: {}", alert.message);
                 }
             }
             TrainEvent::Eval(e) => {
-                let r = self.bundle.borrow_mut().eval(&EvalRecord {
-                    step: e.step,
-                    eval_loss: e.eval_loss,
-                });
+                let r = self.bundle.borrow_mut().eval(e);
                 self.check(r);
             }
             TrainEvent::Paused { .. } => {

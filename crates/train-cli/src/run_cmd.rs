@@ -12,8 +12,8 @@ use train_model::{
     AttentionImpl, LoadOptions, LoraConfig, Precision, StorageDtype, load_pretrained,
 };
 use train_runner::{
-    LrSchedule, Observers, Resume, RunControl, RunStatus, RunSummary, TrainSetup, TrainerConfig,
-    evaluate, latest_intact_checkpoint,
+    LrSchedule, MetricsObserver, Observers, Resume, RunControl, RunStatus, RunSummary, TrainSetup,
+    TrainerConfig, evaluate, latest_intact_checkpoint,
 };
 
 use crate::DataArgs;
@@ -492,9 +492,12 @@ impl WithBackend for Training<'_> {
             .unwrap_or_else(|| output.join("status"));
         let mut monitor = Monitor::new(status_dir, output, self.alerts);
         let bundle = monitor.bundle();
+        let mut metrics = MetricsObserver::new();
         let mut observers = Observers::default();
-        // The monitor first: the status file is current before progress lines announce a change.
+        // The monitor first: the status file is current before progress lines announce a change
+        // (it reads a resumed run's past rows at the start, before they are appended to).
         observers.push(&mut monitor);
+        observers.push(&mut metrics);
         observers.push(&mut progress);
         let mut inspector = crate::inspect::Inspector::new(
             bundle,
@@ -514,6 +517,9 @@ impl WithBackend for Training<'_> {
             &mut inspector,
         );
         drop(observers);
+        if let Some(e) = metrics.error() {
+            errln!("warning: metrics.jsonl: {e} (training went on without it)");
+        }
         if let Some((spent, wall, steps)) = monitor.overhead {
             errln!(
                 "monitoring (status file, alerts, previews, layer monitor, evolution, plots, report): {:.1} ms over {steps} steps, {:.2} % of the run",

@@ -3,38 +3,11 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
-
 use crate::error::Result;
 use crate::fsutil::write_atomic;
+use crate::metrics::{EvalRecord, MetricsRow, StepRecord};
 use crate::plots::{Series, line_chart};
 use crate::status::TrainingStatus;
-
-/// One optimizer step as the monitor sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct StepRecord {
-    /// 1-based step.
-    pub step: usize,
-    /// Progress in epochs.
-    pub epoch: f64,
-    /// Mean loss over the step's label tokens.
-    pub loss: f64,
-    /// Learning rate of the step.
-    pub learning_rate: f64,
-    /// Global gradient norm before clipping.
-    pub grad_norm: f64,
-    /// Input tokens per second of the step.
-    pub tokens_per_sec: f64,
-}
-
-/// One evaluation.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct EvalRecord {
-    /// Step after which it ran.
-    pub step: usize,
-    /// Mean validation loss.
-    pub eval_loss: f64,
-}
 
 /// Every step and evaluation of a run, in order.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -52,19 +25,14 @@ impl History {
         let mut steps = BTreeMap::new();
         let mut evals = BTreeMap::new();
         for line in text.lines() {
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-                continue;
-            };
-            let Some(step) = v["step"].as_u64().and_then(|s| usize::try_from(s).ok()) else {
-                continue;
-            };
-            if step > until_step {
-                continue;
-            }
-            if let Some(eval_loss) = v["eval_loss"].as_f64() {
-                evals.insert(step, EvalRecord { step, eval_loss });
-            } else if let Ok(s) = serde_json::from_value::<StepRecord>(v) {
-                steps.insert(step, s);
+            match MetricsRow::parse(line) {
+                Some(MetricsRow::Step(r)) if r.step <= until_step => {
+                    steps.insert(r.step, r);
+                }
+                Some(MetricsRow::Eval(r)) if r.step <= until_step => {
+                    evals.insert(r.step, r);
+                }
+                _ => {}
             }
         }
         Self {

@@ -19,7 +19,7 @@ use train_model::{CausalLm, SaveOptions, StorageDtype, save_pretrained};
 
 use crate::config::TrainerConfig;
 use crate::error::{Result, RunnerError};
-use crate::observer::{EvalMetrics, StepMetrics};
+use crate::observer::{EvalRecord, StepRecord};
 use crate::optim::AdamW;
 
 /// Everything besides weights and moments that a resumed run needs.
@@ -122,12 +122,12 @@ impl TrainerState {
         serde_json::from_value(value)
     }
 
-    pub(crate) fn log_step(&mut self, m: &StepMetrics) {
+    pub(crate) fn log_step(&mut self, m: &StepRecord) {
         self.log_history
             .push(serde_json::to_value(m).unwrap_or(Value::Null));
     }
 
-    pub(crate) fn log_eval(&mut self, m: &EvalMetrics) {
+    pub(crate) fn log_eval(&mut self, m: &EvalRecord) {
         self.log_history
             .push(serde_json::to_value(m).unwrap_or(Value::Null));
     }

@@ -105,8 +105,8 @@ pub use error::{Result, RunnerError};
 pub use eval::evaluate;
 pub use lock::OutputLock;
 pub use observer::{
-    EvalMetrics, MetricsLog, ModelInspector, NoInspector, Observers, RunInfo, RunStatus,
-    RunSummary, StepMetrics, TrainEvent, TrainObserver,
+    EvalRecord, MetricsObserver, ModelInspector, NoInspector, Observers, RunInfo, RunStatus,
+    RunSummary, StepRecord, TrainEvent, TrainObserver,
 };
 pub use optim::{AdamW, AdamWConfig, ParamTable, global_grad_norm, layer_norms};
 pub use parallel::{Cluster, DataParallel, StepOutcome, parallel_step_gradients};

@@ -1,15 +1,13 @@
-//! The observer interface (the seed's `MonitoringBundle`: start / update / stop) and the
-//! metrics log every run writes.
+//! The observer interface (the seed's `MonitoringBundle`: start / update / stop), and the
+//! observer that writes `metrics.jsonl`.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use train_model::CausalLm;
 use train_model::FusedAutodiffBackend;
-
-use crate::error::{Result, RunnerError};
+pub use train_monitor::{EvalRecord, StepRecord};
+use train_monitor::{MetricsLog, MetricsRow};
 
 /// What a run is about to do.
 #[derive(Debug, Clone, Serialize)]
@@ -31,40 +29,6 @@ pub struct RunInfo {
     pub trainable_parameters: usize,
     /// The output directory.
     pub output_dir: PathBuf,
-}
-
-/// One optimizer step.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StepMetrics {
-    /// 1-based step number.
-    pub step: usize,
-    /// Progress in epochs.
-    pub epoch: f64,
-    /// Mean cross-entropy over the step's label tokens.
-    pub loss: f64,
-    /// Learning rate used by this step.
-    pub learning_rate: f64,
-    /// Global gradient norm before clipping.
-    pub grad_norm: f64,
-    /// Input tokens of the step (padding excluded).
-    pub tokens: usize,
-    /// Label tokens of the step.
-    pub label_tokens: usize,
-    /// Input tokens per second of this step.
-    pub tokens_per_sec: f64,
-}
-
-/// One evaluation.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EvalMetrics {
-    /// Step after which it ran.
-    pub step: usize,
-    /// Progress in epochs.
-    pub epoch: f64,
-    /// Mean cross-entropy over every validation label token.
-    pub eval_loss: f64,
-    /// Validation label tokens.
-    pub eval_tokens: u64,
 }
 
 /// How a run ended.
@@ -109,9 +73,9 @@ pub struct RunSummary {
 #[non_exhaustive]
 pub enum TrainEvent<'a> {
     /// An optimizer step finished.
-    Step(&'a StepMetrics),
+    Step(&'a StepRecord),
     /// An evaluation finished.
-    Eval(&'a EvalMetrics),
+    Eval(&'a EvalRecord),
     /// The run paused on request after `step` (until resumed or stopped).
     Paused {
         /// Steps done.
@@ -182,39 +146,59 @@ impl TrainObserver for Observers<'_> {
     }
 }
 
-/// `metrics.jsonl`: one object per step and per evaluation, appended (flushed each line).
-pub struct MetricsLog {
-    path: PathBuf,
-    file: File,
+/// Writes the run's `metrics.jsonl` in its output directory (`train_monitor::MetricsLog`):
+/// one tagged row per step and per evaluation, appended when the run resumes. A run writes no
+/// metrics file unless this observer is among its observers (the `train` binary always adds
+/// it). Writing never stops the run: the first error is kept ([`MetricsObserver::error`]) for
+/// whoever composed it to report, and no further row is written.
+#[derive(Debug, Default)]
+pub struct MetricsObserver {
+    log: Option<MetricsLog>,
+    error: Option<String>,
 }
 
-impl MetricsLog {
-    /// Opens `path`, appending when `append`, else truncating.
-    pub fn open(path: &Path, append: bool) -> Result<Self> {
-        let file = OpenOptions::new()
-            .create(true)
-            .append(append)
-            .write(true)
-            .truncate(!append)
-            .open(path)
-            .map_err(|e| RunnerError::io(path, e))?;
-        Ok(Self {
-            path: path.to_path_buf(),
-            file,
-        })
+impl MetricsObserver {
+    /// An observer that opens `<output_dir>/metrics.jsonl` when the run starts.
+    pub fn new() -> Self {
+        Self::default()
     }
 
-    /// Appends one JSON line.
-    pub fn write<T: Serialize>(&mut self, row: &T) -> Result<()> {
-        let mut line = serde_json::to_string(row)
-            .map_err(|e| RunnerError::io(&self.path, std::io::Error::other(e.to_string())))?;
-        line.push('\n');
-        self.file
-            .write_all(line.as_bytes())
-            .map_err(|e| RunnerError::io(&self.path, e))?;
-        self.file
-            .flush()
-            .map_err(|e| RunnerError::io(&self.path, e))
+    /// The first error met writing the file, if any (later rows were not written).
+    pub fn error(&self) -> Option<&str> {
+        self.error.as_deref()
+    }
+
+    fn write(&mut self, row: MetricsRow) {
+        if let Some(log) = self.log.as_mut()
+            && let Err(e) = log.write(&row)
+        {
+            self.error.get_or_insert(e.to_string());
+            self.log = None;
+        }
+    }
+}
+
+impl TrainObserver for MetricsObserver {
+    fn start(&mut self, info: &RunInfo) {
+        let path = info.output_dir.join(MetricsLog::FILE);
+        match MetricsLog::open(&path, info.start_step > 0) {
+            Ok(log) => self.log = Some(log),
+            Err(e) => {
+                self.error.get_or_insert(e.to_string());
+            }
+        }
+    }
+
+    fn update(&mut self, event: &TrainEvent<'_>) {
+        match event {
+            TrainEvent::Step(m) => self.write(MetricsRow::Step(**m)),
+            TrainEvent::Eval(m) => self.write(MetricsRow::Eval(**m)),
+            _ => {}
+        }
+    }
+
+    fn stop(&mut self, _summary: &RunSummary) {
+        self.log = None;
     }
 }
 

@@ -11,8 +11,8 @@ use crate::checkpoint::{TrainerState, list_checkpoints, model_fingerprint, remov
 use crate::config::TrainerConfig;
 use crate::control::RunControl;
 use crate::error::{Result, RunnerError};
-use crate::observer::{MetricsLog, RunInfo, RunStatus, RunSummary, TrainObserver};
 use crate::observer::{ModelInspector, NoInspector};
+use crate::observer::{RunInfo, RunStatus, RunSummary, TrainObserver};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::setup::{
     Resume, TrainSetup, check_micro_batch, check_resumable, check_row_ids, check_token_ids,
@@ -180,7 +180,6 @@ pub fn run_inspected<B: FusedAutodiffBackend>(
             s
         }
     };
-    let mut metrics = MetricsLog::open(&output.join("metrics.jsonl"), resume.is_some())?;
 
     let info = RunInfo {
         total_steps,
@@ -208,7 +207,6 @@ pub fn run_inspected<B: FusedAutodiffBackend>(
         devices,
         cluster: setup.cluster.clone(),
         state: &mut state,
-        metrics: &mut metrics,
         observer: &mut *observer,
         inspector,
         control,

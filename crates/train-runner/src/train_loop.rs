@@ -17,7 +17,7 @@ use crate::control::RunControl;
 use crate::error::Result;
 use crate::eval::evaluate;
 use crate::observer::ModelInspector;
-use crate::observer::{EvalMetrics, MetricsLog, RunStatus, StepMetrics, TrainEvent, TrainObserver};
+use crate::observer::{EvalRecord, RunStatus, StepRecord, TrainEvent, TrainObserver};
 use crate::optim::{AdamW, ParamTable, global_grad_norm};
 use crate::step::step_gradients;
 
@@ -32,12 +32,11 @@ pub(crate) struct Loop<'a, B: FusedAutodiffBackend> {
     pub(crate) devices: Vec<burn::tensor::Device<B>>,
     pub(crate) cluster: Option<crate::Cluster>,
     pub(crate) state: &'a mut TrainerState,
-    pub(crate) metrics: &'a mut MetricsLog,
     pub(crate) observer: &'a mut dyn TrainObserver,
     pub(crate) inspector: &'a mut dyn ModelInspector<B>,
     pub(crate) control: &'a RunControl,
     pub(crate) last_checkpoint: Option<PathBuf>,
-    pub(crate) last_eval: Option<EvalMetrics>,
+    pub(crate) last_eval: Option<EvalRecord>,
     pub(crate) tokens_seen: usize,
     pub(crate) seconds: f64,
     pub(crate) steps_this_run: usize,
@@ -137,7 +136,7 @@ impl<B: FusedAutodiffBackend> Loop<'_, B> {
             self.seconds += seconds;
             self.steps_this_run += 1;
             self.loss_this_run += step_loss;
-            let m = StepMetrics {
+            let m = StepRecord {
                 step: self.state.global_step,
                 epoch: self.state.epoch,
                 loss: step_loss,
@@ -147,7 +146,6 @@ impl<B: FusedAutodiffBackend> Loop<'_, B> {
                 label_tokens,
                 tokens_per_sec: tokens as f64 / seconds.max(1e-9),
             };
-            self.metrics.write(&m)?;
             self.state.log_step(&m);
             self.observer.update(&TrainEvent::Step(&m));
             self.inspector.inspect(self.state.global_step, &model);
@@ -185,13 +183,12 @@ impl<B: FusedAutodiffBackend> Loop<'_, B> {
             batch_size,
             self.pad_id,
         );
-        let m = EvalMetrics {
+        let m = EvalRecord {
             step,
             epoch: self.state.epoch,
             eval_loss: sum / tokens.max(1) as f64,
             eval_tokens: tokens,
         };
-        self.metrics.write(&m)?;
         self.state.log_eval(&m);
         self.observer.update(&TrainEvent::Eval(&m));
         let better = self.state.best_metric.is_none_or(|b| m.eval_loss < b);

@@ -19,6 +19,8 @@ fn step(step: usize, loss: f64, tps: f64) -> StepRecord {
         loss,
         learning_rate: 1e-4,
         grad_norm: 1.5,
+        tokens: 100,
+        label_tokens: 50,
         tokens_per_sec: tps,
     }
 }
@@ -210,7 +212,9 @@ fn the_bundle_tracks_a_run_raises_alerts_once_and_writes_the_report() {
     assert!(v["loss_trend"].as_f64().unwrap() < 0.0);
     m.eval(&EvalRecord {
         step: 12,
+        epoch: 1.2,
         eval_loss: 2.9,
+        eval_tokens: 40,
     })
     .unwrap();
     let v = read(&m);
@@ -237,6 +241,41 @@ fn the_bundle_tracks_a_run_raises_alerts_once_and_writes_the_report() {
     assert!(m.time_spent() > Duration::ZERO);
 }
 
+/// `MetricsLog` writes tagged rows that the history reads back (the monitor never guesses a
+/// row's kind from its fields), and a resumed run appends.
+#[test]
+fn metrics_log_rows_are_tagged_and_read_back() {
+    use train_monitor::{MetricsLog, MetricsRow};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("run").join(MetricsLog::FILE);
+    let eval = EvalRecord {
+        step: 1,
+        epoch: 0.1,
+        eval_loss: 2.5,
+        eval_tokens: 7,
+    };
+    let mut log = MetricsLog::open(&path, false).unwrap();
+    log.write(&MetricsRow::Step(step(1, 3.0, 9.0))).unwrap();
+    log.write(&MetricsRow::Eval(eval)).unwrap();
+    drop(log);
+    let mut log = MetricsLog::open(&path, true).unwrap();
+    log.write(&MetricsRow::Step(step(2, 2.0, 9.0))).unwrap();
+    drop(log);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let kinds: Vec<String> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["kind"].to_string())
+        .collect();
+    assert_eq!(kinds, [r#""step""#, r#""eval""#, r#""step""#]);
+    let h = History::from_metrics(&text, 2);
+    assert_eq!(h.steps, [step(1, 3.0, 9.0), step(2, 2.0, 9.0)]);
+    assert_eq!(h.evals, [eval]);
+    // A fresh run truncates.
+    drop(MetricsLog::open(&path, false).unwrap());
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
+    assert_eq!(MetricsRow::parse(r#"{"kind":"other","step":1}"#), None);
+}
+
 #[test]
 fn history_of_a_resumed_run_comes_from_metrics_jsonl() {
     let text = [
@@ -257,7 +296,9 @@ fn history_of_a_resumed_run_comes_from_metrics_jsonl() {
         h.evals,
         [EvalRecord {
             step: 2,
-            eval_loss: 2.95
+            epoch: 0.2,
+            eval_loss: 2.95,
+            eval_tokens: 10,
         }]
     );
 }
@@ -336,7 +377,9 @@ fn the_bundle_logs_layers_previews_and_evolution() {
     m.step(&step(10, 1.0, 100.0)).unwrap();
     m.eval(&EvalRecord {
         step: 10,
+        epoch: 1.0,
         eval_loss: 1.0,
+        eval_tokens: 40,
     })
     .unwrap();
     let lines = |name: &str| {

@@ -11,9 +11,9 @@ use train_model::{
     CausalLm, LoadOptions, LoraConfig, ModelConfig, NamedParam, Precision, load_pretrained,
 };
 use train_runner::{
-    Cluster, LrSchedule, OutputLock, Resume, RunControl, RunStatus, RunSummary, RunnerError,
-    TrainEvent, TrainObserver, TrainSetup, TrainerConfig, global_grad_norm, latest_checkpoint, run,
-    step_gradients,
+    Cluster, LrSchedule, MetricsObserver, OutputLock, Resume, RunControl, RunStatus, RunSummary,
+    RunnerError, TrainEvent, TrainObserver, TrainSetup, TrainerConfig, global_grad_norm,
+    latest_checkpoint, run, step_gradients,
 };
 
 type B = Autodiff<Flex>;
@@ -160,6 +160,8 @@ struct Recorder {
     events: Vec<String>,
     stop_after: Option<(usize, RunControl)>,
     summary: Option<RunSummary>,
+    /// `metrics.jsonl`, as the `train` binary writes it.
+    metrics: MetricsObserver,
 }
 
 impl Recorder {
@@ -168,15 +170,18 @@ impl Recorder {
             events: Vec::new(),
             stop_after: None,
             summary: None,
+            metrics: MetricsObserver::new(),
         }
     }
 }
 
 impl TrainObserver for Recorder {
     fn start(&mut self, info: &train_runner::RunInfo) {
+        self.metrics.start(info);
         self.events.push(format!("start {}", info.start_step));
     }
     fn update(&mut self, event: &TrainEvent<'_>) {
+        self.metrics.update(event);
         match event {
             TrainEvent::Step(m) => {
                 self.events.push(format!("step {}", m.step));
@@ -194,6 +199,8 @@ impl TrainObserver for Recorder {
         }
     }
     fn stop(&mut self, summary: &RunSummary) {
+        self.metrics.stop(summary);
+        assert_eq!(self.metrics.error(), None, "metrics.jsonl");
         self.events.push(format!("stop {:?}", summary.status));
         self.summary = Some(summary.clone());
     }
