@@ -53,7 +53,7 @@ pub fn send(command: ControlCommand, output: &Path) -> Result<()> {
     };
     let body = serde_json::json!({"command": command.as_str(), "pid": pid, "requested_at": train_monitor::status::unix_now()});
     let path = control_file(output);
-    train_monitor::write_atomic(&path, format!("{body}\n").as_bytes())
+    train_fs::write_atomic(&path, format!("{body}\n").as_bytes())
         .with_context(|| format!("writing {}", path.display()))?;
     errln!(
         "asked the run in {} (process {pid}) to {}",

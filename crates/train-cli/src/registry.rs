@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Result, anyhow};
 use serde::{Deserialize, Serialize};
-use train_model::pretrained::write_atomically;
 use train_model::{MAX_JSON_FILE_BYTES, ModelConfig, ModelError, read_text_file};
 
 /// An error about the registry file itself.
@@ -122,7 +121,8 @@ impl ModelRegistry {
             let mut text =
                 serde_json::to_string_pretty(&data).map_err(|e| registry_error(&self.path, e))?;
             text.push('\n');
-            write_atomically(&self.path, text.as_bytes())?;
+            train_fs::write_atomic(&self.path, text.as_bytes())
+                .map_err(|e| ModelError::io(&self.path, e))?;
             Ok(out)
         })();
         unlock(&lock);

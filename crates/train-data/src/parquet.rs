@@ -170,12 +170,16 @@ pub fn write_examples(path: &Path, examples: &[Example]) -> Result<()> {
         labels.with_name("labels".into()).into_column(),
     ];
     let mut df = DataFrame::new(examples.len(), columns).map_err(|e| polars_err(path, &e))?;
-    let tmp = path.with_extension("parquet.tmp");
-    let file = File::create(&tmp).map_err(|e| DataError::io(&tmp, e))?;
-    ParquetWriter::new(file)
-        .finish(&mut df)
-        .map_err(|e| polars_err(path, &e))?;
-    std::fs::rename(&tmp, path).map_err(|e| DataError::io(path, e))
+    let mut failed = None;
+    train_fs::replace_with(path, |file| {
+        ParquetWriter::new(file).finish(&mut df).map_err(|e| {
+            let message = polars_err(path, &e);
+            failed = Some(message);
+            std::io::Error::other("parquet")
+        })?;
+        Ok::<(), std::io::Error>(())
+    })
+    .map_err(|e| failed.take().unwrap_or_else(|| DataError::io(path, e)))
 }
 
 /// Reads examples written by [`write_examples`], through the same decoding bounds as data

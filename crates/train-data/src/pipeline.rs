@@ -425,9 +425,7 @@ pub fn read_prepared(dir: &Path) -> Result<Prepared> {
 fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     let text =
         serde_json::to_string_pretty(value).map_err(|e| DataError::file(path, e.to_string()))?;
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, text).map_err(|e| DataError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| DataError::io(path, e))
+    train_fs::write_atomic(path, text.as_bytes()).map_err(|e| DataError::io(path, e))
 }
 
 /// The cache key of a preparation: the data file, the tokenizer, the template and its special

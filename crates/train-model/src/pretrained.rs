@@ -194,25 +194,9 @@ impl safetensors::View for &OwnedView {
     }
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so a
-/// crash never leaves a half-written file under the final name.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = tmp_name(path);
-    if let Err(e) = std::fs::write(&tmp, bytes) {
-        // A full disk: leave no half-written temporary file behind.
-        let _ = std::fs::remove_file(&tmp);
-        return Err(ModelError::io(&tmp, e));
-    }
-    std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
-}
-
-fn tmp_name(path: &Path) -> PathBuf {
-    let mut name = path
-        .file_name()
-        .map(std::ffi::OsStr::to_os_string)
-        .unwrap_or_default();
-    name.push(format!(".{}.tmp", std::process::id()));
-    path.with_file_name(name)
+/// Replaces `path` with `bytes` by `train_fs`'s rule (temporary file, data synced, rename).
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    train_fs::write_atomic(path, bytes).map_err(|e| ModelError::io(path, e))
 }
 
 /// For a vision-language model, the source checkpoint whose other towers `save_pretrained`
@@ -383,7 +367,7 @@ pub fn save_pretrained<B: Backend>(
             total_bytes += v.data.len() as u64;
             weight_map.insert(name.clone(), fname.clone());
         }
-        let tmp = tmp_name(&path);
+        let tmp = train_fs::temporary_name(&path);
         safetensors::serialize_to_file(
             views.iter().map(|(n, v)| (n.as_str(), v)),
             Some(metadata.clone()),
@@ -393,7 +377,7 @@ pub fn save_pretrained<B: Backend>(
             let _ = std::fs::remove_file(&tmp);
             ModelError::weights(&tmp, format!("could not write safetensors: {e}"))
         })?;
-        std::fs::rename(&tmp, &path).map_err(|e| ModelError::io(&path, e))?;
+        train_fs::install(&tmp, &path).map_err(|e| ModelError::io(&path, e))?;
         weight_files.push(path);
     }
 

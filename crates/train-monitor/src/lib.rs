@@ -51,7 +51,6 @@
 pub mod alerts;
 pub mod bundle;
 pub mod error;
-mod fsutil;
 pub mod jsonl;
 pub mod layers;
 pub mod memory;
@@ -65,7 +64,6 @@ pub mod status;
 pub use alerts::{Alert, AlertConfig, AlertInputs, AlertKind};
 pub use bundle::{MonitoringBundle, MonitoringConfig, RunEnd, RunStart};
 pub use error::{MonitorError, Result};
-pub use fsutil::write_atomic;
 pub use jsonl::JsonlWriter;
 pub use layers::{LayerMonitor, LayerRecord};
 pub use memory::MemoryInfo;
@@ -75,3 +73,11 @@ pub use report::{History, render_html, write_report};
 pub use samples::{Sample, evolution_due, preview_interval};
 pub use stats::{Ema, LossWindow};
 pub use status::{SCHEMA_VERSION, Status, StatusWriter, TrainingStatus};
+
+/// Creates the directory of `path`, then replaces the file by `train_fs`'s rule (a reader sees
+/// the old content or the new, never a part).
+pub(crate) fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or_else(|| std::path::Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| MonitorError::io(dir, e))?;
+    train_fs::write_atomic(path, bytes).map_err(|e| MonitorError::io(path, e))
+}

@@ -4,10 +4,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::error::Result;
-use crate::fsutil::write_atomic;
 use crate::metrics::{EvalRecord, MetricsRow, StepRecord};
 use crate::plots::{Series, line_chart};
 use crate::status::TrainingStatus;
+use crate::write_atomic;
 
 /// Every step and evaluation of a run, in order.
 #[derive(Debug, Clone, Default, PartialEq)]

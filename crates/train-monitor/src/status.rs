@@ -8,9 +8,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::alerts::Alert;
 use crate::error::Result;
-use crate::fsutil::write_atomic;
 use crate::memory::MemoryInfo;
 use crate::samples::Sample;
+use crate::write_atomic;
 
 /// Version of [`TrainingStatus`]'s layout; bumped when a field changes meaning or goes away.
 pub const SCHEMA_VERSION: u32 = 1;

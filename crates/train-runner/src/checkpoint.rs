@@ -216,10 +216,7 @@ pub fn set_aside(output: &Path, names: &[String], label: &str) -> Result<PathBuf
         path: path.clone(),
         message: e.to_string(),
     })?;
-    let tmp = output.join(format!("{SET_ASIDE_JOURNAL}.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, text).map_err(|e| RunnerError::io(&tmp, e))?;
-    sync(&tmp)?;
-    std::fs::rename(&tmp, &path).map_err(|e| RunnerError::io(&path, e))?;
+    train_fs::write_atomic(&path, text.as_bytes()).map_err(|e| RunnerError::io(&path, e))?;
     sync(output)?;
     complete_set_aside(output, &journal)
 }
