@@ -100,7 +100,12 @@ fn main() -> anyhow::Result<()> {
         tokenizer: Some(tok.tokenizer()),
         end_ids: &ends,
     };
-    let mut processors = registry.build_toml(CONFIG, "custom_processor.rs".as_ref(), &ctx)?;
+    let mut processors = train_logits::build_processors_toml(
+        &registry,
+        CONFIG,
+        "custom_processor.rs".as_ref(),
+        &ctx,
+    )?;
     println!(
         "processors: {:?}",
         processors.iter().map(|p| p.name()).collect::<Vec<_>>()

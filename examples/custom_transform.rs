@@ -57,7 +57,7 @@ fn main() -> anyhow::Result<()> {
     let mut registry = TransformRegistry::new();
     registry.register(
         "signature",
-        Box::new(|options| {
+        Box::new(|options, ()| {
             let o: Options = options.parse()?;
             Ok(Box::new(Signature { text: o.text }) as Box<dyn Transform>)
         }),

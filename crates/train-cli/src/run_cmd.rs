@@ -455,17 +455,17 @@ impl WithBackend for Training<'_> {
         // The loop trains on the rows; the examples they were built from are not needed.
         drop(train_examples);
         let end_ids = train_logits::end_ids(&self.model_dir, &source.config.eos_token_ids, &tok);
-        let processor_configs = match &self.args.processors {
-            Some(p) => train_logits::ProcessorsFile::read(p)?.processors,
+        let ctx = train_logits::ProcessorContext {
+            tokenizer: Some(tok.tokenizer()),
+            end_ids: &end_ids,
+        };
+        // The one factory: a library user's registry with their own types works the same way.
+        let processors = match &self.args.processors {
+            Some(p) => {
+                train_logits::read_processors(&train_logits::ProcessorRegistry::new(), p, &ctx)?
+            }
             None => Vec::new(),
         };
-        let processors = train_logits::build_processors(
-            &processor_configs,
-            &train_logits::ProcessorContext {
-                tokenizer: Some(tok.tokenizer()),
-                end_ids: &end_ids,
-            },
-        )?;
         let start_step = resume.as_ref().map_or(0, |r| r.state.global_step);
         let output = self.trainer.output_dir.clone();
         let eval_steps = self.trainer.eval_steps;

@@ -73,6 +73,7 @@ pub mod load;
 pub mod parquet;
 mod parquet_bounds;
 pub mod pipeline;
+pub mod registry;
 pub mod rng;
 pub mod split;
 pub mod template;
@@ -91,11 +92,12 @@ pub use pipeline::{
     DEFAULT_MAX_LENGTH, DataStats, DatasetConfig, Prepared, cache_key, check_max_length, prepare,
     prepare_cached, read_prepared, write_prepared,
 };
+pub use registry::{Builder, Options, Plugin, Registry, RegistryError};
 pub use split::{DataPosition, EpochOrder, ValidationSplit, split_indices};
 pub use template::ChatTemplate;
 pub use tokenize::{ChatTokenizer, Encoded, LabelMode};
 pub use transform::{
-    Transform, TransformBuilder, TransformConfig, TransformContext, TransformOptions,
-    TransformPipeline, TransformRegistry,
+    BUILTIN_TRANSFORMS, Transform, TransformBuilder, TransformConfig, TransformContext,
+    TransformOptions, TransformPipeline, TransformRegistry, Transforms,
 };
 pub use validate::{CheckReport, check_file};

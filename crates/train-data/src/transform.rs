@@ -269,31 +269,45 @@ impl TransformPipeline {
 
 /// The options of one `[[transform]]` table (everything but `type`), handed to the builder of a
 /// transform registered in a [`TransformRegistry`].
-#[derive(Debug, Clone, PartialEq)]
-pub struct TransformOptions(toml::Table);
+pub type TransformOptions = crate::registry::Options;
 
-impl TransformOptions {
-    /// Deserializes the options into your own type (`#[derive(Deserialize)]`); the error is the
-    /// deserializer's message (unknown or missing keys, wrong types).
-    pub fn parse<T: serde::de::DeserializeOwned>(&self) -> std::result::Result<T, String> {
-        toml::Value::Table(self.0.clone())
-            .try_into()
-            .map_err(|e: toml::de::Error| e.message().to_string())
-    }
+/// Builds a downstream transform from its options (transforms get no other context: `()`); an
+/// `Err` is a message that the registry reports with the transform's position and type.
+pub type TransformBuilder = crate::registry::Builder<Transforms>;
 
-    /// True when the table has no key but `type`.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+/// The data transforms as a kind of [`Plugin`](crate::Plugin): `[[transform]]` tables,
+/// [`Transform`] objects, the built-ins of [`TransformConfig`].
+#[derive(Debug, Clone, Copy)]
+pub struct Transforms;
+
+/// The `type` names of the built-in transforms (the variants of [`TransformConfig`]).
+pub const BUILTIN_TRANSFORMS: [&str; 4] = [
+    "strip_think",
+    "system_prompt",
+    "thinking_pattern",
+    "stop_pattern",
+];
+
+impl crate::registry::Plugin for Transforms {
+    type Output = dyn Transform;
+    type Context<'a> = ();
+    const TABLE: &'static str = "transform";
+
+    fn builtins(registry: &mut crate::registry::Registry<Self>) {
+        for name in BUILTIN_TRANSFORMS {
+            let builder: TransformBuilder = Box::new(|options, ()| {
+                let config: TransformConfig = options.parse_tagged()?;
+                config.build().map_err(|e| e.to_string())
+            });
+            // The names are distinct: registering them cannot fail.
+            let _ = registry.register(name, builder);
+        }
     }
 }
 
-/// Builds a downstream transform from its options; an `Err` is a message that the registry
-/// reports with the transform's position and type.
-pub type TransformBuilder =
-    Box<dyn Fn(&TransformOptions) -> std::result::Result<Box<dyn Transform>, String> + Send + Sync>;
-
-/// The transform factory: the built-in transforms ([`TransformConfig`]) plus the ones you
-/// register under a `type` name of your own, all buildable from the same `[[transform]]` TOML.
+/// The transform factory ([`Registry`](crate::Registry) of [`Transforms`]): the built-in
+/// transforms ([`TransformConfig`]), registered by `new()`, plus the ones you register under a
+/// `type` name of your own, all buildable from the same `[[transform]]` TOML.
 ///
 /// ```
 /// use train_data::{Conversation, Transform, TransformContext, TransformRegistry};
@@ -307,7 +321,7 @@ pub type TransformBuilder =
 /// }
 ///
 /// let mut registry = TransformRegistry::new();
-/// registry.register("shout", Box::new(|_opts| Ok(Box::new(Shout) as Box<dyn Transform>)))?;
+/// registry.register("shout", Box::new(|_opts, ()| Ok(Box::new(Shout) as Box<dyn Transform>)))?;
 /// let pipeline = registry.pipeline_from_toml(r#"
 ///     [[transform]]
 ///     type = "strip_think"
@@ -315,110 +329,20 @@ pub type TransformBuilder =
 ///     type = "shout"
 /// "#)?;
 /// assert_eq!(pipeline.len(), 2);
-/// # Ok::<(), train_data::DataError>(())
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
-#[derive(Default)]
-pub struct TransformRegistry {
-    custom: std::collections::BTreeMap<String, TransformBuilder>,
-}
+pub type TransformRegistry = crate::registry::Registry<Transforms>;
 
-impl std::fmt::Debug for TransformRegistry {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TransformRegistry")
-            .field("custom", &self.custom.keys().collect::<Vec<_>>())
-            .finish()
-    }
-}
-
-/// The `type` names of the built-in transforms.
-pub const BUILTIN_TRANSFORMS: [&str; 4] = [
-    "strip_think",
-    "system_prompt",
-    "thinking_pattern",
-    "stop_pattern",
-];
-
-impl TransformRegistry {
-    /// A registry with the built-in transforms only.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Registers a transform under `type_name`. Refused when the name is a built-in one or
-    /// already registered.
-    pub fn register(&mut self, type_name: &str, builder: TransformBuilder) -> Result<()> {
-        if BUILTIN_TRANSFORMS.contains(&type_name) || self.custom.contains_key(type_name) {
-            return Err(DataError::config(
-                "transform.type",
-                format!("{type_name:?} is already a transform type"),
-            ));
-        }
-        self.custom.insert(type_name.to_string(), builder);
-        Ok(())
-    }
-
-    /// Every `type` this registry can build, built-ins first.
-    pub fn type_names(&self) -> Vec<&str> {
-        BUILTIN_TRANSFORMS
-            .iter()
-            .copied()
-            .chain(self.custom.keys().map(String::as_str))
-            .collect()
-    }
-
+impl crate::registry::Registry<Transforms> {
     /// Builds the `[[transform]]` tables of a TOML document, in order; built-in and
     /// registered types may be mixed. Errors name the table (`transform[2]`) and its type.
     pub fn pipeline_from_toml(&self, text: &str) -> Result<TransformPipeline> {
-        let mut doc: toml::Table =
-            toml::from_str(text).map_err(|e| DataError::config("transform", e.to_string()))?;
-        let tables = match doc.remove("transform") {
-            None => Vec::new(),
-            Some(toml::Value::Array(a)) => a,
-            Some(_) => {
-                return Err(DataError::config(
-                    "transform",
-                    "expected an array of tables ([[transform]])",
-                ));
-            }
-        };
-        if let Some(key) = doc.keys().next() {
-            return Err(DataError::config(
-                key.as_str(),
-                "unknown key (expected only [[transform]] tables)",
-            ));
-        }
+        let transforms = self.build_toml(text, &()).map_err(|e| {
+            DataError::config(e.field.unwrap_or_else(|| "transform".into()), e.message)
+        })?;
         let mut pipeline = TransformPipeline::default();
-        for (i, value) in tables.into_iter().enumerate() {
-            let field = format!("transform[{i}]");
-            let toml::Value::Table(mut table) = value else {
-                return Err(DataError::config(field, "expected a table"));
-            };
-            let type_name = match table.get("type") {
-                Some(toml::Value::String(s)) => s.clone(),
-                _ => return Err(DataError::config(field, "missing string key `type`")),
-            };
-            let transform = if let Some(builder) = self.custom.get(&type_name) {
-                table.remove("type");
-                builder(&TransformOptions(table))
-                    .map_err(|m| DataError::config(format!("{field} ({type_name})"), m))?
-            } else if BUILTIN_TRANSFORMS.contains(&type_name.as_str()) {
-                let config: TransformConfig =
-                    toml::Value::Table(table)
-                        .try_into()
-                        .map_err(|e: toml::de::Error| {
-                            DataError::config(format!("{field} ({type_name})"), e.message())
-                        })?;
-                config.build()?
-            } else {
-                return Err(DataError::config(
-                    format!("{field}.type"),
-                    format!(
-                        "unknown transform {type_name:?}; known: {}",
-                        self.type_names().join(", ")
-                    ),
-                ));
-            };
-            pipeline.push(transform);
+        for t in transforms {
+            pipeline.push(t);
         }
         Ok(pipeline)
     }
@@ -664,7 +588,7 @@ mod tests {
         let mut r = TransformRegistry::new();
         r.register(
             "suffix",
-            Box::new(|o: &TransformOptions| {
+            Box::new(|o: &TransformOptions, (): &()| {
                 let opts: Opts = o.parse()?;
                 if opts.text.is_empty() {
                     return Err("text is empty".to_string());
@@ -719,11 +643,11 @@ mod tests {
         assert!(e.contains("other"), "{e}");
         let mut r = registry();
         assert!(
-            r.register("strip_think", Box::new(|_| Err(String::new())))
+            r.register("strip_think", Box::new(|_, ()| Err(String::new())))
                 .is_err()
         );
         assert!(
-            r.register("suffix", Box::new(|_| Err(String::new())))
+            r.register("suffix", Box::new(|_, ()| Err(String::new())))
                 .is_err()
         );
         assert_eq!(r.type_names().len(), BUILTIN_TRANSFORMS.len() + 1);

@@ -387,38 +387,46 @@ pub const BUILTIN_PROCESSORS: [&str; 14] = [
 /// Other names accepted for built-in processors (the origin's).
 const BUILTIN_ALIASES: [&str; 2] = ["emoji_think", "stop_penalty"];
 
-fn is_builtin(name: &str) -> bool {
-    BUILTIN_PROCESSORS.contains(&name) || BUILTIN_ALIASES.contains(&name)
-}
-
 /// The options of one `[[processors]]` table (everything but `type`), handed to the builder of
 /// a processor registered in a [`ProcessorRegistry`].
-#[derive(Debug, Clone, PartialEq)]
-pub struct ProcessorOptions(toml::Table);
-
-impl ProcessorOptions {
-    /// Deserializes the options into your own type (`#[derive(Deserialize)]`); the error is the
-    /// deserializer's message.
-    pub fn parse<T: serde::de::DeserializeOwned>(&self) -> std::result::Result<T, String> {
-        toml::Value::Table(self.0.clone())
-            .try_into()
-            .map_err(|e: toml::de::Error| e.message().to_string())
-    }
-}
+pub type ProcessorOptions = train_data::Options;
 
 /// Builds a downstream processor from its options and the model context; an `Err` is a message
 /// that the registry reports with the processor's position and type.
-pub type ProcessorBuilder = Box<
-    dyn Fn(
-            &ProcessorOptions,
-            &ProcessorContext<'_>,
-        ) -> std::result::Result<Box<dyn LogitsProcessor>, String>
-        + Send
-        + Sync,
->;
+pub type ProcessorBuilder = train_data::Builder<Processors>;
 
-/// The processor factory: the built-in processors ([`ProcessorConfig`]) plus the ones you
-/// register under a `type` name of your own, all buildable from one `[[processors]]` TOML file.
+/// The logits processors as a kind of `train_data::Plugin`: `[[processors]]` tables,
+/// [`LogitsProcessor`] objects built with a [`ProcessorContext`], the built-ins of
+/// [`ProcessorConfig`] (and the origin's names for two of them).
+#[derive(Debug, Clone, Copy)]
+pub struct Processors;
+
+impl train_data::Plugin for Processors {
+    type Output = dyn LogitsProcessor;
+    type Context<'a> = ProcessorContext<'a>;
+    const TABLE: &'static str = "processors";
+
+    fn builtins(registry: &mut train_data::Registry<Self>) {
+        let builder = || -> ProcessorBuilder {
+            Box::new(|options, ctx| {
+                let config: ProcessorConfig = options.parse_tagged()?;
+                config.build(ctx).map_err(|e| e.to_string())
+            })
+        };
+        // The names are distinct: registering them cannot fail.
+        for name in BUILTIN_PROCESSORS {
+            let _ = registry.register(name, builder());
+        }
+        for name in BUILTIN_ALIASES {
+            let _ = registry.register_alias(name, builder());
+        }
+    }
+}
+
+/// The processor factory (`train_data::Registry` of [`Processors`]): the built-in processors
+/// ([`ProcessorConfig`]), registered by `new()`, plus the ones you register under a `type`
+/// name of your own, all buildable from one `[[processors]]` TOML file
+/// ([`build_processors_toml`], [`read_processors`]).
 ///
 /// ```
 /// use train_logits::{LogitsProcessor, ProcessorContext, ProcessorRegistry, RowContext};
@@ -442,119 +450,43 @@ pub type ProcessorBuilder = Box<
 ///     Ok(Box::new(Ban(o.id)) as Box<dyn LogitsProcessor>)
 /// }))?;
 /// let ctx = ProcessorContext { tokenizer: None, end_ids: &[0] };
-/// let processors = registry.build_toml(
+/// let processors = train_logits::build_processors_toml(
+///     &registry,
 ///     "[[processors]]\ntype = \"ban\"\nid = 3\n[[processors]]\ntype = \"top_k\"\ntop_k = 2\n",
 ///     "inline.toml".as_ref(),
 ///     &ctx,
 /// )?;
 /// assert_eq!(processors.iter().map(|p| p.name()).collect::<Vec<_>>(), ["ban", "top_k"]);
-/// # Ok::<(), train_logits::LogitsError>(())
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
-#[derive(Default)]
-pub struct ProcessorRegistry {
-    custom: std::collections::BTreeMap<String, ProcessorBuilder>,
-}
+pub type ProcessorRegistry = train_data::Registry<Processors>;
 
-impl std::fmt::Debug for ProcessorRegistry {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ProcessorRegistry")
-            .field("custom", &self.custom.keys().collect::<Vec<_>>())
-            .finish()
-    }
-}
-
-impl ProcessorRegistry {
-    /// A registry with the built-in processors only.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Registers a processor under `type_name`. Refused when the name is a built-in one or
-    /// already registered.
-    pub fn register(&mut self, type_name: &str, builder: ProcessorBuilder) -> Result<()> {
-        if is_builtin(type_name) || self.custom.contains_key(type_name) {
-            return Err(LogitsError::config(
-                type_name,
-                "this processor type is already defined",
-            ));
-        }
-        self.custom.insert(type_name.to_string(), builder);
-        Ok(())
-    }
-
-    /// Every `type` this registry can build, built-ins first.
-    pub fn type_names(&self) -> Vec<&str> {
-        BUILTIN_PROCESSORS
-            .iter()
-            .copied()
-            .chain(self.custom.keys().map(String::as_str))
-            .collect()
-    }
-
-    /// Builds the `[[processors]]` tables of a TOML document, in order; built-in and registered
-    /// types may be mixed. `origin` names the document in errors, with the table
-    /// (`processors[2]`) and its type.
-    pub fn build_toml(
-        &self,
-        text: &str,
-        origin: &Path,
-        ctx: &ProcessorContext<'_>,
-    ) -> Result<Vec<Box<dyn LogitsProcessor>>> {
-        let fail = |message: String| LogitsError::File {
+/// Builds the `[[processors]]` tables of a TOML document with `registry`, in order; built-in
+/// and registered types may be mixed. `origin` names the document in errors, with the table
+/// (`processors[2]`) and its type.
+pub fn build_processors_toml(
+    registry: &ProcessorRegistry,
+    text: &str,
+    origin: &Path,
+    ctx: &ProcessorContext<'_>,
+) -> Result<Vec<Box<dyn LogitsProcessor>>> {
+    registry
+        .build_toml(text, ctx)
+        .map_err(|e| LogitsError::File {
             path: origin.to_path_buf(),
-            message,
-        };
-        let mut doc: toml::Table =
-            toml::from_str(text).map_err(|e| fail(e.to_string().trim_end().to_string()))?;
-        let tables = match doc.remove("processors") {
-            None => Vec::new(),
-            Some(toml::Value::Array(a)) => a,
-            Some(_) => return Err(fail("`processors` must be [[processors]] tables".into())),
-        };
-        if let Some(key) = doc.keys().next() {
-            return Err(fail(format!(
-                "unknown key `{key}` (expected only [[processors]] tables)"
-            )));
-        }
-        let mut out = Vec::with_capacity(tables.len());
-        for (i, value) in tables.into_iter().enumerate() {
-            let toml::Value::Table(mut table) = value else {
-                return Err(fail(format!("processors[{i}] is not a table")));
-            };
-            let Some(toml::Value::String(type_name)) = table.get("type").cloned() else {
-                return Err(fail(format!("processors[{i}] has no string key `type`")));
-            };
-            let at = format!("processors[{i}] ({type_name})");
-            if let Some(builder) = self.custom.get(&type_name) {
-                table.remove("type");
-                out.push(
-                    builder(&ProcessorOptions(table), ctx)
-                        .map_err(|m| fail(format!("{at}: {m}")))?,
-                );
-            } else if is_builtin(&type_name) {
-                let config: ProcessorConfig = toml::Value::Table(table)
-                    .try_into()
-                    .map_err(|e: toml::de::Error| fail(format!("{at}: {}", e.message())))?;
-                out.push(config.build(ctx).map_err(|e| fail(format!("{at}: {e}")))?);
-            } else {
-                return Err(fail(format!(
-                    "processors[{i}].type: unknown processor {type_name:?}; known: {}",
-                    self.type_names().join(", ")
-                )));
-            }
-        }
-        Ok(out)
-    }
+            message: e.to_string(),
+        })
+}
 
-    /// Reads a TOML file and builds its processors (see [`ProcessorRegistry::build_toml`]).
-    pub fn read(
-        &self,
-        path: &Path,
-        ctx: &ProcessorContext<'_>,
-    ) -> Result<Vec<Box<dyn LogitsProcessor>>> {
-        let text = read_toml_file(path)?;
-        self.build_toml(&text, path, ctx)
-    }
+/// Reads a TOML file and builds its processors with `registry` (see
+/// [`build_processors_toml`]).
+pub fn read_processors(
+    registry: &ProcessorRegistry,
+    path: &Path,
+    ctx: &ProcessorContext<'_>,
+) -> Result<Vec<Box<dyn LogitsProcessor>>> {
+    let text = read_toml_file(path)?;
+    build_processors_toml(registry, &text, path, ctx)
 }
 
 /// Builds every processor of `configs`, in order (the seed's `get_processors`).
@@ -649,13 +581,13 @@ mod tests {
             end_ids: &[9],
         };
         let origin = Path::new("p.toml");
-        let mut ps = r
-            .build_toml(
-                "[[processors]]\ntype = \"add_one\"\n[[processors]]\ntype = \"top_k\"\ntop_k = 1\n",
-                origin,
-                &ctx,
-            )
-            .unwrap();
+        let mut ps = build_processors_toml(
+            &r,
+            "[[processors]]\ntype = \"add_one\"\n[[processors]]\ntype = \"top_k\"\ntop_k = 1\n",
+            origin,
+            &ctx,
+        )
+        .unwrap();
         let mut logits = vec![0.0, 2.0, 1.0];
         let ids = [1u32];
         for p in &mut ps {
@@ -664,7 +596,11 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(logits, [f32::NEG_INFINITY, 3.0, f32::NEG_INFINITY]);
-        let err = |t: &str| r.build_toml(t, origin, &ctx).unwrap_err().to_string();
+        let err = |t: &str| {
+            build_processors_toml(&r, t, origin, &ctx)
+                .unwrap_err()
+                .to_string()
+        };
         let e = err("[[processors]]\ntype = \"add_one\"\nfail = true\n");
         assert!(
             e.contains("p.toml") && e.contains("processors[0] (add_one): asked to fail"),

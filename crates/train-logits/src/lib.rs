@@ -69,7 +69,8 @@ pub mod stop;
 
 pub use config::{
     BUILTIN_PROCESSORS, BiasEntry, ProcessorBuilder, ProcessorConfig, ProcessorContext,
-    ProcessorOptions, ProcessorRegistry, ProcessorsFile, TokenSeq, build_processors,
+    ProcessorOptions, ProcessorRegistry, Processors, ProcessorsFile, TokenSeq, build_processors,
+    build_processors_toml, read_processors,
 };
 pub use error::{LogitsError, Result};
 pub use generate::{Decoding, Generation, GenerationConfig, StopReason, end_ids, generate};
