@@ -25,7 +25,7 @@ fuzz_target!(|data: &[u8]| {
     ];
     for add_generation_prompt in [false, true] {
         if let Ok(out) = template.render(&messages, add_generation_prompt) {
-            assert!(out.len() <= train_data::template::MAX_RENDERED_BYTES);
+            assert!(out.len() <= train_data::MAX_RENDERED_BYTES);
         }
     }
 });

@@ -22,7 +22,7 @@ fuzz_target!(|data: &[u8]| {
         ..LoadOptions::default()
     };
     let _ = load_conversations(&path, &options);
-    if let Ok(examples) = train_data::parquet::read_examples(&path) {
+    if let Ok(examples) = train_data::read_examples(&path) {
         for e in &examples {
             assert_eq!(e.input_ids.len(), e.labels.len());
             assert!(!e.input_ids.is_empty());

@@ -51,7 +51,7 @@ pub fn send(command: ControlCommand, output: &Path) -> Result<()> {
             command.as_str()
         );
     };
-    let body = serde_json::json!({"command": command.as_str(), "pid": pid, "requested_at": train_monitor::status::unix_now()});
+    let body = serde_json::json!({"command": command.as_str(), "pid": pid, "requested_at": train_monitor::unix_now()});
     let path = control_file(output);
     train_fs::write_atomic(&path, format!("{body}\n").as_bytes())
         .with_context(|| format!("writing {}", path.display()))?;
@@ -96,7 +96,7 @@ impl ControlWatcher {
     /// Watches `output`'s control file, ignoring commands written before now.
     pub fn start(output: &Path, control: &RunControl) -> Self {
         let path = control_file(output);
-        let since = train_monitor::status::unix_now();
+        let since = train_monitor::unix_now();
         let done = Arc::new(AtomicBool::new(false));
         let (d, c) = (Arc::clone(&done), control.clone());
         let thread = std::thread::spawn(move || {

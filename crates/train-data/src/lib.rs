@@ -66,20 +66,20 @@
 //! # Ok::<(), train_data::DataError>(())
 //! ```
 
-pub mod batch;
-pub mod conversation;
-pub mod error;
-pub mod load;
-pub mod parquet;
+mod batch;
+mod conversation;
+mod error;
+mod load;
+mod parquet;
 mod parquet_bounds;
-pub mod pipeline;
-pub mod registry;
-pub mod rng;
-pub mod split;
-pub mod template;
-pub mod tokenize;
-pub mod transform;
-pub mod validate;
+mod pipeline;
+mod registry;
+mod rng;
+mod split;
+mod template;
+mod tokenize;
+mod transform;
+mod validate;
 
 pub use batch::{
     Batch, Example, Fitted, IGNORE_INDEX, MAX_LENGTH, Sequence, TrainRows, Truncation,
@@ -88,16 +88,32 @@ pub use batch::{
 pub use conversation::{Conversation, Message, Role};
 pub use error::{DataError, Problem, ProblemKind, Result, RowLocation, Severity};
 pub use load::{DataFormat, ErrorPolicy, LoadOptions, Loaded, RowSchema, load_conversations};
+pub use load::{MAX_JSON_FILE_BYTES, MAX_LINE_BYTES};
+pub use parquet::{
+    MAX_PARQUET_EXPANSION, MIN_PARQUET_DECODED_BYTES, check_examples, read_examples, write_examples,
+};
 pub use pipeline::{
     DEFAULT_MAX_LENGTH, DataStats, DatasetConfig, Prepared, cache_key, check_max_length, prepare,
     prepare_cached, read_prepared, write_prepared,
 };
 pub use registry::{Builder, Options, Plugin, Registry, RegistryError};
+pub use rng::SplitMix64;
 pub use split::{DataPosition, EpochOrder, ValidationSplit, split_indices};
 pub use template::ChatTemplate;
+pub use template::{MAX_RENDERED_BYTES, MAX_TEMPLATE_MEMORY, is_template_failure};
 pub use tokenize::{ChatTokenizer, Encoded, LabelMode};
+pub use tokenize::{
+    MAX_ADDED_TOKENS, MAX_LABEL_RENDER_BYTES, MAX_NORMALIZED_BYTES, MAX_TEXT_GROWTH,
+    MAX_TOKENIZER_JSON_BYTES, MAX_VOCAB_SIZE, text_growth,
+};
 pub use transform::{
     BUILTIN_TRANSFORMS, Transform, TransformBuilder, TransformConfig, TransformContext,
     TransformOptions, TransformPipeline, TransformRegistry, Transforms,
 };
-pub use validate::{CheckReport, check_file};
+pub use transform::{
+    MAX_EMOJI_BYTES, MAX_PATTERN_COUNT, STOP_EMOJIS, StripThink, SystemPrompt, THINKING_EMOJIS,
+    strip_think,
+};
+pub use validate::{
+    CheckReport, MAX_FIELD_BYTES, MAX_MESSAGES_PER_ROW, MAX_WORD_BYTES, check_file,
+};

@@ -5,7 +5,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{FloatDType, Int, Tensor, TensorData};
 use serde::Serialize;
 use tokenizers::Tokenizer;
-use train_data::rng::SplitMix64;
+use train_data::SplitMix64;
 use train_model::{CausalLm, FusedBackend, KvCache, ModelInput};
 
 use crate::error::{LogitsError, Result};

@@ -59,13 +59,13 @@
 //! # }
 //! ```
 
-pub mod config;
-pub mod error;
-pub mod generate;
-pub mod origin;
-pub mod processor;
-pub mod standard;
-pub mod stop;
+mod config;
+mod error;
+mod generate;
+mod origin;
+mod processor;
+mod standard;
+mod stop;
 
 pub use config::{
     BUILTIN_PROCESSORS, BiasEntry, ProcessorBuilder, ProcessorConfig, ProcessorContext,

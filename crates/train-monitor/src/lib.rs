@@ -6,14 +6,15 @@
 //!   ([`SCHEMA_VERSION`]), replaced atomically (temporary file + rename, so a reader never sees
 //!   a partial file) and at most every 2 s unless forced.
 //! * [`Ema`], [`LossWindow`]: smoothed throughput, loss trend and detrended variance.
-//! * [`alerts`]: throughput below 60 % of its baseline, validation–train gap above 0.3, a noisy
+//! * [`evaluate_alerts`]: throughput below 60 % of its baseline, validation–train gap above 0.3, a noisy
 //!   loss, low host memory, NaN loss; thresholds in [`AlertConfig`].
-//! * [`report`]: loss / eval loss / learning-rate / gradient-norm / throughput curves as SVG
+//! * [`write_report`]: loss / eval loss / learning-rate / gradient-norm / throughput curves as SVG
 //!   (plotters) and a self-contained `report.html`.
 //! * [`LayerMonitor`]: per-layer weight norms and their changes (`layer_history.jsonl`).
 //! * [`Sample`]: live previews against the golden answer (`previews.jsonl`, the last ones in the
 //!   status file) and the evolution tracker's probe predictions (`evolution.jsonl`, at steps
 //!   0, 10, 25, 50, 100, 250, …).
+//! * [`MetricsLog`], [`MetricsRow`]: `metrics.jsonl`, tagged step and evaluation rows.
 //! * [`MonitoringBundle`]: the seed's start / update / stop over all of it, fed plain values.
 //!
 //! ## Cargo features
@@ -48,20 +49,20 @@
 //! # }
 //! ```
 
-pub mod alerts;
-pub mod bundle;
-pub mod error;
-pub mod jsonl;
-pub mod layers;
-pub mod memory;
-pub mod metrics;
-pub mod plots;
-pub mod report;
-pub mod samples;
-pub mod stats;
-pub mod status;
+mod alerts;
+mod bundle;
+mod error;
+mod jsonl;
+mod layers;
+mod memory;
+mod metrics;
+mod plots;
+mod report;
+mod samples;
+mod stats;
+mod status;
 
-pub use alerts::{Alert, AlertConfig, AlertInputs, AlertKind};
+pub use alerts::{Alert, AlertConfig, AlertInputs, AlertKind, evaluate as evaluate_alerts};
 pub use bundle::{MonitoringBundle, MonitoringConfig, RunEnd, RunStart};
 pub use error::{MonitorError, Result};
 pub use jsonl::JsonlWriter;
@@ -69,10 +70,10 @@ pub use layers::{LayerMonitor, LayerRecord};
 pub use memory::MemoryInfo;
 pub use metrics::{EvalRecord, MetricsLog, MetricsRow, StepRecord};
 pub use plots::{Series, line_chart};
-pub use report::{History, render_html, write_report};
+pub use report::{History, charts, render_html, write_report};
 pub use samples::{Sample, evolution_due, preview_interval};
 pub use stats::{Ema, LossWindow};
-pub use status::{SCHEMA_VERSION, Status, StatusWriter, TrainingStatus};
+pub use status::{SCHEMA_VERSION, Status, StatusWriter, TrainingStatus, unix_now};
 
 /// Creates the directory of `path`, then replaces the file by `train_fs`'s rule (a reader sees
 /// the old content or the new, never a part).

@@ -816,9 +816,9 @@ fn hostile_data_files_are_refused_naming_file_line_and_field() {
         .unwrap()
         .path();
     let file = entry.join("train.parquet");
-    let mut rows = train_data::parquet::read_examples(&file).unwrap();
+    let mut rows = train_data::read_examples(&file).unwrap();
     rows[0].input_ids[1] = 1_000_000;
-    train_data::parquet::write_examples(&file, &rows).unwrap();
+    train_data::write_examples(&file, &rows).unwrap();
     let o = run(
         dir.path(),
         &m,

@@ -297,10 +297,7 @@ fn r_jsonl_line_over_the_limit() {
     let dir = tempfile::tempdir().unwrap();
     let t0 = std::time::Instant::now();
     let mut bytes = format!("{GOOD}\n").into_bytes();
-    bytes.extend(std::iter::repeat_n(
-        b'x',
-        train_data::load::MAX_LINE_BYTES + 10,
-    ));
+    bytes.extend(std::iter::repeat_n(b'x', train_data::MAX_LINE_BYTES + 10));
     bytes.extend(format!("\n{GOOD}\n").as_bytes());
     let p = write(dir.path(), "long.jsonl", &bytes);
     drop(bytes);
@@ -349,9 +346,7 @@ fn r_parquet_decompression_bomb() {
             "{e}"
         );
     }
-    let e = train_data::parquet::read_examples(&path)
-        .unwrap_err()
-        .to_string();
+    let e = train_data::read_examples(&path).unwrap_err().to_string();
     assert!(
         e.contains("bomb.parquet") && e.contains("decoding limit"),
         "{e}"

@@ -38,7 +38,7 @@ fn examples(dir: &Path) -> Vec<u8> {
         };
         3
     ];
-    train_data::parquet::write_examples(&path, &examples).unwrap();
+    train_data::write_examples(&path, &examples).unwrap();
     std::fs::read(&path).unwrap()
 }
 
@@ -145,9 +145,7 @@ fn load_errors(path: &Path) -> Vec<String> {
 
 /// The tokenized-data reader's error on `path`.
 fn examples_error(path: &Path) -> String {
-    train_data::parquet::read_examples(path)
-        .unwrap_err()
-        .to_string()
+    train_data::read_examples(path).unwrap_err().to_string()
 }
 
 fn assert_refused(errors: &[String], name: &str, words: &[&str]) {
@@ -180,13 +178,13 @@ fn the_unedited_round_trip_still_loads() {
         "ex.parquet",
         &with_footer(&examples(dir.path()), |_| {}),
     );
-    assert_eq!(train_data::parquet::read_examples(&ex).unwrap().len(), 3);
+    assert_eq!(train_data::read_examples(&ex).unwrap().len(), 3);
     let ex = save(
         dir.path(),
         "ex-page.parquet",
         &with_page_header(&examples(dir.path()), |_| {}),
     );
-    assert_eq!(train_data::parquet::read_examples(&ex).unwrap().len(), 3);
+    assert_eq!(train_data::read_examples(&ex).unwrap().len(), 3);
 }
 
 #[test]

@@ -309,7 +309,7 @@ fn r_tampered_cache_is_rebuilt_and_reported() {
     let tamper = |f: &dyn Fn(&mut Example)| {
         let mut train = first.train.clone();
         f(&mut train[3]);
-        train_data::parquet::write_examples(&entry.join("train.parquet"), &train).unwrap();
+        train_data::write_examples(&entry.join("train.parquet"), &train).unwrap();
     };
     let vocab = tok.vocab_size() as u32;
     type Tamper<'a> = &'a dyn Fn(&mut Example);

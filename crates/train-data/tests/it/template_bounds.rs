@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use train_data::template::is_template_failure;
+use train_data::is_template_failure;
 use train_data::{
     ChatTemplate, ChatTokenizer, DataError, DatasetConfig, ErrorPolicy, LoadOptions, Message, Role,
     prepare,

@@ -9,7 +9,7 @@ use proptest::prelude::*;
 use train_monitor::{
     AlertConfig, AlertInputs, AlertKind, EvalRecord, History, LossWindow, MonitoringBundle,
     MonitoringConfig, RunEnd, RunStart, SCHEMA_VERSION, Status, StatusWriter, StepRecord,
-    TrainingStatus, alerts,
+    TrainingStatus, evaluate_alerts,
 };
 
 fn step(step: usize, loss: f64, tps: f64) -> StepRecord {
@@ -148,7 +148,7 @@ fn alerts_fire_on_their_thresholds_only() {
         loss_variance: Some(0.9),
         available_bytes: Some(1 << 30),
     };
-    assert!(alerts::evaluate(&c, &calm).is_empty());
+    assert!(evaluate_alerts(&c, &calm).is_empty());
     let bad = AlertInputs {
         loss: f64::NAN,
         tokens_per_sec: Some(590.0),
@@ -157,7 +157,7 @@ fn alerts_fire_on_their_thresholds_only() {
         available_bytes: Some(100 << 20),
         ..calm
     };
-    let kinds: Vec<AlertKind> = alerts::evaluate(&c, &bad).iter().map(|a| a.kind).collect();
+    let kinds: Vec<AlertKind> = evaluate_alerts(&c, &bad).iter().map(|a| a.kind).collect();
     assert_eq!(
         kinds,
         [
@@ -172,7 +172,7 @@ fn alerts_fire_on_their_thresholds_only() {
         max_eval_gap: 0.1,
         ..c
     };
-    assert_eq!(alerts::evaluate(&strict, &calm)[0].kind, AlertKind::EvalGap);
+    assert_eq!(evaluate_alerts(&strict, &calm)[0].kind, AlertKind::EvalGap);
 }
 
 #[test]
