@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::DType;
 use train_data::Example;
-use train_model::{CausalLm, ModelConfig};
+use train_model::{CausalLm, FusedAutodiffBackend, ModelConfig};
 use train_runner::{
     RunControl, RunInfo, RunSummary, TrainEvent, TrainObserver, TrainSetup, TrainerConfig, run,
 };
@@ -32,7 +32,7 @@ impl CsvObserver {
     }
 }
 
-impl TrainObserver for CsvObserver {
+impl<B: FusedAutodiffBackend> TrainObserver<B> for CsvObserver {
     fn start(&mut self, info: &RunInfo) {
         println!(
             "training {} parameters for {} steps",

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use burn::backend::{Autodiff, Flex};
 use train_data::{ChatTokenizer, DatasetConfig, prepare};
-use train_model::{LoadOptions, load_pretrained};
+use train_model::{FusedAutodiffBackend, LoadOptions, load_pretrained};
 use train_monitor::{MonitoringBundle, MonitoringConfig, RunEnd, RunStart, Status};
 use train_runner::{MetricsObserver, Observers, RunControl, RunInfo, RunStatus, RunSummary};
 use train_runner::{TrainEvent, TrainObserver, TrainSetup, TrainerConfig, run};
@@ -83,7 +83,7 @@ fn main() -> anyhow::Result<()> {
 /// Runner events → `train-monitor` (status file, alerts, plots and report.html).
 struct Monitor(MonitoringBundle);
 
-impl TrainObserver for Monitor {
+impl<B: FusedAutodiffBackend> TrainObserver<B> for Monitor {
     fn start(&mut self, info: &RunInfo) {
         let start = RunStart {
             total_steps: info.total_steps,

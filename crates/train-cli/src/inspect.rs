@@ -1,8 +1,6 @@
 //! Between optimizer steps: the layer monitor's norms, live previews against the golden answer
 //! and the evolution tracker's probe predictions, all fed to `train-monitor`.
 
-use std::cell::RefCell;
-use std::rc::Rc;
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
@@ -11,7 +9,7 @@ use train_logits::{GenerationConfig, LogitsProcessor, generate};
 use train_model::CausalLm;
 use train_model::FusedAutodiffBackend;
 use train_monitor::{MonitoringBundle, Sample, evolution_due};
-use train_runner::{ModelInspector, layer_norms};
+use train_runner::layer_norms;
 
 /// A prompt and its reference answer, cut from a prepared example.
 #[derive(Debug, Clone)]
@@ -53,10 +51,8 @@ pub fn probes(examples: &[Example], tok: &ChatTokenizer, n: usize) -> Vec<Probe>
         .collect()
 }
 
-/// Looks at the model between steps for the monitor.
+/// Looks at the model between steps for the monitor (which calls it with its bundle).
 pub struct Inspector<'a> {
-    /// The monitoring shared with the observer.
-    pub bundle: Rc<RefCell<MonitoringBundle>>,
     /// Decodes and templates.
     pub tok: &'a ChatTokenizer,
     /// Preview and probe prompts.
@@ -78,7 +74,6 @@ impl<'a> Inspector<'a> {
     /// An inspector; `interval` steps between previews and layer snapshots.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        bundle: Rc<RefCell<MonitoringBundle>>,
         tok: &'a ChatTokenizer,
         probes: Vec<Probe>,
         processors: Vec<Box<dyn LogitsProcessor>>,
@@ -88,7 +83,6 @@ impl<'a> Inspector<'a> {
         first_step: usize,
     ) -> Self {
         Self {
-            bundle,
             tok,
             probes,
             processors,
@@ -108,12 +102,15 @@ impl<'a> Inspector<'a> {
     }
 }
 
-impl<B: FusedAutodiffBackend> ModelInspector<B> for Inspector<'_> {
-    fn inspect(&mut self, step: usize, model: &CausalLm<B>) {
-        let (wants_layers, wants_evolution) = {
-            let b = self.bundle.borrow();
-            (b.wants_layers(), b.wants_evolution())
-        };
+impl Inspector<'_> {
+    /// Looks at `model` after `step` optimizer steps, feeding `bundle`.
+    pub fn inspect<B: FusedAutodiffBackend>(
+        &mut self,
+        step: usize,
+        model: &CausalLm<B>,
+        bundle: &mut MonitoringBundle,
+    ) {
+        let (wants_layers, wants_evolution) = (bundle.wants_layers(), bundle.wants_evolution());
         let on_interval = step == self.first_step || step.is_multiple_of(self.interval);
         let preview =
             step > self.first_step && step.is_multiple_of(self.interval) && !self.probes.is_empty();
@@ -126,7 +123,7 @@ impl<B: FusedAutodiffBackend> ModelInspector<B> for Inspector<'_> {
         let inner = model.valid();
         if layers {
             let norms = layer_norms(&inner);
-            let r = self.bundle.borrow_mut().layers(step, &norms);
+            let r = bundle.layers(step, &norms);
             if let Err(e) = r {
                 self.warn("layer monitor", &e);
             }
@@ -166,18 +163,16 @@ impl<B: FusedAutodiffBackend> ModelInspector<B> for Inspector<'_> {
                             Sample::new(step, i, p.text.clone(), p.golden.clone(), g.text)
                         })
                         .collect();
-                    let mut b = self.bundle.borrow_mut();
                     let r1 = if preview {
-                        b.previews(&samples)
+                        bundle.previews(&samples)
                     } else {
                         Ok(())
                     };
                     let r2 = if evolution {
-                        b.evolution(&samples)
+                        bundle.evolution(&samples)
                     } else {
                         Ok(())
                     };
-                    drop(b);
                     if let Err(e) = r1.and(r2) {
                         self.warn("previews", &e);
                     }
@@ -185,6 +180,6 @@ impl<B: FusedAutodiffBackend> ModelInspector<B> for Inspector<'_> {
                 Err(e) => self.warn("previews", &e),
             }
         }
-        self.bundle.borrow_mut().account(started.elapsed());
+        bundle.account(started.elapsed());
     }
 }

@@ -1,20 +1,23 @@
 //! Feeds the runner's events to `train-monitor`: the status file, alerts, plots and report.
 
-use std::cell::RefCell;
 use std::path::PathBuf;
-use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use train_model::{CausalLm, FusedAutodiffBackend};
 use train_monitor::{
     AlertConfig, History, MetricsLog, MonitorError, MonitoringBundle, MonitoringConfig, RunEnd,
     RunStart, Status,
 };
 use train_runner::{RunInfo, RunStatus, RunSummary, TrainEvent, TrainObserver};
 
-/// The monitoring of one `train` run. Problems writing monitoring output are reported once and
-/// never stop training.
-pub struct Monitor {
-    bundle: Rc<RefCell<MonitoringBundle>>,
+use crate::inspect::Inspector;
+
+/// The monitoring of one `train` run: the bundle fed by the run's events, and the inspector
+/// that looks at the model between steps for it. Problems writing monitoring output are
+/// reported once and never stop training.
+pub struct Monitor<'a> {
+    bundle: MonitoringBundle,
+    inspector: Option<Inspector<'a>>,
     warned: bool,
     started: Instant,
     steps: usize,
@@ -22,13 +25,14 @@ pub struct Monitor {
     pub overhead: Option<(Duration, Duration, usize)>,
 }
 
-impl Monitor {
+impl<'a> Monitor<'a> {
     /// Status in `status_dir`, report, plots and logs in `output`, alerts at `alerts`.
     pub fn new(status_dir: PathBuf, output: PathBuf, alerts: AlertConfig) -> Self {
         let mut config = MonitoringConfig::new(status_dir, Some(output));
         config.alerts = alerts;
         Self {
-            bundle: Rc::new(RefCell::new(MonitoringBundle::new(config))),
+            bundle: MonitoringBundle::new(config),
+            inspector: None,
             warned: false,
             started: Instant::now(),
             steps: 0,
@@ -36,9 +40,10 @@ impl Monitor {
         }
     }
 
-    /// The bundle, shared with the model inspector.
-    pub fn bundle(&self) -> Rc<RefCell<MonitoringBundle>> {
-        Rc::clone(&self.bundle)
+    /// Looks at the model between steps with `inspector` (layer norms, previews, probes).
+    pub fn with_inspector(mut self, inspector: Inspector<'a>) -> Self {
+        self.inspector = Some(inspector);
+        self
     }
 
     fn check<T>(&mut self, r: Result<T, MonitorError>) -> Option<T> {
@@ -55,7 +60,7 @@ impl Monitor {
     }
 }
 
-impl TrainObserver for Monitor {
+impl<B: FusedAutodiffBackend> TrainObserver<B> for Monitor<'_> {
     fn start(&mut self, info: &RunInfo) {
         self.started = Instant::now();
         let history = if info.start_step > 0 {
@@ -65,7 +70,7 @@ impl TrainObserver for Monitor {
         } else {
             History::default()
         };
-        let r = self.bundle.borrow_mut().start(RunStart {
+        let r = self.bundle.start(RunStart {
             total_steps: info.total_steps,
             start_step: info.start_step,
             output_dir: info.output_dir.clone(),
@@ -78,24 +83,30 @@ impl TrainObserver for Monitor {
         match event {
             TrainEvent::Step(m) => {
                 self.steps += 1;
-                let r = self.bundle.borrow_mut().step(m);
+                let r = self.bundle.step(m);
                 for alert in self.check(r).unwrap_or_default() {
                     errln!("alert: {}", alert.message);
                 }
             }
             TrainEvent::Eval(e) => {
-                let r = self.bundle.borrow_mut().eval(e);
+                let r = self.bundle.eval(e);
                 self.check(r);
             }
             TrainEvent::Paused { .. } => {
-                let r = self.bundle.borrow_mut().set_status(Status::Paused);
+                let r = self.bundle.set_status(Status::Paused);
                 self.check(r);
             }
             TrainEvent::Resumed { .. } => {
-                let r = self.bundle.borrow_mut().set_status(Status::Training);
+                let r = self.bundle.set_status(Status::Training);
                 self.check(r);
             }
             _ => {}
+        }
+    }
+
+    fn inspect(&mut self, step: usize, model: &CausalLm<B>) {
+        if let Some(inspector) = self.inspector.as_mut() {
+            inspector.inspect(step, model, &mut self.bundle);
         }
     }
 
@@ -105,16 +116,12 @@ impl TrainObserver for Monitor {
             RunStatus::Stopped => Status::Stopped,
             RunStatus::Crashed | RunStatus::Failed => Status::Crashed,
         };
-        let r = self.bundle.borrow_mut().stop(&RunEnd {
+        let r = self.bundle.stop(&RunEnd {
             status,
             step: summary.global_step,
             error: summary.error.clone(),
         });
         self.check(r);
-        self.overhead = Some((
-            self.bundle.borrow().time_spent(),
-            self.started.elapsed(),
-            self.steps,
-        ));
+        self.overhead = Some((self.bundle.time_spent(), self.started.elapsed(), self.steps));
     }
 }

@@ -47,7 +47,7 @@ fn duration(secs: f64) -> String {
     }
 }
 
-impl TrainObserver for Progress {
+impl<B: train_model::FusedAutodiffBackend> TrainObserver<B> for Progress {
     fn notice(&mut self, message: &str) {
         self.clear();
         errln!("{message}");

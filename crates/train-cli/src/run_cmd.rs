@@ -490,17 +490,7 @@ impl WithBackend for Training<'_> {
             .status_dir
             .clone()
             .unwrap_or_else(|| output.join("status"));
-        let mut monitor = Monitor::new(status_dir, output, self.alerts);
-        let bundle = monitor.bundle();
-        let mut metrics = MetricsObserver::new();
-        let mut observers = Observers::default();
-        // The monitor first: the status file is current before progress lines announce a change
-        // (it reads a resumed run's past rows at the start, before they are appended to).
-        observers.push(&mut monitor);
-        observers.push(&mut metrics);
-        observers.push(&mut progress);
-        let mut inspector = crate::inspect::Inspector::new(
-            bundle,
+        let inspector = crate::inspect::Inspector::new(
             &tok,
             probes,
             processors,
@@ -509,13 +499,15 @@ impl WithBackend for Training<'_> {
             self.args.preview_max_new_tokens,
             start_step,
         );
-        let summary = train_runner::run_inspected(
-            setup,
-            resume.as_ref(),
-            &mut observers,
-            &self.control,
-            &mut inspector,
-        );
+        let mut monitor = Monitor::new(status_dir, output, self.alerts).with_inspector(inspector);
+        let mut metrics = MetricsObserver::new();
+        let mut observers = Observers::default();
+        // The monitor first: the status file is current before progress lines announce a change
+        // (it reads a resumed run's past rows at the start, before they are appended to).
+        observers.push(&mut monitor);
+        observers.push(&mut metrics);
+        observers.push(&mut progress);
+        let summary = train_runner::run(setup, resume.as_ref(), &mut observers, &self.control);
         drop(observers);
         if let Some(e) = metrics.error() {
             errln!("warning: metrics.jsonl: {e} (training went on without it)");

@@ -70,7 +70,7 @@
 //!     inputs: Vec::new(),
 //! };
 //! struct Quiet;
-//! impl TrainObserver for Quiet {}
+//! impl<B: train_model::FusedAutodiffBackend> TrainObserver<B> for Quiet {}
 //! let summary = run(setup, None, &mut Quiet, &RunControl::new())?;
 //! assert_eq!(summary.status, RunStatus::Completed);
 //! assert_eq!(summary.global_step, 4); // 8 examples / batch 4 × 2 epochs
@@ -105,11 +105,11 @@ pub use error::{Result, RunnerError};
 pub use eval::evaluate;
 pub use lock::OutputLock;
 pub use observer::{
-    EvalRecord, MetricsObserver, ModelInspector, NoInspector, Observers, RunInfo, RunStatus,
-    RunSummary, StepRecord, TrainEvent, TrainObserver,
+    EvalRecord, MetricsObserver, Observers, RunInfo, RunStatus, RunSummary, StepRecord, TrainEvent,
+    TrainObserver,
 };
 pub use optim::{AdamW, AdamWConfig, ParamTable, global_grad_norm, layer_norms};
 pub use parallel::{Cluster, DataParallel, StepOutcome, parallel_step_gradients};
-pub use run::{run, run_inspected, save_adapter_dir};
+pub use run::{run, save_adapter_dir};
 pub use setup::{Resume, TrainSetup, check_token_ids};
 pub use step::step_gradients;

@@ -95,9 +95,11 @@ pub enum TrainEvent<'a> {
     },
 }
 
-/// Receives a run's progress. `stop` is always called once `start` was: on success, error,
-/// crash and interruption.
-pub trait TrainObserver {
+/// Receives a run's progress and may look at the model it trains on backend `B` (an observer
+/// that does not look at the model implements it for every `B`: `impl<B:
+/// FusedAutodiffBackend> TrainObserver<B> for Mine`). `stop` is always called once `start`
+/// was: on success, error, crash and interruption.
+pub trait TrainObserver<B: FusedAutodiffBackend> {
     /// Something the user should know that is not progress: checkpoints moved aside, a lock
     /// taken over from a dead process. May come before [`TrainObserver::start`] (while the
     /// output directory is claimed); the library prints nothing itself.
@@ -106,24 +108,33 @@ pub trait TrainObserver {
     fn start(&mut self, _info: &RunInfo) {}
     /// Something happened.
     fn update(&mut self, _event: &TrainEvent<'_>) {}
+    /// Looks at the model between optimizer steps (layer statistics, live previews, probes):
+    /// called before the first step of the run and after every step (after its
+    /// [`TrainEvent::Step`]), with the updated model; `step` is the optimizer steps done.
+    fn inspect(&mut self, _step: usize, _model: &CausalLm<B>) {}
     /// The run ended (`summary.status` says how).
     fn stop(&mut self, _summary: &RunSummary) {}
 }
 
-/// Forwards to several observers.
-#[derive(Default)]
-pub struct Observers<'a> {
-    list: Vec<&'a mut dyn TrainObserver>,
+/// Forwards to several observers, in the order they were added.
+pub struct Observers<'a, B: FusedAutodiffBackend> {
+    list: Vec<&'a mut dyn TrainObserver<B>>,
 }
 
-impl<'a> Observers<'a> {
+impl<B: FusedAutodiffBackend> Default for Observers<'_, B> {
+    fn default() -> Self {
+        Self { list: Vec::new() }
+    }
+}
+
+impl<'a, B: FusedAutodiffBackend> Observers<'a, B> {
     /// Adds an observer.
-    pub fn push(&mut self, o: &'a mut dyn TrainObserver) {
+    pub fn push(&mut self, o: &'a mut dyn TrainObserver<B>) {
         self.list.push(o);
     }
 }
 
-impl TrainObserver for Observers<'_> {
+impl<B: FusedAutodiffBackend> TrainObserver<B> for Observers<'_, B> {
     fn notice(&mut self, message: &str) {
         for o in &mut self.list {
             o.notice(message);
@@ -137,6 +148,11 @@ impl TrainObserver for Observers<'_> {
     fn update(&mut self, event: &TrainEvent<'_>) {
         for o in &mut self.list {
             o.update(event);
+        }
+    }
+    fn inspect(&mut self, step: usize, model: &CausalLm<B>) {
+        for o in &mut self.list {
+            o.inspect(step, model);
         }
     }
     fn stop(&mut self, summary: &RunSummary) {
@@ -178,7 +194,7 @@ impl MetricsObserver {
     }
 }
 
-impl TrainObserver for MetricsObserver {
+impl<B: FusedAutodiffBackend> TrainObserver<B> for MetricsObserver {
     fn start(&mut self, info: &RunInfo) {
         let path = info.output_dir.join(MetricsLog::FILE);
         match MetricsLog::open(&path, info.start_step > 0) {
@@ -200,20 +216,4 @@ impl TrainObserver for MetricsObserver {
     fn stop(&mut self, _summary: &RunSummary) {
         self.log = None;
     }
-}
-
-/// Looks at the model between optimizer steps (layer statistics, live previews, probes):
-/// [`ModelInspector::inspect`] is called before the first step of the run and after every step,
-/// with the updated model.
-pub trait ModelInspector<B: FusedAutodiffBackend> {
-    /// `step`: optimizer steps done so far.
-    fn inspect(&mut self, step: usize, model: &CausalLm<B>);
-}
-
-/// An inspector that looks at nothing.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct NoInspector;
-
-impl<B: FusedAutodiffBackend> ModelInspector<B> for NoInspector {
-    fn inspect(&mut self, _: usize, _: &CausalLm<B>) {}
 }

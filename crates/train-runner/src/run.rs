@@ -11,7 +11,6 @@ use crate::checkpoint::{TrainerState, list_checkpoints, model_fingerprint, remov
 use crate::config::TrainerConfig;
 use crate::control::RunControl;
 use crate::error::{Result, RunnerError};
-use crate::observer::{ModelInspector, NoInspector};
 use crate::observer::{RunInfo, RunStatus, RunSummary, TrainObserver};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::setup::{
@@ -26,19 +25,8 @@ use crate::train_loop::Loop;
 pub fn run<B: FusedAutodiffBackend>(
     setup: TrainSetup<B>,
     resume: Option<&Resume>,
-    observer: &mut dyn TrainObserver,
+    observer: &mut dyn TrainObserver<B>,
     control: &RunControl,
-) -> Result<RunSummary> {
-    run_inspected(setup, resume, observer, control, &mut NoInspector)
-}
-
-/// [`run`], with `inspector` looking at the model between steps.
-pub fn run_inspected<B: FusedAutodiffBackend>(
-    setup: TrainSetup<B>,
-    resume: Option<&Resume>,
-    observer: &mut dyn TrainObserver,
-    control: &RunControl,
-    inspector: &mut dyn ModelInspector<B>,
 ) -> Result<RunSummary> {
     let config = setup.config.clone();
     config.validate()?;
@@ -208,7 +196,6 @@ pub fn run_inspected<B: FusedAutodiffBackend>(
         cluster: setup.cluster.clone(),
         state: &mut state,
         observer: &mut *observer,
-        inspector,
         control,
         last_checkpoint: None,
         last_eval: None,

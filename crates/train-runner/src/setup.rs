@@ -171,11 +171,11 @@ fn same_dir(a: &Path, b: &Path) -> bool {
 /// abandons — are refused unless `overwrite` (`--yes`), and then moved to
 /// `OUTPUT/set-aside/…` (never deleted) before the first save; damaged ones that a resume
 /// skipped are moved there without asking.
-pub(crate) fn claim_output(
+pub(crate) fn claim_output<B: FusedAutodiffBackend>(
     output: &Path,
     resume: Option<&Resume>,
     overwrite: bool,
-    observer: &mut dyn TrainObserver,
+    observer: &mut dyn TrainObserver<B>,
 ) -> Result<()> {
     let all = list_checkpoints(output);
     let ours = |step: usize, dir: &Path| {

@@ -16,7 +16,6 @@ use crate::config::TrainerConfig;
 use crate::control::RunControl;
 use crate::error::Result;
 use crate::eval::evaluate;
-use crate::observer::ModelInspector;
 use crate::observer::{EvalRecord, RunStatus, StepRecord, TrainEvent, TrainObserver};
 use crate::optim::{AdamW, ParamTable, global_grad_norm};
 use crate::step::step_gradients;
@@ -32,8 +31,7 @@ pub(crate) struct Loop<'a, B: FusedAutodiffBackend> {
     pub(crate) devices: Vec<burn::tensor::Device<B>>,
     pub(crate) cluster: Option<crate::Cluster>,
     pub(crate) state: &'a mut TrainerState,
-    pub(crate) observer: &'a mut dyn TrainObserver,
-    pub(crate) inspector: &'a mut dyn ModelInspector<B>,
+    pub(crate) observer: &'a mut dyn TrainObserver<B>,
     pub(crate) control: &'a RunControl,
     pub(crate) last_checkpoint: Option<PathBuf>,
     pub(crate) last_eval: Option<EvalRecord>,
@@ -75,7 +73,7 @@ impl<B: FusedAutodiffBackend> Loop<'_, B> {
         let device = model.embed_tokens.val().device();
         let mut last_saved = None;
         let mut last_eval_step = None;
-        self.inspector.inspect(self.state.global_step, &model);
+        self.observer.inspect(self.state.global_step, &model);
         while self.state.global_step < self.state.total_steps {
             if self.control.pause_requested() && !self.control.stop_requested() {
                 let step = self.state.global_step;
@@ -148,7 +146,7 @@ impl<B: FusedAutodiffBackend> Loop<'_, B> {
             };
             self.state.log_step(&m);
             self.observer.update(&TrainEvent::Step(&m));
-            self.inspector.inspect(self.state.global_step, &model);
+            self.observer.inspect(self.state.global_step, &model);
 
             let step = self.state.global_step;
             let last = step == self.state.total_steps;

@@ -175,13 +175,13 @@ impl Recorder {
     }
 }
 
-impl TrainObserver for Recorder {
+impl TrainObserver<B> for Recorder {
     fn start(&mut self, info: &train_runner::RunInfo) {
-        self.metrics.start(info);
+        TrainObserver::<B>::start(&mut self.metrics, info);
         self.events.push(format!("start {}", info.start_step));
     }
     fn update(&mut self, event: &TrainEvent<'_>) {
-        self.metrics.update(event);
+        TrainObserver::<B>::update(&mut self.metrics, event);
         match event {
             TrainEvent::Step(m) => {
                 self.events.push(format!("step {}", m.step));
@@ -199,7 +199,7 @@ impl TrainObserver for Recorder {
         }
     }
     fn stop(&mut self, summary: &RunSummary) {
-        self.metrics.stop(summary);
+        TrainObserver::<B>::stop(&mut self.metrics, summary);
         assert_eq!(self.metrics.error(), None, "metrics.jsonl");
         self.events.push(format!("stop {:?}", summary.status));
         self.summary = Some(summary.clone());
@@ -756,7 +756,7 @@ fn a_paused_run_waits_until_resumed_and_a_stop_ends_a_pause() {
 #[test]
 fn the_inspector_sees_the_model_before_the_first_step_and_after_each() {
     struct Steps(Vec<(usize, usize)>);
-    impl train_runner::ModelInspector<B> for Steps {
+    impl TrainObserver<B> for Steps {
         fn inspect(&mut self, step: usize, model: &CausalLm<B>) {
             self.0.push((step, train_runner::layer_norms(model).len()));
         }
@@ -771,14 +771,18 @@ fn the_inspector_sees_the_model_before_the_first_step_and_after_each() {
         ..config()
     };
     let mut seen = Steps(Vec::new());
-    train_runner::run_inspected(
+    let mut recorder = Recorder::new();
+    let mut observers = train_runner::Observers::default();
+    observers.push(&mut recorder);
+    observers.push(&mut seen);
+    run(
         setup(dir.path(), m, raw, cfg),
         None,
-        &mut Recorder::new(),
+        &mut observers,
         &RunControl::new(),
-        &mut seen,
     )
     .unwrap();
+    drop(observers);
     assert_eq!(seen.0, [(0, layers), (1, layers), (2, layers)]);
 }
 
