@@ -106,8 +106,7 @@ fn main() -> anyhow::Result<()> {
         config: trainer,
         data_fingerprint: String::new(),
         overwrite: true,
-        devices: Vec::new(),
-        cluster: None,
+        parallelism: train_runner::Parallelism::single(Default::default()),
         inputs: Vec::new(),
     };
 

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use burn::backend::{Autodiff, Flex};
 use train_data::{ChatTokenizer, DatasetConfig, prepare};
 use train_model::{LoadOptions, LoraConfig, SaveOptions, load_pretrained, save_pretrained};
-use train_runner::{Observers, RunControl, TrainSetup, TrainerConfig, run};
+use train_runner::{Observers, Parallelism, RunControl, TrainSetup, TrainerConfig, run};
 
 type Backend = Autodiff<Flex>;
 
@@ -35,7 +35,6 @@ fn main() -> anyhow::Result<()> {
     let config = TrainerConfig {
         output_dir: output.join("adapter"),
         batch_size: 4,
-        devices: 2, // global batch 4 × 2
         learning_rate: 5e-3,
         max_steps: Some(6),
         eval_steps: 6,
@@ -47,13 +46,15 @@ fn main() -> anyhow::Result<()> {
         }),
         ..TrainerConfig::default()
     };
-    let setup = TrainSetup::new(
+    let mut setup = TrainSetup::new(
         source,
         prepared.rows,
         prepared.validation,
         tokenizer.pad_id(),
         config,
     );
+    // Two data-parallel CPU workers: global batch 4 × 2.
+    setup.parallelism = Parallelism::new(vec![device; 2], None)?;
     let summary = run(setup, None, &mut Observers::default(), &RunControl::new())?;
     println!(
         "{:?} after {} steps on 2 workers: train loss {:.3}, eval loss {:.3}",

@@ -12,8 +12,8 @@ use train_model::{
     AttentionImpl, LoadOptions, LoraConfig, Precision, StorageDtype, load_pretrained,
 };
 use train_runner::{
-    LrSchedule, MetricsObserver, Observers, Resume, RunControl, RunStatus, RunSummary, TrainSetup,
-    TrainerConfig, evaluate, latest_intact_checkpoint,
+    LrSchedule, MetricsObserver, Observers, Parallelism, Resume, RunControl, RunStatus, RunSummary,
+    TrainSetup, TrainerConfig, evaluate, latest_intact_checkpoint,
 };
 
 use crate::DataArgs;
@@ -228,11 +228,11 @@ pub struct RunArgs {
     /// all-reduce), so the global batch is batch size × accumulation × devices.
     /// On GPUs, one worker per GPU from --device (`--device cuda:0 --devices 4`: GPUs 0-3), or
     /// one per device of a list (`--device cuda:0,cuda:2 --devices 2`).
-    #[arg(long, default_value_t = trainer_defaults().devices, value_parser = count::<{ limits::MAX_DEVICES }>)]
+    #[arg(long, default_value_t = 1, value_parser = count::<{ limits::MAX_DEVICES }>)]
     pub devices: usize,
     /// Machines in a multi-machine run: each runs the same command with its own --node-rank and
     /// --node-address, and the global batch is multiplied by the number of machines.
-    #[arg(long, default_value_t = trainer_defaults().nodes, value_parser = count::<{ limits::MAX_NODES }>)]
+    #[arg(long, default_value_t = 1, value_parser = count::<{ limits::MAX_NODES }>)]
     pub nodes: usize,
     /// This machine's rank in a multi-machine run, 0 to --nodes − 1.
     #[arg(long, requires_all = ["orchestrator", "node_address"])]
@@ -314,13 +314,30 @@ impl RunArgs {
         self.given = Given::new(matches);
     }
 
-    /// This machine's place in a multi-machine run.
-    fn cluster(&self) -> Option<train_runner::Cluster> {
-        Some(train_runner::Cluster {
-            node_rank: self.node_rank?,
-            orchestrator: self.orchestrator.clone()?,
-            node_address: self.node_address.clone()?,
-        })
+    /// This machine's place in a multi-machine run (`None` with one machine), checked.
+    fn cluster(&self) -> Result<Option<train_runner::Cluster>> {
+        let (Some(node_rank), Some(orchestrator), Some(node_address)) = (
+            self.node_rank,
+            self.orchestrator.clone(),
+            self.node_address.clone(),
+        ) else {
+            if self.nodes > 1 {
+                bail!(
+                    "--nodes {}: a run over several machines needs this machine's --node-rank, \
+                     --orchestrator and --node-address",
+                    self.nodes
+                );
+            }
+            return Ok(None);
+        };
+        let cluster = train_runner::Cluster {
+            nodes: self.nodes,
+            node_rank,
+            orchestrator,
+            node_address,
+        };
+        cluster.validate()?;
+        Ok(Some(cluster))
     }
 
     /// The trainer's configuration, built once: the `[trainer]` section (or the defaults),
@@ -372,8 +389,6 @@ impl RunArgs {
             save_dtype,
             self.save_dtype.map(DtypeArg::storage)
         );
-        flag!("devices", devices, self.devices);
-        flag!("nodes", nodes, self.nodes);
         if let Some(r) = self.lora_r.filter(|_| g.has("lora_r")) {
             let mut lora = t.lora.take().unwrap_or_default();
             lora.r = r;
@@ -412,6 +427,7 @@ fn prepare_data(config: &DatasetConfig, tok: &ChatTokenizer, cache: &Path) -> Re
 
 struct Training<'a> {
     args: &'a RunArgs,
+    cluster: Option<train_runner::Cluster>,
     trainer: TrainerConfig,
     model_dir: PathBuf,
     tok: ChatTokenizer,
@@ -480,8 +496,7 @@ impl WithBackend for Training<'_> {
             config: self.trainer,
             data_fingerprint: fingerprint,
             overwrite: self.args.yes,
-            devices: placement.workers,
-            cluster: self.args.cluster(),
+            parallelism: Parallelism::new(placement.workers, self.cluster)?,
             inputs: vec![self.model_dir.clone()],
         };
         let mut progress = Progress::new();
@@ -528,6 +543,7 @@ pub fn train(args: &RunArgs) -> Result<ExitCode> {
     let config = args.data.config()?;
     let trainer = args.trainer_config();
     trainer.validate()?;
+    let cluster = args.cluster()?;
     let (model_dir, tok) = crate::tokenizer_for(&args.data.model)?;
     // Every checkpoint is verified against the checksums recorded when it was saved before it is
     // used; a bare --resume falls back to the newest intact one, saying so.
@@ -610,9 +626,9 @@ pub fn train(args: &RunArgs) -> Result<ExitCode> {
         None => train_monitor::AlertConfig::default(),
     };
     let watcher = ControlWatcher::start(&trainer.output_dir, &control);
-    let devices = trainer.devices;
     let work = Training {
         args,
+        cluster,
         trainer,
         model_dir,
         tok,
@@ -624,7 +640,7 @@ pub fn train(args: &RunArgs) -> Result<ExitCode> {
     let summary = dispatch(
         args.compute.backend,
         args.compute.device.as_deref(),
-        devices,
+        args.devices,
         args.gradient_checkpointing,
         work,
     );
@@ -928,8 +944,6 @@ mod tests {
                 target_modules: vec!["all-linear".into()],
                 use_rslora: true,
             }),
-            devices: 2,
-            nodes: 3,
         };
         assert_eq!(t, expected);
     }

@@ -61,6 +61,17 @@ pub struct TrainerState {
     /// example per row). A resume with another layout is refused.
     #[serde(default)]
     pub packed_to: Option<usize>,
+    /// Data-parallel workers on each machine, and machines (a resume with others is refused:
+    /// the global batch would change).
+    #[serde(default = "one")]
+    pub devices: usize,
+    /// Machines of the run.
+    #[serde(default = "one")]
+    pub nodes: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// A new run id: 16 hex digits from the clock, the process id and a counter.
@@ -101,22 +112,35 @@ impl TrainerState {
             model_fingerprint: String::new(),
             model_source: None,
             packed_to: None,
+            devices: 1,
+            nodes: 1,
         }
     }
 
     /// Parses a `trainer_state.json`. States written before the data layout moved to the
-    /// data side carry `packing` and `max_length` in their `config`; they become
-    /// [`TrainerState::packed_to`].
+    /// data side carry `packing` and `max_length` in their `config`, and before the workers
+    /// moved to `Parallelism`, `devices` and `nodes`; they become [`TrainerState::packed_to`],
+    /// [`TrainerState::devices`] and [`TrainerState::nodes`].
     pub fn from_json(text: &str) -> serde_json::Result<Self> {
         let mut value: Value = serde_json::from_str(text)?;
         if let Some(config) = value.get_mut("config").and_then(Value::as_object_mut) {
             let packing = config.remove("packing").and_then(|v| v.as_bool());
             let max_length = config.remove("max_length").and_then(|v| v.as_u64());
-            if let (Some(true), Some(len)) = (packing, max_length)
-                && let Some(state) = value.as_object_mut()
-                && !state.contains_key("packed_to")
-            {
-                state.insert("packed_to".into(), Value::from(len));
+            let devices = config.remove("devices");
+            let nodes = config.remove("nodes");
+            if let Some(state) = value.as_object_mut() {
+                if let (Some(true), Some(len)) = (packing, max_length)
+                    && !state.contains_key("packed_to")
+                {
+                    state.insert("packed_to".into(), Value::from(len));
+                }
+                for (key, v) in [("devices", devices), ("nodes", nodes)] {
+                    if let Some(v) = v
+                        && !state.contains_key(key)
+                    {
+                        state.insert(key.into(), v);
+                    }
+                }
             }
         }
         serde_json::from_value(value)

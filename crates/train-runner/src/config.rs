@@ -117,13 +117,6 @@ pub struct TrainerConfig {
     /// Train LoRA adapters on a frozen model instead of every weight (PEFT's defaults for the
     /// fields left out). Checkpoints and the final output are then PEFT adapter directories.
     pub lora: Option<LoraConfig>,
-    /// Data-parallel workers (devices): each optimizer step runs `gradient_accumulation_steps`
-    /// micro-batches of `batch_size` on each of them, so the global batch is
-    /// `batch_size × gradient_accumulation_steps × devices` (Trainer's semantics). Default 1.
-    pub devices: usize,
-    /// Machines in the run, each with `devices` workers (the global batch is multiplied by it
-    /// too); more than 1 needs a [`crate::Cluster`] in the setup. Default 1.
-    pub nodes: usize,
 }
 
 impl Default for TrainerConfig {
@@ -151,8 +144,6 @@ impl Default for TrainerConfig {
             eval_batch_size: None,
             save_dtype: None,
             lora: None,
-            devices: 1,
-            nodes: 1,
         }
     }
 }
@@ -175,8 +166,6 @@ impl TrainerConfig {
             "gradient_accumulation_steps",
             self.gradient_accumulation_steps,
         )?;
-        positive("devices", self.devices)?;
-        positive("nodes", self.nodes)?;
         let at_most = |field: &str, v: usize, max: usize| {
             if v > max {
                 Err(RunnerError::config(
@@ -194,8 +183,6 @@ impl TrainerConfig {
             self.gradient_accumulation_steps,
             MAX_GRADIENT_ACCUMULATION,
         )?;
-        at_most("devices", self.devices, MAX_DEVICES)?;
-        at_most("nodes", self.nodes, MAX_NODES)?;
         at_most("num_epochs", self.num_epochs, MAX_EPOCHS)?;
         if let Some(s) = self.eval_batch_size {
             at_most("eval_batch_size", s, MAX_BATCH_SIZE)?;

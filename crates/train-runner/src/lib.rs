@@ -65,8 +65,7 @@
 //!         num_epochs: 2, ..TrainerConfig::default() },
 //!     data_fingerprint: "example".into(),
 //!     overwrite: false,
-//!     devices: Vec::new(),
-//!     cluster: None,
+//!     parallelism: train_runner::Parallelism::single(device),
 //!     inputs: Vec::new(),
 //! };
 //! struct Quiet;
@@ -109,7 +108,7 @@ pub use observer::{
     TrainObserver,
 };
 pub use optim::{AdamW, AdamWConfig, ParamTable, global_grad_norm, layer_norms};
-pub use parallel::{Cluster, DataParallel, StepOutcome, parallel_step_gradients};
+pub use parallel::{Cluster, DataParallel, Parallelism, StepOutcome, parallel_step_gradients};
 pub use run::{run, save_adapter_dir};
 pub use setup::{Resume, TrainSetup, check_token_ids};
 pub use step::step_gradients;

@@ -26,11 +26,13 @@ use train_model::FusedAutodiffBackend;
 use crate::error::{Result, RunnerError};
 use crate::step::gradients_over;
 
-/// This machine's place in a multi-machine run (`TrainerConfig::nodes` machines, each running
-/// `TrainerConfig::devices` workers). Every machine runs the same command with the same data,
+/// This machine's place in a multi-machine run (`nodes` machines, each running as many workers
+/// as [`Parallelism`] gives devices). Every machine runs the same command with the same data,
 /// except for `node_rank` and `node_address`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cluster {
+    /// Machines in the run (the global batch is multiplied by it).
+    pub nodes: usize,
     /// This machine's rank, `0..nodes`: it takes the micro-batches of global workers
     /// `node_rank × devices ..`.
     pub node_rank: usize,
@@ -43,8 +45,18 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Checks the addresses and the rank against `nodes`, naming the field at fault.
-    pub fn validate(&self, nodes: usize) -> Result<()> {
+    /// Checks the number of machines, the rank and the addresses, naming the field at fault.
+    pub fn validate(&self) -> Result<()> {
+        let nodes = self.nodes;
+        if nodes == 0 || nodes > crate::config::limits::MAX_NODES {
+            return Err(RunnerError::config(
+                "nodes",
+                format!(
+                    "{nodes} is outside 1..={}",
+                    crate::config::limits::MAX_NODES
+                ),
+            ));
+        }
         if self.node_rank >= nodes {
             return Err(RunnerError::config(
                 "node_rank",
@@ -54,6 +66,64 @@ impl Cluster {
         ws_address("orchestrator", &self.orchestrator)?;
         ws_address("node_address", &self.node_address)?;
         Ok(())
+    }
+}
+
+/// How a run spreads over workers, one value checked once ([`Parallelism::new`]): this
+/// machine's devices (one data-parallel worker each) and, in a run over several machines, its
+/// place in the [`Cluster`]. Each optimizer step runs `gradient_accumulation_steps`
+/// micro-batches of `batch_size` on every worker, so the global batch is
+/// `batch_size × gradient_accumulation_steps × workers` (Trainer's semantics).
+#[derive(Debug, Clone)]
+pub struct Parallelism<B: burn::tensor::backend::Backend> {
+    devices: Vec<burn::tensor::Device<B>>,
+    cluster: Option<Cluster>,
+}
+
+impl<B: burn::tensor::backend::Backend> Parallelism<B> {
+    /// One worker on `device`, one machine.
+    pub fn single(device: burn::tensor::Device<B>) -> Self {
+        Self {
+            devices: vec![device],
+            cluster: None,
+        }
+    }
+
+    /// One worker per device of `devices` on this machine (several CPU workers may share a
+    /// device), and `cluster` for a run over several machines. Refused, naming the field: no
+    /// device, more than `limits::MAX_DEVICES`, a cluster whose settings are wrong.
+    pub fn new(devices: Vec<burn::tensor::Device<B>>, cluster: Option<Cluster>) -> Result<Self> {
+        let max = crate::config::limits::MAX_DEVICES;
+        if devices.is_empty() || devices.len() > max {
+            return Err(RunnerError::config(
+                "devices",
+                format!("{} workers is outside 1..={max}", devices.len()),
+            ));
+        }
+        if let Some(c) = &cluster {
+            c.validate()?;
+        }
+        Ok(Self { devices, cluster })
+    }
+
+    /// This machine's devices, one per worker.
+    pub fn devices(&self) -> &[burn::tensor::Device<B>] {
+        &self.devices
+    }
+
+    /// This machine's place in a multi-machine run.
+    pub fn cluster(&self) -> Option<&Cluster> {
+        self.cluster.as_ref()
+    }
+
+    /// Machines in the run.
+    pub fn nodes(&self) -> usize {
+        self.cluster.as_ref().map_or(1, |c| c.nodes)
+    }
+
+    /// Workers of the whole run (devices × machines): the global batch's multiplier.
+    pub fn workers(&self) -> usize {
+        self.devices.len() * self.nodes()
     }
 }
 
@@ -95,7 +165,7 @@ pub fn parallel_step_gradients<B: FusedAutodiffBackend>(
             &device,
         ));
     }
-    let session = DataParallel::start(devices.to_vec(), 1, None)?;
+    let session = DataParallel::start(&Parallelism::new(devices.to_vec(), None)?)?;
     let outcome = session.step(model, batches, false)?;
     session.finish()?;
     Ok((outcome.loss, outcome.grads))
@@ -122,21 +192,15 @@ pub struct DataParallel<B: FusedAutodiffBackend> {
 }
 
 impl<B: FusedAutodiffBackend> DataParallel<B> {
-    /// Registers one worker per device in `devices`; with `cluster`, this machine is node
-    /// `cluster.node_rank` of `nodes`, and this waits until every machine has joined.
-    pub fn start(
-        devices: Vec<burn::tensor::Device<B>>,
-        nodes: usize,
-        cluster: Option<&Cluster>,
-    ) -> Result<Self> {
+    /// Registers one worker per device of `parallelism`; with a cluster, this machine is node
+    /// `cluster.node_rank` of `cluster.nodes`, and this waits until every machine has joined.
+    pub fn start(parallelism: &Parallelism<B>) -> Result<Self> {
+        let devices = parallelism.devices().to_vec();
+        let nodes = parallelism.nodes();
         let n = devices.len();
-        if n == 0 {
-            return Err(RunnerError::config("devices", "no device given"));
-        }
         let mut config = CollectiveConfig::default().with_num_devices(n);
         let mut first_rank = 0;
-        if let Some(cluster) = cluster {
-            cluster.validate(nodes)?;
+        if let Some(cluster) = parallelism.cluster() {
             let (orchestrator, _) = ws_address("orchestrator", &cluster.orchestrator)?;
             let (node_address, port) = ws_address("node_address", &cluster.node_address)?;
             // burn's tensor service only logs a failure to listen (and the other machines would
@@ -161,14 +225,6 @@ impl<B: FusedAutodiffBackend> DataParallel<B> {
                 // The ring strategy cannot reduce tensors with fewer rows than machines.
                 .with_global_all_reduce_strategy(AllReduceStrategy::Tree(2));
             first_rank = cluster.node_rank * n;
-        } else if nodes > 1 {
-            return Err(RunnerError::config(
-                "nodes",
-                format!(
-                    "{nodes} machines need the orchestrator's and this machine's addresses \
-                     (a Cluster)"
-                ),
-            ));
         }
         collective::reset_collective::<B::InnerBackend>();
         let session = Self {

@@ -64,6 +64,7 @@ pub fn run<B: FusedAutodiffBackend>(
         check_resumable(
             &config,
             setup.train.packed_to,
+            (setup.parallelism.devices().len(), setup.parallelism.nodes()),
             r,
             &setup.data_fingerprint,
             &model_print,
@@ -101,38 +102,13 @@ pub fn run<B: FusedAutodiffBackend>(
     // Each worker of each machine runs `gradient_accumulation_steps` micro-batches of every step.
     let plan_config = TrainerConfig {
         gradient_accumulation_steps: config.gradient_accumulation_steps
-            * config.devices
-            * config.nodes,
+            * setup.parallelism.workers(),
         ..config.clone()
     };
     let packed_to = setup.train.packed_to;
     let plan = BatchPlan::new(std::mem::take(&mut setup.train), &plan_config, setup.pad_id);
-    let devices = if setup.devices.is_empty() {
-        vec![setup.model.embed_tokens.val().device(); config.devices]
-    } else if setup.devices.len() == config.devices {
-        setup.devices.clone()
-    } else {
-        return Err(RunnerError::config(
-            "devices",
-            format!(
-                "{} workers asked for, {} devices given",
-                config.devices,
-                setup.devices.len()
-            ),
-        ));
-    };
     if plan.is_empty() {
         return Err(RunnerError::config("dataset", "no training examples"));
-    }
-    match (&setup.cluster, config.nodes) {
-        (Some(c), n) => c.validate(n)?,
-        (None, 1) => {}
-        (None, n) => {
-            return Err(RunnerError::config(
-                "nodes",
-                format!("{n} machines need this machine's rank and the orchestrator's address"),
-            ));
-        }
     }
     let total_steps = config
         .max_steps
@@ -160,6 +136,8 @@ pub fn run<B: FusedAutodiffBackend>(
             let mut s =
                 TrainerState::new(config.clone(), total_steps, setup.data_fingerprint.clone());
             s.packed_to = packed_to;
+            s.devices = setup.parallelism.devices().len();
+            s.nodes = setup.parallelism.nodes();
             s.model_fingerprint = model_print;
             s.model_source = Some(
                 std::path::absolute(&setup.companions_from)
@@ -192,8 +170,7 @@ pub fn run<B: FusedAutodiffBackend>(
         raw_config: &setup.raw_config,
         companions_from: &setup.companions_from,
         optimizer: &mut optimizer,
-        devices,
-        cluster: setup.cluster.clone(),
+        parallelism: &setup.parallelism,
         state: &mut state,
         observer: &mut *observer,
         control,

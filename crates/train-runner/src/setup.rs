@@ -38,12 +38,9 @@ pub struct TrainSetup<B: FusedAutodiffBackend> {
     pub data_fingerprint: String,
     /// Start over in an output directory that already holds checkpoints (the seed's `--yes`).
     pub overwrite: bool,
-    /// The device of each data-parallel worker (`config.devices` of them); empty: every worker
-    /// on the model's device (several CPU workers, or one GPU).
-    pub devices: Vec<burn::tensor::Device<B>>,
-    /// This machine's place in a run over `config.nodes` machines (needed when there are more
-    /// than one).
-    pub cluster: Option<crate::Cluster>,
+    /// The workers: this machine's devices and its place in a multi-machine run (one worker on
+    /// the model's device by default).
+    pub parallelism: crate::Parallelism<B>,
     /// Other directories the run reads (e.g. the adapter directory given as the model): the
     /// output may not be any of them, nor `companions_from`, nor the checkpoint resumed.
     pub inputs: Vec<PathBuf>,
@@ -62,7 +59,9 @@ impl<B: FusedAutodiffBackend> TrainSetup<B> {
         pad_id: u32,
         config: TrainerConfig,
     ) -> Self {
+        let device = source.model.embed_tokens.val().device();
         Self {
+            parallelism: crate::Parallelism::single(device),
             model: source.model,
             raw_config: source.raw_config,
             companions_from: source.dir,
@@ -73,8 +72,6 @@ impl<B: FusedAutodiffBackend> TrainSetup<B> {
             config,
             data_fingerprint: String::new(),
             overwrite: false,
-            devices: Vec::new(),
-            cluster: None,
             inputs: Vec::new(),
         }
     }
@@ -103,6 +100,7 @@ impl Resume {
 pub(crate) fn check_resumable(
     config: &TrainerConfig,
     packed_to: Option<usize>,
+    workers: (usize, usize),
     resume: &Resume,
     fingerprint: &str,
     model: &str,
@@ -122,8 +120,8 @@ pub(crate) fn check_resumable(
             resume.state.packed_to.is_some() == packed_to.is_some(),
         ),
         ("max_length", resume.state.packed_to == packed_to),
-        ("devices", old.devices == config.devices),
-        ("nodes", old.nodes == config.nodes),
+        ("devices", resume.state.devices == workers.0),
+        ("nodes", resume.state.nodes == workers.1),
     ];
     if let Some((field, _)) = same.iter().find(|(_, ok)| !ok) {
         return Err(RunnerError::Checkpoint {

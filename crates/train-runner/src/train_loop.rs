@@ -28,8 +28,7 @@ pub(crate) struct Loop<'a, B: FusedAutodiffBackend> {
     pub(crate) raw_config: &'a Value,
     pub(crate) companions_from: &'a Path,
     pub(crate) optimizer: &'a mut AdamW<B>,
-    pub(crate) devices: Vec<burn::tensor::Device<B>>,
-    pub(crate) cluster: Option<crate::Cluster>,
+    pub(crate) parallelism: &'a crate::Parallelism<B>,
     pub(crate) state: &'a mut TrainerState,
     pub(crate) observer: &'a mut dyn TrainObserver<B>,
     pub(crate) control: &'a RunControl,
@@ -43,12 +42,8 @@ pub(crate) struct Loop<'a, B: FusedAutodiffBackend> {
 
 impl<B: FusedAutodiffBackend> Loop<'_, B> {
     pub(crate) fn train(&mut self, model: CausalLm<B>) -> Result<(RunStatus, CausalLm<B>)> {
-        let parallel = if self.devices.len() > 1 || self.config.nodes > 1 {
-            Some(crate::DataParallel::start(
-                self.devices.clone(),
-                self.config.nodes,
-                self.cluster.as_ref(),
-            )?)
+        let parallel = if self.parallelism.workers() > 1 {
+            Some(crate::DataParallel::start(self.parallelism)?)
         } else {
             None
         };
@@ -68,7 +63,7 @@ impl<B: FusedAutodiffBackend> Loop<'_, B> {
         // With several machines, a stop request is acted on when all have learnt of it (in a
         // step's all-reduce), so that they stop at the same step; pausing stays local (the
         // others wait for this machine in the next all-reduce).
-        let several_machines = self.config.nodes > 1;
+        let several_machines = self.parallelism.nodes() > 1;
         let mut agreed_stop = false;
         let device = model.embed_tokens.val().device();
         let mut last_saved = None;

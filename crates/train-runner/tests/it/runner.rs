@@ -11,9 +11,9 @@ use train_model::{
     CausalLm, LoadOptions, LoraConfig, ModelConfig, NamedParam, Precision, load_pretrained,
 };
 use train_runner::{
-    Cluster, LrSchedule, MetricsObserver, OutputLock, Resume, RunControl, RunStatus, RunSummary,
-    RunnerError, TrainEvent, TrainObserver, TrainSetup, TrainerConfig, global_grad_norm,
-    latest_checkpoint, run, step_gradients,
+    Cluster, LrSchedule, MetricsObserver, OutputLock, Parallelism, Resume, RunControl, RunStatus,
+    RunSummary, RunnerError, TrainEvent, TrainObserver, TrainSetup, TrainerConfig,
+    global_grad_norm, latest_checkpoint, run, step_gradients,
 };
 
 type B = Autodiff<Flex>;
@@ -228,8 +228,7 @@ fn setup(
         },
         data_fingerprint: "test-data".into(),
         overwrite: false,
-        devices: Vec::new(),
-        cluster: None,
+        parallelism: Parallelism::single(Default::default()),
         inputs: Vec::new(),
     }
 }
@@ -385,15 +384,28 @@ fn a_resume_with_another_row_layout_is_refused_and_old_states_load() {
 
     let text = std::fs::read_to_string(ckpt.join("trainer_state.json")).unwrap();
     let mut old: serde_json::Value = serde_json::from_str(&text).unwrap();
-    old.as_object_mut().unwrap().remove("packed_to");
+    for key in ["packed_to", "devices", "nodes"] {
+        old.as_object_mut().unwrap().remove(key);
+    }
     for (packing, expected) in [(true, Some(64)), (false, None)] {
         let config = old["config"].as_object_mut().unwrap();
         config.insert("packing".into(), packing.into());
         config.insert("max_length".into(), 64.into());
+        config.insert("devices".into(), 2.into());
+        config.insert("nodes".into(), 1.into());
         let state = train_runner::TrainerState::from_json(&old.to_string()).unwrap();
         assert_eq!(state.packed_to, expected);
+        assert_eq!((state.devices, state.nodes), (2, 1));
         assert_eq!(state.global_step, 2);
     }
+    // A resume with two workers where the run had one is refused: the global batch would change.
+    let (m, raw) = model();
+    let mut two = setup(dir.path(), m, raw, config());
+    two.parallelism = Parallelism::new(vec![Default::default(); 2], None).unwrap();
+    let err = run(two, Some(&resume), &mut Recorder::new(), &RunControl::new())
+        .expect_err("a resume on two workers is refused")
+        .to_string();
+    assert!(err.contains("`devices` differs"), "{err}");
 }
 
 fn lora_config() -> TrainerConfig {
@@ -949,19 +961,14 @@ fn two_data_parallel_workers_equal_one_worker_with_the_doubled_batch() {
         let (m, raw) = model();
         let cfg = TrainerConfig {
             batch_size,
-            devices,
             gradient_accumulation_steps: 1,
             max_steps: Some(4),
             skip_validation: true,
             ..config()
         };
-        let summary = run(
-            setup(out.path(), m, raw, cfg),
-            None,
-            &mut Recorder::new(),
-            &RunControl::new(),
-        )
-        .unwrap();
+        let mut s = setup(out.path(), m, raw, cfg);
+        s.parallelism = Parallelism::new(vec![Default::default(); devices], None).unwrap();
+        let summary = run(s, None, &mut Recorder::new(), &RunControl::new()).unwrap();
         assert_eq!(summary.status, RunStatus::Completed);
         let rows = metric_rows(out.path());
         let options = LoadOptions {
@@ -1031,46 +1038,48 @@ fn two_data_parallel_workers_equal_one_worker_with_the_doubled_batch() {
 /// before anything connects; each mistake names its field.
 #[test]
 fn a_multi_machine_run_checks_its_cluster_settings() {
-    let attempt = |cluster: Option<Cluster>| {
-        let out = tempfile::tempdir().unwrap();
-        let (m, raw) = model();
-        let cfg = TrainerConfig {
-            nodes: 2,
-            max_steps: Some(1),
-            ..config()
-        };
-        let mut s = setup(out.path(), m, raw, cfg);
-        s.cluster = cluster;
-        match run(s, None, &mut Recorder::new(), &RunControl::new()) {
+    let attempt =
+        |cluster: Cluster| match Parallelism::<B>::new(vec![Default::default()], Some(cluster)) {
             Err(RunnerError::Config { field, message }) => format!("{field}: {message}"),
             other => panic!("expected a configuration error, got {other:?}"),
-        }
-    };
+        };
     let good = Cluster {
+        nodes: 2,
         node_rank: 1,
         orchestrator: "ws://127.0.0.1:3000".into(),
         node_address: "127.0.0.1:3001".into(),
     };
-    assert!(attempt(None).starts_with("nodes: 2 machines need"));
-    let e = attempt(Some(Cluster {
+    // Checked once, where the value is made: a run gets only a valid one.
+    let p = Parallelism::<B>::new(vec![Default::default(); 2], Some(good.clone())).unwrap();
+    assert_eq!((p.devices().len(), p.nodes(), p.workers()), (2, 2, 4));
+    let e = attempt(Cluster {
         node_rank: 2,
         ..good.clone()
-    }));
+    });
     assert_eq!(e, "node_rank: 2 is not below the 2 nodes");
-    let e = attempt(Some(Cluster {
+    let e = attempt(Cluster {
+        nodes: 0,
+        ..good.clone()
+    });
+    assert!(e.starts_with("nodes: 0 is outside"), "{e}");
+    let e = attempt(Cluster {
         orchestrator: "http://host/x".into(),
         ..good.clone()
-    }));
+    });
     assert!(
         e.starts_with("orchestrator: `http://host/x` is not HOST:PORT"),
         "{e}"
     );
-    let e = attempt(Some(Cluster {
+    let e = attempt(Cluster {
         node_address: "127.0.0.1:0".into(),
         ..good
-    }));
+    });
     assert!(
         e.starts_with("node_address: `127.0.0.1:0` is not HOST:PORT"),
         "{e}"
     );
+    let e = Parallelism::<B>::new(Vec::new(), None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("devices"), "{e}");
 }
