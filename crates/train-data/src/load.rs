@@ -246,7 +246,7 @@ fn detect_format(path: &Path) -> Result<DataFormat> {
 }
 
 /// Streams the rows of a JSONL file: each item is a conversation or the problems of its row.
-pub struct JsonlRows {
+pub(crate) struct JsonlRows {
     path: PathBuf,
     reader: BufReader<File>,
     schema: RowSchema,
@@ -402,7 +402,7 @@ fn json_array_rows(
 }
 
 /// Turns one row (any supported shape) into a checked conversation, or the row's problems.
-pub fn normalize_row(
+pub(crate) fn normalize_row(
     value: &Value,
     location: RowLocation,
     schema: RowSchema,

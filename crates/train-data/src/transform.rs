@@ -94,7 +94,7 @@ pub const THINKING_EMOJIS: &[&str] = &["🤔", "💭", "🧠", "💡", "🎯", "
 pub const STOP_EMOJIS: &[&str] = &["🛑", "⛔", "🚫", "❌", "🔴", "⏹️", "🔚", "✋", "🚦", "🛡️"];
 
 /// English words for the counts the patterns use.
-pub fn number_word(n: usize) -> String {
+pub(crate) fn number_word(n: usize) -> String {
     const WORDS: [&str; 13] = [
         "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
         "eleven", "twelve",

@@ -108,7 +108,7 @@ fn location(c: &Conversation) -> RowLocation {
 
 /// Structural problems of one conversation: empty content, roles out of order, no assistant
 /// turn. Empty when the conversation can be trained on.
-pub fn structure_problems(c: &Conversation) -> Vec<Problem> {
+pub(crate) fn structure_problems(c: &Conversation) -> Vec<Problem> {
     let loc = location(c);
     let mut out = Vec::new();
     if c.messages.is_empty() {
@@ -186,7 +186,7 @@ fn normalize(s: &str) -> String {
 
 /// Answer leakage: an assistant answer (at least 3 words and 12 characters) that already
 /// appears verbatim (ignoring case and spacing) in an earlier system or user message.
-pub fn leakage_problems(c: &Conversation) -> Vec<Problem> {
+pub(crate) fn leakage_problems(c: &Conversation) -> Vec<Problem> {
     let loc = location(c);
     let mut prompt = String::new();
     let mut out = Vec::new();

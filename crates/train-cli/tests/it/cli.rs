@@ -11,6 +11,16 @@ fn train(args: &[&str], registry: &Path) -> Output {
         .unwrap()
 }
 
+/// Asserts that the command exited 0, showing its stderr when it did not.
+fn succeeded(out: &Output) {
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn last_json(out: &Output) -> serde_json::Value {
     let stdout = String::from_utf8(out.stdout.clone()).unwrap();
     serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
@@ -67,12 +77,7 @@ fn data_stats_and_prepare() {
         ],
         &reg,
     );
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let s = last_json(&out);
     assert_eq!(s["examples"], 20);
     assert_eq!(s["train_examples"], 18);
@@ -92,12 +97,7 @@ fn data_stats_and_prepare() {
         ],
         &reg,
     );
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let back = train_data::read_prepared(&prepared).unwrap();
     assert_eq!(back.train.len(), 18);
 
@@ -139,12 +139,7 @@ fn data_seed_defaults_to_the_seed() {
         ];
         args.extend_from_slice(seeds);
         let out = train(&args, &reg);
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        succeeded(&out);
         let back = train_data::read_prepared(&out_dir).unwrap();
         back.validation.iter().map(|e| e.row).collect()
     };
@@ -180,12 +175,7 @@ fn config_file_supplies_flags_and_the_command_line_wins() {
         ],
         &reg,
     );
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let s = last_json(&out);
     assert_eq!(s["validation_examples"], 5);
     assert_eq!(s["max_length"], 64);
@@ -215,22 +205,12 @@ fn config_sections_take_the_documented_keys() {
     .unwrap();
     let c = cfg.to_str().unwrap();
     let stats = train(&["data", "stats", "--config", c, "--json"], &reg);
-    assert_eq!(
-        stats.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&stats.stderr)
-    );
+    succeeded(&stats);
     let s = last_json(&stats);
     assert_eq!(s["validation_examples"], 4);
     assert_eq!(s["max_length"], 64);
     let run = train(&["--config", c, "--max-steps", "2", "--json"], &reg);
-    assert_eq!(
-        run.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    succeeded(&run);
     assert_eq!(last_json(&run)["global_step"], 2, "the command line wins");
     let state: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(out_dir.join("checkpoint-2/trainer_state.json")).unwrap(),
@@ -261,12 +241,7 @@ fn usage_errors_exit_2_and_models_registry_works() {
         &["models", "scan", fixtures.to_str().unwrap(), "--json"],
         &reg,
     );
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     // Eight text models, a Qwen3-VL model and six LoRA adapters listed with their base model.
     let found = last_json(&out)["found"].as_array().unwrap().clone();
     assert_eq!(found.len(), 15, "{found:?}");
@@ -294,12 +269,7 @@ fn usage_errors_exit_2_and_models_registry_works() {
         ],
         &reg,
     );
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     assert_eq!(
         train(&["models", "show", "nope"], &reg).status.code(),
         Some(1)
