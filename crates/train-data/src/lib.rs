@@ -56,14 +56,14 @@
 //! let enc = tok.encode(&conv)?;
 //! // Only "Paris.<|im_end|>" is trained.
 //! let trained: Vec<u32> = enc.labels.iter().filter(|&&l| l != IGNORE_INDEX).map(|&l| l as u32).collect();
-//! assert_eq!(tok.tokenizer().decode(&trained, false).unwrap(), "Paris.<|im_end|>");
+//! assert_eq!(tok.tokenizer().decode(&trained, false)?, "Paris.<|im_end|>");
 //!
 //! // Two examples packed into one row: positions restart, segments differ.
 //! let a = Example { row: 0, input_ids: enc.input_ids.clone(), labels: enc.labels.clone() };
 //! let row = Sequence::pack(&[&a, &a]);
 //! assert_eq!(row.position_ids[a.len()], 0);
 //! assert_eq!(row.segment_ids[a.len()], 1);
-//! # Ok::<(), train_data::DataError>(())
+//! # Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
 //! ```
 
 mod batch;

@@ -404,6 +404,12 @@ const MAX_SIDE_FILE_BYTES: u64 = 256 << 20;
 /// [`read_examples`]); their token ids are checked against a tokenizer by
 /// [`check_examples`], which [`prepare_cached`] does.
 pub fn read_prepared(dir: &Path) -> Result<Prepared> {
+    read_laid_out(dir, None)
+}
+
+/// [`read_prepared`] with the training rows laid out once: packed to `packed_to`, or one per
+/// example.
+fn read_laid_out(dir: &Path, packed_to: Option<usize>) -> Result<Prepared> {
     let stats_path = dir.join("stats.json");
     let stats: DataStats = serde_json::from_slice(&read_bounded(
         &stats_path,
@@ -413,7 +419,10 @@ pub fn read_prepared(dir: &Path) -> Result<Prepared> {
     .map_err(|e| DataError::file(&stats_path, e.to_string()))?;
     let train = read_examples(&dir.join("train.parquet"))?;
     Ok(Prepared {
-        rows: TrainRows::one_per_example(&train),
+        rows: match packed_to {
+            Some(len) => TrainRows::packed(&train, len),
+            None => TrainRows::one_per_example(&train),
+        },
         train,
         validation: read_examples(&dir.join("validation.parquet"))?,
         fingerprint: String::new(),
@@ -502,9 +511,6 @@ pub fn prepare_cached(
     if dir.join("stats.json").is_file() {
         match read_cached(&dir, config, tokenizer) {
             Ok(mut cached) => {
-                if config.packing {
-                    cached.rows = TrainRows::packed(&cached.train, config.max_length);
-                }
                 cached.fingerprint = key;
                 return Ok((cached, true));
             }
@@ -537,7 +543,7 @@ pub fn prepare_cached(
 
 /// A cache entry, checked against the tokenizer and the configuration.
 fn read_cached(dir: &Path, config: &DatasetConfig, tokenizer: &ChatTokenizer) -> Result<Prepared> {
-    let mut cached = read_prepared(dir)?;
+    let mut cached = read_laid_out(dir, config.packing.then_some(config.max_length))?;
     let vocab = tokenizer.vocab_size();
     check_examples(
         &dir.join("train.parquet"),
