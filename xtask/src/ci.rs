@@ -328,7 +328,7 @@ fn run_examples() -> Result<()> {
 }
 
 /// rustdoc of the library crates in one invocation (one feature resolution), as JSON (what
-/// cargo-public-api reads) with warnings denied: rustdoc's lints (broken intra-doc links,
+/// `public-api` reads) with warnings denied: rustdoc's lints (broken intra-doc links,
 /// missing docs, links to private items) run for this output format too, so one pass checks the
 /// documentation and feeds the API snapshots (it also reported a redundant link that the HTML
 /// pass had not). Dev profile, like clippy, with clippy's features and environment, so that it
@@ -350,7 +350,7 @@ fn rustdoc_json() -> Result<()> {
     // every proc macro and the crates above them a second time.
     c.args(["-p", "workspace-hack"]);
     // The JSON output is unstable rustdoc; the pinned stable toolchain produces it under
-    // RUSTC_BOOTSTRAP=1 (format 57 with Rust 1.95, what cargo-public-api 0.52.0 reads).
+    // RUSTC_BOOTSTRAP=1 (format 57 with Rust 1.95, what public-api 0.52.0 reads).
     c.env(
         "RUSTDOCFLAGS",
         "-D warnings -Z unstable-options --output-format json",
@@ -386,6 +386,10 @@ pub(crate) fn fuzz(seconds: u64) -> Result<()> {
         let mut c = Command::new(&tool);
         c.current_dir(&fuzz_dir)
             .args(["fuzz", verb, "--sanitizer", "none", "--release"])
+            // cargo-fuzz compiles a release build as one codegen unit a crate (for ThinLTO's
+            // inlining, i.e. fuzzing speed); 16 lets LLVM use both cores inside the big crates
+            // (polars, burn) of a cold build.
+            .args(["--codegen-units", "16"])
             // Stable toolchain (rust-toolchain.toml); cargo-fuzz's instrumentation flags are
             // stable but it asks for unstable ones on the side.
             .env("RUSTC_BOOTSTRAP", "1")
@@ -450,12 +454,23 @@ pub(crate) fn fuzz(seconds: u64) -> Result<()> {
     Ok(())
 }
 
-const PUBLIC_API_VERSION: &str = "0.52.0";
+/// `xtask/api-list` (the `public-api` library, the one cargo-public-api is made of), built in
+/// its own workspace and dev profile; returns its executable.
+fn api_lister() -> Result<std::path::PathBuf> {
+    let target = cache().join("tools-target");
+    let mut c = cargo();
+    c.args(["build", "--locked", "--quiet", "--manifest-path"])
+        .arg(root().join("xtask/api-list/Cargo.toml"))
+        .env("CARGO_TARGET_DIR", &target);
+    run("build xtask/api-list", c)?;
+    Ok(target.join("debug/train-api-list"))
+}
 
-/// The public API of every library crate (cargo-public-api over rustdoc JSON, blanket and
-/// auto-trait impls left out) against `api/<crate>.txt`. `bless` rewrites the snapshots.
+/// The public API of every library crate (`public-api` over rustdoc JSON, blanket and
+/// auto-trait impls left out, as `cargo public-api -ss`) against `api/<crate>.txt`. `bless`
+/// rewrites the snapshots.
 pub(crate) fn api(bless: bool) -> Result<()> {
-    let tool = cargo_tool("public-api", PUBLIC_API_VERSION)?;
+    let tool = api_lister()?;
     rustdoc_json()?;
     let mut problems = Vec::new();
     for k in library_crates()? {
@@ -463,13 +478,12 @@ pub(crate) fn api(bless: bool) -> Result<()> {
             .join("doc")
             .join(format!("{}.json", k.replace('-', "_")));
         let out = Command::new(&tool)
-            .args(["public-api", "-ss", "--rustdoc-json"])
             .arg(&json)
             .output()
             .with_context(|| format!("running {}", tool.display()))?;
         if !out.status.success() {
             bail!(
-                "cargo-public-api failed on {}:\n{}",
+                "train-api-list failed on {}:\n{}",
                 json.display(),
                 String::from_utf8_lossy(&out.stderr)
             );

@@ -215,7 +215,9 @@ fn cargo_tool(name: &str, version: &str) -> Result<PathBuf> {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(version));
     if !version_ok {
         let mut c = cargo();
-        c.args(["install", "--locked", "--force"])
+        // Dev profile: these tools do little work, and an optimised build of them was most of
+        // their install time on a cold cache.
+        c.args(["install", "--locked", "--force", "--debug"])
             .arg(format!("cargo-{name}@{version}"))
             .arg("--root")
             .arg(&root_dir)
