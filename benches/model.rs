@@ -6,7 +6,7 @@ use burn::backend::{Autodiff, Flex};
 use burn::tensor::{DType, Distribution, Int, Tensor, TensorData};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use train_benches::{qwen3_config, token_rows};
-use train_model::attention::{AttentionMask, scaled_dot_product};
+use train_model::{AttentionMask, scaled_dot_product};
 use train_model::{CausalLm, ModelInput, causal_lm_loss, causal_lm_nll};
 
 type B = Flex;

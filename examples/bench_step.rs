@@ -146,7 +146,7 @@ fn bench<B: FusedAutodiffBackend>(args: &Args, device: &B::Device) -> Result<ser
         let lora = LoraConfig {
             r,
             alpha: 2.0 * r as f64,
-            target_modules: train_model::lora::LORA_MODULES.map(String::from).to_vec(),
+            target_modules: train_model::LORA_MODULES.map(String::from).to_vec(),
             ..LoraConfig::default()
         };
         model = model.with_lora(&lora, 0)?;

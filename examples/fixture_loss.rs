@@ -55,7 +55,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn read_ids(path: &std::path::Path, name: &str) -> anyhow::Result<Vec<Vec<i64>>> {
-    let file = train_model::weights::SafetensorsFile::open(path)?;
+    let file = train_model::SafetensorsFile::open(path)?;
     let (_, entry) = file
         .entries()
         .find(|(n, _)| *n == name)

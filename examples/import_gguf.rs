@@ -14,7 +14,7 @@ fn main() -> anyhow::Result<()> {
     let (Some(gguf), Some(out)) = (args.next(), args.next()) else {
         anyhow::bail!("usage: import_gguf MODEL.gguf OUT_DIR");
     };
-    let import = train_model::gguf::convert_to_hf(&PathBuf::from(&gguf), &PathBuf::from(&out))
+    let import = train_model::convert_to_hf(&PathBuf::from(&gguf), &PathBuf::from(&out))
         .with_context(|| format!("converting {gguf}"))?;
     println!(
         "{}: {} tensors of a {} model written to {}",

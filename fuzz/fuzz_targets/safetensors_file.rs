@@ -6,7 +6,7 @@
 mod common;
 
 use libfuzzer_sys::fuzz_target;
-use train_model::weights::SafetensorsFile;
+use train_model::SafetensorsFile;
 
 fuzz_target!(|data: &[u8]| {
     let Some(path) = common::scratch("model.safetensors", data) else {

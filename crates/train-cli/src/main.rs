@@ -458,7 +458,7 @@ pub(crate) fn adapter_base(dir: &std::path::Path) -> Option<PathBuf> {
         return None;
     }
     let adapter = train_model::read_adapter_config(dir).ok()?;
-    train_model::lora::resolve_base_model(dir, adapter.base_model.as_deref()).ok()
+    train_model::resolve_base_model(dir, adapter.base_model.as_deref()).ok()
 }
 
 /// The model directory `model` names and its tokenizer. An adapter directory without tokenizer
@@ -467,7 +467,7 @@ pub(crate) fn tokenizer_for(model: &str) -> Result<(PathBuf, ChatTokenizer)> {
     let dir = registry()?.resolve(model)?;
     let tok_dir = if train_model::is_adapter_dir(&dir) && !dir.join("tokenizer.json").is_file() {
         let adapter = train_model::read_adapter_config(&dir)?;
-        train_model::lora::resolve_base_model(&dir, adapter.base_model.as_deref())?
+        train_model::resolve_base_model(&dir, adapter.base_model.as_deref())?
     } else {
         dir.clone()
     };

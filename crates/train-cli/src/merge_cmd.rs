@@ -115,7 +115,7 @@ pub fn run(args: &MergeArgs) -> Result<ExitCode> {
     let mut inputs = vec![dir.clone()];
     if train_model::is_adapter_dir(&dir) {
         let adapter = train_model::read_adapter_config(&dir)?;
-        inputs.push(train_model::lora::resolve_base_model(
+        inputs.push(train_model::resolve_base_model(
             &dir,
             adapter.base_model.as_deref(),
         )?);

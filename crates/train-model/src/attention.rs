@@ -14,7 +14,8 @@ use crate::error::ModelError;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AttentionImpl {
-    /// The fused operations of [`crate::fused`] (tiled attention, RMSNorm, SwiGLU, rotary, each
+    /// The fused operations of [`FusedBackend`](crate::FusedBackend) (tiled attention,
+    /// RMSNorm, SwiGLU, rotary, each
     /// one autodiff node with its own backward), in training and inference alike.
     #[default]
     Auto,

@@ -16,7 +16,7 @@ use crate::pretrained::{write_atomically, write_json};
 
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
-pub enum MetaValue {
+pub(crate) enum MetaValue {
     /// Any unsigned integer type.
     UInt(u64),
     /// Any signed integer type.
@@ -57,7 +57,7 @@ impl MetaValue {
 
 /// One tensor's header entry.
 #[derive(Debug, Clone)]
-pub struct GgufTensorInfo {
+pub(crate) struct GgufTensorInfo {
     /// GGUF name (e.g. `blk.0.attn_q.weight`).
     pub name: String,
     /// Dimensions, innermost first (ggml's `ne`).
@@ -69,7 +69,7 @@ pub struct GgufTensorInfo {
 }
 
 /// A parsed GGUF file: metadata, tensor infos and the raw bytes.
-pub struct GgufFile {
+pub(crate) struct GgufFile {
     path: PathBuf,
     bytes: Vec<u8>,
     /// Key/value metadata.
@@ -285,11 +285,6 @@ impl GgufFile {
             file.tensor_bytes(t)?;
         }
         Ok(file)
-    }
-
-    /// The file's path.
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     fn tensor_bytes(&self, t: &GgufTensorInfo) -> Result<&[u8]> {

@@ -60,39 +60,49 @@
 //! # Ok::<(), train_model::ModelError>(())
 //! ```
 
-pub mod attention;
-pub mod cache;
-pub mod config;
-pub mod error;
+mod attention;
+mod cache;
+mod config;
+mod error;
 mod family;
-pub mod fused;
+mod fused;
 #[cfg(feature = "gguf")]
-pub mod gguf;
+mod gguf;
 mod init;
-pub mod lora;
-pub mod loss;
-pub mod model;
-pub mod names;
-pub mod output;
-pub mod precision;
-pub mod pretrained;
-pub mod rope;
-pub mod weights;
+mod lora;
+mod loss;
+mod model;
+mod names;
+mod output;
+mod precision;
+mod pretrained;
+mod rope;
+mod weights;
 
-pub use attention::AttentionImpl;
+pub use attention::{AttentionImpl, AttentionMask, repeat_kv, scaled_dot_product};
 pub use cache::KvCache;
-pub use config::{Activation, Architecture, LayerType, ModelConfig, NormPlacement, StorageDtype};
+pub use config::{
+    Activation, Architecture, HfConfig, LayerType, ModelConfig, NormPlacement, StorageDtype,
+};
 pub use error::{ModelError, Result};
-pub use fused::{AdamWStep, AttentionSpec, FusedAutodiffBackend, FusedBackend};
+pub use fused::{
+    AdamWStep, AttentionSpec, FusedAutodiffBackend, FusedBackend, SegmentIds, SegmentTensors,
+    attention, gated, reference, rms_norm, rotary, swiglu,
+};
+#[cfg(feature = "gguf")]
+pub use gguf::{GgufImport, convert_to_hf};
 pub use lora::{
-    AdapterConfig, LoraAdapter, LoraConfig, is_adapter_dir, load_adapter, read_adapter_config,
-    save_adapter,
+    AdapterConfig, LORA_MODULES, LoraAdapter, LoraConfig, is_adapter_dir, load_adapter,
+    read_adapter_config, resolve_base_model, save_adapter,
 };
 pub use loss::{
     IGNORE_INDEX, LinearNll, MIN_NLL_CHUNK_ROWS, NLL_CHUNK_LOGITS, causal_lm_loss, causal_lm_nll,
     fused_linear_nll, nll_chunk_rows,
 };
-pub use model::{CausalLm, HiddenStates, ModelInput, NamedParam};
+pub use model::{
+    CausalLm, DecoderLayer, HiddenStates, Mlp, ModelInput, NamedParam, Projection, RmsNorm,
+    SelfAttention,
+};
 pub use names::{ParamKind, TensorSpec, tensor_specs};
 pub use output::{
     MAX_JSON_FILE_BYTES, OutputRefusal, check_output_dir, install_model, is_sealed_checkpoint,
@@ -103,3 +113,5 @@ pub use pretrained::{
     LoadOptions, Pretrained, SaveOptions, SavedModel, copy_companions, load_pretrained,
     save_pretrained,
 };
+pub use rope::{RopeConfig, RopeScaling, apply_rotary};
+pub use weights::{SafetensorsFile, TensorEntry, WeightIndex};

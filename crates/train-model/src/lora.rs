@@ -25,11 +25,11 @@ use crate::model::{CausalLm, Projection, cast_to, project};
 use crate::weights::{SafetensorsFile, WeightIndex};
 
 /// The adapter's configuration file.
-pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+pub(crate) const ADAPTER_CONFIG: &str = "adapter_config.json";
 /// The adapter's weights.
-pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+pub(crate) const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 /// What PEFT puts before a module's name in `adapter_model.safetensors`.
-pub const PEFT_PREFIX: &str = "base_model.model.";
+pub(crate) const PEFT_PREFIX: &str = "base_model.model.";
 /// The projections an adapter can target (the decoder's linear layers; `all-linear` means all).
 pub const LORA_MODULES: [&str; 7] = [
     "q_proj",

@@ -28,7 +28,7 @@ pub struct Projection<B: Backend> {
     pub weight: Param<Tensor<B, 2>>,
     /// `[out]`.
     pub bias: Option<Param<Tensor<B, 1>>>,
-    /// A LoRA adapter added to the output ([`crate::lora`]).
+    /// A LoRA adapter added to the output ([`LoraAdapter`](crate::LoraAdapter)).
     pub lora: Option<LoraAdapter<B>>,
 }
 
@@ -393,7 +393,7 @@ impl<B: Backend> ModelInput<B> {
 }
 
 /// Position ids that restart at 0 whenever the segment id changes.
-pub fn positions_from_segments(segments: &[u32]) -> Vec<u32> {
+pub(crate) fn positions_from_segments(segments: &[u32]) -> Vec<u32> {
     let mut out = Vec::with_capacity(segments.len());
     let mut pos = 0u32;
     for (i, s) in segments.iter().enumerate() {

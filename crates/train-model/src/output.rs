@@ -11,7 +11,7 @@ use crate::error::{ModelError, Result};
 /// The files that are the model itself (as opposed to its tokenizer and generation files):
 /// `config.json`, `adapter_config.json`, and the weights (`model*.safetensors`, the shard index,
 /// `adapter_model.safetensors`).
-pub fn is_model_file(name: &str) -> bool {
+pub(crate) fn is_model_file(name: &str) -> bool {
     matches!(
         name,
         "config.json" | "adapter_config.json" | "adapter_model.safetensors"
@@ -20,7 +20,7 @@ pub fn is_model_file(name: &str) -> bool {
 }
 
 /// The model files present in `dir`, sorted.
-pub fn model_files_in(dir: &Path) -> Vec<String> {
+pub(crate) fn model_files_in(dir: &Path) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };

@@ -57,7 +57,7 @@ impl std::fmt::Display for Precision {
 }
 
 /// True for the backends that run on an accelerator (where `auto` picks bf16).
-pub fn is_accelerator<B: Backend>(device: &B::Device) -> bool {
+pub(crate) fn is_accelerator<B: Backend>(device: &B::Device) -> bool {
     let name = B::name(device).to_ascii_lowercase();
     ["cuda", "rocm", "hip", "metal", "wgpu", "vulkan"]
         .iter()

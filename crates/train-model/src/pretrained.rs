@@ -16,7 +16,7 @@ use crate::precision::Precision;
 use crate::weights::{WeightIndex, to_safetensors_dtype};
 
 /// Files of a model directory that are not weights and travel with it on save.
-pub const COMPANION_FILES: &[&str] = &[
+pub(crate) const COMPANION_FILES: &[&str] = &[
     "tokenizer.json",
     "tokenizer_config.json",
     "chat_template.jinja",

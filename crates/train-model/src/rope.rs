@@ -267,7 +267,7 @@ impl RopeConfig {
 
 /// Device-resident rotary tables: the inverse frequencies, ready to be combined with positions.
 #[derive(Debug, Clone)]
-pub struct Rotary<B: Backend> {
+pub(crate) struct Rotary<B: Backend> {
     inv_freq: Tensor<B, 1>,
     scale: f32,
 }
@@ -306,8 +306,8 @@ impl<B: Backend> Rotary<B> {
 
 /// Applies rotary embeddings to `x` of shape `[batch, heads, seq, head_dim]` (rotate-half layout).
 ///
-/// `cos` / `sin` come from [`Rotary::cos_sin`] and are cast to `x`'s dtype first, as
-/// `transformers` does.
+/// `cos` / `sin` are the rotary tables of the positions (the model computes them per
+/// forward) and are cast to `x`'s dtype first, as `transformers` does.
 pub fn apply_rotary<B: Backend>(
     x: Tensor<B, 4>,
     cos: &Tensor<B, 4>,

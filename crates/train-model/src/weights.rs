@@ -112,7 +112,7 @@ pub struct WeightIndex {
 }
 
 /// Converts a safetensors dtype to our storage dtype, if it is a float type we read.
-pub fn storage_dtype(dtype: Dtype) -> Option<StorageDtype> {
+pub(crate) fn storage_dtype(dtype: Dtype) -> Option<StorageDtype> {
     match dtype {
         Dtype::F32 => Some(StorageDtype::F32),
         Dtype::BF16 => Some(StorageDtype::Bf16),

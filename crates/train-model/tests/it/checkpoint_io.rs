@@ -9,7 +9,7 @@ use crate::common::{ARCHES, fixtures, raw_tensors};
 use burn::backend::Flex;
 use proptest::prelude::*;
 use safetensors::Dtype;
-use train_model::weights::SafetensorsFile;
+use train_model::SafetensorsFile;
 use train_model::{
     LoadOptions, ModelError, NamedParam, Precision, SaveOptions, StorageDtype, load_pretrained,
 };

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use safetensors::Dtype;
-use train_model::weights::{SafetensorsFile, WeightIndex};
+use train_model::{SafetensorsFile, WeightIndex};
 
 /// The families of the fixture models (each with its transformers reference).
 pub const ARCHES: &[&str] = &[

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use crate::common::fixtures;
-use train_model::rope::RopeScaling;
+use train_model::RopeScaling;
 use train_model::{Architecture, ModelConfig, StorageDtype};
 
 #[test]

@@ -1,4 +1,5 @@
-//! The fused operations (`train_model::fused`) against the decomposed reference, values and
+//! The fused operations (`train_model::{attention, rms_norm, gated, rotary}`) against the
+//! decomposed reference, values and
 //! gradients through autodiff: attention (causal, grouped heads, segments, cache offset,
 //! sliding window, softcap; one block or many), RMSNorm (with the `1 + w` variant), SwiGLU,
 //! GeGLU and rotary, AdamW and the softmax cross-entropy against their reference bodies — on every
@@ -8,10 +9,10 @@ use burn::backend::Autodiff;
 use burn::tensor::activation::{gelu_approximate, silu, softmax};
 use burn::tensor::{Distribution, Int, Tensor, TensorData, TensorPrimitive};
 use proptest::prelude::*;
-use train_model::attention::repeat_kv;
-use train_model::fused::{self, AttentionSpec, reference};
-use train_model::rope::apply_rotary;
+use train_model::apply_rotary;
+use train_model::repeat_kv;
 use train_model::{Activation, FusedBackend};
+use train_model::{AttentionSpec, reference};
 
 /// Largest |a − b| over max(1, largest |b|): relative to the tensor's scale.
 fn rel_diff<B: burn::tensor::backend::Backend, const D: usize>(
@@ -149,7 +150,7 @@ fn check_attention<B: FusedBackend>(c: &Case, device: &B::Device) {
         let q_ids: Vec<Vec<i64>> = ids.iter().map(|r| r[c.past..].to_vec()).collect();
         (int2::<Ad<B>>(&q_ids, device), int2::<Ad<B>>(&ids, device))
     });
-    let o2 = fused::attention(q2.clone(), k2.clone(), v2.clone(), seg, &c.spec());
+    let o2 = train_model::attention(q2.clone(), k2.clone(), v2.clone(), seg, &c.spec());
     let g2 = (o2.clone() * Tensor::from_inner(dout.clone()))
         .sum()
         .backward();
@@ -297,7 +298,7 @@ fn check_norm_gate_rotary<B: FusedBackend>(device: &B::Device) {
                 Tensor::<Ad<B>, 2>::from_inner(x.clone()).require_grad(),
                 Tensor::<Ad<B>, 1>::from_inner(w.clone()).require_grad(),
             );
-            let y2 = fused::rms_norm(x2.clone(), w2.clone(), 1e-6, offset);
+            let y2 = train_model::rms_norm(x2.clone(), w2.clone(), 1e-6, offset);
             let g2 = (y2.clone() * Tensor::from_inner(dy.clone()))
                 .sum()
                 .backward();
@@ -326,7 +327,7 @@ fn check_norm_gate_rotary<B: FusedBackend>(device: &B::Device) {
             let g1 = (y1.clone() * Tensor::from_inner(dy.clone()))
                 .sum()
                 .backward();
-            let y2 = fused::gated(a2.clone(), b2.clone(), act);
+            let y2 = train_model::gated(a2.clone(), b2.clone(), act);
             let g2 = (y2.clone() * Tensor::from_inner(dy.clone()))
                 .sum()
                 .backward();
@@ -354,7 +355,7 @@ fn check_norm_gate_rotary<B: FusedBackend>(device: &B::Device) {
             .sum()
             .backward();
         let x2 = Tensor::<Ad<B>, 4>::from_inner(x).require_grad();
-        let y2 = fused::rotary(x2.clone(), &c, &sn);
+        let y2 = train_model::rotary(x2.clone(), &c, &sn);
         let g2 = (y2.clone() * Tensor::from_inner(dy)).sum().backward();
         let e = [
             rel_diff(y2.inner(), y1.inner()),
