@@ -1,12 +1,16 @@
 //! The data loader and validator on arbitrary files: JSONL, JSON arrays and Parquet (the first
-//! byte picks the container), every row schema, strict and skipping policies.
+//! byte picks the container), every row schema, strict and skipping policies; the preference
+//! pair loader on the same files.
 #![no_main]
 
 #[path = "common.rs"]
 mod common;
 
 use libfuzzer_sys::fuzz_target;
-use train_data::{DataFormat, ErrorPolicy, LoadOptions, RowSchema, check_file, load_conversations};
+use train_data::{
+    DataFormat, ErrorPolicy, LoadOptions, RowSchema, check_file, load_conversations,
+    load_preferences,
+};
 
 fuzz_target!(|data: &[u8]| {
     // The loader catches panics of polars' Parquet decoder and reports the file as unreadable.
@@ -35,6 +39,7 @@ fuzz_target!(|data: &[u8]| {
     for policy in [ErrorPolicy::Strict, ErrorPolicy::Skip] {
         let options = LoadOptions { format, schema, policy };
         let _ = load_conversations(&path, &options);
+        let _ = load_preferences(&path, &options);
     }
     let _ = check_file(&path, &LoadOptions { format, schema, policy: ErrorPolicy::Skip }, None);
 });

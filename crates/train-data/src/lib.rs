@@ -21,6 +21,10 @@
 //!    best-fit-decreasing packing where each packed example keeps its own positions and segment
 //!    so nothing leaks between examples; padding as the alternative.
 //!
+//! Preference pairs for DPO-family training ([`load_preferences`], [`PreferencePair`],
+//! [`ChatTokenizer::encode_pair`]) come in every form of TRL's preference format, with the same
+//! per-row errors.
+//!
 //! [`prepare`] runs the whole chain from a [`DatasetConfig`] (the seed's `DatasetConfig`:
 //! `max_length` 4096, `validation_split` 0.1, thinking pattern…) and reports [`DataStats`];
 //! [`prepare_cached`] keeps the tokenized result in Parquet, keyed by a hash of everything
@@ -73,6 +77,7 @@ mod load;
 mod parquet;
 mod parquet_bounds;
 mod pipeline;
+mod preference;
 mod registry;
 mod rng;
 mod split;
@@ -96,6 +101,7 @@ pub use pipeline::{
     DEFAULT_MAX_LENGTH, DataStats, DatasetConfig, Prepared, cache_key, check_max_length, prepare,
     prepare_cached, read_prepared, write_prepared,
 };
+pub use preference::{EncodedPair, LoadedPairs, PreferencePair, load_preferences};
 pub use registry::{Builder, Options, Plugin, Registry, RegistryError};
 pub use rng::SplitMix64;
 pub use split::{DataPosition, EpochOrder, ValidationSplit, split_indices};

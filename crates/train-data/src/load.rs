@@ -203,12 +203,12 @@ pub fn load_conversations(path: &Path, options: &LoadOptions) -> Result<Loaded> 
             }
         }
         DataFormat::Json => {
-            for row in json_array_rows(path, options.schema)? {
+            for row in json_array_rows(path, options.schema, normalize_row)? {
                 accept(row)?;
             }
         }
         DataFormat::Parquet => {
-            for row in crate::parquet::parquet_rows(path, options.schema)? {
+            for row in crate::parquet::parquet_rows(path, options.schema, normalize_row)? {
                 accept(row)?;
             }
         }
@@ -216,7 +216,7 @@ pub fn load_conversations(path: &Path, options: &LoadOptions) -> Result<Loaded> 
     Ok(loaded)
 }
 
-fn detect_format(path: &Path) -> Result<DataFormat> {
+pub(crate) fn detect_format(path: &Path) -> Result<DataFormat> {
     let ext = path
         .extension()
         .and_then(|e| e.to_str())
@@ -245,24 +245,39 @@ fn detect_format(path: &Path) -> Result<DataFormat> {
     })
 }
 
-/// Streams the rows of a JSONL file: each item is a conversation or the problems of its row.
-pub(crate) struct JsonlRows {
+/// Turns one parsed row into a checked value (a conversation, a preference pair), or the row's
+/// problems.
+pub(crate) type Normalize<T> =
+    fn(&Value, RowLocation, RowSchema) -> std::result::Result<T, Vec<Problem>>;
+
+/// Streams the rows of a JSONL file: each item is a normalized row (a conversation by default)
+/// or the problems of its row.
+pub(crate) struct JsonlRows<T = Conversation> {
     path: PathBuf,
     reader: BufReader<File>,
     schema: RowSchema,
+    normalize: Normalize<T>,
     line: usize,
     row: usize,
     buf: Vec<u8>,
 }
 
-impl JsonlRows {
-    /// Opens `path`.
+impl JsonlRows<Conversation> {
+    /// Opens `path`, a file of conversations.
     pub fn open(path: &Path, schema: RowSchema) -> Result<Self> {
+        Self::open_with(path, schema, normalize_row)
+    }
+}
+
+impl<T> JsonlRows<T> {
+    /// Opens `path`, whose rows `normalize` checks.
+    pub fn open_with(path: &Path, schema: RowSchema, normalize: Normalize<T>) -> Result<Self> {
         let file = open_regular(path)?;
         Ok(Self {
             path: path.to_path_buf(),
             reader: BufReader::with_capacity(1 << 16, file),
             schema,
+            normalize,
             line: 0,
             row: 0,
             buf: Vec::new(),
@@ -270,8 +285,8 @@ impl JsonlRows {
     }
 }
 
-impl Iterator for JsonlRows {
-    type Item = Result<std::result::Result<Conversation, Vec<Problem>>>;
+impl<T> Iterator for JsonlRows<T> {
+    type Item = Result<std::result::Result<T, Vec<Problem>>>;
 
     fn next(&mut self) -> Option<Self::Item> {
         loop {
@@ -341,7 +356,7 @@ impl Iterator for JsonlRows {
                     )])));
                 }
             };
-            return Some(Ok(normalize_row(&value, location, self.schema)));
+            return Some(Ok((self.normalize)(&value, location, self.schema)));
         }
     }
 }
@@ -362,10 +377,11 @@ fn skip_line(reader: &mut impl BufRead) -> std::io::Result<()> {
     }
 }
 
-fn json_array_rows(
+pub(crate) fn json_array_rows<T>(
     path: &Path,
     schema: RowSchema,
-) -> Result<Vec<std::result::Result<Conversation, Vec<Problem>>>> {
+    normalize: Normalize<T>,
+) -> Result<Vec<std::result::Result<T, Vec<Problem>>>> {
     let bytes = read_bounded(path, MAX_JSON_FILE_BYTES, "a .json array (use JSONL)")?;
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
     let value: Value = serde_json::from_slice(bytes).map_err(|e| {
@@ -388,7 +404,7 @@ fn json_array_rows(
         .iter()
         .enumerate()
         .map(|(i, v)| {
-            normalize_row(
+            normalize(
                 v,
                 RowLocation {
                     path: path.to_path_buf(),
@@ -473,7 +489,7 @@ pub(crate) fn normalize_row(
     }
 }
 
-fn kind_of(v: &Value) -> &'static str {
+pub(crate) fn kind_of(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -527,13 +543,22 @@ fn messages_schema(
     obj: &serde_json::Map<String, Value>,
     location: &RowLocation,
 ) -> std::result::Result<Vec<Message>, Vec<Problem>> {
+    message_list(obj, "messages", location)
+}
+
+/// The list of `{"role", "content"}` messages under `key`; problems name `key[i].field`.
+pub(crate) fn message_list(
+    obj: &serde_json::Map<String, Value>,
+    key: &str,
+    location: &RowLocation,
+) -> std::result::Result<Vec<Message>, Vec<Problem>> {
     let problem = |field: String, kind: ProblemKind, msg: String| {
         vec![Problem::new(location.clone(), field, kind, msg)]
     };
-    let list = match obj.get("messages") {
+    let list = match obj.get(key) {
         None => {
             return Err(problem(
-                "messages".into(),
+                key.into(),
                 ProblemKind::MissingMessages,
                 "missing".into(),
             ));
@@ -541,7 +566,7 @@ fn messages_schema(
         Some(Value::Array(a)) => a,
         Some(other) => {
             return Err(problem(
-                "messages".into(),
+                key.into(),
                 ProblemKind::WrongType,
                 format!("must be a list, found {}", kind_of(other)),
             ));
@@ -549,7 +574,7 @@ fn messages_schema(
     };
     if list.is_empty() {
         return Err(problem(
-            "messages".into(),
+            key.into(),
             ProblemKind::EmptyMessages,
             "the list is empty".into(),
         ));
@@ -558,7 +583,7 @@ fn messages_schema(
     for (i, m) in list.iter().enumerate() {
         let Value::Object(m) = m else {
             return Err(problem(
-                format!("messages[{i}]"),
+                format!("{key}[{i}]"),
                 ProblemKind::WrongType,
                 format!("must be an object, found {}", kind_of(m)),
             ));
@@ -566,37 +591,33 @@ fn messages_schema(
         let role = match m.get("role") {
             Some(Value::String(r)) => Role::parse(r).ok_or_else(|| {
                 problem(
-                    format!("messages[{i}].role"),
+                    format!("{key}[{i}].role"),
                     ProblemKind::UnknownRole,
                     format!("unknown role `{r}` (expected system, user or assistant)"),
                 )
             })?,
             None => {
                 return Err(problem(
-                    format!("messages[{i}].role"),
+                    format!("{key}[{i}].role"),
                     ProblemKind::WrongType,
                     "missing".into(),
                 ));
             }
             Some(other) => {
                 return Err(problem(
-                    format!("messages[{i}].role"),
+                    format!("{key}[{i}].role"),
                     ProblemKind::WrongType,
                     format!("must be a string, found {}", kind_of(other)),
                 ));
             }
         };
-        let content = content_text(
-            m.get("content"),
-            &format!("messages[{i}].content"),
-            location,
-        )?;
+        let content = content_text(m.get("content"), &format!("{key}[{i}].content"), location)?;
         let reasoning_content = match m.get("reasoning_content") {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) => Some(s.clone()),
             Some(other) => {
                 return Err(problem(
-                    format!("messages[{i}].reasoning_content"),
+                    format!("{key}[{i}].reasoning_content"),
                     ProblemKind::WrongType,
                     format!("must be a string, found {}", kind_of(other)),
                 ));

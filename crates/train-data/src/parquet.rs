@@ -7,9 +7,8 @@ use polars::prelude::*;
 use serde_json::Value;
 
 use crate::batch::Example;
-use crate::conversation::Conversation;
 use crate::error::{DataError, Problem, Result, RowLocation};
-use crate::load::{RowSchema, normalize_row, open_regular};
+use crate::load::{Normalize, RowSchema, open_regular};
 
 /// Decoded bytes a Parquet file may hold per byte of file (text compresses 3–10×, columns of
 /// token ids less): a file claiming more is a decompression bomb.
@@ -111,17 +110,19 @@ fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
 
 /// The rows of a Parquet file (a `messages` list-of-struct column, or Alpaca / ShareGPT
 /// columns), normalized like JSON rows.
-pub(crate) fn parquet_rows(
+pub(crate) fn parquet_rows<T>(
     path: &Path,
     schema: RowSchema,
-) -> Result<Vec<std::result::Result<Conversation, Vec<Problem>>>> {
-    guarded(path, || parquet_rows_unguarded(path, schema))
+    normalize: Normalize<T>,
+) -> Result<Vec<std::result::Result<T, Vec<Problem>>>> {
+    guarded(path, || parquet_rows_unguarded(path, schema, normalize))
 }
 
-fn parquet_rows_unguarded(
+fn parquet_rows_unguarded<T>(
     path: &Path,
     schema: RowSchema,
-) -> Result<Vec<std::result::Result<Conversation, Vec<Problem>>>> {
+    normalize: Normalize<T>,
+) -> Result<Vec<std::result::Result<T, Vec<Problem>>>> {
     let (reader, mut budget) = bounded_reader(path)?;
     let limit = budget;
     let df = reader.finish().map_err(|e| polars_err(path, &e))?;
@@ -148,7 +149,7 @@ fn parquet_rows_unguarded(
             line: None,
             row,
         };
-        out.push(normalize_row(&Value::Object(obj), location, schema));
+        out.push(normalize(&Value::Object(obj), location, schema));
     }
     Ok(out)
 }

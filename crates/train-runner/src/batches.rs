@@ -7,12 +7,13 @@ use train_data::{Batch, DataPosition, EpochOrder, Sequence, TrainRows};
 use train_model::ModelInput;
 
 use crate::config::TrainerConfig;
+use crate::objective::Collate;
 
-/// The training rows (examples, or packed rows of several examples, as the data preparation
-/// built them) and their visiting order.
+/// The training rows (for supervised fine-tuning: examples, or packed rows of several
+/// examples, as the data preparation built them) and their visiting order.
 #[derive(Debug, Clone)]
-pub struct BatchPlan {
-    rows: Vec<Sequence>,
+pub struct BatchPlan<R = Sequence> {
+    rows: Vec<R>,
     order: EpochOrder,
     batch_size: usize,
     accumulation: usize,
@@ -21,7 +22,7 @@ pub struct BatchPlan {
     pub packing_efficiency: Option<f64>,
 }
 
-impl BatchPlan {
+impl BatchPlan<Sequence> {
     /// `train`'s rows in micro-batches of `config.batch_size`, `gradient_accumulation_steps`
     /// of them per step, visited in the order of `config.seed` and `config.shuffle`.
     pub fn new(train: TrainRows, config: &TrainerConfig, pad_id: u32) -> Self {
@@ -30,6 +31,16 @@ impl BatchPlan {
             packing_efficiency,
             ..
         } = train;
+        let mut plan = Self::from_rows(rows, config, pad_id);
+        plan.packing_efficiency = packing_efficiency;
+        plan
+    }
+}
+
+impl<R: Collate> BatchPlan<R> {
+    /// `rows` in micro-batches of `config.batch_size`, `gradient_accumulation_steps` of them per
+    /// step, visited in the order of `config.seed` and `config.shuffle`.
+    pub fn from_rows(rows: Vec<R>, config: &TrainerConfig, pad_id: u32) -> Self {
         let order = EpochOrder {
             len: rows.len(),
             seed: config.seed,
@@ -41,7 +52,7 @@ impl BatchPlan {
             batch_size: config.batch_size.max(1),
             accumulation: config.gradient_accumulation_steps.max(1),
             pad_id,
-            packing_efficiency,
+            packing_efficiency: None,
         }
     }
 
@@ -70,7 +81,7 @@ impl BatchPlan {
 
     /// The micro-batches of the optimizer step starting at `position`, and the position after
     /// them. A step never spans two epochs.
-    pub fn step_batches(&self, mut position: DataPosition) -> (Vec<Batch>, DataPosition) {
+    pub fn step_batches(&self, mut position: DataPosition) -> (Vec<R::Batch>, DataPosition) {
         if position.index >= self.rows.len() {
             position = DataPosition {
                 epoch: position.epoch + 1,
@@ -83,8 +94,8 @@ impl BatchPlan {
                 break;
             }
             let (indices, next) = self.order.next_batch(position, self.batch_size);
-            let rows: Vec<Sequence> = indices.iter().map(|&i| self.rows[i].clone()).collect();
-            out.push(Batch::collate(rows, self.pad_id, None));
+            let rows: Vec<R> = indices.iter().map(|&i| self.rows[i].clone()).collect();
+            out.push(R::collate(rows, self.pad_id));
             position = next;
         }
         (out, position)

@@ -11,6 +11,9 @@
 //! * The loss of an optimizer step is the mean cross-entropy over **all** its label tokens,
 //!   across every micro-batch of the accumulation — so packing, padding and accumulation do not
 //!   change it.
+//! * One loop for every [`Objective`]: supervised fine-tuning is [`NextToken`]; another
+//!   objective brings its own micro-batch type and loss, and gets accumulation, clipping,
+//!   schedules, data parallelism, checkpoints and exact resume from the same loop.
 //! * Evaluation every `eval_steps` and at the end, best-checkpoint tracking, `save_total_limit`.
 //! * Checkpoints (model directory with f32 master weights, optimizer moments, trainer state and
 //!   data position) written atomically; [`Resume`] continues exactly where a run stopped.
@@ -81,9 +84,11 @@ mod batches;
 mod checkpoint;
 mod config;
 mod control;
+mod dpo;
 mod error;
 mod eval;
 mod lock;
+mod objective;
 mod observer;
 mod optim;
 mod parallel;
@@ -100,15 +105,20 @@ pub use checkpoint::{
 };
 pub use config::{LrSchedule, TrainerConfig, limits};
 pub use control::RunControl;
+pub use dpo::{
+    Dpo, DpoConfig, DpoLossType, PairBatch, PairLogps, PairLoss, PairRow, completion_logps,
+    dpo_pair_loss, run_dpo,
+};
 pub use error::{Result, RunnerError};
 pub use eval::evaluate;
 pub use lock::OutputLock;
+pub use objective::{Collate, Evaluation, NextToken, Objective};
 pub use observer::{
     EvalRecord, MetricsObserver, Observers, RunInfo, RunStatus, RunSummary, StepRecord, TrainEvent,
     TrainObserver,
 };
 pub use optim::{AdamW, AdamWConfig, ParamTable, global_grad_norm, layer_norms};
 pub use parallel::{Cluster, DataParallel, Parallelism, StepOutcome, parallel_step_gradients};
-pub use run::{run, save_adapter_dir};
+pub use run::{Training, run, run_objective, save_adapter_dir};
 pub use setup::{Resume, TrainSetup, check_token_ids};
 pub use step::step_gradients;

@@ -24,6 +24,7 @@ use train_model::CausalLm;
 use train_model::FusedAutodiffBackend;
 
 use crate::error::{Result, RunnerError};
+use crate::objective::{NextToken, Objective};
 use crate::step::gradients_over;
 
 /// This machine's place in a multi-machine run (`nodes` machines, each running as many workers
@@ -166,7 +167,12 @@ pub fn parallel_step_gradients<B: FusedAutodiffBackend>(
         ));
     }
     let session = DataParallel::start(&Parallelism::new(devices.to_vec(), None)?)?;
-    let outcome = session.step(model, batches, false)?;
+    let objective = NextToken {
+        validation: &[],
+        eval_batch_size: 1,
+        pad_id: 0,
+    };
+    let outcome = session.step(&objective, model, batches, false)?;
     session.finish()?;
     Ok((outcome.loss, outcome.grads))
 }
@@ -264,17 +270,19 @@ impl<B: FusedAutodiffBackend> DataParallel<B> {
         Ok(session)
     }
 
-    /// The loss and summed gradients of one optimizer step over `batches` (the micro-batches of
-    /// the whole step, on every machine): global worker `r` takes micro-batches `r, r + world,
-    /// …`. `stop` is this machine's stop request, shared with the others.
-    pub fn step(
+    /// The loss of `objective` and summed gradients of one optimizer step over `batches` (the
+    /// micro-batches of the whole step, on every machine): global worker `r` takes
+    /// micro-batches `r, r + world, …`. `stop` is this machine's stop request, shared with the
+    /// others.
+    pub fn step<O: Objective<B>>(
         &self,
+        objective: &O,
         model: &CausalLm<B>,
-        batches: &[train_data::Batch],
+        batches: &[O::Batch],
         stop: bool,
     ) -> Result<StepOutcome> {
-        let label_tokens: usize = batches.iter().map(|b| b.label_tokens).sum();
-        let denominator = label_tokens.max(1) as f64;
+        let units: usize = batches.iter().map(|b| objective.units(b)).sum();
+        let denominator = units.max(1) as f64;
         let results: Vec<Result<StepOutcome>> = std::thread::scope(|scope| {
             let handles: Vec<_> = self
                 .devices
@@ -282,7 +290,7 @@ impl<B: FusedAutodiffBackend> DataParallel<B> {
                 .enumerate()
                 .map(|(rank, device)| {
                     let replica = model.clone().fork(device);
-                    let share: Vec<&train_data::Batch> = batches
+                    let share: Vec<&O::Batch> = batches
                         .iter()
                         .skip(self.first_rank + rank)
                         .step_by(self.world)
@@ -294,6 +302,7 @@ impl<B: FusedAutodiffBackend> DataParallel<B> {
                     };
                     scope.spawn(move || {
                         worker(
+                            objective,
                             place,
                             &replica,
                             &share,
@@ -359,14 +368,15 @@ struct Place {
     world: usize,
 }
 
-fn worker<B: FusedAutodiffBackend>(
+fn worker<B: FusedAutodiffBackend, O: Objective<B>>(
+    objective: &O,
     Place {
         rank,
         global_rank,
         world,
     }: Place,
     replica: &CausalLm<B>,
-    share: &[&train_data::Batch],
+    share: &[&O::Batch],
     denominator: f64,
     device: &burn::tensor::Device<B>,
     stop: bool,
@@ -377,7 +387,7 @@ fn worker<B: FusedAutodiffBackend>(
         collective::reset_collective::<B::InnerBackend>();
         failure(rank, what, e)
     };
-    let (loss, mut grads) = gradients_over(replica, share.iter().copied(), denominator, device);
+    let (loss, mut grads) = objective.gradients(replica, share, denominator, device);
     // One all-reduce per step: every trained parameter's gradient, flattened in the module's
     // visiting order (the same on every worker and machine, unlike parameter ids; zeros for a
     // worker without a micro-batch of its own), then every worker's loss in its own slots (an

@@ -11,6 +11,7 @@ use crate::checkpoint::{TrainerState, list_checkpoints, model_fingerprint, remov
 use crate::config::TrainerConfig;
 use crate::control::RunControl;
 use crate::error::{Result, RunnerError};
+use crate::objective::{Collate, NextToken, Objective};
 use crate::observer::{RunInfo, RunStatus, RunSummary, TrainObserver};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::setup::{
@@ -18,16 +19,80 @@ use crate::setup::{
     claim_output,
 };
 use crate::train_loop::Loop;
+use train_data::TrainRows;
 
-/// Runs training to the end (or to a stop request, or a NaN). `observer.stop` is called in every
-/// case once `observer.start` was. Errors before the start (configuration, lock, resume checks)
-/// are returned without calling the observer.
+/// Runs supervised fine-tuning to the end (or to a stop request, or a NaN). `observer.stop` is
+/// called in every case once `observer.start` was. Errors before the start (configuration,
+/// lock, resume checks) are returned without calling the observer.
 pub fn run<B: FusedAutodiffBackend>(
     setup: TrainSetup<B>,
     resume: Option<&Resume>,
     observer: &mut dyn TrainObserver<B>,
     control: &RunControl,
 ) -> Result<RunSummary> {
+    let mut setup = setup;
+    let train = std::mem::take(&mut setup.train);
+    let validation = std::mem::take(&mut setup.validation);
+    let objective = NextToken {
+        validation: &validation,
+        eval_batch_size: setup
+            .config
+            .eval_batch_size
+            .unwrap_or(setup.config.batch_size),
+        pad_id: setup.pad_id,
+    };
+    let TrainRows {
+        rows,
+        packed_to,
+        packing_efficiency,
+    } = train;
+    let training = Training {
+        rows,
+        packed_to,
+        packing_efficiency,
+        validation_len: validation.len(),
+        check: |rows: &[train_data::Sequence], config: &TrainerConfig, vocab: usize| {
+            check_micro_batch(rows, packed_to, config.batch_size)?;
+            check_row_ids(rows, packed_to, vocab)?;
+            check_token_ids(&validation, vocab)
+        },
+    };
+    run_objective(setup, training, &objective, resume, observer, control)
+}
+
+/// What a run of any objective trains on: the rows its [`BatchPlan`] puts into micro-batches
+/// (the `train` and `validation` of the [`TrainSetup`] are not used), and the checks the rows
+/// must pass before the output directory is claimed.
+pub struct Training<R, C> {
+    /// The training rows.
+    pub rows: Vec<R>,
+    /// With packing, the length the rows were packed up to (recorded in checkpoints).
+    pub packed_to: Option<usize>,
+    /// With packing, tokens / (rows × `max_length`).
+    pub packing_efficiency: Option<f64>,
+    /// Validation items (examples, pairs), as reported when the run starts.
+    pub validation_len: usize,
+    /// Checks of the rows (and the validation data) against the settings and the model's
+    /// vocabulary size.
+    pub check: C,
+}
+
+/// Runs `objective` on `training`'s rows to the end, as [`run`] does for supervised
+/// fine-tuning (which it is, with [`NextToken`]).
+pub fn run_objective<B, R, O, C>(
+    setup: TrainSetup<B>,
+    training: Training<R, C>,
+    objective: &O,
+    resume: Option<&Resume>,
+    observer: &mut dyn TrainObserver<B>,
+    control: &RunControl,
+) -> Result<RunSummary>
+where
+    B: FusedAutodiffBackend,
+    R: Collate,
+    O: Objective<B, Batch = R::Batch>,
+    C: FnOnce(&[R], &TrainerConfig, usize) -> Result<()>,
+{
     let config = setup.config.clone();
     config.validate()?;
     let output = config.output_dir.clone();
@@ -63,7 +128,7 @@ pub fn run<B: FusedAutodiffBackend>(
     if let Some(r) = resume {
         check_resumable(
             &config,
-            setup.train.packed_to,
+            training.packed_to,
             (setup.parallelism.devices().len(), setup.parallelism.nodes()),
             r,
             &setup.data_fingerprint,
@@ -71,9 +136,14 @@ pub fn run<B: FusedAutodiffBackend>(
             &setup.companions_from,
         )?;
     }
-    check_micro_batch(&setup.train, config.batch_size)?;
-    check_row_ids(&setup.train, setup.model.config.vocab_size)?;
-    check_token_ids(&setup.validation, setup.model.config.vocab_size)?;
+    let Training {
+        rows,
+        packed_to,
+        packing_efficiency,
+        validation_len,
+        check,
+    } = training;
+    check(&rows, &config, setup.model.config.vocab_size)?;
     claim_output(&output, resume, setup.overwrite, observer)?;
     let mut setup = setup;
     if let Some(lora) = &config.lora {
@@ -105,8 +175,8 @@ pub fn run<B: FusedAutodiffBackend>(
             * setup.parallelism.workers(),
         ..config.clone()
     };
-    let packed_to = setup.train.packed_to;
-    let plan = BatchPlan::new(std::mem::take(&mut setup.train), &plan_config, setup.pad_id);
+    let mut plan = BatchPlan::from_rows(rows, &plan_config, setup.pad_id);
+    plan.packing_efficiency = packing_efficiency;
     if plan.is_empty() {
         return Err(RunnerError::config("dataset", "no training examples"));
     }
@@ -152,7 +222,7 @@ pub fn run<B: FusedAutodiffBackend>(
         start_step: state.global_step,
         steps_per_epoch: plan.steps_per_epoch(),
         train_rows: plan.len(),
-        validation_examples: setup.validation.len(),
+        validation_examples: validation_len,
         parameters: setup.model.config.num_parameters(),
         trainable_parameters: if setup.model.lora_config().is_some() {
             setup.model.num_adapter_parameters()
@@ -163,10 +233,9 @@ pub fn run<B: FusedAutodiffBackend>(
     };
     observer.start(&info);
     let mut ctx = Loop {
+        objective,
         plan: &plan,
         config: &config,
-        setup_validation: &setup.validation,
-        pad_id: setup.pad_id,
         raw_config: &setup.raw_config,
         companions_from: &setup.companions_from,
         optimizer: &mut optimizer,

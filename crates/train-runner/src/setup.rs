@@ -263,10 +263,14 @@ pub fn check_token_ids(examples: &[Example], vocab_size: usize) -> Result<()> {
 }
 
 /// [`check_token_ids`] for the training rows (packed rows are named by their index).
-pub(crate) fn check_row_ids(train: &TrainRows, vocab_size: usize) -> Result<()> {
+pub(crate) fn check_row_ids(
+    rows: &[train_data::Sequence],
+    packed_to: Option<usize>,
+    vocab_size: usize,
+) -> Result<()> {
     check_ids(
-        train.rows.iter().enumerate().map(|(i, r)| {
-            let name = match train.packed_to {
+        rows.iter().enumerate().map(|(i, r)| {
+            let name = match packed_to {
                 Some(_) => format!("packed training row {}", i + 1),
                 None => format!("training row {}", i + 1),
             };
@@ -278,14 +282,16 @@ pub(crate) fn check_row_ids(train: &TrainRows, vocab_size: usize) -> Result<()> 
 
 /// Refuses micro-batches larger than [`limits::MAX_MICRO_BATCH_TOKENS`](crate::limits): `batch_size`
 /// rows of the longest training row (of `max_length` with packing).
-pub(crate) fn check_micro_batch(train: &TrainRows, batch_size: usize) -> Result<()> {
+pub(crate) fn check_micro_batch(
+    rows: &[train_data::Sequence],
+    packed_to: Option<usize>,
+    batch_size: usize,
+) -> Result<()> {
     use crate::config::limits::MAX_MICRO_BATCH_TOKENS;
-    let (row, what) = match train.packed_to {
+    let (row, what) = match packed_to {
         Some(len) => (len, "max_length (packing)"),
         None => (
-            train
-                .rows
-                .iter()
+            rows.iter()
                 .map(train_data::Sequence::len)
                 .max()
                 .unwrap_or(0),
@@ -305,7 +311,7 @@ pub(crate) fn check_micro_batch(train: &TrainRows, batch_size: usize) -> Result<
     Ok(())
 }
 
-fn check_ids<'a>(
+pub(crate) fn check_ids<'a>(
     rows: impl Iterator<Item = (String, &'a [u32], &'a [i32])>,
     vocab_size: usize,
 ) -> Result<()> {

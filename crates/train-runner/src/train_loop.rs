@@ -1,12 +1,11 @@
 //! The loop over optimizer steps: accumulation, clipping, the optimizer, evaluation,
-//! checkpoints, pause and stop, data parallelism.
+//! checkpoints, pause and stop, data parallelism — the same for every [`Objective`].
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
 use serde_json::Value;
-use train_data::Example;
 use train_model::CausalLm;
 use train_model::FusedAutodiffBackend;
 
@@ -15,16 +14,19 @@ use crate::checkpoint::{TrainerState, rotate_checkpoints, save_checkpoint};
 use crate::config::TrainerConfig;
 use crate::control::RunControl;
 use crate::error::Result;
-use crate::eval::evaluate;
+use crate::objective::{Collate, Objective};
 use crate::observer::{EvalRecord, RunStatus, StepRecord, TrainEvent, TrainObserver};
 use crate::optim::{AdamW, ParamTable, global_grad_norm};
-use crate::step::step_gradients;
 
-pub(crate) struct Loop<'a, B: FusedAutodiffBackend> {
-    pub(crate) plan: &'a BatchPlan,
+pub(crate) struct Loop<'a, B, R, O>
+where
+    B: FusedAutodiffBackend,
+    R: Collate,
+    O: Objective<B, Batch = R::Batch>,
+{
+    pub(crate) objective: &'a O,
+    pub(crate) plan: &'a BatchPlan<R>,
     pub(crate) config: &'a TrainerConfig,
-    pub(crate) setup_validation: &'a [Example],
-    pub(crate) pad_id: u32,
     pub(crate) raw_config: &'a Value,
     pub(crate) companions_from: &'a Path,
     pub(crate) optimizer: &'a mut AdamW<B>,
@@ -40,7 +42,12 @@ pub(crate) struct Loop<'a, B: FusedAutodiffBackend> {
     pub(crate) loss_this_run: f64,
 }
 
-impl<B: FusedAutodiffBackend> Loop<'_, B> {
+impl<B, R, O> Loop<'_, B, R, O>
+where
+    B: FusedAutodiffBackend,
+    R: Collate,
+    O: Objective<B, Batch = R::Batch>,
+{
     pub(crate) fn train(&mut self, model: CausalLm<B>) -> Result<(RunStatus, CausalLm<B>)> {
         let parallel = if self.parallelism.workers() > 1 {
             Some(crate::DataParallel::start(self.parallelism)?)
@@ -91,15 +98,25 @@ impl<B: FusedAutodiffBackend> Loop<'_, B> {
             }
             let started = Instant::now();
             let (batches, next_position) = self.plan.step_batches(self.state.data_position);
-            let label_tokens: usize = batches.iter().map(|b| b.label_tokens).sum();
-            let tokens: usize = batches.iter().map(|b| b.real_tokens).sum();
+            let label_tokens: usize = batches.iter().map(|b| self.objective.units(b)).sum();
+            let tokens: usize = batches.iter().map(|b| self.objective.tokens(b)).sum();
             let (step_loss, grads) = match parallel {
                 Some(p) => {
-                    let outcome = p.step(&model, &batches, self.control.stop_requested())?;
+                    let outcome = p.step(
+                        self.objective,
+                        &model,
+                        &batches,
+                        self.control.stop_requested(),
+                    )?;
                     agreed_stop = outcome.stop;
                     (outcome.loss, outcome.grads)
                 }
-                None => step_gradients(&model, &batches, &device),
+                None => {
+                    let share: Vec<&O::Batch> = batches.iter().collect();
+                    let denominator = label_tokens.max(1) as f64;
+                    self.objective
+                        .gradients(&model, &share, denominator, &device)
+                }
             };
             if !step_loss.is_finite() {
                 return Ok((RunStatus::Crashed, model));
@@ -161,26 +178,19 @@ impl<B: FusedAutodiffBackend> Loop<'_, B> {
         Ok((RunStatus::Completed, model))
     }
 
-    /// Evaluates on the validation split; false when there is nothing to evaluate.
+    /// Evaluates on the validation data; false when there is nothing to evaluate.
     fn evaluate_now(&mut self, model: &CausalLm<B>, step: usize) -> Result<bool> {
-        if self.config.skip_validation || self.setup_validation.is_empty() {
+        if self.config.skip_validation {
             return Ok(false);
         }
-        let batch_size = self
-            .config
-            .eval_batch_size
-            .unwrap_or(self.config.batch_size);
-        let (sum, tokens) = evaluate(
-            &model.valid(),
-            self.setup_validation,
-            batch_size,
-            self.pad_id,
-        );
+        let Some(score) = self.objective.evaluate(&model.valid()) else {
+            return Ok(false);
+        };
         let m = EvalRecord {
             step,
             epoch: self.state.epoch,
-            eval_loss: sum / tokens.max(1) as f64,
-            eval_tokens: tokens,
+            eval_loss: score.loss,
+            eval_tokens: score.units,
         };
         self.state.log_eval(&m);
         self.observer.update(&TrainEvent::Eval(&m));

@@ -2,4 +2,5 @@
 //! file): each module was a test target of its own, and its doc comment says what it checks.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod dpo;
 mod runner;

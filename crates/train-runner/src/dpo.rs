@@ -1,0 +1,680 @@
+//! Direct preference optimisation: the per-pair losses of TRL's `DPOTrainer.dpo_loss`, their
+//! derivatives with respect to the policy's log-probabilities (what a training step needs to
+//! turn the log-probabilities' gradients into the loss's), and the implicit rewards TRL logs.
+//!
+//! With `logits = (π_c − π_r) − (ref_c − ref_r)` (log-probabilities of the chosen and rejected
+//! completions under the policy and the reference) and `z = β · logits`:
+//!
+//! | loss | per pair |
+//! |---|---|
+//! | `sigmoid` | `−(1 − ε) log σ(z) − ε log σ(−z)` (ε: label smoothing) |
+//! | `robust` | `(−(1 − ε) log σ(z) + ε log σ(−z)) / (1 − 2ε)` |
+//! | `hinge` | `max(0, 1 − z)` |
+//! | `ipo` | `(logits − 1 / (2β))²`, on log-probabilities averaged over each completion's tokens |
+//!
+//! The rewards are `β (π_c − ref_c)` and `β (π_r − ref_r)`, on the log-probabilities the loss
+//! uses.
+
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::{ElementConversion, IndexingUpdateOp, Int, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+use train_data::{Batch, Sequence};
+use train_model::{
+    CausalLm, FusedAutodiffBackend, FusedBackend, IGNORE_INDEX, fused_linear_nll, nll_chunk_rows,
+};
+
+use crate::batches::batch_tensors;
+use crate::objective::{Collate, Evaluation, Objective};
+
+/// Which DPO loss (TRL's `loss_type`).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum DpoLossType {
+    /// The DPO paper's loss, with optional label smoothing (cDPO).
+    #[default]
+    Sigmoid,
+    /// Identity preference optimisation: a squared loss on log-probabilities averaged per
+    /// token.
+    Ipo,
+    /// The SLiC hinge loss.
+    Hinge,
+    /// Robust DPO (unbiased under label noise of rate `label_smoothing`).
+    Robust,
+}
+
+impl DpoLossType {
+    /// Whether the loss compares log-probabilities averaged over each completion's tokens
+    /// (IPO) rather than summed.
+    pub fn averages_tokens(self) -> bool {
+        self == Self::Ipo
+    }
+}
+
+/// The settings of the DPO loss.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DpoConfig {
+    /// β: how far the policy may move from the reference (TRL's default 0.1).
+    #[serde(default = "default_beta")]
+    pub beta: f64,
+    /// The loss.
+    #[serde(default)]
+    pub loss_type: DpoLossType,
+    /// ε, the assumed rate of flipped labels (`sigmoid` and `robust`; TRL's default 0).
+    #[serde(default)]
+    pub label_smoothing: f64,
+}
+
+fn default_beta() -> f64 {
+    0.1
+}
+
+impl Default for DpoConfig {
+    fn default() -> Self {
+        Self {
+            beta: default_beta(),
+            loss_type: DpoLossType::default(),
+            label_smoothing: 0.0,
+        }
+    }
+}
+
+impl DpoConfig {
+    /// Checks the settings: β > 0 and finite; ε in [0, 0.5) (`robust` divides by 1 − 2ε), and
+    /// 0 for the losses that do not use it.
+    pub fn validate(&self) -> crate::Result<()> {
+        if !(self.beta.is_finite() && self.beta > 0.0) {
+            return Err(crate::RunnerError::config(
+                "beta",
+                format!("must be a positive number, got {}", self.beta),
+            ));
+        }
+        let e = self.label_smoothing;
+        if !(e.is_finite() && (0.0..0.5).contains(&e)) {
+            return Err(crate::RunnerError::config(
+                "label_smoothing",
+                format!("must be in [0, 0.5), got {e}"),
+            ));
+        }
+        if e != 0.0 && matches!(self.loss_type, DpoLossType::Ipo | DpoLossType::Hinge) {
+            return Err(crate::RunnerError::config(
+                "label_smoothing",
+                format!(
+                    "the {:?} loss has no label smoothing (only sigmoid and robust do)",
+                    self.loss_type
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The log-probabilities of one pair's completions (summed over their tokens, or averaged for
+/// IPO: see [`DpoLossType::averages_tokens`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PairLogps {
+    /// Chosen completion under the policy.
+    pub chosen: f64,
+    /// Rejected completion under the policy.
+    pub rejected: f64,
+    /// Chosen completion under the reference.
+    pub ref_chosen: f64,
+    /// Rejected completion under the reference.
+    pub ref_rejected: f64,
+}
+
+/// One pair's loss, its derivatives and its rewards.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PairLoss {
+    /// The loss.
+    pub loss: f64,
+    /// ∂loss / ∂(policy log-probability of the chosen completion).
+    pub d_chosen: f64,
+    /// ∂loss / ∂(policy log-probability of the rejected completion).
+    pub d_rejected: f64,
+    /// `β (π_c − ref_c)`.
+    pub chosen_reward: f64,
+    /// `β (π_r − ref_r)`.
+    pub rejected_reward: f64,
+}
+
+/// `log σ(x)`, stable for any `x`.
+fn log_sigmoid(x: f64) -> f64 {
+    -((-x).max(0.0) + (-x.abs()).exp().ln_1p())
+}
+
+/// `σ(x)`, stable for any `x`.
+fn sigmoid(x: f64) -> f64 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (1.0 + e)
+    }
+}
+
+/// The loss of one pair under `config` (as TRL's `dpo_loss`), with its derivatives.
+pub fn dpo_pair_loss(config: &DpoConfig, p: &PairLogps) -> PairLoss {
+    let beta = config.beta;
+    let eps = config.label_smoothing;
+    let logits = (p.chosen - p.rejected) - (p.ref_chosen - p.ref_rejected);
+    let z = beta * logits;
+    // ∂loss/∂logits; ∂logits/∂chosen = 1, ∂logits/∂rejected = −1.
+    let (loss, d_logits) = match config.loss_type {
+        DpoLossType::Sigmoid => (
+            -(1.0 - eps) * log_sigmoid(z) - eps * log_sigmoid(-z),
+            beta * (-(1.0 - eps) * sigmoid(-z) + eps * sigmoid(z)),
+        ),
+        DpoLossType::Robust => (
+            (-(1.0 - eps) * log_sigmoid(z) + eps * log_sigmoid(-z)) / (1.0 - 2.0 * eps),
+            beta * (-(1.0 - eps) * sigmoid(-z) - eps * sigmoid(z)) / (1.0 - 2.0 * eps),
+        ),
+        // torch's relu has a zero gradient at 0.
+        DpoLossType::Hinge => ((1.0 - z).max(0.0), if z < 1.0 { -beta } else { 0.0 }),
+        DpoLossType::Ipo => {
+            let d = logits - 1.0 / (2.0 * beta);
+            (d * d, 2.0 * d)
+        }
+    };
+    PairLoss {
+        loss,
+        d_chosen: d_logits,
+        d_rejected: -d_logits,
+        chosen_reward: beta * (p.chosen - p.ref_chosen),
+        rejected_reward: beta * (p.rejected - p.ref_rejected),
+    }
+}
+
+/// One training pair: the two tokenized conversations (labels on each completion) and the
+/// reference model's log-probabilities of the completions, summed over their tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PairRow {
+    /// Prompt + chosen completion.
+    pub chosen: Sequence,
+    /// Prompt + rejected completion.
+    pub rejected: Sequence,
+    /// The reference's log-probability of the chosen completion (summed).
+    pub ref_chosen: f64,
+    /// The reference's log-probability of the rejected completion (summed).
+    pub ref_rejected: f64,
+}
+
+/// A micro-batch of `n` pairs: one batch of `2n` rows, the chosen conversations first, then the
+/// rejected ones in the same order (one forward pass for both), and the reference
+/// log-probabilities of each pair.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PairBatch {
+    /// `2n` rows.
+    pub batch: Batch,
+    /// Per pair: the reference's summed log-probabilities (chosen, rejected).
+    pub reference: Vec<(f64, f64)>,
+}
+
+impl Collate for PairRow {
+    type Batch = PairBatch;
+
+    fn collate(rows: Vec<PairRow>, pad_id: u32) -> PairBatch {
+        let reference = rows
+            .iter()
+            .map(|r| (r.ref_chosen, r.ref_rejected))
+            .collect();
+        let mut sequences = Vec::with_capacity(2 * rows.len());
+        let mut rejected = Vec::with_capacity(rows.len());
+        for r in rows {
+            sequences.push(r.chosen);
+            rejected.push(r.rejected);
+        }
+        sequences.extend(rejected);
+        PairBatch {
+            batch: Batch::collate(sequences, pad_id, None),
+            reference,
+        }
+    }
+}
+
+/// Flattened positions (`row · seq + t`) whose next token is a completion label, and those
+/// labels, per row of `batch` (per segment for a padding-free batch).
+fn completion_positions(batch: &Batch, rows: usize) -> Vec<(Vec<i64>, Vec<i64>)> {
+    let s = batch.seq_len;
+    let mut out = vec![(Vec::new(), Vec::new()); rows];
+    for r in 0..batch.batch_size {
+        for t in 0..s.saturating_sub(1) {
+            let next = r * s + t + 1;
+            let label = batch.labels[next];
+            if i64::from(label) == IGNORE_INDEX {
+                continue;
+            }
+            let owner = if batch.packed {
+                batch.segment_ids[next] as usize
+            } else {
+                r
+            };
+            if let Some((positions, targets)) = out.get_mut(owner) {
+                positions.push((r * s + t) as i64);
+                targets.push(i64::from(label));
+            }
+        }
+    }
+    out
+}
+
+/// The summed log-probability of each row's completion in `batch` (rows in order), and the
+/// number of completion tokens of each. No gradients are kept.
+pub fn completion_logps<B: FusedBackend>(model: &CausalLm<B>, batch: &Batch) -> Vec<(f64, usize)> {
+    let device = model.embed_tokens.val().device();
+    let rows = batch.batch_size;
+    let flat = model.padding_free().then(|| batch.padding_free()).flatten();
+    let run = flat.as_ref().unwrap_or(batch);
+    let (input, _) = batch_tensors::<B>(run, &device);
+    let hidden = model.forward_hidden(&input);
+    let [b, s, width] = hidden.dims();
+    let hidden = hidden.reshape([b * s, width]);
+    let head = model.lm_head_weight().val();
+    completion_positions(run, rows)
+        .into_iter()
+        .map(|(positions, targets)| {
+            let m = positions.len();
+            if m == 0 {
+                return (0.0, 0);
+            }
+            let index = Tensor::<B, 1, Int>::from_data(TensorData::new(positions, [m]), &device);
+            let targets = Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [m]), &device);
+            let out = fused_linear_nll(
+                &hidden.clone().select(0, index),
+                head.clone(),
+                &targets,
+                1.0,
+                nll_chunk_rows(m, model.config.vocab_size),
+                false,
+            );
+            (-f64::from(out.sum.into_scalar().elem::<f32>()), m)
+        })
+        .collect()
+}
+
+/// DPO over [`PairBatch`]es: the loss of each pair ([`dpo_pair_loss`]), averaged over the
+/// step's pairs; validation is the same mean over `validation`'s pairs.
+pub struct Dpo<'a> {
+    /// The loss.
+    pub config: DpoConfig,
+    /// Validation pairs, already in micro-batches.
+    pub validation: &'a [PairBatch],
+}
+
+/// `value / tokens` for IPO, `value` for the others.
+fn per_loss(config: &DpoConfig, value: f64, tokens: usize) -> f64 {
+    if config.loss_type.averages_tokens() {
+        value / tokens.max(1) as f64
+    } else {
+        value
+    }
+}
+
+/// The pairs' terms of one micro-batch from its rows' completion log-probabilities.
+fn pair_terms(
+    config: &DpoConfig,
+    batch: &PairBatch,
+    logps: &[(f64, usize)],
+) -> Vec<(PairLoss, usize, usize)> {
+    let n = batch.reference.len();
+    (0..n)
+        .map(|i| {
+            let (chosen, nc) = logps[i];
+            let (rejected, nr) = logps[n + i];
+            let (ref_c, ref_r) = batch.reference[i];
+            let p = PairLogps {
+                chosen: per_loss(config, chosen, nc),
+                rejected: per_loss(config, rejected, nr),
+                ref_chosen: per_loss(config, ref_c, nc),
+                ref_rejected: per_loss(config, ref_r, nr),
+            };
+            (dpo_pair_loss(config, &p), nc, nr)
+        })
+        .collect()
+}
+
+impl<B: FusedAutodiffBackend> Objective<B> for Dpo<'_> {
+    type Batch = PairBatch;
+
+    fn units(&self, batch: &PairBatch) -> usize {
+        batch.reference.len()
+    }
+
+    fn tokens(&self, batch: &PairBatch) -> usize {
+        batch.batch.real_tokens
+    }
+
+    fn gradients(
+        &self,
+        model: &CausalLm<B>,
+        batches: &[&PairBatch],
+        denominator: f64,
+        device: &burn::tensor::Device<B>,
+    ) -> (f64, GradientsParams) {
+        let mut accumulator = GradientsAccumulator::<CausalLm<B>>::new();
+        let mut step_loss = 0f64;
+        for pairs in batches {
+            let rows = pairs.batch.batch_size;
+            let flat_batch = model
+                .padding_free()
+                .then(|| pairs.batch.padding_free())
+                .flatten();
+            let run = flat_batch.as_ref().unwrap_or(&pairs.batch);
+            let (input, _) = batch_tensors::<B>(run, device);
+            let hidden = model.forward_hidden(&input);
+            let [b, s, width] = hidden.dims();
+            let flat = hidden.reshape([b * s, width]);
+            let inner = flat.clone().inner();
+            let head = model.lm_head_weight();
+            let head_trained = head.is_require_grad();
+            let weight = head.val().inner();
+            // Each row's NLL and its gradients at scale 1; the loss's gradient is their
+            // combination with the pair's derivatives (the gradients are linear in the scale).
+            let mut per_row = Vec::with_capacity(rows);
+            for (positions, targets) in completion_positions(run, rows) {
+                let m = positions.len();
+                if m == 0 {
+                    per_row.push(None);
+                    continue;
+                }
+                let index = Tensor::<B::InnerBackend, 1, Int>::from_data(
+                    TensorData::new(positions, [m]),
+                    device,
+                );
+                let targets = Tensor::<B::InnerBackend, 1, Int>::from_data(
+                    TensorData::new(targets, [m]),
+                    device,
+                );
+                let out = fused_linear_nll(
+                    &inner.clone().select(0, index.clone()),
+                    weight.clone(),
+                    &targets,
+                    1.0,
+                    nll_chunk_rows(m, model.config.vocab_size),
+                    head_trained,
+                );
+                let nll = f64::from(out.sum.clone().into_scalar().elem::<f32>());
+                per_row.push(Some((nll, m, index, out)));
+            }
+            let logps: Vec<(f64, usize)> = per_row
+                .iter()
+                .map(|r| r.as_ref().map_or((0.0, 0), |(nll, m, _, _)| (-nll, *m)))
+                .collect();
+            let terms = pair_terms(&self.config, pairs, &logps);
+            let n = terms.len();
+            // ∂loss/∂(summed log-probability) of each row, over the step's pairs.
+            let mut scale = vec![0f64; rows];
+            for (i, (t, nc, nr)) in terms.iter().enumerate() {
+                step_loss += t.loss / denominator;
+                scale[i] = per_loss(&self.config, t.d_chosen, *nc) / denominator;
+                scale[n + i] = per_loss(&self.config, t.d_rejected, *nr) / denominator;
+            }
+            let mut grad_flat =
+                Tensor::<B::InnerBackend, 2>::zeros([b * s, width], (device, inner.dtype()));
+            let mut grad_head: Option<Tensor<B::InnerBackend, 2>> = None;
+            for (row, r) in per_row.into_iter().enumerate() {
+                let Some((_, _, index, out)) = r else {
+                    continue;
+                };
+                // NLL = −log-probability: its gradients enter with the opposite sign.
+                let k = -scale[row];
+                grad_flat = grad_flat.select_assign(
+                    0,
+                    index,
+                    out.grad_hidden.mul_scalar(k),
+                    IndexingUpdateOp::Add,
+                );
+                if let Some(g) = out.grad_weight {
+                    let g = g.mul_scalar(k);
+                    grad_head = Some(match grad_head {
+                        Some(total) => total + g,
+                        None => g,
+                    });
+                }
+            }
+            let surrogate = (flat * Tensor::<B, 2>::from_inner(grad_flat)).sum();
+            let mut grads = GradientsParams::from_grads(surrogate.backward(), model);
+            if let Some(grad_head) = grad_head {
+                let grad_head = grad_head.cast(head.val().dtype());
+                let total = match grads.remove::<B::InnerBackend, 2>(head.id) {
+                    Some(g) => g + grad_head,
+                    None => grad_head,
+                };
+                grads.register::<B::InnerBackend, 2>(head.id, total);
+            }
+            accumulator.accumulate(model, grads);
+        }
+        (step_loss, accumulator.grads())
+    }
+
+    fn evaluate(&self, model: &CausalLm<B::InnerBackend>) -> Option<Evaluation> {
+        let mut sum = 0f64;
+        let mut pairs = 0u64;
+        for batch in self.validation {
+            let logps = completion_logps(model, &batch.batch);
+            for (t, _, _) in pair_terms(&self.config, batch, &logps) {
+                sum += t.loss;
+                pairs += 1;
+            }
+        }
+        (pairs > 0).then(|| Evaluation {
+            loss: sum / pairs as f64,
+            units: pairs,
+        })
+    }
+}
+
+/// Runs DPO on `pairs` (their reference log-probabilities filled in) to the end, as
+/// [`crate::run`] runs supervised fine-tuning: the same loop, checkpoints, resume, observer and
+/// final save. `validation` is scored every `eval_steps` (the mean DPO loss over its pairs).
+/// The `train` and `validation` fields of `setup` are not used.
+pub fn run_dpo<B: FusedAutodiffBackend>(
+    setup: crate::TrainSetup<B>,
+    pairs: Vec<PairRow>,
+    validation: &[PairBatch],
+    config: DpoConfig,
+    resume: Option<&crate::Resume>,
+    observer: &mut dyn crate::TrainObserver<B>,
+    control: &crate::RunControl,
+) -> crate::Result<crate::RunSummary> {
+    config.validate()?;
+    let objective = Dpo { config, validation };
+    let training = crate::run::Training {
+        rows: pairs,
+        packed_to: None,
+        packing_efficiency: None,
+        validation_len: validation.iter().map(|b| b.reference.len()).sum(),
+        check: |rows: &[PairRow], trainer: &crate::TrainerConfig, vocab: usize| {
+            use crate::config::limits::MAX_MICRO_BATCH_TOKENS;
+            let longest = rows
+                .iter()
+                .map(|r| r.chosen.len().max(r.rejected.len()))
+                .max()
+                .unwrap_or(0);
+            let tokens = trainer.batch_size.saturating_mul(2).saturating_mul(longest);
+            if tokens > MAX_MICRO_BATCH_TOKENS {
+                return Err(crate::RunnerError::config(
+                    "max_length",
+                    format!(
+                        "batch_size {} pairs × 2 × the longest conversation {longest} = {tokens} \
+                         tokens per micro-batch, above the limit {MAX_MICRO_BATCH_TOKENS}",
+                        trainer.batch_size
+                    ),
+                ));
+            }
+            let named = rows.iter().enumerate().flat_map(|(i, r)| {
+                [
+                    (format!("pair {} (chosen)", i + 1), &r.chosen),
+                    (format!("pair {} (rejected)", i + 1), &r.rejected),
+                ]
+            });
+            crate::setup::check_ids(
+                named.map(|(name, s)| (name, &s.input_ids[..], &s.labels[..])),
+                vocab,
+            )?;
+            let named = validation.iter().flat_map(|b| {
+                let s = b.batch.seq_len;
+                (0..b.batch.batch_size).map(move |r| {
+                    (
+                        format!("validation pair row {}", r + 1),
+                        &b.batch.input_ids[r * s..(r + 1) * s],
+                        &b.batch.labels[r * s..(r + 1) * s],
+                    )
+                })
+            });
+            crate::setup::check_ids(named, vocab)
+        },
+    };
+    crate::run::run_objective(setup, training, &objective, resume, observer, control)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PAIRS: [PairLogps; 4] = [
+        PairLogps {
+            chosen: -12.5,
+            rejected: -15.25,
+            ref_chosen: -13.0,
+            ref_rejected: -14.0,
+        },
+        PairLogps {
+            chosen: -40.0,
+            rejected: -8.0,
+            ref_chosen: -39.0,
+            ref_rejected: -9.5,
+        },
+        PairLogps {
+            chosen: -3.0,
+            rejected: -3.0,
+            ref_chosen: -3.0,
+            ref_rejected: -3.0,
+        },
+        PairLogps {
+            chosen: -0.5,
+            rejected: -900.0,
+            ref_chosen: -1.0,
+            ref_rejected: -20.0,
+        },
+    ];
+
+    fn configs() -> Vec<DpoConfig> {
+        let mut out = Vec::new();
+        for (loss_type, eps) in [
+            (DpoLossType::Sigmoid, 0.0),
+            (DpoLossType::Sigmoid, 0.1),
+            (DpoLossType::Robust, 0.2),
+            (DpoLossType::Hinge, 0.0),
+            (DpoLossType::Ipo, 0.0),
+        ] {
+            for beta in [0.1, 0.5] {
+                out.push(DpoConfig {
+                    beta,
+                    loss_type,
+                    label_smoothing: eps,
+                });
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn derivatives_match_finite_differences() {
+        for config in configs() {
+            for p in PAIRS {
+                let got = dpo_pair_loss(&config, &p);
+                let h = 1e-5;
+                let at = |dc: f64, dr: f64| {
+                    let q = PairLogps {
+                        chosen: p.chosen + dc,
+                        rejected: p.rejected + dr,
+                        ..p
+                    };
+                    dpo_pair_loss(&config, &q).loss
+                };
+                let num_c = (at(h, 0.0) - at(-h, 0.0)) / (2.0 * h);
+                let num_r = (at(0.0, h) - at(0.0, -h)) / (2.0 * h);
+                // The hinge's kink at z = 1 is not met by these pairs.
+                assert!(
+                    (got.d_chosen - num_c).abs() < 1e-6 * (1.0 + num_c.abs()),
+                    "{config:?} {p:?}: {} vs {num_c}",
+                    got.d_chosen
+                );
+                assert!(
+                    (got.d_rejected - num_r).abs() < 1e-6 * (1.0 + num_r.abs()),
+                    "{config:?} {p:?}: {} vs {num_r}",
+                    got.d_rejected
+                );
+                assert!(got.loss.is_finite());
+            }
+        }
+    }
+
+    #[test]
+    fn known_values() {
+        // logits = (−12.5 + 15.25) − (−13 + 14) = 1.75; β = 0.1: z = 0.175.
+        let p = PAIRS[0];
+        let sig = dpo_pair_loss(&DpoConfig::default(), &p);
+        assert!((sig.loss - (1.0 + (-0.175f64).exp()).ln()).abs() < 1e-15);
+        assert!((sig.chosen_reward - 0.05).abs() < 1e-15);
+        assert!((sig.rejected_reward - -0.125).abs() < 1e-15);
+        let ipo = dpo_pair_loss(
+            &DpoConfig {
+                loss_type: DpoLossType::Ipo,
+                ..DpoConfig::default()
+            },
+            &p,
+        );
+        assert!((ipo.loss - (1.75f64 - 5.0).powi(2)).abs() < 1e-12);
+        let hinge = dpo_pair_loss(
+            &DpoConfig {
+                loss_type: DpoLossType::Hinge,
+                ..DpoConfig::default()
+            },
+            &p,
+        );
+        assert!((hinge.loss - 0.825).abs() < 1e-15);
+        // A pair the policy has not moved on: log 2 for sigmoid.
+        let tie = dpo_pair_loss(&DpoConfig::default(), &PAIRS[2]);
+        assert!((tie.loss - std::f64::consts::LN_2).abs() < 1e-15);
+        // Far in the tail the loss stays finite and its gradient vanishes.
+        let far = dpo_pair_loss(&DpoConfig::default(), &PAIRS[3]);
+        assert!(far.loss >= 0.0 && far.loss < 1e-30 && far.d_chosen.abs() < 1e-30);
+    }
+
+    #[test]
+    fn settings_are_checked() {
+        let bad = [
+            DpoConfig {
+                beta: 0.0,
+                ..DpoConfig::default()
+            },
+            DpoConfig {
+                beta: f64::NAN,
+                ..DpoConfig::default()
+            },
+            DpoConfig {
+                label_smoothing: 0.5,
+                ..DpoConfig::default()
+            },
+            DpoConfig {
+                loss_type: DpoLossType::Hinge,
+                label_smoothing: 0.1,
+                ..DpoConfig::default()
+            },
+        ];
+        for c in bad {
+            assert!(c.validate().is_err(), "{c:?}");
+        }
+        for c in configs() {
+            c.validate().unwrap();
+        }
+        let parsed: DpoConfig =
+            serde_json::from_str(r#"{"beta": 0.2, "loss_type": "ipo"}"#).unwrap();
+        assert_eq!(parsed.loss_type, DpoLossType::Ipo);
+        assert!(serde_json::from_str::<DpoConfig>(r#"{"betta": 0.2}"#).is_err());
+    }
+}

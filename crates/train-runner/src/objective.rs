@@ -1,0 +1,113 @@
+//! What a run optimises. The loop (`train_loop.rs`), data parallelism and checkpoints are the
+//! same for every objective; an [`Objective`] says how one step's micro-batches become a loss and
+//! its gradients, and how the validation data is scored. Supervised fine-tuning is
+//! [`NextToken`]; a preference or reinforcement objective is another implementation of the
+//! trait with its own micro-batch type, run by the same loop.
+
+use burn::optim::GradientsParams;
+use train_data::{Batch, Example, Sequence};
+use train_model::{CausalLm, FusedAutodiffBackend};
+
+use crate::eval::evaluate;
+use crate::step::gradients_over;
+
+/// A training objective over micro-batches of type [`Objective::Batch`].
+///
+/// The loss of an optimizer step is a mean over the *units* of all its micro-batches (for
+/// [`NextToken`], the label tokens), whatever the accumulation or the number of workers: each
+/// worker divides its micro-batches' summed loss by the step's total units, and the sums of the
+/// workers add up.
+pub trait Objective<B: FusedAutodiffBackend>: Sync {
+    /// One micro-batch, as the [`crate::BatchPlan`] collates it.
+    type Batch: Sync;
+
+    /// How many units the step's mean counts in `batch`.
+    fn units(&self, batch: &Self::Batch) -> usize;
+
+    /// Tokens `batch` runs through the model (for throughput), padding excluded.
+    fn tokens(&self, batch: &Self::Batch) -> usize;
+
+    /// The summed loss of `batches` divided by `denominator` (the units of the whole step, on
+    /// every worker), and its gradients, computed on `device`.
+    fn gradients(
+        &self,
+        model: &CausalLm<B>,
+        batches: &[&Self::Batch],
+        denominator: f64,
+        device: &burn::tensor::Device<B>,
+    ) -> (f64, GradientsParams);
+
+    /// The validation score of `model`: the mean loss and the units it is over; `None` when
+    /// there is nothing to evaluate.
+    fn evaluate(&self, model: &CausalLm<B::InnerBackend>) -> Option<Evaluation>;
+}
+
+/// A validation score.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Evaluation {
+    /// Mean loss over the units.
+    pub loss: f64,
+    /// Units evaluated (label tokens for [`NextToken`]).
+    pub units: u64,
+}
+
+/// Supervised fine-tuning: the mean cross-entropy of every label token's prediction
+/// ([`crate::step_gradients`]); validation is the same mean over `validation`, in padded
+/// micro-batches of `eval_batch_size` rows.
+pub struct NextToken<'a> {
+    /// Validation examples.
+    pub validation: &'a [Example],
+    /// Rows of a validation micro-batch.
+    pub eval_batch_size: usize,
+    /// Padding token id.
+    pub pad_id: u32,
+}
+
+impl<B: FusedAutodiffBackend> Objective<B> for NextToken<'_> {
+    type Batch = Batch;
+
+    fn units(&self, batch: &Batch) -> usize {
+        batch.label_tokens
+    }
+
+    fn tokens(&self, batch: &Batch) -> usize {
+        batch.real_tokens
+    }
+
+    fn gradients(
+        &self,
+        model: &CausalLm<B>,
+        batches: &[&Batch],
+        denominator: f64,
+        device: &burn::tensor::Device<B>,
+    ) -> (f64, GradientsParams) {
+        gradients_over(model, batches.iter().copied(), denominator, device)
+    }
+
+    fn evaluate(&self, model: &CausalLm<B::InnerBackend>) -> Option<Evaluation> {
+        if self.validation.is_empty() {
+            return None;
+        }
+        let (sum, units) = evaluate(model, self.validation, self.eval_batch_size, self.pad_id);
+        Some(Evaluation {
+            loss: sum / units.max(1) as f64,
+            units,
+        })
+    }
+}
+
+/// A training row the [`crate::BatchPlan`] can put into micro-batches.
+pub trait Collate: Clone {
+    /// The micro-batch of several rows.
+    type Batch;
+    /// `rows` as one micro-batch, padded with `pad_id`.
+    fn collate(rows: Vec<Self>, pad_id: u32) -> Self::Batch;
+}
+
+impl Collate for Sequence {
+    type Batch = Batch;
+
+    fn collate(rows: Vec<Sequence>, pad_id: u32) -> Batch {
+        Batch::collate(rows, pad_id, None)
+    }
+}
