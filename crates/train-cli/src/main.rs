@@ -28,6 +28,7 @@ mod allocator;
 mod backend;
 mod config_file;
 mod control;
+mod dpo_cmd;
 mod generate_cmd;
 mod hints;
 mod inspect;
@@ -79,6 +80,9 @@ fn default_to_run(mut argv: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> 
 enum Command {
     /// Fine-tune a model (the default command).
     Run(Box<run_cmd::RunArgs>),
+    /// Preference training (DPO, as TRL's DPOTrainer) on pairs of chosen and rejected
+    /// completions, with every training flag of `train run`.
+    Dpo(Box<dpo_cmd::DpoArgs>),
     /// Mean loss of a model over every label token of a dataset.
     Eval(run_cmd::EvalArgs),
     /// Answer a prompt with a model (chat template, KV cache, logits processors).
@@ -630,6 +634,7 @@ fn bind(cli: &mut Cli, file: &config_file::RunConfig, matches: &clap::ArgMatches
     };
     match (&mut cli.command, name) {
         (Command::Run(args), "run") => args.bind(file, sub),
+        (Command::Dpo(args), "dpo") => args.run.bind(file, sub),
         (Command::Eval(args), "eval") => args.data.bind(file.data.as_ref(), sub),
         (
             Command::Data(DataCommand::Stats { data, .. } | DataCommand::Prepare { data, .. }),
@@ -646,6 +651,7 @@ fn bind(cli: &mut Cli, file: &config_file::RunConfig, matches: &clap::ArgMatches
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Run(args) => run_cmd::train(&args),
+        Command::Dpo(args) => dpo_cmd::dpo(&args),
         Command::Eval(args) => run_cmd::eval(&args),
         Command::Generate(args) => generate_cmd::run(&args),
         Command::Merge(args) => merge_cmd::run(&args),

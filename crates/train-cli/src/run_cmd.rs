@@ -315,7 +315,7 @@ impl RunArgs {
     }
 
     /// This machine's place in a multi-machine run (`None` with one machine), checked.
-    fn cluster(&self) -> Result<Option<train_runner::Cluster>> {
+    pub(crate) fn cluster(&self) -> Result<Option<train_runner::Cluster>> {
         let (Some(node_rank), Some(orchestrator), Some(node_address)) = (
             self.node_rank,
             self.orchestrator.clone(),
@@ -342,7 +342,7 @@ impl RunArgs {
 
     /// The trainer's configuration, built once: the `[trainer]` section (or the defaults),
     /// then every flag given.
-    fn trainer_config(&self) -> TrainerConfig {
+    pub(crate) fn trainer_config(&self) -> TrainerConfig {
         let g = &self.given;
         let mut t = self.section.clone().unwrap_or_default();
         macro_rules! flag {
@@ -538,19 +538,15 @@ impl WithBackend for Training<'_> {
     }
 }
 
-/// `train` / `train run`.
-pub fn train(args: &RunArgs) -> Result<ExitCode> {
-    let config = args.data.config()?;
-    let trainer = args.trainer_config();
-    trainer.validate()?;
-    let cluster = args.cluster()?;
-    let (model_dir, tok) = crate::tokenizer_for(&args.data.model)?;
+/// The checkpoint `--resume` names (a bare `--resume`: the newest intact one in `output`),
+/// verified, with a line saying what is resumed.
+pub(crate) fn resolve_resume(flag: Option<&str>, output: &Path) -> Result<Option<Resume>> {
     // Every checkpoint is verified against the checksums recorded when it was saved before it is
     // used; a bare --resume falls back to the newest intact one, saying so.
-    let resume = match args.resume.as_deref() {
+    let resume = match flag {
         None => None,
         Some("") => {
-            let (dir, damaged) = latest_intact_checkpoint(&trainer.output_dir);
+            let (dir, damaged) = latest_intact_checkpoint(output);
             for (path, why) in &damaged {
                 errln!(
                     "warning: skipping {}: {why}",
@@ -558,10 +554,7 @@ pub fn train(args: &RunArgs) -> Result<ExitCode> {
                 );
             }
             let dir = dir.with_context(|| {
-                format!(
-                    "--resume: no intact checkpoint in {}",
-                    trainer.output_dir.display()
-                )
+                format!("--resume: no intact checkpoint in {}", output.display())
             })?;
             if !damaged.is_empty() {
                 errln!(
@@ -588,6 +581,58 @@ pub fn train(args: &RunArgs) -> Result<ExitCode> {
             r.state.total_steps
         );
     }
+    Ok(resume)
+}
+
+/// SIGINT / SIGTERM: finish the step, save a checkpoint, exit 130. A second signal while that
+/// happens exits at once.
+pub(crate) fn stop_on_signals() -> Result<RunControl> {
+    let control = RunControl::new();
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(signal, 130, control.flag())
+            .and_then(|_| signal_hook::flag::register(signal, control.flag()))
+            .context("installing the signal handlers")?;
+    }
+    Ok(control)
+}
+
+/// The `--alerts` thresholds (the defaults without the flag).
+pub(crate) fn read_alerts(path: Option<&Path>) -> Result<train_monitor::AlertConfig> {
+    Ok(match path {
+        Some(p) => {
+            let text = crate::read_settings(p, "--alerts")?;
+            toml::from_str::<train_monitor::AlertConfig>(&text)
+                .with_context(|| format!("--alerts {}", p.display()))?
+        }
+        None => train_monitor::AlertConfig::default(),
+    })
+}
+
+/// The `--json` line and the exit code of a run that ended.
+pub(crate) fn finish(summary: &RunSummary, json: bool) -> ExitCode {
+    if json {
+        outln!(
+            "{}",
+            json!({"status": summary.status, "global_step": summary.global_step, "train_loss": summary.train_loss,
+                   "eval_loss": summary.eval_loss, "tokens_per_sec": summary.tokens_per_sec, "output": summary.output})
+        );
+    }
+    match summary.status {
+        RunStatus::Completed => ExitCode::SUCCESS,
+        RunStatus::Stopped => ExitCode::from(130),
+        RunStatus::Crashed => ExitCode::from(3),
+        RunStatus::Failed => ExitCode::from(1),
+    }
+}
+
+/// `train` / `train run`.
+pub fn train(args: &RunArgs) -> Result<ExitCode> {
+    let config = args.data.config()?;
+    let trainer = args.trainer_config();
+    trainer.validate()?;
+    let cluster = args.cluster()?;
+    let (model_dir, tok) = crate::tokenizer_for(&args.data.model)?;
+    let resume = resolve_resume(args.resume.as_deref(), &trainer.output_dir)?;
     // The data cache goes into the output directory: nothing may be written there before it is
     // known not to be an input (the run checks the rest).
     let base = crate::adapter_base(&model_dir);
@@ -609,22 +654,8 @@ pub fn train(args: &RunArgs) -> Result<ExitCode> {
             config.dataset_path.display()
         );
     }
-    // SIGINT / SIGTERM: finish the step, save a checkpoint, exit 130. A second signal while
-    // that happens exits at once.
-    let control = RunControl::new();
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register_conditional_shutdown(signal, 130, control.flag())
-            .and_then(|_| signal_hook::flag::register(signal, control.flag()))
-            .context("installing the signal handlers")?;
-    }
-    let alerts = match &args.alerts {
-        Some(p) => {
-            let text = crate::read_settings(p, "--alerts")?;
-            toml::from_str::<train_monitor::AlertConfig>(&text)
-                .with_context(|| format!("--alerts {}", p.display()))?
-        }
-        None => train_monitor::AlertConfig::default(),
-    };
+    let control = stop_on_signals()?;
+    let alerts = read_alerts(args.alerts.as_deref())?;
     let watcher = ControlWatcher::start(&trainer.output_dir, &control);
     let work = Training {
         args,
@@ -645,20 +676,7 @@ pub fn train(args: &RunArgs) -> Result<ExitCode> {
         work,
     );
     drop(watcher);
-    let summary = summary?;
-    if args.json {
-        outln!(
-            "{}",
-            json!({"status": summary.status, "global_step": summary.global_step, "train_loss": summary.train_loss,
-                   "eval_loss": summary.eval_loss, "tokens_per_sec": summary.tokens_per_sec, "output": summary.output})
-        );
-    }
-    Ok(match summary.status {
-        RunStatus::Completed => ExitCode::SUCCESS,
-        RunStatus::Stopped => ExitCode::from(130),
-        RunStatus::Crashed => ExitCode::from(3),
-        RunStatus::Failed => ExitCode::from(1),
-    })
+    Ok(finish(&summary?, args.json))
 }
 
 /// `train eval`.

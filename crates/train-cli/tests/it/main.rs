@@ -4,6 +4,7 @@
 
 mod cli;
 mod common;
+mod dpo_cmd;
 mod faults;
 mod generate_cmd;
 mod hostile;

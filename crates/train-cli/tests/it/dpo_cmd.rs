@@ -1,0 +1,193 @@
+//! `train dpo` end to end on the tiny Qwen2 checkpoint: every form of TRL's preference rows,
+//! the first step's loss at log 2 (the policy starts as its reference), evaluation, checkpoints
+//! and the final model, exact resume; bad rows and flags refused with the file, line and field.
+
+use std::path::{Path, PathBuf};
+
+use crate::common::{last_json, model, train, train_ok};
+
+/// Twelve pairs in TRL's three forms.
+fn prefs(dir: &Path) -> PathBuf {
+    let mut lines = Vec::new();
+    for i in 0..12 {
+        let line = match i % 3 {
+            0 => serde_json::json!({
+                "prompt": format!("What is {i} plus {i}?"),
+                "chosen": format!("It is {}.", 2 * i),
+                "rejected": "I do not know, and I will not say.",
+            }),
+            1 => serde_json::json!({
+                "prompt": [{"role": "system", "content": "Answer briefly."},
+                           {"role": "user", "content": format!("Name a colour number {i}.")}],
+                "chosen": [{"role": "assistant", "content": "Blue."}],
+                "rejected": [{"role": "assistant", "content": "Colours are a social construct, so no."}],
+            }),
+            _ => serde_json::json!({
+                "chosen": [{"role": "user", "content": format!("Say hi {i} times.")},
+                           {"role": "assistant", "content": "Hi!"}],
+                "rejected": [{"role": "user", "content": format!("Say hi {i} times.")},
+                             {"role": "assistant", "content": "No."}],
+            }),
+        };
+        lines.push(line.to_string());
+    }
+    let path = dir.join("prefs.jsonl");
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    path
+}
+
+fn args<'a>(m: &'a str, d: &'a str, out: &'a str) -> Vec<&'a str> {
+    vec![
+        "dpo",
+        "--model",
+        m,
+        "--dataset",
+        d,
+        "--output",
+        out,
+        "--batch-size",
+        "2",
+        "--learning-rate",
+        "1e-3",
+        "--validation-split",
+        "2",
+        "--preview-prompts",
+        "0",
+    ]
+}
+
+fn metrics(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn trains_on_every_form_of_preference_rows_and_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model();
+    let d = prefs(dir.path());
+    let (m, d) = (m.to_str().unwrap(), d.to_str().unwrap());
+    let full = dir.path().join("full");
+    let mut a = args(m, d, full.to_str().unwrap());
+    a.extend([
+        "--max-steps",
+        "4",
+        "--save-steps",
+        "2",
+        "--eval-steps",
+        "2",
+        "--no-shuffle",
+        "--json",
+    ]);
+    let o = train_ok(dir.path(), &a);
+    let s = last_json(&o);
+    assert_eq!(s["status"], "completed");
+    assert_eq!(s["global_step"], 4);
+    assert!(s["eval_loss"].as_f64().is_some_and(f64::is_finite));
+    assert!(full.join("model.safetensors").exists() && full.join("checkpoint-2").is_dir());
+    let rows = metrics(&full);
+    let steps: Vec<&serde_json::Value> = rows.iter().filter(|r| r["kind"] == "step").collect();
+    assert_eq!(steps.len(), 4, "{rows:?}");
+    // The policy starts as the reference: every pair's margin is 0, the sigmoid loss log 2.
+    let first = steps[0]["loss"].as_f64().unwrap();
+    assert!(
+        (first - std::f64::consts::LN_2).abs() < 1e-4,
+        "first step's loss {first}"
+    );
+    assert!(steps.iter().all(|r| r["grad_norm"].as_f64().unwrap() > 0.0));
+
+    // The same run, its last checkpoint and final model lost, resumed from checkpoint 2: the
+    // same losses for steps 3 and 4.
+    let part = dir.path().join("part");
+    let mut a: Vec<String> = args(m, d, part.to_str().unwrap())
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    for x in [
+        "--max-steps",
+        "4",
+        "--save-steps",
+        "2",
+        "--eval-steps",
+        "2",
+        "--no-shuffle",
+    ] {
+        a.push(x.to_string());
+    }
+    let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+    train_ok(dir.path(), &refs);
+    std::fs::remove_file(part.join("model.safetensors")).unwrap();
+    std::fs::remove_dir_all(part.join("checkpoint-4")).unwrap();
+    let cut: Vec<String> = std::fs::read_to_string(part.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["step"].as_u64().unwrap_or(0) <= 2
+        })
+        .map(str::to_string)
+        .collect();
+    std::fs::write(part.join("metrics.jsonl"), cut.join("\n") + "\n").unwrap();
+    let mut a2 = a.clone();
+    a2.push("--resume".into());
+    a2.push(part.join("checkpoint-2").to_string_lossy().into_owned());
+    let refs: Vec<&str> = a2.iter().map(String::as_str).collect();
+    train_ok(dir.path(), &refs);
+    let again: Vec<f64> = metrics(&part)
+        .iter()
+        .filter(|r| r["kind"] == "step")
+        .map(|r| r["loss"].as_f64().unwrap())
+        .collect();
+    let want: Vec<f64> = steps.iter().map(|r| r["loss"].as_f64().unwrap()).collect();
+    assert_eq!(again, want);
+}
+
+#[test]
+fn bad_rows_and_flags_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model();
+    let m = m.to_str().unwrap();
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"c\"}\n\
+         {\"prompt\": \"a\", \"chosen\": [{\"role\": \"assistant\", \"content\": \"b\"}], \"rejected\": \"c\"}\n",
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let o = train(
+        dir.path(),
+        &args(m, bad.to_str().unwrap(), out.to_str().unwrap()),
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("bad.jsonl:2") && err.contains("field `chosen`"),
+        "{err}"
+    );
+    assert!(!out.join("model.safetensors").exists());
+    let d = prefs(dir.path());
+    for (flag, value) in [
+        ("--beta", "0"),
+        ("--label-smoothing", "0.5"),
+        ("--loss-type", "nope"),
+    ] {
+        let mut a = args(m, d.to_str().unwrap(), out.to_str().unwrap());
+        a.extend([flag, value]);
+        let o = train(dir.path(), &a);
+        assert_ne!(o.status.code(), Some(0), "{flag} {value}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains(&flag[2..].replace('-', "_")) || err.contains(flag),
+            "{flag}: {err}"
+        );
+    }
+    let mut a = args(m, d.to_str().unwrap(), out.to_str().unwrap());
+    a.push("--packing");
+    let o = train(dir.path(), &a);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--packing"));
+}
