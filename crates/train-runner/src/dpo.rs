@@ -10,10 +10,12 @@
 //! | `sigmoid` | `−(1 − ε) log σ(z) − ε log σ(−z)` (ε: label smoothing) |
 //! | `robust` | `(−(1 − ε) log σ(z) + ε log σ(−z)) / (1 − 2ε)` |
 //! | `hinge` | `max(0, 1 − z)` |
-//! | `ipo` | `(logits − 1 / (2β))²`, on log-probabilities averaged over each completion's tokens |
+//! | `ipo` | `(δ − 1 / (2β))²`, δ the same difference of log-ratios each divided by its completion's tokens |
 //!
-//! The rewards are `β (π_c − ref_c)` and `β (π_r − ref_r)`, on the log-probabilities the loss
-//! uses.
+//! The log-probabilities are summed over each completion's tokens; the rewards TRL logs are
+//! `β (π_c − ref_c)` and `β (π_r − ref_r)` (summed, for IPO too). `sigmoid` with label
+//! smoothing is cDPO, as TRL's `sigmoid` was before 1.0 (TRL 1.16 ignores `label_smoothing` for
+//! `sigmoid`).
 
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{ElementConversion, IndexingUpdateOp, Int, Tensor, TensorData};
@@ -42,14 +44,6 @@ pub enum DpoLossType {
     Hinge,
     /// Robust DPO (unbiased under label noise of rate `label_smoothing`).
     Robust,
-}
-
-impl DpoLossType {
-    /// Whether the loss compares log-probabilities averaged over each completion's tokens
-    /// (IPO) rather than summed.
-    pub fn averages_tokens(self) -> bool {
-        self == Self::Ipo
-    }
 }
 
 /// The settings of the DPO loss.
@@ -111,8 +105,8 @@ impl DpoConfig {
     }
 }
 
-/// The log-probabilities of one pair's completions (summed over their tokens, or averaged for
-/// IPO: see [`DpoLossType::averages_tokens`]).
+/// The log-probabilities of one pair's completions, summed over their tokens, and the number
+/// of those tokens.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PairLogps {
     /// Chosen completion under the policy.
@@ -123,6 +117,10 @@ pub struct PairLogps {
     pub ref_chosen: f64,
     /// Rejected completion under the reference.
     pub ref_rejected: f64,
+    /// Tokens of the chosen completion (IPO averages over them).
+    pub chosen_tokens: usize,
+    /// Tokens of the rejected completion.
+    pub rejected_tokens: usize,
 }
 
 /// One pair's loss, its derivatives and its rewards.
@@ -130,9 +128,9 @@ pub struct PairLogps {
 pub struct PairLoss {
     /// The loss.
     pub loss: f64,
-    /// ∂loss / ∂(policy log-probability of the chosen completion).
+    /// ∂loss / ∂(policy's summed log-probability of the chosen completion).
     pub d_chosen: f64,
-    /// ∂loss / ∂(policy log-probability of the rejected completion).
+    /// ∂loss / ∂(policy's summed log-probability of the rejected completion).
     pub d_rejected: f64,
     /// `β (π_c − ref_c)`.
     pub chosen_reward: f64,
@@ -159,31 +157,37 @@ fn sigmoid(x: f64) -> f64 {
 pub fn dpo_pair_loss(config: &DpoConfig, p: &PairLogps) -> PairLoss {
     let beta = config.beta;
     let eps = config.label_smoothing;
-    let logits = (p.chosen - p.rejected) - (p.ref_chosen - p.ref_rejected);
+    let chosen_ratio = p.chosen - p.ref_chosen;
+    let rejected_ratio = p.rejected - p.ref_rejected;
+    let logits = chosen_ratio - rejected_ratio;
     let z = beta * logits;
-    // ∂loss/∂logits; ∂logits/∂chosen = 1, ∂logits/∂rejected = −1.
-    let (loss, d_logits) = match config.loss_type {
-        DpoLossType::Sigmoid => (
+    // (loss, ∂loss/∂chosen, ∂loss/∂rejected); for the losses of `logits`,
+    // ∂logits/∂chosen = 1 and ∂logits/∂rejected = −1.
+    let of_logits = |loss: f64, d: f64| (loss, d, -d);
+    let (loss, d_chosen, d_rejected) = match config.loss_type {
+        DpoLossType::Sigmoid => of_logits(
             -(1.0 - eps) * log_sigmoid(z) - eps * log_sigmoid(-z),
             beta * (-(1.0 - eps) * sigmoid(-z) + eps * sigmoid(z)),
         ),
-        DpoLossType::Robust => (
+        DpoLossType::Robust => of_logits(
             (-(1.0 - eps) * log_sigmoid(z) + eps * log_sigmoid(-z)) / (1.0 - 2.0 * eps),
             beta * (-(1.0 - eps) * sigmoid(-z) - eps * sigmoid(z)) / (1.0 - 2.0 * eps),
         ),
         // torch's relu has a zero gradient at 0.
-        DpoLossType::Hinge => ((1.0 - z).max(0.0), if z < 1.0 { -beta } else { 0.0 }),
+        DpoLossType::Hinge => of_logits((1.0 - z).max(0.0), if z < 1.0 { -beta } else { 0.0 }),
         DpoLossType::Ipo => {
-            let d = logits - 1.0 / (2.0 * beta);
-            (d * d, 2.0 * d)
+            let nc = p.chosen_tokens.max(1) as f64;
+            let nr = p.rejected_tokens.max(1) as f64;
+            let d = chosen_ratio / nc - rejected_ratio / nr - 1.0 / (2.0 * beta);
+            (d * d, 2.0 * d / nc, -2.0 * d / nr)
         }
     };
     PairLoss {
         loss,
-        d_chosen: d_logits,
-        d_rejected: -d_logits,
-        chosen_reward: beta * (p.chosen - p.ref_chosen),
-        rejected_reward: beta * (p.rejected - p.ref_rejected),
+        d_chosen,
+        d_rejected,
+        chosen_reward: beta * chosen_ratio,
+        rejected_reward: beta * rejected_ratio,
     }
 }
 
@@ -303,34 +307,25 @@ pub struct Dpo<'a> {
     pub validation: &'a [PairBatch],
 }
 
-/// `value / tokens` for IPO, `value` for the others.
-fn per_loss(config: &DpoConfig, value: f64, tokens: usize) -> f64 {
-    if config.loss_type.averages_tokens() {
-        value / tokens.max(1) as f64
-    } else {
-        value
-    }
-}
-
 /// The pairs' terms of one micro-batch from its rows' completion log-probabilities.
-fn pair_terms(
-    config: &DpoConfig,
-    batch: &PairBatch,
-    logps: &[(f64, usize)],
-) -> Vec<(PairLoss, usize, usize)> {
+fn pair_terms(config: &DpoConfig, batch: &PairBatch, logps: &[(f64, usize)]) -> Vec<PairLoss> {
     let n = batch.reference.len();
     (0..n)
         .map(|i| {
-            let (chosen, nc) = logps[i];
-            let (rejected, nr) = logps[n + i];
-            let (ref_c, ref_r) = batch.reference[i];
-            let p = PairLogps {
-                chosen: per_loss(config, chosen, nc),
-                rejected: per_loss(config, rejected, nr),
-                ref_chosen: per_loss(config, ref_c, nc),
-                ref_rejected: per_loss(config, ref_r, nr),
-            };
-            (dpo_pair_loss(config, &p), nc, nr)
+            let (chosen, chosen_tokens) = logps[i];
+            let (rejected, rejected_tokens) = logps[n + i];
+            let (ref_chosen, ref_rejected) = batch.reference[i];
+            dpo_pair_loss(
+                config,
+                &PairLogps {
+                    chosen,
+                    rejected,
+                    ref_chosen,
+                    ref_rejected,
+                    chosen_tokens,
+                    rejected_tokens,
+                },
+            )
         })
         .collect()
 }
@@ -406,10 +401,10 @@ impl<B: FusedAutodiffBackend> Objective<B> for Dpo<'_> {
             let n = terms.len();
             // ∂loss/∂(summed log-probability) of each row, over the step's pairs.
             let mut scale = vec![0f64; rows];
-            for (i, (t, nc, nr)) in terms.iter().enumerate() {
+            for (i, t) in terms.iter().enumerate() {
                 step_loss += t.loss / denominator;
-                scale[i] = per_loss(&self.config, t.d_chosen, *nc) / denominator;
-                scale[n + i] = per_loss(&self.config, t.d_rejected, *nr) / denominator;
+                scale[i] = t.d_chosen / denominator;
+                scale[n + i] = t.d_rejected / denominator;
             }
             let mut grad_flat =
                 Tensor::<B::InnerBackend, 2>::zeros([b * s, width], (device, inner.dtype()));
@@ -454,7 +449,7 @@ impl<B: FusedAutodiffBackend> Objective<B> for Dpo<'_> {
         let mut pairs = 0u64;
         for batch in self.validation {
             let logps = completion_logps(model, &batch.batch);
-            for (t, _, _) in pair_terms(&self.config, batch, &logps) {
+            for t in pair_terms(&self.config, batch, &logps) {
                 sum += t.loss;
                 pairs += 1;
             }
@@ -540,24 +535,32 @@ mod tests {
             rejected: -15.25,
             ref_chosen: -13.0,
             ref_rejected: -14.0,
+            chosen_tokens: 5,
+            rejected_tokens: 9,
         },
         PairLogps {
             chosen: -40.0,
             rejected: -8.0,
             ref_chosen: -39.0,
             ref_rejected: -9.5,
+            chosen_tokens: 30,
+            rejected_tokens: 4,
         },
         PairLogps {
             chosen: -3.0,
             rejected: -3.0,
             ref_chosen: -3.0,
             ref_rejected: -3.0,
+            chosen_tokens: 2,
+            rejected_tokens: 2,
         },
         PairLogps {
             chosen: -0.5,
             rejected: -900.0,
             ref_chosen: -1.0,
             ref_rejected: -20.0,
+            chosen_tokens: 1,
+            rejected_tokens: 700,
         },
     ];
 
@@ -628,7 +631,10 @@ mod tests {
             },
             &p,
         );
-        assert!((ipo.loss - (1.75f64 - 5.0).powi(2)).abs() < 1e-12);
+        // IPO: (0.5 / 5 − (−1.25) / 9 − 5)².
+        let delta: f64 = 0.5 / 5.0 + 1.25 / 9.0;
+        assert!((ipo.loss - (delta - 5.0).powi(2)).abs() < 1e-12);
+        assert!((ipo.chosen_reward - 0.05).abs() < 1e-15, "summed, as TRL");
         let hinge = dpo_pair_loss(
             &DpoConfig {
                 loss_type: DpoLossType::Hinge,

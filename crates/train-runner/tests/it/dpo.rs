@@ -1,6 +1,7 @@
 //! The DPO objective: its loss and gradients (per-row fused LM head + NLL, combined with each
 //! pair's derivatives) against plain autodiff through the materialised logits, for every loss
-//! type, padded and padding-free; the completions' log-probabilities the same either way.
+//! type, padded and padding-free; the completions' log-probabilities the same either way; the
+//! tokenization, log-probabilities, losses and rewards of real pairs against TRL's DPOTrainer.
 #![cfg(feature = "cpu")]
 
 use std::path::Path;
@@ -10,7 +11,7 @@ use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, TensorData};
-use train_data::{Example, IGNORE_INDEX, Sequence};
+use train_data::{ChatTokenizer, Example, IGNORE_INDEX, Sequence, load_preferences};
 use train_model::{AttentionImpl, CausalLm, LoadOptions, NamedParam, Precision, load_pretrained};
 use train_runner::{
     Collate, Dpo, DpoConfig, DpoLossType, Objective, PairBatch, PairLogps, PairRow, batch_tensors,
@@ -98,14 +99,6 @@ fn logps_autodiff(model: &CausalLm<B>, batch: &PairBatch) -> (Tensor<B, 1>, Vec<
     (per_row, out)
 }
 
-fn scaled(config: &DpoConfig, value: f64, tokens: usize) -> f64 {
-    if config.loss_type.averages_tokens() {
-        value / tokens as f64
-    } else {
-        value
-    }
-}
-
 /// The loss and gradients by autodiff: `Σ_r (∂loss/∂logp_r) · logp_r` has the loss's gradient.
 fn reference(model: &CausalLm<B>, batch: &PairBatch, config: &DpoConfig) -> (f64, GradientsParams) {
     let (per_row, logps) = logps_autodiff(model, batch);
@@ -119,15 +112,17 @@ fn reference(model: &CausalLm<B>, batch: &PairBatch, config: &DpoConfig) -> (f64
         let t = dpo_pair_loss(
             config,
             &PairLogps {
-                chosen: scaled(config, c, nc),
-                rejected: scaled(config, r, nr),
-                ref_chosen: scaled(config, rc, nc),
-                ref_rejected: scaled(config, rr, nr),
+                chosen: c,
+                rejected: r,
+                ref_chosen: rc,
+                ref_rejected: rr,
+                chosen_tokens: nc,
+                rejected_tokens: nr,
             },
         );
         loss += t.loss / n as f64;
-        weights[i] = (scaled(config, t.d_chosen, nc) / n as f64) as f32;
-        weights[n + i] = (scaled(config, t.d_rejected, nr) / n as f64) as f32;
+        weights[i] = (t.d_chosen / n as f64) as f32;
+        weights[n + i] = (t.d_rejected / n as f64) as f32;
     }
     let w = Tensor::<B, 1>::from_data(TensorData::new(weights, [2 * n]), &Default::default());
     let surrogate = (per_row * w).sum();
@@ -223,4 +218,139 @@ fn completion_logps_are_the_same_padded_or_padding_free() {
     let score = Objective::<B>::evaluate(&objective, &fused.valid()).unwrap();
     assert_eq!(score.units, 3);
     assert!(score.loss.is_finite() && score.loss > 0.0);
+}
+
+/// The committed TRL reference (`cargo xtask fixtures`: TRL's `DPOTrainer._compute_loss`, one
+/// pair a batch, on the tiny Qwen2 against a perturbed copy of it).
+fn trl_reference() -> serde_json::Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/dpo.reference.json");
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+/// `a` within 1e-5 of `b`, relative to `scale` (TRL logs float32 values).
+fn close(a: f64, b: f64, scale: f64, what: &str) {
+    assert!(
+        (a - b).abs() <= 1e-5 * scale.abs().max(1e-3),
+        "{what}: {a} vs TRL's {b}"
+    );
+}
+
+#[test]
+fn pairs_tokenize_score_and_lose_as_in_trl() {
+    let reference = trl_reference();
+    let rows = reference["rows"].as_array().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pairs.jsonl");
+    let lines: Vec<String> = rows.iter().map(|r| r["pair"].to_string()).collect();
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    let pairs = load_preferences(&path, &Default::default()).unwrap().pairs;
+    let model_dir =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../train-model/tests/fixtures/qwen2");
+    let tok = ChatTokenizer::from_model_dir(&model_dir).unwrap();
+    let policy = model().valid();
+    let ids = |v: &serde_json::Value| -> Vec<i64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_i64().unwrap())
+            .collect()
+    };
+    let mut logps = Vec::new();
+    for (pair, row) in pairs.iter().zip(rows) {
+        // Our tokenization: the whole conversation rendered once, the final assistant turn labelled.
+        let enc = tok.encode_pair(pair).unwrap();
+        for (side, e) in [("chosen", &enc.chosen), ("rejected", &enc.rejected)] {
+            let want_ids = ids(&row[format!("{side}_ids")]);
+            let want_labels = ids(&row[format!("{side}_labels")]);
+            let got_ids: Vec<i64> = e.input_ids.iter().map(|&t| i64::from(t)).collect();
+            let got_labels: Vec<i64> = e.labels.iter().map(|&t| i64::from(t)).collect();
+            assert_eq!(got_ids, want_ids, "{side} ids");
+            assert_eq!(got_labels, want_labels, "{side} labels");
+        }
+        let batch = PairRow::collate(
+            vec![PairRow {
+                chosen: Sequence::pack(&[&Example {
+                    row: 0,
+                    input_ids: enc.chosen.input_ids.clone(),
+                    labels: enc.chosen.labels.clone(),
+                }]),
+                rejected: Sequence::pack(&[&Example {
+                    row: 0,
+                    input_ids: enc.rejected.input_ids.clone(),
+                    labels: enc.rejected.labels.clone(),
+                }]),
+                ref_chosen: 0.0,
+                ref_rejected: 0.0,
+            }],
+            0,
+        );
+        let ours = completion_logps(&policy, &batch.batch);
+        let torch = row["policy_logps"].as_array().unwrap();
+        let (c, r) = (torch[0].as_f64().unwrap(), torch[1].as_f64().unwrap());
+        close(ours[0].0, c, c, "chosen log-probability");
+        close(ours[1].0, r, r, "rejected log-probability");
+        logps.push(ours);
+    }
+    for (name, case) in reference["losses"].as_object().unwrap() {
+        let settings = &case["settings"];
+        let config = DpoConfig {
+            beta: settings["beta"].as_f64().unwrap(),
+            loss_type: serde_json::from_value(settings["loss_type"][0].clone()).unwrap(),
+            label_smoothing: settings["label_smoothing"].as_f64().unwrap_or(0.0),
+        };
+        for ((row, want), ours) in rows
+            .iter()
+            .zip(case["pairs"].as_array().unwrap())
+            .zip(&logps)
+        {
+            let refs = row["ref_logps"].as_array().unwrap();
+            let t = dpo_pair_loss(
+                &config,
+                &PairLogps {
+                    chosen: ours[0].0,
+                    rejected: ours[1].0,
+                    ref_chosen: refs[0].as_f64().unwrap(),
+                    ref_rejected: refs[1].as_f64().unwrap(),
+                    chosen_tokens: ours[0].1,
+                    rejected_tokens: ours[1].1,
+                },
+            );
+            let at = |k: &str| want[k].as_f64().unwrap();
+            println!(
+                "{name}: loss {:.7} vs TRL {:.7}, margin {:.7} vs {:.7}",
+                t.loss,
+                at("loss"),
+                t.chosen_reward - t.rejected_reward,
+                at("rewards/margins")
+            );
+            close(t.loss, at("loss"), at("loss"), &format!("{name} loss"));
+            // A reward is β times a difference of log-probabilities: relative to those.
+            let scale = config.beta * ours[0].0.abs().max(ours[1].0.abs());
+            for (k, v) in [
+                ("rewards/chosen", t.chosen_reward),
+                ("rewards/rejected", t.rejected_reward),
+                ("rewards/margins", t.chosen_reward - t.rejected_reward),
+            ] {
+                close(v, at(k), scale, &format!("{name} {k}"));
+            }
+            let accuracy = f64::from(u8::from(t.chosen_reward > t.rejected_reward));
+            assert_eq!(
+                accuracy,
+                at("rewards/accuracies"),
+                "{name} rewards/accuracies"
+            );
+            close(
+                ours[0].0,
+                at("logps/chosen"),
+                ours[0].0,
+                &format!("{name} logps/chosen"),
+            );
+            close(
+                ours[1].0,
+                at("logps/rejected"),
+                ours[1].0,
+                &format!("{name} logps/rejected"),
+            );
+        }
+    }
 }
