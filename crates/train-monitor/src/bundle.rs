@@ -178,7 +178,7 @@ impl MonitoringBundle {
     /// A step finished; returns the alerts it newly raised.
     pub fn step(&mut self, s: &StepRecord) -> Result<Vec<Alert>> {
         self.timed(|b| {
-            b.history.steps.push(*s);
+            b.history.steps.push(s.clone());
             b.window.push(s.step, s.loss);
             let smoothed = b.throughput.push(s.tokens_per_sec);
             // The first step of a run warms up; the next ones make the baseline.
@@ -242,7 +242,7 @@ impl MonitoringBundle {
     /// An evaluation finished: status written at once, report refreshed.
     pub fn eval(&mut self, e: &EvalRecord) -> Result<()> {
         self.timed(|b| {
-            b.history.evals.push(*e);
+            b.history.evals.push(e.clone());
             b.status.eval_loss = Some(e.eval_loss);
             b.status.eval_train_gap = b.window.mean().map(|m| e.eval_loss - m);
             b.write(true)?;

@@ -6,12 +6,19 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::error::{MonitorError, Result};
 
+/// An objective's own metrics of a step or an evaluation, by name (TRL's for DPO:
+/// `rewards/chosen`, `rewards/margins`, …; evaluations prefix them with `eval_`), written into
+/// the same `metrics.jsonl` row as the record's fields. Empty for supervised fine-tuning.
+pub type ObjectiveMetrics = BTreeMap<String, f64>;
+
 /// One optimizer step.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepRecord {
     /// 1-based step number.
     pub step: usize,
@@ -31,10 +38,13 @@ pub struct StepRecord {
     pub label_tokens: usize,
     /// Input tokens per second of this step.
     pub tokens_per_sec: f64,
+    /// The objective's own metrics, each a mean over the step's units.
+    #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metrics: ObjectiveMetrics,
 }
 
 /// One evaluation.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvalRecord {
     /// Step after which it ran.
     pub step: usize,
@@ -43,13 +53,16 @@ pub struct EvalRecord {
     pub epoch: f64,
     /// Mean cross-entropy over every validation label token.
     pub eval_loss: f64,
-    /// Validation label tokens.
+    /// Validation label tokens (for an objective over pairs: validation pairs).
     #[serde(default)]
     pub eval_tokens: u64,
+    /// The objective's own metrics over the validation data (names prefixed `eval_`).
+    #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metrics: ObjectiveMetrics,
 }
 
 /// One line of `metrics.jsonl`.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum MetricsRow {
     /// An optimizer step.

@@ -54,8 +54,13 @@ fn opt(v: Option<f64>, digits: usize) -> String {
         .map_or_else(|| "–".to_string(), |x| format!("{x:.digits$}"))
 }
 
-/// The charts of a history: `(file stem, svg)`.
-pub fn charts(h: &History) -> Result<Vec<(&'static str, String)>> {
+/// Most charts drawn for an objective's own metrics (one per metric name).
+pub const MAX_METRIC_CHARTS: usize = 16;
+
+/// The charts of a history: `(file stem, svg)`. Besides loss, learning rate, gradient norm and
+/// throughput, one chart per objective metric (DPO's `rewards/margins`, `rewards/accuracies`,
+/// …: train and eval series; stem `rewards_margins`), at most [`MAX_METRIC_CHARTS`].
+pub fn charts(h: &History) -> Result<Vec<(String, String)>> {
     let pts = |f: fn(&StepRecord) -> f64| -> Vec<(f64, f64)> {
         h.steps.iter().map(|s| (s.step as f64, f(s))).collect()
     };
@@ -120,6 +125,43 @@ pub fn charts(h: &History) -> Result<Vec<(&'static str, String)>> {
     let mut out = Vec::new();
     for (stem, title, y, series) in specs {
         if let Some(svg) = line_chart(title, y, &series)? {
+            out.push((stem.to_string(), svg));
+        }
+    }
+    let names: std::collections::BTreeSet<&str> = h
+        .steps
+        .iter()
+        .flat_map(|s| s.metrics.keys().map(String::as_str))
+        .collect();
+    for name in names.into_iter().take(MAX_METRIC_CHARTS) {
+        let train: Vec<(f64, f64)> = h
+            .steps
+            .iter()
+            .filter_map(|s| s.metrics.get(name).map(|v| (s.step as f64, *v)))
+            .collect();
+        let key = format!("eval_{name}");
+        let eval: Vec<(f64, f64)> = h
+            .evals
+            .iter()
+            .filter_map(|e| e.metrics.get(&key).map(|v| (e.step as f64, *v)))
+            .collect();
+        let series = [
+            Series {
+                name: "train",
+                points: &train,
+                markers: false,
+            },
+            Series {
+                name: "eval",
+                points: &eval,
+                markers: true,
+            },
+        ];
+        if let Some(svg) = line_chart(name, name, &series)? {
+            let stem: String = name
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                .collect();
             out.push((stem, svg));
         }
     }
@@ -127,7 +169,7 @@ pub fn charts(h: &History) -> Result<Vec<(&'static str, String)>> {
 }
 
 /// The HTML report: a summary table and the charts, inline (no external file or script).
-pub fn render_html(status: &TrainingStatus, charts: &[(&str, String)]) -> String {
+pub fn render_html(status: &TrainingStatus, charts: &[(String, String)]) -> String {
     let rows = [
         ("status", format!("{:?}", status.status).to_lowercase()),
         ("step", format!("{} / {}", status.step, status.total_steps)),

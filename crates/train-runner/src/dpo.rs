@@ -26,7 +26,7 @@ use train_model::{
 };
 
 use crate::batches::batch_tensors;
-use crate::objective::{Collate, Evaluation, Objective};
+use crate::objective::{Collate, Contribution, Evaluation, Objective};
 
 /// Which DPO loss (TRL's `loss_type`).
 #[derive(
@@ -330,11 +330,49 @@ fn pair_terms(config: &DpoConfig, batch: &PairBatch, logps: &[(f64, usize)]) -> 
         .collect()
 }
 
+/// The metrics TRL's `DPOTrainer` logs (besides the loss), each a mean over pairs.
+pub const DPO_METRICS: [&str; 6] = [
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+];
+
+/// [`DPO_METRICS`] of one micro-batch's pairs, summed.
+fn metric_sums(terms: &[PairLoss], logps: &[(f64, usize)]) -> [f64; 6] {
+    let n = terms.len();
+    let mut out = [0f64; 6];
+    for (i, t) in terms.iter().enumerate() {
+        let values = [
+            t.chosen_reward,
+            t.rejected_reward,
+            t.chosen_reward - t.rejected_reward,
+            f64::from(u8::from(t.chosen_reward > t.rejected_reward)),
+            logps[i].0,
+            logps[n + i].0,
+        ];
+        for (o, v) in out.iter_mut().zip(values) {
+            *o += v;
+        }
+    }
+    out
+}
+
 impl<B: FusedAutodiffBackend> Objective<B> for Dpo<'_> {
     type Batch = PairBatch;
 
     fn units(&self, batch: &PairBatch) -> usize {
         batch.reference.len()
+    }
+
+    fn label_tokens(&self, batch: &PairBatch) -> usize {
+        batch.batch.label_tokens
+    }
+
+    fn metric_names(&self) -> &'static [&'static str] {
+        &DPO_METRICS
     }
 
     fn tokens(&self, batch: &PairBatch) -> usize {
@@ -347,9 +385,10 @@ impl<B: FusedAutodiffBackend> Objective<B> for Dpo<'_> {
         batches: &[&PairBatch],
         denominator: f64,
         device: &burn::tensor::Device<B>,
-    ) -> (f64, GradientsParams) {
+    ) -> Contribution {
         let mut accumulator = GradientsAccumulator::<CausalLm<B>>::new();
         let mut step_loss = 0f64;
+        let mut metrics = vec![0f64; DPO_METRICS.len()];
         for pairs in batches {
             let rows = pairs.batch.batch_size;
             let flat_batch = model
@@ -398,6 +437,9 @@ impl<B: FusedAutodiffBackend> Objective<B> for Dpo<'_> {
                 .map(|r| r.as_ref().map_or((0.0, 0), |(nll, m, _, _)| (-nll, *m)))
                 .collect();
             let terms = pair_terms(&self.config, pairs, &logps);
+            for (m, v) in metrics.iter_mut().zip(metric_sums(&terms, &logps)) {
+                *m += v / denominator;
+            }
             let n = terms.len();
             // ∂loss/∂(summed log-probability) of each row, over the step's pairs.
             let mut scale = vec![0f64; rows];
@@ -441,15 +483,24 @@ impl<B: FusedAutodiffBackend> Objective<B> for Dpo<'_> {
             }
             accumulator.accumulate(model, grads);
         }
-        (step_loss, accumulator.grads())
+        Contribution {
+            loss: step_loss,
+            metrics,
+            grads: accumulator.grads(),
+        }
     }
 
     fn evaluate(&self, model: &CausalLm<B::InnerBackend>) -> Option<Evaluation> {
         let mut sum = 0f64;
         let mut pairs = 0u64;
+        let mut metrics = vec![0f64; DPO_METRICS.len()];
         for batch in self.validation {
             let logps = completion_logps(model, &batch.batch);
-            for t in pair_terms(&self.config, batch, &logps) {
+            let terms = pair_terms(&self.config, batch, &logps);
+            for (m, v) in metrics.iter_mut().zip(metric_sums(&terms, &logps)) {
+                *m += v;
+            }
+            for t in terms {
                 sum += t.loss;
                 pairs += 1;
             }
@@ -457,6 +508,7 @@ impl<B: FusedAutodiffBackend> Objective<B> for Dpo<'_> {
         (pairs > 0).then(|| Evaluation {
             loss: sum / pairs as f64,
             units: pairs,
+            metrics: metrics.iter().map(|m| m / pairs as f64).collect(),
         })
     }
 }

@@ -106,13 +106,13 @@ pub use checkpoint::{
 pub use config::{LrSchedule, TrainerConfig, limits};
 pub use control::RunControl;
 pub use dpo::{
-    Dpo, DpoConfig, DpoLossType, PairBatch, PairLogps, PairLoss, PairRow, completion_logps,
-    dpo_pair_loss, run_dpo,
+    DPO_METRICS, Dpo, DpoConfig, DpoLossType, PairBatch, PairLogps, PairLoss, PairRow,
+    completion_logps, dpo_pair_loss, run_dpo,
 };
 pub use error::{Result, RunnerError};
 pub use eval::evaluate;
 pub use lock::OutputLock;
-pub use objective::{Collate, Evaluation, NextToken, Objective};
+pub use objective::{Collate, Contribution, Evaluation, NextToken, Objective};
 pub use observer::{
     EvalRecord, MetricsObserver, Observers, RunInfo, RunStatus, RunSummary, StepRecord, TrainEvent,
     TrainObserver,

@@ -24,31 +24,55 @@ pub trait Objective<B: FusedAutodiffBackend>: Sync {
     /// How many units the step's mean counts in `batch`.
     fn units(&self, batch: &Self::Batch) -> usize;
 
+    /// Tokens of `batch` that are scored (the step record's `label_tokens`).
+    fn label_tokens(&self, batch: &Self::Batch) -> usize;
+
     /// Tokens `batch` runs through the model (for throughput), padding excluded.
     fn tokens(&self, batch: &Self::Batch) -> usize;
 
+    /// Names of the metrics the objective reports besides the loss (TRL's names, e.g.
+    /// `rewards/chosen`), in the order of [`Contribution::metrics`] and
+    /// [`Evaluation::metrics`]; none by default.
+    fn metric_names(&self) -> &'static [&'static str] {
+        &[]
+    }
+
     /// The summed loss of `batches` divided by `denominator` (the units of the whole step, on
-    /// every worker), and its gradients, computed on `device`.
+    /// every worker), its gradients computed on `device`, and the metrics summed over the
+    /// units of `batches` and divided by `denominator` the same way (so that the workers' sums
+    /// add up to the step's means).
     fn gradients(
         &self,
         model: &CausalLm<B>,
         batches: &[&Self::Batch],
         denominator: f64,
         device: &burn::tensor::Device<B>,
-    ) -> (f64, GradientsParams);
+    ) -> Contribution;
 
     /// The validation score of `model`: the mean loss and the units it is over; `None` when
     /// there is nothing to evaluate.
     fn evaluate(&self, model: &CausalLm<B::InnerBackend>) -> Option<Evaluation>;
 }
 
+/// A worker's share of an optimizer step: see [`Objective::gradients`].
+pub struct Contribution {
+    /// The share's summed loss / the step's units.
+    pub loss: f64,
+    /// The share's summed metrics / the step's units, in [`Objective::metric_names`] order.
+    pub metrics: Vec<f64>,
+    /// The gradients of `loss`.
+    pub grads: GradientsParams,
+}
+
 /// A validation score.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Evaluation {
     /// Mean loss over the units.
     pub loss: f64,
     /// Units evaluated (label tokens for [`NextToken`]).
     pub units: u64,
+    /// The mean of each metric over the units, in [`Objective::metric_names`] order.
+    pub metrics: Vec<f64>,
 }
 
 /// Supervised fine-tuning: the mean cross-entropy of every label token's prediction
@@ -70,6 +94,10 @@ impl<B: FusedAutodiffBackend> Objective<B> for NextToken<'_> {
         batch.label_tokens
     }
 
+    fn label_tokens(&self, batch: &Batch) -> usize {
+        batch.label_tokens
+    }
+
     fn tokens(&self, batch: &Batch) -> usize {
         batch.real_tokens
     }
@@ -80,8 +108,13 @@ impl<B: FusedAutodiffBackend> Objective<B> for NextToken<'_> {
         batches: &[&Batch],
         denominator: f64,
         device: &burn::tensor::Device<B>,
-    ) -> (f64, GradientsParams) {
-        gradients_over(model, batches.iter().copied(), denominator, device)
+    ) -> Contribution {
+        let (loss, grads) = gradients_over(model, batches.iter().copied(), denominator, device);
+        Contribution {
+            loss,
+            metrics: Vec::new(),
+            grads,
+        }
     }
 
     fn evaluate(&self, model: &CausalLm<B::InnerBackend>) -> Option<Evaluation> {
@@ -92,6 +125,7 @@ impl<B: FusedAutodiffBackend> Objective<B> for NextToken<'_> {
         Some(Evaluation {
             loss: sum / units.max(1) as f64,
             units,
+            metrics: Vec::new(),
         })
     }
 }

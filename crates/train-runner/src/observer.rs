@@ -184,9 +184,9 @@ impl MetricsObserver {
         self.error.as_deref()
     }
 
-    fn write(&mut self, row: MetricsRow) {
+    fn write(&mut self, row: &MetricsRow) {
         if let Some(log) = self.log.as_mut()
-            && let Err(e) = log.write(&row)
+            && let Err(e) = log.write(row)
         {
             self.error.get_or_insert(e.to_string());
             self.log = None;
@@ -207,8 +207,8 @@ impl<B: FusedAutodiffBackend> TrainObserver<B> for MetricsObserver {
 
     fn update(&mut self, event: &TrainEvent<'_>) {
         match event {
-            TrainEvent::Step(m) => self.write(MetricsRow::Step(**m)),
-            TrainEvent::Eval(m) => self.write(MetricsRow::Eval(**m)),
+            TrainEvent::Step(m) => self.write(&MetricsRow::Step((*m).clone())),
+            TrainEvent::Eval(m) => self.write(&MetricsRow::Eval((*m).clone())),
             _ => {}
         }
     }

@@ -24,7 +24,7 @@ use train_model::CausalLm;
 use train_model::FusedAutodiffBackend;
 
 use crate::error::{Result, RunnerError};
-use crate::objective::{NextToken, Objective};
+use crate::objective::{Contribution, NextToken, Objective};
 use crate::step::gradients_over;
 
 /// This machine's place in a multi-machine run (`nodes` machines, each running as many workers
@@ -181,6 +181,9 @@ pub fn parallel_step_gradients<B: FusedAutodiffBackend>(
 pub struct StepOutcome {
     /// The step's loss (mean over all its label tokens).
     pub loss: f64,
+    /// The objective's metrics of the step (means over its units), in
+    /// [`Objective::metric_names`] order.
+    pub metrics: Vec<f64>,
     /// The summed gradients, on this machine's first device.
     pub grads: GradientsParams,
     /// Some machine asked to stop (its stop request at the time of this step): every machine
@@ -387,7 +390,11 @@ fn worker<B: FusedAutodiffBackend, O: Objective<B>>(
         collective::reset_collective::<B::InnerBackend>();
         failure(rank, what, e)
     };
-    let (loss, mut grads) = objective.gradients(replica, share, denominator, device);
+    let Contribution {
+        loss,
+        metrics,
+        mut grads,
+    } = objective.gradients(replica, share, denominator, device);
     // One all-reduce per step: every trained parameter's gradient, flattened in the module's
     // visiting order (the same on every worker and machine, unlike parameter ids; zeros for a
     // worker without a micro-batch of its own), then every worker's loss in its own slots (an
@@ -398,17 +405,19 @@ fn worker<B: FusedAutodiffBackend, O: Objective<B>>(
         parts: Vec::new(),
     };
     replica.visit(&mut flatten);
-    let mut slots = vec![0f32; 2 * world + 1];
+    // The objective's metrics follow, summed over the workers in f32 (they are for display).
+    let mut slots = vec![0f32; 2 * world + 1 + metrics.len()];
     let hi = loss as f32;
     slots[global_rank] = hi;
     slots[world + global_rank] = (loss - f64::from(hi)) as f32;
     slots[2 * world] = f32::from(u8::from(stop));
+    for (slot, m) in slots[2 * world + 1..].iter_mut().zip(&metrics) {
+        *slot = *m as f32;
+    }
     let mut parts = flatten.parts;
     let grad_len: usize = parts.iter().map(|t| t.dims()[0]).sum();
-    parts.push(Tensor::from_data(
-        TensorData::new(slots, [2 * world + 1]),
-        device,
-    ));
+    let n_slots = slots.len();
+    parts.push(Tensor::from_data(TensorData::new(slots, [n_slots]), device));
     let flat = Tensor::<B::InnerBackend, 1>::cat(parts, 0);
     let summed = collective::all_reduce::<B::InnerBackend>(
         peer,
@@ -435,6 +444,10 @@ fn worker<B: FusedAutodiffBackend, O: Objective<B>>(
         .sum();
     Ok(StepOutcome {
         loss,
+        metrics: scalars[2 * world + 1..]
+            .iter()
+            .map(|&m| f64::from(m))
+            .collect(),
         grads,
         stop: scalars[2 * world] > 0.5,
     })

@@ -98,9 +98,10 @@ where
             }
             let started = Instant::now();
             let (batches, next_position) = self.plan.step_batches(self.state.data_position);
-            let label_tokens: usize = batches.iter().map(|b| self.objective.units(b)).sum();
+            let label_tokens: usize = batches.iter().map(|b| self.objective.label_tokens(b)).sum();
             let tokens: usize = batches.iter().map(|b| self.objective.tokens(b)).sum();
-            let (step_loss, grads) = match parallel {
+            let units: usize = batches.iter().map(|b| self.objective.units(b)).sum();
+            let (step_loss, metrics, grads) = match parallel {
                 Some(p) => {
                     let outcome = p.step(
                         self.objective,
@@ -109,13 +110,14 @@ where
                         self.control.stop_requested(),
                     )?;
                     agreed_stop = outcome.stop;
-                    (outcome.loss, outcome.grads)
+                    (outcome.loss, outcome.metrics, outcome.grads)
                 }
                 None => {
                     let share: Vec<&O::Batch> = batches.iter().collect();
-                    let denominator = label_tokens.max(1) as f64;
-                    self.objective
-                        .gradients(&model, &share, denominator, &device)
+                    let c = self
+                        .objective
+                        .gradients(&model, &share, units.max(1) as f64, &device);
+                    (c.loss, c.metrics, c.grads)
                 }
             };
             if !step_loss.is_finite() {
@@ -155,6 +157,13 @@ where
                 tokens,
                 label_tokens,
                 tokens_per_sec: tokens as f64 / seconds.max(1e-9),
+                metrics: self
+                    .objective
+                    .metric_names()
+                    .iter()
+                    .map(|n| (*n).to_string())
+                    .zip(metrics)
+                    .collect(),
             };
             self.state.log_step(&m);
             self.observer.update(&TrainEvent::Step(&m));
@@ -191,6 +200,13 @@ where
             epoch: self.state.epoch,
             eval_loss: score.loss,
             eval_tokens: score.units,
+            metrics: self
+                .objective
+                .metric_names()
+                .iter()
+                .map(|n| format!("eval_{n}"))
+                .zip(score.metrics)
+                .collect(),
         };
         self.state.log_eval(&m);
         self.observer.update(&TrainEvent::Eval(&m));

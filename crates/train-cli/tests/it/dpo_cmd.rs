@@ -98,6 +98,31 @@ fn trains_on_every_form_of_preference_rows_and_resumes_exactly() {
         "first step's loss {first}"
     );
     assert!(steps.iter().all(|r| r["grad_norm"].as_f64().unwrap() > 0.0));
+    // TRL's metrics in every row: at the first step the policy is the reference, so every reward
+    // is 0 and no pair is ranked right yet.
+    for key in [
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+    ] {
+        assert!(steps.iter().all(|r| r[key].is_f64()), "{key} in {rows:?}");
+    }
+    for key in ["rewards/chosen", "rewards/margins", "rewards/accuracies"] {
+        assert!(
+            steps[0][key].as_f64().unwrap().abs() < 1e-5,
+            "{key}: {}",
+            steps[0]
+        );
+    }
+    assert!(steps[0]["logps/chosen"].as_f64().unwrap() < 0.0);
+    let evals: Vec<&serde_json::Value> = rows.iter().filter(|r| r["kind"] == "eval").collect();
+    assert!(!evals.is_empty() && evals.iter().all(|r| r["eval_rewards/margins"].is_f64()));
+    // The monitor charts them.
+    assert!(full.join("plots/rewards_margins.svg").exists());
+    assert!(full.join("plots/rewards_accuracies.svg").exists());
 
     // The same run, its last checkpoint and final model lost, resumed from checkpoint 2: the
     // same losses for steps 3 and 4.
@@ -190,4 +215,42 @@ fn bad_rows_and_flags_are_refused() {
     let o = train(dir.path(), &a);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--packing"));
+}
+
+#[test]
+fn two_devices_train_like_one_with_the_doubled_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model();
+    let d = prefs(dir.path());
+    let (m, d) = (m.to_str().unwrap(), d.to_str().unwrap());
+    let run = |name: &str, extra: &[&str]| -> Vec<serde_json::Value> {
+        let out = dir.path().join(name);
+        let out_s = out.to_str().unwrap();
+        let mut a = vec!["dpo", "--model", m, "--dataset", d, "--output", out_s];
+        a.extend(["--learning-rate", "1e-3", "--validation-split", "0"]);
+        a.extend(["--max-steps", "2", "--no-shuffle", "--preview-prompts", "0"]);
+        a.extend(extra);
+        train_ok(dir.path(), &a);
+        metrics(&out)
+            .into_iter()
+            .filter(|r| r["kind"] == "step")
+            .collect()
+    };
+    let one = run("one", &["--batch-size", "2"]);
+    let two = run("two", &["--batch-size", "1", "--devices", "2"]);
+    assert_eq!(one.len(), 2);
+    for (a, b) in one.iter().zip(&two) {
+        for key in [
+            "loss",
+            "rewards/margins",
+            "rewards/accuracies",
+            "logps/chosen",
+        ] {
+            let (x, y) = (a[key].as_f64().unwrap(), b[key].as_f64().unwrap());
+            assert!(
+                (x - y).abs() <= 1e-5 * x.abs().max(1e-2),
+                "{key}: {x} vs {y}"
+            );
+        }
+    }
 }

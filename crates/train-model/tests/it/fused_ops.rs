@@ -7,12 +7,72 @@
 
 use burn::backend::Autodiff;
 use burn::tensor::activation::{gelu_approximate, silu, softmax};
-use burn::tensor::{Distribution, Int, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{Int, Tensor, TensorData, TensorPrimitive};
 use proptest::prelude::*;
 use train_model::apply_rotary;
 use train_model::repeat_kv;
 use train_model::{Activation, FusedBackend};
 use train_model::{AttentionSpec, reference};
+
+thread_local! {
+    /// Draws made by this test's thread: each draw is a stream of its own.
+    static DRAWS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Uniform numbers in [0, 1) from a SplitMix64 stream of its own (the n-th draw of the test's
+/// thread), so that a test sees the same data on every run, whatever runs beside it (burn's
+/// `Tensor::random` shares one generator between the tests of the process).
+fn unit_stream(n: usize) -> Vec<f64> {
+    let stream = DRAWS.with(|c| {
+        let v = c.get();
+        c.set(v + 1);
+        v
+    });
+    let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ stream.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    (0..n)
+        .map(|_| {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            (z >> 11) as f64 / (1u64 << 53) as f64
+        })
+        .collect()
+}
+
+/// Seeded normal samples (Box-Muller over [`unit_stream`]).
+fn normal<B: burn::tensor::backend::Backend, const D: usize>(
+    shape: [usize; D],
+    mean: f64,
+    std: f64,
+    device: &B::Device,
+) -> Tensor<B, D> {
+    let n: usize = shape.iter().product();
+    let u = unit_stream(2 * n);
+    let v: Vec<f32> = (0..n)
+        .map(|i| {
+            let r = (-2.0 * (1.0 - u[2 * i]).ln()).sqrt();
+            (mean + std * r * (std::f64::consts::TAU * u[2 * i + 1]).cos()) as f32
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(v, shape), device)
+}
+
+/// Seeded uniform samples in [lo, hi).
+fn uniform<B: burn::tensor::backend::Backend, const D: usize>(
+    shape: [usize; D],
+    lo: f64,
+    hi: f64,
+    device: &B::Device,
+) -> Tensor<B, D> {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = unit_stream(n)
+        .into_iter()
+        .map(|u| (lo + (hi - lo) * u) as f32)
+        .collect();
+    Tensor::from_data(TensorData::new(v, shape), device)
+}
 
 /// Largest |a − b| over max(1, largest |b|): relative to the tensor's scale.
 fn rel_diff<B: burn::tensor::backend::Backend, const D: usize>(
@@ -129,8 +189,7 @@ fn int2<B: burn::tensor::backend::Backend>(
 
 fn check_attention<B: FusedBackend>(c: &Case, device: &B::Device) {
     type Ad<B> = Autodiff<B>;
-    let rnd =
-        |shape: [usize; 4]| Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), device);
+    let rnd = |shape: [usize; 4]| normal::<B, 4>(shape, 0.0, 1.0, device);
     let q = rnd([c.b, c.h, c.sq, c.d]);
     let k = rnd([c.b, c.kvh, c.sk(), c.d]);
     let v = rnd([c.b, c.kvh, c.sk(), c.d]);
@@ -280,9 +339,9 @@ fn check_norm_gate_rotary<B: FusedBackend>(device: &B::Device) {
     type Ad<B> = Autodiff<B>;
     let tol = 1e-5;
     for (rows, n) in [(1, 1), (5, 7), (33, 64), (1100, 64)] {
-        let x = Tensor::<B, 2>::random([rows, n], Distribution::Normal(0.0, 2.0), device);
-        let w = Tensor::<B, 1>::random([n], Distribution::Normal(1.0, 0.5), device);
-        let dy = Tensor::<B, 2>::random([rows, n], Distribution::Normal(0.0, 1.0), device);
+        let x = normal::<B, 2>([rows, n], 0.0, 2.0, device);
+        let w = normal::<B, 1>([n], 1.0, 0.5, device);
+        let dy = normal::<B, 2>([rows, n], 0.0, 1.0, device);
         for offset in [0.0, 1.0] {
             let (x1, w1) = (
                 Tensor::<Ad<B>, 2>::from_inner(x.clone()).require_grad(),
@@ -313,7 +372,7 @@ fn check_norm_gate_rotary<B: FusedBackend>(device: &B::Device) {
             );
         }
 
-        let u = Tensor::<B, 2>::random([rows, n], Distribution::Normal(0.0, 1.0), device);
+        let u = normal::<B, 2>([rows, n], 0.0, 1.0, device);
         let leaf = |t: &Tensor<B, 2>| Tensor::<Ad<B>, 2>::from_inner(t.clone()).require_grad();
         // SwiGLU, and GeGLU (Gemma: GELU with the tanh approximation), against burn's own.
         type Decomposed<B> = fn(Tensor<Ad<B>, 2>) -> Tensor<Ad<B>, 2>;
@@ -341,10 +400,10 @@ fn check_norm_gate_rotary<B: FusedBackend>(device: &B::Device) {
     }
 
     for (b, h, s, d) in [(1, 1, 1, 2), (2, 3, 5, 8), (2, 3, 700, 64)] {
-        let x = Tensor::<B, 4>::random([b, h, s, d], Distribution::Normal(0.0, 1.0), device);
-        let ang = Tensor::<B, 4>::random([b, 1, s, d], Distribution::Uniform(-3.0, 3.0), device);
+        let x = normal::<B, 4>([b, h, s, d], 0.0, 1.0, device);
+        let ang = uniform::<B, 4>([b, 1, s, d], -3.0, 3.0, device);
         let (cos, sin) = (ang.clone().cos(), ang.sin());
-        let dy = Tensor::<B, 4>::random([b, h, s, d], Distribution::Normal(0.0, 1.0), device);
+        let dy = normal::<B, 4>([b, h, s, d], 0.0, 1.0, device);
         let (c, sn) = (
             Tensor::<Ad<B>, 4>::from_inner(cos),
             Tensor::<Ad<B>, 4>::from_inner(sin),
@@ -382,7 +441,7 @@ fn assert_adamw_close<B: burn::tensor::backend::Backend>(
 fn check_adamw<B: FusedBackend>(device: &B::Device) {
     use train_model::AdamWStep;
     let n = 70_001; // more than one parallel chunk, not a multiple of it
-    let rnd = |std: f64| Tensor::<B, 1>::random([n], Distribution::Normal(0.0, std), device);
+    let rnd = |std: f64| normal::<B, 1>([n], 0.0, std, device);
     let prim = |t: Tensor<B, 1>| t.into_primitive().tensor();
     let float = |p| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(p));
     let p0 = rnd(1.0);
@@ -431,13 +490,12 @@ fn check_adamw_transposed_grad<B: FusedBackend>(device: &B::Device) {
     let float = |p| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(p));
     for [rows, cols] in [[37, 300], [16, 256], [2, 2], [300, 5]] {
         let n = rows * cols;
-        let p0 = Tensor::<B, 1>::random([n], Distribution::Normal(0.0, 1.0), device);
+        let p0 = normal::<B, 1>([n], 0.0, 1.0, device);
         let (mut p1, mut m1, mut v1) = (p0.clone() * 1.0, p0.zeros_like(), p0.zeros_like());
         let (mut p2, mut m2, mut v2) = (p0.clone() * 1.0, p0.zeros_like(), p0.zeros_like());
         for step in 1..=2u64 {
             // `[cols, rows]` contiguous, seen as `[rows, cols]`.
-            let g = Tensor::<B, 2>::random([cols, rows], Distribution::Normal(0.0, 0.1), device)
-                .transpose();
+            let g = normal::<B, 2>([cols, rows], 0.0, 0.1, device).transpose();
             let flat = g.clone().reshape([n]);
             let s = AdamWStep {
                 lr: 1e-2,
@@ -479,7 +537,7 @@ fn check_cross_entropy<B: FusedBackend>(device: &B::Device) {
         (700, 100),
         (33, 49_152),
     ] {
-        let logits = Tensor::<B, 2>::random([rows, vocab], Distribution::Normal(0.0, 3.0), device);
+        let logits = normal::<B, 2>([rows, vocab], 0.0, 3.0, device);
         let targets: Vec<i64> = (0..rows)
             .map(|r| i64::try_from((r * 7919 + 3) % vocab).unwrap())
             .collect();

@@ -22,6 +22,7 @@ fn step(step: usize, loss: f64, tps: f64) -> StepRecord {
         tokens: 100,
         label_tokens: 50,
         tokens_per_sec: tps,
+        metrics: Default::default(),
     }
 }
 
@@ -215,6 +216,7 @@ fn the_bundle_tracks_a_run_raises_alerts_once_and_writes_the_report() {
         epoch: 1.2,
         eval_loss: 2.9,
         eval_tokens: 40,
+        metrics: Default::default(),
     })
     .unwrap();
     let v = read(&m);
@@ -253,10 +255,11 @@ fn metrics_log_rows_are_tagged_and_read_back() {
         epoch: 0.1,
         eval_loss: 2.5,
         eval_tokens: 7,
+        metrics: Default::default(),
     };
     let mut log = MetricsLog::open(&path, false).unwrap();
     log.write(&MetricsRow::Step(step(1, 3.0, 9.0))).unwrap();
-    log.write(&MetricsRow::Eval(eval)).unwrap();
+    log.write(&MetricsRow::Eval(eval.clone())).unwrap();
     drop(log);
     let mut log = MetricsLog::open(&path, true).unwrap();
     log.write(&MetricsRow::Step(step(2, 2.0, 9.0))).unwrap();
@@ -299,6 +302,7 @@ fn history_of_a_resumed_run_comes_from_metrics_jsonl() {
             epoch: 0.2,
             eval_loss: 2.95,
             eval_tokens: 10,
+            metrics: Default::default(),
         }]
     );
 }
@@ -380,6 +384,7 @@ fn the_bundle_logs_layers_previews_and_evolution() {
         epoch: 1.0,
         eval_loss: 1.0,
         eval_tokens: 40,
+        metrics: Default::default(),
     })
     .unwrap();
     let lines = |name: &str| {
@@ -402,4 +407,49 @@ fn the_bundle_logs_layers_previews_and_evolution() {
     assert_eq!(status["previews"][0]["index"], 2);
     let html = std::fs::read_to_string(dir.path().join("report.html")).unwrap();
     assert!(html.contains("Latest previews") && html.contains("a &lt;b&gt;"));
+}
+
+#[test]
+fn objective_metrics_are_logged_read_back_and_charted() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log =
+        train_monitor::MetricsLog::open(&dir.path().join("metrics.jsonl"), false).unwrap();
+    let mut steps = Vec::new();
+    for i in 1..=4 {
+        let mut s = step(i, 0.7 - 0.05 * i as f64, 100.0);
+        s.metrics.insert("rewards/margins".into(), 0.1 * i as f64);
+        s.metrics
+            .insert("rewards/accuracies".into(), 0.25 * i as f64);
+        log.write(&train_monitor::MetricsRow::Step(s.clone()))
+            .unwrap();
+        steps.push(s);
+    }
+    let mut eval = EvalRecord {
+        step: 4,
+        epoch: 0.4,
+        eval_loss: 0.6,
+        eval_tokens: 12,
+        metrics: Default::default(),
+    };
+    eval.metrics.insert("eval_rewards/margins".into(), 0.3);
+    log.write(&train_monitor::MetricsRow::Eval(eval.clone()))
+        .unwrap();
+    drop(log);
+    let text = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    // TRL's names, as keys of the row itself.
+    assert_eq!(first["rewards/margins"], 0.1);
+    assert_eq!(first["kind"], "step");
+    let h = History::from_metrics(&text, usize::MAX);
+    assert_eq!(h.steps, steps);
+    assert_eq!(h.evals, [eval]);
+    let charts = train_monitor::charts(&h).unwrap();
+    let stems: Vec<&str> = charts.iter().map(|(s, _)| s.as_str()).collect();
+    assert!(
+        stems.contains(&"rewards_margins") && stems.contains(&"rewards_accuracies"),
+        "{stems:?}"
+    );
+    // Supervised rows carry no such key.
+    let plain = serde_json::to_value(train_monitor::MetricsRow::Step(step(1, 1.0, 1.0))).unwrap();
+    assert!(plain.get("rewards/margins").is_none());
 }

@@ -1,7 +1,8 @@
 //! The DPO objective: its loss and gradients (per-row fused LM head + NLL, combined with each
 //! pair's derivatives) against plain autodiff through the materialised logits, for every loss
 //! type, padded and padding-free; the completions' log-probabilities the same either way; the
-//! tokenization, log-probabilities, losses and rewards of real pairs against TRL's DPOTrainer.
+//! tokenization, log-probabilities, losses and rewards of real pairs against TRL's DPOTrainer;
+//! two data-parallel workers against one.
 #![cfg(feature = "cpu")]
 
 use std::path::Path;
@@ -14,8 +15,8 @@ use burn::tensor::{Int, Tensor, TensorData};
 use train_data::{ChatTokenizer, Example, IGNORE_INDEX, Sequence, load_preferences};
 use train_model::{AttentionImpl, CausalLm, LoadOptions, NamedParam, Precision, load_pretrained};
 use train_runner::{
-    Collate, Dpo, DpoConfig, DpoLossType, Objective, PairBatch, PairLogps, PairRow, batch_tensors,
-    completion_logps, dpo_pair_loss,
+    Collate, Contribution, DPO_METRICS, Dpo, DpoConfig, DpoLossType, Objective, PairBatch,
+    PairLogps, PairRow, batch_tensors, completion_logps, dpo_pair_loss,
 };
 
 type B = Autodiff<Flex>;
@@ -100,11 +101,18 @@ fn logps_autodiff(model: &CausalLm<B>, batch: &PairBatch) -> (Tensor<B, 1>, Vec<
 }
 
 /// The loss and gradients by autodiff: `Σ_r (∂loss/∂logp_r) · logp_r` has the loss's gradient.
-fn reference(model: &CausalLm<B>, batch: &PairBatch, config: &DpoConfig) -> (f64, GradientsParams) {
+/// The loss and gradients by autodiff (`Σ_r (∂loss/∂logp_r) · logp_r` has the loss's
+/// gradient), and TRL's metrics (means over the pairs).
+fn reference(
+    model: &CausalLm<B>,
+    batch: &PairBatch,
+    config: &DpoConfig,
+) -> (f64, GradientsParams, Vec<f64>) {
     let (per_row, logps) = logps_autodiff(model, batch);
     let n = batch.reference.len();
     let mut weights = vec![0f32; 2 * n];
     let mut loss = 0.0;
+    let mut metrics = vec![0f64; 6];
     for i in 0..n {
         let (c, nc) = logps[i];
         let (r, nr) = logps[n + i];
@@ -121,6 +129,21 @@ fn reference(model: &CausalLm<B>, batch: &PairBatch, config: &DpoConfig) -> (f64
             },
         );
         loss += t.loss / n as f64;
+        let values = [
+            t.chosen_reward,
+            t.rejected_reward,
+            t.chosen_reward - t.rejected_reward,
+            if t.chosen_reward > t.rejected_reward {
+                1.0
+            } else {
+                0.0
+            },
+            c,
+            r,
+        ];
+        for (m, v) in metrics.iter_mut().zip(values) {
+            *m += v / n as f64;
+        }
         weights[i] = (t.d_chosen / n as f64) as f32;
         weights[n + i] = (t.d_rejected / n as f64) as f32;
     }
@@ -129,6 +152,7 @@ fn reference(model: &CausalLm<B>, batch: &PairBatch, config: &DpoConfig) -> (f64
     (
         loss,
         GradientsParams::from_grads(surrogate.backward(), model),
+        metrics,
     )
 }
 
@@ -177,10 +201,24 @@ fn loss_and_gradients_equal_autodiff_through_the_logits() {
             config,
             validation: &[],
         };
-        let (want_loss, want) = reference(&padded, &batch, &config);
+        let (want_loss, want, want_metrics) = reference(&padded, &batch, &config);
         let want = flat_grads(&padded, &want);
         for (name, m) in [("padding-free", &fused), ("padded", &padded)] {
-            let (loss, grads) = objective.gradients(m, &[&batch], 3.0, &device);
+            let Contribution {
+                loss,
+                metrics,
+                grads,
+            } = objective.gradients(m, &[&batch], 3.0, &device);
+            assert_eq!(
+                Objective::<B>::metric_names(&objective),
+                DPO_METRICS.as_slice()
+            );
+            for ((name, got), want) in DPO_METRICS.iter().zip(&metrics).zip(&want_metrics) {
+                assert!(
+                    (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+                    "{loss_type:?} {name}: {got} vs {want}"
+                );
+            }
             let got = flat_grads(m, &grads);
             let r = rel(&got, &want);
             println!(
@@ -217,6 +255,11 @@ fn completion_logps_are_the_same_padded_or_padding_free() {
     assert_eq!(Objective::<B>::units(&objective, &batch), 3);
     let score = Objective::<B>::evaluate(&objective, &fused.valid()).unwrap();
     assert_eq!(score.units, 3);
+    assert_eq!(score.metrics.len(), DPO_METRICS.len());
+    // logps/chosen and logps/rejected: the means of the rows' log-probabilities.
+    let mean = |rows: &[(f64, usize)]| rows.iter().map(|r| r.0).sum::<f64>() / 3.0;
+    assert!((score.metrics[4] - mean(&a[..3])).abs() < 1e-9);
+    assert!((score.metrics[5] - mean(&a[3..])).abs() < 1e-9);
     assert!(score.loss.is_finite() && score.loss > 0.0);
 }
 
@@ -353,4 +396,40 @@ fn pairs_tokenize_score_and_lose_as_in_trl() {
             );
         }
     }
+}
+
+#[test]
+fn data_parallel_workers_split_the_pairs() {
+    let fused = model();
+    let rows = vec![pairs(), pairs()];
+    let objective = Dpo {
+        config: DpoConfig::default(),
+        validation: &[],
+    };
+    let device = Default::default();
+    let session = train_runner::DataParallel::start(
+        &train_runner::Parallelism::new(vec![device; 2], None).unwrap(),
+    )
+    .unwrap();
+    let outcome = session.step(&objective, &fused, &rows, false).unwrap();
+    session.finish().unwrap();
+    let one = objective.gradients(&fused, &[&rows[0], &rows[1]], 6.0, &Default::default());
+    assert!(
+        (outcome.loss - one.loss).abs() < 1e-6 * one.loss,
+        "{} vs {}",
+        outcome.loss,
+        one.loss
+    );
+    // The metrics travel in the same all-reduce (summed in f32).
+    for ((name, a), b) in DPO_METRICS.iter().zip(&outcome.metrics).zip(&one.metrics) {
+        assert!(
+            (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+            "{name}: {a} vs {b}"
+        );
+    }
+    let (a, b) = (
+        train_runner::global_grad_norm(&fused, &outcome.grads),
+        train_runner::global_grad_norm(&fused, &one.grads),
+    );
+    assert!((a - b).abs() <= 1e-5 * b, "gradient norm {a} vs {b}");
 }
