@@ -8,8 +8,8 @@ use anyhow::{Context, Result, bail};
 use burn::module::AutodiffModule;
 use clap::{Args, ValueEnum};
 use train_data::{
-    ChatTokenizer, DataError, EncodedPair, ErrorPolicy, Example, Problem, ProblemKind, Sequence,
-    TrainRows, ValidationSplit, load_preferences, split_indices,
+    ChatTokenizer, DataError, EncodedPair, ErrorPolicy, Example, LabelMode, Problem, ProblemKind,
+    Sequence, TrainRows, Truncation, ValidationSplit, load_preferences, split_indices,
 };
 use train_model::{CausalLm, FusedAutodiffBackend, FusedBackend, load_pretrained};
 use train_runner::{
@@ -108,7 +108,7 @@ fn tokenized_pairs(
                 ProblemKind::TooLong,
                 format!(
                     "{longest} tokens, longer than max_length {} (a pair is not truncated: \
-                     raise --max-length or drop the row)",
+                     raise --max-length, or drop such pairs with --truncation drop)",
                     config.max_length
                 ),
             ))
@@ -128,7 +128,8 @@ fn tokenized_pairs(
             None
         };
         if let Some(p) = problem {
-            if config.load.policy == ErrorPolicy::Strict {
+            let drop_long = p.kind == ProblemKind::TooLong && config.truncation == Truncation::Drop;
+            if config.load.policy == ErrorPolicy::Strict && !drop_long {
                 return Err(DataError::Row(Box::new(p)).into());
             }
             errln!("{p}");
@@ -293,6 +294,20 @@ pub fn dpo(args: &DpoArgs) -> Result<ExitCode> {
     let data = run.data.config()?;
     if data.packing {
         bail!("--packing: preference pairs are not packed (each pair is a micro-batch row)");
+    }
+    // The SFT data options that would change what is trained, which pairs do not go through.
+    let unused = [
+        (data.apply_thinking_pattern, "--thinking-pattern"),
+        (data.apply_stop_pattern, "--stop-pattern"),
+        (data.system_prompt.is_some(), "--system-prompt"),
+        (!data.transforms.is_empty(), "--transforms"),
+        (data.label_mode != LabelMode::default(), "--label-mode"),
+    ];
+    if let Some((_, flag)) = unused.iter().find(|(given, _)| *given) {
+        bail!(
+            "{flag}: `train dpo` does not transform preference pairs (its completion is always the \
+             final assistant turn); transform the data file first"
+        );
     }
     let trainer = run.trainer_config();
     trainer.validate()?;

@@ -210,11 +210,57 @@ fn bad_rows_and_flags_are_refused() {
             "{flag}: {err}"
         );
     }
-    let mut a = args(m, d.to_str().unwrap(), out.to_str().unwrap());
-    a.push("--packing");
+    for flag in [
+        &["--packing"][..],
+        &["--thinking-pattern"],
+        &["--system-prompt", "Be nice."],
+        &["--label-mode", "everything"],
+    ] {
+        let mut a = args(m, d.to_str().unwrap(), out.to_str().unwrap());
+        a.extend(flag);
+        let o = train(dir.path(), &a);
+        assert_eq!(o.status.code(), Some(1), "{flag:?}");
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains(flag[0]),
+            "{flag:?}"
+        );
+    }
+    // A pair longer than --max-length: refused, naming its line; dropped with --truncation drop.
+    let long = dir.path().join("long.jsonl");
+    let mut text = std::fs::read_to_string(&d).unwrap();
+    text.push_str(
+        &serde_json::json!({"prompt": "x", "chosen": "y ".repeat(400), "rejected": "z"})
+            .to_string(),
+    );
+    text.push('\n');
+    std::fs::write(&long, text).unwrap();
+    let mut a = args(m, long.to_str().unwrap(), out.to_str().unwrap());
+    a.extend(["--max-length", "128", "--max-steps", "1"]);
     let o = train(dir.path(), &a);
     assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("--packing"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("long.jsonl:13") && err.contains("max_length 128"),
+        "{err}"
+    );
+    a.extend(["--truncation", "drop"]);
+    train_ok(dir.path(), &a);
+    // Nothing to train on.
+    let empty = dir.path().join("empty.jsonl");
+    std::fs::write(&empty, "\n\n").unwrap();
+    let o = train(
+        dir.path(),
+        &args(m, empty.to_str().unwrap(), out.to_str().unwrap()),
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no training pairs"));
+    // A reference model of another vocabulary.
+    let llama = crate::common::root().join("crates/train-model/tests/fixtures/llama");
+    let mut a = args(m, d.to_str().unwrap(), out.to_str().unwrap());
+    a.extend(["--ref-model", llama.to_str().unwrap()]);
+    let o = train(dir.path(), &a);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("vocabulary"));
 }
 
 #[test]
