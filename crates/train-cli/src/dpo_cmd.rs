@@ -17,11 +17,13 @@ use train_runner::{
     Resume, RunControl, RunSummary, TrainSetup, TrainerConfig, completion_logps,
 };
 
-use crate::backend::{Placement, WithBackend, dispatch};
+use crate::backend::{Placement, WithBackend};
 use crate::control::ControlWatcher;
 use crate::monitor::Monitor;
 use crate::progress::Progress;
-use crate::run_cmd::{RunArgs, finish, read_alerts, resolve_resume, stop_on_signals};
+use crate::run_cmd::{
+    RunArgs, check_output, execute, read_alerts, resolve_resume, stop_on_signals,
+};
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LossTypeArg {
@@ -315,13 +317,7 @@ pub fn dpo(args: &DpoArgs) -> Result<ExitCode> {
     let cluster = run.cluster()?;
     let (model_dir, tok) = crate::tokenizer_for(&run.data.model)?;
     let resume = resolve_resume(run.resume.as_deref(), &trainer.output_dir)?;
-    let base = crate::adapter_base(&model_dir);
-    let mut inputs = vec![model_dir.as_path()];
-    inputs.extend(base.as_deref());
-    if let Some(r) = &resume {
-        inputs.push(&r.dir);
-    }
-    train_model::check_output_dir(&trainer.output_dir, &inputs, true, "--output")?;
+    check_output(&trainer.output_dir, &model_dir, resume.as_ref())?;
     let fingerprint = train_data::cache_key(&data, &tok)?;
     let mut pairs: Vec<Option<Tokenized>> = tokenized_pairs(&data, &tok)?
         .into_iter()
@@ -356,13 +352,5 @@ pub fn dpo(args: &DpoArgs) -> Result<ExitCode> {
         control,
         alerts,
     };
-    let summary = dispatch(
-        run.compute.backend,
-        run.compute.device.as_deref(),
-        run.devices,
-        run.gradient_checkpointing,
-        work,
-    );
-    drop(watcher);
-    Ok(finish(&summary?, run.json))
+    execute(run, watcher, work)
 }

@@ -608,8 +608,39 @@ pub(crate) fn read_alerts(path: Option<&Path>) -> Result<train_monitor::AlertCon
     })
 }
 
+/// Refuses an `--output` that is one of the run's inputs (the model, an adapter's base model,
+/// the checkpoint resumed) before anything is written into it.
+pub(crate) fn check_output(output: &Path, model_dir: &Path, resume: Option<&Resume>) -> Result<()> {
+    let base = crate::adapter_base(model_dir);
+    let mut inputs = vec![model_dir];
+    inputs.extend(base.as_deref());
+    if let Some(r) = resume {
+        inputs.push(&r.dir);
+    }
+    train_model::check_output_dir(output, &inputs, true, "--output")?;
+    Ok(())
+}
+
+/// Runs `work` on the backend and workers the flags choose, the control-file `watcher`
+/// running meanwhile; the `--json` line and the exit code.
+pub(crate) fn execute<W: WithBackend<Output = RunSummary>>(
+    args: &RunArgs,
+    watcher: ControlWatcher,
+    work: W,
+) -> Result<ExitCode> {
+    let summary = dispatch(
+        args.compute.backend,
+        args.compute.device.as_deref(),
+        args.devices,
+        args.gradient_checkpointing,
+        work,
+    );
+    drop(watcher);
+    Ok(finish(&summary?, args.json))
+}
+
 /// The `--json` line and the exit code of a run that ended.
-pub(crate) fn finish(summary: &RunSummary, json: bool) -> ExitCode {
+fn finish(summary: &RunSummary, json: bool) -> ExitCode {
     if json {
         outln!(
             "{}",
@@ -635,13 +666,7 @@ pub fn train(args: &RunArgs) -> Result<ExitCode> {
     let resume = resolve_resume(args.resume.as_deref(), &trainer.output_dir)?;
     // The data cache goes into the output directory: nothing may be written there before it is
     // known not to be an input (the run checks the rest).
-    let base = crate::adapter_base(&model_dir);
-    let mut inputs = vec![model_dir.as_path()];
-    inputs.extend(base.as_deref());
-    if let Some(r) = &resume {
-        inputs.push(&r.dir);
-    }
-    train_model::check_output_dir(&trainer.output_dir, &inputs, true, "--output")?;
+    check_output(&trainer.output_dir, &model_dir, resume.as_ref())?;
     let cache = args
         .data
         .cache_dir
@@ -668,15 +693,7 @@ pub fn train(args: &RunArgs) -> Result<ExitCode> {
         control,
         alerts,
     };
-    let summary = dispatch(
-        args.compute.backend,
-        args.compute.device.as_deref(),
-        args.devices,
-        args.gradient_checkpointing,
-        work,
-    );
-    drop(watcher);
-    Ok(finish(&summary?, args.json))
+    execute(args, watcher, work)
 }
 
 /// `train eval`.

@@ -176,44 +176,60 @@ pub struct Loaded {
 
 /// Loads `path` according to `options`.
 pub fn load_conversations(path: &Path, options: &LoadOptions) -> Result<Loaded> {
+    let (conversations, problems, rows_read) = load_rows(path, options, normalize_row)?;
+    Ok(Loaded {
+        conversations,
+        problems,
+        rows_read,
+    })
+}
+
+/// The rows of `path` (any container), each checked by `normalize`: the valid ones in file
+/// order, the problems of the others (a strict policy stops at the first error), and the rows
+/// read.
+pub(crate) fn load_rows<T>(
+    path: &Path,
+    options: &LoadOptions,
+    normalize: Normalize<T>,
+) -> Result<(Vec<T>, Vec<Problem>, usize)> {
     let format = match options.format {
         DataFormat::Auto => detect_format(path)?,
         f => f,
     };
-    let mut loaded = Loaded::default();
-    let mut accept = |row: std::result::Result<Conversation, Vec<Problem>>| -> Result<()> {
-        loaded.rows_read += 1;
+    let (mut valid, mut problems, mut read) = (Vec::new(), Vec::new(), 0);
+    let mut accept = |row: std::result::Result<T, Vec<Problem>>| -> Result<()> {
+        read += 1;
         match row {
-            Ok(c) => loaded.conversations.push(c),
-            Err(problems) => {
+            Ok(v) => valid.push(v),
+            Err(found) => {
                 if options.policy == ErrorPolicy::Strict
-                    && let Some(first) = problems.iter().find(|p| p.severity == Severity::Error)
+                    && let Some(first) = found.iter().find(|p| p.severity == Severity::Error)
                 {
                     return Err(DataError::Row(Box::new(first.clone())));
                 }
-                loaded.problems.extend(problems);
+                problems.extend(found);
             }
         }
         Ok(())
     };
     match format {
         DataFormat::Jsonl | DataFormat::Auto => {
-            for row in JsonlRows::open(path, options.schema)? {
+            for row in JsonlRows::open_with(path, options.schema, normalize)? {
                 accept(row?)?;
             }
         }
         DataFormat::Json => {
-            for row in json_array_rows(path, options.schema, normalize_row)? {
+            for row in json_array_rows(path, options.schema, normalize)? {
                 accept(row)?;
             }
         }
         DataFormat::Parquet => {
-            for row in crate::parquet::parquet_rows(path, options.schema, normalize_row)? {
+            for row in crate::parquet::parquet_rows(path, options.schema, normalize)? {
                 accept(row)?;
             }
         }
     }
-    Ok(loaded)
+    Ok((valid, problems, read))
 }
 
 pub(crate) fn detect_format(path: &Path) -> Result<DataFormat> {
@@ -250,9 +266,9 @@ pub(crate) fn detect_format(path: &Path) -> Result<DataFormat> {
 pub(crate) type Normalize<T> =
     fn(&Value, RowLocation, RowSchema) -> std::result::Result<T, Vec<Problem>>;
 
-/// Streams the rows of a JSONL file: each item is a normalized row (a conversation by default)
+/// Streams the rows of a JSONL file: each item is a normalized row (a conversation, a pair)
 /// or the problems of its row.
-pub(crate) struct JsonlRows<T = Conversation> {
+pub(crate) struct JsonlRows<T> {
     path: PathBuf,
     reader: BufReader<File>,
     schema: RowSchema,
@@ -260,13 +276,6 @@ pub(crate) struct JsonlRows<T = Conversation> {
     line: usize,
     row: usize,
     buf: Vec<u8>,
-}
-
-impl JsonlRows<Conversation> {
-    /// Opens `path`, a file of conversations.
-    pub fn open(path: &Path, schema: RowSchema) -> Result<Self> {
-        Self::open_with(path, schema, normalize_row)
-    }
 }
 
 impl<T> JsonlRows<T> {

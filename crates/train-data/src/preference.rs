@@ -19,11 +19,8 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::conversation::{Conversation, Message, Role};
-use crate::error::{DataError, Problem, ProblemKind, Result, RowLocation, Severity};
-use crate::load::{
-    DataFormat, ErrorPolicy, JsonlRows, LoadOptions, RowSchema, detect_format, json_array_rows,
-    kind_of, message_list,
-};
+use crate::error::{Problem, ProblemKind, Result, RowLocation};
+use crate::load::{LoadOptions, RowSchema, kind_of, load_rows, message_list};
 use crate::tokenize::{ChatTokenizer, Encoded, LabelMode};
 
 /// One preference pair.
@@ -75,44 +72,12 @@ pub struct LoadedPairs {
 /// Loads the preference pairs of `path` (JSONL, a JSON array or Parquet, as for
 /// conversations; `options.schema` is not used: every row is a preference row).
 pub fn load_preferences(path: &Path, options: &LoadOptions) -> Result<LoadedPairs> {
-    let format = match options.format {
-        DataFormat::Auto => detect_format(path)?,
-        f => f,
-    };
-    let mut loaded = LoadedPairs::default();
-    let mut accept = |row: std::result::Result<PreferencePair, Vec<Problem>>| -> Result<()> {
-        loaded.rows_read += 1;
-        match row {
-            Ok(p) => loaded.pairs.push(p),
-            Err(problems) => {
-                if options.policy == ErrorPolicy::Strict
-                    && let Some(first) = problems.iter().find(|p| p.severity == Severity::Error)
-                {
-                    return Err(DataError::Row(Box::new(first.clone())));
-                }
-                loaded.problems.extend(problems);
-            }
-        }
-        Ok(())
-    };
-    match format {
-        DataFormat::Jsonl | DataFormat::Auto => {
-            for row in JsonlRows::open_with(path, RowSchema::Auto, normalize_pair)? {
-                accept(row?)?;
-            }
-        }
-        DataFormat::Json => {
-            for row in json_array_rows(path, RowSchema::Auto, normalize_pair)? {
-                accept(row)?;
-            }
-        }
-        DataFormat::Parquet => {
-            for row in crate::parquet::parquet_rows(path, RowSchema::Auto, normalize_pair)? {
-                accept(row)?;
-            }
-        }
-    }
-    Ok(loaded)
+    let (pairs, problems, rows_read) = load_rows(path, options, normalize_pair)?;
+    Ok(LoadedPairs {
+        pairs,
+        problems,
+        rows_read,
+    })
 }
 
 /// A side of a row: plain text or a list of messages.
