@@ -63,7 +63,7 @@ impl PreferencePair {
 pub struct LoadedPairs {
     /// Valid pairs, in file order.
     pub pairs: Vec<PreferencePair>,
-    /// Problems of the rows that were dropped (only with [`ErrorPolicy::Skip`]).
+    /// Problems of the rows that were dropped (only with [`ErrorPolicy::Skip`](crate::ErrorPolicy::Skip)).
     pub problems: Vec<Problem>,
     /// Rows read (valid or not, blank lines excluded).
     pub rows_read: usize,

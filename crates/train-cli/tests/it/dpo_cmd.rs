@@ -300,3 +300,74 @@ fn two_devices_train_like_one_with_the_doubled_batch() {
         }
     }
 }
+
+/// `train dpo --no-shuffle --max-steps 3` against a plain PyTorch DPO loop (the `loop` of
+/// `crates/train-runner/tests/fixtures/dpo.reference.json`, made by `cargo xtask fixtures`):
+/// each step's loss and gradient norm within 2e-3 relative.
+#[test]
+fn matches_a_pytorch_dpo_loop() {
+    let reference: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            crate::common::root().join("crates/train-runner/tests/fixtures/dpo.reference.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let expect = &reference["loop"];
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("pairs.jsonl");
+    let lines: Vec<String> = expect["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    std::fs::write(&data, lines.join("\n") + "\n").unwrap();
+    let out = dir.path().join("out");
+    let m = model();
+    let mut a = vec![
+        "dpo",
+        "--model",
+        m.to_str().unwrap(),
+        "--dataset",
+        data.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ];
+    a.extend([
+        "--no-shuffle",
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--beta",
+        "0.1",
+    ]);
+    a.extend(["--learning-rate", "1e-3", "--weight-decay", "0.01"]);
+    a.extend(["--lr-scheduler", "constant", "--max-grad-norm", "1.0"]);
+    a.extend([
+        "--validation-split",
+        "0",
+        "--skip-validation",
+        "--preview-prompts",
+        "0",
+    ]);
+    train_ok(dir.path(), &a);
+    let steps: Vec<serde_json::Value> = metrics(&out)
+        .into_iter()
+        .filter(|r| r["kind"] == "step")
+        .collect();
+    assert_eq!(steps.len(), 3);
+    for (i, row) in steps.iter().enumerate() {
+        for (field, key) in [("loss", "losses"), ("grad_norm", "grad_norms")] {
+            let got = row[field].as_f64().unwrap();
+            let want = expect[key][i].as_f64().unwrap();
+            let rel = (got - want).abs() / want.abs();
+            println!(
+                "step {}: {field} {got:.6} vs PyTorch {want:.6} (relative {rel:.2e})",
+                i + 1
+            );
+            assert!(rel <= 2e-3, "step {}: {field} {got} vs {want}", i + 1);
+        }
+    }
+}
