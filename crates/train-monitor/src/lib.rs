@@ -39,7 +39,8 @@
 //! m.start(RunStart { total_steps: 2, start_step: 0, output_dir: out.path().into(), history: History::default() })?;
 //! for step in 1..=2 {
 //!     m.step(&StepRecord { step, epoch: step as f64 / 2.0, loss: 3.0 / step as f64,
-//!         learning_rate: 1e-4, grad_norm: 1.0, tokens: 500, label_tokens: 200, tokens_per_sec: 1000.0 })?;
+//!         learning_rate: 1e-4, grad_norm: 1.0, tokens: 500, label_tokens: 200, tokens_per_sec: 1000.0,
+//!         metrics: Default::default() })?;
 //! }
 //! m.stop(&RunEnd { status: Status::Completed, step: 2, error: None })?;
 //! let status: serde_json::Value = serde_json::from_slice(&std::fs::read(m.status_path())?)?;
