@@ -30,6 +30,7 @@ mod config_file;
 mod control;
 mod dpo_cmd;
 mod generate_cmd;
+mod grpo_cmd;
 mod hints;
 mod inspect;
 mod merge_cmd;
@@ -83,6 +84,9 @@ enum Command {
     /// Preference training (DPO, as TRL's DPOTrainer) on pairs of chosen and rejected
     /// completions, with every training flag of `train run`.
     Dpo(Box<dpo_cmd::DpoArgs>),
+    /// Online reinforcement learning (GRPO, as TRL's GRPOTrainer): sample completions of each
+    /// prompt, score them with reward functions, train on their advantages.
+    Grpo(Box<grpo_cmd::GrpoArgs>),
     /// Mean loss of a model over every label token of a dataset.
     Eval(run_cmd::EvalArgs),
     /// Answer a prompt with a model (chat template, KV cache, logits processors).
@@ -635,6 +639,7 @@ fn bind(cli: &mut Cli, file: &config_file::RunConfig, matches: &clap::ArgMatches
     match (&mut cli.command, name) {
         (Command::Run(args), "run") => args.bind(file, sub),
         (Command::Dpo(args), "dpo") => args.run.bind(file, sub),
+        (Command::Grpo(args), "grpo") => args.run.bind(file, sub),
         (Command::Eval(args), "eval") => args.data.bind(file.data.as_ref(), sub),
         (
             Command::Data(DataCommand::Stats { data, .. } | DataCommand::Prepare { data, .. }),
@@ -652,6 +657,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Run(args) => run_cmd::train(&args),
         Command::Dpo(args) => dpo_cmd::dpo(&args),
+        Command::Grpo(args) => grpo_cmd::grpo(&args),
         Command::Eval(args) => run_cmd::eval(&args),
         Command::Generate(args) => generate_cmd::run(&args),
         Command::Merge(args) => merge_cmd::run(&args),

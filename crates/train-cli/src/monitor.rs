@@ -92,6 +92,10 @@ impl<B: FusedAutodiffBackend> TrainObserver<B> for Monitor<'_> {
                 let r = self.bundle.eval(e);
                 self.check(r);
             }
+            TrainEvent::Rollouts { samples, .. } => {
+                let r = self.bundle.rollouts(samples);
+                self.check(r);
+            }
             TrainEvent::Paused { .. } => {
                 let r = self.bundle.set_status(Status::Paused);
                 self.check(r);

@@ -154,7 +154,10 @@ impl<B: train_model::FusedAutodiffBackend> TrainObserver<B> for Progress {
             s.tokens_per_sec,
             s.output.display()
         );
-        if let Some(e) = &s.error {
+        // A failed run returns its error, which `main` prints; a crash (a NaN) returns none.
+        if let Some(e) = &s.error
+            && s.status != train_runner::RunStatus::Failed
+        {
             errln!("error: {e}");
         }
         if s.status == train_runner::RunStatus::Stopped {

@@ -78,6 +78,7 @@ mod parquet;
 mod parquet_bounds;
 mod pipeline;
 mod preference;
+mod prompts;
 mod registry;
 mod rng;
 mod split;
@@ -102,6 +103,7 @@ pub use pipeline::{
     prepare_cached, read_prepared, write_prepared,
 };
 pub use preference::{EncodedPair, LoadedPairs, PreferencePair, load_preferences};
+pub use prompts::{LoadedPrompts, PromptRow, load_prompts};
 pub use registry::{Builder, Options, Plugin, Registry, RegistryError};
 pub use rng::SplitMix64;
 pub use split::{DataPosition, EpochOrder, ValidationSplit, split_indices};

@@ -96,6 +96,7 @@ pub struct MonitoringBundle {
     layer_log: Option<JsonlWriter>,
     preview_log: Option<JsonlWriter>,
     evolution_log: Option<JsonlWriter>,
+    rollout_log: Option<JsonlWriter>,
 }
 
 /// Previews kept in the status file.
@@ -114,6 +115,7 @@ impl MonitoringBundle {
             layer_log: log("layer_history.jsonl"),
             preview_log: log("previews.jsonl"),
             evolution_log: log("evolution.jsonl"),
+            rollout_log: log("completions.jsonl"),
             layers: LayerMonitor::new(),
             writer: StatusWriter::new(&config.status_dir, config.status_interval),
             window: LossWindow::new(config.loss_window),
@@ -290,6 +292,15 @@ impl MonitoringBundle {
             let keep = samples.len().saturating_sub(STATUS_PREVIEWS);
             b.status.previews = samples[keep..].to_vec();
             b.write(true)
+        })
+    }
+
+    /// Sampled completions of online training and their rewards: appended to
+    /// `completions.jsonl`.
+    pub fn rollouts(&mut self, samples: &[crate::RolloutSample]) -> Result<()> {
+        self.timed(|b| match b.rollout_log.as_mut() {
+            Some(log) => log.append(samples),
+            None => Ok(()),
         })
     }
 

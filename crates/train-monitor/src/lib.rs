@@ -72,7 +72,7 @@ pub use memory::MemoryInfo;
 pub use metrics::{EvalRecord, MetricsLog, MetricsRow, ObjectiveMetrics, StepRecord};
 pub use plots::{Series, line_chart};
 pub use report::{History, MAX_METRIC_CHARTS, charts, render_html, write_report};
-pub use samples::{Sample, evolution_due, preview_interval};
+pub use samples::{RolloutSample, Sample, evolution_due, preview_interval};
 pub use stats::{Ema, LossWindow};
 pub use status::{SCHEMA_VERSION, Status, StatusWriter, TrainingStatus, unix_now};
 

@@ -41,6 +41,26 @@ impl Sample {
     }
 }
 
+/// One sampled completion of online training (GRPO) and how it was scored: a row of
+/// `completions.jsonl`, as TRL logs its completions table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutSample {
+    /// The optimizer step the completion was generated for.
+    pub step: usize,
+    /// Its index among the step's completions.
+    pub index: usize,
+    /// The prompt's last message.
+    pub prompt: String,
+    /// The generated text.
+    pub completion: String,
+    /// Each reward function's score (`null` where it did not apply), by function name.
+    pub rewards: std::collections::BTreeMap<String, Option<f64>>,
+    /// The weighted sum of the scores (`null` when no function applied).
+    pub reward: Option<f64>,
+    /// The advantage it was trained with.
+    pub advantage: f64,
+}
+
 /// Steps between live previews: `max(10, eval_steps / 10)` (the origin's rule).
 pub fn preview_interval(eval_steps: usize) -> usize {
     (eval_steps / 10).max(10)

@@ -240,7 +240,7 @@ impl Collate for PairRow {
 
 /// Flattened positions (`row · seq + t`) whose next token is a completion label, and those
 /// labels, per row of `batch` (per segment for a padding-free batch).
-fn completion_positions(batch: &Batch, rows: usize) -> Vec<(Vec<i64>, Vec<i64>)> {
+pub(crate) fn completion_positions(batch: &Batch, rows: usize) -> Vec<(Vec<i64>, Vec<i64>)> {
     let s = batch.seq_len;
     let mut out = vec![(Vec::new(), Vec::new()); rows];
     for r in 0..batch.batch_size {
@@ -371,8 +371,8 @@ impl<B: FusedAutodiffBackend> Objective<B> for Dpo<'_> {
         batch.batch.label_tokens
     }
 
-    fn metric_names(&self) -> &'static [&'static str] {
-        &DPO_METRICS
+    fn metric_names(&self) -> Vec<String> {
+        DPO_METRICS.iter().map(ToString::to_string).collect()
     }
 
     fn tokens(&self, batch: &PairBatch) -> usize {

@@ -37,6 +37,17 @@ pub enum RunnerError {
         /// The other process, as recorded in the lock file.
         pid: String,
     },
+    /// A reward function is misconfigured or failed (GRPO).
+    #[error("reward `{function}`: {message}")]
+    Reward {
+        /// The function's name (`(file)` for the reward file itself).
+        function: String,
+        /// What is wrong, naming the row where it is about one.
+        message: String,
+    },
+    /// Generating completions failed (GRPO).
+    #[error("generation: {0}")]
+    Generation(#[from] train_logits::LogitsError),
     /// A data-parallel worker failed (registration, all-reduce, or a panic).
     #[error("data parallel: {0}")]
     Parallel(String),

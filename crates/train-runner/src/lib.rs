@@ -87,11 +87,13 @@ mod control;
 mod dpo;
 mod error;
 mod eval;
+mod grpo;
 mod lock;
 mod objective;
 mod observer;
 mod optim;
 mod parallel;
+mod rewards;
 mod run;
 mod setup;
 mod step;
@@ -111,6 +113,10 @@ pub use dpo::{
 };
 pub use error::{Result, RunnerError};
 pub use eval::evaluate;
+pub use grpo::{
+    Grpo, GrpoConfig, GrpoLossType, GrpoRow, MAX_GENERATIONS, MAX_ITERATIONS, PromptBatch, Rollout,
+    ScaleRewards, TokenLoss, group_advantages, grpo_token_loss, run_grpo, token_logps,
+};
 pub use lock::OutputLock;
 pub use objective::{Collate, Contribution, Evaluation, NextToken, Objective};
 pub use observer::{
@@ -119,6 +125,10 @@ pub use observer::{
 };
 pub use optim::{AdamW, AdamWConfig, ParamTable, global_grad_norm, layer_norms};
 pub use parallel::{Cluster, DataParallel, Parallelism, StepOutcome, parallel_step_gradients};
+pub use rewards::{
+    MAX_COMMAND_OUTPUT_BYTES, MAX_REGEX_BYTES, MAX_REWARD_FILE_BYTES, MAX_REWARD_FUNCTIONS,
+    RewardConfig, RewardFunction, RewardInput, WeightedReward, parse_rewards, read_rewards,
+};
 pub use run::{Training, run, run_objective, save_adapter_dir};
 pub use setup::{Resume, TrainSetup, check_token_ids};
 pub use step::step_gradients;

@@ -33,8 +33,34 @@ pub trait Objective<B: FusedAutodiffBackend>: Sync {
     /// Names of the metrics the objective reports besides the loss (TRL's names, e.g.
     /// `rewards/chosen`), in the order of [`Contribution::metrics`] and
     /// [`Evaluation::metrics`]; none by default.
-    fn metric_names(&self) -> &'static [&'static str] {
-        &[]
+    fn metric_names(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Optimizer steps each step's data is used for (GRPO's `num_iterations`): the loop takes
+    /// new micro-batches from the plan every `iterations()` steps and hands the same ones to
+    /// [`Objective::prepare`] in between. 1 by default.
+    fn iterations(&self) -> usize {
+        1
+    }
+
+    /// Turns the plan's micro-batches of optimizer step `step` (0-based) into what
+    /// [`Objective::gradients`] trains on, with the model as it is before the step: an online
+    /// objective generates and scores completions here. Called on the main worker only, before
+    /// the step's units are counted. Unchanged by default.
+    fn prepare(
+        &self,
+        _model: &CausalLm<B>,
+        _step: usize,
+        batches: Vec<Self::Batch>,
+    ) -> crate::Result<Vec<Self::Batch>> {
+        Ok(batches)
+    }
+
+    /// The sampled completions of prepared `batches` to show (GRPO's completions table); none
+    /// by default. Asked once per new data, on the steps that take it from the plan.
+    fn rollouts(&self, _batches: &[Self::Batch]) -> Vec<train_monitor::RolloutSample> {
+        Vec::new()
     }
 
     /// The summed loss of `batches` divided by `denominator` (the units of the whole step, on

@@ -86,6 +86,13 @@ pub enum TrainEvent<'a> {
         /// Steps done.
         step: usize,
     },
+    /// Online training sampled and scored these completions for step `step`.
+    Rollouts {
+        /// The step they are trained in (1-based, as [`StepRecord::step`]).
+        step: usize,
+        /// The completions, prompts and rewards.
+        samples: &'a [train_monitor::RolloutSample],
+    },
     /// A checkpoint was written.
     Checkpoint {
         /// Its step.

@@ -182,7 +182,7 @@ where
     }
     let total_steps = config
         .max_steps
-        .unwrap_or(config.num_epochs * plan.steps_per_epoch());
+        .unwrap_or(config.num_epochs * plan.steps_per_epoch() * objective.iterations().max(1));
     let mut optimizer = AdamW::<B>::new(AdamWConfig {
         beta1: config.adam_beta1,
         beta2: config.adam_beta2,
@@ -220,7 +220,7 @@ where
     let info = RunInfo {
         total_steps,
         start_step: state.global_step,
-        steps_per_epoch: plan.steps_per_epoch(),
+        steps_per_epoch: plan.steps_per_epoch() * objective.iterations().max(1),
         train_rows: plan.len(),
         validation_examples: validation_len,
         parameters: setup.model.config.num_parameters(),

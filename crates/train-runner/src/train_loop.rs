@@ -97,7 +97,25 @@ where
                 return Ok((RunStatus::Stopped, model));
             }
             let started = Instant::now();
+            let step_index = self.state.global_step;
+            let iterations = self.objective.iterations().max(1);
             let (batches, next_position) = self.plan.step_batches(self.state.data_position);
+            let batches = self.objective.prepare(&model, step_index, batches)?;
+            if step_index.is_multiple_of(iterations) {
+                let rollouts = self.objective.rollouts(&batches);
+                if !rollouts.is_empty() {
+                    self.observer.update(&TrainEvent::Rollouts {
+                        step: step_index + 1,
+                        samples: &rollouts,
+                    });
+                }
+            }
+            // With several iterations per batch of data, the plan moves on after the last.
+            let next_position = if (step_index + 1).is_multiple_of(iterations) {
+                next_position
+            } else {
+                self.state.data_position
+            };
             let label_tokens: usize = batches.iter().map(|b| self.objective.label_tokens(b)).sum();
             let tokens: usize = batches.iter().map(|b| self.objective.tokens(b)).sum();
             let units: usize = batches.iter().map(|b| self.objective.units(b)).sum();
@@ -160,8 +178,7 @@ where
                 metrics: self
                     .objective
                     .metric_names()
-                    .iter()
-                    .map(|n| (*n).to_string())
+                    .into_iter()
                     .zip(metrics)
                     .collect(),
             };

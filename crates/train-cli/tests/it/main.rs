@@ -7,6 +7,7 @@ mod common;
 mod dpo_cmd;
 mod faults;
 mod generate_cmd;
+mod grpo_cmd;
 mod hostile;
 mod loop_parity;
 mod reference;

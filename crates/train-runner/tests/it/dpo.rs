@@ -209,10 +209,7 @@ fn loss_and_gradients_equal_autodiff_through_the_logits() {
                 metrics,
                 grads,
             } = objective.gradients(m, &[&batch], 3.0, &device);
-            assert_eq!(
-                Objective::<B>::metric_names(&objective),
-                DPO_METRICS.as_slice()
-            );
+            assert_eq!(Objective::<B>::metric_names(&objective), DPO_METRICS);
             for ((name, got), want) in DPO_METRICS.iter().zip(&metrics).zip(&want_metrics) {
                 assert!(
                     (got - want).abs() <= 1e-4 * want.abs().max(1.0),

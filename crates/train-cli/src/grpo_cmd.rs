@@ -1,0 +1,390 @@
+//! `train grpo`: online reinforcement learning from reward functions (TRL's `GRPOTrainer`),
+//! with every training flag of `train run`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use burn::module::AutodiffModule;
+use clap::{Args, ValueEnum};
+use train_data::{
+    ChatTokenizer, DataError, ErrorPolicy, LabelMode, Problem, ProblemKind, Truncation,
+    load_prompts,
+};
+use train_logits::{LogitsProcessor, ProcessorConfig, ProcessorContext, ProcessorsFile};
+use train_model::{FusedAutodiffBackend, load_pretrained};
+use train_runner::{
+    Grpo, GrpoConfig, GrpoLossType, GrpoRow, MetricsObserver, Observers, Parallelism, Resume,
+    RunControl, RunSummary, ScaleRewards, TrainSetup, TrainerConfig, WeightedReward,
+};
+
+use crate::backend::{Placement, WithBackend};
+use crate::control::ControlWatcher;
+use crate::monitor::Monitor;
+use crate::progress::Progress;
+use crate::run_cmd::{
+    RunArgs, check_output, execute, read_alerts, resolve_resume, stop_on_signals,
+};
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GrpoLossArg {
+    Grpo,
+    DrGrpo,
+    Dapo,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScaleRewardsArg {
+    Group,
+    Batch,
+    None,
+}
+
+/// `train grpo`.
+#[derive(Args, Debug, Clone)]
+pub struct GrpoArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// The reward functions: a TOML file of [[reward]] tables (built-in functions and
+    /// external commands, each with a weight).
+    #[arg(long, value_name = "FILE")]
+    pub reward: PathBuf,
+    /// Completions sampled per prompt (`--batch-size` counts prompts: a micro-batch trains on
+    /// batch_size × num_generations completions).
+    #[arg(long, default_value_t = GrpoConfig::default().num_generations)]
+    pub num_generations: usize,
+    /// Most tokens per completion (TRL's max_completion_length).
+    #[arg(long, default_value_t = GrpoConfig::default().max_new_tokens)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature (the trained log-probabilities use it too, as TRL's).
+    #[arg(long, default_value_t = GrpoConfig::default().temperature)]
+    pub temperature: f64,
+    /// Keep only the k most likely tokens when sampling.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Sample from the smallest set of tokens whose probability reaches p.
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// A TOML file of [[processors]] applied to the logits before sampling (before the
+    /// temperature).
+    #[arg(long, value_name = "FILE")]
+    pub processors: Option<PathBuf>,
+    /// KL coefficient β to the reference model (0: no reference, TRL's default).
+    #[arg(long, default_value_t = GrpoConfig::default().beta)]
+    pub beta: f64,
+    /// Clipping ε of the probability ratio.
+    #[arg(long, default_value_t = GrpoConfig::default().epsilon)]
+    pub epsilon: f64,
+    /// Upper clipping ε (DAPO's clip-higher; default: --epsilon).
+    #[arg(long)]
+    pub epsilon_high: Option<f64>,
+    /// How token losses are aggregated: dapo (TRL's default: over all tokens of the step),
+    /// grpo (per completion, then over completions) or dr_grpo (over max_new_tokens).
+    #[arg(long, value_enum, default_value_t = GrpoLossArg::Dapo)]
+    pub loss_type: GrpoLossArg,
+    /// Optimizer steps on each batch of completions (μ).
+    #[arg(long, default_value_t = GrpoConfig::default().num_iterations)]
+    pub num_iterations: usize,
+    /// Rewards are divided by the standard deviation of their group, of the step, or not.
+    #[arg(long, value_enum, default_value_t = ScaleRewardsArg::Group)]
+    pub scale_rewards: ScaleRewardsArg,
+    /// Do not multiply the KL term by the probability ratio (TRL's
+    /// `use_bias_correction_kl=False`).
+    #[arg(long)]
+    pub no_bias_correction_kl: bool,
+    /// The KL reference model (default: the starting weights of --model; for a LoRA run, the
+    /// base model without the adapter). Used only with --beta > 0.
+    #[arg(long, value_name = "DIR")]
+    pub ref_model: Option<String>,
+}
+
+impl GrpoArgs {
+    fn grpo_config(&self) -> GrpoConfig {
+        GrpoConfig {
+            num_generations: self.num_generations,
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            beta: self.beta,
+            epsilon: self.epsilon,
+            epsilon_high: self.epsilon_high,
+            loss_type: match self.loss_type {
+                GrpoLossArg::Grpo => GrpoLossType::Grpo,
+                GrpoLossArg::DrGrpo => GrpoLossType::DrGrpo,
+                GrpoLossArg::Dapo => GrpoLossType::Dapo,
+            },
+            num_iterations: self.num_iterations,
+            scale_rewards: match self.scale_rewards {
+                ScaleRewardsArg::Group => ScaleRewards::Group,
+                ScaleRewardsArg::Batch => ScaleRewards::Batch,
+                ScaleRewardsArg::None => ScaleRewards::None,
+            },
+            use_bias_correction_kl: !self.no_bias_correction_kl,
+        }
+    }
+
+    /// The processors sampling applies: the file's, then temperature, top-k, top-p.
+    fn processor_configs(&self) -> Result<Vec<ProcessorConfig>> {
+        let mut configs = match &self.processors {
+            Some(p) => ProcessorsFile::read(p)?.processors,
+            None => Vec::new(),
+        };
+        if self.temperature != 1.0 {
+            configs.push(ProcessorConfig::Temperature {
+                temperature: self.temperature as f32,
+            });
+        }
+        if let Some(top_k) = self.top_k {
+            configs.push(ProcessorConfig::TopK {
+                top_k,
+                min_tokens_to_keep: 1,
+            });
+        }
+        if let Some(top_p) = self.top_p {
+            configs.push(ProcessorConfig::TopP {
+                top_p,
+                min_tokens_to_keep: 1,
+            });
+        }
+        Ok(configs)
+    }
+}
+
+/// Loads, checks and tokenizes the prompts of `config.dataset_path`: a prompt longer than
+/// `max_length` is a problem of its row, reported and skipped or fatal per the error policy.
+fn tokenized_prompts(
+    config: &train_data::DatasetConfig,
+    tok: &ChatTokenizer,
+) -> Result<Vec<GrpoRow>> {
+    let loaded = load_prompts(&config.dataset_path, &config.load)?;
+    for p in &loaded.problems {
+        errln!("{p}");
+    }
+    let mut out = Vec::with_capacity(loaded.prompts.len());
+    for row in loaded.prompts {
+        let prompt_ids = tok.encode_prompt(&row.prompt).with_context(|| {
+            row.location
+                .as_ref()
+                .map_or_else(|| "a prompt".to_string(), ToString::to_string)
+        })?;
+        if prompt_ids.len() > config.max_length {
+            let location = row.location.clone().unwrap_or(train_data::RowLocation {
+                path: config.dataset_path.clone(),
+                line: None,
+                row: 0,
+            });
+            let p = Problem::new(
+                location,
+                "prompt",
+                ProblemKind::TooLong,
+                format!(
+                    "{} tokens, longer than max_length {} (a prompt is not truncated: raise \
+                     --max-length, or drop such prompts with --truncation drop)",
+                    prompt_ids.len(),
+                    config.max_length
+                ),
+            );
+            if config.load.policy == ErrorPolicy::Strict && config.truncation != Truncation::Drop {
+                return Err(DataError::Row(Box::new(p)).into());
+            }
+            errln!("{p}");
+            continue;
+        }
+        out.push(GrpoRow {
+            prompt_ids,
+            row: Arc::new(row),
+        });
+    }
+    Ok(out)
+}
+
+struct GrpoTraining<'a> {
+    args: &'a GrpoArgs,
+    cluster: Option<train_runner::Cluster>,
+    trainer: TrainerConfig,
+    model_dir: PathBuf,
+    tok: ChatTokenizer,
+    prompts: Vec<GrpoRow>,
+    rewards: Vec<WeightedReward>,
+    processors: Vec<ProcessorConfig>,
+    fingerprint: String,
+    resume: Option<Resume>,
+    control: RunControl,
+    alerts: train_monitor::AlertConfig,
+}
+
+impl WithBackend for GrpoTraining<'_> {
+    type Output = RunSummary;
+
+    fn run<B: FusedAutodiffBackend>(self, placement: Placement<B>) -> Result<RunSummary> {
+        let device = placement.main;
+        let args = &self.args.run;
+        let options = args.compute.load_options(true);
+        let source = load_pretrained::<B>(&self.model_dir, &options, &device)
+            .with_context(|| format!("loading {}", self.model_dir.display()))?;
+        crate::check_tokenizer_fits(&self.tok, &self.model_dir, source.config.vocab_size)?;
+        let pad_id = self.tok.pad_id();
+        let grpo = self.args.grpo_config();
+        // The KL reference: the starting weights (for a resumed run too), or --ref-model. For
+        // a LoRA run the starting weights are the base, whose frozen tensors the policy shares.
+        let reference = if grpo.beta > 0.0 {
+            let reference = match &self.args.ref_model {
+                Some(r) => {
+                    let dir = crate::registry()?.resolve(r)?;
+                    load_pretrained::<B::InnerBackend>(
+                        &dir,
+                        &args.compute.load_options(false),
+                        &device,
+                    )
+                    .with_context(|| format!("loading the reference model {}", dir.display()))?
+                    .model
+                }
+                None => source.model.valid(),
+            };
+            if reference.config.vocab_size != source.config.vocab_size {
+                bail!(
+                    "the reference model's vocabulary ({}) differs from the model's ({})",
+                    reference.config.vocab_size,
+                    source.config.vocab_size
+                );
+            }
+            Some(reference)
+        } else {
+            None
+        };
+        let ends = train_logits::end_ids(&self.model_dir, &source.config.eos_token_ids, &self.tok);
+        let ctx = ProcessorContext {
+            tokenizer: Some(self.tok.tokenizer()),
+            end_ids: &ends,
+        };
+        let processors: Vec<Box<dyn LogitsProcessor>> =
+            train_logits::build_processors(&self.processors, &ctx).with_context(|| match &self
+                .args
+                .processors
+            {
+                Some(p) => format!("processors of {}", p.display()),
+                None => "processors".to_string(),
+            })?;
+        let (model, resume) = match self.resume {
+            Some(resume) => {
+                let ckpt = load_pretrained::<B>(&resume.dir, &options, &device)
+                    .with_context(|| format!("loading checkpoint {}", resume.dir.display()))?;
+                (ckpt.model, Some(resume))
+            }
+            None => (source.model, None),
+        };
+        let objective = Grpo::<B>::new(
+            grpo,
+            &self.rewards,
+            self.tok.tokenizer(),
+            ends,
+            processors,
+            reference,
+            self.trainer.seed,
+        );
+        let output = self.trainer.output_dir.clone();
+        let setup = TrainSetup {
+            model,
+            raw_config: source.raw_config,
+            companions_from: source.dir.clone(),
+            source_dtype: source.source_dtype,
+            train: train_data::TrainRows::default(),
+            validation: Vec::new(),
+            pad_id,
+            config: self.trainer,
+            data_fingerprint: self.fingerprint,
+            overwrite: args.yes,
+            parallelism: Parallelism::new(placement.workers, self.cluster)?,
+            inputs: vec![self.model_dir.clone()],
+        };
+        let status_dir = args
+            .status_dir
+            .clone()
+            .unwrap_or_else(|| output.join("status"));
+        let mut monitor = Monitor::new(status_dir, output, self.alerts);
+        let mut metrics = MetricsObserver::new();
+        let mut progress = Progress::new();
+        let mut observers = Observers::default();
+        observers.push(&mut monitor);
+        observers.push(&mut metrics);
+        observers.push(&mut progress);
+        let summary = train_runner::run_grpo(
+            setup,
+            self.prompts,
+            &objective,
+            resume.as_ref(),
+            &mut observers,
+            &self.control,
+        );
+        drop(observers);
+        if let Some(e) = metrics.error() {
+            errln!("warning: metrics.jsonl: {e} (training went on without it)");
+        }
+        Ok(summary?)
+    }
+}
+
+/// `train grpo`.
+pub fn grpo(args: &GrpoArgs) -> Result<ExitCode> {
+    let run = &args.run;
+    let data = run.data.config()?;
+    if data.packing {
+        bail!("--packing: GRPO samples its completions; there is nothing to pack");
+    }
+    let unused = [
+        (data.apply_thinking_pattern, "--thinking-pattern"),
+        (data.apply_stop_pattern, "--stop-pattern"),
+        (data.system_prompt.is_some(), "--system-prompt"),
+        (!data.transforms.is_empty(), "--transforms"),
+        (data.label_mode != LabelMode::default(), "--label-mode"),
+    ];
+    if let Some((_, flag)) = unused.iter().find(|(given, _)| *given) {
+        bail!(
+            "{flag}: `train grpo` does not transform its prompts (it trains on its own \
+             completions); transform the data file first"
+        );
+    }
+    // Every prompt is trained on: GRPO is scored by its rewards (`reward` in metrics.jsonl),
+    // not by a validation loss. A split other than the default says so.
+    if data.validation_split > 0.0
+        && data.validation_split != train_data::DatasetConfig::default().validation_split
+    {
+        errln!("note: --validation-split is not used by `train grpo` (every prompt is trained on)");
+    }
+    let trainer = run.trainer_config();
+    trainer.validate()?;
+    let grpo = args.grpo_config();
+    grpo.validate()?;
+    let rewards = train_runner::read_rewards(&args.reward)?;
+    let processors = args.processor_configs()?;
+    let cluster = run.cluster()?;
+    let (model_dir, tok) = crate::tokenizer_for(&run.data.model)?;
+    let resume = resolve_resume(run.resume.as_deref(), &trainer.output_dir)?;
+    check_output(&trainer.output_dir, &model_dir, resume.as_ref())?;
+    let fingerprint = train_data::cache_key(&data, &tok)?;
+    let prompts = tokenized_prompts(&data, &tok)?;
+    if prompts.is_empty() {
+        bail!(
+            "{}: no prompts left after loading",
+            data.dataset_path.display()
+        );
+    }
+    let control = stop_on_signals()?;
+    let alerts = read_alerts(run.alerts.as_deref())?;
+    let watcher = ControlWatcher::start(&trainer.output_dir, &control);
+    let work = GrpoTraining {
+        args,
+        cluster,
+        trainer,
+        model_dir,
+        tok,
+        prompts,
+        rewards,
+        processors,
+        fingerprint,
+        resume,
+        control,
+        alerts,
+    };
+    execute(run, watcher, work)
+}

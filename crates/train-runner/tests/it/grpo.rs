@@ -1,0 +1,216 @@
+//! The GRPO objective against TRL's `GRPOTrainer` on the tiny Qwen2: for fixed prompts,
+//! completions and rewards (`tests/fixtures/grpo.reference.json`, written by
+//! `xtask/fixtures/make_fixtures.py --grpo-out`), the advantages, the loss, the gradient of
+//! every parameter and the KL / clipping metrics of each loss type, with and without an old
+//! policy and a KL reference.
+#![cfg(feature = "cpu")]
+
+use std::path::Path;
+use std::sync::Arc;
+
+use burn::backend::{Autodiff, Flex};
+use burn::optim::GradientsParams;
+use serde_json::Value;
+use train_data::{Batch, Example, IGNORE_INDEX, PromptRow, Sequence};
+use train_model::{CausalLm, LoadOptions, NamedParam, Precision, load_pretrained};
+use train_runner::{
+    Contribution, Grpo, GrpoConfig, GrpoLossType, GrpoRow, Objective, PromptBatch, Rollout,
+    ScaleRewards, group_advantages,
+};
+
+type B = Autodiff<Flex>;
+
+fn fixture_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../train-model/tests/fixtures/qwen2")
+}
+
+fn model() -> CausalLm<B> {
+    let options = LoadOptions {
+        precision: Precision::Fp32,
+        ..LoadOptions::default()
+    };
+    load_pretrained::<B>(&fixture_dir(), &options, &Default::default())
+        .unwrap()
+        .model
+}
+
+fn reference() -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/grpo.reference.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| u32::try_from(x.as_u64().unwrap()).unwrap())
+        .collect()
+}
+
+fn floats(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+fn per_token(v: &Value) -> Option<Vec<Vec<f32>>> {
+    v.as_array().map(|rows| {
+        rows.iter()
+            .map(|r| floats(r).into_iter().map(|x| x as f32).collect())
+            .collect()
+    })
+}
+
+fn grad_norms(model: &CausalLm<B>, grads: &GradientsParams) -> Vec<(String, f64)> {
+    let mut out = Vec::new();
+    model.visit_named(|p| {
+        let (name, data) = match p {
+            NamedParam::Vector(n, t) => {
+                (n, grads.get::<Flex, 1>(t.id).map(burn::Tensor::into_data))
+            }
+            NamedParam::Matrix(n, t) => {
+                (n, grads.get::<Flex, 2>(t.id).map(burn::Tensor::into_data))
+            }
+        };
+        if let Some(d) = data {
+            let v: Vec<f32> = d.to_vec().unwrap();
+            let norm = v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+            out.push((name.to_string(), norm));
+        }
+    });
+    out
+}
+
+#[test]
+fn loss_gradients_and_metrics_equal_trls() {
+    let r = reference();
+    let g = r["num_generations"].as_u64().unwrap() as usize;
+    let prompts: Vec<Vec<u32>> = r["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(ids)
+        .collect();
+    let completions: Vec<Vec<u32>> = r["completions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(ids)
+        .collect();
+    let rewards = floats(&r["rewards"]);
+    let want_adv = floats(&r["advantages"]);
+    let (advantages, _) = group_advantages(&rewards, g, ScaleRewards::Group);
+    for (a, b) in advantages.iter().zip(&want_adv) {
+        assert!((a - b).abs() < 1e-6, "advantage {a} vs TRL's {b}");
+    }
+    let sequences: Vec<Sequence> = completions
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let p = &prompts[i / g];
+            let mut input_ids = p.clone();
+            input_ids.extend(c);
+            let mut labels = vec![IGNORE_INDEX; p.len()];
+            labels.extend(c.iter().map(|&t| t as i32));
+            Sequence::pack(&[&Example {
+                row: i,
+                input_ids,
+                labels,
+            }])
+        })
+        .collect();
+    let batch = Batch::collate(sequences, 0, None);
+    let tokens: usize = completions.iter().map(Vec::len).sum();
+    let tokenizer = tokenizers::Tokenizer::from_file(fixture_dir().join("tokenizer.json")).unwrap();
+    let policy = model();
+    let device = Default::default();
+    let row = Arc::new(PromptRow {
+        prompt: Vec::new(),
+        columns: serde_json::Map::new(),
+        location: None,
+    });
+    for case in r["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let mut config: GrpoConfig = serde_json::from_value(case["settings"].clone()).unwrap();
+        config.num_generations = g;
+        config.max_new_tokens = r["max_completion_length"].as_u64().unwrap() as usize;
+        config.temperature = case["temperature"].as_f64().unwrap();
+        let old_logps = per_token(&case["old_logps"]);
+        let ref_logps = per_token(&case["ref_logps"]);
+        let objective = Grpo::<B>::new(config, &[], &tokenizer, Vec::new(), Vec::new(), None, 0);
+        let names = Objective::<B>::metric_names(&objective);
+        let generation_metrics = names.len() - 3 - usize::from(config.beta != 0.0);
+        let pb = PromptBatch {
+            prompts: vec![
+                GrpoRow {
+                    prompt_ids: prompts[0].clone(),
+                    row: row.clone(),
+                };
+                2
+            ],
+            pad_id: 0,
+            rollout: Some(Arc::new(Rollout {
+                batch: batch.clone(),
+                advantages: advantages.clone(),
+                old_logps,
+                ref_logps,
+                step_tokens: tokens,
+                generation_metrics: vec![0.0; generation_metrics],
+                samples: Vec::new(),
+            })),
+        };
+        let units = Objective::<B>::units(&objective, &pb);
+        assert_eq!(
+            units,
+            if config.loss_type == GrpoLossType::Dapo {
+                tokens
+            } else {
+                completions.len()
+            }
+        );
+        let Contribution {
+            loss,
+            metrics,
+            grads,
+        } = objective.gradients(&policy, &[&pb], units as f64, &device);
+        let want_loss = case["loss"].as_f64().unwrap();
+        assert!(
+            (loss - want_loss).abs() <= 1e-5 * want_loss.abs().max(1e-2),
+            "{name}: loss {loss} vs TRL's {want_loss}"
+        );
+        let norms = grad_norms(&policy, &grads);
+        let total = norms.iter().map(|(_, n)| n * n).sum::<f64>().sqrt();
+        let want_total = case["grad_norm"].as_f64().unwrap();
+        let mut worst = (total - want_total).abs() / want_total;
+        let want_norms = case["param_grad_norms"].as_object().unwrap();
+        let mut compared = 0;
+        for (param, norm) in &norms {
+            if let Some(want) = want_norms.get(param).and_then(Value::as_f64) {
+                worst = worst.max((norm - want).abs() / want.max(1e-3));
+                compared += 1;
+            }
+        }
+        assert!(
+            compared >= want_norms.len() - 1,
+            "{name}: {compared} parameters compared"
+        );
+        assert!(
+            worst < 1e-4,
+            "{name}: gradient norms differ from TRL's by {worst:.2e} relative"
+        );
+        for (metric, want) in case["metrics"].as_object().unwrap() {
+            let at = names.iter().position(|n| n == metric).unwrap();
+            let want = want.as_f64().unwrap();
+            assert!(
+                (metrics[at] - want).abs() < 1e-5 * want.abs().max(1.0),
+                "{name} {metric}: {} vs TRL's {want}",
+                metrics[at]
+            );
+        }
+        println!(
+            "{name}: loss {loss:.8} vs TRL {want_loss:.8}; grad norm {total:.6} vs {want_total:.6}; worst parameter {worst:.2e} ({compared} parameters)"
+        );
+    }
+}
