@@ -9,7 +9,9 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
-use crate::downloads::{BENCH_PACKAGES, assets, pip_install, qwen3_tokenizer_dir, venv};
+use crate::downloads::{
+    BENCH_PACKAGES, TRL_PACKAGES, assets, pip_install, qwen3_tokenizer_dir, venv,
+};
 use crate::{
     RELEASE_FEATURES, TCH_FEATURES, build_release_binaries, cache, cargo, last_json_line,
     release_bin, root, run, smollm2, torch_env,
@@ -1061,5 +1063,211 @@ pub fn bench_generate() -> Result<()> {
         "  ratio                                          {:>7.2} x",
         r / p
     );
+    Ok(())
+}
+
+/// The step rows of a run's `metrics.jsonl` (or its evaluation rows).
+fn metric_rows(out: &Path, kind: &str) -> Result<Vec<serde_json::Value>> {
+    let text = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .with_context(|| format!("reading {}", out.join("metrics.jsonl").display()))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["kind"] == kind)
+        .collect())
+}
+
+/// `cargo xtask rl-smollm2`: the learning checks of `train grpo` and `train dpo` on the real
+/// SmolLM2-135M-Instruct, and GRPO's generation throughput against TRL's on the same model,
+/// prompts and settings. Prints the curves and the figures for `docs/benchmarks.md`.
+pub fn rl_smollm2(args: &[String]) -> Result<()> {
+    let steps: usize = match args {
+        [flag, n] if flag == "--steps" => n.parse().context("--steps N")?,
+        [] => 30,
+        _ => bail!("usage: cargo xtask rl-smollm2 [--steps N]"),
+    };
+    let model = smollm2()?;
+    build_release_binaries()?;
+    let train = release_bin("train");
+    let work = cache().join("rl-smollm2");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    // Sums of two numbers in 1..=20, the same for every run (a fixed LCG).
+    let mut state = 12_345u64;
+    let mut next = |n: u64| {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (state >> 33) % n + 1
+    };
+    let mut prompts = String::new();
+    let mut pairs = String::new();
+    for _ in 0..96 {
+        let (a, b) = (next(20), next(20));
+        let question = format!("What is {a} + {b}? Answer with just the number.");
+        prompts.push_str(
+            &serde_json::json!({"prompt": [{"role": "user", "content": question}], "answer": (a + b).to_string()})
+                .to_string(),
+        );
+        prompts.push('\n');
+        pairs.push_str(
+            &serde_json::json!({
+                "prompt": question,
+                "chosen": format!("{}", a + b),
+                "rejected": format!("Let me think about that. {a} plus {b} is a sum of two numbers, and I would say it is {}.", a + b + next(5)),
+            })
+            .to_string(),
+        );
+        pairs.push('\n');
+    }
+    let prompts_path = work.join("math.jsonl");
+    let pairs_path = work.join("pairs.jsonl");
+    let rewards_path = work.join("rewards.toml");
+    std::fs::write(&prompts_path, &prompts)?;
+    std::fs::write(&pairs_path, &pairs)?;
+    std::fs::write(
+        &rewards_path,
+        "# The format the prompt asks for: the answer starts with a number.\n\
+         [[reward]]\ntype = \"regex\"\npattern = \"^\\\\s*-?\\\\d\"\nname = \"starts_with_number\"\n\n\
+         # Correctness: the first number of the completion is the sum.\n\
+         [[reward]]\ntype = \"exact_match\"\ncolumn = \"answer\"\nextract = \"(-?\\\\d+)\"\nname = \"correct\"\n",
+    )?;
+    let (generations, max_new, batch) = ("8", "32", "2");
+
+    // 1. GRPO: the mean reward per step.
+    let grpo_out = work.join("grpo");
+    let mut c = Command::new(&train);
+    c.args(["grpo", "--model"])
+        .arg(&model)
+        .arg("--dataset")
+        .arg(&prompts_path)
+        .arg("--reward")
+        .arg(&rewards_path)
+        .arg("--output")
+        .arg(&grpo_out)
+        .args([
+            "--num-generations",
+            generations,
+            "--max-new-tokens",
+            max_new,
+        ])
+        .args(["--batch-size", batch, "--learning-rate", "5e-6"])
+        .args(["--lr-scheduler", "constant", "--warmup-steps", "0"])
+        .args(["--max-steps", &steps.to_string(), "--save-steps", "100000"])
+        .args(["--preview-prompts", "0", "--seed", "42", "--yes"]);
+    run("train grpo on SmolLM2-135M-Instruct", c)?;
+    let rows = metric_rows(&grpo_out, "step")?;
+    let get = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "\nGRPO learning check: SmolLM2-135M-Instruct, {steps} steps × {batch} prompts × {generations} completions (≤ {max_new} tokens), lr 5e-6, rewards starts_with_number + correct"
+    );
+    println!("  step  reward  starts_with_number  correct  mean_length");
+    for r in &rows {
+        println!(
+            "  {:>4}  {:>6.3}  {:>18.3}  {:>7.3}  {:>11.1}",
+            get(r, "step"),
+            get(r, "reward"),
+            get(r, "rewards/starts_with_number/mean"),
+            get(r, "rewards/correct/mean"),
+            get(r, "completions/mean_length")
+        );
+    }
+    let window = 5.min(rows.len());
+    let mean = |rs: &[serde_json::Value]| {
+        rs.iter().map(|r| get(r, "reward")).sum::<f64>() / rs.len().max(1) as f64
+    };
+    println!(
+        "  mean reward: first {window} steps {:.3}, last {window} steps {:.3}",
+        mean(&rows[..window]),
+        mean(&rows[rows.len() - window..])
+    );
+    let rates: Vec<f64> = rows
+        .iter()
+        .skip(1)
+        .map(|r| get(r, "generation/tokens_per_sec"))
+        .collect();
+    let ours = rates.iter().sum::<f64>() / rates.len().max(1) as f64;
+
+    // 2. TRL's GRPO generation, same model, prompts and settings.
+    let env = venv(true)?;
+    pip_install(&env, "install trl (TRL's GRPO generation)", TRL_PACKAGES)?;
+    let python = env.join("bin/python");
+    let mut c = Command::new(&python);
+    c.arg(root().join("xtask/bench/bench_grpo_generate.py"))
+        .arg("--model")
+        .arg(&model)
+        .arg("--prompts")
+        .arg(&prompts_path)
+        .args(["--batches", "4", "--batch-size", batch])
+        .args([
+            "--num-generations",
+            generations,
+            "--max-new-tokens",
+            max_new,
+        ]);
+    let trl = last_json_line(&mut c, "TRL's GRPO generation")?;
+    let theirs = trl["tokens_per_sec"].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "\nGRPO generation throughput (completion tokens/s; {batch} prompts × {generations} completions, ≤ {max_new} new tokens, T = 1, f32, 2 cores)"
+    );
+    println!("  train grpo (steps 2..{steps}, mean)        {ours:>7.1}");
+    println!(
+        "  TRL {} GRPOTrainer generation (torch {}) {theirs:>7.1}",
+        trl["trl"].as_str().unwrap_or(""),
+        trl["torch"].as_str().unwrap_or("?")
+    );
+    println!(
+        "  ratio                                 {:>7.2} x",
+        ours / theirs
+    );
+
+    // 3. DPO: held-out accuracy of the implicit reward.
+    let dpo_out = work.join("dpo");
+    let mut c = Command::new(&train);
+    c.args(["dpo", "--model"])
+        .arg(&model)
+        .arg("--dataset")
+        .arg(&pairs_path)
+        .arg("--output")
+        .arg(&dpo_out)
+        .args([
+            "--validation-split",
+            "16",
+            "--eval-steps",
+            "5",
+            "--max-steps",
+            "20",
+        ])
+        .args([
+            "--batch-size",
+            "4",
+            "--learning-rate",
+            "5e-6",
+            "--warmup-steps",
+            "0",
+        ])
+        .args([
+            "--save-steps",
+            "100000",
+            "--preview-prompts",
+            "0",
+            "--seed",
+            "42",
+            "--yes",
+        ]);
+    run("train dpo on SmolLM2-135M-Instruct", c)?;
+    println!(
+        "\nDPO learning check: 80 training pairs, 16 held out, 20 steps × 4 pairs, lr 5e-6, β 0.1"
+    );
+    println!("  step  eval_loss  eval_rewards/accuracies  eval_rewards/margins");
+    for r in metric_rows(&dpo_out, "eval")? {
+        println!(
+            "  {:>4}  {:>9.4}  {:>23.3}  {:>20.4}",
+            get(&r, "step"),
+            get(&r, "eval_loss"),
+            get(&r, "eval_rewards/accuracies"),
+            get(&r, "eval_rewards/margins")
+        );
+    }
     Ok(())
 }

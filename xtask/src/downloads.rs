@@ -26,8 +26,8 @@ const FIXTURE_PACKAGES: &[&str] = &[
     "peft==0.21.2",
 ];
 
-/// TRL, for the DPO reference only (`cargo xtask fixtures`; CI's tests read the committed
-/// JSON, so CI does not install it).
+/// TRL, for the DPO and GRPO references (`cargo xtask fixtures`) and `cargo xtask rl-smollm2`
+/// (CI's tests read the committed JSON, so CI does not install it).
 pub(crate) const TRL_PACKAGES: &[&str] = &[
     "trl==1.16.0",
     "transformers==5.24.0",

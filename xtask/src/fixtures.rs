@@ -11,7 +11,11 @@ use crate::{build_release_binaries, cache, release_bin, root, run};
 
 pub(crate) fn fixtures() -> Result<()> {
     let venv = venv(true)?;
-    pip_install(&venv, "install trl (the DPO reference)", TRL_PACKAGES)?;
+    pip_install(
+        &venv,
+        "install trl (the DPO and GRPO references)",
+        TRL_PACKAGES,
+    )?;
     let assets = assets()?;
     let smol = smollm2()?;
     let mut c = Command::new(venv.join("bin/python"));
@@ -33,6 +37,8 @@ pub(crate) fn fixtures() -> Result<()> {
         .arg(root().join("crates/train-runner/tests/fixtures/lora.reference.safetensors"))
         .arg("--dpo-out")
         .arg(root().join("crates/train-runner/tests/fixtures/dpo.reference.json"))
+        .arg("--grpo-out")
+        .arg(root().join("crates/train-runner/tests/fixtures/grpo.reference.json"))
         .arg("--gguf")
         .arg(assets.join(SMOLLM2_GGUF));
     run("generate fixtures with transformers", c)?;

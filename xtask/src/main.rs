@@ -85,6 +85,7 @@ fn main() -> Result<()> {
         "bench-generate" => bench::bench_generate()?,
         "bench-train" => bench::bench_train(&args[1..])?,
         "bench-gpu" => bench::bench_gpu(&args[1..])?,
+        "rl-smollm2" => bench::rl_smollm2(&args[1..])?,
         "report-png" => ci::report_png()?,
         "api" => ci::api(args.get(1).is_some_and(|a| a == "--bless"))?,
         "docs" => ci::docs()?,
@@ -111,6 +112,8 @@ fn main() -> Result<()> {
                  tidy       house rules a grep can check (see ../shared/docs/house-style.md)\n\
                  bench-data train-data vs Python datasets.map + apply_chat_template on 20k real rows\n\
                  report-png  fine-tune the tiny model, render its report.html to PNG with headless chromium\n\
+                 rl-smollm2 [--steps N]  train grpo / train dpo learning checks on SmolLM2-135M and GRPO's\n\
+                 \x20          generation throughput vs TRL's GRPOTrainer on the same prompts\n\
                  bench-generate  greedy decoding of `train generate` vs transformers generate on SmolLM2-135M\n\
                  api [--bless]   public API of each library crate vs its snapshot in api/ (--bless: update)\n\
                  docs       rustdoc of the library crates with warnings denied\n\

@@ -1,7 +1,7 @@
 //! `train dpo`: preference training on pairs of completions (TRL's `DPOTrainer`), with every
 //! training flag of `train run`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
@@ -31,6 +31,7 @@ pub enum LossTypeArg {
     Ipo,
     Hinge,
     Robust,
+    Simpo,
 }
 
 /// `train dpo`.
@@ -41,16 +42,26 @@ pub struct DpoArgs {
     /// β: how far the policy may move from the reference (TRL's default 0.1).
     #[arg(long, default_value_t = DpoConfig::default().beta)]
     pub beta: f64,
-    /// The loss: sigmoid (the DPO paper's), ipo, hinge (SLiC) or robust.
+    /// The loss: sigmoid (the DPO paper's), ipo, hinge (SLiC), robust, or simpo (no reference
+    /// model; length-normalised, with --simpo-gamma).
     #[arg(long, value_enum, default_value_t = LossTypeArg::Sigmoid)]
     pub loss_type: LossTypeArg,
     /// The assumed rate of flipped preference labels (sigmoid and robust).
     #[arg(long, default_value_t = DpoConfig::default().label_smoothing)]
     pub label_smoothing: f64,
+    /// SimPO's target reward margin γ.
+    #[arg(long, default_value_t = DpoConfig::default().simpo_gamma)]
+    pub simpo_gamma: f64,
     /// The reference model (default: the starting weights of --model; for a LoRA run, the base
     /// model without the adapter).
     #[arg(long, value_name = "DIR")]
     pub ref_model: Option<String>,
+    /// Also keep the reference's log-probabilities on disk (in --cache-dir, or
+    /// ~/.cache/train-rs/reference-logps), keyed by the tokenized data and the reference's
+    /// weights, so that another run or a resume on the same data skips the reference pass. They
+    /// are always computed once, before the first step.
+    #[arg(long)]
+    pub precompute_ref_logps: bool,
 }
 
 impl DpoArgs {
@@ -62,8 +73,10 @@ impl DpoArgs {
                 LossTypeArg::Ipo => DpoLossType::Ipo,
                 LossTypeArg::Hinge => DpoLossType::Hinge,
                 LossTypeArg::Robust => DpoLossType::Robust,
+                LossTypeArg::Simpo => DpoLossType::Simpo,
             },
             label_smoothing: self.label_smoothing,
+            simpo_gamma: self.simpo_gamma,
         }
     }
 }
@@ -174,14 +187,103 @@ fn with_reference<B: FusedBackend>(
     out
 }
 
+/// The reference's log-probabilities of a dataset's pairs on disk: one JSON file per
+/// (tokenized data, reference weights, backend, precision, micro-batch size), since each changes
+/// the numbers.
+struct ReferenceCache {
+    path: PathBuf,
+}
+
+/// Largest reference cache file read.
+const MAX_REFERENCE_CACHE_BYTES: u64 = 1 << 30;
+
+impl ReferenceCache {
+    fn new<B: FusedBackend>(
+        dir: &Path,
+        data_fingerprint: &str,
+        reference: &CausalLm<B>,
+        batch: usize,
+    ) -> Result<Self> {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(b"train-rs dpo reference log-probabilities v1\0");
+        h.update(data_fingerprint.as_bytes());
+        h.update(std::any::type_name::<B>().as_bytes());
+        h.update(format!("\0{:?}\0{batch}\0", reference.dtype()).as_bytes());
+        let mut failed = None;
+        reference.visit_named(|p| {
+            let data = match p {
+                train_model::NamedParam::Vector(n, t) => (n, t.val().into_data()),
+                train_model::NamedParam::Matrix(n, t) => (n, t.val().into_data()),
+            };
+            h.update(data.0.as_bytes());
+            match data.1.convert::<f32>().to_vec::<f32>() {
+                Ok(v) => v.iter().for_each(|x| h.update(x.to_le_bytes())),
+                Err(e) => failed = Some(format!("{e:?}")),
+            }
+        });
+        if let Some(e) = failed {
+            bail!("reading the reference's weights: {e}");
+        }
+        let key = format!("{:x}", h.finalize());
+        Ok(Self {
+            path: dir.join(format!("{}.json", &key[..32])),
+        })
+    }
+
+    /// The pairs with their reference log-probabilities from the cache, when it has an entry
+    /// that fits them (as many pairs, every value finite and ≤ 0).
+    fn read(&self, pairs: &[Tokenized]) -> Option<Vec<PairRow>> {
+        let text = train_model::read_text_file(&self.path, MAX_REFERENCE_CACHE_BYTES).ok()?;
+        // Bit patterns: exact, whatever the JSON float parser rounds.
+        let bits: Vec<[u64; 2]> = serde_json::from_str(&text).ok().unwrap_or_default();
+        let values: Vec<[f64; 2]> = bits.iter().map(|p| p.map(f64::from_bits)).collect();
+        let fits = values.len() == pairs.len()
+            && values.iter().flatten().all(|v| v.is_finite() && *v <= 0.0);
+        if !fits {
+            errln!(
+                "warning: {}: not a reference cache for these pairs; computing them again",
+                self.path.display()
+            );
+            return None;
+        }
+        Some(
+            pairs
+                .iter()
+                .zip(values)
+                .map(|(p, [c, r])| PairRow {
+                    chosen: p.chosen.clone(),
+                    rejected: p.rejected.clone(),
+                    ref_chosen: c,
+                    ref_rejected: r,
+                })
+                .collect(),
+        )
+    }
+
+    fn write(&self, rows: &[PairRow]) -> Result<()> {
+        let values: Vec<[u64; 2]> = rows
+            .iter()
+            .map(|r| [r.ref_chosen.to_bits(), r.ref_rejected.to_bits()])
+            .collect();
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        train_fs::write_atomic(&self.path, serde_json::to_string(&values)?.as_bytes())?;
+        Ok(())
+    }
+}
+
 struct DpoTraining<'a> {
     args: &'a DpoArgs,
     cluster: Option<train_runner::Cluster>,
     trainer: TrainerConfig,
     model_dir: PathBuf,
     tok: ChatTokenizer,
-    train: Vec<Tokenized>,
-    validation: Vec<Tokenized>,
+    pairs: Vec<Tokenized>,
+    /// Indices of `pairs` trained on, and validated on.
+    split: (Vec<usize>, Vec<usize>),
+    cache_dir: Option<PathBuf>,
     fingerprint: String,
     resume: Option<Resume>,
     control: RunControl,
@@ -204,8 +306,20 @@ impl WithBackend for DpoTraining<'_> {
             .eval_batch_size
             .unwrap_or(self.trainer.batch_size);
         // The reference: the starting weights (for a resumed run too: --model, not the
-        // checkpoint), or --ref-model. Its log-probabilities are computed once, here.
-        let (train, validation) = {
+        // checkpoint), or --ref-model. Its log-probabilities of every pair are computed once,
+        // here (or read from the cache), and the model dropped.
+        let all = if !self.args.dpo_config().uses_reference() {
+            // SimPO compares the policy with nothing: no reference pass.
+            self.pairs
+                .into_iter()
+                .map(|p| PairRow {
+                    chosen: p.chosen,
+                    rejected: p.rejected,
+                    ref_chosen: 0.0,
+                    ref_rejected: 0.0,
+                })
+                .collect()
+        } else {
             let reference = match &self.args.ref_model {
                 Some(r) => {
                     let dir = crate::registry()?.resolve(r)?;
@@ -226,19 +340,50 @@ impl WithBackend for DpoTraining<'_> {
                     source.config.vocab_size
                 );
             }
-            errln!(
-                "reference log-probabilities of {} training and {} validation pairs",
-                self.train.len(),
-                self.validation.len()
-            );
-            let train = with_reference(&reference, self.train, eval_batch, pad_id);
-            let validation: Vec<PairBatch> =
-                with_reference(&reference, self.validation, eval_batch, pad_id)
-                    .chunks(eval_batch.max(1))
-                    .map(|c| PairRow::collate(c.to_vec(), pad_id))
-                    .collect();
-            (train, validation)
+            let cached = match &self.cache_dir {
+                Some(dir) => Some(ReferenceCache::new(
+                    dir,
+                    &self.fingerprint,
+                    &reference,
+                    eval_batch,
+                )?),
+                None => None,
+            };
+            match cached.as_ref().and_then(|c| c.read(&self.pairs)) {
+                Some(rows) => {
+                    errln!(
+                        "reference log-probabilities of {} pairs read from {}",
+                        rows.len(),
+                        cached
+                            .as_ref()
+                            .map_or_else(String::new, |c| c.path.display().to_string())
+                    );
+                    rows
+                }
+                None => {
+                    errln!("reference log-probabilities of {} pairs", self.pairs.len());
+                    let rows = with_reference(&reference, self.pairs, eval_batch, pad_id);
+                    if let Some(c) = &cached
+                        && let Err(e) = c.write(&rows)
+                    {
+                        errln!(
+                            "warning: {}: {e:#} (the run goes on without the cache)",
+                            c.path.display()
+                        );
+                    }
+                    rows
+                }
+            }
         };
+        let mut all: Vec<Option<PairRow>> = all.into_iter().map(Some).collect();
+        let mut take = |idx: &[usize]| -> Vec<PairRow> {
+            idx.iter().filter_map(|&i| all.get_mut(i)?.take()).collect()
+        };
+        let train = take(&self.split.0);
+        let validation: Vec<PairBatch> = take(&self.split.1)
+            .chunks(eval_batch.max(1))
+            .map(|c| PairRow::collate(c.to_vec(), pad_id))
+            .collect();
         let (model, resume) = match self.resume {
             Some(resume) => {
                 let ckpt = load_pretrained::<B>(&resume.dir, &options, &device)
@@ -319,18 +464,10 @@ pub fn dpo(args: &DpoArgs) -> Result<ExitCode> {
     let resume = resolve_resume(run.resume.as_deref(), &trainer.output_dir)?;
     check_output(&trainer.output_dir, &model_dir, resume.as_ref())?;
     let fingerprint = train_data::cache_key(&data, &tok)?;
-    let mut pairs: Vec<Option<Tokenized>> = tokenized_pairs(&data, &tok)?
-        .into_iter()
-        .map(Some)
-        .collect();
+    let pairs = tokenized_pairs(&data, &tok)?;
     let split = ValidationSplit::from_value(data.validation_split)?;
-    let (train_idx, validation_idx) = split_indices(pairs.len(), split, data.seed);
-    let mut take = |idx: Vec<usize>| -> Vec<Tokenized> {
-        idx.into_iter().filter_map(|i| pairs[i].take()).collect()
-    };
-    let train = take(train_idx);
-    let validation = take(validation_idx);
-    if train.is_empty() {
+    let split = split_indices(pairs.len(), split, data.seed);
+    if split.0.is_empty() {
         bail!(
             "{}: no training pairs left after loading",
             data.dataset_path.display()
@@ -345,8 +482,14 @@ pub fn dpo(args: &DpoArgs) -> Result<ExitCode> {
         trainer,
         model_dir,
         tok,
-        train,
-        validation,
+        pairs,
+        split,
+        cache_dir: args.precompute_ref_logps.then(|| {
+            run.data.cache_dir().map_or_else(
+                || crate::cache_root().join("reference-logps"),
+                Path::to_path_buf,
+            )
+        }),
         fingerprint,
         resume,
         control,

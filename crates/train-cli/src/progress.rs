@@ -88,8 +88,15 @@ impl<B: train_model::FusedAutodiffBackend> TrainObserver<B> for Progress {
                 let done = m.step - self.first_step;
                 let elapsed = self.started.elapsed().as_secs_f64();
                 let eta = elapsed / done.max(1) as f64 * (self.total - m.step) as f64;
+                // The objective's headline figure: GRPO's mean reward, DPO's accuracy.
+                let headline = [("reward", "reward"), ("rewards/accuracies", "acc")]
+                    .iter()
+                    .find_map(|(key, label)| {
+                        m.metrics.get(*key).map(|v| format!(" {label} {v:.3}"))
+                    })
+                    .unwrap_or_default();
                 let line = format!(
-                    "step {}/{} epoch {:.2} loss {:.4} lr {:.2e} grad {:.3} {:.0} tok/s ETA {}",
+                    "step {}/{} epoch {:.2} loss {:.4}{headline} lr {:.2e} grad {:.3} {:.0} tok/s ETA {}",
                     m.step,
                     self.total,
                     m.epoch,

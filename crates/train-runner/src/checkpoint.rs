@@ -68,6 +68,15 @@ pub struct TrainerState {
     /// Machines of the run.
     #[serde(default = "one")]
     pub nodes: usize,
+    /// What the run optimises ([`crate::Objective::name`]: `sft`, `dpo`, `grpo`); a resume
+    /// with another objective is refused. `None` in checkpoints written before it was recorded.
+    #[serde(default)]
+    pub objective: Option<String>,
+    /// The objective's settings ([`crate::Objective::settings`]), as the last run that wrote
+    /// this state had them (for the record: they may change on resume, as the learning rate
+    /// may).
+    #[serde(default)]
+    pub objective_settings: Option<Value>,
 }
 
 fn one() -> usize {
@@ -114,6 +123,8 @@ impl TrainerState {
             packed_to: None,
             devices: 1,
             nodes: 1,
+            objective: None,
+            objective_settings: None,
         }
     }
 

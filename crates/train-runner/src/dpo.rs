@@ -11,6 +11,7 @@
 //! | `robust` | `(−(1 − ε) log σ(z) + ε log σ(−z)) / (1 − 2ε)` |
 //! | `hinge` | `max(0, 1 − z)` |
 //! | `ipo` | `(δ − 1 / (2β))²`, δ the same difference of log-ratios each divided by its completion's tokens |
+//! | `simpo` | `−(1 − ε) log σ(z) − ε log σ(−z)`, `z = β (π_c / n_c − π_r / n_r) − γ` (no reference; `n` a completion's tokens) |
 //!
 //! The log-probabilities are summed over each completion's tokens; the rewards TRL logs are
 //! `β (π_c − ref_c)` and `β (π_r − ref_r)` (summed, for IPO too). `sigmoid` with label
@@ -44,6 +45,10 @@ pub enum DpoLossType {
     Hinge,
     /// Robust DPO (unbiased under label noise of rate `label_smoothing`).
     Robust,
+    /// SimPO: no reference model; the margin of the per-token average log-probabilities,
+    /// scaled by β, must exceed γ (`simpo_gamma`), as TRL's `CPOTrainer` with
+    /// `loss_type="simpo"` and `cpo_alpha=0`.
+    Simpo,
 }
 
 /// The settings of the DPO loss.
@@ -56,9 +61,17 @@ pub struct DpoConfig {
     /// The loss.
     #[serde(default)]
     pub loss_type: DpoLossType,
-    /// ε, the assumed rate of flipped labels (`sigmoid` and `robust`; TRL's default 0).
+    /// ε, the assumed rate of flipped labels (`sigmoid`, `robust` and `simpo`; TRL's default
+    /// 0).
     #[serde(default)]
     pub label_smoothing: f64,
+    /// SimPO's target margin γ (TRL's default 0.5).
+    #[serde(default = "default_simpo_gamma")]
+    pub simpo_gamma: f64,
+}
+
+fn default_simpo_gamma() -> f64 {
+    0.5
 }
 
 fn default_beta() -> f64 {
@@ -71,6 +84,7 @@ impl Default for DpoConfig {
             beta: default_beta(),
             loss_type: DpoLossType::default(),
             label_smoothing: 0.0,
+            simpo_gamma: default_simpo_gamma(),
         }
     }
 }
@@ -92,11 +106,17 @@ impl DpoConfig {
                 format!("must be in [0, 0.5), got {e}"),
             ));
         }
+        if !self.simpo_gamma.is_finite() {
+            return Err(crate::RunnerError::config(
+                "simpo_gamma",
+                format!("must be a finite number, got {}", self.simpo_gamma),
+            ));
+        }
         if e != 0.0 && matches!(self.loss_type, DpoLossType::Ipo | DpoLossType::Hinge) {
             return Err(crate::RunnerError::config(
                 "label_smoothing",
                 format!(
-                    "the {:?} loss has no label smoothing (only sigmoid and robust do)",
+                    "the {:?} loss has no label smoothing (only sigmoid, robust and simpo do)",
                     self.loss_type
                 ),
             ));
@@ -123,6 +143,13 @@ pub struct PairLogps {
     pub rejected_tokens: usize,
 }
 
+impl DpoConfig {
+    /// Whether the loss compares with a reference model (all but SimPO).
+    pub fn uses_reference(&self) -> bool {
+        self.loss_type != DpoLossType::Simpo
+    }
+}
+
 /// One pair's loss, its derivatives and its rewards.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PairLoss {
@@ -132,9 +159,9 @@ pub struct PairLoss {
     pub d_chosen: f64,
     /// ∂loss / ∂(policy's summed log-probability of the rejected completion).
     pub d_rejected: f64,
-    /// `β (π_c − ref_c)`.
+    /// `β (π_c − ref_c)` (SimPO: `β π_c / n_c`).
     pub chosen_reward: f64,
-    /// `β (π_r − ref_r)`.
+    /// `β (π_r − ref_r)` (SimPO: `β π_r / n_r`).
     pub rejected_reward: f64,
 }
 
@@ -180,6 +207,20 @@ pub fn dpo_pair_loss(config: &DpoConfig, p: &PairLogps) -> PairLoss {
             let nr = p.rejected_tokens.max(1) as f64;
             let d = chosen_ratio / nc - rejected_ratio / nr - 1.0 / (2.0 * beta);
             (d * d, 2.0 * d / nc, -2.0 * d / nr)
+        }
+        DpoLossType::Simpo => {
+            let nc = p.chosen_tokens.max(1) as f64;
+            let nr = p.rejected_tokens.max(1) as f64;
+            let (ac, ar) = (p.chosen / nc, p.rejected / nr);
+            let z = beta * (ac - ar) - config.simpo_gamma;
+            let dz = -(1.0 - eps) * sigmoid(-z) + eps * sigmoid(z);
+            return PairLoss {
+                loss: -(1.0 - eps) * log_sigmoid(z) - eps * log_sigmoid(-z),
+                d_chosen: dz * beta / nc,
+                d_rejected: -dz * beta / nr,
+                chosen_reward: beta * ac,
+                rejected_reward: beta * ar,
+            };
         }
     };
     PairLoss {
@@ -340,9 +381,17 @@ pub const DPO_METRICS: [&str; 6] = [
     "logps/rejected",
 ];
 
-/// [`DPO_METRICS`] of one micro-batch's pairs, summed.
-fn metric_sums(terms: &[PairLoss], logps: &[(f64, usize)]) -> [f64; 6] {
+/// [`DPO_METRICS`] of one micro-batch's pairs, summed. The log-probabilities are per-token
+/// averages for SimPO (as TRL's `CPOTrainer` logs them), sums otherwise.
+fn metric_sums(config: &DpoConfig, terms: &[PairLoss], logps: &[(f64, usize)]) -> [f64; 6] {
     let n = terms.len();
+    let logp = |(sum, tokens): (f64, usize)| {
+        if config.loss_type == DpoLossType::Simpo {
+            sum / tokens.max(1) as f64
+        } else {
+            sum
+        }
+    };
     let mut out = [0f64; 6];
     for (i, t) in terms.iter().enumerate() {
         let values = [
@@ -350,8 +399,8 @@ fn metric_sums(terms: &[PairLoss], logps: &[(f64, usize)]) -> [f64; 6] {
             t.rejected_reward,
             t.chosen_reward - t.rejected_reward,
             f64::from(u8::from(t.chosen_reward > t.rejected_reward)),
-            logps[i].0,
-            logps[n + i].0,
+            logp(logps[i]),
+            logp(logps[n + i]),
         ];
         for (o, v) in out.iter_mut().zip(values) {
             *o += v;
@@ -362,6 +411,14 @@ fn metric_sums(terms: &[PairLoss], logps: &[(f64, usize)]) -> [f64; 6] {
 
 impl<B: FusedAutodiffBackend> Objective<B> for Dpo<'_> {
     type Batch = PairBatch;
+
+    fn name(&self) -> &'static str {
+        "dpo"
+    }
+
+    fn settings(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(self.config).ok()
+    }
 
     fn units(&self, batch: &PairBatch) -> usize {
         batch.reference.len()
@@ -437,7 +494,10 @@ impl<B: FusedAutodiffBackend> Objective<B> for Dpo<'_> {
                 .map(|r| r.as_ref().map_or((0.0, 0), |(nll, m, _, _)| (-nll, *m)))
                 .collect();
             let terms = pair_terms(&self.config, pairs, &logps);
-            for (m, v) in metrics.iter_mut().zip(metric_sums(&terms, &logps)) {
+            for (m, v) in metrics
+                .iter_mut()
+                .zip(metric_sums(&self.config, &terms, &logps))
+            {
                 *m += v / denominator;
             }
             let n = terms.len();
@@ -497,7 +557,10 @@ impl<B: FusedAutodiffBackend> Objective<B> for Dpo<'_> {
         for batch in self.validation {
             let logps = completion_logps(model, &batch.batch);
             let terms = pair_terms(&self.config, batch, &logps);
-            for (m, v) in metrics.iter_mut().zip(metric_sums(&terms, &logps)) {
+            for (m, v) in metrics
+                .iter_mut()
+                .zip(metric_sums(&self.config, &terms, &logps))
+            {
                 *m += v;
             }
             for t in terms {
@@ -624,12 +687,15 @@ mod tests {
             (DpoLossType::Robust, 0.2),
             (DpoLossType::Hinge, 0.0),
             (DpoLossType::Ipo, 0.0),
+            (DpoLossType::Simpo, 0.0),
+            (DpoLossType::Simpo, 0.1),
         ] {
             for beta in [0.1, 0.5] {
                 out.push(DpoConfig {
                     beta,
                     loss_type,
                     label_smoothing: eps,
+                    ..DpoConfig::default()
                 });
             }
         }

@@ -512,6 +512,7 @@ impl<'a, B: FusedAutodiffBackend> Grpo<'a, B> {
                 "completions/min_length",
                 "completions/max_length",
                 "completions/clipped_ratio",
+                "generation/tokens_per_sec",
             ]
             .map(String::from),
         );
@@ -549,6 +550,7 @@ impl<'a, B: FusedAutodiffBackend> Grpo<'a, B> {
             .lock()
             .map_err(|_| RunnerError::Parallel("a generation thread panicked".into()))?;
         // Per micro-batch: the completions (tokens, text, whether they ended).
+        let started = std::time::Instant::now();
         let mut generated = Vec::with_capacity(batches.len());
         for (k, pb) in batches.iter().enumerate() {
             let prompts: Vec<Vec<u32>> = pb
@@ -573,6 +575,7 @@ impl<'a, B: FusedAutodiffBackend> Grpo<'a, B> {
             )?);
         }
         drop(processors);
+        let generation_seconds = started.elapsed().as_secs_f64();
         // The rewards of every completion of the step, one call per function.
         let inputs: Vec<RewardInput<'_>> = batches
             .iter()
@@ -643,6 +646,7 @@ impl<'a, B: FusedAutodiffBackend> Grpo<'a, B> {
         metrics.push(lengths.iter().copied().min().unwrap_or(0) as f64);
         metrics.push(lengths.iter().copied().max().unwrap_or(0) as f64);
         metrics.push(truncated as f64 / nf);
+        metrics.push(lengths.iter().sum::<usize>() as f64 / generation_seconds.max(1e-9));
         let step_tokens: usize = lengths.iter().sum();
         let samples: Vec<train_monitor::RolloutSample> = inputs
             .iter()
@@ -729,6 +733,23 @@ where
     B::InnerBackend: FusedBackend,
 {
     type Batch = PromptBatch;
+
+    fn name(&self) -> &'static str {
+        "grpo"
+    }
+
+    fn settings(&self) -> Option<serde_json::Value> {
+        let mut v = serde_json::to_value(self.config).ok()?;
+        if let Some(obj) = v.as_object_mut() {
+            let rewards: Vec<serde_json::Value> = self
+                .rewards
+                .iter()
+                .map(|r| serde_json::json!({"name": r.function.name(), "weight": r.weight}))
+                .collect();
+            obj.insert("rewards".into(), rewards.into());
+        }
+        Some(v)
+    }
 
     fn units(&self, batch: &PromptBatch) -> usize {
         let Some(r) = &batch.rollout else { return 0 };

@@ -30,6 +30,15 @@ pub trait Objective<B: FusedAutodiffBackend>: Sync {
     /// Tokens `batch` runs through the model (for throughput), padding excluded.
     fn tokens(&self, batch: &Self::Batch) -> usize;
 
+    /// A short name of the objective, recorded in checkpoints (`sft`, `dpo`, `grpo`): a run is
+    /// resumed by the same objective only.
+    fn name(&self) -> &'static str;
+
+    /// The objective's own settings, recorded in checkpoints; none by default.
+    fn settings(&self) -> Option<serde_json::Value> {
+        None
+    }
+
     /// Names of the metrics the objective reports besides the loss (TRL's names, e.g.
     /// `rewards/chosen`), in the order of [`Contribution::metrics`] and
     /// [`Evaluation::metrics`]; none by default.
@@ -115,6 +124,10 @@ pub struct NextToken<'a> {
 
 impl<B: FusedAutodiffBackend> Objective<B> for NextToken<'_> {
     type Batch = Batch;
+
+    fn name(&self) -> &'static str {
+        "sft"
+    }
 
     fn units(&self, batch: &Batch) -> usize {
         batch.label_tokens

@@ -125,6 +125,20 @@ where
         "the output directory",
     )?;
     let model_print = model_fingerprint(&setup.raw_config);
+    if let Some(r) = resume
+        && let Some(recorded) = &r.state.objective
+        && recorded != objective.name()
+    {
+        return Err(RunnerError::Checkpoint {
+            path: r.dir.clone(),
+            message: format!(
+                "it was written by a `{recorded}` run, not `{}`: resume it with the same command, \
+                 or start a new run from it (--model {})",
+                objective.name(),
+                r.dir.display()
+            ),
+        });
+    }
     if let Some(r) = resume {
         check_resumable(
             &config,
@@ -196,6 +210,8 @@ where
             let mut s = r.state.clone();
             s.total_steps = total_steps;
             s.config = config.clone();
+            s.objective = Some(objective.name().to_string());
+            s.objective_settings = objective.settings();
             if s.model_fingerprint.is_empty() {
                 s.model_fingerprint = model_print;
                 s.model_source = Some(setup.companions_from.clone());
@@ -208,6 +224,8 @@ where
             s.packed_to = packed_to;
             s.devices = setup.parallelism.devices().len();
             s.nodes = setup.parallelism.nodes();
+            s.objective = Some(objective.name().to_string());
+            s.objective_settings = objective.settings();
             s.model_fingerprint = model_print;
             s.model_source = Some(
                 std::path::absolute(&setup.companions_from)

@@ -371,3 +371,113 @@ fn matches_a_pytorch_dpo_loop() {
         }
     }
 }
+
+/// `--precompute-ref-logps`: the reference's log-probabilities are kept in the cache directory
+/// and a second run reads them (the same losses, no reference pass); a damaged or foreign cache
+/// file is not used.
+#[test]
+fn reference_log_probabilities_are_cached() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model();
+    let d = prefs(dir.path());
+    let cache = dir.path().join("cache");
+    let (m, d, c) = (
+        m.to_str().unwrap(),
+        d.to_str().unwrap(),
+        cache.to_str().unwrap(),
+    );
+    let run = |name: &str| -> (String, Vec<serde_json::Value>) {
+        let out = dir.path().join(name);
+        let mut a = args(m, d, out.to_str().unwrap());
+        a.extend([
+            "--max-steps",
+            "2",
+            "--no-shuffle",
+            "--precompute-ref-logps",
+            "--cache-dir",
+            c,
+        ]);
+        let o = train_ok(dir.path(), &a);
+        let mut rows = metrics(&out);
+        for r in &mut rows {
+            r.as_object_mut().unwrap().remove("tokens_per_sec");
+        }
+        (String::from_utf8_lossy(&o.stderr).into_owned(), rows)
+    };
+    let (err, first) = run("a");
+    assert!(!err.contains("read from"), "{err}");
+    let files: Vec<PathBuf> = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let (err, second) = run("b");
+    assert!(err.contains("read from"), "{err}");
+    assert_eq!(first, second);
+    // A file that does not fit these pairs is not used.
+    std::fs::write(&files[0], "[[1, 2]]").unwrap();
+    let (err, third) = run("c");
+    assert!(err.contains("not a reference cache"), "{err}");
+    assert_eq!(first, third);
+    std::fs::write(&files[0], "garbage").unwrap();
+    let (_, fourth) = run("d");
+    assert_eq!(first, fourth);
+}
+
+/// SimPO needs no reference (no reference pass is announced) and trains; a checkpoint of
+/// another objective is not resumed by `train dpo`.
+#[test]
+fn simpo_and_objectives_are_not_mixed_on_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model();
+    let d = prefs(dir.path());
+    let (m, d) = (m.to_str().unwrap(), d.to_str().unwrap());
+    let out = dir.path().join("simpo");
+    let mut a = args(m, d, out.to_str().unwrap());
+    a.extend([
+        "--loss-type",
+        "simpo",
+        "--simpo-gamma",
+        "0.3",
+        "--max-steps",
+        "2",
+    ]);
+    let o = train_ok(dir.path(), &a);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("reference log-probabilities"), "{err}");
+    let rows = metrics(&out);
+    let first = rows.iter().find(|r| r["kind"] == "step").unwrap();
+    // β·avg log p < 0 on both sides: the rewards are negative from the first step.
+    assert!(first["rewards/chosen"].as_f64().unwrap() < 0.0, "{first}");
+    // SimPO's reward is β (0.1) times the per-token average log-probability, which it logs.
+    let (logp, reward) = (
+        first["logps/chosen"].as_f64().unwrap(),
+        first["rewards/chosen"].as_f64().unwrap(),
+    );
+    assert!((logp - reward / 0.1).abs() <= 1e-6 * logp.abs(), "{first}");
+    // An SFT checkpoint, resumed by `train dpo`: refused, naming both objectives.
+    let sft = dir.path().join("sft");
+    let data = crate::common::data(dir.path(), 8);
+    train_ok(
+        dir.path(),
+        &[
+            "--model",
+            m,
+            "--dataset",
+            data.to_str().unwrap(),
+            "--output",
+            sft.to_str().unwrap(),
+            "--max-steps",
+            "1",
+            "--preview-prompts",
+            "0",
+        ],
+    );
+    let ckpt = sft.join("checkpoint-1");
+    let mut a = args(m, d, sft.to_str().unwrap());
+    a.extend(["--resume", ckpt.to_str().unwrap()]);
+    let o = train(dir.path(), &a);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("`sft` run, not `dpo`"), "{err}");
+}

@@ -138,8 +138,16 @@ fn reference(
             } else {
                 0.0
             },
-            c,
-            r,
+            if config.loss_type == DpoLossType::Simpo {
+                c / nc as f64
+            } else {
+                c
+            },
+            if config.loss_type == DpoLossType::Simpo {
+                r / nr as f64
+            } else {
+                r
+            },
         ];
         for (m, v) in metrics.iter_mut().zip(values) {
             *m += v / n as f64;
@@ -191,11 +199,13 @@ fn loss_and_gradients_equal_autodiff_through_the_logits() {
         (DpoLossType::Robust, 0.1),
         (DpoLossType::Hinge, 0.0),
         (DpoLossType::Ipo, 0.0),
+        (DpoLossType::Simpo, 0.1),
     ] {
         let config = DpoConfig {
             beta: 0.5,
             loss_type,
             label_smoothing,
+            ..DpoConfig::default()
         };
         let objective = Dpo {
             config,
@@ -337,7 +347,9 @@ fn pairs_tokenize_score_and_lose_as_in_trl() {
             beta: settings["beta"].as_f64().unwrap(),
             loss_type: serde_json::from_value(settings["loss_type"][0].clone()).unwrap(),
             label_smoothing: settings["label_smoothing"].as_f64().unwrap_or(0.0),
+            simpo_gamma: settings["simpo_gamma"].as_f64().unwrap_or(0.5),
         };
+        let simpo = config.loss_type == DpoLossType::Simpo;
         for ((row, want), ours) in rows
             .iter()
             .zip(case["pairs"].as_array().unwrap())
@@ -379,16 +391,17 @@ fn pairs_tokenize_score_and_lose_as_in_trl() {
                 at("rewards/accuracies"),
                 "{name} rewards/accuracies"
             );
+            // TRL's CPOTrainer logs SimPO's per-token averages.
+            let (c, r) = if simpo {
+                (ours[0].0 / ours[0].1 as f64, ours[1].0 / ours[1].1 as f64)
+            } else {
+                (ours[0].0, ours[1].0)
+            };
+            close(c, at("logps/chosen"), c, &format!("{name} logps/chosen"));
             close(
-                ours[0].0,
-                at("logps/chosen"),
-                ours[0].0,
-                &format!("{name} logps/chosen"),
-            );
-            close(
-                ours[1].0,
+                r,
                 at("logps/rejected"),
-                ours[1].0,
+                r,
                 &format!("{name} logps/rejected"),
             );
         }
