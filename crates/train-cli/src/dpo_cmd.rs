@@ -46,7 +46,7 @@ pub struct DpoArgs {
     /// model; length-normalised, with --simpo-gamma).
     #[arg(long, value_enum, default_value_t = LossTypeArg::Sigmoid)]
     pub loss_type: LossTypeArg,
-    /// The assumed rate of flipped preference labels (sigmoid and robust).
+    /// The assumed rate of flipped preference labels (sigmoid, robust and simpo).
     #[arg(long, default_value_t = DpoConfig::default().label_smoothing)]
     pub label_smoothing: f64,
     /// SimPO's target reward margin γ.

@@ -23,7 +23,7 @@ use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
-use burn::tensor::{FloatDType, Int, Tensor, TensorData};
+use burn::tensor::{FloatDType, IndexingUpdateOp, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use train_data::{Batch, Example, PromptRow, Sequence, SplitMix64};
 use train_logits::{Decoding, GenerationConfig, LogitsProcessor};
@@ -326,6 +326,15 @@ pub fn token_logps<B: FusedBackend>(
     (Tensor::cat(parts, 0), counts)
 }
 
+/// Sums over a micro-batch's completion tokens of the token metrics.
+#[derive(Debug, Clone, Copy, Default)]
+struct TokenSums {
+    kl: f64,
+    low: f64,
+    high: f64,
+    region: f64,
+}
+
 /// The per-token values of a `[tokens]` tensor, split per row by `counts`.
 fn per_row<B: Backend>(values: Tensor<B, 1>, counts: &[usize]) -> Vec<Vec<f32>> {
     let flat: Vec<f32> = values
@@ -474,6 +483,9 @@ pub struct Grpo<'a, B: FusedAutodiffBackend> {
     pub seed: u64,
     /// The last step's prepared batches (with several iterations).
     cache: Mutex<Option<(usize, Vec<PromptBatch>)>>,
+    /// Completion tokens whose logits are computed at once (`None`: as many as keep a chunk's
+    /// f32 logits within `NLL_CHUNK_LOGITS`).
+    logit_chunk: Option<usize>,
 }
 
 impl<'a, B: FusedAutodiffBackend> Grpo<'a, B> {
@@ -496,7 +508,16 @@ impl<'a, B: FusedAutodiffBackend> Grpo<'a, B> {
             reference,
             seed,
             cache: Mutex::new(None),
+            logit_chunk: None,
         }
+    }
+
+    /// Computes the LM head and the token losses `tokens` completion tokens at a time (the
+    /// default keeps a chunk's f32 logits within 64 MiB): less memory, or fewer, larger GEMMs.
+    #[must_use]
+    pub fn with_logit_chunk(mut self, tokens: usize) -> Self {
+        self.logit_chunk = Some(tokens.max(1));
+        self
     }
 
     fn generation_metric_names(&self) -> Vec<String> {
@@ -533,6 +554,143 @@ impl<'a, B: FusedAutodiffBackend> Grpo<'a, B> {
             .map(String::from),
         );
         names
+    }
+
+    /// The loss of one micro-batch's completions (over `denominator`), its token metrics'
+    /// sums, and its gradients. The LM head and the token losses are computed a chunk of
+    /// completion tokens at a time outside the autodiff graph (as the fused LM head + loss of
+    /// supervised training): per chunk, the logits / temperature, their log-softmax, each token's
+    /// loss and its derivative `c` with respect to the token's log-probability, and then the
+    /// gradient `c · (one_hot − softmax) / T` of the logits, carried to the hidden states (and to
+    /// the head when it is trained). The hidden states' gradient then flows back through the
+    /// model by autodiff. No `[tokens, vocab]` tensor outlives its chunk.
+    fn rollout_gradients(
+        &self,
+        model: &CausalLm<B>,
+        rollout: &Rollout,
+        denominator: f64,
+        device: &burn::tensor::Device<B>,
+    ) -> (f64, TokenSums, Option<GradientsParams>) {
+        let batch = &rollout.batch;
+        let rows = batch.batch_size;
+        let flat_batch = model.padding_free().then(|| batch.padding_free()).flatten();
+        let run = flat_batch.as_ref().unwrap_or(batch);
+        let (input, _) = batch_tensors::<B>(run, device);
+        let hidden = model.forward_hidden(&input);
+        let [b, s, width] = hidden.dims();
+        let flat = hidden.reshape([b * s, width]);
+        let inner = flat.clone().inner();
+        let head = model.lm_head_weight();
+        let head_trained = head.is_require_grad();
+        let dtype = inner.dtype();
+        let weight = head.val().inner().cast(dtype);
+        let temperature = self.config.temperature;
+        let max_len = self.config.max_new_tokens.max(1) as f64;
+        // Every completion token: (flattened position, target, row, index in its row).
+        let mut tokens = Vec::new();
+        for (row, (positions, targets)) in completion_positions(run, rows).into_iter().enumerate() {
+            for (t, (p, target)) in positions.into_iter().zip(targets).enumerate() {
+                tokens.push((p, target, row, t));
+            }
+        }
+        let mut counts = vec![0usize; rows];
+        for &(_, _, row, _) in &tokens {
+            counts[row] += 1;
+        }
+        let mut sums = TokenSums::default();
+        let mut loss = 0f64;
+        if tokens.is_empty() {
+            return (0.0, sums, None);
+        }
+        let vocab = model.config.vocab_size.max(1);
+        let chunk = self
+            .logit_chunk
+            .unwrap_or_else(|| (NLL_CHUNK_LOGITS / vocab).max(1));
+        let mut grad_flat = Tensor::<B::InnerBackend, 2>::zeros([b * s, width], (device, dtype));
+        let mut grad_head: Option<Tensor<B::InnerBackend, 2>> = None;
+        for part in tokens.chunks(chunk) {
+            let len = part.len();
+            let index = Tensor::<B::InnerBackend, 1, Int>::from_data(
+                TensorData::new(part.iter().map(|x| x.0).collect::<Vec<i64>>(), [len]),
+                device,
+            );
+            let target = Tensor::<B::InnerBackend, 2, Int>::from_data(
+                TensorData::new(part.iter().map(|x| x.1).collect::<Vec<i64>>(), [len, 1]),
+                device,
+            );
+            let h = inner.clone().select(0, index.clone());
+            let logits = h
+                .clone()
+                .matmul(weight.clone().transpose())
+                .cast(FloatDType::F32);
+            let logits = if temperature == 1.0 {
+                logits
+            } else {
+                logits.div_scalar(temperature)
+            };
+            let logp_all = log_softmax(logits, 1);
+            let picked: Vec<f32> = logp_all
+                .clone()
+                .gather(1, target.clone())
+                .into_data()
+                .convert::<f32>()
+                .to_vec()
+                .unwrap_or_default();
+            // ∂loss/∂logp of each token of the chunk, over the step's units.
+            let mut coef = Vec::with_capacity(len);
+            for (&(_, _, row, t), &logp) in part.iter().zip(&picked) {
+                let a = rollout.advantages.get(row).copied().unwrap_or(0.0);
+                let weight = match self.config.loss_type {
+                    GrpoLossType::Grpo => 1.0 / counts[row].max(1) as f64,
+                    GrpoLossType::DrGrpo => 1.0 / max_len,
+                    GrpoLossType::Dapo => 1.0,
+                } / denominator;
+                let logp = f64::from(logp);
+                let old = rollout
+                    .old_logps
+                    .as_ref()
+                    .and_then(|o| o.get(row)?.get(t).copied())
+                    .map_or(logp, f64::from);
+                let reference = rollout
+                    .ref_logps
+                    .as_ref()
+                    .and_then(|r| r.get(row)?.get(t).copied())
+                    .map(f64::from);
+                let term = grpo_token_loss(&self.config, logp, old, reference, a);
+                loss += weight * term.loss;
+                coef.push((weight * term.d_logp / temperature) as f32);
+                sums.kl += term.kl;
+                sums.low += f64::from(u8::from(term.low_clipped));
+                sums.high += f64::from(u8::from(term.high_clipped));
+                sums.region += f64::from(u8::from(term.low_clipped || term.high_clipped));
+            }
+            // d(Σ c·logp)/d logits = c · (one_hot − softmax) / T.
+            let c =
+                Tensor::<B::InnerBackend, 2>::from_data(TensorData::new(coef, [len, 1]), device);
+            let grad_logits = (logp_all.exp() * c.clone().neg())
+                .scatter(1, target, c, IndexingUpdateOp::Add)
+                .cast(dtype);
+            let grad_h = grad_logits.clone().matmul(weight.clone());
+            grad_flat = grad_flat.select_assign(0, index, grad_h, IndexingUpdateOp::Add);
+            if head_trained {
+                let gw = grad_logits.transpose().matmul(h).cast(FloatDType::F32);
+                grad_head = Some(match grad_head {
+                    Some(total) => total + gw,
+                    None => gw,
+                });
+            }
+        }
+        let surrogate = (flat * Tensor::<B, 2>::from_inner(grad_flat)).sum();
+        let mut grads = GradientsParams::from_grads(surrogate.backward(), model);
+        if let Some(grad_head) = grad_head {
+            let grad_head = grad_head.cast(head.val().dtype());
+            let total = match grads.remove::<B::InnerBackend, 2>(head.id) {
+                Some(g) => g + grad_head,
+                None => grad_head,
+            };
+            grads.register::<B::InnerBackend, 2>(head.id, total);
+        }
+        (loss, sums, Some(grads))
     }
 
     /// Samples, decodes and scores the completions of `batches`, and computes their
@@ -816,14 +974,13 @@ where
         model: &CausalLm<B>,
         batches: &[&PromptBatch],
         denominator: f64,
-        _device: &burn::tensor::Device<B>,
+        device: &burn::tensor::Device<B>,
     ) -> Contribution {
         let mut accumulator = GradientsAccumulator::<CausalLm<B>>::new();
         let generation = self.generation_metric_names().len();
         let token_names = self.token_metric_names().len();
         let mut metrics = vec![0f64; generation + token_names];
         let mut step_loss = 0f64;
-        let max_len = self.config.max_new_tokens.max(1) as f64;
         for pb in batches {
             let Some(rollout) = &pb.rollout else {
                 continue;
@@ -831,58 +988,24 @@ where
             for (m, v) in metrics.iter_mut().zip(&rollout.generation_metrics) {
                 *m += v;
             }
-            let (logps, counts) = token_logps(model, &rollout.batch, self.config.temperature);
-            let values = per_row(logps.clone().inner(), &counts);
+            let (loss, sums, grads) = self.rollout_gradients(model, rollout, denominator, device);
+            step_loss += loss;
             let step_tokens = rollout.step_tokens.max(1) as f64;
-            let mut coef = Vec::with_capacity(counts.iter().sum());
-            let (mut kl_sum, mut low, mut high, mut region) = (0f64, 0f64, 0f64, 0f64);
-            for (i, row) in values.iter().enumerate() {
-                let a = rollout.advantages.get(i).copied().unwrap_or(0.0);
-                let weight = match self.config.loss_type {
-                    GrpoLossType::Grpo => 1.0 / row.len().max(1) as f64,
-                    GrpoLossType::DrGrpo => 1.0 / max_len,
-                    GrpoLossType::Dapo => 1.0,
-                } / denominator;
-                for (t, &logp) in row.iter().enumerate() {
-                    let logp = f64::from(logp);
-                    let old = rollout
-                        .old_logps
-                        .as_ref()
-                        .and_then(|o| o.get(i)?.get(t).copied())
-                        .map_or(logp, f64::from);
-                    let reference = rollout
-                        .ref_logps
-                        .as_ref()
-                        .and_then(|r| r.get(i)?.get(t).copied())
-                        .map(f64::from);
-                    let term = grpo_token_loss(&self.config, logp, old, reference, a);
-                    step_loss += weight * term.loss;
-                    coef.push((weight * term.d_logp) as f32);
-                    kl_sum += term.kl;
-                    low += f64::from(u8::from(term.low_clipped));
-                    high += f64::from(u8::from(term.high_clipped));
-                    region += f64::from(u8::from(term.low_clipped || term.high_clipped));
-                }
-            }
             let mut token_metrics = Vec::with_capacity(token_names);
             if self.config.beta != 0.0 {
-                token_metrics.push(kl_sum / step_tokens);
+                token_metrics.push(sums.kl / step_tokens);
             }
-            token_metrics.extend([low / step_tokens, high / step_tokens, region / step_tokens]);
+            token_metrics.extend([
+                sums.low / step_tokens,
+                sums.high / step_tokens,
+                sums.region / step_tokens,
+            ]);
             for (m, v) in metrics[generation..].iter_mut().zip(token_metrics) {
                 *m += v;
             }
-            let m = coef.len();
-            if m == 0 {
-                continue;
+            if let Some(grads) = grads {
+                accumulator.accumulate(model, grads);
             }
-            let device = logps.device();
-            let coef = Tensor::<B, 1>::from_data(TensorData::new(coef, [m]), &device);
-            let surrogate = (logps * coef).sum();
-            accumulator.accumulate(
-                model,
-                GradientsParams::from_grads(surrogate.backward(), model),
-            );
         }
         Contribution {
             loss: step_loss,
