@@ -4,25 +4,21 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{Context, Result, bail};
-use burn::module::AutodiffModule;
+use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
 use train_data::{
-    ChatTokenizer, DataError, EncodedPair, ErrorPolicy, Example, LabelMode, Problem, ProblemKind,
-    Sequence, TrainRows, Truncation, ValidationSplit, load_preferences, split_indices,
+    ChatTokenizer, DataError, EncodedPair, ErrorPolicy, Example, Problem, ProblemKind, Sequence,
+    TrainRows, Truncation, ValidationSplit, load_preferences, split_indices,
 };
-use train_model::{CausalLm, FusedAutodiffBackend, FusedBackend, load_pretrained};
+use train_model::{CausalLm, FusedAutodiffBackend, FusedBackend};
 use train_runner::{
-    Collate, DpoConfig, DpoLossType, MetricsObserver, Observers, PairBatch, PairRow, Parallelism,
-    Resume, RunControl, RunSummary, TrainSetup, TrainerConfig, completion_logps,
+    Collate, DpoConfig, DpoLossType, PairBatch, PairRow, Parallelism, RunControl, RunSummary,
+    TrainSetup, completion_logps,
 };
 
 use crate::backend::{Placement, WithBackend};
-use crate::control::ControlWatcher;
-use crate::monitor::Monitor;
-use crate::progress::Progress;
 use crate::run_cmd::{
-    RunArgs, check_output, execute, read_alerts, resolve_resume, stop_on_signals,
+    Launch, RunArgs, execute, observed_plain, reference_model, refuse_sft_options,
 };
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,10 +52,10 @@ pub struct DpoArgs {
     /// model without the adapter).
     #[arg(long, value_name = "DIR")]
     pub ref_model: Option<String>,
-    /// Also keep the reference's log-probabilities on disk (in --cache-dir, or
-    /// ~/.cache/train-rs/reference-logps), keyed by the tokenized data and the reference's
-    /// weights, so that another run or a resume on the same data skips the reference pass. They
-    /// are always computed once, before the first step.
+    /// Also keep the reference's log-probabilities on disk with the prepared data (in
+    /// --cache-dir, or OUTPUT/.cache), keyed by the tokenized data and the reference's weights,
+    /// so that another run or a resume on the same data skips the reference pass. They are
+    /// always computed once, before the first step.
     #[arg(long)]
     pub precompute_ref_logps: bool,
 }
@@ -85,6 +81,18 @@ impl DpoArgs {
 struct Tokenized {
     chosen: Sequence,
     rejected: Sequence,
+}
+
+impl Tokenized {
+    /// The pair as a training row, its reference log-probabilities 0 until known.
+    fn unscored(self) -> PairRow {
+        PairRow {
+            chosen: self.chosen,
+            rejected: self.rejected,
+            ref_chosen: 0.0,
+            ref_rejected: 0.0,
+        }
+    }
 }
 
 fn sequence(row: usize, e: train_data::Encoded) -> Sequence {
@@ -166,15 +174,7 @@ fn with_reference<B: FusedBackend>(
     batch_size: usize,
     pad_id: u32,
 ) -> Vec<PairRow> {
-    let mut out: Vec<PairRow> = pairs
-        .into_iter()
-        .map(|p| PairRow {
-            chosen: p.chosen,
-            rejected: p.rejected,
-            ref_chosen: 0.0,
-            ref_rejected: 0.0,
-        })
-        .collect();
+    let mut out: Vec<PairRow> = pairs.into_iter().map(Tokenized::unscored).collect();
     for chunk in out.chunks_mut(batch_size.max(1)) {
         let batch = PairRow::collate(chunk.to_vec(), pad_id);
         let logps = completion_logps(reference, &batch.batch);
@@ -276,16 +276,12 @@ impl ReferenceCache {
 
 struct DpoTraining<'a> {
     args: &'a DpoArgs,
-    cluster: Option<train_runner::Cluster>,
-    trainer: TrainerConfig,
-    model_dir: PathBuf,
-    tok: ChatTokenizer,
+    launch: Launch,
     pairs: Vec<Tokenized>,
     /// Indices of `pairs` trained on, and validated on.
     split: (Vec<usize>, Vec<usize>),
     cache_dir: Option<PathBuf>,
     fingerprint: String,
-    resume: Option<Resume>,
     control: RunControl,
     alerts: train_monitor::AlertConfig,
 }
@@ -296,50 +292,23 @@ impl WithBackend for DpoTraining<'_> {
     fn run<B: FusedAutodiffBackend>(self, placement: Placement<B>) -> Result<RunSummary> {
         let device = placement.main;
         let args = &self.args.run;
-        let options = args.compute.load_options(true);
-        let source = load_pretrained::<B>(&self.model_dir, &options, &device)
-            .with_context(|| format!("loading {}", self.model_dir.display()))?;
-        crate::check_tokenizer_fits(&self.tok, &self.model_dir, source.config.vocab_size)?;
-        let pad_id = self.tok.pad_id();
-        let eval_batch = self
-            .trainer
-            .eval_batch_size
-            .unwrap_or(self.trainer.batch_size);
+        let source = self.launch.source::<B>(&args.compute, &device)?;
+        let pad_id = self.launch.tok.pad_id();
+        let trainer = &self.launch.trainer;
+        let eval_batch = trainer.eval_batch_size.unwrap_or(trainer.batch_size);
         // The reference: the starting weights (for a resumed run too: --model, not the
         // checkpoint), or --ref-model. Its log-probabilities of every pair are computed once,
         // here (or read from the cache), and the model dropped.
         let all = if !self.args.dpo_config().uses_reference() {
             // SimPO compares the policy with nothing: no reference pass.
-            self.pairs
-                .into_iter()
-                .map(|p| PairRow {
-                    chosen: p.chosen,
-                    rejected: p.rejected,
-                    ref_chosen: 0.0,
-                    ref_rejected: 0.0,
-                })
-                .collect()
+            self.pairs.into_iter().map(Tokenized::unscored).collect()
         } else {
-            let reference = match &self.args.ref_model {
-                Some(r) => {
-                    let dir = crate::registry()?.resolve(r)?;
-                    load_pretrained::<B::InnerBackend>(
-                        &dir,
-                        &args.compute.load_options(false),
-                        &device,
-                    )
-                    .with_context(|| format!("loading the reference model {}", dir.display()))?
-                    .model
-                }
-                None => source.model.valid(),
-            };
-            if reference.config.vocab_size != source.config.vocab_size {
-                bail!(
-                    "the reference model's vocabulary ({}) differs from the model's ({})",
-                    reference.config.vocab_size,
-                    source.config.vocab_size
-                );
-            }
+            let reference = reference_model(
+                self.args.ref_model.as_deref(),
+                &args.compute,
+                &source.model,
+                &device,
+            )?;
             let cached = match &self.cache_dir {
                 Some(dir) => Some(ReferenceCache::new(
                     dir,
@@ -384,15 +353,15 @@ impl WithBackend for DpoTraining<'_> {
             .chunks(eval_batch.max(1))
             .map(|c| PairRow::collate(c.to_vec(), pad_id))
             .collect();
-        let (model, resume) = match self.resume {
-            Some(resume) => {
-                let ckpt = load_pretrained::<B>(&resume.dir, &options, &device)
-                    .with_context(|| format!("loading checkpoint {}", resume.dir.display()))?;
-                (ckpt.model, Some(resume))
-            }
-            None => (source.model, None),
-        };
-        let output = self.trainer.output_dir.clone();
+        let model = self.launch.model(&args.compute, &device, source.model)?;
+        let Launch {
+            cluster,
+            trainer,
+            model_dir,
+            resume,
+            ..
+        } = self.launch;
+        let output = trainer.output_dir.clone();
         let setup = TrainSetup {
             model,
             raw_config: source.raw_config,
@@ -401,37 +370,24 @@ impl WithBackend for DpoTraining<'_> {
             train: TrainRows::default(),
             validation: Vec::new(),
             pad_id,
-            config: self.trainer,
+            config: trainer,
             data_fingerprint: self.fingerprint,
             overwrite: args.yes,
-            parallelism: Parallelism::new(placement.workers, self.cluster)?,
-            inputs: vec![self.model_dir.clone()],
+            parallelism: Parallelism::new(placement.workers, cluster)?,
+            inputs: vec![model_dir],
         };
-        let status_dir = args
-            .status_dir
-            .clone()
-            .unwrap_or_else(|| output.join("status"));
-        let mut monitor = Monitor::new(status_dir, output, self.alerts);
-        let mut metrics = MetricsObserver::new();
-        let mut progress = Progress::new();
-        let mut observers = Observers::default();
-        observers.push(&mut monitor);
-        observers.push(&mut metrics);
-        observers.push(&mut progress);
-        let summary = train_runner::run_dpo(
-            setup,
-            train,
-            &validation,
-            self.args.dpo_config(),
-            resume.as_ref(),
-            &mut observers,
-            &self.control,
-        );
-        drop(observers);
-        if let Some(e) = metrics.error() {
-            errln!("warning: metrics.jsonl: {e} (training went on without it)");
-        }
-        Ok(summary?)
+        let config = self.args.dpo_config();
+        observed_plain(args, output, self.alerts, |observers| {
+            train_runner::run_dpo(
+                setup,
+                train,
+                &validation,
+                config,
+                resume.as_ref(),
+                observers,
+                &self.control,
+            )
+        })
     }
 }
 
@@ -442,29 +398,15 @@ pub fn dpo(args: &DpoArgs) -> Result<ExitCode> {
     if data.packing {
         bail!("--packing: preference pairs are not packed (each pair is a micro-batch row)");
     }
-    // The SFT data options that would change what is trained, which pairs do not go through.
-    let unused = [
-        (data.apply_thinking_pattern, "--thinking-pattern"),
-        (data.apply_stop_pattern, "--stop-pattern"),
-        (data.system_prompt.is_some(), "--system-prompt"),
-        (!data.transforms.is_empty(), "--transforms"),
-        (data.label_mode != LabelMode::default(), "--label-mode"),
-    ];
-    if let Some((_, flag)) = unused.iter().find(|(given, _)| *given) {
-        bail!(
-            "{flag}: `train dpo` does not transform preference pairs (its completion is always the \
-             final assistant turn); transform the data file first"
-        );
-    }
-    let trainer = run.trainer_config();
-    trainer.validate()?;
+    refuse_sft_options(
+        &data,
+        "train dpo",
+        "its completion is always the final assistant turn",
+    )?;
     args.dpo_config().validate()?;
-    let cluster = run.cluster()?;
-    let (model_dir, tok) = crate::tokenizer_for(&run.data.model)?;
-    let resume = resolve_resume(run.resume.as_deref(), &trainer.output_dir)?;
-    check_output(&trainer.output_dir, &model_dir, resume.as_ref())?;
-    let fingerprint = train_data::cache_key(&data, &tok)?;
-    let pairs = tokenized_pairs(&data, &tok)?;
+    let launch = Launch::new(run)?;
+    let fingerprint = train_data::cache_key(&data, &launch.tok)?;
+    let pairs = tokenized_pairs(&data, &launch.tok)?;
     let split = ValidationSplit::from_value(data.validation_split)?;
     let split = split_indices(pairs.len(), split, data.seed);
     if split.0.is_empty() {
@@ -473,25 +415,27 @@ pub fn dpo(args: &DpoArgs) -> Result<ExitCode> {
             data.dataset_path.display()
         );
     }
-    let control = stop_on_signals()?;
-    let alerts = read_alerts(run.alerts.as_deref())?;
-    let watcher = ControlWatcher::start(&trainer.output_dir, &control);
+    let (control, alerts, watcher) = launch.arm(run)?;
+    // With the prepared data: --cache-dir, or the output directory's cache (as `train`'s).
+    let cache_dir = args.precompute_ref_logps.then(|| {
+        run.data.cache_dir.clone().map_or_else(
+            || {
+                launch
+                    .trainer
+                    .output_dir
+                    .join(".cache")
+                    .join("reference-logps")
+            },
+            |d| d.join("reference-logps"),
+        )
+    });
     let work = DpoTraining {
         args,
-        cluster,
-        trainer,
-        model_dir,
-        tok,
+        launch,
         pairs,
         split,
-        cache_dir: args.precompute_ref_logps.then(|| {
-            run.data.cache_dir().map_or_else(
-                || crate::cache_root().join("reference-logps"),
-                Path::to_path_buf,
-            )
-        }),
+        cache_dir,
         fingerprint,
-        resume,
         control,
         alerts,
     };

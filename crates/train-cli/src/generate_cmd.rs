@@ -142,25 +142,12 @@ pub fn run(args: &GenerateArgs) -> Result<ExitCode> {
     let prompt = tok
         .encode_prompt(&messages)
         .context("applying the chat template to the prompt")?;
-    let mut configs = match &args.processors {
-        Some(p) => ProcessorsFile::read(p)?.processors,
-        None => Vec::new(),
-    };
-    if let Some(temperature) = args.temperature {
-        configs.push(ProcessorConfig::Temperature { temperature });
-    }
-    if let Some(top_k) = args.top_k {
-        configs.push(ProcessorConfig::TopK {
-            top_k,
-            min_tokens_to_keep: 1,
-        });
-    }
-    if let Some(top_p) = args.top_p {
-        configs.push(ProcessorConfig::TopP {
-            top_p,
-            min_tokens_to_keep: 1,
-        });
-    }
+    let configs = sampling_processors(
+        args.processors.as_deref(),
+        args.temperature,
+        args.top_k,
+        args.top_p,
+    )?;
     let work = Generate {
         args,
         dir,
@@ -201,4 +188,34 @@ pub fn run(args: &GenerateArgs) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The processors of sampling: those of a `[[processors]]` file, then temperature, top-k and
+/// top-p when given (`train generate`, `train grpo`).
+pub(crate) fn sampling_processors(
+    file: Option<&std::path::Path>,
+    temperature: Option<f32>,
+    top_k: Option<usize>,
+    top_p: Option<f32>,
+) -> Result<Vec<ProcessorConfig>> {
+    let mut configs = match file {
+        Some(p) => ProcessorsFile::read(p)?.processors,
+        None => Vec::new(),
+    };
+    if let Some(temperature) = temperature {
+        configs.push(ProcessorConfig::Temperature { temperature });
+    }
+    if let Some(top_k) = top_k {
+        configs.push(ProcessorConfig::TopK {
+            top_k,
+            min_tokens_to_keep: 1,
+        });
+    }
+    if let Some(top_p) = top_p {
+        configs.push(ProcessorConfig::TopP {
+            top_p,
+            min_tokens_to_keep: 1,
+        });
+    }
+    Ok(configs)
 }

@@ -6,25 +6,20 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use burn::module::AutodiffModule;
 use clap::{Args, ValueEnum};
 use train_data::{
-    ChatTokenizer, DataError, ErrorPolicy, LabelMode, Problem, ProblemKind, Truncation,
-    load_prompts,
+    ChatTokenizer, DataError, ErrorPolicy, Problem, ProblemKind, Truncation, load_prompts,
 };
-use train_logits::{LogitsProcessor, ProcessorConfig, ProcessorContext, ProcessorsFile};
-use train_model::{FusedAutodiffBackend, load_pretrained};
+use train_logits::{LogitsProcessor, ProcessorConfig, ProcessorContext};
+use train_model::FusedAutodiffBackend;
 use train_runner::{
-    Grpo, GrpoConfig, GrpoLossType, GrpoRow, MetricsObserver, Observers, Parallelism, Resume,
-    RunControl, RunSummary, ScaleRewards, TrainSetup, TrainerConfig, WeightedReward,
+    Grpo, GrpoConfig, GrpoLossType, GrpoRow, Parallelism, RunControl, RunSummary, ScaleRewards,
+    TrainSetup, WeightedReward,
 };
 
 use crate::backend::{Placement, WithBackend};
-use crate::control::ControlWatcher;
-use crate::monitor::Monitor;
-use crate::progress::Progress;
 use crate::run_cmd::{
-    RunArgs, check_output, execute, read_alerts, resolve_resume, stop_on_signals,
+    Launch, RunArgs, execute, observed_plain, reference_model, refuse_sft_options,
 };
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -123,30 +118,15 @@ impl GrpoArgs {
         }
     }
 
-    /// The processors sampling applies: the file's, then temperature, top-k, top-p.
+    /// The processors sampling applies: the file's, then temperature (when not 1), top-k,
+    /// top-p.
     fn processor_configs(&self) -> Result<Vec<ProcessorConfig>> {
-        let mut configs = match &self.processors {
-            Some(p) => ProcessorsFile::read(p)?.processors,
-            None => Vec::new(),
-        };
-        if self.temperature != 1.0 {
-            configs.push(ProcessorConfig::Temperature {
-                temperature: self.temperature as f32,
-            });
-        }
-        if let Some(top_k) = self.top_k {
-            configs.push(ProcessorConfig::TopK {
-                top_k,
-                min_tokens_to_keep: 1,
-            });
-        }
-        if let Some(top_p) = self.top_p {
-            configs.push(ProcessorConfig::TopP {
-                top_p,
-                min_tokens_to_keep: 1,
-            });
-        }
-        Ok(configs)
+        crate::generate_cmd::sampling_processors(
+            self.processors.as_deref(),
+            (self.temperature != 1.0).then_some(self.temperature as f32),
+            self.top_k,
+            self.top_p,
+        )
     }
 }
 
@@ -200,15 +180,11 @@ fn tokenized_prompts(
 
 struct GrpoTraining<'a> {
     args: &'a GrpoArgs,
-    cluster: Option<train_runner::Cluster>,
-    trainer: TrainerConfig,
-    model_dir: PathBuf,
-    tok: ChatTokenizer,
+    launch: Launch,
     prompts: Vec<GrpoRow>,
     rewards: Vec<WeightedReward>,
     processors: Vec<ProcessorConfig>,
     fingerprint: String,
-    resume: Option<Resume>,
     control: RunControl,
     alerts: train_monitor::AlertConfig,
 }
@@ -219,42 +195,25 @@ impl WithBackend for GrpoTraining<'_> {
     fn run<B: FusedAutodiffBackend>(self, placement: Placement<B>) -> Result<RunSummary> {
         let device = placement.main;
         let args = &self.args.run;
-        let options = args.compute.load_options(true);
-        let source = load_pretrained::<B>(&self.model_dir, &options, &device)
-            .with_context(|| format!("loading {}", self.model_dir.display()))?;
-        crate::check_tokenizer_fits(&self.tok, &self.model_dir, source.config.vocab_size)?;
-        let pad_id = self.tok.pad_id();
+        let source = self.launch.source::<B>(&args.compute, &device)?;
+        let tok = &self.launch.tok;
+        let pad_id = tok.pad_id();
         let grpo = self.args.grpo_config();
         // The KL reference: the starting weights (for a resumed run too), or --ref-model. For
         // a LoRA run the starting weights are the base, whose frozen tensors the policy shares.
         let reference = if grpo.beta > 0.0 {
-            let reference = match &self.args.ref_model {
-                Some(r) => {
-                    let dir = crate::registry()?.resolve(r)?;
-                    load_pretrained::<B::InnerBackend>(
-                        &dir,
-                        &args.compute.load_options(false),
-                        &device,
-                    )
-                    .with_context(|| format!("loading the reference model {}", dir.display()))?
-                    .model
-                }
-                None => source.model.valid(),
-            };
-            if reference.config.vocab_size != source.config.vocab_size {
-                bail!(
-                    "the reference model's vocabulary ({}) differs from the model's ({})",
-                    reference.config.vocab_size,
-                    source.config.vocab_size
-                );
-            }
-            Some(reference)
+            Some(reference_model(
+                self.args.ref_model.as_deref(),
+                &args.compute,
+                &source.model,
+                &device,
+            )?)
         } else {
             None
         };
-        let ends = train_logits::end_ids(&self.model_dir, &source.config.eos_token_ids, &self.tok);
+        let ends = train_logits::end_ids(&self.launch.model_dir, &source.config.eos_token_ids, tok);
         let ctx = ProcessorContext {
-            tokenizer: Some(self.tok.tokenizer()),
+            tokenizer: Some(tok.tokenizer()),
             end_ids: &ends,
         };
         let processors: Vec<Box<dyn LogitsProcessor>> =
@@ -265,24 +224,17 @@ impl WithBackend for GrpoTraining<'_> {
                 Some(p) => format!("processors of {}", p.display()),
                 None => "processors".to_string(),
             })?;
-        let (model, resume) = match self.resume {
-            Some(resume) => {
-                let ckpt = load_pretrained::<B>(&resume.dir, &options, &device)
-                    .with_context(|| format!("loading checkpoint {}", resume.dir.display()))?;
-                (ckpt.model, Some(resume))
-            }
-            None => (source.model, None),
-        };
+        let model = self.launch.model(&args.compute, &device, source.model)?;
         let objective = Grpo::<B>::new(
             grpo,
             &self.rewards,
-            self.tok.tokenizer(),
+            tok.tokenizer(),
             ends,
             processors,
             reference,
-            self.trainer.seed,
+            self.launch.trainer.seed,
         );
-        let output = self.trainer.output_dir.clone();
+        let output = self.launch.trainer.output_dir.clone();
         let setup = TrainSetup {
             model,
             raw_config: source.raw_config,
@@ -291,36 +243,22 @@ impl WithBackend for GrpoTraining<'_> {
             train: train_data::TrainRows::default(),
             validation: Vec::new(),
             pad_id,
-            config: self.trainer,
+            config: self.launch.trainer.clone(),
             data_fingerprint: self.fingerprint,
             overwrite: args.yes,
-            parallelism: Parallelism::new(placement.workers, self.cluster)?,
-            inputs: vec![self.model_dir.clone()],
+            parallelism: Parallelism::new(placement.workers, self.launch.cluster.clone())?,
+            inputs: vec![self.launch.model_dir.clone()],
         };
-        let status_dir = args
-            .status_dir
-            .clone()
-            .unwrap_or_else(|| output.join("status"));
-        let mut monitor = Monitor::new(status_dir, output, self.alerts);
-        let mut metrics = MetricsObserver::new();
-        let mut progress = Progress::new();
-        let mut observers = Observers::default();
-        observers.push(&mut monitor);
-        observers.push(&mut metrics);
-        observers.push(&mut progress);
-        let summary = train_runner::run_grpo(
-            setup,
-            self.prompts,
-            &objective,
-            resume.as_ref(),
-            &mut observers,
-            &self.control,
-        );
-        drop(observers);
-        if let Some(e) = metrics.error() {
-            errln!("warning: metrics.jsonl: {e} (training went on without it)");
-        }
-        Ok(summary?)
+        observed_plain(args, output, self.alerts, |observers| {
+            train_runner::run_grpo(
+                setup,
+                self.prompts,
+                &objective,
+                self.launch.resume.as_ref(),
+                observers,
+                &self.control,
+            )
+        })
     }
 }
 
@@ -331,19 +269,7 @@ pub fn grpo(args: &GrpoArgs) -> Result<ExitCode> {
     if data.packing {
         bail!("--packing: GRPO samples its completions; there is nothing to pack");
     }
-    let unused = [
-        (data.apply_thinking_pattern, "--thinking-pattern"),
-        (data.apply_stop_pattern, "--stop-pattern"),
-        (data.system_prompt.is_some(), "--system-prompt"),
-        (!data.transforms.is_empty(), "--transforms"),
-        (data.label_mode != LabelMode::default(), "--label-mode"),
-    ];
-    if let Some((_, flag)) = unused.iter().find(|(given, _)| *given) {
-        bail!(
-            "{flag}: `train grpo` does not transform its prompts (it trains on its own \
-             completions); transform the data file first"
-        );
-    }
+    refuse_sft_options(&data, "train grpo", "it trains on its own completions")?;
     // Every prompt is trained on: GRPO is scored by its rewards (`reward` in metrics.jsonl),
     // not by a validation loss. A split other than the default says so.
     if data.validation_split > 0.0
@@ -351,38 +277,26 @@ pub fn grpo(args: &GrpoArgs) -> Result<ExitCode> {
     {
         errln!("note: --validation-split is not used by `train grpo` (every prompt is trained on)");
     }
-    let trainer = run.trainer_config();
-    trainer.validate()?;
-    let grpo = args.grpo_config();
-    grpo.validate()?;
+    args.grpo_config().validate()?;
     let rewards = train_runner::read_rewards(&args.reward)?;
     let processors = args.processor_configs()?;
-    let cluster = run.cluster()?;
-    let (model_dir, tok) = crate::tokenizer_for(&run.data.model)?;
-    let resume = resolve_resume(run.resume.as_deref(), &trainer.output_dir)?;
-    check_output(&trainer.output_dir, &model_dir, resume.as_ref())?;
-    let fingerprint = train_data::cache_key(&data, &tok)?;
-    let prompts = tokenized_prompts(&data, &tok)?;
+    let launch = Launch::new(run)?;
+    let fingerprint = train_data::cache_key(&data, &launch.tok)?;
+    let prompts = tokenized_prompts(&data, &launch.tok)?;
     if prompts.is_empty() {
         bail!(
             "{}: no prompts left after loading",
             data.dataset_path.display()
         );
     }
-    let control = stop_on_signals()?;
-    let alerts = read_alerts(run.alerts.as_deref())?;
-    let watcher = ControlWatcher::start(&trainer.output_dir, &control);
+    let (control, alerts, watcher) = launch.arm(run)?;
     let work = GrpoTraining {
         args,
-        cluster,
-        trainer,
-        model_dir,
-        tok,
+        launch,
         prompts,
         rewards,
         processors,
         fingerprint,
-        resume,
         control,
         alerts,
     };

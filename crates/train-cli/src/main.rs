@@ -40,7 +40,7 @@ mod registry;
 mod run_cmd;
 mod status_cmd;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -359,11 +359,6 @@ impl LoadArgs {
 }
 
 impl DataArgs {
-    /// `--cache-dir`.
-    pub(crate) fn cache_dir(&self) -> Option<&Path> {
-        self.cache_dir.as_deref()
-    }
-
     /// Binds the `[data]` section of the --config file and the flags given in `matches`.
     pub(crate) fn bind(&mut self, section: Option<&DatasetConfig>, matches: &clap::ArgMatches) {
         self.section = section.cloned();
@@ -452,15 +447,6 @@ pub(crate) fn read_settings(path: &std::path::Path, flag: &str) -> Result<String
         );
     }
     std::fs::read_to_string(path).with_context(|| format!("{flag} {}", path.display()))
-}
-
-/// Where derived data is kept when no `--cache-dir` says otherwise: `$TRAIN_RS_CACHE`, else
-/// the user's cache directory's `train-rs` (`~/.cache/train-rs`), else `.train-rs-cache`.
-pub(crate) fn cache_root() -> PathBuf {
-    if let Some(dir) = std::env::var_os("TRAIN_RS_CACHE") {
-        return PathBuf::from(dir);
-    }
-    dirs::cache_dir().map_or_else(|| PathBuf::from(".train-rs-cache"), |d| d.join("train-rs"))
 }
 
 pub(crate) fn registry() -> Result<ModelRegistry> {

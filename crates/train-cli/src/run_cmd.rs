@@ -427,12 +427,8 @@ fn prepare_data(config: &DatasetConfig, tok: &ChatTokenizer, cache: &Path) -> Re
 
 struct Training<'a> {
     args: &'a RunArgs,
-    cluster: Option<train_runner::Cluster>,
-    trainer: TrainerConfig,
-    model_dir: PathBuf,
-    tok: ChatTokenizer,
+    launch: Launch,
     prepared: Prepared,
-    resume: Option<Resume>,
     control: RunControl,
     alerts: train_monitor::AlertConfig,
 }
@@ -442,19 +438,24 @@ impl WithBackend for Training<'_> {
 
     fn run<B: FusedAutodiffBackend>(self, placement: Placement<B>) -> Result<RunSummary> {
         let device = placement.main;
-        let options = self.args.compute.load_options(true);
-        let source = load_pretrained::<B>(&self.model_dir, &options, &device)
-            .with_context(|| format!("loading {}", self.model_dir.display()))?;
-        let (model, resume) = match self.resume {
-            Some(resume) => {
-                let ckpt = load_pretrained::<B>(&resume.dir, &options, &device)
-                    .with_context(|| format!("loading checkpoint {}", resume.dir.display()))?;
-                (ckpt.model, Some(resume))
-            }
-            None => (source.model, None),
-        };
-        let tok = self.tok;
-        crate::check_tokenizer_fits(&tok, &self.model_dir, source.config.vocab_size)?;
+        let train_model::Pretrained {
+            model: source_model,
+            config: source_config,
+            raw_config,
+            dir: source_dir,
+            source_dtype,
+            ..
+        } = self.launch.source::<B>(&self.args.compute, &device)?;
+        let model = self
+            .launch
+            .model(&self.args.compute, &device, source_model)?;
+        let Launch {
+            cluster,
+            trainer,
+            model_dir,
+            tok,
+            resume,
+        } = self.launch;
         let Prepared {
             train: train_examples,
             validation,
@@ -470,7 +471,7 @@ impl WithBackend for Training<'_> {
         let probes = crate::inspect::probes(probe_rows, &tok, self.args.preview_prompts);
         // The loop trains on the rows; the examples they were built from are not needed.
         drop(train_examples);
-        let end_ids = train_logits::end_ids(&self.model_dir, &source.config.eos_token_ids, &tok);
+        let end_ids = train_logits::end_ids(&model_dir, &source_config.eos_token_ids, &tok);
         let ctx = train_logits::ProcessorContext {
             tokenizer: Some(tok.tokenizer()),
             end_ids: &end_ids,
@@ -483,21 +484,21 @@ impl WithBackend for Training<'_> {
             None => Vec::new(),
         };
         let start_step = resume.as_ref().map_or(0, |r| r.state.global_step);
-        let output = self.trainer.output_dir.clone();
-        let eval_steps = self.trainer.eval_steps;
+        let output = trainer.output_dir.clone();
+        let eval_steps = trainer.eval_steps;
         let setup = TrainSetup {
             model,
-            raw_config: source.raw_config,
-            companions_from: source.dir.clone(),
-            source_dtype: source.source_dtype,
+            raw_config,
+            companions_from: source_dir.clone(),
+            source_dtype,
             train: rows,
             validation,
             pad_id: tok.pad_id(),
-            config: self.trainer,
+            config: trainer,
             data_fingerprint: fingerprint,
             overwrite: self.args.yes,
-            parallelism: Parallelism::new(placement.workers, self.cluster)?,
-            inputs: vec![self.model_dir.clone()],
+            parallelism: Parallelism::new(placement.workers, cluster)?,
+            inputs: vec![model_dir.clone()],
         };
         let mut progress = Progress::new();
         let status_dir = self
@@ -515,18 +516,9 @@ impl WithBackend for Training<'_> {
             start_step,
         );
         let mut monitor = Monitor::new(status_dir, output, self.alerts).with_inspector(inspector);
-        let mut metrics = MetricsObserver::new();
-        let mut observers = Observers::default();
-        // The monitor first: the status file is current before progress lines announce a change
-        // (it reads a resumed run's past rows at the start, before they are appended to).
-        observers.push(&mut monitor);
-        observers.push(&mut metrics);
-        observers.push(&mut progress);
-        let summary = train_runner::run(setup, resume.as_ref(), &mut observers, &self.control);
-        drop(observers);
-        if let Some(e) = metrics.error() {
-            errln!("warning: metrics.jsonl: {e} (training went on without it)");
-        }
+        let summary = observed(&mut monitor, &mut progress, |observers| {
+            train_runner::run(setup, resume.as_ref(), observers, &self.control)
+        });
         if let Some((spent, wall, steps)) = monitor.overhead {
             errln!(
                 "monitoring (status file, alerts, previews, layer monitor, evolution, plots, report): {:.1} ms over {steps} steps, {:.2} % of the run",
@@ -534,7 +526,174 @@ impl WithBackend for Training<'_> {
                 100.0 * spent.as_secs_f64() / wall.as_secs_f64().max(1e-9)
             );
         }
-        Ok(summary?)
+        summary
+    }
+}
+
+/// Runs `run` with the observers of every training command: `monitor` (first: the status file
+/// is current before progress lines announce a change, and it reads a resumed run's past rows
+/// at the start, before they are appended to), `metrics.jsonl` and `progress`; a failure to
+/// write `metrics.jsonl` is reported, not fatal.
+pub(crate) fn observed<B: FusedAutodiffBackend>(
+    monitor: &mut Monitor<'_>,
+    progress: &mut Progress,
+    run: impl FnOnce(&mut Observers<'_, B>) -> train_runner::Result<RunSummary>,
+) -> Result<RunSummary> {
+    let mut metrics = MetricsObserver::new();
+    let mut observers = Observers::default();
+    observers.push(monitor);
+    observers.push(&mut metrics);
+    observers.push(progress);
+    let summary = run(&mut observers);
+    drop(observers);
+    if let Some(e) = metrics.error() {
+        errln!("warning: metrics.jsonl: {e} (training went on without it)");
+    }
+    Ok(summary?)
+}
+
+/// [`observed`] with a plain monitor (no previews) writing under `args.status_dir` (default
+/// `output/status`): the observers of `train dpo` and `train grpo`.
+pub(crate) fn observed_plain<B: FusedAutodiffBackend>(
+    args: &RunArgs,
+    output: PathBuf,
+    alerts: train_monitor::AlertConfig,
+    run: impl FnOnce(&mut Observers<'_, B>) -> train_runner::Result<RunSummary>,
+) -> Result<RunSummary> {
+    let status_dir = args
+        .status_dir
+        .clone()
+        .unwrap_or_else(|| output.join("status"));
+    let mut monitor = Monitor::new(status_dir, output, alerts);
+    observed(&mut monitor, &mut Progress::new(), run)
+}
+
+/// The reference model of a preference or RL run: `--ref-model` (loaded without master
+/// weights) or the starting weights of `source`; its vocabulary must be the model's.
+pub(crate) fn reference_model<B: FusedAutodiffBackend>(
+    ref_model: Option<&str>,
+    compute: &ComputeArgs,
+    source: &train_model::CausalLm<B>,
+    device: &burn::tensor::Device<B>,
+) -> Result<train_model::CausalLm<B::InnerBackend>> {
+    use burn::module::AutodiffModule;
+    let reference = match ref_model {
+        Some(r) => {
+            let dir = crate::registry()?.resolve(r)?;
+            train_model::load_pretrained::<B::InnerBackend>(
+                &dir,
+                &compute.load_options(false),
+                device,
+            )
+            .with_context(|| format!("loading the reference model {}", dir.display()))?
+            .model
+        }
+        None => source.valid(),
+    };
+    if reference.config.vocab_size != source.config.vocab_size {
+        bail!(
+            "the reference model's vocabulary ({}) differs from the model's ({})",
+            reference.config.vocab_size,
+            source.config.vocab_size
+        );
+    }
+    Ok(reference)
+}
+
+/// Refuses the data options of supervised fine-tuning that `command` does not apply (it does
+/// not transform or mask its rows: `why` says what it trains on instead).
+pub(crate) fn refuse_sft_options(
+    data: &train_data::DatasetConfig,
+    command: &str,
+    why: &str,
+) -> Result<()> {
+    let unused = [
+        (data.apply_thinking_pattern, "--thinking-pattern"),
+        (data.apply_stop_pattern, "--stop-pattern"),
+        (data.system_prompt.is_some(), "--system-prompt"),
+        (!data.transforms.is_empty(), "--transforms"),
+        (
+            data.label_mode != train_data::LabelMode::default(),
+            "--label-mode",
+        ),
+    ];
+    if let Some((_, flag)) = unused.iter().find(|(given, _)| *given) {
+        bail!(
+            "{flag}: `{command}` does not transform its data ({why}); transform the data file first"
+        );
+    }
+    Ok(())
+}
+
+/// What every training command (`train`, `train dpo`, `train grpo`) settles before its data:
+/// the trainer settings (checked), the machines, the model and its tokenizer, the checkpoint
+/// resumed, and an output directory that is none of the inputs.
+pub(crate) struct Launch {
+    pub(crate) cluster: Option<train_runner::Cluster>,
+    pub(crate) trainer: TrainerConfig,
+    pub(crate) model_dir: PathBuf,
+    pub(crate) tok: ChatTokenizer,
+    pub(crate) resume: Option<Resume>,
+}
+
+impl Launch {
+    pub(crate) fn new(args: &RunArgs) -> Result<Self> {
+        let trainer = args.trainer_config();
+        trainer.validate()?;
+        let cluster = args.cluster()?;
+        let (model_dir, tok) = crate::tokenizer_for(&args.data.model)?;
+        let resume = resolve_resume(args.resume.as_deref(), &trainer.output_dir)?;
+        check_output(&trainer.output_dir, &model_dir, resume.as_ref())?;
+        Ok(Self {
+            cluster,
+            trainer,
+            model_dir,
+            tok,
+            resume,
+        })
+    }
+
+    /// Once the data is ready: the stop signals, the `--alerts` thresholds and the control-file
+    /// watcher of the output directory.
+    pub(crate) fn arm(
+        &self,
+        args: &RunArgs,
+    ) -> Result<(RunControl, train_monitor::AlertConfig, ControlWatcher)> {
+        let control = stop_on_signals()?;
+        let alerts = read_alerts(args.alerts.as_deref())?;
+        let watcher = ControlWatcher::start(&self.trainer.output_dir, &control);
+        Ok((control, alerts, watcher))
+    }
+
+    /// On the backend: the model as `--model` has it (the source of its configuration and
+    /// companion files, and of a reference), its tokenizer checked against it.
+    pub(crate) fn source<B: FusedAutodiffBackend>(
+        &self,
+        compute: &ComputeArgs,
+        device: &burn::tensor::Device<B>,
+    ) -> Result<train_model::Pretrained<B>> {
+        let source = load_pretrained::<B>(&self.model_dir, &compute.load_options(true), device)
+            .with_context(|| format!("loading {}", self.model_dir.display()))?;
+        crate::check_tokenizer_fits(&self.tok, &self.model_dir, source.config.vocab_size)?;
+        Ok(source)
+    }
+
+    /// The model to train: the resumed checkpoint's, or `source`.
+    pub(crate) fn model<B: FusedAutodiffBackend>(
+        &self,
+        compute: &ComputeArgs,
+        device: &burn::tensor::Device<B>,
+        source: train_model::CausalLm<B>,
+    ) -> Result<train_model::CausalLm<B>> {
+        Ok(match &self.resume {
+            Some(resume) => {
+                drop(source);
+                load_pretrained::<B>(&resume.dir, &compute.load_options(true), device)
+                    .with_context(|| format!("loading checkpoint {}", resume.dir.display()))?
+                    .model
+            }
+            None => source,
+        })
     }
 }
 
@@ -659,37 +818,26 @@ fn finish(summary: &RunSummary, json: bool) -> ExitCode {
 /// `train` / `train run`.
 pub fn train(args: &RunArgs) -> Result<ExitCode> {
     let config = args.data.config()?;
-    let trainer = args.trainer_config();
-    trainer.validate()?;
-    let cluster = args.cluster()?;
-    let (model_dir, tok) = crate::tokenizer_for(&args.data.model)?;
-    let resume = resolve_resume(args.resume.as_deref(), &trainer.output_dir)?;
     // The data cache goes into the output directory: nothing may be written there before it is
-    // known not to be an input (the run checks the rest).
-    check_output(&trainer.output_dir, &model_dir, resume.as_ref())?;
+    // known not to be an input (`Launch::new` checks it; the run checks the rest).
+    let launch = Launch::new(args)?;
     let cache = args
         .data
         .cache_dir
         .clone()
-        .unwrap_or_else(|| trainer.output_dir.join(".cache").join("data"));
-    let prepared = prepare_data(&config, &tok, &cache)?;
+        .unwrap_or_else(|| launch.trainer.output_dir.join(".cache").join("data"));
+    let prepared = prepare_data(&config, &launch.tok, &cache)?;
     if prepared.train.is_empty() {
         bail!(
             "{}: no training examples left after preparation",
             config.dataset_path.display()
         );
     }
-    let control = stop_on_signals()?;
-    let alerts = read_alerts(args.alerts.as_deref())?;
-    let watcher = ControlWatcher::start(&trainer.output_dir, &control);
+    let (control, alerts, watcher) = launch.arm(args)?;
     let work = Training {
         args,
-        cluster,
-        trainer,
-        model_dir,
-        tok,
+        launch,
         prepared,
-        resume,
         control,
         alerts,
     };

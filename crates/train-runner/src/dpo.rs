@@ -305,19 +305,32 @@ pub(crate) fn completion_positions(batch: &Batch, rows: usize) -> Vec<(Vec<i64>,
     out
 }
 
+/// The final hidden states of `batch` flattened to `[rows · seq, width]`, and the batch as it
+/// ran: as one padding-free row when the model runs padded batches so (positions then index
+/// that row).
+pub(crate) fn final_hidden<'b, B: FusedBackend>(
+    model: &CausalLm<B>,
+    batch: &'b Batch,
+    device: &burn::tensor::Device<B>,
+) -> (std::borrow::Cow<'b, Batch>, Tensor<B, 2>) {
+    let run = match model.padding_free().then(|| batch.padding_free()).flatten() {
+        Some(flat) => std::borrow::Cow::Owned(flat),
+        None => std::borrow::Cow::Borrowed(batch),
+    };
+    let (input, _) = batch_tensors::<B>(&run, device);
+    let hidden = model.forward_hidden(&input);
+    let [b, s, width] = hidden.dims();
+    (run, hidden.reshape([b * s, width]))
+}
+
 /// The summed log-probability of each row's completion in `batch` (rows in order), and the
 /// number of completion tokens of each. No gradients are kept.
 pub fn completion_logps<B: FusedBackend>(model: &CausalLm<B>, batch: &Batch) -> Vec<(f64, usize)> {
     let device = model.embed_tokens.val().device();
     let rows = batch.batch_size;
-    let flat = model.padding_free().then(|| batch.padding_free()).flatten();
-    let run = flat.as_ref().unwrap_or(batch);
-    let (input, _) = batch_tensors::<B>(run, &device);
-    let hidden = model.forward_hidden(&input);
-    let [b, s, width] = hidden.dims();
-    let hidden = hidden.reshape([b * s, width]);
+    let (run, hidden) = final_hidden(model, batch, &device);
     let head = model.lm_head_weight().val();
-    completion_positions(run, rows)
+    completion_positions(&run, rows)
         .into_iter()
         .map(|(positions, targets)| {
             let m = positions.len();
@@ -337,6 +350,31 @@ pub fn completion_logps<B: FusedBackend>(model: &CausalLm<B>, batch: &Batch) -> 
             (-f64::from(out.sum.into_scalar().elem::<f32>()), m)
         })
         .collect()
+}
+
+/// The model's gradients from those of its final hidden states `flat` (`[rows, width]`, the
+/// LM head's input, computed outside the autodiff graph as `grad_flat`) and, for a trained
+/// head, the head's own gradient `grad_head` (f32): autodiff carries `grad_flat` back through
+/// the model (`Σ flat · grad_flat` has it as its gradient), and `grad_head` is added to the
+/// head's (the embedding's, when tied).
+pub(crate) fn backward_from_hidden<B: FusedAutodiffBackend>(
+    model: &CausalLm<B>,
+    flat: Tensor<B, 2>,
+    grad_flat: Tensor<B::InnerBackend, 2>,
+    grad_head: Option<Tensor<B::InnerBackend, 2>>,
+) -> GradientsParams {
+    let surrogate = (flat * Tensor::<B, 2>::from_inner(grad_flat)).sum();
+    let mut grads = GradientsParams::from_grads(surrogate.backward(), model);
+    if let Some(grad_head) = grad_head {
+        let head = model.lm_head_weight();
+        let grad_head = grad_head.cast(head.val().dtype());
+        let total = match grads.remove::<B::InnerBackend, 2>(head.id) {
+            Some(g) => g + grad_head,
+            None => grad_head,
+        };
+        grads.register::<B::InnerBackend, 2>(head.id, total);
+    }
+    grads
 }
 
 /// DPO over [`PairBatch`]es: the loss of each pair ([`dpo_pair_loss`]), averaged over the
@@ -448,15 +486,8 @@ impl<B: FusedAutodiffBackend> Objective<B> for Dpo<'_> {
         let mut metrics = vec![0f64; DPO_METRICS.len()];
         for pairs in batches {
             let rows = pairs.batch.batch_size;
-            let flat_batch = model
-                .padding_free()
-                .then(|| pairs.batch.padding_free())
-                .flatten();
-            let run = flat_batch.as_ref().unwrap_or(&pairs.batch);
-            let (input, _) = batch_tensors::<B>(run, device);
-            let hidden = model.forward_hidden(&input);
-            let [b, s, width] = hidden.dims();
-            let flat = hidden.reshape([b * s, width]);
+            let (run, flat) = final_hidden(model, &pairs.batch, device);
+            let [rows_flat, width] = flat.dims();
             let inner = flat.clone().inner();
             let head = model.lm_head_weight();
             let head_trained = head.is_require_grad();
@@ -464,7 +495,7 @@ impl<B: FusedAutodiffBackend> Objective<B> for Dpo<'_> {
             // Each row's NLL and its gradients at scale 1; the loss's gradient is their
             // combination with the pair's derivatives (the gradients are linear in the scale).
             let mut per_row = Vec::with_capacity(rows);
-            for (positions, targets) in completion_positions(run, rows) {
+            for (positions, targets) in completion_positions(&run, rows) {
                 let m = positions.len();
                 if m == 0 {
                     per_row.push(None);
@@ -509,7 +540,7 @@ impl<B: FusedAutodiffBackend> Objective<B> for Dpo<'_> {
                 scale[n + i] = t.d_rejected / denominator;
             }
             let mut grad_flat =
-                Tensor::<B::InnerBackend, 2>::zeros([b * s, width], (device, inner.dtype()));
+                Tensor::<B::InnerBackend, 2>::zeros([rows_flat, width], (device, inner.dtype()));
             let mut grad_head: Option<Tensor<B::InnerBackend, 2>> = None;
             for (row, r) in per_row.into_iter().enumerate() {
                 let Some((_, _, index, out)) = r else {
@@ -531,17 +562,10 @@ impl<B: FusedAutodiffBackend> Objective<B> for Dpo<'_> {
                     });
                 }
             }
-            let surrogate = (flat * Tensor::<B, 2>::from_inner(grad_flat)).sum();
-            let mut grads = GradientsParams::from_grads(surrogate.backward(), model);
-            if let Some(grad_head) = grad_head {
-                let grad_head = grad_head.cast(head.val().dtype());
-                let total = match grads.remove::<B::InnerBackend, 2>(head.id) {
-                    Some(g) => g + grad_head,
-                    None => grad_head,
-                };
-                grads.register::<B::InnerBackend, 2>(head.id, total);
-            }
-            accumulator.accumulate(model, grads);
+            accumulator.accumulate(
+                model,
+                backward_from_hidden(model, flat, grad_flat, grad_head),
+            );
         }
         Contribution {
             loss: step_loss,

@@ -29,8 +29,7 @@ use train_data::{Batch, Example, PromptRow, Sequence, SplitMix64};
 use train_logits::{Decoding, GenerationConfig, LogitsProcessor};
 use train_model::{CausalLm, FusedAutodiffBackend, FusedBackend, NLL_CHUNK_LOGITS};
 
-use crate::batches::batch_tensors;
-use crate::dpo::completion_positions;
+use crate::dpo::{backward_from_hidden, completion_positions, final_hidden};
 use crate::error::{Result, RunnerError};
 use crate::objective::{Collate, Contribution, Evaluation, Objective};
 use crate::rewards::{RewardInput, WeightedReward};
@@ -273,17 +272,12 @@ pub fn token_logps<B: FusedBackend>(
 ) -> (Tensor<B, 1>, Vec<usize>) {
     let device = model.embed_tokens.val().device();
     let rows = batch.batch_size;
-    let flat = model.padding_free().then(|| batch.padding_free()).flatten();
-    let run = flat.as_ref().unwrap_or(batch);
-    let (input, _) = batch_tensors::<B>(run, &device);
-    let hidden = model.forward_hidden(&input);
-    let [b, s, width] = hidden.dims();
-    let hidden = hidden.reshape([b * s, width]);
+    let (run, hidden) = final_hidden(model, batch, &device);
     let head = model.lm_head_weight().val();
     let mut positions = Vec::new();
     let mut targets = Vec::new();
     let mut counts = Vec::with_capacity(rows);
-    for (p, t) in completion_positions(run, rows) {
+    for (p, t) in completion_positions(&run, rows) {
         counts.push(p.len());
         positions.extend(p);
         targets.extend(t);
@@ -573,12 +567,8 @@ impl<'a, B: FusedAutodiffBackend> Grpo<'a, B> {
     ) -> (f64, TokenSums, Option<GradientsParams>) {
         let batch = &rollout.batch;
         let rows = batch.batch_size;
-        let flat_batch = model.padding_free().then(|| batch.padding_free()).flatten();
-        let run = flat_batch.as_ref().unwrap_or(batch);
-        let (input, _) = batch_tensors::<B>(run, device);
-        let hidden = model.forward_hidden(&input);
-        let [b, s, width] = hidden.dims();
-        let flat = hidden.reshape([b * s, width]);
+        let (run, flat) = final_hidden(model, batch, device);
+        let [rows_flat, width] = flat.dims();
         let inner = flat.clone().inner();
         let head = model.lm_head_weight();
         let head_trained = head.is_require_grad();
@@ -588,7 +578,8 @@ impl<'a, B: FusedAutodiffBackend> Grpo<'a, B> {
         let max_len = self.config.max_new_tokens.max(1) as f64;
         // Every completion token: (flattened position, target, row, index in its row).
         let mut tokens = Vec::new();
-        for (row, (positions, targets)) in completion_positions(run, rows).into_iter().enumerate() {
+        for (row, (positions, targets)) in completion_positions(&run, rows).into_iter().enumerate()
+        {
             for (t, (p, target)) in positions.into_iter().zip(targets).enumerate() {
                 tokens.push((p, target, row, t));
             }
@@ -606,7 +597,8 @@ impl<'a, B: FusedAutodiffBackend> Grpo<'a, B> {
         let chunk = self
             .logit_chunk
             .unwrap_or_else(|| (NLL_CHUNK_LOGITS / vocab).max(1));
-        let mut grad_flat = Tensor::<B::InnerBackend, 2>::zeros([b * s, width], (device, dtype));
+        let mut grad_flat =
+            Tensor::<B::InnerBackend, 2>::zeros([rows_flat, width], (device, dtype));
         let mut grad_head: Option<Tensor<B::InnerBackend, 2>> = None;
         for part in tokens.chunks(chunk) {
             let len = part.len();
@@ -680,16 +672,7 @@ impl<'a, B: FusedAutodiffBackend> Grpo<'a, B> {
                 });
             }
         }
-        let surrogate = (flat * Tensor::<B, 2>::from_inner(grad_flat)).sum();
-        let mut grads = GradientsParams::from_grads(surrogate.backward(), model);
-        if let Some(grad_head) = grad_head {
-            let grad_head = grad_head.cast(head.val().dtype());
-            let total = match grads.remove::<B::InnerBackend, 2>(head.id) {
-                Some(g) => g + grad_head,
-                None => grad_head,
-            };
-            grads.register::<B::InnerBackend, 2>(head.id, total);
-        }
+        let grads = backward_from_hidden(model, flat, grad_flat, grad_head);
         (loss, sums, Some(grads))
     }
 

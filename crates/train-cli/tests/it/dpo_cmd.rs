@@ -406,7 +406,7 @@ fn reference_log_probabilities_are_cached() {
     };
     let (err, first) = run("a");
     assert!(!err.contains("read from"), "{err}");
-    let files: Vec<PathBuf> = std::fs::read_dir(&cache)
+    let files: Vec<PathBuf> = std::fs::read_dir(cache.join("reference-logps"))
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
