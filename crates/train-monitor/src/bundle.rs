@@ -160,6 +160,23 @@ impl MonitoringBundle {
     /// The run starts: status `training`, written at once.
     pub fn start(&mut self, run: RunStart) -> Result<()> {
         self.timed(|b| {
+            // A resumed run does the steps after `start_step` again: their rows go (the
+            // inspection logs' rows of `start_step` too, which it writes again before its first
+            // step).
+            if run.start_step > 0 {
+                for (log, first_dropped) in [
+                    (&b.layer_log, run.start_step),
+                    (&b.preview_log, run.start_step),
+                    (&b.evolution_log, run.start_step),
+                    (&b.rollout_log, run.start_step + 1),
+                ] {
+                    // Best effort, as for `metrics.jsonl`: a log that cannot be cut is
+                    // appended to.
+                    if let Some(log) = log {
+                        let _ = crate::drop_rows_from_step(log.path(), first_dropped);
+                    }
+                }
+            }
             for s in &run.history.steps {
                 b.window.push(s.step, s.loss);
             }

@@ -66,7 +66,7 @@ mod status;
 pub use alerts::{Alert, AlertConfig, AlertInputs, AlertKind, evaluate as evaluate_alerts};
 pub use bundle::{MonitoringBundle, MonitoringConfig, RunEnd, RunStart};
 pub use error::{MonitorError, Result};
-pub use jsonl::JsonlWriter;
+pub use jsonl::{JsonlWriter, MAX_RESUMED_LOG_BYTES, drop_rows_from_step};
 pub use layers::{LayerMonitor, LayerRecord};
 pub use memory::MemoryInfo;
 pub use metrics::{EvalRecord, MetricsLog, MetricsRow, ObjectiveMetrics, StepRecord};

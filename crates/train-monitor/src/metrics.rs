@@ -104,6 +104,19 @@ impl MetricsLog {
     /// Opens `path` (its directory created), appending when `append` (a resumed run), else
     /// truncating.
     pub fn open(path: &Path, append: bool) -> Result<Self> {
+        Self::open_at(path, append.then_some(0))
+    }
+
+    /// [`MetricsLog::open`] for a run that starts after `resumed_after` steps (`None`: from
+    /// scratch, the file truncated): the rows of the steps it does again are removed first
+    /// (when the file can be: see [`crate::drop_rows_from_step`]).
+    pub fn open_at(path: &Path, resumed_after: Option<usize>) -> Result<Self> {
+        let append = resumed_after.is_some();
+        if let Some(step) = resumed_after.filter(|&s| s > 0) {
+            // Best effort: a log that cannot be cut (over the size bound, unreadable) keeps its
+            // rows and is appended to.
+            let _ = crate::drop_rows_from_step(path, step + 1);
+        }
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| MonitorError::io(dir, e))?;
         }

@@ -204,7 +204,8 @@ impl MetricsObserver {
 impl<B: FusedAutodiffBackend> TrainObserver<B> for MetricsObserver {
     fn start(&mut self, info: &RunInfo) {
         let path = info.output_dir.join(MetricsLog::FILE);
-        match MetricsLog::open(&path, info.start_step > 0) {
+        let resumed_after = (info.start_step > 0).then_some(info.start_step);
+        match MetricsLog::open_at(&path, resumed_after) {
             Ok(log) => self.log = Some(log),
             Err(e) => {
                 self.error.get_or_insert(e.to_string());
