@@ -13,6 +13,7 @@ pub struct Progress {
     first_step: usize,
     smoothed_tps: Option<f64>,
     drawn: bool,
+    eval_unit: &'static str,
 }
 
 impl Progress {
@@ -25,6 +26,7 @@ impl Progress {
             first_step: 0,
             smoothed_tps: None,
             drawn: false,
+            eval_unit: "tokens",
         }
     }
 
@@ -57,6 +59,7 @@ impl<B: train_model::FusedAutodiffBackend> TrainObserver<B> for Progress {
         self.started = Instant::now();
         self.total = info.total_steps;
         self.first_step = info.start_step;
+        self.eval_unit = info.eval_unit;
         let resumed = if info.start_step > 0 {
             format!(", resuming after step {}", info.start_step)
         } else {
@@ -123,10 +126,11 @@ impl<B: train_model::FusedAutodiffBackend> TrainObserver<B> for Progress {
             TrainEvent::Eval(m) => {
                 self.clear();
                 errln!(
-                    "eval after step {}: loss {:.4} over {} tokens",
+                    "eval after step {}: loss {:.4} over {} {}",
                     m.step,
                     m.eval_loss,
-                    m.eval_tokens
+                    m.eval_tokens,
+                    self.eval_unit
                 );
             }
             TrainEvent::Paused { step } => {

@@ -454,6 +454,10 @@ impl<B: FusedAutodiffBackend> Objective<B> for Dpo<'_> {
         "dpo"
     }
 
+    fn eval_unit(&self) -> &'static str {
+        "pairs"
+    }
+
     fn settings(&self) -> Option<serde_json::Value> {
         serde_json::to_value(self.config).ok()
     }

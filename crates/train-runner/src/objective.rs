@@ -34,6 +34,11 @@ pub trait Objective<B: FusedAutodiffBackend>: Sync {
     /// resumed by the same objective only.
     fn name(&self) -> &'static str;
 
+    /// What the units of [`Evaluation::units`] are, for messages (`tokens` by default).
+    fn eval_unit(&self) -> &'static str {
+        "tokens"
+    }
+
     /// The objective's own settings, recorded in checkpoints; none by default.
     fn settings(&self) -> Option<serde_json::Value> {
         None

@@ -29,6 +29,9 @@ pub struct RunInfo {
     pub trainable_parameters: usize,
     /// The output directory.
     pub output_dir: PathBuf,
+    /// What an evaluation's count (`EvalRecord::eval_tokens`) counts
+    /// ([`crate::Objective::eval_unit`]: `tokens`, `pairs`).
+    pub eval_unit: &'static str,
 }
 
 /// How a run ended.

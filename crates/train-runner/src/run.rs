@@ -248,6 +248,7 @@ where
             setup.model.config.num_parameters()
         },
         output_dir: output.clone(),
+        eval_unit: objective.eval_unit(),
     };
     observer.start(&info);
     let mut ctx = Loop {

@@ -86,6 +86,12 @@ fn trains_on_every_form_of_preference_rows_and_resumes_exactly() {
     let s = last_json(&o);
     assert_eq!(s["status"], "completed");
     assert_eq!(s["global_step"], 4);
+    // An evaluation counts pairs, and says so.
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("eval after step 2: loss") && err.contains(" over 2 pairs"),
+        "{err}"
+    );
     assert!(s["eval_loss"].as_f64().is_some_and(f64::is_finite));
     assert!(full.join("model.safetensors").exists() && full.join("checkpoint-2").is_dir());
     let rows = metrics(&full);
