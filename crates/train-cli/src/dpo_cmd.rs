@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
 use train_data::{
-    ChatTokenizer, DataError, EncodedPair, ErrorPolicy, Example, Problem, ProblemKind, Sequence,
-    TrainRows, Truncation, ValidationSplit, load_preferences, split_indices,
+    ChatTokenizer, EncodedPair, Example, Problem, ProblemKind, Sequence, TrainRows,
+    ValidationSplit, load_preferences, split_indices,
 };
 use train_model::{CausalLm, FusedAutodiffBackend, FusedBackend};
 use train_runner::{
@@ -18,7 +18,8 @@ use train_runner::{
 
 use crate::backend::{Placement, WithBackend};
 use crate::run_cmd::{
-    Launch, RunArgs, execute, observed_plain, reference_model, refuse_sft_options,
+    Launch, RunArgs, execute, observed_plain, reference_model, refuse_sft_options, row_location,
+    skip_row,
 };
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,11 +119,7 @@ fn tokenized_pairs(
     let mut out = Vec::with_capacity(loaded.pairs.len());
     for pair in &loaded.pairs {
         let EncodedPair { chosen, rejected } = tok.encode_pair(pair)?;
-        let location = pair.location.clone().unwrap_or(train_data::RowLocation {
-            path: path.clone(),
-            line: None,
-            row: 0,
-        });
+        let location = row_location(pair.location.as_ref(), config);
         let longest = chosen.input_ids.len().max(rejected.input_ids.len());
         let problem = if longest > config.max_length {
             Some(Problem::new(
@@ -151,11 +148,7 @@ fn tokenized_pairs(
             None
         };
         if let Some(p) = problem {
-            let drop_long = p.kind == ProblemKind::TooLong && config.truncation == Truncation::Drop;
-            if config.load.policy == ErrorPolicy::Strict && !drop_long {
-                return Err(DataError::Row(Box::new(p)).into());
-            }
-            errln!("{p}");
+            skip_row(config, p)?;
             continue;
         }
         out.push(Tokenized {

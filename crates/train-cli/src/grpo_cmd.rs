@@ -7,9 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
-use train_data::{
-    ChatTokenizer, DataError, ErrorPolicy, Problem, ProblemKind, Truncation, load_prompts,
-};
+use train_data::{ChatTokenizer, Problem, ProblemKind, load_prompts};
 use train_logits::{LogitsProcessor, ProcessorConfig, ProcessorContext};
 use train_model::FusedAutodiffBackend;
 use train_runner::{
@@ -19,7 +17,8 @@ use train_runner::{
 
 use crate::backend::{Placement, WithBackend};
 use crate::run_cmd::{
-    Launch, RunArgs, execute, observed_plain, reference_model, refuse_sft_options,
+    Launch, RunArgs, execute, observed_plain, reference_model, refuse_sft_options, row_location,
+    skip_row,
 };
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -148,13 +147,8 @@ fn tokenized_prompts(
                 .map_or_else(|| "a prompt".to_string(), ToString::to_string)
         })?;
         if prompt_ids.len() > config.max_length {
-            let location = row.location.clone().unwrap_or(train_data::RowLocation {
-                path: config.dataset_path.clone(),
-                line: None,
-                row: 0,
-            });
             let p = Problem::new(
-                location,
+                row_location(row.location.as_ref(), config),
                 "prompt",
                 ProblemKind::TooLong,
                 format!(
@@ -164,10 +158,7 @@ fn tokenized_prompts(
                     config.max_length
                 ),
             );
-            if config.load.policy == ErrorPolicy::Strict && config.truncation != Truncation::Drop {
-                return Err(DataError::Row(Box::new(p)).into());
-            }
-            errln!("{p}");
+            skip_row(config, p)?;
             continue;
         }
         out.push(GrpoRow {

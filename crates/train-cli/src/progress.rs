@@ -14,6 +14,7 @@ pub struct Progress {
     smoothed_tps: Option<f64>,
     drawn: bool,
     eval_unit: &'static str,
+    headline: Option<(&'static str, &'static str)>,
 }
 
 impl Progress {
@@ -27,6 +28,7 @@ impl Progress {
             smoothed_tps: None,
             drawn: false,
             eval_unit: "tokens",
+            headline: None,
         }
     }
 
@@ -60,6 +62,7 @@ impl<B: train_model::FusedAutodiffBackend> TrainObserver<B> for Progress {
         self.total = info.total_steps;
         self.first_step = info.start_step;
         self.eval_unit = info.eval_unit;
+        self.headline = info.headline;
         let resumed = if info.start_step > 0 {
             format!(", resuming after step {}", info.start_step)
         } else {
@@ -91,12 +94,9 @@ impl<B: train_model::FusedAutodiffBackend> TrainObserver<B> for Progress {
                 let done = m.step - self.first_step;
                 let elapsed = self.started.elapsed().as_secs_f64();
                 let eta = elapsed / done.max(1) as f64 * (self.total - m.step) as f64;
-                // The objective's headline figure: GRPO's mean reward, DPO's accuracy.
-                let headline = [("reward", "reward"), ("rewards/accuracies", "acc")]
-                    .iter()
-                    .find_map(|(key, label)| {
-                        m.metrics.get(*key).map(|v| format!(" {label} {v:.3}"))
-                    })
+                let headline = self
+                    .headline
+                    .and_then(|(key, label)| m.metrics.get(key).map(|v| format!(" {label} {v:.3}")))
                     .unwrap_or_default();
                 let line = format!(
                     "step {}/{} epoch {:.2} loss {:.4}{headline} lr {:.2e} grad {:.3} {:.0} tok/s ETA {}",

@@ -697,6 +697,31 @@ impl Launch {
     }
 }
 
+/// A row that `train dpo` / `train grpo` cannot use, by the data options: fatal with the
+/// strict error policy, unless it is only too long and `--truncation drop` says to drop such
+/// rows; otherwise reported, and the caller skips the row.
+pub(crate) fn skip_row(config: &DatasetConfig, problem: train_data::Problem) -> Result<()> {
+    let drop_long = problem.kind == train_data::ProblemKind::TooLong
+        && config.truncation == train_data::Truncation::Drop;
+    if config.load.policy == train_data::ErrorPolicy::Strict && !drop_long {
+        return Err(train_data::DataError::Row(Box::new(problem)).into());
+    }
+    errln!("{problem}");
+    Ok(())
+}
+
+/// A row's location, or the data file's when the loader recorded none.
+pub(crate) fn row_location(
+    location: Option<&train_data::RowLocation>,
+    config: &DatasetConfig,
+) -> train_data::RowLocation {
+    location.cloned().unwrap_or(train_data::RowLocation {
+        path: config.dataset_path.clone(),
+        line: None,
+        row: 0,
+    })
+}
+
 /// The checkpoint `--resume` names (a bare `--resume`: the newest intact one in `output`),
 /// verified, with a line saying what is resumed.
 pub(crate) fn resolve_resume(flag: Option<&str>, output: &Path) -> Result<Option<Resume>> {

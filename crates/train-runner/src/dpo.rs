@@ -458,6 +458,10 @@ impl<B: FusedAutodiffBackend> Objective<B> for Dpo<'_> {
         "pairs"
     }
 
+    fn headline(&self) -> Option<(&'static str, &'static str)> {
+        Some(("rewards/accuracies", "acc"))
+    }
+
     fn settings(&self) -> Option<serde_json::Value> {
         serde_json::to_value(self.config).ok()
     }

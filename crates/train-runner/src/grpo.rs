@@ -879,6 +879,10 @@ where
         "grpo"
     }
 
+    fn headline(&self) -> Option<(&'static str, &'static str)> {
+        Some(("reward", "reward"))
+    }
+
     fn settings(&self) -> Option<serde_json::Value> {
         let mut v = serde_json::to_value(self.config).ok()?;
         if let Some(obj) = v.as_object_mut() {

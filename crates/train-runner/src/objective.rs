@@ -34,6 +34,12 @@ pub trait Objective<B: FusedAutodiffBackend>: Sync {
     /// resumed by the same objective only.
     fn name(&self) -> &'static str;
 
+    /// The metric a progress line shows next to the loss, and its short label (GRPO's
+    /// `reward`, DPO's `rewards/accuracies` as `acc`); none by default.
+    fn headline(&self) -> Option<(&'static str, &'static str)> {
+        None
+    }
+
     /// What the units of [`Evaluation::units`] are, for messages (`tokens` by default).
     fn eval_unit(&self) -> &'static str {
         "tokens"

@@ -32,6 +32,9 @@ pub struct RunInfo {
     /// What an evaluation's count (`EvalRecord::eval_tokens`) counts
     /// ([`crate::Objective::eval_unit`]: `tokens`, `pairs`).
     pub eval_unit: &'static str,
+    /// The step metric a progress line shows next to the loss, with its label
+    /// ([`crate::Objective::headline`]).
+    pub headline: Option<(&'static str, &'static str)>,
 }
 
 /// How a run ended.

@@ -249,6 +249,7 @@ where
         },
         output_dir: output.clone(),
         eval_unit: objective.eval_unit(),
+        headline: objective.headline(),
     };
     observer.start(&info);
     let mut ctx = Loop {
