@@ -89,7 +89,10 @@ fn trains_on_every_form_of_preference_rows_and_resumes_exactly() {
     // An evaluation counts pairs, and says so.
     let err = String::from_utf8_lossy(&o.stderr);
     // The progress line shows the accuracy (0 at the first step: the policy is the reference).
-    assert!(err.contains("step 1/4 ") && err.contains(" acc 0.000 "), "{err}");
+    assert!(
+        err.contains("step 1/4 ") && err.contains(" acc 0.000 "),
+        "{err}"
+    );
     assert!(
         err.contains("eval after step 2: loss") && err.contains(" over 2 pairs"),
         "{err}"
