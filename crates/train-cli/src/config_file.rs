@@ -1,12 +1,18 @@
-//! `--config run.toml`: the run's configuration in one file.
+//! `--config run.toml` (or `run.yaml`): the run's configuration in one file.
 //!
+//! - TOML, or YAML when the file ends in `.yaml` / `.yml` (same keys; a YAML `null` is a key
+//!   left out).
 //! - `[data]` is a `train_data::DatasetConfig` and `[trainer]` a `train_runner::TrainerConfig`,
 //!   deserialised directly: their keys are exactly those `docs/reference/configuration.md`
 //!   lists (`num_epochs`, `gradient_accumulation_steps`, `[trainer.lora]`, …), unknown keys are
 //!   refused.
 //! - Every other key is a flag, named as on the command line in snake_case (`max_length`,
-//!   `lora_r`, `system_prompt`), or by the key of the setting it fills where that differs
-//!   (`num_epochs` for `--epochs`, `output_dir` for `--output`, …).
+//!   `lora_r`, `system_prompt`), or by one of the flag's aliases (the Hugging Face
+//!   `TrainingArguments` names: `num_train_epochs`, `per_device_train_batch_size`, `bf16`, …),
+//!   or by the key of the setting it fills where that differs (`num_epochs` for `--epochs`),
+//!   or by the axolotl key for the same thing (`base_model`, `sequence_len`, `val_set_size`,
+//!   `sample_packing`). Every unknown key is named in one message; one that looks like an
+//!   axolotl config says which of its keys have no counterpart here.
 //!
 //! What wins: a flag on the command line, then a flag in the file, then the file's sections,
 //! then the library's defaults (the only place a default is written; the flags' help shows it).
@@ -27,9 +33,24 @@ use train_runner::TrainerConfig;
 /// differ from the flag.
 const KEY_ALIASES: &[(&str, &str)] = &[
     ("num_epochs", "epochs"),
-    ("gradient_accumulation_steps", "gradient_accumulation"),
-    ("output_dir", "output"),
     ("dataset_path", "dataset"),
+    ("eval_dataset_path", "eval_dataset"),
+    // axolotl's names.
+    ("base_model", "model"),
+    ("sequence_len", "max_length"),
+    ("val_set_size", "validation_split"),
+    ("sample_packing", "packing"),
+];
+
+/// Keys by which an axolotl config is recognised.
+const AXOLOTL_KEYS: &[&str] = &[
+    "base_model",
+    "datasets",
+    "sequence_len",
+    "micro_batch_size",
+    "adapter",
+    "val_set_size",
+    "sample_packing",
 ];
 
 /// The sections of a `--config` file (its flags go into the command line).
@@ -70,19 +91,30 @@ impl Given {
 /// The long flags of the (sub)command `argv` runs, and those of every command: one file serves
 /// several commands (`train data stats` skips the trainer's flags of a run's file), while a key
 /// that no command knows is refused.
-fn known_flags(argv: &[OsString], cli: &clap::Command) -> (Vec<String>, Vec<String>) {
+fn known_flags(
+    argv: &[OsString],
+    cli: &clap::Command,
+) -> (Vec<String>, std::collections::BTreeMap<String, String>) {
     fn longs(c: &clap::Command) -> impl Iterator<Item = String> + '_ {
         c.get_arguments()
             .filter_map(|a| a.get_long())
             .map(str::to_string)
     }
-    fn all(c: &clap::Command, out: &mut Vec<String>) {
-        out.extend(longs(c));
+    /// Every long flag and alias of `c` and its subcommands, to the long flag it names.
+    fn all(c: &clap::Command, out: &mut std::collections::BTreeMap<String, String>) {
+        for a in c.get_arguments() {
+            if let Some(long) = a.get_long() {
+                out.insert(long.to_string(), long.to_string());
+                for alias in a.get_all_aliases().into_iter().flatten() {
+                    out.insert(alias.to_string(), long.to_string());
+                }
+            }
+        }
         for sub in c.get_subcommands() {
             all(sub, out);
         }
     }
-    let mut every = Vec::new();
+    let mut every = std::collections::BTreeMap::new();
     all(cli, &mut every);
     let mut cmd = cli;
     let mut tokens = argv.iter().skip(1).map(|a| a.to_string_lossy());
@@ -100,6 +132,63 @@ fn known_flags(argv: &[OsString], cli: &clap::Command) -> (Vec<String>, Vec<Stri
         }
     }
     (longs(cmd).collect(), every)
+}
+
+/// The top-level table of a settings file: TOML, or YAML for `.yaml` / `.yml`.
+fn parse_table(path: &std::path::Path, text: &str) -> Result<toml::Table> {
+    let yaml = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("yaml") || e.eq_ignore_ascii_case("yml"));
+    if !yaml {
+        return toml::from_str(text).with_context(|| format!("--config {}", path.display()));
+    }
+    let value: serde_json::Value = serde_saphyr::from_str(text)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(|| format!("--config {}", path.display()))?;
+    match yaml_to_toml(value, "") {
+        Ok(Some(toml::Value::Table(t))) => Ok(t),
+        Ok(None) => Ok(toml::Table::new()),
+        Ok(Some(_)) => bail!(
+            "--config {}: the document must be a mapping of keys to values",
+            path.display()
+        ),
+        Err(e) => bail!("--config {}: {e}", path.display()),
+    }
+}
+
+/// A YAML value as TOML: `null` is a key left out (`None`); numbers outside TOML's range and
+/// `null` inside a list are refused, naming the key.
+fn yaml_to_toml(
+    v: serde_json::Value,
+    key: &str,
+) -> std::result::Result<Option<toml::Value>, String> {
+    use serde_json::Value as J;
+    Ok(Some(match v {
+        J::Null => return Ok(None),
+        J::Bool(b) => toml::Value::Boolean(b),
+        J::Number(n) => match (n.as_i64(), n.as_f64()) {
+            (Some(i), _) => toml::Value::Integer(i),
+            (None, Some(f)) if n.is_f64() => toml::Value::Float(f),
+            _ => return Err(format!("`{key}`: {n} is out of range")),
+        },
+        J::String(s) => toml::Value::String(s),
+        J::Array(items) => toml::Value::Array(
+            items
+                .into_iter()
+                .map(|i| yaml_to_toml(i, key)?.ok_or_else(|| format!("`{key}`: a list holds null")))
+                .collect::<std::result::Result<_, _>>()?,
+        ),
+        J::Object(map) => {
+            let mut t = toml::Table::new();
+            for (k, v) in map {
+                if let Some(v) = yaml_to_toml(v, &k)? {
+                    t.insert(k, v);
+                }
+            }
+            toml::Value::Table(t)
+        }
+    }))
 }
 
 /// Returns `argv` with the flag keys of the `--config` file appended (skipping the flags the
@@ -132,8 +221,7 @@ pub fn merge(argv: Vec<OsString>, cli: &clap::Command) -> Result<(Vec<OsString>,
         return Ok((argv, RunConfig::default()));
     };
     let text = crate::read_settings(&path, "--config")?;
-    let mut table: toml::Table =
-        toml::from_str(&text).with_context(|| format!("--config {}", path.display()))?;
+    let mut table = parse_table(&path, &text)?;
     let mut sections = toml::Table::new();
     for name in ["data", "trainer"] {
         if let Some(v) = table.remove(name) {
@@ -151,14 +239,60 @@ pub fn merge(argv: Vec<OsString>, cli: &clap::Command) -> Result<(Vec<OsString>,
         .try_into()
         .with_context(|| format!("--config {}", path.display()))?;
     let (here, anywhere) = known_flags(&argv, cli);
+    let unknown: Vec<&String> = table
+        .keys()
+        .filter(|key| {
+            let name = KEY_ALIASES
+                .iter()
+                .find(|(k, _)| k == key)
+                .map_or(key.as_str(), |(_, flag)| *flag);
+            !anywhere.contains_key(&name.replace('_', "-"))
+                && !(key.as_str() == "adapter"
+                    && table.get("adapter").and_then(toml::Value::as_str) == Some("lora"))
+        })
+        .collect();
+    if !unknown.is_empty() {
+        let names = unknown
+            .iter()
+            .map(|k| format!("`{k}`"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let axolotl = table.keys().any(|k| AXOLOTL_KEYS.contains(&k.as_str()));
+        if axolotl {
+            bail!(
+                "--config {}: this looks like an axolotl config; these keys have no counterpart \
+                 here: {names}. The data file is --dataset (`dataset_path`, one file of \
+                 messages, ShareGPT, Alpaca, prompt/completion or text rows); see \
+                 docs/reference/configuration.md for the keys a file accepts",
+                path.display()
+            );
+        }
+        bail!(
+            "--config {}: unknown key{} {names} (not a flag of any command, nor the sections \
+             [data] and [trainer]; see docs/reference/configuration.md)",
+            path.display(),
+            if unknown.len() > 1 { "s" } else { "" }
+        );
+    }
+    // A flag given on the command line by an alias is given by its long name.
+    let given: Vec<String> = given
+        .iter()
+        .map(|g| anywhere.get(g).cloned().unwrap_or_else(|| g.clone()))
+        .collect();
     let mut out = argv;
     let mut seen: Vec<String> = Vec::new();
     for (key, value) in table {
+        if key == "adapter" {
+            continue;
+        }
         let name = KEY_ALIASES
             .iter()
             .find(|(k, _)| *k == key)
-            .map_or(key.as_str(), |(_, flag)| *flag);
-        let flag = name.replace('_', "-");
+            .map_or(key.as_str(), |(_, flag)| *flag)
+            .replace('_', "-");
+        let Some(flag) = anywhere.get(&name).cloned() else {
+            continue;
+        };
         if seen.contains(&flag) {
             bail!(
                 "--config {}: `{key}` sets --{flag}, which another key of the file sets too",
@@ -166,13 +300,6 @@ pub fn merge(argv: Vec<OsString>, cli: &clap::Command) -> Result<(Vec<OsString>,
             );
         }
         seen.push(flag.clone());
-        if !anywhere.contains(&flag) {
-            bail!(
-                "--config {}: unknown key `{key}` (no command has --{flag}; the sections are \
-                 [data] and [trainer])",
-                path.display()
-            );
-        }
         if given.contains(&flag) || !here.contains(&flag) {
             continue;
         }

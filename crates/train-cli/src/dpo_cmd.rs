@@ -111,7 +111,15 @@ fn tokenized_pairs(
     config: &train_data::DatasetConfig,
     tok: &ChatTokenizer,
 ) -> Result<Vec<Tokenized>> {
-    let path = &config.dataset_path;
+    tokenized_pairs_of(&config.dataset_path, config, tok)
+}
+
+/// The pairs of `path` (the data file or the evaluation file), tokenized.
+fn tokenized_pairs_of(
+    path: &std::path::Path,
+    config: &train_data::DatasetConfig,
+    tok: &ChatTokenizer,
+) -> Result<Vec<Tokenized>> {
     let loaded = load_preferences(path, &config.load)?;
     for p in &loaded.problems {
         errln!("{p}");
@@ -399,9 +407,19 @@ pub fn dpo(args: &DpoArgs) -> Result<ExitCode> {
     args.dpo_config().validate()?;
     let launch = Launch::new(run)?;
     let fingerprint = train_data::cache_key(&data, &launch.tok)?;
-    let pairs = tokenized_pairs(&data, &launch.tok)?;
-    let split = ValidationSplit::from_value(data.validation_split)?;
-    let split = split_indices(pairs.len(), split, data.seed);
+    let mut pairs = tokenized_pairs(&data, &launch.tok)?;
+    let split = match &data.eval_dataset_path {
+        // Every pair of the data file is trained; those of --eval-dataset follow them.
+        Some(eval) => {
+            let train = pairs.len();
+            pairs.extend(tokenized_pairs_of(eval, &data, &launch.tok)?);
+            ((0..train).collect(), (train..pairs.len()).collect())
+        }
+        None => {
+            let split = ValidationSplit::from_value(data.validation_split)?;
+            split_indices(pairs.len(), split, data.seed)
+        }
+    };
     if split.0.is_empty() {
         bail!(
             "{}: no training pairs left after loading",

@@ -261,6 +261,12 @@ pub fn grpo(args: &GrpoArgs) -> Result<ExitCode> {
         bail!("--packing: GRPO samples its completions; there is nothing to pack");
     }
     refuse_sft_options(&data, "train grpo", "it trains on its own completions")?;
+    if data.eval_dataset_path.is_some() {
+        bail!(
+            "--eval-dataset: `train grpo` does not evaluate (it is scored by its rewards); \
+             every prompt of --dataset is trained on"
+        );
+    }
     // Every prompt is trained on: GRPO is scored by its rewards (`reward` in metrics.jsonl),
     // not by a validation loss. A split other than the default says so.
     if data.validation_split > 0.0

@@ -186,13 +186,16 @@ struct LoadArgs {
 #[derive(Args, Debug, Clone)]
 pub(crate) struct DataArgs {
     /// Model directory or registry name (its tokenizer and chat template are used).
-    #[arg(long)]
+    #[arg(long, visible_alias = "model-name-or-path")]
     model: String,
     /// The data file (required here or as `dataset_path` in the --config file's `[data]`).
     #[arg(long)]
     dataset: Option<PathBuf>,
+    /// Evaluate on this data file (every row) instead of a split of --dataset.
+    #[arg(long, value_name = "FILE")]
+    eval_dataset: Option<PathBuf>,
     /// Longest example in tokens.
-    #[arg(long, default_value_t = data_defaults().max_length, value_parser = run_cmd::max_length)]
+    #[arg(long, visible_alias = "max-seq-length", default_value_t = data_defaults().max_length, value_parser = run_cmd::max_length)]
     max_length: usize,
     /// Validation rows: a fraction below 1, or a count.
     #[arg(long, default_value_t = data_defaults().validation_split)]
@@ -372,6 +375,9 @@ impl DataArgs {
         let mut c = self.section.clone().unwrap_or_default();
         if let Some(d) = self.dataset.as_ref().filter(|_| g.has("dataset")) {
             c.dataset_path = d.clone();
+        }
+        if let Some(d) = self.eval_dataset.as_ref().filter(|_| g.has("eval_dataset")) {
+            c.eval_dataset_path = Some(d.clone());
         }
         if c.dataset_path.as_os_str().is_empty() {
             anyhow::bail!(

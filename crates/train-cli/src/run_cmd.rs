@@ -12,8 +12,8 @@ use train_model::{
     AttentionImpl, LoadOptions, LoraConfig, Precision, StorageDtype, load_pretrained,
 };
 use train_runner::{
-    LrSchedule, MetricsObserver, Observers, Parallelism, Resume, RunControl, RunStatus, RunSummary,
-    TrainSetup, TrainerConfig, evaluate, latest_intact_checkpoint,
+    IntervalStrategy, LrSchedule, MetricsObserver, Observers, Parallelism, Resume, RunControl,
+    RunStatus, RunSummary, TrainSetup, TrainerConfig, evaluate, latest_intact_checkpoint,
 };
 
 use crate::DataArgs;
@@ -47,6 +47,40 @@ pub enum SchedulerArg {
     Constant,
     Linear,
     Cosine,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum StrategyArg {
+    Steps,
+    Epoch,
+    No,
+}
+
+impl StrategyArg {
+    fn strategy(self) -> IntervalStrategy {
+        match self {
+            Self::Steps => IntervalStrategy::Steps,
+            Self::Epoch => IntervalStrategy::Epoch,
+            Self::No => IntervalStrategy::No,
+        }
+    }
+}
+
+impl From<IntervalStrategy> for StrategyArg {
+    fn from(s: IntervalStrategy) -> Self {
+        match s {
+            IntervalStrategy::Steps => Self::Steps,
+            IntervalStrategy::Epoch => Self::Epoch,
+            IntervalStrategy::No => Self::No,
+        }
+    }
+}
+
+impl std::fmt::Display for StrategyArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let v = self.to_possible_value().ok_or(std::fmt::Error)?;
+        f.write_str(v.get_name())
+    }
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -110,6 +144,12 @@ pub struct ComputeArgs {
     /// Compute precision: bf16 on GPUs that support it and fp32 on CPU (auto), or forced.
     #[arg(long, value_enum, default_value_t = PrecisionArg::Auto)]
     pub precision: PrecisionArg,
+    /// `--precision bf16` (the `TrainingArguments` flag).
+    #[arg(long, conflicts_with_all = ["precision", "fp16"])]
+    pub bf16: bool,
+    /// `--precision fp16` (the `TrainingArguments` flag).
+    #[arg(long, conflicts_with = "precision")]
+    pub fp16: bool,
     /// burn backend.
     #[arg(long, value_enum, default_value_t = BackendArg::Cpu)]
     pub backend: BackendArg,
@@ -123,8 +163,15 @@ pub struct ComputeArgs {
 
 impl ComputeArgs {
     pub(crate) fn load_options(&self, master_weights: bool) -> LoadOptions {
+        let precision = if self.bf16 {
+            PrecisionArg::Bf16
+        } else if self.fp16 {
+            PrecisionArg::Fp16
+        } else {
+            self.precision
+        };
         LoadOptions {
-            precision: self.precision.precision(),
+            precision: precision.precision(),
             attention: match self.attention {
                 AttentionArg::Auto => AttentionImpl::Auto,
                 AttentionArg::Fused => AttentionImpl::Fused,
@@ -141,32 +188,36 @@ pub struct RunArgs {
     #[command(flatten)]
     pub data: DataArgs,
     /// Output directory: checkpoints, metrics.jsonl and the final model.
-    #[arg(long, default_value_os_t = trainer_defaults().output_dir)]
+    #[arg(long, visible_alias = "output-dir", default_value_os_t = trainer_defaults().output_dir)]
     pub output: PathBuf,
     /// Directory of `training_status.json` (default: `<output>/status`).
     #[arg(long, value_name = "DIR")]
     pub status_dir: Option<PathBuf>,
     /// Epochs over the training split.
-    #[arg(long, default_value_t = trainer_defaults().num_epochs, value_parser = count::<{ limits::MAX_EPOCHS }>)]
+    #[arg(long, visible_alias = "num-train-epochs", default_value_t = trainer_defaults().num_epochs, value_parser = count::<{ limits::MAX_EPOCHS }>)]
     pub epochs: usize,
     /// Optimizer steps (wins over --epochs).
     #[arg(long)]
     pub max_steps: Option<usize>,
     /// Examples (or packed rows) per micro-batch.
-    #[arg(long, default_value_t = trainer_defaults().batch_size, value_parser = count::<{ limits::MAX_BATCH_SIZE }>)]
+    #[arg(long, visible_aliases = ["per-device-train-batch-size", "micro-batch-size"], default_value_t = trainer_defaults().batch_size, value_parser = count::<{ limits::MAX_BATCH_SIZE }>)]
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
-    #[arg(long, default_value_t = trainer_defaults().gradient_accumulation_steps, value_parser = count::<{ limits::MAX_GRADIENT_ACCUMULATION }>)]
+    #[arg(long, visible_alias = "gradient-accumulation-steps", default_value_t = trainer_defaults().gradient_accumulation_steps, value_parser = count::<{ limits::MAX_GRADIENT_ACCUMULATION }>)]
     pub gradient_accumulation: usize,
     /// Peak learning rate.
     #[arg(long, default_value_t = trainer_defaults().learning_rate)]
     pub learning_rate: f64,
     /// Learning-rate schedule (after the warm-up).
-    #[arg(long, value_enum, default_value_t = SchedulerArg::from(trainer_defaults().lr_scheduler))]
+    #[arg(long, visible_alias = "lr-scheduler-type", value_enum, default_value_t = SchedulerArg::from(trainer_defaults().lr_scheduler))]
     pub lr_scheduler: SchedulerArg,
     /// Linear warm-up steps.
     #[arg(long, default_value_t = trainer_defaults().warmup_steps)]
     pub warmup_steps: usize,
+    /// Linear warm-up over this fraction of the run's steps (rounded up), when --warmup-steps
+    /// is 0.
+    #[arg(long, default_value_t = trainer_defaults().warmup_ratio)]
+    pub warmup_ratio: f64,
     /// AdamW weight decay (not on biases and norm weights).
     #[arg(long, default_value_t = trainer_defaults().weight_decay)]
     pub weight_decay: f64,
@@ -182,15 +233,26 @@ pub struct RunArgs {
     /// Global gradient-norm clipping (0 disables).
     #[arg(long, default_value_t = trainer_defaults().max_grad_norm)]
     pub max_grad_norm: f64,
-    /// Evaluate every this many steps (and at the end).
+    /// Evaluate every this many steps (and at the end), with --eval-strategy steps.
     #[arg(long, default_value_t = trainer_defaults().eval_steps)]
     pub eval_steps: usize,
+    /// When to evaluate: every --eval-steps, at the end of every epoch, or never.
+    #[arg(long, visible_alias = "evaluation-strategy", value_enum, default_value_t = StrategyArg::from(trainer_defaults().eval_strategy))]
+    pub eval_strategy: StrategyArg,
+    /// Write a row of metrics.jsonl every this many steps (and after the last): the loss
+    /// averaged over them, tokens/s over their time.
+    #[arg(long, default_value_t = trainer_defaults().logging_steps, value_parser = count::<{ usize::MAX }>)]
+    pub logging_steps: usize,
     /// Micro-batch size of evaluation (default: --batch-size).
-    #[arg(long, value_parser = count::<{ limits::MAX_BATCH_SIZE }>)]
+    #[arg(long, visible_alias = "per-device-eval-batch-size", value_parser = count::<{ limits::MAX_BATCH_SIZE }>)]
     pub eval_batch_size: Option<usize>,
-    /// Save a checkpoint every this many steps (and at the end).
+    /// Save a checkpoint every this many steps (and at the end), with --save-strategy steps.
     #[arg(long, default_value_t = trainer_defaults().save_steps)]
     pub save_steps: usize,
+    /// When to save a checkpoint: every --save-steps, at the end of every epoch, or never (a
+    /// stop on request still saves one).
+    #[arg(long, value_enum, default_value_t = StrategyArg::from(trainer_defaults().save_strategy))]
+    pub save_strategy: StrategyArg,
     /// Keep at most this many checkpoints (the best is always kept).
     #[arg(long)]
     pub save_total_limit: Option<usize>,
@@ -218,7 +280,7 @@ pub struct RunArgs {
     pub lora_dropout: f64,
     /// Projections that get adapters (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj,
     /// down_proj, or all-linear); repeat or separate with commas.
-    #[arg(long, value_delimiter = ',', default_values_t = LoraConfig::default().target_modules, requires = "lora_r")]
+    #[arg(long, visible_alias = "lora-target-modules", value_delimiter = ',', default_values_t = LoraConfig::default().target_modules, requires = "lora_r")]
     pub lora_target: Vec<String>,
     /// Scale the adapters by alpha / √r (rsLoRA).
     #[arg(long, requires = "lora_r")]
@@ -365,6 +427,18 @@ impl RunArgs {
             self.gradient_accumulation
         );
         flag!("warmup_steps", warmup_steps, self.warmup_steps);
+        flag!("warmup_ratio", warmup_ratio, self.warmup_ratio);
+        flag!("logging_steps", logging_steps, self.logging_steps);
+        flag!(
+            "eval_strategy",
+            eval_strategy,
+            self.eval_strategy.strategy()
+        );
+        flag!(
+            "save_strategy",
+            save_strategy,
+            self.save_strategy.strategy()
+        );
         flag!(
             "lr_scheduler",
             lr_scheduler,
@@ -1063,6 +1137,16 @@ mod tests {
                 "cosine",
                 "--warmup-steps",
                 "2",
+                "--warmup-ratio",
+                "0.3",
+                "--logging-steps",
+                "7",
+                "--eval-strategy",
+                "epoch",
+                "--save-strategy",
+                "no",
+                "--eval-dataset",
+                "e.jsonl",
                 "--weight-decay",
                 "0.1",
                 "--adam-beta1",
@@ -1104,6 +1188,7 @@ mod tests {
         let d = all.data.config().unwrap();
         let expected = DatasetConfig {
             dataset_path: "d.jsonl".into(),
+            eval_dataset_path: Some("e.jsonl".into()),
             max_length: 64,
             packing: true,
             validation_split: 0.2,
@@ -1133,6 +1218,10 @@ mod tests {
             save_steps: 3,
             gradient_accumulation_steps: 6,
             warmup_steps: 2,
+            warmup_ratio: 0.3,
+            logging_steps: 7,
+            eval_strategy: IntervalStrategy::Epoch,
+            save_strategy: IntervalStrategy::No,
             lr_scheduler: LrSchedule::Cosine,
             weight_decay: 0.1,
             adam_beta1: 0.8,

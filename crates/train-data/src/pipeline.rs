@@ -22,8 +22,13 @@ use crate::transform::{TransformConfig, TransformPipeline};
 pub struct DatasetConfig {
     /// The data file.
     pub dataset_path: PathBuf,
+    /// A data file to evaluate on: all its rows are validation examples and all of
+    /// `dataset_path`'s are trained (`validation_split` is then not used).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_dataset_path: Option<PathBuf>,
     /// Longest example, in tokens, and with `packing` the length of a packed row (default
-    /// 4096, at most 2^20).
+    /// 4096, at most 2^20). `max_seq_length` is accepted for it (TRL's older name).
+    #[serde(alias = "max_seq_length")]
     pub max_length: usize,
     /// Pack the training examples into rows of `max_length` tokens instead of one example per
     /// row (no attention across examples). Default false.
@@ -54,6 +59,7 @@ impl Default for DatasetConfig {
     fn default() -> Self {
         Self {
             dataset_path: PathBuf::new(),
+            eval_dataset_path: None,
             max_length: DEFAULT_MAX_LENGTH,
             packing: false,
             validation_split: 0.1,
@@ -192,7 +198,70 @@ pub fn prepare(
     extra: Option<&TransformPipeline>,
 ) -> Result<Prepared> {
     config.validate()?;
-    let loaded = load_conversations(&config.dataset_path, &config.load)?;
+    let mut problems = Vec::new();
+    let mut stats = DataStats {
+        max_length: config.max_length,
+        ..DataStats::default()
+    };
+    let examples = encode_file(
+        &config.dataset_path,
+        config,
+        tokenizer,
+        extra,
+        &mut stats,
+        &mut problems,
+    )?;
+    let (train, validation) = match &config.eval_dataset_path {
+        Some(eval) => {
+            let validation =
+                encode_file(eval, config, tokenizer, extra, &mut stats, &mut problems)?;
+            (examples, validation)
+        }
+        None => split_examples(examples, config)?,
+    };
+    let rows = fill_stats(&mut stats, &train, &validation, config.packing);
+    // Rows of the evaluation file come after those of the data file.
+    problems.sort_by_key(|p| (p.location.path != config.dataset_path, p.location.row));
+    Ok(Prepared {
+        train,
+        validation,
+        rows,
+        fingerprint: String::new(),
+        stats,
+        problems,
+    })
+}
+
+/// Splits the examples of the data file into training and validation examples.
+fn split_examples(
+    examples: Vec<Example>,
+    config: &DatasetConfig,
+) -> Result<(Vec<Example>, Vec<Example>)> {
+    let split = ValidationSplit::from_value(config.validation_split)?;
+    let (train_idx, val_idx) = split_indices(examples.len(), split, config.seed);
+    let mut slots: Vec<Option<Example>> = examples.into_iter().map(Some).collect();
+    let take = |idx: &[usize], slots: &mut Vec<Option<Example>>| -> Vec<Example> {
+        idx.iter()
+            .filter_map(|&i| slots.get_mut(i).and_then(Option::take))
+            .collect()
+    };
+    let validation = take(&val_idx, &mut slots);
+    let train = take(&train_idx, &mut slots);
+    Ok((train, validation))
+}
+
+/// Loads, transforms and tokenizes the rows of `path`, fitting them to `max_length`: the
+/// examples to train or evaluate on. Counts go into `stats`, the rows' problems into
+/// `problems`.
+fn encode_file(
+    path: &Path,
+    config: &DatasetConfig,
+    tokenizer: &ChatTokenizer,
+    extra: Option<&TransformPipeline>,
+    stats: &mut DataStats,
+    problems: &mut Vec<Problem>,
+) -> Result<Vec<Example>> {
+    let loaded = load_conversations(path, &config.load)?;
     let pipeline = TransformPipeline::from_configs(&config.transform_configs())?;
     let mut conversations = loaded.conversations;
     for c in &mut conversations {
@@ -203,18 +272,15 @@ pub fn prepare(
             extra.apply(c, config.seed ^ 0xC057_0000, row);
         }
     }
-    let mut problems = loaded.problems;
-    let mut stats = DataStats {
-        rows_read: loaded.rows_read,
-        max_length: config.max_length,
-        ..DataStats::default()
-    };
-    stats.invalid_rows = problems
+    stats.rows_read += loaded.rows_read;
+    stats.invalid_rows += loaded
+        .problems
         .iter()
         .filter(|p| p.severity == Severity::Error)
         .map(|p| p.location.row)
         .collect::<std::collections::BTreeSet<_>>()
         .len();
+    problems.extend(loaded.problems);
 
     let mode = config.label_mode;
     // A failure of the template itself (a bound exceeded, see `is_template_failure`) would
@@ -237,7 +303,7 @@ pub fn prepare(
     let mut examples = Vec::with_capacity(conversations.len());
     for (c, enc) in conversations.iter().zip(encoded) {
         let location = c.location.clone().unwrap_or(RowLocation {
-            path: config.dataset_path.clone(),
+            path: path.to_path_buf(),
             line: None,
             row: 0,
         });
@@ -318,27 +384,7 @@ pub fn prepare(
         stats.template_label_tokens += enc.template_label_tokens.min(example.label_tokens());
         examples.push(example);
     }
-
-    let split = ValidationSplit::from_value(config.validation_split)?;
-    let (train_idx, val_idx) = split_indices(examples.len(), split, config.seed);
-    let mut slots: Vec<Option<Example>> = examples.into_iter().map(Some).collect();
-    let take = |idx: &[usize], slots: &mut Vec<Option<Example>>| -> Vec<Example> {
-        idx.iter()
-            .filter_map(|&i| slots.get_mut(i).and_then(Option::take))
-            .collect()
-    };
-    let validation = take(&val_idx, &mut slots);
-    let train = take(&train_idx, &mut slots);
-    let rows = fill_stats(&mut stats, &train, &validation, config.packing);
-    problems.sort_by_key(|p| p.location.row);
-    Ok(Prepared {
-        train,
-        validation,
-        rows,
-        fingerprint: String::new(),
-        stats,
-        problems,
-    })
+    Ok(examples)
 }
 
 /// Rows from which each worker thread after the first gets a copy of the tokenizer: a shared
@@ -445,6 +491,11 @@ pub fn cache_key(config: &DatasetConfig, tokenizer: &ChatTokenizer) -> Result<St
     let mut file = open_regular(&config.dataset_path)?;
     std::io::copy(&mut file, &mut HashWriter(&mut h))
         .map_err(|e| DataError::io(&config.dataset_path, e))?;
+    if let Some(eval) = &config.eval_dataset_path {
+        h.update(b"\0eval\0");
+        let mut file = open_regular(eval)?;
+        std::io::copy(&mut file, &mut HashWriter(&mut h)).map_err(|e| DataError::io(eval, e))?;
+    }
     let tok = tokenizer
         .tokenizer()
         .to_string(false)
@@ -463,6 +514,9 @@ pub fn cache_key(config: &DatasetConfig, tokenizer: &ChatTokenizer) -> Result<St
     }
     let mut cfg = config.clone();
     cfg.dataset_path = PathBuf::new();
+    if cfg.eval_dataset_path.is_some() {
+        cfg.eval_dataset_path = Some(PathBuf::new());
+    }
     let mut cfg =
         serde_json::to_value(&cfg).map_err(|e| DataError::config("dataset", e.to_string()))?;
     // The tokenized examples do not depend on packing (the rows are built from them when the

@@ -69,7 +69,7 @@ pub use error::{MonitorError, Result};
 pub use jsonl::{JsonlWriter, MAX_RESUMED_LOG_BYTES, drop_rows_from_step};
 pub use layers::{LayerMonitor, LayerRecord};
 pub use memory::MemoryInfo;
-pub use metrics::{EvalRecord, MetricsLog, MetricsRow, ObjectiveMetrics, StepRecord};
+pub use metrics::{EvalRecord, LogWindow, MetricsLog, MetricsRow, ObjectiveMetrics, StepRecord};
 pub use plots::{Series, line_chart};
 pub use report::{History, MAX_METRIC_CHARTS, charts, render_html, write_report};
 pub use samples::{RolloutSample, Sample, evolution_due, preview_interval};

@@ -43,6 +43,69 @@ pub struct StepRecord {
     pub metrics: ObjectiveMetrics,
 }
 
+/// The rows of a run logged every `logging_steps` steps (`TrainingArguments.logging_steps`):
+/// [`LogWindow::push`] takes every step and returns a row after each `logging_steps`-th one
+/// and after the last step of the run. A row carries the last step's number, epoch, learning
+/// rate and gradient norm, the mean loss and mean objective metrics of its steps, their token
+/// counts summed, and tokens/s over their summed time.
+#[derive(Debug, Clone)]
+pub struct LogWindow {
+    every: usize,
+    last_step: usize,
+    steps: Vec<StepRecord>,
+}
+
+impl LogWindow {
+    /// A window of `every` steps (at least 1) in a run whose last step is `last_step`.
+    pub fn new(every: usize, last_step: usize) -> Self {
+        Self {
+            every: every.max(1),
+            last_step,
+            steps: Vec::new(),
+        }
+    }
+
+    /// Adds a step; returns the row to log when this step closes a window.
+    pub fn push(&mut self, step: &StepRecord) -> Option<StepRecord> {
+        if self.every == 1 {
+            return Some(step.clone());
+        }
+        self.steps.push(step.clone());
+        if !(step.step.is_multiple_of(self.every) || step.step >= self.last_step) {
+            return None;
+        }
+        let steps = std::mem::take(&mut self.steps);
+        let n = steps.len() as f64;
+        let seconds: f64 = steps
+            .iter()
+            .map(|s| s.tokens as f64 / s.tokens_per_sec.max(1e-12))
+            .sum();
+        let tokens: usize = steps.iter().map(|s| s.tokens).sum();
+        let mut metrics = ObjectiveMetrics::new();
+        for s in &steps {
+            for (k, v) in &s.metrics {
+                *metrics.entry(k.clone()).or_default() += v / n;
+            }
+        }
+        let last = steps.last()?;
+        Some(StepRecord {
+            step: last.step,
+            epoch: last.epoch,
+            loss: steps.iter().map(|s| s.loss).sum::<f64>() / n,
+            learning_rate: last.learning_rate,
+            grad_norm: last.grad_norm,
+            tokens,
+            label_tokens: steps.iter().map(|s| s.label_tokens).sum(),
+            tokens_per_sec: if seconds > 0.0 {
+                tokens as f64 / seconds
+            } else {
+                0.0
+            },
+            metrics,
+        })
+    }
+}
+
 /// One evaluation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvalRecord {
@@ -147,5 +210,51 @@ impl MetricsLog {
             .write_all(line.as_bytes())
             .and_then(|()| self.file.flush())
             .map_err(|e| MonitorError::io(&self.path, e))
+    }
+}
+
+#[cfg(test)]
+mod window_tests {
+    use super::*;
+
+    fn step(step: usize, loss: f64, tokens: usize, seconds: f64) -> StepRecord {
+        StepRecord {
+            step,
+            epoch: step as f64 / 10.0,
+            loss,
+            learning_rate: step as f64,
+            grad_norm: 10.0 * step as f64,
+            tokens,
+            label_tokens: tokens / 2,
+            tokens_per_sec: tokens as f64 / seconds,
+            metrics: [("m".to_string(), loss * 2.0)].into_iter().collect(),
+        }
+    }
+
+    #[test]
+    fn rows_average_their_steps_and_the_last_step_closes_a_window() {
+        let mut w = LogWindow::new(2, 5);
+        let rows: Vec<StepRecord> = [
+            step(1, 1.0, 100, 1.0),
+            step(2, 3.0, 300, 1.0),
+            step(3, 5.0, 10, 1.0),
+            step(4, 7.0, 10, 1.0),
+            step(5, 9.0, 50, 0.5),
+        ]
+        .iter()
+        .filter_map(|s| w.push(s))
+        .collect();
+        assert_eq!(rows.iter().map(|r| r.step).collect::<Vec<_>>(), [2, 4, 5]);
+        let r = &rows[0];
+        assert_eq!((r.loss, r.tokens, r.label_tokens), (2.0, 400, 200));
+        assert_eq!((r.learning_rate, r.grad_norm, r.epoch), (2.0, 20.0, 0.2));
+        assert_eq!(r.tokens_per_sec, 200.0);
+        assert_eq!(r.metrics["m"], 4.0);
+        assert_eq!(rows[2].tokens_per_sec, 100.0);
+        let mut every = LogWindow::new(1, 5);
+        assert_eq!(
+            every.push(&step(1, 1.0, 1, 1.0)),
+            Some(step(1, 1.0, 1, 1.0))
+        );
     }
 }

@@ -66,29 +66,65 @@ impl LrSchedule {
     }
 }
 
+/// When evaluations or checkpoints happen (`transformers`' `IntervalStrategy`).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum IntervalStrategy {
+    /// Every `eval_steps` / `save_steps` steps, and after the last step.
+    #[default]
+    Steps,
+    /// At the end of every epoch (and after the last step).
+    Epoch,
+    /// Never (a stop on request still saves a checkpoint, so that nothing is lost).
+    No,
+}
+
 /// Everything that shapes a training run.
+///
+/// Hugging Face `TrainingArguments` names are accepted as aliases of the keys that differ
+/// (`num_train_epochs`, `per_device_train_batch_size`, `per_device_eval_batch_size`,
+/// `lr_scheduler_type`, `evaluation_strategy`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainerConfig {
     /// Where checkpoints, metrics and the final model go.
     pub output_dir: PathBuf,
     /// Examples (or packed rows) per micro-batch. Default 16.
+    #[serde(alias = "per_device_train_batch_size")]
     pub batch_size: usize,
     /// Peak learning rate. Default 2e-4.
     pub learning_rate: f64,
     /// Epochs over the training split. Default 3.
+    #[serde(alias = "num_train_epochs")]
     pub num_epochs: usize,
     /// Optimizer steps; overrides `num_epochs` when set.
     pub max_steps: Option<usize>,
-    /// Evaluate every this many steps (and at the end). Default 50.
+    /// Evaluate every this many steps (and at the end) with `eval_strategy = "steps"`.
+    /// Default 50.
     pub eval_steps: usize,
-    /// Save a checkpoint every this many steps (and at the end). Default 1000.
+    /// Save a checkpoint every this many steps (and at the end) with `save_strategy =
+    /// "steps"`. Default 1000.
     pub save_steps: usize,
+    /// When to evaluate: `steps`, `epoch` or `no`. Default steps.
+    #[serde(alias = "evaluation_strategy")]
+    pub eval_strategy: IntervalStrategy,
+    /// When to save a checkpoint: `steps`, `epoch` or `no`. Default steps.
+    pub save_strategy: IntervalStrategy,
+    /// A row of `metrics.jsonl` every this many steps (and after the last): the loss and the
+    /// objective's metrics averaged over those steps, tokens/s over their time, the learning
+    /// rate and gradient norm of the last one (as `Trainer` logs). Default 1.
+    pub logging_steps: usize,
     /// Micro-batches per optimizer step. Default 1.
     pub gradient_accumulation_steps: usize,
     /// Linear warm-up steps. Default 0.
     pub warmup_steps: usize,
+    /// Linear warm-up as a fraction of the run's steps (`ceil(ratio × steps)`), when
+    /// `warmup_steps` is 0 (`warmup_steps` wins, as in `transformers`). Default 0.
+    pub warmup_ratio: f64,
     /// Learning-rate schedule. Default linear.
+    #[serde(alias = "lr_scheduler_type")]
     pub lr_scheduler: LrSchedule,
     /// Decoupled weight decay (not applied to biases and norm weights). Default 0.
     pub weight_decay: f64,
@@ -110,6 +146,7 @@ pub struct TrainerConfig {
     /// Do not evaluate.
     pub skip_validation: bool,
     /// Micro-batch size of evaluation; default `batch_size`.
+    #[serde(alias = "per_device_eval_batch_size")]
     pub eval_batch_size: Option<usize>,
     /// Dtype of the final model on disk; default the source checkpoint's. Checkpoints always
     /// keep f32 master weights so that a resumed run is exact.
@@ -129,8 +166,12 @@ impl Default for TrainerConfig {
             max_steps: None,
             eval_steps: 50,
             save_steps: 1000,
+            eval_strategy: IntervalStrategy::Steps,
+            save_strategy: IntervalStrategy::Steps,
+            logging_steps: 1,
             gradient_accumulation_steps: 1,
             warmup_steps: 0,
+            warmup_ratio: 0.0,
             lr_scheduler: LrSchedule::Linear,
             weight_decay: 0.0,
             adam_beta1: 0.9,
@@ -149,6 +190,16 @@ impl Default for TrainerConfig {
 }
 
 impl TrainerConfig {
+    /// Warm-up steps of a run of `total` steps: `warmup_steps`, else `ceil(warmup_ratio ×
+    /// total)` (`TrainingArguments.get_warmup_steps`).
+    pub fn warmup_for(&self, total: usize) -> usize {
+        if self.warmup_steps > 0 {
+            self.warmup_steps
+        } else {
+            (total as f64 * self.warmup_ratio).ceil() as usize
+        }
+    }
+
     /// Checks every setting, naming the first one out of range.
     pub fn validate(&self) -> Result<()> {
         let positive = |field: &str, v: usize| {
@@ -162,6 +213,13 @@ impl TrainerConfig {
         positive("num_epochs", self.num_epochs)?;
         positive("eval_steps", self.eval_steps)?;
         positive("save_steps", self.save_steps)?;
+        positive("logging_steps", self.logging_steps)?;
+        if !(0.0..1.0).contains(&self.warmup_ratio) {
+            return Err(RunnerError::config(
+                "warmup_ratio",
+                format!("{} must be in [0, 1)", self.warmup_ratio),
+            ));
+        }
         positive(
             "gradient_accumulation_steps",
             self.gradient_accumulation_steps,
@@ -257,6 +315,49 @@ mod tests {
         let c = LrSchedule::Cosine.lr_at(1.0, 6, 10, 2);
         assert!((c - 0.5).abs() < 1e-12, "{c}");
         assert!(LrSchedule::Linear.lr_at(1.0, 12, 10, 0) == 0.0);
+    }
+
+    #[test]
+    fn warmup_ratio_rounds_up_and_steps_win() {
+        let ratio = TrainerConfig {
+            warmup_ratio: 0.1,
+            ..TrainerConfig::default()
+        };
+        assert_eq!(ratio.warmup_for(95), 10);
+        assert_eq!(ratio.warmup_for(100), 10);
+        assert_eq!(ratio.warmup_for(0), 0);
+        let both = TrainerConfig {
+            warmup_steps: 3,
+            ..ratio.clone()
+        };
+        assert_eq!(both.warmup_for(100), 3);
+        for bad in [1.0, -0.1, f64::NAN] {
+            let e = TrainerConfig {
+                warmup_ratio: bad,
+                ..TrainerConfig::default()
+            }
+            .validate()
+            .unwrap_err();
+            assert!(e.to_string().contains("warmup_ratio"), "{e}");
+        }
+    }
+
+    #[test]
+    fn training_arguments_names_are_aliases() {
+        let c: TrainerConfig = toml::from_str(
+            "num_train_epochs = 2\nper_device_train_batch_size = 4\nper_device_eval_batch_size = 8\n\
+             lr_scheduler_type = \"cosine\"\nevaluation_strategy = \"epoch\"\nsave_strategy = \"no\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (c.num_epochs, c.batch_size, c.eval_batch_size),
+            (2, 4, Some(8))
+        );
+        assert_eq!(c.lr_scheduler, LrSchedule::Cosine);
+        assert_eq!(
+            (c.eval_strategy, c.save_strategy),
+            (IntervalStrategy::Epoch, IntervalStrategy::No)
+        );
     }
 
     #[test]

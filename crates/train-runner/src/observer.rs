@@ -29,6 +29,8 @@ pub struct RunInfo {
     pub trainable_parameters: usize,
     /// The output directory.
     pub output_dir: PathBuf,
+    /// Steps per row of `metrics.jsonl` (`TrainerConfig::logging_steps`).
+    pub logging_steps: usize,
     /// What an evaluation's count (`EvalRecord::eval_tokens`) counts
     /// ([`crate::Objective::eval_unit`]: `tokens`, `pairs`).
     pub eval_unit: &'static str,
@@ -183,6 +185,7 @@ impl<B: FusedAutodiffBackend> TrainObserver<B> for Observers<'_, B> {
 #[derive(Debug, Default)]
 pub struct MetricsObserver {
     log: Option<MetricsLog>,
+    window: Option<train_monitor::LogWindow>,
     error: Option<String>,
 }
 
@@ -217,11 +220,19 @@ impl<B: FusedAutodiffBackend> TrainObserver<B> for MetricsObserver {
                 self.error.get_or_insert(e.to_string());
             }
         }
+        self.window = Some(train_monitor::LogWindow::new(
+            info.logging_steps,
+            info.total_steps,
+        ));
     }
 
     fn update(&mut self, event: &TrainEvent<'_>) {
         match event {
-            TrainEvent::Step(m) => self.write(&MetricsRow::Step((*m).clone())),
+            TrainEvent::Step(m) => {
+                if let Some(row) = self.window.as_mut().and_then(|w| w.push(m)) {
+                    self.write(&MetricsRow::Step(row));
+                }
+            }
             TrainEvent::Eval(m) => self.write(&MetricsRow::Eval((*m).clone())),
             _ => {}
         }

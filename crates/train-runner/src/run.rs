@@ -248,6 +248,7 @@ where
             setup.model.config.num_parameters()
         },
         output_dir: output.clone(),
+        logging_steps: config.logging_steps,
         eval_unit: objective.eval_unit(),
         headline: objective.headline(),
     };

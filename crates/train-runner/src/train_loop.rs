@@ -11,7 +11,7 @@ use train_model::FusedAutodiffBackend;
 
 use crate::batches::BatchPlan;
 use crate::checkpoint::{TrainerState, rotate_checkpoints, save_checkpoint};
-use crate::config::TrainerConfig;
+use crate::config::{IntervalStrategy, TrainerConfig};
 use crate::control::RunControl;
 use crate::error::Result;
 use crate::objective::{Collate, Objective};
@@ -154,7 +154,7 @@ where
                 self.config.learning_rate,
                 self.state.global_step,
                 self.state.total_steps,
-                self.config.warmup_steps,
+                self.config.warmup_for(self.state.total_steps),
             );
             model = self.optimizer.step(model, &table, grads, lr, clip);
             let seconds = started.elapsed().as_secs_f64();
@@ -188,17 +188,28 @@ where
 
             let step = self.state.global_step;
             let last = step == self.state.total_steps;
-            if (step.is_multiple_of(self.config.eval_steps) || last)
+            // An epoch ends when the plan has gone through every row (after the last iteration
+            // of a batch of data).
+            let epoch_end = next_position.index >= self.plan.len()
+                && (step_index + 1).is_multiple_of(iterations);
+            let due = |strategy: IntervalStrategy, every: usize| match strategy {
+                IntervalStrategy::Steps => step.is_multiple_of(every) || last,
+                IntervalStrategy::Epoch => epoch_end || last,
+                IntervalStrategy::No => false,
+            };
+            if due(self.config.eval_strategy, self.config.eval_steps)
                 && self.evaluate_now(&model, step)?
             {
                 last_eval_step = Some(step);
             }
-            if step.is_multiple_of(self.config.save_steps) || last {
+            if due(self.config.save_strategy, self.config.save_steps) {
                 self.checkpoint(&model)?;
                 last_saved = Some(step);
             }
         }
-        if last_eval_step != Some(self.state.global_step) {
+        if last_eval_step != Some(self.state.global_step)
+            && self.config.eval_strategy != IntervalStrategy::No
+        {
             self.evaluate_now(&model, self.state.global_step)?;
         }
         Ok((RunStatus::Completed, model))
@@ -206,7 +217,7 @@ where
 
     /// Evaluates on the validation data; false when there is nothing to evaluate.
     fn evaluate_now(&mut self, model: &CausalLm<B>, step: usize) -> Result<bool> {
-        if self.config.skip_validation {
+        if self.config.skip_validation || self.config.eval_strategy == IntervalStrategy::No {
             return Ok(false);
         }
         let Some(score) = self.objective.evaluate(&model.valid()) else {

@@ -492,3 +492,58 @@ fn simpo_and_objectives_are_not_mixed_on_resume() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("`sft` run, not `dpo`"), "{err}");
 }
+
+#[test]
+fn eval_dataset_pairs_are_the_evaluation_and_every_pair_of_the_data_is_trained() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model();
+    let d = prefs(dir.path());
+    let eval = dir.path().join("eval.jsonl");
+    let text = std::fs::read_to_string(&d).unwrap();
+    std::fs::write(&eval, text.lines().take(3).collect::<Vec<_>>().join("\n")).unwrap();
+    let out = dir.path().join("out");
+    let (m, d) = (m.to_str().unwrap(), d.to_str().unwrap());
+    let mut a = args(m, d, out.to_str().unwrap());
+    // --validation-split is not used with --eval-dataset: 12 pairs trained, 6 steps of 2.
+    a.extend([
+        "--eval-dataset",
+        eval.to_str().unwrap(),
+        "--eval-steps",
+        "3",
+        "--epochs",
+        "1",
+    ]);
+    let o = train_ok(dir.path(), &a);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("step 6/6 ") && err.contains(" over 3 pairs"),
+        "{err}"
+    );
+    let rows = metrics(&out);
+    let evals: Vec<u64> = rows
+        .iter()
+        .filter(|r| r["kind"] == "eval")
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(evals, [3, 6]);
+    // `train grpo` does not evaluate: the flag is refused, not ignored.
+    let o = train(
+        dir.path(),
+        &[
+            "grpo",
+            "--model",
+            m,
+            "--dataset",
+            d,
+            "--eval-dataset",
+            eval.to_str().unwrap(),
+            "--reward",
+            "r.toml",
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.code() != Some(0) && err.contains("--eval-dataset"),
+        "{err}"
+    );
+}

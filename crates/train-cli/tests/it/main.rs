@@ -8,6 +8,7 @@ mod dpo_cmd;
 mod faults;
 mod generate_cmd;
 mod grpo_cmd;
+mod hf_compat;
 mod hostile;
 mod loop_parity;
 mod reference;

@@ -173,23 +173,41 @@ fn config_reference() -> String {
          Regenerate with `TRAIN_BLESS=1 cargo test --workspace --release --test it reference::`.\n\n\
          Every table lists the keys a TOML file (or `serde` from any format) accepts, their types\n\
          and their defaults (a missing key takes its default; unknown keys are refused).\n\n\
-         `train --config run.toml` reads the first two as sections: `[data]` is a `DatasetConfig`\n\
-         and `[trainer]` a `TrainerConfig` (`[trainer.lora]` its LoRA settings), deserialised as\n\
-         they are. Its other keys are flags in snake_case (`max_length = 512`, `lora_r = 16`), or\n\
-         the key of the setting a flag fills where the names differ (`num_epochs`,\n\
-         `gradient_accumulation_steps`, `output_dir`, `dataset_path`). A flag on the command line\n\
-         wins over one in the file, a flag in the file over the sections, and the sections over\n\
-         the defaults below.\n\n",
+         `train --config run.toml` (TOML; YAML when the file ends in `.yaml` or `.yml`, with the\n\
+         same keys, a `null` being a key left out) reads the first two as sections: `[data]` is a\n\
+         `DatasetConfig` and `[trainer]` a `TrainerConfig` (`[trainer.lora]` its LoRA settings),\n\
+         deserialised as they are. Its other keys are flags in snake_case (`max_length = 512`,\n\
+         `lora_r = 16`), or the key of the setting a flag fills where the names differ\n\
+         (`num_epochs`, `dataset_path`, `eval_dataset_path`). A flag on the command line wins over\n\
+         one in the file, a flag in the file over the sections, and the sections over the\n\
+         defaults below. Every unknown key of a file is named in one message.\n\n\
+         Hugging Face names are aliases, on the command line (`--num-train-epochs`) and as keys:\n\n\
+         | Hugging Face / TRL / axolotl | here |\n\
+         |---|---|\n\
+         | `model_name_or_path`, axolotl `base_model` | `model` (`--model`) |\n\
+         | `output_dir` | `output` (`--output`) |\n\
+         | `num_train_epochs` | `epochs`, `[trainer] num_epochs` |\n\
+         | `per_device_train_batch_size`, axolotl `micro_batch_size` | `batch_size` |\n\
+         | `per_device_eval_batch_size` | `eval_batch_size` |\n\
+         | `gradient_accumulation_steps` | `gradient_accumulation` (`--gradient-accumulation`) |\n\
+         | `lr_scheduler_type` | `lr_scheduler` |\n\
+         | `evaluation_strategy` | `eval_strategy` |\n\
+         | `max_seq_length`, axolotl `sequence_len` | `max_length` |\n\
+         | `bf16: true`, `fp16: true` | `precision = \"bf16\"` / `\"fp16\"` (`--bf16`, `--fp16`) |\n\
+         | `lora_target_modules` | `lora_target` |\n\
+         | axolotl `val_set_size` | `validation_split` |\n\
+         | axolotl `sample_packing` | `packing` |\n\
+         | axolotl `adapter: lora` | implied by `lora_r` |\n\n",
     );
     let sections: [(&str, &str, &Value); 3] = [
         (
             "Dataset: `train_data::DatasetConfig`",
-            "What `train_data::prepare` does with a data file. It owns the data's settings, `max_length` and `packing` included: the prepared dataset carries the training rows. The `train` flags `--dataset`, `--max-length`, `--packing`, `--validation-split`, `--thinking-pattern`, `--stop-pattern`, `--system-prompt`, `--transforms`, `--label-mode`, `--truncation`, `--data-seed` (default `--seed`), `--format`, `--schema` and `--on-error` fill it.",
+            "What `train_data::prepare` does with a data file. It owns the data's settings, `max_length` and `packing` included: the prepared dataset carries the training rows. The `train` flags `--dataset`, `--eval-dataset`, `--max-length`, `--packing`, `--validation-split`, `--thinking-pattern`, `--stop-pattern`, `--system-prompt`, `--transforms`, `--label-mode`, `--truncation`, `--data-seed` (default `--seed`), `--format`, `--schema` and `--on-error` fill it.",
             &dataset,
         ),
         (
             "Trainer: `train_runner::TrainerConfig`",
-            "The training loop's settings (`transformers.TrainingArguments` semantics, the seed's defaults). The `train` flags fill it: `--output` sets `output_dir`, `--epochs` sets `num_epochs`, `--gradient-accumulation` sets `gradient_accumulation_steps`, `--no-shuffle` sets `shuffle = false`, the others have the names of their keys.",
+            "The training loop's settings (`transformers.TrainingArguments` semantics, the seed's defaults). The `train` flags fill it: `--output` sets `output_dir`, `--epochs` sets `num_epochs`, `--gradient-accumulation` sets `gradient_accumulation_steps`, `--no-shuffle` sets `shuffle = false`, the others have the names of their keys. The keys `num_train_epochs`, `per_device_train_batch_size`, `per_device_eval_batch_size`, `lr_scheduler_type` and `evaluation_strategy` are accepted for `num_epochs`, `batch_size`, `eval_batch_size`, `lr_scheduler` and `eval_strategy`.",
             &trainer,
         ),
         (
