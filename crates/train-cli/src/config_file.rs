@@ -39,7 +39,6 @@ const KEY_ALIASES: &[(&str, &str)] = &[
     ("base_model", "model"),
     ("sequence_len", "max_length"),
     ("val_set_size", "validation_split"),
-    ("sample_packing", "packing"),
 ];
 
 /// Keys by which an axolotl config is recognised.
@@ -390,7 +389,7 @@ mod tests {
         assert!(joined.contains("--epochs 2"), "{joined}");
         assert!(joined.contains("--output out"), "{joined}");
         let data = config.data.unwrap();
-        assert_eq!((data.max_length, data.packing), (64, true));
+        assert_eq!((data.max_length, data.packing), (64, Some(true)));
         let trainer = config.trainer.unwrap();
         assert_eq!(trainer.learning_rate, 1e-3);
         assert_eq!(trainer.gradient_accumulation_steps, 4);

@@ -396,7 +396,7 @@ impl WithBackend for DpoTraining<'_> {
 pub fn dpo(args: &DpoArgs) -> Result<ExitCode> {
     let run = &args.run;
     let data = run.data.config()?;
-    if data.packing {
+    if data.packing == Some(true) {
         bail!("--packing: preference pairs are not packed (each pair is a micro-batch row)");
     }
     refuse_sft_options(

@@ -257,7 +257,7 @@ impl WithBackend for GrpoTraining<'_> {
 pub fn grpo(args: &GrpoArgs) -> Result<ExitCode> {
     let run = &args.run;
     let data = run.data.config()?;
-    if data.packing {
+    if data.packing == Some(true) {
         bail!("--packing: GRPO samples its completions; there is nothing to pack");
     }
     refuse_sft_options(&data, "train grpo", "it trains on its own completions")?;

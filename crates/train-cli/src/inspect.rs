@@ -27,7 +27,12 @@ pub fn probes(examples: &[Example], tok: &ChatTokenizer, n: usize) -> Vec<Probe>
     examples
         .iter()
         .filter_map(|e| {
-            let first = e.labels.iter().position(|&l| l != IGNORE_INDEX)?;
+            // A row trained from its first token (a `text` row) has no prompt to preview.
+            let first = e
+                .labels
+                .iter()
+                .position(|&l| l != IGNORE_INDEX)
+                .filter(|&f| f > 0)?;
             let end = e.labels[first..]
                 .iter()
                 .position(|&l| l == IGNORE_INDEX)

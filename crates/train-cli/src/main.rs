@@ -208,9 +208,12 @@ pub(crate) struct DataArgs {
     #[arg(long)]
     data_seed: Option<u64>,
     /// Pack the training examples into rows of --max-length tokens (no attention across
-    /// examples).
-    #[arg(long)]
+    /// examples). The default for a data file of `text` rows.
+    #[arg(long, visible_alias = "sample-packing")]
     packing: bool,
+    /// Do not pack a data file of `text` rows.
+    #[arg(long, conflicts_with = "packing")]
+    no_packing: bool,
     /// Insert this system prompt in rows without one.
     #[arg(long)]
     system_prompt: Option<String>,
@@ -302,6 +305,8 @@ enum SchemaArg {
     Messages,
     Alpaca,
     Sharegpt,
+    PromptCompletion,
+    Text,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -350,6 +355,8 @@ impl LoadArgs {
                 SchemaArg::Messages => RowSchema::Messages,
                 SchemaArg::Alpaca => RowSchema::Alpaca,
                 SchemaArg::Sharegpt => RowSchema::ShareGpt,
+                SchemaArg::PromptCompletion => RowSchema::PromptCompletion,
+                SchemaArg::Text => RowSchema::Text,
             };
         }
         if given("on_error") {
@@ -388,7 +395,10 @@ impl DataArgs {
             c.max_length = self.max_length;
         }
         if g.has("packing") {
-            c.packing = self.packing;
+            c.packing = Some(true);
+        }
+        if g.has("no_packing") {
+            c.packing = Some(false);
         }
         if g.has("validation_split") {
             c.validation_split = self.validation_split;
@@ -693,6 +703,31 @@ const SAME_PROBLEM_SHOWN: usize = 3;
 fn print_problems(path: &str, problems: &[train_data::Problem]) {
     use std::collections::HashMap;
     type Key<'a> = (train_data::Severity, &'a str, &'a str);
+    // Rows of no supported shape (a file of another format): one summary with the keys found.
+    let (shapeless, problems): (Vec<&train_data::Problem>, Vec<&train_data::Problem>) = problems
+        .iter()
+        .partition(|p| p.message.starts_with(train_data::NO_SHAPE));
+    if !shapeless.is_empty() {
+        let mut keys: Vec<&str> = Vec::new();
+        for p in shapeless.iter().take(SAME_PROBLEM_SHOWN) {
+            if let Some((_, found)) = p.message.split_once("the row's keys: ") {
+                for k in found.split(", ") {
+                    if !keys.contains(&k) {
+                        keys.push(k);
+                    }
+                }
+            }
+        }
+        let first = shapeless[0].location.to_string();
+        outln!(
+            "{first}: error: {} row{} {} {}; the keys of the first: {}",
+            shapeless.len(),
+            if shapeless.len() == 1 { "" } else { "s" },
+            if shapeless.len() == 1 { "has" } else { "have" },
+            train_data::NO_SHAPE,
+            keys.join(", ")
+        );
+    }
     let mut seen: HashMap<Key<'_>, usize> = HashMap::new();
     let mut order: Vec<Key<'_>> = Vec::new();
     for p in problems {

@@ -1190,7 +1190,7 @@ mod tests {
             dataset_path: "d.jsonl".into(),
             eval_dataset_path: Some("e.jsonl".into()),
             max_length: 64,
-            packing: true,
+            packing: Some(true),
             validation_split: 0.2,
             apply_thinking_pattern: true,
             thinking_emoji: "🤔".into(),

@@ -14,15 +14,18 @@ pub enum Role {
     User,
     /// The model: its turns are what is trained.
     Assistant,
+    /// A tool's answer to an assistant's tool call (context, never trained).
+    Tool,
 }
 
 impl Role {
-    /// Parses `system` / `user` / `assistant`.
+    /// Parses `system` / `user` / `assistant` / `tool`.
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "system" => Some(Self::System),
             "user" => Some(Self::User),
             "assistant" => Some(Self::Assistant),
+            "tool" => Some(Self::Tool),
             _ => None,
         }
     }
@@ -33,6 +36,7 @@ impl Role {
             Self::System => "system",
             Self::User => "user",
             Self::Assistant => "assistant",
+            Self::Tool => "tool",
         }
     }
 }
@@ -47,6 +51,35 @@ pub struct Message {
     /// Separate reasoning of an assistant turn (Qwen3's `reasoning_content`), if given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reasoning_content: Option<String>,
+    /// The tool calls of an assistant turn, as the row gave them (JSON text of a list), handed
+    /// to the chat template as `message.tool_calls` (a list, as `apply_chat_template` gets it).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "json_text")]
+    pub tool_calls: Option<String>,
+    /// The call a tool message answers (`tool_call_id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// The tool of a tool message (`name`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// A JSON value kept as its text (so that messages stay `Eq` and `Hash`), serialized as the
+/// value itself.
+mod json_text {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(text) => serde_json::from_str::<serde_json::Value>(text)
+                .map_err(serde::ser::Error::custom)?
+                .serialize(s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        Ok(Option::<serde_json::Value>::deserialize(d)?.map(|v| v.to_string()))
+    }
 }
 
 impl Message {
@@ -56,6 +89,9 @@ impl Message {
             role,
             content: content.into(),
             reasoning_content: None,
+            tool_calls: None,
+            tool_call_id: None,
+            name: None,
         }
     }
 }
@@ -65,6 +101,20 @@ impl Message {
 pub struct Conversation {
     /// The messages, in order.
     pub messages: Vec<Message>,
+    /// The tools the conversation may call (JSON text of the row's `tools` list), handed to
+    /// the chat template as `tools`, as `apply_chat_template(tools=...)` does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<String>,
+    /// Prompt/completion rows: the index of the first message of the completion. Only the
+    /// assistant turns from there on are trained (TRL's `completion_only_loss`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_from: Option<usize>,
+    /// Rendered without the chat template, as TRL tokenizes `text` rows (one assistant
+    /// message: every token trained) and plain-string `prompt` / `completion` rows (a user and
+    /// an assistant message: the completion trained): the texts joined, the end-of-sequence
+    /// token appended, the tokenizer's own special tokens added.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub plain: bool,
     /// The source row (not serialized into datasets).
     #[serde(skip)]
     pub location: Option<RowLocation>,
@@ -75,6 +125,9 @@ impl Conversation {
     pub fn new(messages: Vec<Message>) -> Self {
         Self {
             messages,
+            tools: None,
+            completion_from: None,
+            plain: false,
             location: None,
         }
     }
@@ -100,7 +153,24 @@ impl Conversation {
             if let Some(r) = &m.reasoning_content {
                 h.update(r.as_bytes());
             }
+            for extra in [&m.tool_calls, &m.tool_call_id, &m.name] {
+                if let Some(x) = extra {
+                    h.update([2]);
+                    h.update(x.as_bytes());
+                }
+            }
             h.update([1]);
+        }
+        if let Some(t) = &self.tools {
+            h.update([3]);
+            h.update(t.as_bytes());
+        }
+        if let Some(i) = self.completion_from {
+            h.update([4]);
+            h.update((i as u64).to_le_bytes());
+        }
+        if self.plain {
+            h.update([5]);
         }
         h.finalize().into()
     }

@@ -93,7 +93,9 @@ pub use batch::{
 };
 pub use conversation::{Conversation, Message, Role};
 pub use error::{DataError, Problem, ProblemKind, Result, RowLocation, Severity};
-pub use load::{DataFormat, ErrorPolicy, LoadOptions, Loaded, RowSchema, load_conversations};
+pub use load::{
+    DataFormat, ErrorPolicy, LoadOptions, Loaded, NO_SHAPE, RowSchema, load_conversations,
+};
 pub use load::{MAX_JSON_FILE_BYTES, MAX_LINE_BYTES};
 pub use parquet::{
     MAX_PARQUET_EXPANSION, MIN_PARQUET_DECODED_BYTES, check_examples, read_examples, write_examples,

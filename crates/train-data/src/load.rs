@@ -123,7 +123,8 @@ pub enum DataFormat {
 )]
 #[serde(rename_all = "lowercase")]
 pub enum RowSchema {
-    /// Per row: `messages`, else `conversations` (ShareGPT), else `instruction` (Alpaca).
+    /// Per row: `messages`, else `conversations` (ShareGPT), else `instruction` (Alpaca), else
+    /// `prompt` + `completion` (TRL), else `text` (TRL's language modelling).
     #[default]
     Auto,
     /// `{"messages": [{"role": ..., "content": ...}]}`.
@@ -132,6 +133,12 @@ pub enum RowSchema {
     Alpaca,
     /// `{"conversations": [{"from": ..., "value": ...}], "system"?}`.
     ShareGpt,
+    /// TRL's prompt/completion: `{"prompt", "completion"}`, both strings (no chat template)
+    /// or both lists of messages; only the completion is trained.
+    #[serde(rename = "prompt_completion")]
+    PromptCompletion,
+    /// TRL's language modelling: `{"text": "..."}`, no chat template, every token trained.
+    Text,
 }
 
 /// What to do with an invalid row.
@@ -446,6 +453,10 @@ pub(crate) fn normalize_row(
         RowSchema::Auto if obj.contains_key("messages") => RowSchema::Messages,
         RowSchema::Auto if obj.contains_key("conversations") => RowSchema::ShareGpt,
         RowSchema::Auto if obj.contains_key("instruction") => RowSchema::Alpaca,
+        RowSchema::Auto if obj.contains_key("prompt") || obj.contains_key("completion") => {
+            RowSchema::PromptCompletion
+        }
+        RowSchema::Auto if obj.contains_key("text") => RowSchema::Text,
         RowSchema::Auto => {
             const SHOWN: usize = 8;
             let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();
@@ -473,28 +484,173 @@ pub(crate) fn normalize_row(
             return Err(problem(
                 "messages",
                 ProblemKind::MissingMessages,
-                format!(
-                    "missing `messages` (and no ShareGPT `conversations` or Alpaca \
-                     `instruction`); the row's keys: {found}"
-                ),
+                format!("{NO_SHAPE}; the row's keys: {found}"),
             ));
         }
         s => s,
     };
-    let messages = match schema {
-        RowSchema::Messages | RowSchema::Auto => messages_schema(obj, &location)?,
-        RowSchema::ShareGpt => sharegpt_schema(obj, &location)?,
-        RowSchema::Alpaca => alpaca_schema(obj, &location)?,
+    let mut conversation = match schema {
+        RowSchema::Messages | RowSchema::Auto => {
+            Conversation::new(messages_schema(obj, &location)?)
+        }
+        RowSchema::ShareGpt => Conversation::new(sharegpt_schema(obj, &location)?),
+        RowSchema::Alpaca => Conversation::new(alpaca_schema(obj, &location)?),
+        RowSchema::PromptCompletion => prompt_completion_schema(obj, &location)?,
+        RowSchema::Text => {
+            let text = plain_text(obj, "text", &location)?;
+            Conversation {
+                plain: true,
+                ..Conversation::new(vec![Message::new(Role::Assistant, text)])
+            }
+        }
     };
-    let conversation = Conversation {
-        messages,
-        location: Some(location),
-    };
+    if !conversation.plain {
+        conversation.tools = tools_column(obj, &location)?;
+    }
+    conversation.location = Some(location);
     let problems = crate::validate::structure_problems(&conversation);
     if problems.is_empty() {
         Ok(conversation)
     } else {
         Err(problems)
+    }
+}
+
+/// What a row without any supported shape is told (one summary names it for a whole file).
+pub const NO_SHAPE: &str = "no supported shape: `messages`, ShareGPT `conversations`, Alpaca \
+                            `instruction`, TRL `prompt` + `completion`, or `text`";
+
+/// A string field of a row (required).
+fn plain_text(
+    obj: &serde_json::Map<String, Value>,
+    key: &str,
+    location: &RowLocation,
+) -> std::result::Result<String, Vec<Problem>> {
+    match obj.get(key) {
+        Some(Value::String(s)) => Ok(s.clone()),
+        None | Some(Value::Null) => Err(vec![Problem::new(
+            location.clone(),
+            key,
+            ProblemKind::MissingMessages,
+            "missing",
+        )]),
+        Some(other) => Err(vec![Problem::new(
+            location.clone(),
+            key,
+            ProblemKind::WrongType,
+            format!("must be a string, found {}", kind_of(other)),
+        )]),
+    }
+}
+
+/// TRL's prompt/completion row: two strings (rendered without the chat template) or two lists
+/// of messages (the completion's assistant turns are trained).
+fn prompt_completion_schema(
+    obj: &serde_json::Map<String, Value>,
+    location: &RowLocation,
+) -> std::result::Result<Conversation, Vec<Problem>> {
+    let problem = |field: &str, kind: ProblemKind, msg: String| {
+        vec![Problem::new(location.clone(), field, kind, msg)]
+    };
+    match (obj.get("prompt"), obj.get("completion")) {
+        (Some(Value::String(_)), Some(Value::String(_))) => {
+            let prompt = plain_text(obj, "prompt", location)?;
+            let completion = plain_text(obj, "completion", location)?;
+            Ok(Conversation {
+                plain: true,
+                completion_from: Some(1),
+                ..Conversation::new(vec![
+                    Message::new(Role::User, prompt),
+                    Message::new(Role::Assistant, completion),
+                ])
+            })
+        }
+        (Some(Value::Array(_)), Some(Value::Array(_))) => {
+            let mut messages = message_list(obj, "prompt", location)?;
+            let completion = message_list(obj, "completion", location)?;
+            if let Some(i) = completion
+                .iter()
+                .position(|m| m.role != Role::Assistant && m.role != Role::Tool)
+            {
+                return Err(problem(
+                    &format!("completion[{i}].role"),
+                    ProblemKind::WrongTurnOrder,
+                    format!(
+                        "a completion holds assistant (and tool) messages, found {}",
+                        completion[i].role.as_str()
+                    ),
+                ));
+            }
+            let from = messages.len();
+            messages.extend(completion);
+            Ok(Conversation {
+                completion_from: Some(from),
+                ..Conversation::new(messages)
+            })
+        }
+        (None, _) => Err(problem(
+            "prompt",
+            ProblemKind::MissingMessages,
+            "missing (a row with `completion` needs its `prompt`)".into(),
+        )),
+        (_, None) => Err(problem(
+            "completion",
+            ProblemKind::NoAssistantTurn,
+            "missing (a row with `prompt` needs its `completion`)".into(),
+        )),
+        (Some(p), Some(c)) => Err(problem(
+            "completion",
+            ProblemKind::WrongType,
+            format!(
+                "`prompt` and `completion` must both be strings or both lists of messages; \
+                 found {} and {}",
+                kind_of(p),
+                kind_of(c)
+            ),
+        )),
+    }
+}
+
+/// Largest `tools` column, in bytes of JSON.
+const MAX_TOOLS_BYTES: usize = 1 << 20;
+
+/// The `tools` column: a list of tool schemas, or the JSON text of one (as TRL accepts).
+fn tools_column(
+    obj: &serde_json::Map<String, Value>,
+    location: &RowLocation,
+) -> std::result::Result<Option<String>, Vec<Problem>> {
+    let wrong = |msg: String| {
+        vec![Problem::new(
+            location.clone(),
+            "tools",
+            ProblemKind::WrongType,
+            msg,
+        )]
+    };
+    let list = match obj.get("tools") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::String(s)) => match serde_json::from_str::<Value>(s) {
+            Ok(v) => v,
+            Err(e) => return Err(wrong(format!("a string that is not JSON: {e}"))),
+        },
+        Some(v) => v.clone(),
+    };
+    match &list {
+        Value::Null => Ok(None),
+        Value::Array(items) if items.iter().all(Value::is_object) => {
+            let text = list.to_string();
+            if text.len() > MAX_TOOLS_BYTES {
+                return Err(wrong(format!(
+                    "{} bytes of tool schemas, over the limit of {MAX_TOOLS_BYTES}",
+                    text.len()
+                )));
+            }
+            Ok((!items.is_empty()).then_some(text))
+        }
+        other => Err(wrong(format!(
+            "must be a list of tool schemas (objects), found {}",
+            kind_of(other)
+        ))),
     }
 }
 
@@ -602,7 +758,7 @@ pub(crate) fn message_list(
                 problem(
                     format!("{key}[{i}].role"),
                     ProblemKind::UnknownRole,
-                    format!("unknown role `{r}` (expected system, user or assistant)"),
+                    format!("unknown role `{r}` (expected system, user, assistant or tool)"),
                 )
             })?,
             None => {
@@ -632,10 +788,54 @@ pub(crate) fn message_list(
                 ));
             }
         };
+        let text_field = |field: &str| -> std::result::Result<Option<String>, Vec<Problem>> {
+            match m.get(field) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s.clone())),
+                Some(other) => Err(problem(
+                    format!("{key}[{i}].{field}"),
+                    ProblemKind::WrongType,
+                    format!("must be a string, found {}", kind_of(other)),
+                )),
+            }
+        };
+        let tool_calls = match m.get("tool_calls") {
+            None | Some(Value::Null) => None,
+            Some(Value::Array(calls)) if role == Role::Assistant => {
+                if let Some(j) = calls.iter().position(|c| !c.is_object()) {
+                    return Err(problem(
+                        format!("{key}[{i}].tool_calls[{j}]"),
+                        ProblemKind::WrongType,
+                        format!("must be an object, found {}", kind_of(&calls[j])),
+                    ));
+                }
+                (!calls.is_empty()).then(|| Value::Array(calls.clone()).to_string())
+            }
+            Some(Value::Array(_)) => {
+                return Err(problem(
+                    format!("{key}[{i}].tool_calls"),
+                    ProblemKind::WrongType,
+                    format!(
+                        "only an assistant message calls tools, not a {} one",
+                        role.as_str()
+                    ),
+                ));
+            }
+            Some(other) => {
+                return Err(problem(
+                    format!("{key}[{i}].tool_calls"),
+                    ProblemKind::WrongType,
+                    format!("must be a list, found {}", kind_of(other)),
+                ));
+            }
+        };
         out.push(Message {
             role,
             content,
             reasoning_content,
+            tool_calls,
+            tool_call_id: text_field("tool_call_id")?,
+            name: text_field("name")?,
         });
     }
     Ok(out)

@@ -31,8 +31,9 @@ pub struct DatasetConfig {
     #[serde(alias = "max_seq_length")]
     pub max_length: usize,
     /// Pack the training examples into rows of `max_length` tokens instead of one example per
-    /// row (no attention across examples). Default false.
-    pub packing: bool,
+    /// row (no attention across examples). Default (unset): packed when every row of the data
+    /// file is a `text` row (language modelling, as `run_clm.py` groups texts), else not.
+    pub packing: Option<bool>,
     /// Validation rows: a fraction below 1, or a count (default 0.1).
     pub validation_split: f64,
     /// Add the origin's thinking pattern.
@@ -61,7 +62,7 @@ impl Default for DatasetConfig {
             dataset_path: PathBuf::new(),
             eval_dataset_path: None,
             max_length: DEFAULT_MAX_LENGTH,
-            packing: false,
+            packing: None,
             validation_split: 0.1,
             apply_thinking_pattern: false,
             thinking_emoji: String::new(),
@@ -170,6 +171,9 @@ pub struct DataStats {
     pub packed_rows: usize,
     /// Tokens / (packed rows × `max_length`).
     pub packing_efficiency: f64,
+    /// Every example of the data file came from a `text` row (then packing is the default).
+    #[serde(default)]
+    pub all_text: bool,
 }
 
 /// A prepared dataset.
@@ -203,7 +207,7 @@ pub fn prepare(
         max_length: config.max_length,
         ..DataStats::default()
     };
-    let examples = encode_file(
+    let (examples, all_text) = encode_file(
         &config.dataset_path,
         config,
         tokenizer,
@@ -213,13 +217,19 @@ pub fn prepare(
     )?;
     let (train, validation) = match &config.eval_dataset_path {
         Some(eval) => {
-            let validation =
+            let (validation, _) =
                 encode_file(eval, config, tokenizer, extra, &mut stats, &mut problems)?;
             (examples, validation)
         }
         None => split_examples(examples, config)?,
     };
-    let rows = fill_stats(&mut stats, &train, &validation, config.packing);
+    stats.all_text = all_text;
+    let rows = fill_stats(
+        &mut stats,
+        &train,
+        &validation,
+        config.packing.unwrap_or(all_text),
+    );
     // Rows of the evaluation file come after those of the data file.
     problems.sort_by_key(|p| (p.location.path != config.dataset_path, p.location.row));
     Ok(Prepared {
@@ -251,8 +261,8 @@ fn split_examples(
 }
 
 /// Loads, transforms and tokenizes the rows of `path`, fitting them to `max_length`: the
-/// examples to train or evaluate on. Counts go into `stats`, the rows' problems into
-/// `problems`.
+/// examples to train or evaluate on, and whether every one came from a `text` row. Counts go
+/// into `stats`, the rows' problems into `problems`.
 fn encode_file(
     path: &Path,
     config: &DatasetConfig,
@@ -260,11 +270,13 @@ fn encode_file(
     extra: Option<&TransformPipeline>,
     stats: &mut DataStats,
     problems: &mut Vec<Problem>,
-) -> Result<Vec<Example>> {
+) -> Result<(Vec<Example>, bool)> {
     let loaded = load_conversations(path, &config.load)?;
     let pipeline = TransformPipeline::from_configs(&config.transform_configs())?;
     let mut conversations = loaded.conversations;
-    for c in &mut conversations {
+    for c in conversations.iter_mut().filter(|c| !c.plain) {
+        // Rows without a chat template (`text`, plain prompt/completion) are not transformed:
+        // the transforms work on turns.
         let row = c.location.as_ref().map_or(0, |l| l.row);
         pipeline.apply(c, config.seed, row);
         if let Some(extra) = extra {
@@ -384,7 +396,11 @@ fn encode_file(
         stats.template_label_tokens += enc.template_label_tokens.min(example.label_tokens());
         examples.push(example);
     }
-    Ok(examples)
+    let all_text = !conversations.is_empty()
+        && conversations
+            .iter()
+            .all(|c| c.plain && c.completion_from.is_none());
+    Ok((examples, all_text))
 }
 
 /// Rows from which each worker thread after the first gets a copy of the tokenizer: a shared
@@ -453,9 +469,13 @@ pub fn read_prepared(dir: &Path) -> Result<Prepared> {
     read_laid_out(dir, None)
 }
 
-/// [`read_prepared`] with the training rows laid out once: packed to `packed_to`, or one per
-/// example.
-fn read_laid_out(dir: &Path, packed_to: Option<usize>) -> Result<Prepared> {
+/// How the training rows of a read dataset are laid out: packed to a length (with `packing`,
+/// or when unset for a dataset of `text` rows), or one per example.
+type Layout = Option<(usize, Option<bool>)>;
+
+/// [`read_prepared`] with the training rows laid out once: packed (see [`Layout`]), or one
+/// per example.
+fn read_laid_out(dir: &Path, layout: Layout) -> Result<Prepared> {
     let stats_path = dir.join("stats.json");
     let stats: DataStats = serde_json::from_slice(&read_bounded(
         &stats_path,
@@ -464,6 +484,8 @@ fn read_laid_out(dir: &Path, packed_to: Option<usize>) -> Result<Prepared> {
     )?)
     .map_err(|e| DataError::file(&stats_path, e.to_string()))?;
     let train = read_examples(&dir.join("train.parquet"))?;
+    let packed_to =
+        layout.and_then(|(len, packing)| packing.unwrap_or(stats.all_text).then_some(len));
     Ok(Prepared {
         rows: match packed_to {
             Some(len) => TrainRows::packed(&train, len),
@@ -597,7 +619,7 @@ pub fn prepare_cached(
 
 /// A cache entry, checked against the tokenizer and the configuration.
 fn read_cached(dir: &Path, config: &DatasetConfig, tokenizer: &ChatTokenizer) -> Result<Prepared> {
-    let mut cached = read_laid_out(dir, config.packing.then_some(config.max_length))?;
+    let mut cached = read_laid_out(dir, Some((config.max_length, config.packing)))?;
     let vocab = tokenizer.vocab_size();
     check_examples(
         &dir.join("train.parquet"),

@@ -52,8 +52,8 @@ impl PreferencePair {
         messages.extend(self.prompt.iter().cloned());
         messages.extend(completion.iter().cloned());
         Conversation {
-            messages,
             location: self.location.clone(),
+            ..Conversation::new(messages)
         }
     }
 }

@@ -90,8 +90,8 @@ pub(crate) fn normalize_prompt(
         }
     };
     let conversation = Conversation {
-        messages: prompt,
         location: Some(location.clone()),
+        ..Conversation::new(prompt)
     };
     let mut problems: Vec<Problem> = crate::validate::structure_problems(&conversation)
         .into_iter()

@@ -265,6 +265,12 @@ impl ChatTokenizer {
     /// tokenizer's normalizers and pre-tokenizers; a panic of the `tokenizers` crate is an
     /// error naming the tokenizer.
     pub fn tokenize(&self, text: &str) -> Result<tokenizers::Encoding> {
+        self.tokenize_with(text, false)
+    }
+
+    /// [`tokenize`](Self::tokenize), adding the tokenizer's own special tokens (its
+    /// post-processor's BOS, as `tokenizer(text)` does in Python) when `special`.
+    pub fn tokenize_with(&self, text: &str, special: bool) -> Result<tokenizers::Encoding> {
         let fail = |message: String| DataError::Tokenizer {
             path: self.source.clone(),
             message,
@@ -278,7 +284,7 @@ impl ChatTokenizer {
                 self.growth
             )));
         }
-        match catch_unwind(AssertUnwindSafe(|| self.tokenizer.encode(text, false))) {
+        match catch_unwind(AssertUnwindSafe(|| self.tokenizer.encode(text, special))) {
             Ok(r) => r.map_err(|e| fail(e.to_string())),
             Err(payload) => Err(fail(format!(
                 "the tokenizers crate failed while encoding: {}",
@@ -333,7 +339,24 @@ impl ChatTokenizer {
             }
             other => other,
         };
-        let full = self.template.render(&c.messages, false).map_err(wrap)?;
+        if c.plain {
+            return self.encode_plain(c, mode).map_err(wrap);
+        }
+        let tools = c
+            .tools
+            .as_deref()
+            .map(|t| serde_json::from_str::<serde_json::Value>(t))
+            .transpose()
+            .map_err(|e| self.template_error(c, &format!("`tools`: {e}")))?;
+        let mut extra = serde_json::Map::new();
+        if let Some(tools) = tools {
+            extra.insert("tools".into(), tools);
+        }
+        let render = |messages: &[Message], add_generation_prompt: bool| {
+            self.template
+                .render_with(messages, add_generation_prompt, &extra)
+        };
+        let full = render(&c.messages, false).map_err(wrap)?;
         let encoding = self.tokenize(&full).map_err(wrap)?;
         let ids = encoding.get_ids().to_vec();
         let offsets = encoding.get_offsets();
@@ -345,8 +368,16 @@ impl ChatTokenizer {
                 template_label_tokens: 0,
             });
         }
-        let assistant: Vec<usize> = c.indices_of(Role::Assistant).collect();
+        // A prompt/completion row trains everything after its prompt (TRL's completion mask:
+        // the tokens after the prompt rendered with the generation prompt): one turn, from its
+        // first message to the end.
+        let from = c.completion_from.unwrap_or(0);
+        let assistant: Vec<usize> = c
+            .indices_of(Role::Assistant)
+            .filter(|&i| i >= from)
+            .collect();
         let turns: &[usize] = match mode {
+            _ if c.completion_from.is_some() => assistant.first().map_or(&[], std::slice::from_ref),
             LabelMode::LastAssistant => assistant.last().map_or(&[], std::slice::from_ref),
             _ => &assistant,
         };
@@ -354,7 +385,7 @@ impl ChatTokenizer {
         let mut spans: Vec<(usize, usize, usize)> = Vec::with_capacity(turns.len());
         let mut rendered = full.len() as u64;
         for &i in turns {
-            let prefix = self.template.render(&c.messages[..i], true).map_err(wrap)?;
+            let prefix = render(&c.messages[..i], true).map_err(wrap)?;
             rendered += prefix.len() as u64;
             if rendered > MAX_LABEL_RENDER_BYTES {
                 return Err(self.template_error(
@@ -376,7 +407,11 @@ impl ChatTokenizer {
                 ));
             }
             let start = prefix.len();
-            let end = self.turn_end(&full, start, &c.messages[..=i], &mut rendered);
+            let end = if c.completion_from.is_some() {
+                full.len()
+            } else {
+                self.turn_end(&full, start, &c.messages[..=i], &extra, &mut rendered)
+            };
             spans.push((start, end, i));
         }
         let mut labels = vec![IGNORE_INDEX; ids.len()];
@@ -414,9 +449,74 @@ impl ChatTokenizer {
         })
     }
 
+    /// A row rendered without the chat template, as TRL's `SFTTrainer` tokenizes `text` and
+    /// plain-string prompt/completion rows: the end-of-sequence token appended to the text (or
+    /// the completion) unless it already ends with it, the tokenizer's special tokens added;
+    /// a prompt/completion row trains the tokens after the longest common prefix of the
+    /// tokenized prompt and the tokenized prompt + completion.
+    fn encode_plain(&self, c: &Conversation, mode: LabelMode) -> Result<Encoded> {
+        let eos = self.template.special_token("eos_token").unwrap_or("");
+        let with_eos = |text: &str| {
+            if eos.is_empty() || text.ends_with(eos) {
+                text.to_string()
+            } else {
+                format!("{text}{eos}")
+            }
+        };
+        let (prompt, completion) = match c.messages.as_slice() {
+            [only] => ("", only.content.as_str()),
+            [p, done] => (p.content.as_str(), done.content.as_str()),
+            _ => {
+                return Err(self
+                    .template_error(c, "a plain row holds a text, or a prompt and a completion"));
+            }
+        };
+        let prompt_ids: Vec<u32> = if prompt.is_empty() {
+            Vec::new()
+        } else {
+            self.tokenize_with(prompt, true)?.get_ids().to_vec()
+        };
+        let ids = self
+            .tokenize_with(&format!("{prompt}{}", with_eos(completion)), true)?
+            .get_ids()
+            .to_vec();
+        let trained_from = if c.completion_from.is_some() && mode != LabelMode::Everything {
+            prompt_ids
+                .iter()
+                .zip(&ids)
+                .take_while(|(a, b)| a == b)
+                .count()
+        } else {
+            0
+        };
+        let labels = ids
+            .iter()
+            .enumerate()
+            .map(|(t, &id)| {
+                if t >= trained_from {
+                    id as i32
+                } else {
+                    IGNORE_INDEX
+                }
+            })
+            .collect();
+        Ok(Encoded {
+            input_ids: ids,
+            labels,
+            template_label_tokens: 0,
+        })
+    }
+
     /// End (exclusive, in bytes) of the assistant turn starting at `start`: just after the first
     /// end-of-turn string, else where the rendering of the conversation up to this turn ends.
-    fn turn_end(&self, full: &str, start: usize, upto: &[Message], rendered: &mut u64) -> usize {
+    fn turn_end(
+        &self,
+        full: &str,
+        start: usize,
+        upto: &[Message],
+        extra: &serde_json::Map<String, serde_json::Value>,
+        rendered: &mut u64,
+    ) -> usize {
         let rest = &full[start..];
         let first = self
             .end_of_turn
@@ -427,7 +527,7 @@ impl ChatTokenizer {
             return start + end;
         }
         // Counted for the limit, which the next turn checks.
-        match self.template.render(upto, false) {
+        match self.template.render_with(upto, false, extra) {
             Ok(t) => {
                 *rendered += t.len() as u64;
                 if full.starts_with(&t) && t.len() > start {

@@ -7,7 +7,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::batch::IGNORE_INDEX;
-use crate::conversation::{Conversation, Role};
+use crate::conversation::{Conversation, Message, Role};
 use crate::error::{DataError, Problem, ProblemKind, Result, RowLocation, Severity};
 use crate::load::{ErrorPolicy, LoadOptions, load_conversations};
 use crate::tokenize::ChatTokenizer;
@@ -125,8 +125,29 @@ pub(crate) fn structure_problems(c: &Conversation) -> Vec<Problem> {
         out.push(p);
         return out;
     }
+    if c.plain {
+        // A `text` row or a plain prompt/completion: the trained text must not be empty (an
+        // empty prompt is allowed).
+        if let Some(last) = c.messages.last()
+            && last.content.trim().is_empty()
+        {
+            let field = if c.completion_from.is_some() {
+                "completion"
+            } else {
+                "text"
+            };
+            out.push(Problem::new(
+                loc,
+                field,
+                ProblemKind::EmptyContent,
+                format!("empty `{field}`: nothing to train on"),
+            ));
+        }
+        return out;
+    }
     for (i, m) in c.messages.iter().enumerate() {
         if m.content.trim().is_empty()
+            && m.tool_calls.is_none()
             && m.reasoning_content
                 .as_deref()
                 .is_none_or(|r| r.trim().is_empty())
@@ -139,21 +160,35 @@ pub(crate) fn structure_problems(c: &Conversation) -> Vec<Problem> {
             ));
         }
     }
-    // Optional system first, then user / assistant alternating, starting with user.
+    // Optional system first, then user / assistant alternating, starting with user; an
+    // assistant turn that calls tools is followed by the tools' answers, then the assistant.
     let start = usize::from(c.messages[0].role == Role::System);
+    let mut previous: Option<&Message> = None;
     for (i, m) in c.messages.iter().enumerate().skip(start) {
-        let expected = if (i - start) % 2 == 0 {
-            Role::User
-        } else {
-            Role::Assistant
+        let allowed: &[Role] = match previous {
+            None => &[Role::User],
+            Some(p) if p.role == Role::User => &[Role::Assistant],
+            Some(p) if p.role == Role::Assistant && p.tool_calls.is_some() => &[Role::Tool],
+            Some(p) if p.role == Role::Assistant => &[Role::User],
+            Some(_) => &[Role::Tool, Role::Assistant],
         };
-        if m.role != expected {
+        previous = Some(m);
+        if !allowed.contains(&m.role) {
+            let expected = allowed
+                .iter()
+                .map(|r| r.as_str())
+                .collect::<Vec<_>>()
+                .join(" or ");
             let msg = if m.role == Role::System {
                 "a system message may only come first".to_string()
+            } else if m.role == Role::Tool {
+                format!(
+                    "expected a {expected} turn, found tool (a tool message answers an assistant \
+                     turn's `tool_calls`)"
+                )
             } else {
                 format!(
-                    "expected a {} turn, found {} (turns must alternate user / assistant)",
-                    expected.as_str(),
+                    "expected a {expected} turn, found {} (turns must alternate user / assistant)",
                     m.role.as_str()
                 )
             };

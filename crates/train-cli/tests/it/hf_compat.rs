@@ -275,3 +275,71 @@ fn eval_dataset_replaces_the_split_and_warmup_ratio_is_checked() {
         "{err}"
     );
 }
+
+#[test]
+fn text_rows_are_packed_by_default_and_prompt_completion_rows_train_their_completion() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model();
+    let text = dir.path().join("text.jsonl");
+    let rows: String = (0..24)
+        .map(|i| {
+            format!(
+                "{}\n",
+                serde_json::json!({"text": format!("Document {i}: the quick brown fox jumps over the lazy dog {i} times.")})
+            )
+        })
+        .collect();
+    std::fs::write(&text, rows).unwrap();
+    let out = dir.path().join("lm");
+    let mut args = base(&m, &text, &out);
+    args.extend(["--max-steps", "2", "--preview-prompts", "0", "--json"]);
+    let o = train_ok(dir.path(), &args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    // 24 short documents packed into rows of 256 tokens: a few rows, not 22 (24 less a 10 % validation split).
+    let rows_line = err.lines().find(|l| l.starts_with("training ")).unwrap();
+    let trained: usize = rows_line
+        .split(" on ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{rows_line}"));
+    assert!(trained < 10, "{rows_line}");
+    // --no-packing keeps one document a row.
+    let out2 = dir.path().join("lm2");
+    let mut args = base(&m, &text, &out2);
+    args.extend(["--max-steps", "1", "--preview-prompts", "0", "--no-packing"]);
+    let o = train_ok(dir.path(), &args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(" on 22 rows"), "{err}");
+
+    let pc = dir.path().join("pc.jsonl");
+    let mut rows = String::new();
+    for i in 0..12 {
+        rows.push_str(
+            &serde_json::json!({"prompt": format!("What is {i} + {i}?"), "completion": format!(" {}", 2 * i)})
+                .to_string(),
+        );
+        rows.push('\n');
+        rows.push_str(
+            &serde_json::json!({
+                "prompt": [{"role": "user", "content": format!("Say {i}.")}],
+                "completion": [{"role": "assistant", "content": format!("{i}.")}],
+            })
+            .to_string(),
+        );
+        rows.push('\n');
+    }
+    std::fs::write(&pc, rows).unwrap();
+    let out3 = dir.path().join("pc");
+    let mut args = base(&m, &pc, &out3);
+    args.extend(["--max-steps", "2", "--preview-prompts", "0", "--json"]);
+    let o = train_ok(dir.path(), &args);
+    assert_eq!(crate::common::last_json(&o)["status"], "completed");
+    let o = train(dir.path(), &["data", "check", pc.to_str().unwrap()]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+}

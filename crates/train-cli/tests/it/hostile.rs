@@ -986,11 +986,28 @@ fn a_closed_pipe_is_not_a_panic() {
     }
 }
 
-/// A file of another shape gets a few lines naming the keys its rows have, then one line
-/// counting the rest, not one identical line per row (`--json` keeps them all).
+/// A file of another shape gets one summary naming the keys its first rows have and the shapes
+/// supported; a problem repeated row after row gets a few lines, then one line counting the
+/// rest — not one identical line per row (`--json` keeps them all).
 #[test]
 fn a_repeated_problem_is_summarised() {
     let dir = tempfile::tempdir().unwrap();
+    let other = dir.path().join("qa.jsonl");
+    let rows: String = (0..50)
+        .map(|i| format!("{{\"question\": \"q{i}\", \"answer\": \"a\"}}\n"))
+        .collect();
+    std::fs::write(&other, rows).unwrap();
+    let o = bounded(dir.path(), &["data", "check", other.to_str().unwrap()]);
+    assert_eq!(o.code, Some(1), "{}", o.stderr);
+    let lines: Vec<&str> = o.stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{}", o.stdout);
+    assert!(
+        lines[0].contains("qa.jsonl:1: error: 50 rows have no supported shape")
+            && lines[0].contains("TRL `prompt` + `completion`")
+            && lines[0].contains("the keys of the first: `answer`, `question`"),
+        "{}",
+        lines[0]
+    );
     let bad = dir.path().join("other.jsonl");
     let rows: String = (0..50)
         .map(|i| format!("{{\"prompt\": \"q{i}\", \"answer\": \"a\"}}\n"))
@@ -1003,12 +1020,14 @@ fn a_repeated_problem_is_summarised() {
     for (i, line) in lines[..3].iter().enumerate() {
         assert!(line.contains(&format!(":{}: error", i + 1)), "{line}");
         assert!(
-            line.contains("the row's keys: `answer`, `prompt`"),
+            line.contains(
+                "field `completion`: missing (a row with `prompt` needs its `completion`)"
+            ),
             "{line}"
         );
     }
     assert!(
-        lines[3].contains("… and 47 more of the same error") && lines[3].contains("`prompt`"),
+        lines[3].contains("… and 47 more of the same error") && lines[3].contains("`completion`"),
         "{}",
         lines[3]
     );

@@ -45,9 +45,9 @@ fn every_bad_row_is_reported_with_line_and_field() {
     let lines: Vec<&[u8]> = vec![
         GOOD.as_bytes(),
         b"{\"messages\": [",                                                                   // 2 broken JSON
-        b"{\"text\": \"x\"}",                                                                  // 3 missing messages
+        b"{\"txt\": \"x\"}",                                                                   // 3 no shape
         b"{\"messages\": []}",                                                                 // 4 empty
-        b"{\"messages\": [{\"role\": \"tool\", \"content\": \"x\"}]}",                          // 5 unknown role
+        b"{\"messages\": [{\"role\": \"robot\", \"content\": \"x\"}]}",                         // 5 unknown role
         b"{\"messages\": [{\"role\": \"assistant\", \"content\": \"a\"}, {\"role\": \"user\", \"content\": \"u\"}]}", // 6 order
         b"{\"messages\": [{\"role\": \"user\", \"content\": \"  \"}, {\"role\": \"assistant\", \"content\": \"a\"}]}", // 7 empty content
         b"{\"messages\": [{\"role\": \"user\", \"content\": \"u\"}]}",                           // 8 no assistant
@@ -93,7 +93,7 @@ fn every_bad_row_is_reported_with_line_and_field() {
     assert!(
         shown.contains("bad.jsonl:5")
             && shown.contains("messages[0].role")
-            && shown.contains("`tool`"),
+            && shown.contains("`robot`"),
         "{shown}"
     );
 

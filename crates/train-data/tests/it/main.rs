@@ -2,6 +2,7 @@
 //! file): each module was a test target of its own, and its doc comment says what it checks.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod hf_formats;
 mod load;
 mod parquet_bounds;
 mod pipeline;

@@ -189,7 +189,7 @@ fn prepared_rows_follow_packing_and_share_the_cache() {
         train_data::cache_key(&cfg, &tok()).unwrap()
     );
     let packing = DatasetConfig {
-        packing: true,
+        packing: Some(true),
         ..cfg.clone()
     };
     assert_eq!(
