@@ -245,9 +245,10 @@ pub fn merge(argv: Vec<OsString>, cli: &clap::Command) -> Result<(Vec<OsString>,
                 .iter()
                 .find(|(k, _)| k == key)
                 .map_or(key.as_str(), |(_, flag)| *flag);
-            !anywhere.contains_key(&name.replace('_', "-"))
-                && !(key.as_str() == "adapter"
-                    && table.get("adapter").and_then(toml::Value::as_str) == Some("lora"))
+            // axolotl's `adapter: lora` is what `lora_r` implies.
+            let lora_adapter = key.as_str() == "adapter"
+                && table.get("adapter").and_then(toml::Value::as_str) == Some("lora");
+            !(anywhere.contains_key(&name.replace('_', "-")) || lora_adapter)
         })
         .collect();
     if !unknown.is_empty() {

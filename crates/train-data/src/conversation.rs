@@ -153,11 +153,12 @@ impl Conversation {
             if let Some(r) = &m.reasoning_content {
                 h.update(r.as_bytes());
             }
-            for extra in [&m.tool_calls, &m.tool_call_id, &m.name] {
-                if let Some(x) = extra {
-                    h.update([2]);
-                    h.update(x.as_bytes());
-                }
+            for x in [&m.tool_calls, &m.tool_call_id, &m.name]
+                .into_iter()
+                .flatten()
+            {
+                h.update([2]);
+                h.update(x.as_bytes());
             }
             h.update([1]);
         }

@@ -345,7 +345,7 @@ impl ChatTokenizer {
         let tools = c
             .tools
             .as_deref()
-            .map(|t| serde_json::from_str::<serde_json::Value>(t))
+            .map(serde_json::from_str::<serde_json::Value>)
             .transpose()
             .map_err(|e| self.template_error(c, &format!("`tools`: {e}")))?;
         let mut extra = serde_json::Map::new();

@@ -83,10 +83,10 @@ fn every_shape_tokenizes_and_masks_as_trl() {
                 let piece = m.content.replace(' ', "Ġ");
                 match m.role {
                     Role::Assistant if !m.content.is_empty() => {
-                        assert!(trained.contains(&piece), "{piece} in {trained}")
+                        assert!(trained.contains(&piece), "{piece} in {trained}");
                     }
                     Role::Tool | Role::User => {
-                        assert!(!trained.contains(&piece), "{piece} in {trained}")
+                        assert!(!trained.contains(&piece), "{piece} in {trained}");
                     }
                     _ => {}
                 }
