@@ -298,6 +298,39 @@ pub(crate) fn python_round_trips() -> Result<()> {
     run(
         "load it with transformers; vision tower unchanged",
         check("--check-vl", &fixtures.join("qwen3_vl"), &trained),
+    )?;
+
+    // TensorBoard: the event files of `--report-to tensorboard`, read by tensorboard's own
+    // event reader, hold metrics.jsonl's rows, the evaluations and the previews.
+    let logged = work.join("tensorboard");
+    let mut c = Command::new(release_bin("train"));
+    c.arg("--model")
+        .arg(fixtures.join("qwen3"))
+        .arg("--dataset")
+        .arg(root().join("crates/train-data/tests/fixtures/sample.jsonl"))
+        .arg("--output")
+        .arg(&logged)
+        .args([
+            "--max-steps",
+            "20",
+            "--batch-size",
+            "4",
+            "--eval-steps",
+            "10",
+        ])
+        .args(["--logging-steps", "3", "--report-to", "tensorboard"]);
+    run("train with --report-to tensorboard", c)?;
+    let mut c = Command::new(venv.join("bin/python"));
+    c.arg(root().join("xtask/fixtures/make_fixtures.py"))
+        .arg("--assets")
+        .arg(&assets)
+        .arg("--out")
+        .arg(&fixtures)
+        .arg("--check-tensorboard")
+        .arg(&logged);
+    run(
+        "read its event files with tensorboard's EventAccumulator",
+        c,
     )
 }
 

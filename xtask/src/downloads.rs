@@ -24,6 +24,8 @@ const FIXTURE_PACKAGES: &[&str] = &[
     "pyyaml",
     "sentencepiece",
     "peft==0.21.2",
+    // Its event reader checks `train --report-to tensorboard`'s files.
+    "tensorboard==2.21.0",
 ];
 
 /// TRL, for the DPO and GRPO references (`cargo xtask fixtures`) and `cargo xtask rl-smollm2`
@@ -75,7 +77,8 @@ pub(crate) fn venv(with_fixture_packages: bool) -> Result<PathBuf> {
             &[],
         )?;
     }
-    if with_fixture_packages && !(has("transformers") && has("gguf") && has("yaml") && has("peft"))
+    if with_fixture_packages
+        && !(has("transformers") && has("gguf") && has("yaml") && has("peft") && has("tensorboard"))
     {
         pip_install(
             &venv,

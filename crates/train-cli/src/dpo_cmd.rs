@@ -354,6 +354,9 @@ impl WithBackend for DpoTraining<'_> {
             .chunks(eval_batch.max(1))
             .map(|c| PairRow::collate(c.to_vec(), pad_id))
             .collect();
+        let context = args
+            .compute
+            .describe::<B>(&device, source.config.architecture.model_type());
         let model = self.launch.model(&args.compute, &device, source.model)?;
         let Launch {
             cluster,
@@ -378,7 +381,7 @@ impl WithBackend for DpoTraining<'_> {
             inputs: vec![model_dir],
         };
         let config = self.args.dpo_config();
-        observed_plain(args, output, self.alerts, |observers| {
+        observed_plain(args, output, self.alerts, context, |observers| {
             train_runner::run_dpo(
                 setup,
                 train,

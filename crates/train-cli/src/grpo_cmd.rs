@@ -215,6 +215,9 @@ impl WithBackend for GrpoTraining<'_> {
                 Some(p) => format!("processors of {}", p.display()),
                 None => "processors".to_string(),
             })?;
+        let context = args
+            .compute
+            .describe::<B>(&device, source.config.architecture.model_type());
         let model = self.launch.model(&args.compute, &device, source.model)?;
         let objective = Grpo::<B>::new(
             grpo,
@@ -240,7 +243,7 @@ impl WithBackend for GrpoTraining<'_> {
             parallelism: Parallelism::new(placement.workers, self.launch.cluster.clone())?,
             inputs: vec![self.launch.model_dir.clone()],
         };
-        observed_plain(args, output, self.alerts, |observers| {
+        observed_plain(args, output, self.alerts, context, |observers| {
             train_runner::run_grpo(
                 setup,
                 self.prompts,

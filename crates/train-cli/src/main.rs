@@ -14,6 +14,7 @@ macro_rules! outln {
 macro_rules! errln {
     ($($t:tt)*) => {{
         use std::io::Write as _;
+        crate::progress::clear_bar();
         let _ = writeln!(std::io::stderr(), $($t)*);
     }};
 }

@@ -40,6 +40,16 @@ impl<'a> Monitor<'a> {
         }
     }
 
+    /// Also writes TensorBoard event files in `tensorboard` (when given), a scalar point every
+    /// `logging_steps` steps.
+    pub fn reporting(mut self, tensorboard: Option<PathBuf>, logging_steps: usize) -> Self {
+        let mut config = self.bundle.config().clone();
+        config.tensorboard_dir = tensorboard;
+        config.logging_steps = logging_steps;
+        self.bundle = MonitoringBundle::new(config);
+        self
+    }
+
     /// Looks at the model between steps with `inspector` (layer norms, previews, probes).
     pub fn with_inspector(mut self, inspector: Inspector<'a>) -> Self {
         self.inspector = Some(inspector);

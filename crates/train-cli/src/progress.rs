@@ -1,7 +1,50 @@
 //! Progress on stderr: a bar redrawn in place on a terminal, plain lines otherwise.
 
 use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
+
+/// A progress bar is drawn on the terminal's last line (without a newline): any other line
+/// printed to stderr clears it first ([`clear_bar`], called by `errln!`), so that alerts,
+/// warnings and evaluation lines never land on the bar's line.
+static BAR_DRAWN: AtomicBool = AtomicBool::new(false);
+
+/// Clears the progress bar, if one is drawn, so that a line can be printed in its place (the
+/// next step draws the bar again below it).
+pub(crate) fn clear_bar() {
+    if BAR_DRAWN.swap(false, Ordering::Relaxed) {
+        let _ = write!(std::io::stderr(), "\r\x1b[2K");
+    }
+}
+
+/// Columns of the terminal on stderr (`None` when it is not a terminal or does not say).
+fn terminal_columns() -> Option<usize> {
+    terminal_size::terminal_size_of(std::io::stderr()).map(|(w, _)| usize::from(w.0))
+}
+
+/// The bar and the line fitted to `columns`: the bar shrinks (to nothing) before the line is
+/// cut at its last whole field.
+fn fit_line(line: &str, fraction: f64, columns: usize) -> String {
+    let len = line.chars().count();
+    let room = columns.saturating_sub(1);
+    let bar = 24.min(room.saturating_sub(len + 3));
+    if bar >= 8 {
+        let filled = ((fraction * bar as f64) as usize).min(bar);
+        return format!(
+            "[{}{}] {line}",
+            "#".repeat(filled),
+            ".".repeat(bar - filled)
+        );
+    }
+    if len <= room {
+        return line.to_string();
+    }
+    let mut cut: String = line.chars().take(room).collect();
+    if let Some(space) = cut.rfind(' ') {
+        cut.truncate(space);
+    }
+    cut
+}
 
 use train_runner::{RunInfo, RunSummary, TrainEvent, TrainObserver};
 
@@ -11,8 +54,9 @@ pub struct Progress {
     started: Instant,
     total: usize,
     first_step: usize,
-    smoothed_tps: Option<f64>,
-    drawn: bool,
+    /// What is trained, where: printed at the start (model family, backend, device,
+    /// precision).
+    context: Option<String>,
     eval_unit: &'static str,
     headline: Option<(&'static str, &'static str)>,
 }
@@ -25,19 +69,34 @@ impl Progress {
             started: Instant::now(),
             total: 0,
             first_step: 0,
-            smoothed_tps: None,
-            drawn: false,
+            context: None,
             eval_unit: "tokens",
             headline: None,
         }
     }
 
-    fn clear(&mut self) {
-        if self.tty && self.drawn {
-            errp!("\r\x1b[2K");
-            self.drawn = false;
-        }
+    /// Says in the start line what is trained and where (`qwen3 on cpu, backend cpu, fp32`).
+    pub fn with_context(mut self, context: String) -> Self {
+        self.context = Some(context);
+        self
     }
+
+    fn clear(&mut self) {
+        clear_bar();
+    }
+}
+
+/// `1234567` as `1,234,567`.
+fn grouped(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 fn duration(secs: f64) -> String {
@@ -69,28 +128,29 @@ impl<B: train_model::FusedAutodiffBackend> TrainObserver<B> for Progress {
             String::new()
         };
         let trainable = if info.trainable_parameters == info.parameters {
-            String::new()
+            "all trainable".to_string()
         } else {
-            format!(" ({} trainable)", info.trainable_parameters)
+            format!("{} trainable", grouped(info.trainable_parameters))
         };
+        let what = self
+            .context
+            .as_ref()
+            .map_or_else(String::new, |c| format!("{c}; "));
         errln!(
-            "training {} steps ({} per epoch) on {} rows, {} validation examples, {} parameters{trainable}{resumed}",
+            "training {what}{} parameters ({trainable}); {} steps ({} per epoch) on {} rows, {} validation examples{resumed}",
+            grouped(info.parameters),
             info.total_steps,
             info.steps_per_epoch,
             info.train_rows,
             info.validation_examples,
-            info.parameters
         );
     }
 
     fn update(&mut self, event: &TrainEvent<'_>) {
         match event {
             TrainEvent::Step(m) => {
-                let tps = match self.smoothed_tps {
-                    Some(s) => 0.9 * s + 0.1 * m.tokens_per_sec,
-                    None => m.tokens_per_sec,
-                };
-                self.smoothed_tps = Some(tps);
+                // The step's own figure, as in its metrics.jsonl row.
+                let tps = m.tokens_per_sec;
                 let done = m.step - self.first_step;
                 let elapsed = self.started.elapsed().as_secs_f64();
                 let eta = elapsed / done.max(1) as f64 * (self.total - m.step) as f64;
@@ -110,15 +170,12 @@ impl<B: train_model::FusedAutodiffBackend> TrainObserver<B> for Progress {
                     duration(eta)
                 );
                 if self.tty {
-                    let width = 24;
-                    let filled = (m.step * width / self.total.max(1)).min(width);
-                    errp!(
-                        "\r\x1b[2K[{}{}] {line}",
-                        "#".repeat(filled),
-                        ".".repeat(width - filled)
-                    );
+                    let fraction = m.step as f64 / self.total.max(1) as f64;
+                    let shown = fit_line(&line, fraction, terminal_columns().unwrap_or(80));
+                    clear_bar();
+                    errp!("{shown}");
                     let _ = std::io::stderr().flush();
-                    self.drawn = true;
+                    BAR_DRAWN.store(true, Ordering::Relaxed);
                 } else {
                     errln!("{line}");
                 }
@@ -158,7 +215,7 @@ impl<B: train_model::FusedAutodiffBackend> TrainObserver<B> for Progress {
             .eval_loss
             .map_or_else(|| "-".into(), |l| format!("{l:.4}"));
         errln!(
-            "{:?} after {} steps in {}: train loss {loss}, eval loss {eval}, {:.0} tokens/s; output in {}",
+            "{:?} after {} steps in {}: train loss {loss}, eval loss {eval}, {:.0} tokens/s (the run's tokens over its steps' time); output in {}",
             s.status,
             s.global_step,
             duration(self.started.elapsed().as_secs_f64()),
@@ -177,5 +234,24 @@ impl<B: train_model::FusedAutodiffBackend> TrainObserver<B> for Progress {
                 s.output.display()
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_fit_the_terminal() {
+        let line = "step 15/24 epoch 1.27 loss 5.9145 lr 4.63e-4 grad 1.691 15234 tok/s ETA 0s";
+        for columns in [40, 60, 80, 100, 200] {
+            let shown = fit_line(line, 0.5, columns);
+            assert!(shown.chars().count() < columns, "{columns}: {shown}");
+            assert!(shown.contains("step 15/24"), "{columns}: {shown}");
+        }
+        assert!(fit_line(line, 0.5, 200).starts_with("[############............] step"));
+        assert_eq!(fit_line(line, 0.5, 80), line);
+        assert_eq!(grouped(1_234_567), "1,234,567");
+        assert_eq!(grouped(999), "999");
     }
 }

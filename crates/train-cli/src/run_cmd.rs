@@ -49,6 +49,14 @@ pub enum SchedulerArg {
     Cosine,
 }
 
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReportTo {
+    Jsonl,
+    Tensorboard,
+    All,
+    None,
+}
+
 #[derive(ValueEnum, Clone, Copy, Debug)]
 pub enum StrategyArg {
     Steps,
@@ -162,6 +170,21 @@ pub struct ComputeArgs {
 }
 
 impl ComputeArgs {
+    /// What is trained and where, for the start line: the model family, backend, device and
+    /// the precision computed in.
+    pub(crate) fn describe<B: burn::tensor::backend::Backend>(
+        &self,
+        device: &B::Device,
+        model_type: &str,
+    ) -> String {
+        let precision = match self.load_options(false).precision.resolve::<B>(device) {
+            Ok(d) => format!("{d:?}").to_ascii_lowercase(),
+            Err(_) => "?".into(),
+        };
+        let backend = format!("{:?}", self.backend).to_ascii_lowercase();
+        format!("{model_type}, backend {backend}, device {device:?}, {precision}")
+    }
+
     pub(crate) fn load_options(&self, master_weights: bool) -> LoadOptions {
         let precision = if self.bf16 {
             PrecisionArg::Bf16
@@ -333,6 +356,11 @@ pub struct RunArgs {
     /// Print one JSON object on the last line of stdout.
     #[arg(long)]
     pub json: bool,
+    /// Where the metrics go besides metrics.jsonl (always written): `tensorboard` (event files
+    /// in OUTPUT/runs: losses, learning rate, gradient norm, tokens/s, evaluations, previews),
+    /// `all` (the same), `jsonl` or `none` (nothing more). Repeat or separate with commas.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "jsonl")]
+    pub report_to: Vec<ReportTo>,
     /// The `[trainer]` section of the --config file.
     #[arg(skip)]
     pub section: Option<TrainerConfig>,
@@ -365,6 +393,14 @@ impl std::fmt::Display for SchedulerArg {
 }
 
 impl RunArgs {
+    /// The directory of TensorBoard's event files, when --report-to asks for them.
+    pub(crate) fn tensorboard_dir(&self, output: &Path) -> Option<PathBuf> {
+        self.report_to
+            .iter()
+            .any(|r| matches!(r, ReportTo::Tensorboard | ReportTo::All))
+            .then(|| output.join("runs"))
+    }
+
     /// Binds the --config file's sections and the flags given in `matches` (this command's).
     pub(crate) fn bind(
         &mut self,
@@ -560,6 +596,7 @@ impl WithBackend for Training<'_> {
         let start_step = resume.as_ref().map_or(0, |r| r.state.global_step);
         let output = trainer.output_dir.clone();
         let eval_steps = trainer.eval_steps;
+        let trainer_logging_steps = trainer.logging_steps;
         let setup = TrainSetup {
             model,
             raw_config,
@@ -574,7 +611,11 @@ impl WithBackend for Training<'_> {
             parallelism: Parallelism::new(placement.workers, cluster)?,
             inputs: vec![model_dir.clone()],
         };
-        let mut progress = Progress::new();
+        let mut progress = Progress::new().with_context(
+            self.args
+                .compute
+                .describe::<B>(&device, source_config.architecture.model_type()),
+        );
         let status_dir = self
             .args
             .status_dir
@@ -589,7 +630,9 @@ impl WithBackend for Training<'_> {
             self.args.preview_max_new_tokens,
             start_step,
         );
-        let mut monitor = Monitor::new(status_dir, output, self.alerts).with_inspector(inspector);
+        let mut monitor = Monitor::new(status_dir, output.clone(), self.alerts)
+            .reporting(self.args.tensorboard_dir(&output), trainer_logging_steps)
+            .with_inspector(inspector);
         let summary = observed(&mut monitor, &mut progress, |observers| {
             train_runner::run(setup, resume.as_ref(), observers, &self.control)
         });
@@ -632,14 +675,22 @@ pub(crate) fn observed_plain<B: FusedAutodiffBackend>(
     args: &RunArgs,
     output: PathBuf,
     alerts: train_monitor::AlertConfig,
+    context: String,
     run: impl FnOnce(&mut Observers<'_, B>) -> train_runner::Result<RunSummary>,
 ) -> Result<RunSummary> {
     let status_dir = args
         .status_dir
         .clone()
         .unwrap_or_else(|| output.join("status"));
-    let mut monitor = Monitor::new(status_dir, output, alerts);
-    observed(&mut monitor, &mut Progress::new(), run)
+    let mut monitor = Monitor::new(status_dir, output.clone(), alerts).reporting(
+        args.tensorboard_dir(&output),
+        args.trainer_config().logging_steps,
+    );
+    observed(
+        &mut monitor,
+        &mut Progress::new().with_context(context),
+        run,
+    )
 }
 
 /// The reference model of a preference or RL run: `--ref-model` (loaded without master

@@ -36,6 +36,11 @@ pub struct MonitoringConfig {
     pub alerts: AlertConfig,
     /// Losses in the variance / trend window (20).
     pub loss_window: usize,
+    /// Write TensorBoard event files in this directory (`--report-to tensorboard`; none).
+    pub tensorboard_dir: Option<PathBuf>,
+    /// Steps per TensorBoard scalar point, averaged as `metrics.jsonl`'s rows are
+    /// ([`crate::LogWindow`]; 1).
+    pub logging_steps: usize,
 }
 
 impl MonitoringConfig {
@@ -50,6 +55,8 @@ impl MonitoringConfig {
             enable_evolution_tracker: true,
             alerts: AlertConfig::default(),
             loss_window: 20,
+            tensorboard_dir: None,
+            logging_steps: 1,
         }
     }
 }
@@ -97,6 +104,25 @@ pub struct MonitoringBundle {
     preview_log: Option<JsonlWriter>,
     evolution_log: Option<JsonlWriter>,
     rollout_log: Option<JsonlWriter>,
+    tensorboard: Option<(crate::tensorboard::EventWriter, crate::metrics::LogWindow)>,
+}
+
+/// Previews as Markdown for TensorBoard's text plugin: each prompt, golden and generated
+/// answer in a code block, so that their newlines and markup are shown as they are.
+fn previews_markdown(samples: &[Sample]) -> String {
+    let block = |t: &str| format!("```\n{}\n```\n", t.replace("```", "`\u{200b}``"));
+    let mut out = String::new();
+    for s in samples {
+        out.push_str(&format!(
+            "**preview {}**{}\n\nprompt:\n{}golden:\n{}generated:\n{}\n",
+            s.index,
+            if s.exact_match { " (exact match)" } else { "" },
+            block(&s.prompt),
+            block(&s.golden),
+            block(&s.generated)
+        ));
+    }
+    out
 }
 
 /// Previews kept in the status file.
@@ -127,7 +153,13 @@ impl MonitoringBundle {
             history: History::default(),
             active: HashSet::new(),
             spent: Duration::ZERO,
+            tensorboard: None,
         }
+    }
+
+    /// What it monitors and where it writes.
+    pub fn config(&self) -> &MonitoringConfig {
+        &self.config
     }
 
     /// The current status.
@@ -180,6 +212,12 @@ impl MonitoringBundle {
             for s in &run.history.steps {
                 b.window.push(s.step, s.loss);
             }
+            if let Some(dir) = &b.config.tensorboard_dir {
+                b.tensorboard = Some((
+                    crate::tensorboard::EventWriter::create(dir)?,
+                    crate::metrics::LogWindow::new(b.config.logging_steps, run.total_steps),
+                ));
+            }
             b.history = run.history;
             b.status = TrainingStatus {
                 status: Status::Training,
@@ -197,6 +235,20 @@ impl MonitoringBundle {
     /// A step finished; returns the alerts it newly raised.
     pub fn step(&mut self, s: &StepRecord) -> Result<Vec<Alert>> {
         self.timed(|b| {
+            if let Some((tb, window)) = b.tensorboard.as_mut()
+                && let Some(row) = window.push(s)
+            {
+                let mut values = vec![
+                    ("train/loss".to_string(), row.loss),
+                    ("train/learning_rate".to_string(), row.learning_rate),
+                    ("train/grad_norm".to_string(), row.grad_norm),
+                    ("train/epoch".to_string(), row.epoch),
+                    ("train/tokens_per_sec".to_string(), row.tokens_per_sec),
+                ];
+                values.extend(row.metrics.iter().map(|(k, v)| (format!("train/{k}"), *v)));
+                tb.scalars(row.step, &values)?;
+                tb.flush()?;
+            }
             b.history.steps.push(s.clone());
             b.window.push(s.step, s.loss);
             let smoothed = b.throughput.push(s.tokens_per_sec);
@@ -261,6 +313,16 @@ impl MonitoringBundle {
     /// An evaluation finished: status written at once, report refreshed.
     pub fn eval(&mut self, e: &EvalRecord) -> Result<()> {
         self.timed(|b| {
+            if let Some((tb, _)) = b.tensorboard.as_mut() {
+                let mut values = vec![("eval/loss".to_string(), e.eval_loss)];
+                values.extend(
+                    e.metrics.iter().map(|(k, v)| {
+                        (format!("eval/{}", k.strip_prefix("eval_").unwrap_or(k)), *v)
+                    }),
+                );
+                tb.scalars(e.step, &values)?;
+                tb.flush()?;
+            }
             b.history.evals.push(e.clone());
             b.status.eval_loss = Some(e.eval_loss);
             b.status.eval_train_gap = b.window.mean().map(|m| e.eval_loss - m);
@@ -305,6 +367,10 @@ impl MonitoringBundle {
         self.timed(|b| {
             if let Some(log) = b.preview_log.as_mut() {
                 log.append(samples)?;
+            }
+            if let (Some((tb, _)), Some(first)) = (b.tensorboard.as_mut(), samples.first()) {
+                tb.text(first.step, "previews", &previews_markdown(samples))?;
+                tb.flush()?;
             }
             let keep = samples.len().saturating_sub(STATUS_PREVIEWS);
             b.status.previews = samples[keep..].to_vec();

@@ -62,6 +62,7 @@ mod report;
 mod samples;
 mod stats;
 mod status;
+mod tensorboard;
 
 pub use alerts::{Alert, AlertConfig, AlertInputs, AlertKind, evaluate as evaluate_alerts};
 pub use bundle::{MonitoringBundle, MonitoringConfig, RunEnd, RunStart};
@@ -75,6 +76,7 @@ pub use report::{History, MAX_METRIC_CHARTS, charts, render_html, write_report};
 pub use samples::{RolloutSample, Sample, evolution_due, preview_interval};
 pub use stats::{Ema, LossWindow};
 pub use status::{SCHEMA_VERSION, Status, StatusWriter, TrainingStatus, unix_now};
+pub use tensorboard::EventWriter;
 
 /// Creates the directory of `path`, then replaces the file by `train_fs`'s rule (a reader sees
 /// the old content or the new, never a part).

@@ -297,6 +297,12 @@ fn text_rows_are_packed_by_default_and_prompt_completion_rows_train_their_comple
     let err = String::from_utf8_lossy(&o.stderr);
     // 24 short documents packed into rows of 256 tokens: a few rows, not 22 (24 less a 10 % validation split).
     let rows_line = err.lines().find(|l| l.starts_with("training ")).unwrap();
+    // The start line says what is trained, where, in which precision, and how many parameters.
+    assert!(
+        rows_line.starts_with("training qwen2, backend cpu, device Cpu, f32; ")
+            && rows_line.contains(" parameters (all trainable); 2 steps"),
+        "{rows_line}"
+    );
     let trained: usize = rows_line
         .split(" on ")
         .nth(1)
