@@ -63,6 +63,10 @@ struct Cli {
     /// Read flags from a TOML file (keys are flag names in snake_case); command-line flags win.
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Revision of a Hugging Face Hub model id given as a model (`--model org/name`): a branch,
+    /// a tag or a commit (default `main`).
+    #[arg(long, global = true, value_name = "REV")]
+    revision: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -633,6 +637,9 @@ fn real_main() -> ExitCode {
         .try_get_matches_from(argv)
         .unwrap_or_else(|e| e.exit());
     let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let Some(r) = cli.revision.clone() {
+        let _ = registry::HUB_REVISION.set(r);
+    }
     bind(&mut cli, &file, &matches);
     match run(cli) {
         Ok(code) => code,

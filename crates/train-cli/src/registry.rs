@@ -178,7 +178,8 @@ impl ModelRegistry {
     }
 
     /// The directory `name_or_path` refers to: a registry name first, else an existing
-    /// directory (whose files are checked by whoever reads them).
+    /// directory (whose files are checked by whoever reads them), else a Hugging Face Hub id
+    /// (`org/name`, at `--revision`), from the Hugging Face cache or downloaded into it.
     pub fn resolve(&self, name_or_path: &str) -> Result<PathBuf> {
         if let Some(e) = self.get(name_or_path)? {
             return Ok(e.path);
@@ -187,15 +188,27 @@ impl ModelRegistry {
         if p.is_dir() {
             return Ok(p);
         }
+        if train_model::hub::is_hub_id(name_or_path) {
+            return train_model::hub::resolve(
+                name_or_path,
+                HUB_REVISION.get().map(String::as_str),
+                &mut |file| errln!("downloading {name_or_path}/{file}"),
+            )
+            .map_err(Into::into);
+        }
         Err(registry_error(
             &self.path,
             format!(
-                "`{name_or_path}` is neither a registered model name nor a directory \
-                 (list known models with `train models list`, add one with `train models add NAME DIR`)"
+                "`{name_or_path}` is neither a registered model name, a directory nor a Hugging \
+                 Face Hub id `org/name` (list known models with `train models list`, add one \
+                 with `train models add NAME DIR`)"
             ),
         ))
     }
 }
+
+/// `--revision`: the revision of Hub model ids (set once, from the command line).
+pub(crate) static HUB_REVISION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 fn unlock(file: &File) {
     // Dropping the file releases the lock too; an explicit unlock failure changes nothing.

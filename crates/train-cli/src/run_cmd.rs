@@ -682,10 +682,9 @@ pub(crate) fn observed_plain<B: FusedAutodiffBackend>(
         .status_dir
         .clone()
         .unwrap_or_else(|| output.join("status"));
-    let mut monitor = Monitor::new(status_dir, output.clone(), alerts).reporting(
-        args.tensorboard_dir(&output),
-        args.trainer_config().logging_steps,
-    );
+    let tensorboard = args.tensorboard_dir(&output);
+    let mut monitor = Monitor::new(status_dir, output, alerts)
+        .reporting(tensorboard, args.trainer_config().logging_steps);
     observed(
         &mut monitor,
         &mut Progress::new().with_context(context),

@@ -9,6 +9,14 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ModelError {
+    /// A Hugging Face Hub model id could not be resolved in the cache or downloaded.
+    #[error("{id}: {message}")]
+    Hub {
+        /// The model id (`org/name`).
+        id: String,
+        /// What went wrong.
+        message: String,
+    },
     /// A file or directory could not be read or written.
     #[error("{path}: {source}")]
     Io {

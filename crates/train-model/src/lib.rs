@@ -68,6 +68,7 @@ mod family;
 mod fused;
 #[cfg(feature = "gguf")]
 mod gguf;
+pub mod hub;
 mod init;
 mod lora;
 mod loss;

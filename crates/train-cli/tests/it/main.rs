@@ -10,6 +10,7 @@ mod generate_cmd;
 mod grpo_cmd;
 mod hf_compat;
 mod hostile;
+mod hub;
 mod loop_parity;
 mod reference;
 mod train_cmd;
