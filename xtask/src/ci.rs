@@ -331,7 +331,24 @@ pub(crate) fn python_round_trips() -> Result<()> {
     run(
         "read its event files with tensorboard's EventAccumulator",
         c,
-    )
+    )?;
+
+    // GGUF: `train export` of the fixture families it writes (the Llama fixture scales RoPE,
+    // which it refuses), read back by the gguf package.
+    for arch in ["qwen2", "qwen3"] {
+        let file = work.join(format!("{arch}.gguf"));
+        let mut c = Command::new(release_bin("train"));
+        c.arg("export")
+            .arg(fixtures.join(arch))
+            .args(["--format", "gguf", "--output"])
+            .arg(&file);
+        run(&format!("train export --format gguf ({arch})"), c)?;
+        run(
+            &format!("read {arch}.gguf with the gguf package"),
+            check("--check-gguf", &file, &fixtures.join(arch)),
+        )?;
+    }
+    Ok(())
 }
 
 /// Runs every example binary on the shipped tiny model and data; the ones that train write

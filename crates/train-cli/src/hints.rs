@@ -38,7 +38,9 @@ fn runner(e: &RunnerError) -> Option<String> {
 fn model(e: &ModelError) -> Option<String> {
     Some(match e {
         ModelError::Output { refusal, .. } => match refusal {
-            OutputRefusal::Input | OutputRefusal::Checkpoint => "choose another --output".into(),
+            OutputRefusal::Input | OutputRefusal::Checkpoint | OutputRefusal::NotADirectory => {
+                "choose another --output".into()
+            }
             OutputRefusal::HoldsModel => {
                 "pass --yes to replace it, or choose another --output".into()
             }

@@ -30,6 +30,7 @@ mod backend;
 mod config_file;
 mod control;
 mod dpo_cmd;
+mod export_cmd;
 mod generate_cmd;
 mod grpo_cmd;
 mod hints;
@@ -98,6 +99,8 @@ enum Command {
     Generate(generate_cmd::GenerateArgs),
     /// Fold a LoRA adapter into its base model and save a plain model directory.
     Merge(merge_cmd::MergeArgs),
+    /// Write a model as a llama.cpp GGUF file (llama, qwen2, qwen3; f16 or q8_0).
+    Export(export_cmd::ExportArgs),
     /// A compact summary of a running or finished run (from its status file).
     Status {
         /// The run's output directory.
@@ -374,6 +377,11 @@ impl LoadArgs {
 }
 
 impl DataArgs {
+    /// The model as given (`--model`).
+    pub(crate) fn model_name(&self) -> &str {
+        &self.model
+    }
+
     /// Binds the `[data]` section of the --config file and the flags given in `matches`.
     pub(crate) fn bind(&mut self, section: Option<&DatasetConfig>, matches: &clap::ArgMatches) {
         self.section = section.cloned();
@@ -685,6 +693,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Eval(args) => run_cmd::eval(&args),
         Command::Generate(args) => generate_cmd::run(&args),
         Command::Merge(args) => merge_cmd::run(&args),
+        Command::Export(args) => export_cmd::run(&args),
         Command::Orchestrator { port } => orchestrator(port),
         Command::Status {
             output,

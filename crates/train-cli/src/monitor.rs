@@ -50,6 +50,14 @@ impl<'a> Monitor<'a> {
         self
     }
 
+    /// Shows the run's settings in `report.html`: `(name, value)` pairs.
+    pub fn with_settings(mut self, settings: Vec<(String, String)>) -> Self {
+        let mut config = self.bundle.config().clone();
+        config.settings = settings;
+        self.bundle = MonitoringBundle::new(config);
+        self
+    }
+
     /// Looks at the model between steps with `inspector` (layer norms, previews, probes).
     pub fn with_inspector(mut self, inspector: Inspector<'a>) -> Self {
         self.inspector = Some(inspector);

@@ -597,6 +597,16 @@ impl WithBackend for Training<'_> {
         let output = trainer.output_dir.clone();
         let eval_steps = trainer.eval_steps;
         let trainer_logging_steps = trainer.logging_steps;
+        let context = self
+            .args
+            .compute
+            .describe::<B>(&device, source_config.architecture.model_type());
+        let settings = report_settings(
+            &context,
+            &model_dir,
+            self.args.data.config().ok().as_ref(),
+            &trainer,
+        );
         let setup = TrainSetup {
             model,
             raw_config,
@@ -611,11 +621,7 @@ impl WithBackend for Training<'_> {
             parallelism: Parallelism::new(placement.workers, cluster)?,
             inputs: vec![model_dir.clone()],
         };
-        let mut progress = Progress::new().with_context(
-            self.args
-                .compute
-                .describe::<B>(&device, source_config.architecture.model_type()),
-        );
+        let mut progress = Progress::new().with_context(context);
         let status_dir = self
             .args
             .status_dir
@@ -632,6 +638,7 @@ impl WithBackend for Training<'_> {
         );
         let mut monitor = Monitor::new(status_dir, output.clone(), self.alerts)
             .reporting(self.args.tensorboard_dir(&output), trainer_logging_steps)
+            .with_settings(settings)
             .with_inspector(inspector);
         let summary = observed(&mut monitor, &mut progress, |observers| {
             train_runner::run(setup, resume.as_ref(), observers, &self.control)
@@ -669,6 +676,50 @@ pub(crate) fn observed<B: FusedAutodiffBackend>(
     Ok(summary?)
 }
 
+/// The settings a report shows: what is trained where (`context`), the model, and every key
+/// of the data and trainer configurations (nested ones as `lora.r`).
+pub(crate) fn report_settings(
+    context: &str,
+    model: &Path,
+    data: Option<&DatasetConfig>,
+    trainer: &TrainerConfig,
+) -> Vec<(String, String)> {
+    fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) {
+        match v {
+            serde_json::Value::Object(map) => {
+                for (k, v) in map {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    flatten(&key, v, out);
+                }
+            }
+            serde_json::Value::Null => out.push((prefix.to_string(), "–".into())),
+            serde_json::Value::String(s) => out.push((prefix.to_string(), s.clone())),
+            other => out.push((prefix.to_string(), other.to_string())),
+        }
+    }
+    let mut out = vec![
+        ("run".to_string(), context.to_string()),
+        ("model".to_string(), model.display().to_string()),
+    ];
+    if let Some(d) = data {
+        flatten(
+            "data",
+            &serde_json::to_value(d).unwrap_or_default(),
+            &mut out,
+        );
+    }
+    flatten(
+        "trainer",
+        &serde_json::to_value(trainer).unwrap_or_default(),
+        &mut out,
+    );
+    out
+}
+
 /// [`observed`] with a plain monitor (no previews) writing under `args.status_dir` (default
 /// `output/status`): the observers of `train dpo` and `train grpo`.
 pub(crate) fn observed_plain<B: FusedAutodiffBackend>(
@@ -683,8 +734,13 @@ pub(crate) fn observed_plain<B: FusedAutodiffBackend>(
         .clone()
         .unwrap_or_else(|| output.join("status"));
     let tensorboard = args.tensorboard_dir(&output);
+    let trainer = args.trainer_config();
+    let data = args.data.config().ok();
+    let model = PathBuf::from(args.data.model_name());
+    let settings = report_settings(&context, &model, data.as_ref(), &trainer);
     let mut monitor = Monitor::new(status_dir, output, alerts)
-        .reporting(tensorboard, args.trainer_config().logging_steps);
+        .reporting(tensorboard, trainer.logging_steps)
+        .with_settings(settings);
     observed(
         &mut monitor,
         &mut Progress::new().with_context(context),

@@ -102,8 +102,9 @@ pub struct Conversation {
     /// The messages, in order.
     pub messages: Vec<Message>,
     /// The tools the conversation may call (JSON text of the row's `tools` list), handed to
-    /// the chat template as `tools`, as `apply_chat_template(tools=...)` does.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// the chat template as `tools`, as `apply_chat_template(tools=...)` does (serialized as
+    /// the list itself).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "json_text")]
     pub tools: Option<String>,
     /// Prompt/completion rows: the index of the first message of the completion. Only the
     /// assistant turns from there on are trained (TRL's `completion_only_loss`).

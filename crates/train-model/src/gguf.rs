@@ -438,7 +438,7 @@ pub struct GgufImport {
 
 /// Inverse of llama.cpp's `permute` of q/k rows: GGUF row `h*hd + 2i + j` is Hugging Face row
 /// `h*hd + j*hd/2 + i`.
-fn unpermute_rows(data: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+pub(crate) fn unpermute_rows(data: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
     let hd = rows / heads;
     let half = hd / 2;
     let mut out = vec![0f32; data.len()];
@@ -455,7 +455,7 @@ fn unpermute_rows(data: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f
     out
 }
 
-fn hf_name(gguf: &str) -> Option<String> {
+pub(crate) fn hf_name(gguf: &str) -> Option<String> {
     let top = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
@@ -703,6 +703,21 @@ fn tokenizer_json(g: &GgufFile, tokens: &[&str]) -> Result<Value> {
         "smollm" | "starcoder" | "refact" => json!({"type": "Sequence", "pretokenizers": [
             {"type": "Digits", "individual_digits": true}, byte_level]}),
         "default" | "gpt-2" | "gpt2" => byte_level,
+        // Qwen2's and Llama 3's regexes (the latter groups digits by up to three), each then
+        // byte-level without its own regex, as their tokenizer.json files write them.
+        "qwen2" | "llama-bpe" => {
+            let digits = if pre == "qwen2" {
+                r"\p{N}"
+            } else {
+                r"\p{N}{1,3}"
+            };
+            let regex = format!(
+                r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{{L}}\p{{N}}]?\p{{L}}+|{digits}| ?[^\s\p{{L}}\p{{N}}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+            );
+            json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
+                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}]})
+        }
         other => {
             return Err(ModelError::weights(
                 &g.path,

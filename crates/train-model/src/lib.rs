@@ -13,7 +13,8 @@
 //!   that packed rows restart their positions and never attend to each other; [`KvCache`] makes
 //!   incremental decoding give the same logits as a full forward.
 //! * [`causal_lm_nll`] / [`causal_lm_loss`] compute the masked loss exactly as `transformers`.
-//! * `gguf` (cargo feature `gguf`) turns a llama.cpp GGUF checkpoint into a Hugging Face
+//! * `gguf` (cargo feature `gguf`) writes a model as a llama.cpp GGUF file
+//!   (`export_gguf`: llama, qwen2, qwen3; F16 or Q8_0) and turns a llama.cpp GGUF checkpoint into a Hugging Face
 //!   directory.
 //!
 //! Parity with `transformers` is tested against committed reference outputs (logits, hidden
@@ -68,6 +69,8 @@ mod family;
 mod fused;
 #[cfg(feature = "gguf")]
 mod gguf;
+#[cfg(feature = "gguf")]
+mod gguf_export;
 pub mod hub;
 mod init;
 mod lora;
@@ -92,6 +95,8 @@ pub use fused::{
 };
 #[cfg(feature = "gguf")]
 pub use gguf::{GgufImport, convert_to_hf};
+#[cfg(feature = "gguf")]
+pub use gguf_export::{GgufExport, GgufOutType, export_gguf};
 pub use lora::{
     AdapterConfig, LORA_MODULES, LoraAdapter, LoraConfig, is_adapter_dir, load_adapter,
     read_adapter_config, resolve_base_model, save_adapter,

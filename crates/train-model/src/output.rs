@@ -76,6 +76,8 @@ pub enum OutputRefusal {
     Checkpoint,
     /// It already holds a model, and replacing it was not allowed.
     HoldsModel,
+    /// It exists and is not a directory (a file, `/dev/null`).
+    NotADirectory,
 }
 
 /// True when `dir` is a checkpoint sealed by train-runner (`checksums.json` next to
@@ -100,6 +102,12 @@ pub fn check_output_dir(output: &Path, inputs: &[&Path], replace: bool, what: &s
         message,
     };
     let flag = what;
+    if std::fs::metadata(output).is_ok_and(|m| !m.is_dir()) {
+        return Err(refuse(
+            OutputRefusal::NotADirectory,
+            format!("{flag} exists and is not a directory"),
+        ));
+    }
     if let Some(out) = resolved(output) {
         for input in inputs {
             if resolved(input).is_some_and(|i| i == out) {

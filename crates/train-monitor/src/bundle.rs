@@ -41,6 +41,9 @@ pub struct MonitoringConfig {
     /// Steps per TensorBoard scalar point, averaged as `metrics.jsonl`'s rows are
     /// ([`crate::LogWindow`]; 1).
     pub logging_steps: usize,
+    /// The run's settings, `(name, value)`, shown in `report.html` (model, data, every
+    /// hyper-parameter; none).
+    pub settings: Vec<(String, String)>,
 }
 
 impl MonitoringConfig {
@@ -57,6 +60,7 @@ impl MonitoringConfig {
             loss_window: 20,
             tensorboard_dir: None,
             logging_steps: 1,
+            settings: Vec::new(),
         }
     }
 }
@@ -430,7 +434,7 @@ impl MonitoringBundle {
 
     fn report(&self) -> Result<()> {
         match &self.config.report_dir {
-            Some(dir) => write_report(dir, &self.status, &self.history),
+            Some(dir) => write_report(dir, &self.status, &self.history, &self.config.settings),
             None => Ok(()),
         }
     }

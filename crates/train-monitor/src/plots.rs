@@ -46,6 +46,37 @@ fn bounds(series: &[Series<'_>]) -> Option<((f64, f64), (f64, f64))> {
     Some(((x0, x1), (y0 - pad, y1 + pad)))
 }
 
+/// A number as a reader wants it on an axis or in a table: at most four significant digits,
+/// no trailing zeros, scientific notation only for the very small and the very large
+/// (`0.0002` → `2e-4`, `12345.6` → `12346`, `0.25` → `0.25`).
+pub(crate) fn readable(v: f64) -> String {
+    if !v.is_finite() {
+        return format!("{v}");
+    }
+    let a = v.abs();
+    if a == 0.0 {
+        return "0".into();
+    }
+    if !(1e-3..1e6).contains(&a) {
+        let s = format!("{v:.2e}");
+        // 2.00e-4 → 2e-4
+        return match s.split_once('e') {
+            Some((m, e)) => {
+                let m = m.trim_end_matches('0').trim_end_matches('.');
+                format!("{m}e{e}")
+            }
+            None => s,
+        };
+    }
+    let digits = (3 - a.log10().floor() as i32).max(0) as usize;
+    let s = format!("{v:.digits$}");
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    }
+}
+
 /// An SVG line chart of `series` against the step, or `None` when there is nothing to draw.
 pub fn line_chart(title: &str, y_label: &str, series: &[Series<'_>]) -> Result<Option<String>> {
     let Some(((x0, x1), (y0, y1))) = bounds(series) else {
@@ -66,9 +97,21 @@ pub fn line_chart(title: &str, y_label: &str, series: &[Series<'_>]) -> Result<O
             .y_label_area_size(64)
             .build_cartesian_2d(x0..x1, y0..y1)
             .map_err(|e| err(&e))?;
+        // Steps are whole numbers: a tick between two steps gets no label.
+        let x_label = |x: &f64| {
+            if (x - x.round()).abs() < 1e-9 {
+                format!("{x:.0}")
+            } else {
+                String::new()
+            }
+        };
+        let y_label_text = |y: &f64| readable(*y);
         chart
             .configure_mesh()
             .x_desc("step")
+            .x_labels(((x1 - x0).round() as usize + 1).clamp(2, 10))
+            .x_label_formatter(&x_label)
+            .y_label_formatter(&y_label_text)
             .y_desc(y_label)
             .light_line_style(RGBColor(235, 235, 235))
             .draw()
@@ -106,4 +149,26 @@ pub fn line_chart(title: &str, y_label: &str, series: &[Series<'_>]) -> Result<O
         root.present().map_err(|e| err(&e))?;
     }
     Ok(Some(svg))
+}
+
+#[cfg(test)]
+mod readable_tests {
+    use super::readable;
+
+    #[test]
+    fn numbers_read_well() {
+        for (v, text) in [
+            (0.0002, "2e-4"),
+            (0.25, "0.25"),
+            (12345.6, "12346"),
+            (1.0, "1"),
+            (2.71832, "2.718"),
+            (0.001234, "0.001234"),
+            (2.5e6, "2.5e6"),
+            (0.0, "0"),
+            (-0.5, "-0.5"),
+        ] {
+            assert_eq!(readable(v), text, "{v}");
+        }
+    }
 }

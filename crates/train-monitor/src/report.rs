@@ -169,7 +169,12 @@ pub fn charts(h: &History) -> Result<Vec<(String, String)>> {
 }
 
 /// The HTML report: a summary table and the charts, inline (no external file or script).
-pub fn render_html(status: &TrainingStatus, charts: &[(String, String)]) -> String {
+pub fn render_html(
+    status: &TrainingStatus,
+    charts: &[(String, String)],
+    settings: &[(String, String)],
+) -> String {
+    let wall = (status.updated_at - status.started_at).max(0.0);
     let rows = [
         ("status", format!("{:?}", status.status).to_lowercase()),
         ("step", format!("{} / {}", status.step, status.total_steps)),
@@ -177,8 +182,14 @@ pub fn render_html(status: &TrainingStatus, charts: &[(String, String)]) -> Stri
         ("loss", opt(status.loss, 4)),
         ("eval loss", opt(status.eval_loss, 4)),
         ("eval − train gap", opt(status.eval_train_gap, 4)),
-        ("learning rate", opt(status.learning_rate, 8)),
+        (
+            "learning rate",
+            status
+                .learning_rate
+                .map_or_else(|| "–".into(), crate::plots::readable),
+        ),
         ("tokens / s (smoothed)", opt(status.tokens_per_sec, 0)),
+        ("wall time", wall_time(wall)),
         ("loss trend (per step)", opt(status.loss_trend, 5)),
         ("loss variance", opt(status.loss_variance, 4)),
     ];
@@ -186,7 +197,8 @@ pub fn render_html(status: &TrainingStatus, charts: &[(String, String)]) -> Stri
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>Training report</title>\n\
          <style>body{font-family:sans-serif;margin:2em;max-width:800px}table{border-collapse:collapse}\
          td,th{border:1px solid #ccc;padding:4px 10px;text-align:left}.alert{color:#b00}\
-         figure{margin:1.5em 0}</style></head><body>\n<h1>Training report</h1>\n",
+         figure{margin:1.5em 0}.text td{white-space:pre-wrap;vertical-align:top;font-family:monospace}\
+         </style></head><body>\n<h1>Training report</h1>\n",
     );
     if let Some(dir) = &status.output_dir {
         html.push_str(&format!(
@@ -199,6 +211,17 @@ pub fn render_html(status: &TrainingStatus, charts: &[(String, String)]) -> Stri
         html.push_str(&format!("<tr><th>{k}</th><td>{}</td></tr>\n", escape(&v)));
     }
     html.push_str("</table>\n");
+    if !settings.is_empty() {
+        html.push_str("<h2>Settings</h2>\n<table>\n");
+        for (k, v) in settings {
+            html.push_str(&format!(
+                "<tr><th>{}</th><td>{}</td></tr>\n",
+                escape(k),
+                escape(v)
+            ));
+        }
+        html.push_str("</table>\n");
+    }
     if let Some(e) = &status.error {
         html.push_str(&format!("<p class=\"alert\">Error: {}</p>\n", escape(e)));
     }
@@ -214,7 +237,7 @@ pub fn render_html(status: &TrainingStatus, charts: &[(String, String)]) -> Stri
         html.push_str("</ul>\n");
     }
     if !status.previews.is_empty() {
-        html.push_str("<h2>Latest previews</h2>\n<table>\n<tr><th>prompt</th><th>golden</th><th>generated</th><th>match</th></tr>\n");
+        html.push_str("<h2>Latest previews</h2>\n<table class=\"text\">\n<tr><th>prompt</th><th>golden</th><th>generated</th><th>match</th></tr>\n");
         for p in &status.previews {
             html.push_str(&format!(
                 "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
@@ -233,8 +256,24 @@ pub fn render_html(status: &TrainingStatus, charts: &[(String, String)]) -> Stri
     html
 }
 
-/// Writes `dir/plots/<chart>.svg` and `dir/report.html` (each replaced atomically).
-pub fn write_report(dir: &Path, status: &TrainingStatus, history: &History) -> Result<()> {
+/// `3725.2` seconds as `1 h 02 min 05 s`.
+fn wall_time(secs: f64) -> String {
+    let s = secs.round() as u64;
+    match (s / 3600, s / 60 % 60, s % 60) {
+        (0, 0, sec) => format!("{sec} s"),
+        (0, m, sec) => format!("{m} min {sec:02} s"),
+        (h, m, sec) => format!("{h} h {m:02} min {sec:02} s"),
+    }
+}
+
+/// Writes `dir/plots/<chart>.svg` and `dir/report.html` (each replaced atomically), with the
+/// run's `settings` (name, value) in a table.
+pub fn write_report(
+    dir: &Path,
+    status: &TrainingStatus,
+    history: &History,
+    settings: &[(String, String)],
+) -> Result<()> {
     let charts = charts(history)?;
     for (stem, svg) in &charts {
         write_atomic(
@@ -244,6 +283,6 @@ pub fn write_report(dir: &Path, status: &TrainingStatus, history: &History) -> R
     }
     write_atomic(
         &dir.join("report.html"),
-        render_html(status, &charts).as_bytes(),
+        render_html(status, &charts, settings).as_bytes(),
     )
 }

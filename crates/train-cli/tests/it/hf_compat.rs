@@ -349,3 +349,67 @@ fn text_rows_are_packed_by_default_and_prompt_completion_rows_train_their_comple
         String::from_utf8_lossy(&o.stdout)
     );
 }
+
+#[test]
+fn export_writes_gguf_files_and_refuses_what_it_cannot_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures = crate::common::root().join("crates/train-model/tests/fixtures");
+    for (outtype, name) in [("f16", "f16.gguf"), ("q8_0", "q8.gguf")] {
+        let file = dir.path().join(name);
+        let o = train_ok(
+            dir.path(),
+            &[
+                "export",
+                fixtures.join("qwen3").to_str().unwrap(),
+                "--format",
+                "gguf",
+                "--outtype",
+                outtype,
+                "--output",
+                file.to_str().unwrap(),
+                "--json",
+            ],
+        );
+        let v = crate::common::last_json(&o);
+        assert_eq!(v["architecture"], "qwen3");
+        let bytes = std::fs::read(&file).unwrap();
+        assert_eq!(&bytes[..4], b"GGUF");
+        assert_eq!(v["bytes"].as_u64(), Some(bytes.len() as u64));
+    }
+    // q8_0 is smaller than f16.
+    let size = |n: &str| std::fs::metadata(dir.path().join(n)).unwrap().len();
+    assert!(size("q8.gguf") < size("f16.gguf"));
+    for (model, output, expected) in [
+        (
+            fixtures.join("gemma3"),
+            dir.path().join("g.gguf"),
+            "GGUF export",
+        ),
+        (
+            fixtures.join("qwen3-lora"),
+            dir.path().join("a.gguf"),
+            "train merge",
+        ),
+        (
+            fixtures.join("qwen3"),
+            dir.path().to_path_buf(),
+            "a directory",
+        ),
+    ] {
+        let o = train(
+            dir.path(),
+            &[
+                "export",
+                model.to_str().unwrap(),
+                "--format",
+                "gguf",
+                "--output",
+                output.to_str().unwrap(),
+            ],
+        );
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(err.contains(expected), "{err}");
+    }
+    assert!(!dir.path().join("g.gguf").exists() && !dir.path().join("a.gguf").exists());
+}

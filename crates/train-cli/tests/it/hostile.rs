@@ -1043,3 +1043,29 @@ fn a_repeated_problem_is_summarised() {
     let v: serde_json::Value = serde_json::from_str(json.stdout.trim()).unwrap();
     assert_eq!(v["problems"].as_array().map(Vec::len), Some(50));
 }
+
+/// An `--output` that exists and is not a directory (a file, `/dev/null`) is refused before
+/// anything is prepared, naming it once, with what to do; the file is left as it was.
+#[test]
+fn an_output_that_is_not_a_directory_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, d) = (model(), data(dir.path(), 8));
+    let file = dir.path().join("notes.txt");
+    std::fs::write(&file, "keep me").unwrap();
+    for output in [file.to_str().unwrap(), "/dev/null"] {
+        let mut args = base(&m, &d, Path::new(output));
+        args.extend(["--max-steps", "1"]);
+        let o = bounded(dir.path(), &args);
+        assert_eq!(o.code, Some(1), "{}", o.stderr);
+        assert!(
+            o.stderr
+                .contains(&format!("{output}: --output exists and is not a directory"))
+                && o.stderr.contains("choose another --output")
+                && o.stderr.matches("error:").count() == 1
+                && !o.stderr.contains("os error"),
+            "{}",
+            o.stderr
+        );
+    }
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
+}

@@ -6,6 +6,7 @@ mod checkpoint_io;
 mod common;
 mod config_rope;
 mod fused_ops;
+mod gguf_export;
 mod lora;
 mod parity;
 mod qwen3_vl;
