@@ -253,7 +253,7 @@ pub(crate) fn python_round_trips() -> Result<()> {
         c
     };
     // The fixture script with one of its `--check-…` modes.
-    let check = |mode: &str, a: &Path, b: &Path| {
+    let check = |mode: &str, paths: &[&Path]| {
         let mut c = Command::new(venv.join("bin/python"));
         c.arg(root().join("xtask/fixtures/make_fixtures.py"))
             .arg("--assets")
@@ -261,8 +261,7 @@ pub(crate) fn python_round_trips() -> Result<()> {
             .arg("--out")
             .arg(&fixtures)
             .arg(mode)
-            .arg(a)
-            .arg(b);
+            .args(paths);
         c
     };
 
@@ -286,7 +285,7 @@ pub(crate) fn python_round_trips() -> Result<()> {
     run("merge it with train merge", c)?;
     run(
         "load the adapter with peft; compare with the merged model",
-        check("--check-adapter", &adapter, &merged),
+        check("--check-adapter", &[&adapter, &merged]),
     )?;
 
     // Qwen3-VL: train the text decoder, then transformers loads the whole checkpoint back.
@@ -297,7 +296,7 @@ pub(crate) fn python_round_trips() -> Result<()> {
     )?;
     run(
         "load it with transformers; vision tower unchanged",
-        check("--check-vl", &fixtures.join("qwen3_vl"), &trained),
+        check("--check-vl", &[&fixtures.join("qwen3_vl"), &trained]),
     )?;
 
     // TensorBoard: the event files of `--report-to tensorboard`, read by tensorboard's own
@@ -320,17 +319,9 @@ pub(crate) fn python_round_trips() -> Result<()> {
         ])
         .args(["--logging-steps", "3", "--report-to", "tensorboard"]);
     run("train with --report-to tensorboard", c)?;
-    let mut c = Command::new(venv.join("bin/python"));
-    c.arg(root().join("xtask/fixtures/make_fixtures.py"))
-        .arg("--assets")
-        .arg(&assets)
-        .arg("--out")
-        .arg(&fixtures)
-        .arg("--check-tensorboard")
-        .arg(&logged);
     run(
         "read its event files with tensorboard's EventAccumulator",
-        c,
+        check("--check-tensorboard", &[&logged]),
     )?;
 
     // GGUF: `train export` of the fixture families it writes (the Llama fixture scales RoPE,
@@ -345,7 +336,7 @@ pub(crate) fn python_round_trips() -> Result<()> {
         run(&format!("train export --format gguf ({arch})"), c)?;
         run(
             &format!("read {arch}.gguf with the gguf package"),
-            check("--check-gguf", &file, &fixtures.join(arch)),
+            check("--check-gguf", &[&file, &fixtures.join(arch)]),
         )?;
     }
     Ok(())
