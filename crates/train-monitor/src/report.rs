@@ -174,7 +174,9 @@ pub fn render_html(
     charts: &[(String, String)],
     settings: &[(String, String)],
 ) -> String {
-    let wall = (status.updated_at - status.started_at).max(0.0);
+    // The report is written while the run goes on and at its end: its wall time so far.
+    let wall =
+        (status.started_at > 0.0).then(|| (crate::status::unix_now() - status.started_at).max(0.0));
     let rows = [
         ("status", format!("{:?}", status.status).to_lowercase()),
         ("step", format!("{} / {}", status.step, status.total_steps)),
@@ -189,7 +191,7 @@ pub fn render_html(
                 .map_or_else(|| "–".into(), crate::plots::readable),
         ),
         ("tokens / s (smoothed)", opt(status.tokens_per_sec, 0)),
-        ("wall time", wall_time(wall)),
+        ("wall time", wall.map_or_else(|| "–".into(), wall_time)),
         ("loss trend (per step)", opt(status.loss_trend, 5)),
         ("loss variance", opt(status.loss_variance, 4)),
     ];
