@@ -42,20 +42,24 @@ impl<'a> Monitor<'a> {
 
     /// Also writes TensorBoard event files in `tensorboard` (when given), a scalar point every
     /// `logging_steps` steps.
-    pub fn reporting(mut self, tensorboard: Option<PathBuf>, logging_steps: usize) -> Self {
+    pub fn reporting(self, tensorboard: Option<PathBuf>, logging_steps: usize) -> Self {
+        self.reconfigured(|c| {
+            c.tensorboard_dir = tensorboard;
+            c.logging_steps = logging_steps;
+        })
+    }
+
+    /// The same monitor with `change` made to its bundle's configuration (before the run).
+    fn reconfigured(mut self, change: impl FnOnce(&mut MonitoringConfig)) -> Self {
         let mut config = self.bundle.config().clone();
-        config.tensorboard_dir = tensorboard;
-        config.logging_steps = logging_steps;
+        change(&mut config);
         self.bundle = MonitoringBundle::new(config);
         self
     }
 
     /// Shows the run's settings in `report.html`: `(name, value)` pairs.
-    pub fn with_settings(mut self, settings: Vec<(String, String)>) -> Self {
-        let mut config = self.bundle.config().clone();
-        config.settings = settings;
-        self.bundle = MonitoringBundle::new(config);
-        self
+    pub fn with_settings(self, settings: Vec<(String, String)>) -> Self {
+        self.reconfigured(|c| c.settings = settings)
     }
 
     /// Looks at the model between steps with `inspector` (layer norms, previews, probes).
