@@ -58,6 +58,22 @@ pub fn run(args: &ExportArgs) -> Result<ExitCode> {
             args.output.display()
         );
     }
+    // Never into the model's own directory: the file could replace one of its weights.
+    let parent = args
+        .output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    if let (Ok(p), Ok(d)) = (parent.canonicalize(), dir.canonicalize())
+        && p.starts_with(&d)
+    {
+        bail!(
+            "--output {}: inside the model directory {}, an input of this command; write the \
+             GGUF file elsewhere",
+            args.output.display(),
+            dir.display()
+        );
+    }
     let outtype = match args.outtype {
         OutType::F16 => GgufOutType::F16,
         OutType::Q8_0 => GgufOutType::Q8_0,

@@ -395,6 +395,12 @@ fn export_writes_gguf_files_and_refuses_what_it_cannot_write() {
             dir.path().to_path_buf(),
             "a directory",
         ),
+        // The model's own weights file: never replaced.
+        (
+            fixtures.join("qwen3"),
+            fixtures.join("qwen3/model.safetensors"),
+            "inside the model directory",
+        ),
     ] {
         let o = train(
             dir.path(),
