@@ -1,5 +1,6 @@
 //! `train dpo`: preference training on pairs of completions (TRL's `DPOTrainer`), with every
-//! training flag of `train run`.
+//! training flag of `train run`; `train orpo` (TRL's `ORPOTrainer`) is the same command with
+//! the ORPO loss and no reference model.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -29,6 +30,9 @@ pub enum LossTypeArg {
     Hinge,
     Robust,
     Simpo,
+    /// Only through `train orpo`.
+    #[value(skip)]
+    Orpo,
 }
 
 /// `train dpo`.
@@ -61,7 +65,40 @@ pub struct DpoArgs {
     pub precompute_ref_logps: bool,
 }
 
+/// `train orpo`.
+#[derive(Args, Debug, Clone)]
+pub struct OrpoArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// λ (TRL's `beta`): the weight of the odds-ratio term next to the chosen conversation's
+    /// NLL (TRL's default 0.1).
+    #[arg(long, default_value_t = DpoConfig::default().beta)]
+    pub beta: f64,
+}
+
+/// `train orpo`: `train dpo` with the ORPO loss (no reference model).
+pub fn orpo(args: &OrpoArgs) -> Result<ExitCode> {
+    dpo(&DpoArgs {
+        run: args.run.clone(),
+        beta: args.beta,
+        loss_type: LossTypeArg::Orpo,
+        label_smoothing: 0.0,
+        simpo_gamma: DpoConfig::default().simpo_gamma,
+        ref_model: None,
+        precompute_ref_logps: false,
+    })
+}
+
 impl DpoArgs {
+    /// The command, as messages name it.
+    fn command(&self) -> &'static str {
+        if self.loss_type == LossTypeArg::Orpo {
+            "train orpo"
+        } else {
+            "train dpo"
+        }
+    }
+
     fn dpo_config(&self) -> DpoConfig {
         DpoConfig {
             beta: self.beta,
@@ -71,6 +108,7 @@ impl DpoArgs {
                 LossTypeArg::Hinge => DpoLossType::Hinge,
                 LossTypeArg::Robust => DpoLossType::Robust,
                 LossTypeArg::Simpo => DpoLossType::Simpo,
+                LossTypeArg::Orpo => DpoLossType::Orpo,
             },
             label_smoothing: self.label_smoothing,
             simpo_gamma: self.simpo_gamma,
@@ -402,12 +440,28 @@ pub fn dpo(args: &DpoArgs) -> Result<ExitCode> {
     if data.packing == Some(true) {
         bail!("--packing: preference pairs are not packed (each pair is a micro-batch row)");
     }
+    let config = args.dpo_config();
+    if !config.uses_reference() {
+        // SimPO and ORPO compare the policy with no reference model.
+        if args.ref_model.is_some() {
+            bail!(
+                "--ref-model: the {:?} loss uses no reference model",
+                config.loss_type
+            );
+        }
+        if args.precompute_ref_logps {
+            bail!(
+                "--precompute-ref-logps: the {:?} loss uses no reference model",
+                config.loss_type
+            );
+        }
+    }
     refuse_sft_options(
         &data,
-        "train dpo",
+        args.command(),
         "its completion is always the final assistant turn",
     )?;
-    args.dpo_config().validate()?;
+    config.validate()?;
     let launch = Launch::new(run)?;
     let fingerprint = train_data::cache_key(&data, &launch.tok)?;
     let mut pairs = tokenized_pairs(&data, &launch.tok)?;

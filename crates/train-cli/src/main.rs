@@ -58,7 +58,7 @@ use train_data::{
 #[command(
     name = "train",
     version,
-    about = "Fine-tune open LLMs (Qwen3, Qwen2, Llama / SmolLM2) in Rust"
+    about = "Fine-tune open LLMs (Qwen3, Qwen2, Llama / SmolLM2, Mistral, OLMo 2, SmolLM3, Gemma 3) in Rust"
 )]
 struct Cli {
     /// Read flags from a TOML file (keys are flag names in snake_case); command-line flags win.
@@ -90,6 +90,9 @@ enum Command {
     /// Preference training (DPO, as TRL's DPOTrainer) on pairs of chosen and rejected
     /// completions, with every training flag of `train run`.
     Dpo(Box<dpo_cmd::DpoArgs>),
+    /// Preference training without a reference model (ORPO, as TRL's ORPOTrainer): the chosen
+    /// conversation's NLL plus an odds-ratio term, with every training flag of `train run`.
+    Orpo(Box<dpo_cmd::OrpoArgs>),
     /// Online reinforcement learning (GRPO, as TRL's GRPOTrainer): sample completions of each
     /// prompt, score them with reward functions, train on their advantages.
     Grpo(Box<grpo_cmd::GrpoArgs>),
@@ -671,6 +674,7 @@ fn bind(cli: &mut Cli, file: &config_file::RunConfig, matches: &clap::ArgMatches
     match (&mut cli.command, name) {
         (Command::Run(args), "run") => args.bind(file, sub),
         (Command::Dpo(args), "dpo") => args.run.bind(file, sub),
+        (Command::Orpo(args), "orpo") => args.run.bind(file, sub),
         (Command::Grpo(args), "grpo") => args.run.bind(file, sub),
         (Command::Eval(args), "eval") => args.data.bind(file.data.as_ref(), sub),
         (
@@ -689,6 +693,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Run(args) => run_cmd::train(&args),
         Command::Dpo(args) => dpo_cmd::dpo(&args),
+        Command::Orpo(args) => dpo_cmd::orpo(&args),
         Command::Grpo(args) => grpo_cmd::grpo(&args),
         Command::Eval(args) => run_cmd::eval(&args),
         Command::Generate(args) => generate_cmd::run(&args),

@@ -12,11 +12,13 @@
 //! | `hinge` | `max(0, 1 − z)` |
 //! | `ipo` | `(δ − 1 / (2β))²`, δ the same difference of log-ratios each divided by its completion's tokens |
 //! | `simpo` | `−(1 − ε) log σ(z) − ε log σ(−z)`, `z = β (π_c / n_c − π_r / n_r) − γ` (no reference; `n` a completion's tokens) |
+//! | `orpo` | `NLL_c − β log σ(o)`, `o = (a_c − a_r) − (log(1 − e^{a_c}) − log(1 − e^{a_r}))`, `a = π / n` (no reference; `NLL_c` the mean NLL of the whole chosen conversation, prompt included) |
 //!
 //! The log-probabilities are summed over each completion's tokens; the rewards TRL logs are
 //! `β (π_c − ref_c)` and `β (π_r − ref_r)` (summed, for IPO too). `sigmoid` with label
 //! smoothing is cDPO, as TRL's `sigmoid` was before 1.0 (TRL 1.16 ignores `label_smoothing` for
-//! `sigmoid`).
+//! `sigmoid`). ORPO is TRL's (experimental) `ORPOTrainer`: its rewards are `β a_c` and `β a_r`,
+//! and it also logs `nll_loss`, `log_odds_ratio` (`log σ(o)`) and `log_odds_chosen` (`o`).
 
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{ElementConversion, IndexingUpdateOp, Int, Tensor, TensorData};
@@ -49,6 +51,11 @@ pub enum DpoLossType {
     /// scaled by β, must exceed γ (`simpo_gamma`), as TRL's `CPOTrainer` with
     /// `loss_type="simpo"` and `cpo_alpha=0`.
     Simpo,
+    /// ORPO (odds ratio preference optimisation, `train orpo`): no reference model; the
+    /// chosen conversation's mean NLL (prompt included) minus β times the log-sigmoid of the
+    /// log odds ratio of the completions' per-token average probabilities, as TRL's
+    /// `ORPOTrainer`.
+    Orpo,
 }
 
 /// The settings of the DPO loss.
@@ -112,7 +119,12 @@ impl DpoConfig {
                 format!("must be a finite number, got {}", self.simpo_gamma),
             ));
         }
-        if e != 0.0 && matches!(self.loss_type, DpoLossType::Ipo | DpoLossType::Hinge) {
+        if e != 0.0
+            && matches!(
+                self.loss_type,
+                DpoLossType::Ipo | DpoLossType::Hinge | DpoLossType::Orpo
+            )
+        {
             return Err(crate::RunnerError::config(
                 "label_smoothing",
                 format!(
@@ -141,12 +153,26 @@ pub struct PairLogps {
     pub chosen_tokens: usize,
     /// Tokens of the rejected completion.
     pub rejected_tokens: usize,
+    /// ORPO: the policy's mean NLL over the tokens of the whole chosen conversation (prompt
+    /// included, every token after the first); not used by the other losses.
+    pub chosen_nll: f64,
 }
 
 impl DpoConfig {
-    /// Whether the loss compares with a reference model (all but SimPO).
+    /// Whether the loss compares with a reference model (all but SimPO and ORPO).
     pub fn uses_reference(&self) -> bool {
-        self.loss_type != DpoLossType::Simpo
+        !matches!(self.loss_type, DpoLossType::Simpo | DpoLossType::Orpo)
+    }
+
+    /// Whether the chosen conversation's NLL is part of the loss (ORPO).
+    pub fn uses_chosen_nll(&self) -> bool {
+        self.loss_type == DpoLossType::Orpo
+    }
+
+    /// Whether the log-probabilities are averaged over a completion's tokens (SimPO, ORPO), as
+    /// the loss and TRL's logs use them.
+    fn averages_logps(&self) -> bool {
+        matches!(self.loss_type, DpoLossType::Simpo | DpoLossType::Orpo)
     }
 }
 
@@ -159,10 +185,12 @@ pub struct PairLoss {
     pub d_chosen: f64,
     /// ∂loss / ∂(policy's summed log-probability of the rejected completion).
     pub d_rejected: f64,
-    /// `β (π_c − ref_c)` (SimPO: `β π_c / n_c`).
+    /// `β (π_c − ref_c)` (SimPO, ORPO: `β π_c / n_c`).
     pub chosen_reward: f64,
-    /// `β (π_r − ref_r)` (SimPO: `β π_r / n_r`).
+    /// `β (π_r − ref_r)` (SimPO, ORPO: `β π_r / n_r`).
     pub rejected_reward: f64,
+    /// ORPO's log odds ratio `o` (0 for the other losses).
+    pub log_odds: f64,
 }
 
 /// `log σ(x)`, stable for any `x`.
@@ -177,6 +205,17 @@ fn sigmoid(x: f64) -> f64 {
     } else {
         let e = x.exp();
         e / (1.0 + e)
+    }
+}
+
+/// `log(1 − e^x)` for `x < 0`, without cancellation (as TRL's `log1mexp`); `x` is taken
+/// as at most −1e-12 (a probability of 1 has no odds).
+fn log1mexp(x: f64) -> f64 {
+    let x = x.min(-1e-12);
+    if x < -std::f64::consts::LN_2 {
+        (-x.exp()).ln_1p()
+    } else {
+        (-x.exp_m1()).ln()
     }
 }
 
@@ -220,6 +259,24 @@ pub fn dpo_pair_loss(config: &DpoConfig, p: &PairLogps) -> PairLoss {
                 d_rejected: -dz * beta / nr,
                 chosen_reward: beta * ac,
                 rejected_reward: beta * ar,
+                log_odds: 0.0,
+            };
+        }
+        DpoLossType::Orpo => {
+            let nc = p.chosen_tokens.max(1) as f64;
+            let nr = p.rejected_tokens.max(1) as f64;
+            let (ac, ar) = (p.chosen / nc, p.rejected / nr);
+            let o = (ac - ar) - (log1mexp(ac) - log1mexp(ar));
+            // ∂o/∂a = 1 / (1 − e^a) = −1 / expm1(a); ∂(−β log σ(o))/∂o = −β σ(−o).
+            let d_o = -beta * sigmoid(-o);
+            let odds = |a: f64| -1.0 / a.min(-1e-12).exp_m1();
+            return PairLoss {
+                loss: p.chosen_nll - beta * log_sigmoid(o),
+                d_chosen: d_o * odds(ac) / nc,
+                d_rejected: -d_o * odds(ar) / nr,
+                chosen_reward: beta * ac,
+                rejected_reward: beta * ar,
+                log_odds: o,
             };
         }
     };
@@ -229,6 +286,7 @@ pub fn dpo_pair_loss(config: &DpoConfig, p: &PairLogps) -> PairLoss {
         d_rejected,
         chosen_reward: beta * chosen_ratio,
         rejected_reward: beta * rejected_ratio,
+        log_odds: 0.0,
     }
 }
 
@@ -279,9 +337,13 @@ impl Collate for PairRow {
     }
 }
 
+/// Per row: the flattened positions (`row · seq + t`) a loss scores and the tokens each
+/// predicts.
+pub(crate) type RowPositions = Vec<(Vec<i64>, Vec<i64>)>;
+
 /// Flattened positions (`row · seq + t`) whose next token is a completion label, and those
 /// labels, per row of `batch` (per segment for a padding-free batch).
-pub(crate) fn completion_positions(batch: &Batch, rows: usize) -> Vec<(Vec<i64>, Vec<i64>)> {
+pub(crate) fn completion_positions(batch: &Batch, rows: usize) -> RowPositions {
     let s = batch.seq_len;
     let mut out = vec![(Vec::new(), Vec::new()); rows];
     for r in 0..batch.batch_size {
@@ -299,6 +361,37 @@ pub(crate) fn completion_positions(batch: &Batch, rows: usize) -> Vec<(Vec<i64>,
             if let Some((positions, targets)) = out.get_mut(owner) {
                 positions.push((r * s + t) as i64);
                 targets.push(i64::from(label));
+            }
+        }
+    }
+    out
+}
+
+/// Flattened positions whose next token belongs to the same conversation, and those tokens,
+/// per row of `batch` (per segment for a padding-free batch): what a language-model loss over
+/// the whole conversation, prompt included, scores (ORPO's NLL of the chosen side, as TRL's
+/// labels are the input ids wherever the attention mask is 1).
+pub(crate) fn sequence_positions(batch: &Batch, rows: usize) -> RowPositions {
+    let s = batch.seq_len;
+    let mut out = vec![(Vec::new(), Vec::new()); rows];
+    for r in 0..batch.batch_size {
+        for t in 0..s.saturating_sub(1) {
+            let (here, next) = (r * s + t, r * s + t + 1);
+            let segment = batch.segment_ids[next];
+            if batch.segment_ids[here] != segment {
+                continue;
+            }
+            // A padded row's example is segment 0 (its padding is segment 1).
+            let owner = if batch.packed {
+                segment as usize
+            } else if segment == 0 {
+                r
+            } else {
+                continue;
+            };
+            if let Some((positions, targets)) = out.get_mut(owner) {
+                positions.push(here as i64);
+                targets.push(i64::from(batch.input_ids[next]));
             }
         }
     }
@@ -326,11 +419,22 @@ pub(crate) fn final_hidden<'b, B: FusedBackend>(
 /// The summed log-probability of each row's completion in `batch` (rows in order), and the
 /// number of completion tokens of each. No gradients are kept.
 pub fn completion_logps<B: FusedBackend>(model: &CausalLm<B>, batch: &Batch) -> Vec<(f64, usize)> {
+    logps_at(model, batch, completion_positions)
+}
+
+/// The summed log-probability of the tokens at `positions` of each row of `batch` (see
+/// [`completion_positions`], [`sequence_positions`]), and how many there are. No gradients are
+/// kept.
+fn logps_at<B: FusedBackend>(
+    model: &CausalLm<B>,
+    batch: &Batch,
+    positions: fn(&Batch, usize) -> RowPositions,
+) -> Vec<(f64, usize)> {
     let device = model.embed_tokens.val().device();
     let rows = batch.batch_size;
     let (run, hidden) = final_hidden(model, batch, &device);
     let head = model.lm_head_weight().val();
-    completion_positions(&run, rows)
+    positions(&run, rows)
         .into_iter()
         .map(|(positions, targets)| {
             let m = positions.len();
@@ -378,7 +482,8 @@ pub(crate) fn backward_from_hidden<B: FusedAutodiffBackend>(
 }
 
 /// DPO over [`PairBatch`]es: the loss of each pair ([`dpo_pair_loss`]), averaged over the
-/// step's pairs; validation is the same mean over `validation`'s pairs.
+/// step's pairs; validation is the same mean over `validation`'s pairs. ORPO
+/// ([`DpoLossType::Orpo`]) is this objective with the chosen conversations' NLL added.
 pub struct Dpo<'a> {
     /// The loss.
     pub config: DpoConfig,
@@ -386,8 +491,14 @@ pub struct Dpo<'a> {
     pub validation: &'a [PairBatch],
 }
 
-/// The pairs' terms of one micro-batch from its rows' completion log-probabilities.
-fn pair_terms(config: &DpoConfig, batch: &PairBatch, logps: &[(f64, usize)]) -> Vec<PairLoss> {
+/// The pairs' terms of one micro-batch from its rows' completion log-probabilities and, for
+/// ORPO, the chosen conversations' mean NLL (empty otherwise).
+fn pair_terms(
+    config: &DpoConfig,
+    batch: &PairBatch,
+    logps: &[(f64, usize)],
+    chosen_nll: &[f64],
+) -> Vec<PairLoss> {
     let n = batch.reference.len();
     (0..n)
         .map(|i| {
@@ -403,6 +514,7 @@ fn pair_terms(config: &DpoConfig, batch: &PairBatch, logps: &[(f64, usize)]) -> 
                     ref_rejected,
                     chosen_tokens,
                     rejected_tokens,
+                    chosen_nll: chosen_nll.get(i).copied().unwrap_or(0.0),
                 },
             )
         })
@@ -419,20 +531,41 @@ pub const DPO_METRICS: [&str; 6] = [
     "logps/rejected",
 ];
 
-/// [`DPO_METRICS`] of one micro-batch's pairs, summed. The log-probabilities are per-token
-/// averages for SimPO (as TRL's `CPOTrainer` logs them), sums otherwise.
-fn metric_sums(config: &DpoConfig, terms: &[PairLoss], logps: &[(f64, usize)]) -> [f64; 6] {
+/// The metrics TRL's `ORPOTrainer` logs besides [`DPO_METRICS`]: the chosen conversations'
+/// NLL, `log σ(o)` and the log odds ratio `o`, each a mean over pairs.
+pub const ORPO_METRICS: [&str; 3] = ["nll_loss", "log_odds_ratio", "log_odds_chosen"];
+
+impl DpoConfig {
+    /// The names of the metrics the objective reports for this loss.
+    fn metric_names(&self) -> Vec<&'static str> {
+        let mut names = DPO_METRICS.to_vec();
+        if self.uses_chosen_nll() {
+            names.extend(ORPO_METRICS);
+        }
+        names
+    }
+}
+
+/// The metrics of one micro-batch's pairs, summed, in [`DpoConfig::metric_names`] order. The
+/// log-probabilities are per-token averages for SimPO and ORPO (as TRL's `CPOTrainer` and
+/// `ORPOTrainer` log them), sums otherwise.
+fn metric_sums(
+    config: &DpoConfig,
+    terms: &[PairLoss],
+    logps: &[(f64, usize)],
+    chosen_nll: &[f64],
+) -> Vec<f64> {
     let n = terms.len();
     let logp = |(sum, tokens): (f64, usize)| {
-        if config.loss_type == DpoLossType::Simpo {
+        if config.averages_logps() {
             sum / tokens.max(1) as f64
         } else {
             sum
         }
     };
-    let mut out = [0f64; 6];
+    let mut out = vec![0f64; config.metric_names().len()];
     for (i, t) in terms.iter().enumerate() {
-        let values = [
+        let mut values = vec![
             t.chosen_reward,
             t.rejected_reward,
             t.chosen_reward - t.rejected_reward,
@@ -440,6 +573,13 @@ fn metric_sums(config: &DpoConfig, terms: &[PairLoss], logps: &[(f64, usize)]) -
             logp(logps[i]),
             logp(logps[n + i]),
         ];
+        if config.uses_chosen_nll() {
+            values.extend([
+                chosen_nll.get(i).copied().unwrap_or(0.0),
+                log_sigmoid(t.log_odds),
+                t.log_odds,
+            ]);
+        }
         for (o, v) in out.iter_mut().zip(values) {
             *o += v;
         }
@@ -447,11 +587,98 @@ fn metric_sums(config: &DpoConfig, terms: &[PairLoss], logps: &[(f64, usize)]) -
     out
 }
 
+/// One row's NLL at its scored positions, with its gradients at scale 1.
+struct RowNll<B: burn::tensor::backend::Backend> {
+    nll: f64,
+    tokens: usize,
+    index: Tensor<B, 1, Int>,
+    out: train_model::LinearNll<B>,
+}
+
+/// The NLL of each row at `positions` (one entry per row; `None` for a row without any), from
+/// the flattened final hidden states `hidden` and the head `weight`, with their gradients at
+/// scale 1 (the head's only when `head_trained`).
+fn row_nlls<B: FusedBackend>(
+    hidden: &Tensor<B, 2>,
+    weight: &Tensor<B, 2>,
+    head_trained: bool,
+    positions: RowPositions,
+) -> Vec<Option<RowNll<B>>> {
+    let device = hidden.device();
+    let vocab = weight.dims()[0];
+    positions
+        .into_iter()
+        .map(|(positions, targets)| {
+            let m = positions.len();
+            if m == 0 {
+                return None;
+            }
+            let index = Tensor::<B, 1, Int>::from_data(TensorData::new(positions, [m]), &device);
+            let targets = Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [m]), &device);
+            let out = fused_linear_nll(
+                &hidden.clone().select(0, index.clone()),
+                weight.clone(),
+                &targets,
+                1.0,
+                nll_chunk_rows(m, vocab),
+                head_trained,
+            );
+            let nll = f64::from(out.sum.clone().into_scalar().elem::<f32>());
+            Some(RowNll {
+                nll,
+                tokens: m,
+                index,
+                out,
+            })
+        })
+        .collect()
+}
+
+/// Adds `k ×` the gradients of `rows` (see [`row_nlls`]) to `grad_flat` and `grad_head`.
+fn add_scaled<B: burn::tensor::backend::Backend>(
+    rows: Vec<Option<RowNll<B>>>,
+    k: impl Fn(usize) -> f64,
+    grad_flat: &mut Tensor<B, 2>,
+    grad_head: &mut Option<Tensor<B, 2>>,
+) {
+    for (row, r) in rows.into_iter().enumerate() {
+        let Some(RowNll { index, out, .. }) = r else {
+            continue;
+        };
+        let k = k(row);
+        *grad_flat = grad_flat.clone().select_assign(
+            0,
+            index,
+            out.grad_hidden.mul_scalar(k),
+            IndexingUpdateOp::Add,
+        );
+        if let Some(g) = out.grad_weight {
+            let g = g.mul_scalar(k);
+            *grad_head = Some(match grad_head.take() {
+                Some(total) => total + g,
+                None => g,
+            });
+        }
+    }
+}
+
+/// The mean NLL of each of the first `pairs` rows (the chosen conversations) from their
+/// summed NLLs and token counts.
+fn chosen_means(sums: impl Iterator<Item = (f64, usize)>, pairs: usize) -> Vec<f64> {
+    sums.take(pairs)
+        .map(|(nll, tokens)| nll / tokens.max(1) as f64)
+        .collect()
+}
+
 impl<B: FusedAutodiffBackend> Objective<B> for Dpo<'_> {
     type Batch = PairBatch;
 
     fn name(&self) -> &'static str {
-        "dpo"
+        if self.config.loss_type == DpoLossType::Orpo {
+            "orpo"
+        } else {
+            "dpo"
+        }
     }
 
     fn eval_unit(&self) -> &'static str {
@@ -475,7 +702,11 @@ impl<B: FusedAutodiffBackend> Objective<B> for Dpo<'_> {
     }
 
     fn metric_names(&self) -> Vec<String> {
-        DPO_METRICS.iter().map(ToString::to_string).collect()
+        self.config
+            .metric_names()
+            .iter()
+            .map(ToString::to_string)
+            .collect()
     }
 
     fn tokens(&self, batch: &PairBatch) -> usize {
@@ -491,9 +722,10 @@ impl<B: FusedAutodiffBackend> Objective<B> for Dpo<'_> {
     ) -> Contribution {
         let mut accumulator = GradientsAccumulator::<CausalLm<B>>::new();
         let mut step_loss = 0f64;
-        let mut metrics = vec![0f64; DPO_METRICS.len()];
+        let mut metrics = vec![0f64; self.config.metric_names().len()];
         for pairs in batches {
             let rows = pairs.batch.batch_size;
+            let n = pairs.reference.len();
             let (run, flat) = final_hidden(model, &pairs.batch, device);
             let [rows_flat, width] = flat.dims();
             let inner = flat.clone().inner();
@@ -502,44 +734,38 @@ impl<B: FusedAutodiffBackend> Objective<B> for Dpo<'_> {
             let weight = head.val().inner();
             // Each row's NLL and its gradients at scale 1; the loss's gradient is their
             // combination with the pair's derivatives (the gradients are linear in the scale).
-            let mut per_row = Vec::with_capacity(rows);
-            for (positions, targets) in completion_positions(&run, rows) {
-                let m = positions.len();
-                if m == 0 {
-                    per_row.push(None);
-                    continue;
-                }
-                let index = Tensor::<B::InnerBackend, 1, Int>::from_data(
-                    TensorData::new(positions, [m]),
-                    device,
-                );
-                let targets = Tensor::<B::InnerBackend, 1, Int>::from_data(
-                    TensorData::new(targets, [m]),
-                    device,
-                );
-                let out = fused_linear_nll(
-                    &inner.clone().select(0, index.clone()),
-                    weight.clone(),
-                    &targets,
-                    1.0,
-                    nll_chunk_rows(m, model.config.vocab_size),
-                    head_trained,
-                );
-                let nll = f64::from(out.sum.clone().into_scalar().elem::<f32>());
-                per_row.push(Some((nll, m, index, out)));
-            }
+            let per_row = row_nlls(
+                &inner,
+                &weight,
+                head_trained,
+                completion_positions(&run, rows),
+            );
             let logps: Vec<(f64, usize)> = per_row
                 .iter()
-                .map(|r| r.as_ref().map_or((0.0, 0), |(nll, m, _, _)| (-nll, *m)))
+                .map(|r| r.as_ref().map_or((0.0, 0), |r| (-r.nll, r.tokens)))
                 .collect();
-            let terms = pair_terms(&self.config, pairs, &logps);
-            for (m, v) in metrics
-                .iter_mut()
-                .zip(metric_sums(&self.config, &terms, &logps))
+            // ORPO: the chosen conversations' NLL over every token, prompt included.
+            let chosen_rows = if self.config.uses_chosen_nll() {
+                let mut positions = sequence_positions(&run, rows);
+                positions.truncate(n);
+                row_nlls(&inner, &weight, head_trained, positions)
+            } else {
+                Vec::new()
+            };
+            let chosen_nll = chosen_means(
+                chosen_rows
+                    .iter()
+                    .map(|r| r.as_ref().map_or((0.0, 0), |r| (r.nll, r.tokens))),
+                n,
+            );
+            let terms = pair_terms(&self.config, pairs, &logps, &chosen_nll);
+            for (m, v) in
+                metrics
+                    .iter_mut()
+                    .zip(metric_sums(&self.config, &terms, &logps, &chosen_nll))
             {
                 *m += v / denominator;
             }
-            let n = terms.len();
             // ∂loss/∂(summed log-probability) of each row, over the step's pairs.
             let mut scale = vec![0f64; rows];
             for (i, t) in terms.iter().enumerate() {
@@ -550,26 +776,19 @@ impl<B: FusedAutodiffBackend> Objective<B> for Dpo<'_> {
             let mut grad_flat =
                 Tensor::<B::InnerBackend, 2>::zeros([rows_flat, width], (device, inner.dtype()));
             let mut grad_head: Option<Tensor<B::InnerBackend, 2>> = None;
-            for (row, r) in per_row.into_iter().enumerate() {
-                let Some((_, _, index, out)) = r else {
-                    continue;
-                };
-                // NLL = −log-probability: its gradients enter with the opposite sign.
-                let k = -scale[row];
-                grad_flat = grad_flat.select_assign(
-                    0,
-                    index,
-                    out.grad_hidden.mul_scalar(k),
-                    IndexingUpdateOp::Add,
-                );
-                if let Some(g) = out.grad_weight {
-                    let g = g.mul_scalar(k);
-                    grad_head = Some(match grad_head {
-                        Some(total) => total + g,
-                        None => g,
-                    });
-                }
-            }
+            // NLL = −log-probability: its gradients enter with the opposite sign.
+            add_scaled(per_row, |row| -scale[row], &mut grad_flat, &mut grad_head);
+            // ORPO's NLL term: the mean over each chosen conversation's tokens (∂/∂sum = 1/m).
+            let tokens: Vec<usize> = chosen_rows
+                .iter()
+                .map(|r| r.as_ref().map_or(1, |r| r.tokens))
+                .collect();
+            add_scaled(
+                chosen_rows,
+                |row| 1.0 / (tokens[row].max(1) as f64 * denominator),
+                &mut grad_flat,
+                &mut grad_head,
+            );
             accumulator.accumulate(
                 model,
                 backward_from_hidden(model, flat, grad_flat, grad_head),
@@ -585,13 +804,24 @@ impl<B: FusedAutodiffBackend> Objective<B> for Dpo<'_> {
     fn evaluate(&self, model: &CausalLm<B::InnerBackend>) -> Option<Evaluation> {
         let mut sum = 0f64;
         let mut pairs = 0u64;
-        let mut metrics = vec![0f64; DPO_METRICS.len()];
+        let mut metrics = vec![0f64; self.config.metric_names().len()];
         for batch in self.validation {
             let logps = completion_logps(model, &batch.batch);
-            let terms = pair_terms(&self.config, batch, &logps);
-            for (m, v) in metrics
-                .iter_mut()
-                .zip(metric_sums(&self.config, &terms, &logps))
+            let chosen_nll = if self.config.uses_chosen_nll() {
+                chosen_means(
+                    logps_at(model, &batch.batch, sequence_positions)
+                        .into_iter()
+                        .map(|(logp, m)| (-logp, m)),
+                    batch.reference.len(),
+                )
+            } else {
+                Vec::new()
+            };
+            let terms = pair_terms(&self.config, batch, &logps, &chosen_nll);
+            for (m, v) in
+                metrics
+                    .iter_mut()
+                    .zip(metric_sums(&self.config, &terms, &logps, &chosen_nll))
             {
                 *m += v;
             }
@@ -684,6 +914,7 @@ mod tests {
             ref_rejected: -14.0,
             chosen_tokens: 5,
             rejected_tokens: 9,
+            chosen_nll: 2.5,
         },
         PairLogps {
             chosen: -40.0,
@@ -692,6 +923,7 @@ mod tests {
             ref_rejected: -9.5,
             chosen_tokens: 30,
             rejected_tokens: 4,
+            chosen_nll: 1.25,
         },
         PairLogps {
             chosen: -3.0,
@@ -700,6 +932,7 @@ mod tests {
             ref_rejected: -3.0,
             chosen_tokens: 2,
             rejected_tokens: 2,
+            chosen_nll: 0.75,
         },
         PairLogps {
             chosen: -0.5,
@@ -708,6 +941,7 @@ mod tests {
             ref_rejected: -20.0,
             chosen_tokens: 1,
             rejected_tokens: 700,
+            chosen_nll: 0.1,
         },
     ];
 
@@ -721,6 +955,7 @@ mod tests {
             (DpoLossType::Ipo, 0.0),
             (DpoLossType::Simpo, 0.0),
             (DpoLossType::Simpo, 0.1),
+            (DpoLossType::Orpo, 0.0),
         ] {
             for beta in [0.1, 0.5] {
                 out.push(DpoConfig {
@@ -796,6 +1031,20 @@ mod tests {
         // A pair the policy has not moved on: log 2 for sigmoid.
         let tie = dpo_pair_loss(&DpoConfig::default(), &PAIRS[2]);
         assert!((tie.loss - std::f64::consts::LN_2).abs() < 1e-15);
+        // ORPO: a_c = −2.5, a_r = −15.25 / 9; o = (a_c − a_r) − (ln(1 − e^a_c) − ln(1 − e^a_r)).
+        let orpo = dpo_pair_loss(
+            &DpoConfig {
+                loss_type: DpoLossType::Orpo,
+                ..DpoConfig::default()
+            },
+            &p,
+        );
+        let (ac, ar) = (-2.5f64, -15.25f64 / 9.0);
+        let o = (ac - ar) - ((1.0 - ac.exp()).ln() - (1.0 - ar.exp()).ln());
+        assert!((orpo.log_odds - o).abs() < 1e-12);
+        let want = 2.5 + 0.1 * (1.0 + (-o).exp()).ln();
+        assert!((orpo.loss - want).abs() < 1e-12, "{} vs {want}", orpo.loss);
+        assert!((orpo.chosen_reward - 0.1 * ac).abs() < 1e-15);
         // Far in the tail the loss stays finite and its gradient vanishes.
         let far = dpo_pair_loss(&DpoConfig::default(), &PAIRS[3]);
         assert!(far.loss >= 0.0 && far.loss < 1e-30 && far.d_chosen.abs() < 1e-30);

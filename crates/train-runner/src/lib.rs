@@ -108,8 +108,8 @@ pub use checkpoint::{
 pub use config::{IntervalStrategy, LrSchedule, TrainerConfig, limits};
 pub use control::RunControl;
 pub use dpo::{
-    DPO_METRICS, Dpo, DpoConfig, DpoLossType, PairBatch, PairLogps, PairLoss, PairRow,
-    completion_logps, dpo_pair_loss, run_dpo,
+    DPO_METRICS, Dpo, DpoConfig, DpoLossType, ORPO_METRICS, PairBatch, PairLogps, PairLoss,
+    PairRow, completion_logps, dpo_pair_loss, run_dpo,
 };
 pub use error::{Result, RunnerError};
 pub use eval::evaluate;

@@ -547,3 +547,88 @@ fn eval_dataset_pairs_are_the_evaluation_and_every_pair_of_the_data_is_trained()
         "{err}"
     );
 }
+
+/// `train orpo`: no reference pass; every step's loss is the chosen conversations' NLL minus β
+/// times the mean `log σ(log odds)` (TRL's `ORPOTrainer` metrics, logged with the loss);
+/// training lowers the NLL; a DPO output is not resumed by ORPO; reference flags are refused.
+#[test]
+fn orpo_trains_without_a_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model();
+    let d = prefs(dir.path());
+    let (m, d) = (m.to_str().unwrap(), d.to_str().unwrap());
+    let out = dir.path().join("orpo");
+    let mut a = args(m, d, out.to_str().unwrap());
+    a[0] = "orpo";
+    a.extend([
+        "--max-steps",
+        "6",
+        "--eval-steps",
+        "3",
+        "--save-steps",
+        "3",
+        "--beta",
+        "0.2",
+        "--json",
+    ]);
+    let o = train_ok(dir.path(), &a);
+    assert_eq!(last_json(&o)["status"], "completed");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("reference log-probabilities"), "{err}");
+    let rows = metrics(&out);
+    let steps: Vec<&serde_json::Value> = rows.iter().filter(|r| r["kind"] == "step").collect();
+    assert_eq!(steps.len(), 6);
+    for r in &steps {
+        let at = |k: &str| r[k].as_f64().unwrap_or_else(|| panic!("{k} in {r}"));
+        let want = at("nll_loss") - 0.2 * at("log_odds_ratio");
+        assert!(
+            (at("loss") - want).abs() <= 1e-5 * want.abs(),
+            "loss {} vs nll_loss − β log_odds_ratio {want}",
+            at("loss")
+        );
+        assert!(at("log_odds_ratio") < 0.0 && at("logps/chosen") < 0.0);
+        // ORPO's rewards are β times the per-token average log-probabilities.
+        assert!((at("rewards/chosen") - 0.2 * at("logps/chosen")).abs() < 1e-6);
+        assert!(r["log_odds_chosen"].is_f64());
+    }
+    let first = steps[0]["nll_loss"].as_f64().unwrap();
+    let last = steps[5]["nll_loss"].as_f64().unwrap();
+    assert!(last < first, "the NLL did not fall: {first} -> {last}");
+    let evals: Vec<&serde_json::Value> = rows.iter().filter(|r| r["kind"] == "eval").collect();
+    assert!(!evals.is_empty() && evals.iter().all(|r| r["eval_nll_loss"].is_f64()));
+    assert!(out.join("model.safetensors").exists());
+
+    // A DPO run's checkpoint is not resumed by ORPO (nor the other way round).
+    let dpo_out = dir.path().join("dpo");
+    let mut a = args(m, d, dpo_out.to_str().unwrap());
+    a.extend(["--max-steps", "2", "--save-steps", "2"]);
+    train_ok(dir.path(), &a);
+    let checkpoint = dpo_out.join("checkpoint-2");
+    let mut a = args(m, d, dpo_out.to_str().unwrap());
+    a[0] = "orpo";
+    a.extend(["--max-steps", "4", "--resume", checkpoint.to_str().unwrap()]);
+    let o = train(dir.path(), &a);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("dpo") && err.contains("orpo"), "{err}");
+    assert!(checkpoint.join("model.safetensors").exists() || checkpoint.is_dir());
+
+    // No reference model to name, and no DPO loss to pick.
+    for extra in [
+        &["--ref-model", m][..],
+        &["--loss-type", "sigmoid"],
+        &["--precompute-ref-logps"],
+        &["--beta=-1"],
+    ] {
+        let mut a = args(m, d, out.to_str().unwrap());
+        a[0] = "orpo";
+        a.extend(extra);
+        let o = train(dir.path(), &a);
+        assert_ne!(o.status.code(), Some(0), "{extra:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains(extra[0]) || err.contains("beta"),
+            "{extra:?}: {err}"
+        );
+    }
+}

@@ -15,8 +15,8 @@ use burn::tensor::{Int, Tensor, TensorData};
 use train_data::{ChatTokenizer, Example, IGNORE_INDEX, Sequence, load_preferences};
 use train_model::{AttentionImpl, CausalLm, LoadOptions, NamedParam, Precision, load_pretrained};
 use train_runner::{
-    Collate, Contribution, DPO_METRICS, Dpo, DpoConfig, DpoLossType, Objective, PairBatch,
-    PairLogps, PairRow, batch_tensors, completion_logps, dpo_pair_loss,
+    Collate, Contribution, DPO_METRICS, Dpo, DpoConfig, DpoLossType, ORPO_METRICS, Objective,
+    PairBatch, PairLogps, PairRow, batch_tensors, completion_logps, dpo_pair_loss,
 };
 
 type B = Autodiff<Flex>;
@@ -79,13 +79,38 @@ fn pairs() -> PairBatch {
 
 /// Summed log-probability of every row's completion, as autodiff tensors through the logits.
 fn logps_autodiff(model: &CausalLm<B>, batch: &PairBatch) -> (Tensor<B, 1>, Vec<(f64, usize)>) {
+    logps_autodiff_of(model, batch, false)
+}
+
+/// Summed log-probability of every row's completion (or, with `whole`, of every token of the
+/// conversation after the first: what ORPO's NLL scores), as autodiff tensors.
+fn logps_autodiff_of(
+    model: &CausalLm<B>,
+    batch: &PairBatch,
+    whole: bool,
+) -> (Tensor<B, 1>, Vec<(f64, usize)>) {
     let device = Default::default();
     let (input, labels) = batch_tensors::<B>(&batch.batch, &device);
     let logits = model.forward(&input);
     let [rows, s, v] = logits.dims();
     let logp = log_softmax(logits, 2).slice([0..rows, 0..s - 1, 0..v]);
-    let targets: Tensor<B, 2, Int> = labels.slice([0..rows, 1..s]);
-    let mask = targets.clone().not_equal_elem(IGNORE_INDEX).float();
+    let (targets, mask) = if whole {
+        // Every real token after the first: the padding of a row is segment 1.
+        let segments: Vec<i64> = batch
+            .batch
+            .segment_ids
+            .iter()
+            .map(|&x| i64::from(x))
+            .collect();
+        let segments =
+            Tensor::<B, 2, Int>::from_data(TensorData::new(segments, [rows, s]), &device);
+        let mask = segments.slice([0..rows, 1..s]).equal_elem(0).float();
+        (input.input_ids.clone().slice([0..rows, 1..s]), mask)
+    } else {
+        let targets: Tensor<B, 2, Int> = labels.slice([0..rows, 1..s]);
+        let mask = targets.clone().not_equal_elem(IGNORE_INDEX).float();
+        (targets, mask)
+    };
     let picked = logp
         .gather(2, targets.clone().clamp_min(0).unsqueeze_dim(2))
         .squeeze_dim::<2>(2);
@@ -108,15 +133,20 @@ fn reference(
     batch: &PairBatch,
     config: &DpoConfig,
 ) -> (f64, GradientsParams, Vec<f64>) {
+    let orpo = config.loss_type == DpoLossType::Orpo;
+    let averaged = matches!(config.loss_type, DpoLossType::Simpo | DpoLossType::Orpo);
     let (per_row, logps) = logps_autodiff(model, batch);
+    let (whole_rows, whole) = logps_autodiff_of(model, batch, true);
     let n = batch.reference.len();
     let mut weights = vec![0f32; 2 * n];
+    let mut whole_weights = vec![0f32; 2 * n];
     let mut loss = 0.0;
-    let mut metrics = vec![0f64; 6];
+    let mut metrics = vec![0f64; if orpo { 9 } else { 6 }];
     for i in 0..n {
         let (c, nc) = logps[i];
         let (r, nr) = logps[n + i];
         let (rc, rr) = batch.reference[i];
+        let chosen_nll = -whole[i].0 / whole[i].1 as f64;
         let t = dpo_pair_loss(
             config,
             &PairLogps {
@@ -126,10 +156,14 @@ fn reference(
                 ref_rejected: rr,
                 chosen_tokens: nc,
                 rejected_tokens: nr,
+                chosen_nll,
             },
         );
         loss += t.loss / n as f64;
-        let values = [
+        if orpo {
+            whole_weights[i] = (-1.0 / (whole[i].1 as f64 * n as f64)) as f32;
+        }
+        let mut values = vec![
             t.chosen_reward,
             t.rejected_reward,
             t.chosen_reward - t.rejected_reward,
@@ -138,17 +172,13 @@ fn reference(
             } else {
                 0.0
             },
-            if config.loss_type == DpoLossType::Simpo {
-                c / nc as f64
-            } else {
-                c
-            },
-            if config.loss_type == DpoLossType::Simpo {
-                r / nr as f64
-            } else {
-                r
-            },
+            if averaged { c / nc as f64 } else { c },
+            if averaged { r / nr as f64 } else { r },
         ];
+        if orpo {
+            let log_sigmoid = -(1.0 + (-t.log_odds).exp()).ln();
+            values.extend([chosen_nll, log_sigmoid, t.log_odds]);
+        }
         for (m, v) in metrics.iter_mut().zip(values) {
             *m += v / n as f64;
         }
@@ -156,7 +186,9 @@ fn reference(
         weights[n + i] = (t.d_rejected / n as f64) as f32;
     }
     let w = Tensor::<B, 1>::from_data(TensorData::new(weights, [2 * n]), &Default::default());
-    let surrogate = (per_row * w).sum();
+    let ww =
+        Tensor::<B, 1>::from_data(TensorData::new(whole_weights, [2 * n]), &Default::default());
+    let surrogate = (per_row * w).sum() + (whole_rows * ww).sum();
     (
         loss,
         GradientsParams::from_grads(surrogate.backward(), model),
@@ -200,6 +232,7 @@ fn loss_and_gradients_equal_autodiff_through_the_logits() {
         (DpoLossType::Hinge, 0.0),
         (DpoLossType::Ipo, 0.0),
         (DpoLossType::Simpo, 0.1),
+        (DpoLossType::Orpo, 0.0),
     ] {
         let config = DpoConfig {
             beta: 0.5,
@@ -219,8 +252,14 @@ fn loss_and_gradients_equal_autodiff_through_the_logits() {
                 metrics,
                 grads,
             } = objective.gradients(m, &[&batch], 3.0, &device);
-            assert_eq!(Objective::<B>::metric_names(&objective), DPO_METRICS);
-            for ((name, got), want) in DPO_METRICS.iter().zip(&metrics).zip(&want_metrics) {
+            let names = Objective::<B>::metric_names(&objective);
+            let mut want_names: Vec<&str> = DPO_METRICS.to_vec();
+            if loss_type == DpoLossType::Orpo {
+                want_names.extend(ORPO_METRICS);
+            }
+            assert_eq!(names, want_names);
+            assert_eq!(metrics.len(), want_metrics.len());
+            for ((name, got), want) in names.iter().zip(&metrics).zip(&want_metrics) {
                 assert!(
                     (got - want).abs() <= 1e-4 * want.abs().max(1.0),
                     "{loss_type:?} {name}: {got} vs {want}"
@@ -342,6 +381,10 @@ fn pairs_tokenize_score_and_lose_as_in_trl() {
         logps.push(ours);
     }
     for (name, case) in reference["losses"].as_object().unwrap() {
+        if name == "orpo" {
+            // Its own test below: ORPO needs the chosen conversation's NLL too.
+            continue;
+        }
         let settings = &case["settings"];
         let config = DpoConfig {
             beta: settings["beta"].as_f64().unwrap(),
@@ -365,6 +408,7 @@ fn pairs_tokenize_score_and_lose_as_in_trl() {
                     ref_rejected: refs[1].as_f64().unwrap(),
                     chosen_tokens: ours[0].1,
                     rejected_tokens: ours[1].1,
+                    chosen_nll: 0.0,
                 },
             );
             let at = |k: &str| want[k].as_f64().unwrap();
@@ -405,6 +449,93 @@ fn pairs_tokenize_score_and_lose_as_in_trl() {
                 &format!("{name} logps/rejected"),
             );
         }
+    }
+}
+
+/// ORPO against TRL's `ORPOTrainer` (its `get_batch_loss_metrics` and a backward pass, one pair
+/// a batch, on our tokenization of the pairs): the objective's loss, metrics and the gradient
+/// norm of every parameter.
+#[test]
+fn orpo_loss_metrics_and_gradients_equal_trls() {
+    let reference = trl_reference();
+    let rows = reference["rows"].as_array().unwrap();
+    let case = &reference["losses"]["orpo"];
+    let config = DpoConfig {
+        beta: case["settings"]["beta"].as_f64().unwrap(),
+        loss_type: DpoLossType::Orpo,
+        ..DpoConfig::default()
+    };
+    let objective = Dpo {
+        config,
+        validation: &[],
+    };
+    let names = Objective::<B>::metric_names(&objective);
+    let policy = model();
+    let device = Default::default();
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let labels = |v: &serde_json::Value| -> Vec<i32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_i64().unwrap() as i32)
+            .collect()
+    };
+    let side = |row: &serde_json::Value, side: &str| {
+        Sequence::pack(&[&Example {
+            row: 0,
+            input_ids: ids(&row[format!("{side}_ids")]),
+            labels: labels(&row[format!("{side}_labels")]),
+        }])
+    };
+    for (row, want) in rows.iter().zip(case["pairs"].as_array().unwrap()) {
+        let batch = PairRow::collate(
+            vec![PairRow {
+                chosen: side(row, "chosen"),
+                rejected: side(row, "rejected"),
+                ref_chosen: 0.0,
+                ref_rejected: 0.0,
+            }],
+            0,
+        );
+        let Contribution {
+            loss,
+            metrics,
+            grads,
+        } = objective.gradients(&policy, &[&batch], 1.0, &device);
+        let want_loss = want["loss"].as_f64().unwrap();
+        close(loss, want_loss, want_loss, "orpo loss");
+        for (name, got) in names.iter().zip(&metrics) {
+            let w = want[name.as_str()].as_f64().unwrap();
+            close(*got, w, w.abs().max(1.0), &format!("orpo {name}"));
+        }
+        let norms = crate::grpo::grad_norms(&policy, &grads);
+        let want_norms = want["param_grad_norms"].as_object().unwrap();
+        let mut worst = 0f64;
+        let mut compared = 0;
+        for (param, norm) in &norms {
+            if let Some(w) = want_norms.get(param).and_then(serde_json::Value::as_f64) {
+                worst = worst.max((norm - w).abs() / w.max(1e-3));
+                compared += 1;
+            }
+        }
+        assert!(
+            compared >= want_norms.len() - 1,
+            "{compared} parameters compared"
+        );
+        let total = norms.iter().map(|(_, n)| n * n).sum::<f64>().sqrt();
+        let want_total = want["grad_norm"].as_f64().unwrap();
+        println!(
+            "orpo: loss {loss:.8} vs TRL {want_loss:.8}; grad norm {total:.6} vs {want_total:.6}; \
+             worst parameter {worst:.2e} ({compared} parameters)"
+        );
+        assert!(worst < 1e-4, "orpo: gradient norms differ by {worst:.2e}");
+        assert!((total - want_total).abs() <= 1e-4 * want_total);
     }
 }
 

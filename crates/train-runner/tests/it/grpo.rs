@@ -63,7 +63,7 @@ fn per_token(v: &Value) -> Option<Vec<Vec<f32>>> {
     })
 }
 
-fn grad_norms(model: &CausalLm<B>, grads: &GradientsParams) -> Vec<(String, f64)> {
+pub(crate) fn grad_norms(model: &CausalLm<B>, grads: &GradientsParams) -> Vec<(String, f64)> {
     let mut out = Vec::new();
     model.visit_named(|p| {
         let (name, data) = match p {
