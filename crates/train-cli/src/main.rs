@@ -566,6 +566,18 @@ pub(crate) fn print_json(value: &serde_json::Value) {
 
 /// An error and its causes on one line, each reason once: a cause whose text the line already
 /// holds (an I/O error that the outer message quotes) is not repeated.
+/// The line a failed command prints: `error: …`, unless the message is already a located
+/// `FILE:LINE: error: …` (a data row's problem, as `train data check` prints it), which is not
+/// prefixed a second time.
+fn error_line(e: &anyhow::Error) -> String {
+    let line = one_line(e);
+    if line.contains(": error: ") {
+        line
+    } else {
+        format!("error: {line}")
+    }
+}
+
 fn one_line(e: &anyhow::Error) -> String {
     let mut line = String::new();
     for cause in e.chain() {
@@ -640,7 +652,7 @@ fn real_main() -> ExitCode {
     let (argv, file) = match config_file::merge(argv, &cli_command()) {
         Ok(a) => a,
         Err(e) => {
-            errln!("error: {}", one_line(&e));
+            errln!("{}", error_line(&e));
             return ExitCode::from(2);
         }
     };
@@ -655,7 +667,7 @@ fn real_main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            errln!("error: {}", one_line(&e));
+            errln!("{}", error_line(&e));
             ExitCode::from(1)
         }
     }

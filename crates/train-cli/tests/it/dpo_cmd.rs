@@ -204,6 +204,12 @@ fn bad_rows_and_flags_are_refused() {
         err.contains("bad.jsonl:2") && err.contains("field `chosen`"),
         "{err}"
     );
+    // One `error:`, after the location (not `error: bad.jsonl:2: error: …`).
+    assert_eq!(err.matches("error:").count(), 1, "{err}");
+    assert!(
+        err.starts_with(&format!("{}:2: error: ", bad.display())),
+        "{err}"
+    );
     assert!(!out.join("model.safetensors").exists());
     let d = prefs(dir.path());
     for (flag, value) in [
