@@ -324,9 +324,11 @@ pub(crate) fn python_round_trips() -> Result<()> {
         check("--check-tensorboard", &[&logged]),
     )?;
 
-    // GGUF: `train export` of the fixture families it writes (the Llama fixture scales RoPE,
-    // which it refuses), read back by the gguf package.
-    for arch in ["qwen2", "qwen3"] {
+    // GGUF: `train export` of the fixture families it writes as they are (Llama with its RoPE
+    // scaling as `rope_freqs`, Mistral's SentencePiece-style tokenizer; the OLMo 2, SmolLM3 and
+    // Gemma 3 fixtures are variants llama.cpp cannot run, refused), read back by the gguf
+    // package.
+    for arch in ["qwen2", "qwen3", "llama", "mistral"] {
         let file = work.join(format!("{arch}.gguf"));
         let mut c = Command::new(release_bin("train"));
         c.arg("export")

@@ -86,10 +86,13 @@ pub fn run(args: &ExportArgs) -> Result<ExitCode> {
         e.tensors,
         e.bytes as f64 / 1e6
     );
+    for note in &e.notes {
+        errln!("note: {note}");
+    }
     if args.json {
         outln!(
             "{}",
-            json!({"output": e.path, "architecture": e.architecture, "tensors": e.tensors, "bytes": e.bytes})
+            json!({"output": e.path, "architecture": e.architecture, "tensors": e.tensors, "bytes": e.bytes, "notes": e.notes})
         );
     }
     Ok(ExitCode::SUCCESS)

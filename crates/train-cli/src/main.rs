@@ -102,7 +102,8 @@ enum Command {
     Generate(generate_cmd::GenerateArgs),
     /// Fold a LoRA adapter into its base model and save a plain model directory.
     Merge(merge_cmd::MergeArgs),
-    /// Write a model as a llama.cpp GGUF file (llama, qwen2, qwen3; f16 or q8_0).
+    /// Write a model as a llama.cpp GGUF file (llama, mistral, qwen2, qwen3, olmo2, smollm3,
+    /// gemma3; f16 or q8_0).
     Export(export_cmd::ExportArgs),
     /// A compact summary of a running or finished run (from its status file).
     Status {

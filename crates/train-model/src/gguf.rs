@@ -455,8 +455,9 @@ pub(crate) fn unpermute_rows(data: &[f32], rows: usize, cols: usize, heads: usiz
     out
 }
 
-/// Per-layer modules: (Hugging Face name, llama.cpp name). The exporter maps the other way.
-pub(crate) const LAYER_MODULES: &[(&str, &str)] = &[
+/// Per-layer modules of the Llama-like families (Llama, Mistral, Qwen2, Qwen3, SmolLM3):
+/// (Hugging Face name, llama.cpp name). The exporter maps the other way.
+pub(crate) const LLAMA_MODULES: &[(&str, &str)] = &[
     ("input_layernorm", "attn_norm"),
     ("post_attention_layernorm", "ffn_norm"),
     ("self_attn.q_proj", "attn_q"),
@@ -470,7 +471,223 @@ pub(crate) const LAYER_MODULES: &[(&str, &str)] = &[
     ("mlp.down_proj", "ffn_down"),
 ];
 
-pub(crate) fn hf_name(gguf: &str) -> Option<String> {
+/// OLMo 2's per-layer modules: its norms come after attention and the MLP, and llama.cpp names
+/// them so (`post_attention_layernorm` is `post_attention_norm` here, not Llama's `ffn_norm`).
+pub(crate) const OLMO2_MODULES: &[(&str, &str)] = &[
+    ("post_attention_layernorm", "post_attention_norm"),
+    ("post_feedforward_layernorm", "post_ffw_norm"),
+    ("self_attn.q_proj", "attn_q"),
+    ("self_attn.k_proj", "attn_k"),
+    ("self_attn.v_proj", "attn_v"),
+    ("self_attn.o_proj", "attn_output"),
+    ("self_attn.q_norm", "attn_q_norm"),
+    ("self_attn.k_norm", "attn_k_norm"),
+    ("mlp.gate_proj", "ffn_gate"),
+    ("mlp.up_proj", "ffn_up"),
+    ("mlp.down_proj", "ffn_down"),
+];
+
+/// Gemma 3's per-layer modules: a norm before and after attention and the MLP each.
+pub(crate) const GEMMA3_MODULES: &[(&str, &str)] = &[
+    ("input_layernorm", "attn_norm"),
+    ("post_attention_layernorm", "post_attention_norm"),
+    ("pre_feedforward_layernorm", "ffn_norm"),
+    ("post_feedforward_layernorm", "post_ffw_norm"),
+    ("self_attn.q_proj", "attn_q"),
+    ("self_attn.k_proj", "attn_k"),
+    ("self_attn.v_proj", "attn_v"),
+    ("self_attn.o_proj", "attn_output"),
+    ("self_attn.q_norm", "attn_q_norm"),
+    ("self_attn.k_norm", "attn_k_norm"),
+    ("mlp.gate_proj", "ffn_gate"),
+    ("mlp.up_proj", "ffn_up"),
+    ("mlp.down_proj", "ffn_down"),
+];
+
+/// How a family is stored in a llama.cpp GGUF file, shared by the importer and the exporter
+/// (as llama.cpp's `convert_hf_to_gguf.py` writes it).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct GgufLayout {
+    /// `general.architecture`.
+    pub arch: &'static str,
+    /// The Hugging Face `model_type` it reads back as.
+    pub model_type: &'static str,
+    /// Its `architectures[0]`.
+    pub hf_class: &'static str,
+    /// q/k rows are permuted into llama.cpp's rotary layout (the Llama-derived converters).
+    pub permute_qk: bool,
+    /// Per-layer module names.
+    pub modules: &'static [(&'static str, &'static str)],
+    /// Added to every norm weight in the file (Gemma: 1, llama.cpp stores `1 + w`).
+    pub norm_shift: f32,
+}
+
+/// Every layout the importer reads (and the exporter writes).
+pub(crate) const LAYOUTS: &[GgufLayout] = &[
+    GgufLayout {
+        arch: "llama",
+        model_type: "llama",
+        hf_class: "LlamaForCausalLM",
+        permute_qk: true,
+        modules: LLAMA_MODULES,
+        norm_shift: 0.0,
+    },
+    GgufLayout {
+        arch: "qwen2",
+        model_type: "qwen2",
+        hf_class: "Qwen2ForCausalLM",
+        permute_qk: false,
+        modules: LLAMA_MODULES,
+        norm_shift: 0.0,
+    },
+    GgufLayout {
+        arch: "qwen3",
+        model_type: "qwen3",
+        hf_class: "Qwen3ForCausalLM",
+        permute_qk: false,
+        modules: LLAMA_MODULES,
+        norm_shift: 0.0,
+    },
+    GgufLayout {
+        arch: "olmo2",
+        model_type: "olmo2",
+        hf_class: "Olmo2ForCausalLM",
+        permute_qk: false,
+        modules: OLMO2_MODULES,
+        norm_shift: 0.0,
+    },
+    GgufLayout {
+        arch: "smollm3",
+        model_type: "smollm3",
+        hf_class: "SmolLM3ForCausalLM",
+        permute_qk: true,
+        modules: LLAMA_MODULES,
+        norm_shift: 0.0,
+    },
+    GgufLayout {
+        arch: "gemma3",
+        model_type: "gemma3_text",
+        hf_class: "Gemma3ForCausalLM",
+        permute_qk: false,
+        modules: GEMMA3_MODULES,
+        norm_shift: 1.0,
+    },
+];
+
+/// The factors llama.cpp's `rope_freqs` tensor holds for Llama 3's RoPE scaling, as
+/// `convert_hf_to_gguf.py` computes them (in f32): each frequency of a `dim`-wide head is
+/// divided by its factor.
+pub(crate) fn llama3_rope_factors(
+    base: f64,
+    dim: usize,
+    factor: f64,
+    low: f64,
+    high: f64,
+    original: f64,
+) -> Vec<f32> {
+    let (factor, low, high, original) = (factor as f32, low as f32, high as f32, original as f32);
+    let (low_wavelen, high_wavelen) = (original / low, original / high);
+    (0..dim / 2)
+        .map(|i| {
+            let freq = 1.0 / (base as f32).powf((2 * i) as f32 / dim as f32);
+            let wavelen = 2.0 * std::f32::consts::PI / freq;
+            if wavelen < high_wavelen {
+                1.0
+            } else if wavelen > low_wavelen {
+                factor
+            } else {
+                let smooth = (original / wavelen - low) / (high - low);
+                1.0 / ((1.0 - smooth) / factor + smooth)
+            }
+        })
+        .collect()
+}
+
+/// Llama 3 RoPE parameters (factor, low and high frequency factors, original context) that
+/// give `factors` (a `rope_freqs` tensor), or `None` when no such parameters reproduce them
+/// within 1e-4. Only the smooth band's line is determined by the tensor, so the low factor, the
+/// high factor and the original context are one representative of the parameters giving it.
+pub(crate) fn llama3_from_factors(factors: &[f32], base: f64, dim: usize) -> Option<[f64; 4]> {
+    let factor = f64::from(factors.iter().copied().fold(1.0f32, f32::max));
+    if factors.len() != dim / 2 || factor <= 1.0 + 1e-6 {
+        return None;
+    }
+    let inv_wavelen = |i: usize| {
+        let freq = 1.0 / base.powf((2 * i) as f64 / dim as f64);
+        freq / (2.0 * std::f64::consts::PI)
+    };
+    // smooth = A / wavelen − B in the band between; fit it by least squares.
+    let points: Vec<(f64, f64)> = factors
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| f64::from(**r) > 1.0 + 1e-6 && f64::from(**r) < factor - 1e-6)
+        .map(|(i, r)| {
+            let s = (1.0 / f64::from(*r) - 1.0 / factor) / (1.0 - 1.0 / factor);
+            (inv_wavelen(i), s)
+        })
+        .collect();
+    let (a, b) = if points.len() >= 2 {
+        let n = points.len() as f64;
+        let (sx, sy) = points
+            .iter()
+            .fold((0.0, 0.0), |(x, y), p| (x + p.0, y + p.1));
+        let (mx, my) = (sx / n, sy / n);
+        let sxx: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
+        let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+        let a = sxy / sxx;
+        (a, a * mx - my)
+    } else {
+        // No band between: put its edges between the last unscaled and first scaled frequency.
+        let last_one = factors.iter().rposition(|r| f64::from(*r) <= 1.0 + 1e-6)?;
+        let first_scaled = factors
+            .iter()
+            .position(|r| f64::from(*r) >= factor - 1e-6)?;
+        let (hi, lo) = (inv_wavelen(last_one), inv_wavelen(first_scaled));
+        let a = 1.0 / (hi - lo);
+        (a, a * lo)
+    };
+    // low = B, high = B + 1, original = A.
+    let params = [factor, b, b + 1.0, a];
+    let again = llama3_rope_factors(base, dim, params[0], params[1], params[2], params[3]);
+    let fits = b > 0.0
+        && a.is_finite()
+        && again
+            .iter()
+            .zip(factors)
+            .all(|(x, y)| (x - y).abs() <= 1e-4 * y.abs().max(1.0));
+    fits.then_some(params)
+}
+
+/// The attention scale llama.cpp's Gemma 3 uses, as `query_pre_attn_scalar`: the head width,
+/// or for the 62-layer (27B) model the residual width over the heads.
+pub(crate) fn gemma3_query_scalar(
+    layers: usize,
+    hidden: usize,
+    heads: usize,
+    head_dim: usize,
+) -> usize {
+    if layers == 62 {
+        hidden / heads.max(1)
+    } else {
+        head_dim
+    }
+}
+
+/// The layout of a GGUF `general.architecture`.
+pub(crate) fn layout(arch: &str) -> Option<GgufLayout> {
+    LAYOUTS.iter().find(|l| l.arch == arch).copied()
+}
+
+/// llama.cpp's SmolLM3 leaves the rotary embedding out of every fourth layer (its
+/// `n_no_rope_layer_step`, fixed at 4; not read from the file).
+pub(crate) const SMOLLM3_NO_ROPE_STEP: usize = 4;
+
+/// Whether SmolLM3 layer `i` applies the rotary embedding in llama.cpp.
+pub(crate) fn smollm3_rope_layer(i: usize) -> bool {
+    !(i + 1).is_multiple_of(SMOLLM3_NO_ROPE_STEP)
+}
+
+pub(crate) fn hf_name(gguf: &str, modules: &[(&str, &str)]) -> Option<String> {
     let top = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
@@ -484,7 +701,7 @@ pub(crate) fn hf_name(gguf: &str) -> Option<String> {
     let (layer, leaf) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (module, kind) = leaf.rsplit_once('.')?;
-    let hf = LAYER_MODULES
+    let hf = modules
         .iter()
         .find(|(_, g)| *g == module)
         .map(|(hf, _)| *hf)?;
@@ -503,16 +720,15 @@ pub fn convert_to_hf(gguf_path: &Path, out_dir: &Path) -> Result<GgufImport> {
             ModelError::weights(gguf_path, "GGUF metadata `general.architecture` missing")
         })?
         .to_string();
-    let model_type = match arch.as_str() {
-        "llama" | "qwen2" | "qwen3" => arch.clone(),
-        other => {
-            return Err(ModelError::UnsupportedArchitecture {
-                path: gguf_path.to_path_buf(),
-                model_type: other.to_string(),
-                hint: " for GGUF import (supported: llama, qwen2, qwen3)".into(),
-            });
-        }
+    let Some(layout) = layout(&arch) else {
+        let names: Vec<&str> = LAYOUTS.iter().map(|l| l.arch).collect();
+        return Err(ModelError::UnsupportedArchitecture {
+            path: gguf_path.to_path_buf(),
+            model_type: arch,
+            hint: format!(" for GGUF import (supported: {})", names.join(", ")),
+        });
     };
+    let model_type = layout.model_type.to_string();
     let key = |k: &str| format!("{arch}.{k}");
     let hidden = g.meta_u64(&key("embedding_length"))?;
     let heads = g.meta_u64(&key("attention.head_count"))?;
@@ -536,15 +752,45 @@ pub fn convert_to_hf(gguf_path: &Path, out_dir: &Path) -> Result<GgufImport> {
         .and_then(MetaValue::as_u64)
         .unwrap_or(tokens.len() as u64);
     let tied = !g.tensors.iter().any(|t| t.name == "output.weight");
-    if g.meta(&key("rope.scaling.type"))
+    let scaling = g
+        .meta(&key("rope.scaling.type"))
         .and_then(MetaValue::as_str)
-        .is_some_and(|t| t != "none")
-        || g.tensors.iter().any(|t| t.name == "rope_freqs.weight")
-    {
-        return Err(ModelError::weights(
-            gguf_path,
-            "GGUF RoPE scaling is not supported by the importer",
-        ));
+        .unwrap_or("none");
+    let rope_scaling = match scaling {
+        "none" => Value::Null,
+        // Position interpolation: every frequency divided by the factor.
+        "linear" => json!({"rope_type": "linear",
+            "factor": g.meta(&key("rope.scaling.factor")).and_then(MetaValue::as_f64).unwrap_or(1.0)}),
+        other => {
+            return Err(ModelError::weights(
+                gguf_path,
+                format!("GGUF RoPE scaling `{other}` is not supported by the importer"),
+            ));
+        }
+    };
+    // Llama 3's scaling, as llama.cpp's per-frequency `rope_freqs` factors.
+    let mut rope_scaling = rope_scaling;
+    if let Some(t) = g.tensors.iter().find(|t| t.name == "rope_freqs.weight") {
+        let base = g
+            .meta(&key("rope.freq_base"))
+            .and_then(MetaValue::as_f64)
+            .unwrap_or(10_000.0);
+        let dim = g
+            .meta(&key("rope.dimension_count"))
+            .and_then(MetaValue::as_u64)
+            .unwrap_or(head_dim) as usize;
+        let factors = g.dequantize(t)?;
+        let [factor, low, high, original] = llama3_from_factors(&factors, base, dim)
+            .filter(|_| rope_scaling.is_null())
+            .ok_or_else(|| {
+                ModelError::weights(
+                    gguf_path,
+                    "GGUF `rope_freqs` that do not follow Llama 3's RoPE scaling are not \
+                     supported by the importer",
+                )
+            })?;
+        rope_scaling = json!({"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+            "high_freq_factor": high, "original_max_position_embeddings": original});
     }
     let token_id = |k: &str| g.meta(k).and_then(MetaValue::as_u64);
     let bos = token_id("tokenizer.ggml.bos_token_id");
@@ -552,7 +798,7 @@ pub fn convert_to_hf(gguf_path: &Path, out_dir: &Path) -> Result<GgufImport> {
     let pad = token_id("tokenizer.ggml.padding_token_id");
     let unk = token_id("tokenizer.ggml.unknown_token_id");
     let mut config = json!({
-        "architectures": [match arch.as_str() { "llama" => "LlamaForCausalLM", "qwen2" => "Qwen2ForCausalLM", _ => "Qwen3ForCausalLM" }],
+        "architectures": [layout.hf_class],
         "model_type": model_type,
         "vocab_size": vocab,
         "hidden_size": hidden,
@@ -565,7 +811,7 @@ pub fn convert_to_hf(gguf_path: &Path, out_dir: &Path) -> Result<GgufImport> {
         "max_position_embeddings": g.meta_u64(&key("context_length"))?,
         "rms_norm_eps": g.meta_f64(&key("attention.layer_norm_rms_epsilon"))?,
         "rope_theta": g.meta(&key("rope.freq_base")).and_then(MetaValue::as_f64).unwrap_or(10_000.0),
-        "rope_scaling": null,
+        "rope_scaling": rope_scaling,
         "tie_word_embeddings": tied,
         "torch_dtype": "float32",
         "bos_token_id": bos,
@@ -573,11 +819,74 @@ pub fn convert_to_hf(gguf_path: &Path, out_dir: &Path) -> Result<GgufImport> {
         "pad_token_id": pad,
         "use_cache": true,
     });
-    if arch == "llama"
-        && let Value::Object(m) = &mut config
-    {
-        m.insert("attention_bias".into(), Value::Bool(false));
-        m.insert("mlp_bias".into(), Value::Bool(false));
+    let layers = g.meta_u64(&key("block_count"))?;
+    if let Value::Object(m) = &mut config {
+        if matches!(arch.as_str(), "llama" | "olmo2" | "smollm3") {
+            // Written only when present: llama.cpp's q/k/v biases.
+            let biased = g.tensors.iter().any(|t| t.name.ends_with("attn_q.bias"));
+            m.insert("attention_bias".into(), Value::Bool(biased));
+            m.insert("mlp_bias".into(), Value::Bool(false));
+        }
+        if arch == "gemma3" {
+            let layers = layers as usize;
+            // The per-layer pattern (written by train-rs), or llama.cpp's default: every
+            // sixth layer global.
+            let sliding: Vec<bool> = match g.meta(&key("attention.sliding_window_pattern")) {
+                Some(MetaValue::Array(v)) => v
+                    .iter()
+                    .map(|x| matches!(x, MetaValue::Bool(true)))
+                    .collect(),
+                Some(MetaValue::UInt(n)) if *n > 0 => {
+                    (0..layers).map(|i| (i + 1) % (*n as usize) != 0).collect()
+                }
+                _ => (0..layers).map(|i| (i + 1) % 6 != 0).collect(),
+            };
+            let window = g
+                .meta(&key("attention.sliding_window"))
+                .and_then(MetaValue::as_u64);
+            let types: Vec<&str> = sliding
+                .iter()
+                .map(|&s| {
+                    if s && window.is_some() {
+                        "sliding_attention"
+                    } else {
+                        "full_attention"
+                    }
+                })
+                .collect();
+            m.remove("hidden_act");
+            m.insert("hidden_activation".into(), json!("gelu_pytorch_tanh"));
+            m.insert("attention_bias".into(), Value::Bool(false));
+            m.insert(
+                "query_pre_attn_scalar".into(),
+                json!(gemma3_query_scalar(
+                    layers,
+                    hidden as usize,
+                    heads as usize,
+                    head_dim as usize
+                )),
+            );
+            m.insert("sliding_window".into(), json!(window));
+            m.insert("layer_types".into(), json!(types));
+            m.insert(
+                "rope_local_base_freq".into(),
+                json!(
+                    g.meta(&key("rope.freq_base_swa"))
+                        .and_then(MetaValue::as_f64)
+                        .unwrap_or(10_000.0)
+                ),
+            );
+            m.insert("final_logit_softcapping".into(), Value::Null);
+            m.insert("attn_logit_softcapping".into(), Value::Null);
+        }
+        if arch == "smollm3" {
+            let no_rope: Vec<u8> = (0..layers as usize)
+                .map(|i| u8::from(smollm3_rope_layer(i)))
+                .collect();
+            m.insert("no_rope_layers".into(), json!(no_rope));
+            m.insert("no_rope_layer_interval".into(), json!(SMOLLM3_NO_ROPE_STEP));
+            m.insert("use_sliding_window".into(), Value::Bool(false));
+        }
     }
     // Check the config before converting gigabytes of weights.
     crate::config::ModelConfig::from_json(&out_dir.join("config.json"), &config)?;
@@ -587,7 +896,7 @@ pub fn convert_to_hf(gguf_path: &Path, out_dir: &Path) -> Result<GgufImport> {
         if t.name == "rope_freqs.weight" {
             continue;
         }
-        let name = hf_name(&t.name).ok_or_else(|| {
+        let name = hf_name(&t.name, layout.modules).ok_or_else(|| {
             ModelError::weights(
                 gguf_path,
                 format!("tensor `{}` has no Hugging Face counterpart", t.name),
@@ -595,13 +904,16 @@ pub fn convert_to_hf(gguf_path: &Path, out_dir: &Path) -> Result<GgufImport> {
         })?;
         let mut values = g.dequantize(t)?;
         let shape: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
-        if arch == "llama" && shape.len() == 2 {
+        if layout.permute_qk && shape.len() == 2 {
             let (rows, cols) = (shape[0], shape[1]);
             if t.name.ends_with("attn_q.weight") {
                 values = unpermute_rows(&values, rows, cols, heads as usize);
             } else if t.name.ends_with("attn_k.weight") {
                 values = unpermute_rows(&values, rows, cols, kv_heads as usize);
             }
+        }
+        if layout.norm_shift != 0.0 && t.name.ends_with("norm.weight") {
+            values.iter_mut().for_each(|v| *v -= layout.norm_shift);
         }
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         tensors.push((name, shape, bytes));
@@ -664,15 +976,6 @@ fn tokenizer_json(g: &GgufFile, tokens: &[&str]) -> Result<Value> {
         .meta("tokenizer.ggml.model")
         .and_then(MetaValue::as_str)
         .unwrap_or("");
-    if model != "gpt2" {
-        return Err(ModelError::weights(
-            &g.path,
-            format!(
-                "GGUF tokenizer model `{model}` is not supported (only byte-level BPE, `gpt2`)"
-            ),
-        ));
-    }
-    let merges = g.meta_str_array("tokenizer.ggml.merges")?;
     let types: Vec<i64> = match g.meta("tokenizer.ggml.token_type") {
         Some(MetaValue::Array(v)) => v
             .iter()
@@ -684,6 +987,39 @@ fn tokenizer_json(g: &GgufFile, tokens: &[&str]) -> Result<Value> {
             .collect(),
         _ => vec![1; tokens.len()],
     };
+    let bos = g
+        .meta("tokenizer.ggml.bos_token_id")
+        .and_then(MetaValue::as_u64)
+        .and_then(|i| tokens.get(i as usize))
+        .filter(|_| {
+            matches!(
+                g.meta("tokenizer.ggml.add_bos_token"),
+                Some(MetaValue::Bool(true))
+            )
+        });
+    // Encoding starts with BOS when the file says so (Llama 3, Mistral).
+    let with_bos = |other: Value| match bos {
+        Some(b) => json!({"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": b, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {*b: {"id": b, "ids": [tokens.iter().position(|t| t == b)], "tokens": [b]}}}),
+        None => other,
+    };
+    match model {
+        "gpt2" => {}
+        "llama" => return sentencepiece_json(g, tokens, &types, &with_bos(Value::Null)),
+        _ => {
+            return Err(ModelError::weights(
+                &g.path,
+                format!(
+                    "GGUF tokenizer model `{model}` is not supported (byte-level BPE `gpt2`, \
+                     or SentencePiece-style `llama`)"
+                ),
+            ));
+        }
+    }
+    let merges = g.meta_str_array("tokenizer.ggml.merges")?;
     let mut vocab = serde_json::Map::new();
     for (i, t) in tokens.iter().enumerate() {
         vocab.insert((*t).to_string(), Value::from(i));
@@ -737,10 +1073,108 @@ fn tokenizer_json(g: &GgufFile, tokens: &[&str]) -> Result<Value> {
         "added_tokens": added,
         "normalizer": null,
         "pre_tokenizer": pre_tokenizer,
-        "post_processor": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
+        "post_processor": with_bos(json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true})),
         "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
         "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
                   "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": merges}
+    }))
+}
+
+/// Longest piece (bytes) whose merges the importer rebuilds; longer pieces (none in published
+/// SentencePiece vocabularies) are only reachable whole, as added tokens are.
+const MAX_MERGED_PIECE: usize = 256;
+
+/// A `tokenizer.json` for llama.cpp's SentencePiece-style vocabulary (`llama`): BPE with byte
+/// fallback over `▁`-marked pieces, its merges rebuilt from the scores as `tokenizers`'
+/// SentencePiece converter does (every split of a piece into two pieces of the vocabulary, by
+/// the piece's score, highest first).
+fn sentencepiece_json(
+    g: &GgufFile,
+    tokens: &[&str],
+    types: &[i64],
+    post_processor: &Value,
+) -> Result<Value> {
+    let scores: Vec<f64> = match g.meta("tokenizer.ggml.scores") {
+        Some(MetaValue::Array(v)) => v.iter().map(|x| x.as_f64().unwrap_or(0.0)).collect(),
+        _ => vec![0.0; tokens.len()],
+    };
+    let kind = |i: usize| types.get(i).copied().unwrap_or(1);
+    let mut index = std::collections::HashMap::with_capacity(tokens.len());
+    for (i, t) in tokens.iter().enumerate() {
+        index.entry(*t).or_insert(i);
+    }
+    let mut merges: Vec<(f64, usize, usize, usize)> = Vec::new();
+    for (i, t) in tokens.iter().enumerate() {
+        if kind(i) != 1 || t.len() > MAX_MERGED_PIECE {
+            continue;
+        }
+        for (k, _) in t.char_indices().skip(1) {
+            let (a, b) = t.split_at(k);
+            if let (Some(&l), Some(&r)) = (index.get(a), index.get(b))
+                && kind(l) == 1
+                && kind(r) == 1
+            {
+                merges.push((scores.get(i).copied().unwrap_or(0.0), i, l, r));
+            }
+        }
+    }
+    merges.sort_by(|x, y| {
+        y.0.total_cmp(&x.0)
+            .then((x.1, x.2, x.3).cmp(&(y.1, y.2, y.3)))
+    });
+    let merges: Vec<Value> = merges
+        .iter()
+        .map(|&(_, _, l, r)| json!([tokens[l], tokens[r]]))
+        .collect();
+    let mut vocab = serde_json::Map::new();
+    for (i, t) in tokens.iter().enumerate() {
+        vocab.entry((*t).to_string()).or_insert(Value::from(i));
+    }
+    let unk = tokens
+        .iter()
+        .enumerate()
+        .find(|(i, _)| kind(*i) == 2)
+        .map(|(_, t)| *t);
+    let added: Vec<Value> = tokens
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| matches!(kind(*i), 2..=4))
+        .map(|(i, t)| {
+            json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                   "normalized": false, "special": kind(i) != 4})
+        })
+        .collect();
+    // llama.cpp's default for this vocabulary is to prepend a space.
+    let prepend = !matches!(
+        g.meta("tokenizer.ggml.add_space_prefix"),
+        Some(MetaValue::Bool(false))
+    );
+    let replace = json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
+    let normalizer = if prepend {
+        json!({"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u{2581}"}, replace]})
+    } else {
+        replace
+    };
+    let mut decoders = vec![
+        json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+        json!({"type": "ByteFallback"}),
+        json!({"type": "Fuse"}),
+    ];
+    if prepend {
+        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    Ok(json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": normalizer,
+        "pre_tokenizer": null,
+        "post_processor": post_processor,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
                   "vocab": vocab, "merges": merges}
     }))
 }
@@ -770,20 +1204,48 @@ mod tests {
     }
 
     #[test]
+    fn llama3_rope_factors_come_back_as_parameters() {
+        // Llama 3.1 8B, the fixture's short-context variant, and a band with one point.
+        for (base, dim, params) in [
+            (500_000.0, 128, [8.0, 1.0, 4.0, 8192.0]),
+            (500_000.0, 16, [8.0, 1.0, 4.0, 32.0]),
+            (10_000.0, 64, [4.0, 2.0, 3.0, 4096.0]),
+        ] {
+            let [f, l, h, o] = params;
+            let factors = llama3_rope_factors(base, dim, f, l, h, o);
+            let [f2, l2, h2, o2] = llama3_from_factors(&factors, base, dim).unwrap();
+            let again = llama3_rope_factors(base, dim, f2, l2, h2, o2);
+            for (a, b) in again.iter().zip(&factors) {
+                assert!((a - b).abs() <= 1e-4 * b.abs(), "{params:?}: {a} vs {b}");
+            }
+            assert_eq!(f2, f);
+        }
+        // Factors no Llama 3 parameters give, and none at all.
+        assert!(llama3_from_factors(&[1.0, 3.0, 1.0, 3.0], 10_000.0, 8).is_none());
+        assert!(llama3_from_factors(&[1.0; 4], 10_000.0, 8).is_none());
+        assert!(llama3_from_factors(&[2.0; 3], 10_000.0, 8).is_none());
+    }
+
+    #[test]
     fn names_map_to_hugging_face() {
         assert_eq!(
-            hf_name("blk.3.attn_q.weight").unwrap(),
+            hf_name("blk.3.attn_q.weight", LLAMA_MODULES).unwrap(),
             "model.layers.3.self_attn.q_proj.weight"
         );
         assert_eq!(
-            hf_name("blk.0.ffn_norm.weight").unwrap(),
+            hf_name("blk.0.ffn_norm.weight", LLAMA_MODULES).unwrap(),
             "model.layers.0.post_attention_layernorm.weight"
         );
         assert_eq!(
-            hf_name("token_embd.weight").unwrap(),
+            hf_name("token_embd.weight", LLAMA_MODULES).unwrap(),
             "model.embed_tokens.weight"
         );
-        assert!(hf_name("blk.x.attn_q.weight").is_none());
+        assert!(hf_name("blk.x.attn_q.weight", LLAMA_MODULES).is_none());
+        assert_eq!(
+            hf_name("blk.1.post_attention_norm.weight", OLMO2_MODULES).unwrap(),
+            "model.layers.1.post_attention_layernorm.weight"
+        );
+        assert!(hf_name("blk.1.post_attention_norm.weight", LLAMA_MODULES).is_none());
     }
 
     #[test]

@@ -1,8 +1,14 @@
 //! Exporting a Hugging Face model directory as a llama.cpp GGUF file (`train export --format
 //! gguf`): the inverse of [`convert_to_hf`](crate::gguf::convert_to_hf).
 //!
-//! - Families: `llama` (SmolLM2, Llama), `qwen2`, `qwen3` — those whose GGUF layout the
-//!   importer reads back; the others are refused by name.
+//! - Families, as llama.cpp's `convert_hf_to_gguf.py` writes them: `llama` (SmolLM2, Llama),
+//!   `mistral` (as llama.cpp's `llama` architecture, which has no sliding window: a note says
+//!   so when the window is shorter than the context), `qwen2`, `qwen3`, `olmo2` (without an
+//!   attention output bias, which llama.cpp's OLMo 2 lacks), `smollm3` (when its layers without
+//!   rotary embedding are llama.cpp's fixed every-fourth), `gemma3` (norm weights stored as
+//!   `1 + w`, the sliding layers as a per-layer pattern, the local rotary base; when
+//!   `query_pre_attn_scalar` is the scale llama.cpp computes). The importer reads each back.
+//!   Ministral is refused by name (see [`export_gguf`]).
 //! - Tensors get llama.cpp's names (`token_embd`, `blk.N.attn_q`, …, `output_norm`, `output`
 //!   when the head is not tied); Llama's q/k rows are permuted into llama.cpp's rotary layout,
 //!   as `convert_hf_to_gguf.py` does. Norms and biases are F32; the matrices F16, or Q8_0 with
@@ -19,6 +25,7 @@ use serde_json::Value;
 
 use crate::config::{Architecture, ModelConfig};
 use crate::error::{ModelError, Result};
+use crate::gguf::GgufLayout;
 use crate::rope::RopeScaling;
 use crate::weights::WeightIndex;
 
@@ -42,6 +49,8 @@ pub struct GgufExport {
     pub tensors: usize,
     /// Size of the file in bytes.
     pub bytes: u64,
+    /// What llama.cpp will do differently from `transformers` with this file, if anything.
+    pub notes: Vec<String>,
 }
 
 const ALIGNMENT: usize = 32;
@@ -59,6 +68,8 @@ enum Kv {
     Str(String),
     StrArray(Vec<String>),
     I32Array(Vec<i32>),
+    F32Array(Vec<f32>),
+    BoolArray(Vec<bool>),
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
@@ -101,11 +112,25 @@ fn put_kv(out: &mut Vec<u8>, key: &str, v: &Kv) {
                 out.extend(x.to_le_bytes());
             }
         }
+        Kv::BoolArray(items) => {
+            out.extend(9u32.to_le_bytes());
+            out.extend(7u32.to_le_bytes());
+            out.extend((items.len() as u64).to_le_bytes());
+            out.extend(items.iter().map(|&b| u8::from(b)));
+        }
+        Kv::F32Array(items) => {
+            out.extend(9u32.to_le_bytes());
+            out.extend(6u32.to_le_bytes());
+            out.extend((items.len() as u64).to_le_bytes());
+            for x in items {
+                out.extend(x.to_le_bytes());
+            }
+        }
     }
 }
 
 /// llama.cpp's name of a Hugging Face tensor (the inverse of the importer's mapping).
-fn gguf_name(hf: &str) -> Option<String> {
+fn gguf_name(hf: &str, modules: &[(&str, &str)]) -> Option<String> {
     match hf {
         "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
         "model.norm.weight" => return Some("output_norm.weight".into()),
@@ -116,7 +141,7 @@ fn gguf_name(hf: &str) -> Option<String> {
     let (layer, leaf) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (module, kind) = leaf.rsplit_once('.')?;
-    let g = crate::gguf::LAYER_MODULES
+    let g = modules
         .iter()
         .find(|(hf, _)| *hf == module)
         .map(|(_, g)| *g)?;
@@ -165,8 +190,33 @@ pub(crate) fn quantize_q8_0(values: &[f32]) -> Vec<u8> {
     out
 }
 
-/// The tokenizer metadata of a `tokenizer.json` (byte-level BPE only).
-fn tokenizer_kvs(dir: &Path, out: &mut Vec<(String, Kv)>) -> Result<()> {
+/// llama.cpp's token types.
+const TOKEN_NORMAL: i32 = 1;
+const TOKEN_UNKNOWN: i32 = 2;
+const TOKEN_CONTROL: i32 = 3;
+const TOKEN_USER_DEFINED: i32 = 4;
+const TOKEN_UNUSED: i32 = 5;
+const TOKEN_BYTE: i32 = 6;
+
+/// Whether `token` is a byte-fallback piece (`<0x0A>`).
+pub(crate) fn is_byte_token(token: &str) -> bool {
+    token.len() == 6
+        && token.starts_with("<0x")
+        && token.ends_with('>')
+        && token[3..5].bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// The tokenizer metadata of a `tokenizer.json`: byte-level BPE as llama.cpp's `gpt2` model
+/// (tokens, types, merges, pre-tokenizer name), or a SentencePiece-style BPE with byte
+/// fallback (Mistral, Llama 2, Gemma) as its `llama` model: tokens with `▁`, byte pieces
+/// typed as bytes, and scores from the merge ranks (llama.cpp merges the adjacent pair whose
+/// concatenation scores highest, which is the BPE order when a token's score is minus the
+/// rank of the merge that makes it).
+///
+/// The token list is padded with `[PAD<id>]` pieces up to `vocab_size`, the embedding's rows
+/// (Qwen's checkpoints have more rows than tokens), as llama.cpp's converter does: llama.cpp
+/// checks that the two agree.
+fn tokenizer_kvs(dir: &Path, vocab_size: usize, out: &mut Vec<(String, Kv)>) -> Result<()> {
     let path = dir.join("tokenizer.json");
     let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
     let tok: Value = serde_json::from_str(&text).map_err(|e| ModelError::Json {
@@ -177,9 +227,10 @@ fn tokenizer_kvs(dir: &Path, out: &mut Vec<(String, Kv)>) -> Result<()> {
     if model["type"] != "BPE" {
         return Err(ModelError::weights(
             &path,
-            "GGUF export writes byte-level BPE tokenizers only (`model.type` is not BPE)",
+            "GGUF export writes BPE tokenizers only (`model.type` is not BPE)",
         ));
     }
+    let sentencepiece = model["byte_fallback"].as_bool().unwrap_or(false);
     let vocab = model["vocab"]
         .as_object()
         .ok_or_else(|| ModelError::weights(&path, "`model.vocab` is not an object"))?;
@@ -190,20 +241,33 @@ fn tokenizer_kvs(dir: &Path, out: &mut Vec<(String, Kv)>) -> Result<()> {
         }
         by_id[id] = Some((token.to_string(), kind));
     };
+    let unk = model["unk_token"].as_str().unwrap_or("");
     for (token, id) in vocab {
         if let Some(id) = id.as_u64() {
-            set(id as usize, token, 1);
+            let kind = if sentencepiece && is_byte_token(token) {
+                TOKEN_BYTE
+            } else if !unk.is_empty() && token == unk {
+                TOKEN_UNKNOWN
+            } else {
+                TOKEN_NORMAL
+            };
+            set(id as usize, token, kind);
         }
     }
     for added in tok["added_tokens"].as_array().into_iter().flatten() {
         if let (Some(id), Some(content)) = (added["id"].as_u64(), added["content"].as_str()) {
-            let kind = if added["special"].as_bool().unwrap_or(false) {
-                3
+            let kind = if content == unk && sentencepiece {
+                TOKEN_UNKNOWN
+            } else if added["special"].as_bool().unwrap_or(false) {
+                TOKEN_CONTROL
             } else {
-                4
+                TOKEN_USER_DEFINED
             };
             set(id as usize, content, kind);
         }
+    }
+    if by_id.len() < vocab_size && vocab_size <= MAX_TOKENS {
+        by_id.resize(vocab_size, None);
     }
     if by_id.len() > MAX_TOKENS {
         return Err(ModelError::weights(
@@ -215,7 +279,7 @@ fn tokenizer_kvs(dir: &Path, out: &mut Vec<(String, Kv)>) -> Result<()> {
         .into_iter()
         .enumerate()
         // Unused ids, as llama.cpp's converter names them.
-        .map(|(i, t)| t.unwrap_or_else(|| (format!("[PAD{i}]"), 5)))
+        .map(|(i, t)| t.unwrap_or_else(|| (format!("[PAD{i}]"), TOKEN_UNUSED)))
         .unzip();
     let merges: Vec<String> = model["merges"]
         .as_array()
@@ -276,18 +340,66 @@ fn tokenizer_kvs(dir: &Path, out: &mut Vec<(String, Kv)>) -> Result<()> {
     .into_iter()
     .filter_map(|(key, name)| id_of(key).map(|id| (name, id)))
     .collect();
-    out.push(("tokenizer.ggml.model".into(), Kv::Str("gpt2".into())));
-    out.push(("tokenizer.ggml.pre".into(), Kv::Str(pre.into())));
-    out.push(("tokenizer.ggml.tokens".into(), Kv::StrArray(tokens)));
-    out.push(("tokenizer.ggml.token_type".into(), Kv::I32Array(types)));
-    out.push(("tokenizer.ggml.merges".into(), Kv::StrArray(merges)));
+    if sentencepiece {
+        let index: std::collections::HashMap<&str, usize> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.as_str(), i))
+            .collect();
+        // Minus the rank of the first merge that makes each token; 0 for the pieces no merge
+        // makes (characters, bytes, specials), which llama.cpp never merges into.
+        let mut scores = vec![0f32; tokens.len()];
+        let mut made = vec![false; tokens.len()];
+        for (rank, m) in merges.iter().enumerate() {
+            let joined: String = m.split(' ').collect();
+            if let Some(&id) = index.get(joined.as_str())
+                && !made[id]
+            {
+                made[id] = true;
+                scores[id] = -(rank as f32);
+            }
+        }
+        // A piece of several characters that no merge makes cannot come out of BPE: the
+        // lowest score keeps llama.cpp from preferring it.
+        for (i, t) in tokens.iter().enumerate() {
+            if !made[i] && types[i] == TOKEN_NORMAL && t.chars().count() > 1 {
+                scores[i] = -1e9;
+            }
+        }
+        let prepend = tok["normalizer"]["normalizers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .chain(std::iter::once(&tok["normalizer"]))
+            .any(|n| n["type"] == "Prepend" && n["prepend"] == "\u{2581}");
+        out.push(("tokenizer.ggml.model".into(), Kv::Str("llama".into())));
+        out.push(("tokenizer.ggml.pre".into(), Kv::Str("default".into())));
+        out.push(("tokenizer.ggml.tokens".into(), Kv::StrArray(tokens)));
+        out.push(("tokenizer.ggml.scores".into(), Kv::F32Array(scores)));
+        out.push(("tokenizer.ggml.token_type".into(), Kv::I32Array(types)));
+        out.push(("tokenizer.ggml.add_space_prefix".into(), Kv::Bool(prepend)));
+    } else {
+        out.push(("tokenizer.ggml.model".into(), Kv::Str("gpt2".into())));
+        out.push(("tokenizer.ggml.pre".into(), Kv::Str(pre.into())));
+        out.push(("tokenizer.ggml.tokens".into(), Kv::StrArray(tokens)));
+        out.push(("tokenizer.ggml.token_type".into(), Kv::I32Array(types)));
+        out.push(("tokenizer.ggml.merges".into(), Kv::StrArray(merges)));
+    }
+    let bos_id = ids
+        .iter()
+        .find(|(n, _)| *n == "tokenizer.ggml.bos_token_id")
+        .map(|(_, id)| *id);
     for (name, id) in ids {
         out.push((name.into(), Kv::U32(id)));
     }
-    out.push((
-        "tokenizer.ggml.add_bos_token".into(),
-        Kv::Bool(cfg["add_bos_token"].as_bool().unwrap_or(false)),
-    ));
+    // Whether encoding adds BOS: the tokenizer config says so, or else the tokenizer's own
+    // post-processor starts every text with the BOS token (Llama 3, Mistral).
+    let add_bos = cfg["add_bos_token"].as_bool().unwrap_or_else(|| {
+        let first = &tok["post_processor"]["single"][0]["SpecialToken"]["id"];
+        let bos = bos_id.and_then(|id| tok_at(&tok, id));
+        first.as_str().is_some_and(|f| Some(f) == bos.as_deref())
+    });
+    out.push(("tokenizer.ggml.add_bos_token".into(), Kv::Bool(add_bos)));
     let template = std::fs::read_to_string(dir.join("chat_template.jinja"))
         .ok()
         .or_else(|| cfg["chat_template"].as_str().map(str::to_string));
@@ -297,27 +409,177 @@ fn tokenizer_kvs(dir: &Path, out: &mut Vec<(String, Kv)>) -> Result<()> {
     Ok(())
 }
 
-/// Writes the model in `model_dir` as a GGUF file at `out` (replaced atomically).
-pub fn export_gguf(model_dir: &Path, out: &Path, outtype: GgufOutType) -> Result<GgufExport> {
-    let config_path = model_dir.join("config.json");
-    let (config, _raw) = ModelConfig::from_file(&config_path)?;
+/// The GGUF layout `config` is written in, with the notes of what llama.cpp does differently,
+/// or why it cannot be written.
+fn layout_for(
+    config: &ModelConfig,
+    config_path: &Path,
+    index: &WeightIndex,
+) -> Result<(GgufLayout, Vec<String>)> {
+    let refuse = |why: &str| ModelError::weights(config_path, why.to_string());
+    let mut notes = Vec::new();
+    if config.vision_language {
+        return Err(ModelError::UnsupportedArchitecture {
+            path: config_path.to_path_buf(),
+            model_type: "qwen3_vl".into(),
+            hint: " for GGUF export (a vision-language checkpoint: llama.cpp takes its vision \
+                   tower as a separate mmproj file, which this exporter does not write)"
+                .into(),
+        });
+    }
     let arch = match config.architecture {
         Architecture::Llama => "llama",
+        Architecture::Mistral => {
+            if let Some(w) = config.sliding_window
+                && w < config.max_position_embeddings
+            {
+                notes.push(format!(
+                    "llama.cpp runs Mistral as its `llama` architecture, without the sliding \
+                     window: its outputs differ from transformers' beyond {w} tokens"
+                ));
+            }
+            "llama"
+        }
         Architecture::Qwen2 => "qwen2",
         Architecture::Qwen3 => "qwen3",
+        Architecture::Olmo2 => {
+            if config.o_bias || index.names().iter().any(|n| n.ends_with("o_proj.bias")) {
+                return Err(refuse(
+                    "llama.cpp's olmo2 architecture has no attention output bias \
+                     (`attention_bias: true`); this model cannot be written as GGUF",
+                ));
+            }
+            if config.sliding_window.is_some() || !config.layer_types.is_empty() {
+                return Err(refuse(
+                    "OLMo sliding-window layers are not written to GGUF by this exporter",
+                ));
+            }
+            "olmo2"
+        }
+        Architecture::SmolLm3 => {
+            let rope = |i: usize| config.rope_layers.get(i).copied().unwrap_or(true);
+            if (0..config.num_layers).any(|i| rope(i) != crate::gguf::smollm3_rope_layer(i)) {
+                return Err(refuse(&format!(
+                    "llama.cpp's smollm3 leaves the rotary embedding out of every {}th layer \
+                     (fixed, not read from the file), and this model's `no_rope_layers` differ",
+                    crate::gguf::SMOLLM3_NO_ROPE_STEP
+                )));
+            }
+            if config.sliding_window.is_some() {
+                return Err(refuse(
+                    "SmolLM3 sliding-window attention is not written to GGUF by this exporter",
+                ));
+            }
+            "smollm3"
+        }
+        Architecture::Gemma3 => {
+            let want = crate::gguf::gemma3_query_scalar(
+                config.num_layers,
+                config.hidden_size,
+                config.num_heads,
+                config.head_dim,
+            );
+            if config
+                .query_pre_attn_scalar
+                .is_some_and(|q| (q - want as f64).abs() > 1e-9)
+            {
+                return Err(refuse(&format!(
+                    "llama.cpp's gemma3 scales attention by {want}^-0.5 (the head width; the \
+                     27B model's residual width over its heads), and this model's \
+                     `query_pre_attn_scalar` differs"
+                )));
+            }
+            if config
+                .rope_local
+                .as_ref()
+                .is_some_and(|r| !matches!(r.scaling, RopeScaling::Default))
+            {
+                return Err(refuse(
+                    "llama.cpp's gemma3 has no RoPE scaling on its sliding-window layers",
+                ));
+            }
+            "gemma3"
+        }
         other => {
+            let hint = match other {
+                Architecture::Ministral => {
+                    " for GGUF export (llama.cpp's converter has no MinistralForCausalLM)"
+                }
+                _ => {
+                    " for GGUF export (supported: llama, mistral, qwen2, qwen3, olmo2, smollm3, \
+                     gemma3)"
+                }
+            };
             return Err(ModelError::UnsupportedArchitecture {
-                path: config_path,
+                path: config_path.to_path_buf(),
                 model_type: other.model_type().to_string(),
-                hint: " for GGUF export (supported: llama, qwen2, qwen3)".into(),
+                hint: hint.into(),
             });
         }
     };
-    if !matches!(config.rope.scaling, RopeScaling::Default) {
-        return Err(ModelError::weights(
-            &config_path,
-            "RoPE scaling (`rope_scaling`) is not written to GGUF by this exporter",
-        ));
+    let layout = crate::gguf::layout(arch).ok_or_else(|| refuse("no GGUF layout"))?;
+    Ok((layout, notes))
+}
+
+/// The text of token `id` in `tok` (its vocabulary or added tokens).
+fn tok_at(tok: &Value, id: u32) -> Option<String> {
+    let id = u64::from(id);
+    tok["added_tokens"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|a| a["id"].as_u64() == Some(id))
+        .and_then(|a| a["content"].as_str())
+        .or_else(|| {
+            tok["model"]["vocab"]
+                .as_object()?
+                .iter()
+                .find(|(_, v)| v.as_u64() == Some(id))
+                .map(|(k, _)| k.as_str())
+        })
+        .map(str::to_string)
+}
+
+/// Writes the model in `model_dir` as a GGUF file at `out` (replaced atomically).
+///
+/// RoPE scaling: linear as `rope.scaling.*`; Llama 3's (Llama, Mistral, SmolLM3) as the
+/// per-frequency `rope_freqs` tensor `convert_hf_to_gguf.py` computes. Refused: LoRA adapters
+/// (merge first), the other RoPE scalings, vision-language checkpoints, Ministral (no llama.cpp
+/// converter), and the family variants llama.cpp cannot run (see the module docs).
+pub fn export_gguf(model_dir: &Path, out: &Path, outtype: GgufOutType) -> Result<GgufExport> {
+    let config_path = model_dir.join("config.json");
+    let (config, _raw) = ModelConfig::from_file(&config_path)?;
+    let index = WeightIndex::open_dir(model_dir)?;
+    let (layout, notes) = layout_for(&config, &config_path, &index)?;
+    let arch = layout.arch;
+    let mut linear = None;
+    let mut rope_freqs = None;
+    match config.rope.scaling {
+        RopeScaling::Default => {}
+        RopeScaling::Linear { factor } => linear = Some(factor),
+        // llama.cpp's Llama-derived architectures take it as per-frequency factors.
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } if layout.permute_qk => {
+            rope_freqs = Some(crate::gguf::llama3_rope_factors(
+                config.rope.theta,
+                config.rope.head_dim,
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            ));
+        }
+        _ => {
+            return Err(ModelError::weights(
+                &config_path,
+                "this RoPE scaling (`rope_scaling`: yarn, dynamic, longrope, or llama3 outside \
+                 the Llama family) is not written to GGUF by this exporter",
+            ));
+        }
     }
     let c = &config;
     let key = |k: &str| format!("{arch}.{k}");
@@ -365,9 +627,32 @@ pub fn export_gguf(model_dir: &Path, out: &Path, outtype: GgufOutType) -> Result
         (key("attention.value_length"), Kv::U32(as_u32(c.head_dim))),
         (key("rope.dimension_count"), Kv::U32(as_u32(c.head_dim))),
     ];
-    tokenizer_kvs(model_dir, &mut kvs)?;
+    if let Some(factor) = linear {
+        kvs.push((key("rope.scaling.type"), Kv::Str("linear".into())));
+        kvs.push((key("rope.scaling.factor"), Kv::F32(factor as f32)));
+    }
+    if arch == "gemma3" {
+        if let Some(local) = &c.rope_local {
+            kvs.push((key("rope.freq_base_swa"), Kv::F32(local.theta as f32)));
+        }
+        if let Some(window) = c.sliding_window {
+            kvs.push((key("attention.sliding_window"), Kv::U32(as_u32(window))));
+            let sliding = (0..c.num_layers)
+                .map(|i| c.layer_window(i).is_some())
+                .collect();
+            kvs.push((
+                key("attention.sliding_window_pattern"),
+                Kv::BoolArray(sliding),
+            ));
+        }
+    }
+    // As many tokens as the embedding has rows.
+    let rows = index
+        .entry("model.embed_tokens.weight")
+        .and_then(|(_, e)| e.shape.first().copied())
+        .unwrap_or(c.vocab_size);
+    tokenizer_kvs(model_dir, rows, &mut kvs)?;
 
-    let index = WeightIndex::open_dir(model_dir)?;
     let mut names: Vec<&str> = index.names();
     names.sort_unstable();
     let mut infos: Vec<u8> = Vec::new();
@@ -380,7 +665,7 @@ pub fn export_gguf(model_dir: &Path, out: &Path, outtype: GgufOutType) -> Result
         if c.tie_word_embeddings && name == "lm_head.weight" {
             continue;
         }
-        let g = gguf_name(name).ok_or_else(|| {
+        let g = gguf_name(name, layout.modules).ok_or_else(|| {
             ModelError::weights(
                 index.root(),
                 format!("tensor `{name}` has no llama.cpp counterpart"),
@@ -395,7 +680,10 @@ pub fn export_gguf(model_dir: &Path, out: &Path, outtype: GgufOutType) -> Result
             .convert::<f32>()
             .into_vec::<f32>()
             .map_err(|e| ModelError::weights(index.root(), format!("tensor `{name}`: {e:?}")))?;
-        if arch == "llama" && shape.len() == 2 {
+        if layout.norm_shift != 0.0 && name.ends_with("norm.weight") {
+            values.iter_mut().for_each(|v| *v += layout.norm_shift);
+        }
+        if layout.permute_qk && shape.len() == 2 {
             let (rows, cols) = (shape[0], shape[1]);
             if g.ends_with("attn_q.weight") {
                 values = permute_rows(&values, rows, cols, c.num_heads);
@@ -432,6 +720,16 @@ pub fn export_gguf(model_dir: &Path, out: &Path, outtype: GgufOutType) -> Result
         count += 1;
     }
 
+    if let Some(factors) = rope_freqs {
+        put_str(&mut infos, "rope_freqs.weight");
+        infos.extend(1u32.to_le_bytes());
+        infos.extend((factors.len() as u64).to_le_bytes());
+        infos.extend(GGML_F32.to_le_bytes());
+        infos.extend((data.len() as u64).to_le_bytes());
+        data.extend(factors.iter().flat_map(|v| v.to_le_bytes()));
+        data.resize(data.len().next_multiple_of(ALIGNMENT), 0);
+        count += 1;
+    }
     let mut file: Vec<u8> = Vec::with_capacity(data.len() + infos.len() + (1 << 20));
     file.extend(b"GGUF");
     file.extend(3u32.to_le_bytes());
@@ -462,6 +760,7 @@ pub fn export_gguf(model_dir: &Path, out: &Path, outtype: GgufOutType) -> Result
         architecture: arch.to_string(),
         tensors: count,
         bytes: file.len() as u64,
+        notes,
     })
 }
 
@@ -490,10 +789,18 @@ mod tests {
             "model.layers.2.mlp.down_proj.weight",
             "model.layers.2.post_attention_layernorm.weight",
         ] {
-            let g = gguf_name(hf).unwrap();
-            assert_eq!(crate::gguf::hf_name(&g).as_deref(), Some(hf), "{g}");
+            for layout in crate::gguf::LAYOUTS {
+                let g = gguf_name(hf, layout.modules).unwrap();
+                assert_eq!(
+                    crate::gguf::hf_name(&g, layout.modules).as_deref(),
+                    Some(hf),
+                    "{g}"
+                );
+            }
         }
-        assert!(gguf_name("model.layers.0.self_attn.sinks").is_none());
+        for layout in crate::gguf::LAYOUTS {
+            assert!(gguf_name("model.layers.0.self_attn.sinks", layout.modules).is_none());
+        }
     }
 
     #[test]

@@ -379,11 +379,40 @@ fn export_writes_gguf_files_and_refuses_what_it_cannot_write() {
     // q8_0 is smaller than f16.
     let size = |n: &str| std::fs::metadata(dir.path().join(n)).unwrap().len();
     assert!(size("q8.gguf") < size("f16.gguf"));
+    // Mistral is written as llama.cpp's `llama`, which has no sliding window: said on stderr
+    // and in the JSON.
+    let file = dir.path().join("mistral.gguf");
+    let o = train_ok(
+        dir.path(),
+        &[
+            "export",
+            fixtures.join("mistral").to_str().unwrap(),
+            "--format",
+            "gguf",
+            "--output",
+            file.to_str().unwrap(),
+            "--json",
+        ],
+    );
+    let v = crate::common::last_json(&o);
+    assert_eq!(v["architecture"], "llama");
+    assert_eq!(v["notes"].as_array().map(Vec::len), Some(1), "{v}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("note: llama.cpp runs Mistral") && err.contains("beyond 8 tokens"),
+        "{err}"
+    );
     for (model, output, expected) in [
+        (
+            fixtures.join("ministral"),
+            dir.path().join("g.gguf"),
+            "GGUF export",
+        ),
+        // A variant llama.cpp would run differently: refused, saying why.
         (
             fixtures.join("gemma3"),
             dir.path().join("g.gguf"),
-            "GGUF export",
+            "query_pre_attn_scalar",
         ),
         (
             fixtures.join("qwen3-lora"),
