@@ -41,6 +41,11 @@ const KEY_ALIASES: &[(&str, &str)] = &[
     ("val_set_size", "validation_split"),
 ];
 
+/// The config file's own key aliases (key, flag), for the generated reference.
+pub fn key_aliases() -> &'static [(&'static str, &'static str)] {
+    KEY_ALIASES
+}
+
 /// Keys by which an axolotl config is recognised.
 const AXOLOTL_KEYS: &[&str] = &[
     "base_model",

@@ -141,6 +141,10 @@ enum Command {
         #[arg(long, default_value_t = 3000)]
         port: u16,
     },
+    /// The names accepted for others, as JSON (for the generated configuration reference):
+    /// every flag's visible aliases and the config file's own key aliases.
+    #[command(hide = true)]
+    ReferenceAliases,
 }
 
 #[derive(Subcommand, Debug)]
@@ -674,6 +678,27 @@ fn real_main() -> ExitCode {
     }
 }
 
+/// Every visible alias of a training flag (`train run`'s, which `dpo`, `orpo` and `grpo`
+/// share) and the config file's key aliases, as JSON: `docs/reference/configuration.md`'s alias
+/// table is generated from it, so it cannot drift from the code.
+fn reference_aliases() -> serde_json::Value {
+    let cli = cli_command();
+    let flags: Vec<serde_json::Value> = cli
+        .find_subcommand("run")
+        .into_iter()
+        .flat_map(clap::Command::get_arguments)
+        .filter_map(|a| {
+            let aliases: Vec<String> = a
+                .get_visible_aliases()?
+                .into_iter()
+                .map(|x| format!("--{x}"))
+                .collect();
+            Some(serde_json::json!({"flag": format!("--{}", a.get_long()?), "aliases": aliases}))
+        })
+        .collect();
+    serde_json::json!({"flags": flags, "file_keys": config_file::key_aliases()})
+}
+
 /// The whole command line interface.
 pub(crate) fn cli_command() -> clap::Command {
     Cli::command()
@@ -713,6 +738,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Merge(args) => merge_cmd::run(&args),
         Command::Export(args) => export_cmd::run(&args),
         Command::Orchestrator { port } => orchestrator(port),
+        Command::ReferenceAliases => {
+            outln!("{}", reference_aliases());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Status {
             output,
             status_dir,

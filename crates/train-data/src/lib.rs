@@ -101,8 +101,8 @@ pub use parquet::{
     MAX_PARQUET_EXPANSION, MIN_PARQUET_DECODED_BYTES, check_examples, read_examples, write_examples,
 };
 pub use pipeline::{
-    DEFAULT_MAX_LENGTH, DataStats, DatasetConfig, Prepared, cache_key, check_max_length, prepare,
-    prepare_cached, read_prepared, write_prepared,
+    DATASET_KEY_ALIASES, DEFAULT_MAX_LENGTH, DataStats, DatasetConfig, Prepared, cache_key,
+    check_max_length, prepare, prepare_cached, read_prepared, write_prepared,
 };
 pub use preference::{EncodedPair, LoadedPairs, PreferencePair, load_preferences};
 pub use prompts::{LoadedPrompts, PromptRow, load_prompts};

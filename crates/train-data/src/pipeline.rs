@@ -16,6 +16,10 @@ use crate::split::{ValidationSplit, split_indices};
 use crate::tokenize::{ChatTokenizer, LabelMode};
 use crate::transform::{TransformConfig, TransformPipeline};
 
+/// The names [`DatasetConfig`] accepts for its keys besides their own (alias, key): its serde
+/// aliases, listed for the documentation (a test keeps the two equal).
+pub const DATASET_KEY_ALIASES: &[(&str, &str)] = &[("max_seq_length", "max_length")];
+
 /// The data side of a run (the seed's `DatasetConfig`, plus what the original CLI had).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]

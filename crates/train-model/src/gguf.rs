@@ -1085,6 +1085,10 @@ fn tokenizer_json(g: &GgufFile, tokens: &[&str]) -> Result<Value> {
 /// SentencePiece vocabularies) are only reachable whole, as added tokens are.
 const MAX_MERGED_PIECE: usize = 256;
 
+/// Most merges rebuilt from a SentencePiece-style vocabulary (Gemma 3's 262k pieces give well
+/// under a million); bounds what a hostile file can make the importer allocate.
+const MAX_MERGES: usize = 1 << 22;
+
 /// A `tokenizer.json` for llama.cpp's SentencePiece-style vocabulary (`llama`): BPE with byte
 /// fallback over `▁`-marked pieces, its merges rebuilt from the scores as `tokenizers`'
 /// SentencePiece converter does (every split of a piece into two pieces of the vocabulary, by
@@ -1116,6 +1120,15 @@ fn sentencepiece_json(
                 && kind(r) == 1
             {
                 merges.push((scores.get(i).copied().unwrap_or(0.0), i, l, r));
+                if merges.len() > MAX_MERGES {
+                    return Err(ModelError::weights(
+                        &g.path,
+                        format!(
+                            "GGUF vocabulary splits into more than {MAX_MERGES} merges (a \
+                             published one has far fewer)"
+                        ),
+                    ));
+                }
             }
         }
     }

@@ -81,11 +81,20 @@ pub enum IntervalStrategy {
     No,
 }
 
+/// The Hugging Face `TrainingArguments` names [`TrainerConfig`] accepts for its keys (alias,
+/// key): its serde aliases, listed for the documentation (a test keeps the two equal).
+pub const TRAINER_KEY_ALIASES: &[(&str, &str)] = &[
+    ("per_device_train_batch_size", "batch_size"),
+    ("num_train_epochs", "num_epochs"),
+    ("evaluation_strategy", "eval_strategy"),
+    ("lr_scheduler_type", "lr_scheduler"),
+    ("per_device_eval_batch_size", "eval_batch_size"),
+];
+
 /// Everything that shapes a training run.
 ///
 /// Hugging Face `TrainingArguments` names are accepted as aliases of the keys that differ
-/// (`num_train_epochs`, `per_device_train_batch_size`, `per_device_eval_batch_size`,
-/// `lr_scheduler_type`, `evaluation_strategy`).
+/// ([`TRAINER_KEY_ALIASES`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainerConfig {

@@ -105,7 +105,7 @@ pub use checkpoint::{
     latest_intact_checkpoint, list_checkpoints, load_state, model_fingerprint, new_run_id,
     set_aside, verify_checkpoint,
 };
-pub use config::{IntervalStrategy, LrSchedule, TrainerConfig, limits};
+pub use config::{IntervalStrategy, LrSchedule, TRAINER_KEY_ALIASES, TrainerConfig, limits};
 pub use control::RunControl;
 pub use dpo::{
     DPO_METRICS, Dpo, DpoConfig, DpoLossType, ORPO_METRICS, PairBatch, PairLogps, PairLoss,

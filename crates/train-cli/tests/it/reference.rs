@@ -160,6 +160,92 @@ fn definitions(out: &mut String, schemas: &[&Value]) {
     }
 }
 
+/// The names a serde struct accepts besides its own keys: its `deny_unknown_fields` error lists
+/// every field name and alias; the schema's properties are the keys.
+fn serde_aliases<T: serde::de::DeserializeOwned + schemars::JsonSchema>() -> Vec<String> {
+    let err = serde_json::from_str::<T>(r#"{"\u0001": 0}"#)
+        .err()
+        .expect("unknown keys are refused")
+        .to_string();
+    let listed = err
+        .split("expected one of ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no field list in {err}"));
+    let keys = schema::<T>();
+    let keys = keys["properties"].as_object().unwrap();
+    listed
+        .split(", ")
+        .map(|n| {
+            n.split('`')
+                .nth(1)
+                .unwrap_or_else(|| panic!("{n} in {err}"))
+                .to_string()
+        })
+        .filter(|n| !keys.contains_key(n))
+        .collect()
+}
+
+/// The alias table: `train reference-aliases` (every flag's visible aliases, the config file's
+/// key aliases) and the sections' documented serde aliases, which must be exactly the aliases
+/// serde accepts, each setting what it says.
+fn alias_table() -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_train"))
+        .arg("reference-aliases")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut rows: Vec<(String, String)> = Vec::new();
+    for f in v["flags"].as_array().unwrap() {
+        for a in f["aliases"].as_array().unwrap() {
+            let a = a.as_str().unwrap();
+            rows.push((
+                format!("`{a}`, key `{}`", a[2..].replace('-', "_")),
+                format!("`{}`", f["flag"].as_str().unwrap()),
+            ));
+        }
+    }
+    for pair in v["file_keys"].as_array().unwrap() {
+        let (key, flag) = (pair[0].as_str().unwrap(), pair[1].as_str().unwrap());
+        rows.push((
+            format!("key `{key}`"),
+            format!("`--{}`", flag.replace('_', "-")),
+        ));
+    }
+    for (section, documented, accepted) in [
+        (
+            "trainer",
+            train_runner::TRAINER_KEY_ALIASES,
+            serde_aliases::<train_runner::TrainerConfig>(),
+        ),
+        (
+            "data",
+            train_data::DATASET_KEY_ALIASES,
+            serde_aliases::<train_data::DatasetConfig>(),
+        ),
+    ] {
+        let mut listed: Vec<&str> = documented.iter().map(|(a, _)| *a).collect();
+        let mut accepted: Vec<&str> = accepted.iter().map(String::as_str).collect();
+        listed.sort_unstable();
+        accepted.sort_unstable();
+        assert_eq!(
+            listed, accepted,
+            "[{section}]: documented vs serde's aliases"
+        );
+        for (alias, key) in documented {
+            rows.push((
+                format!("`[{section}] {alias}`"),
+                format!("`[{section}] {key}`"),
+            ));
+        }
+    }
+    let mut table = String::from("| name | is |\n|---|---|\n");
+    for (a, b) in rows {
+        let _ = writeln!(table, "| {a} | {b} |");
+    }
+    table
+}
+
 fn config_reference() -> String {
     let dataset = schema::<train_data::DatasetConfig>();
     let trainer = schema::<train_runner::TrainerConfig>();
@@ -181,23 +267,14 @@ fn config_reference() -> String {
          (`num_epochs`, `dataset_path`, `eval_dataset_path`). A flag on the command line wins over\n\
          one in the file, a flag in the file over the sections, and the sections over the\n\
          defaults below. Every unknown key of a file is named in one message.\n\n\
-         Hugging Face names are aliases, on the command line (`--num-train-epochs`) and as keys:\n\n\
-         | Hugging Face / TRL / axolotl | here |\n\
-         |---|---|\n\
-         | `model_name_or_path`, axolotl `base_model` | `model` (`--model`) |\n\
-         | `output_dir` | `output` (`--output`) |\n\
-         | `num_train_epochs` | `epochs`, `[trainer] num_epochs` |\n\
-         | `per_device_train_batch_size`, axolotl `micro_batch_size` | `batch_size` |\n\
-         | `per_device_eval_batch_size` | `eval_batch_size` |\n\
-         | `gradient_accumulation_steps` | `gradient_accumulation` (`--gradient-accumulation`) |\n\
-         | `lr_scheduler_type` | `lr_scheduler` |\n\
-         | `evaluation_strategy` | `eval_strategy` |\n\
-         | `max_seq_length`, axolotl `sequence_len` | `max_length` |\n\
-         | `bf16: true`, `fp16: true` | `precision = \"bf16\"` / `\"fp16\"` (`--bf16`, `--fp16`) |\n\
-         | `lora_target_modules` | `lora_target` |\n\
-         | axolotl `val_set_size` | `validation_split` |\n\
-         | axolotl `sample_packing` | `packing` |\n\
-         | axolotl `adapter: lora` | implied by `lora_r` |\n\n",
+         Hugging Face, TRL and axolotl names are aliases, on the command line and as keys (a\n\
+         flag's alias in snake_case is a key too). This table is generated from the flags'\n\
+         aliases, the config file's key aliases and the sections' serde aliases:\n\n",
+    );
+    out.push_str(&alias_table());
+    out.push_str(
+        "\nAlso: `bf16: true` / `fp16: true` are the flags `--bf16` / `--fp16` (`precision`), and\n\
+         axolotl's `adapter: lora` is implied by `lora_r`.\n\n",
     );
     let sections: [(&str, &str, &Value); 3] = [
         (
@@ -207,7 +284,7 @@ fn config_reference() -> String {
         ),
         (
             "Trainer: `train_runner::TrainerConfig`",
-            "The training loop's settings (`transformers.TrainingArguments` semantics, the seed's defaults). The `train` flags fill it: `--output` sets `output_dir`, `--epochs` sets `num_epochs`, `--gradient-accumulation` sets `gradient_accumulation_steps`, `--no-shuffle` sets `shuffle = false`, the others have the names of their keys. The keys `num_train_epochs`, `per_device_train_batch_size`, `per_device_eval_batch_size`, `lr_scheduler_type` and `evaluation_strategy` are accepted for `num_epochs`, `batch_size`, `eval_batch_size`, `lr_scheduler` and `eval_strategy`.",
+            "The training loop's settings (`transformers.TrainingArguments` semantics, the seed's defaults). The `train` flags fill it: `--output` sets `output_dir`, `--epochs` sets `num_epochs`, `--gradient-accumulation` sets `gradient_accumulation_steps`, `--no-shuffle` sets `shuffle = false`, the others have the names of their keys. The keys it accepts for others are in the alias table above.",
             &trainer,
         ),
         (
