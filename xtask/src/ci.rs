@@ -324,21 +324,33 @@ pub(crate) fn python_round_trips() -> Result<()> {
         check("--check-tensorboard", &[&logged]),
     )?;
 
-    // GGUF: `train export` of the fixture families it writes as they are (Llama with its RoPE
-    // scaling as `rope_freqs`, Mistral's SentencePiece-style tokenizer; the OLMo 2, SmolLM3 and
-    // Gemma 3 fixtures are variants llama.cpp cannot run, refused), read back by the gguf
-    // package.
-    for arch in ["qwen2", "qwen3", "llama", "mistral"] {
+    // GGUF: `train export` of every family it writes, read back by the gguf package: the
+    // fixtures as they are (Llama with its RoPE scaling as `rope_freqs`, Mistral's
+    // SentencePiece-style tokenizer), and for OLMo 2, SmolLM3 and Gemma 3 (whose fixtures are
+    // variants llama.cpp cannot run, refused) the variants the refusals point to.
+    let variants = work.join("gguf-variants");
+    let mut c = Command::new(venv.join("bin/python"));
+    c.arg(root().join("xtask/fixtures/llama_cpp_check.py"))
+        .arg("--fixtures")
+        .arg(&fixtures)
+        .arg("--variants-only")
+        .arg(&variants);
+    run("write the OLMo 2, SmolLM3 and Gemma 3 variants", c)?;
+    let models = ["qwen2", "qwen3", "llama", "mistral"]
+        .map(|a| (a, fixtures.join(a)))
+        .into_iter()
+        .chain(["olmo2", "smollm3", "gemma3"].map(|a| (a, variants.join(a))));
+    for (arch, model) in models {
         let file = work.join(format!("{arch}.gguf"));
         let mut c = Command::new(release_bin("train"));
         c.arg("export")
-            .arg(fixtures.join(arch))
+            .arg(&model)
             .args(["--format", "gguf", "--output"])
             .arg(&file);
         run(&format!("train export --format gguf ({arch})"), c)?;
         run(
             &format!("read {arch}.gguf with the gguf package"),
-            check("--check-gguf", &[&file, &fixtures.join(arch)]),
+            check("--check-gguf", &[&file, &model]),
         )?;
     }
     Ok(())
