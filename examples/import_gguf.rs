@@ -1,5 +1,6 @@
-//! Converts a llama.cpp GGUF checkpoint (llama / qwen2 / qwen3; F32, F16, BF16, Q8_0, Q4_0,
-//! Q4_1 tensors) into a Hugging Face directory that this project and `transformers` load.
+//! Converts a llama.cpp GGUF checkpoint (llama / qwen2 / qwen3 / olmo2 / smollm3 / gemma3; F32,
+//! F16, BF16, Q8_0, Q4_0, Q4_1 tensors; byte-level or SentencePiece-style vocabularies) into a
+//! Hugging Face directory that this project and `transformers` load.
 //!
 //! ```sh
 //! cargo run --release -p train-examples --example import_gguf -- model.gguf out_dir
