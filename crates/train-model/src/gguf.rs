@@ -1109,15 +1109,18 @@ fn sentencepiece_json(
         index.entry(*t).or_insert(i);
     }
     let mut merges: Vec<(f64, usize, usize, usize)> = Vec::new();
+    // Normal and user-defined pieces merge (llama.cpp merges any adjacent pair whose
+    // concatenation is in the vocabulary; Gemma's runs of `▁` are user-defined).
+    let merges_into = |i: usize| matches!(kind(i), 1 | 4);
     for (i, t) in tokens.iter().enumerate() {
-        if kind(i) != 1 || t.len() > MAX_MERGED_PIECE {
+        if !merges_into(i) || t.len() > MAX_MERGED_PIECE {
             continue;
         }
         for (k, _) in t.char_indices().skip(1) {
             let (a, b) = t.split_at(k);
             if let (Some(&l), Some(&r)) = (index.get(a), index.get(b))
-                && kind(l) == 1
-                && kind(r) == 1
+                && merges_into(l)
+                && merges_into(r)
             {
                 merges.push((scores.get(i).copied().unwrap_or(0.0), i, l, r));
                 if merges.len() > MAX_MERGES {
