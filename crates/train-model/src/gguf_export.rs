@@ -218,7 +218,8 @@ pub(crate) fn is_byte_token(token: &str) -> bool {
 /// checks that the two agree.
 fn tokenizer_kvs(dir: &Path, vocab_size: usize, out: &mut Vec<(String, Kv)>) -> Result<()> {
     let path = dir.join("tokenizer.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
+    // The size train-data allows a tokenizer (the largest published are about 35 MB).
+    let text = crate::read_text_file(&path, crate::MAX_JSON_FILE_BYTES)?;
     let tok: Value = serde_json::from_str(&text).map_err(|e| ModelError::Json {
         path: path.clone(),
         message: e.to_string(),
@@ -266,6 +267,16 @@ fn tokenizer_kvs(dir: &Path, vocab_size: usize, out: &mut Vec<(String, Kv)>) -> 
             set(id as usize, content, kind);
         }
     }
+    if by_id.len() > vocab_size {
+        return Err(ModelError::weights(
+            &path,
+            format!(
+                "the tokenizer has {} token ids, more than the embedding's {vocab_size} rows \
+                 (llama.cpp requires as many tokens as rows)",
+                by_id.len()
+            ),
+        ));
+    }
     if by_id.len() < vocab_size && vocab_size <= MAX_TOKENS {
         by_id.resize(vocab_size, None);
     }
@@ -297,7 +308,7 @@ fn tokenizer_kvs(dir: &Path, vocab_size: usize, out: &mut Vec<(String, Kv)>) -> 
         })
         .collect();
     let config_path = dir.join("tokenizer_config.json");
-    let cfg: Value = std::fs::read_to_string(&config_path)
+    let cfg: Value = crate::read_text_file(&config_path, crate::MAX_JSON_FILE_BYTES)
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or(Value::Null);
@@ -400,9 +411,10 @@ fn tokenizer_kvs(dir: &Path, vocab_size: usize, out: &mut Vec<(String, Kv)>) -> 
         first.as_str().is_some_and(|f| Some(f) == bos.as_deref())
     });
     out.push(("tokenizer.ggml.add_bos_token".into(), Kv::Bool(add_bos)));
-    let template = std::fs::read_to_string(dir.join("chat_template.jinja"))
-        .ok()
-        .or_else(|| cfg["chat_template"].as_str().map(str::to_string));
+    let template =
+        crate::read_text_file(&dir.join("chat_template.jinja"), crate::MAX_JSON_FILE_BYTES)
+            .ok()
+            .or_else(|| cfg["chat_template"].as_str().map(str::to_string));
     if let Some(t) = template {
         out.push(("tokenizer.chat_template".into(), Kv::Str(t)));
     }

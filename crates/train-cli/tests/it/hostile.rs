@@ -640,6 +640,37 @@ fn special_files_and_broken_model_directories_are_named_errors() {
         let first = &tail[..tail.find(')').unwrap() + 1];
         assert_eq!(o.stderr.matches(first).count(), 1, "{}", o.stderr);
     }
+    // `train export` of a model whose tokenizer.json, or whose chat template, is a FIFO: named,
+    // never waited on; no file written.
+    for file in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    ] {
+        let bad = dir.path().join(format!("export-{file}"));
+        copy_dir(&m, &bad);
+        let _ = std::fs::remove_file(bad.join(file));
+        fifo(&bad.join(file));
+        let gguf = dir.path().join(format!("{file}.gguf"));
+        let o = bounded(
+            dir.path(),
+            &[
+                "export",
+                bad.to_str().unwrap(),
+                "--format",
+                "gguf",
+                "--output",
+                gguf.to_str().unwrap(),
+            ],
+        );
+        if file == "tokenizer.json" {
+            refused(&o, &[1], "not a regular file");
+            assert!(!gguf.exists());
+        } else {
+            // Optional files: skipped (the export goes on without them), not waited on.
+            assert_eq!(o.code, Some(0), "{file}: {}", o.stderr);
+        }
+    }
     // max_position_embeddings 0 is named, not a NaN downstream.
     let zero = dir.path().join("zero");
     copy_dir(&m, &zero);

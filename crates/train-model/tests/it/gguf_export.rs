@@ -182,4 +182,25 @@ fn other_families_and_bad_outputs_are_refused() {
     .to_string();
     assert!(e.contains("MinistralForCausalLM"), "{e}");
     assert!(!dir.path().join("m.gguf").exists());
+    // A tokenizer with more ids than the embedding has rows: llama.cpp would not load it.
+    let small = variant(
+        &fixtures().join("qwen2"),
+        dir.path(),
+        "short-embedding",
+        |_| {},
+        |_| false,
+    );
+    let mut tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(small.join("tokenizer.json")).unwrap())
+            .unwrap();
+    tok["added_tokens"].as_array_mut().unwrap().push(
+        serde_json::json!({"id": 5000, "content": "<extra>", "single_word": false,
+            "lstrip": false, "rstrip": false, "normalized": false, "special": true}),
+    );
+    std::fs::write(small.join("tokenizer.json"), tok.to_string()).unwrap();
+    let e = export_gguf(&small, &dir.path().join("s.gguf"), GgufOutType::F16)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("more than the embedding"), "{e}");
+    assert!(!dir.path().join("s.gguf").exists());
 }
