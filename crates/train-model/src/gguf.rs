@@ -455,54 +455,47 @@ pub(crate) fn unpermute_rows(data: &[f32], rows: usize, cols: usize, heads: usiz
     out
 }
 
-/// Per-layer modules of the Llama-like families (Llama, Mistral, Qwen2, Qwen3, SmolLM3):
-/// (Hugging Face name, llama.cpp name). The exporter maps the other way.
-pub(crate) const LLAMA_MODULES: &[(&str, &str)] = &[
+/// Per-layer projections and q/k norms, the same in every family: (Hugging Face name,
+/// llama.cpp name). The exporter maps the other way.
+const PROJECTIONS: &[(&str, &str)] = &[
+    ("self_attn.q_proj", "attn_q"),
+    ("self_attn.k_proj", "attn_k"),
+    ("self_attn.v_proj", "attn_v"),
+    ("self_attn.o_proj", "attn_output"),
+    ("self_attn.q_norm", "attn_q_norm"),
+    ("self_attn.k_norm", "attn_k_norm"),
+    ("mlp.gate_proj", "ffn_gate"),
+    ("mlp.up_proj", "ffn_up"),
+    ("mlp.down_proj", "ffn_down"),
+];
+
+/// The layer norms of the Llama-like families (Llama, Mistral, Qwen2, Qwen3, SmolLM3).
+pub(crate) const LLAMA_NORMS: &[(&str, &str)] = &[
     ("input_layernorm", "attn_norm"),
     ("post_attention_layernorm", "ffn_norm"),
-    ("self_attn.q_proj", "attn_q"),
-    ("self_attn.k_proj", "attn_k"),
-    ("self_attn.v_proj", "attn_v"),
-    ("self_attn.o_proj", "attn_output"),
-    ("self_attn.q_norm", "attn_q_norm"),
-    ("self_attn.k_norm", "attn_k_norm"),
-    ("mlp.gate_proj", "ffn_gate"),
-    ("mlp.up_proj", "ffn_up"),
-    ("mlp.down_proj", "ffn_down"),
 ];
 
-/// OLMo 2's per-layer modules: its norms come after attention and the MLP, and llama.cpp names
-/// them so (`post_attention_layernorm` is `post_attention_norm` here, not Llama's `ffn_norm`).
-pub(crate) const OLMO2_MODULES: &[(&str, &str)] = &[
+/// OLMo 2's layer norms come after attention and the MLP, and llama.cpp names them so
+/// (`post_attention_layernorm` is `post_attention_norm` here, not Llama's `ffn_norm`).
+pub(crate) const OLMO2_NORMS: &[(&str, &str)] = &[
     ("post_attention_layernorm", "post_attention_norm"),
     ("post_feedforward_layernorm", "post_ffw_norm"),
-    ("self_attn.q_proj", "attn_q"),
-    ("self_attn.k_proj", "attn_k"),
-    ("self_attn.v_proj", "attn_v"),
-    ("self_attn.o_proj", "attn_output"),
-    ("self_attn.q_norm", "attn_q_norm"),
-    ("self_attn.k_norm", "attn_k_norm"),
-    ("mlp.gate_proj", "ffn_gate"),
-    ("mlp.up_proj", "ffn_up"),
-    ("mlp.down_proj", "ffn_down"),
 ];
 
-/// Gemma 3's per-layer modules: a norm before and after attention and the MLP each.
-pub(crate) const GEMMA3_MODULES: &[(&str, &str)] = &[
+/// Gemma 3's layer norms: before and after attention and the MLP each.
+pub(crate) const GEMMA3_NORMS: &[(&str, &str)] = &[
     ("input_layernorm", "attn_norm"),
     ("post_attention_layernorm", "post_attention_norm"),
     ("pre_feedforward_layernorm", "ffn_norm"),
     ("post_feedforward_layernorm", "post_ffw_norm"),
-    ("self_attn.q_proj", "attn_q"),
-    ("self_attn.k_proj", "attn_k"),
-    ("self_attn.v_proj", "attn_v"),
-    ("self_attn.o_proj", "attn_output"),
-    ("self_attn.q_norm", "attn_q_norm"),
-    ("self_attn.k_norm", "attn_k_norm"),
-    ("mlp.gate_proj", "ffn_gate"),
-    ("mlp.up_proj", "ffn_up"),
-    ("mlp.down_proj", "ffn_down"),
 ];
+
+/// A layer's modules under `norms`: its norms, then [`PROJECTIONS`].
+pub(crate) fn layer_modules(
+    norms: &'static [(&'static str, &'static str)],
+) -> impl Iterator<Item = &'static (&'static str, &'static str)> {
+    norms.iter().chain(PROJECTIONS)
+}
 
 /// How a family is stored in a llama.cpp GGUF file, shared by the importer and the exporter
 /// (as llama.cpp's `convert_hf_to_gguf.py` writes it).
@@ -516,8 +509,8 @@ pub(crate) struct GgufLayout {
     pub hf_class: &'static str,
     /// q/k rows are permuted into llama.cpp's rotary layout (the Llama-derived converters).
     pub permute_qk: bool,
-    /// Per-layer module names.
-    pub modules: &'static [(&'static str, &'static str)],
+    /// Per-layer norm names (the projections are [`PROJECTIONS`] in every family).
+    pub norms: &'static [(&'static str, &'static str)],
     /// Added to every norm weight in the file (Gemma: 1, llama.cpp stores `1 + w`).
     pub norm_shift: f32,
 }
@@ -529,7 +522,7 @@ pub(crate) const LAYOUTS: &[GgufLayout] = &[
         model_type: "llama",
         hf_class: "LlamaForCausalLM",
         permute_qk: true,
-        modules: LLAMA_MODULES,
+        norms: LLAMA_NORMS,
         norm_shift: 0.0,
     },
     GgufLayout {
@@ -537,7 +530,7 @@ pub(crate) const LAYOUTS: &[GgufLayout] = &[
         model_type: "qwen2",
         hf_class: "Qwen2ForCausalLM",
         permute_qk: false,
-        modules: LLAMA_MODULES,
+        norms: LLAMA_NORMS,
         norm_shift: 0.0,
     },
     GgufLayout {
@@ -545,7 +538,7 @@ pub(crate) const LAYOUTS: &[GgufLayout] = &[
         model_type: "qwen3",
         hf_class: "Qwen3ForCausalLM",
         permute_qk: false,
-        modules: LLAMA_MODULES,
+        norms: LLAMA_NORMS,
         norm_shift: 0.0,
     },
     GgufLayout {
@@ -553,7 +546,7 @@ pub(crate) const LAYOUTS: &[GgufLayout] = &[
         model_type: "olmo2",
         hf_class: "Olmo2ForCausalLM",
         permute_qk: false,
-        modules: OLMO2_MODULES,
+        norms: OLMO2_NORMS,
         norm_shift: 0.0,
     },
     GgufLayout {
@@ -561,7 +554,7 @@ pub(crate) const LAYOUTS: &[GgufLayout] = &[
         model_type: "smollm3",
         hf_class: "SmolLM3ForCausalLM",
         permute_qk: true,
-        modules: LLAMA_MODULES,
+        norms: LLAMA_NORMS,
         norm_shift: 0.0,
     },
     GgufLayout {
@@ -569,7 +562,7 @@ pub(crate) const LAYOUTS: &[GgufLayout] = &[
         model_type: "gemma3_text",
         hf_class: "Gemma3ForCausalLM",
         permute_qk: false,
-        modules: GEMMA3_MODULES,
+        norms: GEMMA3_NORMS,
         norm_shift: 1.0,
     },
 ];
@@ -687,7 +680,10 @@ pub(crate) fn smollm3_rope_layer(i: usize) -> bool {
     !(i + 1).is_multiple_of(SMOLLM3_NO_ROPE_STEP)
 }
 
-pub(crate) fn hf_name(gguf: &str, modules: &[(&str, &str)]) -> Option<String> {
+pub(crate) fn hf_name(
+    gguf: &str,
+    norms: &'static [(&'static str, &'static str)],
+) -> Option<String> {
     let top = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
@@ -701,8 +697,7 @@ pub(crate) fn hf_name(gguf: &str, modules: &[(&str, &str)]) -> Option<String> {
     let (layer, leaf) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (module, kind) = leaf.rsplit_once('.')?;
-    let hf = modules
-        .iter()
+    let hf = layer_modules(norms)
         .find(|(_, g)| *g == module)
         .map(|(hf, _)| *hf)?;
     Some(format!("model.layers.{layer}.{hf}.{kind}"))
@@ -896,7 +891,7 @@ pub fn convert_to_hf(gguf_path: &Path, out_dir: &Path) -> Result<GgufImport> {
         if t.name == "rope_freqs.weight" {
             continue;
         }
-        let name = hf_name(&t.name, layout.modules).ok_or_else(|| {
+        let name = hf_name(&t.name, layout.norms).ok_or_else(|| {
             ModelError::weights(
                 gguf_path,
                 format!("tensor `{}` has no Hugging Face counterpart", t.name),
@@ -1245,23 +1240,23 @@ mod tests {
     #[test]
     fn names_map_to_hugging_face() {
         assert_eq!(
-            hf_name("blk.3.attn_q.weight", LLAMA_MODULES).unwrap(),
+            hf_name("blk.3.attn_q.weight", LLAMA_NORMS).unwrap(),
             "model.layers.3.self_attn.q_proj.weight"
         );
         assert_eq!(
-            hf_name("blk.0.ffn_norm.weight", LLAMA_MODULES).unwrap(),
+            hf_name("blk.0.ffn_norm.weight", LLAMA_NORMS).unwrap(),
             "model.layers.0.post_attention_layernorm.weight"
         );
         assert_eq!(
-            hf_name("token_embd.weight", LLAMA_MODULES).unwrap(),
+            hf_name("token_embd.weight", LLAMA_NORMS).unwrap(),
             "model.embed_tokens.weight"
         );
-        assert!(hf_name("blk.x.attn_q.weight", LLAMA_MODULES).is_none());
+        assert!(hf_name("blk.x.attn_q.weight", LLAMA_NORMS).is_none());
         assert_eq!(
-            hf_name("blk.1.post_attention_norm.weight", OLMO2_MODULES).unwrap(),
+            hf_name("blk.1.post_attention_norm.weight", OLMO2_NORMS).unwrap(),
             "model.layers.1.post_attention_layernorm.weight"
         );
-        assert!(hf_name("blk.1.post_attention_norm.weight", LLAMA_MODULES).is_none());
+        assert!(hf_name("blk.1.post_attention_norm.weight", LLAMA_NORMS).is_none());
     }
 
     #[test]

@@ -77,6 +77,13 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend(s.as_bytes());
 }
 
+/// An array value's type (9), its items' GGUF type and their count.
+fn put_array_header(out: &mut Vec<u8>, item_type: u32, len: usize) {
+    out.extend(9u32.to_le_bytes());
+    out.extend(item_type.to_le_bytes());
+    out.extend((len as u64).to_le_bytes());
+}
+
 fn put_kv(out: &mut Vec<u8>, key: &str, v: &Kv) {
     put_str(out, key);
     match v {
@@ -97,40 +104,28 @@ fn put_kv(out: &mut Vec<u8>, key: &str, v: &Kv) {
             put_str(out, s);
         }
         Kv::StrArray(items) => {
-            out.extend(9u32.to_le_bytes());
-            out.extend(8u32.to_le_bytes());
-            out.extend((items.len() as u64).to_le_bytes());
+            put_array_header(out, 8, items.len());
             for s in items {
                 put_str(out, s);
             }
         }
         Kv::I32Array(items) => {
-            out.extend(9u32.to_le_bytes());
-            out.extend(5u32.to_le_bytes());
-            out.extend((items.len() as u64).to_le_bytes());
-            for x in items {
-                out.extend(x.to_le_bytes());
-            }
+            put_array_header(out, 5, items.len());
+            out.extend(items.iter().flat_map(|x| x.to_le_bytes()));
         }
         Kv::BoolArray(items) => {
-            out.extend(9u32.to_le_bytes());
-            out.extend(7u32.to_le_bytes());
-            out.extend((items.len() as u64).to_le_bytes());
+            put_array_header(out, 7, items.len());
             out.extend(items.iter().map(|&b| u8::from(b)));
         }
         Kv::F32Array(items) => {
-            out.extend(9u32.to_le_bytes());
-            out.extend(6u32.to_le_bytes());
-            out.extend((items.len() as u64).to_le_bytes());
-            for x in items {
-                out.extend(x.to_le_bytes());
-            }
+            put_array_header(out, 6, items.len());
+            out.extend(items.iter().flat_map(|x| x.to_le_bytes()));
         }
     }
 }
 
 /// llama.cpp's name of a Hugging Face tensor (the inverse of the importer's mapping).
-fn gguf_name(hf: &str, modules: &[(&str, &str)]) -> Option<String> {
+fn gguf_name(hf: &str, norms: &'static [(&'static str, &'static str)]) -> Option<String> {
     match hf {
         "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
         "model.norm.weight" => return Some("output_norm.weight".into()),
@@ -141,8 +136,7 @@ fn gguf_name(hf: &str, modules: &[(&str, &str)]) -> Option<String> {
     let (layer, leaf) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (module, kind) = leaf.rsplit_once('.')?;
-    let g = modules
-        .iter()
+    let g = crate::gguf::layer_modules(norms)
         .find(|(hf, _)| *hf == module)
         .map(|(_, g)| *g)?;
     Some(format!("blk.{layer}.{g}.{kind}"))
@@ -677,7 +671,7 @@ pub fn export_gguf(model_dir: &Path, out: &Path, outtype: GgufOutType) -> Result
         if c.tie_word_embeddings && name == "lm_head.weight" {
             continue;
         }
-        let g = gguf_name(name, layout.modules).ok_or_else(|| {
+        let g = gguf_name(name, layout.norms).ok_or_else(|| {
             ModelError::weights(
                 index.root(),
                 format!("tensor `{name}` has no llama.cpp counterpart"),
@@ -802,16 +796,16 @@ mod tests {
             "model.layers.2.post_attention_layernorm.weight",
         ] {
             for layout in crate::gguf::LAYOUTS {
-                let g = gguf_name(hf, layout.modules).unwrap();
+                let g = gguf_name(hf, layout.norms).unwrap();
                 assert_eq!(
-                    crate::gguf::hf_name(&g, layout.modules).as_deref(),
+                    crate::gguf::hf_name(&g, layout.norms).as_deref(),
                     Some(hf),
                     "{g}"
                 );
             }
         }
         for layout in crate::gguf::LAYOUTS {
-            assert!(gguf_name("model.layers.0.self_attn.sinks", layout.modules).is_none());
+            assert!(gguf_name("model.layers.0.self_attn.sinks", layout.norms).is_none());
         }
     }
 
