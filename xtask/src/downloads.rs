@@ -154,7 +154,7 @@ fn npm_assets(dir: &Path, specs: &[&str]) -> Result<()> {
             continue;
         }
         let mut c = Command::new("npm");
-        c.args(["pack", "--silent", spec]).current_dir(&dir);
+        c.args(["pack", "--silent", spec]).current_dir(dir);
         run(&format!("npm pack {spec}"), c)?;
         std::fs::create_dir_all(&unpacked)?;
         let mut t = Command::new("tar");
