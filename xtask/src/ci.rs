@@ -8,7 +8,7 @@
 //! build. The downloads (the Python venv with PyPI torch, the asset packages) run on a thread
 //! of their own from the start, while the first builds compile.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -340,6 +340,8 @@ pub(crate) fn python_round_trips() -> Result<()> {
         .map(|a| (a, fixtures.join(a)))
         .into_iter()
         .chain(["olmo2", "smollm3", "gemma3"].map(|a| (a, variants.join(a))));
+    // Every file exported, then all read back in one Python process (torch imported once).
+    let mut pairs = Vec::new();
     for (arch, model) in models {
         let file = work.join(format!("{arch}.gguf"));
         let mut c = Command::new(release_bin("train"));
@@ -348,11 +350,14 @@ pub(crate) fn python_round_trips() -> Result<()> {
             .args(["--format", "gguf", "--output"])
             .arg(&file);
         run(&format!("train export --format gguf ({arch})"), c)?;
-        run(
-            &format!("read {arch}.gguf with the gguf package"),
-            check("--check-gguf", &[&file, &model]),
-        )?;
+        pairs.push(file);
+        pairs.push(model);
     }
+    let pairs: Vec<&Path> = pairs.iter().map(PathBuf::as_path).collect();
+    run(
+        "read the GGUF files with the gguf package",
+        check("--check-gguf", &pairs),
+    )?;
     Ok(())
 }
 

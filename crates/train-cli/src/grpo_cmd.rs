@@ -228,6 +228,13 @@ impl WithBackend for GrpoTraining<'_> {
             reference,
             self.launch.trainer.seed,
         );
+        // Ctrl-C (or `train control stop`) abandons the step's sampling at once; over several
+        // machines a stop is agreed at a step's all-reduce instead.
+        let objective = if self.launch.cluster.is_none() {
+            objective.with_stop(self.control.flag())
+        } else {
+            objective
+        };
         let output = self.launch.trainer.output_dir.clone();
         let setup = TrainSetup {
             model,

@@ -42,6 +42,9 @@ pub enum LogitsError {
     /// The tokenizer failed to decode.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// [`crate::generate_until`]'s flag was raised: the generation was abandoned.
+    #[error("stopped on request")]
+    Cancelled,
 }
 
 impl LogitsError {

@@ -191,6 +191,21 @@ pub fn generate<B: FusedBackend>(
     processors: &mut [Box<dyn LogitsProcessor>],
     config: &GenerationConfig,
 ) -> Result<Vec<Generation>> {
+    let never = std::sync::atomic::AtomicBool::new(false);
+    generate_until(model, tokenizer, prompts, processors, config, &never)
+}
+
+/// [`generate`], abandoned with [`LogitsError::Cancelled`] as soon as `cancel` is raised (it is
+/// read before each token): a stop request (Ctrl-C during GRPO's sampling) does not wait for
+/// the rows to end.
+pub fn generate_until<B: FusedBackend>(
+    model: &CausalLm<B>,
+    tokenizer: Option<&Tokenizer>,
+    prompts: &[Vec<u32>],
+    processors: &mut [Box<dyn LogitsProcessor>],
+    config: &GenerationConfig,
+    cancel: &std::sync::atomic::AtomicBool,
+) -> Result<Vec<Generation>> {
     if prompts.is_empty() {
         return Err(LogitsError::Generation("no prompt".into()));
     }
@@ -254,6 +269,9 @@ pub fn generate<B: FusedBackend>(
     };
     let mut cache = KvCache::for_model(model);
     while rows.iter().any(|r| r.done.is_none()) {
+        if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(LogitsError::Cancelled);
+        }
         let logits = last_logits(model.forward_cached(&input, &mut cache)?)?;
         let mut next = Vec::with_capacity(b);
         for (r, (row, mut l)) in rows.iter_mut().zip(logits).enumerate() {

@@ -73,7 +73,9 @@ pub use config::{
     build_processors_toml, read_processors,
 };
 pub use error::{LogitsError, Result};
-pub use generate::{Decoding, Generation, GenerationConfig, StopReason, end_ids, generate};
+pub use generate::{
+    Decoding, Generation, GenerationConfig, StopReason, end_ids, generate, generate_until,
+};
 pub use origin::{
     DEFAULT_STOP_EMOJIS, PostStopPenalty, PostStopStats, ScheduleWindow, ScheduledTokenPenalty,
     StopEmojiDetector, default_schedule,

@@ -480,6 +480,8 @@ pub struct Grpo<'a, B: FusedAutodiffBackend> {
     /// Completion tokens whose logits are computed at once (`None`: as many as keep a chunk's
     /// f32 logits within `NLL_CHUNK_LOGITS`).
     logit_chunk: Option<usize>,
+    /// Abandons a step's sampling when raised (the run's stop flag).
+    stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl<'a, B: FusedAutodiffBackend> Grpo<'a, B> {
@@ -503,7 +505,18 @@ impl<'a, B: FusedAutodiffBackend> Grpo<'a, B> {
             seed,
             cache: Mutex::new(None),
             logit_chunk: None,
+            stop: None,
         }
+    }
+
+    /// Abandons a step's sampling as soon as `flag` is raised (give it the run's stop flag,
+    /// [`crate::RunControl::flag`]): the loop then stops as it does between steps, saving the
+    /// last completed step, instead of waiting for every completion to end. Not for runs over
+    /// several machines, which agree on a stop at a step's all-reduce.
+    #[must_use]
+    pub fn with_stop(mut self, flag: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Self {
+        self.stop = Some(flag);
+        self
     }
 
     /// Computes the LM head and the token losses `tokens` completion tokens at a time (the
@@ -707,12 +720,14 @@ impl<'a, B: FusedAutodiffBackend> Grpo<'a, B> {
                 stop_strings: Vec::new(),
                 pad_token_id: pb.pad_id,
             };
-            generated.push(train_logits::generate(
+            let never = std::sync::atomic::AtomicBool::new(false);
+            generated.push(train_logits::generate_until(
                 &policy,
                 Some(self.tokenizer),
                 &prompts,
                 &mut processors,
                 &config,
+                self.stop.as_deref().unwrap_or(&never),
             )?);
         }
         drop(processors);

@@ -100,7 +100,18 @@ where
             let step_index = self.state.global_step;
             let iterations = self.objective.iterations().max(1);
             let (batches, next_position) = self.plan.step_batches(self.state.data_position);
-            let batches = self.objective.prepare(&model, step_index, batches)?;
+            let batches = match self.objective.prepare(&model, step_index, batches) {
+                Ok(b) => b,
+                // A stop requested while the step's data was being made (GRPO's sampling):
+                // stopped as between steps, the last completed step saved.
+                Err(crate::RunnerError::Generation(train_logits::LogitsError::Cancelled)) => {
+                    if last_saved != Some(self.state.global_step) {
+                        self.checkpoint(&model)?;
+                    }
+                    return Ok((RunStatus::Stopped, model));
+                }
+                Err(e) => return Err(e),
+            };
             if step_index.is_multiple_of(iterations) {
                 let rollouts = self.objective.rollouts(&batches);
                 if !rollouts.is_empty() {

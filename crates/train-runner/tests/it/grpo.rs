@@ -220,3 +220,114 @@ fn loss_gradients_and_metrics_equal_trls() {
         );
     }
 }
+
+/// Raises `flag` on its first token of the `at`-th generation, and counts the tokens it sees in
+/// that generation afterwards.
+#[derive(Debug)]
+struct StopDuring {
+    flag: Arc<std::sync::atomic::AtomicBool>,
+    generation: usize,
+    at: usize,
+    after: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl train_logits::LogitsProcessor for StopDuring {
+    fn name(&self) -> &'static str {
+        "stop_during"
+    }
+
+    fn start(&mut self, _rows: usize) {
+        self.generation += 1;
+    }
+
+    fn process(
+        &mut self,
+        row: usize,
+        _ctx: &train_logits::RowContext<'_>,
+        _logits: &mut [f32],
+    ) -> train_logits::Result<()> {
+        use std::sync::atomic::Ordering;
+        if self.generation == self.at && row == 0 && self.flag.swap(true, Ordering::SeqCst) {
+            self.after.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+}
+
+/// A stop requested while GRPO samples a step's completions (Ctrl-C) abandons the sampling at
+/// once and stops the run as between steps: the last completed step is saved, and a resume goes
+/// on from it.
+#[test]
+fn a_stop_during_sampling_saves_the_last_step_at_once() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    struct Quiet;
+    impl train_runner::TrainObserver<B> for Quiet {}
+    let out = tempfile::tempdir().unwrap();
+    let tokenizer = tokenizers::Tokenizer::from_file(fixture_dir().join("tokenizer.json")).unwrap();
+    let row = Arc::new(PromptRow {
+        prompt: Vec::new(),
+        columns: serde_json::Map::new(),
+        location: None,
+    });
+    let prompts: Vec<GrpoRow> = (0..4)
+        .map(|i| GrpoRow {
+            prompt_ids: vec![3 + i, 17, 40 + i, 9],
+            row: row.clone(),
+        })
+        .collect();
+    let control = train_runner::RunControl::new();
+    let after = Arc::new(AtomicUsize::new(0));
+    let processor = StopDuring {
+        flag: control.flag(),
+        generation: 0,
+        at: 2,
+        after: Arc::clone(&after),
+    };
+    let config = GrpoConfig {
+        num_generations: 2,
+        max_new_tokens: 400,
+        ..GrpoConfig::default()
+    };
+    let objective = Grpo::<B>::new(
+        config,
+        &[],
+        &tokenizer,
+        Vec::new(),
+        vec![Box::new(processor)],
+        None,
+        0,
+    )
+    .with_stop(control.flag());
+    let (raw, _) = train_model::ModelConfig::from_file(&fixture_dir().join("config.json")).unwrap();
+    let setup = train_runner::TrainSetup {
+        model: model(),
+        raw_config: raw.to_hf_json(),
+        companions_from: fixture_dir(),
+        source_dtype: train_model::StorageDtype::F32,
+        train: train_data::TrainRows::default(),
+        validation: Vec::new(),
+        pad_id: 0,
+        config: train_runner::TrainerConfig {
+            output_dir: out.path().to_path_buf(),
+            batch_size: 1,
+            max_steps: Some(4),
+            save_steps: 100,
+            skip_validation: true,
+            ..train_runner::TrainerConfig::default()
+        },
+        data_fingerprint: "prompts".into(),
+        overwrite: false,
+        parallelism: train_runner::Parallelism::single(Default::default()),
+        inputs: Vec::new(),
+    };
+    let summary =
+        train_runner::run_grpo(setup, prompts, &objective, None, &mut Quiet, &control).unwrap();
+    assert_eq!(summary.status, train_runner::RunStatus::Stopped);
+    assert_eq!(
+        summary.global_step, 1,
+        "the step being sampled is not counted"
+    );
+    assert!(out.path().join("checkpoint-1/trainer_state.json").exists());
+    // No token of the interrupted generation after the one that raised the flag (400 allowed).
+    assert_eq!(after.load(Ordering::SeqCst), 0);
+}
