@@ -815,6 +815,13 @@ pub fn convert_to_hf(gguf_path: &Path, out_dir: &Path) -> Result<GgufImport> {
         "use_cache": true,
     });
     let layers = g.meta_u64(&key("block_count"))?;
+    // Per-layer lists are built from it below, before the config is checked.
+    if layers > 1 << 12 {
+        return Err(ModelError::weights(
+            gguf_path,
+            format!("GGUF `{arch}.block_count` {layers} is larger than any supported model"),
+        ));
+    }
     if let Value::Object(m) = &mut config {
         if matches!(arch.as_str(), "llama" | "olmo2" | "smollm3") {
             // Written only when present: llama.cpp's q/k/v biases.

@@ -810,6 +810,34 @@ mod tests {
     }
 
     #[test]
+    fn a_hostile_block_count_is_refused_before_lists_are_built() {
+        let mut file = b"GGUF".to_vec();
+        file.extend(3u32.to_le_bytes());
+        file.extend(0u64.to_le_bytes());
+        let kvs = [
+            ("general.architecture", Kv::Str("smollm3".into())),
+            ("smollm3.embedding_length", Kv::U32(64)),
+            ("smollm3.attention.head_count", Kv::U32(4)),
+            ("smollm3.feed_forward_length", Kv::U32(128)),
+            ("smollm3.block_count", Kv::U32(u32::MAX)),
+            ("smollm3.context_length", Kv::U32(512)),
+            ("smollm3.attention.layer_norm_rms_epsilon", Kv::F32(1e-6)),
+            ("tokenizer.ggml.tokens", Kv::StrArray(vec!["a".into()])),
+        ];
+        file.extend((kvs.len() as u64).to_le_bytes());
+        for (k, v) in &kvs {
+            put_kv(&mut file, k, v);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hostile.gguf");
+        std::fs::write(&path, file).unwrap();
+        let e = crate::gguf::convert_to_hf(&path, &dir.path().join("out"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("block_count"), "{e}");
+    }
+
+    #[test]
     fn q8_0_matches_gguf_py() {
         // gguf-py: d = max|x| / 127 (stored as f16), q = round-half-away(x / d).
         let mut block = vec![0f32; 32];
