@@ -661,9 +661,10 @@ pub fn export_gguf(model_dir: &Path, out: &Path, outtype: GgufOutType) -> Result
 
     let mut names: Vec<&str> = index.names();
     names.sort_unstable();
-    let mut infos: Vec<u8> = Vec::new();
-    let mut data: Vec<u8> = Vec::new();
-    let mut count = 0usize;
+    // The file's tensors, their types and offsets, known from the shapes alone: the header is
+    // written first, then each tensor converted and written in turn (one in memory at a time).
+    let mut plan: Vec<Planned<'_>> = Vec::new();
+    let mut end = 0u64;
     for name in names {
         if name.ends_with("rotary_emb.inv_freq") {
             continue;
@@ -681,7 +682,53 @@ pub fn export_gguf(model_dir: &Path, out: &Path, outtype: GgufOutType) -> Result
             .entry(name)
             .map(|(_, e)| e.shape.clone())
             .unwrap_or_default();
-        let tensor = index.tensor_data(name, &shape)?;
+        let cols = shape.last().copied().unwrap_or(1);
+        let ggml_type = if shape.len() < 2 {
+            GGML_F32
+        } else if outtype == GgufOutType::Q8_0 && cols.is_multiple_of(32) {
+            GGML_Q8_0
+        } else {
+            GGML_F16
+        };
+        place(&mut plan, &mut end, Some(name), g, shape, ggml_type);
+    }
+    if let Some(factors) = &rope_freqs {
+        let shape = vec![factors.len()];
+        place(
+            &mut plan,
+            &mut end,
+            None,
+            "rope_freqs.weight".into(),
+            shape,
+            GGML_F32,
+        );
+    }
+
+    let mut header: Vec<u8> = Vec::new();
+    header.extend(b"GGUF");
+    header.extend(3u32.to_le_bytes());
+    header.extend((plan.len() as u64).to_le_bytes());
+    header.extend((kvs.len() as u64).to_le_bytes());
+    for (k, v) in &kvs {
+        put_kv(&mut header, k, v);
+    }
+    for t in &plan {
+        put_str(&mut header, &t.name);
+        header.extend((t.shape.len() as u32).to_le_bytes());
+        for d in t.shape.iter().rev() {
+            header.extend((*d as u64).to_le_bytes());
+        }
+        header.extend(t.ggml_type.to_le_bytes());
+        header.extend(t.offset.to_le_bytes());
+    }
+    header.resize(header.len().next_multiple_of(ALIGNMENT), 0);
+
+    // A tensor's values as stored: norms shifted, Llama's q/k rows permuted.
+    let values_of = |t: &Planned<'_>| -> Result<Vec<f32>> {
+        let Some(name) = t.source else {
+            return Ok(rope_freqs.clone().unwrap_or_default());
+        };
+        let tensor = index.tensor_data(name, &t.shape)?;
         let mut values: Vec<f32> = tensor
             .convert::<f32>()
             .into_vec::<f32>()
@@ -689,85 +736,103 @@ pub fn export_gguf(model_dir: &Path, out: &Path, outtype: GgufOutType) -> Result
         if layout.norm_shift != 0.0 && name.ends_with("norm.weight") {
             values.iter_mut().for_each(|v| *v += layout.norm_shift);
         }
-        if layout.permute_qk && shape.len() == 2 {
-            let (rows, cols) = (shape[0], shape[1]);
-            if g.ends_with("attn_q.weight") {
+        if layout.permute_qk && t.shape.len() == 2 {
+            let (rows, cols) = (t.shape[0], t.shape[1]);
+            if t.name.ends_with("attn_q.weight") {
                 values = permute_rows(&values, rows, cols, c.num_heads);
-            } else if g.ends_with("attn_k.weight") {
+            } else if t.name.ends_with("attn_k.weight") {
                 values = permute_rows(&values, rows, cols, c.num_kv_heads);
             }
         }
-        let cols = shape.last().copied().unwrap_or(1);
-        let (ggml_type, bytes): (u32, Vec<u8>) = if shape.len() < 2 {
-            (
-                GGML_F32,
-                values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            )
-        } else if outtype == GgufOutType::Q8_0 && cols.is_multiple_of(32) {
-            (GGML_Q8_0, quantize_q8_0(&values))
-        } else {
-            (
-                GGML_F16,
-                values
-                    .iter()
-                    .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-                    .collect(),
-            )
-        };
-        put_str(&mut infos, &g);
-        infos.extend((shape.len() as u32).to_le_bytes());
-        for d in shape.iter().rev() {
-            infos.extend((*d as u64).to_le_bytes());
-        }
-        infos.extend(ggml_type.to_le_bytes());
-        infos.extend((data.len() as u64).to_le_bytes());
-        data.extend(&bytes);
-        data.resize(data.len().next_multiple_of(ALIGNMENT), 0);
-        count += 1;
-    }
-
-    if let Some(factors) = rope_freqs {
-        put_str(&mut infos, "rope_freqs.weight");
-        infos.extend(1u32.to_le_bytes());
-        infos.extend((factors.len() as u64).to_le_bytes());
-        infos.extend(GGML_F32.to_le_bytes());
-        infos.extend((data.len() as u64).to_le_bytes());
-        data.extend(factors.iter().flat_map(|v| v.to_le_bytes()));
-        data.resize(data.len().next_multiple_of(ALIGNMENT), 0);
-        count += 1;
-    }
-    let mut file: Vec<u8> = Vec::with_capacity(data.len() + infos.len() + (1 << 20));
-    file.extend(b"GGUF");
-    file.extend(3u32.to_le_bytes());
-    file.extend((count as u64).to_le_bytes());
-    file.extend((kvs.len() as u64).to_le_bytes());
-    for (k, v) in &kvs {
-        put_kv(&mut file, k, v);
-    }
-    file.extend(&infos);
-    file.resize(file.len().next_multiple_of(ALIGNMENT), 0);
-    file.extend(&data);
+        Ok(values)
+    };
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| ModelError::io(parent, e))?;
     }
-    let tmp = out.with_extension("gguf.partial");
-    let written = std::fs::File::create(&tmp)
-        .and_then(|mut f| {
-            f.write_all(&file)?;
-            f.sync_all()
-        })
-        .and_then(|()| std::fs::rename(&tmp, out));
+    let mut failed: Option<ModelError> = None;
+    let written = train_fs::replace_with(out, |file| -> std::io::Result<()> {
+        let mut w = std::io::BufWriter::new(file);
+        w.write_all(&header)?;
+        let mut at = 0u64;
+        for t in &plan {
+            let values = match values_of(t) {
+                Ok(v) => v,
+                Err(e) => {
+                    failed = Some(e);
+                    return Err(std::io::Error::other("a tensor could not be read"));
+                }
+            };
+            let bytes = encode(&values, t.ggml_type);
+            w.write_all(&vec![0u8; (t.offset - at) as usize])?;
+            w.write_all(&bytes)?;
+            at = t.offset + bytes.len() as u64;
+        }
+        w.write_all(&vec![0u8; (end - at) as usize])?;
+        w.flush()
+    });
     if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(ModelError::io(out, e));
+        return Err(failed.unwrap_or_else(|| ModelError::io(out, e)));
     }
     Ok(GgufExport {
         path: out.to_path_buf(),
         architecture: arch.to_string(),
-        tensors: count,
-        bytes: file.len() as u64,
+        tensors: plan.len(),
+        bytes: header.len() as u64 + end,
         notes,
     })
+}
+
+/// One tensor of an exported file: the checkpoint tensor it comes from (`None`: the
+/// `rope_freqs` factors), its GGUF name, shape, type and offset in the data section.
+struct Planned<'a> {
+    source: Option<&'a str>,
+    name: String,
+    shape: Vec<usize>,
+    ggml_type: u32,
+    offset: u64,
+}
+
+/// Appends a tensor to `plan` at the data section's `end` (aligned), which it moves on.
+fn place<'a>(
+    plan: &mut Vec<Planned<'a>>,
+    end: &mut u64,
+    source: Option<&'a str>,
+    name: String,
+    shape: Vec<usize>,
+    ggml_type: u32,
+) {
+    let offset = *end;
+    let n: usize = shape.iter().product();
+    *end = (offset + stored_bytes(ggml_type, n)).next_multiple_of(ALIGNMENT as u64);
+    plan.push(Planned {
+        source,
+        name,
+        shape,
+        ggml_type,
+        offset,
+    });
+}
+
+/// Bytes `n` values take as `ggml_type` (F32, F16, or Q8_0 blocks of 32 with an f16 scale).
+fn stored_bytes(ggml_type: u32, n: usize) -> u64 {
+    let n = n as u64;
+    match ggml_type {
+        GGML_F32 => 4 * n,
+        GGML_Q8_0 => n / 32 * 34,
+        _ => 2 * n,
+    }
+}
+
+/// `values` stored as `ggml_type`.
+fn encode(values: &[f32], ggml_type: u32) -> Vec<u8> {
+    match ggml_type {
+        GGML_F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        GGML_Q8_0 => quantize_q8_0(values),
+        _ => values
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect(),
+    }
 }
 
 #[cfg(test)]
