@@ -419,39 +419,27 @@ pub(crate) fn final_hidden<'b, B: FusedBackend>(
 /// The summed log-probability of each row's completion in `batch` (rows in order), and the
 /// number of completion tokens of each. No gradients are kept.
 pub fn completion_logps<B: FusedBackend>(model: &CausalLm<B>, batch: &Batch) -> Vec<(f64, usize)> {
-    logps_at(model, batch, completion_positions)
+    logps_at(model, batch, &[completion_positions]).remove(0)
 }
 
-/// The summed log-probability of the tokens at `positions` of each row of `batch` (see
-/// [`completion_positions`], [`sequence_positions`]), and how many there are. No gradients are
-/// kept.
+/// For each of `positions` (see [`completion_positions`], [`sequence_positions`]): the summed
+/// log-probability of the tokens at those positions of each row of `batch`, and how many there
+/// are, from one forward pass. No gradients are kept.
 fn logps_at<B: FusedBackend>(
     model: &CausalLm<B>,
     batch: &Batch,
-    positions: fn(&Batch, usize) -> RowPositions,
-) -> Vec<(f64, usize)> {
+    positions: &[fn(&Batch, usize) -> RowPositions],
+) -> Vec<Vec<(f64, usize)>> {
     let device = model.embed_tokens.val().device();
-    let rows = batch.batch_size;
     let (run, hidden) = final_hidden(model, batch, &device);
     let head = model.lm_head_weight().val();
-    positions(&run, rows)
-        .into_iter()
-        .map(|(positions, targets)| {
-            let m = positions.len();
-            if m == 0 {
-                return (0.0, 0);
-            }
-            let index = Tensor::<B, 1, Int>::from_data(TensorData::new(positions, [m]), &device);
-            let targets = Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [m]), &device);
-            let out = fused_linear_nll(
-                &hidden.clone().select(0, index),
-                head.clone(),
-                &targets,
-                1.0,
-                nll_chunk_rows(m, model.config.vocab_size),
-                false,
-            );
-            (-f64::from(out.sum.into_scalar().elem::<f32>()), m)
+    positions
+        .iter()
+        .map(|at| {
+            row_nlls(&hidden, &head, false, at(&run, batch.batch_size))
+                .into_iter()
+                .map(|r| r.map_or((0.0, 0), |r| (-r.nll, r.tokens)))
+                .collect()
         })
         .collect()
 }
@@ -806,16 +794,21 @@ impl<B: FusedAutodiffBackend> Objective<B> for Dpo<'_> {
         let mut pairs = 0u64;
         let mut metrics = vec![0f64; self.config.metric_names().len()];
         for batch in self.validation {
-            let logps = completion_logps(model, &batch.batch);
-            let chosen_nll = if self.config.uses_chosen_nll() {
-                chosen_means(
-                    logps_at(model, &batch.batch, sequence_positions)
-                        .into_iter()
-                        .map(|(logp, m)| (-logp, m)),
+            // ORPO also scores every token of the chosen conversations, from the same forward.
+            let (logps, chosen_nll) = if self.config.uses_chosen_nll() {
+                let mut both = logps_at(
+                    model,
+                    &batch.batch,
+                    &[completion_positions, sequence_positions],
+                );
+                let whole = both.pop().unwrap_or_default();
+                let nll = chosen_means(
+                    whole.into_iter().map(|(logp, m)| (-logp, m)),
                     batch.reference.len(),
-                )
+                );
+                (both.pop().unwrap_or_default(), nll)
             } else {
-                Vec::new()
+                (completion_logps(model, &batch.batch), Vec::new())
             };
             let terms = pair_terms(&self.config, batch, &logps, &chosen_nll);
             for (m, v) in
