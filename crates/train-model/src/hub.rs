@@ -134,7 +134,8 @@ fn cached(repo_dir: &Path, revision: &str) -> Option<PathBuf> {
     let commit = if is_commit(revision) {
         revision.to_string()
     } else {
-        std::fs::read_to_string(repo_dir.join("refs").join(revision))
+        // A commit hash: bounded, and a regular file (a FIFO would never end).
+        crate::read_text_file(&repo_dir.join("refs").join(revision), 4096)
             .ok()?
             .trim()
             .to_string()

@@ -288,4 +288,16 @@ fn missing_repos_cut_transfers_and_offline_misses_are_clear_errors_that_leave_no
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("HF_HUB_OFFLINE"), "{err}");
+    // A cache whose ref is a FIFO (nothing ever writes it): not read, a plain miss.
+    let refs = repo_dir(home.path(), "tiny/fifo").join("refs");
+    std::fs::create_dir_all(&refs).unwrap();
+    let st = std::process::Command::new("mkfifo")
+        .arg(refs.join("main"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let o = generate(home.path(), &hub, "tiny/fifo", true);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("HF_HUB_OFFLINE"), "{err}");
 }
