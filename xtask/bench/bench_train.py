@@ -4,8 +4,8 @@
               384, 6 layers, 6 query / 2 key-value heads of 64, MLP 1024, tied embeddings) with
               `transformers`' random initialisation, saved in fp32 beside SmolLM2's tokenizer;
               or the same shape in another family (`--shape gemma3-30m`, `olmo2-30m`,
-              `smollm3-30m`, `mistral-30m`: each with its own layer kind, sliding windows of
-              128 tokens where the family has them)
+              `smollm3-30m`, `mistral-30m`, `phi3-30m`: each with its own layer kind, sliding
+              windows of 128 tokens where the family has them)
   make-data   long `messages` conversations from chatterbot-corpus (BSD), every one longer
               than the benchmark's sequence, so that each truncated example is exactly that long
   torch       the same fine-tuning job in PyTorch + `transformers` eager: same model files, same
@@ -30,6 +30,12 @@ SHAPES = {
     "olmo2-30m": ("olmo2", {k: v for k, v in QWEN3_30M.items() if k != "head_dim"}),
     "smollm3-30m": ("smollm3", {k: v for k, v in QWEN3_30M.items() if k != "head_dim"}),
     "mistral-30m": ("mistral", dict(QWEN3_30M, sliding_window=128)),
+    # Phi-4-mini's kind: fused qkv_proj / gate_up_proj, 3/4 of each head rotated, LongRoPE
+    # (within its pre-training context of 1024 at the benchmark's 512 tokens: short factors).
+    "phi3-30m": ("phi3", dict({k: v for k, v in QWEN3_30M.items() if k != "head_dim"},
+                              partial_rotary_factor=0.75, original_max_position_embeddings=1024,
+                              rope_scaling={"rope_type": "longrope", "short_factor": [1.0 + i / 48 for i in range(24)],
+                                            "long_factor": [2.0 + i / 4 for i in range(24)]})),
 }
 
 

@@ -138,11 +138,59 @@ pub(crate) fn torch_env() -> Result<Vec<(String, OsString)>> {
     ])
 }
 
-/// [`assets`] and the ones only the fixture script reads (Gemma 3's tokenizer and template).
+/// [`assets`] and the ones only the fixture script reads (Gemma 3's tokenizer and template,
+/// the chat templates llama.cpp keeps).
 pub(crate) fn fixture_assets() -> Result<PathBuf> {
     let dir = assets()?;
     npm_assets(&dir, FIXTURE_NPM_ASSETS)?;
+    llama_cpp_templates(&dir)?;
     Ok(dir)
+}
+
+/// The source distribution of `llama-cpp-python` on PyPI, whose vendored llama.cpp (MIT) keeps
+/// the real chat templates of many models in `models/templates/` (fetched from the hub by its
+/// `scripts/get_chat_template.py`).
+const LLAMA_CPP_SDIST: &str = "llama-cpp-python==0.3.36";
+
+/// Unpacks llama.cpp's `models/templates/*.jinja` into `<assets>/llama-cpp-templates` (once).
+fn llama_cpp_templates(dir: &Path) -> Result<()> {
+    let out = dir.join("llama-cpp-templates");
+    if out.join("microsoft-Phi-3.5-mini-instruct.jinja").is_file() {
+        return Ok(());
+    }
+    let sdist = dir.join("llama-cpp-sdist");
+    std::fs::create_dir_all(&sdist)?;
+    let mut c = Command::new("python3");
+    c.args([
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        "--no-build-isolation",
+        "--disable-pip-version-check",
+        "-d",
+    ])
+    .arg(&sdist)
+    .arg(LLAMA_CPP_SDIST);
+    run(&format!("pip download {LLAMA_CPP_SDIST}"), c)?;
+    let tarball = std::fs::read_dir(&sdist)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().ends_with(".tar.gz"))
+        .context("llama-cpp-python's source distribution is missing after pip download")?;
+    std::fs::create_dir_all(&out)?;
+    let mut t = Command::new("tar");
+    t.arg("xzf")
+        .arg(&tarball)
+        .arg("-C")
+        .arg(&out)
+        .arg("--wildcards")
+        .arg("*/vendor/llama.cpp/models/templates/*.jinja")
+        .arg("--strip-components=5");
+    run("unpack llama.cpp's chat templates", t)?;
+    Ok(())
 }
 
 /// Downloads the npm packages `specs` into `dir` and unpacks each (once).

@@ -59,6 +59,7 @@ pub(crate) fn fixtures() -> Result<()> {
         ("olmo2", vec!["bf16"]),
         ("smollm3", vec!["f32"]),
         ("gemma3", vec!["f32"]),
+        ("phi3", vec!["f32"]),
     ] {
         let out = saved_root.join(format!(
             "{arch}-{}",

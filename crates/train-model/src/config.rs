@@ -36,6 +36,9 @@ pub enum Architecture {
     /// RMSNorms before and after attention and the MLP, a GeGLU MLP, embeddings scaled by
     /// √hidden.
     Gemma3,
+    /// Phi-3 / Phi-4-mini: Llama's layers with fused `qkv_proj` and `gate_up_proj`
+    /// projections, a partial rotary embedding and LongRoPE.
+    Phi3,
 }
 
 impl Architecture {
@@ -166,6 +169,8 @@ pub struct HfConfig {
     pub rope_scaling: Option<Value>,
     pub rope_parameters: Option<Value>,
     pub partial_rotary_factor: Option<f64>,
+    /// Phi-3: the pre-training context of LongRoPE, at the top level.
+    pub original_max_position_embeddings: Option<usize>,
     pub attention_bias: Option<bool>,
     pub mlp_bias: Option<bool>,
     pub tie_word_embeddings: Option<bool>,
@@ -318,6 +323,14 @@ pub struct ModelConfig {
     /// Where each layer normalises.
     #[serde(default)]
     pub norm_placement: NormPlacement,
+    /// q, k and v are one projection, `qkv_proj`, whose rows are the queries', the keys' and
+    /// the values' (Phi-3).
+    #[serde(default)]
+    pub fused_qkv: bool,
+    /// gate and up are one projection, `gate_up_proj`, whose rows are the gate's then the up
+    /// projection's (Phi-3).
+    #[serde(default)]
+    pub fused_gate_up: bool,
     /// Whether each layer applies the rotary embedding; empty means every layer does (SmolLM3's
     /// `no_rope_layers`).
     #[serde(default)]
@@ -501,6 +514,7 @@ impl ModelConfig {
             head_dim,
             max_position_embeddings,
             RopeLayers::Global,
+            &family.rope,
         )?;
         let crate::family::Layout {
             qkv_bias,
@@ -509,6 +523,8 @@ impl ModelConfig {
             qk_norm,
             qk_norm_whole,
             norm_placement,
+            fused_qkv,
+            fused_gate_up,
         } = (family.layout)(hf);
         let rope_layers = (family.rope_layers)(path, hf, num_layers)?;
         let dtype_name = hf.dtype.as_deref().or(hf.torch_dtype.as_deref());
@@ -580,6 +596,8 @@ impl ModelConfig {
             qk_norm,
             qk_norm_whole,
             norm_placement,
+            fused_qkv,
+            fused_gate_up,
             rope_layers,
             tie_word_embeddings: hf
                 .tie_word_embeddings
@@ -702,16 +720,8 @@ pub(crate) fn parse_rope(
     head_dim: usize,
     max_position_embeddings: usize,
     layers: RopeLayers,
+    rules: &crate::family::RopeRules,
 ) -> Result<RopeConfig> {
-    if let Some(p) = hf.partial_rotary_factor
-        && (p - 1.0).abs() > f64::EPSILON
-    {
-        return Err(ModelError::config(
-            path,
-            "partial_rotary_factor",
-            format!("{p} is not supported (only 1.0)"),
-        ));
-    }
     // transformers 5.x: `rope_parameters` (possibly nested per layer type); 4.x: `rope_scaling`.
     let (field, params) = match (&hf.rope_parameters, &hf.rope_scaling) {
         // transformers 4.x's flat `rope_scaling` is the global layers' (Gemma 3's local layers
@@ -759,6 +769,37 @@ pub(crate) fn parse_rope(
                 .ok_or_else(|| ModelError::config(path, format!("{field}.{key}"), "not a number")),
         }
     };
+    // `partial_rotary_factor`: the rotary parameters' own, else the top-level one.
+    let (partial_field, partial) = match get_f("partial_rotary_factor")? {
+        Some(p) => (format!("{field}.partial_rotary_factor"), p),
+        None => (
+            "partial_rotary_factor".to_string(),
+            hf.partial_rotary_factor.unwrap_or(1.0),
+        ),
+    };
+    let rotary_dim = if (partial - 1.0).abs() <= f64::EPSILON {
+        head_dim
+    } else if !rules.partial_rotary {
+        return Err(ModelError::config(
+            path,
+            partial_field,
+            format!("{partial} is not supported for this model type (only 1.0)"),
+        ));
+    } else {
+        // `int(head_dim * partial_rotary_factor)`, as `transformers`.
+        let dim = head_dim as f64 * partial;
+        if !(partial > 0.0 && partial < 1.0 && dim >= 2.0 && (dim as usize).is_multiple_of(2)) {
+            return Err(ModelError::config(
+                path,
+                partial_field,
+                format!(
+                    "{partial} must be in (0, 1] and give an even number of rotated channels \
+                     (head_dim {head_dim} × {partial} = {dim})"
+                ),
+            ));
+        }
+        dim as usize
+    };
     let theta = match (get_f("rope_theta")?, layers) {
         (Some(t), _) => t,
         (None, RopeLayers::Global) => hf.rope_theta.unwrap_or(10_000.0),
@@ -779,7 +820,12 @@ pub(crate) fn parse_rope(
         .as_ref()
         .and_then(|p| p.get("rope_type").or_else(|| p.get("type")))
         .and_then(Value::as_str)
-        .unwrap_or("default")
+        .unwrap_or("default");
+    let rope_type = rules
+        .type_aliases
+        .iter()
+        .find(|(from, _)| *from == rope_type)
+        .map_or(rope_type, |(_, to)| *to)
         .to_string();
     let need_f = |key: &str| -> Result<f64> {
         get_f(key)?.ok_or_else(|| {
@@ -790,16 +836,57 @@ pub(crate) fn parse_rope(
             )
         })
     };
-    let original = match get_f("original_max_position_embeddings")? {
-        Some(v) if v.is_finite() && v >= 1.0 => v,
-        Some(v) => {
+    let original = match (
+        rules.top_level_original_max,
+        get_f("original_max_position_embeddings")?,
+    ) {
+        // Phi-3's configuration class keeps its own (default 4096) and lets it win.
+        (Some(default), _) => match hf.original_max_position_embeddings.unwrap_or(default) {
+            0 => {
+                return Err(ModelError::config(
+                    path,
+                    "original_max_position_embeddings",
+                    "must be a number of positions (at least 1)",
+                ));
+            }
+            n => n as f64,
+        },
+        (None, Some(v)) if v.is_finite() && v >= 1.0 => v,
+        (None, Some(v)) => {
             return Err(ModelError::config(
                 path,
                 format!("{field}.original_max_position_embeddings"),
                 format!("{v} must be a number of positions (at least 1)"),
             ));
         }
-        None => max_position_embeddings as f64,
+        (None, None) => max_position_embeddings as f64,
+    };
+    let factors = |key: &str| -> Result<Vec<f64>> {
+        match params.as_ref().and_then(|p| p.get(key)) {
+            Some(Value::Array(items)) if items.len() <= 1 << 16 => items
+                .iter()
+                .map(|v| {
+                    v.as_f64().ok_or_else(|| {
+                        ModelError::config(path, format!("{field}.{key}"), "not a list of numbers")
+                    })
+                })
+                .collect(),
+            Some(Value::Array(_)) => Err(ModelError::config(
+                path,
+                format!("{field}.{key}"),
+                "has more entries than any rotary embedding",
+            )),
+            None | Some(Value::Null) => Err(ModelError::config(
+                path,
+                format!("{field}.{key}"),
+                format!("required by rope_type `{rope_type}`"),
+            )),
+            Some(_) => Err(ModelError::config(
+                path,
+                format!("{field}.{key}"),
+                "not a list of numbers",
+            )),
+        }
     };
     let scaling = match rope_type.as_str() {
         "default" => RopeScaling::Default,
@@ -829,17 +916,35 @@ pub(crate) fn parse_rope(
                 .and_then(Value::as_bool)
                 .unwrap_or(true),
         },
+        "longrope" => {
+            // The extension factor is the context's growth unless given; the attention factor
+            // follows from it unless given (`_compute_longrope_parameters`).
+            let factor = get_f("factor")?.unwrap_or(max_position_embeddings as f64 / original);
+            let attention_factor = match get_f("attention_factor")? {
+                Some(a) => a,
+                None if factor <= 1.0 => 1.0,
+                None => (1.0 + factor.ln() / original.ln()).sqrt(),
+            };
+            RopeScaling::LongRope {
+                short_factor: factors("short_factor")?,
+                long_factor: factors("long_factor")?,
+                original_max_position_embeddings: original,
+                attention_factor,
+            }
+        }
         other => {
             return Err(ModelError::config(
                 path,
                 format!("{field}.rope_type"),
-                format!("`{other}` is not supported (supported: default, linear, llama3, yarn)"),
+                format!(
+                    "`{other}` is not supported (supported: default, linear, llama3, yarn, longrope)"
+                ),
             ));
         }
     };
     let rope = RopeConfig {
         theta,
-        head_dim,
+        head_dim: rotary_dim,
         scaling,
     };
     rope.validate()
@@ -1261,6 +1366,115 @@ mod tests {
         multimodal["model_type"] = json!("gemma3");
         let e = parse(&multimodal).unwrap_err().to_string();
         assert!(e.contains("gemma3"), "{e}");
+    }
+
+    fn phi3() -> Value {
+        // Phi-4-mini's shape of config (its sizes cut down): 3/4 of each head rotated, LongRoPE
+        // with a top-level pre-training context.
+        json!({
+            "model_type": "phi3", "vocab_size": 100, "hidden_size": 64, "intermediate_size": 96,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 131_072, "original_max_position_embeddings": 4096,
+            "partial_rotary_factor": 0.75, "rope_theta": 10_000.0, "sliding_window": null,
+            "rope_scaling": {"type": "longrope", "short_factor": [1.0, 1.5, 2.0, 2.5, 3.0, 3.5],
+                             "long_factor": [2.0, 3.0, 4.0, 5.0, 6.0, 7.0]},
+            "tie_word_embeddings": true, "torch_dtype": "bfloat16"
+        })
+    }
+
+    #[test]
+    fn phi3_reads_fused_projections_partial_rotary_and_longrope_as_transformers_does() {
+        let c = parse(&phi3()).unwrap();
+        assert!(c.fused_qkv && c.fused_gate_up && !c.qkv_bias && !c.mlp_bias);
+        assert_eq!((c.head_dim, c.rope.head_dim), (16, 12));
+        assert_eq!((c.sliding_window, c.layer_types.len()), (None, 0));
+        let RopeScaling::LongRope {
+            original_max_position_embeddings,
+            attention_factor,
+            ..
+        } = &c.rope.scaling
+        else {
+            panic!("{:?}", c.rope.scaling)
+        };
+        assert_eq!(*original_max_position_embeddings, 4096.0);
+        let want = (1.0 + 32f64.ln() / 4096f64.ln()).sqrt();
+        assert!((attention_factor - want).abs() < 1e-12);
+        assert_eq!(c.rope.switch_length(), Some(4096));
+        // Short factors within the context, long ones beyond, the same attention factor.
+        let (short, s1) = c.rope.inv_freq_for(4096);
+        let (long, s2) = c.rope.inv_freq_for(4097);
+        assert_eq!(s1, s2);
+        assert!(
+            (short[1] / long[1] - 2.0).abs() < 1e-6,
+            "{short:?} {long:?}"
+        );
+        // Phi-3's names: `su` (and `yarn`) are LongRoPE; the top-level context wins over one in
+        // the rotary parameters, and defaults to 4096.
+        let mut v = phi3();
+        v["rope_scaling"]["type"] = json!("su");
+        v["rope_scaling"]["original_max_position_embeddings"] = json!(64);
+        assert_eq!(parse(&v).unwrap().rope.switch_length(), Some(4096));
+        v.as_object_mut()
+            .unwrap()
+            .remove("original_max_position_embeddings");
+        assert_eq!(parse(&v).unwrap().rope.switch_length(), Some(4096));
+        // A window on every layer when set.
+        let mut v = phi3();
+        v["sliding_window"] = json!(2047);
+        let c = parse(&v).unwrap();
+        assert_eq!(c.layer_window(1), Some(2047));
+        // Written back and read again: the same configuration.
+        assert_eq!(parse(&c.to_hf_json()).unwrap(), c);
+    }
+
+    #[test]
+    fn bad_phi3_rotary_settings_name_the_field() {
+        let cases: Vec<(&str, Value, &str)> = vec![
+            ("partial_rotary_factor", json!(0.7), "even number"),
+            ("partial_rotary_factor", json!(1.5), "in (0, 1]"),
+            ("partial_rotary_factor", json!(0.0), "in (0, 1]"),
+            ("original_max_position_embeddings", json!(0), "at least 1"),
+            ("sliding_window", json!(0), "sliding_window"),
+        ];
+        for (key, value, want) in cases {
+            let mut v = phi3();
+            v[key] = value.clone();
+            let e = parse(&v).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(want), "{key} = {value}: {e}");
+        }
+        let rope_cases: Vec<(&str, Value, &str)> = vec![
+            (
+                "short_factor",
+                json!([1.0, 2.0]),
+                "short_factor has 2 entries",
+            ),
+            (
+                "long_factor",
+                json!([1.0, 2.0, 3.0, 4.0, 5.0, -1.0]),
+                "positive",
+            ),
+            ("short_factor", json!("many"), "not a list of numbers"),
+            (
+                "long_factor",
+                Value::Null,
+                "required by rope_type `longrope`",
+            ),
+            ("attention_factor", json!(-2.0), "attention_factor"),
+        ];
+        for (key, value, want) in rope_cases {
+            let mut v = phi3();
+            v["rope_scaling"][key] = value.clone();
+            let e = parse(&v).unwrap_err().to_string();
+            assert!(
+                e.contains("rope_scaling") && e.contains(want),
+                "{key} = {value}: {e}"
+            );
+        }
+        // Other families refuse a partial rotary embedding rather than ignore it.
+        let mut v = base();
+        v["partial_rotary_factor"] = json!(0.5);
+        let e = parse(&v).unwrap_err().to_string();
+        assert!(e.contains("partial_rotary_factor"), "{e}");
     }
 
     #[test]

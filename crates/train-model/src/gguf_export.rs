@@ -511,6 +511,11 @@ fn layout_for(
                 Architecture::Ministral => {
                     " for GGUF export (llama.cpp's converter has no MinistralForCausalLM)"
                 }
+                Architecture::Phi3 => {
+                    " for GGUF export (Phi-3's fused projections and LongRoPE factors are not \
+                     written by this exporter yet; llama.cpp's own convert_hf_to_gguf.py reads \
+                     the saved checkpoint)"
+                }
                 _ => {
                     " for GGUF export (supported: llama, mistral, qwen2, qwen3, olmo2, smollm3, \
                      gemma3)"

@@ -31,13 +31,17 @@ pub(crate) const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 /// What PEFT puts before a module's name in `adapter_model.safetensors`.
 pub(crate) const PEFT_PREFIX: &str = "base_model.model.";
 /// The projections an adapter can target (the decoder's linear layers; `all-linear` means all).
-pub const LORA_MODULES: [&str; 7] = [
+/// `qkv_proj` and `gate_up_proj` are the fused projections of the families that have them
+/// (Phi-3).
+pub const LORA_MODULES: [&str; 9] = [
     "q_proj",
     "k_proj",
     "v_proj",
+    "qkv_proj",
     "o_proj",
     "gate_proj",
     "up_proj",
+    "gate_up_proj",
     "down_proj",
 ];
 
@@ -192,17 +196,7 @@ pub struct AdapterConfig {
 fn projections_mut<B: Backend>(model: &mut CausalLm<B>) -> Vec<(String, &mut Projection<B>)> {
     let mut out = Vec::new();
     for (l, layer) in model.layers.iter_mut().enumerate() {
-        let a = &mut layer.self_attn;
-        let m = &mut layer.mlp;
-        for (name, proj) in [
-            ("self_attn.q_proj", &mut a.q_proj),
-            ("self_attn.k_proj", &mut a.k_proj),
-            ("self_attn.v_proj", &mut a.v_proj),
-            ("self_attn.o_proj", &mut a.o_proj),
-            ("mlp.gate_proj", &mut m.gate_proj),
-            ("mlp.up_proj", &mut m.up_proj),
-            ("mlp.down_proj", &mut m.down_proj),
-        ] {
+        for (name, proj) in layer.projections_mut() {
             out.push((format!("model.layers.{l}.{name}"), proj));
         }
     }
@@ -213,17 +207,7 @@ fn projections_mut<B: Backend>(model: &mut CausalLm<B>) -> Vec<(String, &mut Pro
 fn projections<B: Backend>(model: &CausalLm<B>) -> Vec<(String, &Projection<B>)> {
     let mut out = Vec::new();
     for (l, layer) in model.layers.iter().enumerate() {
-        let a = &layer.self_attn;
-        let m = &layer.mlp;
-        for (name, proj) in [
-            ("self_attn.q_proj", &a.q_proj),
-            ("self_attn.k_proj", &a.k_proj),
-            ("self_attn.v_proj", &a.v_proj),
-            ("self_attn.o_proj", &a.o_proj),
-            ("mlp.gate_proj", &m.gate_proj),
-            ("mlp.up_proj", &m.up_proj),
-            ("mlp.down_proj", &m.down_proj),
-        ] {
+        for (name, proj) in layer.projections() {
             out.push((format!("model.layers.{l}.{name}"), proj));
         }
     }
@@ -263,9 +247,19 @@ impl<B: Backend> CausalLm<B> {
             .iter()
             .find(|t| !keys.iter().any(|k| LoraConfig::target_matches(t, k)))
         {
+            // The module names this model has, in checkpoint order (Phi-3's are fused:
+            // `qkv_proj`, `gate_up_proj`).
+            let mut known: Vec<&str> = Vec::new();
+            for k in &keys {
+                if let Some(last) = k.rsplit('.').next()
+                    && !known.contains(&last)
+                {
+                    known.push(last);
+                }
+            }
             return Err(ModelError::InvalidInput(format!(
-                "lora target_modules: `{t}` selects no module of this model (known: {}, all-linear)",
-                LORA_MODULES.join(", ")
+                "lora target_modules: `{t}` selects no module of this model (its modules: {}, all-linear)",
+                known.join(", ")
             )));
         }
         Ok(())

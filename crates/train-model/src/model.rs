@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use burn::module::{Module, Param};
 use burn::tensor::{
-    DType, FloatDType, Int, Tensor, TensorData,
+    DType, ElementConversion, FloatDType, Int, Tensor, TensorData,
     activation::{gelu_approximate, silu},
     backend::Backend,
 };
@@ -130,12 +130,8 @@ impl<B: FusedBackend> RmsNorm<B> {
 /// Multi-head attention with grouped key/value heads, optional per-head q/k RMSNorm (Qwen3).
 #[derive(Module, Debug)]
 pub struct SelfAttention<B: Backend> {
-    /// Query projection.
-    pub q_proj: Projection<B>,
-    /// Key projection.
-    pub k_proj: Projection<B>,
-    /// Value projection.
-    pub v_proj: Projection<B>,
+    /// The query, key and value projections.
+    pub qkv: QkvProjections<B>,
     /// Output projection.
     pub o_proj: Projection<B>,
     /// RMSNorm of queries: per head (Qwen3), or over the whole projection (OLMo 2,
@@ -153,6 +149,54 @@ pub struct SelfAttention<B: Backend> {
     pub num_kv_heads: usize,
     /// Width of a head.
     pub head_dim: usize,
+}
+
+/// The query, key and value projections of an attention block.
+#[derive(Module, Debug)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one per layer, built once: boxing would only add an indirection to the forward"
+)]
+pub enum QkvProjections<B: Backend> {
+    /// Three projections: `q_proj`, `k_proj`, `v_proj`.
+    Separate(SeparateQkv<B>),
+    /// One projection whose output rows are the queries', then the keys', then the values'
+    /// (`qkv_proj`: Phi-3).
+    Fused(Projection<B>),
+}
+
+/// `q_proj`, `k_proj` and `v_proj`.
+#[derive(Module, Debug)]
+pub struct SeparateQkv<B: Backend> {
+    /// Query projection.
+    pub q_proj: Projection<B>,
+    /// Key projection.
+    pub k_proj: Projection<B>,
+    /// Value projection.
+    pub v_proj: Projection<B>,
+}
+
+impl<B: Backend> SelfAttention<B> {
+    /// Queries `[b, s, heads * head_dim]`, keys and values `[b, s, kv_heads * head_dim]`.
+    fn project_qkv(&self, x: Tensor<B, 3>) -> (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) {
+        match &self.qkv {
+            QkvProjections::Separate(p) => (
+                p.q_proj.forward(x.clone()),
+                p.k_proj.forward(x.clone()),
+                p.v_proj.forward(x),
+            ),
+            QkvProjections::Fused(p) => {
+                let q = self.num_heads * self.head_dim;
+                let kv = self.num_kv_heads * self.head_dim;
+                let y = p.forward(x);
+                (
+                    y.clone().narrow(2, 0, q),
+                    y.clone().narrow(2, q, kv),
+                    y.narrow(2, q + kv, kv),
+                )
+            }
+        }
+    }
 }
 
 /// Per-forward context shared by every layer.
@@ -174,8 +218,7 @@ impl<B: FusedBackend> SelfAttention<B> {
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let mut q = self.q_proj.forward(x.clone());
-        let mut k = self.k_proj.forward(x.clone());
+        let (mut q, mut k, v) = self.project_qkv(x);
         if self.qk_norm_whole {
             if let Some(n) = &self.q_norm {
                 q = n.apply(q, ctx.fused);
@@ -186,11 +229,7 @@ impl<B: FusedBackend> SelfAttention<B> {
         }
         let mut q = q.reshape([b, s, h, d]);
         let mut k = k.reshape([b, s, kvh, d]);
-        let v = self
-            .v_proj
-            .forward(x)
-            .reshape([b, s, kvh, d])
-            .swap_dims(1, 2);
+        let v = v.reshape([b, s, kvh, d]).swap_dims(1, 2);
         if !self.qk_norm_whole {
             if let Some(n) = &self.q_norm {
                 q = n.apply(q, ctx.fused);
@@ -199,13 +238,24 @@ impl<B: FusedBackend> SelfAttention<B> {
                 k = n.apply(k, ctx.fused);
             }
         }
-        let rope = |x: Tensor<B, 4>| {
-            if !self.rope {
-                x
-            } else if ctx.fused {
+        let rotate = |x: Tensor<B, 4>| {
+            if ctx.fused {
                 fused::rotary(x, ctx.cos, ctx.sin)
             } else {
                 apply_rotary(x, ctx.cos, ctx.sin)
+            }
+        };
+        // Partial rotary embedding (Phi-4-mini): the tables cover the first channels of each
+        // head; the others pass through unrotated.
+        let rotary_dim = ctx.cos.dims()[3];
+        let rope = |x: Tensor<B, 4>| {
+            if !self.rope {
+                x
+            } else if rotary_dim < d {
+                let pass = x.clone().narrow(3, rotary_dim, d - rotary_dim);
+                Tensor::cat(vec![rotate(x.narrow(3, 0, rotary_dim)), pass], 3)
+            } else {
+                rotate(x)
             }
         };
         let q = rope(q.swap_dims(1, 2));
@@ -240,26 +290,61 @@ impl<B: FusedBackend> SelfAttention<B> {
 /// tanh approximation: Gemma).
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
-    /// Gate projection (through the activation).
-    pub gate_proj: Projection<B>,
-    /// Up projection.
-    pub up_proj: Projection<B>,
+    /// The gate and up projections.
+    pub gate_up: GateUpProjections<B>,
     /// Down projection.
     pub down_proj: Projection<B>,
     /// The gate's activation is GELU with the tanh approximation rather than SiLU.
     pub gelu_tanh: bool,
 }
 
+/// The gate and up projections of an MLP.
+#[derive(Module, Debug)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one per layer, built once: boxing would only add an indirection to the forward"
+)]
+pub enum GateUpProjections<B: Backend> {
+    /// Two projections: `gate_proj`, `up_proj`.
+    Separate(SeparateGateUp<B>),
+    /// One projection whose output rows are the gate's, then the up projection's
+    /// (`gate_up_proj`: Phi-3).
+    Fused(Projection<B>),
+}
+
+/// `gate_proj` and `up_proj`.
+#[derive(Module, Debug)]
+pub struct SeparateGateUp<B: Backend> {
+    /// Gate projection (through the activation).
+    pub gate_proj: Projection<B>,
+    /// Up projection.
+    pub up_proj: Projection<B>,
+}
+
 impl<B: Backend> Mlp<B> {
+    /// The gate's input to the activation and the up projection, `[b, s, intermediate]` each.
+    fn project_gate_up(&self, x: Tensor<B, 3>) -> (Tensor<B, 3>, Tensor<B, 3>) {
+        match &self.gate_up {
+            GateUpProjections::Separate(p) => {
+                (p.gate_proj.forward(x.clone()), p.up_proj.forward(x))
+            }
+            GateUpProjections::Fused(p) => {
+                let y = p.forward(x);
+                let i = y.dims()[2] / 2;
+                (y.clone().narrow(2, 0, i), y.narrow(2, i, i))
+            }
+        }
+    }
+
     /// Applies the block.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gate = self.gate_proj.forward(x.clone());
+        let (gate, up) = self.project_gate_up(x);
         let gate = if self.gelu_tanh {
             gelu_approximate(gate)
         } else {
             silu(gate)
         };
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+        self.down_proj.forward(gate * up)
     }
 }
 
@@ -274,9 +359,8 @@ impl<B: FusedBackend> Mlp<B> {
         } else {
             Activation::Silu
         };
-        let gate = self.gate_proj.forward(x.clone());
-        self.down_proj
-            .forward(fused::gated(gate, self.up_proj.forward(x), act))
+        let (gate, up) = self.project_gate_up(x);
+        self.down_proj.forward(fused::gated(gate, up, act))
     }
 }
 
@@ -296,6 +380,59 @@ pub struct DecoderLayer<B: Backend> {
     pub pre_feedforward_layernorm: Option<RmsNorm<B>>,
     /// Post-norm and sandwich: the norm of the MLP's output (`None` in pre-norm layers).
     pub post_feedforward_layernorm: Option<RmsNorm<B>>,
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    /// The layer's projections, named below the layer (`self_attn.q_proj`), in checkpoint
+    /// order.
+    pub fn projections(&self) -> Vec<(&'static str, &Projection<B>)> {
+        let mut out = Vec::with_capacity(7);
+        match &self.self_attn.qkv {
+            QkvProjections::Separate(p) => {
+                out.push(("self_attn.q_proj", &p.q_proj));
+                out.push(("self_attn.k_proj", &p.k_proj));
+                out.push(("self_attn.v_proj", &p.v_proj));
+            }
+            QkvProjections::Fused(p) => out.push(("self_attn.qkv_proj", p)),
+        }
+        out.push(("self_attn.o_proj", &self.self_attn.o_proj));
+        match &self.mlp.gate_up {
+            GateUpProjections::Separate(p) => {
+                out.push(("mlp.gate_proj", &p.gate_proj));
+                out.push(("mlp.up_proj", &p.up_proj));
+            }
+            GateUpProjections::Fused(p) => out.push(("mlp.gate_up_proj", p)),
+        }
+        out.push(("mlp.down_proj", &self.mlp.down_proj));
+        out
+    }
+
+    /// [`DecoderLayer::projections`], mutable.
+    pub fn projections_mut(&mut self) -> Vec<(&'static str, &mut Projection<B>)> {
+        let mut out = Vec::with_capacity(7);
+        let SelfAttention { qkv, o_proj, .. } = &mut self.self_attn;
+        match qkv {
+            QkvProjections::Separate(p) => {
+                out.push(("self_attn.q_proj", &mut p.q_proj));
+                out.push(("self_attn.k_proj", &mut p.k_proj));
+                out.push(("self_attn.v_proj", &mut p.v_proj));
+            }
+            QkvProjections::Fused(p) => out.push(("self_attn.qkv_proj", p)),
+        }
+        out.push(("self_attn.o_proj", o_proj));
+        let Mlp {
+            gate_up, down_proj, ..
+        } = &mut self.mlp;
+        match gate_up {
+            GateUpProjections::Separate(p) => {
+                out.push(("mlp.gate_proj", &mut p.gate_proj));
+                out.push(("mlp.up_proj", &mut p.up_proj));
+            }
+            GateUpProjections::Fused(p) => out.push(("mlp.gate_up_proj", p)),
+        }
+        out.push(("mlp.down_proj", down_proj));
+        out
+    }
 }
 
 impl<B: FusedBackend> DecoderLayer<B> {
@@ -550,9 +687,21 @@ impl<B: Backend> CausalLm<B> {
             };
             layers.push(DecoderLayer {
                 self_attn: SelfAttention {
-                    q_proj: params.projection(&format!("{p}.self_attn.q_proj"), config.qkv_bias)?,
-                    k_proj: params.projection(&format!("{p}.self_attn.k_proj"), config.qkv_bias)?,
-                    v_proj: params.projection(&format!("{p}.self_attn.v_proj"), config.qkv_bias)?,
+                    qkv: if config.fused_qkv {
+                        QkvProjections::Fused(
+                            params
+                                .projection(&format!("{p}.self_attn.qkv_proj"), config.qkv_bias)?,
+                        )
+                    } else {
+                        QkvProjections::Separate(SeparateQkv {
+                            q_proj: params
+                                .projection(&format!("{p}.self_attn.q_proj"), config.qkv_bias)?,
+                            k_proj: params
+                                .projection(&format!("{p}.self_attn.k_proj"), config.qkv_bias)?,
+                            v_proj: params
+                                .projection(&format!("{p}.self_attn.v_proj"), config.qkv_bias)?,
+                        })
+                    },
                     o_proj: params.projection(&format!("{p}.self_attn.o_proj"), config.o_bias)?,
                     q_norm,
                     k_norm,
@@ -563,8 +712,18 @@ impl<B: Backend> CausalLm<B> {
                     head_dim: config.head_dim,
                 },
                 mlp: Mlp {
-                    gate_proj: params.projection(&format!("{p}.mlp.gate_proj"), config.mlp_bias)?,
-                    up_proj: params.projection(&format!("{p}.mlp.up_proj"), config.mlp_bias)?,
+                    gate_up: if config.fused_gate_up {
+                        GateUpProjections::Fused(
+                            params.projection(&format!("{p}.mlp.gate_up_proj"), config.mlp_bias)?,
+                        )
+                    } else {
+                        GateUpProjections::Separate(SeparateGateUp {
+                            gate_proj: params
+                                .projection(&format!("{p}.mlp.gate_proj"), config.mlp_bias)?,
+                            up_proj: params
+                                .projection(&format!("{p}.mlp.up_proj"), config.mlp_bias)?,
+                        })
+                    },
                     down_proj: params.projection(&format!("{p}.mlp.down_proj"), config.mlp_bias)?,
                     gelu_tanh: config.activation == Activation::GeluTanh,
                 },
@@ -656,7 +815,7 @@ impl<B: Backend> CausalLm<B> {
         ));
         for (l, layer) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{l}");
-            let mut proj = |name: &str, proj: &Projection<B>| {
+            for (name, proj) in layer.projections() {
                 f(NamedParam::Matrix(
                     &format!("{p}.{name}.weight"),
                     &proj.weight,
@@ -664,15 +823,8 @@ impl<B: Backend> CausalLm<B> {
                 if let Some(b) = &proj.bias {
                     f(NamedParam::Vector(&format!("{p}.{name}.bias"), b));
                 }
-            };
+            }
             let a = &layer.self_attn;
-            proj("self_attn.q_proj", &a.q_proj);
-            proj("self_attn.k_proj", &a.k_proj);
-            proj("self_attn.v_proj", &a.v_proj);
-            proj("self_attn.o_proj", &a.o_proj);
-            proj("mlp.gate_proj", &layer.mlp.gate_proj);
-            proj("mlp.up_proj", &layer.mlp.up_proj);
-            proj("mlp.down_proj", &layer.mlp.down_proj);
             if let Some(n) = &a.q_norm {
                 f(NamedParam::Vector(
                     &format!("{p}.self_attn.q_norm.weight"),
@@ -764,6 +916,20 @@ impl<B: FusedBackend> CausalLm<B> {
         cache: &mut KvCache<B>,
     ) -> Result<Tensor<B, 3>> {
         cache.check(self, input)?;
+        if let Some(limit) = self.config.rope.switch_length() {
+            // LongRoPE rotates by other frequencies once a forward reaches beyond `limit`: when
+            // decoding first crosses it, the keys cached with the short factors are stale, and
+            // the whole sequence is computed again with the long ones (as `transformers`'
+            // `Phi3ForCausalLM.prepare_inputs_for_generation` drops its cache there).
+            let past = cache.len();
+            let s = input.input_ids.dims()[1];
+            let all = cache.record(input);
+            if past > 0 && past <= limit && past + s > limit {
+                cache.clear_keys();
+                let h = self.run(&all, Some(cache), None);
+                return Ok(self.logits(h.narrow(1, past, s)));
+            }
+        }
         let h = self.run(input, Some(cache), None);
         Ok(self.logits(h))
     }
@@ -810,14 +976,20 @@ impl<B: FusedBackend> CausalLm<B> {
         if let Some(hs) = hidden.as_deref_mut() {
             hs.push(x.clone());
         }
-        let rotary = Rotary::<B>::new(&self.config.rope, &device);
+        // LongRoPE picks its frequencies by the largest position of this forward (as
+        // `transformers` does: `max(position_ids) + 1`); only then is it read back.
+        let seq_len = if self.config.rope.depends_on_length() {
+            let max: i64 = input.position_ids.clone().max().into_scalar().elem();
+            usize::try_from(max).unwrap_or(0) + 1
+        } else {
+            0
+        };
+        let rotary = Rotary::<B>::new(&self.config.rope, seq_len, &device);
         let (cos, sin) = rotary.cos_sin(input.position_ids.clone());
         // The sliding layers' own rotary embedding (Gemma 3's local base), if any.
-        let local = self
-            .config
-            .rope_local
-            .as_ref()
-            .map(|rope| Rotary::<B>::new(rope, &device).cos_sin(input.position_ids.clone()));
+        let local = self.config.rope_local.as_ref().map(|rope| {
+            Rotary::<B>::new(rope, seq_len, &device).cos_sin(input.position_ids.clone())
+        });
         let mask = match (&mut cache, &input.segment_ids) {
             (None, None) => AttentionMask::causal(),
             (None, Some(seg)) => AttentionMask::segmented(seg.clone(), seg.clone(), 0),

@@ -61,12 +61,20 @@ pub fn tensor_specs(config: &ModelConfig) -> Vec<TensorSpec> {
                 ));
             }
         };
-        proj("self_attn.q_proj", q, h, config.qkv_bias);
-        proj("self_attn.k_proj", kv, h, config.qkv_bias);
-        proj("self_attn.v_proj", kv, h, config.qkv_bias);
+        if config.fused_qkv {
+            proj("self_attn.qkv_proj", q + 2 * kv, h, config.qkv_bias);
+        } else {
+            proj("self_attn.q_proj", q, h, config.qkv_bias);
+            proj("self_attn.k_proj", kv, h, config.qkv_bias);
+            proj("self_attn.v_proj", kv, h, config.qkv_bias);
+        }
         proj("self_attn.o_proj", h, q, config.o_bias);
-        proj("mlp.gate_proj", i, h, config.mlp_bias);
-        proj("mlp.up_proj", i, h, config.mlp_bias);
+        if config.fused_gate_up {
+            proj("mlp.gate_up_proj", 2 * i, h, config.mlp_bias);
+        } else {
+            proj("mlp.gate_proj", i, h, config.mlp_bias);
+            proj("mlp.up_proj", i, h, config.mlp_bias);
+        }
         proj("mlp.down_proj", h, i, config.mlp_bias);
         if config.qk_norm {
             let (qn, kn) = if config.qk_norm_whole {

@@ -51,6 +51,21 @@ pub enum RopeScaling {
         /// Round the correction range to whole dimensions.
         truncate: bool,
     },
+    /// LongRoPE (Phi-3): the frequencies divided per dimension by `short_factor`, or by
+    /// `long_factor` in a forward whose largest position reaches beyond
+    /// `original_max_position_embeddings` (as `transformers` switches them per forward), and
+    /// cos/sin scaled by `attention_factor`.
+    #[serde(rename = "longrope")]
+    LongRope {
+        /// Divisors of each frequency for sequences within the original context.
+        short_factor: Vec<f64>,
+        /// Divisors for longer sequences.
+        long_factor: Vec<f64>,
+        /// Context length of pre-training.
+        original_max_position_embeddings: f64,
+        /// The scale of cos/sin (resolved: explicit, or derived from the extension factor).
+        attention_factor: f64,
+    },
 }
 
 impl RopeScaling {
@@ -97,6 +112,16 @@ impl RopeScaling {
                 }
                 v
             }
+            Self::LongRope {
+                short_factor,
+                long_factor,
+                original_max_position_embeddings,
+                attention_factor,
+            } => serde_json::json!({
+                "rope_type": "longrope", "short_factor": short_factor, "long_factor": long_factor,
+                "original_max_position_embeddings": *original_max_position_embeddings as u64,
+                "attention_factor": attention_factor,
+            }),
         }
     }
 }
@@ -106,7 +131,8 @@ impl RopeScaling {
 pub struct RopeConfig {
     /// The base (`rope_theta`).
     pub theta: f64,
-    /// Rotated channels per head (all of them: partial rotary is not supported).
+    /// Rotated channels per head: the head's width, or the part of it a partial rotary
+    /// embedding covers (Phi-4-mini: `partial_rotary_factor` 0.75); the others pass through.
     pub head_dim: usize,
     /// Long-context rescaling.
     pub scaling: RopeScaling,
@@ -157,6 +183,33 @@ impl RopeConfig {
                 positive("beta_fast", *beta_fast)?;
                 positive("beta_slow", *beta_slow)
             }
+            RopeScaling::LongRope {
+                short_factor,
+                long_factor,
+                original_max_position_embeddings,
+                attention_factor,
+            } => {
+                positive(
+                    "original_max_position_embeddings",
+                    *original_max_position_embeddings,
+                )?;
+                positive("attention_factor", *attention_factor)?;
+                for (name, f) in [("short_factor", short_factor), ("long_factor", long_factor)] {
+                    if f.len() != self.head_dim / 2 {
+                        return Err(format!(
+                            "{name} has {} entries; the rotary embedding has {} frequencies",
+                            f.len(),
+                            self.head_dim / 2
+                        ));
+                    }
+                    if let Some(bad) = f.iter().find(|x| !(**x > 0.0 && x.is_finite())) {
+                        return Err(format!(
+                            "{name} holds {bad}; each must be a positive number"
+                        ));
+                    }
+                }
+                Ok(())
+            }
         }
     }
 
@@ -170,8 +223,15 @@ impl RopeConfig {
             .collect()
     }
 
-    /// The inverse frequencies (length `head_dim / 2`) and the scale applied to cos/sin.
+    /// The inverse frequencies (length `head_dim / 2`) and the scale applied to cos/sin, for
+    /// sequences within the original context.
     pub fn inv_freq(&self) -> (Vec<f32>, f32) {
+        self.inv_freq_for(0)
+    }
+
+    /// [`RopeConfig::inv_freq`] for a forward whose positions go up to `seq_len - 1` (only
+    /// LongRoPE depends on it).
+    pub fn inv_freq_for(&self, seq_len: usize) -> (Vec<f32>, f32) {
         let default: Vec<f32> = self.pos_freqs().iter().map(|p| 1.0 / p).collect();
         match &self.scaling {
             RopeScaling::Default => (default, 1.0),
@@ -261,6 +321,42 @@ impl RopeConfig {
                     .collect();
                 (out, attention as f32)
             }
+            RopeScaling::LongRope {
+                short_factor,
+                long_factor,
+                original_max_position_embeddings,
+                attention_factor,
+            } => {
+                // `1 / (ext * base^(i / dim))` in f32, the factors rounded to f32 first.
+                let ext = if seq_len as f64 > *original_max_position_embeddings {
+                    long_factor
+                } else {
+                    short_factor
+                };
+                let out = self
+                    .pos_freqs()
+                    .iter()
+                    .zip(ext)
+                    .map(|(&p, &e)| 1.0 / (e as f32 * p))
+                    .collect();
+                (out, *attention_factor as f32)
+            }
+        }
+    }
+
+    /// Whether the frequencies depend on the forward's largest position (LongRoPE).
+    pub fn depends_on_length(&self) -> bool {
+        matches!(self.scaling, RopeScaling::LongRope { .. })
+    }
+
+    /// The length beyond which the frequencies change (LongRoPE's pre-training context).
+    pub fn switch_length(&self) -> Option<usize> {
+        match self.scaling {
+            RopeScaling::LongRope {
+                original_max_position_embeddings,
+                ..
+            } => Some(original_max_position_embeddings as usize),
+            _ => None,
         }
     }
 }
@@ -273,9 +369,9 @@ pub(crate) struct Rotary<B: Backend> {
 }
 
 impl<B: Backend> Rotary<B> {
-    /// Uploads the inverse frequencies of `config`.
-    pub fn new(config: &RopeConfig, device: &B::Device) -> Self {
-        let (inv, scale) = config.inv_freq();
+    /// Uploads the inverse frequencies of `config` for positions below `seq_len`.
+    pub fn new(config: &RopeConfig, seq_len: usize, device: &B::Device) -> Self {
+        let (inv, scale) = config.inv_freq_for(seq_len);
         let n = inv.len();
         let inv_freq = Tensor::from_data(
             burn::tensor::TensorData::new(inv, [n]),

@@ -408,6 +408,11 @@ fn export_writes_gguf_files_and_refuses_what_it_cannot_write() {
             dir.path().join("g.gguf"),
             "GGUF export",
         ),
+        (
+            fixtures.join("phi3"),
+            dir.path().join("g.gguf"),
+            "fused projections",
+        ),
         // A variant llama.cpp would run differently: refused, saying why.
         (
             fixtures.join("gemma3"),

@@ -19,7 +19,9 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::{Attention, Family, Layout, attention_bias_only, read_layer_types, rope_everywhere};
+use super::{
+    Attention, Family, Layout, PLAIN_ROPE, attention_bias_only, read_layer_types, rope_everywhere,
+};
 use crate::config::{
     Activation, Architecture, HfConfig, LayerType, ModelConfig, NormPlacement, RopeLayers,
     parse_rope,
@@ -42,6 +44,7 @@ pub(super) static FAMILY: Family = Family {
     rope_layers: rope_everywhere,
     activation,
     finish,
+    rope: PLAIN_ROPE,
     write: |c, map| {
         map.insert("attention_bias".into(), Value::Bool(c.o_bias));
         map.remove("hidden_act");
@@ -158,6 +161,7 @@ fn finish(path: &Path, hf: &HfConfig, c: &mut ModelConfig) -> Result<()> {
         c.head_dim,
         c.max_position_embeddings,
         RopeLayers::Local,
+        &PLAIN_ROPE,
     )?;
     c.rope_local = Some(local);
     Ok(())

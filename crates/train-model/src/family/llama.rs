@@ -2,8 +2,8 @@
 //! configured.
 
 use super::{
-    Family, Layout, attention_bias_only, full_attention_only, nothing_more, rope_everywhere,
-    silu_only, write_attention_bias,
+    Family, Layout, PLAIN_ROPE, attention_bias_only, full_attention_only, nothing_more,
+    rope_everywhere, silu_only, write_attention_bias,
 };
 use crate::config::Architecture;
 
@@ -21,6 +21,7 @@ pub(super) static FAMILY: Family = Family {
     attention: full_attention_only,
     rope_layers: rope_everywhere,
     activation: silu_only,
+    rope: PLAIN_ROPE,
     finish: nothing_more,
     write: |c, map| {
         write_attention_bias(c, map);

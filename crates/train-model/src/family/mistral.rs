@@ -6,7 +6,9 @@
 
 use std::path::Path;
 
-use super::{Attention, Family, NO_BIAS, nothing_more, read_window, rope_everywhere, silu_only};
+use super::{
+    Attention, Family, NO_BIAS, PLAIN_ROPE, nothing_more, read_window, rope_everywhere, silu_only,
+};
 use crate::config::{Architecture, HfConfig, LayerType};
 use crate::error::Result;
 
@@ -21,6 +23,7 @@ pub(super) static FAMILY: Family = Family {
     attention: every_layer_slides,
     rope_layers: rope_everywhere,
     activation: silu_only,
+    rope: PLAIN_ROPE,
     finish: nothing_more,
     write: |c, map| {
         map.insert("sliding_window".into(), serde_json::json!(c.sliding_window));

@@ -18,6 +18,7 @@ mod llama;
 mod ministral;
 mod mistral;
 mod olmo2;
+mod phi3;
 mod qwen2;
 mod qwen3;
 mod smollm3;
@@ -46,12 +47,36 @@ pub(crate) struct Family {
     pub rope_layers: fn(&Path, &HfConfig, usize) -> Result<Vec<bool>>,
     /// The MLP's activation, from the family's key for it.
     pub activation: fn(&Path, &HfConfig) -> Result<Activation>,
+    /// How the family's configuration class reads the rotary embedding's keys.
+    pub rope: RopeRules,
     /// Sets the family's remaining options on the resolved configuration (Gemma: norm offset,
     /// embedding scale, attention scale, local rotary embedding).
     pub finish: fn(&Path, &HfConfig, &mut ModelConfig) -> Result<()>,
     /// The family's own keys of a `config.json` written from a [`ModelConfig`].
     pub write: fn(&ModelConfig, &mut Map<String, Value>),
 }
+
+/// How a family's configuration class reads the rotary embedding's keys beyond what every
+/// family reads (`rope_theta`, `rope_scaling` / `rope_parameters`).
+pub(crate) struct RopeRules {
+    /// `partial_rotary_factor` is read (in `rope_parameters`, else at the top level): the
+    /// rotary embedding covers that fraction of each head. Other families refuse a factor
+    /// other than 1.
+    pub partial_rotary: bool,
+    /// `rope_type` names the family's class renames before reading them (Phi-3: `su` and
+    /// `yarn` are `longrope`).
+    pub type_aliases: &'static [(&'static str, &'static str)],
+    /// The configuration class has a top-level `original_max_position_embeddings` with this
+    /// default, which overrides the one in the rotary parameters (Phi-3).
+    pub top_level_original_max: Option<usize>,
+}
+
+/// What every family reads and nothing more.
+pub(crate) const PLAIN_ROPE: RopeRules = RopeRules {
+    partial_rotary: false,
+    type_aliases: &[],
+    top_level_original_max: None,
+};
 
 /// Biases and norms of a family's layers.
 pub(crate) struct Layout {
@@ -67,6 +92,10 @@ pub(crate) struct Layout {
     pub qk_norm_whole: bool,
     /// Where the layers normalise.
     pub norm_placement: NormPlacement,
+    /// q, k and v are one projection, `qkv_proj` (Phi-3).
+    pub fused_qkv: bool,
+    /// gate and up are one projection, `gate_up_proj` (Phi-3).
+    pub fused_gate_up: bool,
 }
 
 /// The sliding window and the attention of each layer (empty: full attention everywhere).
@@ -82,6 +111,7 @@ pub(crate) static FAMILIES: &[&Family] = &[
     &olmo2::FAMILY,
     &smollm3::FAMILY,
     &gemma3::FAMILY,
+    &phi3::FAMILY,
 ];
 
 /// The family of `architecture`.
@@ -95,6 +125,7 @@ pub(crate) fn of(architecture: Architecture) -> &'static Family {
         Architecture::Olmo2 => &olmo2::FAMILY,
         Architecture::SmolLm3 => &smollm3::FAMILY,
         Architecture::Gemma3 => &gemma3::FAMILY,
+        Architecture::Phi3 => &phi3::FAMILY,
     }
 }
 
@@ -156,6 +187,8 @@ pub(crate) const NO_BIAS: Layout = Layout {
     qk_norm: false,
     qk_norm_whole: false,
     norm_placement: NormPlacement::Pre,
+    fused_qkv: false,
+    fused_gate_up: false,
 };
 
 /// `hidden_act` `silu` (or `swish`, or absent).

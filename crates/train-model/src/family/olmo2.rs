@@ -7,8 +7,8 @@
 //! dtype (Llama's casts first): the same in f32, one rounding apart in bf16.
 
 use super::{
-    Family, Layout, attention_bias_only, full_attention_only, nothing_more, rope_everywhere,
-    silu_only, write_attention_bias,
+    Family, Layout, PLAIN_ROPE, attention_bias_only, full_attention_only, nothing_more,
+    rope_everywhere, silu_only, write_attention_bias,
 };
 use crate::config::{Architecture, NormPlacement};
 
@@ -28,6 +28,7 @@ pub(super) static FAMILY: Family = Family {
     attention: full_attention_only,
     rope_layers: rope_everywhere,
     activation: silu_only,
+    rope: PLAIN_ROPE,
     finish: nothing_more,
     write: write_attention_bias,
 };

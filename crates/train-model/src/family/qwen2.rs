@@ -2,7 +2,8 @@
 //! configuration says, as `transformers`' `Qwen2Attention`).
 
 use super::{
-    Family, Layout, NO_BIAS, full_attention_only, nothing, nothing_more, rope_everywhere, silu_only,
+    Family, Layout, NO_BIAS, PLAIN_ROPE, full_attention_only, nothing, nothing_more,
+    rope_everywhere, silu_only,
 };
 use crate::config::Architecture;
 
@@ -20,6 +21,7 @@ pub(super) static FAMILY: Family = Family {
     attention: full_attention_only,
     rope_layers: rope_everywhere,
     activation: silu_only,
+    rope: PLAIN_ROPE,
     finish: nothing_more,
     write: nothing,
 };

@@ -1,8 +1,8 @@
 //! Qwen3: GQA, an RMSNorm on queries and keys per head, optional attention biases.
 
 use super::{
-    Family, Layout, attention_bias_only, full_attention_only, nothing_more, rope_everywhere,
-    silu_only, write_attention_bias,
+    Family, Layout, PLAIN_ROPE, attention_bias_only, full_attention_only, nothing_more,
+    rope_everywhere, silu_only, write_attention_bias,
 };
 use crate::config::Architecture;
 
@@ -20,6 +20,7 @@ pub(super) static FAMILY: Family = Family {
     attention: full_attention_only,
     rope_layers: rope_everywhere,
     activation: silu_only,
+    rope: PLAIN_ROPE,
     finish: nothing_more,
     write: write_attention_bias,
 };

@@ -10,8 +10,8 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::{
-    Attention, Family, Layout, attention_bias_only, nothing_more, read_layer_types, silu_only,
-    write_attention_bias,
+    Attention, Family, Layout, PLAIN_ROPE, attention_bias_only, nothing_more, read_layer_types,
+    silu_only, write_attention_bias,
 };
 use crate::config::{Architecture, HfConfig, LayerType};
 use crate::error::{ModelError, Result};
@@ -31,6 +31,7 @@ pub(super) static FAMILY: Family = Family {
     rope_layers,
     activation: silu_only,
     finish: nothing_more,
+    rope: PLAIN_ROPE,
     write: |c, map| {
         write_attention_bias(c, map);
         map.insert("mlp_bias".into(), Value::Bool(c.mlp_bias));

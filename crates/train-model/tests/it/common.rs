@@ -17,6 +17,7 @@ pub const ARCHES: &[&str] = &[
     "olmo2",
     "smollm3",
     "gemma3",
+    "phi3",
 ];
 
 pub fn fixtures() -> PathBuf {

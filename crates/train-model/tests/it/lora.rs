@@ -56,11 +56,13 @@ fn config(targets: &[&str]) -> LoraConfig {
 fn perturb(model: CausalLm<B>) -> CausalLm<B> {
     let mut model = model;
     for layer in &mut model.layers {
-        for proj in [
-            &mut layer.self_attn.q_proj,
-            &mut layer.self_attn.v_proj,
-            &mut layer.mlp.down_proj,
-        ] {
+        for (name, proj) in layer.projections_mut() {
+            if !matches!(
+                name,
+                "self_attn.q_proj" | "self_attn.v_proj" | "mlp.down_proj"
+            ) {
+                continue;
+            }
             if let Some(l) = proj.lora.as_mut() {
                 let b = l.b.val();
                 let n = b.shape().num_elements();

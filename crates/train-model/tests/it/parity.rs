@@ -127,7 +127,7 @@ pub fn forward_backward_with<B: FusedAutodiffBackend>(
 /// far more than the tolerance; so the parity tests check the windows, and that each layer
 /// gets its own, on both attention paths.
 pub fn windows_matter<B: FusedBackend>(attention: AttentionImpl, device: &B::Device) {
-    for (arch, window) in [("mistral", 8), ("ministral", 6), ("gemma3", 6)] {
+    for (arch, window) in [("mistral", 8), ("ministral", 6), ("gemma3", 6), ("phi3", 8)] {
         let r = Reference::load(arch);
         let mut model = load::<B>(arch, Precision::Fp32, attention, device);
         assert_eq!(model.config.sliding_window, Some(window));
@@ -181,6 +181,60 @@ pub fn nope_layers_matter<B: FusedBackend>(attention: AttentionImpl, device: &B:
 
 /// Each of Gemma 3's details is what makes its fixture's logits right: without the sliding
 /// layers' own rotary base, with `head_dim^-0.5` instead of `query_pre_attn_scalar^-0.5`,
+/// Phi-3's details are what make the fixture's logits right: its rows (48 tokens) reach beyond
+/// LongRoPE's pre-training context (32), so their forward uses the long factors (the short
+/// ones, or no LongRoPE at all, miss transformers' logits by far); the packed segments
+/// (19 and 29 tokens) stay within it and use the short ones (checked by `packed`); the rotary
+/// embedding covers 12 of each head's 16 channels (all 16 miss too).
+pub fn phi3_details_matter<B: FusedBackend>(attention: AttentionImpl, device: &B::Device) {
+    use train_model::RopeScaling;
+    let r = Reference::load("phi3");
+    let model = load::<B>("phi3", Precision::Fp32, attention, device);
+    let input = ModelInput::from_rows(&r.rows("input_ids"), device).unwrap();
+    let error = |m: &CausalLm<B>| max_abs_diff(&f32s(m.forward(&input)), &r.get("logits").f32);
+    let right = error(&model);
+    assert!(right <= LOGITS_TOL, "{right}");
+    let c = model.config.clone();
+    assert!(c.fused_qkv && c.fused_gate_up);
+    assert_eq!((c.head_dim, c.rope.head_dim), (16, 12));
+    let RopeScaling::LongRope {
+        short_factor,
+        long_factor,
+        original_max_position_embeddings,
+        attention_factor,
+    } = c.rope.scaling.clone()
+    else {
+        panic!("not LongRoPE: {:?}", c.rope.scaling)
+    };
+    assert_eq!(original_max_position_embeddings, 32.0);
+    // sqrt(1 + ln(128 / 32) / ln(32)), as transformers derives it.
+    assert!((attention_factor - (1.0 + 4f64.ln() / 32f64.ln()).sqrt()).abs() < 1e-12);
+    let mut wrong = Vec::new();
+    let mut m = model;
+    if let RopeScaling::LongRope { long_factor: l, .. } = &mut m.config.rope.scaling {
+        l.clone_from(&short_factor);
+    }
+    wrong.push(("short factors on long rows", error(&m)));
+    m.config.rope.scaling = RopeScaling::Default;
+    wrong.push(("no LongRoPE", error(&m)));
+    m.config = c.clone();
+    m.config.rope.head_dim = 16;
+    if let RopeScaling::LongRope {
+        short_factor: s,
+        long_factor: l,
+        ..
+    } = &mut m.config.rope.scaling
+    {
+        s.extend([1.0, 1.0]);
+        l.extend(long_factor.iter().take(2).copied());
+    }
+    wrong.push(("every channel rotated", error(&m)));
+    println!("phi3 {attention:?}: logits error {right:.3e}; without each detail {wrong:?}");
+    for (what, e) in wrong {
+        assert!(e > 100.0 * LOGITS_TOL, "{what}: {e}");
+    }
+}
+
 /// without the embedding scale, or with SwiGLU instead of GeGLU, the same weights miss
 /// transformers' logits by far more than the tolerance.
 pub fn gemma3_details_matter<B: FusedBackend>(attention: AttentionImpl, device: &B::Device) {
@@ -289,10 +343,34 @@ pub fn fused_matches_standard<B: FusedBackend>(arch: &str, device: &B::Device) {
     }
 }
 
-/// Decoding token by token through the KV cache gives the logits of one full forward.
+/// `rows` cut to LongRoPE's pre-training context (Phi-3's fixture: 32 of 48 tokens), whole
+/// for other models. LongRoPE rotates by other frequencies once a forward reaches beyond it
+/// (as `transformers`), so a shorter forward, or a decoding step, is only comparable with a
+/// full forward inside it; the switch itself is checked against `transformers.generate`
+/// (train-logits' greedy test, whose Phi-3 rows cross it) and by `phi3_details_matter`.
+fn within_context<B: FusedBackend>(model: &CausalLm<B>, mut rows: Vec<Vec<u32>>) -> Vec<Vec<u32>> {
+    if let train_model::RopeScaling::LongRope {
+        original_max_position_embeddings,
+        ..
+    } = model.config.rope.scaling
+    {
+        for r in &mut rows {
+            r.truncate(original_max_position_embeddings as usize);
+        }
+    }
+    rows
+}
+
+/// Decoding token by token through the KV cache gives the logits of one full forward. With
+/// LongRoPE (Phi-3's fixture: 48-token rows, pre-training context 32), each step gives those of
+/// a full forward over the tokens so far: the short factors up to 32 tokens, then (the cache
+/// recomputed once, as `transformers`' generation does) the long ones.
 pub fn kv_cache<B: FusedBackend>(arch: &str, attention: AttentionImpl, device: &B::Device) {
     let r = Reference::load(arch);
     let model = load::<B>(arch, Precision::Fp32, attention, device);
+    if model.config.rope.switch_length().is_some() {
+        return kv_cache_step_by_step(arch, &model, &r.rows("input_ids"), device);
+    }
     let rows = r.rows("input_ids");
     let seq = rows[0].len();
     let full = f32s(model.forward(&ModelInput::from_rows(&rows, device).unwrap()));
@@ -329,13 +407,59 @@ pub fn kv_cache<B: FusedBackend>(arch: &str, attention: AttentionImpl, device: &
     assert!(worst <= 1e-4, "{arch}: cached decoding differs by {worst}");
 }
 
+fn kv_cache_step_by_step<B: FusedBackend>(
+    arch: &str,
+    model: &CausalLm<B>,
+    rows: &[Vec<u32>],
+    device: &B::Device,
+) {
+    let seq = rows[0].len();
+    let limit = model.config.rope.switch_length().unwrap();
+    assert!(seq > limit + 2, "{arch}: the rows must cross the switch");
+    let vocab = model.config.vocab_size;
+    let mut cache = KvCache::for_model(model);
+    let mut start = 0;
+    let mut worst = 0f32;
+    // A prefix of 5 tokens, then one at a time, then a chunk of 3 across the switch.
+    let ends: Vec<usize> = std::iter::once(5)
+        .chain(6..limit)
+        .chain([limit + 2])
+        .chain(limit + 3..=seq)
+        .collect();
+    for end in ends {
+        let chunk: Vec<Vec<u32>> = rows.iter().map(|r| r[start..end].to_vec()).collect();
+        let mut input = ModelInput::from_rows(&chunk, device).unwrap();
+        let pos: Vec<i64> = (0..rows.len())
+            .flat_map(|_| start as i64..end as i64)
+            .collect();
+        input.position_ids =
+            Tensor::from_data(TensorData::new(pos, [rows.len(), end - start]), device);
+        let step = f32s(model.forward_cached(&input, &mut cache).unwrap());
+        let prefix: Vec<Vec<u32>> = rows.iter().map(|r| r[..end].to_vec()).collect();
+        let full = f32s(model.forward(&ModelInput::from_rows(&prefix, device).unwrap()));
+        let n = end - start;
+        for b in 0..rows.len() {
+            worst = worst.max(max_abs_diff(
+                &step[b * n * vocab..(b + 1) * n * vocab],
+                &full[(b * end + start) * vocab..(b + 1) * end * vocab],
+            ));
+        }
+        start = end;
+    }
+    assert_eq!(cache.len(), seq);
+    println!(
+        "{arch}: cached decoding across LongRoPE's switch vs full forwards of each prefix {worst:.3e}"
+    );
+    assert!(worst <= 1e-4, "{arch}: cached decoding differs by {worst}");
+}
+
 /// A forward over the first `n` tokens of each row gives the first `n` positions of the full
 /// forward (causality), also for rows shorter than a head: libtorch lays the projections of
 /// such rows out with a strided last dimension, which its flash kernel must not be handed.
 pub fn prefixes<B: FusedBackend>(arch: &str, attention: AttentionImpl, device: &B::Device) {
     let r = Reference::load(arch);
     let model = load::<B>(arch, Precision::Fp32, attention, device);
-    let rows = r.rows("input_ids");
+    let rows = within_context(&model, r.rows("input_ids"));
     let seq = rows[0].len();
     let vocab = model.config.vocab_size;
     let full = f32s(model.forward(&ModelInput::from_rows(&rows, device).unwrap()));
@@ -477,6 +601,10 @@ macro_rules! backend_tests {
                 forward_backward::<Ad>("gemma3", &device());
             }
             #[test]
+            fn phi3_forward_backward() {
+                forward_backward::<Ad>("phi3", &device());
+            }
+            #[test]
             fn fused_ops_forward_backward_match_transformers() {
                 for arch in ARCHES {
                     forward_backward_with::<Ad>(arch, AttentionImpl::Auto, &device());
@@ -531,6 +659,11 @@ macro_rules! backend_tests {
             fn gemma3_details_are_honoured() {
                 gemma3_details_matter::<Inner>(AttentionImpl::Standard, &device());
                 gemma3_details_matter::<Inner>(AttentionImpl::Fused, &device());
+            }
+            #[test]
+            fn phi3_details_are_honoured() {
+                phi3_details_matter::<Inner>(AttentionImpl::Standard, &device());
+                phi3_details_matter::<Inner>(AttentionImpl::Fused, &device());
             }
             #[test]
             fn bf16_is_close_to_reference() {

@@ -873,7 +873,9 @@ fn lora_gradients_match_peft() {
         ..LoadOptions::default()
     };
     let device = Default::default();
-    for arch in ["qwen3", "llama", "mistral", "olmo2", "smollm3", "gemma3"] {
+    for arch in [
+        "qwen3", "llama", "mistral", "olmo2", "smollm3", "gemma3", "phi3",
+    ] {
         let loaded =
             load_pretrained::<B>(&fixture(&format!("{arch}-lora")), &options, &device).unwrap();
         let model = loaded.model;
@@ -945,7 +947,10 @@ fn lora_gradients_match_peft() {
             worst = worst.max(rel);
             n += 1;
         });
-        assert_eq!(n, 2 * 7 * model.layers.len());
+        // Every projection of every layer (Phi-3's four fused ones, seven elsewhere).
+        let per_layer = model.layers[0].projections().len();
+        assert_eq!(per_layer, if arch == "phi3" { 4 } else { 7 });
+        assert_eq!(n, 2 * per_layer * model.layers.len());
         println!(
             "{arch}: loss {loss:.7} vs peft {want_loss:.7}; {n} adapter gradients, worst relative difference {worst:.2e}"
         );
