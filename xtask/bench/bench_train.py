@@ -4,8 +4,8 @@
               384, 6 layers, 6 query / 2 key-value heads of 64, MLP 1024, tied embeddings) with
               `transformers`' random initialisation, saved in fp32 beside SmolLM2's tokenizer;
               or the same shape in another family (`--shape gemma3-30m`, `olmo2-30m`,
-              `smollm3-30m`, `mistral-30m`, `phi3-30m`: each with its own layer kind, sliding
-              windows of 128 tokens where the family has them)
+              `smollm3-30m`, `mistral-30m`, `phi3-30m`, `qwen3_moe-30m`: each with its own
+              layer kind, sliding windows of 128 tokens where the family has them)
   make-data   long `messages` conversations from chatterbot-corpus (BSD), every one longer
               than the benchmark's sequence, so that each truncated example is exactly that long
   torch       the same fine-tuning job in PyTorch + `transformers` eager: same model files, same
@@ -36,6 +36,9 @@ SHAPES = {
                               partial_rotary_factor=0.75, original_max_position_embeddings=1024,
                               rope_scaling={"rope_type": "longrope", "short_factor": [1.0 + i / 48 for i in range(24)],
                                             "long_factor": [2.0 + i / 4 for i in range(24)]})),
+    # Qwen3-30B-A3B's kind: 8 experts of 256, two per token (renormalised) on every layer.
+    "qwen3_moe-30m": ("qwen3_moe", dict(QWEN3_30M, num_experts=8, num_experts_per_tok=2,
+                                        moe_intermediate_size=256, norm_topk_prob=True)),
 }
 
 

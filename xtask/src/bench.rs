@@ -122,7 +122,7 @@ fn parse_train_args(args: &[String]) -> Result<TrainBench> {
             "--only" => b.only = value.split(',').map(str::to_string).collect(),
             "--lora" => b.lora = Some(value.parse()?),
             f => bail!(
-                "unknown flag {f} (bench-train [--model qwen3-30m|gemma3-30m|olmo2-30m|smollm3-30m|mistral-30m|phi3-30m|smollm2] [--steps N] \
+                "unknown flag {f} (bench-train [--model qwen3-30m|gemma3-30m|olmo2-30m|smollm3-30m|mistral-30m|phi3-30m|qwen3_moe-30m|smollm2] [--steps N] \
                  [--warmup N] [--batch N] [--seq N] [--only cpu,cpu-standard,tch,tch-standard,pytorch] [--lora R] [--padded])"
             ),
         }
@@ -142,6 +142,7 @@ const SHAPES: &[&str] = &[
     "smollm3-30m",
     "mistral-30m",
     "phi3-30m",
+    "qwen3_moe-30m",
 ];
 
 /// `cargo xtask bench-train`: the same fine-tuning job run by `train` on the cpu backend, by

@@ -60,6 +60,7 @@ pub(crate) fn fixtures() -> Result<()> {
         ("smollm3", vec!["f32"]),
         ("gemma3", vec!["f32"]),
         ("phi3", vec!["f32"]),
+        ("qwen3_moe", vec!["bf16"]),
     ] {
         let out = saved_root.join(format!(
             "{arch}-{}",

@@ -118,7 +118,7 @@ fn main() -> Result<()> {
                  api [--bless]   public API of each library crate vs its snapshot in api/ (--bless: update)\n\
                  docs       rustdoc of the library crates with warnings denied\n\
                  fuzz [--seconds N]  every cargo-fuzz target for N seconds (default 60; CI: 20)\n\
-                 bench-train [--model qwen3-30m|gemma3-30m|olmo2-30m|smollm3-30m|mistral-30m|phi3-30m|smollm2]\n\
+                 bench-train [--model qwen3-30m|gemma3-30m|olmo2-30m|smollm3-30m|mistral-30m|phi3-30m|qwen3_moe-30m|smollm2]\n\
                  \x20          [--steps N] [--warmup N] [--batch N] [--seq N] [--padded] [--lora R]\n\
                  \x20          [--only cpu,tch,pytorch]  the same fine-tuning job by train (cpu, tch) and\n\
                  \x20          PyTorch + transformers; tokens/s, step time, peak RSS -> docs/benchmarks.md\n\

@@ -39,6 +39,8 @@ pub enum Architecture {
     /// Phi-3 / Phi-4-mini: Llama's layers with fused `qkv_proj` and `gate_up_proj`
     /// projections, a partial rotary embedding and LongRoPE.
     Phi3,
+    /// Qwen3-MoE: Qwen3's attention, and MLPs of routed experts (top-k of a softmax router).
+    Qwen3Moe,
 }
 
 impl Architecture {
@@ -185,6 +187,23 @@ pub struct HfConfig {
     pub no_rope_layers: Option<Vec<i64>>,
     /// SmolLM3: without `no_rope_layers`, every this-many-th layer has no rotary embedding.
     pub no_rope_layer_interval: Option<usize>,
+    /// Mixture of experts: the number of routed experts (`num_local_experts` in some configs).
+    pub num_experts: Option<usize>,
+    pub num_local_experts: Option<usize>,
+    /// Experts each token is routed to.
+    pub num_experts_per_tok: Option<usize>,
+    /// Width of each expert's MLP.
+    pub moe_intermediate_size: Option<usize>,
+    /// The top-k routing weights are renormalised to sum to 1.
+    pub norm_topk_prob: Option<bool>,
+    /// Every this-many-th layer is sparse.
+    pub decoder_sparse_step: Option<usize>,
+    /// Layers whose MLP stays dense.
+    pub mlp_only_layers: Option<Vec<usize>>,
+    /// Weight of the router's load-balancing loss.
+    pub router_aux_loss_coef: Option<f64>,
+    /// The load-balancing loss is added to the training loss.
+    pub output_router_logits: Option<bool>,
     pub bos_token_id: Option<Value>,
     pub eos_token_id: Option<Value>,
     pub pad_token_id: Option<Value>,
@@ -222,6 +241,27 @@ pub enum NormPlacement {
     /// before the MLP (`pre_feedforward_layernorm`) and after it
     /// (`post_feedforward_layernorm`): Gemma 2 and 3.
     Sandwich,
+}
+
+/// A mixture-of-experts MLP (Qwen3-MoE): a softmax router picks `top_k` of `num_experts`
+/// expert MLPs per token, their outputs summed with the routing weights.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MoeConfig {
+    /// Routed experts per sparse layer.
+    pub num_experts: usize,
+    /// Experts each token goes to.
+    pub top_k: usize,
+    /// Width of each expert's MLP.
+    pub intermediate_size: usize,
+    /// The top-k weights are renormalised to sum to 1 (else they are the router's
+    /// probabilities as they are).
+    pub norm_topk_prob: bool,
+    /// Which layers are sparse (the others keep a dense MLP of `intermediate_size`).
+    pub sparse_layers: Vec<bool>,
+    /// Weight of the load-balancing loss.
+    pub router_aux_loss_coef: f64,
+    /// The load-balancing loss is added to the training loss (`output_router_logits`).
+    pub output_router_logits: bool,
 }
 
 /// The activation of the MLP's gate.
@@ -373,6 +413,9 @@ pub struct ModelConfig {
     /// The attention of each layer; empty means full attention everywhere.
     #[serde(default)]
     pub layer_types: Vec<LayerType>,
+    /// The experts of the sparse layers (Qwen3-MoE), if any.
+    #[serde(default)]
+    pub moe: Option<MoeConfig>,
 }
 
 impl ModelConfig {
@@ -614,6 +657,7 @@ impl ModelConfig {
             activation,
             query_pre_attn_scalar: None,
             rope_local: None,
+            moe: None,
         };
         (family.finish)(path, hf, &mut config)?;
         Ok(config)
@@ -655,6 +699,13 @@ impl ModelConfig {
             Some(q) => 1.0 / q.sqrt(),
             None => 1.0 / (self.head_dim.max(1) as f64).sqrt(),
         }
+    }
+
+    /// Whether layer `layer`'s MLP is a mixture of experts.
+    pub fn layer_sparse(&self, layer: usize) -> bool {
+        self.moe
+            .as_ref()
+            .is_some_and(|m| m.sparse_layers.get(layer).copied().unwrap_or(false))
     }
 
     /// Whether layer `layer` applies the rotary embedding.
@@ -1475,6 +1526,79 @@ mod tests {
         v["partial_rotary_factor"] = json!(0.5);
         let e = parse(&v).unwrap_err().to_string();
         assert!(e.contains("partial_rotary_factor"), "{e}");
+    }
+
+    fn qwen3_moe() -> Value {
+        let mut v = base();
+        v["model_type"] = json!("qwen3_moe");
+        v["num_hidden_layers"] = json!(4);
+        v["moe_intermediate_size"] = json!(32);
+        v["num_experts"] = json!(8);
+        v["num_experts_per_tok"] = json!(2);
+        v["norm_topk_prob"] = json!(true);
+        v["mlp_only_layers"] = json!([2]);
+        v
+    }
+
+    #[test]
+    fn qwen3_moe_reads_its_experts_as_transformers_does() {
+        let c = parse(&qwen3_moe()).unwrap();
+        let m = c.moe.clone().unwrap();
+        assert_eq!((m.num_experts, m.top_k, m.intermediate_size), (8, 2, 32));
+        assert!(m.norm_topk_prob && !m.output_router_logits);
+        assert_eq!(m.sparse_layers, [true, true, false, true]);
+        assert!(c.qk_norm && !c.qk_norm_whole);
+        // `num_local_experts` (what transformers 5 writes) and `decoder_sparse_step`.
+        let mut v = qwen3_moe();
+        v.as_object_mut().unwrap().remove("num_experts");
+        v["num_local_experts"] = json!(4);
+        v["decoder_sparse_step"] = json!(2);
+        v["mlp_only_layers"] = json!([]);
+        let c = parse(&v).unwrap();
+        let m = c.moe.clone().unwrap();
+        assert_eq!(m.num_experts, 4);
+        assert_eq!(m.sparse_layers, [false, true, false, true]);
+        // Written back and read again: the same configuration.
+        assert_eq!(parse(&c.to_hf_json()).unwrap(), c);
+        // The tensors of a sparse layer: the router and each expert's MLP.
+        let names: Vec<String> = crate::names::tensor_specs(&c)
+            .into_iter()
+            .map(|s| s.name)
+            .filter(|n| n.starts_with("model.layers.1.mlp"))
+            .collect();
+        assert_eq!(names.len(), 1 + 4 * 3);
+        assert_eq!(names[0], "model.layers.1.mlp.gate.weight");
+        assert_eq!(names[3], "model.layers.1.mlp.experts.0.down_proj.weight");
+    }
+
+    #[test]
+    fn bad_qwen3_moe_settings_name_the_field() {
+        for (key, value, want) in [
+            ("num_experts_per_tok", json!(9), "between 1 and num_experts"),
+            ("num_experts_per_tok", json!(0), "between 1 and num_experts"),
+            (
+                "num_experts",
+                json!(1 << 20),
+                "more than any supported model",
+            ),
+            ("moe_intermediate_size", json!(0), "between 1"),
+            ("decoder_sparse_step", json!(0), "at least 1"),
+            (
+                "output_router_logits",
+                json!(true),
+                "load-balancing loss is not implemented",
+            ),
+        ] {
+            let mut v = qwen3_moe();
+            v[key] = value.clone();
+            let e = parse(&v).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(want), "{key} = {value}: {e}");
+        }
+        // Without a coefficient the flag changes nothing, and is accepted.
+        let mut v = qwen3_moe();
+        v["output_router_logits"] = json!(true);
+        v["router_aux_loss_coef"] = json!(0.0);
+        assert!(parse(&v).is_ok());
     }
 
     #[test]

@@ -511,6 +511,10 @@ fn layout_for(
                 Architecture::Ministral => {
                     " for GGUF export (llama.cpp's converter has no MinistralForCausalLM)"
                 }
+                Architecture::Qwen3Moe => {
+                    " for GGUF export (the experts of Qwen3-MoE are not written by this exporter \
+                     yet; llama.cpp's own convert_hf_to_gguf.py reads the saved checkpoint)"
+                }
                 Architecture::Phi3 => {
                     " for GGUF export (Phi-3's fused projections and LongRoPE factors are not \
                      written by this exporter yet; llama.cpp's own convert_hf_to_gguf.py reads \

@@ -86,7 +86,8 @@ mod weights;
 pub use attention::{AttentionImpl, AttentionMask, repeat_kv, scaled_dot_product};
 pub use cache::KvCache;
 pub use config::{
-    Activation, Architecture, HfConfig, LayerType, ModelConfig, NormPlacement, StorageDtype,
+    Activation, Architecture, HfConfig, LayerType, ModelConfig, MoeConfig, NormPlacement,
+    StorageDtype,
 };
 pub use error::{ModelError, Result};
 pub use fused::{
@@ -106,8 +107,9 @@ pub use loss::{
     fused_linear_nll, nll_chunk_rows,
 };
 pub use model::{
-    CausalLm, DecoderLayer, HiddenStates, Mlp, ModelInput, NamedParam, Projection, RmsNorm,
-    SelfAttention,
+    CausalLm, DecoderLayer, FeedForward, GateUpProjections, HiddenStates, Mlp, ModelInput,
+    NamedParam, Projection, QkvProjections, RmsNorm, SelfAttention, SeparateGateUp, SeparateQkv,
+    SparseMoe,
 };
 pub use names::{ParamKind, TensorSpec, tensor_specs};
 pub use output::{

@@ -241,6 +241,24 @@ impl<B: Backend> CausalLm<B> {
                 "this model already carries LoRA adapters".into(),
             ));
         }
+        if self.config.moe.is_some()
+            && let Some(t) = config.target_modules.iter().find(|t| {
+                t.as_str() == "all-linear"
+                    || ["gate_proj", "up_proj", "down_proj", "gate_up_proj"]
+                        .iter()
+                        .any(|m| t.as_str() == *m || t.ends_with(&format!(".{m}")))
+            })
+        {
+            // PEFT turns MLP names, and `all-linear`, into adapters on the experts' 3-D
+            // parameters and the router (`target_parameters`), not on the dense layers' MLPs:
+            // not implemented here, so refused rather than saved as an adapter PEFT would read
+            // differently.
+            return Err(ModelError::InvalidInput(format!(
+                "lora target_modules: `{t}` would adapt the experts (and router) of this \
+                 mixture-of-experts model in PEFT, which is not supported; target the attention: \
+                 q_proj, k_proj, v_proj, o_proj"
+            )));
+        }
         let keys: Vec<String> = projections(self).into_iter().map(|(k, _)| k).collect();
         if let Some(t) = config
             .target_modules

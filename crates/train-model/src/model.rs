@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use burn::module::{Module, Param};
 use burn::tensor::{
-    DType, ElementConversion, FloatDType, Int, Tensor, TensorData,
+    DType, ElementConversion, FloatDType, IndexingUpdateOp, Int, Tensor, TensorData,
     activation::{gelu_approximate, silu},
     backend::Backend,
 };
@@ -364,6 +364,133 @@ impl<B: FusedBackend> Mlp<B> {
     }
 }
 
+/// A layer's feed-forward block: one MLP, or routed experts (Qwen3-MoE).
+#[derive(Module, Debug)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one per layer, built once: boxing would only add an indirection to the forward"
+)]
+pub enum FeedForward<B: Backend> {
+    /// One gated MLP.
+    Dense(Mlp<B>),
+    /// A mixture of experts.
+    Sparse(SparseMoe<B>),
+}
+
+/// Routed experts: a softmax router (`mlp.gate`) sends each token to its `top_k` most probable
+/// experts (`mlp.experts.<e>`), whose outputs are summed with those probabilities (renormalised
+/// to sum to 1 when `norm_topk_prob`), as `transformers`' `Qwen3MoeSparseMoeBlock`. The tokens
+/// are grouped per expert (one pass over the experts, none over the tokens).
+#[derive(Module, Debug)]
+pub struct SparseMoe<B: Backend> {
+    /// The router, `[num_experts, hidden]`.
+    pub gate: Param<Tensor<B, 2>>,
+    /// The experts' MLPs.
+    pub experts: Vec<Mlp<B>>,
+    /// Experts per token.
+    pub top_k: usize,
+    /// The top-k probabilities are renormalised to sum to 1.
+    pub norm_topk_prob: bool,
+}
+
+impl<B: FusedBackend> FeedForward<B> {
+    fn apply(&self, x: Tensor<B, 3>, fused: bool) -> Tensor<B, 3> {
+        match self {
+            Self::Dense(m) => m.apply(x, fused),
+            Self::Sparse(m) => m.apply(x, fused),
+        }
+    }
+}
+
+impl<B: FusedBackend> SparseMoe<B> {
+    /// Applies the block to `x` `[batch, seq, hidden]`.
+    pub fn apply(&self, x: Tensor<B, 3>, fused: bool) -> Tensor<B, 3> {
+        let [b, s, h] = x.dims();
+        let (t, n, k) = (b * s, self.experts.len(), self.top_k);
+        let dtype = x.dtype();
+        let device = x.device();
+        let xf = x.reshape([t, h]);
+        // Router probabilities in f32 (`softmax(..., dtype=torch.float)`).
+        let logits = project(xf.clone(), cast_to(self.gate.val(), dtype), None);
+        let probs = burn::tensor::activation::softmax(logits.cast(FloatDType::F32), 1);
+        // The top-k choice is made on the host, where the tokens of each expert are grouped:
+        // the most probable first, ties to the lower index (no gradient flows through it).
+        let host: Vec<f32> = probs.clone().into_data().iter::<f32>().collect();
+        let mut chosen = vec![0usize; t * k];
+        let mut order: Vec<usize> = Vec::with_capacity(n);
+        for (row, slots) in host.chunks(n.max(1)).zip(chosen.chunks_mut(k.max(1))) {
+            order.clear();
+            order.extend(0..n);
+            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+            slots.copy_from_slice(&order[..k]);
+        }
+        let index = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(chosen.iter().map(|&e| e as i64).collect(), [t, k]),
+            &device,
+        );
+        let mut weights = probs.gather(1, index);
+        if self.norm_topk_prob {
+            weights = weights.clone() / weights.sum_dim(1);
+        }
+        let weights = cast_to(weights, dtype).reshape([t * k]);
+        let mut out = Tensor::<B, 2>::zeros([t, h], (&device, dtype));
+        let mut slots_of: Vec<Vec<i64>> = vec![Vec::new(); n];
+        for (slot, &e) in chosen.iter().enumerate() {
+            slots_of[e].push(slot as i64);
+        }
+        for (expert, slots) in self.experts.iter().zip(slots_of) {
+            if slots.is_empty() {
+                // No token chose this expert. `transformers` keeps all experts in one tensor,
+                // whose gradient is then zero for it (and AdamW still decays it): a zero
+                // gradient here too, rather than none.
+                out = out + zero_gradient_touch(expert, dtype);
+                continue;
+            }
+            let m = slots.len();
+            let tokens: Vec<i64> = slots.iter().map(|&p| p / k as i64).collect();
+            let tokens = Tensor::<B, 1, Int>::from_data(TensorData::new(tokens, [m]), &device);
+            let slots = Tensor::<B, 1, Int>::from_data(TensorData::new(slots, [m]), &device);
+            let y = expert
+                .apply(xf.clone().select(0, tokens.clone()).unsqueeze_dim(0), fused)
+                .reshape([m, h]);
+            let w = weights.clone().select(0, slots).unsqueeze_dim(1);
+            out = out.select_assign(0, tokens, y * w, IndexingUpdateOp::Add);
+        }
+        out.reshape([b, s, h])
+    }
+}
+
+/// `0 · Σ weights` of a trainable expert (shape `[1, 1]`), so that it gets a zero gradient;
+/// a zero without any graph when it is frozen.
+fn zero_gradient_touch<B: Backend>(expert: &Mlp<B>, dtype: DType) -> Tensor<B, 2> {
+    let device = expert.down_proj.weight.val().device();
+    let mut touch = Tensor::<B, 2>::zeros([1, 1], (&device, dtype));
+    for p in expert.named_projections().into_iter().map(|(_, p)| p) {
+        let w = p.weight.val();
+        if w.is_require_grad() {
+            touch = touch + cast_to(w.sum().mul_scalar(0.0), dtype).reshape([1, 1]);
+        }
+    }
+    touch
+}
+
+impl<B: Backend> Mlp<B> {
+    /// The projections, named below the MLP (`gate_proj`, `up_proj` or `gate_up_proj`, then
+    /// `down_proj`).
+    pub fn named_projections(&self) -> Vec<(&'static str, &Projection<B>)> {
+        let mut out = Vec::with_capacity(3);
+        match &self.gate_up {
+            GateUpProjections::Separate(p) => {
+                out.push(("gate_proj", &p.gate_proj));
+                out.push(("up_proj", &p.up_proj));
+            }
+            GateUpProjections::Fused(p) => out.push(("gate_up_proj", p)),
+        }
+        out.push(("down_proj", &self.down_proj));
+        out
+    }
+}
+
 /// One decoder layer: pre-norm (Llama, Qwen, Mistral), post-norm (OLMo 2) or both (Gemma), as
 /// [`crate::NormPlacement`] says; the norms keep their Hugging Face names.
 #[derive(Module, Debug)]
@@ -371,7 +498,7 @@ pub struct DecoderLayer<B: Backend> {
     /// Attention block.
     pub self_attn: SelfAttention<B>,
     /// Feed-forward block.
-    pub mlp: Mlp<B>,
+    pub mlp: FeedForward<B>,
     /// Norm before attention (pre-norm layers; `None` in post-norm ones).
     pub input_layernorm: Option<RmsNorm<B>>,
     /// Pre-norm: the norm before the MLP. Post-norm: the norm of the attention's output.
@@ -396,14 +523,18 @@ impl<B: Backend> DecoderLayer<B> {
             QkvProjections::Fused(p) => out.push(("self_attn.qkv_proj", p)),
         }
         out.push(("self_attn.o_proj", &self.self_attn.o_proj));
-        match &self.mlp.gate_up {
-            GateUpProjections::Separate(p) => {
-                out.push(("mlp.gate_proj", &p.gate_proj));
-                out.push(("mlp.up_proj", &p.up_proj));
+        // A dense MLP's projections; the experts of a sparse one are not linear layers to PEFT
+        // (3-D parameters in `transformers` 5), so not among them.
+        if let FeedForward::Dense(m) = &self.mlp {
+            match &m.gate_up {
+                GateUpProjections::Separate(p) => {
+                    out.push(("mlp.gate_proj", &p.gate_proj));
+                    out.push(("mlp.up_proj", &p.up_proj));
+                }
+                GateUpProjections::Fused(p) => out.push(("mlp.gate_up_proj", p)),
             }
-            GateUpProjections::Fused(p) => out.push(("mlp.gate_up_proj", p)),
+            out.push(("mlp.down_proj", &m.down_proj));
         }
-        out.push(("mlp.down_proj", &self.mlp.down_proj));
         out
     }
 
@@ -420,17 +551,19 @@ impl<B: Backend> DecoderLayer<B> {
             QkvProjections::Fused(p) => out.push(("self_attn.qkv_proj", p)),
         }
         out.push(("self_attn.o_proj", o_proj));
-        let Mlp {
+        if let FeedForward::Dense(Mlp {
             gate_up, down_proj, ..
-        } = &mut self.mlp;
-        match gate_up {
-            GateUpProjections::Separate(p) => {
-                out.push(("mlp.gate_proj", &mut p.gate_proj));
-                out.push(("mlp.up_proj", &mut p.up_proj));
+        }) = &mut self.mlp
+        {
+            match gate_up {
+                GateUpProjections::Separate(p) => {
+                    out.push(("mlp.gate_proj", &mut p.gate_proj));
+                    out.push(("mlp.up_proj", &mut p.up_proj));
+                }
+                GateUpProjections::Fused(p) => out.push(("mlp.gate_up_proj", p)),
             }
-            GateUpProjections::Fused(p) => out.push(("mlp.gate_up_proj", p)),
+            out.push(("mlp.down_proj", down_proj));
         }
-        out.push(("mlp.down_proj", down_proj));
         out
     }
 }
@@ -711,21 +844,46 @@ impl<B: Backend> CausalLm<B> {
                     num_kv_heads: config.num_kv_heads,
                     head_dim: config.head_dim,
                 },
-                mlp: Mlp {
-                    gate_up: if config.fused_gate_up {
-                        GateUpProjections::Fused(
-                            params.projection(&format!("{p}.mlp.gate_up_proj"), config.mlp_bias)?,
-                        )
-                    } else {
-                        GateUpProjections::Separate(SeparateGateUp {
-                            gate_proj: params
-                                .projection(&format!("{p}.mlp.gate_proj"), config.mlp_bias)?,
-                            up_proj: params
-                                .projection(&format!("{p}.mlp.up_proj"), config.mlp_bias)?,
-                        })
-                    },
-                    down_proj: params.projection(&format!("{p}.mlp.down_proj"), config.mlp_bias)?,
-                    gelu_tanh: config.activation == Activation::GeluTanh,
+                mlp: if let Some(moe) = config.moe.as_ref().filter(|_| config.layer_sparse(l)) {
+                    let mut experts = Vec::with_capacity(moe.num_experts);
+                    for e in 0..moe.num_experts {
+                        let q = format!("{p}.mlp.experts.{e}");
+                        experts.push(Mlp {
+                            gate_up: GateUpProjections::Separate(SeparateGateUp {
+                                gate_proj: params.projection(&format!("{q}.gate_proj"), false)?,
+                                up_proj: params.projection(&format!("{q}.up_proj"), false)?,
+                            }),
+                            down_proj: params.projection(&format!("{q}.down_proj"), false)?,
+                            gelu_tanh: config.activation == Activation::GeluTanh,
+                        });
+                    }
+                    FeedForward::Sparse(SparseMoe {
+                        gate: params.matrix(&format!("{p}.mlp.gate.weight"))?,
+                        experts,
+                        top_k: moe.top_k,
+                        norm_topk_prob: moe.norm_topk_prob,
+                    })
+                } else {
+                    FeedForward::Dense(Mlp {
+                        gate_up: if config.fused_gate_up {
+                            GateUpProjections::Fused(
+                                params.projection(
+                                    &format!("{p}.mlp.gate_up_proj"),
+                                    config.mlp_bias,
+                                )?,
+                            )
+                        } else {
+                            GateUpProjections::Separate(SeparateGateUp {
+                                gate_proj: params
+                                    .projection(&format!("{p}.mlp.gate_proj"), config.mlp_bias)?,
+                                up_proj: params
+                                    .projection(&format!("{p}.mlp.up_proj"), config.mlp_bias)?,
+                            })
+                        },
+                        down_proj: params
+                            .projection(&format!("{p}.mlp.down_proj"), config.mlp_bias)?,
+                        gelu_tanh: config.activation == Activation::GeluTanh,
+                    })
                 },
                 input_layernorm: match config.norm_placement {
                     NormPlacement::Pre | NormPlacement::Sandwich => {
@@ -822,6 +980,20 @@ impl<B: Backend> CausalLm<B> {
                 ));
                 if let Some(b) = &proj.bias {
                     f(NamedParam::Vector(&format!("{p}.{name}.bias"), b));
+                }
+            }
+            if let FeedForward::Sparse(moe) = &layer.mlp {
+                f(NamedParam::Matrix(
+                    &format!("{p}.mlp.gate.weight"),
+                    &moe.gate,
+                ));
+                for (e, expert) in moe.experts.iter().enumerate() {
+                    for (name, proj) in expert.named_projections() {
+                        f(NamedParam::Matrix(
+                            &format!("{p}.mlp.experts.{e}.{name}.weight"),
+                            &proj.weight,
+                        ));
+                    }
                 }
             }
             let a = &layer.self_attn;

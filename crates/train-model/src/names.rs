@@ -69,13 +69,24 @@ pub fn tensor_specs(config: &ModelConfig) -> Vec<TensorSpec> {
             proj("self_attn.v_proj", kv, h, config.qkv_bias);
         }
         proj("self_attn.o_proj", h, q, config.o_bias);
-        if config.fused_gate_up {
-            proj("mlp.gate_up_proj", 2 * i, h, config.mlp_bias);
+        if let Some(moe) = config.moe.as_ref().filter(|_| config.layer_sparse(l)) {
+            // The router, then each expert's MLP (the layout of the published checkpoints).
+            proj("mlp.gate", moe.num_experts, h, false);
+            for e in 0..moe.num_experts {
+                let m = moe.intermediate_size;
+                proj(&format!("mlp.experts.{e}.gate_proj"), m, h, false);
+                proj(&format!("mlp.experts.{e}.up_proj"), m, h, false);
+                proj(&format!("mlp.experts.{e}.down_proj"), h, m, false);
+            }
         } else {
-            proj("mlp.gate_proj", i, h, config.mlp_bias);
-            proj("mlp.up_proj", i, h, config.mlp_bias);
+            if config.fused_gate_up {
+                proj("mlp.gate_up_proj", 2 * i, h, config.mlp_bias);
+            } else {
+                proj("mlp.gate_proj", i, h, config.mlp_bias);
+                proj("mlp.up_proj", i, h, config.mlp_bias);
+            }
+            proj("mlp.down_proj", h, i, config.mlp_bias);
         }
-        proj("mlp.down_proj", h, i, config.mlp_bias);
         if config.qk_norm {
             let (qn, kn) = if config.qk_norm_whole {
                 (q, kv)

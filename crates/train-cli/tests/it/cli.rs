@@ -242,9 +242,9 @@ fn usage_errors_exit_2_and_models_registry_works() {
         &reg,
     );
     succeeded(&out);
-    // Nine text models, a Qwen3-VL model and seven LoRA adapters listed with their base model.
+    // Ten text models, a Qwen3-VL model and eight LoRA adapters listed with their base model.
     let found = last_json(&out)["found"].as_array().unwrap().clone();
-    assert_eq!(found.len(), 17, "{found:?}");
+    assert_eq!(found.len(), 19, "{found:?}");
     let entry = |name: &str| found.iter().find(|e| e["name"] == name).unwrap().clone();
     assert_eq!(entry("qwen3-lora")["kind"], "adapter");
     assert_eq!(entry("qwen3-lora")["base_model"], "../qwen3");
@@ -255,6 +255,7 @@ fn usage_errors_exit_2_and_models_registry_works() {
     assert_eq!(entry("qwen3_vl")["model_type"], "qwen3_vl");
     assert_eq!(entry("phi3")["model_type"], "phi3");
     assert_eq!(entry("phi3-lora")["base_model"], "../phi3");
+    assert_eq!(entry("qwen3_moe")["model_type"], "qwen3_moe");
     let out = train(&["models", "show", "qwen2", "--json"], &reg);
     assert_eq!(last_json(&out)["hidden_size"], 64);
     // A registered name works wherever a model directory is expected.

@@ -58,6 +58,7 @@ const ARCHES: &[&str] = &[
     "smollm3",
     "gemma3",
     "phi3",
+    "qwen3_moe",
 ];
 
 fn config(max_new_tokens: usize) -> GenerationConfig {

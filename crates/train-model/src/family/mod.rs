@@ -21,6 +21,7 @@ mod olmo2;
 mod phi3;
 mod qwen2;
 mod qwen3;
+mod qwen3_moe;
 mod smollm3;
 
 /// What a family's configuration resolves to.
@@ -112,6 +113,7 @@ pub(crate) static FAMILIES: &[&Family] = &[
     &smollm3::FAMILY,
     &gemma3::FAMILY,
     &phi3::FAMILY,
+    &qwen3_moe::FAMILY,
 ];
 
 /// The family of `architecture`.
@@ -126,6 +128,7 @@ pub(crate) fn of(architecture: Architecture) -> &'static Family {
         Architecture::SmolLm3 => &smollm3::FAMILY,
         Architecture::Gemma3 => &gemma3::FAMILY,
         Architecture::Phi3 => &phi3::FAMILY,
+        Architecture::Qwen3Moe => &qwen3_moe::FAMILY,
     }
 }
 

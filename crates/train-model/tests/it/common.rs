@@ -18,6 +18,7 @@ pub const ARCHES: &[&str] = &[
     "smollm3",
     "gemma3",
     "phi3",
+    "qwen3_moe",
 ];
 
 pub fn fixtures() -> PathBuf {

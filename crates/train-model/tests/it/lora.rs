@@ -176,6 +176,42 @@ fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
 }
 
 #[test]
+fn fused_and_expert_models_name_their_own_modules() {
+    // Phi-3's fused projections are the targets; the default `q_proj` names none of them.
+    let e = base("phi3")
+        .with_lora(&LoraConfig::default(), 0)
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("its modules: qkv_proj, o_proj, gate_up_proj, down_proj"),
+        "{e}"
+    );
+    let m = base("phi3")
+        .with_lora(&config(&["qkv_proj", "gate_up_proj"]), 0)
+        .unwrap();
+    let mut names = Vec::new();
+    m.visit_adapters(|n, _| names.push(n.to_string()));
+    assert_eq!(names.len(), 2 * 2 * m.layers.len());
+    assert!(
+        names[0].ends_with("self_attn.qkv_proj.lora_A.weight"),
+        "{names:?}"
+    );
+    // Qwen3-MoE: MLP names and `all-linear` would be the experts' and the router's in PEFT
+    // (it adapts their 3-D parameters, not the dense layer's MLP): refused; the attention is
+    // what can be adapted.
+    for t in ["gate_proj", "mlp.down_proj", "gate_up_proj", "all-linear"] {
+        let e = base("qwen3_moe").with_lora(&config(&[t]), 0).unwrap_err();
+        assert!(e.to_string().contains("experts"), "{t}: {e}");
+    }
+    let m = base("qwen3_moe")
+        .with_lora(&config(&["q_proj", "k_proj", "v_proj", "o_proj"]), 0)
+        .unwrap();
+    let mut names = Vec::new();
+    m.visit_adapters(|n, _| names.push(n.to_string()));
+    assert_eq!(names.len(), 2 * 4 * 3);
+}
+
+#[test]
 fn bad_adapters_are_clear_errors() {
     // Unknown target.
     let e = base("qwen3").with_lora(&config(&["qproj"]), 0).unwrap_err();

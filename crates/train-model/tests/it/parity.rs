@@ -235,6 +235,42 @@ pub fn phi3_details_matter<B: FusedBackend>(attention: AttentionImpl, device: &B
     }
 }
 
+/// Qwen3-MoE's routing is what makes the fixture's logits right: without renormalising the
+/// top-2 probabilities, or with one expert a token instead of two, the same weights miss
+/// transformers' logits by far more than the tolerance.
+pub fn qwen3_moe_details_matter<B: FusedBackend>(attention: AttentionImpl, device: &B::Device) {
+    use train_model::FeedForward;
+    let r = Reference::load("qwen3_moe");
+    let mut model = load::<B>("qwen3_moe", Precision::Fp32, attention, device);
+    let input = ModelInput::from_rows(&r.rows("input_ids"), device).unwrap();
+    let error = |m: &CausalLm<B>| max_abs_diff(&f32s(m.forward(&input)), &r.get("logits").f32);
+    let right = error(&model);
+    assert!(right <= LOGITS_TOL, "{right}");
+    let sparse: Vec<bool> = model
+        .layers
+        .iter()
+        .map(|l| matches!(l.mlp, FeedForward::Sparse(_)))
+        .collect();
+    assert_eq!(sparse, [true, false, true]);
+    let mut wrong = Vec::new();
+    let set = |m: &mut CausalLm<B>, norm: bool, k: usize| {
+        for l in &mut m.layers {
+            if let FeedForward::Sparse(moe) = &mut l.mlp {
+                moe.norm_topk_prob = norm;
+                moe.top_k = k;
+            }
+        }
+    };
+    set(&mut model, false, 2);
+    wrong.push(("top-k probabilities not renormalised", error(&model)));
+    set(&mut model, true, 1);
+    wrong.push(("one expert a token", error(&model)));
+    println!("qwen3_moe {attention:?}: logits error {right:.3e}; without each detail {wrong:?}");
+    for (what, e) in wrong {
+        assert!(e > 100.0 * LOGITS_TOL, "{what}: {e}");
+    }
+}
+
 /// without the embedding scale, or with SwiGLU instead of GeGLU, the same weights miss
 /// transformers' logits by far more than the tolerance.
 pub fn gemma3_details_matter<B: FusedBackend>(attention: AttentionImpl, device: &B::Device) {
@@ -259,7 +295,9 @@ pub fn gemma3_details_matter<B: FusedBackend>(attention: AttentionImpl, device: 
     wrong.push(("embedding scale", error(&m)));
     m.config = c;
     for layer in &mut m.layers {
-        layer.mlp.gelu_tanh = false;
+        if let train_model::FeedForward::Dense(mlp) = &mut layer.mlp {
+            mlp.gelu_tanh = false;
+        }
     }
     wrong.push(("GeGLU", error(&m)));
     println!("gemma3 {attention:?}: logits error {right:.3e}; without each detail {wrong:?}");
@@ -605,6 +643,10 @@ macro_rules! backend_tests {
                 forward_backward::<Ad>("phi3", &device());
             }
             #[test]
+            fn qwen3_moe_forward_backward() {
+                forward_backward::<Ad>("qwen3_moe", &device());
+            }
+            #[test]
             fn fused_ops_forward_backward_match_transformers() {
                 for arch in ARCHES {
                     forward_backward_with::<Ad>(arch, AttentionImpl::Auto, &device());
@@ -664,6 +706,11 @@ macro_rules! backend_tests {
             fn phi3_details_are_honoured() {
                 phi3_details_matter::<Inner>(AttentionImpl::Standard, &device());
                 phi3_details_matter::<Inner>(AttentionImpl::Fused, &device());
+            }
+            #[test]
+            fn qwen3_moe_details_are_honoured() {
+                qwen3_moe_details_matter::<Inner>(AttentionImpl::Standard, &device());
+                qwen3_moe_details_matter::<Inner>(AttentionImpl::Fused, &device());
             }
             #[test]
             fn bf16_is_close_to_reference() {
