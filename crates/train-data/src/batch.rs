@@ -186,9 +186,25 @@ pub struct Batch {
     /// false, every row is one example followed by padding, and plain causal attention already
     /// keeps real tokens from seeing the padding after them.
     pub packed: bool,
+    /// Tokens of each row before its padding (empty: no padding anywhere).
+    #[serde(default)]
+    pub row_lengths: Vec<usize>,
 }
 
 impl Batch {
+    /// `[batch_size * seq_len]`: true for a real token, false for padding (what
+    /// `transformers`' `attention_mask` holds).
+    pub fn real_mask(&self) -> Vec<bool> {
+        let s = self.seq_len;
+        (0..self.batch_size * s)
+            .map(|i| {
+                self.row_lengths
+                    .get(i / s.max(1))
+                    .is_none_or(|&len| i % s.max(1) < len)
+            })
+            .collect()
+    }
+
     /// Pads `rows` to the longest (or to `pad_to`, if longer) and flattens them.
     pub fn collate(rows: Vec<Sequence>, pad_id: u32, pad_to: Option<usize>) -> Self {
         let longest = rows.iter().map(Sequence::len).max().unwrap_or(0);
@@ -201,6 +217,7 @@ impl Batch {
         for mut r in rows {
             b.packed |= r.segment_ids.last().is_some_and(|&s| s > 0);
             b.real_tokens += r.len();
+            b.row_lengths.push(r.len());
             b.label_tokens += r.label_tokens();
             r.pad_to(seq_len, pad_id);
             b.input_ids.extend(r.input_ids);
@@ -249,6 +266,7 @@ impl Batch {
             }
         }
         out.seq_len = out.input_ids.len();
+        out.row_lengths = vec![out.seq_len];
         Some(out)
     }
 

@@ -1583,22 +1583,18 @@ mod tests {
             ),
             ("moe_intermediate_size", json!(0), "between 1"),
             ("decoder_sparse_step", json!(0), "at least 1"),
-            (
-                "output_router_logits",
-                json!(true),
-                "load-balancing loss is not implemented",
-            ),
+            ("router_aux_loss_coef", json!(-1.0), "at least 0"),
         ] {
             let mut v = qwen3_moe();
             v[key] = value.clone();
             let e = parse(&v).unwrap_err().to_string();
             assert!(e.contains(key) && e.contains(want), "{key} = {value}: {e}");
         }
-        // Without a coefficient the flag changes nothing, and is accepted.
         let mut v = qwen3_moe();
         v["output_router_logits"] = json!(true);
-        v["router_aux_loss_coef"] = json!(0.0);
-        assert!(parse(&v).is_ok());
+        v["router_aux_loss_coef"] = json!(0.02);
+        let m = parse(&v).unwrap().moe.unwrap();
+        assert!(m.output_router_logits && (m.router_aux_loss_coef - 0.02).abs() < 1e-12);
     }
 
     #[test]

@@ -203,6 +203,8 @@ impl<B: Backend> SelfAttention<B> {
 pub(crate) struct LayerContext<'a, B: Backend> {
     pub cos: &'a Tensor<B, 4>,
     pub sin: &'a Tensor<B, 4>,
+    /// Where the sparse layers record their routing, when the load-balancing loss is wanted.
+    pub router: Option<&'a std::cell::RefCell<RouterLog<B>>>,
     pub mask: &'a AttentionMask<B>,
     pub fused: bool,
     /// Multiplies the attention scores.
@@ -394,17 +396,108 @@ pub struct SparseMoe<B: Backend> {
 }
 
 impl<B: FusedBackend> FeedForward<B> {
-    fn apply(&self, x: Tensor<B, 3>, fused: bool) -> Tensor<B, 3> {
+    fn apply(
+        &self,
+        x: Tensor<B, 3>,
+        fused: bool,
+        router: Option<&std::cell::RefCell<RouterLog<B>>>,
+    ) -> Tensor<B, 3> {
         match self {
             Self::Dense(m) => m.apply(x, fused),
-            Self::Sparse(m) => m.apply(x, fused),
+            Self::Sparse(m) => {
+                let (out, routing) = m.route(x, fused);
+                if let Some(log) = router {
+                    log.borrow_mut().add(&routing);
+                }
+                out
+            }
         }
+    }
+}
+
+/// One sparse layer's routing: its router probabilities `[tokens, experts]` (f32, on the
+/// graph) and the experts each token went to (`top_k` a token, row-major).
+pub(crate) struct Routing<B: Backend> {
+    probs: Tensor<B, 2>,
+    chosen: Vec<usize>,
+    top_k: usize,
+}
+
+/// The routing of every sparse layer of a forward, summed as `transformers`'
+/// `load_balancing_loss_func` sums it: top-k assignments and router probabilities per expert,
+/// over the real tokens (`mask`; padding left out, as its `attention_mask` does).
+pub(crate) struct RouterLog<B: Backend> {
+    mask: Option<(Vec<bool>, Tensor<B, 2>)>,
+    counts: Vec<f64>,
+    prob_sum: Option<Tensor<B, 1>>,
+    rows: f64,
+}
+
+impl<B: Backend> RouterLog<B> {
+    fn new(real: Option<&[bool]>, device: &B::Device) -> Self {
+        let mask = real.map(|m| {
+            let values: Vec<f32> = m.iter().map(|&r| f32::from(u8::from(r))).collect();
+            let t = Tensor::<B, 2>::from_data(TensorData::new(values, [m.len(), 1]), device);
+            (m.to_vec(), t)
+        });
+        Self {
+            mask,
+            counts: Vec::new(),
+            prob_sum: None,
+            rows: 0.0,
+        }
+    }
+
+    fn add(&mut self, r: &Routing<B>) {
+        let [t, n] = r.probs.dims();
+        self.counts.resize(n, 0.0);
+        for tok in 0..t {
+            if self
+                .mask
+                .as_ref()
+                .is_none_or(|(m, _)| m.get(tok).copied().unwrap_or(true))
+            {
+                for &e in &r.chosen[tok * r.top_k..(tok + 1) * r.top_k] {
+                    self.counts[e] += 1.0;
+                }
+                self.rows += 1.0;
+            }
+        }
+        let weighted = match &self.mask {
+            Some((_, m)) if m.dims()[0] == t => r.probs.clone() * m.clone(),
+            _ => r.probs.clone(),
+        };
+        let sum = weighted.sum_dim(0).reshape([n]);
+        self.prob_sum = Some(match self.prob_sum.take() {
+            Some(p) => p + sum,
+            None => sum,
+        });
+    }
+
+    /// `experts · Σ_e (assignments_e / rows) · (probability_e / rows)`; `None` without a
+    /// sparse layer or a real token.
+    fn loss(self) -> Option<Tensor<B, 1>> {
+        let prob_sum = self.prob_sum?;
+        if self.rows == 0.0 {
+            return None;
+        }
+        let n = self.counts.len();
+        let device = prob_sum.device();
+        let counts: Vec<f32> = self.counts.iter().map(|&c| c as f32).collect();
+        let counts = Tensor::<B, 1>::from_data(TensorData::new(counts, [n]), &device);
+        let scale = n as f64 / (self.rows * self.rows);
+        Some((prob_sum * counts).sum().mul_scalar(scale))
     }
 }
 
 impl<B: FusedBackend> SparseMoe<B> {
     /// Applies the block to `x` `[batch, seq, hidden]`.
     pub fn apply(&self, x: Tensor<B, 3>, fused: bool) -> Tensor<B, 3> {
+        self.route(x, fused).0
+    }
+
+    /// [`SparseMoe::apply`], and how the tokens were routed.
+    fn route(&self, x: Tensor<B, 3>, fused: bool) -> (Tensor<B, 3>, Routing<B>) {
         let [b, s, h] = x.dims();
         let (t, n, k) = (b * s, self.experts.len(), self.top_k);
         let dtype = x.dtype();
@@ -428,7 +521,7 @@ impl<B: FusedBackend> SparseMoe<B> {
             TensorData::new(chosen.iter().map(|&e| e as i64).collect(), [t, k]),
             &device,
         );
-        let mut weights = probs.gather(1, index);
+        let mut weights = probs.clone().gather(1, index);
         if self.norm_topk_prob {
             weights = weights.clone() / weights.sum_dim(1);
         }
@@ -456,7 +549,12 @@ impl<B: FusedBackend> SparseMoe<B> {
             let w = weights.clone().select(0, slots).unsqueeze_dim(1);
             out = out.select_assign(0, tokens, y * w, IndexingUpdateOp::Add);
         }
-        out.reshape([b, s, h])
+        let routing = Routing {
+            probs,
+            chosen,
+            top_k: k,
+        };
+        (out.reshape([b, s, h]), routing)
     }
 }
 
@@ -590,13 +688,13 @@ impl<B: FusedBackend> DecoderLayer<B> {
                     Some(n) => n.apply(h.clone(), fused),
                     None => h.clone(),
                 };
-                let mlp = self.mlp.apply(mlp_in, fused);
+                let mlp = self.mlp.apply(mlp_in, fused, ctx.router);
                 h + post_mlp.apply(mlp, fused)
             }
             None => {
                 let h = x + attn;
                 let normed = self.post_attention_layernorm.apply(h.clone(), fused);
-                h + self.mlp.apply(normed, fused)
+                h + self.mlp.apply(normed, fused, ctx.router)
             }
         }
     }
@@ -1080,6 +1178,36 @@ impl<B: FusedBackend> CausalLm<B> {
         (self.logits(h), states)
     }
 
+    /// [`CausalLm::forward_hidden`] and the router's load-balancing loss of a mixture-of-experts
+    /// model (`transformers`' `load_balancing_loss_func`: the experts times the sum over experts
+    /// of the fraction of top-k assignments and the mean router probability, over every sparse
+    /// layer), not yet multiplied by `router_aux_loss_coef`; `None` for a dense model. `real`
+    /// (`[batch * seq]`) marks the tokens that are not padding; `None` counts them all.
+    pub fn forward_hidden_with_router_loss(
+        &self,
+        input: &ModelInput<B>,
+        real: Option<&[bool]>,
+    ) -> (Tensor<B, 3>, Option<Tensor<B, 1>>) {
+        if self.config.moe.is_none() {
+            return (self.run(input, None, None), None);
+        }
+        let device = input.input_ids.device();
+        let log = std::cell::RefCell::new(RouterLog::new(real, &device));
+        let h = self.run_routed(input, None, None, Some(&log));
+        (h, log.into_inner().loss())
+    }
+
+    /// [`CausalLm::forward`] and the router's load-balancing loss, as
+    /// [`CausalLm::forward_hidden_with_router_loss`].
+    pub fn forward_with_router_loss(
+        &self,
+        input: &ModelInput<B>,
+        real: Option<&[bool]>,
+    ) -> (Tensor<B, 3>, Option<Tensor<B, 1>>) {
+        let (h, aux) = self.forward_hidden_with_router_loss(input, real);
+        (self.logits(h), aux)
+    }
+
     /// Forward with a KV cache: `input` holds the new tokens only (their positions continue the
     /// cached ones); keys and values are appended to `cache`.
     pub fn forward_cached(
@@ -1110,8 +1238,19 @@ impl<B: FusedBackend> CausalLm<B> {
     fn run(
         &self,
         input: &ModelInput<B>,
+        cache: Option<&mut KvCache<B>>,
+        hidden: Option<&mut Vec<Tensor<B, 3>>>,
+    ) -> Tensor<B, 3> {
+        self.run_routed(input, cache, hidden, None)
+    }
+
+    /// [`CausalLm::run`], the sparse layers recording their routing in `router`.
+    fn run_routed(
+        &self,
+        input: &ModelInput<B>,
         mut cache: Option<&mut KvCache<B>>,
         mut hidden: Option<&mut Vec<Tensor<B, 3>>>,
+        router: Option<&std::cell::RefCell<RouterLog<B>>>,
     ) -> Tensor<B, 3> {
         let [b, s] = input.input_ids.dims();
         let device = input.input_ids.device();
@@ -1193,6 +1332,7 @@ impl<B: FusedBackend> CausalLm<B> {
             LayerContext {
                 cos,
                 sin,
+                router,
                 mask: match (&sliding, slides) {
                     (Some(m), true) => m,
                     _ => &mask,

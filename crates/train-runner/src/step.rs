@@ -77,6 +77,17 @@ fn label_rows(batch: &train_data::Batch) -> Option<(Vec<i64>, Vec<i64>)> {
     (!rows.is_empty()).then_some((rows, targets))
 }
 
+/// `router_aux_loss_coef` when the model's router adds its load-balancing loss to the training
+/// loss (a mixture of experts with `output_router_logits`).
+fn router_aux_coef<B: burn::tensor::backend::Backend>(model: &CausalLm<B>) -> Option<f64> {
+    model
+        .config
+        .moe
+        .as_ref()
+        .filter(|m| m.output_router_logits && m.router_aux_loss_coef != 0.0)
+        .map(|m| m.router_aux_loss_coef)
+}
+
 /// Materialised logits, `causal_lm_nll`, autodiff through everything.
 fn plain_micro_batch<B: FusedAutodiffBackend>(
     model: &CausalLm<B>,
@@ -85,8 +96,15 @@ fn plain_micro_batch<B: FusedAutodiffBackend>(
     device: &burn::tensor::Device<B>,
 ) -> (f64, GradientsParams) {
     let (input, labels) = batch_tensors::<B>(batch, device);
-    let (sum, _) = causal_lm_nll(model.forward(&input), labels);
-    let loss = sum / denominator;
+    let (logits, aux) = match router_aux_coef(model) {
+        Some(_) => model.forward_with_router_loss(&input, Some(&batch.real_mask())),
+        None => (model.forward(&input), None),
+    };
+    let (sum, _) = causal_lm_nll(logits, labels);
+    let mut loss = sum / denominator;
+    if let (Some(coef), Some(aux)) = (router_aux_coef(model), aux) {
+        loss = loss + aux.mul_scalar(coef);
+    }
     let value = f64::from(loss.clone().into_scalar().elem::<f32>());
     (value, GradientsParams::from_grads(loss.backward(), model))
 }
@@ -101,7 +119,10 @@ fn fused_micro_batch<B: FusedAutodiffBackend>(
     device: &burn::tensor::Device<B>,
 ) -> (f64, GradientsParams) {
     let (input, _) = batch_tensors::<B>(batch, device);
-    let hidden = model.forward_hidden(&input);
+    let (hidden, aux) = match router_aux_coef(model) {
+        Some(_) => model.forward_hidden_with_router_loss(&input, Some(&batch.real_mask())),
+        None => (model.forward_hidden(&input), None),
+    };
     let [b, s, width] = hidden.dims();
     let flat = hidden.reshape([b * s, width]);
     let m = rows.len();
@@ -119,10 +140,18 @@ fn fused_micro_batch<B: FusedAutodiffBackend>(
         nll_chunk_rows(m, model.config.vocab_size),
         head_trained,
     );
-    let loss = f64::from(out.sum.into_scalar().elem::<f32>()) / denominator;
+    let mut loss = f64::from(out.sum.into_scalar().elem::<f32>()) / denominator;
     let grad_flat = Tensor::<B::InnerBackend, 2>::zeros([b * s, width], (device, flat.dtype()))
         .select_assign(0, index, out.grad_hidden, IndexingUpdateOp::Add);
-    let surrogate = (flat * Tensor::<B, 2>::from_inner(grad_flat)).sum();
+    let mut surrogate = (flat * Tensor::<B, 2>::from_inner(grad_flat)).sum();
+    if let (Some(coef), Some(aux)) = (router_aux_coef(model), aux) {
+        // The router's load-balancing loss, added as `transformers` adds it to each
+        // micro-batch's loss.
+        let aux = aux.mul_scalar(coef);
+        loss += f64::from(aux.clone().into_scalar().elem::<f32>());
+        let dtype = surrogate.dtype();
+        surrogate = surrogate + aux.cast(dtype);
+    }
     let mut grads = GradientsParams::from_grads(surrogate.backward(), model);
     if let Some(grad_head) = out.grad_weight {
         let grad_head = grad_head.cast(head.val().dtype());

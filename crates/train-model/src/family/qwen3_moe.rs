@@ -8,8 +8,9 @@
 //! - a layer is sparse unless it is in `mlp_only_layers`, when `(layer + 1)` is a multiple of
 //!   `decoder_sparse_step` (default 1: every layer); the dense ones keep an MLP of
 //!   `intermediate_size`;
-//! - the router's load-balancing loss (`output_router_logits` with `router_aux_loss_coef`) is
-//!   refused: it is not added to the training loss here, and `transformers` adds it only then.
+//! - with `output_router_logits`, the router's load-balancing loss times
+//!   `router_aux_loss_coef` is added to each micro-batch's training loss, as `transformers`
+//!   adds it (`CausalLm::forward_hidden_with_router_loss`).
 //!
 //! Each expert is stored as `mlp.experts.<e>.{gate,up,down}_proj.weight`, as the published
 //! checkpoints (and `transformers`' `save_pretrained`) write them.
@@ -104,15 +105,14 @@ fn finish(path: &Path, hf: &HfConfig, c: &mut ModelConfig) -> Result<()> {
         .map(|l| !dense.contains(&l) && num_experts > 0 && (l + 1) % step == 0)
         .collect();
     let router_aux_loss_coef = hf.router_aux_loss_coef.unwrap_or(0.001);
-    let output_router_logits = hf.output_router_logits.unwrap_or(false);
-    if output_router_logits && router_aux_loss_coef != 0.0 {
+    if !router_aux_loss_coef.is_finite() || router_aux_loss_coef < 0.0 {
         return Err(ModelError::config(
             path,
-            "output_router_logits",
-            "the router's load-balancing loss is not implemented: set output_router_logits to \
-             false (as published Qwen3-MoE checkpoints do) to train without it",
+            "router_aux_loss_coef",
+            format!("{router_aux_loss_coef} must be a number of at least 0"),
         ));
     }
+    let output_router_logits = hf.output_router_logits.unwrap_or(false);
     c.moe = Some(MoeConfig {
         num_experts,
         top_k,

@@ -235,6 +235,71 @@ pub fn phi3_details_matter<B: FusedBackend>(attention: AttentionImpl, device: &B
     }
 }
 
+/// The router's load-balancing loss (`output_router_logits`) against `transformers`: its value
+/// and the training loss it is added to, the routers' gradients through it, and the same with
+/// the second row cut to 30 tokens and right-padded (padding left out by the real-token mask,
+/// as by `transformers`' attention mask).
+pub fn router_aux_loss<B: FusedAutodiffBackend>(device: &B::Device) {
+    use train_model::FeedForward;
+    let r = Reference::load("qwen3_moe");
+    let meta = &r.meta["router_aux"];
+    let coef = meta["coef"].as_f64().unwrap();
+    let model = load::<B>("qwen3_moe", Precision::Fp32, AttentionImpl::Auto, device);
+    let rows = r.rows("input_ids");
+    let input = ModelInput::from_rows(&rows, device).unwrap();
+    let (logits, aux) = model.forward_with_router_loss(&input, None);
+    let aux = aux.expect("a sparse model has a load-balancing loss");
+    let aux_value = f64::from(f32s(aux.clone())[0]);
+    let want = meta["aux_loss"].as_f64().unwrap();
+    assert!(
+        (aux_value - want).abs() <= 1e-5 * want,
+        "aux {aux_value} vs {want}"
+    );
+    let loss = causal_lm_loss(logits, labels::<B>(&r, device)) + aux.mul_scalar(coef);
+    let value = f64::from(f32s(loss.clone())[0]);
+    let want_loss = meta["loss"].as_f64().unwrap();
+    assert!(
+        (value - want_loss).abs() <= 1e-5 * want_loss,
+        "loss {value} vs {want_loss}"
+    );
+    let grads = loss.backward();
+    let mut worst = 0f64;
+    for (l, layer) in model.layers.iter().enumerate() {
+        if let FeedForward::Sparse(moe) = &layer.mlp {
+            let g = f32s(moe.gate.val().grad(&grads).unwrap());
+            let e = rel_err(
+                &g,
+                &r.get(&format!("aux.grad.model.layers.{l}.mlp.gate.weight"))
+                    .f32,
+            );
+            worst = worst.max(e);
+        }
+    }
+    assert!(worst <= GRAD_TOL, "router gradients {worst}");
+    // Padded: the second row's last 18 tokens are padding, left out of the loss.
+    let cut = usize::try_from(meta["padded"]["cut"].as_u64().unwrap()).unwrap();
+    let pad = model.config.pad_token_id.unwrap();
+    let mut padded = rows.clone();
+    for t in &mut padded[1][cut..] {
+        *t = pad;
+    }
+    let seq = rows[0].len();
+    let real: Vec<bool> = (0..2 * seq).map(|i| i < seq + cut).collect();
+    let input = ModelInput::from_rows(&padded, device).unwrap();
+    let (_, aux_b) = model.forward_with_router_loss(&input, Some(&real));
+    let aux_b = f64::from(f32s(aux_b.unwrap())[0]);
+    let want_b = meta["padded"]["aux_loss"].as_f64().unwrap();
+    assert!(
+        (aux_b - want_b).abs() <= 1e-5 * want_b,
+        "padded aux {aux_b} vs {want_b}"
+    );
+    println!(
+        "qwen3_moe {}: load-balancing loss {aux_value:.7} vs transformers {want:.7}, total \
+         {value:.7} vs {want_loss:.7}, router gradients {worst:.2e}; padded {aux_b:.7} vs {want_b:.7}",
+        B::name(device)
+    );
+}
+
 /// Qwen3-MoE's routing is what makes the fixture's logits right: without renormalising the
 /// top-2 probabilities, or with one expert a token instead of two, the same weights miss
 /// transformers' logits by far more than the tolerance.
@@ -706,6 +771,10 @@ macro_rules! backend_tests {
             fn phi3_details_are_honoured() {
                 phi3_details_matter::<Inner>(AttentionImpl::Standard, &device());
                 phi3_details_matter::<Inner>(AttentionImpl::Fused, &device());
+            }
+            #[test]
+            fn qwen3_moe_router_loss_matches_transformers() {
+                router_aux_loss::<Ad>(&device());
             }
             #[test]
             fn qwen3_moe_details_are_honoured() {

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use burn::backend::{Autodiff, Flex};
-use burn::tensor::{DType, TensorData};
+use burn::tensor::{DType, ElementConversion, TensorData};
 use train_data::{Batch, Example, IGNORE_INDEX, TrainRows, pack_examples};
 use train_model::{
     CausalLm, LoadOptions, LoraConfig, ModelConfig, NamedParam, Precision, load_pretrained,
@@ -154,6 +154,59 @@ fn packing_padding_and_accumulation_give_the_same_loss_and_gradients() {
         );
         assert!(rel <= 1e-4, "{name}: gradients differ by {rel}");
     }
+}
+
+/// With `output_router_logits`, a Qwen3-MoE step adds `coef ·` the router's load-balancing loss
+/// over the real tokens: the same whether the padded micro-batch runs as one padding-free row or
+/// with its padding (left out by the real-token mask), and by exactly that term above the step
+/// without it.
+#[test]
+fn the_router_loss_joins_the_step_loss_over_real_tokens() {
+    let options = LoadOptions {
+        precision: Precision::Fp32,
+        ..LoadOptions::default()
+    };
+    let device = Default::default();
+    let plain = load_pretrained::<B>(&fixture("qwen3_moe"), &options, &device)
+        .unwrap()
+        .model;
+    let coef = 0.05;
+    let mut routed = plain.clone();
+    if let Some(m) = routed.config.moe.as_mut() {
+        m.output_router_logits = true;
+        m.router_aux_loss_coef = coef;
+    }
+    let ex = examples(8);
+    let refs: Vec<&Example> = ex.iter().collect();
+    let one = vec![Batch::padded(&refs, 0)];
+    let padded_as_is = routed
+        .clone()
+        .with_attention(train_model::AttentionImpl::Standard);
+    assert!(routed.padding_free() && !padded_as_is.padding_free());
+    let (without, _) = step_gradients(&plain, &one, &device);
+    let (with, grads) = step_gradients(&routed, &one, &device);
+    let (with_padding, grads_padding) = step_gradients(&padded_as_is, &one, &device);
+    // The term itself, on the padding-free row of the same examples.
+    let flat = one[0].padding_free().unwrap();
+    let (input, _) = train_runner::batch_tensors::<B>(&flat, &device);
+    let (_, aux) = routed.forward_hidden_with_router_loss(&input, None);
+    let aux: f64 = aux.unwrap().into_scalar().elem::<f32>().into();
+    println!(
+        "router loss {aux:.6}: step loss {without:.7} without, {with:.7} with, {with_padding:.7} with the padding computed"
+    );
+    assert!(
+        (with - without - coef * aux).abs() <= 1e-5,
+        "{with} - {without} vs {coef} × {aux}"
+    );
+    assert!(
+        (with_padding - with).abs() <= 1e-5 * with,
+        "{with_padding} vs {with}"
+    );
+    let rel = max_rel(
+        &grads_by_name(&padded_as_is, &grads_padding),
+        &grads_by_name(&routed, &grads),
+    );
+    assert!(rel <= 1e-4, "gradients differ by {rel}");
 }
 
 struct Recorder {
