@@ -160,21 +160,13 @@ fn llama_cpp_templates(dir: &Path) -> Result<()> {
     }
     let sdist = dir.join("llama-cpp-sdist");
     std::fs::create_dir_all(&sdist)?;
-    let mut c = Command::new("python3");
-    c.args([
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--no-binary",
-        ":all:",
-        "--no-build-isolation",
-        "--disable-pip-version-check",
-        "-d",
-    ])
-    .arg(&sdist)
-    .arg(LLAMA_CPP_SDIST);
-    run(&format!("pip download {LLAMA_CPP_SDIST}"), c)?;
+    // The source distribution itself (`--no-binary` for this package only: its build
+    // dependencies are only read for metadata and come as wheels; about 12 s here).
+    pip_download(
+        &sdist,
+        LLAMA_CPP_SDIST,
+        &["--no-binary", "llama-cpp-python"],
+    )?;
     let tarball = std::fs::read_dir(&sdist)?
         .flatten()
         .map(|e| e.path())
@@ -191,6 +183,23 @@ fn llama_cpp_templates(dir: &Path) -> Result<()> {
         .arg("--strip-components=5");
     run("unpack llama.cpp's chat templates", t)?;
     Ok(())
+}
+
+/// `pip download --no-deps <extra> -d dir spec` with the system Python.
+fn pip_download(dir: &Path, spec: &str, extra: &[&str]) -> Result<()> {
+    let mut c = Command::new("python3");
+    c.args([
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+    ])
+    .args(extra)
+    .arg("-d")
+    .arg(dir)
+    .arg(spec);
+    run(&format!("pip download {spec}"), c)
 }
 
 /// Downloads the npm packages `specs` into `dir` and unpacks each (once).
@@ -230,18 +239,7 @@ pub(crate) fn assets() -> Result<PathBuf> {
         if present {
             continue;
         }
-        let mut c = Command::new("python3");
-        c.args([
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--disable-pip-version-check",
-            "-d",
-        ])
-        .arg(&dir)
-        .arg(spec);
-        run(&format!("pip download {spec}"), c)?;
+        pip_download(&dir, spec, &[])?;
     }
     Ok(dir)
 }
