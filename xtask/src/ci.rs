@@ -17,7 +17,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::downloads::{assets, qwen3_tokenizer_dir, venv};
 use crate::{
-    LOG, RELEASE_FEATURES, TCH_FEATURES, build_release_binaries, cache, cargo, cargo_tool,
+    LOG, RELEASE_FEATURES, TCH_TEST_FEATURES, build_release_binaries, cache, cargo, cargo_tool,
     library_crates, publishable_crates, release, release_bin, root, run, smollm2, target_dir,
     torch_env, which,
 };
@@ -191,15 +191,16 @@ fn steps(t: &mut Timings) -> Result<()> {
     t.step("test (tch)", || {
         let mut c = cargo();
         // The model, loop and generation parity modules and the fused operations of the
-        // crates' test binaries (the filters also match `loop_parity::`).
+        // crates' test binaries (the filters also match `loop_parity::`): only the packages
+        // that hold them (train-runner's test binary would be compiled against libtorch for
+        // nothing), with workspace-hack so that the shared dependencies keep the release
+        // build's features (`cargo tree -e features` of this selection and of the whole
+        // workspace list the same features for every dependency).
+        c.args(["test", "--release", "--features", TCH_TEST_FEATURES]);
+        for k in ["train-model", "train-logits", "train-cli", "workspace-hack"] {
+            c.args(["-p", k]);
+        }
         c.args([
-            "test",
-            "--workspace",
-            "--release",
-            "--features",
-            TCH_FEATURES,
-        ])
-        .args([
             "--test",
             "it",
             "--",

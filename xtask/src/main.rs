@@ -40,6 +40,9 @@ const RELEASE_FEATURES: &str = "train-model/real-checkpoint,train-data/real-toke
 /// `RELEASE_FEATURES` plus the libtorch backend (needs the venv's torch: `torch_env`).
 const TCH_FEATURES: &str = "train-model/real-checkpoint,train-data/real-tokenizers,train-model/tch,train-cli/tch,train-logits/tch,train-examples/tch";
 
+/// `TCH_FEATURES` less the examples' (for commands that select the test packages only).
+const TCH_TEST_FEATURES: &str = "train-model/real-checkpoint,train-data/real-tokenizers,train-model/tch,train-cli/tch,train-logits/tch";
+
 /// `cargo <verb> --workspace --release --features RELEASE_FEATURES <args>`.
 fn release(verb: &str, args: &[&str]) -> Command {
     let mut c = cargo();
