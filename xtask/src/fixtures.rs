@@ -39,6 +39,8 @@ pub(crate) fn fixtures() -> Result<()> {
         .arg(root().join("crates/train-runner/tests/fixtures/dpo.reference.json"))
         .arg("--grpo-out")
         .arg(root().join("crates/train-runner/tests/fixtures/grpo.reference.json"))
+        .arg("--moe-out")
+        .arg(root().join("crates/train-runner/tests/fixtures/moe.reference.json"))
         .arg("--hf-formats-out")
         .arg(root().join("crates/train-data/tests/fixtures/hf_formats.reference.json"))
         .arg("--gguf")

@@ -256,6 +256,11 @@ pub struct RunArgs {
     /// Global gradient-norm clipping (0 disables).
     #[arg(long, default_value_t = trainer_defaults().max_grad_norm)]
     pub max_grad_norm: f64,
+    /// Weight of a mixture-of-experts router's load-balancing loss in the training loss, as
+    /// TRL's `router_aux_loss_coef` (default: the model's own `router_aux_loss_coef`; 0 leaves
+    /// it out). A dense model refuses a non-zero weight.
+    #[arg(long, value_name = "COEF")]
+    pub router_aux_loss_coef: Option<f64>,
     /// Evaluate every this many steps (and at the end), with --eval-strategy steps.
     #[arg(long, default_value_t = trainer_defaults().eval_steps)]
     pub eval_steps: usize,
@@ -490,6 +495,11 @@ impl RunArgs {
         flag!("adam_beta2", adam_beta2, self.adam_beta2);
         flag!("adam_epsilon", adam_epsilon, self.adam_epsilon);
         flag!("max_grad_norm", max_grad_norm, self.max_grad_norm);
+        flag!(
+            "router_aux_loss_coef",
+            router_aux_loss_coef,
+            self.router_aux_loss_coef
+        );
         flag!("seed", seed, self.data.seed);
         flag!("no_shuffle", shuffle, false);
         flag!("save_total_limit", save_total_limit, self.save_total_limit);
@@ -806,6 +816,30 @@ pub(crate) fn refuse_sft_options(
     Ok(())
 }
 
+/// A router's loss weight needs a router: a dense model refuses a non-zero one before the data
+/// is read (the runner checks it again, for library users).
+fn check_router_weight(trainer: &TrainerConfig, model_dir: &Path) -> Result<()> {
+    if !trainer.router_aux_loss_coef.is_some_and(|c| c != 0.0) {
+        return Ok(());
+    }
+    let dir = if train_model::is_adapter_dir(model_dir) && !model_dir.join("config.json").is_file()
+    {
+        let adapter = train_model::read_adapter_config(model_dir)?;
+        train_model::resolve_base_model(model_dir, adapter.base_model.as_deref())?
+    } else {
+        model_dir.to_path_buf()
+    };
+    let (config, _) = train_model::ModelConfig::from_file(&dir.join("config.json"))?;
+    if config.moe.is_none() {
+        bail!(
+            "router_aux_loss_coef (--router-aux-loss-coef): {} is not a mixture of experts: it \
+             has no router whose load-balancing loss could be weighted",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 /// What every training command (`train`, `train dpo`, `train grpo`) settles before its data:
 /// the trainer settings (checked), the machines, the model and its tokenizer, the checkpoint
 /// resumed, and an output directory that is none of the inputs.
@@ -823,6 +857,7 @@ impl Launch {
         trainer.validate()?;
         let cluster = args.cluster()?;
         let (model_dir, tok) = crate::tokenizer_for(&args.data.model)?;
+        check_router_weight(&trainer, &model_dir)?;
         let resume = resolve_resume(args.resume.as_deref(), &trainer.output_dir)?;
         check_output(&trainer.output_dir, &model_dir, resume.as_ref())?;
         Ok(Self {
@@ -1285,6 +1320,8 @@ mod tests {
                 "--lora-target",
                 "all-linear",
                 "--lora-rslora",
+                "--router-aux-loss-coef",
+                "0.02",
                 "--devices",
                 "2",
                 "--nodes",
@@ -1348,6 +1385,7 @@ mod tests {
                 target_modules: vec!["all-linear".into()],
                 use_rslora: true,
             }),
+            router_aux_loss_coef: Some(0.02),
         };
         assert_eq!(t, expected);
     }

@@ -163,6 +163,11 @@ pub struct TrainerConfig {
     /// Train LoRA adapters on a frozen model instead of every weight (PEFT's defaults for the
     /// fields left out). Checkpoints and the final output are then PEFT adapter directories.
     pub lora: Option<LoraConfig>,
+    /// Weight of a mixture-of-experts router's load-balancing loss in the training loss of
+    /// every objective, as TRL's trainers add it (their `router_aux_loss_coef`): unset, the
+    /// model's own `router_aux_loss_coef`; 0 leaves the loss out. A dense model refuses a
+    /// non-zero value.
+    pub router_aux_loss_coef: Option<f64>,
 }
 
 impl Default for TrainerConfig {
@@ -194,6 +199,7 @@ impl Default for TrainerConfig {
             eval_batch_size: None,
             save_dtype: None,
             lora: None,
+            router_aux_loss_coef: None,
         }
     }
 }
@@ -300,6 +306,14 @@ impl TrainerConfig {
             return Err(RunnerError::config(
                 "max_grad_norm",
                 "must be a non-negative number (0 disables clipping)",
+            ));
+        }
+        if let Some(c) = self.router_aux_loss_coef
+            && !(c >= 0.0 && c.is_finite())
+        {
+            return Err(RunnerError::config(
+                "router_aux_loss_coef",
+                format!("{c} must be a non-negative number (0 leaves the router's loss out)"),
             ));
         }
         Ok(())

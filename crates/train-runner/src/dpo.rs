@@ -30,6 +30,7 @@ use train_model::{
 
 use crate::batches::batch_tensors;
 use crate::objective::{Collate, Contribution, Evaluation, Objective};
+use crate::step::router_aux_coef;
 
 /// Which DPO loss (TRL's `loss_type`).
 #[derive(
@@ -400,20 +401,34 @@ pub(crate) fn sequence_positions(batch: &Batch, rows: usize) -> RowPositions {
 
 /// The final hidden states of `batch` flattened to `[rows · seq, width]`, and the batch as it
 /// ran: as one padding-free row when the model runs padded batches so (positions then index
-/// that row).
+/// that row). With `router_loss`, also the router's load-balancing loss of a mixture of experts
+/// whose config adds it to training ([`router_aux_coef`]), times its coefficient, over the
+/// real tokens of every row (chosen and rejected alike, as TRL's concatenated forward).
 pub(crate) fn final_hidden<'b, B: FusedBackend>(
     model: &CausalLm<B>,
     batch: &'b Batch,
     device: &burn::tensor::Device<B>,
-) -> (std::borrow::Cow<'b, Batch>, Tensor<B, 2>) {
+    router_loss: bool,
+) -> (
+    std::borrow::Cow<'b, Batch>,
+    Tensor<B, 2>,
+    Option<Tensor<B, 1>>,
+) {
     let run = match model.padding_free().then(|| batch.padding_free()).flatten() {
         Some(flat) => std::borrow::Cow::Owned(flat),
         None => std::borrow::Cow::Borrowed(batch),
     };
     let (input, _) = batch_tensors::<B>(&run, device);
-    let hidden = model.forward_hidden(&input);
+    let (hidden, aux) = match router_aux_coef(model).filter(|_| router_loss) {
+        Some(coef) => {
+            let (hidden, aux) =
+                model.forward_hidden_with_router_loss(&input, Some(&run.real_mask()));
+            (hidden, aux.map(|a| a.mul_scalar(coef)))
+        }
+        None => (model.forward_hidden(&input), None),
+    };
     let [b, s, width] = hidden.dims();
-    (run, hidden.reshape([b * s, width]))
+    (run, hidden.reshape([b * s, width]), aux)
 }
 
 /// The summed log-probability of each row's completion in `batch` (rows in order), and the
@@ -431,7 +446,7 @@ fn logps_at<B: FusedBackend>(
     positions: &[fn(&Batch, usize) -> RowPositions],
 ) -> Vec<Vec<(f64, usize)>> {
     let device = model.embed_tokens.val().device();
-    let (run, hidden) = final_hidden(model, batch, &device);
+    let (run, hidden, _) = final_hidden(model, batch, &device, false);
     let head = model.lm_head_weight().val();
     positions
         .iter()
@@ -448,14 +463,20 @@ fn logps_at<B: FusedBackend>(
 /// LM head's input, computed outside the autodiff graph as `grad_flat`) and, for a trained
 /// head, the head's own gradient `grad_head` (f32): autodiff carries `grad_flat` back through
 /// the model (`Σ flat · grad_flat` has it as its gradient), and `grad_head` is added to the
-/// head's (the embedding's, when tied).
+/// head's (the embedding's, when tied). `extra`, a scalar loss of the same graph (the router's
+/// load-balancing term), is differentiated with it.
 pub(crate) fn backward_from_hidden<B: FusedAutodiffBackend>(
     model: &CausalLm<B>,
     flat: Tensor<B, 2>,
     grad_flat: Tensor<B::InnerBackend, 2>,
     grad_head: Option<Tensor<B::InnerBackend, 2>>,
+    extra: Option<Tensor<B, 1>>,
 ) -> GradientsParams {
-    let surrogate = (flat * Tensor::<B, 2>::from_inner(grad_flat)).sum();
+    let mut surrogate = (flat * Tensor::<B, 2>::from_inner(grad_flat)).sum();
+    if let Some(extra) = extra {
+        let dtype = surrogate.dtype();
+        surrogate = surrogate + extra.cast(dtype);
+    }
     let mut grads = GradientsParams::from_grads(surrogate.backward(), model);
     if let Some(grad_head) = grad_head {
         let head = model.lm_head_weight();
@@ -714,7 +735,18 @@ impl<B: FusedAutodiffBackend> Objective<B> for Dpo<'_> {
         for pairs in batches {
             let rows = pairs.batch.batch_size;
             let n = pairs.reference.len();
-            let (run, flat) = final_hidden(model, &pairs.batch, device);
+            let (run, flat, router) = final_hidden(
+                model,
+                &pairs.batch,
+                device,
+                router_aux_coef(model).is_some(),
+            );
+            // The router's load-balancing term, weighted by the micro-batch's share of the
+            // step's pairs (see `router_aux_coef`).
+            let router = router.map(|r| r.mul_scalar(n as f64 / denominator));
+            if let Some(r) = &router {
+                step_loss += f64::from(r.clone().into_scalar().elem::<f32>());
+            }
             let [rows_flat, width] = flat.dims();
             let inner = flat.clone().inner();
             let head = model.lm_head_weight();
@@ -779,7 +811,7 @@ impl<B: FusedAutodiffBackend> Objective<B> for Dpo<'_> {
             );
             accumulator.accumulate(
                 model,
-                backward_from_hidden(model, flat, grad_flat, grad_head),
+                backward_from_hidden(model, flat, grad_flat, grad_head, router),
             );
         }
         Contribution {

@@ -23,7 +23,7 @@ use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
-use burn::tensor::{FloatDType, IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::{ElementConversion, FloatDType, IndexingUpdateOp, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use train_data::{Batch, Example, PromptRow, Sequence, SplitMix64};
 use train_logits::{Decoding, GenerationConfig, LogitsProcessor};
@@ -33,6 +33,7 @@ use crate::dpo::{backward_from_hidden, completion_positions, final_hidden};
 use crate::error::{Result, RunnerError};
 use crate::objective::{Collate, Contribution, Evaluation, Objective};
 use crate::rewards::{RewardInput, WeightedReward};
+use crate::step::router_aux_coef;
 
 /// How the token losses of a step are aggregated (TRL's `loss_type`).
 #[derive(
@@ -272,7 +273,7 @@ pub fn token_logps<B: FusedBackend>(
 ) -> (Tensor<B, 1>, Vec<usize>) {
     let device = model.embed_tokens.val().device();
     let rows = batch.batch_size;
-    let (run, hidden) = final_hidden(model, batch, &device);
+    let (run, hidden, _) = final_hidden(model, batch, &device, false);
     let head = model.lm_head_weight().val();
     let mut positions = Vec::new();
     let mut targets = Vec::new();
@@ -563,6 +564,15 @@ impl<'a, B: FusedAutodiffBackend> Grpo<'a, B> {
         names
     }
 
+    /// The units a rollout adds to its step's denominator: its completions (the loss is a mean
+    /// per completion) or, for DAPO, its completion tokens.
+    fn rollout_units(&self, r: &Rollout) -> usize {
+        match self.config.loss_type {
+            GrpoLossType::Grpo | GrpoLossType::DrGrpo => r.advantages.len(),
+            GrpoLossType::Dapo => r.batch.label_tokens,
+        }
+    }
+
     /// The loss of one micro-batch's completions (over `denominator`), its token metrics'
     /// sums, and its gradients. The LM head and the token losses are computed a chunk of
     /// completion tokens at a time outside the autodiff graph (as the fused LM head + loss of
@@ -580,7 +590,11 @@ impl<'a, B: FusedAutodiffBackend> Grpo<'a, B> {
     ) -> (f64, TokenSums, Option<GradientsParams>) {
         let batch = &rollout.batch;
         let rows = batch.batch_size;
-        let (run, flat) = final_hidden(model, batch, device);
+        let (run, flat, router) =
+            final_hidden(model, batch, device, router_aux_coef(model).is_some());
+        // The router's load-balancing term, weighted by the rollout's share of the step's
+        // units (see `router_aux_coef`).
+        let router = router.map(|r| r.mul_scalar(self.rollout_units(rollout) as f64 / denominator));
         let [rows_flat, width] = flat.dims();
         let inner = flat.clone().inner();
         let head = model.lm_head_weight();
@@ -602,10 +616,12 @@ impl<'a, B: FusedAutodiffBackend> Grpo<'a, B> {
             counts[row] += 1;
         }
         let mut sums = TokenSums::default();
-        let mut loss = 0f64;
         if tokens.is_empty() {
             return (0.0, sums, None);
         }
+        let mut loss = router
+            .as_ref()
+            .map_or(0.0, |r| f64::from(r.clone().into_scalar().elem::<f32>()));
         let vocab = model.config.vocab_size.max(1);
         let chunk = self
             .logit_chunk
@@ -685,7 +701,7 @@ impl<'a, B: FusedAutodiffBackend> Grpo<'a, B> {
                 });
             }
         }
-        let grads = backward_from_hidden(model, flat, grad_flat, grad_head);
+        let grads = backward_from_hidden(model, flat, grad_flat, grad_head, router);
         (loss, sums, Some(grads))
     }
 
@@ -912,11 +928,7 @@ where
     }
 
     fn units(&self, batch: &PromptBatch) -> usize {
-        let Some(r) = &batch.rollout else { return 0 };
-        match self.config.loss_type {
-            GrpoLossType::Grpo | GrpoLossType::DrGrpo => r.advantages.len(),
-            GrpoLossType::Dapo => r.batch.label_tokens,
-        }
+        batch.rollout.as_ref().map_or(0, |r| self.rollout_units(r))
     }
 
     fn label_tokens(&self, batch: &PromptBatch) -> usize {

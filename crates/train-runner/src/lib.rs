@@ -129,6 +129,6 @@ pub use rewards::{
     MAX_COMMAND_OUTPUT_BYTES, MAX_REGEX_BYTES, MAX_REWARD_FILE_BYTES, MAX_REWARD_FUNCTIONS,
     RewardConfig, RewardFunction, RewardInput, WeightedReward, parse_rewards, read_rewards,
 };
-pub use run::{Training, run, run_objective, save_adapter_dir};
+pub use run::{Training, run, run_objective, save_adapter_dir, weigh_router_loss};
 pub use setup::{Resume, TrainSetup, check_token_ids};
 pub use step::step_gradients;

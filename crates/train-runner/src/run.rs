@@ -77,6 +77,34 @@ pub struct Training<R, C> {
     pub check: C,
 }
 
+/// Turns a mixture-of-experts model's router load-balancing loss on with the weight TRL's
+/// trainers give it: `coef` when set, else the model's own `router_aux_loss_coef`; a weight of
+/// 0 turns it off. The training step then adds it as the model's config says
+/// (`output_router_logits`). Only the model in memory changes: the saved `config.json` is the
+/// source's, and a resumed run applies the same rule again.
+///
+/// # Errors
+/// A non-zero `coef` for a model without a router.
+pub fn weigh_router_loss<B: burn::tensor::backend::Backend>(
+    model: &mut CausalLm<B>,
+    coef: Option<f64>,
+) -> Result<()> {
+    match model.config.moe.as_mut() {
+        Some(moe) => {
+            let coef = coef.unwrap_or(moe.router_aux_loss_coef);
+            moe.router_aux_loss_coef = coef;
+            moe.output_router_logits = coef != 0.0;
+            Ok(())
+        }
+        None if coef.is_some_and(|c| c != 0.0) => Err(RunnerError::config(
+            "router_aux_loss_coef",
+            "the model is not a mixture of experts: it has no router whose load-balancing \
+             loss could be weighted",
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Runs `objective` on `training`'s rows to the end, as [`run`] does for supervised
 /// fine-tuning (which it is, with [`NextToken`]).
 pub fn run_objective<B, R, O, C>(
@@ -93,8 +121,10 @@ where
     O: Objective<B, Batch = R::Batch>,
     C: FnOnce(&[R], &TrainerConfig, usize) -> Result<()>,
 {
+    let mut setup = setup;
     let config = setup.config.clone();
     config.validate()?;
+    weigh_router_loss(&mut setup.model, config.router_aux_loss_coef)?;
     let output = config.output_dir.clone();
     let mut inputs: Vec<&Path> = vec![setup.companions_from.as_path()];
     inputs.extend(setup.inputs.iter().map(PathBuf::as_path));
@@ -159,7 +189,6 @@ where
     } = training;
     check(&rows, &config, setup.model.config.vocab_size)?;
     claim_output(&output, resume, setup.overwrite, observer)?;
-    let mut setup = setup;
     if let Some(lora) = &config.lora {
         setup.model = match setup.model.lora_config() {
             None => setup.model.with_lora(lora, config.seed)?,

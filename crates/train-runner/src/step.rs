@@ -79,7 +79,15 @@ fn label_rows(batch: &train_data::Batch) -> Option<(Vec<i64>, Vec<i64>)> {
 
 /// `router_aux_loss_coef` when the model's router adds its load-balancing loss to the training
 /// loss (a mixture of experts with `output_router_logits`).
-fn router_aux_coef<B: burn::tensor::backend::Backend>(model: &CausalLm<B>) -> Option<f64> {
+///
+/// Each micro-batch's term is weighted by its share of the step's units (`units /
+/// denominator`): the step's loss then holds the coefficient times the units-weighted mean of
+/// the micro-batches' terms, over every worker. TRL averages the term over the micro-batches
+/// (gradient accumulation) and DDP over the ranks: the same for micro-batches of equal size,
+/// and a step split differently into micro-batches keeps its weight.
+pub(crate) fn router_aux_coef<B: burn::tensor::backend::Backend>(
+    model: &CausalLm<B>,
+) -> Option<f64> {
     model
         .config
         .moe
@@ -103,7 +111,7 @@ fn plain_micro_batch<B: FusedAutodiffBackend>(
     let (sum, _) = causal_lm_nll(logits, labels);
     let mut loss = sum / denominator;
     if let (Some(coef), Some(aux)) = (router_aux_coef(model), aux) {
-        loss = loss + aux.mul_scalar(coef);
+        loss = loss + aux.mul_scalar(coef * batch.label_tokens as f64 / denominator);
     }
     let value = f64::from(loss.clone().into_scalar().elem::<f32>());
     (value, GradientsParams::from_grads(loss.backward(), model))
@@ -145,9 +153,8 @@ fn fused_micro_batch<B: FusedAutodiffBackend>(
         .select_assign(0, index, out.grad_hidden, IndexingUpdateOp::Add);
     let mut surrogate = (flat * Tensor::<B, 2>::from_inner(grad_flat)).sum();
     if let (Some(coef), Some(aux)) = (router_aux_coef(model), aux) {
-        // The router's load-balancing loss, added as `transformers` adds it to each
-        // micro-batch's loss.
-        let aux = aux.mul_scalar(coef);
+        // The router's load-balancing loss, weighted by the micro-batch's share of the step.
+        let aux = aux.mul_scalar(coef * batch.label_tokens as f64 / denominator);
         loss += f64::from(aux.clone().into_scalar().elem::<f32>());
         let dtype = surrogate.dtype();
         surrogate = surrogate + aux.cast(dtype);

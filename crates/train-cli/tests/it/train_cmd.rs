@@ -4,7 +4,7 @@
 
 use std::process::{Command, Output};
 
-use crate::common::{base, data, model, spawn_until, train, train_ok, wait_for};
+use crate::common::{base, data, model, root, spawn_until, train, train_ok, wait_for};
 
 fn summary(out: &Output) -> serde_json::Value {
     crate::common::last_json(out)
@@ -161,8 +161,54 @@ fn bad_configuration_and_bad_data_exit_1_naming_the_culprit() {
         "{err}"
     );
 
+    // A router's loss weight for a dense model, or a negative one: refused, nothing lost.
+    for flag in ["--router-aux-loss-coef=0.1", "--router-aux-loss-coef=-1"] {
+        let mut args = base(&m, &d, &out);
+        args.push(flag);
+        let o = train(dir.path(), &args);
+        assert_eq!(o.status.code(), Some(1), "{flag}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("router_aux_loss_coef"), "{flag}: {err}");
+        assert_eq!(
+            std::fs::read_to_string(out.join("checkpoint-7/trainer_state.json")).unwrap(),
+            "{}"
+        );
+    }
+
     // Usage errors are 2.
     assert_eq!(train(dir.path(), &["--epochs", "x"]).status.code(), Some(2));
+}
+
+/// A mixture of experts trains with its router's load-balancing loss as TRL's trainers add it:
+/// the config's coefficient by default (its `output_router_logits` is false), the flag's when
+/// given, none with 0. The first step's logged loss orders them.
+#[test]
+fn a_mixture_of_experts_adds_its_routers_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = root().join("crates/train-model/tests/fixtures/qwen3_moe");
+    let d = data(dir.path(), 8);
+    let first_loss = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let mut args = base(&m, &d, &out);
+        args.extend(["--max-steps", "1", "--skip-validation"]);
+        args.extend(extra);
+        train_ok(dir.path(), &args);
+        let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        let row: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+        row["loss"].as_f64().unwrap()
+    };
+    let off = first_loss("off", &["--router-aux-loss-coef", "0"]);
+    let default = first_loss("default", &[]);
+    let large = first_loss("large", &["--router-aux-loss-coef", "0.5"]);
+    println!(
+        "first-step loss: {off} without the router's loss, {default} with 0.001, {large} with 0.5"
+    );
+    // The term is about 2 (8 experts, 2 a token): 0.001 × it and 0.5 × it above the plain loss.
+    assert!(
+        default - off > 1e-3 && default - off < 4e-3,
+        "{off} / {default}"
+    );
+    assert!(large - off > 0.5 && large - off < 2.0, "{off} / {large}");
 }
 
 #[test]

@@ -4,4 +4,5 @@
 
 mod dpo;
 mod grpo;
+mod moe;
 mod runner;
