@@ -63,6 +63,49 @@ fn per_token(v: &Value) -> Option<Vec<Vec<f32>>> {
     })
 }
 
+/// `prompt` then `completion`, the completion trained.
+pub(crate) fn sequence(row: usize, prompt: &[u32], completion: &[u32]) -> Sequence {
+    let mut input_ids = prompt.to_vec();
+    input_ids.extend(completion);
+    let mut labels = vec![IGNORE_INDEX; prompt.len()];
+    labels.extend(completion.iter().map(|&t| t as i32));
+    Sequence::pack(&[&Example {
+        row,
+        input_ids,
+        labels,
+    }])
+}
+
+/// The completions, `g` a prompt, each after its prompt, in one padded batch.
+pub(crate) fn completions_batch(prompts: &[Vec<u32>], completions: &[Vec<u32>], g: usize) -> Batch {
+    let sequences = completions
+        .iter()
+        .enumerate()
+        .map(|(i, c)| sequence(i, &prompts[i / g], c))
+        .collect();
+    Batch::collate(sequences, 0, None)
+}
+
+/// A micro-batch of two prompts whose sampling gave `rollout`.
+pub(crate) fn rolled_out(prompt: &[u32], rollout: Rollout) -> PromptBatch {
+    let row = Arc::new(PromptRow {
+        prompt: Vec::new(),
+        columns: serde_json::Map::new(),
+        location: None,
+    });
+    PromptBatch {
+        prompts: vec![
+            GrpoRow {
+                prompt_ids: prompt.to_vec(),
+                row,
+            };
+            2
+        ],
+        pad_id: 0,
+        rollout: Some(Arc::new(rollout)),
+    }
+}
+
 pub(crate) fn grad_norms(model: &CausalLm<B>, grads: &GradientsParams) -> Vec<(String, f64)> {
     let mut out = Vec::new();
     model.visit_named(|p| {
@@ -105,32 +148,11 @@ fn loss_gradients_and_metrics_equal_trls() {
     for (a, b) in advantages.iter().zip(&want_adv) {
         assert!((a - b).abs() < 1e-6, "advantage {a} vs TRL's {b}");
     }
-    let sequences: Vec<Sequence> = completions
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            let p = &prompts[i / g];
-            let mut input_ids = p.clone();
-            input_ids.extend(c);
-            let mut labels = vec![IGNORE_INDEX; p.len()];
-            labels.extend(c.iter().map(|&t| t as i32));
-            Sequence::pack(&[&Example {
-                row: i,
-                input_ids,
-                labels,
-            }])
-        })
-        .collect();
-    let batch = Batch::collate(sequences, 0, None);
+    let batch = completions_batch(&prompts, &completions, g);
     let tokens: usize = completions.iter().map(Vec::len).sum();
     let tokenizer = tokenizers::Tokenizer::from_file(fixture_dir().join("tokenizer.json")).unwrap();
     let policy = model();
     let device = Default::default();
-    let row = Arc::new(PromptRow {
-        prompt: Vec::new(),
-        columns: serde_json::Map::new(),
-        location: None,
-    });
     for (case_index, case) in r["cases"].as_array().unwrap().iter().enumerate() {
         let name = case["name"].as_str().unwrap();
         let mut config: GrpoConfig = serde_json::from_value(case["settings"].clone()).unwrap();
@@ -148,16 +170,9 @@ fn loss_gradients_and_metrics_equal_trls() {
         }
         let names = Objective::<B>::metric_names(&objective);
         let generation_metrics = names.len() - 3 - usize::from(config.beta != 0.0);
-        let pb = PromptBatch {
-            prompts: vec![
-                GrpoRow {
-                    prompt_ids: prompts[0].clone(),
-                    row: row.clone(),
-                };
-                2
-            ],
-            pad_id: 0,
-            rollout: Some(Arc::new(Rollout {
+        let pb = rolled_out(
+            &prompts[0],
+            Rollout {
                 batch: batch.clone(),
                 advantages: advantages.clone(),
                 old_logps,
@@ -165,8 +180,8 @@ fn loss_gradients_and_metrics_equal_trls() {
                 step_tokens: tokens,
                 generation_metrics: vec![0.0; generation_metrics],
                 samples: Vec::new(),
-            })),
-        };
+            },
+        );
         let units = Objective::<B>::units(&objective, &pb);
         assert_eq!(
             units,

@@ -8,18 +8,16 @@
 #![cfg(feature = "cpu")]
 
 use std::path::Path;
-use std::sync::Arc;
 
 use burn::backend::{Autodiff, Flex};
 use serde_json::Value;
-use train_data::{Batch, Example, IGNORE_INDEX, PromptRow, Sequence};
 use train_model::{CausalLm, LoadOptions, Precision, load_pretrained};
 use train_runner::{
-    Collate, Contribution, Dpo, DpoConfig, Grpo, GrpoConfig, GrpoLossType, GrpoRow, Objective,
-    PairRow, PromptBatch, Rollout, completion_logps, weigh_router_loss,
+    Collate, Contribution, Dpo, DpoConfig, Grpo, GrpoConfig, GrpoLossType, Objective, PairRow,
+    Rollout, completion_logps, weigh_router_loss,
 };
 
-use crate::grpo::{floats, grad_norms, ids};
+use crate::grpo::{completions_batch, floats, grad_norms, ids, rolled_out, sequence};
 
 type B = Autodiff<Flex>;
 
@@ -43,19 +41,6 @@ fn model(coef: Option<f64>) -> CausalLm<B> {
 fn reference() -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/moe.reference.json");
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-/// `prompt` then `completion`, the completion trained.
-fn sequence(row: usize, prompt: &[u32], completion: &[u32]) -> Sequence {
-    let mut input_ids = prompt.to_vec();
-    input_ids.extend(completion);
-    let mut labels = vec![IGNORE_INDEX; prompt.len()];
-    labels.extend(completion.iter().map(|&t| t as i32));
-    Sequence::pack(&[&Example {
-        row,
-        input_ids,
-        labels,
-    }])
 }
 
 /// The loss and gradients against the case's TRL figures; returns the loss.
@@ -160,19 +145,9 @@ fn grpo_adds_the_routers_loss_as_trl() {
         .iter()
         .map(ids)
         .collect();
-    let sequences = completions
-        .iter()
-        .enumerate()
-        .map(|(i, c)| sequence(i, &prompts[i / n], c))
-        .collect();
-    let batch = Batch::collate(sequences, 0, None);
+    let batch = completions_batch(&prompts, &completions, n);
     let tokens: usize = completions.iter().map(Vec::len).sum();
     let tokenizer = tokenizers::Tokenizer::from_file(fixture_dir().join("tokenizer.json")).unwrap();
-    let row = Arc::new(PromptRow {
-        prompt: Vec::new(),
-        columns: serde_json::Map::new(),
-        location: None,
-    });
     let device = Default::default();
     let mut losses = Vec::new();
     for case in g["cases"].as_array().unwrap() {
@@ -186,16 +161,9 @@ fn grpo_adds_the_routers_loss_as_trl() {
         };
         let objective = Grpo::<B>::new(config, &[], &tokenizer, Vec::new(), Vec::new(), None, 0);
         let generation_metrics = Objective::<B>::metric_names(&objective).len() - 3;
-        let pb = PromptBatch {
-            prompts: vec![
-                GrpoRow {
-                    prompt_ids: prompts[0].clone(),
-                    row: row.clone(),
-                };
-                2
-            ],
-            pad_id: 0,
-            rollout: Some(Arc::new(Rollout {
+        let pb = rolled_out(
+            &prompts[0],
+            Rollout {
                 batch: batch.clone(),
                 advantages: floats(&g["advantages"]),
                 old_logps: None,
@@ -203,8 +171,8 @@ fn grpo_adds_the_routers_loss_as_trl() {
                 step_tokens: tokens,
                 generation_metrics: vec![0.0; generation_metrics],
                 samples: Vec::new(),
-            })),
-        };
+            },
+        );
         let units = Objective::<B>::units(&objective, &pb);
         let contribution = objective.gradients(&policy, &[&pb], units as f64, &device);
         losses.push(compare(
