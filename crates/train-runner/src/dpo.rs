@@ -30,7 +30,7 @@ use train_model::{
 
 use crate::batches::batch_tensors;
 use crate::objective::{Collate, Contribution, Evaluation, Objective};
-use crate::step::router_aux_coef;
+use crate::step::{add_router, router_aux_coef};
 
 /// Which DPO loss (TRL's `loss_type`).
 #[derive(
@@ -732,6 +732,7 @@ impl<B: FusedAutodiffBackend> Objective<B> for Dpo<'_> {
         let mut accumulator = GradientsAccumulator::<CausalLm<B>>::new();
         let mut step_loss = 0f64;
         let mut metrics = vec![0f64; self.config.metric_names().len()];
+        let mut router_term = None;
         for pairs in batches {
             let rows = pairs.batch.batch_size;
             let n = pairs.reference.len();
@@ -744,8 +745,10 @@ impl<B: FusedAutodiffBackend> Objective<B> for Dpo<'_> {
             // The router's load-balancing term, weighted by the micro-batch's share of the
             // step's pairs (see `router_aux_coef`).
             let router = router.map(|r| r.mul_scalar(n as f64 / denominator));
-            if let Some(r) = &router {
-                step_loss += f64::from(r.clone().into_scalar().elem::<f32>());
+            if let (Some(r), Some(coef)) = (&router, router_aux_coef(model)) {
+                let value = f64::from(r.clone().into_scalar().elem::<f32>());
+                step_loss += value;
+                router_term = add_router(router_term, Some(value / coef));
             }
             let [rows_flat, width] = flat.dims();
             let inner = flat.clone().inner();
@@ -814,6 +817,7 @@ impl<B: FusedAutodiffBackend> Objective<B> for Dpo<'_> {
                 backward_from_hidden(model, flat, grad_flat, grad_head, router),
             );
         }
+        metrics.extend(router_term);
         Contribution {
             loss: step_loss,
             metrics,

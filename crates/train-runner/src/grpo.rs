@@ -33,7 +33,7 @@ use crate::dpo::{backward_from_hidden, completion_positions, final_hidden};
 use crate::error::{Result, RunnerError};
 use crate::objective::{Collate, Contribution, Evaluation, Objective};
 use crate::rewards::{RewardInput, WeightedReward};
-use crate::step::router_aux_coef;
+use crate::step::{add_router, router_aux_coef};
 
 /// How the token losses of a step are aggregated (TRL's `loss_type`).
 #[derive(
@@ -328,6 +328,9 @@ struct TokenSums {
     low: f64,
     high: f64,
     region: f64,
+    /// The router's load-balancing term of the rollout, weighted by its share of the step,
+    /// before its coefficient (when the model adds one).
+    router: Option<f64>,
 }
 
 /// The per-token values of a `[tokens]` tensor, split per row by `counts`.
@@ -619,9 +622,11 @@ impl<'a, B: FusedAutodiffBackend> Grpo<'a, B> {
         if tokens.is_empty() {
             return (0.0, sums, None);
         }
-        let mut loss = router
-            .as_ref()
-            .map_or(0.0, |r| f64::from(r.clone().into_scalar().elem::<f32>()));
+        let mut loss = 0.0;
+        if let (Some(r), Some(coef)) = (&router, router_aux_coef(model)) {
+            loss = f64::from(r.clone().into_scalar().elem::<f32>());
+            sums.router = Some(loss / coef);
+        }
         let vocab = model.config.vocab_size.max(1);
         let chunk = self
             .logit_chunk
@@ -995,6 +1000,7 @@ where
         let token_names = self.token_metric_names().len();
         let mut metrics = vec![0f64; generation + token_names];
         let mut step_loss = 0f64;
+        let mut router = None;
         for pb in batches {
             let Some(rollout) = &pb.rollout else {
                 continue;
@@ -1017,10 +1023,12 @@ where
             for (m, v) in metrics[generation..].iter_mut().zip(token_metrics) {
                 *m += v;
             }
+            router = add_router(router, sums.router);
             if let Some(grads) = grads {
                 accumulator.accumulate(model, grads);
             }
         }
+        metrics.extend(router);
         Contribution {
             loss: step_loss,
             metrics,

@@ -104,7 +104,10 @@ pub trait Objective<B: FusedAutodiffBackend>: Sync {
 pub struct Contribution {
     /// The share's summed loss / the step's units.
     pub loss: f64,
-    /// The share's summed metrics / the step's units, in [`Objective::metric_names`] order.
+    /// The share's summed metrics / the step's units, in [`Objective::metric_names`] order,
+    /// then, when the model adds its router's load-balancing loss, that term before its
+    /// coefficient (each micro-batch's weighted by its share of the step's units: the loop
+    /// logs it as `aux_loss`, as TRL does).
     pub metrics: Vec<f64>,
     /// The gradients of `loss`.
     pub grads: GradientsParams,
@@ -159,10 +162,12 @@ impl<B: FusedAutodiffBackend> Objective<B> for NextToken<'_> {
         denominator: f64,
         device: &burn::tensor::Device<B>,
     ) -> Contribution {
-        let (loss, grads) = gradients_over(model, batches.iter().copied(), denominator, device);
+        let (loss, grads, router) =
+            gradients_over(model, batches.iter().copied(), denominator, device);
         Contribution {
             loss,
-            metrics: Vec::new(),
+            // The router's term, `aux_loss` (see `Contribution::metrics`).
+            metrics: router.into_iter().collect(),
             grads,
         }
     }

@@ -159,12 +159,8 @@ pub fn parallel_step_gradients<B: FusedAutodiffBackend>(
             Some(d) => d.clone(),
             None => model.embed_tokens.val().device(),
         };
-        return Ok(gradients_over(
-            model,
-            batches,
-            label_tokens.max(1) as f64,
-            &device,
-        ));
+        let (loss, grads, _) = gradients_over(model, batches, label_tokens.max(1) as f64, &device);
+        return Ok((loss, grads));
     }
     let session = DataParallel::start(&Parallelism::new(devices.to_vec(), None)?)?;
     let objective = NextToken {
@@ -182,7 +178,8 @@ pub struct StepOutcome {
     /// The step's loss (mean over all its label tokens).
     pub loss: f64,
     /// The objective's metrics of the step (means over its units), in
-    /// [`Objective::metric_names`] order.
+    /// [`Objective::metric_names`] order, then the router's term when the model adds one (see
+    /// [`crate::Contribution::metrics`]).
     pub metrics: Vec<f64>,
     /// The summed gradients, on this machine's first device.
     pub grads: GradientsParams,

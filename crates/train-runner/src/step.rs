@@ -26,19 +26,31 @@ pub fn step_gradients<B: FusedAutodiffBackend>(
     device: &burn::tensor::Device<B>,
 ) -> (f64, GradientsParams) {
     let label_tokens: usize = batches.iter().map(|b| b.label_tokens).sum();
-    gradients_over(model, batches, label_tokens.max(1) as f64, device)
+    let (loss, grads, _) = gradients_over(model, batches, label_tokens.max(1) as f64, device);
+    (loss, grads)
+}
+
+/// Sums the router terms of micro-batches (`None`: no router loss).
+pub(crate) fn add_router(total: Option<f64>, part: Option<f64>) -> Option<f64> {
+    match (total, part) {
+        (Some(a), Some(b)) => Some(a + b),
+        (a, b) => a.or(b),
+    }
 }
 
 /// [`step_gradients`] of a part of a step: each micro-batch's NLL sum is divided by
-/// `denominator`, the label tokens of the whole step (over every worker).
+/// `denominator`, the label tokens of the whole step (over every worker). Also the router's
+/// load-balancing term as the step weighs it, before its coefficient (`aux_loss`, logged as
+/// TRL logs it), when the model adds one.
 pub(crate) fn gradients_over<'a, B: FusedAutodiffBackend>(
     model: &CausalLm<B>,
     batches: impl IntoIterator<Item = &'a train_data::Batch>,
     denominator: f64,
     device: &burn::tensor::Device<B>,
-) -> (f64, GradientsParams) {
+) -> (f64, GradientsParams, Option<f64>) {
     let mut accumulator = GradientsAccumulator::<CausalLm<B>>::new();
     let mut step_loss = 0f64;
+    let mut router = None;
     // A biased LM head (none of the supported architectures has one) takes the plain path.
     let fusable = model.lm_head.as_ref().is_none_or(|h| h.bias.is_none());
     let padding_free = model.padding_free();
@@ -47,16 +59,17 @@ pub(crate) fn gradients_over<'a, B: FusedAutodiffBackend>(
         // without a mask: the same loss and gradients, no compute spent on the padding.
         let flat = padding_free.then(|| batch.padding_free()).flatten();
         let batch = flat.as_ref().unwrap_or(batch);
-        let (loss, grads) = match label_rows(batch) {
+        let (loss, grads, term) = match label_rows(batch) {
             Some((rows, targets)) if fusable => {
                 fused_micro_batch(model, batch, rows, targets, denominator, device)
             }
             _ => plain_micro_batch(model, batch, denominator, device),
         };
         step_loss += loss;
+        router = add_router(router, term);
         accumulator.accumulate(model, grads);
     }
-    (step_loss, accumulator.grads())
+    (step_loss, accumulator.grads(), router)
 }
 
 /// Flattened positions (`row · seq + t`) whose next token is a label, and those labels; `None`
@@ -102,7 +115,7 @@ fn plain_micro_batch<B: FusedAutodiffBackend>(
     batch: &train_data::Batch,
     denominator: f64,
     device: &burn::tensor::Device<B>,
-) -> (f64, GradientsParams) {
+) -> (f64, GradientsParams, Option<f64>) {
     let (input, labels) = batch_tensors::<B>(batch, device);
     let (logits, aux) = match router_aux_coef(model) {
         Some(_) => model.forward_with_router_loss(&input, Some(&batch.real_mask())),
@@ -110,11 +123,18 @@ fn plain_micro_batch<B: FusedAutodiffBackend>(
     };
     let (sum, _) = causal_lm_nll(logits, labels);
     let mut loss = sum / denominator;
+    let mut router = None;
     if let (Some(coef), Some(aux)) = (router_aux_coef(model), aux) {
-        loss = loss + aux.mul_scalar(coef * batch.label_tokens as f64 / denominator);
+        let share = batch.label_tokens as f64 / denominator;
+        router = Some(share * f64::from(aux.clone().into_scalar().elem::<f32>()));
+        loss = loss + aux.mul_scalar(coef * share);
     }
     let value = f64::from(loss.clone().into_scalar().elem::<f32>());
-    (value, GradientsParams::from_grads(loss.backward(), model))
+    (
+        value,
+        GradientsParams::from_grads(loss.backward(), model),
+        router,
+    )
 }
 
 /// The fused LM head + loss on the label positions, then autodiff from the final norm's output.
@@ -125,7 +145,7 @@ fn fused_micro_batch<B: FusedAutodiffBackend>(
     targets: Vec<i64>,
     denominator: f64,
     device: &burn::tensor::Device<B>,
-) -> (f64, GradientsParams) {
+) -> (f64, GradientsParams, Option<f64>) {
     let (input, _) = batch_tensors::<B>(batch, device);
     let (hidden, aux) = match router_aux_coef(model) {
         Some(_) => model.forward_hidden_with_router_loss(&input, Some(&batch.real_mask())),
@@ -152,12 +172,15 @@ fn fused_micro_batch<B: FusedAutodiffBackend>(
     let grad_flat = Tensor::<B::InnerBackend, 2>::zeros([b * s, width], (device, flat.dtype()))
         .select_assign(0, index, out.grad_hidden, IndexingUpdateOp::Add);
     let mut surrogate = (flat * Tensor::<B, 2>::from_inner(grad_flat)).sum();
+    let mut router = None;
     if let (Some(coef), Some(aux)) = (router_aux_coef(model), aux) {
         // The router's load-balancing loss, weighted by the micro-batch's share of the step.
-        let aux = aux.mul_scalar(coef * batch.label_tokens as f64 / denominator);
-        loss += f64::from(aux.clone().into_scalar().elem::<f32>());
+        let share = batch.label_tokens as f64 / denominator;
+        let term = share * f64::from(aux.clone().into_scalar().elem::<f32>());
+        loss += coef * term;
+        router = Some(term);
         let dtype = surrogate.dtype();
-        surrogate = surrogate + aux.cast(dtype);
+        surrogate = surrogate + aux.mul_scalar(coef * share).cast(dtype);
     }
     let mut grads = GradientsParams::from_grads(surrogate.backward(), model);
     if let Some(grad_head) = out.grad_weight {
@@ -168,5 +191,5 @@ fn fused_micro_batch<B: FusedAutodiffBackend>(
         };
         grads.register::<B::InnerBackend, 2>(head.id, total);
     }
-    (loss, grads)
+    (loss, grads, router)
 }

@@ -187,8 +187,7 @@ where
                 label_tokens,
                 tokens_per_sec: tokens as f64 / seconds.max(1e-9),
                 metrics: self
-                    .objective
-                    .metric_names()
+                    .step_metric_names(&model)
                     .into_iter()
                     .zip(metrics)
                     .collect(),
@@ -227,6 +226,16 @@ where
     }
 
     /// Evaluates on the validation data; false when there is nothing to evaluate.
+    /// The names of a step's metrics: the objective's, then `aux_loss` (the router's
+    /// load-balancing term, as TRL logs it) when the model adds one.
+    fn step_metric_names(&self, model: &CausalLm<B>) -> Vec<String> {
+        let mut names = self.objective.metric_names();
+        if crate::step::router_aux_coef(model).is_some() {
+            names.push("aux_loss".to_string());
+        }
+        names
+    }
+
     fn evaluate_now(&mut self, model: &CausalLm<B>, step: usize) -> Result<bool> {
         if self.config.skip_validation || self.config.eval_strategy == IntervalStrategy::No {
             return Ok(false);

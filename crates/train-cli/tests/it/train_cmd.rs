@@ -195,20 +195,28 @@ fn a_mixture_of_experts_adds_its_routers_loss() {
         train_ok(dir.path(), &args);
         let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
         let row: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
-        row["loss"].as_f64().unwrap()
+        (row["loss"].as_f64().unwrap(), row["aux_loss"].as_f64())
     };
-    let off = first_loss("off", &["--router-aux-loss-coef", "0"]);
-    let default = first_loss("default", &[]);
-    let large = first_loss("large", &["--router-aux-loss-coef", "0.5"]);
+    let (off, no_term) = first_loss("off", &["--router-aux-loss-coef", "0"]);
+    let (default, term) = first_loss("default", &[]);
+    let (large, same_term) = first_loss("large", &["--router-aux-loss-coef", "0.5"]);
     println!(
-        "first-step loss: {off} without the router's loss, {default} with 0.001, {large} with 0.5"
+        "first-step loss: {off} without the router's loss, {default} with 0.001, {large} with \
+         0.5; aux_loss {term:?} / {same_term:?}"
     );
-    // The term is about 2 (8 experts, 2 a token): 0.001 × it and 0.5 × it above the plain loss.
+    // The term is about 2 (8 experts, 2 a token), logged as `aux_loss` (the same before the
+    // first update whatever its weight), and its weight times it joins the loss.
+    let term = term.unwrap();
+    assert!(no_term.is_none() && (same_term.unwrap() - term).abs() < 1e-6);
+    assert!((1.5..3.0).contains(&term), "{term}");
     assert!(
-        default - off > 1e-3 && default - off < 4e-3,
+        (default - off - 0.001 * term).abs() < 1e-4,
         "{off} / {default}"
     );
-    assert!(large - off > 0.5 && large - off < 2.0, "{off} / {large}");
+    assert!(
+        (large - off - 0.5 * term).abs() < 1e-3 * large,
+        "{off} / {large}"
+    );
 }
 
 #[test]

@@ -43,13 +43,27 @@ fn reference() -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
-/// The loss and gradients against the case's TRL figures; returns the loss.
+/// The loss, gradients and logged router term (`aux_loss`, after the objective's `metrics`
+/// own metrics) against the case's TRL figures; returns the loss and the gradient norm.
 fn compare(
     what: &str,
     policy: &CausalLm<B>,
     contribution: &Contribution,
+    metrics: usize,
     case: &Value,
 ) -> (f64, f64) {
+    match case["aux_loss"].as_f64() {
+        Some(want) => {
+            assert_eq!(contribution.metrics.len(), metrics + 1, "{what}");
+            let got = contribution.metrics[metrics];
+            println!("{what}: aux_loss {got:.7} vs TRL {want:.7}");
+            assert!(
+                (got - want).abs() <= 1e-5 * want,
+                "{what}: aux_loss {got} vs {want}"
+            );
+        }
+        None => assert_eq!(contribution.metrics.len(), metrics, "{what}"),
+    }
     let want_loss = case["loss"].as_f64().unwrap();
     let loss = contribution.loss;
     assert!(
@@ -120,6 +134,7 @@ fn dpo_adds_the_routers_loss_as_trl() {
             &format!("dpo, coefficient {coef:?}"),
             &policy,
             &contribution,
+            Objective::<B>::metric_names(&objective).len(),
             case,
         ));
     }
@@ -179,6 +194,7 @@ fn grpo_adds_the_routers_loss_as_trl() {
             &format!("grpo, coefficient {coef:?}"),
             &policy,
             &contribution,
+            Objective::<B>::metric_names(&objective).len(),
             case,
         ));
     }
