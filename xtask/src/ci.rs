@@ -462,6 +462,24 @@ pub(crate) fn fuzz(seconds: u64) -> Result<()> {
     // Every target in one build (both cores busy), then the runs two at a time: libFuzzer
     // runs one process on one core, so each target gets the same fuzzing time as alone.
     run("build the fuzz targets", fuzz_command("build"))?;
+    // The targets write their inputs to scratch files in the temporary directory, and
+    // libFuzzer ends a run with `exit`, past any clean-up: give the runs a directory of their
+    // own under the cache, emptied before and after.
+    let scratch = cache().join("fuzz-tmp");
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch)?;
+    let result = fuzz_runs(seconds, &fuzz_dir, &scratch, &fuzz_command);
+    let _ = std::fs::remove_dir_all(&scratch);
+    result
+}
+
+/// The runs of [`fuzz`], two targets at a time, with `scratch` as their temporary directory.
+fn fuzz_runs(
+    seconds: u64,
+    fuzz_dir: &Path,
+    scratch: &Path,
+    fuzz_command: &dyn Fn(&str) -> Command,
+) -> Result<()> {
     for pair in FUZZ_TARGETS.chunks(2) {
         let started = Instant::now();
         let mut children = Vec::new();
@@ -472,7 +490,8 @@ pub(crate) fn fuzz(seconds: u64) -> Result<()> {
             let artifacts = fuzz_dir.join("artifacts").join(target);
             std::fs::create_dir_all(&artifacts)?;
             let mut c = fuzz_command("run");
-            c.arg(target)
+            c.env("TMPDIR", scratch)
+                .arg(target)
                 .arg(&corpus)
                 .arg(&seeds)
                 .arg("--")
