@@ -357,6 +357,10 @@ fn rust_run(
             "fp32",
             "--attention",
             attention,
+            // The reference's loop adds no router loss (its configs leave
+            // `output_router_logits` false): the same job for a mixture of experts.
+            "--router-aux-loss-coef",
+            "0",
             "--yes",
         ])
         .envs(env.iter().map(|(k, v)| (k, v)))
