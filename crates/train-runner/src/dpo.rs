@@ -30,7 +30,7 @@ use train_model::{
 
 use crate::batches::batch_tensors;
 use crate::objective::{Collate, Contribution, Evaluation, Objective};
-use crate::step::{add_router, router_aux_coef};
+use crate::step::{add_router, router_aux_coef, weigh_router};
 
 /// Which DPO loss (TRL's `loss_type`).
 #[derive(
@@ -402,7 +402,7 @@ pub(crate) fn sequence_positions(batch: &Batch, rows: usize) -> RowPositions {
 /// The final hidden states of `batch` flattened to `[rows · seq, width]`, and the batch as it
 /// ran: as one padding-free row when the model runs padded batches so (positions then index
 /// that row). With `router_loss`, also the router's load-balancing loss of a mixture of experts
-/// whose config adds it to training ([`router_aux_coef`]), times its coefficient, over the
+/// whose config adds it to training ([`router_aux_coef`]), before its coefficient, over the
 /// real tokens of every row (chosen and rejected alike, as TRL's concatenated forward).
 pub(crate) fn final_hidden<'b, B: FusedBackend>(
     model: &CausalLm<B>,
@@ -420,11 +420,7 @@ pub(crate) fn final_hidden<'b, B: FusedBackend>(
     };
     let (input, _) = batch_tensors::<B>(&run, device);
     let (hidden, aux) = match router_aux_coef(model).filter(|_| router_loss) {
-        Some(coef) => {
-            let (hidden, aux) =
-                model.forward_hidden_with_router_loss(&input, Some(&run.real_mask()));
-            (hidden, aux.map(|a| a.mul_scalar(coef)))
-        }
+        Some(_) => model.forward_hidden_with_router_loss(&input, Some(&run.real_mask())),
         None => (model.forward_hidden(&input), None),
     };
     let [b, s, width] = hidden.dims();
@@ -733,23 +729,22 @@ impl<B: FusedAutodiffBackend> Objective<B> for Dpo<'_> {
         let mut step_loss = 0f64;
         let mut metrics = vec![0f64; self.config.metric_names().len()];
         let mut router_term = None;
+        let coef = router_aux_coef(model);
         for pairs in batches {
             let rows = pairs.batch.batch_size;
             let n = pairs.reference.len();
-            let (run, flat, router) = final_hidden(
-                model,
-                &pairs.batch,
-                device,
-                router_aux_coef(model).is_some(),
-            );
+            let (run, flat, aux) = final_hidden(model, &pairs.batch, device, coef.is_some());
             // The router's load-balancing term, weighted by the micro-batch's share of the
             // step's pairs (see `router_aux_coef`).
-            let router = router.map(|r| r.mul_scalar(n as f64 / denominator));
-            if let (Some(r), Some(coef)) = (&router, router_aux_coef(model)) {
-                let value = f64::from(r.clone().into_scalar().elem::<f32>());
-                step_loss += value;
-                router_term = add_router(router_term, Some(value / coef));
-            }
+            let router = match (aux, coef) {
+                (Some(aux), Some(coef)) => {
+                    let (weighted, term) = weigh_router(aux, coef, n as f64 / denominator);
+                    step_loss += coef * term;
+                    router_term = add_router(router_term, Some(term));
+                    Some(weighted)
+                }
+                _ => None,
+            };
             let [rows_flat, width] = flat.dims();
             let inner = flat.clone().inner();
             let head = model.lm_head_weight();

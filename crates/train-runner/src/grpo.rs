@@ -23,7 +23,7 @@ use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
-use burn::tensor::{ElementConversion, FloatDType, IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::{FloatDType, IndexingUpdateOp, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use train_data::{Batch, Example, PromptRow, Sequence, SplitMix64};
 use train_logits::{Decoding, GenerationConfig, LogitsProcessor};
@@ -33,7 +33,7 @@ use crate::dpo::{backward_from_hidden, completion_positions, final_hidden};
 use crate::error::{Result, RunnerError};
 use crate::objective::{Collate, Contribution, Evaluation, Objective};
 use crate::rewards::{RewardInput, WeightedReward};
-use crate::step::{add_router, router_aux_coef};
+use crate::step::{add_router, router_aux_coef, weigh_router};
 
 /// How the token losses of a step are aggregated (TRL's `loss_type`).
 #[derive(
@@ -593,11 +593,8 @@ impl<'a, B: FusedAutodiffBackend> Grpo<'a, B> {
     ) -> (f64, TokenSums, Option<GradientsParams>) {
         let batch = &rollout.batch;
         let rows = batch.batch_size;
-        let (run, flat, router) =
-            final_hidden(model, batch, device, router_aux_coef(model).is_some());
-        // The router's load-balancing term, weighted by the rollout's share of the step's
-        // units (see `router_aux_coef`).
-        let router = router.map(|r| r.mul_scalar(self.rollout_units(rollout) as f64 / denominator));
+        let coef = router_aux_coef(model);
+        let (run, flat, aux) = final_hidden(model, batch, device, coef.is_some());
         let [rows_flat, width] = flat.dims();
         let inner = flat.clone().inner();
         let head = model.lm_head_weight();
@@ -623,10 +620,18 @@ impl<'a, B: FusedAutodiffBackend> Grpo<'a, B> {
             return (0.0, sums, None);
         }
         let mut loss = 0.0;
-        if let (Some(r), Some(coef)) = (&router, router_aux_coef(model)) {
-            loss = f64::from(r.clone().into_scalar().elem::<f32>());
-            sums.router = Some(loss / coef);
-        }
+        // The router's load-balancing term, weighted by the rollout's share of the step's
+        // units (see `router_aux_coef`).
+        let router = match (aux, coef) {
+            (Some(aux), Some(coef)) => {
+                let share = self.rollout_units(rollout) as f64 / denominator;
+                let (weighted, term) = weigh_router(aux, coef, share);
+                loss = coef * term;
+                sums.router = Some(term);
+                Some(weighted)
+            }
+            _ => None,
+        };
         let vocab = model.config.vocab_size.max(1);
         let chunk = self
             .logit_chunk

@@ -7,6 +7,7 @@ use train_model::FusedAutodiffBackend;
 use train_model::{CausalLm, IGNORE_INDEX, causal_lm_nll, fused_linear_nll, nll_chunk_rows};
 
 use crate::batches::batch_tensors;
+use crate::dpo::backward_from_hidden;
 
 /// The loss and the gradients of one optimizer step over `batches` (its micro-batches).
 ///
@@ -28,6 +29,18 @@ pub fn step_gradients<B: FusedAutodiffBackend>(
     let label_tokens: usize = batches.iter().map(|b| b.label_tokens).sum();
     let (loss, grads, _) = gradients_over(model, batches, label_tokens.max(1) as f64, device);
     (loss, grads)
+}
+
+/// A micro-batch's router term `aux` (before its coefficient) weighed by the micro-batch's
+/// `share` of the step's units: the loss to differentiate, `coef · share · aux`, and the term
+/// logged as `aux_loss`, `share · aux` (its value in the loss is `coef` times it).
+pub(crate) fn weigh_router<B: burn::tensor::backend::Backend>(
+    aux: Tensor<B, 1>,
+    coef: f64,
+    share: f64,
+) -> (Tensor<B, 1>, f64) {
+    let term = share * f64::from(aux.clone().into_scalar().elem::<f32>());
+    (aux.mul_scalar(coef * share), term)
 }
 
 /// Sums the router terms of micro-batches (`None`: no router loss).
@@ -125,9 +138,9 @@ fn plain_micro_batch<B: FusedAutodiffBackend>(
     let mut loss = sum / denominator;
     let mut router = None;
     if let (Some(coef), Some(aux)) = (router_aux_coef(model), aux) {
-        let share = batch.label_tokens as f64 / denominator;
-        router = Some(share * f64::from(aux.clone().into_scalar().elem::<f32>()));
-        loss = loss + aux.mul_scalar(coef * share);
+        let (weighted, term) = weigh_router(aux, coef, batch.label_tokens as f64 / denominator);
+        router = Some(term);
+        loss = loss + weighted;
     }
     let value = f64::from(loss.clone().into_scalar().elem::<f32>());
     (
@@ -171,25 +184,15 @@ fn fused_micro_batch<B: FusedAutodiffBackend>(
     let mut loss = f64::from(out.sum.into_scalar().elem::<f32>()) / denominator;
     let grad_flat = Tensor::<B::InnerBackend, 2>::zeros([b * s, width], (device, flat.dtype()))
         .select_assign(0, index, out.grad_hidden, IndexingUpdateOp::Add);
-    let mut surrogate = (flat * Tensor::<B, 2>::from_inner(grad_flat)).sum();
     let mut router = None;
+    let mut weighted = None;
     if let (Some(coef), Some(aux)) = (router_aux_coef(model), aux) {
         // The router's load-balancing loss, weighted by the micro-batch's share of the step.
-        let share = batch.label_tokens as f64 / denominator;
-        let term = share * f64::from(aux.clone().into_scalar().elem::<f32>());
+        let (loss_term, term) = weigh_router(aux, coef, batch.label_tokens as f64 / denominator);
         loss += coef * term;
         router = Some(term);
-        let dtype = surrogate.dtype();
-        surrogate = surrogate + aux.mul_scalar(coef * share).cast(dtype);
+        weighted = Some(loss_term);
     }
-    let mut grads = GradientsParams::from_grads(surrogate.backward(), model);
-    if let Some(grad_head) = out.grad_weight {
-        let grad_head = grad_head.cast(head.val().dtype());
-        let total = match grads.remove::<B::InnerBackend, 2>(head.id) {
-            Some(g) => g + grad_head,
-            None => grad_head,
-        };
-        grads.register::<B::InnerBackend, 2>(head.id, total);
-    }
+    let grads = backward_from_hidden(model, flat, grad_flat, out.grad_weight, weighted);
     (loss, grads, router)
 }
