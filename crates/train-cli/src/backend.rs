@@ -1,5 +1,5 @@
 //! The one place where a burn backend is chosen: `--backend cpu|tch|cuda` (+ `--device`,
-//! `--devices`, `--gradient-checkpointing`) → a concrete autodiff backend type and devices.
+//! `--devices`) → a concrete autodiff backend type and devices.
 
 use anyhow::{Result, bail};
 use clap::ValueEnum;
@@ -42,7 +42,6 @@ pub fn dispatch<W: WithBackend>(
     backend: BackendArg,
     device: Option<&str>,
     workers: usize,
-    checkpointing: bool,
     work: W,
 ) -> Result<W::Output> {
     let list: Vec<&str> = device
@@ -60,9 +59,9 @@ pub fn dispatch<W: WithBackend>(
         workers: workers.max(1),
     };
     match backend {
-        BackendArg::Cpu => cpu(&spec, checkpointing, work),
-        BackendArg::Tch => tch(&spec, checkpointing, work),
-        BackendArg::Cuda => cuda(&spec, checkpointing, work),
+        BackendArg::Cpu => cpu(&spec, work),
+        BackendArg::Tch => tch(&spec, work),
+        BackendArg::Cuda => cuda(&spec, work),
     }
 }
 
@@ -102,8 +101,7 @@ fn placement<B: FusedAutodiffBackend>(
 }
 
 #[cfg(feature = "cpu")]
-fn cpu<W: WithBackend>(spec: &DeviceSpec<'_>, checkpointing: bool, work: W) -> Result<W::Output> {
-    use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+fn cpu<W: WithBackend>(spec: &DeviceSpec<'_>, work: W) -> Result<W::Output> {
     use burn::backend::{Autodiff, Flex};
     // Every worker on the one CPU device.
     let devices = spec.devices(
@@ -118,21 +116,16 @@ fn cpu<W: WithBackend>(spec: &DeviceSpec<'_>, checkpointing: bool, work: W) -> R
         |(), _| (),
     )?;
     let workers = devices.iter().map(|()| Default::default()).collect();
-    if checkpointing {
-        work.run::<Autodiff<Flex, BalancedCheckpointing>>(placement(workers)?)
-    } else {
-        work.run::<Autodiff<Flex>>(placement(workers)?)
-    }
+    work.run::<Autodiff<Flex>>(placement(workers)?)
 }
 
 #[cfg(not(feature = "cpu"))]
-fn cpu<W: WithBackend>(_: &DeviceSpec<'_>, _: bool, _: W) -> Result<W::Output> {
+fn cpu<W: WithBackend>(_: &DeviceSpec<'_>, _: W) -> Result<W::Output> {
     bail!("this `train` was built without the cpu backend (cargo feature `cpu`)")
 }
 
 #[cfg(feature = "tch")]
-fn tch<W: WithBackend>(spec: &DeviceSpec<'_>, checkpointing: bool, work: W) -> Result<W::Output> {
-    use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+fn tch<W: WithBackend>(spec: &DeviceSpec<'_>, work: W) -> Result<W::Output> {
     use burn::backend::libtorch::LibTorchDevice;
     use burn::backend::{Autodiff, LibTorch};
     let parse = |d: &str| -> Result<LibTorchDevice> {
@@ -160,23 +153,18 @@ fn tch<W: WithBackend>(spec: &DeviceSpec<'_>, checkpointing: bool, work: W) -> R
             bail!("--device: cuda:{i} does not exist (libtorch sees {gpus} GPU(s))");
         }
     }
-    if checkpointing {
-        work.run::<Autodiff<LibTorch, BalancedCheckpointing>>(placement(workers)?)
-    } else {
-        work.run::<Autodiff<LibTorch>>(placement(workers)?)
-    }
+    work.run::<Autodiff<LibTorch>>(placement(workers)?)
 }
 
 #[cfg(not(feature = "tch"))]
-fn tch<W: WithBackend>(_: &DeviceSpec<'_>, _: bool, _: W) -> Result<W::Output> {
+fn tch<W: WithBackend>(_: &DeviceSpec<'_>, _: W) -> Result<W::Output> {
     bail!(
         "this `train` was built without the libtorch backend; rebuild with `--features tch` (see the README)"
     )
 }
 
 #[cfg(feature = "cuda")]
-fn cuda<W: WithBackend>(spec: &DeviceSpec<'_>, checkpointing: bool, work: W) -> Result<W::Output> {
-    use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+fn cuda<W: WithBackend>(spec: &DeviceSpec<'_>, work: W) -> Result<W::Output> {
     use burn::backend::cuda::CudaDevice;
     use burn::backend::{Autodiff, Cuda};
     let parse = |d: &str| -> Result<CudaDevice> {
@@ -191,14 +179,10 @@ fn cuda<W: WithBackend>(spec: &DeviceSpec<'_>, checkpointing: bool, work: W) -> 
     let workers = spec.devices("0", parse, |first, i| CudaDevice {
         index: first.index + i,
     })?;
-    if checkpointing {
-        work.run::<Autodiff<Cuda, BalancedCheckpointing>>(placement(workers)?)
-    } else {
-        work.run::<Autodiff<Cuda>>(placement(workers)?)
-    }
+    work.run::<Autodiff<Cuda>>(placement(workers)?)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda<W: WithBackend>(_: &DeviceSpec<'_>, _: bool, _: W) -> Result<W::Output> {
+fn cuda<W: WithBackend>(_: &DeviceSpec<'_>, _: W) -> Result<W::Output> {
     bail!("this `train` was built without the cuda backend; rebuild with `--features cuda`")
 }

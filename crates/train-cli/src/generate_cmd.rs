@@ -159,7 +159,6 @@ pub fn run(args: &GenerateArgs) -> Result<ExitCode> {
         args.compute.backend,
         args.compute.device.as_deref(),
         1,
-        false,
         work,
     )?;
     let g = &out.generation;

@@ -126,7 +126,6 @@ pub fn run(args: &MergeArgs) -> Result<ExitCode> {
         args.compute.backend,
         args.compute.device.as_deref(),
         1,
-        false,
         Merge {
             args,
             dir: dir.clone(),

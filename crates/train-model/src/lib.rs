@@ -80,6 +80,7 @@ mod names;
 mod output;
 mod precision;
 mod pretrained;
+mod recompute;
 mod rope;
 mod weights;
 
@@ -118,8 +119,9 @@ pub use output::{
 };
 pub use precision::Precision;
 pub use pretrained::{
-    LoadOptions, Pretrained, SaveOptions, SavedModel, copy_companions, load_pretrained,
-    save_pretrained,
+    LazyTensor, LoadOptions, Pretrained, SaveOptions, SavedModel, copy_companions, load_pretrained,
+    save_pretrained, write_safetensors,
 };
+pub use recompute::{Backprop, TrainingForward};
 pub use rope::{RopeConfig, RopeScaling, apply_rotary};
 pub use weights::{SafetensorsFile, TensorEntry, WeightIndex};

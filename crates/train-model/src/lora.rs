@@ -159,10 +159,24 @@ impl<B: Backend> LoraAdapter<B> {
 
     /// `scaling · B(A(dropout(x)))`, in `x`'s dtype. Dropout applies only when the backend
     /// tracks gradients (training), as `nn.Dropout` in train mode.
+    ///
+    /// Under gradient checkpointing (in a layer's dropout stream: its forward and its
+    /// recomputation) the masks come from that stream instead of the backend's generator, and
+    /// apply whatever the backend: the same masks for the same stream.
     pub fn delta<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let dtype = x.dtype();
-        let x = if self.dropout > 0.0 && B::ad_enabled(&x.device()) {
-            let keep = 1.0 - self.dropout;
+        let keep = 1.0 - self.dropout;
+        let x = if self.dropout <= 0.0 {
+            x
+        } else if let Some(seed) = next_dropout_seed() {
+            let mut rng = crate::init::NormalRng::new(seed);
+            let shape = x.shape();
+            let values: Vec<f32> = (0..shape.num_elements())
+                .map(|_| f32::from(u8::from(rng.uniform() <= keep)))
+                .collect();
+            let mask = Tensor::<B, D>::from_data(TensorData::new(values, shape), &x.device());
+            (x * mask.cast(dtype)).mul_scalar(1.0 / keep)
+        } else if B::ad_enabled(&x.device()) {
             let mask = x.random_like(Distribution::Bernoulli(keep));
             (x * mask).mul_scalar(1.0 / keep)
         } else {
@@ -178,6 +192,31 @@ impl<B: Backend> LoraAdapter<B> {
         let b = self.b.val().cast(FloatDType::F32);
         b.matmul(a).mul_scalar(self.scaling)
     }
+}
+
+thread_local! {
+    /// The dropout stream of [`with_dropout_stream`]: its seed and the masks drawn so far.
+    static DROPOUT_STREAM: std::cell::Cell<Option<(u64, u64)>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with the LoRA dropout masks drawn from a stream of `seed` (the `k`-th mask of `f`
+/// from `seed` and `k`), on this thread: a forward pass run twice in the same stream draws the
+/// same masks, which gradient checkpointing needs (PyTorch's checkpoint restores the RNG state
+/// for the same reason). Inside it, dropout applies on any backend.
+pub(crate) fn with_dropout_stream<R>(seed: u64, f: impl FnOnce() -> R) -> R {
+    let before = DROPOUT_STREAM.with(|s| s.replace(Some((seed, 0))));
+    let out = f();
+    DROPOUT_STREAM.with(|s| s.set(before));
+    out
+}
+
+/// The seed of the next mask of the current dropout stream, if any.
+fn next_dropout_seed() -> Option<u64> {
+    DROPOUT_STREAM.with(|s| {
+        let (seed, drawn) = s.get()?;
+        s.set(Some((seed, drawn + 1)));
+        Some(seed ^ drawn.wrapping_mul(0xD1B5_4A32_D192_ED03))
+    })
 }
 
 /// A PEFT adapter directory's configuration as this crate uses it.

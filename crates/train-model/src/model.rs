@@ -211,6 +211,101 @@ pub(crate) struct LayerContext<'a, B: Backend> {
     pub scale: f64,
 }
 
+/// What every decoder layer of one forward takes besides its input: the rotary tables (global
+/// and, where the family has one, local), the attention masks (causal or segmented, and the
+/// sliding layers' own) and the attention's options.
+pub(crate) struct LayerInputs<B: Backend> {
+    cos: Tensor<B, 4>,
+    sin: Tensor<B, 4>,
+    /// The sliding layers' own rotary tables (Gemma 3's local base), if any.
+    local: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
+    mask: AttentionMask<B>,
+    /// The sliding layers' mask, when the window hides some key from some query.
+    sliding: Option<AttentionMask<B>>,
+    pub fused: bool,
+    scale: f64,
+}
+
+impl<B: Backend> LayerInputs<B> {
+    /// The layers' inputs for `input` (`cache`: its past keys, whose segments the new ones
+    /// join).
+    pub(crate) fn new(
+        config: &ModelConfig,
+        attention: AttentionImpl,
+        input: &ModelInput<B>,
+        cache: Option<&mut KvCache<B>>,
+    ) -> Self {
+        let [b, s] = input.input_ids.dims();
+        let device = input.input_ids.device();
+        // LongRoPE picks its frequencies by the largest position of this forward (as
+        // `transformers` does: `max(position_ids) + 1`); only then is it read back.
+        let seq_len = if config.rope.depends_on_length() {
+            let max: i64 = input.position_ids.clone().max().into_scalar().elem();
+            usize::try_from(max).unwrap_or(0) + 1
+        } else {
+            0
+        };
+        let rotary = Rotary::<B>::new(&config.rope, seq_len, &device);
+        let (cos, sin) = rotary.cos_sin(input.position_ids.clone());
+        let local = config.rope_local.as_ref().map(|rope| {
+            Rotary::<B>::new(rope, seq_len, &device).cos_sin(input.position_ids.clone())
+        });
+        let mask = match (cache, &input.segment_ids) {
+            (None, None) => AttentionMask::causal(),
+            (None, Some(seg)) => AttentionMask::segmented(seg.clone(), seg.clone(), 0),
+            (Some(c), seg) => {
+                let seg = seg
+                    .clone()
+                    .unwrap_or_else(|| Tensor::<B, 2, Int>::zeros([b, s], &device));
+                let past = c.len();
+                let keys = c.push_segments(seg.clone());
+                AttentionMask::segmented(seg, keys, past)
+            }
+        };
+        // Sliding-window layers share one mask of their own, unless the window reaches back
+        // to the first key of every query (then it changes nothing, and the attention keeps
+        // its plain causal kernels: a 4096-token window on shorter rows).
+        let sliding = config
+            .sliding_window
+            .filter(|&w| w < mask.past() + s)
+            .map(|w| mask.with_window(Some(w)));
+        Self {
+            cos,
+            sin,
+            local,
+            mask,
+            sliding,
+            fused: attention.is_fused(),
+            scale: config.attention_scale(),
+        }
+    }
+
+    /// Layer `layer`'s context; its sparse block records its routing in `router`, if given.
+    pub(crate) fn context<'a>(
+        &'a self,
+        config: &ModelConfig,
+        layer: usize,
+        router: Option<&'a std::cell::RefCell<RouterLog<B>>>,
+    ) -> LayerContext<'a, B> {
+        let slides = config.layer_window(layer).is_some();
+        let (cos, sin) = match &self.local {
+            Some((c, s)) if slides => (c, s),
+            _ => (&self.cos, &self.sin),
+        };
+        LayerContext {
+            cos,
+            sin,
+            router,
+            mask: match (&self.sliding, slides) {
+                (Some(m), true) => m,
+                _ => &self.mask,
+            },
+            fused: self.fused,
+            scale: self.scale,
+        }
+    }
+}
+
 impl<B: FusedBackend> SelfAttention<B> {
     fn forward(
         &self,
@@ -433,8 +528,16 @@ pub(crate) struct RouterLog<B: Backend> {
     rows: f64,
 }
 
+/// The top-k assignments per expert and the real tokens of a forward's routing, which the
+/// load-balancing loss weighs the router probabilities by (no gradient flows through them).
+#[derive(Debug, Clone)]
+pub(crate) struct RouterCounts {
+    counts: Vec<f64>,
+    rows: f64,
+}
+
 impl<B: Backend> RouterLog<B> {
-    fn new(real: Option<&[bool]>, device: &B::Device) -> Self {
+    pub(crate) fn new(real: Option<&[bool]>, device: &B::Device) -> Self {
         let mask = real.map(|m| {
             let values: Vec<f32> = m.iter().map(|&r| f32::from(u8::from(r))).collect();
             let t = Tensor::<B, 2>::from_data(TensorData::new(values, [m.len(), 1]), device);
@@ -448,7 +551,7 @@ impl<B: Backend> RouterLog<B> {
         }
     }
 
-    fn add(&mut self, r: &Routing<B>) {
+    pub(crate) fn add(&mut self, r: &Routing<B>) {
         let [t, n] = r.probs.dims();
         self.counts.resize(n, 0.0);
         for tok in 0..t {
@@ -476,16 +579,32 @@ impl<B: Backend> RouterLog<B> {
 
     /// `experts · Σ_e (assignments_e / rows) · (probability_e / rows)`; `None` without a
     /// sparse layer or a real token.
-    fn loss(self) -> Option<Tensor<B, 1>> {
+    pub(crate) fn loss(self) -> Option<Tensor<B, 1>> {
+        let counts = self.counts();
+        self.loss_with(&counts)
+    }
+
+    /// The assignments and real tokens recorded so far.
+    pub(crate) fn counts(&self) -> RouterCounts {
+        RouterCounts {
+            counts: self.counts.clone(),
+            rows: self.rows,
+        }
+    }
+
+    /// [`RouterLog::loss`] with the probabilities recorded here and the assignments and tokens
+    /// of `totals`: a part of a forward's routing (one layer) weighed as the whole forward
+    /// weighs it, whose parts then add up to the whole's loss.
+    pub(crate) fn loss_with(self, totals: &RouterCounts) -> Option<Tensor<B, 1>> {
         let prob_sum = self.prob_sum?;
-        if self.rows == 0.0 {
+        if totals.rows == 0.0 {
             return None;
         }
-        let n = self.counts.len();
+        let n = totals.counts.len();
         let device = prob_sum.device();
-        let counts: Vec<f32> = self.counts.iter().map(|&c| c as f32).collect();
+        let counts: Vec<f32> = totals.counts.iter().map(|&c| c as f32).collect();
         let counts = Tensor::<B, 1>::from_data(TensorData::new(counts, [n]), &device);
-        let scale = n as f64 / (self.rows * self.rows);
+        let scale = n as f64 / (totals.rows * totals.rows);
         Some((prob_sum * counts).sum().mul_scalar(scale))
     }
 }
@@ -667,7 +786,7 @@ impl<B: Backend> DecoderLayer<B> {
 }
 
 impl<B: FusedBackend> DecoderLayer<B> {
-    fn forward(
+    pub(crate) fn forward(
         &self,
         x: Tensor<B, 3>,
         ctx: &LayerContext<'_, B>,
@@ -712,6 +831,17 @@ pub struct ModelInput<B: Backend> {
     pub position_ids: Tensor<B, 2, Int>,
     /// `[batch, seq]` segment (packed row) ids; `None` means one segment per batch row.
     pub segment_ids: Option<Tensor<B, 2, Int>>,
+}
+
+impl<B: burn::tensor::backend::AutodiffBackend> ModelInput<B> {
+    /// The same input on the inner (non-autodiff) backend.
+    pub fn inner(&self) -> ModelInput<B::InnerBackend> {
+        ModelInput {
+            input_ids: self.input_ids.clone().inner(),
+            position_ids: self.position_ids.clone().inner(),
+            segment_ids: self.segment_ids.clone().map(Tensor::inner),
+        }
+    }
 }
 
 impl<B: Backend> ModelInput<B> {
@@ -869,6 +999,10 @@ pub struct CausalLm<B: Backend> {
     /// The configuration of the LoRA adapters the projections carry, if any
     /// ([`CausalLm::with_lora`]).
     pub lora: Option<LoraConfig>,
+    /// Gradient checkpointing: [`CausalLm::forward_for_training`] keeps only each decoder
+    /// layer's input and recomputes the layer in the backward pass
+    /// ([`CausalLm::with_gradient_checkpointing`]).
+    pub gradient_checkpointing: bool,
 }
 
 /// A parameter of either rank, with its Hugging Face name.
@@ -1023,6 +1157,7 @@ impl<B: Backend> CausalLm<B> {
             attention: AttentionImpl::default(),
             compute_dtype: None,
             lora: None,
+            gradient_checkpointing: false,
         })
     }
 
@@ -1043,6 +1178,17 @@ impl<B: Backend> CausalLm<B> {
     #[must_use]
     pub fn with_attention(mut self, attention: AttentionImpl) -> Self {
         self.attention = attention;
+        self
+    }
+
+    /// Gradient checkpointing on or off: with it, a training forward
+    /// ([`CausalLm::forward_for_training`]) keeps each decoder layer's input only, and the
+    /// backward pass recomputes one layer at a time (`transformers`'
+    /// `gradient_checkpointing_enable()`): the activations a step holds are then those of one
+    /// layer, for one more forward pass of compute. Gradients are unchanged.
+    #[must_use]
+    pub fn with_gradient_checkpointing(mut self, on: bool) -> Self {
+        self.gradient_checkpointing = on;
         self
     }
 
@@ -1252,8 +1398,29 @@ impl<B: FusedBackend> CausalLm<B> {
         mut hidden: Option<&mut Vec<Tensor<B, 3>>>,
         router: Option<&std::cell::RefCell<RouterLog<B>>>,
     ) -> Tensor<B, 3> {
+        let s = input.input_ids.dims()[1];
+        let mut x = self.embed(input);
+        if let Some(hs) = hidden.as_deref_mut() {
+            hs.push(x.clone());
+        }
+        let around = LayerInputs::new(&self.config, self.attention, input, cache.as_deref_mut());
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| c.layer_mut(i));
+            x = layer.forward(x, &around.context(&self.config, i, router), slot);
+            if let Some(hs) = hidden.as_deref_mut() {
+                hs.push(x.clone());
+            }
+        }
+        if let Some(c) = cache {
+            c.advance(s);
+        }
+        self.norm.apply(x, around.fused)
+    }
+
+    /// The first decoder layer's input `[batch, seq, hidden]`: the token embeddings (scaled
+    /// where the family scales them) in the activation dtype.
+    pub(crate) fn embed(&self, input: &ModelInput<B>) -> Tensor<B, 3> {
         let [b, s] = input.input_ids.dims();
-        let device = input.input_ids.device();
         let table = self.embed_tokens.val();
         let tracked = table.is_require_grad();
         let ids = input.input_ids.clone().reshape([b * s]);
@@ -1280,81 +1447,15 @@ impl<B: FusedBackend> CausalLm<B> {
             };
             emb = emb.mul_scalar(scale);
         }
-        let mut x = cast_to(
+        cast_to(
             emb.reshape([b, s, self.config.hidden_size]),
             self.activation_dtype(),
-        );
-        if let Some(hs) = hidden.as_deref_mut() {
-            hs.push(x.clone());
-        }
-        // LongRoPE picks its frequencies by the largest position of this forward (as
-        // `transformers` does: `max(position_ids) + 1`); only then is it read back.
-        let seq_len = if self.config.rope.depends_on_length() {
-            let max: i64 = input.position_ids.clone().max().into_scalar().elem();
-            usize::try_from(max).unwrap_or(0) + 1
-        } else {
-            0
-        };
-        let rotary = Rotary::<B>::new(&self.config.rope, seq_len, &device);
-        let (cos, sin) = rotary.cos_sin(input.position_ids.clone());
-        // The sliding layers' own rotary embedding (Gemma 3's local base), if any.
-        let local = self.config.rope_local.as_ref().map(|rope| {
-            Rotary::<B>::new(rope, seq_len, &device).cos_sin(input.position_ids.clone())
-        });
-        let mask = match (&mut cache, &input.segment_ids) {
-            (None, None) => AttentionMask::causal(),
-            (None, Some(seg)) => AttentionMask::segmented(seg.clone(), seg.clone(), 0),
-            (Some(c), seg) => {
-                let seg = seg
-                    .clone()
-                    .unwrap_or_else(|| Tensor::<B, 2, Int>::zeros([b, s], &device));
-                let past = c.len();
-                let keys = c.push_segments(seg.clone());
-                AttentionMask::segmented(seg, keys, past)
-            }
-        };
-        let fused = self.attention.is_fused();
-        // Sliding-window layers share one mask of their own, unless the window reaches back
-        // to the first key of every query (then it changes nothing, and the attention keeps
-        // its plain causal kernels: a 4096-token window on shorter rows).
-        let sliding = self
-            .config
-            .sliding_window
-            .filter(|&w| w < mask.past() + s)
-            .map(|w| mask.with_window(Some(w)));
-        let scale = self.config.attention_scale();
-        let ctx = |layer: usize| {
-            let slides = self.config.layer_window(layer).is_some();
-            let (cos, sin) = match &local {
-                Some((c, s)) if slides => (c, s),
-                _ => (&cos, &sin),
-            };
-            LayerContext {
-                cos,
-                sin,
-                router,
-                mask: match (&sliding, slides) {
-                    (Some(m), true) => m,
-                    _ => &mask,
-                },
-                fused,
-                scale,
-            }
-        };
-        for (i, layer) in self.layers.iter().enumerate() {
-            let slot = cache.as_deref_mut().map(|c| c.layer_mut(i));
-            x = layer.forward(x, &ctx(i), slot);
-            if let Some(hs) = hidden.as_deref_mut() {
-                hs.push(x.clone());
-            }
-        }
-        if let Some(c) = cache {
-            c.advance(s);
-        }
-        self.norm.apply(x, fused)
+        )
     }
 
-    fn logits(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
+    /// The LM head on hidden states `h` (the final norm's output): logits `[batch, seq,
+    /// vocab]`.
+    pub fn logits(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {
             Some(head) => head.forward(h),
             None => project(h.clone(), cast_to(self.embed_tokens.val(), h.dtype()), None),

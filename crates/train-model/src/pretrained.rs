@@ -173,13 +173,68 @@ pub struct SavedModel {
     pub dtype: StorageDtype,
 }
 
-struct OwnedView {
+/// A tensor to write into a safetensors file, converted to host bytes only when the file
+/// reaches it ([`write_safetensors`]): a file of many tensors never holds a host copy of more
+/// than one (the whole model or optimizer state copied at once doubled a checkpoint's memory).
+pub struct LazyTensor<'a> {
+    name: String,
     dtype: safetensors::Dtype,
     shape: Vec<usize>,
-    data: Vec<u8>,
+    len: usize,
+    bytes: LazyBytes<'a>,
 }
 
-impl safetensors::View for &OwnedView {
+enum LazyBytes<'a> {
+    /// Bytes made on demand (a device tensor read back and converted).
+    Made(Box<dyn Fn() -> Vec<u8> + 'a>),
+    /// Bytes already in memory (a mapped file's).
+    Borrowed(&'a [u8]),
+}
+
+impl<'a> LazyTensor<'a> {
+    /// `tensor` (a float tensor) as `name`, stored in `dtype`.
+    pub fn from_tensor<B: Backend, const D: usize>(
+        name: impl Into<String>,
+        tensor: burn::tensor::Tensor<B, D>,
+        dtype: StorageDtype,
+    ) -> Self {
+        let shape = tensor.shape().to_vec();
+        let len = shape.iter().product::<usize>() * dtype.size();
+        Self {
+            name: name.into(),
+            dtype: to_safetensors_dtype(dtype),
+            shape,
+            len,
+            bytes: LazyBytes::Made(Box::new(move || {
+                let data = tensor.clone().into_data();
+                let data = if data.dtype == dtype.to_burn() {
+                    data
+                } else {
+                    data.convert_dtype(dtype.to_burn())
+                };
+                data.into_bytes().to_vec()
+            })),
+        }
+    }
+
+    /// Bytes already laid out as the file stores them.
+    pub(crate) fn borrowed(
+        name: impl Into<String>,
+        dtype: safetensors::Dtype,
+        shape: Vec<usize>,
+        bytes: &'a [u8],
+    ) -> Self {
+        Self {
+            name: name.into(),
+            dtype,
+            shape,
+            len: bytes.len(),
+            bytes: LazyBytes::Borrowed(bytes),
+        }
+    }
+}
+
+impl safetensors::View for &LazyTensor<'_> {
     fn dtype(&self) -> safetensors::Dtype {
         self.dtype
     }
@@ -187,11 +242,33 @@ impl safetensors::View for &OwnedView {
         &self.shape
     }
     fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Borrowed(&self.data)
+        match &self.bytes {
+            LazyBytes::Made(make) => {
+                let bytes = make();
+                debug_assert_eq!(bytes.len(), self.len, "{}", self.name);
+                Cow::Owned(bytes)
+            }
+            LazyBytes::Borrowed(b) => Cow::Borrowed(b),
+        }
     }
     fn data_len(&self) -> usize {
-        self.data.len()
+        self.len
     }
+}
+
+/// Writes `tensors` into the safetensors file `path` (with `metadata`), each converted to host
+/// bytes only when it is written.
+pub fn write_safetensors(
+    tensors: &[LazyTensor<'_>],
+    metadata: HashMap<String, String>,
+    path: &Path,
+) -> Result<()> {
+    safetensors::serialize_to_file(
+        tensors.iter().map(|t| (t.name.as_str(), t)),
+        Some(metadata),
+        path,
+    )
+    .map_err(|e| ModelError::weights(path, format!("could not write safetensors: {e}")))
 }
 
 /// Replaces `path` with `bytes` by `train_fs`'s rule (temporary file, data synced, rename).
@@ -245,7 +322,6 @@ pub fn save_pretrained<B: Backend>(
 ) -> Result<SavedModel> {
     std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
     let dtype = options.dtype.unwrap_or(model.config.torch_dtype);
-    let st_dtype = to_safetensors_dtype(dtype);
 
     // Plan shards from the shapes alone, so that only one shard is ever converted in memory.
     let config = &model.config;
@@ -297,7 +373,7 @@ pub fn save_pretrained<B: Backend>(
     let mut total_bytes = 0u64;
     for (i, names) in shards.iter().enumerate() {
         let wanted: HashSet<&str> = names.iter().map(String::as_str).collect();
-        let mut views: Vec<(String, OwnedView)> = Vec::with_capacity(names.len());
+        let mut views: Vec<LazyTensor<'_>> = Vec::with_capacity(names.len());
         let mut error = None;
         model.visit_named(|p| {
             let internal = match &p {
@@ -307,33 +383,20 @@ pub fn save_pretrained<B: Backend>(
             if !wanted.contains(file_name.as_str()) {
                 return;
             }
-            let (name, data) = match p {
-                NamedParam::Vector(_, t) => (file_name.as_str(), t.val().into_data()),
-                NamedParam::Matrix(_, t) => (file_name.as_str(), t.val().into_data()),
+            let found = match &p {
+                NamedParam::Vector(_, t) => t.val().dtype(),
+                NamedParam::Matrix(_, t) => t.val().dtype(),
             };
-            let shape = data.shape.to_vec();
-            let converted = if data.dtype == dtype.to_burn() {
-                data
-            } else if matches!(
-                data.dtype,
-                DType::F32 | DType::BF16 | DType::F16 | DType::F64
-            ) {
-                data.convert_dtype(dtype.to_burn())
-            } else {
+            if !matches!(found, DType::F32 | DType::BF16 | DType::F16 | DType::F64) {
                 error = Some(ModelError::InvalidInput(format!(
-                    "parameter {name} has dtype {:?}",
-                    data.dtype
+                    "parameter {file_name} has dtype {found:?}"
                 )));
                 return;
-            };
-            views.push((
-                name.to_string(),
-                OwnedView {
-                    dtype: st_dtype,
-                    shape,
-                    data: converted.into_bytes().to_vec(),
-                },
-            ));
+            }
+            views.push(match p {
+                NamedParam::Vector(_, t) => LazyTensor::from_tensor(file_name, t.val(), dtype),
+                NamedParam::Matrix(_, t) => LazyTensor::from_tensor(file_name, t.val(), dtype),
+            });
         });
         if let Some(e) = error {
             return Err(e);
@@ -350,32 +413,24 @@ pub fn save_pretrained<B: Backend>(
                             format!("tensor `{name}` lies outside the file"),
                         )
                     })?;
-                    views.push((
+                    views.push(LazyTensor::borrowed(
                         name.clone(),
-                        OwnedView {
-                            dtype: entry.dtype,
-                            shape: entry.shape.clone(),
-                            data: data.to_vec(),
-                        },
+                        entry.dtype,
+                        entry.shape.clone(),
+                        data,
                     ));
                 }
             }
         }
         let fname = file_name(i);
         let path = dir.join(&fname);
-        for (name, v) in &views {
-            total_bytes += v.data.len() as u64;
-            weight_map.insert(name.clone(), fname.clone());
+        for v in &views {
+            total_bytes += v.len as u64;
+            weight_map.insert(v.name.clone(), fname.clone());
         }
         let tmp = train_fs::temporary_name(&path);
-        safetensors::serialize_to_file(
-            views.iter().map(|(n, v)| (n.as_str(), v)),
-            Some(metadata.clone()),
-            &tmp,
-        )
-        .map_err(|e| {
+        write_safetensors(&views, metadata.clone(), &tmp).inspect_err(|_| {
             let _ = std::fs::remove_file(&tmp);
-            ModelError::weights(&tmp, format!("could not write safetensors: {e}"))
         })?;
         train_fs::install(&tmp, &path).map_err(|e| ModelError::io(&path, e))?;
         weight_files.push(path);

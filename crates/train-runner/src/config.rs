@@ -168,6 +168,11 @@ pub struct TrainerConfig {
     /// model's own `router_aux_loss_coef`; 0 leaves the loss out. A dense model refuses a
     /// non-zero value.
     pub router_aux_loss_coef: Option<f64>,
+    /// Recompute each decoder layer's activations in the backward pass instead of keeping
+    /// them (`TrainingArguments.gradient_checkpointing`): a step then holds the activations of
+    /// one layer rather than of every layer, for one more forward pass of compute. Same
+    /// gradients. Default false.
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for TrainerConfig {
@@ -200,6 +205,7 @@ impl Default for TrainerConfig {
             save_dtype: None,
             lora: None,
             router_aux_loss_coef: None,
+            gradient_checkpointing: false,
         }
     }
 }

@@ -20,7 +20,7 @@
 //! `sigmoid`). ORPO is TRL's (experimental) `ORPOTrainer`: its rewards are `β a_c` and `β a_r`,
 //! and it also logs `nll_loss`, `log_odds_ratio` (`log σ(o)`) and `log_odds_chosen` (`o`).
 
-use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::optim::GradientsAccumulator;
 use burn::tensor::{ElementConversion, IndexingUpdateOp, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use train_data::{Batch, Sequence};
@@ -30,7 +30,10 @@ use train_model::{
 
 use crate::batches::batch_tensors;
 use crate::objective::{Collate, Contribution, Evaluation, Objective};
-use crate::step::{add_router, router_aux_coef, weigh_router};
+use crate::step::{
+    TrainingHidden, add_router, backward_from_hidden, router_aux_coef, training_hidden,
+    weigh_router,
+};
 
 /// Which DPO loss (TRL's `loss_type`).
 #[derive(
@@ -401,30 +404,29 @@ pub(crate) fn sequence_positions(batch: &Batch, rows: usize) -> RowPositions {
 
 /// The final hidden states of `batch` flattened to `[rows · seq, width]`, and the batch as it
 /// ran: as one padding-free row when the model runs padded batches so (positions then index
-/// that row). With `router_loss`, also the router's load-balancing loss of a mixture of experts
-/// whose config adds it to training ([`router_aux_coef`]), before its coefficient, over the
-/// real tokens of every row (chosen and rejected alike, as TRL's concatenated forward).
+/// that row). No gradients are kept ([`crate::step::training_hidden`] is the training forward).
 pub(crate) fn final_hidden<'b, B: FusedBackend>(
     model: &CausalLm<B>,
     batch: &'b Batch,
     device: &burn::tensor::Device<B>,
-    router_loss: bool,
-) -> (
-    std::borrow::Cow<'b, Batch>,
-    Tensor<B, 2>,
-    Option<Tensor<B, 1>>,
-) {
-    let run = match model.padding_free().then(|| batch.padding_free()).flatten() {
+) -> (std::borrow::Cow<'b, Batch>, Tensor<B, 2>) {
+    let run = as_run(model, batch);
+    let (input, _) = batch_tensors::<B>(&run, device);
+    let hidden = model.forward_hidden(&input);
+    let [b, s, width] = hidden.dims();
+    (run, hidden.reshape([b * s, width]))
+}
+
+/// `batch` as the model runs it: as one padding-free row of its examples when the model runs
+/// padded batches so ([`CausalLm::padding_free`]).
+pub(crate) fn as_run<'b, B: FusedBackend>(
+    model: &CausalLm<B>,
+    batch: &'b Batch,
+) -> std::borrow::Cow<'b, Batch> {
+    match model.padding_free().then(|| batch.padding_free()).flatten() {
         Some(flat) => std::borrow::Cow::Owned(flat),
         None => std::borrow::Cow::Borrowed(batch),
-    };
-    let (input, _) = batch_tensors::<B>(&run, device);
-    let (hidden, aux) = match router_aux_coef(model).filter(|_| router_loss) {
-        Some(_) => model.forward_hidden_with_router_loss(&input, Some(&run.real_mask())),
-        None => (model.forward_hidden(&input), None),
-    };
-    let [b, s, width] = hidden.dims();
-    (run, hidden.reshape([b * s, width]), aux)
+    }
 }
 
 /// The summed log-probability of each row's completion in `batch` (rows in order), and the
@@ -442,7 +444,7 @@ fn logps_at<B: FusedBackend>(
     positions: &[fn(&Batch, usize) -> RowPositions],
 ) -> Vec<Vec<(f64, usize)>> {
     let device = model.embed_tokens.val().device();
-    let (run, hidden, _) = final_hidden(model, batch, &device, false);
+    let (run, hidden) = final_hidden(model, batch, &device);
     let head = model.lm_head_weight().val();
     positions
         .iter()
@@ -453,37 +455,6 @@ fn logps_at<B: FusedBackend>(
                 .collect()
         })
         .collect()
-}
-
-/// The model's gradients from those of its final hidden states `flat` (`[rows, width]`, the
-/// LM head's input, computed outside the autodiff graph as `grad_flat`) and, for a trained
-/// head, the head's own gradient `grad_head` (f32): autodiff carries `grad_flat` back through
-/// the model (`Σ flat · grad_flat` has it as its gradient), and `grad_head` is added to the
-/// head's (the embedding's, when tied). `extra`, a scalar loss of the same graph (the router's
-/// load-balancing term), is differentiated with it.
-pub(crate) fn backward_from_hidden<B: FusedAutodiffBackend>(
-    model: &CausalLm<B>,
-    flat: Tensor<B, 2>,
-    grad_flat: Tensor<B::InnerBackend, 2>,
-    grad_head: Option<Tensor<B::InnerBackend, 2>>,
-    extra: Option<Tensor<B, 1>>,
-) -> GradientsParams {
-    let mut surrogate = (flat * Tensor::<B, 2>::from_inner(grad_flat)).sum();
-    if let Some(extra) = extra {
-        let dtype = surrogate.dtype();
-        surrogate = surrogate + extra.cast(dtype);
-    }
-    let mut grads = GradientsParams::from_grads(surrogate.backward(), model);
-    if let Some(grad_head) = grad_head {
-        let head = model.lm_head_weight();
-        let grad_head = grad_head.cast(head.val().dtype());
-        let total = match grads.remove::<B::InnerBackend, 2>(head.id) {
-            Some(g) => g + grad_head,
-            None => grad_head,
-        };
-        grads.register::<B::InnerBackend, 2>(head.id, total);
-    }
-    grads
 }
 
 /// DPO over [`PairBatch`]es: the loss of each pair ([`dpo_pair_loss`]), averaged over the
@@ -733,7 +704,12 @@ impl<B: FusedAutodiffBackend> Objective<B> for Dpo<'_> {
         for pairs in batches {
             let rows = pairs.batch.batch_size;
             let n = pairs.reference.len();
-            let (run, flat, aux) = final_hidden(model, &pairs.batch, device, coef.is_some());
+            let TrainingHidden {
+                run,
+                flat,
+                aux,
+                backprop,
+            } = training_hidden(model, &pairs.batch, device, coef.is_some());
             // The router's load-balancing term, weighted by the micro-batch's share of the
             // step's pairs (see `router_aux_coef`).
             let router = match (aux, coef) {
@@ -809,7 +785,7 @@ impl<B: FusedAutodiffBackend> Objective<B> for Dpo<'_> {
             );
             accumulator.accumulate(
                 model,
-                backward_from_hidden(model, flat, grad_flat, grad_head, router),
+                backward_from_hidden(model, backprop, flat, grad_flat, grad_head, router),
             );
         }
         metrics.extend(router_term);

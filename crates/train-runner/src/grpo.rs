@@ -29,11 +29,14 @@ use train_data::{Batch, Example, PromptRow, Sequence, SplitMix64};
 use train_logits::{Decoding, GenerationConfig, LogitsProcessor};
 use train_model::{CausalLm, FusedAutodiffBackend, FusedBackend, NLL_CHUNK_LOGITS};
 
-use crate::dpo::{backward_from_hidden, completion_positions, final_hidden};
+use crate::dpo::{completion_positions, final_hidden};
 use crate::error::{Result, RunnerError};
 use crate::objective::{Collate, Contribution, Evaluation, Objective};
 use crate::rewards::{RewardInput, WeightedReward};
-use crate::step::{add_router, router_aux_coef, weigh_router};
+use crate::step::{
+    TrainingHidden, add_router, backward_from_hidden, router_aux_coef, training_hidden,
+    weigh_router,
+};
 
 /// How the token losses of a step are aggregated (TRL's `loss_type`).
 #[derive(
@@ -273,7 +276,7 @@ pub fn token_logps<B: FusedBackend>(
 ) -> (Tensor<B, 1>, Vec<usize>) {
     let device = model.embed_tokens.val().device();
     let rows = batch.batch_size;
-    let (run, hidden, _) = final_hidden(model, batch, &device, false);
+    let (run, hidden) = final_hidden(model, batch, &device);
     let head = model.lm_head_weight().val();
     let mut positions = Vec::new();
     let mut targets = Vec::new();
@@ -594,7 +597,12 @@ impl<'a, B: FusedAutodiffBackend> Grpo<'a, B> {
         let batch = &rollout.batch;
         let rows = batch.batch_size;
         let coef = router_aux_coef(model);
-        let (run, flat, aux) = final_hidden(model, batch, device, coef.is_some());
+        let TrainingHidden {
+            run,
+            flat,
+            aux,
+            backprop,
+        } = training_hidden(model, batch, device, coef.is_some());
         let [rows_flat, width] = flat.dims();
         let inner = flat.clone().inner();
         let head = model.lm_head_weight();
@@ -711,7 +719,7 @@ impl<'a, B: FusedAutodiffBackend> Grpo<'a, B> {
                 });
             }
         }
-        let grads = backward_from_hidden(model, flat, grad_flat, grad_head, router);
+        let grads = backward_from_hidden(model, backprop, flat, grad_flat, grad_head, router);
         (loss, sums, Some(grads))
     }
 

@@ -12,6 +12,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, FloatDType, Tensor, TensorData, TensorPrimitive};
 use train_model::{AdamWStep, FusedAutodiffBackend, FusedBackend};
 use train_model::{CausalLm, NamedParam, ParamKind, tensor_specs};
+use train_model::{LazyTensor, StorageDtype, write_safetensors};
 
 use crate::error::{Result, RunnerError};
 
@@ -149,38 +150,29 @@ impl<B: FusedAutodiffBackend> AdamW<B> {
 
     /// Writes the moments (`exp_avg.<name>`, `exp_avg_sq.<name>`) and the step count.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let mut tensors: Vec<(String, Vec<u8>, usize)> = Vec::new();
+        // Each moment is read back only when the file reaches it (no host copy of the whole
+        // state, which is twice the model's size).
         let mut names: Vec<&String> = self.state.keys().collect();
         names.sort();
+        let mut tensors = Vec::with_capacity(2 * names.len());
         for name in names {
             let m = &self.state[name];
             for (prefix, t) in [("exp_avg", &m.exp_avg), ("exp_avg_sq", &m.exp_avg_sq)] {
-                let data = t.clone().cast(FloatDType::F32).into_data();
-                let n = data.num_elements();
-                tensors.push((format!("{prefix}.{name}"), data.into_bytes().to_vec(), n));
+                tensors.push(LazyTensor::from_tensor(
+                    format!("{prefix}.{name}"),
+                    t.clone(),
+                    StorageDtype::F32,
+                ));
             }
         }
-        let views = tensors
-            .iter()
-            .map(|(n, b, len)| {
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![*len], b)
-                    .map(|v| (n.clone(), v))
-                    .map_err(|e| RunnerError::Checkpoint {
-                        path: path.to_path_buf(),
-                        message: e.to_string(),
-                    })
-            })
-            .collect::<Result<Vec<_>>>()?;
         let metadata = [
             ("format".to_string(), "train-rs-adamw".to_string()),
             ("step".to_string(), self.step.to_string()),
         ]
         .into();
-        safetensors::serialize_to_file(views, Some(metadata), path).map_err(|e| {
-            RunnerError::Checkpoint {
-                path: path.to_path_buf(),
-                message: e.to_string(),
-            }
+        write_safetensors(&tensors, metadata, path).map_err(|e| RunnerError::Checkpoint {
+            path: path.to_path_buf(),
+            message: e.to_string(),
         })
     }
 

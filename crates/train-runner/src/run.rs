@@ -125,6 +125,7 @@ where
     let config = setup.config.clone();
     config.validate()?;
     weigh_router_loss(&mut setup.model, config.router_aux_loss_coef)?;
+    setup.model.gradient_checkpointing = config.gradient_checkpointing;
     let output = config.output_dir.clone();
     let mut inputs: Vec<&Path> = vec![setup.companions_from.as_path()];
     inputs.extend(setup.inputs.iter().map(PathBuf::as_path));

@@ -3,11 +3,13 @@
 
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{ElementConversion, IndexingUpdateOp, Int, Tensor, TensorData};
-use train_model::FusedAutodiffBackend;
-use train_model::{CausalLm, IGNORE_INDEX, causal_lm_nll, fused_linear_nll, nll_chunk_rows};
+use train_model::{
+    Backprop, CausalLm, FusedAutodiffBackend, IGNORE_INDEX, TrainingForward, causal_lm_nll,
+    fused_linear_nll, nll_chunk_rows,
+};
 
 use crate::batches::batch_tensors;
-use crate::dpo::backward_from_hidden;
+use crate::dpo::as_run;
 
 /// The loss and the gradients of one optimizer step over `batches` (its micro-batches).
 ///
@@ -130,24 +132,18 @@ fn plain_micro_batch<B: FusedAutodiffBackend>(
     device: &burn::tensor::Device<B>,
 ) -> (f64, GradientsParams, Option<f64>) {
     let (input, labels) = batch_tensors::<B>(batch, device);
-    let (logits, aux) = match router_aux_coef(model) {
-        Some(_) => model.forward_with_router_loss(&input, Some(&batch.real_mask())),
-        None => (model.forward(&input), None),
-    };
-    let (sum, _) = causal_lm_nll(logits, labels);
+    let coef = router_aux_coef(model);
+    let forward = model.forward_for_training(&input, Some(&batch.real_mask()), coef.is_some());
+    let (sum, _) = causal_lm_nll(model.logits(forward.hidden), labels);
     let mut loss = sum / denominator;
     let mut router = None;
-    if let (Some(coef), Some(aux)) = (router_aux_coef(model), aux) {
+    if let (Some(coef), Some(aux)) = (coef, forward.router_loss) {
         let (weighted, term) = weigh_router(aux, coef, batch.label_tokens as f64 / denominator);
         router = Some(term);
         loss = loss + weighted;
     }
     let value = f64::from(loss.clone().into_scalar().elem::<f32>());
-    (
-        value,
-        GradientsParams::from_grads(loss.backward(), model),
-        router,
-    )
+    (value, forward.backprop.gradients(model, &loss), router)
 }
 
 /// The fused LM head + loss on the label positions, then autodiff from the final norm's output.
@@ -160,10 +156,15 @@ fn fused_micro_batch<B: FusedAutodiffBackend>(
     device: &burn::tensor::Device<B>,
 ) -> (f64, GradientsParams, Option<f64>) {
     let (input, _) = batch_tensors::<B>(batch, device);
-    let (hidden, aux) = match router_aux_coef(model) {
-        Some(_) => model.forward_hidden_with_router_loss(&input, Some(&batch.real_mask())),
-        None => (model.forward_hidden(&input), None),
-    };
+    let TrainingForward {
+        hidden,
+        router_loss: aux,
+        backprop,
+    } = model.forward_for_training(
+        &input,
+        Some(&batch.real_mask()),
+        router_aux_coef(model).is_some(),
+    );
     let [b, s, width] = hidden.dims();
     let flat = hidden.reshape([b * s, width]);
     let m = rows.len();
@@ -193,6 +194,74 @@ fn fused_micro_batch<B: FusedAutodiffBackend>(
         router = Some(term);
         weighted = Some(loss_term);
     }
-    let grads = backward_from_hidden(model, flat, grad_flat, out.grad_weight, weighted);
+    let grads = backward_from_hidden(model, backprop, flat, grad_flat, out.grad_weight, weighted);
     (loss, grads, router)
+}
+
+/// A training forward of a micro-batch ([`training_hidden`]).
+pub(crate) struct TrainingHidden<'b, B: FusedAutodiffBackend> {
+    /// The batch as it ran (as one padding-free row when the model runs padded batches so;
+    /// positions then index that row).
+    pub run: std::borrow::Cow<'b, train_data::Batch>,
+    /// The final hidden states, `[rows · seq, width]`.
+    pub flat: Tensor<B, 2>,
+    /// The router's load-balancing loss before its coefficient, when asked for.
+    pub aux: Option<Tensor<B, 1>>,
+    /// The backward pass of the forward.
+    pub backprop: Backprop<B>,
+}
+
+/// The training forward of `batch` ([`CausalLm::forward_for_training`]): its final hidden
+/// states flattened and, with `router_loss`, the router's load-balancing loss of a mixture of
+/// experts whose config adds it to training ([`router_aux_coef`]) over the real tokens of
+/// every row (chosen and rejected alike, as TRL's concatenated forward).
+pub(crate) fn training_hidden<'b, B: FusedAutodiffBackend>(
+    model: &CausalLm<B>,
+    batch: &'b train_data::Batch,
+    device: &burn::tensor::Device<B>,
+    router_loss: bool,
+) -> TrainingHidden<'b, B> {
+    let run = as_run(model, batch);
+    let (input, _) = batch_tensors::<B>(&run, device);
+    let routed = router_loss && router_aux_coef(model).is_some();
+    let forward = model.forward_for_training(&input, Some(&run.real_mask()), routed);
+    let [b, s, width] = forward.hidden.dims();
+    TrainingHidden {
+        run,
+        flat: forward.hidden.reshape([b * s, width]),
+        aux: forward.router_loss,
+        backprop: forward.backprop,
+    }
+}
+
+/// The model's gradients from those of its final hidden states `flat` (`[rows, width]`, the
+/// LM head's input, computed outside the autodiff graph as `grad_flat`) and, for a trained
+/// head, the head's own gradient `grad_head` (f32): `backprop` carries `grad_flat` back through
+/// the model (`Σ flat · grad_flat` has it as its gradient), and `grad_head` is added to the
+/// head's (the embedding's, when tied). `extra`, a scalar loss of the same forward (the
+/// router's load-balancing term), is differentiated with it.
+pub(crate) fn backward_from_hidden<B: FusedAutodiffBackend>(
+    model: &CausalLm<B>,
+    backprop: Backprop<B>,
+    flat: Tensor<B, 2>,
+    grad_flat: Tensor<B::InnerBackend, 2>,
+    grad_head: Option<Tensor<B::InnerBackend, 2>>,
+    extra: Option<Tensor<B, 1>>,
+) -> GradientsParams {
+    let mut surrogate = (flat * Tensor::<B, 2>::from_inner(grad_flat)).sum();
+    if let Some(extra) = extra {
+        let dtype = surrogate.dtype();
+        surrogate = surrogate + extra.cast(dtype);
+    }
+    let mut grads = backprop.gradients(model, &surrogate);
+    if let Some(grad_head) = grad_head {
+        let head = model.lm_head_weight();
+        let grad_head = grad_head.cast(head.val().dtype());
+        let total = match grads.remove::<B::InnerBackend, 2>(head.id) {
+            Some(g) => g + grad_head,
+            None => grad_head,
+        };
+        grads.register::<B::InnerBackend, 2>(head.id, total);
+    }
+    grads
 }

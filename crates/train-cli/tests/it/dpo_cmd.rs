@@ -318,6 +318,42 @@ fn two_devices_train_like_one_with_the_doubled_batch() {
     }
 }
 
+/// `--gradient-checkpointing` trains DPO and ORPO exactly as the plain backward pass.
+#[test]
+fn gradient_checkpointing_gives_the_same_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model();
+    let d = prefs(dir.path());
+    let (m, d) = (m.to_str().unwrap(), d.to_str().unwrap());
+    for command in ["dpo", "orpo"] {
+        let run = |checkpointing: bool| -> Vec<serde_json::Value> {
+            let out = dir.path().join(format!("{command}-{checkpointing}"));
+            let out_s = out.to_str().unwrap();
+            let mut a = vec![command, "--model", m, "--dataset", d, "--output", out_s];
+            a.extend(["--learning-rate", "1e-3", "--validation-split", "0"]);
+            a.extend(["--max-steps", "2", "--no-shuffle", "--preview-prompts", "0"]);
+            a.extend(["--batch-size", "2"]);
+            if checkpointing {
+                a.push("--gradient-checkpointing");
+            }
+            train_ok(dir.path(), &a);
+            metrics(&out)
+                .into_iter()
+                .filter(|r| r["kind"] == "step")
+                .collect()
+        };
+        let (plain, ck) = (run(false), run(true));
+        assert_eq!(plain.len(), 2);
+        for (a, b) in plain.iter().zip(&ck) {
+            println!("{command}: loss {} / {}", a["loss"], b["loss"]);
+            for key in ["loss", "grad_norm", "rewards/margins", "logps/chosen"] {
+                assert!(a[key].is_number(), "{key}");
+                assert_eq!(a[key], b[key], "{command} {key}");
+            }
+        }
+    }
+}
+
 /// `train dpo --no-shuffle --max-steps 3` against a plain PyTorch DPO loop (the `loop` of
 /// `crates/train-runner/tests/fixtures/dpo.reference.json`, made by `cargo xtask fixtures`):
 /// each step's loss and gradient norm within 2e-3 relative.

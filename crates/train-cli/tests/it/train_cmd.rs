@@ -653,6 +653,81 @@ fn two_devices_train_like_one_with_the_doubled_batch() {
     }
 }
 
+/// `--gradient-checkpointing` (each layer recomputed in the backward pass) trains exactly as
+/// the plain backward pass: the same losses, gradient norms and final weights, on a dense
+/// model with two data-parallel workers and on a mixture of experts with its router's loss.
+#[test]
+fn gradient_checkpointing_trains_exactly_like_the_plain_backward() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = data(dir.path(), 8);
+    let moe = root().join("crates/train-model/tests/fixtures/qwen3_moe");
+    let dense = model();
+    for (m, extra) in [
+        (&dense, vec!["--devices", "2", "--lr-scheduler", "constant"]),
+        (&moe, vec!["--router-aux-loss-coef", "0.5"]),
+    ] {
+        let run = |name: &str, checkpointing: bool| -> (Vec<serde_json::Value>, Vec<u8>) {
+            let out = dir.path().join(name);
+            let mut args = base(m, &d, &out);
+            args.extend(["--max-steps", "3", "--skip-validation"]);
+            args.extend(&extra);
+            if checkpointing {
+                args.push("--gradient-checkpointing");
+            }
+            train_ok(dir.path(), &args);
+            let rows = std::fs::read_to_string(out.join("metrics.jsonl"))
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            (rows, std::fs::read(out.join("model.safetensors")).unwrap())
+        };
+        let tag = m.file_name().unwrap().to_str().unwrap();
+        let (plain, plain_weights) = run(&format!("{tag}-plain"), false);
+        let (ck, ck_weights) = run(&format!("{tag}-checkpointed"), true);
+        assert_eq!(plain.len(), 3);
+        for (a, b) in plain.iter().zip(&ck) {
+            println!(
+                "{tag} step {}: loss {} / {}, grad_norm {} / {}",
+                a["step"], a["loss"], b["loss"], a["grad_norm"], b["grad_norm"]
+            );
+            for field in ["loss", "grad_norm", "aux_loss"] {
+                let (x, y) = (a[field].as_f64(), b[field].as_f64());
+                assert_eq!(x.is_some(), y.is_some(), "{field}");
+                if let (Some(x), Some(y)) = (x, y) {
+                    // The router's term is summed layer by layer: last digits only.
+                    let bound = if tag == "qwen3_moe" {
+                        1e-5 * x.abs()
+                    } else {
+                        0.0
+                    };
+                    assert!((x - y).abs() <= bound, "{tag} {field}: {x} vs {y}");
+                }
+            }
+        }
+        if tag != "qwen3_moe" {
+            assert!(plain_weights == ck_weights, "the same final weights");
+        }
+    }
+    // A run saved without it resumes with it (as `transformers` allows): the same end.
+    let out = dir.path().join("switch");
+    let mut args = base(&dense, &d, &out);
+    args.extend(["--skip-validation", "--devices", "2", "--save-steps", "2"]);
+    // (A constant rate: the first command's schedule ends at its own --max-steps.)
+    args.extend(["--lr-scheduler", "constant"]);
+    let mut first = args.clone();
+    first.extend(["--max-steps", "2"]);
+    train_ok(dir.path(), &first);
+    args.extend(["--max-steps", "3", "--resume", "--gradient-checkpointing"]);
+    train_ok(dir.path(), &args);
+    let resumed = std::fs::read(out.join("model.safetensors")).unwrap();
+    let straight = std::fs::read(dir.path().join("qwen2-plain/model.safetensors")).unwrap();
+    assert!(
+        resumed == straight,
+        "resumed with checkpointing = uninterrupted without"
+    );
+}
+
 /// A free TCP port on this machine (the port of a listener that is closed again).
 fn free_port() -> String {
     let l = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();

@@ -650,6 +650,52 @@ pub fn mixed_precision<B: FusedAutodiffBackend>(device: &B::Device) {
     assert_eq!(seen, 26);
 }
 
+/// Gradient checkpointing (each layer recomputed in the backward pass) on the fused path:
+/// every gradient against `transformers`' and against the plain backward pass's, every family.
+pub fn checkpointed<B: FusedAutodiffBackend>(device: &B::Device) {
+    for arch in ARCHES {
+        let r = Reference::load(arch);
+        let model = load::<B>(arch, Precision::Fp32, AttentionImpl::Auto, device);
+        let input = ModelInput::from_rows(&r.rows("input_ids"), device).unwrap();
+        let grads_of = |m: &CausalLm<B>| -> Vec<(String, Vec<f32>)> {
+            let forward = m.forward_for_training(&input, None, false);
+            let loss = causal_lm_loss(m.logits(forward.hidden), labels::<B>(&r, device));
+            let grads = forward.backprop.gradients(m, &loss);
+            let mut out = Vec::new();
+            m.visit_named(|p| {
+                let (name, g) = match p {
+                    NamedParam::Vector(n, t) => {
+                        (n, grads.get::<B::InnerBackend, 1>(t.id).map(f32s))
+                    }
+                    NamedParam::Matrix(n, t) => {
+                        (n, grads.get::<B::InnerBackend, 2>(t.id).map(f32s))
+                    }
+                };
+                out.push((name.to_string(), g.unwrap_or_default()));
+            });
+            out
+        };
+        let plain = grads_of(&model);
+        let checkpointed = grads_of(&model.clone().with_gradient_checkpointing(true));
+        let (mut worst_ref, mut worst_plain) = (0f64, 0f64);
+        for ((name, g), (_, p)) in checkpointed.iter().zip(&plain) {
+            assert!(!g.is_empty(), "{arch}: no gradient for {name}");
+            worst_ref = worst_ref.max(rel_err(g, &r.get(&format!("grad.{name}")).f32));
+            worst_plain = worst_plain.max(rel_err(g, p));
+        }
+        println!(
+            "{arch} {}: checkpointed gradients, worst relative error {worst_ref:.2e} vs \
+             transformers, {worst_plain:.2e} vs the plain backward",
+            B::name(device)
+        );
+        assert!(worst_ref <= GRAD_TOL, "{arch}: {worst_ref}");
+        // A routed layer's input gradient sums its experts' contributions, in another order
+        // once the layer is differentiated alone: last digits only.
+        let bound = if *arch == "qwen3_moe" { 1e-5 } else { 1e-6 };
+        assert!(worst_plain <= bound, "{arch}: {worst_plain}");
+    }
+}
+
 /// Evaluation mode (`valid()`) of an autodiff model gives the same logits on the inner backend.
 pub fn valid_matches<B: FusedAutodiffBackend>(arch: &str, device: &B::Device) {
     let r = Reference::load(arch);
@@ -788,6 +834,10 @@ macro_rules! backend_tests {
             #[test]
             fn bf16_compute_with_f32_master_weights() {
                 mixed_precision::<Ad>(&device());
+            }
+            #[test]
+            fn gradient_checkpointing_matches_transformers() {
+                checkpointed::<Ad>(&device());
             }
             #[test]
             fn valid_model_matches() {
