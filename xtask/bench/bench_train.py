@@ -111,7 +111,7 @@ def make_adapter(model_dir, r, out):
 
 
 def torch_run(model_dir, data, steps, warmup, batch, seq, lr, weight_decay, max_grad_norm, attn, adapter=None,
-              profile=None, padded=False):
+              profile=None, padded=False, checkpointing=False):
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -129,6 +129,10 @@ def torch_run(model_dir, data, steps, warmup, batch, seq, lr, weight_decay, max_
     if len(rows) < need:
         sys.exit(f"{data}: {len(rows)} rows, {need} needed")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn)
+    if checkpointing:
+        # What `TrainingArguments(gradient_checkpointing=True)` does, non-reentrant as the
+        # Trainer recommends (no input-gradient hook needed with a frozen embedding).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if adapter is not None:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
@@ -209,6 +213,7 @@ def main():
     t.add_argument("--adapter", type=Path, help="train this PEFT LoRA adapter on the frozen model")
     t.add_argument("--profile", type=Path, help="write torch.profiler's table of the first timed step here")
     t.add_argument("--padded", action="store_true", help="rows of their own lengths, padded to the longest of each batch")
+    t.add_argument("--gradient-checkpointing", action="store_true", help="recompute each layer in the backward pass")
     l = sub.add_parser("make-adapter")
     l.add_argument("--model", type=Path, required=True)
     l.add_argument("--r", type=int, required=True)
@@ -222,7 +227,7 @@ def main():
         make_adapter(a.model, a.r, a.out)
     else:
         torch_run(a.model, a.data, a.steps, a.warmup, a.batch, a.seq, a.lr, a.weight_decay,
-                  a.max_grad_norm, a.attn, a.adapter, a.profile, a.padded)
+                  a.max_grad_norm, a.attn, a.adapter, a.profile, a.padded, a.gradient_checkpointing)
 
 
 if __name__ == "__main__":

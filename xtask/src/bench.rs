@@ -64,6 +64,8 @@ struct Contestant {
     wall_seconds: f64,
     /// Trained a LoRA adapter (the frozen model) rather than every weight.
     lora: bool,
+    /// Recomputed each layer in the backward pass (gradient checkpointing).
+    checkpointing: bool,
 }
 
 impl Contestant {
@@ -123,7 +125,7 @@ fn parse_train_args(args: &[String]) -> Result<TrainBench> {
             "--lora" => b.lora = Some(value.parse()?),
             f => bail!(
                 "unknown flag {f} (bench-train [--model qwen3-30m|gemma3-30m|olmo2-30m|smollm3-30m|mistral-30m|phi3-30m|qwen3_moe-30m|smollm2] [--steps N] \
-                 [--warmup N] [--batch N] [--seq N] [--only cpu,cpu-standard,tch,tch-standard,pytorch] [--lora R] [--padded])"
+                 [--warmup N] [--batch N] [--seq N] [--only cpu,cpu-standard,cpu-checkpointing,tch,tch-standard,tch-checkpointing,pytorch,pytorch-checkpointing] [--lora R] [--padded])"
             ),
         }
     }
@@ -240,8 +242,16 @@ pub fn bench_train(args: &[String]) -> Result<()> {
     };
     let mut results = Vec::new();
     // `cpu-standard` / `tch-standard`: the same backend with the decomposed operations
-    // (`--attention standard`), the before of the fused operations in the same invocation.
-    for backend in ["cpu", "cpu-standard", "tch", "tch-standard"] {
+    // (`--attention standard`), the before of the fused operations in the same invocation;
+    // `*-checkpointing`: with `--gradient-checkpointing` (PyTorch: `gradient_checkpointing_enable`).
+    for backend in [
+        "cpu",
+        "cpu-standard",
+        "cpu-checkpointing",
+        "tch",
+        "tch-standard",
+        "tch-checkpointing",
+    ] {
         if b.only.iter().any(|o| o == backend) {
             results.push(rust_run(&b, backend, &model, &data, &dir, &env)?);
             if let Some(a) = &adapter {
@@ -249,18 +259,20 @@ pub fn bench_train(args: &[String]) -> Result<()> {
             }
         }
     }
-    if b.only.iter().any(|o| o == "pytorch") {
-        results.push(torch_run(&b, &python, &script, &model, &data, &env, None)?);
-        if let Some(a) = &adapter {
-            results.push(torch_run(
-                &b,
-                &python,
-                &script,
-                &model,
-                &data,
-                &env,
-                Some(a),
-            )?);
+    for (name, checkpointing) in [("pytorch", false), ("pytorch-checkpointing", true)] {
+        if b.only.iter().any(|o| o == name) {
+            let job = TorchJob {
+                python: &python,
+                script: &script,
+                model: &model,
+                data: &data,
+                env: &env,
+                checkpointing,
+            };
+            results.push(torch_run(&b, &job, None)?);
+            if let Some(a) = &adapter {
+                results.push(torch_run(&b, &job, Some(a))?);
+            }
         }
     }
     // A fresh adapter leaves the model unchanged: every first loss agrees.
@@ -282,12 +294,18 @@ pub fn bench_train(args: &[String]) -> Result<()> {
     let table = train_table(&b, &results);
     println!("\n{table}");
     // The 28M Qwen3 job's table heads the page; every other model has a section of its own.
-    let section = match (b.padded, b.lora.is_some(), b.model.as_str()) {
+    let mut section = match (b.padded, b.lora.is_some(), b.model.as_str()) {
         (true, _, _) => "bench-padded".to_string(),
         (false, true, _) => "bench-lora".to_string(),
         (false, false, "qwen3-30m") => "bench-train".to_string(),
         (false, false, model) => format!("bench-train-{model}"),
     };
+    if b.seq != 512 {
+        section.push_str(&format!("-s{}", b.seq));
+    }
+    if results.iter().any(|r| r.checkpointing) {
+        section.push_str("-checkpointing");
+    }
     write_section(
         &section,
         &format!("{}\n{table}", machine_and_versions(&python)?),
@@ -304,11 +322,18 @@ fn rust_run(
     env: &[(String, OsString)],
 ) -> Result<Contestant> {
     let lora = model.join("adapter_config.json").is_file();
-    let out = dir.join(format!("run-{backend}{}", if lora { "-lora" } else { "" }));
-    let (backend, attention) = match backend.split_once('-') {
-        Some((backend, attention)) => (backend, attention),
-        None => (backend, "auto"),
+    let (backend, variant) = backend.split_once('-').unwrap_or((backend, ""));
+    let attention = if variant == "standard" {
+        "standard"
+    } else {
+        "auto"
     };
+    let checkpointing = variant == "checkpointing";
+    let out = dir.join(format!(
+        "run-{backend}{}{}",
+        if checkpointing { "-checkpointing" } else { "" },
+        if lora { "-lora" } else { "" }
+    ));
     if out.exists() {
         std::fs::remove_dir_all(&out)?;
     }
@@ -363,6 +388,7 @@ fn rust_run(
             "0",
             "--yes",
         ])
+        .args(checkpointing.then_some("--gradient-checkpointing"))
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(std::process::Stdio::null());
     let m = measured(
@@ -399,15 +425,21 @@ fn rust_run(
     }
     Ok(Contestant {
         name: format!(
-            "train-rs, {backend} backend{}{}",
+            "train-rs, {backend} backend{}{}{}",
             if attention == "standard" {
                 ", decomposed ops"
+            } else {
+                ""
+            },
+            if checkpointing {
+                ", gradient checkpointing"
             } else {
                 ""
             },
             if lora { ", LoRA" } else { "" }
         ),
         lora,
+        checkpointing,
         step_seconds: steps[b.warmup..].iter().map(|s| s.1).collect(),
         step_tokens: steps[b.warmup..].iter().map(|s| s.0).collect(),
         padded_positions: 0,
@@ -418,15 +450,26 @@ fn rust_run(
     })
 }
 
-fn torch_run(
-    b: &TrainBench,
-    python: &Path,
-    script: &Path,
-    model: &Path,
-    data: &Path,
-    env: &[(String, OsString)],
-    adapter: Option<&Path>,
-) -> Result<Contestant> {
+/// What the PyTorch reference runs: the interpreter, `bench_train.py`, the model, the data, the
+/// environment and whether it checkpoints its layers.
+struct TorchJob<'a> {
+    python: &'a Path,
+    script: &'a Path,
+    model: &'a Path,
+    data: &'a Path,
+    env: &'a [(String, OsString)],
+    checkpointing: bool,
+}
+
+fn torch_run(b: &TrainBench, job: &TorchJob<'_>, adapter: Option<&Path>) -> Result<Contestant> {
+    let TorchJob {
+        python,
+        script,
+        model,
+        data,
+        env,
+        checkpointing,
+    } = *job;
     let json = cache().join("bench-train/pytorch.json");
     let mut c = Command::new(python);
     if let Some(a) = adapter {
@@ -436,6 +479,9 @@ fn torch_run(
     }
     if b.padded {
         c.arg("--padded");
+    }
+    if checkpointing {
+        c.arg("--gradient-checkpointing");
     }
     c.arg("--model")
         .arg(model)
@@ -479,7 +525,7 @@ fn torch_run(
     }
     Ok(Contestant {
         name: format!(
-            "PyTorch {} + transformers {}{} (eager, {} threads)",
+            "PyTorch {} + transformers {}{}{} (eager, {} threads)",
             v["torch"].as_str().unwrap_or("?"),
             v["transformers"].as_str().unwrap_or("?"),
             if adapter.is_some() {
@@ -487,9 +533,15 @@ fn torch_run(
             } else {
                 ""
             },
+            if checkpointing {
+                ", gradient checkpointing"
+            } else {
+                ""
+            },
             v["threads"]
         ),
         lora: adapter.is_some(),
+        checkpointing,
         step_seconds: seconds[b.warmup..].to_vec(),
         step_tokens: tokens[b.warmup..].to_vec(),
         padded_positions: f64s("step_positions")
@@ -545,11 +597,16 @@ fn check_same_job(results: &[&Contestant]) -> Result<()> {
 }
 
 fn train_table(b: &TrainBench, results: &[Contestant]) -> String {
-    // Each row against PyTorch training the same weights (all of them, or the adapter).
+    // Each row against PyTorch training the same weights (all of them, or the adapter),
+    // plainly: the reference without gradient checkpointing when it ran.
     let reference = |lora: bool| {
-        results
+        let mut pytorch = results
             .iter()
-            .find(|r| r.name.starts_with("PyTorch") && r.lora == lora)
+            .filter(|r| r.name.starts_with("PyTorch") && r.lora == lora);
+        let first = pytorch.clone().next();
+        pytorch
+            .find(|r| !r.checkpointing)
+            .or(first)
             .map(|r| (r.tokens_per_sec(), r.peak_rss_bytes))
     };
     let mut s = String::new();
@@ -590,6 +647,14 @@ fn train_table(b: &TrainBench, results: &[Contestant]) -> String {
              fresh adapter written by `peft`; rows are compared with PyTorch training the same \
              weights (all, or the adapter).\n",
             2 * r
+        );
+    }
+    if results.iter().any(|r| r.checkpointing) {
+        s.push_str(
+            "Gradient-checkpointing rows recompute each decoder layer in the backward pass \
+             (`train --gradient-checkpointing`; PyTorch: \
+             `gradient_checkpointing_enable(use_reentrant=False)`); the ratios are against \
+             PyTorch without it, and PyTorch's own checkpointing row is in the table.\n\n",
         );
     }
     s.push_str(
