@@ -140,8 +140,9 @@ fn peak_rss_bytes() -> Option<u64> {
 fn bench<B: FusedAutodiffBackend>(args: &Args, device: &B::Device) -> Result<serde_json::Value> {
     let raw = shape(&args.shape)?;
     let config = ModelConfig::from_json(Path::new("<bench shape>"), &raw)?;
-    let mut model =
-        CausalLm::<B>::random(&config, 0.02, 0, DType::F32, device)?.with_attention(args.attention);
+    let mut model = CausalLm::<B>::random(&config, 0.02, 0, DType::F32, device)?
+        .with_attention(args.attention)
+        .with_gradient_checkpointing(args.checkpointing);
     if let Some(r) = args.lora {
         let lora = LoraConfig {
             r,
@@ -208,27 +209,18 @@ fn bench<B: FusedAutodiffBackend>(args: &Args, device: &B::Device) -> Result<ser
 
 fn main() -> Result<()> {
     let args = parse_args()?;
-    let out = match (args.backend.as_str(), args.checkpointing) {
-        ("cpu", false) => {
-            bench::<burn::backend::Autodiff<burn::backend::Flex>>(&args, &Default::default())?
-        }
-        ("cpu", true) => bench::<
-            burn::backend::Autodiff<
-                burn::backend::Flex,
-                burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing,
-            >,
-        >(&args, &Default::default())?,
-        ("tch", checkpointing) => tch(&args, checkpointing)?,
-        ("cuda", checkpointing) => cuda(&args, checkpointing)?,
-        (b, _) => bail!("--backend {b}: expected cpu, tch or cuda"),
+    let out = match args.backend.as_str() {
+        "cpu" => bench::<burn::backend::Autodiff<burn::backend::Flex>>(&args, &Default::default())?,
+        "tch" => tch(&args)?,
+        "cuda" => cuda(&args)?,
+        b => bail!("--backend {b}: expected cpu, tch or cuda"),
     };
     println!("{out}");
     Ok(())
 }
 
 #[cfg(feature = "tch")]
-fn tch(args: &Args, checkpointing: bool) -> Result<serde_json::Value> {
-    use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+fn tch(args: &Args) -> Result<serde_json::Value> {
     use burn::backend::libtorch::LibTorchDevice;
     use burn::backend::{Autodiff, LibTorch};
     let device = match args.device.as_deref() {
@@ -239,21 +231,16 @@ fn tch(args: &Args, checkpointing: bool) -> Result<serde_json::Value> {
             _ => bail!("--device {d}: expected cpu, cuda or cuda:N"),
         },
     };
-    if checkpointing {
-        bench::<Autodiff<LibTorch, BalancedCheckpointing>>(args, &device)
-    } else {
-        bench::<Autodiff<LibTorch>>(args, &device)
-    }
+    bench::<Autodiff<LibTorch>>(args, &device)
 }
 
 #[cfg(not(feature = "tch"))]
-fn tch(_: &Args, _: bool) -> Result<serde_json::Value> {
+fn tch(_: &Args) -> Result<serde_json::Value> {
     bail!("built without the tch backend (cargo feature `tch` of train-examples)")
 }
 
 #[cfg(feature = "cuda")]
-fn cuda(args: &Args, checkpointing: bool) -> Result<serde_json::Value> {
-    use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+fn cuda(args: &Args) -> Result<serde_json::Value> {
     use burn::backend::cuda::CudaDevice;
     use burn::backend::{Autodiff, Cuda};
     let index = match args.device.as_deref() {
@@ -263,14 +250,10 @@ fn cuda(args: &Args, checkpointing: bool) -> Result<serde_json::Value> {
             .with_context(|| format!("--device {d}: a GPU index"))?,
     };
     let device = CudaDevice { index };
-    if checkpointing {
-        bench::<Autodiff<Cuda, BalancedCheckpointing>>(args, &device)
-    } else {
-        bench::<Autodiff<Cuda>>(args, &device)
-    }
+    bench::<Autodiff<Cuda>>(args, &device)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda(_: &Args, _: bool) -> Result<serde_json::Value> {
+fn cuda(_: &Args) -> Result<serde_json::Value> {
     bail!("built without the cuda backend (cargo feature `cuda` of train-examples)")
 }
