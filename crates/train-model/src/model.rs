@@ -691,19 +691,44 @@ fn zero_gradient_touch<B: Backend>(expert: &Mlp<B>, dtype: DType) -> Tensor<B, 2
     touch
 }
 
+/// Pushes an MLP's projections onto `$out` in checkpoint order, each named `$prefix` + its
+/// Hugging Face name; `$r` is `&` or `&mut` (the one list behind [`Mlp::named_projections`]
+/// and [`DecoderLayer::projections`] / [`DecoderLayer::projections_mut`]).
+macro_rules! push_mlp_projections {
+    ($out:ident, $prefix:literal, $gate_up:expr, $down:expr, $($r:tt)+) => {
+        match $gate_up {
+            GateUpProjections::Separate(p) => {
+                $out.push((concat!($prefix, "gate_proj"), $($r)+ p.gate_proj));
+                $out.push((concat!($prefix, "up_proj"), $($r)+ p.up_proj));
+            }
+            GateUpProjections::Fused(p) => $out.push((concat!($prefix, "gate_up_proj"), p)),
+        }
+        $out.push((concat!($prefix, "down_proj"), $down));
+    };
+}
+
+/// Pushes an attention block's projections onto `$out` in checkpoint order (`self_attn.`
+/// names); `$r` is `&` or `&mut`.
+macro_rules! push_attention_projections {
+    ($out:ident, $qkv:expr, $o:expr, $($r:tt)+) => {
+        match $qkv {
+            QkvProjections::Separate(p) => {
+                $out.push(("self_attn.q_proj", $($r)+ p.q_proj));
+                $out.push(("self_attn.k_proj", $($r)+ p.k_proj));
+                $out.push(("self_attn.v_proj", $($r)+ p.v_proj));
+            }
+            QkvProjections::Fused(p) => $out.push(("self_attn.qkv_proj", p)),
+        }
+        $out.push(("self_attn.o_proj", $o));
+    };
+}
+
 impl<B: Backend> Mlp<B> {
     /// The projections, named below the MLP (`gate_proj`, `up_proj` or `gate_up_proj`, then
     /// `down_proj`).
     pub fn named_projections(&self) -> Vec<(&'static str, &Projection<B>)> {
         let mut out = Vec::with_capacity(3);
-        match &self.gate_up {
-            GateUpProjections::Separate(p) => {
-                out.push(("gate_proj", &p.gate_proj));
-                out.push(("up_proj", &p.up_proj));
-            }
-            GateUpProjections::Fused(p) => out.push(("gate_up_proj", p)),
-        }
-        out.push(("down_proj", &self.down_proj));
+        push_mlp_projections!(out, "", &self.gate_up, &self.down_proj, &);
         out
     }
 }
@@ -731,26 +756,11 @@ impl<B: Backend> DecoderLayer<B> {
     /// order.
     pub fn projections(&self) -> Vec<(&'static str, &Projection<B>)> {
         let mut out = Vec::with_capacity(7);
-        match &self.self_attn.qkv {
-            QkvProjections::Separate(p) => {
-                out.push(("self_attn.q_proj", &p.q_proj));
-                out.push(("self_attn.k_proj", &p.k_proj));
-                out.push(("self_attn.v_proj", &p.v_proj));
-            }
-            QkvProjections::Fused(p) => out.push(("self_attn.qkv_proj", p)),
-        }
-        out.push(("self_attn.o_proj", &self.self_attn.o_proj));
+        push_attention_projections!(out, &self.self_attn.qkv, &self.self_attn.o_proj, &);
         // A dense MLP's projections; the experts of a sparse one are not linear layers to PEFT
         // (3-D parameters in `transformers` 5), so not among them.
         if let FeedForward::Dense(m) = &self.mlp {
-            match &m.gate_up {
-                GateUpProjections::Separate(p) => {
-                    out.push(("mlp.gate_proj", &p.gate_proj));
-                    out.push(("mlp.up_proj", &p.up_proj));
-                }
-                GateUpProjections::Fused(p) => out.push(("mlp.gate_up_proj", p)),
-            }
-            out.push(("mlp.down_proj", &m.down_proj));
+            push_mlp_projections!(out, "mlp.", &m.gate_up, &m.down_proj, &);
         }
         out
     }
@@ -759,27 +769,12 @@ impl<B: Backend> DecoderLayer<B> {
     pub fn projections_mut(&mut self) -> Vec<(&'static str, &mut Projection<B>)> {
         let mut out = Vec::with_capacity(7);
         let SelfAttention { qkv, o_proj, .. } = &mut self.self_attn;
-        match qkv {
-            QkvProjections::Separate(p) => {
-                out.push(("self_attn.q_proj", &mut p.q_proj));
-                out.push(("self_attn.k_proj", &mut p.k_proj));
-                out.push(("self_attn.v_proj", &mut p.v_proj));
-            }
-            QkvProjections::Fused(p) => out.push(("self_attn.qkv_proj", p)),
-        }
-        out.push(("self_attn.o_proj", o_proj));
+        push_attention_projections!(out, qkv, o_proj, &mut);
         if let FeedForward::Dense(Mlp {
             gate_up, down_proj, ..
         }) = &mut self.mlp
         {
-            match gate_up {
-                GateUpProjections::Separate(p) => {
-                    out.push(("mlp.gate_proj", &mut p.gate_proj));
-                    out.push(("mlp.up_proj", &mut p.up_proj));
-                }
-                GateUpProjections::Fused(p) => out.push(("mlp.gate_up_proj", p)),
-            }
-            out.push(("mlp.down_proj", down_proj));
+            push_mlp_projections!(out, "mlp.", gate_up, down_proj, &mut);
         }
         out
     }

@@ -212,9 +212,9 @@ pub(crate) struct TrainingHidden<'b, B: FusedAutodiffBackend> {
 }
 
 /// The training forward of `batch` ([`CausalLm::forward_for_training`]): its final hidden
-/// states flattened and, with `router_loss`, the router's load-balancing loss of a mixture of
-/// experts whose config adds it to training ([`router_aux_coef`]) over the real tokens of
-/// every row (chosen and rejected alike, as TRL's concatenated forward).
+/// states flattened and, with `router_loss` (the caller's [`router_aux_coef`] is set), the
+/// router's load-balancing loss of the mixture of experts over the real tokens of every row
+/// (chosen and rejected alike, as TRL's concatenated forward).
 pub(crate) fn training_hidden<'b, B: FusedAutodiffBackend>(
     model: &CausalLm<B>,
     batch: &'b train_data::Batch,
@@ -223,8 +223,7 @@ pub(crate) fn training_hidden<'b, B: FusedAutodiffBackend>(
 ) -> TrainingHidden<'b, B> {
     let run = as_run(model, batch);
     let (input, _) = batch_tensors::<B>(&run, device);
-    let routed = router_loss && router_aux_coef(model).is_some();
-    let forward = model.forward_for_training(&input, Some(&run.real_mask()), routed);
+    let forward = model.forward_for_training(&input, Some(&run.real_mask()), router_loss);
     let [b, s, width] = forward.hidden.dims();
     TrainingHidden {
         run,
