@@ -251,6 +251,57 @@ fn config_file_drives_a_run() {
     );
 }
 
+/// `[trainer] gradient_checkpointing` in a config file: `true` trains as the flag does (the
+/// same first loss), a value of another type is refused naming the key, before the output
+/// directory is made.
+#[test]
+fn gradient_checkpointing_from_a_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, d) = (model(), data(dir.path(), 8));
+    let first_loss = |out: &std::path::Path| -> f64 {
+        let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        let row: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+        row["loss"].as_f64().unwrap()
+    };
+    let cfg = dir.path().join("run.toml");
+    let write = |value: &str| {
+        std::fs::write(
+            &cfg,
+            format!("[trainer]\ngradient_checkpointing = {value}\nmax_steps = 1\nskip_validation = true\n"),
+        )
+        .unwrap();
+    };
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let mut args = base(&m, &d, &out);
+        args.extend(extra);
+        (train(dir.path(), &args), out)
+    };
+    write("\"yes\"");
+    let (o, out) = run("refused", &["--config", cfg.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("trainer.gradient_checkpointing") && err.contains("boolean"),
+        "{err}"
+    );
+    assert!(!out.exists(), "nothing written");
+    write("true");
+    let (o, from_file) = run("file", &["--config", cfg.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (o, from_flag) = run(
+        "flag",
+        &[
+            "--gradient-checkpointing",
+            "--max-steps",
+            "1",
+            "--skip-validation",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(first_loss(&from_file), first_loss(&from_flag));
+}
+
 #[test]
 fn nan_loss_exits_3_and_keeps_earlier_checkpoints() {
     let dir = tempfile::tempdir().unwrap();
