@@ -133,7 +133,7 @@ fn plain_micro_batch<B: FusedAutodiffBackend>(
 ) -> (f64, GradientsParams, Option<f64>) {
     let (input, labels) = batch_tensors::<B>(batch, device);
     let coef = router_aux_coef(model);
-    let forward = model.forward_for_training(&input, Some(&batch.real_mask()), coef.is_some());
+    let forward = forward_rows(model, batch, &input, coef.is_some());
     let (sum, _) = causal_lm_nll(model.logits(forward.hidden), labels);
     let mut loss = sum / denominator;
     let mut router = None;
@@ -160,11 +160,7 @@ fn fused_micro_batch<B: FusedAutodiffBackend>(
         hidden,
         router_loss: aux,
         backprop,
-    } = model.forward_for_training(
-        &input,
-        Some(&batch.real_mask()),
-        router_aux_coef(model).is_some(),
-    );
+    } = forward_rows(model, batch, &input, router_aux_coef(model).is_some());
     let [b, s, width] = hidden.dims();
     let flat = hidden.reshape([b * s, width]);
     let m = rows.len();
@@ -223,7 +219,7 @@ pub(crate) fn training_hidden<'b, B: FusedAutodiffBackend>(
 ) -> TrainingHidden<'b, B> {
     let run = as_run(model, batch);
     let (input, _) = batch_tensors::<B>(&run, device);
-    let forward = model.forward_for_training(&input, Some(&run.real_mask()), router_loss);
+    let forward = forward_rows(model, &run, &input, router_loss);
     let [b, s, width] = forward.hidden.dims();
     TrainingHidden {
         run,
@@ -231,6 +227,18 @@ pub(crate) fn training_hidden<'b, B: FusedAutodiffBackend>(
         aux: forward.router_loss,
         backprop: forward.backprop,
     }
+}
+
+/// [`CausalLm::forward_for_training`] of `batch` (as `input`); its real tokens are listed only
+/// when the router's term, which leaves padding out, is wanted.
+fn forward_rows<B: FusedAutodiffBackend>(
+    model: &CausalLm<B>,
+    batch: &train_data::Batch,
+    input: &train_model::ModelInput<B>,
+    router_loss: bool,
+) -> TrainingForward<B> {
+    let real = router_loss.then(|| batch.real_mask());
+    model.forward_for_training(input, real.as_deref(), router_loss)
 }
 
 /// The model's gradients from those of its final hidden states `flat` (`[rows, width]`, the
