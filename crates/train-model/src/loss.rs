@@ -135,10 +135,18 @@ pub fn fused_linear_nll<B: crate::FusedBackend>(
         };
         grad_hidden.push(grad.clone().matmul(weight.clone()));
         if weight_grad {
-            let gw = grad.transpose().matmul(h).cast(FloatDType::F32);
             grad_weight = Some(match grad_weight {
-                Some(acc) => acc + gw,
-                None => gw,
+                // Added into the sum in place where the backend can: no second
+                // `[vocab, hidden]` product beside it.
+                Some(acc) if dtype == burn::tensor::DType::F32 => {
+                    Tensor::from_primitive(TensorPrimitive::Float(B::fused_matmul_add(
+                        acc.into_primitive().tensor(),
+                        grad.transpose().into_primitive().tensor(),
+                        h.into_primitive().tensor(),
+                    )))
+                }
+                Some(acc) => acc + grad.transpose().matmul(h).cast(FloatDType::F32),
+                None => grad.transpose().matmul(h).cast(FloatDType::F32),
             });
         }
         start += len;

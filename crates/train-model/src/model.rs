@@ -457,7 +457,13 @@ impl<B: FusedBackend> Mlp<B> {
             Activation::Silu
         };
         let (gate, up) = self.project_gate_up(x);
-        self.down_proj.forward(fused::gated(gate, up, act))
+        let down = &self.down_proj;
+        if down.lora.is_none() && down.bias.is_none() {
+            // One node that recomputes the activation in the backward instead of keeping it.
+            let weight = cast_to(down.weight.val(), gate.dtype());
+            return fused::gated_linear(gate, up, weight, act);
+        }
+        down.forward(fused::gated(gate, up, act))
     }
 }
 

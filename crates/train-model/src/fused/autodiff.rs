@@ -9,6 +9,7 @@ use burn::backend::autodiff::{
 };
 use burn::tensor::ops::FloatTensor;
 
+use super::reference::{float, prim};
 use super::{Activation, AttentionSpec, FusedBackend, SegmentIds};
 
 type Inner<B> = FloatTensor<B>;
@@ -89,6 +90,38 @@ impl<B: FusedBackend> Backward<B, 2> for GatedBackward {
         }
         if let Some(node) = node_u {
             grads.register::<B>(node.id, du);
+        }
+    }
+}
+
+/// The gated activation through a down projection: keeps `gate`, `up` and the weight, and
+/// recomputes the activation in its backward.
+#[derive(Debug)]
+struct GatedLinearBackward(Activation);
+
+impl<B: FusedBackend> Backward<B, 3> for GatedLinearBackward {
+    type State = (Inner<B>, Inner<B>, Inner<B>);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_g, node_u, node_w] = ops.parents;
+        let grad = float::<B, 2>(grads.consume::<B>(&ops.node));
+        let (gate, up, weight) = ops.state;
+        // burn's matmul backward for `h · Wᵀ` then its transpose's: `d Wᵀ = hᵀ · dy`, seen
+        // transposed, and `d h = dy · W`.
+        if let Some(node) = node_w {
+            let h = float::<B, 2>(B::fused_gated(gate.clone(), up.clone(), self.0));
+            let dw = h.transpose().matmul(grad.clone()).transpose();
+            grads.register::<B>(node.id, prim(dw));
+        }
+        if node_g.is_some() || node_u.is_some() {
+            let dh = grad.matmul(float::<B, 2>(weight));
+            let (dg, du) = B::fused_gated_backward(gate, up, prim(dh), self.0);
+            if let Some(node) = node_g {
+                grads.register::<B>(node.id, dg);
+            }
+            if let Some(node) = node_u {
+                grads.register::<B>(node.id, du);
+            }
         }
     }
 }
@@ -197,6 +230,30 @@ impl<B: FusedBackend, C: CheckpointStrategy> FusedBackend for Autodiff<B, C> {
             .stateful()
         {
             OpsKind::Tracked(prep) => prep.finish((gate.primitive, up.primitive), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
+    fn fused_gated_linear(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        act: Activation,
+    ) -> FloatTensor<Self> {
+        let y = B::fused_gated_linear(
+            gate.primitive.clone(),
+            up.primitive.clone(),
+            weight.primitive.clone(),
+            act,
+        );
+        match GatedLinearBackward(act)
+            .prepare::<C>([gate.node.clone(), up.node.clone(), weight.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                prep.finish((gate.primitive, up.primitive, weight.primitive), y)
+            }
             OpsKind::UnTracked(prep) => prep.finish(y),
         }
     }

@@ -424,6 +424,17 @@ impl FusedBackend for Flex {
         }
     }
 
+    fn fused_matmul_add(
+        acc: FloatTensor<Self>,
+        lhs: FloatTensor<Self>,
+        rhs: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        match matmul_add_in_place(acc, &lhs, &rhs) {
+            Ok(sum) => sum,
+            Err(acc) => reference_matmul_add(acc, lhs, rhs),
+        }
+    }
+
     fn fused_adamw(
         param: FloatTensor<Self>,
         grad: FloatTensor<Self>,
@@ -619,6 +630,60 @@ fn adamw_in_place(
         k.update_slices(p, m, v, &g);
     }
     Ok((param, exp_avg, exp_avg_sq))
+}
+
+fn reference_matmul_add(acc: FlexTensor, lhs: FlexTensor, rhs: FlexTensor) -> FlexTensor {
+    use super::reference::{float, prim};
+    prim(float::<Flex, 2>(acc) + float::<Flex, 2>(lhs).matmul(float::<Flex, 2>(rhs)))
+}
+
+/// An f32 2-D tensor's buffer from its first element, rows and columns, and row and column
+/// strides (non-negative).
+fn strided_2d(t: &FlexTensor) -> Option<(&[f32], usize, usize, usize, usize)> {
+    let (rows, cols, rs, cs) = t.layout().as_2d_strides()?;
+    if t.dtype() != DType::F32 || rs < 0 || cs < 0 {
+        return None;
+    }
+    let start = t.layout().start_offset();
+    let data = t.storage::<f32>().get(start..)?;
+    Some((data, rows, cols, rs as usize, cs as usize))
+}
+
+/// [`FusedBackend::fused_matmul_add`] on Flex: a GEMM that accumulates into `acc` (f32,
+/// contiguous, uniquely owned) reading `lhs` and `rhs` through their strides (the transposed
+/// logits gradient is read in place). `acc` comes back (`Err`) for the reference otherwise.
+#[allow(clippy::result_large_err)]
+fn matmul_add_in_place(
+    mut acc: FlexTensor,
+    lhs: &FlexTensor,
+    rhs: &FlexTensor,
+) -> Result<FlexTensor, FlexTensor> {
+    let (Some((l, m, k, l_rs, l_cs)), Some((r, k2, n, r_rs, r_cs))) =
+        (strided_2d(lhs), strided_2d(rhs))
+    else {
+        return Err(acc);
+    };
+    let whole = acc.dtype() == DType::F32
+        && acc.is_unique()
+        && acc.layout().shape().dims::<2>() == [m, n]
+        && acc.layout().contiguous_offsets() == Some((0, m * n));
+    if k != k2 || !whole || m == 0 || n == 0 {
+        return Err(acc);
+    }
+    let Some(dst) = acc.try_storage_mut::<f32>() else {
+        return Err(acc);
+    };
+    super::flex_attention::gemm(
+        (m, n, k),
+        &mut dst[..m * n],
+        n,
+        true,
+        (l, l_rs, l_cs),
+        (r, r_rs, r_cs),
+        1.0,
+        gemm::Parallelism::Rayon(0),
+    );
+    Ok(acc)
 }
 
 /// An f32 `[rows, cols]` tensor laid out as the transpose of a contiguous `[cols, rows]`

@@ -18,7 +18,9 @@
 
 use std::borrow::Cow;
 
+use burn::backend::Flex;
 use burn::backend::flex::FlexTensor;
+use burn::tensor::ops::FloatTensorOps;
 use burn::tensor::{DType, Shape};
 use rayon::prelude::*;
 
@@ -134,7 +136,7 @@ fn key_runs(ids: &[i64], rows: usize, sk: usize) -> Option<Vec<(usize, usize)>> 
 /// strides; panics (an invariant, never user input) when an operand would be read or written
 /// past its slice.
 #[allow(unsafe_code, clippy::too_many_arguments)]
-fn gemm(
+pub(super) fn gemm(
     (m, n, k): (usize, usize, usize),
     dst: &mut [f32],
     dst_rs: usize,
@@ -387,10 +389,21 @@ pub(super) fn forward(
             let mask = x.mask(spec, batch);
             forward_head(x.head(batch, head), &mask, d, scale, out, lse);
         });
-    Some((
-        tensor(out, Shape::from([b, h, sq, d])),
-        tensor(lse, Shape::from([b, h, sq])),
-    ))
+    // The output comes back laid out as `[b, sq, h, d]` (a view of it with the head and query
+    // axes swapped, as libtorch's flash kernel returns it): the model's next step, back to
+    // `[b, sq, h · d]` for the output projection, is then a view, not a copy that the
+    // projection would keep beside the `out` the autodiff node keeps for its backward.
+    let mut rows = vec![0f32; out.len()];
+    rows.par_chunks_mut(h * d).enumerate().for_each(|(r, dst)| {
+        let (batch, i) = (r / sq, r % sq);
+        for (head, dst) in dst.chunks_mut(d).enumerate() {
+            let o = ((batch * h + head) * sq + i) * d;
+            dst.copy_from_slice(&out[o..o + d]);
+        }
+    });
+    drop(out);
+    let out = Flex::float_swap_dims(tensor(rows, Shape::from([b, sq, h, d])), 1, 2);
+    Some((out, tensor(lse, Shape::from([b, h, sq]))))
 }
 
 /// The gradients `(dq, dk, dv)`, or `None` for the reference.

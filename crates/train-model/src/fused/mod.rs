@@ -252,6 +252,23 @@ pub trait FusedBackend: Backend {
         reference::gated_backward::<Self, 2>(gate, up, grad, act)
     }
 
+    /// The gated activation through a projection without bias: `fused_gated(gate, up, act) ·
+    /// weightᵀ`, `gate`, `up` `[rows, n]`, `weight` `[out, n]` (an MLP's down projection),
+    /// `[rows, out]`. Under autodiff it is one graph node that keeps `gate` and `up` (which the
+    /// gate's backward needs anyway) but not the activation `[rows, n]`, which a matmul node
+    /// would keep for the weight's gradient: its backward recomputes the activation, an
+    /// element-wise pass, and saves one `[rows, intermediate]` buffer per layer of every
+    /// training forward.
+    fn fused_gated_linear(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        act: Activation,
+    ) -> FloatTensor<Self> {
+        let h = float::<Self, 2>(Self::fused_gated(gate, up, act));
+        prim(crate::model::project(h, float::<Self, 2>(weight), None))
+    }
+
     /// One AdamW update of a flat f32 parameter `[n]` from its gradient and moments (`[n]`
     /// too): the new `(param, exp_avg, exp_avg_sq)`. The gradient may come in the parameter's
     /// own shape and in any layout (n elements, row-major order): a projection's weight
@@ -278,6 +295,18 @@ pub trait FusedBackend: Backend {
         grad_scale: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         reference::cross_entropy::<Self>(logits, targets, grad_scale)
+    }
+
+    /// `acc + lhs · rhs` for `lhs [m, k]`, `rhs [k, n]` and `acc [m, n]` of one dtype: the
+    /// chunked LM head's weight gradient summed over chunks ([`crate::fused_linear_nll`]). A
+    /// backend may add into `acc`'s buffer in place (a GEMM that accumulates), so that no second
+    /// `[m, n]` product exists beside the sum. Runs on an inner backend (no autodiff).
+    fn fused_matmul_add(
+        acc: FloatTensor<Self>,
+        lhs: FloatTensor<Self>,
+        rhs: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        prim(float::<Self, 2>(acc) + float::<Self, 2>(lhs).matmul(float::<Self, 2>(rhs)))
     }
 
     /// Rotary embedding `x · cos + rotate_half(x) · sin`.
@@ -405,6 +434,25 @@ pub fn gated<B: FusedBackend, const D: usize>(
         act,
     );
     float::<B, 2>(y).reshape(dims)
+}
+
+/// `act(gate) · up` projected by `weight` `[out, n]` without bias (an MLP's down projection):
+/// [`FusedBackend::fused_gated_linear`], which does not keep the activation for the backward.
+pub fn gated_linear<B: FusedBackend>(
+    gate: Tensor<B, 3>,
+    up: Tensor<B, 3>,
+    weight: Tensor<B, 2>,
+    act: Activation,
+) -> Tensor<B, 3> {
+    let [b, s, n] = gate.dims();
+    let out = weight.dims()[0];
+    let y = B::fused_gated_linear(
+        prim(gate.reshape([b * s, n])),
+        prim(up.reshape([b * s, n])),
+        prim(weight),
+        act,
+    );
+    float::<B, 2>(y).reshape([b, s, out])
 }
 
 /// Rotary embedding of `x [b, h, s, d]` (`cos`, `sin` broadcasting to it).

@@ -228,6 +228,26 @@ fn flash_backward(
 }
 
 impl<E: TchElement> FusedBackend for LibTorch<E> {
+    fn fused_matmul_add(
+        mut acc: FloatTensor<Self>,
+        lhs: FloatTensor<Self>,
+        rhs: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        // libtorch's `addmm_` (a GEMM with beta 1) into a buffer no other tensor shares.
+        let fits = acc.can_mut()
+            && acc.tensor.dim() == 2
+            && acc.tensor.kind() == lhs.tensor.kind()
+            && acc.tensor.kind() == rhs.tensor.kind()
+            && lhs.tensor.size().get(0) == acc.tensor.size().first()
+            && rhs.tensor.size().get(1) == acc.tensor.size().get(1);
+        if fits {
+            let _ = acc.tensor.addmm_(&lhs.tensor, &rhs.tensor);
+            return acc;
+        }
+        use super::reference::{float, prim};
+        prim(float::<Self, 2>(acc) + float::<Self, 2>(lhs).matmul(float::<Self, 2>(rhs)))
+    }
+
     fn fused_adamw(
         mut param: FloatTensor<Self>,
         grad: FloatTensor<Self>,

@@ -424,6 +424,86 @@ fn check_norm_gate_rotary<B: FusedBackend>(device: &B::Device) {
     }
 }
 
+/// The gated activation through a down projection (one node that recomputes the activation in
+/// its backward) against the gate followed by a plain matmul: values and the gradients of
+/// gate, up and weight, with the weight trained and frozen, a few rows (the decoding layout)
+/// and many.
+fn check_gated_linear<B: FusedBackend>(device: &B::Device) {
+    type Ad<B> = Autodiff<B>;
+    let tol = 1e-5;
+    for (rows, n, out) in [(1, 1, 1), (3, 7, 5), (40, 64, 24), (700, 96, 48)] {
+        let g = normal::<B, 3>([1, rows, n], 0.0, 2.0, device);
+        let u = normal::<B, 3>([1, rows, n], 0.0, 1.0, device);
+        let w = normal::<B, 2>([out, n], 0.0, 0.3, device);
+        let dy = normal::<B, 3>([1, rows, out], 0.0, 1.0, device);
+        for act in [Activation::Silu, Activation::GeluTanh] {
+            for trained in [true, false] {
+                let leaf3 =
+                    |t: &Tensor<B, 3>| Tensor::<Ad<B>, 3>::from_inner(t.clone()).require_grad();
+                let weight = || {
+                    let t = Tensor::<Ad<B>, 2>::from_inner(w.clone());
+                    if trained { t.require_grad() } else { t }
+                };
+                let (g1, u1, w1) = (leaf3(&g), leaf3(&u), weight());
+                let h = train_model::gated(g1.clone(), u1.clone(), act).reshape([rows, n]);
+                let y1 = h.matmul(w1.clone().transpose()).reshape([1, rows, out]);
+                let gr1 = (y1.clone() * Tensor::from_inner(dy.clone()))
+                    .sum()
+                    .backward();
+                let (g2, u2, w2) = (leaf3(&g), leaf3(&u), weight());
+                let y2 = train_model::gated_linear(g2.clone(), u2.clone(), w2.clone(), act);
+                let gr2 = (y2.clone() * Tensor::from_inner(dy.clone()))
+                    .sum()
+                    .backward();
+                let mut e = vec![
+                    rel_diff(y2.inner(), y1.inner()),
+                    rel_diff(g2.grad(&gr2).unwrap(), g1.grad(&gr1).unwrap()),
+                    rel_diff(u2.grad(&gr2).unwrap(), u1.grad(&gr1).unwrap()),
+                ];
+                match (w2.grad(&gr2), w1.grad(&gr1)) {
+                    (Some(a), Some(b)) => e.push(rel_diff(a, b)),
+                    (None, None) => assert!(!trained, "no weight gradient"),
+                    (a, b) => panic!("weight gradient {:?} vs {:?}", a.is_some(), b.is_some()),
+                }
+                assert!(
+                    e.iter().all(|v| *v <= tol),
+                    "{act:?} {rows}x{n}x{out} trained {trained}: {e:?}"
+                );
+            }
+        }
+    }
+}
+
+/// `acc + lhs · rhs` (in place where the backend can) against the plain sum: a transposed
+/// left operand and a right one narrowed from a larger buffer (as the chunked LM head passes
+/// them), and an accumulator that another tensor shares, which must come out unchanged.
+fn check_matmul_add<B: FusedBackend>(device: &B::Device) {
+    use burn::tensor::TensorPrimitive;
+    for (m, k, n) in [(1, 1, 1), (7, 3, 5), (300, 41, 64)] {
+        let acc = normal::<B, 2>([m, n], 0.0, 1.0, device);
+        let lhs_t = normal::<B, 2>([k, m], 0.0, 1.0, device);
+        let big = normal::<B, 2>([k + 5, n], 0.0, 1.0, device);
+        let rhs = big.narrow(0, 3, k);
+        let want = acc.clone() + lhs_t.clone().transpose().matmul(rhs.clone());
+        let run = |acc: Tensor<B, 2>| -> Tensor<B, 2> {
+            Tensor::from_primitive(TensorPrimitive::Float(B::fused_matmul_add(
+                acc.into_primitive().tensor(),
+                lhs_t.clone().transpose().into_primitive().tensor(),
+                rhs.clone().into_primitive().tensor(),
+            )))
+        };
+        // Uniquely owned: a copy of the accumulator's values.
+        let owned = Tensor::<B, 2>::from_data(acc.to_data(), device);
+        let e = rel_diff(run(owned), want.clone());
+        assert!(e <= 1e-5, "{m}x{k}x{n}: {e}");
+        // Shared: the sum is right and the other holder still sees the old values.
+        let before = acc.to_data();
+        let e = rel_diff(run(acc.clone()), want);
+        assert!(e <= 1e-5, "shared {m}x{k}x{n}: {e}");
+        acc.to_data().assert_eq(&before, true);
+    }
+}
+
 /// The backend's `(param, exp_avg, exp_avg_sq)` within 1e-6 relative of the reference's.
 fn assert_adamw_close<B: burn::tensor::backend::Backend>(
     got: [&Tensor<B, 1>; 3],
@@ -650,6 +730,16 @@ macro_rules! backend_tests {
             #[test]
             fn cross_entropy_matches_the_reference() {
                 check_cross_entropy::<$backend>(&$device);
+            }
+
+            #[test]
+            fn matmul_add_matches_the_plain_sum() {
+                check_matmul_add::<$backend>(&$device);
+            }
+
+            #[test]
+            fn gated_linear_matches_the_gate_and_a_matmul() {
+                check_gated_linear::<$backend>(&$device);
             }
 
             #[test]
