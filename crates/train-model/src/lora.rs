@@ -160,15 +160,18 @@ impl<B: Backend> LoraAdapter<B> {
     /// `scaling · B(A(dropout(x)))`, in `x`'s dtype. Dropout applies only when the backend
     /// tracks gradients (training), as `nn.Dropout` in train mode.
     ///
-    /// Under gradient checkpointing (in a layer's dropout stream: its forward and its
-    /// recomputation) the masks come from that stream instead of the backend's generator, and
-    /// apply whatever the backend: the same masks for the same stream.
+    /// Inside [`with_lora_dropout_seed`] (the trainer's steps) the masks come from that seed's
+    /// stream, so a run draws the same masks every time it runs and when it resumes; outside
+    /// it, from the backend's generator. Under gradient checkpointing (in a layer's dropout
+    /// stream: its forward and its recomputation) they come from the layer's stream and apply
+    /// whatever the backend: the same masks for the same stream.
     pub fn delta<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let dtype = x.dtype();
         let keep = 1.0 - self.dropout;
+        let training = B::ad_enabled(&x.device());
         let x = if self.dropout <= 0.0 {
             x
-        } else if let Some(seed) = next_dropout_seed() {
+        } else if let Some(seed) = next_dropout_seed(training) {
             let mut rng = crate::init::NormalRng::new(seed);
             let shape = x.shape();
             let values: Vec<f32> = (0..shape.num_elements())
@@ -176,7 +179,7 @@ impl<B: Backend> LoraAdapter<B> {
                 .collect();
             let mask = Tensor::<B, D>::from_data(TensorData::new(values, shape), &x.device());
             (x * mask.cast(dtype)).mul_scalar(1.0 / keep)
-        } else if B::ad_enabled(&x.device()) {
+        } else if training {
             let mask = x.random_like(Distribution::Bernoulli(keep));
             (x * mask).mul_scalar(1.0 / keep)
         } else {
@@ -194,29 +197,87 @@ impl<B: Backend> LoraAdapter<B> {
     }
 }
 
-thread_local! {
-    /// The dropout stream of [`with_dropout_stream`]: its seed and the masks drawn so far.
-    static DROPOUT_STREAM: std::cell::Cell<Option<(u64, u64)>> = const { std::cell::Cell::new(None) };
+/// A stream of LoRA dropout masks on this thread.
+#[derive(Debug, Clone, Copy)]
+struct DropoutStream {
+    seed: u64,
+    /// Masks (or seeds of nested streams) drawn so far.
+    drawn: u64,
+    /// Dropout applies on any backend (a checkpointed layer's forward outside the graph and
+    /// its recomputation), not only where the backend tracks gradients.
+    forced: bool,
 }
 
-/// Runs `f` with the LoRA dropout masks drawn from a stream of `seed` (the `k`-th mask of `f`
-/// from `seed` and `k`), on this thread: a forward pass run twice in the same stream draws the
-/// same masks, which gradient checkpointing needs (PyTorch's checkpoint restores the RNG state
-/// for the same reason). Inside it, dropout applies on any backend.
-pub(crate) fn with_dropout_stream<R>(seed: u64, f: impl FnOnce() -> R) -> R {
-    let before = DROPOUT_STREAM.with(|s| s.replace(Some((seed, 0))));
+thread_local! {
+    /// The dropout stream of [`with_lora_dropout_seed`] / [`with_dropout_stream`].
+    static DROPOUT_STREAM: std::cell::Cell<Option<DropoutStream>> = const { std::cell::Cell::new(None) };
+}
+
+fn in_dropout_stream<R>(stream: DropoutStream, f: impl FnOnce() -> R) -> R {
+    let before = DROPOUT_STREAM.with(|s| s.replace(Some(stream)));
     let out = f();
     DROPOUT_STREAM.with(|s| s.set(before));
     out
 }
 
-/// The seed of the next mask of the current dropout stream, if any.
-fn next_dropout_seed() -> Option<u64> {
+/// Runs `f` (a training forward, or a whole optimizer step's forwards) with the LoRA dropout
+/// masks drawn from a stream of `seed` on this thread (the `k`-th mask from `seed` and `k`)
+/// instead of the backend's generator: the same seed draws the same masks, on every backend
+/// and whatever other threads draw. The trainer seeds each step from the run's seed, the step
+/// and the worker, so that a run is reproducible and a resumed run draws the masks the
+/// uninterrupted one drew (`transformers` restores its RNG states from the checkpoint for
+/// this). Dropout still applies only where the backend tracks gradients.
+pub fn with_lora_dropout_seed<R>(seed: u64, f: impl FnOnce() -> R) -> R {
+    in_dropout_stream(
+        DropoutStream {
+            seed,
+            drawn: 0,
+            forced: false,
+        },
+        f,
+    )
+}
+
+/// Runs `f` with the LoRA dropout masks drawn from a stream of `seed`, applied on any backend:
+/// a forward pass run twice in the same stream draws the same masks, which gradient
+/// checkpointing needs (PyTorch's checkpoint restores the RNG state for the same reason).
+pub(crate) fn with_dropout_stream<R>(seed: u64, f: impl FnOnce() -> R) -> R {
+    in_dropout_stream(
+        DropoutStream {
+            seed,
+            drawn: 0,
+            forced: true,
+        },
+        f,
+    )
+}
+
+/// The seed of the next mask of the current dropout stream, if there is one that applies
+/// (`training`: the backend tracks gradients).
+fn next_dropout_seed(training: bool) -> Option<u64> {
     DROPOUT_STREAM.with(|s| {
-        let (seed, drawn) = s.get()?;
-        s.set(Some((seed, drawn + 1)));
-        Some(seed ^ drawn.wrapping_mul(0xD1B5_4A32_D192_ED03))
+        let mut stream = s.get()?;
+        if !(training || stream.forced) {
+            return None;
+        }
+        let drawn = stream.drawn;
+        stream.drawn += 1;
+        s.set(Some(stream));
+        Some(stream.seed ^ drawn.wrapping_mul(0xD1B5_4A32_D192_ED03))
     })
+}
+
+/// The seed of a forward's layer streams drawn from the current stream, if there is one that
+/// applies (`training`).
+pub(crate) fn next_stream_seed(training: bool) -> Option<u64> {
+    next_dropout_seed(training)
+}
+
+/// Layer `layer`'s stream seed in a forward whose seed is `seed`: each decoder layer draws its
+/// masks from a stream of its own, so a checkpointed layer's recomputation, and the same
+/// forward without checkpointing, draw the same masks.
+pub(crate) fn layer_stream_seed(seed: u64, layer: usize) -> u64 {
+    seed.wrapping_add((layer as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
 
 /// A PEFT adapter directory's configuration as this crate uses it.

@@ -1405,9 +1405,23 @@ impl<B: FusedBackend> CausalLm<B> {
             hs.push(x.clone());
         }
         let around = LayerInputs::new(&self.config, self.attention, input, cache.as_deref_mut());
+        // LoRA dropout inside the trainer's stream: one stream per layer, as a checkpointed
+        // forward draws them (the same masks with and without checkpointing).
+        let dropout = self
+            .lora
+            .as_ref()
+            .filter(|l| l.dropout > 0.0)
+            .and_then(|_| crate::lora::next_stream_seed(B::ad_enabled(&x.device())));
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| c.layer_mut(i));
-            x = layer.forward(x, &around.context(&self.config, i, router), slot);
+            let context = around.context(&self.config, i, router);
+            x = match dropout {
+                Some(seed) => crate::lora::with_lora_dropout_seed(
+                    crate::lora::layer_stream_seed(seed, i),
+                    || layer.forward(x, &context, slot),
+                ),
+                None => layer.forward(x, &context, slot),
+            };
             if let Some(hs) = hidden.as_deref_mut() {
                 hs.push(x.clone());
             }

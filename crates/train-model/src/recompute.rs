@@ -87,9 +87,12 @@ impl<B: FusedAutodiffBackend> CausalLm<B> {
         let device = plain.input_ids.device();
         let log = routed.then(|| RefCell::new(RouterLog::new(real, &device)));
         // LoRA dropout: the masks of each layer from a stream of its own, drawn again
-        // identically when the layer is recomputed (the stream's seed from the backend's
-        // generator, as the masks without checkpointing).
+        // identically when the layer is recomputed (the stream's seed from the trainer's
+        // dropout stream, or else the backend's generator, as the masks without checkpointing).
         let dropout = self.lora.as_ref().filter(|l| l.dropout > 0.0).map(|_| {
+            if let Some(seed) = crate::lora::next_stream_seed(true) {
+                return seed;
+            }
             let bits =
                 Tensor::<B::InnerBackend, 1>::random([2], Distribution::Uniform(0.0, 1.0), &device);
             let v: Vec<f32> = bits.into_data().iter::<f32>().collect();
@@ -185,10 +188,7 @@ impl<B: FusedAutodiffBackend> Backprop<B> {
 /// `f` (layer `layer`'s forward) in the layer's LoRA dropout stream, if any.
 fn in_stream<R>(dropout: Option<u64>, layer: usize, f: impl FnOnce() -> R) -> R {
     match dropout {
-        Some(seed) => {
-            let seed = seed.wrapping_add((layer as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-            with_dropout_stream(seed, f)
-        }
+        Some(seed) => with_dropout_stream(crate::lora::layer_stream_seed(seed, layer), f),
         None => f(),
     }
 }

@@ -26,6 +26,7 @@ use train_model::FusedAutodiffBackend;
 use crate::error::{Result, RunnerError};
 use crate::objective::{Contribution, NextToken, Objective};
 use crate::step::gradients_over;
+use train_data::SplitMix64;
 
 /// This machine's place in a multi-machine run (`nodes` machines, each running as many workers
 /// as [`Parallelism`] gives devices). Every machine runs the same command with the same data,
@@ -273,13 +274,27 @@ impl<B: FusedAutodiffBackend> DataParallel<B> {
     /// The loss of `objective` and summed gradients of one optimizer step over `batches` (the
     /// micro-batches of the whole step, on every machine): global worker `r` takes
     /// micro-batches `r, r + world, …`. `stop` is this machine's stop request, shared with the
-    /// others.
+    /// others. LoRA dropout masks come from the backend's generator ([`Self::step_seeded`]
+    /// draws them from a seed).
     pub fn step<O: Objective<B>>(
         &self,
         objective: &O,
         model: &CausalLm<B>,
         batches: &[O::Batch],
         stop: bool,
+    ) -> Result<StepOutcome> {
+        self.step_seeded(objective, model, batches, stop, None)
+    }
+
+    /// [`Self::step`], each worker's LoRA dropout masks drawn from a stream of
+    /// `dropout_seed` and its global rank when given ([`train_model::with_lora_dropout_seed`]).
+    pub fn step_seeded<O: Objective<B>>(
+        &self,
+        objective: &O,
+        model: &CausalLm<B>,
+        batches: &[O::Batch],
+        stop: bool,
+        dropout_seed: Option<u64>,
     ) -> Result<StepOutcome> {
         let units: usize = batches.iter().map(|b| objective.units(b)).sum();
         let denominator = units.max(1) as f64;
@@ -309,6 +324,7 @@ impl<B: FusedAutodiffBackend> DataParallel<B> {
                             denominator,
                             device,
                             stop && rank == 0,
+                            dropout_seed,
                         )
                     })
                 })
@@ -368,6 +384,20 @@ struct Place {
     world: usize,
 }
 
+/// The LoRA dropout seed of worker `global_rank` in a step whose seed is `step_seed`
+/// ([`step_dropout_seed`]; a run without workers uses rank 0's).
+pub(crate) fn worker_dropout_seed(step_seed: u64, global_rank: usize) -> u64 {
+    SplitMix64::from_parts(&[step_seed, global_rank as u64]).next_u64()
+}
+
+/// The LoRA dropout seed of optimizer step `step` (from 0) of a run seeded `seed`: every step
+/// draws its masks from a stream of its own, so a resumed run draws the uninterrupted run's.
+pub(crate) fn step_dropout_seed(seed: u64, step: usize) -> u64 {
+    // A tag keeps the stream apart from the run's other uses of its seed.
+    const LORA_DROPOUT: u64 = 0x4C6F_5241_4472_6F70;
+    SplitMix64::from_parts(&[seed, LORA_DROPOUT, step as u64]).next_u64()
+}
+
 fn worker<B: FusedAutodiffBackend, O: Objective<B>>(
     objective: &O,
     Place {
@@ -380,6 +410,7 @@ fn worker<B: FusedAutodiffBackend, O: Objective<B>>(
     denominator: f64,
     device: &burn::tensor::Device<B>,
     stop: bool,
+    dropout_seed: Option<u64>,
 ) -> Result<StepOutcome> {
     let peer = PeerId::from(rank);
     let fail = |what: &str, e: &CollectiveError| {
@@ -391,7 +422,14 @@ fn worker<B: FusedAutodiffBackend, O: Objective<B>>(
         loss,
         metrics,
         mut grads,
-    } = objective.gradients(replica, share, denominator, device);
+    } = match dropout_seed {
+        Some(seed) => {
+            train_model::with_lora_dropout_seed(worker_dropout_seed(seed, global_rank), || {
+                objective.gradients(replica, share, denominator, device)
+            })
+        }
+        None => objective.gradients(replica, share, denominator, device),
+    };
     // One all-reduce per step: every trained parameter's gradient, flattened in the module's
     // visiting order (the same on every worker and machine, unlike parameter ids; zeros for a
     // worker without a micro-batch of its own), then every worker's loss in its own slots (an

@@ -17,6 +17,7 @@ use crate::error::Result;
 use crate::objective::{Collate, Objective};
 use crate::observer::{EvalRecord, RunStatus, StepRecord, TrainEvent, TrainObserver};
 use crate::optim::{AdamW, ParamTable, global_grad_norm};
+use crate::parallel::{step_dropout_seed, worker_dropout_seed};
 
 pub(crate) struct Loop<'a, B, R, O>
 where
@@ -130,22 +131,26 @@ where
             let label_tokens: usize = batches.iter().map(|b| self.objective.label_tokens(b)).sum();
             let tokens: usize = batches.iter().map(|b| self.objective.tokens(b)).sum();
             let units: usize = batches.iter().map(|b| self.objective.units(b)).sum();
+            let dropout_seed = step_dropout_seed(self.config.seed, step_index);
             let (step_loss, metrics, grads) = match parallel {
                 Some(p) => {
-                    let outcome = p.step(
+                    let outcome = p.step_seeded(
                         self.objective,
                         &model,
                         &batches,
                         self.control.stop_requested(),
+                        Some(dropout_seed),
                     )?;
                     agreed_stop = outcome.stop;
                     (outcome.loss, outcome.metrics, outcome.grads)
                 }
                 None => {
                     let share: Vec<&O::Batch> = batches.iter().collect();
-                    let c = self
-                        .objective
-                        .gradients(&model, &share, units.max(1) as f64, &device);
+                    let seed = worker_dropout_seed(dropout_seed, 0);
+                    let c = train_model::with_lora_dropout_seed(seed, || {
+                        self.objective
+                            .gradients(&model, &share, units.max(1) as f64, &device)
+                    });
                     (c.loss, c.metrics, c.grads)
                 }
             };
