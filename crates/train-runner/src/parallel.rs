@@ -316,16 +316,25 @@ impl<B: FusedAutodiffBackend> DataParallel<B> {
                         world: self.world,
                     };
                     scope.spawn(move || {
-                        worker(
-                            objective,
-                            place,
-                            &replica,
-                            &share,
-                            denominator,
-                            device,
-                            stop && rank == 0,
-                            dropout_seed,
-                        )
+                        let work = || {
+                            worker(
+                                objective,
+                                place,
+                                &replica,
+                                &share,
+                                denominator,
+                                device,
+                                stop && rank == 0,
+                            )
+                        };
+                        // Each worker's LoRA dropout masks from the step's seed and its rank.
+                        match dropout_seed {
+                            Some(seed) => train_model::with_lora_dropout_seed(
+                                worker_dropout_seed(seed, place.global_rank),
+                                work,
+                            ),
+                            None => work(),
+                        }
                     })
                 })
                 .collect();
@@ -410,7 +419,6 @@ fn worker<B: FusedAutodiffBackend, O: Objective<B>>(
     denominator: f64,
     device: &burn::tensor::Device<B>,
     stop: bool,
-    dropout_seed: Option<u64>,
 ) -> Result<StepOutcome> {
     let peer = PeerId::from(rank);
     let fail = |what: &str, e: &CollectiveError| {
@@ -422,14 +430,7 @@ fn worker<B: FusedAutodiffBackend, O: Objective<B>>(
         loss,
         metrics,
         mut grads,
-    } = match dropout_seed {
-        Some(seed) => {
-            train_model::with_lora_dropout_seed(worker_dropout_seed(seed, global_rank), || {
-                objective.gradients(replica, share, denominator, device)
-            })
-        }
-        None => objective.gradients(replica, share, denominator, device),
-    };
+    } = objective.gradients(replica, share, denominator, device);
     // One all-reduce per step: every trained parameter's gradient, flattened in the module's
     // visiting order (the same on every worker and machine, unlike parameter ids; zeros for a
     // worker without a micro-batch of its own), then every worker's loss in its own slots (an
