@@ -122,8 +122,18 @@ where
                     });
                 }
             }
-            // With several iterations per batch of data, the plan moves on after the last.
-            let next_position = if (step_index + 1).is_multiple_of(iterations) {
+            // With several iterations per batch of data, the plan moves on after the last; the
+            // epoch logged after each iteration advances by its share of the batch (TRL's
+            // dataloader yields the batch once per iteration: 0.125, 0.25, … for 4 batches of 2).
+            let iteration = step_index % iterations;
+            let epoch = if iteration + 1 == iterations {
+                self.plan.epoch_progress(next_position)
+            } else {
+                let start = self.plan.epoch_progress(self.state.data_position);
+                let end = self.plan.epoch_progress(next_position);
+                start + (end - start) * (iteration + 1) as f64 / iterations as f64
+            };
+            let next_position = if iteration + 1 == iterations {
                 next_position
             } else {
                 self.state.data_position
@@ -176,7 +186,7 @@ where
             let seconds = started.elapsed().as_secs_f64();
             self.state.global_step += 1;
             self.state.data_position = next_position;
-            self.state.epoch = self.plan.epoch_progress(next_position);
+            self.state.epoch = epoch;
             self.state.train_loss_sum += step_loss;
             self.tokens_seen += tokens;
             self.seconds += seconds;
