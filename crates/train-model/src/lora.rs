@@ -253,8 +253,8 @@ pub(crate) fn with_dropout_stream<R>(seed: u64, f: impl FnOnce() -> R) -> R {
 }
 
 /// The seed of the next mask of the current dropout stream, if there is one that applies
-/// (`training`: the backend tracks gradients).
-fn next_dropout_seed(training: bool) -> Option<u64> {
+/// (`training`: the backend tracks gradients); also the seed of a forward's layer streams.
+pub(crate) fn next_dropout_seed(training: bool) -> Option<u64> {
     DROPOUT_STREAM.with(|s| {
         let mut stream = s.get()?;
         if !(training || stream.forced) {
@@ -265,12 +265,6 @@ fn next_dropout_seed(training: bool) -> Option<u64> {
         s.set(Some(stream));
         Some(stream.seed ^ drawn.wrapping_mul(0xD1B5_4A32_D192_ED03))
     })
-}
-
-/// The seed of a forward's layer streams drawn from the current stream, if there is one that
-/// applies (`training`).
-pub(crate) fn next_stream_seed(training: bool) -> Option<u64> {
-    next_dropout_seed(training)
 }
 
 /// Layer `layer`'s stream seed in a forward whose seed is `seed`: each decoder layer draws its

@@ -1411,7 +1411,7 @@ impl<B: FusedBackend> CausalLm<B> {
             .lora
             .as_ref()
             .filter(|l| l.dropout > 0.0)
-            .and_then(|_| crate::lora::next_stream_seed(B::ad_enabled(&x.device())));
+            .and_then(|_| crate::lora::next_dropout_seed(B::ad_enabled(&x.device())));
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| c.layer_mut(i));
             let context = around.context(&self.config, i, router);

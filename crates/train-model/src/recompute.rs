@@ -90,7 +90,7 @@ impl<B: FusedAutodiffBackend> CausalLm<B> {
         // identically when the layer is recomputed (the stream's seed from the trainer's
         // dropout stream, or else the backend's generator, as the masks without checkpointing).
         let dropout = self.lora.as_ref().filter(|l| l.dropout > 0.0).map(|_| {
-            if let Some(seed) = crate::lora::next_stream_seed(true) {
+            if let Some(seed) = crate::lora::next_dropout_seed(true) {
                 return seed;
             }
             let bits =

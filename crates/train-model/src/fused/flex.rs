@@ -431,7 +431,7 @@ impl FusedBackend for Flex {
     ) -> FloatTensor<Self> {
         match matmul_add_in_place(acc, &lhs, &rhs) {
             Ok(sum) => sum,
-            Err(acc) => reference_matmul_add(acc, lhs, rhs),
+            Err(acc) => reference::matmul_add::<Self>(acc, lhs, rhs),
         }
     }
 
@@ -630,11 +630,6 @@ fn adamw_in_place(
         k.update_slices(p, m, v, &g);
     }
     Ok((param, exp_avg, exp_avg_sq))
-}
-
-fn reference_matmul_add(acc: FlexTensor, lhs: FlexTensor, rhs: FlexTensor) -> FlexTensor {
-    use super::reference::{float, prim};
-    prim(float::<Flex, 2>(acc) + float::<Flex, 2>(lhs).matmul(float::<Flex, 2>(rhs)))
 }
 
 /// An f32 2-D tensor's buffer from its first element, rows and columns, and row and column

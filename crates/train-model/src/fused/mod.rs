@@ -306,7 +306,7 @@ pub trait FusedBackend: Backend {
         lhs: FloatTensor<Self>,
         rhs: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        prim(float::<Self, 2>(acc) + float::<Self, 2>(lhs).matmul(float::<Self, 2>(rhs)))
+        reference::matmul_add::<Self>(acc, lhs, rhs)
     }
 
     /// Rotary embedding `x · cos + rotate_half(x) · sin`.

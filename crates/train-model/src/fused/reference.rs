@@ -449,6 +449,15 @@ pub fn gated_forward<B: Backend, const D: usize>(
     prim(value * float::<B, D>(up))
 }
 
+/// `acc + lhs · rhs` ([`super::FusedBackend::fused_matmul_add`]'s default body).
+pub fn matmul_add<B: Backend>(
+    acc: FloatTensor<B>,
+    lhs: FloatTensor<B>,
+    rhs: FloatTensor<B>,
+) -> FloatTensor<B> {
+    prim(float::<B, 2>(acc) + float::<B, 2>(lhs).matmul(float::<B, 2>(rhs)))
+}
+
 /// Its backward: `(d gate, d up)`.
 pub fn gated_backward<B: Backend, const D: usize>(
     gate: FloatTensor<B>,

@@ -238,14 +238,14 @@ impl<E: TchElement> FusedBackend for LibTorch<E> {
             && acc.tensor.dim() == 2
             && acc.tensor.kind() == lhs.tensor.kind()
             && acc.tensor.kind() == rhs.tensor.kind()
-            && lhs.tensor.size().get(0) == acc.tensor.size().first()
+            && lhs.tensor.size().first() == acc.tensor.size().first()
+            && lhs.tensor.size().get(1) == rhs.tensor.size().first()
             && rhs.tensor.size().get(1) == acc.tensor.size().get(1);
         if fits {
             let _ = acc.tensor.addmm_(&lhs.tensor, &rhs.tensor);
             return acc;
         }
-        use super::reference::{float, prim};
-        prim(float::<Self, 2>(acc) + float::<Self, 2>(lhs).matmul(float::<Self, 2>(rhs)))
+        reference::matmul_add::<Self>(acc, lhs, rhs)
     }
 
     fn fused_adamw(
