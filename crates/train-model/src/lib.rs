@@ -93,7 +93,7 @@ pub use config::{
 pub use error::{ModelError, Result};
 pub use fused::{
     AdamWStep, AttentionSpec, FusedAutodiffBackend, FusedBackend, SegmentIds, SegmentTensors,
-    attention, gated, gated_linear, reference, rms_norm, rotary, swiglu,
+    attention, gated, gated_linear, reference, rms_norm, rms_norm_linears, rotary, swiglu,
 };
 #[cfg(feature = "gguf")]
 pub use gguf::{GgufImport, convert_to_hf};

@@ -125,6 +125,64 @@ impl<B: FusedBackend> RmsNorm<B> {
             self.forward(x)
         }
     }
+
+    /// This norm of `x` through each of `projections`: by [`fused::rms_norm_linears`] when
+    /// `fused` and no projection has a LoRA adapter (the normalised `x` is then recomputed in
+    /// the backward instead of kept; a bias is added after it), else the norm's output through
+    /// each projection's forward. One output per projection, in order.
+    pub(crate) fn project<const N: usize>(
+        &self,
+        x: Tensor<B, 3>,
+        projections: [&Projection<B>; N],
+        fused: bool,
+    ) -> [Tensor<B, 3>; N] {
+        if fused && projections.iter().all(|p| p.lora.is_none()) {
+            let dtype = x.dtype();
+            let weights = projections.map(|p| cast_to(p.weight.val(), dtype));
+            let ys = fused::rms_norm_linears(x, self.weight.val(), weights, self.eps, self.offset);
+            let mut bias = projections.iter().map(|p| p.bias.as_ref());
+            return ys.map(|y| match bias.next().flatten() {
+                Some(b) => y + cast_to(b.val(), dtype).unsqueeze::<3>(),
+                None => y,
+            });
+        }
+        let normed = self.apply(x, fused);
+        projections.map(|p| p.forward(normed.clone()))
+    }
+}
+
+/// A block's input: the residual stream, and the norm its projections read it through (none:
+/// as is).
+pub(crate) struct BlockInput<'a, B: Backend> {
+    x: Tensor<B, 3>,
+    norm: Option<&'a RmsNorm<B>>,
+}
+
+impl<'a, B: FusedBackend> BlockInput<'a, B> {
+    /// `x` through `norm` (if any).
+    fn new(x: Tensor<B, 3>, norm: Option<&'a RmsNorm<B>>) -> Self {
+        Self { x, norm }
+    }
+
+    /// The input through each of `projections` ([`RmsNorm::project`] behind a norm).
+    fn project<const N: usize>(
+        self,
+        projections: [&Projection<B>; N],
+        fused: bool,
+    ) -> [Tensor<B, 3>; N] {
+        match self.norm {
+            Some(n) => n.project(self.x, projections, fused),
+            None => projections.map(|p| p.forward(self.x.clone())),
+        }
+    }
+
+    /// The input as the block sees it (normalised, if behind a norm).
+    fn value(self, fused: bool) -> Tensor<B, 3> {
+        match self.norm {
+            Some(n) => n.apply(self.x, fused),
+            None => self.x,
+        }
+    }
 }
 
 /// Multi-head attention with grouped key/value heads, optional per-head q/k RMSNorm (Qwen3).
@@ -176,19 +234,22 @@ pub struct SeparateQkv<B: Backend> {
     pub v_proj: Projection<B>,
 }
 
-impl<B: Backend> SelfAttention<B> {
+impl<B: FusedBackend> SelfAttention<B> {
     /// Queries `[b, s, heads * head_dim]`, keys and values `[b, s, kv_heads * head_dim]`.
-    fn project_qkv(&self, x: Tensor<B, 3>) -> (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) {
+    fn project_qkv(
+        &self,
+        x: BlockInput<'_, B>,
+        fused: bool,
+    ) -> (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) {
         match &self.qkv {
-            QkvProjections::Separate(p) => (
-                p.q_proj.forward(x.clone()),
-                p.k_proj.forward(x.clone()),
-                p.v_proj.forward(x),
-            ),
+            QkvProjections::Separate(p) => {
+                let [q, k, v] = x.project([&p.q_proj, &p.k_proj, &p.v_proj], fused);
+                (q, k, v)
+            }
             QkvProjections::Fused(p) => {
                 let q = self.num_heads * self.head_dim;
                 let kv = self.num_kv_heads * self.head_dim;
-                let y = p.forward(x);
+                let [y] = x.project([p], fused);
                 (
                     y.clone().narrow(2, 0, q),
                     y.clone().narrow(2, q, kv),
@@ -309,13 +370,13 @@ impl<B: Backend> LayerInputs<B> {
 impl<B: FusedBackend> SelfAttention<B> {
     fn forward(
         &self,
-        x: Tensor<B, 3>,
+        x: BlockInput<'_, B>,
         ctx: &LayerContext<'_, B>,
         cache: Option<&mut LayerKv<B>>,
     ) -> Tensor<B, 3> {
-        let [b, s, _] = x.dims();
+        let [b, s, _] = x.x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let (mut q, mut k, v) = self.project_qkv(x);
+        let (mut q, mut k, v) = self.project_qkv(x, ctx.fused);
         if self.qk_norm_whole {
             if let Some(n) = &self.q_norm {
                 q = n.apply(q, ctx.fused);
@@ -448,15 +509,30 @@ impl<B: Backend> Mlp<B> {
 impl<B: FusedBackend> Mlp<B> {
     /// [`Mlp::forward`], the gate by the fused operation when `fused`.
     fn apply(&self, x: Tensor<B, 3>, fused: bool) -> Tensor<B, 3> {
+        self.apply_input(BlockInput::new(x, None), fused)
+    }
+
+    /// [`Mlp::apply`] of an input behind a norm ([`RmsNorm::project`] when `fused`).
+    fn apply_input(&self, x: BlockInput<'_, B>, fused: bool) -> Tensor<B, 3> {
         if !fused {
-            return self.forward(x);
+            return self.forward(x.value(fused));
         }
         let act = if self.gelu_tanh {
             Activation::GeluTanh
         } else {
             Activation::Silu
         };
-        let (gate, up) = self.project_gate_up(x);
+        let (gate, up) = match &self.gate_up {
+            GateUpProjections::Separate(p) => {
+                let [gate, up] = x.project([&p.gate_proj, &p.up_proj], fused);
+                (gate, up)
+            }
+            GateUpProjections::Fused(p) => {
+                let [y] = x.project([p], fused);
+                let i = y.dims()[2] / 2;
+                (y.clone().narrow(2, 0, i), y.narrow(2, i, i))
+            }
+        };
         let down = &self.down_proj;
         if down.lora.is_none() && down.bias.is_none() {
             // One node that recomputes the activation in the backward instead of keeping it.
@@ -499,14 +575,14 @@ pub struct SparseMoe<B: Backend> {
 impl<B: FusedBackend> FeedForward<B> {
     fn apply(
         &self,
-        x: Tensor<B, 3>,
+        x: BlockInput<'_, B>,
         fused: bool,
         router: Option<&std::cell::RefCell<RouterLog<B>>>,
     ) -> Tensor<B, 3> {
         match self {
-            Self::Dense(m) => m.apply(x, fused),
+            Self::Dense(m) => m.apply_input(x, fused),
             Self::Sparse(m) => {
-                let (out, routing) = m.route(x, fused);
+                let (out, routing) = m.route(x.value(fused), fused);
                 if let Some(log) = router {
                     log.borrow_mut().add(&routing);
                 }
@@ -794,27 +870,21 @@ impl<B: FusedBackend> DecoderLayer<B> {
         cache: Option<&mut LayerKv<B>>,
     ) -> Tensor<B, 3> {
         let fused = ctx.fused;
-        let attn_in = match &self.input_layernorm {
-            Some(n) => n.apply(x.clone(), fused),
-            None => x.clone(),
-        };
+        let attn_in = BlockInput::new(x.clone(), self.input_layernorm.as_ref());
         let attn = self.self_attn.forward(attn_in, ctx, cache);
         match &self.post_feedforward_layernorm {
             // Post-norm and sandwich: each block's output is normalised before its residual
             // add (and, in a sandwich, the MLP's input too).
             Some(post_mlp) => {
                 let h = x + self.post_attention_layernorm.apply(attn, fused);
-                let mlp_in = match &self.pre_feedforward_layernorm {
-                    Some(n) => n.apply(h.clone(), fused),
-                    None => h.clone(),
-                };
+                let mlp_in = BlockInput::new(h.clone(), self.pre_feedforward_layernorm.as_ref());
                 let mlp = self.mlp.apply(mlp_in, fused, ctx.router);
                 h + post_mlp.apply(mlp, fused)
             }
             None => {
                 let h = x + attn;
-                let normed = self.post_attention_layernorm.apply(h.clone(), fused);
-                h + self.mlp.apply(normed, fused, ctx.router)
+                let mlp_in = BlockInput::new(h.clone(), Some(&self.post_attention_layernorm));
+                h + self.mlp.apply(mlp_in, fused, ctx.router)
             }
         }
     }

@@ -126,6 +126,46 @@ impl<B: FusedBackend> Backward<B, 3> for GatedLinearBackward {
     }
 }
 
+/// A norm's output through one projection: keeps the norm's input, weight and reciprocal rms
+/// and the projection's weight, and recomputes the normalised input in its backward.
+#[derive(Debug)]
+struct RmsNormLinearBackward {
+    eps: f64,
+    offset: f64,
+}
+
+impl<B: FusedBackend> Backward<B, 3> for RmsNormLinearBackward {
+    /// The norm's input, its weight, its reciprocal rms and the projection's weight.
+    type State = (Inner<B>, Inner<B>, Inner<B>, Inner<B>);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_norm, node_w] = ops.parents;
+        let grad = float::<B, 2>(grads.consume::<B>(&ops.node));
+        let (x, norm_weight, rstd, weight) = ops.state;
+        // As the projection's matmul node: `d W = (hᵀ · dy)ᵀ`, `d h = dy · W`; then the norm's
+        // backward for this projection's share of `d h` (the norm is linear in its gradient,
+        // so the shares' sum is the norm's gradient).
+        if let Some(node) = node_w {
+            let (h, _) = B::fused_rms_norm(x.clone(), norm_weight.clone(), self.eps, self.offset);
+            let dw = float::<B, 2>(h)
+                .transpose()
+                .matmul(grad.clone())
+                .transpose();
+            grads.register::<B>(node.id, prim(dw));
+        }
+        if node_x.is_some() || node_norm.is_some() {
+            let dh = grad.matmul(float::<B, 2>(weight));
+            let (dx, dn) = B::fused_rms_norm_backward(x, norm_weight, rstd, prim(dh), self.offset);
+            if let Some(node) = node_x {
+                grads.register::<B>(node.id, dx);
+            }
+            if let Some(node) = node_norm {
+                grads.register::<B>(node.id, dn);
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 struct RotaryBackward;
 
@@ -256,6 +296,45 @@ impl<B: FusedBackend, C: CheckpointStrategy> FusedBackend for Autodiff<B, C> {
             }
             OpsKind::UnTracked(prep) => prep.finish(y),
         }
+    }
+
+    fn fused_rms_norm_linears<const N: usize>(
+        x: FloatTensor<Self>,
+        norm_weight: FloatTensor<Self>,
+        weights: [FloatTensor<Self>; N],
+        eps: f64,
+        offset: f64,
+    ) -> [FloatTensor<Self>; N] {
+        let (normed, rstd) = B::fused_rms_norm(
+            x.primitive.clone(),
+            norm_weight.primitive.clone(),
+            eps,
+            offset,
+        );
+        let h = float::<B, 2>(normed);
+        weights.map(|w| {
+            let y = prim(crate::model::project(
+                h.clone(),
+                float::<B, 2>(w.primitive.clone()),
+                None,
+            ));
+            match (RmsNormLinearBackward { eps, offset })
+                .prepare::<C>([x.node.clone(), norm_weight.node.clone(), w.node.clone()])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => prep.finish(
+                    (
+                        x.primitive.clone(),
+                        norm_weight.primitive.clone(),
+                        rstd.clone(),
+                        w.primitive,
+                    ),
+                    y,
+                ),
+                OpsKind::UnTracked(prep) => prep.finish(y),
+            }
+        })
     }
 
     fn fused_rotary(

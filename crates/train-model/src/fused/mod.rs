@@ -269,6 +269,25 @@ pub trait FusedBackend: Backend {
         prim(crate::model::project(h, float::<Self, 2>(weight), None))
     }
 
+    /// RMSNorm of `x [rows, n]` (scale `norm_weight + offset`) through projections without
+    /// bias: `rms_norm(x) · Wᵢᵀ` for each `weights[i]` `[outᵢ, n]`, `[rows, outᵢ]` each (an
+    /// attention block's q, k, v or an MLP's gate and up read one norm's output). Under autodiff
+    /// each output is one graph node that keeps `x`, the norm's weight and reciprocal rms and
+    /// `Wᵢ`, but not the normalised `[rows, n]`, which the projections' matmul nodes would keep
+    /// for their weights' gradients: its backward recomputes it (an element-wise pass) and runs
+    /// the norm's backward for its own share of the gradient. Saves two `[rows, hidden]`
+    /// buffers per decoder layer of every training forward.
+    fn fused_rms_norm_linears<const N: usize>(
+        x: FloatTensor<Self>,
+        norm_weight: FloatTensor<Self>,
+        weights: [FloatTensor<Self>; N],
+        eps: f64,
+        offset: f64,
+    ) -> [FloatTensor<Self>; N] {
+        let h = float::<Self, 2>(Self::fused_rms_norm(x, norm_weight, eps, offset).0);
+        weights.map(|w| prim(crate::model::project(h.clone(), float::<Self, 2>(w), None)))
+    }
+
     /// One AdamW update of a flat f32 parameter `[n]` from its gradient and moments (`[n]`
     /// too): the new `(param, exp_avg, exp_avg_sq)`. The gradient may come in the parameter's
     /// own shape and in any layout (n elements, row-major order): a projection's weight
@@ -453,6 +472,31 @@ pub fn gated_linear<B: FusedBackend>(
         act,
     );
     float::<B, 2>(y).reshape([b, s, out])
+}
+
+/// RMSNorm of `x [b, s, n]` (scale `norm_weight + offset`) through each of `weights` `[outᵢ, n]`
+/// without bias: [`FusedBackend::fused_rms_norm_linears`], which does not keep the normalised
+/// `x` for the backward. `[b, s, outᵢ]` each.
+pub fn rms_norm_linears<B: FusedBackend, const N: usize>(
+    x: Tensor<B, 3>,
+    norm_weight: Tensor<B, 1>,
+    weights: [Tensor<B, 2>; N],
+    eps: f64,
+    offset: f64,
+) -> [Tensor<B, 3>; N] {
+    let [b, s, n] = x.dims();
+    let ys = B::fused_rms_norm_linears(
+        prim(x.reshape([b * s, n])),
+        prim(norm_weight),
+        weights.map(prim),
+        eps,
+        offset,
+    );
+    ys.map(|y| {
+        let y = float::<B, 2>(y);
+        let out = y.dims()[1];
+        y.reshape([b, s, out])
+    })
 }
 
 /// Rotary embedding of `x [b, h, s, d]` (`cos`, `sin` broadcasting to it).

@@ -474,6 +474,88 @@ fn check_gated_linear<B: FusedBackend>(device: &B::Device) {
     }
 }
 
+/// A norm through several projections without keeping the norm's output
+/// (`rms_norm_linears`) against the fused norm and a matmul per projection: values and every
+/// gradient (the input's, the norm weight's, each projection's), the weights trained and
+/// frozen, Llama's and Gemma's `(1 + w)` scale, one row (decoding) to several hundred.
+fn check_rms_norm_linears<B: FusedBackend>(device: &B::Device) {
+    check_rms_norm_linears_n::<B, 1>(1, 1, [1], device);
+    check_rms_norm_linears_n::<B, 1>(40, 64, [24], device);
+    check_rms_norm_linears_n::<B, 2>(3, 7, [5, 2], device);
+    check_rms_norm_linears_n::<B, 2>(700, 96, [48, 16], device);
+    check_rms_norm_linears_n::<B, 3>(1, 5, [5, 2, 2], device);
+    check_rms_norm_linears_n::<B, 3>(300, 64, [24, 8, 8], device);
+}
+
+fn check_rms_norm_linears_n<B: FusedBackend, const N: usize>(
+    rows: usize,
+    n: usize,
+    outs: [usize; N],
+    device: &B::Device,
+) {
+    type Ad<B> = Autodiff<B>;
+    let tol = 1e-5;
+    let x = normal::<B, 3>([1, rows, n], 0.5, 2.0, device);
+    let nw = normal::<B, 1>([n], 1.0, 0.5, device);
+    let ws = outs.map(|o| normal::<B, 2>([o, n], 0.0, 0.3, device));
+    let dys = outs.map(|o| normal::<B, 3>([1, rows, o], 0.0, 1.0, device));
+    for offset in [0.0, 1.0] {
+        for trained in [true, false] {
+            let leaf = |t: &Tensor<B, 2>| {
+                let t = Tensor::<Ad<B>, 2>::from_inner(t.clone());
+                if trained { t.require_grad() } else { t }
+            };
+            let norm_leaf = || {
+                let t = Tensor::<Ad<B>, 1>::from_inner(nw.clone());
+                if trained { t.require_grad() } else { t }
+            };
+            let input = || Tensor::<Ad<B>, 3>::from_inner(x.clone()).require_grad();
+            let loss = |ys: &[Tensor<Ad<B>, 3>; N]| {
+                ys.iter()
+                    .zip(&dys)
+                    .map(|(y, dy)| (y.clone() * Tensor::from_inner(dy.clone())).sum())
+                    .reduce(|a, b| a + b)
+                    .unwrap()
+            };
+            // The norm's output through a matmul per projection.
+            let (x1, n1, w1) = (input(), norm_leaf(), ws.each_ref().map(leaf));
+            let h = train_model::rms_norm(x1.clone(), n1.clone(), 1e-6, offset).reshape([rows, n]);
+            let y1 = w1.each_ref().map(|w| {
+                let o = w.dims()[0];
+                h.clone()
+                    .matmul(w.clone().transpose())
+                    .reshape([1, rows, o])
+            });
+            let gr1 = loss(&y1).backward();
+            let (x2, n2, w2) = (input(), norm_leaf(), ws.each_ref().map(leaf));
+            let y2 =
+                train_model::rms_norm_linears(x2.clone(), n2.clone(), w2.clone(), 1e-6, offset);
+            let gr2 = loss(&y2).backward();
+            let what = format!("{rows}x{n}x{outs:?} offset {offset} trained {trained}");
+            let mut e = vec![rel_diff(x2.grad(&gr2).unwrap(), x1.grad(&gr1).unwrap())];
+            for (a, b) in y2.iter().zip(&y1) {
+                e.push(rel_diff(a.clone().inner(), b.clone().inner()));
+            }
+            let norm_grads = (
+                n2.grad(&gr2).map(|g| g.reshape([1, n])),
+                n1.grad(&gr1).map(|g| g.reshape([1, n])),
+            );
+            let weight_grads = w2
+                .iter()
+                .zip(&w1)
+                .map(|(a, b)| (a.grad(&gr2), b.grad(&gr1)));
+            for pair in std::iter::once(norm_grads).chain(weight_grads) {
+                match pair {
+                    (Some(a), Some(b)) => e.push(rel_diff(a, b)),
+                    (None, None) => assert!(!trained, "{what}: no weight gradient"),
+                    (a, b) => panic!("{what}: gradient {:?} vs {:?}", a.is_some(), b.is_some()),
+                }
+            }
+            assert!(e.iter().all(|v| *v <= tol), "{what}: {e:?}");
+        }
+    }
+}
+
 /// `acc + lhs · rhs` (in place where the backend can) against the plain sum: a transposed
 /// left operand and a right one narrowed from a larger buffer (as the chunked LM head passes
 /// them), and an accumulator that another tensor shares, which must come out unchanged.
@@ -740,6 +822,11 @@ macro_rules! backend_tests {
             #[test]
             fn gated_linear_matches_the_gate_and_a_matmul() {
                 check_gated_linear::<$backend>(&$device);
+            }
+
+            #[test]
+            fn rms_norm_linears_match_the_norm_and_matmuls() {
+                check_rms_norm_linears::<$backend>(&$device);
             }
 
             #[test]
