@@ -307,7 +307,8 @@ pub struct RunArgs {
     pub lora_dropout: f64,
     /// Projections that get adapters (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj,
     /// down_proj; Phi-3's fused qkv_proj, gate_up_proj; or all-linear); repeat or separate
-    /// with commas.
+    /// with commas. On Qwen3-MoE, as PEFT: gate_proj with up_proj and down_proj adapt the
+    /// experts' stacked weights, gate the router.
     #[arg(long, visible_alias = "lora-target-modules", value_delimiter = ',', default_values_t = LoraConfig::default().target_modules, requires = "lora_r")]
     pub lora_target: Vec<String>,
     /// Scale the adapters by alpha / √r (rsLoRA).

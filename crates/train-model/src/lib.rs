@@ -100,8 +100,8 @@ pub use gguf::{GgufImport, convert_to_hf};
 #[cfg(feature = "gguf")]
 pub use gguf_export::{GgufExport, GgufOutType, export_gguf};
 pub use lora::{
-    AdapterConfig, LORA_MODULES, LoraAdapter, LoraConfig, is_adapter_dir, load_adapter,
-    read_adapter_config, resolve_base_model, save_adapter, with_lora_dropout_seed,
+    AdapterConfig, ExpertsLora, LORA_MODULES, LoraAdapter, LoraConfig, is_adapter_dir,
+    load_adapter, read_adapter_config, resolve_base_model, save_adapter, with_lora_dropout_seed,
 };
 pub use loss::{
     IGNORE_INDEX, LinearNll, MIN_NLL_CHUNK_ROWS, NLL_CHUNK_LOGITS, causal_lm_loss, causal_lm_nll,

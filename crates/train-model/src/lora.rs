@@ -16,18 +16,21 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use burn::module::{Module, Param};
-use burn::tensor::{DType, Distribution, FloatDType, Tensor, TensorData, backend::Backend};
+use burn::tensor::{DType, Distribution, FloatDType, Int, Tensor, TensorData, backend::Backend};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::error::{ModelError, Result};
-use crate::model::{CausalLm, Projection, cast_to, project};
+use crate::model::{CausalLm, FeedForward, Projection, SparseMoe, cast_to, project};
 use crate::weights::{SafetensorsFile, WeightIndex};
 
 /// The adapter's configuration file.
 pub(crate) const ADAPTER_CONFIG: &str = "adapter_config.json";
 /// The adapter's weights.
 pub(crate) const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+/// The `rank_pattern` / `alpha_pattern` key PEFT writes for the experts' `gate_up_proj` when
+/// it doubles their rank and alpha ([`MoeTargets`]).
+const GATE_UP_PATTERN: &str = r".*\.gate_up_proj";
 /// What PEFT puts before a module's name in `adapter_model.safetensors`.
 pub(crate) const PEFT_PREFIX: &str = "base_model.model.";
 /// The projections an adapter can target (the decoder's linear layers; `all-linear` means all).
@@ -79,11 +82,7 @@ impl Default for LoraConfig {
 impl LoraConfig {
     /// The factor applied to `B·A`.
     pub fn scaling(&self) -> f64 {
-        if self.use_rslora {
-            self.alpha / (self.r as f64).sqrt()
-        } else {
-            self.alpha / self.r as f64
-        }
+        scaling(self.r, self.alpha, self.use_rslora)
     }
 
     /// Checks the ranges (rank ≥ 1, finite alpha, dropout in [0, 1), some target).
@@ -126,6 +125,60 @@ impl LoraConfig {
         self.target_modules
             .iter()
             .any(|t| Self::target_matches(t, key))
+    }
+
+    /// Whether `target` names something of a sparse layer ([`MoeTargets`]).
+    fn names_moe(target: &str) -> bool {
+        target == "all-linear"
+            || ["gate_proj", "up_proj", "gate_up_proj", "down_proj", "gate"]
+                .contains(&target.rsplit('.').next().unwrap_or(target))
+    }
+
+    /// What the targets adapt in a mixture-of-experts model's sparse layers, as PEFT converts
+    /// them ([`MoeTargets`]).
+    pub(crate) fn moe_targets(&self) -> Result<MoeTargets> {
+        let mut t = MoeTargets::default();
+        let (mut gate, mut up, mut gate_up) = (false, false, false);
+        for target in &self.target_modules {
+            if target == "all-linear" {
+                (gate, up, t.down, t.router) = (true, true, true, true);
+                continue;
+            }
+            match target.rsplit('.').next().unwrap_or(target) {
+                "gate_proj" => gate = true,
+                "up_proj" => up = true,
+                "gate_up_proj" => gate_up = true,
+                "down_proj" => t.down = true,
+                "gate" => t.router = true,
+                _ => {}
+            }
+        }
+        if gate != up {
+            let (named, missing) = if gate {
+                ("gate_proj", "up_proj")
+            } else {
+                ("up_proj", "gate_proj")
+            };
+            return Err(ModelError::InvalidInput(format!(
+                "lora target_modules: `{named}` without `{missing}` on a mixture-of-experts model: \
+                 the experts' two are one `gate_up_proj` parameter (as in PEFT), target both"
+            )));
+        }
+        if gate && up {
+            // PEFT's conversion: one adapter for the two, of twice the rank and alpha.
+            t.gate_up = Some((2 * self.r, 2.0 * self.alpha));
+        } else if gate_up {
+            t.gate_up = Some((self.r, self.alpha));
+        }
+        if t.any() && self.dropout > 0.0 {
+            return Err(ModelError::InvalidInput(
+                "lora dropout: the adapters of a mixture-of-experts model's experts and router \
+                 have no dropout (PEFT refuses it for parameters); set it to 0 or target the \
+                 attention only"
+                    .into(),
+            ));
+        }
+        Ok(t)
     }
 }
 
@@ -194,6 +247,113 @@ impl<B: Backend> LoraAdapter<B> {
         let a = self.a.val().cast(FloatDType::F32);
         let b = self.b.val().cast(FloatDType::F32);
         b.matmul(a).mul_scalar(self.scaling)
+    }
+}
+
+/// LoRA on the stacked weights of a sparse layer's experts, as PEFT's `ParamWrapper` adapts a
+/// 3-D parameter (`target_parameters`: `transformers` 5 keeps an MoE layer's experts as one
+/// `[experts, out, in]` tensor): one `A` and one `B` for all the experts, expert `e`'s update
+/// `scaling · B_e·A_e` with `A_e` the rows `e·r .. (e+1)·r` of `A` and `B_e` the columns
+/// `e, e + experts, e + 2·experts, …` of `B` (PEFT reshapes `A` to `[experts, r, in]` and `B` to
+/// `[out, r, experts]`). PEFT has no dropout for these.
+#[derive(Module, Debug)]
+pub struct ExpertsLora<B: Backend> {
+    /// `lora_A.weight`, `[r · experts, in]`.
+    pub a: Param<Tensor<B, 2>>,
+    /// `lora_B.weight`, `[out, r · experts]`.
+    pub b: Param<Tensor<B, 2>>,
+    /// The rank of each expert's update.
+    pub rank: usize,
+    /// Experts.
+    pub experts: usize,
+    /// `lora_alpha` of these weights (PEFT's `alpha_pattern` when it is not the config's).
+    pub alpha: f64,
+    /// `alpha / rank` (`alpha / √rank` with rsLoRA).
+    pub scaling: f64,
+}
+
+impl<B: Backend> ExpertsLora<B> {
+    /// Adapters from host data (stored in f32, tracked for gradients).
+    pub fn new(
+        a: TensorData,
+        b: TensorData,
+        rank: usize,
+        experts: usize,
+        alpha: f64,
+        use_rslora: bool,
+        device: &B::Device,
+    ) -> Self {
+        let param = |d: TensorData| {
+            let d = d.convert_dtype(DType::F32);
+            Param::from_tensor(Tensor::<B, 2>::from_data(d, (device, DType::F32)))
+        };
+        Self {
+            a: param(a),
+            b: param(b),
+            rank,
+            experts,
+            alpha,
+            scaling: scaling(rank, alpha, use_rslora),
+        }
+    }
+
+    /// Expert `e`'s `A_e` `[r, in]` and `B_e` `[out, r]`.
+    fn factors(&self, e: usize) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let a = self.a.val().narrow(0, e * self.rank, self.rank);
+        let columns: Vec<i64> = (0..self.rank)
+            .map(|j| (j * self.experts + e) as i64)
+            .collect();
+        let b = self.b.val();
+        let columns =
+            Tensor::<B, 1, Int>::from_data(TensorData::new(columns, [self.rank]), &b.device());
+        (a, b.select(1, columns))
+    }
+
+    /// `scaling · (x A_eᵀ) B_eᵀ` for expert `e`'s rows `x` `[m, in]`, in `x`'s dtype.
+    pub fn delta(&self, e: usize, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let dtype = x.dtype();
+        let (a, b) = self.factors(e);
+        let h = project(x, cast_to(a, dtype), None);
+        project(h, cast_to(b, dtype), None).mul_scalar(self.scaling)
+    }
+
+    /// Expert `e`'s `scaling · B_e·A_e`, `[out, in]`, in f32.
+    pub fn weight_delta(&self, e: usize) -> Tensor<B, 2> {
+        let (a, b) = self.factors(e);
+        b.cast(FloatDType::F32)
+            .matmul(a.cast(FloatDType::F32))
+            .mul_scalar(self.scaling)
+    }
+}
+
+/// `alpha / r`, or `alpha / √r` with rsLoRA.
+fn scaling(r: usize, alpha: f64, use_rslora: bool) -> f64 {
+    if use_rslora {
+        alpha / (r as f64).sqrt()
+    } else {
+        alpha / r as f64
+    }
+}
+
+/// What an adapter adapts in the sparse (mixture-of-experts) layers. PEFT (0.21, with
+/// `transformers` 5, whose experts are 3-D parameters and whose router is no linear layer)
+/// turns the MLP names into these: `gate_proj` with `up_proj` into the experts' `gate_up_proj`
+/// (rank and alpha doubled, `rank_pattern` / `alpha_pattern`), `down_proj` into theirs, `gate`
+/// into the router's `gate.weight`, `all-linear` into all three; the dense MLPs of such a model
+/// then get no adapter.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(crate) struct MoeTargets {
+    /// The experts' `gate_up_proj`: rank and alpha.
+    pub gate_up: Option<(usize, f64)>,
+    /// The experts' `down_proj` (the config's rank and alpha).
+    pub down: bool,
+    /// The router (`gate.weight`, the config's rank and alpha).
+    pub router: bool,
+}
+
+impl MoeTargets {
+    fn any(&self) -> bool {
+        self.gate_up.is_some() || self.down || self.router
     }
 }
 
@@ -283,6 +443,12 @@ pub struct AdapterConfig {
     pub base_model: Option<String>,
     /// `layers_to_transform`: the only layers that carry adapters, when restricted.
     pub layers_to_transform: Option<Vec<usize>>,
+    /// `target_parameters`: the adapted parameters of a mixture-of-experts model's sparse
+    /// layers (`gate_up_proj`, `down_proj`, `gate.weight`), as PEFT names them.
+    pub target_parameters: Vec<String>,
+    /// The rank and alpha of the experts' `gate_up_proj` adapters when `rank_pattern` /
+    /// `alpha_pattern` set them (PEFT doubles both when it converts `gate_proj` and `up_proj`).
+    pub gate_up_rank_alpha: Option<(usize, f64)>,
 }
 
 /// The names of the decoder's projections, `model.layers.<l>.<self_attn|mlp>.<name>`, with the
@@ -308,16 +474,41 @@ fn projections<B: Backend>(model: &CausalLm<B>) -> Vec<(String, &Projection<B>)>
     out
 }
 
+/// PEFT's module names of a sparse layer's adapters below `prefix` (`model.layers.<l>.mlp`):
+/// the router's, the experts' `gate_up_proj` (the inner of PEFT's two nested wrappers,
+/// `experts.base_layer`, when `down_proj` is adapted too) and the experts' `down_proj`.
+fn moe_site_names(prefix: &str, down: bool) -> [String; 3] {
+    let gate_up = if down {
+        format!("{prefix}.experts.base_layer")
+    } else {
+        format!("{prefix}.experts")
+    };
+    [
+        format!("{prefix}.gate"),
+        gate_up,
+        format!("{prefix}.experts"),
+    ]
+}
+
+/// `w + delta` (in f32, stored back in `w`'s dtype), the same parameter.
+fn add_delta<B: Backend>(w: &mut Param<Tensor<B, 2>>, delta: Tensor<B, 2>) {
+    let v = w.val();
+    let dtype = v.dtype();
+    *w = Param::initialized(w.id, (v.cast(FloatDType::F32) + delta).cast(dtype));
+}
+
 impl<B: Backend> CausalLm<B> {
     /// Freezes every weight and adds fresh adapters (`A` Kaiming-uniform from `seed`, `B` zero)
     /// to the projections `config` targets. A target that selects no projection is an error,
-    /// as is a model that already carries adapters.
+    /// as is a model that already carries adapters. On a mixture-of-experts model the MLP
+    /// names adapt the experts and `gate` the router, as PEFT converts them for `transformers` 5.
     pub fn with_lora(self, config: &LoraConfig, seed: u64) -> Result<Self> {
         config.validate()?;
-        self.check_targets(config)?;
+        let moe = self.check_targets(config)?;
         let mut rng = crate::init::NormalRng::new(seed);
-        let r = config.r;
-        self.attach(config, |_, [out, inp]| {
+        let is_moe = self.config.moe.is_some();
+        let select = |key: &str| config.matches(key) && !(is_moe && key.contains(".mlp."));
+        self.attach(config, moe, select, |_, [out, inp], r| {
             let bound = 1.0 / (inp as f64).sqrt();
             let a: Vec<f32> = (0..r * inp)
                 .map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32)
@@ -329,36 +520,34 @@ impl<B: Backend> CausalLm<B> {
         })
     }
 
-    fn check_targets(&self, config: &LoraConfig) -> Result<()> {
+    /// Checks `config`'s targets against the model; what they adapt in its sparse layers.
+    fn check_targets(&self, config: &LoraConfig) -> Result<MoeTargets> {
         if self.lora.is_some() {
             return Err(ModelError::InvalidInput(
                 "this model already carries LoRA adapters".into(),
             ));
         }
-        if self.config.moe.is_some()
-            && let Some(t) = config.target_modules.iter().find(|t| {
-                t.as_str() == "all-linear"
-                    || ["gate_proj", "up_proj", "down_proj", "gate_up_proj"]
-                        .iter()
-                        .any(|m| t.as_str() == *m || t.ends_with(&format!(".{m}")))
-            })
-        {
-            // PEFT turns MLP names, and `all-linear`, into adapters on the experts' 3-D
-            // parameters and the router (`target_parameters`), not on the dense layers' MLPs:
-            // not implemented here, so refused rather than saved as an adapter PEFT would read
-            // differently.
-            return Err(ModelError::InvalidInput(format!(
-                "lora target_modules: `{t}` would adapt the experts (and router) of this \
-                 mixture-of-experts model in PEFT, which is not supported; target the attention: \
-                 q_proj, k_proj, v_proj, o_proj"
-            )));
-        }
-        let keys: Vec<String> = projections(self).into_iter().map(|(k, _)| k).collect();
-        if let Some(t) = config
-            .target_modules
+        let is_moe = self.config.moe.is_some();
+        let moe = if is_moe {
+            config.moe_targets()?
+        } else {
+            MoeTargets::default()
+        };
+        let sparse = self
+            .layers
             .iter()
-            .find(|t| !keys.iter().any(|k| LoraConfig::target_matches(t, k)))
-        {
+            .any(|l| matches!(l.mlp, FeedForward::Sparse(_)));
+        // A mixture-of-experts model's MLP names are its experts' (PEFT leaves its dense
+        // layers' MLPs alone).
+        let keys: Vec<String> = projections(self)
+            .into_iter()
+            .map(|(k, _)| k)
+            .filter(|k| !(is_moe && k.contains(".mlp.")))
+            .collect();
+        if let Some(t) = config.target_modules.iter().find(|t| {
+            !keys.iter().any(|k| LoraConfig::target_matches(t, k))
+                && !(sparse && LoraConfig::names_moe(t))
+        }) {
             // The module names this model has, in checkpoint order (Phi-3's are fused:
             // `qkv_proj`, `gate_up_proj`).
             let mut known: Vec<&str> = Vec::new();
@@ -369,29 +558,76 @@ impl<B: Backend> CausalLm<B> {
                     known.push(last);
                 }
             }
+            if sparse {
+                known.extend(["gate_proj", "up_proj", "down_proj", "gate"]);
+            }
             return Err(ModelError::InvalidInput(format!(
                 "lora target_modules: `{t}` selects no module of this model (its modules: {}, all-linear)",
                 known.join(", ")
             )));
         }
-        Ok(())
+        Ok(moe)
     }
 
-    /// Freezes the model and gives every projection `config` selects the adapter `init` makes
-    /// for it (`(A, B)` host data, from the module name and `[out, in]`).
+    /// Freezes the model and gives every projection `select` accepts, and the sparse layers'
+    /// parts `moe` names, the adapter `init` makes for it (`(A, B)` host data, from the
+    /// module's PEFT name, its `[out, in]` and the rows of `A`: the rank, times the experts for
+    /// the experts' stacked weights).
     fn attach(
         self,
         config: &LoraConfig,
-        mut init: impl FnMut(&str, [usize; 2]) -> Result<(TensorData, TensorData)>,
+        moe: MoeTargets,
+        select: impl Fn(&str) -> bool,
+        mut init: impl FnMut(&str, [usize; 2], usize) -> Result<(TensorData, TensorData)>,
     ) -> Result<Self> {
         let device = self.embed_tokens.val().device();
         let mut model = self.no_grad();
         for (key, proj) in projections_mut(&mut model) {
-            if !config.matches(&key) {
+            if !select(&key) {
                 continue;
             }
-            let (a, b) = init(&key, proj.weight.dims())?;
+            let (a, b) = init(&key, proj.weight.dims(), config.r)?;
             proj.lora = Some(LoraAdapter::new(a, b, config, &device));
+        }
+        for (l, layer) in model.layers.iter_mut().enumerate() {
+            let FeedForward::Sparse(sparse) = &mut layer.mlp else {
+                continue;
+            };
+            let Some([hidden, inner]) = sparse.experts.first().map(|e| e.down_proj.weight.dims())
+            else {
+                continue;
+            };
+            let experts = sparse.experts.len();
+            let [router, gate_up, down] =
+                moe_site_names(&format!("model.layers.{l}.mlp"), moe.down);
+            if moe.router {
+                let (a, b) = init(&router, [experts, hidden], config.r)?;
+                sparse.gate_lora = Some(LoraAdapter::new(a, b, config, &device));
+            }
+            if let Some((rank, alpha)) = moe.gate_up {
+                let (a, b) = init(&gate_up, [2 * inner, hidden], rank * experts)?;
+                sparse.gate_up_lora = Some(ExpertsLora::new(
+                    a,
+                    b,
+                    rank,
+                    experts,
+                    alpha,
+                    config.use_rslora,
+                    &device,
+                ));
+            }
+            if moe.down {
+                let (a, b) = init(&down, [hidden, inner], config.r * experts)?;
+                sparse.down_lora = Some(ExpertsLora::new(
+                    a,
+                    b,
+                    config.r,
+                    experts,
+                    config.alpha,
+                    config.use_rslora,
+                    &device,
+                ));
+            }
         }
         model.lora = Some(config.clone());
         Ok(model)
@@ -403,12 +639,32 @@ impl<B: Backend> CausalLm<B> {
     }
 
     /// Visits every adapter weight with its PEFT name without the `base_model.model.` prefix
-    /// (`model.layers.0.self_attn.q_proj.lora_A.weight`), in checkpoint order.
+    /// (`model.layers.0.self_attn.q_proj.lora_A.weight`; a sparse layer's
+    /// `mlp.gate.lora_A.weight`, `mlp.experts.lora_A.weight`, …), layer by layer in checkpoint
+    /// order.
     pub fn visit_adapters(&self, mut f: impl FnMut(&str, &Param<Tensor<B, 2>>)) {
-        for (key, proj) in projections(self) {
-            if let Some(l) = &proj.lora {
-                f(&format!("{key}.lora_A.weight"), &l.a);
-                f(&format!("{key}.lora_B.weight"), &l.b);
+        let mut pair = |key: &str, a: &Param<Tensor<B, 2>>, b: &Param<Tensor<B, 2>>| {
+            f(&format!("{key}.lora_A.weight"), a);
+            f(&format!("{key}.lora_B.weight"), b);
+        };
+        for (l, layer) in self.layers.iter().enumerate() {
+            for (name, proj) in layer.projections() {
+                if let Some(lora) = &proj.lora {
+                    pair(&format!("model.layers.{l}.{name}"), &lora.a, &lora.b);
+                }
+            }
+            if let FeedForward::Sparse(sparse) = &layer.mlp {
+                let [router, gate_up, down] =
+                    moe_site_names(&format!("model.layers.{l}.mlp"), sparse.down_lora.is_some());
+                if let Some(lora) = &sparse.gate_lora {
+                    pair(&router, &lora.a, &lora.b);
+                }
+                if let Some(lora) = &sparse.gate_up_lora {
+                    pair(&gate_up, &lora.a, &lora.b);
+                }
+                if let Some(lora) = &sparse.down_lora {
+                    pair(&down, &lora.a, &lora.b);
+                }
             }
         }
     }
@@ -421,18 +677,47 @@ impl<B: Backend> CausalLm<B> {
     }
 
     /// Folds every adapter into its base weight (`W + scaling · B·A`, in f32, stored back in the
-    /// weight's dtype) and drops the adapters: a plain model, as PEFT's `merge_and_unload`.
+    /// weight's dtype; each expert's share of the experts' adapters into that expert's
+    /// projections) and drops the adapters: a plain model, as PEFT's `merge_and_unload`.
     pub fn merge_lora(mut self) -> Self {
         for (_, proj) in projections_mut(&mut self) {
             if let Some(l) = proj.lora.take() {
-                let w = proj.weight.val();
-                let dtype = w.dtype();
-                let merged = (w.cast(FloatDType::F32) + l.weight_delta()).cast(dtype);
-                proj.weight = Param::initialized(proj.weight.id, merged);
+                add_delta(&mut proj.weight, l.weight_delta());
             }
+        }
+        for layer in &mut self.layers {
+            let FeedForward::Sparse(sparse) = &mut layer.mlp else {
+                continue;
+            };
+            merge_experts(sparse);
         }
         self.lora = None;
         self
+    }
+}
+
+/// [`CausalLm::merge_lora`] of one sparse layer.
+fn merge_experts<B: Backend>(sparse: &mut SparseMoe<B>) {
+    if let Some(l) = sparse.gate_lora.take() {
+        add_delta(&mut sparse.gate, l.weight_delta());
+    }
+    let gate_up = sparse.gate_up_lora.take();
+    let down = sparse.down_lora.take();
+    for (e, expert) in sparse.experts.iter_mut().enumerate() {
+        if let Some(l) = &gate_up {
+            let delta = l.weight_delta(e);
+            match &mut expert.gate_up {
+                crate::model::GateUpProjections::Separate(p) => {
+                    let i = p.gate_proj.weight.dims()[0];
+                    add_delta(&mut p.gate_proj.weight, delta.clone().narrow(0, 0, i));
+                    add_delta(&mut p.up_proj.weight, delta.narrow(0, i, i));
+                }
+                crate::model::GateUpProjections::Fused(p) => add_delta(&mut p.weight, delta),
+            }
+        }
+        if let Some(l) = &down {
+            add_delta(&mut expert.down_proj.weight, l.weight_delta(e));
+        }
     }
 }
 
@@ -445,7 +730,6 @@ pub fn save_adapter<B: Backend>(model: &CausalLm<B>, dir: &Path, base_model: &st
         .ok_or_else(|| ModelError::InvalidInput("the model has no LoRA adapters to save".into()))?;
     std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-    let mut modules: Vec<String> = Vec::new();
     model.visit_adapters(|name, p| {
         let data = p.val().into_data().convert_dtype(DType::F32);
         tensors.push((
@@ -453,17 +737,49 @@ pub fn save_adapter<B: Backend>(model: &CausalLm<B>, dir: &Path, base_model: &st
             data.shape.to_vec(),
             data.into_bytes().to_vec(),
         ));
-        let module = name
-            .trim_end_matches(".lora_A.weight")
-            .trim_end_matches(".lora_B.weight")
-            .rsplit('.')
-            .next()
-            .unwrap_or_default()
-            .to_string();
-        if !modules.contains(&module) {
-            modules.push(module);
-        }
     });
+    // The adapted linear layers by name (`target_modules`), and the sparse layers' adapted
+    // parameters (`target_parameters`, with the experts' `gate_up_proj` rank and alpha).
+    let mut modules: Vec<String> = Vec::new();
+    for (key, proj) in projections(model) {
+        if proj.lora.is_some()
+            && let Some(last) = key.rsplit('.').next()
+            && !modules.iter().any(|m| m == last)
+        {
+            modules.push(last.to_string());
+        }
+    }
+    let mut parameters: Vec<&str> = Vec::new();
+    let mut gate_up: Option<(usize, f64)> = None;
+    for layer in &model.layers {
+        let FeedForward::Sparse(sparse) = &layer.mlp else {
+            continue;
+        };
+        for (present, name) in [
+            (sparse.gate_up_lora.is_some(), "gate_up_proj"),
+            (sparse.down_lora.is_some(), "down_proj"),
+            (sparse.gate_lora.is_some(), "gate.weight"),
+        ] {
+            if present && !parameters.contains(&name) {
+                parameters.push(name);
+            }
+        }
+        if let Some(l) = &sparse.gate_up_lora {
+            gate_up = Some((l.rank, l.alpha));
+        }
+    }
+    let number = |x: f64| {
+        if x.fract() == 0.0 {
+            json!(x as i64)
+        } else {
+            json!(x)
+        }
+    };
+    let (mut rank_pattern, mut alpha_pattern) = (json!({}), json!({}));
+    if let Some((rank, alpha)) = gate_up.filter(|&(r, a)| (r, a) != (config.r, config.alpha)) {
+        rank_pattern = json!({ GATE_UP_PATTERN: rank });
+        alpha_pattern = json!({ GATE_UP_PATTERN: number(alpha) });
+    }
     let views = tensors
         .iter()
         .map(|(name, shape, bytes)| {
@@ -476,11 +792,7 @@ pub fn save_adapter<B: Backend>(model: &CausalLm<B>, dir: &Path, base_model: &st
     let bytes = safetensors::serialize(views, Some(metadata))
         .map_err(|e| ModelError::weights(dir.join(ADAPTER_WEIGHTS), e.to_string()))?;
     crate::pretrained::write_atomically(&dir.join(ADAPTER_WEIGHTS), &bytes)?;
-    let alpha = if config.alpha.fract() == 0.0 {
-        json!(config.alpha as i64)
-    } else {
-        json!(config.alpha)
-    };
+    let alpha = number(config.alpha);
     let adapter_config = json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -489,6 +801,7 @@ pub fn save_adapter<B: Backend>(model: &CausalLm<B>, dir: &Path, base_model: &st
         "lora_alpha": alpha,
         "lora_dropout": config.dropout,
         "target_modules": modules,
+        "target_parameters": parameters,
         "use_rslora": config.use_rslora,
         "use_dora": false,
         "bias": "none",
@@ -498,8 +811,8 @@ pub fn save_adapter<B: Backend>(model: &CausalLm<B>, dir: &Path, base_model: &st
         "modules_to_save": null,
         "layers_to_transform": null,
         "layers_pattern": null,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
         "revision": null,
     });
     let text = serde_json::to_string_pretty(&adapter_config)
@@ -577,11 +890,30 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
             "fully trained extra modules are not supported",
         ));
     }
-    for name in ["rank_pattern", "alpha_pattern"] {
-        if field(name).is_some_and(|v| v.as_object().is_none_or(|o| !o.is_empty())) {
-            return Err(bad(name, "per-module ranks or alphas are not supported"));
+    // Per-module ranks and alphas: only the one PEFT writes for the experts' `gate_up_proj`.
+    let pattern = |name: &str| -> Result<Option<f64>> {
+        let Some(v) = field(name) else {
+            return Ok(None);
+        };
+        let unsupported = || bad(name, "per-module ranks or alphas are not supported");
+        let object = v.as_object().ok_or_else(unsupported)?;
+        match object.iter().next() {
+            None => Ok(None),
+            Some((key, value)) if object.len() == 1 && key == GATE_UP_PATTERN => value
+                .as_f64()
+                .filter(|x| x.is_finite() && *x > 0.0)
+                .map(Some)
+                .ok_or_else(|| {
+                    bad(
+                        name,
+                        "expected a positive number for the experts' gate_up_proj",
+                    )
+                }),
+            Some(_) => Err(unsupported()),
         }
-    }
+    };
+    let gate_up_rank = pattern("rank_pattern")?;
+    let gate_up_alpha = pattern("alpha_pattern")?;
     let target_modules = match field("target_modules") {
         None => Vec::new(),
         Some(Value::String(s)) => vec![s.clone()],
@@ -595,6 +927,40 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
             .collect::<Result<_>>()?,
         Some(_) => return Err(bad("target_modules", "expected a list of names")),
     };
+    let target_parameters: Vec<String> = match field("target_parameters") {
+        None => Vec::new(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| bad("target_parameters", "expected a list of names"))
+            })
+            .collect::<Result<_>>()?,
+        Some(_) => return Err(bad("target_parameters", "expected a list of names")),
+    };
+    if let Some(t) = target_parameters.iter().find(|t| {
+        !["gate_up_proj", "down_proj", "gate.weight"]
+            .iter()
+            .any(|p| t == p || t.ends_with(&format!(".{p}")))
+    }) {
+        return Err(bad(
+            "target_parameters",
+            &format!(
+                "`{t}` is not supported (the experts' gate_up_proj and down_proj and the \
+                 router's gate.weight are)"
+            ),
+        ));
+    }
+    if gate_up_rank.is_some_and(|x| x.fract() != 0.0 || x < 1.0) {
+        return Err(bad("rank_pattern", "expected a positive integer rank"));
+    }
+    let gate_up_rank_alpha = (gate_up_rank.is_some() || gate_up_alpha.is_some()).then(|| {
+        (
+            gate_up_rank.map_or(r as usize, |x| x as usize),
+            gate_up_alpha.unwrap_or(alpha),
+        )
+    });
     let lora = LoraConfig {
         r: r as usize,
         alpha,
@@ -626,6 +992,8 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
             .and_then(Value::as_str)
             .map(str::to_string),
         layers_to_transform,
+        target_parameters,
+        gate_up_rank_alpha,
     })
 }
 
@@ -638,6 +1006,8 @@ pub fn load_adapter<B: Backend>(model: CausalLm<B>, dir: &Path) -> Result<Causal
     let AdapterConfig {
         mut lora,
         layers_to_transform,
+        target_parameters,
+        gate_up_rank_alpha,
         ..
     } = read_adapter_config(dir)?;
     lora.validate()
@@ -669,7 +1039,42 @@ pub fn load_adapter<B: Backend>(model: CausalLm<B>, dir: &Path) -> Result<Causal
             .or_else(|| rest.strip_suffix(".lora_B.weight"))?;
         Some(key.to_string())
     };
-    let keys: HashSet<String> = projections(&model).into_iter().map(|(k, _)| k).collect();
+    // The sparse layers' adapted parameters, under the module names PEFT gives them for these
+    // `target_parameters`.
+    let targets = |p: &str| {
+        target_parameters
+            .iter()
+            .any(|t| t == p || t.ends_with(&format!(".{p}")))
+    };
+    let (gate_up_listed, down_listed, router_listed) = (
+        targets("gate_up_proj"),
+        targets("down_proj"),
+        targets("gate.weight"),
+    );
+    let mut moe_sites: HashMap<String, usize> = HashMap::new();
+    for (l, layer) in model.layers.iter().enumerate() {
+        if matches!(layer.mlp, FeedForward::Sparse(_)) {
+            let names = moe_site_names(&format!("model.layers.{l}.mlp"), down_listed);
+            for (kind, (listed, name)) in [router_listed, gate_up_listed, down_listed]
+                .into_iter()
+                .zip(names)
+                .enumerate()
+            {
+                if listed {
+                    moe_sites.insert(name, kind);
+                }
+            }
+        }
+    }
+    if !target_parameters.is_empty() && moe_sites.is_empty() {
+        return Err(ModelError::config(
+            dir.join(ADAPTER_CONFIG),
+            "target_parameters",
+            "this model has no mixture-of-experts layer whose parameters these could adapt",
+        ));
+    }
+    let mut keys: HashSet<String> = projections(&model).into_iter().map(|(k, _)| k).collect();
+    keys.extend(moe_sites.keys().cloned());
     let unexpected: Vec<String> = names
         .iter()
         .filter(|n| key_of(n).is_none_or(|k| !keys.contains(&k)))
@@ -729,11 +1134,28 @@ pub fn load_adapter<B: Backend>(model: CausalLm<B>, dir: &Path) -> Result<Causal
             format!("`{t}` matches none of the adapter's weights"),
         ));
     }
-    // The projections that carry tensors are the targets, whatever the config's list says.
+    // The projections that carry tensors are the targets, whatever the config's list says;
+    // likewise the sparse layers' parts.
     let mut targets: Vec<String> = present.iter().cloned().collect();
     targets.sort();
+    let carried = |kind: usize| {
+        present
+            .iter()
+            .any(|k| moe_sites.get(k).is_some_and(|&s| s == kind))
+    };
+    let moe = MoeTargets {
+        router: carried(0),
+        gate_up: carried(1).then(|| gate_up_rank_alpha.unwrap_or((lora.r, lora.alpha))),
+        down: carried(2),
+    };
+    if moe.any() && lora.dropout > 0.0 {
+        return Err(ModelError::config(
+            &config_path,
+            "lora_dropout",
+            "the adapters of the experts and router (target_parameters) have no dropout",
+        ));
+    }
     let recorded = std::mem::replace(&mut lora.target_modules, targets);
-    let r = lora.r;
     let name_in_file = |key: &str, part: &str| {
         let bare = config.file_tensor_name(&format!("{key}.{part}.weight"));
         let prefixed = format!("{PEFT_PREFIX}{bare}");
@@ -743,11 +1165,12 @@ pub fn load_adapter<B: Backend>(model: CausalLm<B>, dir: &Path) -> Result<Causal
             bare
         }
     };
-    let mut model = model.attach(&lora, |key, [out, inp]| {
+    let select = |key: &str| present.contains(key);
+    let mut model = model.attach(&lora, moe, select, |key, [out, inp], rows| {
         let read = |part: &str, shape: [usize; 2]| -> Result<TensorData> {
             index.tensor_data(&name_in_file(key, part), &shape)
         };
-        Ok((read("lora_A", [r, inp])?, read("lora_B", [out, r])?))
+        Ok((read("lora_A", [rows, inp])?, read("lora_B", [out, rows])?))
     })?;
     // Keep the names the adapter was configured with (they are what gets saved again).
     if let Some(config) = model.lora.as_mut()

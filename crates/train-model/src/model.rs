@@ -17,7 +17,7 @@ use crate::cache::{KvCache, LayerKv};
 use crate::config::{Activation, ModelConfig, NormPlacement};
 use crate::error::{ModelError, Result};
 use crate::fused::{self, AttentionSpec, FusedBackend};
-use crate::lora::{LoraAdapter, LoraConfig};
+use crate::lora::{ExpertsLora, LoraAdapter, LoraConfig};
 use crate::names::{TensorSpec, tensor_specs};
 use crate::rope::{Rotary, apply_rotary};
 
@@ -497,12 +497,46 @@ impl<B: Backend> Mlp<B> {
     /// Applies the block.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let (gate, up) = self.project_gate_up(x);
+        self.down_proj.forward(self.activate_reference(gate, up))
+    }
+
+    /// `act(gate) · up` by the decomposed operations.
+    fn activate_reference<const D: usize>(
+        &self,
+        gate: Tensor<B, D>,
+        up: Tensor<B, D>,
+    ) -> Tensor<B, D> {
         let gate = if self.gelu_tanh {
             gelu_approximate(gate)
         } else {
             silu(gate)
         };
-        self.down_proj.forward(gate * up)
+        gate * up
+    }
+
+    /// The gate's activation.
+    fn activation(&self) -> Activation {
+        if self.gelu_tanh {
+            Activation::GeluTanh
+        } else {
+            Activation::Silu
+        }
+    }
+}
+
+impl<B: FusedBackend> Mlp<B> {
+    /// `act(gate) · up`, by the fused operation when `fused`.
+    fn activate<const D: usize>(
+        &self,
+        gate: Tensor<B, D>,
+        up: Tensor<B, D>,
+        fused: bool,
+    ) -> Tensor<B, D> {
+        if fused {
+            fused::gated(gate, up, self.activation())
+        } else {
+            self.activate_reference(gate, up)
+        }
     }
 }
 
@@ -517,11 +551,7 @@ impl<B: FusedBackend> Mlp<B> {
         if !fused {
             return self.forward(x.value(fused));
         }
-        let act = if self.gelu_tanh {
-            Activation::GeluTanh
-        } else {
-            Activation::Silu
-        };
+        let act = self.activation();
         let (gate, up) = match &self.gate_up {
             GateUpProjections::Separate(p) => {
                 let [gate, up] = x.project([&p.gate_proj, &p.up_proj], fused);
@@ -570,6 +600,13 @@ pub struct SparseMoe<B: Backend> {
     pub top_k: usize,
     /// The top-k probabilities are renormalised to sum to 1.
     pub norm_topk_prob: bool,
+    /// LoRA on the router (PEFT's `target_parameters` `gate.weight`).
+    pub gate_lora: Option<LoraAdapter<B>>,
+    /// LoRA on the experts' stacked gate and up projections (PEFT's `gate_up_proj`: each
+    /// expert's update has the gate's rows, then the up projection's).
+    pub gate_up_lora: Option<ExpertsLora<B>>,
+    /// LoRA on the experts' stacked down projections (PEFT's `down_proj`).
+    pub down_lora: Option<ExpertsLora<B>>,
 }
 
 impl<B: FusedBackend> FeedForward<B> {
@@ -705,7 +742,10 @@ impl<B: FusedBackend> SparseMoe<B> {
         let device = x.device();
         let xf = x.reshape([t, h]);
         // Router probabilities in f32 (`softmax(..., dtype=torch.float)`).
-        let logits = project(xf.clone(), cast_to(self.gate.val(), dtype), None);
+        let mut logits = project(xf.clone(), cast_to(self.gate.val(), dtype), None);
+        if let Some(lora) = &self.gate_lora {
+            logits = logits + lora.delta(xf.clone());
+        }
         let probs = burn::tensor::activation::softmax(logits.cast(FloatDType::F32), 1);
         // The top-k choice is made on the host, where the tokens of each expert are grouped:
         // the most probable first, ties to the lower index (no gradient flows through it).
@@ -732,7 +772,7 @@ impl<B: FusedBackend> SparseMoe<B> {
         for (slot, &e) in chosen.iter().enumerate() {
             slots_of[e].push(slot as i64);
         }
-        for (expert, slots) in self.experts.iter().zip(slots_of) {
+        for (e, (expert, slots)) in self.experts.iter().zip(slots_of).enumerate() {
             if slots.is_empty() {
                 // No token chose this expert. `transformers` keeps all experts in one tensor,
                 // whose gradient is then zero for it (and AdamW still decays it): a zero
@@ -744,9 +784,12 @@ impl<B: FusedBackend> SparseMoe<B> {
             let tokens: Vec<i64> = slots.iter().map(|&p| p / k as i64).collect();
             let tokens = Tensor::<B, 1, Int>::from_data(TensorData::new(tokens, [m]), &device);
             let slots = Tensor::<B, 1, Int>::from_data(TensorData::new(slots, [m]), &device);
-            let y = expert
-                .apply(xf.clone().select(0, tokens.clone()).unsqueeze_dim(0), fused)
-                .reshape([m, h]);
+            let rows = xf.clone().select(0, tokens.clone());
+            let y = if self.gate_up_lora.is_none() && self.down_lora.is_none() {
+                expert.apply(rows.unsqueeze_dim(0), fused).reshape([m, h])
+            } else {
+                self.expert_with_lora(e, expert, rows, fused)
+            };
             let w = weights.clone().select(0, slots).unsqueeze_dim(1);
             out = out.select_assign(0, tokens, y * w, IndexingUpdateOp::Add);
         }
@@ -756,6 +799,35 @@ impl<B: FusedBackend> SparseMoe<B> {
             top_k: k,
         };
         (out.reshape([b, s, h]), routing)
+    }
+}
+
+impl<B: FusedBackend> SparseMoe<B> {
+    /// Expert `e` on its rows `x` `[m, hidden]` with the experts' adapters: their updates added
+    /// to the expert's gate and up outputs and to its down projection's output, which equals
+    /// PEFT's forward with the updated stacked weights.
+    fn expert_with_lora(
+        &self,
+        e: usize,
+        expert: &Mlp<B>,
+        x: Tensor<B, 2>,
+        fused: bool,
+    ) -> Tensor<B, 2> {
+        let m = x.dims()[0];
+        let (gate, up) = expert.project_gate_up(x.clone().unsqueeze_dim(0));
+        let i = gate.dims()[2];
+        let (mut gate, mut up) = (gate.reshape([m, i]), up.reshape([m, i]));
+        if let Some(lora) = &self.gate_up_lora {
+            let d = lora.delta(e, x);
+            gate = gate + d.clone().narrow(1, 0, i);
+            up = up + d.narrow(1, i, i);
+        }
+        let hidden = expert.activate(gate, up, fused);
+        let y = expert.down_proj.forward(hidden.clone());
+        match &self.down_lora {
+            Some(lora) => y + lora.delta(e, hidden),
+            None => y,
+        }
     }
 }
 
@@ -1165,6 +1237,9 @@ impl<B: Backend> CausalLm<B> {
                         experts,
                         top_k: moe.top_k,
                         norm_topk_prob: moe.norm_topk_prob,
+                        gate_lora: None,
+                        gate_up_lora: None,
+                        down_lora: None,
                     })
                 } else {
                     FeedForward::Dense(Mlp {

@@ -196,19 +196,204 @@ fn fused_and_expert_models_name_their_own_modules() {
         names[0].ends_with("self_attn.qkv_proj.lora_A.weight"),
         "{names:?}"
     );
-    // Qwen3-MoE: MLP names and `all-linear` would be the experts' and the router's in PEFT
-    // (it adapts their 3-D parameters, not the dense layer's MLP): refused; the attention is
-    // what can be adapted.
-    for t in ["gate_proj", "mlp.down_proj", "gate_up_proj", "all-linear"] {
-        let e = base("qwen3_moe").with_lora(&config(&[t]), 0).unwrap_err();
-        assert!(e.to_string().contains("experts"), "{t}: {e}");
-    }
+    // Qwen3-MoE: as PEFT converts them for transformers 5, the MLP names adapt the experts'
+    // stacked `gate_up_proj` (gate_proj and up_proj together, twice the rank) and `down_proj`,
+    // `gate` the router, `all-linear` all of them; the dense layer's MLP gets none.
+    let e = base("qwen3_moe")
+        .with_lora(&config(&["gate_proj"]), 0)
+        .unwrap_err();
+    assert!(e.to_string().contains("without `up_proj`"), "{e}");
+    let e = base("qwen3_moe")
+        .with_lora(
+            &LoraConfig {
+                dropout: 0.1,
+                ..config(&["all-linear"])
+            },
+            0,
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("no dropout"), "{e}");
     let m = base("qwen3_moe")
         .with_lora(&config(&["q_proj", "k_proj", "v_proj", "o_proj"]), 0)
         .unwrap();
     let mut names = Vec::new();
     m.visit_adapters(|n, _| names.push(n.to_string()));
     assert_eq!(names.len(), 2 * 4 * 3);
+    let m = base("qwen3_moe")
+        .with_lora(&config(&["all-linear"]), 0)
+        .unwrap();
+    let c = m.config.clone();
+    let moe = c.moe.clone().unwrap();
+    let (e, h, i) = (moe.num_experts, c.hidden_size, moe.intermediate_size);
+    let mut shapes = std::collections::BTreeMap::new();
+    m.visit_adapters(|n, p| {
+        shapes.insert(n.to_string(), p.shape().dims::<2>());
+    });
+    // Layers 0 and 2 are sparse, layer 1 dense: attention everywhere, no dense MLP adapter.
+    assert_eq!(shapes.len(), 2 * 4 * 3 + 2 * 3 * 2, "{shapes:?}");
+    assert!(!shapes.keys().any(|n| n.starts_with("model.layers.1.mlp")));
+    let p = "model.layers.2.mlp";
+    assert_eq!(shapes[&format!("{p}.gate.lora_A.weight")], [4, h]);
+    assert_eq!(shapes[&format!("{p}.gate.lora_B.weight")], [e, 4]);
+    assert_eq!(
+        shapes[&format!("{p}.experts.base_layer.lora_A.weight")],
+        [8 * e, h]
+    );
+    assert_eq!(
+        shapes[&format!("{p}.experts.base_layer.lora_B.weight")],
+        [2 * i, 8 * e]
+    );
+    assert_eq!(shapes[&format!("{p}.experts.lora_A.weight")], [4 * e, i]);
+    assert_eq!(shapes[&format!("{p}.experts.lora_B.weight")], [h, 4 * e]);
+    // A fresh adapter changes nothing.
+    assert_eq!(
+        max_diff(m.forward(&input()), base("qwen3_moe").forward(&input())),
+        0.0
+    );
+    // One parameter alone is the outer (only) wrapper: `experts.lora_A`.
+    let m = base("qwen3_moe")
+        .with_lora(&config(&["up_proj", "gate_proj"]), 0)
+        .unwrap();
+    let mut shapes = std::collections::BTreeMap::new();
+    m.visit_adapters(|n, p| {
+        shapes.insert(n.to_string(), p.shape().dims::<2>());
+    });
+    assert_eq!(shapes.len(), 2 * 2, "{shapes:?}");
+    assert_eq!(
+        shapes["model.layers.0.mlp.experts.lora_A.weight"],
+        [8 * e, h]
+    );
+}
+
+/// The adapter `peft` saved for Qwen3-MoE (attention, router and the experts' stacked
+/// weights, B not zero): it loads, changes the logits, saves as PEFT saved it (its
+/// `target_parameters`, `rank_pattern` and `alpha_pattern`), loads back to the same logits,
+/// and merges into the experts' weights with the adapter's logits.
+#[test]
+fn expert_adapters_save_load_and_merge_keep_the_logits() {
+    let dir = fixtures().join("qwen3_moe-lora");
+    let loaded = load_adapter(base("qwen3_moe"), &dir).unwrap();
+    let with_adapter = loaded.forward(&input());
+    let d = max_diff(with_adapter.clone(), base("qwen3_moe").forward(&input()));
+    assert!(d > 1e-3, "the adapter does not change the logits ({d})");
+    let mut names = Vec::new();
+    loaded.visit_adapters(|n, _| names.push(n.to_string()));
+    assert!(names.contains(&"model.layers.0.mlp.experts.base_layer.lora_B.weight".to_string()));
+
+    let out = tempfile::tempdir().unwrap();
+    save_adapter(&loaded, out.path(), "../qwen3_moe").unwrap();
+    let saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("adapter_config.json")).unwrap())
+            .unwrap();
+    let peft: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("adapter_config.json")).unwrap()).unwrap();
+    let sorted = |v: &serde_json::Value| {
+        let mut names: Vec<String> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_string())
+            .collect();
+        names.sort();
+        names
+    };
+    for field in ["target_modules", "target_parameters"] {
+        assert_eq!(sorted(&saved[field]), sorted(&peft[field]), "{field}");
+    }
+    for field in ["rank_pattern", "alpha_pattern", "r", "lora_alpha"] {
+        assert_eq!(saved[field], peft[field], "{field}");
+    }
+    let again = load_adapter(base("qwen3_moe"), out.path()).unwrap();
+    assert_eq!(max_diff(with_adapter.clone(), again.forward(&input())), 0.0);
+
+    let merged = again.merge_lora();
+    assert!(merged.lora_config().is_none());
+    let d = max_diff(with_adapter, merged.forward(&input()));
+    assert!(d < 1e-5, "merged logits differ by {d}");
+}
+
+/// A copy of the Qwen3-MoE adapter `peft` saved, its config edited by `edit`: what loading it
+/// says (it must fail).
+fn moe_adapter_error(edit: impl FnOnce(&mut serde_json::Value), onto: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixtures().join("qwen3_moe-lora");
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+    }
+    edit_config(dir.path(), edit);
+    load_adapter(base(onto), dir.path())
+        .unwrap_err()
+        .to_string()
+}
+
+/// Expert and router adapters whose config does not fit them, or that this crate cannot
+/// train as PEFT would: clear errors naming the field or the tensor.
+#[test]
+fn bad_expert_adapters_are_clear_errors() {
+    use serde_json::json;
+    let cases: Vec<(&str, Box<dyn FnOnce(&mut serde_json::Value)>, &str, &str)> = vec![
+        (
+            "target_parameters",
+            Box::new(|c| c["target_parameters"] = json!(["experts.w1"])),
+            "qwen3_moe",
+            "`experts.w1` is not supported",
+        ),
+        (
+            "target_parameters",
+            Box::new(|c| c["target_parameters"] = json!("gate_up_proj")),
+            "qwen3_moe",
+            "expected a list",
+        ),
+        (
+            "rank_pattern",
+            Box::new(|c| c["rank_pattern"] = json!({"q_proj": 8})),
+            "qwen3_moe",
+            "per-module ranks",
+        ),
+        (
+            "rank_pattern",
+            Box::new(|c| c["rank_pattern"] = json!({r".*\.gate_up_proj": 2.5})),
+            "qwen3_moe",
+            "positive integer",
+        ),
+        (
+            "alpha_pattern",
+            Box::new(|c| c["alpha_pattern"] = json!({r".*\.gate_up_proj": -1})),
+            "qwen3_moe",
+            "positive number",
+        ),
+        (
+            "lora_dropout",
+            Box::new(|c| c["lora_dropout"] = json!(0.1)),
+            "qwen3_moe",
+            "no dropout",
+        ),
+        // The same parameters on a model without experts.
+        (
+            "target_parameters",
+            Box::new(|_| {}),
+            "qwen3",
+            "no mixture-of-experts layer",
+        ),
+        // A rank that disagrees with the tensors.
+        (
+            "rank",
+            Box::new(|c| c["rank_pattern"] = json!({r".*\.gate_up_proj": 4})),
+            "qwen3_moe",
+            "mlp.experts.base_layer.lora_A.weight",
+        ),
+        // Only `down_proj` listed: the `gate_up_proj` tensors fit nothing.
+        (
+            "unexpected",
+            Box::new(|c| c["target_parameters"] = json!(["down_proj", "gate.weight"])),
+            "qwen3_moe",
+            "experts.base_layer",
+        ),
+    ];
+    for (what, edit, onto, says) in cases {
+        let text = moe_adapter_error(edit, onto);
+        assert!(text.contains(says), "{what}: {text}");
+    }
 }
 
 #[test]

@@ -1097,13 +1097,26 @@ fn lora_gradients_match_peft() {
             worst = worst.max(rel);
             n += 1;
         });
-        // Every projection of every layer (Phi-3's four fused ones, seven elsewhere).
-        // (Qwen3-MoE's adapters are on the attention only, as its fixture's PEFT targets.)
+        // Every adapter weight peft trained has its gradient compared: every projection of
+        // every layer (Phi-3's four fused ones, seven elsewhere); Qwen3-MoE's attention, and
+        // its sparse layers' router and experts' `gate_up_proj` and `down_proj`.
+        let peft_weights = reference
+            .names()
+            .iter()
+            .filter(|k| k.starts_with(&format!("{arch}.grad.")))
+            .count();
+        assert_eq!(n, peft_weights, "{arch}");
         let per_layer = match arch {
-            "phi3" | "qwen3_moe" => 4,
+            "phi3" => 4,
+            "qwen3_moe" => 4,
             _ => 7,
         };
-        assert_eq!(n, 2 * per_layer * model.layers.len());
+        let sparse = model
+            .layers
+            .iter()
+            .filter(|l| matches!(l.mlp, train_model::FeedForward::Sparse(_)))
+            .count();
+        assert_eq!(n, 2 * per_layer * model.layers.len() + 2 * 3 * sparse);
         println!(
             "{arch}: loss {loss:.7} vs peft {want_loss:.7}; {n} adapter gradients, worst relative difference {worst:.2e}"
         );
