@@ -545,8 +545,9 @@ impl<B: Backend> CausalLm<B> {
             .filter(|k| !(is_moe && k.contains(".mlp.")))
             .collect();
         if let Some(t) = config.target_modules.iter().find(|t| {
-            !keys.iter().any(|k| LoraConfig::target_matches(t, k))
-                && !(sparse && LoraConfig::names_moe(t))
+            let selects = keys.iter().any(|k| LoraConfig::target_matches(t, k))
+                || (sparse && LoraConfig::names_moe(t));
+            !selects
         }) {
             // The module names this model has, in checkpoint order (Phi-3's are fused:
             // `qkv_proj`, `gate_up_proj`).

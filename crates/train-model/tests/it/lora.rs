@@ -331,7 +331,8 @@ fn moe_adapter_error(edit: impl FnOnce(&mut serde_json::Value), onto: &str) -> S
 #[test]
 fn bad_expert_adapters_are_clear_errors() {
     use serde_json::json;
-    let cases: Vec<(&str, Box<dyn FnOnce(&mut serde_json::Value)>, &str, &str)> = vec![
+    type Edit = Box<dyn FnOnce(&mut serde_json::Value)>;
+    let cases: Vec<(&str, Edit, &str, &str)> = vec![
         (
             "target_parameters",
             Box::new(|c| c["target_parameters"] = json!(["experts.w1"])),
