@@ -268,53 +268,36 @@ pub(crate) fn python_round_trips() -> Result<()> {
         c
     };
 
-    let (adapter, merged) = (work.join("adapter"), work.join("merged"));
-    let mut c = train(&fixtures.join("qwen3"), &adapter, "4");
-    c.args([
-        "--lora-r",
-        "8",
-        "--lora-alpha",
-        "16",
-        "--lora-target",
-        "all-linear",
-    ]);
-    run("train a LoRA adapter with train", c)?;
-    let mut c = Command::new(release_bin("train"));
-    c.arg("merge")
-        .arg(&adapter)
-        .arg("--output")
-        .arg(&merged)
-        .args(["--dtype", "fp32"]);
-    run("merge it with train merge", c)?;
-    run(
-        "load the adapter with peft; compare with the merged model",
-        check("--check-adapter", &[&adapter, &merged]),
-    )?;
-
-    // Qwen3-MoE: adapters on the attention, the router and the experts' stacked weights
-    // (PEFT's `target_parameters`), loaded by peft onto transformers 5's fused experts.
-    let (adapter, merged) = (work.join("moe-adapter"), work.join("moe-merged"));
-    let mut c = train(&fixtures.join("qwen3_moe"), &adapter, "4");
-    c.args([
-        "--lora-r",
-        "8",
-        "--lora-alpha",
-        "16",
-        "--lora-target",
-        "all-linear",
-    ]);
-    run("train a LoRA adapter on Qwen3-MoE's experts with train", c)?;
-    let mut c = Command::new(release_bin("train"));
-    c.arg("merge")
-        .arg(&adapter)
-        .arg("--output")
-        .arg(&merged)
-        .args(["--dtype", "fp32"]);
-    run("merge it with train merge", c)?;
-    run(
-        "load the experts' adapter with peft; compare with the merged model",
-        check("--check-adapter", &[&adapter, &merged]),
-    )?;
+    // An adapter on every projection (Qwen3-MoE: also on the router and the experts' stacked
+    // weights, PEFT's `target_parameters`, which peft loads onto transformers 5's fused
+    // experts), merged by `train merge`, loaded by peft.
+    for (arch, what) in [("qwen3", "adapter"), ("qwen3_moe", "experts' adapter")] {
+        let (adapter, merged) = (
+            work.join(format!("{arch}-adapter")),
+            work.join(format!("{arch}-merged")),
+        );
+        let mut c = train(&fixtures.join(arch), &adapter, "4");
+        c.args([
+            "--lora-r",
+            "8",
+            "--lora-alpha",
+            "16",
+            "--lora-target",
+            "all-linear",
+        ]);
+        run(&format!("train a LoRA {what} on {arch} with train"), c)?;
+        let mut c = Command::new(release_bin("train"));
+        c.arg("merge")
+            .arg(&adapter)
+            .arg("--output")
+            .arg(&merged)
+            .args(["--dtype", "fp32"]);
+        run("merge it with train merge", c)?;
+        run(
+            &format!("load the {what} with peft; compare with the merged model"),
+            check("--check-adapter", &[&adapter, &merged]),
+        )?;
+    }
 
     // Qwen3-VL: train the text decoder, then transformers loads the whole checkpoint back.
     let trained = work.join("qwen3_vl");

@@ -198,13 +198,9 @@ pub struct LoraAdapter<B: Backend> {
 impl<B: Backend> LoraAdapter<B> {
     /// An adapter from host data (stored in f32, tracked for gradients).
     pub fn new(a: TensorData, b: TensorData, config: &LoraConfig, device: &B::Device) -> Self {
-        let param = |d: TensorData| {
-            let d = d.convert_dtype(DType::F32);
-            Param::from_tensor(Tensor::<B, 2>::from_data(d, (device, DType::F32)))
-        };
         Self {
-            a: param(a),
-            b: param(b),
+            a: adapter_param(a, device),
+            b: adapter_param(b, device),
             scaling: config.scaling(),
             dropout: config.dropout,
         }
@@ -283,13 +279,9 @@ impl<B: Backend> ExpertsLora<B> {
         use_rslora: bool,
         device: &B::Device,
     ) -> Self {
-        let param = |d: TensorData| {
-            let d = d.convert_dtype(DType::F32);
-            Param::from_tensor(Tensor::<B, 2>::from_data(d, (device, DType::F32)))
-        };
         Self {
-            a: param(a),
-            b: param(b),
+            a: adapter_param(a, device),
+            b: adapter_param(b, device),
             rank,
             experts,
             alpha,
@@ -324,6 +316,13 @@ impl<B: Backend> ExpertsLora<B> {
             .matmul(a.cast(FloatDType::F32))
             .mul_scalar(self.scaling)
     }
+}
+
+/// An adapter weight from host data: stored in f32 whatever the base dtype, tracked for
+/// gradients.
+fn adapter_param<B: Backend>(d: TensorData, device: &B::Device) -> Param<Tensor<B, 2>> {
+    let d = d.convert_dtype(DType::F32);
+    Param::from_tensor(Tensor::<B, 2>::from_data(d, (device, DType::F32)))
 }
 
 /// `alpha / r`, or `alpha / √r` with rsLoRA.
