@@ -3,6 +3,7 @@
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::{
+    NodeId,
     checkpoint::{base::Checkpointer, strategy::CheckpointStrategy},
     grads::Gradients,
     ops::{Backward, Ops, OpsKind},
@@ -94,6 +95,27 @@ impl<B: FusedBackend> Backward<B, 2> for GatedBackward {
     }
 }
 
+/// The backward of a projection `y = h · Wᵀ` whose node does not keep `h`: `d W = (hᵀ · dy)ᵀ`
+/// (burn's matmul backward for `h · Wᵀ`, then its transpose's) registered for `weight_node`,
+/// `h` recomputed by `h` only then; and `d h = dy · W` when `input` wants it.
+fn linear_backward<B: FusedBackend>(
+    grad: burn::tensor::Tensor<B, 2>,
+    weight: Inner<B>,
+    weight_node: Option<NodeId>,
+    h: impl FnOnce() -> Inner<B>,
+    input: bool,
+    grads: &mut Gradients,
+) -> Option<Inner<B>> {
+    if let Some(id) = weight_node {
+        let dw = float::<B, 2>(h())
+            .transpose()
+            .matmul(grad.clone())
+            .transpose();
+        grads.register::<B>(id, prim(dw));
+    }
+    input.then(|| prim(grad.matmul(float::<B, 2>(weight))))
+}
+
 /// The gated activation through a down projection: keeps `gate`, `up` and the weight, and
 /// recomputes the activation in its backward.
 #[derive(Debug)]
@@ -106,16 +128,16 @@ impl<B: FusedBackend> Backward<B, 3> for GatedLinearBackward {
         let [node_g, node_u, node_w] = ops.parents;
         let grad = float::<B, 2>(grads.consume::<B>(&ops.node));
         let (gate, up, weight) = ops.state;
-        // burn's matmul backward for `h · Wᵀ` then its transpose's: `d Wᵀ = hᵀ · dy`, seen
-        // transposed, and `d h = dy · W`.
-        if let Some(node) = node_w {
-            let h = float::<B, 2>(B::fused_gated(gate.clone(), up.clone(), self.0));
-            let dw = h.transpose().matmul(grad.clone()).transpose();
-            grads.register::<B>(node.id, prim(dw));
-        }
-        if node_g.is_some() || node_u.is_some() {
-            let dh = grad.matmul(float::<B, 2>(weight));
-            let (dg, du) = B::fused_gated_backward(gate, up, prim(dh), self.0);
+        let dh = linear_backward::<B>(
+            grad,
+            weight,
+            node_w.as_ref().map(|n| n.id),
+            || B::fused_gated(gate.clone(), up.clone(), self.0),
+            node_g.is_some() || node_u.is_some(),
+            grads,
+        );
+        if let Some(dh) = dh {
+            let (dg, du) = B::fused_gated_backward(gate, up, dh, self.0);
             if let Some(node) = node_g {
                 grads.register::<B>(node.id, dg);
             }
@@ -142,20 +164,18 @@ impl<B: FusedBackend> Backward<B, 3> for RmsNormLinearBackward {
         let [node_x, node_norm, node_w] = ops.parents;
         let grad = float::<B, 2>(grads.consume::<B>(&ops.node));
         let (x, norm_weight, rstd, weight) = ops.state;
-        // As the projection's matmul node: `d W = (hᵀ · dy)ᵀ`, `d h = dy · W`; then the norm's
-        // backward for this projection's share of `d h` (the norm is linear in its gradient,
-        // so the shares' sum is the norm's gradient).
-        if let Some(node) = node_w {
-            let (h, _) = B::fused_rms_norm(x.clone(), norm_weight.clone(), self.eps, self.offset);
-            let dw = float::<B, 2>(h)
-                .transpose()
-                .matmul(grad.clone())
-                .transpose();
-            grads.register::<B>(node.id, prim(dw));
-        }
-        if node_x.is_some() || node_norm.is_some() {
-            let dh = grad.matmul(float::<B, 2>(weight));
-            let (dx, dn) = B::fused_rms_norm_backward(x, norm_weight, rstd, prim(dh), self.offset);
+        // The projection's backward, then the norm's for this projection's share of `d h` (the
+        // norm is linear in its gradient, so the shares' sum is the norm's gradient).
+        let dh = linear_backward::<B>(
+            grad,
+            weight,
+            node_w.as_ref().map(|n| n.id),
+            || B::fused_rms_norm(x.clone(), norm_weight.clone(), self.eps, self.offset).0,
+            node_x.is_some() || node_norm.is_some(),
+            grads,
+        );
+        if let Some(dh) = dh {
+            let (dx, dn) = B::fused_rms_norm_backward(x, norm_weight, rstd, dh, self.offset);
             if let Some(node) = node_x {
                 grads.register::<B>(node.id, dx);
             }
