@@ -31,6 +31,9 @@ pub(crate) const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 /// The `rank_pattern` / `alpha_pattern` key PEFT writes for the experts' `gate_up_proj` when
 /// it doubles their rank and alpha ([`MoeTargets`]).
 const GATE_UP_PATTERN: &str = r".*\.gate_up_proj";
+/// The largest rank an adapter may have (far above any published one; bounds what an
+/// adapter's config can make this crate allocate or multiply).
+const MAX_ADAPTER_RANK: usize = 1 << 20;
 /// What PEFT puts before a module's name in `adapter_model.safetensors`.
 pub(crate) const PEFT_PREFIX: &str = "base_model.model.";
 /// The projections an adapter can target (the decoder's linear layers; `all-linear` means all).
@@ -92,6 +95,9 @@ impl LoraConfig {
         };
         if self.r == 0 {
             return bad("r", "the rank must be at least 1");
+        }
+        if self.r > MAX_ADAPTER_RANK {
+            return bad("r", &format!("the rank must be at most {MAX_ADAPTER_RANK}"));
         }
         if !self.alpha.is_finite() || self.alpha <= 0.0 {
             return bad("alpha", "must be a positive number");
@@ -848,6 +854,9 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
         .and_then(Value::as_u64)
         .filter(|&r| r > 0)
         .ok_or_else(|| bad("r", "expected a positive integer"))?;
+    if r > MAX_ADAPTER_RANK as u64 {
+        return Err(bad("r", &format!("at most {MAX_ADAPTER_RANK}")));
+    }
     let alpha = match field("lora_alpha") {
         None => 8.0,
         Some(v) => v
@@ -954,6 +963,9 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
     }
     if gate_up_rank.is_some_and(|x| x.fract() != 0.0 || x < 1.0) {
         return Err(bad("rank_pattern", "expected a positive integer rank"));
+    }
+    if gate_up_rank.is_some_and(|x| x > MAX_ADAPTER_RANK as f64) {
+        return Err(bad("rank_pattern", &format!("at most {MAX_ADAPTER_RANK}")));
     }
     let gate_up_rank_alpha = (gate_up_rank.is_some() || gate_up_alpha.is_some()).then(|| {
         (

@@ -376,6 +376,19 @@ fn bad_expert_adapters_are_clear_errors() {
             "qwen3",
             "no mixture-of-experts layer",
         ),
+        // Ranks past any real adapter's (their products with the experts would overflow).
+        (
+            "r",
+            Box::new(|c| c["r"] = json!(1_000_000_000_000_000u64)),
+            "qwen3_moe",
+            "at most",
+        ),
+        (
+            "rank_pattern",
+            Box::new(|c| c["rank_pattern"] = json!({r".*\.gate_up_proj": 1e300})),
+            "qwen3_moe",
+            "at most",
+        ),
         // A rank that disagrees with the tensors.
         (
             "rank",
