@@ -296,7 +296,8 @@ pub fn bench_train(args: &[String]) -> Result<()> {
     // The 28M Qwen3 job's table heads the page; every other model has a section of its own.
     let mut section = match (b.padded, b.lora.is_some(), b.model.as_str()) {
         (true, _, _) => "bench-padded".to_string(),
-        (false, true, _) => "bench-lora".to_string(),
+        (false, true, "qwen3-30m") => "bench-lora".to_string(),
+        (false, true, model) => format!("bench-lora-{model}"),
         (false, false, "qwen3-30m") => "bench-train".to_string(),
         (false, false, model) => format!("bench-train-{model}"),
     };
