@@ -495,6 +495,17 @@ fn moe_site_names(prefix: &str, down: bool) -> [String; 3] {
     ]
 }
 
+/// Which adapter of a sparse layer a module name of [`moe_site_names`] holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MoeSite {
+    /// The router's (`gate.weight`).
+    Router,
+    /// The experts' `gate_up_proj`.
+    GateUp,
+    /// The experts' `down_proj`.
+    Down,
+}
+
 /// `w + delta` (in f32, stored back in `w`'s dtype), the same parameter.
 fn add_delta<B: Backend>(w: &mut Param<Tensor<B, 2>>, delta: Tensor<B, 2>) {
     let v = w.val();
@@ -1063,15 +1074,16 @@ pub fn load_adapter<B: Backend>(model: CausalLm<B>, dir: &Path) -> Result<Causal
         targets("down_proj"),
         targets("gate.weight"),
     );
-    let mut moe_sites: HashMap<String, usize> = HashMap::new();
+    let mut moe_sites: HashMap<String, MoeSite> = HashMap::new();
     for (l, layer) in model.layers.iter().enumerate() {
         if matches!(layer.mlp, FeedForward::Sparse(_)) {
             let names = moe_site_names(&format!("model.layers.{l}.mlp"), down_listed);
-            for (kind, (listed, name)) in [router_listed, gate_up_listed, down_listed]
-                .into_iter()
-                .zip(names)
-                .enumerate()
-            {
+            let kinds = [
+                (MoeSite::Router, router_listed),
+                (MoeSite::GateUp, gate_up_listed),
+                (MoeSite::Down, down_listed),
+            ];
+            for ((kind, listed), name) in kinds.into_iter().zip(names) {
                 if listed {
                     moe_sites.insert(name, kind);
                 }
@@ -1150,15 +1162,16 @@ pub fn load_adapter<B: Backend>(model: CausalLm<B>, dir: &Path) -> Result<Causal
     // likewise the sparse layers' parts.
     let mut targets: Vec<String> = present.iter().cloned().collect();
     targets.sort();
-    let carried = |kind: usize| {
+    let carried = |kind: MoeSite| {
         present
             .iter()
             .any(|k| moe_sites.get(k).is_some_and(|&s| s == kind))
     };
     let moe = MoeTargets {
-        router: carried(0),
-        gate_up: carried(1).then(|| gate_up_rank_alpha.unwrap_or((lora.r, lora.alpha))),
-        down: carried(2),
+        router: carried(MoeSite::Router),
+        gate_up: carried(MoeSite::GateUp)
+            .then(|| gate_up_rank_alpha.unwrap_or((lora.r, lora.alpha))),
+        down: carried(MoeSite::Down),
     };
     if moe.any() && lora.dropout > 0.0 {
         return Err(ModelError::config(

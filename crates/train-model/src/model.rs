@@ -800,9 +800,7 @@ impl<B: FusedBackend> SparseMoe<B> {
         };
         (out.reshape([b, s, h]), routing)
     }
-}
 
-impl<B: FusedBackend> SparseMoe<B> {
     /// Expert `e` on its rows `x` `[m, hidden]` with the experts' adapters: their updates added
     /// to the expert's gate and up outputs and to its down projection's output, which equals
     /// PEFT's forward with the updated stacked weights.
