@@ -59,7 +59,10 @@ pub fn dispatch<W: WithBackend>(
         workers: workers.max(1),
     };
     match backend {
-        BackendArg::Cpu => cpu(&spec, work),
+        BackendArg::Cpu => {
+            crate::allocator::place_large_blocks();
+            cpu(&spec, work)
+        }
         BackendArg::Tch => tch(&spec, work),
         BackendArg::Cuda => cuda(&spec, work),
     }

@@ -19,8 +19,8 @@
 //! 13.7 % faster and peak RSS 16 % lower (4.46 → 3.76 GB) in interleaved runs; the cpu
 //! backend's figures did not change.
 //!
-//! Blocks of [`LARGE_MIN`] bytes or more that Rust allocates (the cpu backend's tensors) do
-//! not go to mimalloc: [`LargeBlocks`] places them by best fit, merging freed neighbours, in
+//! Once the `cpu` backend is chosen ([`place_large_blocks`]), blocks of [`LARGE_MIN`] bytes or
+//! more that Rust allocates (its tensors) do not go to mimalloc: [`LargeBlocks`] places them by best fit, merging freed neighbours, in
 //! segments it maps from the kernel and keeps. mimalloc serves such blocks from its arenas
 //! first-fit in 64 KiB slices, and the freed spans it keeps accumulate: on SmolLM2-135M (cpu,
 //! batch 2 × 512) its peak RSS stood 0.5–0.6 GiB above the live peak of the heap; with best fit
@@ -31,6 +31,7 @@ mod ranges;
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 #[global_allocator]
 static GLOBAL: TrainAllocator = TrainAllocator;
@@ -61,8 +62,27 @@ static LARGE: Mutex<LargeBlocks> = Mutex::new(LargeBlocks {
     segments: Vec::new(),
 });
 
-fn is_large(layout: Layout) -> bool {
+/// Whether new large blocks go to [`LargeBlocks`] ([`place_large_blocks`]); never unset.
+static PLACING: AtomicBool = AtomicBool::new(false);
+
+/// From now on, place blocks of [`LARGE_MIN`] bytes or more in [`LargeBlocks`]. Called when the
+/// `cpu` backend is chosen: its tensors are Rust allocations. The `tch` and `cuda` backends keep
+/// their tensors elsewhere (libtorch's through C's `malloc`, GPU memory), and memory kept in
+/// segments could not serve them: Rust's buffers of model loading would stay resident beside
+/// libtorch's (`docs/benchmarks.md`, eleventh part).
+pub fn place_large_blocks() {
+    PLACING.store(true, Ordering::Relaxed);
+}
+
+/// Whether a block of this layout may lie in a segment (it does only if the segments hold its
+/// address): the test for freeing, independent of [`PLACING`].
+fn may_be_large(layout: Layout) -> bool {
     layout.size() >= LARGE_MIN && layout.align() <= MAX_ALIGN
+}
+
+/// Whether a new block of this layout goes to [`LargeBlocks`].
+fn is_large(layout: Layout) -> bool {
+    may_be_large(layout) && PLACING.load(Ordering::Relaxed)
 }
 
 fn granules(size: usize) -> usize {
@@ -190,7 +210,7 @@ unsafe impl GlobalAlloc for TrainAllocator {
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        if is_large(layout) && large().dealloc(ptr, layout.size()) {
+        if may_be_large(layout) && large().dealloc(ptr, layout.size()) {
             return;
         }
         // SAFETY: not in a segment, so the block is mimalloc's.
@@ -201,15 +221,12 @@ unsafe impl GlobalAlloc for TrainAllocator {
         // SAFETY: the caller guarantees `new_size`, rounded up to `layout.align()`, does not
         // overflow `isize`.
         let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
-        if !is_large(layout) && !is_large(new_layout) {
-            // SAFETY: both sizes are mimalloc's, and so is the block.
+        let ours = may_be_large(layout) && large().owns(ptr);
+        if !ours && !is_large(new_layout) {
+            // SAFETY: the block is mimalloc's, and the new one is to be too.
             return unsafe { mimalloc::MiMalloc.realloc(ptr, layout, new_size) };
         }
-        if is_large(layout)
-            && is_large(new_layout)
-            && granules(layout.size()) == granules(new_size)
-            && large().owns(ptr)
-        {
+        if ours && may_be_large(new_layout) && granules(layout.size()) == granules(new_size) {
             // The same granules hold the new size.
             return ptr;
         }
@@ -255,6 +272,7 @@ mod tests {
     #[test]
     #[allow(unsafe_code)]
     fn large_blocks_are_placed_zeroed_and_reallocated() {
+        place_large_blocks();
         let layout = Layout::from_size_align(3 << 20, 64).unwrap();
         // SAFETY: every block is used within its layout and freed with it.
         unsafe {
