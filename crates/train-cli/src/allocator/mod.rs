@@ -310,6 +310,41 @@ mod tests {
         assert_eq!(v.iter().sum::<u64>(), 7 << 18);
     }
 
+    /// Threads allocating, filling, checking, growing and freeing large blocks at once (as the
+    /// cpu backend's thread pool and data-parallel workers do): no block is handed to two
+    /// owners, and every block keeps what its owner wrote.
+    #[test]
+    fn large_blocks_from_many_threads_never_overlap() {
+        place_large_blocks();
+        let threads: Vec<_> = (0..4u8)
+            .map(|t| {
+                std::thread::spawn(move || {
+                    let mut kept: Vec<(u8, Vec<u8>)> = Vec::new();
+                    for i in 0..64usize {
+                        let len = (1 << 20) + ((i * 7919 + usize::from(t) * 104_729) % (3 << 20));
+                        let mark = t.wrapping_mul(64).wrapping_add(i as u8);
+                        let mut v = vec![mark; len];
+                        if i % 3 == 0 {
+                            v.resize(len + (1 << 20), mark);
+                        }
+                        kept.push((mark, v));
+                        if i % 2 == 1 {
+                            let (mark, old) = kept.swap_remove(i % kept.len());
+                            assert!(old.iter().all(|&b| b == mark), "a block was overwritten");
+                        }
+                    }
+                    for (mark, v) in &kept {
+                        assert!(v.iter().all(|b| b == mark), "a block was overwritten");
+                    }
+                    kept.len()
+                })
+            })
+            .collect();
+        for t in threads {
+            assert_eq!(t.join().unwrap(), 32);
+        }
+    }
+
     #[allow(unsafe_code)]
     fn purge_delay() -> std::ffi::c_long {
         // SAFETY: reads one option by its number.
