@@ -1,4 +1,5 @@
-//! The process's allocator: mimalloc, told to keep the memory it frees.
+//! The process's allocator: mimalloc, told to keep the memory it frees, and for the `cpu`
+//! backend's large blocks a best-fit heap of its own.
 //!
 //! Data preparation allocates many small strings and vectors; mimalloc makes it ~20 % faster
 //! than glibc's allocator (measured with `cargo xtask bench-data`). A training step allocates
@@ -20,8 +21,8 @@
 //! backend's figures did not change.
 //!
 //! Once the `cpu` backend is chosen ([`place_large_blocks`]), blocks of [`LARGE_MIN`] bytes or
-//! more that Rust allocates (its tensors) do not go to mimalloc: [`LargeBlocks`] places them by best fit, merging freed neighbours, in
-//! segments it maps from the kernel and keeps. mimalloc serves such blocks from its arenas
+//! more that Rust allocates (its tensors) do not go to mimalloc: [`LargeBlocks`] places them by
+//! best fit, merging freed neighbours, in segments it maps from the kernel and keeps. mimalloc serves such blocks from its arenas
 //! first-fit in 64 KiB slices, and the freed spans it keeps accumulate: on SmolLM2-135M (cpu,
 //! batch 2 × 512) its peak RSS stood 0.5–0.6 GiB above the live peak of the heap; with best fit
 //! the blocks' memory stays within 1 % of their live peak (`ranges.rs`, and
@@ -140,26 +141,26 @@ impl LargeBlocks {
         Some((ptr, placed.used_before.min(size)))
     }
 
-    /// Frees `ptr` if it lies in a segment (`false`: not one of ours).
-    fn dealloc(&mut self, ptr: *mut u8, size: usize) -> bool {
+    /// The segment `ptr` lies in, and its offset there.
+    fn locate(&self, ptr: *mut u8) -> Option<(usize, usize)> {
         let addr = ptr as usize;
-        let Some(segment) = self
-            .segments
+        self.segments
             .iter()
             .position(|&(base, len)| addr >= base && addr < base + len)
-        else {
+            .map(|segment| (segment, addr - self.segments[segment].0))
+    }
+
+    /// Frees `ptr` if it lies in a segment (`false`: not one of ours).
+    fn dealloc(&mut self, ptr: *mut u8, size: usize) -> bool {
+        let Some((segment, offset)) = self.locate(ptr) else {
             return false;
         };
-        let offset = addr - self.segments[segment].0;
         self.ranges.give_back(segment, offset, granules(size));
         true
     }
 
     fn owns(&self, ptr: *mut u8) -> bool {
-        let addr = ptr as usize;
-        self.segments
-            .iter()
-            .any(|&(base, len)| addr >= base && addr < base + len)
+        self.locate(ptr).is_some()
     }
 }
 
