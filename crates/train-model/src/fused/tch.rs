@@ -12,7 +12,9 @@
 //!
 //! The AdamW step on CPU tensors that own their storage updates the parameter and both moments
 //! in place in one pass over the four buffers (what `torch.optim.AdamW(fused=True)` does; tch
-//! has no binding for `_fused_adamw_`), instead of a dozen element-wise libtorch calls.
+//! has no binding for `_fused_adamw_`), instead of a dozen element-wise libtorch calls. The
+//! chunked LM head's cross-entropy turns an f32 chunk of logits into its gradient in the same
+//! buffer (libtorch's in-place operations, any device).
 
 use burn::backend::libtorch::{LibTorch, TchElement, TchTensor};
 use burn::tensor::ops::FloatTensor;
@@ -60,6 +62,62 @@ fn adamw_in_place(
     // updating 135M parameters was 1 % of the samples of a SmolLM2 step, all of them serial.
     k.update_slices(ps, ms, vs, gs);
     true
+}
+
+/// Softmax cross-entropy of f32 `logits [rows, vocab]` in the logits' own buffer, which becomes
+/// the gradient: the row maxima and target logits are read first, then the buffer is shifted,
+/// exponentiated, normalised, given −1 at each target and scaled in place (libtorch's in-place
+/// operations, any device). The reference allocates three `[rows, vocab]` tensors besides the
+/// logits (the shifted exponentials, their quotient, the scatter's result), and a chunk's
+/// logits are 64 MiB for SmolLM2's vocabulary at the very moment a training step's memory peaks
+/// (every activation is still held). `Err` hands the logits back untouched: not an f32 matrix
+/// laid out densely, shared with another tensor, or targets that are not one index per row.
+fn cross_entropy_in_place(
+    mut logits: TchTensor,
+    targets: &TchTensor,
+    grad_scale: f64,
+) -> Result<(TchTensor, TchTensor), TchTensor> {
+    let size = logits.tensor.size();
+    let [rows, vocab] = size[..] else {
+        return Err(logits);
+    };
+    if logits.tensor.kind() != tch::Kind::Float
+        || !logits.tensor.is_contiguous()
+        || !logits.can_mut()
+        || rows == 0
+        || vocab == 0
+        || targets.tensor.numel() != usize::try_from(rows).unwrap_or(0)
+    {
+        return Err(logits);
+    }
+    // Everything that can fail (a target out of range among them) before the buffer changes.
+    let read = || -> Result<_, tch::TchError> {
+        let index = targets
+            .tensor
+            .f_to_kind(tch::Kind::Int64)?
+            .f_reshape([rows, 1])?;
+        let max = logits.tensor.f_amax([1i64].as_slice(), true)?;
+        let picked = logits.tensor.f_gather(1, &index, false)?;
+        let minus_one = index.f_full_like(-1.0)?.f_to_kind(tch::Kind::Float)?;
+        Ok((index, max, picked, minus_one))
+    };
+    let Ok((index, max, picked, minus_one)) = read() else {
+        return Err(logits);
+    };
+    let t = &mut logits.tensor;
+    // From here on every operation is an element-wise or reducing one on shapes checked above.
+    let _ = t.g_sub_(&max);
+    let _ = t.exp_();
+    let total = t.sum_dim_intlist([1i64].as_slice(), true, tch::Kind::Float);
+    let sum = (total.log() + max - picked)
+        .sum(tch::Kind::Float)
+        .reshape([1]);
+    let _ = t.g_div_(&total);
+    let _ = t.scatter_add_(1, &index, &minus_one);
+    if grad_scale != 1.0 {
+        let _ = t.g_mul_scalar_(grad_scale);
+    }
+    Ok((TchTensor::new(sum), logits))
 }
 
 /// True when libtorch's CPU flash kernel computes exactly this call (segments aside: see
@@ -246,6 +304,17 @@ impl<E: TchElement> FusedBackend for LibTorch<E> {
             return acc;
         }
         reference::matmul_add::<Self>(acc, lhs, rhs)
+    }
+
+    fn fused_cross_entropy(
+        logits: FloatTensor<Self>,
+        targets: burn::tensor::ops::IntTensor<Self>,
+        grad_scale: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        match cross_entropy_in_place(logits, &targets, grad_scale) {
+            Ok(out) => out,
+            Err(logits) => reference::cross_entropy::<Self>(logits, targets, grad_scale),
+        }
     }
 
     fn fused_adamw(
