@@ -63,7 +63,10 @@ pub fn dispatch<W: WithBackend>(
             crate::allocator::place_large_blocks();
             cpu(&spec, work)
         }
-        BackendArg::Tch => tch(&spec, work),
+        BackendArg::Tch => {
+            crate::allocator::place_large_blocks();
+            tch(&spec, work)
+        }
         BackendArg::Cuda => cuda(&spec, work),
     }
 }

@@ -1,5 +1,6 @@
-//! The process's allocator: mimalloc, told to keep the memory it frees, and for the `cpu`
-//! backend's large blocks a best-fit heap of its own.
+//! The process's allocator: mimalloc, told to keep the memory it frees, and once a backend
+//! that trains on the host is chosen a best-fit heap of its own for large blocks, of Rust and
+//! of C alike.
 //!
 //! Data preparation allocates many small strings and vectors; mimalloc makes it ~20 % faster
 //! than glibc's allocator (measured with `cargo xtask bench-data`). A training step allocates
@@ -11,28 +12,31 @@
 //! 8 % more peak RSS (`docs/benchmarks.md`). `MIMALLOC_PURGE_DELAY` set in the environment
 //! still wins.
 //!
-//! mimalloc is built with `override` (`libmimalloc-sys`), so the executable defines C's
-//! `malloc`, `free`, `posix_memalign`… and every C and C++ library of the process allocates
-//! through mimalloc too, as glibc documents for replacing `malloc`. That matters for the tch
-//! backend: libtorch allocates its tensors with `posix_memalign`, and glibc returns each large
-//! buffer to the kernel on `free` (`munmap`), so libtorch's steps paid the same page faults
-//! and zeroing. On SmolLM2-135M (tch, sequence 512) the override made steady-state steps
-//! 13.7 % faster and peak RSS 16 % lower (4.46 → 3.76 GB) in interleaved runs; the cpu
-//! backend's figures did not change.
+//! The executable defines C's `malloc`, `free`, `posix_memalign`… ([`c`]), so every C and C++
+//! library of the process allocates through this module too, as glibc documents for replacing
+//! `malloc`. That matters for the tch backend: libtorch allocates its tensors with
+//! `posix_memalign`, and glibc returns each large buffer to the kernel on `free` (`munmap`), so
+//! libtorch's steps paid the same page faults and zeroing. On SmolLM2-135M (tch, sequence 512)
+//! sending C's allocations to mimalloc made steady-state steps 13.7 % faster and peak RSS 16 %
+//! lower (4.46 → 3.76 GB) in interleaved runs.
 //!
-//! Once the `cpu` backend is chosen ([`place_large_blocks`]), blocks of [`LARGE_MIN`] bytes or
-//! more that Rust allocates (its tensors) do not go to mimalloc: [`LargeBlocks`] places them by
-//! best fit, merging freed neighbours, in segments it maps from the kernel and keeps. mimalloc serves such blocks from its arenas
-//! first-fit in 64 KiB slices, and the freed spans it keeps accumulate: on SmolLM2-135M (cpu,
-//! batch 2 × 512) its peak RSS stood 0.5–0.6 GiB above the live peak of the heap; with best fit
-//! the blocks' memory stays within 1 % of their live peak (`ranges.rs`, and
-//! `docs/benchmarks.md`, eleventh part). C's `malloc` (libtorch) stays with mimalloc.
+//! Once the `cpu` or `tch` backend is chosen ([`place_large_blocks`]), blocks of [`LARGE_MIN`]
+//! bytes or more (Rust's tensors and libtorch's) do not go to mimalloc: [`LargeBlocks`] places
+//! them by best fit, merging freed neighbours, in segments it maps from the kernel and keeps.
+//! mimalloc serves such blocks from its arenas first-fit in 64 KiB slices, and the freed spans
+//! it keeps accumulate: on SmolLM2-135M (batch 2 × 512) its peak RSS stood 0.5–0.6 GiB above
+//! the live peak of the heap on `cpu`, ~0.4 GiB on `tch`; with best fit the blocks' memory
+//! stays within 1 % of their live peak (`ranges.rs`, and `docs/benchmarks.md`, eleventh and
+//! twelfth parts). One heap for both languages also lets libtorch reuse the memory that Rust's
+//! buffers of model loading held.
 
+mod c;
 mod ranges;
 
 use std::alloc::{GlobalAlloc, Layout};
+use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 #[global_allocator]
 static GLOBAL: TrainAllocator = TrainAllocator;
@@ -45,6 +49,8 @@ const GRANULE: usize = 64 << 10;
 const SEGMENT: usize = 256 << 20;
 /// Most alignment a large block gets (a segment's base is page aligned, offsets are granules).
 const MAX_ALIGN: usize = 4096;
+/// Most segments ever mapped (1 TiB of 256 MiB segments); past it large blocks are mimalloc's.
+const MAX_SEGMENTS: usize = 4096;
 
 /// The process's global allocator: [`LargeBlocks`] for blocks of [`LARGE_MIN`] bytes and
 /// more, mimalloc for the rest and whenever the kernel refuses a new segment.
@@ -54,23 +60,30 @@ pub struct TrainAllocator;
 /// never returned, so that freed memory is reused without the kernel zeroing it again.
 struct LargeBlocks {
     ranges: ranges::Ranges,
-    /// Base address and length of each segment, by segment index.
-    segments: Vec<(usize, usize)>,
+    /// Length (whole granules) of every block handed out, by address: C's `free` and
+    /// `malloc_usable_size` are not told it.
+    lens: BTreeMap<usize, usize>,
 }
 
 static LARGE: Mutex<LargeBlocks> = Mutex::new(LargeBlocks {
     ranges: ranges::Ranges::new(),
-    segments: Vec::new(),
+    lens: BTreeMap::new(),
 });
+
+/// Base address and length of each segment, by segment index: written under [`LARGE`]'s lock
+/// before [`SEGMENT_COUNT`] publishes them, read without it (a segment is never unmapped, so
+/// an entry once published never changes). `free` asks whether an address is ours for every
+/// block C frees, most of them small ones of mimalloc's.
+static SEGMENT_BASE: [AtomicUsize; MAX_SEGMENTS] = [const { AtomicUsize::new(0) }; MAX_SEGMENTS];
+static SEGMENT_LEN: [AtomicUsize; MAX_SEGMENTS] = [const { AtomicUsize::new(0) }; MAX_SEGMENTS];
+static SEGMENT_COUNT: AtomicUsize = AtomicUsize::new(0);
 
 /// Whether new large blocks go to [`LargeBlocks`] ([`place_large_blocks`]); never unset.
 static PLACING: AtomicBool = AtomicBool::new(false);
 
-/// From now on, place blocks of [`LARGE_MIN`] bytes or more in [`LargeBlocks`]. Called when the
-/// `cpu` backend is chosen: its tensors are Rust allocations. The `tch` and `cuda` backends keep
-/// their tensors elsewhere (libtorch's through C's `malloc`, GPU memory), and memory kept in
-/// segments could not serve them: Rust's buffers of model loading would stay resident beside
-/// libtorch's (`docs/benchmarks.md`, eleventh part).
+/// From now on, place blocks of [`LARGE_MIN`] bytes or more in [`LargeBlocks`], Rust's and C's.
+/// Called when the `cpu` or `tch` backend is chosen: their tensors are host allocations (Rust's,
+/// libtorch's through C's `malloc`). The `cuda` backend's live in GPU memory.
 pub fn place_large_blocks() {
     PLACING.store(true, Ordering::Relaxed);
 }
@@ -81,9 +94,9 @@ fn may_be_large(layout: Layout) -> bool {
     layout.size() >= LARGE_MIN && layout.align() <= MAX_ALIGN
 }
 
-/// Whether a new block of this layout goes to [`LargeBlocks`].
-fn is_large(layout: Layout) -> bool {
-    may_be_large(layout) && PLACING.load(Ordering::Relaxed)
+/// Whether a new block of `size` bytes aligned to `align` goes to [`LargeBlocks`].
+fn is_large(size: usize, align: usize) -> bool {
+    size >= LARGE_MIN && align <= MAX_ALIGN && PLACING.load(Ordering::Relaxed)
 }
 
 fn granules(size: usize) -> usize {
@@ -97,23 +110,59 @@ fn large() -> std::sync::MutexGuard<'static, LargeBlocks> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Maps `len` bytes of zeroed, private memory (`None` when the kernel refuses).
+/// Whether `ptr` lies in a segment (then [`LargeBlocks`] placed it). Takes no lock.
+fn in_segment(ptr: *const u8) -> bool {
+    let addr = ptr as usize;
+    let count = SEGMENT_COUNT.load(Ordering::Acquire);
+    (0..count).any(|i| {
+        let base = SEGMENT_BASE[i].load(Ordering::Relaxed);
+        addr >= base && addr - base < SEGMENT_LEN[i].load(Ordering::Relaxed)
+    })
+}
+
+/// Alignment of a segment's base: the size of a transparent huge page on x86-64 and aarch64.
+const HUGE_PAGE: usize = 2 << 20;
+
+/// Maps `len` bytes (a multiple of [`HUGE_PAGE`]) of zeroed, private memory at a base aligned to
+/// [`HUGE_PAGE`], and asks the kernel to back it with transparent huge pages (`None` when the
+/// kernel refuses the mapping). mimalloc asks the same for its arenas: without it a SmolLM2 step
+/// on the tch backend ran 4–8 % slower from this heap than from mimalloc's (`docs/benchmarks.md`,
+/// twelfth part): a 3 GB working set in 4 KiB pages misses the TLB.
 #[cfg(unix)]
 #[allow(unsafe_code)]
 fn map_segment(len: usize) -> Option<usize> {
+    let padded = len.checked_add(HUGE_PAGE)?;
     // SAFETY: an anonymous private mapping at an address of the kernel's choice touches no
     // existing memory; the result is checked against MAP_FAILED.
     let p = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
-            len,
+            padded,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
             -1,
             0,
         )
     };
-    (p != libc::MAP_FAILED).then_some(p as usize)
+    if p == libc::MAP_FAILED {
+        return None;
+    }
+    let start = p as usize;
+    let base = start.next_multiple_of(HUGE_PAGE);
+    let (head, tail) = (base - start, start + padded - (base + len));
+    // SAFETY: the head and the tail lie inside the mapping just made, outside [base, base +
+    // len), and nothing uses them; madvise only advises on the segment itself. A failure of
+    // either leaves memory mapped but unused (munmap) or in small pages (madvise).
+    unsafe {
+        if head > 0 {
+            libc::munmap(start as *mut libc::c_void, head);
+        }
+        if tail > 0 {
+            libc::munmap((base + len) as *mut libc::c_void, tail);
+        }
+        libc::madvise(base as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
+    }
+    Some(base)
 }
 
 #[cfg(not(unix))]
@@ -128,90 +177,96 @@ impl LargeBlocks {
         let placed = match self.ranges.take(len) {
             Some(p) => p,
             None => {
-                let seg_len = len.max(SEGMENT).next_multiple_of(2 << 20);
+                let id = SEGMENT_COUNT.load(Ordering::Relaxed);
+                if id == MAX_SEGMENTS {
+                    return None;
+                }
+                let seg_len = len.max(SEGMENT).next_multiple_of(HUGE_PAGE);
                 let base = map_segment(seg_len)?;
-                let id = self.ranges.add_segment(seg_len);
-                debug_assert_eq!(id, self.segments.len());
-                self.segments.push((base, seg_len));
+                let added = self.ranges.add_segment(seg_len);
+                debug_assert_eq!(added, id);
+                SEGMENT_BASE[id].store(base, Ordering::Relaxed);
+                SEGMENT_LEN[id].store(seg_len, Ordering::Relaxed);
+                SEGMENT_COUNT.store(id + 1, Ordering::Release);
                 self.ranges.take(len)?
             }
         };
-        let (base, _) = self.segments[placed.segment];
-        let ptr = (base + placed.offset) as *mut u8;
-        Some((ptr, placed.used_before.min(size)))
+        let ptr = SEGMENT_BASE[placed.segment].load(Ordering::Relaxed) + placed.offset;
+        self.lens.insert(ptr, len);
+        Some((ptr as *mut u8, placed.used_before.min(size)))
     }
 
     /// The segment `ptr` lies in, and its offset there.
-    fn locate(&self, ptr: *mut u8) -> Option<(usize, usize)> {
+    fn locate(ptr: *mut u8) -> Option<(usize, usize)> {
         let addr = ptr as usize;
-        self.segments
-            .iter()
-            .position(|&(base, len)| addr >= base && addr < base + len)
-            .map(|segment| (segment, addr - self.segments[segment].0))
+        let count = SEGMENT_COUNT.load(Ordering::Acquire);
+        (0..count).find_map(|i| {
+            let base = SEGMENT_BASE[i].load(Ordering::Relaxed);
+            (addr >= base && addr - base < SEGMENT_LEN[i].load(Ordering::Relaxed))
+                .then_some((i, addr - base))
+        })
     }
 
-    /// Frees `ptr` if it lies in a segment (`false`: not one of ours).
-    fn dealloc(&mut self, ptr: *mut u8, size: usize) -> bool {
-        let Some((segment, offset)) = self.locate(ptr) else {
+    /// Frees the block at `ptr` (`false`: not a block of ours).
+    fn dealloc(&mut self, ptr: *mut u8) -> bool {
+        let Some((segment, offset)) = Self::locate(ptr) else {
             return false;
         };
-        self.ranges.give_back(segment, offset, granules(size));
+        let Some(len) = self.lens.remove(&(ptr as usize)) else {
+            return false;
+        };
+        self.ranges.give_back(segment, offset, len);
         true
     }
 
-    fn owns(&self, ptr: *mut u8) -> bool {
-        self.locate(ptr).is_some()
+    /// The length of the block at `ptr` (whole granules), if it is one of ours.
+    fn len_of(&self, ptr: *const u8) -> Option<usize> {
+        self.lens.get(&(ptr as usize)).copied()
     }
 }
 
-impl TrainAllocator {
-    /// A large block, zeroed when asked; null when neither heap has memory.
-    #[allow(unsafe_code)]
-    unsafe fn alloc_large(&self, layout: Layout, zeroed: bool) -> *mut u8 {
-        let placed = large().alloc(layout.size());
-        match placed {
-            Some((ptr, used_before)) => {
-                if zeroed && used_before > 0 {
-                    // SAFETY: the block is ours and at least `used_before` bytes long; the
-                    // bytes past it have never been written since the kernel zeroed them.
-                    unsafe { std::ptr::write_bytes(ptr, 0, used_before) };
-                }
-                ptr
-            }
-            // SAFETY: forwarded with the caller's layout.
-            None if zeroed => unsafe { mimalloc::MiMalloc.alloc_zeroed(layout) },
-            None => unsafe { mimalloc::MiMalloc.alloc(layout) },
-        }
+/// A block of `size` bytes from the segments, zeroed when asked (only its bytes that an earlier
+/// block used are written); `None` when the kernel refuses a segment.
+#[allow(unsafe_code)]
+fn alloc_large(size: usize, zeroed: bool) -> Option<*mut u8> {
+    let (ptr, used_before) = large().alloc(size)?;
+    if zeroed && used_before > 0 {
+        // SAFETY: the block is ours and at least `used_before` bytes long; the bytes past it
+        // have never been written since the kernel zeroed them.
+        unsafe { std::ptr::write_bytes(ptr, 0, used_before) };
     }
+    Some(ptr)
 }
 
 // SAFETY: large blocks come from segments this allocator mapped and never unmaps, placed
 // without overlap (`ranges`' property test), aligned to GRANULE within page-aligned segments
 // (MAX_ALIGN or less is asked of them) and at least `layout.size()` long; every other block
-// is mimalloc's, and a block is freed by the heap it came from (`LargeBlocks::dealloc` says
-// whether an address lies in a segment).
+// is mimalloc's, and a block is freed by the heap it came from (`in_segment` says whether an
+// address lies in a segment).
 #[allow(unsafe_code)]
 unsafe impl GlobalAlloc for TrainAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if is_large(layout) {
-            // SAFETY: forwarded with the caller's layout.
-            return unsafe { self.alloc_large(layout, false) };
+        if is_large(layout.size(), layout.align())
+            && let Some(ptr) = alloc_large(layout.size(), false)
+        {
+            return ptr;
         }
         // SAFETY: forwarded with the caller's layout.
         unsafe { mimalloc::MiMalloc.alloc(layout) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if is_large(layout) {
-            // SAFETY: forwarded with the caller's layout.
-            return unsafe { self.alloc_large(layout, true) };
+        if is_large(layout.size(), layout.align())
+            && let Some(ptr) = alloc_large(layout.size(), true)
+        {
+            return ptr;
         }
         // SAFETY: forwarded with the caller's layout.
         unsafe { mimalloc::MiMalloc.alloc_zeroed(layout) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        if may_be_large(layout) && large().dealloc(ptr, layout.size()) {
+        if may_be_large(layout) && in_segment(ptr) && large().dealloc(ptr) {
             return;
         }
         // SAFETY: not in a segment, so the block is mimalloc's.
@@ -222,8 +277,8 @@ unsafe impl GlobalAlloc for TrainAllocator {
         // SAFETY: the caller guarantees `new_size`, rounded up to `layout.align()`, does not
         // overflow `isize`.
         let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
-        let ours = may_be_large(layout) && large().owns(ptr);
-        if !ours && !is_large(new_layout) {
+        let ours = may_be_large(layout) && in_segment(ptr);
+        if !ours && !is_large(new_size, layout.align()) {
             // SAFETY: the block is mimalloc's, and the new one is to be too.
             return unsafe { mimalloc::MiMalloc.realloc(ptr, layout, new_size) };
         }
@@ -279,7 +334,7 @@ mod tests {
         unsafe {
             let a = GLOBAL.alloc(layout);
             assert!(!a.is_null());
-            assert!(large().owns(a), "a 3 MiB block is not in a segment");
+            assert!(in_segment(a), "a 3 MiB block is not in a segment");
             assert_eq!(a as usize % 64, 0);
             std::ptr::write_bytes(a, 0xAB, layout.size());
             GLOBAL.dealloc(a, layout);
@@ -297,7 +352,7 @@ mod tests {
             assert!(kept.iter().all(|&b| b == 0x5A), "realloc lost the data");
             let grown_layout = Layout::from_size_align(5 << 20, 64).unwrap();
             let small = GLOBAL.realloc(grown, grown_layout, 4096);
-            assert!(!large().owns(small), "a 4 KiB block is mimalloc's");
+            assert!(!in_segment(small), "a 4 KiB block is mimalloc's");
             assert!(
                 std::slice::from_raw_parts(small, 4096)
                     .iter()
@@ -307,7 +362,7 @@ mod tests {
         }
         // Through the ordinary collections too.
         let v = vec![7u64; 1 << 18];
-        assert!(large().owns(v.as_ptr().cast_mut().cast()));
+        assert!(in_segment(v.as_ptr().cast()));
         assert_eq!(v.iter().sum::<u64>(), 7 << 18);
     }
 
@@ -352,18 +407,86 @@ mod tests {
         unsafe { libmimalloc_sys::mi_option_get(PURGE_DELAY) }
     }
 
-    /// C's `malloc` (what libtorch calls) is mimalloc's: a block from it lies in mimalloc's
-    /// heap (one from glibc's allocator would not).
+    /// C's allocation functions (what libtorch calls) are this module's: small blocks lie in
+    /// mimalloc's heap (one from glibc's allocator would not), large ones in a segment once
+    /// placing is on; `calloc` zeroes over old data, `realloc` keeps the bytes across the
+    /// threshold both ways, the aligned functions align, and `malloc_usable_size` covers the
+    /// size asked.
     #[test]
     #[allow(unsafe_code)]
-    fn c_malloc_is_mimalloc() {
-        // SAFETY: a plain allocation, checked and freed with the same allocator.
+    fn c_allocations_go_to_mimalloc_or_the_segments() {
+        place_large_blocks();
+        let mi_owns = |p: *mut libc::c_void| {
+            // SAFETY: reads mimalloc's arena bookkeeping for an address.
+            unsafe { libmimalloc_sys::mi_is_in_heap_region(p.cast_const()) }
+        };
+        // SAFETY: every block is used within its size and freed once with `free`.
         unsafe {
-            let p = libc::malloc(1 << 20);
-            assert!(!p.is_null());
-            let owned = libmimalloc_sys::mi_is_in_heap_region(p.cast_const());
+            let small = libc::malloc(4096);
+            assert!(!small.is_null() && mi_owns(small) && !in_segment(small.cast()));
+            assert!(libc::malloc_usable_size(small) >= 4096);
+            libc::free(small);
+
+            let big = libc::malloc(3 << 20);
+            assert!(
+                in_segment(big.cast()),
+                "a 3 MiB C block is not in a segment"
+            );
+            assert!(libc::malloc_usable_size(big) >= 3 << 20);
+            std::ptr::write_bytes(big.cast::<u8>(), 0xC3, 3 << 20);
+            libc::free(big);
+            // Best fit puts a block of the same size where `big` was (or in another freed
+            // range): calloc must zero whatever is there.
+            let z = libc::calloc(3 << 18, 4);
+            assert!(in_segment(z.cast()));
+            assert!(
+                std::slice::from_raw_parts(z.cast::<u8>(), 3 << 20)
+                    .iter()
+                    .all(|&b| b == 0)
+            );
+            std::ptr::write_bytes(z.cast::<u8>(), 0x3C, 3 << 20);
+            let grown = libc::realloc(z, 5 << 20);
+            assert!(in_segment(grown.cast()));
+            assert!(
+                std::slice::from_raw_parts(grown.cast::<u8>(), 3 << 20)
+                    .iter()
+                    .all(|&b| b == 0x3C)
+            );
+            let shrunk = libc::realloc(grown, 100);
+            assert!(!in_segment(shrunk.cast()), "a 100-byte block is mimalloc's");
+            assert!(
+                std::slice::from_raw_parts(shrunk.cast::<u8>(), 100)
+                    .iter()
+                    .all(|&b| b == 0x3C)
+            );
+            let regrown = libc::realloc(shrunk, 2 << 20);
+            assert!(in_segment(regrown.cast()));
+            assert!(
+                std::slice::from_raw_parts(regrown.cast::<u8>(), 100)
+                    .iter()
+                    .all(|&b| b == 0x3C)
+            );
+            libc::free(regrown);
+
+            // libtorch's CPU tensors: posix_memalign with 64-byte alignment.
+            let mut p = std::ptr::null_mut();
+            assert_eq!(libc::posix_memalign(&mut p, 64, 2 << 20), 0);
+            assert!(in_segment(p.cast()) && (p as usize).is_multiple_of(64));
             libc::free(p);
-            assert!(owned, "C malloc does not allocate from mimalloc's heap");
+            // An alignment past a segment's pages goes to mimalloc, aligned.
+            assert_eq!(libc::posix_memalign(&mut p, 1 << 21, 2 << 20), 0);
+            assert!(!in_segment(p.cast()) && (p as usize).is_multiple_of(1 << 21));
+            libc::free(p);
+            assert_eq!(libc::posix_memalign(&mut p, 24, 64), libc::EINVAL);
+            let a = libc::aligned_alloc(4096, 1 << 20);
+            assert!(in_segment(a.cast()) && (a as usize).is_multiple_of(4096));
+            libc::free(a);
+            // Overflow is refused, not wrapped (`black_box`: the compiler knows `calloc` and
+            // may fold away an allocation whose pointer is only compared with null).
+            let huge = std::hint::black_box(libc::calloc(std::hint::black_box(usize::MAX / 2), 4));
+            assert!(huge.is_null());
+            libc::free(std::ptr::null_mut());
+            assert_eq!(libc::malloc_usable_size(std::ptr::null_mut()), 0);
         }
     }
 
