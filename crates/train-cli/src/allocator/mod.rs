@@ -30,6 +30,8 @@
 //! twelfth parts). One heap for both languages also lets libtorch reuse the memory that Rust's
 //! buffers of model loading held.
 
+// Defining `malloc` replaces glibc's (ELF symbol interposition); other systems keep their own.
+#[cfg(target_os = "linux")]
 mod c;
 mod ranges;
 
@@ -413,6 +415,7 @@ mod tests {
     /// threshold both ways, the aligned functions align, and `malloc_usable_size` covers the
     /// size asked.
     #[test]
+    #[cfg(target_os = "linux")]
     #[allow(unsafe_code)]
     fn c_allocations_go_to_mimalloc_or_the_segments() {
         place_large_blocks();
