@@ -222,6 +222,7 @@ impl LargeBlocks {
     }
 
     /// The length of the block at `ptr` (whole granules), if it is one of ours.
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
     fn len_of(&self, ptr: *const u8) -> Option<usize> {
         self.lens.get(&(ptr as usize)).copied()
     }
