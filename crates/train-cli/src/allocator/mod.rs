@@ -114,12 +114,7 @@ fn large() -> std::sync::MutexGuard<'static, LargeBlocks> {
 
 /// Whether `ptr` lies in a segment (then [`LargeBlocks`] placed it). Takes no lock.
 fn in_segment(ptr: *const u8) -> bool {
-    let addr = ptr as usize;
-    let count = SEGMENT_COUNT.load(Ordering::Acquire);
-    (0..count).any(|i| {
-        let base = SEGMENT_BASE[i].load(Ordering::Relaxed);
-        addr >= base && addr - base < SEGMENT_LEN[i].load(Ordering::Relaxed)
-    })
+    LargeBlocks::locate(ptr).is_some()
 }
 
 /// Alignment of a segment's base: the size of a transparent huge page on x86-64 and aarch64.
@@ -198,8 +193,8 @@ impl LargeBlocks {
         Some((ptr as *mut u8, placed.used_before.min(size)))
     }
 
-    /// The segment `ptr` lies in, and its offset there.
-    fn locate(ptr: *mut u8) -> Option<(usize, usize)> {
+    /// The segment `ptr` lies in, and its offset there. Takes no lock.
+    fn locate(ptr: *const u8) -> Option<(usize, usize)> {
         let addr = ptr as usize;
         let count = SEGMENT_COUNT.load(Ordering::Acquire);
         (0..count).find_map(|i| {
