@@ -8,7 +8,8 @@
 //! blocks to the wrong `free`. C++'s `operator new`/`delete` in libstdc++ call `malloc`,
 //! `aligned_alloc` and `free`.
 //!
-//! A block is freed by the heap whose memory holds it ([`super::in_segment`], no lock).
+//! A block is freed by the heap whose memory holds it ([`super::free_large`]: the segment table
+//! is read without a lock).
 //! Placement is decided when a block is made, so blocks made before placing began stay
 //! mimalloc's.
 
@@ -18,7 +19,7 @@ use std::ffi::{c_int, c_void};
 
 use libmimalloc_sys as mi;
 
-use super::{LARGE_MIN, alloc_large, granules, in_segment, is_large, large};
+use super::{LARGE_MIN, alloc_large, free_large, granules, in_segment, is_large, large};
 
 /// The alignment `malloc` guarantees on x86-64 and aarch64 glibc, and mimalloc's
 /// `mi_malloc` too.
@@ -58,8 +59,7 @@ fn release(ptr: *mut c_void) {
     if ptr.is_null() {
         return;
     }
-    if in_segment(ptr.cast_const().cast()) {
-        large().dealloc(ptr.cast());
+    if free_large(ptr.cast_const().cast()) {
         return;
     }
     // SAFETY: not in a segment: a block mimalloc made (C's contract: `ptr` came from this

@@ -204,16 +204,12 @@ impl LargeBlocks {
         })
     }
 
-    /// Frees the block at `ptr` (`false`: not a block of ours).
-    fn dealloc(&mut self, ptr: *mut u8) -> bool {
-        let Some((segment, offset)) = Self::locate(ptr) else {
-            return false;
-        };
-        let Some(len) = self.lens.remove(&(ptr as usize)) else {
-            return false;
-        };
-        self.ranges.give_back(segment, offset, len);
-        true
+    /// Frees the block at `offset` of `segment` that starts at `ptr` ([`free_large`]); an
+    /// address that starts no block (a caller's bug) is left alone.
+    fn dealloc(&mut self, segment: usize, offset: usize, ptr: *const u8) {
+        if let Some(len) = self.lens.remove(&(ptr as usize)) {
+            self.ranges.give_back(segment, offset, len);
+        }
     }
 
     /// The length of the block at `ptr` (whole granules), if it is one of ours.
@@ -221,6 +217,16 @@ impl LargeBlocks {
     fn len_of(&self, ptr: *const u8) -> Option<usize> {
         self.lens.get(&(ptr as usize)).copied()
     }
+}
+
+/// Frees `ptr` if it lies in a segment (one scan of the segment table, then the lock); `false`:
+/// the block is not ours.
+fn free_large(ptr: *const u8) -> bool {
+    let Some((segment, offset)) = LargeBlocks::locate(ptr) else {
+        return false;
+    };
+    large().dealloc(segment, offset, ptr);
+    true
 }
 
 /// A block of `size` bytes from the segments, zeroed when asked (only its bytes that an earlier
@@ -239,7 +245,7 @@ fn alloc_large(size: usize, zeroed: bool) -> Option<*mut u8> {
 // SAFETY: large blocks come from segments this allocator mapped and never unmaps, placed
 // without overlap (`ranges`' property test), aligned to GRANULE within page-aligned segments
 // (MAX_ALIGN or less is asked of them) and at least `layout.size()` long; every other block
-// is mimalloc's, and a block is freed by the heap it came from (`in_segment` says whether an
+// is mimalloc's, and a block is freed by the heap it came from (`free_large` frees it when its
 // address lies in a segment).
 #[allow(unsafe_code)]
 unsafe impl GlobalAlloc for TrainAllocator {
@@ -264,7 +270,7 @@ unsafe impl GlobalAlloc for TrainAllocator {
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        if may_be_large(layout) && in_segment(ptr) && large().dealloc(ptr) {
+        if may_be_large(layout) && free_large(ptr) {
             return;
         }
         // SAFETY: not in a segment, so the block is mimalloc's.
