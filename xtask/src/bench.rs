@@ -203,9 +203,10 @@ pub fn bench_train(args: &[String]) -> Result<()> {
     }
     let env = torch_env()?;
     // The cpu rows run the default build, as a cpu user has it: no libtorch linked. (A build
-    // with the tch backend maps libtorch's CUDA libraries at start, about 450 MB of resident
-    // memory before anything runs, which a cpu-only user never pays.) It is copied aside,
-    // because the tch build below writes the same path.
+    // with the tch backend maps `libtorch_cpu.so` at start, ~110 MB of resident memory before
+    // anything runs, which a cpu-only user never pays; its CUDA library, another ~260 MB, only
+    // on `--device cuda`.) It is copied aside, because the tch build below writes the same
+    // path.
     let cpu_bin = dir.join("train-cpu");
     if b.only.iter().any(|o| o.starts_with("cpu")) {
         let mut build = cargo();

@@ -192,8 +192,9 @@ fn steps(t: &mut Timings) -> Result<()> {
     t.step("report (chromium)", report_png)?;
     t.step("test (tch)", || {
         let mut c = cargo();
-        // The model, loop and generation parity modules and the fused operations of the
-        // crates' test binaries (the filters also match `loop_parity::`): only the packages
+        // The model, loop and generation parity modules, the fused operations and the loading
+        // of libtorch's libraries of the crates' test binaries (the filters also match
+        // `loop_parity::`): only the packages
         // that hold them (train-runner's test binary would be compiled against libtorch for
         // nothing), with workspace-hack so that the shared dependencies keep the release
         // build's features (`cargo tree -e features` of this selection and of the whole
@@ -209,6 +210,7 @@ fn steps(t: &mut Timings) -> Result<()> {
             "parity::",
             "generate::",
             "fused_ops::",
+            "libtorch::",
         ])
         .envs(torch_env()?);
         run(

@@ -149,14 +149,26 @@ fn tch<W: WithBackend>(spec: &DeviceSpec<'_>, work: W) -> Result<W::Output> {
     };
     let workers = spec.devices("cpu", parse, |first, i| match first {
         LibTorchDevice::Cuda(k) => LibTorchDevice::Cuda(k + i),
-        other => other.clone(),
+        other => *other,
     })?;
-    let gpus = usize::try_from(tch::Cuda::device_count()).unwrap_or(0);
-    for w in &workers {
-        if let LibTorchDevice::Cuda(i) = w
-            && *i >= gpus
-        {
-            bail!("--device: cuda:{i} does not exist (libtorch sees {gpus} GPU(s))");
+    if workers.iter().any(|w| matches!(w, LibTorchDevice::Cuda(_))) {
+        // libtorch's CUDA library is loaded only now, and before libtorch is asked anything
+        // about CUDA (it decides once): see `torch_cuda`.
+        #[cfg(target_os = "linux")]
+        crate::torch_cuda::load()?;
+        let gpus = usize::try_from(tch::Cuda::device_count()).unwrap_or(0);
+        for w in &workers {
+            if let LibTorchDevice::Cuda(i) = w
+                && *i >= gpus
+            {
+                #[cfg(target_os = "linux")]
+                let runtime = crate::torch_cuda::runtime_version()
+                    .map(|v| format!(", CUDA runtime {}.{}", v / 1000, v % 1000 / 10))
+                    .unwrap_or_default();
+                #[cfg(not(target_os = "linux"))]
+                let runtime = "";
+                bail!("--device: cuda:{i} does not exist (libtorch sees {gpus} GPU(s){runtime})");
+            }
         }
     }
     work.run::<Autodiff<LibTorch>>(placement(workers)?)

@@ -41,6 +41,8 @@ mod progress;
 mod registry;
 mod run_cmd;
 mod status_cmd;
+#[cfg(all(feature = "tch", target_os = "linux"))]
+mod torch_cuda;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

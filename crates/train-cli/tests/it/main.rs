@@ -11,6 +11,7 @@ mod grpo_cmd;
 mod hf_compat;
 mod hostile;
 mod hub;
+mod libtorch;
 mod loop_parity;
 mod reference;
 mod train_cmd;
