@@ -93,7 +93,8 @@ pub use config::{
 pub use error::{ModelError, Result};
 pub use fused::{
     AdamWStep, AttentionSpec, FusedAutodiffBackend, FusedBackend, SegmentIds, SegmentTensors,
-    attention, gated, gated_linear, reference, rms_norm, rms_norm_linears, rotary, swiglu,
+    attention, embedding, gated, gated_linear, reference, rms_norm, rms_norm_linears, rotary,
+    swiglu,
 };
 #[cfg(feature = "gguf")]
 pub use gguf::{GgufImport, convert_to_hf};

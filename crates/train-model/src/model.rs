@@ -1579,22 +1579,12 @@ impl<B: FusedBackend> CausalLm<B> {
     /// where the family scales them) in the activation dtype.
     pub(crate) fn embed(&self, input: &ModelInput<B>) -> Tensor<B, 3> {
         let [b, s] = input.input_ids.dims();
-        let table = self.embed_tokens.val();
-        let tracked = table.is_require_grad();
         let ids = input.input_ids.clone().reshape([b * s]);
-        let mut emb = table.select(0, ids.clone());
-        if tracked && let Some(pad) = self.config.pad_token_id {
-            // `transformers` builds the embeddings as `nn.Embedding(..., padding_idx=pad)`: the
-            // lookup sends no gradient to the padding token's row. Same here: the forward
-            // value is unchanged, the gradient is cut at positions holding that token.
-            let keep = ids
-                .not_equal_elem(i64::from(pad))
-                .float()
-                .cast(emb.dtype())
-                .reshape([b * s, 1]);
-            let cut = keep.clone().neg().add_scalar(1.0);
-            emb = emb.clone() * keep + emb.detach() * cut;
-        }
+        // `transformers` builds the embeddings as `nn.Embedding(..., padding_idx=pad)`: the
+        // lookup sends no gradient to the padding token's row. The fused lookup's backward
+        // leaves the positions holding that token out.
+        let padding = self.config.pad_token_id.map(i64::from);
+        let mut emb = fused::embedding(self.embed_tokens.val(), ids, padding);
         if let Some(scale) = self.config.embedding_scale {
             // Gemma: `embed(ids) * embed_scale.to(weight.dtype)`: the scale rounded to the
             // table's dtype (√3072 = 55.43 is 55.5 in bf16), the product in that dtype.

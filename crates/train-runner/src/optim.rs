@@ -312,18 +312,18 @@ pub fn layer_norms<B: Backend>(model: &CausalLm<B>) -> Vec<f64> {
     let n = model.layers.len();
     let mut squares: Vec<Vec<Tensor<B, 1>>> = (0..n).map(|_| Vec::new()).collect();
     model.visit_named(|p| {
-        let (name, sq) = match p {
-            NamedParam::Matrix(name, w) => {
-                (name, w.val().cast(FloatDType::F32).powi_scalar(2).sum())
-            }
-            NamedParam::Vector(name, v) => {
-                (name, v.val().cast(FloatDType::F32).powi_scalar(2).sum())
-            }
+        let name = match &p {
+            NamedParam::Matrix(name, _) | NamedParam::Vector(name, _) => *name,
         };
-        let layer = layer_of(name);
-        if let Some(l) = layer.filter(|&l| l < n) {
-            squares[l].push(sq);
-        }
+        // Only layers' parameters: the embedding's squares (a temporary as large as the
+        // table) would be computed for nothing.
+        let Some(l) = layer_of(name).filter(|&l| l < n) else {
+            return;
+        };
+        squares[l].push(match p {
+            NamedParam::Matrix(_, w) => w.val().cast(FloatDType::F32).powi_scalar(2).sum(),
+            NamedParam::Vector(_, v) => v.val().cast(FloatDType::F32).powi_scalar(2).sum(),
+        });
     });
     model.visit_adapters(|name, w| {
         let layer = layer_of(name);

@@ -8,7 +8,7 @@ use burn::backend::autodiff::{
     grads::Gradients,
     ops::{Backward, Ops, OpsKind},
 };
-use burn::tensor::ops::FloatTensor;
+use burn::tensor::ops::{FloatTensor, IntTensor};
 
 use super::reference::{float, prim};
 use super::{Activation, AttentionSpec, FusedBackend, SegmentIds};
@@ -202,6 +202,26 @@ impl<B: FusedBackend> Backward<B, 1> for RotaryBackward {
     }
 }
 
+#[derive(Debug)]
+struct EmbeddingBackward;
+
+impl<B: FusedBackend> Backward<B, 1> for EmbeddingBackward {
+    /// The ids, the table's length and the padding id.
+    type State = (IntTensor<B>, usize, Option<i64>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_table] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (ids, vocab, padding) = ops.state;
+        if let Some(node) = node_table {
+            grads.register::<B>(
+                node.id,
+                B::fused_embedding_backward(grad, ids, vocab, padding),
+            );
+        }
+    }
+}
+
 impl<B: FusedBackend, C: CheckpointStrategy> FusedBackend for Autodiff<B, C> {
     fn padding_free_attention(device: &Self::Device, dtype: burn::tensor::DType) -> bool {
         B::padding_free_attention(device, dtype)
@@ -355,6 +375,24 @@ impl<B: FusedBackend, C: CheckpointStrategy> FusedBackend for Autodiff<B, C> {
                 OpsKind::UnTracked(prep) => prep.finish(y),
             }
         })
+    }
+
+    fn fused_embedding(
+        table: FloatTensor<Self>,
+        ids: IntTensor<Self>,
+        padding: Option<i64>,
+    ) -> FloatTensor<Self> {
+        use burn::tensor::TensorMetadata;
+        let vocab = table.primitive.shape()[0];
+        let y = B::fused_embedding(table.primitive.clone(), ids.clone(), padding);
+        match EmbeddingBackward
+            .prepare::<C>([table.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((ids, vocab, padding), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
     }
 
     fn fused_rotary(

@@ -328,6 +328,33 @@ pub trait FusedBackend: Backend {
         reference::matmul_add::<Self>(acc, lhs, rhs)
     }
 
+    /// An embedding lookup: the rows `ids [n]` (Int, each below the table's length) of
+    /// `table [vocab, width]`, `[n, width]`. Under autodiff its backward is
+    /// [`FusedBackend::fused_embedding_backward`] with `padding`; the lookup itself does not use
+    /// it.
+    fn fused_embedding(
+        table: FloatTensor<Self>,
+        ids: IntTensor<Self>,
+        padding: Option<i64>,
+    ) -> FloatTensor<Self> {
+        let _ = padding;
+        <Self as burn::tensor::ops::FloatTensorOps<Self>>::float_select(table, 0, ids)
+    }
+
+    /// The gradient of [`FusedBackend::fused_embedding`] with respect to the table: `grad
+    /// [n, width]` summed into the rows `ids [n]` of a zero `[vocab, width]` table, in `grad`'s
+    /// dtype, leaving out the positions whose id is `padding` (`nn.Embedding(padding_idx=…)`:
+    /// that row gets no gradient from the lookup). A backend builds it in one `[vocab, width]`
+    /// buffer.
+    fn fused_embedding_backward(
+        grad: FloatTensor<Self>,
+        ids: IntTensor<Self>,
+        vocab: usize,
+        padding: Option<i64>,
+    ) -> FloatTensor<Self> {
+        reference::embedding_backward::<Self>(grad, ids, vocab, padding)
+    }
+
     /// Rotary embedding `x · cos + rotate_half(x) · sin`.
     fn fused_rotary(
         x: FloatTensor<Self>,
@@ -497,6 +524,20 @@ pub fn rms_norm_linears<B: FusedBackend, const N: usize>(
         let out = y.dims()[1];
         y.reshape([b, s, out])
     })
+}
+
+/// The rows `ids [n]` of `table [vocab, width]`: [`FusedBackend::fused_embedding`], whose
+/// gradient skips the positions holding `padding` and is built in one `[vocab, width]` buffer.
+pub fn embedding<B: FusedBackend>(
+    table: Tensor<B, 2>,
+    ids: Tensor<B, 1, Int>,
+    padding: Option<i64>,
+) -> Tensor<B, 2> {
+    float(B::fused_embedding(
+        prim(table),
+        ids.into_primitive(),
+        padding,
+    ))
 }
 
 /// Rotary embedding of `x [b, h, s, d]` (`cos`, `sin` broadcasting to it).

@@ -540,6 +540,33 @@ pub fn adamw<B: Backend>(
     (prim(p), prim(m), prim(v))
 }
 
+/// [`super::FusedBackend::fused_embedding_backward`] in burn's tensor operations: the gradient
+/// rows (those at `padding` zeroed) added into a zero table by `select_assign`.
+pub fn embedding_backward<B: Backend>(
+    grad: FloatTensor<B>,
+    ids: IntTensor<B>,
+    vocab: usize,
+    padding: Option<i64>,
+) -> FloatTensor<B> {
+    let grad = float::<B, 2>(grad);
+    let [n, width] = grad.dims();
+    let ids = Tensor::<B, 1, Int>::from_primitive(ids);
+    let grad = match padding {
+        Some(pad) => {
+            let keep = ids
+                .clone()
+                .not_equal_elem(pad)
+                .float()
+                .cast(grad.dtype())
+                .reshape([n, 1]);
+            grad * keep
+        }
+        None => grad,
+    };
+    let zeros = Tensor::<B, 2>::zeros([vocab, width], (&grad.device(), grad.dtype()));
+    prim(zeros.select_assign(0, ids, grad, burn::tensor::IndexingUpdateOp::Add))
+}
+
 /// [`super::FusedBackend::fused_cross_entropy`] in burn's tensor operations: max, `exp`,
 /// sum, log-sum-exp and the gathered target logit per row; the gradient as
 /// `(e / Σe + scatter(−1 at the target)) · grad_scale`.

@@ -14,7 +14,8 @@
 //! in place in one pass over the four buffers (what `torch.optim.AdamW(fused=True)` does; tch
 //! has no binding for `_fused_adamw_`), instead of a dozen element-wise libtorch calls. The
 //! chunked LM head's cross-entropy turns an f32 chunk of logits into its gradient in the same
-//! buffer (libtorch's in-place operations, any device).
+//! buffer (libtorch's in-place operations, any device). The embedding's gradient is libtorch's
+//! `embedding_backward` (one zeroed table, rows added in place; any device).
 
 use burn::backend::libtorch::{LibTorch, TchElement, TchTensor};
 use burn::tensor::ops::FloatTensor;
@@ -304,6 +305,31 @@ impl<E: TchElement> FusedBackend for LibTorch<E> {
             return acc;
         }
         reference::matmul_add::<Self>(acc, lhs, rhs)
+    }
+
+    fn fused_embedding_backward(
+        grad: FloatTensor<Self>,
+        ids: burn::tensor::ops::IntTensor<Self>,
+        vocab: usize,
+        padding: Option<i64>,
+    ) -> FloatTensor<Self> {
+        // libtorch's `embedding_backward` (PyTorch's own path for `nn.Embedding`): one zeroed
+        // table the rows are added into in place; burn's `select_assign` adds into a copy of
+        // the zeros it is given (a second `[vocab, width]` buffer).
+        match (
+            i64::try_from(vocab),
+            padding.filter(|p| *p >= 0).unwrap_or(-1),
+        ) {
+            (Ok(n), pad) => TchTensor::new(tch::Tensor::embedding_backward(
+                &grad.tensor,
+                &ids.tensor,
+                n,
+                pad,
+                false,
+                false,
+            )),
+            (Err(_), _) => reference::embedding_backward::<Self>(grad, ids, vocab, padding),
+        }
     }
 
     fn fused_cross_entropy(

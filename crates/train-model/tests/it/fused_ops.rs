@@ -2,7 +2,8 @@
 //! decomposed reference, values and
 //! gradients through autodiff: attention (causal, grouped heads, segments, cache offset,
 //! sliding window, softcap; one block or many), RMSNorm (with the `1 + w` variant), SwiGLU,
-//! GeGLU and rotary, AdamW and the softmax cross-entropy against their reference bodies — on every
+//! GeGLU and rotary, AdamW, the softmax cross-entropy and the embedding's gradient against
+//! their reference bodies — on every
 //! backend compiled in. Property tests vary the shapes.
 
 use burn::backend::Autodiff;
@@ -738,6 +739,72 @@ fn check_cross_entropy<B: FusedBackend>(device: &B::Device) {
     }
 }
 
+/// The embedding lookup ([`train_model::embedding`]) against `select`, and its gradient
+/// through autodiff against a sum written out on the host and against the reference body:
+/// repeated ids (their rows summed), the padding id's positions left out, a padding id no
+/// position holds, no padding, every position padding (a zero gradient), and more rows than
+/// the table has.
+fn check_embedding<B: FusedBackend>(device: &B::Device) {
+    let spread: Vec<i64> = (0..257i64).map(|i| i * 7 % 300).collect();
+    for (vocab, width, ids, padding) in [
+        (7usize, 3usize, vec![0i64, 3, 3, 6, 0, 3], Some(3i64)),
+        (7, 3, vec![0, 3, 3, 6, 0, 3], None),
+        (5, 4, vec![4, 4, 4], Some(2)),
+        (1, 1, vec![0], Some(0)),
+        (300, 33, spread, Some(0)),
+    ] {
+        let n = ids.len();
+        let table = normal::<B, 2>([vocab, width], 0.0, 1.0, device);
+        let grad = normal::<B, 2>([n, width], 0.0, 1.0, device);
+        let idt = || Tensor::<B, 1, Int>::from_data(TensorData::new(ids.clone(), [n]), device);
+
+        let looked = train_model::embedding(table.clone(), idt(), padding);
+        assert_eq!(looked.to_data(), table.clone().select(0, idt()).to_data());
+
+        let t = Tensor::<Autodiff<B>, 2>::from_inner(table.clone()).require_grad();
+        let y = train_model::embedding(t.clone(), Tensor::from_inner(idt()), padding);
+        let grads = (y * Tensor::<Autodiff<B>, 2>::from_inner(grad.clone()))
+            .sum()
+            .backward();
+        let got = t.grad(&grads).expect("the table's gradient");
+
+        let g: Vec<f32> = grad.to_data().to_vec().unwrap();
+        let mut want = vec![0f32; vocab * width];
+        for (r, &id) in ids.iter().enumerate() {
+            if Some(id) != padding {
+                let id = usize::try_from(id).unwrap();
+                for c in 0..width {
+                    want[id * width + c] += g[r * width + c];
+                }
+            }
+        }
+        let want = Tensor::<B, 2>::from_data(TensorData::new(want, [vocab, width]), device);
+        let reference = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(
+            reference::embedding_backward::<B>(
+                grad.clone().into_primitive().tensor(),
+                idt().into_primitive(),
+                vocab,
+                padding,
+            ),
+        ));
+        let e = [
+            rel_diff(got.clone(), want.clone()),
+            rel_diff(reference, want.clone()),
+        ];
+        assert!(
+            e.iter().all(|x| *x <= 1e-6),
+            "embedding {vocab}x{width}: {e:?}"
+        );
+        if let Some(pad) = padding
+            .and_then(|p| usize::try_from(p).ok())
+            .filter(|p| *p < vocab)
+        {
+            let row: Vec<f32> = got.narrow(0, pad, 1).into_data().to_vec().unwrap();
+            assert!(row.iter().all(|v| *v == 0.0), "padding row {row:?}");
+        }
+    }
+}
+
 fn case_strategy() -> impl Strategy<Value = Case> {
     (
         1usize..3,
@@ -812,6 +879,11 @@ macro_rules! backend_tests {
             #[test]
             fn cross_entropy_matches_the_reference() {
                 check_cross_entropy::<$backend>(&$device);
+            }
+
+            #[test]
+            fn embedding_and_its_gradient_match_select_and_a_host_sum() {
+                check_embedding::<$backend>(&$device);
             }
 
             #[test]
