@@ -1,6 +1,7 @@
 //! Kernels of their own for burn's Flex (CPU) backend: RMSNorm, SwiGLU and AdamW as single
 //! passes over f32 rows, in parallel over row chunks, instead of a chain of element-wise
-//! operations that each allocate a fresh buffer. Other dtypes and non-f32 inputs take the
+//! operations that each allocate a fresh buffer; the embedding's gradient in one zeroed table
+//! (burn's `select_add` on the reference's zeros made a second one). Other dtypes and non-f32 inputs take the
 //! reference body. Attention forward and backward: [`mod@super::flex_attention`].
 //!
 //! Each kernel performs the reference's floating-point operations in the reference's order on
@@ -413,6 +414,18 @@ impl FusedBackend for Flex {
         reference::rotary_backward::<Self>(cos, sin, grad)
     }
 
+    fn fused_embedding_backward(
+        grad: FloatTensor<Self>,
+        ids: IntTensor<Self>,
+        vocab: usize,
+        padding: Option<i64>,
+    ) -> FloatTensor<Self> {
+        match embedding_backward_rows(&grad, &ids, vocab, padding) {
+            Some(table) => table,
+            None => reference::embedding_backward::<Self>(grad, ids, vocab, padding),
+        }
+    }
+
     fn fused_cross_entropy(
         logits: FloatTensor<Self>,
         targets: IntTensor<Self>,
@@ -486,6 +499,51 @@ impl FusedBackend for Flex {
     }
 }
 
+/// The `len` indices of an Int tensor, each below `bound`; `None` for another length, dtype or
+/// an index out of range.
+fn indices(t: &FlexTensor, len: usize, bound: usize) -> Option<Vec<usize>> {
+    let t = t.to_contiguous();
+    let v: Vec<usize> = match t.dtype() {
+        DType::I64 => t
+            .as_slice::<i64>()?
+            .iter()
+            .map(|&x| usize::try_from(x).unwrap_or(usize::MAX))
+            .collect(),
+        DType::I32 => t
+            .as_slice::<i32>()?
+            .iter()
+            .map(|&x| usize::try_from(x).unwrap_or(usize::MAX))
+            .collect(),
+        _ => return None,
+    };
+    (v.len() == len && v.iter().all(|&x| x < bound)).then_some(v)
+}
+
+/// [`FusedBackend::fused_embedding_backward`] on f32 rows: one zeroed `[vocab, width]` table,
+/// each gradient row added into its id's row in order of position (the reference's
+/// `select_assign` order), the padding id's positions skipped. `None` (the reference body) for
+/// other dtypes or ids out of range.
+fn embedding_backward_rows(
+    grad: &FlexTensor,
+    ids: &FlexTensor,
+    vocab: usize,
+    padding: Option<i64>,
+) -> Option<FlexTensor> {
+    let (n, width) = rows_of(grad)?;
+    let g = values(grad)?;
+    let ids = indices(ids, n, vocab)?;
+    let pad = padding.and_then(|p| usize::try_from(p).ok());
+    let mut table = vec![0f32; vocab.checked_mul(width)?];
+    for (row, &id) in g.chunks_exact(width).zip(&ids) {
+        if Some(id) != pad {
+            for (t, x) in table[id * width..(id + 1) * width].iter_mut().zip(row) {
+                *t += *x;
+            }
+        }
+    }
+    Some(tensor(table, Shape::new([vocab, width])))
+}
+
 /// [`FusedBackend::fused_cross_entropy`] on Flex: one parallel task per chunk of rows, two
 /// passes over each row (max; then `e = exp(x − max)` written over the logit while summing),
 /// then the gradient `(e / Σe [− 1 at the target]) · grad_scale` written over `e`: the
@@ -503,21 +561,7 @@ fn cross_entropy_in_place(
         return Err(logits);
     };
     let whole = logits.layout().contiguous_offsets() == Some((0, rows * vocab));
-    let t = targets.to_contiguous();
-    let t: Option<Vec<usize>> = match t.dtype() {
-        DType::I64 => t.as_slice::<i64>().map(|s| {
-            s.iter()
-                .map(|&x| usize::try_from(x).unwrap_or(usize::MAX))
-                .collect()
-        }),
-        DType::I32 => t.as_slice::<i32>().map(|s| {
-            s.iter()
-                .map(|&x| usize::try_from(x).unwrap_or(usize::MAX))
-                .collect()
-        }),
-        _ => None,
-    };
-    let Some(t) = t.filter(|t| t.len() == rows && t.iter().all(|&x| x < vocab)) else {
+    let Some(t) = indices(targets, rows, vocab) else {
         return Err(logits);
     };
     if logits.dtype() != DType::F32 || !whole || !logits.is_unique() {
