@@ -80,13 +80,17 @@ impl<B: FusedAutodiffBackend> std::fmt::Debug for AdamW<B> {
     }
 }
 
-/// Sum of squares of every gradient, computed in f32 on the device.
+/// The global L2 norm of every gradient: each gradient's sum of squares in f32 on the device
+/// ([`FusedBackend::fused_sum_squares`], no squared copy where the backend has its own), summed.
 pub fn global_grad_norm<B: FusedAutodiffBackend>(
     model: &CausalLm<B>,
     grads: &GradientsParams,
 ) -> f64 {
     let mut acc: Option<Tensor<B::InnerBackend, 1>> = None;
-    let mut add = |s: Tensor<B::InnerBackend, 1>| {
+    let mut add = |g: TensorPrimitive<B::InnerBackend>| {
+        let s = Tensor::<B::InnerBackend, 1>::from_primitive(TensorPrimitive::Float(
+            B::InnerBackend::fused_sum_squares(g.tensor()),
+        ));
         acc = Some(match acc.take() {
             Some(a) => a + s,
             None => s,
@@ -95,18 +99,18 @@ pub fn global_grad_norm<B: FusedAutodiffBackend>(
     model.visit_named(|p| match p {
         NamedParam::Vector(_, t) => {
             if let Some(g) = grads.get::<B::InnerBackend, 1>(t.id) {
-                add(g.cast(FloatDType::F32).square().sum());
+                add(g.into_primitive());
             }
         }
         NamedParam::Matrix(_, t) => {
             if let Some(g) = grads.get::<B::InnerBackend, 2>(t.id) {
-                add(g.cast(FloatDType::F32).square().sum());
+                add(g.into_primitive());
             }
         }
     });
     model.visit_adapters(|_, t| {
         if let Some(g) = grads.get::<B::InnerBackend, 2>(t.id) {
-            add(g.cast(FloatDType::F32).square().sum());
+            add(g.into_primitive());
         }
     });
     acc.map_or(0.0, |a| f64::from(a.into_scalar().elem::<f32>()).sqrt())

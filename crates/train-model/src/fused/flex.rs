@@ -414,6 +414,15 @@ impl FusedBackend for Flex {
         reference::rotary_backward::<Self>(cos, sin, grad)
     }
 
+    fn fused_sum_squares(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        if x.dtype() == DType::F32
+            && let Some(v) = whole_f32(&x).or_else(|| transposed_2d(&x).map(|(v, _, _)| v))
+        {
+            return tensor(vec![sum_squares(v)], Shape::new([1]));
+        }
+        reference::sum_squares::<Self>(x)
+    }
+
     fn fused_embedding_backward(
         grad: FloatTensor<Self>,
         ids: IntTensor<Self>,
@@ -497,6 +506,40 @@ impl FusedBackend for Flex {
         }
         reference::adamw::<Self>(param, grad, exp_avg, exp_avg_sq, step)
     }
+}
+
+/// The values of a contiguous f32 tensor as they lie, without a copy.
+fn whole_f32(t: &FlexTensor) -> Option<&[f32]> {
+    let n = t.layout().num_elements();
+    let (a, b) = t.layout().contiguous_offsets()?;
+    if b - a != n {
+        return None;
+    }
+    t.storage::<f32>().get(a..b)
+}
+
+/// `Σ x²` of f32 values without a squared copy: chunks in parallel, each summed in f64 over
+/// eight lanes, the chunks' sums added in order (the same result on every run).
+fn sum_squares(v: &[f32]) -> f32 {
+    let parts: Vec<f64> = v
+        .par_chunks(CHUNK)
+        .map(|c| {
+            let mut lanes = [0f64; 8];
+            let mut blocks = c.chunks_exact(8);
+            for b in &mut blocks {
+                for (l, &x) in lanes.iter_mut().zip(b) {
+                    *l += f64::from(x) * f64::from(x);
+                }
+            }
+            let tail: f64 = blocks
+                .remainder()
+                .iter()
+                .map(|&x| f64::from(x) * f64::from(x))
+                .sum();
+            lanes.iter().sum::<f64>() + tail
+        })
+        .collect();
+    parts.iter().sum::<f64>() as f32
 }
 
 /// The `len` indices of an Int tensor, each below `bound`; `None` for another length, dtype or

@@ -328,6 +328,14 @@ pub trait FusedBackend: Backend {
         reference::matmul_add::<Self>(acc, lhs, rhs)
     }
 
+    /// `Σ x²` over every element of `x` (any shape, any layout), in f32, `[1]`: one gradient's
+    /// share of the global gradient norm. Runs on an inner backend (no autodiff). A backend may
+    /// sum without making the squared copy the reference makes (a table-sized temporary for an
+    /// embedding's gradient).
+    fn fused_sum_squares(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        reference::sum_squares::<Self>(x)
+    }
+
     /// An embedding lookup: the rows `ids [n]` (Int, each below the table's length) of
     /// `table [vocab, width]`, `[n, width]`. Under autodiff its backward is
     /// [`FusedBackend::fused_embedding_backward`] with `padding`; the lookup itself does not use

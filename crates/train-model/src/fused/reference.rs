@@ -540,6 +540,15 @@ pub fn adamw<B: Backend>(
     (prim(p), prim(m), prim(v))
 }
 
+/// [`super::FusedBackend::fused_sum_squares`] in burn's tensor operations: flattened, cast to
+/// f32, squared, summed.
+pub fn sum_squares<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
+    use burn::tensor::TensorMetadata;
+    let n = x.shape().num_elements();
+    let flat = float::<B, 1>(B::float_reshape(x, burn::tensor::Shape::new([n])));
+    prim(flat.cast(FloatDType::F32).square().sum())
+}
+
 /// [`super::FusedBackend::fused_embedding_backward`] in burn's tensor operations: the gradient
 /// rows (those at `padding` zeroed) added into a zero table by `select_assign`.
 pub fn embedding_backward<B: Backend>(

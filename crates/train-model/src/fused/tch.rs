@@ -307,6 +307,17 @@ impl<E: TchElement> FusedBackend for LibTorch<E> {
         reference::matmul_add::<Self>(acc, lhs, rhs)
     }
 
+    fn fused_sum_squares(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        // libtorch's 2-norm reads the tensor through its strides (a transposed gradient as it
+        // lies) without a squared copy; squared back in f32.
+        if x.tensor.kind() == tch::Kind::Float
+            && let Ok(norm) = x.tensor.f_norm()
+        {
+            return TchTensor::new(norm.square().reshape([1]));
+        }
+        reference::sum_squares::<Self>(x)
+    }
+
     fn fused_embedding_backward(
         grad: FloatTensor<Self>,
         ids: burn::tensor::ops::IntTensor<Self>,

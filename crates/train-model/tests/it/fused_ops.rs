@@ -2,8 +2,8 @@
 //! decomposed reference, values and
 //! gradients through autodiff: attention (causal, grouped heads, segments, cache offset,
 //! sliding window, softcap; one block or many), RMSNorm (with the `1 + w` variant), SwiGLU,
-//! GeGLU and rotary, AdamW, the softmax cross-entropy and the embedding's gradient against
-//! their reference bodies — on every
+//! GeGLU and rotary, AdamW, the softmax cross-entropy, the embedding's gradient and the sum of
+//! squares against their reference bodies — on every
 //! backend compiled in. Property tests vary the shapes.
 
 use burn::backend::Autodiff;
@@ -805,6 +805,38 @@ fn check_embedding<B: FusedBackend>(device: &B::Device) {
     }
 }
 
+/// A tensor's sum of squares (the global gradient norm's terms) against the reference body
+/// and an f64 sum on the host: contiguous, a transposed view (a weight gradient as the matmul
+/// backward leaves it), one element, and more elements than a parallel chunk.
+fn check_sum_squares<B: FusedBackend>(device: &B::Device) {
+    for (rows, cols) in [(1usize, 1usize), (3, 5), (70, 1000), (257, 129)] {
+        let x = normal::<B, 2>([rows, cols], 0.0, 2.0, device);
+        let host: f64 = x
+            .to_data()
+            .to_vec::<f32>()
+            .unwrap()
+            .iter()
+            .map(|&v| f64::from(v) * f64::from(v))
+            .sum();
+        for view in [x.clone(), x.clone().transpose()] {
+            let got = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(B::fused_sum_squares(
+                view.clone().into_primitive().tensor(),
+            )));
+            let reference = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(
+                reference::sum_squares::<B>(view.into_primitive().tensor()),
+            ));
+            assert_eq!(got.dims(), [1]);
+            for (what, t) in [("fused", got), ("reference", reference)] {
+                let v = f64::from(t.into_data().to_vec::<f32>().unwrap()[0]);
+                assert!(
+                    (v - host).abs() <= 1e-5 * host.max(1.0),
+                    "{what} {rows}x{cols}: {v} vs {host}"
+                );
+            }
+        }
+    }
+}
+
 fn case_strategy() -> impl Strategy<Value = Case> {
     (
         1usize..3,
@@ -884,6 +916,11 @@ macro_rules! backend_tests {
             #[test]
             fn embedding_and_its_gradient_match_select_and_a_host_sum() {
                 check_embedding::<$backend>(&$device);
+            }
+
+            #[test]
+            fn sum_squares_matches_a_host_sum_on_any_layout() {
+                check_sum_squares::<$backend>(&$device);
             }
 
             #[test]
