@@ -416,7 +416,9 @@ impl FusedBackend for Flex {
 
     fn fused_sum_squares(x: FloatTensor<Self>) -> FloatTensor<Self> {
         if x.dtype() == DType::F32
-            && let Some(v) = whole_f32(&x).or_else(|| transposed_2d(&x).map(|(v, _, _)| v))
+            && let Some(v) = x
+                .as_slice::<f32>()
+                .or_else(|| transposed_2d(&x).map(|(v, _, _)| v))
         {
             return tensor(vec![sum_squares(v)], Shape::new([1]));
         }
@@ -506,16 +508,6 @@ impl FusedBackend for Flex {
         }
         reference::adamw::<Self>(param, grad, exp_avg, exp_avg_sq, step)
     }
-}
-
-/// The values of a contiguous f32 tensor as they lie, without a copy.
-fn whole_f32(t: &FlexTensor) -> Option<&[f32]> {
-    let n = t.layout().num_elements();
-    let (a, b) = t.layout().contiguous_offsets()?;
-    if b - a != n {
-        return None;
-    }
-    t.storage::<f32>().get(a..b)
 }
 
 /// `Σ x²` of f32 values without a squared copy: chunks in parallel, each summed in f64 over
